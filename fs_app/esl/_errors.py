@@ -1,0 +1,35 @@
+"""ESL error hierarchy.
+
+    EslError
+    +-- LocalProtocolError      we asked for something illegal (bad command, injection)
+    |   +-- EslInjectionError   a value would have smuggled CR/LF into the framing
+    +-- RemoteProtocolError     the peer sent bytes that are not ESL
+    +-- EslConnectionError      the transport went away (driver level)
+        +-- EslTimeout          the peer did not answer in time
+"""
+
+from __future__ import annotations
+
+
+class EslError(Exception):
+    """Root of every error the ESL layer raises."""
+
+
+class LocalProtocolError(EslError):
+    """Our side tried to send something the protocol does not allow."""
+
+
+class EslInjectionError(LocalProtocolError):
+    """A command line or header value contains CR or LF (ESL header injection)."""
+
+
+class RemoteProtocolError(EslError):
+    """The peer sent a frame we cannot parse; the stream cannot be trusted after it."""
+
+
+class EslConnectionError(EslError):
+    """The connection is closed or broke while a command was outstanding."""
+
+
+class EslTimeout(EslConnectionError):
+    """The peer did not answer a command (or complete an application) in time."""

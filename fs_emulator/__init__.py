@@ -1,0 +1,1 @@
+"""FreeSWITCH emulator (placeholder, built next)."""

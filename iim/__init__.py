@@ -1,0 +1,1 @@
+"""IIM service assembly: settings, CLI and the running service."""
