@@ -1,0 +1,348 @@
+"""One FreeSWITCH channel under our control, as seen by a call handler.
+
+A :class:`Call` is the handler's whole world: the channel data from ``connect``,
+commands that complete when FreeSWITCH says so, and the channel's events. It knows
+nothing about sockets; :mod:`fs_app.outbound` feeds it messages and gives it a
+``write`` callable. Replies are matched first-in first-out; ``execute`` completes on
+the CHANNEL_EXECUTE_COMPLETE whose ``Application-UUID`` is the ``Event-UUID`` we sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from fs_app import metrics
+from fs_app.esl import (
+    ApiResponse,
+    ChannelData,
+    Command,
+    CommandReply,
+    EslConnectionError,
+    EslError,
+    EslTimeout,
+    Event,
+    Execute,
+    HangupCmd,
+    serialise,
+)
+
+log = logging.getLogger("iim.esl.call")
+
+DEFAULT_COMMAND_TIMEOUT = 5.0
+DEFAULT_EXECUTE_TIMEOUT = 300.0
+
+
+class CallGone(EslConnectionError):
+    """The channel hung up (or the socket closed) before the command could finish."""
+
+
+class CommandFailed(EslError):
+    """FreeSWITCH answered a command with ``-ERR``."""
+
+    def __init__(self, command: str, reply: str) -> None:
+        super().__init__(f"{command}: {reply}")
+        self.reply = reply
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeResult:
+    """What a bridge came to: FreeSWITCH's disposition and the B-leg's cause."""
+
+    answered: bool
+    disposition: str | None
+    hangup_cause: str | None
+    event: Event
+
+
+class _EventStream:
+    """Bounded per-call event buffer; the oldest event is dropped (and counted) on overflow."""
+
+    __slots__ = ("_closed", "_items", "_maxlen", "_waiter")
+
+    def __init__(self, maxlen: int) -> None:
+        self._items: deque[Event] = deque()
+        self._maxlen = maxlen
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+
+    def push(self, event: Event) -> None:
+        items = self._items
+        if len(items) >= self._maxlen:
+            items.popleft()
+            metrics.QUEUE_OVERFLOW.inc()
+        items.append(event)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def close(self) -> None:
+        self._closed = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Event | None:
+        while not self._items:
+            if self._closed:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
+def _retrieve(fut: asyncio.Future[object]) -> None:
+    """Mark a failed reply as seen: the socket may close with nobody awaiting it."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+class Call:
+    """A channel controlled over one outbound Event Socket connection."""
+
+    def __init__(
+        self,
+        write: Callable[[bytes], None],
+        *,
+        event_queue_size: int = 1000,
+        command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+    ) -> None:
+        self._write = write
+        self._loop = asyncio.get_running_loop()
+        self._replies: deque[tuple[asyncio.Future[object], str, float]] = deque()
+        self._executing: dict[str, asyncio.Future[Event]] = {}
+        self._events = _EventStream(event_queue_size)
+        self._command_timeout = command_timeout
+        self._hangup = self._loop.create_future()
+        self._hangup_complete = self._loop.create_future()
+        self._closed = False
+        self.channel: ChannelData | None = None
+        self.uuid = ""
+        self.hangup_cause: str | None = None
+        self.answered = False
+        self.lingering = False
+        self.accepted_at = time.monotonic()
+        self.first_sendmsg_at: float | None = None
+
+    # -- what the handler reads ------------------------------------------------
+    def variable(self, name: str) -> str | None:
+        """A channel variable from the connect reply (``variable_<name>``)."""
+        return self.channel.channel.variable(name) if self.channel else None
+
+    def header(self, name: str) -> str | None:
+        return self.channel.channel.get(name) if self.channel else None
+
+    @property
+    def destination_number(self) -> str | None:
+        return self.header("Caller-Destination-Number")
+
+    @property
+    def caller_id_number(self) -> str | None:
+        return self.header("Caller-Caller-ID-Number")
+
+    @property
+    def hung_up(self) -> bool:
+        return self._hangup.done()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def wait_hangup(self, timeout: float | None = None) -> str | None:
+        """Wait for CHANNEL_HANGUP; returns the hangup cause."""
+        await asyncio.wait_for(asyncio.shield(self._hangup), timeout)
+        return self.hangup_cause
+
+    async def wait_hangup_complete(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.shield(self._hangup_complete), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def events(self) -> AsyncIterator[Event]:
+        """This channel's events in arrival order, until the socket closes."""
+        while (event := await self._events.get()) is not None:
+            yield event
+
+    # -- commands ----------------------------------------------------------------
+    def send_nowait(self, cmd: Command) -> asyncio.Future[object]:
+        """Write ``cmd`` and return the future of its reply (FIFO-matched)."""
+        return self.send_batch((cmd,))[0]
+
+    def send_batch(self, cmds: tuple[Command, ...] | list[Command]) -> list[asyncio.Future[object]]:
+        """Write several commands in one write; FreeSWITCH answers them in order."""
+        if self._closed:
+            raise CallGone(f"socket of call {self.uuid} is closed")
+        data = b"".join([serialise(cmd) for cmd in cmds])
+        now = time.monotonic()
+        futures: list[asyncio.Future[object]] = []
+        for cmd in cmds:
+            fut: asyncio.Future[object] = self._loop.create_future()
+            fut.add_done_callback(_retrieve)
+            self._replies.append((fut, type(cmd).__name__.lower(), now))
+            futures.append(fut)
+            if self.first_sendmsg_at is None and isinstance(cmd, Execute | HangupCmd):
+                self.first_sendmsg_at = now
+                metrics.CALL_SETUP.observe(now - self.accepted_at)
+        self._write(data)
+        return futures
+
+    async def send(self, cmd: Command, timeout: float | None = None) -> CommandReply | ApiResponse | ChannelData:
+        fut = self.send_nowait(cmd)
+        try:
+            reply = await asyncio.wait_for(fut, timeout if timeout is not None else self._command_timeout)
+        except TimeoutError:
+            metrics.ERRORS.labels("command_timeout").inc()
+            raise EslTimeout(f"no reply to {type(cmd).__name__} on call {self.uuid}") from None
+        assert isinstance(reply, CommandReply | ApiResponse | ChannelData)
+        return reply
+
+    async def command(self, cmd: Command, timeout: float | None = None) -> CommandReply:
+        """Send a command that answers with command/reply; ``-ERR`` raises CommandFailed."""
+        reply = await self.send(cmd, timeout)
+        if not isinstance(reply, CommandReply):
+            raise CommandFailed(type(cmd).__name__, f"unexpected reply {type(reply).__name__}")
+        if not reply.ok:
+            raise CommandFailed(type(cmd).__name__, reply.reply_text)
+        return reply
+
+    async def execute(
+        self, app: str, arg: str | None = None, *, timeout: float | None = DEFAULT_EXECUTE_TIMEOUT,
+        event_lock: bool = True,
+    ) -> Event:
+        """Run a dialplan application; returns its CHANNEL_EXECUTE_COMPLETE event."""
+        if self._hangup_complete.done():
+            raise CallGone(f"call {self.uuid} has hung up; not executing {app}")
+        cmd = Execute(app, arg, event_lock=event_lock)
+        done: asyncio.Future[Event] = self._loop.create_future()
+        self._executing[cmd.event_uuid] = done
+        try:
+            await self.command(cmd)
+            return await asyncio.wait_for(done, timeout)
+        except TimeoutError:
+            metrics.ERRORS.labels("execute_timeout").inc()
+            raise EslTimeout(f"{app} did not complete within {timeout} s on call {self.uuid}") from None
+        finally:
+            self._executing.pop(cmd.event_uuid, None)
+
+    async def answer(self) -> Event:
+        return await self.execute("answer")
+
+    async def set(self, name: str, value: str) -> Event:
+        return await self.execute("set", f"{name}={value}")
+
+    async def export(self, name: str, value: str) -> Event:
+        return await self.execute("export", f"{name}={value}")
+
+    async def playback(self, path: str, *, timeout: float | None = DEFAULT_EXECUTE_TIMEOUT) -> str:
+        """Play a file or tone stream; returns Application-Response (``FILE PLAYED``...)."""
+        done = await self.execute("playback", path, timeout=timeout)
+        return done.get("Application-Response") or ""
+
+    async def play_and_get_digits(
+        self,
+        prompt: str,
+        *,
+        min_digits: int = 1,
+        max_digits: int = 1,
+        tries: int = 1,
+        timeout_ms: int = 5000,
+        terminators: str = "#",
+        invalid_prompt: str = "silence_stream://250",
+        variable: str = "iim_digits",
+        regexp: str = "\\d+",
+        digit_timeout_ms: int | None = None,
+    ) -> str:
+        """Prompt and collect DTMF; returns the digits ('' when none matched)."""
+        args = [str(min_digits), str(max_digits), str(tries), str(timeout_ms), terminators, prompt,
+                invalid_prompt, variable, regexp]
+        if digit_timeout_ms is not None:
+            args.append(str(digit_timeout_ms))
+        total = tries * (timeout_ms + (digit_timeout_ms or timeout_ms)) / 1000 + 30
+        done = await self.execute("play_and_get_digits", " ".join(args), timeout=total)
+        return done.variable(variable) or ""
+
+    async def bridge(self, dial_string: str, *, timeout: float | None = DEFAULT_EXECUTE_TIMEOUT) -> BridgeResult:
+        """Bridge to ``dial_string``; returns how it ended (never raises on a busy callee)."""
+        done = await self.execute("bridge", dial_string, timeout=timeout)
+        disposition = done.variable("originate_disposition")
+        cause = done.variable("bridge_hangup_cause") or done.variable("last_bridge_hangup_cause")
+        return BridgeResult(disposition == "SUCCESS", disposition, cause or disposition, done)
+
+    async def hangup(self, cause: str = "NORMAL_CLEARING") -> None:
+        """Hang the channel up with a Q.850 cause name (no-op if it is already down)."""
+        if self._hangup.done() or self._closed:
+            return
+        await self.command(HangupCmd(cause))
+
+    # -- fed by the transport driver --------------------------------------------
+    def _on_reply(self, reply: CommandReply | ApiResponse | ChannelData) -> None:
+        if not self._replies:
+            metrics.ERRORS.labels("unexpected_reply").inc()
+            log.warning("reply with no command outstanding", extra={"call_id": self.uuid})
+            return
+        fut, verb, sent_at = self._replies.popleft()
+        ok = reply.ok
+        metrics.COMMANDS.labels(verb, "ok" if ok else "err").inc()
+        metrics.COMMAND_SECONDS.labels(verb).observe(time.monotonic() - sent_at)
+        if isinstance(reply, ChannelData):
+            self.channel = reply
+            self.uuid = reply.unique_id
+        if not fut.done():
+            fut.set_result(reply)
+
+    def _on_event(self, event: Event) -> None:
+        name = event.name
+        metrics.count_event(name)
+        if name == "CHANNEL_EXECUTE_COMPLETE":
+            app_uuid = event.headers.raw("Application-UUID")
+            waiter = self._executing.get(app_uuid) if app_uuid else None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(event)
+        elif name == "CHANNEL_HANGUP":
+            self.hangup_cause = event.get("Hangup-Cause")
+            if not self._hangup.done():
+                self._hangup.set_result(None)
+        elif name == "CHANNEL_HANGUP_COMPLETE":
+            if self.hangup_cause is None:
+                self.hangup_cause = event.get("Hangup-Cause")
+            if not self._hangup.done():
+                self._hangup.set_result(None)
+            if not self._hangup_complete.done():
+                self._hangup_complete.set_result(None)
+            self._fail_executing(CallGone(f"call {self.uuid} hung up ({self.hangup_cause})"))
+        elif name == "CHANNEL_ANSWER":
+            self.answered = True
+        self._events.push(event)
+
+    def _on_linger(self) -> None:
+        self.lingering = True
+
+    def _on_closed(self, exc: BaseException | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        err = CallGone(f"socket of call {self.uuid} closed" + (f": {exc}" if exc else ""))
+        while self._replies:
+            fut, _, _ = self._replies.popleft()
+            if not fut.done():
+                fut.set_exception(err)
+        self._fail_executing(err)
+        if not self._hangup.done():
+            self._hangup.set_result(None)
+        if not self._hangup_complete.done():
+            self._hangup_complete.set_result(None)
+        self._events.close()
+
+    def _fail_executing(self, err: Exception) -> None:
+        for fut in self._executing.values():
+            if not fut.done():
+                fut.set_exception(err)

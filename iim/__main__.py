@@ -1,0 +1,3 @@
+from iim.cli import main
+
+raise SystemExit(main())

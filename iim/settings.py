@@ -1,0 +1,66 @@
+"""Service settings from ``IIM_*`` environment variables (pydantic-settings).
+
+Everything binds to loopback by default; secrets are never values here, only
+references (``*_ref``) resolved from the environment at start.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class FreeSwitchNode(BaseSettings):
+    """One FreeSWITCH node for the inbound client: ``host:port`` and a password reference."""
+
+    host: str = "127.0.0.1"
+    port: int = 8021
+    password_ref: str = Field(default="env:IIM_FS_PASSWORD", description="env:VAR holding the ESL password")
+    name: str = ""
+
+    def password(self) -> str:
+        return resolve_secret(self.password_ref, default="ClueCon")
+
+
+def resolve_secret(ref: str, *, default: str | None = None) -> str:
+    """Resolve a ``credential_ref`` (``env:NAME`` or ``file:/path``); the value is never logged."""
+    scheme, _, where = ref.partition(":")
+    if scheme == "env":
+        value = os.environ.get(where)
+    elif scheme == "file":
+        try:
+            with open(where, encoding="utf-8") as fh:
+                value = fh.read().strip()
+        except OSError:
+            value = None
+    else:
+        raise ValueError(f"unsupported credential reference scheme {scheme!r} (use env: or file:)")
+    if value is None:
+        if default is None:
+            raise LookupError(f"credential reference {ref!r} does not resolve")
+        return default
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IIM_", env_nested_delimiter="__", extra="ignore")
+
+    esl_host: str = "127.0.0.1"
+    esl_port: int = Field(default=8084, ge=0, le=65535)
+    esl_linger: bool = True
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8088, ge=0, le=65535)
+    log_level: str = "INFO"
+    # Where a call goes before policy routing exists: its dialled number through the core gateway.
+    passthrough_endpoint: str = "sofia/gateway/ims/{destination}"
+    fs_nodes: list[FreeSwitchNode] = Field(default_factory=list)
+    drain_timeout: float = 10.0
+
+    @field_validator("passthrough_endpoint")
+    @classmethod
+    def _has_destination(cls, value: str) -> str:
+        if "{destination}" not in value:
+            raise ValueError("passthrough_endpoint must contain {destination}")
+        return value

@@ -1,0 +1,55 @@
+"""Shared fixtures: recorded FreeSWITCH sessions and an outbound server on a free port."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from fs_app.outbound import CallHandler, OutboundServer, OutboundSettings
+
+TRANSCRIPTS = Path(__file__).resolve().parents[1].parent / "shared" / "esl-transcripts"
+
+
+def transcript_dir() -> Path:
+    """The recorded sessions (../shared/esl-transcripts), skipping tests when absent."""
+    if not TRANSCRIPTS.is_dir():
+        pytest.skip("recorded FreeSWITCH sessions (../shared/esl-transcripts) are not present")
+    return TRANSCRIPTS
+
+
+def transcript_stream(name: str, conn: str, direction: str = "fs>app") -> list[bytes]:
+    """The recorded chunks of one connection in one direction, exactly as read or written."""
+    path = transcript_dir() / f"{name}.jsonl"
+    chunks = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["conn"] == conn and rec["dir"] == direction:
+            chunks.append(base64.b64decode(rec["b64"]))
+    return chunks
+
+
+@pytest.fixture
+async def outbound_server() -> AsyncIterator[OutboundServerFactory]:
+    servers: list[OutboundServer] = []
+
+    async def start(handler: CallHandler, **settings: object) -> OutboundServer:
+        opts: dict[str, object] = {"port": 0, "connect_timeout": 1.0, "command_timeout": 1.0,
+                                   "exit_wait": 0.5, "hangup_complete_wait": 0.5}
+        opts.update(settings)
+        fallback = opts.pop("fallback", None)
+        server = OutboundServer(handler, OutboundSettings(**opts), fallback=fallback)  # type: ignore[arg-type]
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close(drain_timeout=2.0)
+
+
+class OutboundServerFactory:
+    async def __call__(self, handler: CallHandler, **settings: object) -> OutboundServer: ...
