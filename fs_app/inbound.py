@@ -70,7 +70,7 @@ class InboundSettings:
 
 @dataclass(frozen=True, slots=True)
 class BackgroundJobResult:
-    """The BACKGROUND_JOB of one ``bgapi``: body ``+OK <uuid>`` or ``-ERR <CAUSE>``."""
+    """The BACKGROUND_JOB of one ``bgapi``: the command's output (``+OK <uuid>``, ``-ERR <CAUSE>``...)."""
 
     job_uuid: str
     body: str
@@ -78,12 +78,24 @@ class BackgroundJobResult:
 
     @property
     def ok(self) -> bool:
-        return self.body.startswith("+OK")
+        return not self.body.startswith("-ERR")
 
     @property
     def value(self) -> str:
-        """The text after ``+OK ``/``-ERR ``: a channel uuid or a hangup cause."""
-        return self.body.partition(" ")[2].strip()
+        """The text after ``+OK ``/``-ERR `` (a channel uuid or a hangup cause), else the body."""
+        if self.body.startswith(("+OK", "-ERR")):
+            return self.body.partition(" ")[2].strip()
+        return self.body.strip()
+
+
+def backoff_delay(attempt: int, initial: float, ceiling: float, rng: random.Random | None = None) -> float:
+    """Delay before reconnect ``attempt`` (1-based): exponential, capped, jittered in [d/2, d].
+
+    Jitter keeps a fleet of IIM instances from reconnecting in lockstep after a
+    FreeSWITCH restart (the reconnect storms seen in FusionPBX and OpenSIPS).
+    """
+    delay = min(ceiling, initial * 2 ** min(attempt - 1, 32))
+    return (rng or random).uniform(delay / 2, delay)
 
 
 class _InboundProtocol(asyncio.Protocol):
@@ -319,8 +331,7 @@ class InboundClient:
                 break
             attempt += 1
             metrics.INBOUND_RECONNECTS.labels(node).inc()
-            ceiling = min(self.settings.backoff_max, self.settings.backoff_initial * 2 ** min(attempt - 1, 16))
-            await asyncio.sleep(random.uniform(ceiling / 2, ceiling))
+            await asyncio.sleep(backoff_delay(attempt, self.settings.backoff_initial, self.settings.backoff_max))
 
     def _is_closing(self) -> bool:
         return self._closing

@@ -69,13 +69,13 @@ class Service:
 
 async def run(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM, then drain calls and stop."""
-    service = Service(settings)
-    await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    service = Service(settings)
+    await service.start()
     await stop.wait()
     log.info("stopping: draining calls")
     await service.stop()

@@ -11,7 +11,7 @@ import pytest
 
 from fs_app import metrics
 from fs_app.call import Call, CallGone
-from fs_app.esl import Command, CommandDecoder, Execute, EslTimeout
+from fs_app.esl import Command, CommandDecoder, EslTimeout, Execute
 from fs_app.outbound import OutboundServer
 from fs_app.passthrough import make_passthrough_handler
 from tests.recorded_switch import _kind, load_steps, replay_call

@@ -56,7 +56,7 @@ async def test_failed_bridge_with_continue_on_fail_relays_the_callee_cause(outbo
     bridge_result = seen["result"]
     assert not bridge_result.answered  # type: ignore[attr-defined]
     assert bridge_result.disposition == "USER_BUSY"  # type: ignore[attr-defined]
-    hangups = [c for c in result.commands if isinstance(c, Execute) and c.app == "hangup" or isinstance(c, HangupCmd)]
+    hangups = [c for c in result.commands if (isinstance(c, Execute) and c.app == "hangup") or isinstance(c, HangupCmd)]
     assert hangups
     await _wait_idle(server)
 

@@ -1,0 +1,116 @@
+"""The assembled service: `iim serve` answers calls, exports metrics and health, logs JSON lines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from iim.logs import JsonFormatter
+from iim.service import Service
+from iim.settings import Settings, resolve_secret
+from tests.recorded_switch import _kind, replay_call
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def test_service_routes_a_call_and_reports_it_on_metrics_and_health() -> None:
+    service = Service(Settings(esl_port=0, http_port=0))
+    await service.start()
+    try:
+        result = await replay_call("o02_bridge_answered_callee_hangs_up", "127.0.0.1", service.outbound.port)
+        assert [_kind(c) for c in result.commands][-3:] == ["execute:bridge", "hangup", "Exit"]
+        for _ in range(100):
+            if service.outbound.active_calls == 0:
+                break
+            await asyncio.sleep(0.01)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{service.http_port}/metrics") as resp:
+                text = await resp.text()
+            async with http.get(f"http://127.0.0.1:{service.http_port}/health") as resp:
+                health = await resp.json()
+                assert resp.status == 200
+        assert re.search(r'^iim_esl_calls_total\{result="ok"\} [1-9]', text, re.MULTILINE)
+        assert "iim_esl_call_setup_seconds_bucket" in text
+        assert health == {"status": "ok", "active_calls": 0, "freeswitch_nodes": {}}
+    finally:
+        await service.stop()
+
+
+async def test_health_is_degraded_while_a_freeswitch_node_is_unreachable() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    settings = Settings(esl_port=0, http_port=0,
+                        fs_nodes=[{"host": "127.0.0.1", "port": dead_port, "name": "fs1"}])  # type: ignore[list-item]
+    service = Service(settings)
+    await service.start()
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{service.http_port}/health") as resp:
+            body = await resp.json()
+        assert resp.status == 200
+        assert body["status"] == "degraded"
+        assert body["freeswitch_nodes"] == {"fs1": False}
+    finally:
+        await service.stop()
+
+
+def test_log_lines_are_json_with_the_call_id() -> None:
+    record = logging.LogRecord("iim.esl.outbound", logging.INFO, __file__, 1, "call ended", (), None)
+    record.call_id = "f8bfccc5-4e64-4368-ba4f-6912c5a6a5af"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["call_id"] == "f8bfccc5-4e64-4368-ba4f-6912c5a6a5af"
+    assert line["msg"] == "call ended"
+    assert line["level"] == "info"
+
+
+def test_secrets_resolve_by_reference_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("IIM_TEST_SECRET", "s3cret")
+    assert resolve_secret("env:IIM_TEST_SECRET") == "s3cret"
+    secret_file = tmp_path / "pw"
+    secret_file.write_text("from-file\n")
+    assert resolve_secret(f"file:{secret_file}") == "from-file"
+    with pytest.raises(LookupError):
+        resolve_secret("env:IIM_TEST_MISSING_SECRET")
+    with pytest.raises(ValueError, match="scheme"):
+        resolve_secret("ClueCon")
+
+
+def test_everything_binds_to_loopback_by_default() -> None:
+    settings = Settings()
+    assert settings.esl_host == "127.0.0.1"
+    assert settings.http_host == "127.0.0.1"
+
+
+def test_iim_serve_starts_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    env = {**os.environ, "IIM_ESL_PORT": str(ports[0]), "IIM_HTTP_PORT": str(ports[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "iim", "serve"], cwd=ROOT, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        first = json.loads(proc.stderr.readline())
+        assert first["msg"].startswith("outbound ESL server listening")
+        serving = json.loads(proc.stderr.readline())
+        assert serving["msg"] == "IIM serving"
+        assert serving["esl"] == f"127.0.0.1:{ports[0]}"
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if proc.stderr is not None:
+            proc.stderr.close()
