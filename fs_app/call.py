@@ -98,6 +98,12 @@ class _EventStream:
         return self._items.popleft()
 
 
+def _expire(fut: asyncio.Future[object], cmd: Command, uuid: str) -> None:
+    if not fut.done():
+        metrics.ERRORS.labels("command_timeout").inc()
+        fut.set_exception(EslTimeout(f"no reply to {type(cmd).__name__} on call {uuid}"))
+
+
 def _retrieve(fut: asyncio.Future[object]) -> None:
     """Mark a failed reply as seen: the socket may close with nobody awaiting it."""
     if not fut.cancelled():
@@ -197,11 +203,14 @@ class Call:
 
     async def send(self, cmd: Command, timeout: float | None = None) -> CommandReply | ApiResponse | ChannelData:
         fut = self.send_nowait(cmd)
+        # A timer handle instead of asyncio.wait_for: this runs several times per call.
+        timer = self._loop.call_later(
+            timeout if timeout is not None else self._command_timeout, _expire, fut, cmd, self.uuid,
+        )
         try:
-            reply = await asyncio.wait_for(fut, timeout if timeout is not None else self._command_timeout)
-        except TimeoutError:
-            metrics.ERRORS.labels("command_timeout").inc()
-            raise EslTimeout(f"no reply to {type(cmd).__name__} on call {self.uuid}") from None
+            reply = await fut
+        finally:
+            timer.cancel()
         assert isinstance(reply, CommandReply | ApiResponse | ChannelData)
         return reply
 
@@ -291,8 +300,7 @@ class Call:
             return
         fut, verb, sent_at = self._replies.popleft()
         ok = reply.ok
-        metrics.COMMANDS.labels(verb, "ok" if ok else "err").inc()
-        metrics.COMMAND_SECONDS.labels(verb).observe(time.monotonic() - sent_at)
+        metrics.count_reply(verb, ok, time.monotonic() - sent_at)
         if isinstance(reply, ChannelData):
             self.channel = reply
             self.uuid = reply.unique_id

@@ -16,7 +16,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from fs_app import metrics
 from fs_app.call import CommandFailed
@@ -111,8 +111,8 @@ class _InboundProtocol(asyncio.Protocol):
         self.greeting.add_done_callback(_retrieve)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport; they implement it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def send(self, cmd: Command) -> asyncio.Future[CommandReply | ApiResponse]:
         if self.transport is None or self.transport.is_closing():

@@ -40,6 +40,18 @@ INBOUND_RECONNECTS = Counter(
 )
 
 _event_children: dict[str, Counter] = {}
+_command_children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
+
+
+def count_reply(verb: str, ok: bool, seconds: float) -> None:
+    """One command answered: counted by verb and result, its round trip observed."""
+    children = _command_children.get((verb, ok))
+    if children is None:
+        children = _command_children[(verb, ok)] = (
+            COMMANDS.labels(verb, "ok" if ok else "err"), COMMAND_SECONDS.labels(verb),
+        )
+    children[0].inc()
+    children[1].observe(seconds)
 
 
 def count_event(name: str) -> None:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 from fs_app import metrics
 from fs_app.call import Call, CallGone
@@ -71,8 +72,8 @@ class _CallProtocol(asyncio.Protocol):
         self.transport.write(data)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport; they implement it.
+        self.transport = cast(asyncio.Transport, transport)
         self._on_connected(self)
 
     def data_received(self, data: bytes) -> None:

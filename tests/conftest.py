@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from fs_app.outbound import CallHandler, OutboundServer, OutboundSettings
+
+# Tests run on uvloop, the loop `iim serve` runs on (its transports are not asyncio's classes).
+asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 TRANSCRIPTS = Path(__file__).resolve().parents[1].parent / "shared" / "esl-transcripts"
 
@@ -53,3 +58,4 @@ async def outbound_server() -> AsyncIterator[OutboundServerFactory]:
 
 class OutboundServerFactory:
     async def __call__(self, handler: CallHandler, **settings: object) -> OutboundServer: ...
+

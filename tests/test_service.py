@@ -114,3 +114,9 @@ def test_iim_serve_starts_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             proc.kill()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+async def test_tests_run_on_uvloop_like_the_service() -> None:
+    import uvloop
+
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
