@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from fs_app import metrics
@@ -59,6 +59,13 @@ class BridgeResult:
     event: Event
 
 
+def bridge_result(done: Event) -> BridgeResult:
+    """Read a bridge's CHANNEL_EXECUTE_COMPLETE: ``originate_disposition`` and the B-leg cause."""
+    disposition = done.variable("originate_disposition")
+    cause = done.variable("bridge_hangup_cause") or done.variable("last_bridge_hangup_cause")
+    return BridgeResult(disposition == "SUCCESS", disposition, cause or disposition, done)
+
+
 class _EventStream:
     """Bounded per-call event buffer; the oldest event is dropped (and counted) on overflow."""
 
@@ -102,6 +109,13 @@ def _expire(fut: asyncio.Future[object], cmd: Command, uuid: str) -> None:
     if not fut.done():
         metrics.ERRORS.labels("command_timeout").inc()
         fut.set_exception(EslTimeout(f"no reply to {type(cmd).__name__} on call {uuid}"))
+
+
+def _expire_all(futures: list[asyncio.Future[Event]], uuid: str) -> None:
+    for fut in futures:
+        if not fut.done():
+            metrics.ERRORS.labels("execute_timeout").inc()
+            fut.set_exception(EslTimeout(f"application did not complete in time on call {uuid}"))
 
 
 def _retrieve(fut: asyncio.Future[object]) -> None:
@@ -183,7 +197,7 @@ class Call:
         """Write ``cmd`` and return the future of its reply (FIFO-matched)."""
         return self.send_batch((cmd,))[0]
 
-    def send_batch(self, cmds: tuple[Command, ...] | list[Command]) -> list[asyncio.Future[object]]:
+    def send_batch(self, cmds: Sequence[Command]) -> list[asyncio.Future[object]]:
         """Write several commands in one write; FreeSWITCH answers them in order."""
         if self._closed:
             raise CallGone(f"socket of call {self.uuid} is closed")
@@ -242,6 +256,37 @@ class Call:
         finally:
             self._executing.pop(cmd.event_uuid, None)
 
+    async def execute_many(
+        self, apps: list[tuple[str, str | None]], *, timeout: float | None = DEFAULT_EXECUTE_TIMEOUT
+    ) -> list[Event]:
+        """Queue several applications in one write; they run in order (event-lock).
+
+        Saves a round trip per application on the call-setup path, e.g. setting
+        channel variables right before a bridge.
+        """
+        if self._hangup_complete.done():
+            raise CallGone(f"call {self.uuid} has hung up")
+        cmds = [Execute(app, arg) for app, arg in apps]
+        done: list[asyncio.Future[Event]] = [self._loop.create_future() for _ in cmds]
+        for cmd, fut in zip(cmds, done, strict=True):
+            self._executing[cmd.event_uuid] = fut
+        timer = None
+        try:
+            replies = self.send_batch(list(cmds))
+            for cmd, reply_fut in zip(cmds, replies, strict=True):
+                reply = await reply_fut
+                if not (isinstance(reply, CommandReply) and reply.ok):
+                    text = reply.reply_text if isinstance(reply, CommandReply) else type(reply).__name__
+                    raise CommandFailed(cmd.app, text)
+            if timeout is not None:
+                timer = self._loop.call_later(timeout, _expire_all, done, self.uuid)
+            return [await fut for fut in done]
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for cmd in cmds:
+                self._executing.pop(cmd.event_uuid, None)
+
     async def answer(self) -> Event:
         return await self.execute("answer")
 
@@ -279,12 +324,13 @@ class Call:
         done = await self.execute("play_and_get_digits", " ".join(args), timeout=total)
         return done.variable(variable) or ""
 
-    async def bridge(self, dial_string: str, *, timeout: float | None = DEFAULT_EXECUTE_TIMEOUT) -> BridgeResult:
-        """Bridge to ``dial_string``; returns how it ended (never raises on a busy callee)."""
-        done = await self.execute("bridge", dial_string, timeout=timeout)
-        disposition = done.variable("originate_disposition")
-        cause = done.variable("bridge_hangup_cause") or done.variable("last_bridge_hangup_cause")
-        return BridgeResult(disposition == "SUCCESS", disposition, cause or disposition, done)
+    async def bridge(self, dial_string: str, *, timeout: float | None = None) -> BridgeResult:
+        """Bridge to ``dial_string``; returns how it ended (never raises on a busy callee).
+
+        The bridge completes when the bridged conversation ends, so by default there is
+        no timeout: the channel's hangup (or the socket closing) ends it.
+        """
+        return bridge_result(await self.execute("bridge", dial_string, timeout=timeout))
 
     async def hangup(self, cause: str = "NORMAL_CLEARING") -> None:
         """Hang the channel up with a Q.850 cause name (no-op if it is already down)."""

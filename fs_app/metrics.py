@@ -39,6 +39,8 @@ INBOUND_RECONNECTS = Counter(
     "iim_esl_inbound_reconnects", "Inbound ESL connection attempts after a loss, by node", ["node"], registry=REGISTRY
 )
 
+CALLS_ROUTED = Counter("iim_calls_routed", "Calls routed, by how the route was chosen", ["route"], registry=REGISTRY)
+
 _event_children: dict[str, Counter] = {}
 _command_children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
 

@@ -38,7 +38,7 @@ def dial_string(endpoint_template: str, destination: str, *, ignore_early_media:
     return prefix + endpoint_template.format(destination=destination)
 
 
-def make_passthrough_handler(endpoint_template: str, *, bridge_timeout: float = 120.0) -> CallHandler:
+def make_passthrough_handler(endpoint_template: str) -> CallHandler:
     """A handler that bridges to ``endpoint_template`` with ``{destination}`` filled in."""
 
     async def bridge_dialled_number(call: Call) -> None:
@@ -49,7 +49,7 @@ def make_passthrough_handler(endpoint_template: str, *, bridge_timeout: float = 
             log.warning("refusing to dial %r", destination[:40], extra={"call_id": call.uuid})
             await call.hangup("INVALID_NUMBER_FORMAT")
             return
-        result = await call.bridge(target, timeout=bridge_timeout)
+        result = await call.bridge(target)
         if not call.hung_up:
             await call.hangup("NORMAL_CLEARING" if result.answered else relay_cause(result.hangup_cause))
 

@@ -1,0 +1,69 @@
+"""Turn a :class:`RoutingDecision` into a FreeSWITCH bridge dial string.
+
+``{...}`` holds variables for every leg, ``[...]`` per-leg ones, ``,`` rings legs
+together and ``|`` moves on to the next group when a group fails. Nothing from a
+caller or a device is copied in unchecked: targets must be plain numbers or SIP AoRs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fs_app.routing import Leg, RoutingDecision
+
+_NUMBER = re.compile(r"\+?[0-9]{3,20}")
+_AOR = re.compile(r"[A-Za-z0-9._~+\-]{1,64}@[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?")
+
+
+@dataclass(frozen=True, slots=True)
+class DialSettings:
+    """Where legs go on this FreeSWITCH: the core gateway for mobiles, the directory for devices."""
+
+    phone_endpoint: str = "sofia/gateway/ims/{msisdn}"
+    speaker_endpoint: str = "user/{aor}"
+    confirm_key: str = "1"
+    confirm_prompt: str = "ivr/ivr-accept_reject_voicemail.wav"
+    voicemail_profile: str = "default"
+    voicemail_domain: str = "iim.local"
+
+
+def _leg_target(leg: Leg, settings: DialSettings) -> str:
+    if leg.kind == "phone":
+        if not _NUMBER.fullmatch(leg.target):
+            raise ValueError(f"not a phone number: {leg.target[:40]!r}")
+        return settings.phone_endpoint.format(msisdn=leg.target)
+    if not _AOR.fullmatch(leg.target):
+        raise ValueError(f"not a SIP AoR: {leg.target[:80]!r}")
+    return settings.speaker_endpoint.format(aor=leg.target)
+
+
+def _leg(leg: Leg, settings: DialSettings, *, forked: bool) -> str:
+    variables = [f"leg_timeout={max(1, int(leg.timeout_s))}"]
+    if leg.kind == "phone" and forked:
+        # A mobile that forwards to carrier voicemail "answers" at once and would win the
+        # fork; the callee has to press a key before this leg is bridged.
+        variables += [
+            f"group_confirm_key={settings.confirm_key}",
+            f"group_confirm_file={settings.confirm_prompt}",
+            "group_confirm_cancel_timeout=1",
+        ]
+    if leg.device_id:
+        variables.append(f"iim_device_id={leg.device_id}")
+    return "[" + ",".join(variables) + "]" + _leg_target(leg, settings)
+
+
+def bridge_dial_string(decision: RoutingDecision, settings: DialSettings, *, call_uuid: str = "") -> str:
+    """The ``bridge`` argument for a ringing decision."""
+    if decision.action != "ring" or not decision.groups:
+        raise ValueError("only a ringing decision has a dial string")
+    globals_ = ["ignore_early_media=true"]
+    if decision.policy_version is not None:
+        globals_.append(f"iim_policy_version={decision.policy_version}")
+    if call_uuid:
+        globals_.append(f"iim_call_id={call_uuid}")
+    groups = []
+    for group in decision.groups:
+        forked = len(group) > 1
+        groups.append(",".join(_leg(leg, settings, forked=forked) for leg in group))
+    return "{" + ",".join(globals_) + "}" + "|".join(groups)

@@ -1,0 +1,127 @@
+"""The call handler that routes every subscriber call by policy.
+
+It looks the callee up in the policy cache (memory only), asks the pure
+:func:`fs_app.routing.decide` what to do, turns the answer into FreeSWITCH
+commands and walks the fallback chain when nobody answers. Anything it cannot
+decide (unknown callee, cache not loaded, a bug) goes to the safe default: the
+dialled number, unchanged. Policy lives in data; this module is mechanism only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Protocol
+
+from fs_app import metrics
+from fs_app.call import Call, bridge_result
+from fs_app.dialstring import DialSettings, bridge_dial_string
+from fs_app.outbound import CallHandler
+from fs_app.passthrough import relay_cause
+from fs_app.routing import CallFacts, RoutingDecision, decide
+from policy_cache.snapshot import RoutingSnapshot
+
+log = logging.getLogger("iim.call.router")
+
+
+class SnapshotSource(Protocol):
+    """What the router needs from the policy cache."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def lookup(self, number: str) -> RoutingSnapshot | None: ...
+
+
+DecisionSink = Callable[[CallFacts, RoutingDecision | None, str], None]
+MissedCallNotifier = Callable[[RoutingSnapshot, CallFacts], Awaitable[None]]
+
+
+def _no_sink(_facts: CallFacts, _decision: RoutingDecision | None, _outcome: str) -> None:
+    return None
+
+
+class PolicyRouter:
+    """Routes each call by its callee's policy snapshot; never drops a call it cannot route."""
+
+    def __init__(
+        self,
+        source: SnapshotSource,
+        passthrough: CallHandler,
+        *,
+        dial: DialSettings | None = None,
+        record_decision: DecisionSink = _no_sink,
+        missed_call: MissedCallNotifier | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        recordings_dir: str = "/var/lib/freeswitch/recordings/iim",
+    ) -> None:
+        self._source = source
+        self._passthrough = passthrough
+        self._dial = dial or DialSettings()
+        self._record = record_decision
+        self._missed_call = missed_call
+        self._clock = clock
+        self._recordings = recordings_dir
+        self._routes = {name: metrics.CALLS_ROUTED.labels(name) for name in
+                        ("policy", "reject", "fallback", "unknown_callee", "cache_not_ready", "decision_error")}
+
+    async def __call__(self, call: Call) -> None:
+        facts = CallFacts(call.destination_number or "", call.caller_id_number, call.uuid)
+        decision, route, snapshot = self._decide(facts)
+        self._routes[route].inc()
+        self._record(facts, decision, route)
+        if decision is None or snapshot is None:
+            log.info("routing by dialled number", extra={"call_id": call.uuid, "route": route})
+            await self._passthrough(call)
+            return
+        log.info("routing by policy", extra={"call_id": call.uuid, "action": decision.action,
+                                             "policy_version": decision.policy_version, "rules": decision.rules})
+        if decision.action == "reject":
+            await call.hangup(decision.reject_cause or "CALL_REJECTED")
+            return
+        cause: str | None = None
+        if decision.action == "ring":
+            dial = bridge_dial_string(decision, self._dial, call_uuid=call.uuid)
+            # One write: the variables that let us walk the fallback chain, then the bridge.
+            events = await call.execute_many(
+                [("multiset", "continue_on_fail=true hangup_after_bridge=true"), ("bridge", dial)], timeout=None
+            )
+            result = bridge_result(events[-1])
+            if result.answered or call.hung_up:
+                return
+            cause = result.hangup_cause
+        await self._fallback(call, decision, snapshot, facts)
+        if not call.hung_up:
+            await call.hangup(relay_cause(cause) if cause else "NORMAL_CLEARING")
+
+    def _decide(self, facts: CallFacts) -> tuple[RoutingDecision | None, str, RoutingSnapshot | None]:
+        if not self._source.ready:
+            return None, "cache_not_ready", None
+        snapshot = self._source.lookup(facts.destination)
+        if snapshot is None:
+            return None, "unknown_callee", None
+        try:
+            decision = decide(snapshot, facts, self._clock())
+        except (ValueError, LookupError, ArithmeticError) as exc:
+            metrics.ERRORS.labels("decision").inc()
+            log.exception("routing decision failed", extra={"call_id": facts.uuid, "error": repr(exc)})
+            return None, "decision_error", None
+        route = {"ring": "policy", "reject": "reject", "fallback": "fallback"}[decision.action]
+        return decision, route, snapshot
+
+    async def _fallback(
+        self, call: Call, decision: RoutingDecision, snapshot: RoutingSnapshot, facts: CallFacts
+    ) -> None:
+        """Nobody answered (or DND): voicemail, a recorded message, or a missed-call SMS."""
+        if decision.fallback == "voicemail" and not call.hung_up:
+            await call.execute(
+                "voicemail", f"{self._dial.voicemail_profile} {self._dial.voicemail_domain} {snapshot.msisdn}",
+                timeout=None,
+            )
+        elif decision.fallback == "record_message" and not call.hung_up:
+            await call.answer()
+            await call.playback("voicemail/vm-record_message.wav")
+            await call.execute("record", f"{self._recordings}/{call.uuid}.wav 120 200 3", timeout=None)
+        if decision.fallback in ("missed_call_sms", "voicemail", "record_message") and self._missed_call:
+            await self._missed_call(snapshot, facts)

@@ -1,0 +1,1 @@
+"""Subscriber policy: PostgreSQL registry (source of truth) and the in-memory routing cache."""
