@@ -1,0 +1,294 @@
+"""The in-memory policy cache: PostgreSQL is the truth, calls read only memory.
+
+At start the whole registry is compiled into immutable per-subscriber snapshots,
+indexed by MSISDN and SIP AoR. After that, triggers in PostgreSQL append every
+change to ``change_log`` and ``NOTIFY iim_policy``; the cache re-reads only the
+subscribers a change touched. A lost listener is no loss: on reconnect the cache
+asks for every change after the last sequence number it applied (never "since a
+time"), so a change committed while it was cut off is served as soon as it is back.
+With PostgreSQL unreachable the last snapshots keep serving and staleness shows on
+``/metrics`` and ``/health``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from fs_app import metrics
+from fs_app.inbound import backoff_delay
+from policy_cache.snapshot import RoutingSnapshot
+
+log = logging.getLogger("iim.policy_cache")
+
+SUBSCRIBERS = Gauge("iim_policy_cache_subscribers", "Subscribers in the routing cache", registry=metrics.REGISTRY)
+SEQUENCE = Gauge("iim_policy_cache_seq", "Last change sequence applied to the cache", registry=metrics.REGISTRY)
+STALENESS = Gauge(
+    "iim_policy_cache_staleness_seconds",
+    "Seconds since the cache was last known to be in sync with PostgreSQL (0 while the listener is up)",
+    registry=metrics.REGISTRY,
+)
+CONNECTED = Gauge("iim_policy_cache_listener_up", "1 while the change listener is connected", registry=metrics.REGISTRY)
+APPLIED = Counter("iim_policy_cache_changes", "Subscriber snapshots replaced or removed by sync", registry=metrics.REGISTRY)
+SYNC_SECONDS = Histogram(
+    "iim_policy_cache_sync_seconds", "Notification received to new snapshots served",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0), registry=metrics.REGISTRY,
+)
+DEVICE_STATUS = Counter(
+    "iim_device_status_changes", "Device online/offline changes applied from registrations", ["status"],
+    registry=metrics.REGISTRY,
+)
+
+
+class PolicyStoreUnavailable(Exception):
+    """PostgreSQL cannot be reached or the link broke; the store maps its driver's errors to this."""
+
+
+class ChangeFeed(Protocol):
+    """A live notification channel: ``wait()`` returns when something changed, raises when the link is lost."""
+
+    async def wait(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class PolicyStore(Protocol):
+    """The SQL side of the cache (see :mod:`policy_cache.store`)."""
+
+    async def load_all(self) -> tuple[list[RoutingSnapshot], int]: ...
+
+    async def load_subscribers(self, subscriber_ids: Iterable[str]) -> list[RoutingSnapshot]: ...
+
+    async def changes_since(self, seq: int) -> tuple[set[str], int]: ...
+
+    async def listen(self) -> ChangeFeed: ...
+
+
+def number_key(number: str) -> str:
+    """Index key for a phone number: digits only (``+7900…`` and ``7900…`` are the same line)."""
+    return number.removeprefix("+")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStatus:
+    ready: bool
+    listener_up: bool
+    subscribers: int
+    seq: int
+    staleness_s: float
+
+
+class PolicyCache:
+    """Snapshots by number and AoR, kept in step with PostgreSQL by change sequence."""
+
+    def __init__(
+        self,
+        store: PolicyStore,
+        *,
+        resync_interval: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._by_number: dict[str, RoutingSnapshot] = {}
+        self._by_aor: dict[str, RoutingSnapshot] = {}
+        self._by_id: dict[str, RoutingSnapshot] = {}
+        self._by_endpoint: dict[str, set[str]] = {}
+        self._device_online: dict[str, bool] = {}
+        self._seq = 0
+        self._ready = asyncio.Event()
+        self._listener_up = False
+        self._in_sync_at: float | None = None
+        self._clock = clock
+        self._resync_interval = resync_interval
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.on_applied: Callable[[set[str]], None] | None = None
+
+    # -- reading (the call path) -----------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    def lookup(self, number: str) -> RoutingSnapshot | None:
+        """The snapshot for a dialled number or SIP AoR, or None for an unknown callee."""
+        snapshot = self._by_number.get(number.removeprefix("+"))
+        if snapshot is None and "@" in number:
+            snapshot = self._by_aor.get(number.removeprefix("sip:"))
+        return snapshot
+
+    def get(self, subscriber_id: str) -> RoutingSnapshot | None:
+        return self._by_id.get(subscriber_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def status(self) -> CacheStatus:
+        return CacheStatus(self.ready, self._listener_up, len(self._by_id), self._seq, self.staleness())
+
+    def staleness(self) -> float:
+        if self._listener_up or self._in_sync_at is None:
+            return 0.0
+        return max(0.0, self._clock() - self._in_sync_at)
+
+    def health(self) -> dict[str, object]:
+        """Probe for /health: down until loaded, degraded while serving stale snapshots."""
+        st = self.status()
+        STALENESS.set(st.staleness_s)
+        status = "down" if not st.ready else ("ok" if st.listener_up else "degraded")
+        return {"status": status, "policy_cache": {
+            "ready": st.ready, "listener_up": st.listener_up, "subscribers": st.subscribers,
+            "seq": st.seq, "staleness_s": round(st.staleness_s, 3)}}
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self, *, wait_loaded: bool = True, timeout: float | None = None) -> None:
+        """Start loading and following changes; with ``wait_loaded``, return once calls can be served."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._follow(), name="policy-cache")
+        if wait_loaded:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _follow(self) -> None:
+        """Load, then listen; on any loss reconnect with backoff and catch up by sequence."""
+        attempt = 0
+        while True:
+            feed: ChangeFeed | None = None
+            try:
+                feed = await self._store.listen()  # listen first: nothing committed after the load is missed
+                if not self.ready:
+                    await self.reload_all()
+                else:
+                    await self.sync()
+                self._set_listener(True)
+                attempt = 0
+                while True:
+                    try:
+                        await asyncio.wait_for(feed.wait(), self._resync_interval)
+                    except TimeoutError:
+                        pass  # belt and braces: catch up by sequence even without a notification
+                    await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except (PolicyStoreUnavailable, OSError, TimeoutError) as exc:
+                self._on_lost(exc)
+            finally:
+                if feed is not None:
+                    try:
+                        await feed.close()
+                    except (PolicyStoreUnavailable, OSError):
+                        pass
+            attempt += 1
+            await asyncio.sleep(backoff_delay(attempt, 0.2, 10.0))
+
+    def _on_lost(self, exc: BaseException) -> None:
+        if self._listener_up:
+            log.warning("policy store unreachable, serving cached snapshots: %s", exc)
+        self._set_listener(False)
+
+    def _set_listener(self, up: bool) -> None:
+        if up or self._listener_up:
+            self._in_sync_at = self._clock()
+        self._listener_up = up
+        CONNECTED.set(1 if up else 0)
+
+    # -- applying changes ----------------------------------------------------------------
+    async def reload_all(self) -> None:
+        async with self._lock:
+            started = time.perf_counter()
+            snapshots, seq = await self._store.load_all()
+            self._by_number, self._by_aor, self._by_id, self._by_endpoint = {}, {}, {}, {}
+            for snapshot in snapshots:
+                self._index(snapshot)
+            self._seq = seq
+            SEQUENCE.set(seq)
+            SUBSCRIBERS.set(len(self._by_id))
+            self._ready.set()
+            log.info("policy cache loaded", extra={"subscribers": len(self._by_id), "seq": seq,
+                                                   "load_s": round(time.perf_counter() - started, 3)})
+
+    async def sync(self) -> int:
+        """Apply every change after the last applied sequence; returns how many subscribers changed."""
+        async with self._lock:
+            started = time.perf_counter()
+            changed, seq = await self._store.changes_since(self._seq)
+            if not changed:
+                self._seq = max(self._seq, seq)
+                return 0
+            fresh = await self._store.load_subscribers(changed)
+            found = {s.subscriber_id for s in fresh}
+            for subscriber_id in changed - found:
+                self._remove(subscriber_id)
+            for snapshot in fresh:
+                self._remove(snapshot.subscriber_id)
+                self._index(snapshot)
+            self._seq = seq
+            SEQUENCE.set(seq)
+            SUBSCRIBERS.set(len(self._by_id))
+            APPLIED.inc(len(changed))
+            SYNC_SECONDS.observe(time.perf_counter() - started)
+        if self.on_applied is not None:
+            self.on_applied(changed)
+        return len(changed)
+
+    def _index(self, snapshot: RoutingSnapshot) -> None:
+        for device in snapshot.speakers:
+            online = self._device_online.get(device.endpoint)
+            if online is not None and online != device.online:
+                snapshot = snapshot.with_device_status(device.endpoint, online)
+            self._by_endpoint.setdefault(device.endpoint, set()).add(snapshot.subscriber_id)
+        self._by_id[snapshot.subscriber_id] = snapshot
+        self._by_number[number_key(snapshot.msisdn)] = snapshot
+        if snapshot.aor:
+            self._by_aor[snapshot.aor] = snapshot
+
+    def _remove(self, subscriber_id: str) -> None:
+        old = self._by_id.pop(subscriber_id, None)
+        if old is None:
+            return
+        key = number_key(old.msisdn)
+        if self._by_number.get(key) is old:
+            del self._by_number[key]
+        if old.aor and self._by_aor.get(old.aor) is old:
+            del self._by_aor[old.aor]
+        for device in old.speakers:
+            ids = self._by_endpoint.get(device.endpoint)
+            if ids is not None:
+                ids.discard(subscriber_id)
+                if not ids:
+                    del self._by_endpoint[device.endpoint]
+
+    def set_device_online(self, endpoint: str, online: bool) -> int:
+        """A registration came or went: every subscriber with that device sees it at once."""
+        if self._device_online.get(endpoint) == online:
+            return 0
+        self._device_online[endpoint] = online
+        DEVICE_STATUS.labels("online" if online else "offline").inc()
+        count = 0
+        for subscriber_id in self._by_endpoint.get(endpoint, ()):
+            old = self._by_id[subscriber_id]
+            new = old.with_device_status(endpoint, online)
+            if new is not old:
+                self._by_id[subscriber_id] = new
+                self._by_number[number_key(new.msisdn)] = new
+                if new.aor:
+                    self._by_aor[new.aor] = new
+                count += 1
+        return count
