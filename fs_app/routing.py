@@ -120,9 +120,13 @@ def decide(snapshot: RoutingSnapshot, call: CallFacts, now: datetime) -> Routing
 
     phone = Leg("phone", snapshot.msisdn, snapshot.phone_timeout_s)
     home_allowed = snapshot.ring_mode != "phone_only"
+    expires = snapshot.announce_consent_expires
     if home_allowed and not snapshot.announce_consent:
         home_allowed = False
         rules.append("no consent to announce calls in the home: home devices skipped")
+    elif home_allowed and expires is not None and now.timestamp() >= expires:
+        home_allowed = False
+        rules.append("consent to announce calls has expired: home devices skipped")
     if home_allowed and not privileged and in_quiet_hours(snapshot, now):
         home_allowed = False
         rules.append(

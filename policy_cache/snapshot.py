@@ -59,6 +59,7 @@ class RoutingSnapshot:
     speakers: tuple[SpeakerDevice, ...]
     policy_version: int
     household_id: str | None = None
+    announce_consent_expires: float | None = None  # epoch seconds; consent may run out between syncs
 
     def with_device_status(self, endpoint: str, online: bool) -> RoutingSnapshot:
         """A copy with one device's online state changed (registrations move fast, rows don't)."""
@@ -97,6 +98,7 @@ def compile_snapshot(
     speakers: tuple[SpeakerDevice, ...],
     policy_version: int,
     household_id: str | None = None,
+    announce_consent_expires: float | None = None,
 ) -> RoutingSnapshot:
     """Validate and intern one subscriber's rows into a snapshot."""
     if ring_mode not in RING_MODES:
@@ -124,4 +126,5 @@ def compile_snapshot(
         speakers=speakers,
         policy_version=policy_version,
         household_id=household_id,
+        announce_consent_expires=announce_consent_expires,
     )

@@ -170,3 +170,9 @@ def test_device_endpoint_cannot_inject_into_the_dial_string(evil: str) -> None:
                      speakers=(SpeakerDevice("d", evil, sip=True, cloud_announce=False, online=True),))
     with pytest.raises(ValueError, match="AoR"):
         bridge_dial_string(decide(snap, CALL, NOON), DialSettings())
+
+
+def test_consent_that_expired_since_the_last_sync_keeps_the_home_silent() -> None:
+    decision = decide(_snapshot(announce_consent_expires=NOON.timestamp() - 1), CALL, NOON)
+    assert _targets(decision) == [["+4915112345678"]]
+    assert "consent to announce calls has expired: home devices skipped" in decision.rules
