@@ -1,1 +1,27 @@
-"""FreeSWITCH emulator (placeholder, built next)."""
+"""FreeSWITCH 1.10.12 Event Socket emulator for tests, benchmarks and trying IIM without a switch.
+
+It sends the bytes FreeSWITCH sends (checked against recorded sessions): the outbound
+socket (FreeSWITCH dials the application) and the inbound socket (the application
+connects to port 8021), channel events with FreeSWITCH's header order, scripted
+callees for ``bridge``/``originate``, and fault knobs for adversity tests.
+"""
+
+from fs_emulator.dialstring import DialBranch, DialLeg, DialString, DialStringError, parse_dialstring
+from fs_emulator.emulator import FreeSwitchEmulator
+from fs_emulator.faults import FaultConfig
+from fs_emulator.inbound import InboundServer
+from fs_emulator.spec import CallResult, CallSpec, TargetBehaviour
+
+__all__ = [
+    "CallResult",
+    "CallSpec",
+    "DialBranch",
+    "DialLeg",
+    "DialString",
+    "DialStringError",
+    "FaultConfig",
+    "FreeSwitchEmulator",
+    "InboundServer",
+    "TargetBehaviour",
+    "parse_dialstring",
+]

@@ -36,6 +36,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain_call(args: argparse.Namespace) -> int:
+    settings = Settings()
+    logs.configure("WARNING")
+    return asyncio.run(_explain_call(args, settings))
+
+
+async def _explain_call(args: argparse.Namespace, settings: Settings) -> int:
+    from fs_app.dialstring import DialSettings
+    from iim.explain import explain, find_snapshot, render
+    from policy_cache.bootstrap import bootstrap
+    from policy_cache.store import PgPolicyStore
+
+    db = await bootstrap(database_url=args.database_url or settings.database_url, data_dir=settings.data_dir,
+                         demo=settings.demo_data)
+    store = PgPolicyStore(db.cache_url)
+    try:
+        snapshot = await find_snapshot(store, args.to)
+    finally:
+        await store.close()
+        if db.embedded is not None:
+            db.embedded.stop()
+    if snapshot is None:
+        print(f"{args.to} is not a subscriber: the call goes to the dialled number unchanged (passthrough)")
+        return 0
+    dial = DialSettings(phone_endpoint=settings.passthrough_endpoint.replace("{destination}", "{msisdn}"),
+                        voicemail_domain=settings.sip_domain)
+    _, report = explain(snapshot, args.to, args.caller, args.at, dial)
+    print(render(report, as_json=args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iim", description="IoT Integration Module")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, help="port for /metrics and /health (default 8088)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING ...")
     serve.set_defaults(func=cmd_serve)
+    explain = sub.add_parser("explain-call", help="show how a call would be routed and which rules decided it")
+    explain.add_argument("--to", required=True, help="the dialled subscriber number (E.164) or SIP AoR")
+    explain.add_argument("--from", dest="caller", help="the caller's number")
+    explain.add_argument("--at", help="ISO time; without an offset, the subscriber's local time (default now)")
+    explain.add_argument("--json", action="store_true", help="print JSON")
+    explain.add_argument("--database-url", help="PostgreSQL URL (default IIM_DATABASE_URL, else embedded)")
+    explain.set_defaults(func=cmd_explain_call)
+    from admin.cli import register_subcommands
+
+    register_subcommands(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The running IIM process: outbound ESL server, inbound FreeSWITCH clients, HTTP surface."""
+"""The running IIM process: policy store and cache, call routing, FreeSWITCH links, HTTP surface."""
 
 from __future__ import annotations
 
@@ -6,58 +6,150 @@ import asyncio
 import contextlib
 import logging
 import signal
+from dataclasses import dataclass
 
 from aiohttp import web
 
+from admin.api import create_registry_app, mount_registry
+from admin.settings import AdminSettings
+from fs_app.call import Call
+from fs_app.dialstring import DialSettings
 from fs_app.inbound import InboundClient, InboundSettings
 from fs_app.outbound import OutboundServer, OutboundSettings
 from fs_app.passthrough import make_passthrough_handler
+from fs_app.registrations import REGISTRATION_EVENTS, registration_listener
+from fs_app.router import PolicyRouter
 from iim.http import HealthProbe, create_app
 from iim.settings import Settings
+from policy_cache.cache import PolicyCache
+from policy_cache.call_audit import CallDecisionAudit
+from policy_cache.db import DbRole, Pool, connect_pool
+from policy_cache.store import PgPolicyStore
 
 log = logging.getLogger("iim.service")
 
 
-class Service:
-    """Owns every long-lived resource; ``start`` brings them up, ``stop`` drains them."""
+@dataclass(frozen=True, slots=True)
+class DatabaseUrls:
+    """Where the app role (registry, audit) and the cache role (routing reads) connect."""
 
-    def __init__(self, settings: Settings) -> None:
+    app_url: str
+    cache_url: str
+
+
+class Service:
+    """Owns every long-lived resource; ``start`` brings them up, ``stop`` drains them.
+
+    ``database`` skips the bootstrap (tests, or an operator who runs migrations separately).
+    """
+
+    def __init__(self, settings: Settings, *, database: DatabaseUrls | None = None) -> None:
         self.settings = settings
-        handler = make_passthrough_handler(settings.passthrough_endpoint)
+        self._database = database
+        self.embedded: object | None = None
+        self.pool: Pool | None = None
+        self.directory_pool: Pool | None = None
+        self.store: PgPolicyStore | None = None
+        self.cache: PolicyCache | None = None
+        self.audit: CallDecisionAudit | None = None
+        passthrough = make_passthrough_handler(settings.passthrough_endpoint)
+        self._passthrough = passthrough
         self.outbound = OutboundServer(
-            handler,
+            self._route,
             OutboundSettings(host=settings.esl_host, port=settings.esl_port, linger=settings.esl_linger),
-            fallback=handler,
+            fallback=passthrough,
         )
+        self.router: PolicyRouter | None = None
+        events = tuple(dict.fromkeys(("BACKGROUND_JOB", *REGISTRATION_EVENTS)))
         self.inbound = [
-            InboundClient(InboundSettings(host=n.host, port=n.port, password=n.password(), name=n.name))
+            InboundClient(InboundSettings(host=n.host, port=n.port, password=n.password(), name=n.name,
+                                          events=events))
             for n in settings.fs_nodes
         ]
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
+
+    async def _route(self, call: Call) -> None:
+        """Calls go through the policy router once the store is up, else to the dialled number."""
+        handler = self.router or self._passthrough
+        await handler(call)
+
+    def _app_pool(self) -> Pool:
+        if self.pool is None:
+            raise LookupError("policy store not connected")
+        return self.pool
+
+    def _directory_pool(self) -> Pool:
+        if self.directory_pool is None:
+            raise LookupError("policy store not connected")
+        return self.directory_pool
 
     def _esl_health(self) -> dict[str, object]:
         nodes = {c.settings.node: c.connected for c in self.inbound}
         status = "ok" if all(nodes.values()) else "degraded"
         return {"status": status, "active_calls": self.outbound.active_calls, "freeswitch_nodes": nodes}
 
+    def _policy_health(self) -> dict[str, object]:
+        if not self.settings.policy_routing:
+            return {}
+        if self.cache is None:
+            return {"status": "degraded", "policy_cache": {"ready": False, "detail": "policy store not connected"}}
+        report = self.cache.health()
+        if report["status"] == "down":
+            report["status"] = "degraded"  # calls still go to the dialled number
+        return report
+
     async def start(self) -> None:
-        await self.outbound.start()
+        await self.outbound.start()  # calls are answered (passthrough) from the first second
+        if self.settings.policy_routing:
+            await self._start_policy()
         for client in self.inbound:
+            if self.cache is not None:
+                client.add_listener(registration_listener(self.cache.set_device_online))
             await client.start()
-        probes: list[HealthProbe] = [self._esl_health]
-        self._runner = web.AppRunner(create_app(probes), access_log=None)
+        probes: list[HealthProbe] = [self._esl_health, self._policy_health]
+        root = create_app(probes)
+        if self.settings.policy_routing:
+            mount_registry(root, create_registry_app(self._app_pool, AdminSettings(),
+                                                     directory_pool=self._directory_pool))
+        self._runner = web.AppRunner(root, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
+        sockets = getattr(site._server, "sockets", None) or []
         self.http_port = sockets[0].getsockname()[1] if sockets else self.settings.http_port
         log.info(
             "IIM serving",
             extra={"esl": f"{self.settings.esl_host}:{self.outbound.port}",
-                   "http": f"{self.settings.http_host}:{self.http_port}"},
+                   "http": f"{self.settings.http_host}:{self.http_port}",
+                   "policy_cache": self.cache.status().subscribers if self.cache else None},
         )
+
+    async def _start_policy(self) -> None:
+        urls = self._database
+        if urls is None:
+            from policy_cache.bootstrap import bootstrap
+
+            db = await bootstrap(database_url=self.settings.database_url, data_dir=self.settings.data_dir,
+                                 demo=self.settings.demo_data)
+            self.embedded = db.embedded
+            urls = DatabaseUrls(db.app_url, db.cache_url)
+        self.pool = await connect_pool(urls.app_url, role=DbRole.APP, min_size=1, max_size=8)
+        # Read-only, all tenants: for admins listing tenants (RLS hides them from the app role).
+        self.directory_pool = await connect_pool(urls.cache_url, role=DbRole.CACHE, min_size=1, max_size=2)
+        self.store = PgPolicyStore(urls.cache_url)
+        self.cache = PolicyCache(self.store)
+        try:
+            await self.cache.start(timeout=self.settings.cache_load_timeout)
+        except TimeoutError:
+            log.error("policy cache not loaded in %s s: routing by dialled number until it is",
+                      self.settings.cache_load_timeout)
+        self.audit = CallDecisionAudit(self.pool)
+        await self.audit.start()
+        self.router = PolicyRouter(self.cache, self._passthrough, dial=DialSettings(
+            phone_endpoint=self.settings.passthrough_endpoint.replace("{destination}", "{msisdn}"),
+            voicemail_domain=self.settings.sip_domain,
+        ), record_decision=self.audit.record)
 
     async def stop(self) -> None:
         await self.outbound.close(self.settings.drain_timeout)
@@ -65,6 +157,18 @@ class Service:
             await client.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.audit is not None:
+            await self.audit.close()
+        if self.cache is not None:
+            await self.cache.close()
+        if self.store is not None:
+            await self.store.close()
+        for pool in (self.pool, self.directory_pool):
+            if pool is not None:
+                await pool.close()
+        stop = getattr(self.embedded, "stop", None)
+        if stop is not None:
+            await asyncio.to_thread(stop)
 
 
 async def run(settings: Settings) -> None:
@@ -75,7 +179,9 @@ async def run(settings: Settings) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     service = Service(settings)
-    await service.start()
-    await stop.wait()
-    log.info("stopping: draining calls")
-    await service.stop()
+    try:
+        await service.start()
+        await stop.wait()
+        log.info("stopping: draining calls")
+    finally:
+        await service.stop()

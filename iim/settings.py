@@ -57,6 +57,14 @@ class Settings(BaseSettings):
     passthrough_endpoint: str = "sofia/gateway/ims/{destination}"
     fs_nodes: list[FreeSwitchNode] = Field(default_factory=list)
     drain_timeout: float = 10.0
+    # Policy routing: PostgreSQL at IIM_DATABASE_URL (a superuser/owner URL used for migrations), or an
+    # embedded PostgreSQL in data_dir when it is not set.
+    policy_routing: bool = True
+    database_url: str | None = Field(default=None, repr=False)
+    data_dir: str = ".iim-data/pg"
+    demo_data: bool = True
+    cache_load_timeout: float = 60.0
+    sip_domain: str = "iim.local"
 
     @field_validator("passthrough_endpoint")
     @classmethod

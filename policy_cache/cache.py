@@ -23,6 +23,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from fs_app import metrics
 from fs_app.inbound import backoff_delay
+from policy_cache.errors import ChangeLogTruncatedError
 from policy_cache.snapshot import RoutingSnapshot
 
 log = logging.getLogger("iim.policy_cache")
@@ -108,6 +109,7 @@ class PolicyCache:
         self._resync_interval = resync_interval
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._ready_for_reload = False
         self.on_applied: Callable[[set[str]], None] | None = None
 
     # -- reading (the call path) -----------------------------------------------------
@@ -173,8 +175,9 @@ class PolicyCache:
             feed: ChangeFeed | None = None
             try:
                 feed = await self._store.listen()  # listen first: nothing committed after the load is missed
-                if not self.ready:
+                if not self.ready or self._ready_for_reload:
                     await self.reload_all()
+                    self._ready_for_reload = False
                 else:
                     await self.sync()
                 self._set_listener(True)
@@ -187,6 +190,10 @@ class PolicyCache:
                     await self.sync()
             except asyncio.CancelledError:
                 raise
+            except ChangeLogTruncatedError:
+                log.warning("change log pruned past our sequence %s: reloading everything", self._seq)
+                self._ready_for_reload = True
+                continue
             except (PolicyStoreUnavailable, OSError, TimeoutError) as exc:
                 self._on_lost(exc)
             finally:

@@ -59,3 +59,14 @@ async def outbound_server() -> AsyncIterator[OutboundServerFactory]:
 class OutboundServerFactory:
     async def __call__(self, handler: CallHandler, **settings: object) -> OutboundServer: ...
 
+
+
+from tests.pg import (  # noqa: E402, F401  (PostgreSQL fixtures shared by every test module)
+    admin_conn,
+    app_pool,
+    cache_conn,
+    pg_cluster,
+    pg_db,
+    pg_empty_db,
+    pg_template,
+)

@@ -16,15 +16,25 @@ import aiohttp
 import pytest
 
 from iim.logs import JsonFormatter
-from iim.service import Service
+from iim.service import DatabaseUrls, Service
+from policy_cache.bootstrap import load_demo
+from policy_cache.db import Pool
+from tests.pg import PgDatabase
 from iim.settings import Settings, resolve_secret
 from tests.recorded_switch import _kind, replay_call
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def test_service_routes_a_call_and_reports_it_on_metrics_and_health() -> None:
-    service = Service(Settings(esl_port=0, http_port=0))
+@pytest.fixture
+async def urls(pg_db: PgDatabase, app_pool: Pool) -> DatabaseUrls:
+    async with app_pool.acquire() as conn:
+        await load_demo(conn)
+    return DatabaseUrls(pg_db.app_url, pg_db.cache_url)
+
+
+async def test_service_routes_a_call_and_reports_it_on_metrics_and_health(urls: DatabaseUrls) -> None:
+    service = Service(Settings(esl_port=0, http_port=0), database=urls)
     await service.start()
     try:
         result = await replay_call("o02_bridge_answered_callee_hangs_up", "127.0.0.1", service.outbound.port)
@@ -41,18 +51,24 @@ async def test_service_routes_a_call_and_reports_it_on_metrics_and_health() -> N
                 assert resp.status == 200
         assert re.search(r'^iim_esl_calls_total\{result="ok"\} [1-9]', text, re.MULTILINE)
         assert "iim_esl_call_setup_seconds_bucket" in text
-        assert health == {"status": "ok", "active_calls": 0, "freeswitch_nodes": {}}
+        assert health["status"] == "ok"
+        assert health["active_calls"] == 0
+        assert health["policy_cache"]["ready"] is True
+        async with aiohttp.ClientSession() as http, http.get(
+                f"http://127.0.0.1:{service.http_port}/openapi.json") as resp:
+            document = await resp.json()
+        assert "/v1/tenants" in document["paths"]
     finally:
         await service.stop()
 
 
-async def test_health_is_degraded_while_a_freeswitch_node_is_unreachable() -> None:
+async def test_health_is_degraded_while_a_freeswitch_node_is_unreachable(urls: DatabaseUrls) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         dead_port = probe.getsockname()[1]
     settings = Settings(esl_port=0, http_port=0,
                         fs_nodes=[{"host": "127.0.0.1", "port": dead_port, "name": "fs1"}])  # type: ignore[list-item]
-    service = Service(settings)
+    service = Service(settings, database=urls)
     await service.start()
     try:
         async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{service.http_port}/health") as resp:
@@ -97,7 +113,8 @@ def test_iim_serve_starts_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
-    env = {**os.environ, "IIM_ESL_PORT": str(ports[0]), "IIM_HTTP_PORT": str(ports[1])}
+    env = {**os.environ, "IIM_ESL_PORT": str(ports[0]), "IIM_HTTP_PORT": str(ports[1]),
+           "IIM_POLICY_ROUTING": "false"}
     proc = subprocess.Popen([sys.executable, "-m", "iim", "serve"], cwd=ROOT, env=env,
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -4,17 +4,21 @@ Feed it bytes as they arrive, in chunks of any size; it returns every complete
 message they finish. It never touches a socket, never blocks and keeps no clock.
 Framing errors (a bad ``Content-Length``, an oversized frame) raise
 :class:`RemoteProtocolError` and poison the codec, because the byte stream can no
-longer be trusted; an event whose body does not parse is returned as
-:class:`MalformedEvent` so one odd event never costs the call.
+longer be trusted (the messages that ``feed()`` call completed before the bad frame
+ride on the exception as ``messages``). An event whose body does not parse is
+returned as :class:`MalformedEvent` so one odd event never costs the call. The
+output does not depend on how the bytes are chunked.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 
 from fs_app.esl._errors import RemoteProtocolError
+from fs_app.esl._ints import parse_int
 from fs_app.esl._messages import (
     ApiResponse,
     AuthRequest,
@@ -28,11 +32,15 @@ from fs_app.esl._messages import (
     MalformedEvent,
     RudeRejection,
     UnknownMessage,
+    make_event,
+    plain_headers,
 )
 from fs_app.esl._urlcode import url_decode
 
 MAX_CONTENT_LENGTH = 16 * 1024 * 1024  # FreeSWITCH's own MAX_CONTENT_LENGTH
 MAX_HEADER_BLOCK = 16 * 1024 * 1024
+
+_BLANK_LINE = re.compile("\n\n").search  # faster than str.find for a 2-char needle in LF-dense text
 
 
 def _decode(data: bytes | bytearray) -> str:
@@ -55,25 +63,37 @@ def parse_header_lines(block: str) -> dict[str, str]:
     return headers
 
 
+def _blank_line(text: str) -> int:
+    match = _BLANK_LINE(text)
+    return match.start() if match is not None else -1
+
+
 def parse_plain_event(data: bytes | bytearray) -> Event | MalformedEvent:
     """Parse a ``text/event-plain`` body: URL-encoded headers, optional inner body."""
-    text = _decode(data)
-    end = text.find("\n\n")
-    head = text[:end] if end >= 0 else text.rstrip("\n")
-    headers = EventHeaders.from_block(head)
-    name = headers.raw("Event-Name")
+    text = data.decode("utf-8", "replace")
+    end = _blank_line(text)
+    size = len(text)
+    if end < 0:
+        end = len(text.rstrip("\n"))
+    headers = plain_headers(text, end)
+    if text.startswith("Event-Name: ", 0, end):
+        stop = text.find("\n", 12, end)
+        name: str | None = text[12:stop] if stop >= 0 else text[12:end]
+    else:
+        name = headers._find("Event-Name")
     if name is None:
         return MalformedEvent("text/event-plain", "event without Event-Name", bytes(data))
     body: str | None = None
-    if end >= 0 and end + 2 < len(text):
-        length = headers.raw("Content-Length")
-        if length is None or not (length.isascii() and length.isdigit()):
+    if end + 2 < size:
+        raw_length = headers._find("Content-Length")
+        length = parse_int(raw_length) if raw_length is not None else None
+        if length is None:
             return MalformedEvent("text/event-plain", "bytes after the headers without Content-Length", bytes(data))
         raw_body = data[data.find(b"\n\n") + 2 :]
-        if len(raw_body) < int(length):
+        if len(raw_body) < length:
             return MalformedEvent("text/event-plain", "inner body shorter than its Content-Length", bytes(data))
-        body = _decode(raw_body[: int(length)])
-    return Event(url_decode(name) if "%" in name else name, headers, body, "plain")
+        body = raw_body[:length].decode("utf-8", "replace")
+    return make_event(url_decode(name) if "%" in name else name, headers, body, "plain")
 
 
 def parse_json_event(data: bytes | bytearray) -> Event | MalformedEvent:
@@ -116,7 +136,7 @@ def parse_xml_event(data: bytes | bytearray) -> Event | MalformedEvent:
 
 def _disconnect_notice(headers: Mapping[str, str], body: bytes) -> DisconnectNotice:
     linger = headers.get("Linger-Time")
-    linger_time = int(linger) if linger is not None and linger.lstrip("-").isdigit() else None
+    linger_time = parse_int(linger, signed=True) if linger is not None else None
     return DisconnectNotice(
         disposition=headers.get("Content-Disposition"),
         body=_decode(body),
@@ -138,6 +158,8 @@ def _channel_data(block: str) -> ChannelData:
 
 
 _BLANK = b"\r\n"
+_PLAIN_TYPE = b"\nContent-Type: text/event-plain\n\n"
+_PLAIN_TYPE_LEN = len(_PLAIN_TYPE)
 _EVENT_FRAME_PREFIX = "Content-Length: "
 
 
@@ -178,6 +200,26 @@ class EslCodec:
         try:
             while True:
                 if pending is None:
+                    if buf.startswith(b"Content-Length: ", pos):
+                        # Fast path for the common frame, an event-plain one. It accepts exactly
+                        # b"Content-Length: <digits>\nContent-Type: text/event-plain\n\n" and
+                        # leaves anything else to the general path below.
+                        nl = buf.find(b"\n", pos + 16, pos + 64)
+                        if nl > 0 and buf.startswith(_PLAIN_TYPE, nl):
+                            digits = buf[pos + 16 : nl]
+                            if digits.isdigit():  # ASCII digits only, for bytes
+                                length = int(digits)
+                                if length > self._max_content:
+                                    raise RemoteProtocolError(
+                                        f"Content-Length {length} exceeds {self._max_content}"
+                                    )
+                                pos = nl + _PLAIN_TYPE_LEN
+                                if size - pos < length:
+                                    pending = ("text/event-plain", None, length)
+                                    break
+                                append(parse_plain_event(buf[pos : pos + length]))
+                                pos += length
+                                continue
                     while pos < size and buf[pos] in _BLANK:
                         pos += 1  # stray blank lines between frames
                     end = buf.find(b"\n\n", max(pos, self._scan))
@@ -208,10 +250,10 @@ class EslCodec:
                             append(self._message(headers, b"", ctype))
                             continue
                         length_raw = headers["Content-Length"]
-                    length_raw = length_raw.strip()
-                    if not (length_raw.isascii() and length_raw.isdigit()):
+                    parsed = parse_int(length_raw.strip())
+                    if parsed is None:
                         raise RemoteProtocolError(f"invalid Content-Length {length_raw[:40]!r}")
-                    length = int(length_raw)
+                    length = parsed
                     if length > self._max_content:
                         raise RemoteProtocolError(f"Content-Length {length} exceeds {self._max_content}")
                     pending = (ctype, headers, length)
@@ -227,6 +269,7 @@ class EslCodec:
                     append(self._message(headers or {"Content-Type": ctype}, body, ctype))
         except RemoteProtocolError as exc:
             self._error = exc
+            exc.messages = out  # what this feed() completed before the bad frame
             raise
         finally:
             self._pending = pending
@@ -236,8 +279,8 @@ class EslCodec:
         return out
 
     def feed_eof(self) -> bool:
-        """True if the stream ended on a frame boundary (nothing half-received)."""
-        return self._pending is None and not self._buf.strip(b"\r\n")
+        """True if the stream ended on a frame boundary (nothing half-received, no framing error)."""
+        return self._error is None and self._pending is None and not self._buf.strip(b"\r\n")
 
     @staticmethod
     def _message(headers: dict[str, str], body: bytes | bytearray, ctype: str) -> EslMessage:
@@ -253,7 +296,7 @@ class EslCodec:
             return AuthRequest()
         if ctype == "log/data":
             level = headers.get("Log-Level", "")
-            return LogData(int(level) if level.isdigit() else None, _decode(body), headers)
+            return LogData(parse_int(level), _decode(body), headers)
         if ctype == "text/event-xml":
             return parse_xml_event(body)
         if ctype == "text/rude-rejection":

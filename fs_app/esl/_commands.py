@@ -9,15 +9,21 @@ smuggle a second command into the stream (ESL injection).
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 
 from fs_app.esl._errors import EslInjectionError, LocalProtocolError, RemoteProtocolError
+from fs_app.esl._ints import parse_int
 
 # Application arguments longer than this travel in a body, never in a header.
 ARG_IN_BODY_THRESHOLD = 1024
 MAX_COMMAND_BODY = 16 * 1024 * 1024
 MAX_COMMAND_HEADER_BLOCK = 10 * 1024 * 1024
+
+# FreeSWITCH ends a block at two LFs with only CRs between them; we allow at most one CR
+# there (LF LF, CR LF CR LF, LF CR LF), which keeps resuming a search after a partial read O(1).
+_BLOCK_END = re.compile(rb"\n\r?\n").search
 
 
 def _check(value: str, what: str) -> str:
@@ -201,6 +207,10 @@ def _frame(line: str, headers: list[tuple[str, str]] | tuple[tuple[str, str], ..
     for name, value in headers:
         if ":" in name:
             raise LocalProtocolError(f"header name contains a colon: {name!r}")
+        if name.strip(" ").lower() == "content-length":
+            # Our own Content-Length frames the body; a second one would let a caller
+            # make FreeSWITCH read the next command as a body (command smuggling).
+            raise EslInjectionError("Content-Length is set by the serialiser, not by callers")
         parts.append(f"{_check(name, 'header name')}: {_check(value, f'header {name}')}")
     if body is not None:
         parts.append(f"Content-Length: {len(body)}")
@@ -209,9 +219,10 @@ def _frame(line: str, headers: list[tuple[str, str]] | tuple[tuple[str, str], ..
 
 
 def _single_line(arg: str, what: str) -> str:
+    _check(arg, what)  # CR/LF anywhere is injection, even where strip() would remove it
     if not arg or arg != arg.strip():
         raise LocalProtocolError(f"{what} must be non-empty without surrounding spaces: {arg!r}")
-    return _check(arg, what)
+    return arg
 
 
 def _names(names: tuple[str, ...]) -> str:
@@ -228,7 +239,8 @@ def serialise(cmd: Command) -> bytes:
             headers = [("call-command", "execute"), ("execute-app-name", _single_line(app, "application"))]
             body: bytes | None = None
             if arg is not None:
-                if len(arg) > ARG_IN_BODY_THRESHOLD or "\n" in arg or "\r" in arg:
+                # FreeSWITCH strips leading spaces from header values: such args travel in the body.
+                if len(arg) > ARG_IN_BODY_THRESHOLD or "\n" in arg or "\r" in arg or arg[:1] == " ":
                     body = arg.encode()
                 else:
                     headers.append(("execute-app-arg", arg))
@@ -236,7 +248,8 @@ def serialise(cmd: Command) -> bytes:
                 headers.append(("loops", str(loops)))
             if lock:
                 headers.append(("event-lock", "true"))
-            headers.append(("Event-UUID", eu))
+            if eu:  # empty: let FreeSWITCH generate one (what a decoded command without it means)
+                headers.append(("Event-UUID", eu))
             if body is not None:
                 headers.append(("content-type", "text/plain"))
             return _frame(f"sendmsg {_single_line(u, 'uuid')}" if u else "sendmsg", headers, body)
@@ -272,7 +285,9 @@ def serialise(cmd: Command) -> bytes:
         case Api(command=c):
             return _frame(f"api {_single_line(c, 'api command')}")
         case BgApi(command=c, job_uuid=j):
-            return _frame(f"bgapi {_single_line(c, 'api command')}", [("Job-UUID", _single_line(j, "Job-UUID"))])
+            # An empty job_uuid (a decoded bgapi that had none) sends none: FreeSWITCH makes one up.
+            job = [("Job-UUID", _single_line(j, "Job-UUID"))] if j else []
+            return _frame(f"bgapi {_single_line(c, 'api command')}", job)
         case GetVar(name=n):
             return _frame(f"getvar {_single_line(n, 'variable')}")
         case Resume():
@@ -324,7 +339,7 @@ def interpret(line: str, headers: tuple[tuple[str, str], ...], body: bytes | Non
                 uuid=target,
                 event_uuid=_header(headers, "Event-UUID") or "",
                 event_lock=(_header(headers, "event-lock") or "").lower() == "true",
-                loops=int(loops) if loops and loops.isdigit() else None,
+                loops=parse_int(loops, signed=True) if loops else None,
             )
         if command == "hangup":
             return HangupCmd(cause=_header(headers, "hangup-cause") or "NORMAL_CLEARING", uuid=target)
@@ -349,8 +364,9 @@ def interpret(line: str, headers: tuple[tuple[str, str], ...], body: bytes | Non
     if lword == "linger":
         if not rest:
             return Linger()
-        if rest.strip().lstrip("-").isdigit():
-            return Linger(int(rest))
+        seconds = parse_int(rest.strip(), signed=True)
+        if seconds is not None:
+            return Linger(seconds)
     if lword == "event" and rest:
         fmt, _, names = rest.partition(" ")
         if names:
@@ -382,55 +398,75 @@ def interpret(line: str, headers: tuple[tuple[str, str], ...], body: bytes | Non
 class CommandDecoder:
     """FreeSWITCH's reading of the app's byte stream (``read_packet``/``parse_command``).
 
-    Accepts LF or CRLF line ends, skips leading blank lines, strips leading spaces
-    from header values, and reads ``Content-Length`` body bytes after the blank line.
+    Skips leading blank lines; a header block ends at an empty line, where FreeSWITCH
+    counts LFs and ignores CRs (we accept ``\\n\\n``, ``\\r\\n\\r\\n`` and ``\\n\\r\\n``);
+    strips leading spaces from header values; reads ``Content-Length`` body bytes after
+    the blank line (a ``Content-Length: 0`` gives an empty body, no header gives none).
+    Work is linear in the bytes fed, however they are chunked.
     """
 
-    __slots__ = ("_buf", "_pending")
+    __slots__ = ("_buf", "_error", "_pending", "_scan")
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._pending: tuple[str, tuple[tuple[str, str], ...], int] | None = None
+        self._scan = 0
+        self._pending: tuple[str, tuple[tuple[str, str], ...], int | None] | None = None
+        self._error: RemoteProtocolError | None = None
 
     def feed(self, data: bytes | bytearray) -> list[Command]:
+        """The commands ``data`` completes; a framing error poisons the decoder (as in EslCodec)."""
+        if self._error is not None:
+            raise RemoteProtocolError("decoder is unusable after an earlier framing error") from self._error
+        out: list[Command] = []
+        try:
+            self._feed(data, out)
+        except RemoteProtocolError as exc:
+            self._error = exc
+            exc.messages = out
+            raise
+        return out
+
+    def _feed(self, data: bytes | bytearray, out: list[Command]) -> None:
         buf = self._buf
         buf += data
-        out: list[Command] = []
+        size = len(buf)
+        pos = 0
         while True:
             if self._pending is None:
-                stripped = buf.lstrip(b"\r\n")
-                if len(stripped) != len(buf):
-                    del buf[: len(buf) - len(stripped)]
-                end, sep_len = buf.find(b"\n\n"), 2
-                crlf = buf.find(b"\r\n\r\n")
-                if crlf >= 0 and (end < 0 or crlf < end):
-                    end, sep_len = crlf, 4
-                if end < 0:
-                    if len(buf) > MAX_COMMAND_HEADER_BLOCK:
+                while pos < size and buf[pos] in b"\r\n":
+                    pos += 1
+                match = _BLOCK_END(buf, max(pos, self._scan))
+                if match is None:
+                    if size - pos > MAX_COMMAND_HEADER_BLOCK:
                         raise RemoteProtocolError("command header block too large")
+                    self._scan = max(pos, size - 2)  # an end of block may straddle this read
                     break
-                lines = buf[:end].decode("utf-8", "replace").replace("\r", "").split("\n")
-                del buf[: end + sep_len]
+                lines = buf[pos : match.start()].decode("utf-8", "replace").replace("\r", "").split("\n")
+                pos = self._scan = match.end()
                 line = lines[0].strip()
                 headers: list[tuple[str, str]] = []
-                length = 0
+                length: int | None = None
                 for raw in lines[1:]:
                     name, sep, value = raw.partition(":")
                     if not sep:
                         continue
                     value = value.lstrip(" ")
                     if name.lower() == "content-length":
-                        if not (value.isascii() and value.isdigit()) or int(value) > MAX_COMMAND_BODY:
+                        length = parse_int(value)
+                        if length is None or length > MAX_COMMAND_BODY:
                             raise RemoteProtocolError(f"invalid command Content-Length {value[:40]!r}")
-                        length = int(value)
                         continue
                     headers.append((name, value))
                 self._pending = (line, tuple(headers), length)
             line, hdrs, length = self._pending
-            if length and len(buf) < length:
-                break
-            body = bytes(buf[:length]) if length else None
-            del buf[:length]
+            body: bytes | None = None
+            if length is not None:
+                if size - pos < length:
+                    break
+                body = bytes(buf[pos : pos + length])
+                pos += length
             self._pending = None
             out.append(interpret(line, hdrs, body))
-        return out
+        if pos:
+            del buf[:pos]
+            self._scan = self._scan - pos if self._scan > pos else 0

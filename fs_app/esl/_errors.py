@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EslError(Exception):
     """Root of every error the ESL layer raises."""
@@ -24,7 +26,17 @@ class EslInjectionError(LocalProtocolError):
 
 
 class RemoteProtocolError(EslError):
-    """The peer sent a frame we cannot parse; the stream cannot be trusted after it."""
+    """The peer sent a frame we cannot parse; the stream cannot be trusted after it.
+
+    ``messages`` holds what the failing ``feed()`` call decoded before the bad frame
+    (the decoder's output type; empty when raised elsewhere).
+    """
+
+    messages: list[Any]
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.messages = []
 
 
 class EslConnectionError(EslError):

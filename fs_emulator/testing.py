@@ -1,0 +1,163 @@
+"""Application-side helpers for tests that talk to the emulator.
+
+:class:`EslPeer` is a minimal ESL client (the application's end of one socket) built on
+:class:`fs_app.esl.EslCodec`: it records every chunk and message it receives so a
+test can assert on framing, and offers ``expect``/``command`` helpers.
+:class:`AppServer` accepts outbound-socket connections from the emulator and runs a
+handler coroutine per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from fs_app.esl import (
+    ApiResponse,
+    Command,
+    CommandReply,
+    EslCodec,
+    EslMessage,
+    Event,
+    serialise,
+)
+
+M = TypeVar("M")
+Predicate = Callable[[EslMessage], bool]
+
+
+class EslPeer:
+    """The application's side of one ESL connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, timeout: float = 5.0) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.timeout = timeout
+        self.codec = EslCodec()
+        self.chunks: list[bytes] = []
+        self.messages: list[EslMessage] = []
+        self._pending: list[EslMessage] = []
+        self.eof = False
+        self.reset = False
+
+    @classmethod
+    async def connect(cls, host: str, port: int, *, timeout: float = 5.0) -> EslPeer:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer, timeout=timeout)
+
+    def raw(self) -> bytes:
+        return b"".join(self.chunks)
+
+    async def _read_more(self, timeout: float) -> None:
+        try:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        except ConnectionResetError:
+            self.reset = True
+            self.eof = True
+            return
+        if not data:
+            self.eof = True
+            return
+        self.chunks.append(data)
+        for msg in self.codec.feed(data):
+            self.messages.append(msg)
+            self._pending.append(msg)
+
+    async def next(self, timeout: float | None = None) -> EslMessage:
+        """The next message not yet consumed; TimeoutError / EOFError otherwise."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout if timeout is not None else self.timeout)
+        while not self._pending:
+            if self.eof:
+                raise EOFError("connection closed")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError("no message")
+            await self._read_more(remaining)
+        return self._pending.pop(0)
+
+    async def expect(self, pred: Predicate | type[M], timeout: float | None = None) -> M | EslMessage:
+        """Consume messages until one matches (a predicate or a message class)."""
+        while True:
+            msg = await self.next(timeout)
+            if isinstance(pred, type):
+                if isinstance(msg, pred):
+                    return msg
+            elif pred(msg):
+                return msg
+
+    async def expect_event(self, name: str, *, app: str | None = None, timeout: float | None = None) -> Event:
+        def match(m: EslMessage) -> bool:
+            return isinstance(m, Event) and m.name == name and (app is None or m.get("Application") == app)
+
+        msg = await self.expect(match, timeout)
+        assert isinstance(msg, Event)
+        return msg
+
+    def send(self, data: bytes | Command) -> None:
+        self.writer.write(data if isinstance(data, bytes) else serialise(data))
+
+    async def command(self, data: bytes | Command, timeout: float | None = None) -> CommandReply | ApiResponse:
+        """Send a command and return its reply (events arriving meanwhile stay in ``messages``)."""
+        self.send(data)
+        msg = await self.expect(lambda m: isinstance(m, (CommandReply, ApiResponse)), timeout)
+        assert isinstance(msg, (CommandReply, ApiResponse))
+        return msg
+
+    async def wait_eof(self, timeout: float | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout if timeout is not None else self.timeout)
+        while not self.eof:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError("no EOF")
+            await self._read_more(remaining)
+
+    def events(self, name: str | None = None) -> list[Event]:
+        return [m for m in self.messages if isinstance(m, Event) and (name is None or m.name == name)]
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+class AppServer:
+    """A listening outbound-socket application: runs ``handler(peer)`` per connection."""
+
+    def __init__(self, handler: Callable[[EslPeer], Awaitable[None]], *, timeout: float = 5.0) -> None:
+        self.handler = handler
+        self.timeout = timeout
+        self.peers: list[EslPeer] = []
+        self.errors: list[BaseException] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self, host: str = "127.0.0.1") -> int:
+        self._server = await asyncio.start_server(self._accept, host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = EslPeer(reader, writer, timeout=self.timeout)
+        self.peers.append(peer)
+        try:
+            await self.handler(peer)
+        except Exception as exc:  # noqa: BLE001 - surfaced to the test through .errors
+            self.errors.append(exc)
+        finally:
+            peer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> AppServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,131 @@
+"""The tamper-evident audit log: append through the database function, verify independently in Python.
+
+Every row carries ``row_hash = sha256(prev_hash || canonical_json(row))``, chained per tenant from 32 zero
+bytes. Appends go through ``iim.audit_append`` (one implementation for every writer; it serialises the
+tenant's chain with an advisory lock held to commit, so call it last in a transaction).
+:func:`verify_chain` rebuilds the canonical JSON here, from the stored columns, and reports the first row
+whose link or hash does not match: an edited row breaks at itself, a deleted or re-hashed row at its
+successor. Truncating the tail is only visible against a chain head published elsewhere
+(:func:`chain_head`), since a superuser can rewrite anything inside the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from policy_cache.db import Connection
+from policy_cache.models import AuditEntry
+
+__all__ = ["GENESIS_HASH", "append", "canonical_json", "chain_head", "entries", "verify_chain"]
+
+GENESIS_HASH = bytes(32)
+
+
+async def append(
+    conn: Connection,
+    tenant_id: UUID,
+    *,
+    actor: str,
+    action: str,
+    entity: str,
+    entity_id: str | UUID | None = None,
+    detail: Mapping[str, Any] | None = None,
+    correlation: Mapping[str, Any] | None = None,
+) -> int:
+    """Append one audit row in the caller's transaction (inside ``tenant_tx`` for ``tenant_id``).
+
+    Returns the row id. ``detail`` must hold no secrets (the repository passes summaries only).
+    """
+    row_id = await conn.fetchval(
+        "SELECT iim.audit_append($1, $2, $3, $4, $5, $6, $7)",
+        tenant_id, actor, action, entity, None if entity_id is None else str(entity_id),
+        dict(detail or {}), dict(correlation or {}),
+    )
+    return int(row_id)
+
+
+def _js(value: str) -> str:
+    # Escapes exactly like PostgreSQL's to_json(text): \" \\ \b \f \n \r \t, other C0 as \u00xx, rest raw.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def canonical_json(
+    *, tenant_id: UUID, id: int, at: datetime, actor: str, action: str, entity: str, entity_id: str | None,
+    detail_text: str, correlation_text: str,
+) -> str:
+    """The hashed form of a row (mirror of ``iim.audit_canonical``); jsonb columns as their jsonb text."""
+    stamp = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return (
+        '{"action":' + _js(action)
+        + ',"actor":' + _js(actor)
+        + ',"at":' + _js(stamp)
+        + ',"correlation":' + correlation_text
+        + ',"detail":' + detail_text
+        + ',"entity":' + _js(entity)
+        + ',"entity_id":' + ("null" if entity_id is None else _js(entity_id))
+        + ',"id":' + str(id)
+        + ',"tenant_id":' + _js(str(tenant_id))
+        + "}"
+    )
+
+
+_VERIFY_SQL = """
+SELECT id, at, actor, action, entity, entity_id, detail::text AS detail_text,
+       correlation::text AS correlation_text, prev_hash, row_hash
+FROM iim.audit_log WHERE tenant_id = $1 ORDER BY id
+"""
+
+
+async def verify_chain(conn: Connection, tenant_id: UUID, *, prefetch: int = 1000) -> int | None:
+    """Recompute the tenant's chain; return the id of the first broken row, or ``None`` if intact.
+
+    Reads through a cursor (a transaction is opened when the connection is not in one). The caller must be
+    able to see the tenant's rows: inside ``tenant_tx(conn, tenant_id)``, or as the owner.
+    """
+    if conn.is_in_transaction():
+        return await _verify(conn, tenant_id, prefetch)
+    async with conn.transaction(readonly=True, isolation="repeatable_read"):
+        return await _verify(conn, tenant_id, prefetch)
+
+
+async def _verify(conn: Connection, tenant_id: UUID, prefetch: int) -> int | None:
+    expected_prev = GENESIS_HASH
+    async for row in conn.cursor(_VERIFY_SQL, tenant_id, prefetch=prefetch):
+        prev = bytes(row["prev_hash"])
+        if prev != expected_prev:
+            return int(row["id"])
+        text = canonical_json(
+            tenant_id=tenant_id, id=row["id"], at=row["at"], actor=row["actor"], action=row["action"],
+            entity=row["entity"], entity_id=row["entity_id"], detail_text=row["detail_text"],
+            correlation_text=row["correlation_text"],
+        )
+        digest = hashlib.sha256(prev + text.encode()).digest()
+        if digest != bytes(row["row_hash"]):
+            return int(row["id"])
+        expected_prev = digest
+    return None
+
+
+async def chain_head(conn: Connection, tenant_id: UUID) -> tuple[int, bytes] | None:
+    """The last (id, row_hash) of the tenant's chain: publish or sign it outside the database."""
+    row = await conn.fetchrow(
+        "SELECT id, row_hash FROM iim.audit_log WHERE tenant_id = $1 ORDER BY id DESC LIMIT 1", tenant_id)
+    return None if row is None else (int(row["id"]), bytes(row["row_hash"]))
+
+
+async def entries(
+    conn: Connection, *, entity: str | None = None, entity_id: str | UUID | None = None, limit: int = 100,
+) -> list[AuditEntry]:
+    """The newest audit rows of the transaction's tenant, optionally for one entity (newest first)."""
+    rows = await conn.fetch(
+        """SELECT * FROM iim.audit_log
+           WHERE ($1::text IS NULL OR entity = $1) AND ($2::text IS NULL OR entity_id = $2)
+           ORDER BY id DESC LIMIT $3""",
+        entity, None if entity_id is None else str(entity_id), limit,
+    )
+    return [AuditEntry.model_validate(dict(r)) for r in rows]

@@ -1,0 +1,523 @@
+"""Pydantic v2 models of the registry at the API/repository boundary.
+
+Per entity: ``XCreate`` (strict input: what a caller may set), ``XUpdate`` (strict, every field optional;
+only fields explicitly set are written - ``None`` clears a nullable column) and ``X`` (a stored row, as
+read back). Input models are strict (no str->int coercion in Python; JSON input may carry enum values and
+ISO strings as usual) and forbid unknown fields.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, time
+from enum import StrEnum
+from functools import cache
+from typing import Annotated, Any, Self
+from uuid import UUID
+from zoneinfo import available_timezones
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    model_validator,
+)
+
+__all__ = [
+    "E164_PATTERN", "SIP_URI_PATTERN", "CREDENTIAL_REF_PATTERN",
+    "DeviceType", "DeviceCapability", "DeviceStatus", "PresenceState", "BindingRole", "ConsentPurpose",
+    "RingMode", "FallbackAction", "CredentialKind",
+    "Msisdn", "SipUri", "IanaZone",
+    "Tenant", "TenantCreate", "TenantUpdate",
+    "Brand", "BrandCreate", "Region", "RegionCreate",
+    "Household", "HouseholdCreate", "HouseholdUpdate",
+    "Subscriber", "SubscriberCreate", "SubscriberUpdate",
+    "Device", "DeviceCreate", "DeviceUpdate",
+    "Binding", "BindingCreate", "BindingUpdate",
+    "Consent", "ConsentCreate",
+    "Policy", "PolicyCreate", "PolicyUpdate",
+    "CredentialRef", "CredentialRefCreate", "CredentialRefUpdate",
+    "AuditEntry",
+]
+
+# The same patterns are CHECK constraints in the migrations (iim.is_e164, iim.is_sip_uri, credential_ref.ref).
+E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"
+SIP_URI_PATTERN = r"^sips?:[^@\s:;]+@[A-Za-z0-9.-]+(:[0-9]{1,5})?(;[^\s]*)?$"
+CREDENTIAL_REF_PATTERN = (
+    r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:/\S+|vault:[A-Za-z0-9_./-]+(#[A-Za-z0-9_.-]+)?|kms:\S+)$"
+)
+_ZONE_RE = re.compile(r"^(UTC|[A-Z][A-Za-z_]+(/[A-Za-z0-9_+-]+)+)$")
+
+
+class DeviceType(StrEnum):
+    SPEAKER = "speaker"
+    HUB = "hub"
+    SENSOR = "sensor"
+    WEARABLE = "wearable"
+    DOORPHONE = "doorphone"
+
+
+class DeviceCapability(StrEnum):
+    SIP = "sip"
+    WEBRTC = "webrtc"
+    CLOUD_ANNOUNCE = "cloud_announce"
+    TTS = "tts"
+    DISPLAY = "display"
+
+
+class DeviceStatus(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    UNKNOWN = "unknown"
+
+
+class PresenceState(StrEnum):
+    HOME = "home"
+    AWAY = "away"
+    UNKNOWN = "unknown"
+
+
+class BindingRole(StrEnum):
+    OWNER = "owner"
+    MEMBER = "member"
+    BACKUP_CONTACT = "backup_contact"
+    SECURITY_SERVICE = "security_service"
+
+
+class ConsentPurpose(StrEnum):
+    ANNOUNCE_CALLS = "announce_calls"
+    READ_SMS = "read_sms"
+    HEALTH_EVENTS = "health_events"
+    PRESENCE = "presence"
+    CALL_RECORDING = "call_recording"
+    EMERGENCY_ESCALATION = "emergency_escalation"
+
+
+class RingMode(StrEnum):
+    PHONE_ONLY = "phone_only"
+    HOME_ONLY = "home_only"
+    SIMULTANEOUS = "simultaneous"
+    PHONE_THEN_HOME = "phone_then_home"
+    HOME_THEN_PHONE = "home_then_phone"
+
+
+class FallbackAction(StrEnum):
+    VOICEMAIL = "voicemail"
+    RECORD_MESSAGE = "record_message"
+    MISSED_CALL_SMS = "missed_call_sms"
+    NONE = "none"
+
+
+class CredentialKind(StrEnum):
+    """What a credential reference points at (names of kinds, not secrets)."""
+
+    OAUTH_TOKEN = "oauth_token"  # noqa: S105
+    API_KEY = "api_key"
+    SIP_PASSWORD = "sip_password"  # noqa: S105
+    WEBHOOK_SECRET = "webhook_secret"  # noqa: S105
+    CLIENT_CERTIFICATE = "client_certificate"
+    SIGNING_KEY = "signing_key"
+    OTHER = "other"
+
+
+@cache
+def _zones() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
+def _check_zone(value: str) -> str:
+    if not _ZONE_RE.match(value) or value not in _zones():
+        raise ValueError(f"{value!r} is not an IANA time zone name (e.g. 'Europe/Moscow')")
+    return value
+
+
+Msisdn = Annotated[str, StringConstraints(pattern=E164_PATTERN)]
+SipUri = Annotated[str, StringConstraints(pattern=SIP_URI_PATTERN, max_length=300)]
+IanaZone = Annotated[str, AfterValidator(_check_zone)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+Ident = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+ConnectorName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
+CredentialRefUri = Annotated[str, StringConstraints(pattern=CREDENTIAL_REF_PATTERN, max_length=500)]
+CredentialName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+Priority = Annotated[int, Field(ge=0, le=1000)]
+TimeoutS = Annotated[int, Field(ge=1, le=300)]
+JsonObject = dict[str, JsonValue]
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+# -- tenant / brand / region ----------------------------------------------------------------------------
+
+class TenantCreate(_Input):
+    """The new tenant's id is the transaction's tenant (``tenant_tx(pool, new_id)``)."""
+
+    name: Name
+
+
+class TenantUpdate(_Input):
+    name: Name | None = None
+
+
+class Tenant(_Row):
+    id: UUID
+    name: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class BrandCreate(_Input):
+    name: Name
+
+
+class Brand(_Row):
+    tenant_id: UUID
+    id: UUID
+    name: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class RegionCreate(_Input):
+    name: Name
+
+
+class Region(_Row):
+    tenant_id: UUID
+    id: UUID
+    name: str
+    created_at: datetime
+    updated_at: datetime
+
+
+# -- household ------------------------------------------------------------------------------------------
+
+class HouseholdCreate(_Input):
+    name: Name
+    time_zone: IanaZone
+    brand_id: UUID | None = None
+    region_id: UUID | None = None
+    presence: PresenceState = PresenceState.UNKNOWN
+    external_id: Ident | None = None
+
+
+class HouseholdUpdate(_Input):
+    name: Name | None = None
+    time_zone: IanaZone | None = None
+    brand_id: UUID | None = None
+    region_id: UUID | None = None
+    presence: PresenceState | None = None
+    external_id: Ident | None = None
+
+
+class Household(_Row):
+    tenant_id: UUID
+    id: UUID
+    name: str
+    time_zone: str
+    brand_id: UUID | None
+    region_id: UUID | None
+    presence: PresenceState
+    presence_changed_at: datetime
+    external_id: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+# -- subscriber -----------------------------------------------------------------------------------------
+
+class SubscriberCreate(_Input):
+    msisdn: Msisdn
+    sip_aor: SipUri | None = None
+    internal_id: Ident | None = None
+    external_id: Ident | None = None
+    display_name: Annotated[str, StringConstraints(max_length=200)] | None = None
+
+
+class SubscriberUpdate(_Input):
+    msisdn: Msisdn | None = None
+    sip_aor: SipUri | None = None
+    internal_id: Ident | None = None
+    external_id: Ident | None = None
+    display_name: Annotated[str, StringConstraints(max_length=200)] | None = None
+
+
+class Subscriber(_Row):
+    tenant_id: UUID
+    id: UUID
+    msisdn: str
+    sip_aor: str | None
+    internal_id: str | None
+    external_id: str | None
+    display_name: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+# -- device ---------------------------------------------------------------------------------------------
+
+class _DeviceEndpoint(_Input):
+    connector: ConnectorName | None = None
+    connector_ref: Annotated[str, StringConstraints(min_length=1, max_length=500)] | None = None
+
+    @model_validator(mode="after")
+    def _connector_pair(self) -> Self:
+        fields = self.model_fields_set
+        if ("connector" in fields or "connector_ref" in fields) and (
+            (self.connector is None) != (self.connector_ref is None)
+        ):
+            raise ValueError("connector and connector_ref go together (both set or both empty)")
+        return self
+
+
+class DeviceCreate(_DeviceEndpoint):
+    household_id: UUID
+    name: Name
+    type: DeviceType
+    vendor: ShortText | None = None
+    model: ShortText | None = None
+    external_id: Ident | None = None
+    capabilities: frozenset[DeviceCapability] = frozenset()
+    sip_uri: SipUri | None = None
+    credential_ref_id: UUID | None = None
+    status: DeviceStatus = DeviceStatus.UNKNOWN
+    enabled: bool = True
+
+
+class DeviceUpdate(_DeviceEndpoint):
+    """A device cannot move between households (delete it and create it in the other one)."""
+
+    name: Name | None = None
+    vendor: ShortText | None = None
+    model: ShortText | None = None
+    external_id: Ident | None = None
+    capabilities: frozenset[DeviceCapability] | None = None
+    sip_uri: SipUri | None = None
+    credential_ref_id: UUID | None = None
+    status: DeviceStatus | None = None
+    enabled: bool | None = None
+
+
+class Device(_Row):
+    tenant_id: UUID
+    id: UUID
+    household_id: UUID
+    name: str
+    type: DeviceType
+    vendor: str | None
+    model: str | None
+    external_id: str | None
+    capabilities: frozenset[DeviceCapability]
+    sip_uri: str | None
+    connector: str | None
+    connector_ref: str | None
+    credential_ref_id: UUID | None
+    status: DeviceStatus
+    status_changed_at: datetime
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+# -- binding --------------------------------------------------------------------------------------------
+
+class BindingCreate(_Input):
+    """``device_id=None``: the subscriber reaches every device of the household; else only that one."""
+
+    subscriber_id: UUID
+    household_id: UUID
+    device_id: UUID | None = None
+    role: BindingRole
+    priority: Priority = 100
+
+
+class BindingUpdate(_Input):
+    role: BindingRole | None = None
+    priority: Priority | None = None
+
+
+class Binding(_Row):
+    tenant_id: UUID
+    id: UUID
+    subscriber_id: UUID
+    household_id: UUID
+    device_id: UUID | None
+    role: BindingRole
+    priority: int
+    created_at: datetime
+    updated_at: datetime
+
+
+# -- consent --------------------------------------------------------------------------------------------
+
+class ConsentCreate(_Input):
+    """A consent is granted now; it is revoked (never edited or deleted) through ``revoke_consent``.
+
+    ``evidence`` records how it was obtained (channel, document/version, request id ...); it is required.
+    """
+
+    subscriber_id: UUID
+    purpose: ConsentPurpose
+    scope: JsonObject = Field(default_factory=dict)
+    expires_at: datetime | None = None
+    evidence: JsonObject = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _aware(self) -> Self:
+        if self.expires_at is not None and self.expires_at.tzinfo is None:
+            raise ValueError("expires_at must be timezone-aware")
+        return self
+
+
+class Consent(_Row):
+    tenant_id: UUID
+    id: UUID
+    subscriber_id: UUID
+    purpose: ConsentPurpose
+    scope: JsonObject
+    granted_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    evidence: JsonObject
+    created_at: datetime
+    updated_at: datetime
+
+    def is_active(self, now: datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+# -- policy ---------------------------------------------------------------------------------------------
+
+class _PolicyFields(_Input):
+    @model_validator(mode="after")
+    def _quiet_hours(self) -> Self:
+        start: time | None = getattr(self, "quiet_start", None)
+        end: time | None = getattr(self, "quiet_end", None)
+        fields = self.model_fields_set
+        if "quiet_start" in fields and "quiet_end" in fields:
+            if (start is None) != (end is None):
+                raise ValueError("quiet_start and quiet_end go together")
+            if start is not None and start == end:
+                raise ValueError("quiet hours need quiet_start != quiet_end")
+        for value in (start, end):
+            if value is not None and value.tzinfo is not None:
+                raise ValueError("quiet hours are local times of the household's zone (no tzinfo)")
+        return self
+
+
+class PolicyCreate(_PolicyFields):
+    """Exactly one of ``subscriber_id`` (overrides) / ``household_id`` (default for its members).
+
+    Quiet hours are local times in the household's zone; ``quiet_start > quiet_end`` wraps midnight.
+    """
+
+    subscriber_id: UUID | None = None
+    household_id: UUID | None = None
+    ring_mode: RingMode = RingMode.PHONE_ONLY
+    phone_timeout_s: TimeoutS = 20
+    home_timeout_s: TimeoutS = 20
+    quiet_start: time | None = None
+    quiet_end: time | None = None
+    dnd: bool = False
+    allowed_callers: list[Msisdn] = Field(default_factory=list)
+    blocked_callers: list[Msisdn] = Field(default_factory=list)
+    home_only_when_present: bool = False
+    fallback: FallbackAction = FallbackAction.VOICEMAIL
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Self:
+        if (self.subscriber_id is None) == (self.household_id is None):
+            raise ValueError("a policy belongs to exactly one of subscriber_id / household_id")
+        if (self.quiet_start is None) != (self.quiet_end is None):
+            raise ValueError("quiet_start and quiet_end go together")
+        return self
+
+
+class PolicyUpdate(_PolicyFields):
+    ring_mode: RingMode | None = None
+    phone_timeout_s: TimeoutS | None = None
+    home_timeout_s: TimeoutS | None = None
+    quiet_start: time | None = None
+    quiet_end: time | None = None
+    dnd: bool | None = None
+    allowed_callers: list[Msisdn] | None = None
+    blocked_callers: list[Msisdn] | None = None
+    home_only_when_present: bool | None = None
+    fallback: FallbackAction | None = None
+
+
+class Policy(_Row):
+    tenant_id: UUID
+    id: UUID
+    subscriber_id: UUID | None
+    household_id: UUID | None
+    ring_mode: RingMode
+    phone_timeout_s: int
+    home_timeout_s: int
+    quiet_start: time | None
+    quiet_end: time | None
+    dnd: bool
+    allowed_callers: list[str]
+    blocked_callers: list[str]
+    home_only_when_present: bool
+    fallback: FallbackAction
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+# -- credential_ref -------------------------------------------------------------------------------------
+
+class CredentialRefCreate(_Input):
+    """A pointer into a secret store (``env:NAME``, ``file:/path``, ``vault:path#field``, ``kms:key``).
+
+    The secret itself never enters the database.
+    """
+
+    name: CredentialName
+    kind: CredentialKind
+    ref: CredentialRefUri
+    description: Annotated[str, StringConstraints(max_length=500)] | None = None
+
+
+class CredentialRefUpdate(_Input):
+    ref: CredentialRefUri | None = None
+    description: Annotated[str, StringConstraints(max_length=500)] | None = None
+    rotated_at: datetime | None = None
+
+
+class CredentialRef(_Row):
+    tenant_id: UUID
+    id: UUID
+    name: str
+    kind: CredentialKind
+    ref: str
+    description: str | None
+    rotated_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+# -- audit ----------------------------------------------------------------------------------------------
+
+class AuditEntry(_Row):
+    tenant_id: UUID
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    entity: str
+    entity_id: str | None
+    detail: dict[str, Any]
+    correlation: dict[str, Any]
+    prev_hash: bytes
+    row_hash: bytes

@@ -1,0 +1,213 @@
+"""PostgreSQL fixtures for the policy-store tests.
+
+The server: ``$IIM_TEST_DATABASE_URL`` (a superuser URL) when set, else an embedded PostgreSQL 18 started
+once per test session in a temporary directory (about a second; deleted at the end). A migrated template
+database is built once; every test module gets a fresh copy of it (``pg_db``), so modules never see each
+other's rows. Tests that need an unmigrated database use ``pg_empty_db``.
+
+To share these fixtures, import them into ``tests/conftest.py``::
+
+    from pg import (  # noqa: F401  (fixtures)
+        admin_conn, app_pool, cache_conn, pg_cluster, pg_db, pg_empty_db, pg_template,
+    )
+
+The server and the template are process-wide singletons, so a module that also imports the fixtures
+directly does not start a second server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
+from uuid import UUID, uuid4
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from policy_cache import migrate, repository
+from policy_cache.bootstrap import EmbeddedPostgres, scram_verifier, start_embedded
+from policy_cache.db import Connection, DbRole, Pool, connect, connect_pool, tenant_tx
+from policy_cache.models import TenantCreate
+
+__all__ = [
+    "PgCluster", "PgDatabase", "admin_conn", "app_pool", "cache_conn", "create_tenant", "pg_cluster", "pg_db",
+    "pg_empty_db", "pg_template", "run_sync",
+]
+
+TEST_URL_ENV = "IIM_TEST_DATABASE_URL"
+T = TypeVar("T")
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on a private loop (for sync session/module fixtures; leaves the current loop alone)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+def with_url(url: str, *, database: str | None = None, user: str | None = None,
+             password: str | None = None) -> str:
+    parts = urlsplit(url)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    old_user, _, old_password = userinfo.partition(":")
+    new_user = quote(user, safe="") if user is not None else old_user
+    new_password = quote(password, safe="") if password is not None else old_password
+    netloc = f"{new_user}:{new_password}@{hostport}" if new_password else f"{new_user}@{hostport}"
+    path = "/" + quote(database, safe="") if database is not None else parts.path
+    return urlunsplit((parts.scheme, netloc, path, parts.query, parts.fragment))
+
+
+@dataclass(frozen=True)
+class PgCluster:
+    """A server the tests may create databases and (cluster-wide) roles on."""
+
+    admin_url: str
+    role_password: str
+    embedded: EmbeddedPostgres | None
+
+    def url(self, database: str, *, user: str | None = None) -> str:
+        password = None if user is None else self.role_password
+        return with_url(self.admin_url, database=database, user=user, password=password)
+
+
+@dataclass(frozen=True)
+class PgDatabase:
+    name: str
+    admin_url: str
+    app_url: str
+    cache_url: str
+
+
+class _State:
+    cluster: PgCluster | None = None
+    tmpdir: str | None = None
+    template: str | None = None
+
+
+async def _admin_execute(url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        for sql in statements:
+            await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def _start_cluster() -> PgCluster:
+    if _State.cluster is not None:
+        return _State.cluster
+    url = os.environ.get(TEST_URL_ENV)
+    embedded = None
+    if not url:
+        _State.tmpdir = tempfile.mkdtemp(prefix="iim-test-pg-")
+        embedded = start_embedded(Path(_State.tmpdir) / "data", delete_on_exit=True)
+        url = embedded.url()
+        # A throwaway cluster: durability off makes CREATE DATABASE and commits much cheaper.
+        run_sync(_admin_execute(url, "ALTER SYSTEM SET fsync = off", "ALTER SYSTEM SET synchronous_commit = off",
+                                "ALTER SYSTEM SET full_page_writes = off", "SELECT pg_reload_conf()"))
+    _State.cluster = PgCluster(admin_url=url, role_password=secrets.token_urlsafe(16), embedded=embedded)
+    return _State.cluster
+
+
+def _stop_cluster() -> None:
+    cluster, _State.cluster = _State.cluster, None
+    if cluster is not None and cluster.embedded is not None:
+        cluster.embedded.stop()
+    if _State.tmpdir is not None:
+        shutil.rmtree(_State.tmpdir, ignore_errors=True)
+        _State.tmpdir = None
+
+
+async def _build_template(cluster: PgCluster) -> str:
+    name = f"iim_tmpl_{uuid4().hex[:10]}"
+    await _admin_execute(cluster.admin_url, f'CREATE DATABASE "{name}" TEMPLATE template0 ENCODING \'UTF8\'')
+    await migrate.upgrade(cluster.url(name))
+    # Roles are cluster-wide: give the login roles this session's password (needed where auth is not trust).
+    verifier = scram_verifier(cluster.role_password)
+    await _admin_execute(cluster.url(name), f"ALTER ROLE iim_app PASSWORD '{verifier}'",
+                         f"ALTER ROLE iim_cache PASSWORD '{verifier}'")
+    return name
+
+
+def _drop(cluster: PgCluster, name: str) -> None:
+    run_sync(_admin_execute(cluster.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    yield _start_cluster()
+    if _State.template is not None and _State.cluster is not None:
+        _drop(_State.cluster, _State.template)
+        _State.template = None
+    _stop_cluster()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_cluster: PgCluster) -> str:
+    if _State.template is None:
+        _State.template = run_sync(_build_template(pg_cluster))
+    return _State.template
+
+
+def _fresh_database(cluster: PgCluster, template: str) -> PgDatabase:
+    name = f"iim_t_{uuid4().hex[:12]}"
+    run_sync(_admin_execute(cluster.admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+    return PgDatabase(name=name, admin_url=cluster.url(name), app_url=cluster.url(name, user="iim_app"),
+                      cache_url=cluster.url(name, user="iim_cache"))
+
+
+@pytest.fixture(scope="module")
+def pg_db(pg_cluster: PgCluster, pg_template: str) -> Iterator[PgDatabase]:
+    """A migrated database of its own for the test module."""
+    db = _fresh_database(pg_cluster, pg_template)
+    yield db
+    _drop(pg_cluster, db.name)
+
+
+@pytest.fixture
+def pg_empty_db(pg_cluster: PgCluster) -> Iterator[PgDatabase]:
+    """An empty database (no migrations) for one test."""
+    db = _fresh_database(pg_cluster, "template0")
+    yield db
+    _drop(pg_cluster, db.name)
+
+
+@pytest_asyncio.fixture
+async def admin_conn(pg_db: PgDatabase) -> AsyncIterator[Connection]:
+    """Superuser connection to the module's database (bypasses RLS: for setup and tampering only)."""
+    conn = await connect(pg_db.admin_url, role=DbRole.OWNER)
+    yield conn
+    await conn.close()
+
+
+@pytest_asyncio.fixture
+async def app_pool(pg_db: PgDatabase) -> AsyncIterator[Pool]:
+    pool = await connect_pool(pg_db.app_url, role=DbRole.APP, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest_asyncio.fixture
+async def cache_conn(pg_db: PgDatabase) -> AsyncIterator[Connection]:
+    conn = await connect(pg_db.cache_url, role=DbRole.CACHE)
+    yield conn
+    await conn.close()
+
+
+async def create_tenant(pool: Pool, name: str = "tenant", *, tenant_id: UUID | None = None) -> UUID:
+    """A new tenant created through the app role; returns its id."""
+    tid = tenant_id or uuid4()
+    async with tenant_tx(pool, tid) as conn:
+        await repository.create_tenant(conn, TenantCreate(name=name), actor="test")
+    return tid

@@ -1,0 +1,119 @@
+"""The policy cache against a real PostgreSQL: full load, change push, a cut listener, PG away."""
+
+from __future__ import annotations
+
+import asyncio
+import time as clock
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+
+import pytest
+
+from fs_app.routing import CallFacts, decide
+from policy_cache import repository
+from policy_cache.bootstrap import Demo, load_demo
+from policy_cache.cache import PolicyCache
+from policy_cache.db import Pool, tenant_tx
+from policy_cache.models import PolicyUpdate, RingMode
+from policy_cache.store import PgPolicyStore
+from tests.pg import PgDatabase
+from tests.tcp_proxy import TcpFaultProxy
+
+OWNER = "+79001234567"
+
+
+async def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = clock.monotonic() + timeout
+    while not check():
+        if clock.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def demo(app_pool: Pool) -> Demo:
+    async with app_pool.acquire() as conn:
+        return await load_demo(conn)
+
+
+@pytest.fixture
+async def proxy(pg_db: PgDatabase) -> AsyncIterator[TcpFaultProxy]:
+    p = TcpFaultProxy(pg_db.cache_url)
+    await p.start()
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+async def cache(proxy: TcpFaultProxy, demo: Demo) -> AsyncIterator[PolicyCache]:
+    store = PgPolicyStore(proxy.dsn(), connect_timeout=1.0)
+    c = PolicyCache(store, resync_interval=5.0)
+    await c.start(timeout=10)
+    yield c
+    await c.close()
+    await store.close()
+
+
+async def _set_ring_mode(pool: Pool, demo: Demo, mode: RingMode) -> None:
+    async with tenant_tx(pool, demo.tenant_id) as tx:
+        await repository.update_policy(tx, demo.policy_id, PolicyUpdate(ring_mode=mode), actor="test")
+
+
+async def test_full_load_compiles_every_subscriber_of_the_demo_tenant(cache: PolicyCache, demo: Demo) -> None:
+    snap = cache.lookup(OWNER)
+    assert snap is not None
+    assert cache.lookup(OWNER.removeprefix("+")) is snap  # the core may drop the +
+    assert cache.lookup("+79001234567@iim.local") is snap
+    assert snap.tenant_id == str(demo.tenant_id)
+    assert snap.time_zone == "Europe/Moscow"
+    assert (snap.quiet_start_min, snap.quiet_end_min) == (23 * 60, 7 * 60)
+    assert snap.announce_consent
+    assert snap.presence == "home"
+    endpoints = {(d.endpoint, d.sip, d.cloud_announce) for d in snap.speakers}
+    assert endpoints == {("speaker-1@iim.local", True, False), ("webhook:kitchen-speaker-1", False, True)}
+    backup = cache.lookup("+79007654321")
+    assert backup is not None
+    assert backup.ring_mode == "phone_only"  # a backup contact's own calls do not ring the house
+    assert cache.health()["status"] == "ok"
+
+
+async def test_committed_policy_change_is_served_without_a_reload(
+    cache: PolicyCache, app_pool: Pool, demo: Demo
+) -> None:
+    await _set_ring_mode(app_pool, demo, RingMode.PHONE_THEN_HOME)
+    await _eventually(lambda: cache.lookup(OWNER).ring_mode == "phone_then_home")  # type: ignore[union-attr]
+    await _set_ring_mode(app_pool, demo, RingMode.SIMULTANEOUS)
+    await _eventually(lambda: cache.lookup(OWNER).ring_mode == "simultaneous")  # type: ignore[union-attr]
+
+
+async def test_change_committed_while_the_listener_was_cut_is_served_after_reconnect(
+    cache: PolicyCache, proxy: TcpFaultProxy, app_pool: Pool, demo: Demo
+) -> None:
+    seq_before = cache.seq
+    proxy.cut()
+    await _eventually(lambda: not cache.status().listener_up)
+    await _set_ring_mode(app_pool, demo, RingMode.HOME_THEN_PHONE)
+    await asyncio.sleep(0.3)
+    snap = cache.lookup(OWNER)
+    assert snap is not None
+    assert snap.ring_mode == "simultaneous"  # still serving the last snapshot
+    health = cache.health()
+    assert health["status"] == "degraded"
+    assert health["policy_cache"]["staleness_s"] > 0  # type: ignore[index]
+    proxy.restore()
+    await _eventually(lambda: cache.lookup(OWNER).ring_mode == "home_then_phone", timeout=15)  # type: ignore[union-attr]
+    assert cache.seq > seq_before
+    assert cache.health()["status"] == "ok"
+    await _set_ring_mode(app_pool, demo, RingMode.SIMULTANEOUS)
+    await _eventually(lambda: cache.lookup(OWNER).ring_mode == "simultaneous")  # type: ignore[union-attr]
+
+
+async def test_registration_changes_take_a_speaker_out_of_the_fork_at_once(cache: PolicyCache) -> None:
+    noon = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)  # 12:00 in Moscow
+    call = CallFacts(OWNER, "+79160000000")
+    before = decide(cache.lookup(OWNER), call, noon)  # type: ignore[arg-type]
+    assert "speaker-1@iim.local" in [leg.target for leg in before.legs]
+    assert cache.set_device_online("speaker-1@iim.local", False) == 1
+    after = decide(cache.lookup(OWNER), call, noon)  # type: ignore[arg-type]
+    assert "speaker-1@iim.local" not in [leg.target for leg in after.legs]
+    cache.set_device_online("speaker-1@iim.local", True)
