@@ -4,12 +4,14 @@ It sends the bytes FreeSWITCH sends (checked against recorded sessions): the out
 socket (FreeSWITCH dials the application) and the inbound socket (the application
 connects to port 8021), channel events with FreeSWITCH's header order, scripted
 callees for ``bridge``/``originate``, and fault knobs for adversity tests.
+See ``fs_emulator/README.md`` for the API in one page.
 """
 
 from fs_emulator.dialstring import DialBranch, DialLeg, DialString, DialStringError, parse_dialstring
 from fs_emulator.emulator import FreeSwitchEmulator
 from fs_emulator.faults import FaultConfig
 from fs_emulator.inbound import InboundServer
+from fs_emulator.load import LoadProfile, LoadReport, run_load, run_profile
 from fs_emulator.spec import CallResult, CallSpec, TargetBehaviour
 
 __all__ = [
@@ -22,6 +24,10 @@ __all__ = [
     "FaultConfig",
     "FreeSwitchEmulator",
     "InboundServer",
+    "LoadProfile",
+    "LoadReport",
     "TargetBehaviour",
     "parse_dialstring",
+    "run_load",
+    "run_profile",
 ]

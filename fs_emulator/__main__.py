@@ -71,7 +71,7 @@ async def _call(args: argparse.Namespace) -> int:
 async def _load(args: argparse.Namespace) -> int:
     emu = FreeSwitchEmulator(default_target=TargetBehaviour.answer(args.answer_ms, args.callee_hangup_ms))
     report = await run_load(args.host, args.port, args.rate, args.count, args.concurrency, spec=_spec(args),
-                            emulator=emu)
+                            emulator=emu, batch_writes=not args.split_writes)
     _print(report.summary())
     return 0 if report.failed == 0 else 1
 
@@ -133,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--rate", type=float, default=1000.0)
         p.add_argument("--count", type=int, default=10_000)
         p.add_argument("--concurrency", type=int, default=10_000)
+        p.add_argument("--split-writes", action="store_true",
+                       help="two send()s per event like FreeSWITCH (default: one send per loop turn)")
     p_app = sub.add_parser("app", help="run the trivial outbound app")
     common(p_app, 8084)
     p_app.add_argument("--dest-endpoint", default=DEFAULT_TARGET)

@@ -143,8 +143,10 @@ async def app_sleep(session: Session, arg: str) -> str | None:
 
 
 async def app_park(session: Session, arg: str) -> str | None:
+    """``park``: CHANNEL_PARK, wait for the hangup, CHANNEL_UNPARK when the park loop ends."""
     session.park()
     await session.wait(math.inf)
+    session.unpark()
     return None
 
 

@@ -127,10 +127,13 @@ class CallerProfile:
         self._lines = lines
 
     def copy(self, drop: Iterable[str] = ()) -> CallerProfile:
-        clone = CallerProfile({})
+        dropped = tuple(drop)
+        clone = CallerProfile.__new__(CallerProfile)
         clone._values = dict(self._values)
         clone._lines = dict(self._lines)
-        for name in drop:
+        clone._cache = {}
+        clone._template = None if dropped else self._template
+        for name in dropped:
             clone._values.pop(name, None)
             clone._lines.pop(name, None)
         return clone
@@ -231,6 +234,14 @@ class Channel:
             lines[name] = f"variable_{name}: {encoded if encoded is not None else encode_value(value)}\n"
         self._block = None
 
+    def adopt(self, prototype: Channel, overrides: Iterable[tuple[str, str]]) -> None:
+        """Take a copy of ``prototype``'s variables, replacing some values where they stand."""
+        self.vars = dict(prototype.vars)
+        self._lines = dict(prototype._lines)
+        self._block = None
+        for name, value in overrides:
+            self.set_var_in_place(name, value)
+
     def set_var_in_place(self, name: str, value: str) -> None:
         """Change a variable's value without moving it (how originate updates its result vars)."""
         if name not in self.vars:
@@ -251,11 +262,10 @@ class Channel:
                 del lines[name]
             if value is not None:
                 vars_[name] = value
-                if value.isdigit() and value.isascii():
-                    lines[name] = f"variable_{name}: {value}\n"
-                    continue
                 encoded = cache.get(value)
-                lines[name] = f"variable_{name}: {encoded if encoded is not None else encode_value(value)}\n"
+                if encoded is None:
+                    encoded = value if value.isdigit() and value.isascii() else encode_value(value)
+                lines[name] = f"variable_{name}: {encoded}\n"
         self._block = None
 
     def var_block(self) -> str:

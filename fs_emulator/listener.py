@@ -475,7 +475,8 @@ class EslListener(asyncio.Protocol):
 
         async def finish(pending: Awaitable[str]) -> None:
             # The api runs in the listener thread: events queue up until the response is written.
-            self.hold = held = []
+            held: list[tuple[bytes, bytes]] = []
+            self.hold = held
             try:
                 output = await pending
             finally:

@@ -14,7 +14,7 @@ import asyncio
 import base64
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,6 +145,20 @@ class ReplayApp:
     messages: list[EslMessage] = field(default_factory=list)
     eof: bool = False
     error: str | None = None
+    _arrived: asyncio.Event | None = None
+
+    def _notify(self) -> asyncio.Event:
+        if self._arrived is None:
+            self._arrived = asyncio.Event()
+        return self._arrived
+
+    async def wait_for(self, predicate: Callable[[Signature], bool], timeout: float = 5.0) -> None:
+        """Until a received message's signature satisfies ``predicate``."""
+        async with asyncio.timeout(timeout):
+            while not any(predicate(signature(m)) for m in self.messages):
+                event = self._notify()
+                event.clear()
+                await event.wait()
 
     def received_bytes(self) -> bytes:
         return b"".join(self.received)
@@ -167,6 +181,7 @@ class ReplayApp:
                     sig = signature(msg)
                     seen[sig] = seen.get(sig, 0) + 1
                 arrived.set()
+                self._notify().set()
 
         reader_task = asyncio.create_task(read())
         try:

@@ -144,6 +144,16 @@ class Session:
         for callback in tuple(self.on_park):
             callback(self)
 
+    def unpark(self) -> None:
+        """Leave the park loop: CHANNEL_UNPARK (the loop variables of the last app are gone by then)."""
+        if not self.parked:
+            return
+        self.parked = False
+        ch = self.channel
+        ch.set_var("current_loop", None)
+        ch.set_var("total_loops", None)
+        ch.fire("CHANNEL_UNPARK")
+
     def queue_execute(self, cmd: Execute, *, park_first: bool = True) -> None:
         """Async ``sendmsg`` execute: queued, run in order; ignored once the channel is down.
 
@@ -209,6 +219,10 @@ class Session:
             self.busy = False
 
     def _fire_private_command(self, cmd: Execute) -> None:
+        ch = self.channel
+        if not ch.core.wants(ch.uuid, "PRIVATE_COMMAND"):
+            ch.core.next_seq()
+            return
         try:
             text = serialise(cmd).decode("utf-8", "replace")
         except LocalProtocolError:
@@ -291,11 +305,7 @@ class Session:
         self.torn_down = True
         ch = self.channel
         self.flush_ack()
-        if self.parked:
-            self.parked = False
-            ch.set_var("current_loop", None)
-            ch.set_var("total_loops", None)
-            ch.fire("CHANNEL_UNPARK")
+        self.unpark()
         if self.socket_data is not None:
             response = ch.get_var("current_application_response") or "_none_"
             ch.fire(

@@ -196,6 +196,21 @@ def sofia_inbound_vars(p: SipCallerParams) -> list[tuple[str, str]]:
     ]
 
 
+def per_call_vars(p: SipCallerParams) -> list[tuple[str, str]]:
+    """The variables of :func:`sofia_inbound_vars` that change from call to call."""
+    return [
+        ("uuid", p.uuid),
+        ("session_id", str(p.session_id)),
+        ("sip_call_id", p.call_id),
+        ("sip_invite_stamp", str(p.created_us)),
+        ("sip_from_tag", p.from_tag),
+        ("sip_full_via", f"SIP/2.0/UDP {p.caller_host}:{p.caller_port};branch={p.branch}"),
+        ("sip_full_from", f'"{p.cid_name}" <sip:{p.cid_num}@{p.caller_host}:{p.caller_port}>;tag={p.from_tag}'),
+        ("call_uuid", p.uuid),
+        ("RFC2822_DATE", rfc2822(p.created_us / 1e6)),
+    ]
+
+
 def media_vars(*, fs_ip: str, local_port: int, ssrc: int, remote_ip: str, remote_port: int) -> list[tuple[str, str]]:
     """Set when media is negotiated (pre-answer / answer of a sofia leg)."""
     return [

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Self, TypeVar, overload
 
 from fs_app.esl import (
     ApiResponse,
@@ -41,6 +41,7 @@ class EslPeer:
         self._pending: list[EslMessage] = []
         self.eof = False
         self.reset = False
+        self.closed = False
 
     @classmethod
     async def connect(cls, host: str, port: int, *, timeout: float = 5.0) -> EslPeer:
@@ -78,6 +79,12 @@ class EslPeer:
             await self._read_more(remaining)
         return self._pending.pop(0)
 
+    @overload
+    async def expect(self, pred: Predicate, timeout: float | None = None) -> EslMessage: ...
+
+    @overload
+    async def expect(self, pred: type[M], timeout: float | None = None) -> M: ...
+
     async def expect(self, pred: Predicate | type[M], timeout: float | None = None) -> M | EslMessage:
         """Consume messages until one matches (a predicate or a message class)."""
         while True:
@@ -106,6 +113,20 @@ class EslPeer:
         assert isinstance(msg, (CommandReply, ApiResponse))
         return msg
 
+    async def reply(self, data: bytes | Command, timeout: float | None = None) -> CommandReply:
+        """Send a command that answers with ``command/reply``."""
+        msg = await self.command(data, timeout)
+        if not isinstance(msg, CommandReply):
+            raise TypeError(f"expected command/reply, got {msg!r}")
+        return msg
+
+    async def api(self, data: bytes | Command, timeout: float | None = None) -> ApiResponse:
+        """Send an ``api`` command and return its ``api/response``."""
+        msg = await self.command(data, timeout)
+        if not isinstance(msg, ApiResponse):
+            raise TypeError(f"expected api/response, got {msg!r}")
+        return msg
+
     async def wait_eof(self, timeout: float | None = None) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout if timeout is not None else self.timeout)
@@ -119,8 +140,14 @@ class EslPeer:
         return [m for m in self.messages if isinstance(m, Event) and (name is None or m.name == name)]
 
     def close(self) -> None:
+        self.closed = True
         with contextlib.suppress(Exception):
             self.writer.close()
+
+    @property
+    def done(self) -> bool:
+        """EOF seen or closed by us."""
+        return self.eof or self.closed
 
 
 class AppServer:
@@ -155,7 +182,7 @@ class AppServer:
             self._server.close()
             await self._server.wait_closed()
 
-    async def __aenter__(self) -> AppServer:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

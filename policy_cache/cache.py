@@ -13,6 +13,7 @@ With PostgreSQL unreachable the last snapshots keep serving and staleness shows 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -99,7 +100,7 @@ class PolicyCache:
         self._by_number: dict[str, RoutingSnapshot] = {}
         self._by_aor: dict[str, RoutingSnapshot] = {}
         self._by_id: dict[str, RoutingSnapshot] = {}
-        self._by_endpoint: dict[str, set[str]] = {}
+        self._by_endpoint: dict[str, list[str]] = {}  # lists: a set costs 200+ bytes per device
         self._device_online: dict[str, bool] = {}
         self._seq = 0
         self._ready = asyncio.Event()
@@ -220,10 +221,22 @@ class PolicyCache:
     async def reload_all(self) -> None:
         async with self._lock:
             started = time.perf_counter()
-            snapshots, seq = await self._store.load_all()
-            self._by_number, self._by_aor, self._by_id, self._by_endpoint = {}, {}, {}, {}
-            for snapshot in snapshots:
-                self._index(snapshot)
+            # A million immutable snapshots are allocated here and live for hours: the cyclic GC
+            # would rescan them on every collection during the load (quadratic) and on every full
+            # collection afterwards (call-path pauses). Load with it off, then freeze the survivors.
+            gc_was_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                snapshots, seq = await self._store.load_all()
+                self._by_number, self._by_aor, self._by_id, self._by_endpoint = {}, {}, {}, {}
+                for snapshot in snapshots:
+                    self._index(snapshot)
+                del snapshots
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
+            gc.collect()
+            gc.freeze()
             self._seq = seq
             SEQUENCE.set(seq)
             SUBSCRIBERS.set(len(self._by_id))
@@ -260,7 +273,7 @@ class PolicyCache:
             online = self._device_online.get(device.endpoint)
             if online is not None and online != device.online:
                 snapshot = snapshot.with_device_status(device.endpoint, online)
-            self._by_endpoint.setdefault(device.endpoint, set()).add(snapshot.subscriber_id)
+            self._by_endpoint.setdefault(device.endpoint, []).append(snapshot.subscriber_id)
         self._by_id[snapshot.subscriber_id] = snapshot
         self._by_number[number_key(snapshot.msisdn)] = snapshot
         if snapshot.aor:
@@ -277,8 +290,8 @@ class PolicyCache:
             del self._by_aor[old.aor]
         for device in old.speakers:
             ids = self._by_endpoint.get(device.endpoint)
-            if ids is not None:
-                ids.discard(subscriber_id)
+            if ids is not None and subscriber_id in ids:
+                ids.remove(subscriber_id)
                 if not ids:
                     del self._by_endpoint[device.endpoint]
 

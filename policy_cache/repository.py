@@ -15,13 +15,16 @@ The cache side (role ``iim_cache``, all tenants, read-only):
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, time
+from time import perf_counter
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple, TypeVar
 from uuid import UUID
@@ -104,6 +107,8 @@ __all__ = [
     "RoutingStream",
     "change_watermark", "changes_since", "load_routing_rows",
 ]
+
+log = logging.getLogger(__name__)
 
 Correlation = Mapping[str, str] | None
 _M = TypeVar("_M", bound=BaseModel)
@@ -659,6 +664,12 @@ async def changes_since(conn: Connection, seq: int) -> tuple[list[UUID], int]:
 
 
 # -- cache side: routing rows ---------------------------------------------------------------------------
+#
+# Performance notes (1M subscribers must load in seconds on a 2-core machine): decoding dominates, so the
+# scans are flat and narrow - one query per tenant (no tenant column), timestamps as epoch seconds
+# (float8 decodes ~15x cheaper than timestamptz), capability sets as a text key, bindings and the personal
+# policy merged into one subscriber scan ordered by the indexes (merge joins, no sort) - and fetched in
+# batches; Python's cyclic GC is paused while millions of tuples are created.
 
 class RoutingDevice(NamedTuple):
     id: UUID
@@ -669,17 +680,36 @@ class RoutingDevice(NamedTuple):
     connector: str | None
     connector_ref: str | None
     status: DeviceStatus
-    status_changed_at: datetime
+    status_since: float  # status_changed_at, epoch seconds
+
+
+class RoutingPolicy(NamedTuple):
+    """A policy; a household's policy object is shared by the rows of all its members."""
+
+    id: UUID
+    scope: Literal["subscriber", "household"]
+    ring_mode: RingMode
+    phone_timeout_s: int
+    home_timeout_s: int
+    quiet_start: time | None
+    quiet_end: time | None
+    dnd: bool
+    allowed_callers: tuple[str, ...]
+    blocked_callers: tuple[str, ...]
+    home_only_when_present: bool
+    fallback: FallbackAction
+    version: int
 
 
 class RoutingHousehold(NamedTuple):
-    """A household with its enabled devices; one object shared by the rows of all its members."""
+    """A household, its enabled devices (by id) and its policy; one object shared by all its members."""
 
     id: UUID
     time_zone: str
     presence: PresenceState
-    presence_changed_at: datetime
+    presence_since: float  # presence_changed_at, epoch seconds
     devices: tuple[RoutingDevice, ...]
+    policy: RoutingPolicy | None
 
 
 class RoutingBinding(NamedTuple):
@@ -697,24 +727,6 @@ class RoutingBinding(NamedTuple):
         return tuple(d for d in self.household.devices if d.id == self.device_id)
 
 
-class RoutingPolicy(NamedTuple):
-    """A policy; a household's policy object is shared by the rows of its members."""
-
-    id: UUID
-    scope: Literal["subscriber", "household"]
-    ring_mode: RingMode
-    phone_timeout_s: int
-    home_timeout_s: int
-    quiet_start: time | None
-    quiet_end: time | None
-    dnd: bool
-    allowed_callers: tuple[str, ...]
-    blocked_callers: tuple[str, ...]
-    home_only_when_present: bool
-    fallback: FallbackAction
-    version: int
-
-
 class RoutingConsent(NamedTuple):
     """An unrevoked consent, unexpired at load time; ``expires_at`` must still be checked at use time."""
 
@@ -729,8 +741,8 @@ class RoutingRow(NamedTuple):
     * ``bindings``: owner/member bindings, primary first (owner before member, then priority, then
       household id). backup_contact/security_service bindings are not here: they make the subscriber an
       escalation contact of a household, not a place where the subscriber's own calls ring.
-    * ``policy``: the effective one - the subscriber's own, else the primary household's (``scope``).
-      Quiet hours are local times of the primary household's zone.
+    * ``policy``: the effective one - the subscriber's own, else the primary household's (``scope`` says
+      which). Quiet hours are local times of the primary household's zone.
     * ``consents``: unrevoked and unexpired at load time (re-check ``expires_at`` when using one).
     """
 
@@ -753,42 +765,50 @@ class RoutingRow(NamedTuple):
         return None
 
 
-# Flat, index-free scans; each is streamed through a cursor. {f} is empty for a full load, or restricts
-# the scan to the subscribers in $1 (and to their households).
-_Q_BINDINGS = """
-SELECT b.tenant_id, b.subscriber_id, b.household_id, b.role::text, b.priority, b.device_id
-FROM iim.binding b WHERE b.role IN ('owner', 'member') {f}
+# $1 = tenant; {f}: empty for a full load, else a restriction to the subscribers in $2 (and their households).
+# Policy columns come as cheap scalars: quiet hours in seconds of the day, empty caller lists as NULL.
+_Q_DEVICES = """
+SELECT d.household_id, d.id, d.type, d.vendor, array_to_string(d.capabilities, ','), d.sip_uri, d.connector,
+       d.connector_ref, d.status, date_part('epoch', d.status_changed_at)
+FROM iim.device d
+WHERE d.tenant_id = $1 AND d.enabled {f}
+ORDER BY d.household_id, d.id
 """
 _Q_HOUSEHOLDS = """
-SELECT h.tenant_id, h.id, h.time_zone, h.presence::text, h.presence_changed_at FROM iim.household h {f}
-"""
-_Q_DEVICES = """
-SELECT d.tenant_id, d.household_id, d.id, d.type::text, d.vendor, d.capabilities::text[], d.sip_uri,
-       d.connector, d.connector_ref, d.status::text, d.status_changed_at
-FROM iim.device d WHERE d.enabled {f}
-"""
-_Q_POLICIES = """
-SELECT p.tenant_id, p.subscriber_id, p.household_id, p.id, p.ring_mode::text, p.phone_timeout_s,
-       p.home_timeout_s, p.quiet_start, p.quiet_end, p.dnd, p.allowed_callers, p.blocked_callers,
-       p.home_only_when_present, p.fallback::text, p.version
-FROM iim.policy p {f}
+SELECT h.id, h.time_zone, h.presence, date_part('epoch', h.presence_changed_at),
+       ph.id, ph.ring_mode, ph.phone_timeout_s, ph.home_timeout_s, extract(epoch FROM ph.quiet_start)::int4,
+       extract(epoch FROM ph.quiet_end)::int4, ph.dnd, NULLIF(ph.allowed_callers, ARRAY[]::text[]),
+       NULLIF(ph.blocked_callers, ARRAY[]::text[]), ph.home_only_when_present, ph.fallback, ph.version
+FROM iim.household h
+LEFT JOIN iim.policy ph ON ph.tenant_id = h.tenant_id AND ph.household_id = h.id
+WHERE h.tenant_id = $1 {f}
 """
 _Q_CONSENTS = """
-SELECT c.tenant_id, c.subscriber_id, c.purpose::text, c.scope::text, c.expires_at
-FROM iim.consent c WHERE c.revoked_at IS NULL AND (c.expires_at IS NULL OR c.expires_at > now()) {f}
+SELECT c.subscriber_id, c.purpose, c.scope::text, c.expires_at
+FROM iim.consent c
+WHERE c.tenant_id = $1 AND c.revoked_at IS NULL AND (c.expires_at IS NULL OR c.expires_at > now()) {f}
 """
-_Q_SUBSCRIBERS = "SELECT s.tenant_id, s.id, s.msisdn, s.sip_aor FROM iim.subscriber s {f}"
-
-_SOME_HH = "(SELECT DISTINCT tenant_id, household_id FROM iim.binding WHERE subscriber_id = ANY($1::uuid[]))"
-_FILTERS_ALL = {"b": "", "h": "", "d": "", "p": "", "c": "", "s": ""}
-_FILTERS_SOME = {
-    "b": "AND b.subscriber_id = ANY($1::uuid[])",
-    "h": f"WHERE (h.tenant_id, h.id) IN {_SOME_HH}",
-    "d": f"AND (d.tenant_id, d.household_id) IN {_SOME_HH}",
-    "p": f"WHERE p.subscriber_id = ANY($1::uuid[]) OR (p.tenant_id, p.household_id) IN {_SOME_HH}",
-    "c": "AND c.subscriber_id = ANY($1::uuid[])",
-    "s": "WHERE s.id = ANY($1::uuid[])",
+# One row per (subscriber, owner/member binding), ordered by subscriber: the planner merge-joins the three
+# indexes in key order, so there is no sort.
+_Q_SUBSCRIBERS = """
+SELECT s.id, s.msisdn, s.sip_aor, b.household_id, b.role, b.priority, b.device_id,
+       ps.id, ps.ring_mode, ps.phone_timeout_s, ps.home_timeout_s, extract(epoch FROM ps.quiet_start)::int4,
+       extract(epoch FROM ps.quiet_end)::int4, ps.dnd, NULLIF(ps.allowed_callers, ARRAY[]::text[]),
+       NULLIF(ps.blocked_callers, ARRAY[]::text[]), ps.home_only_when_present, ps.fallback, ps.version
+FROM iim.subscriber s
+LEFT JOIN iim.binding b ON b.tenant_id = s.tenant_id AND b.subscriber_id = s.id AND b.role IN ('owner', 'member')
+LEFT JOIN iim.policy ps ON ps.tenant_id = s.tenant_id AND ps.subscriber_id = s.id
+WHERE s.tenant_id = $1 {f}
+ORDER BY s.id
+"""
+_SOME_HOUSEHOLDS = "(SELECT household_id FROM iim.binding WHERE tenant_id = $1 AND subscriber_id = ANY($2::uuid[]))"
+_FILTER_SOME = {
+    "d": f"AND d.household_id IN {_SOME_HOUSEHOLDS}",
+    "h": f"AND h.id IN {_SOME_HOUSEHOLDS}",
+    "c": "AND c.subscriber_id = ANY($2::uuid[])",
+    "s": "AND s.id = ANY($2::uuid[])",
 }
+_FILTER_ALL = dict.fromkeys(_FILTER_SOME, "")
 
 _DEVICE_TYPES = {m.value: m for m in DeviceType}
 _DEVICE_STATUS = {m.value: m for m in DeviceStatus}
@@ -798,38 +818,54 @@ _ROLE_RANK = {BindingRole.OWNER: 0, BindingRole.MEMBER: 1}
 _RING = {m.value: m for m in RingMode}
 _FALLBACK = {m.value: m for m in FallbackAction}
 _PURPOSE = {m.value: m for m in ConsentPurpose}
-
-_Key = tuple[UUID, UUID]  # (tenant_id, id): ids are unique per tenant only
+_new = tuple.__new__  # builds the NamedTuples without their Python-level __new__ (hot loops below)
 
 
 class _Interner:
-    """Shares equal immutable values (capability sets, caller lists) between rows."""
+    """Shares equal immutable values (capability sets, caller lists, times, scopes) between rows."""
 
     def __init__(self) -> None:
-        self._caps: dict[tuple[str, ...], frozenset[DeviceCapability]] = {}
-        self._strs: dict[tuple[str, ...], tuple[str, ...]] = {}
-        self._json: dict[str, Mapping[str, Any]] = {}
+        self.caps: dict[str, frozenset[DeviceCapability]] = {}
+        self.strs: dict[tuple[str, ...], tuple[str, ...]] = {(): ()}
+        self.times: dict[int, time] = {}
+        self.scopes: dict[str, Mapping[str, Any]] = {}
 
-    def caps(self, values: Sequence[str]) -> frozenset[DeviceCapability]:
-        key = tuple(values)
-        found = self._caps.get(key)
-        if found is None:
-            found = self._caps[key] = frozenset(DeviceCapability(v) for v in key)
+    def make_caps(self, text: str) -> frozenset[DeviceCapability]:
+        found = self.caps[text] = frozenset(DeviceCapability(v) for v in text.split(",") if v)
         return found
 
-    def strs(self, values: Sequence[str]) -> tuple[str, ...]:
+    def tuple_of(self, values: Sequence[str] | None) -> tuple[str, ...]:
+        if values is None:
+            return ()
         key = tuple(values)
-        return self._strs.setdefault(key, key)
+        return self.strs.setdefault(key, key)
 
-    def json(self, text: str) -> Mapping[str, Any]:
-        found = self._json.get(text)
+    def time_of(self, seconds: int | None) -> time | None:
+        if seconds is None:
+            return None
+        found = self.times.get(seconds)
         if found is None:
-            found = self._json[text] = MappingProxyType(json.loads(text))
+            found = self.times[seconds] = time(seconds // 3600, seconds // 60 % 60, seconds % 60)
         return found
+
+    def scope(self, text: str) -> Mapping[str, Any]:
+        found = self.scopes.get(text)
+        if found is None:
+            found = self.scopes[text] = MappingProxyType(json.loads(text))
+        return found
+
+    def policy(self, r: asyncpg.Record, i: int, scope: Literal["subscriber", "household"]) -> RoutingPolicy | None:
+        """The policy in columns r[i:i+12] (id .. version), None when the outer join found none."""
+        if r[i] is None:
+            return None
+        result: RoutingPolicy = _new(RoutingPolicy, (
+            r[i], scope, _RING[r[i + 1]], r[i + 2], r[i + 3], self.time_of(r[i + 4]), self.time_of(r[i + 5]),
+            r[i + 6], self.tuple_of(r[i + 7]), self.tuple_of(r[i + 8]), r[i + 9], _FALLBACK[r[i + 10]], r[i + 11]))
+        return result
 
 
 class RoutingStream:
-    """Async iterator over :class:`RoutingRow`; see :func:`load_routing_rows`.
+    """Async iterator over :class:`RoutingRow` (or lists of them: :meth:`batches`); see :func:`load_routing_rows`.
 
     Attributes (set once iteration has started):
         watermark: the change seq the rows are complete up to; continue with ``changes_since(watermark)``.
@@ -838,18 +874,27 @@ class RoutingStream:
     """
 
     def __init__(self, conn: Connection, since_seq: int | None, subscriber_ids: Sequence[UUID] | None,
-                 prefetch: int) -> None:
+                 batch: int) -> None:
         self._conn = conn
         self._since = since_seq
         self._ids = None if subscriber_ids is None else list(subscriber_ids)
-        self._prefetch = prefetch
+        self._batch = batch
         self.watermark: int | None = None
         self.affected: frozenset[UUID] | None = None
 
     def __aiter__(self) -> AsyncIterator[RoutingRow]:
-        return self._rows()
+        return self._flatten()
 
-    async def _rows(self) -> AsyncIterator[RoutingRow]:
+    def batches(self) -> AsyncIterator[list[RoutingRow]]:
+        """The rows in lists of up to ``batch`` (cheaper than one ``async for`` step per row)."""
+        return self._batches()
+
+    async def _flatten(self) -> AsyncIterator[RoutingRow]:
+        async for batch in self._batches():
+            for row in batch:
+                yield row
+
+    async def _batches(self) -> AsyncIterator[list[RoutingRow]]:
         conn = self._conn
         ids = self._ids
         if self._since is not None:
@@ -861,79 +906,130 @@ class RoutingStream:
             self.affected = frozenset(ids)
             if not ids:
                 return
-        filters = _FILTERS_ALL if ids is None else _FILTERS_SOME
-        args: tuple[Any, ...] = () if ids is None else (ids,)
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            await conn.execute("SET LOCAL cursor_tuple_fraction = 1.0")
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # millions of new tuples would trigger repeated full collections (3x slower)
+        try:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                await conn.execute("SET LOCAL cursor_tuple_fraction = 1.0")  # plan for all rows, not the first
+                if ids is None:
+                    tenants = [r[0] for r in await conn.fetch("SELECT id FROM iim.tenant ORDER BY id")]
+                else:
+                    tenants = [r[0] for r in await conn.fetch(
+                        "SELECT DISTINCT tenant_id FROM iim.subscriber WHERE id = ANY($1::uuid[])", ids)]
+                intern = _Interner()
+                for tenant_id in tenants:
+                    async for batch in self._tenant_batches(tenant_id, ids, intern):
+                        yield batch
+        finally:
+            if gc_was_enabled:
+                gc.enable()
 
-            async def scan(sql: str, key: str) -> AsyncIterator[list[asyncpg.Record]]:
-                # Batches, not `async for` over the cursor: that costs several microseconds per row.
-                cursor = await conn.cursor(sql.format(f=filters[key]), *args)
-                while batch := await cursor.fetch(self._prefetch):
-                    yield batch
+    async def _scan(self, sql: str, tenant_id: UUID, ids: list[UUID] | None) -> AsyncIterator[list[asyncpg.Record]]:
+        """Batches from a cursor (``async for`` over a cursor costs several microseconds per row)."""
+        args: tuple[Any, ...] = (tenant_id,) if ids is None else (tenant_id, ids)
+        cursor = await self._conn.cursor(sql, *args)
+        while batch := await cursor.fetch(self._batch):
+            yield batch
 
-            intern = _Interner()
-            devices: dict[_Key, list[RoutingDevice]] = {}
-            async for batch in scan(_Q_DEVICES, "d"):
-                for r in batch:
-                    devices.setdefault((r[0], r[1]), []).append(RoutingDevice(
-                        r[2], _DEVICE_TYPES[r[3]], r[4], intern.caps(r[5]), r[6], r[7], r[8], _DEVICE_STATUS[r[9]],
-                        r[10]))
-            households: dict[_Key, RoutingHousehold] = {}
-            async for batch in scan(_Q_HOUSEHOLDS, "h"):
-                for r in batch:
-                    key = (r[0], r[1])
-                    found = devices.pop(key, None)
-                    households[key] = RoutingHousehold(r[1], r[2], _PRESENCE[r[3]], r[4],
-                                                       tuple(sorted(found, key=_by_id)) if found else ())
-            del devices
-            bindings: dict[_Key, list[RoutingBinding]] = {}
-            async for batch in scan(_Q_BINDINGS, "b"):
-                for r in batch:
-                    hh = households.get((r[0], r[2]))
-                    if hh is not None:
-                        bindings.setdefault((r[0], r[1]), []).append(
-                            RoutingBinding(hh, _ROLES[r[3]], r[4], r[5]))
-            sub_policy: dict[_Key, RoutingPolicy] = {}
-            hh_policy: dict[_Key, RoutingPolicy] = {}
-            async for batch in scan(_Q_POLICIES, "p"):
-                for r in batch:
-                    personal = r[1] is not None
-                    policy = RoutingPolicy(
-                        r[3], "subscriber" if personal else "household", _RING[r[4]], r[5], r[6], r[7], r[8],
-                        r[9], intern.strs(r[10]), intern.strs(r[11]), r[12], _FALLBACK[r[13]], r[14])
-                    if personal:
-                        sub_policy[(r[0], r[1])] = policy
-                    else:
-                        hh_policy[(r[0], r[2])] = policy
-            consents: dict[_Key, list[RoutingConsent]] = {}
-            async for batch in scan(_Q_CONSENTS, "c"):
-                for r in batch:
-                    consents.setdefault((r[0], r[1]), []).append(
-                        RoutingConsent(_PURPOSE[r[2]], intern.json(r[3]), r[4]))
+    async def _tenant_batches(self, tenant_id: UUID, ids: list[UUID] | None,
+                              intern: _Interner) -> AsyncIterator[list[RoutingRow]]:
+        # The loops below are the hot path of a full load: locals instead of globals/attributes, no calls
+        # for the common case.
+        f = _FILTER_ALL if ids is None else _FILTER_SOME
+        new = _new
+        started = perf_counter()
 
-            no_bindings: tuple[RoutingBinding, ...] = ()
-            no_consents: tuple[RoutingConsent, ...] = ()
-            async for batch in scan(_Q_SUBSCRIBERS, "s"):
-                for r in batch:
-                    key = (r[0], r[1])
-                    found_bindings = bindings.pop(key, None)
-                    if found_bindings is None:
-                        subscriber_bindings = no_bindings
-                    else:
-                        if len(found_bindings) > 1:
-                            found_bindings.sort(key=_binding_order)
-                        subscriber_bindings = tuple(found_bindings)
-                    effective = sub_policy.get(key)
-                    if effective is None and subscriber_bindings:
-                        effective = hh_policy.get((r[0], subscriber_bindings[0].household.id))
-                    found_consents = consents.pop(key, None)
-                    yield RoutingRow(r[0], r[1], r[2], r[3], effective, subscriber_bindings,
-                                     tuple(found_consents) if found_consents else no_consents)
+        device_types, device_status, caps, make_caps = _DEVICE_TYPES, _DEVICE_STATUS, intern.caps, intern.make_caps
+        by_household: dict[UUID, tuple[RoutingDevice, ...]] = {}
+        current: UUID | None = None
+        group: list[RoutingDevice] = []
+        async for batch in self._scan(_Q_DEVICES.format(f=f["d"]), tenant_id, ids):
+            for r in batch:
+                if r[0] != current:
+                    if current is not None:
+                        by_household[current] = tuple(group)
+                    current, group = r[0], []
+                device_caps = caps.get(r[4])
+                if device_caps is None:
+                    device_caps = make_caps(r[4])
+                group.append(new(RoutingDevice, (r[1], device_types[r[2]], r[3], device_caps, r[5], r[6], r[7],
+                                                 device_status[r[8]], r[9])))
+        if current is not None:
+            by_household[current] = tuple(group)
+        del group
+        t_devices = perf_counter()
 
+        presence, policy_of, pop_devices = _PRESENCE, intern.policy, by_household.pop
+        households: dict[UUID, RoutingHousehold] = {}
+        no_devices: tuple[RoutingDevice, ...] = ()
+        async for batch in self._scan(_Q_HOUSEHOLDS.format(f=f["h"]), tenant_id, ids):
+            for r in batch:
+                households[r[0]] = new(RoutingHousehold, (r[0], r[1], presence[r[2]], r[3],
+                                                          pop_devices(r[0], no_devices), policy_of(r, 4, "household")))
+        del by_household
+        t_households = perf_counter()
 
-def _by_id(device: RoutingDevice) -> UUID:
-    return device.id
+        purposes, scope_of = _PURPOSE, intern.scope
+        consents: dict[UUID, list[RoutingConsent]] = {}
+        async for batch in self._scan(_Q_CONSENTS.format(f=f["c"]), tenant_id, ids):
+            for r in batch:
+                consent: RoutingConsent = new(RoutingConsent, (purposes[r[1]], scope_of(r[2]), r[3]))
+                found = consents.get(r[0])
+                if found is None:
+                    consents[r[0]] = [consent]
+                else:
+                    found.append(consent)
+        t_consents = perf_counter()
+
+        roles, get_household, pop_consents = _ROLES, households.get, consents.pop
+        count = 0
+        pending: asyncpg.Record | None = None
+        bindings: list[RoutingBinding] = []
+        out: list[RoutingRow] = []
+
+        def finish(r: asyncpg.Record, bindings: list[RoutingBinding]) -> RoutingRow:
+            if len(bindings) > 1:
+                bindings.sort(key=_binding_order)
+            policy = policy_of(r, 7, "subscriber")
+            if policy is None and bindings:
+                policy = bindings[0].household.policy
+            found = pop_consents(r[0], None)
+            row: RoutingRow = new(RoutingRow, (tenant_id, r[0], r[1], r[2], policy, tuple(bindings),
+                                               tuple(found) if found else ()))
+            return row
+
+        async for batch in self._scan(_Q_SUBSCRIBERS.format(f=f["s"]), tenant_id, ids):
+            for r in batch:
+                if pending is not None:
+                    if r[0] == pending[0]:  # another binding of the same subscriber
+                        household = get_household(r[3])
+                        if household is not None:
+                            bindings.append(new(RoutingBinding, (household, roles[r[4]], r[5], r[6])))
+                        continue
+                    out.append(finish(pending, bindings))
+                if r[3] is not None and r[7] is None:
+                    # The common case, inlined: one binding, no personal policy.
+                    household = get_household(r[3])
+                    if household is not None:
+                        bindings = [new(RoutingBinding, (household, roles[r[4]], r[5], r[6]))]
+                        pending = r
+                        continue
+                pending = r
+                bindings = []
+                if r[3] is not None:
+                    household = get_household(r[3])
+                    if household is not None:
+                        bindings.append(new(RoutingBinding, (household, roles[r[4]], r[5], r[6])))
+            if out:
+                count += len(out)
+                yield out
+                out = []
+        if pending is not None:
+            count += 1
+            yield [finish(pending, bindings)]
+        log.debug("routing load of tenant %s: %d subscribers; devices %.2f s, households %.2f s (%d), "
+                  "consents %.2f s, subscribers %.2f s", tenant_id, count, t_devices - started,
+                  t_households - t_devices, len(households), t_consents - t_households, perf_counter() - t_consents)
 
 
 def _binding_order(b: RoutingBinding) -> tuple[int, int, UUID]:
@@ -942,14 +1038,16 @@ def _binding_order(b: RoutingBinding) -> tuple[int, int, UUID]:
 
 def load_routing_rows(
     conn: Connection, since_seq: int | None = None, *, subscriber_ids: Sequence[UUID] | None = None,
-    prefetch: int = 50_000,
+    batch: int = 20_000,
 ) -> RoutingStream:
     """Stream the routing rows of every subscriber of every tenant (or of those changed / listed).
 
-    A few flat set-based scans (devices, households, bindings, policies, consents, then subscribers) in one
-    REPEATABLE READ READ ONLY snapshot, each streamed through a server-side cursor (``prefetch`` rows per
-    round trip) and joined here in dictionaries; household and policy objects are shared between the rows
-    of a household's members. Use a connection of the ``iim_cache`` role, outside a transaction.
+    Per tenant, four flat set-based scans (devices, households with their policy, active consents, then
+    subscribers merge-joined with their bindings and own policy) in one REPEATABLE READ READ ONLY
+    snapshot, each read through a server-side cursor in batches of ``batch`` rows and joined here by id;
+    household and policy objects are shared between the rows of a household's members. Rows are yielded
+    while the subscriber scan streams. Use a connection of the ``iim_cache`` role, outside a transaction.
+    Python's cyclic GC is paused while the stream runs (restored afterwards).
 
     * ``since_seq=None, subscriber_ids=None``: full load; ``stream.watermark`` is taken (barrier) before the
       snapshot, so the rows include every change up to it.
@@ -960,10 +1058,10 @@ def load_routing_rows(
     Usage::
 
         stream = load_routing_rows(conn)
-        async for row in stream:
+        async for batch in stream.batches():     # or: async for row in stream
             ...
         last_seen = stream.watermark
 
-    Stop early only through ``contextlib.aclosing(aiter(stream))`` so the transaction closes promptly.
+    Stop early only through ``contextlib.aclosing(...)`` so the transaction closes promptly.
     """
-    return RoutingStream(conn, since_seq, subscriber_ids, prefetch)
+    return RoutingStream(conn, since_seq, subscriber_ids, batch)

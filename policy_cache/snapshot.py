@@ -69,11 +69,20 @@ class RoutingSnapshot:
         return self if speakers == self.speakers else replace(self, speakers=speakers)
 
 
+_CALLER_SETS: dict[tuple[str, ...], frozenset[str]] = {}
+
+
 def callers(values: list[str] | tuple[str, ...] | None) -> frozenset[str]:
-    """A shared, interned caller set (most subscribers have none)."""
+    """A shared caller set: equal lists compile to one object (most subscribers have none)."""
     if not values:
         return EMPTY
-    return frozenset(_intern(v) for v in values)
+    key = tuple(values)
+    found = _CALLER_SETS.get(key)
+    if found is None:
+        if len(_CALLER_SETS) > 100_000:
+            _CALLER_SETS.clear()
+        found = _CALLER_SETS[key] = frozenset(_intern(v) for v in values)
+    return found
 
 
 def compile_snapshot(
@@ -89,8 +98,8 @@ def compile_snapshot(
     quiet_start_min: int | None,
     quiet_end_min: int | None,
     dnd: bool,
-    allowed_callers: list[str] | None,
-    blocked_callers: list[str] | None,
+    allowed_callers: list[str] | tuple[str, ...] | None,
+    blocked_callers: list[str] | tuple[str, ...] | None,
     presence: str,
     home_only_when_present: bool,
     announce_consent: bool,

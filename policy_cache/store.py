@@ -18,10 +18,16 @@ from uuid import UUID
 import asyncpg
 
 from policy_cache.cache import PolicyStoreUnavailable
-from policy_cache.db import DbRole, connect
+from policy_cache.db import Connection, DbRole, connect
 from policy_cache.errors import ChangeLogTruncatedError
 from policy_cache.models import ConsentPurpose, DeviceCapability, DeviceStatus
-from policy_cache.repository import RoutingDevice, RoutingRow, changes_since, load_routing_rows
+from policy_cache.repository import (
+    RoutingDevice,
+    RoutingRow,
+    change_watermark,
+    changes_since,
+    load_routing_rows,
+)
 from policy_cache.snapshot import RoutingSnapshot, SpeakerDevice, compile_snapshot
 
 CHANNEL = "iim_policy"
@@ -50,24 +56,38 @@ def _minutes(value: time | None) -> int | None:
     return None if value is None else value.hour * 60 + value.minute
 
 
-def snapshot_from_row(row: RoutingRow, now: datetime, speakers_cache: dict[object, tuple[SpeakerDevice, ...]]
-                      ) -> RoutingSnapshot:
-    """Compile one subscriber's routing row; devices of a household are compiled once and shared."""
-    primary = row.primary
+def snapshot_from_row(row: RoutingRow, now: datetime, shared: dict[object, object]) -> RoutingSnapshot:
+    """Compile one subscriber's routing row.
+
+    ``shared`` lives for one load: a household's devices and id string are compiled once and shared
+    by the snapshots of all its members (keyed by the identity of the row objects, which the
+    repository already shares between members).
+    """
+    bindings = row.bindings
+    primary = bindings[0] if bindings else None
     household = primary.household if primary else None
     policy = row.policy
-    speakers: list[SpeakerDevice] = []
-    seen: set[str] = set()
-    for binding in row.bindings:
-        key = (binding.household.id, binding.device_id, binding.household.devices)
-        compiled = speakers_cache.get(key)
+    speakers: tuple[SpeakerDevice, ...] = ()
+    for binding in bindings:
+        key = (id(binding.household), binding.device_id)
+        compiled = shared.get(key)
         if compiled is None:
-            compiled = speakers_cache[key] = tuple(_speakers(binding.devices))
-        for device in compiled:
-            if device.device_id not in seen:
-                seen.add(device.device_id)
-                speakers.append(device)
-    consent = row.consent(ConsentPurpose.ANNOUNCE_CALLS, now)
+            compiled = shared[key] = tuple(_speakers(binding.devices))
+        assert isinstance(compiled, tuple)
+        if not speakers:
+            speakers = compiled
+        else:
+            known = {d.device_id for d in speakers}
+            speakers += tuple(d for d in compiled if d.device_id not in known)
+    household_id: str | None = None
+    if household is not None:
+        hh_key = id(household)
+        found = shared.get(hh_key)
+        if found is None:
+            found = shared[hh_key] = str(household.id)
+        assert isinstance(found, str)
+        household_id = found
+    consent = row.consent(ConsentPurpose.ANNOUNCE_CALLS, now) if row.consents else None
     return compile_snapshot(
         subscriber_id=str(row.subscriber_id),
         tenant_id=str(row.tenant_id),
@@ -80,17 +100,21 @@ def snapshot_from_row(row: RoutingRow, now: datetime, speakers_cache: dict[objec
         quiet_start_min=_minutes(policy.quiet_start) if policy else None,
         quiet_end_min=_minutes(policy.quiet_end) if policy else None,
         dnd=policy.dnd if policy else False,
-        allowed_callers=list(policy.allowed_callers) if policy else None,
-        blocked_callers=list(policy.blocked_callers) if policy else None,
+        allowed_callers=policy.allowed_callers if policy else None,
+        blocked_callers=policy.blocked_callers if policy else None,
         presence=household.presence.value if household else "unknown",
         home_only_when_present=policy.home_only_when_present if policy else False,
         announce_consent=consent is not None,
         announce_consent_expires=consent.expires_at.timestamp() if consent and consent.expires_at else None,
         fallback=policy.fallback.value if policy else "none",
-        speakers=tuple(speakers),
+        speakers=speakers,
         policy_version=policy.version if policy else 0,
-        household_id=str(household.id) if household else None,
+        household_id=household_id,
     )
+
+
+def _device_order(device: SpeakerDevice) -> str:
+    return device.device_id
 
 
 def _speakers(devices: Iterable[RoutingDevice]) -> Iterator[SpeakerDevice]:
@@ -146,6 +170,60 @@ class _ListenFeed:
             self._conn.terminate()
 
 
+# The full load, shaped for the cache: PostgreSQL joins (on its own core) and Python only builds
+# snapshots. One row per subscriber; ringing devices come separately, once per household.
+_FULL_DEVICES = """
+SELECT d.tenant_id::text || '/' || d.household_id::text, d.id::text, d.vendor, d.capabilities::text[], d.sip_uri,
+       d.connector, d.connector_ref, d.status = 'offline'
+FROM iim.device d
+WHERE d.enabled AND d.capabilities && '{sip,webrtc,cloud_announce}'::iim.device_capability[]
+"""
+_FULL_SUBSCRIBERS = """
+WITH sb AS (
+    SELECT b.tenant_id, b.subscriber_id,
+           array_agg(b.tenant_id::text || '/' || b.household_id::text
+                     ORDER BY b.role <> 'owner', b.priority, b.household_id) AS households,
+           array_agg(b.device_id::text ORDER BY b.role <> 'owner', b.priority, b.household_id) AS devices,
+           (array_agg(b.household_id ORDER BY b.role <> 'owner', b.priority, b.household_id))[1] AS primary_hh
+    FROM iim.binding b WHERE b.role IN ('owner', 'member')
+    GROUP BY b.tenant_id, b.subscriber_id
+)
+SELECT s.tenant_id::text, s.id::text, s.msisdn, s.sip_aor, sb.households, sb.devices,
+       h.time_zone, h.presence::text,
+       coalesce(sp.ring_mode, hp.ring_mode)::text, coalesce(sp.phone_timeout_s, hp.phone_timeout_s),
+       coalesce(sp.home_timeout_s, hp.home_timeout_s),
+       CASE WHEN sp.id IS NOT NULL THEN sp.quiet_start ELSE hp.quiet_start END,
+       CASE WHEN sp.id IS NOT NULL THEN sp.quiet_end ELSE hp.quiet_end END,
+       coalesce(sp.dnd, hp.dnd), coalesce(sp.allowed_callers, hp.allowed_callers),
+       coalesce(sp.blocked_callers, hp.blocked_callers),
+       coalesce(sp.home_only_when_present, hp.home_only_when_present), coalesce(sp.fallback, hp.fallback)::text,
+       coalesce(sp.version, hp.version), c.id IS NOT NULL, extract(epoch FROM c.expires_at)::float8,
+       sb.primary_hh::text
+FROM iim.subscriber s
+LEFT JOIN sb ON sb.tenant_id = s.tenant_id AND sb.subscriber_id = s.id
+LEFT JOIN iim.household h ON h.tenant_id = s.tenant_id AND h.id = sb.primary_hh
+LEFT JOIN iim.policy sp ON sp.tenant_id = s.tenant_id AND sp.subscriber_id = s.id
+LEFT JOIN iim.policy hp ON hp.tenant_id = s.tenant_id AND hp.household_id = sb.primary_hh
+LEFT JOIN iim.consent c ON c.tenant_id = s.tenant_id AND c.subscriber_id = s.id
+     AND c.purpose = 'announce_calls' AND c.revoked_at IS NULL AND (c.expires_at IS NULL OR c.expires_at > now())
+"""
+_BATCH = 20_000
+
+
+def _device_from_record(r: asyncpg.Record) -> SpeakerDevice | None:
+    caps = r[3]
+    sip_uri = r[4]
+    sip = sip_uri is not None and ("sip" in caps or "webrtc" in caps)
+    announce = r[5] is not None and "cloud_announce" in caps
+    if not (sip or announce):
+        return None
+    return SpeakerDevice(
+        device_id=r[1],
+        endpoint=sip_uri.removeprefix("sip:") if sip else f"{r[5]}:{r[6]}",
+        sip=sip, cloud_announce=announce, online=not r[7], name=r[2] or "",
+    )
+
+
 class PgPolicyStore:
     """The cache's view of PostgreSQL (``iim_cache`` role DSN)."""
 
@@ -171,16 +249,97 @@ class PgPolicyStore:
 
     async def _compile(self, stream: AsyncIterator[RoutingRow]) -> list[RoutingSnapshot]:
         now = datetime.now(UTC)
-        speakers: dict[object, tuple[SpeakerDevice, ...]] = {}
-        return [snapshot_from_row(row, now, speakers) async for row in stream]
+        shared: dict[object, object] = {}
+        return [snapshot_from_row(row, now, shared) async for row in stream]
 
     async def load_all(self) -> tuple[list[RoutingSnapshot], int]:
+        """Every subscriber of every tenant, compiled; and the change seq the load is complete up to.
+
+        A reader task keeps one FETCH in flight while the batch before it is compiled, so
+        PostgreSQL (joining, on its own core) and Python (building snapshots) work at once.
+        """
         conn = await self._connection()
         with unavailable_as_store_error():
-            stream = load_routing_rows(conn)
-            snapshots = await self._compile(aiter(stream))
-        assert stream.watermark is not None
-        return snapshots, stream.watermark
+            watermark = await change_watermark(conn)  # barrier first: the snapshot below includes it
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                await conn.execute("SET LOCAL work_mem = '256MB'")
+                await conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")  # leave a core to us
+                batches: asyncio.Queue[tuple[str, list[asyncpg.Record]] | None] = asyncio.Queue(maxsize=3)
+                reader = asyncio.get_running_loop().create_task(self._read(conn, batches))
+                try:
+                    snapshots = await self._compile_batches(batches)
+                finally:
+                    if not reader.done():
+                        reader.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reader
+        return snapshots, watermark
+
+    @staticmethod
+    async def _read(conn: Connection, out: asyncio.Queue[tuple[str, list[asyncpg.Record]] | None]) -> None:
+        try:
+            for kind, sql in (("devices", _FULL_DEVICES), ("subscribers", _FULL_SUBSCRIBERS)):
+                cursor = await conn.cursor(sql)
+                while batch := await cursor.fetch(_BATCH):
+                    await out.put((kind, batch))
+        finally:
+            await out.put(None)
+
+    async def _compile_batches(self, batches: asyncio.Queue[tuple[str, list[asyncpg.Record]] | None]
+                               ) -> list[RoutingSnapshot]:
+        devices: dict[str, list[SpeakerDevice]] = {}
+        by_household: dict[str, tuple[SpeakerDevice, ...]] | None = None
+        snapshots: list[RoutingSnapshot] = []
+        tenants: dict[str, str] = {}
+        while (item := await batches.get()) is not None:
+            kind, batch = item
+            if kind == "devices":
+                for r in batch:
+                    device = _device_from_record(r)
+                    if device is not None:
+                        devices.setdefault(r[0], []).append(device)
+                continue
+            if by_household is None:
+                by_household = {k: tuple(sorted(v, key=_device_order)) for k, v in devices.items()}
+                devices.clear()
+            snapshot = self._snapshot
+            snapshots.extend([snapshot(r, by_household, tenants) for r in batch])
+        return snapshots
+
+    @staticmethod
+    def _snapshot(r: asyncpg.Record, by_household: dict[str, tuple[SpeakerDevice, ...]],
+                  tenants: dict[str, str]) -> RoutingSnapshot:
+        households = r[4]
+        speakers: tuple[SpeakerDevice, ...] = ()
+        if households:
+            only = r[5]
+            for hh, device_id in zip(households, only, strict=True):
+                found = by_household.get(hh, ())
+                if device_id is not None:
+                    found = tuple(d for d in found if d.device_id == device_id)
+                if not speakers:
+                    speakers = found
+                elif found:
+                    known = {d.device_id for d in speakers}
+                    speakers += tuple(d for d in found if d.device_id not in known)
+        tenant = tenants.setdefault(r[0], r[0])
+        has_policy = r[8] is not None
+        qs, qe = r[11], r[12]
+        return compile_snapshot(
+            subscriber_id=r[1], tenant_id=tenant, msisdn=r[2],
+            aor=r[3].removeprefix("sip:") if r[3] else None,
+            time_zone=r[6] or "UTC",
+            ring_mode=r[8] if has_policy else "phone_only",
+            phone_timeout_s=r[9] if has_policy else 20, home_timeout_s=r[10] if has_policy else 20,
+            quiet_start_min=None if qs is None else qs.hour * 60 + qs.minute,
+            quiet_end_min=None if qe is None else qe.hour * 60 + qe.minute,
+            dnd=bool(r[13]), allowed_callers=r[14], blocked_callers=r[15],
+            presence=r[7] or "unknown", home_only_when_present=bool(r[16]),
+            announce_consent=r[19], announce_consent_expires=r[20],
+            fallback=r[17] if has_policy else "none", speakers=speakers,
+            policy_version=r[18] if has_policy else 0,
+            household_id=r[21],
+        )
 
     async def load_subscribers(self, subscriber_ids: Iterable[str]) -> list[RoutingSnapshot]:
         ids = [UUID(s) for s in subscriber_ids]

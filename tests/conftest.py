@@ -61,7 +61,7 @@ class OutboundServerFactory:
 
 
 
-from tests.pg import (  # noqa: E402, F401  (PostgreSQL fixtures shared by every test module)
+from tests.pg import (  # noqa: F401  (PostgreSQL fixtures shared by every test module)
     admin_conn,
     app_pool,
     cache_conn,

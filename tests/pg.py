@@ -5,14 +5,10 @@ once per test session in a temporary directory (about a second; deleted at the e
 database is built once; every test module gets a fresh copy of it (``pg_db``), so modules never see each
 other's rows. Tests that need an unmigrated database use ``pg_empty_db``.
 
-To share these fixtures, import them into ``tests/conftest.py``::
-
-    from pg import (  # noqa: F401  (fixtures)
-        admin_conn, app_pool, cache_conn, pg_cluster, pg_db, pg_empty_db, pg_template,
-    )
-
-The server and the template are process-wide singletons, so a module that also imports the fixtures
-directly does not start a second server.
+``tests/conftest.py`` imports the fixtures (``from tests.pg import admin_conn, app_pool, ...``), so every
+test module has them; helpers and types are imported from ``tests.pg`` directly. The server and the
+template are process-wide singletons: importing the fixtures in several places never starts a second server
+(but import this module under one name only, ``tests.pg``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
@@ -13,6 +13,7 @@ from fs_app.esl import (
     Connect,
     DisconnectNotice,
     EslCodec,
+    EslMessage,
     Event,
     EventSubscribe,
     Execute,
@@ -38,11 +39,17 @@ async def run_call(handler: Callable[[EslPeer], Awaitable[None]], faults: FaultC
         result = await asyncio.wait_for(emu.place_call("127.0.0.1", app.port, spec or CallSpec(max_duration_s=5)),
                                         15)
         for _ in range(200):
-            if app.peers and app.peers[0].eof:
+            if app.peers and app.peers[0].done:
                 break
             await asyncio.sleep(0.01)
     assert not app.errors, app.errors
     return result, app.peers[0]
+
+
+async def drain(peer: EslPeer) -> None:
+    """Read until the connection ends (EOFError)."""
+    while True:
+        await peer.next(timeout=2)
 
 
 async def standard_call(peer: EslPeer) -> None:
@@ -64,7 +71,11 @@ async def test_fragmented_stream_parses_to_the_same_messages() -> None:
     assert result.disconnect == "linger-exit"
     assert max(len(c) for c in peer.chunks) <= 7 * 4  # reads may join a few fragments, never whole frames
     assert sum(1 for c in peer.chunks if len(c) <= 7) > 100
-    assert [signature(m) for m in peer.messages] == [signature(m) for m in plain_peer.messages]
+    # CHANNEL_PARK is timing dependent (it fires 20 ms after connect; slow replies let it pass before myevents)
+    def sigs(msgs: Sequence[EslMessage]) -> list[tuple[str, ...]]:
+        return [s for s in map(signature, msgs) if s != ("event", "CHANNEL_PARK", "")]
+
+    assert sigs(peer.messages) == sigs(plain_peer.messages)
     # byte-at-a-time decoding of the same bytes gives the same messages
     codec = EslCodec()
     one_by_one = [m for b in peer.raw() for m in codec.feed(bytes([b]))]
@@ -102,7 +113,8 @@ async def test_writer_two_sends_per_event_by_default_and_coalescing() -> None:
         writer.write_pair(b"h%d" % i, b"b")
     assert transport.writes == []
     await asyncio.sleep(0)
-    assert len(transport.writes) == 1 and transport.writes[0].count(b"b") == 1500
+    assert len(transport.writes) == 1
+    assert transport.writes[0].count(b"b") == 1500
 
     transport = RecordingTransport()
     writer = FrameWriter(transport, FaultConfig(fragment=True, fragment_max=3, seed=1))
@@ -144,7 +156,7 @@ async def test_stall_makes_a_silent_peer() -> None:
             await peer.expect(CommandReply, timeout=0.3)
         peer.close()
 
-    result, _ = await run_call(app, FaultConfig(stall_on_app="bridge"))
+    result, _ = await run_call(app, FaultConfig(stall_on_app="bridge"), CallSpec(max_duration_s=0.5))
     assert result.disconnect == "stalled"
     assert result.hangup_cause == "NORMAL_CLEARING"
 
@@ -156,8 +168,7 @@ async def test_reset_mid_call_sends_rst() -> None:
         await peer.command(MyEvents())
         peer.send(Execute(app="bridge", arg=GW, event_uuid="b"))
         with pytest.raises(EOFError):
-            while True:
-                await peer.next(timeout=2)
+            await drain(peer)
 
     result, peer = await run_call(app, FaultConfig(reset_on_app="bridge"))
     assert result.disconnect == "reset"

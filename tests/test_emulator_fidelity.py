@@ -167,7 +167,10 @@ def recorded_call_spec(rec: list[EslMessage], extra: dict[str, object]) -> CallS
     )
 
 
-def compare_streams(rec_data: bytes, emu_data: bytes, min_var_ratio: float, channel_name: str) -> None:
+def compare_streams(
+    rec_data: bytes, emu_data: bytes, min_var_ratio: float, channel_name: str,
+    rec_channel_name: str = "sofia/external/iimrec@127.0.0.1:5070",
+) -> None:
     rec = parse_fs_stream(rec_data)
     emu = parse_fs_stream(emu_data)
     # 1. message sequence
@@ -212,7 +215,7 @@ def compare_streams(rec_data: bytes, emu_data: bytes, min_var_ratio: float, chan
             assert int(e_head.split(b": ")[2].split(b"\n")[0]) == len(e_body)
         else:
             # command/reply (getvar values, Job-UUIDs), disconnect/linger notices: byte exact modulo uuids
-            assert masked(e_head, channel_name) == masked(r_head, "sofia/external/iimrec@127.0.0.1:5070")
+            assert masked(e_head, channel_name) == masked(r_head, rec_channel_name)
             assert masked(e_body) == masked(r_body)
 
 
@@ -247,8 +250,7 @@ async def start_monitor(
 
     async def run() -> tuple[ReplayApp, FreeSwitchEmulator]:
         task = asyncio.create_task(app.run(reader, writer))
-        while not any("event listener" in s[1] for s in map(signature, app.messages) if s[0] == "reply"):
-            await asyncio.sleep(0.001)
+        await app.wait_for(is_subscribed)
         subscribed.set()
         await asyncio.wait_for(task, 10)
         await server.close()
@@ -280,6 +282,10 @@ def test_connect_reply_is_a_full_header_block_with_recorded_tail() -> None:
 # ------------------------------------------------------------------------- inbound
 
 
+def is_subscribed(sig: tuple[str, ...]) -> bool:
+    return sig[0] == "reply" and "event listener" in sig[1]
+
+
 async def replay_inbound(
     name: str, emu: FreeSwitchEmulator, conn: str = "inbound", *, after_subscribe: object = None
 ) -> ReplayApp:
@@ -289,8 +295,7 @@ async def replay_inbound(
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     task = asyncio.create_task(app.run(reader, writer))
     if callable(after_subscribe):
-        while not any(s[0] == "reply" and "event listener" in s[1] for s in map(signature, app.messages)):
-            await asyncio.sleep(0.001)
+        await app.wait_for(is_subscribed)
         after_subscribe()
     await asyncio.wait_for(task, 15)
     await server.close()
@@ -360,7 +365,7 @@ async def test_i06_registration_events() -> None:
         emu.expire_user("1002", "127.0.0.1")
 
     app = await replay_inbound("i06_sofia_register_events", emu, after_subscribe=register)
-    rec_data, rec = recorded_inbound("i06_sofia_register_events")
+    _rec_data, rec = recorded_inbound("i06_sofia_register_events")
     got = parse_fs_stream(app.received_bytes())
     assert [signature(m) for m in got] == [signature(m) for m in rec]
     r_events = [m for m in rec if isinstance(m, Event)]
@@ -392,3 +397,79 @@ async def test_i07_misc_replies_and_log() -> None:
         assert re.fullmatch(
             rb"Content-Type: log/data\nContent-Length: \d+\nLog-Level: \d\nText-Channel: \d\nLog-File: \S+\n"
             rb"Log-Func: \S+\nLog-Line: \d+\nUser-Data: \n\n", head)
+
+
+async def test_i05_json_events_of_an_originated_call() -> None:
+    emu = FreeSwitchEmulator(targets=TARGETS, time_scale=SCALE)
+    app = await replay_inbound("i05_event_json_short_call", emu)
+    _, rec = recorded_inbound("i05_event_json_short_call")
+    got = parse_fs_stream(app.received_bytes())
+    assert [signature(m) for m in got] == [signature(m) for m in rec]
+    for r_msg, g_msg in zip(rec, got, strict=True):
+        if isinstance(r_msg, Event):
+            assert isinstance(g_msg, Event)
+            assert g_msg.format == "json"
+            assert structure(list(g_msg.headers)) == structure(list(r_msg.headers)), r_msg.name
+            for name in ("Channel-State", "Channel-Call-State", "Answer-State", "Hangup-Cause", "Unique-ID",
+                         "Original-Channel-Call-State", "Channel-Call-State-Number", "Caller-Destination-Number"):
+                assert g_msg.get(name) == r_msg.get(name), (r_msg.name, name)
+    job = next(m for m in got if isinstance(m, Event) and m.name == "BACKGROUND_JOB")
+    assert job.body == "+OK 174fe612-15b1-49d6-81b9-43a8be156f2c\n"
+
+
+async def test_i08_myevents_uuid_on_a_second_connection() -> None:
+    emu = FreeSwitchEmulator(targets=TARGETS, time_scale=SCALE)
+    chunks = load_recording(TRANSCRIPTS / "i08_inbound_myevents_uuid.jsonl")
+    server = await emu.start_inbound()
+    control = ReplayApp(app_script(chunks, "inbound-control"), delay_scale=SCALE)
+    mine = ReplayApp(app_script(chunks, "inbound-myevents"), delay_scale=SCALE)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    control_task = asyncio.create_task(control.run(reader, writer))
+    await control.wait_for(lambda sig: sig[0] == "reply" and sig[1].startswith("+OK Job-UUID"))
+    reader2, writer2 = await asyncio.open_connection("127.0.0.1", server.port)
+    await asyncio.wait_for(mine.run(reader2, writer2), 10)
+    await asyncio.wait_for(control_task, 10)
+    await server.close()
+    assert mine.error is None
+    assert control.error is None
+    for conn, app in (("inbound-myevents", mine), ("inbound-control", control)):
+        rec_data = stream(chunks, conn, "fs>app")
+        rec = parse_fs_stream(rec_data)
+        assert [signature(m) for m in app.messages] == [signature(m) for m in rec], conn
+    notice_rec = frames(stream(chunks, "inbound-myevents", "fs>app"))[-1]
+    notice_got = frames(mine.received_bytes())[-1]
+    assert masked(notice_got[0]) == masked(notice_rec[0])  # session-style notice with Controlled-Session-UUID
+    assert mine.eof
+
+
+async def test_i03_originate_to_outbound_socket() -> None:
+    chunks = load_recording(TRANSCRIPTS / "i03_bgapi_originate_to_outbound_socket.jsonl")
+    emu = FreeSwitchEmulator(targets=TARGETS, time_scale=SCALE, playback_ms=None)
+    outbound = ReplayApp(app_script(chunks, "outbound"), delay_scale=SCALE)
+    out_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await outbound.run(reader, writer)
+        out_done.set_result(None)
+
+    app_server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = app_server.sockets[0].getsockname()[1]
+    steps = app_script(chunks, "inbound")
+    for step in steps:  # the recorded originate targets 127.0.0.1:8084; point it at our app server
+        step.data = step.data.replace(b"127.0.0.1:8084", f"127.0.0.1:{port}".encode())
+    server = await emu.start_inbound()
+    inbound = ReplayApp(steps, delay_scale=SCALE)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    await asyncio.wait_for(inbound.run(reader, writer), 15)
+    await asyncio.wait_for(out_done, 10)
+    await server.close()
+    app_server.close()
+    assert inbound.error is None
+    assert outbound.error is None
+    rec_in = parse_fs_stream(stream(chunks, "inbound", "fs>app"))
+    assert [signature(m) for m in inbound.messages] == [signature(m) for m in rec_in]
+    rec_out_data = stream(chunks, "outbound", "fs>app")
+    callee = "sofia/external/callee@127.0.0.1:5090"
+    compare_streams(rec_out_data, outbound.received_bytes(), 0.9, callee, callee)
+    data = next(m for m in outbound.messages if isinstance(m, ChannelData))
+    assert data.unique_id == "33ac64a1-7e7f-4644-84ca-b6948f665156"

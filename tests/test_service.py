@@ -17,10 +17,10 @@ import pytest
 
 from iim.logs import JsonFormatter
 from iim.service import DatabaseUrls, Service
+from iim.settings import Settings, resolve_secret
 from policy_cache.bootstrap import load_demo
 from policy_cache.db import Pool
 from tests.pg import PgDatabase
-from iim.settings import Settings, resolve_secret
 from tests.recorded_switch import _kind, replay_call
 
 ROOT = Path(__file__).resolve().parents[1]

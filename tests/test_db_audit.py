@@ -1,0 +1,152 @@
+"""The audit log: append-only for everyone, hash-chained per tenant, verified independently in Python."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+from uuid import UUID, uuid4
+
+import asyncpg
+import pytest
+
+from policy_cache import audit
+from policy_cache.db import Connection, Pool, tenant_tx
+from tests.pg import create_tenant
+
+TRICKY = ['quote " backslash \\ slash /', "line\nfeed\ttab\rcr\bbs\ffeed", "ctl \x01\x1f del \x7f",
+          "кириллица", "emoji 🚒", "ls \u2028 ps \u2029", "nul-free but long " * 20]
+
+
+async def _append_some(pool: Pool, tenant: UUID, n: int, *, prefix: str = "act") -> list[int]:
+    ids = []
+    for i in range(n):
+        async with tenant_tx(pool, tenant) as conn:
+            ids.append(await audit.append(conn, tenant, actor=f"user:{i}", action=f"{prefix}.{i}", entity="test",
+                                          entity_id=uuid4(), detail={"i": i, "text": TRICKY[i % len(TRICKY)],
+                                                                     "nested": {"b": [1, 2.5, None, True]}},
+                                          correlation={"call_id": f"c{i}"}))
+    return ids
+
+
+async def test_chain_is_intact_and_linked(app_pool: Pool) -> None:
+    tenant = await create_tenant(app_pool, "audit tenant")
+    ids = await _append_some(app_pool, tenant, 8)
+    async with tenant_tx(app_pool, tenant) as conn:
+        assert await audit.verify_chain(conn, tenant) is None
+        rows = await conn.fetch("SELECT id, prev_hash, row_hash FROM iim.audit_log WHERE tenant_id = $1 ORDER BY id",
+                                tenant)
+        head = await audit.chain_head(conn, tenant)
+    # create_tenant wrote the first row; then ours, each linked to the previous.
+    assert [r["id"] for r in rows][-8:] == ids
+    assert bytes(rows[0]["prev_hash"]) == audit.GENESIS_HASH
+    for prev, row in itertools.pairwise(rows):
+        assert bytes(row["prev_hash"]) == bytes(prev["row_hash"])
+    assert head == (ids[-1], bytes(rows[-1]["row_hash"]))
+
+
+async def test_python_canonical_form_matches_the_database(app_pool: Pool, admin_conn: Connection) -> None:
+    tenant = await create_tenant(app_pool, "canonical")
+    await _append_some(app_pool, tenant, len(TRICKY))
+    rows = await admin_conn.fetch(
+        """SELECT *, detail::text AS dt, correlation::text AS ct,
+                  iim.audit_canonical(tenant_id, id, at, actor, action, entity, entity_id, detail, correlation) AS db
+           FROM iim.audit_log WHERE tenant_id = $1 ORDER BY id""", tenant)
+    for r in rows:
+        mine = audit.canonical_json(tenant_id=tenant, id=r["id"], at=r["at"], actor=r["actor"], action=r["action"],
+                                    entity=r["entity"], entity_id=r["entity_id"], detail_text=r["dt"],
+                                    correlation_text=r["ct"])
+        assert mine == r["db"]
+        assert hashlib.sha256(bytes(r["prev_hash"]) + mine.encode()).digest() == bytes(r["row_hash"])
+
+
+async def test_app_role_cannot_change_or_forge_audit_rows(app_pool: Pool) -> None:
+    tenant = await create_tenant(app_pool, "immutable")
+    await _append_some(app_pool, tenant, 2)
+    statements = [
+        "UPDATE iim.audit_log SET actor = 'someone else'",
+        "DELETE FROM iim.audit_log",
+        "TRUNCATE iim.audit_log",
+        ("INSERT INTO iim.audit_log (tenant_id, at, actor, action, entity, prev_hash, row_hash) "
+        "VALUES (iim.current_tenant(), now(), 'x', 'x', 'x', '\\x00'::bytea, '\\x00'::bytea)"),
+    ]
+    for sql in statements:
+        async with tenant_tx(app_pool, tenant) as conn:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
+                await conn.execute(sql)
+    async with tenant_tx(app_pool, tenant) as conn:
+        assert await audit.verify_chain(conn, tenant) is None
+
+
+async def test_triggers_refuse_changes_even_from_the_owner(app_pool: Pool, admin_conn: Connection) -> None:
+    tenant = await create_tenant(app_pool, "owner cannot edit")
+    for sql in ("UPDATE iim.audit_log SET actor = 'x' WHERE tenant_id = $1",
+                "DELETE FROM iim.audit_log WHERE tenant_id = $1"):
+        async with admin_conn.transaction():
+            await admin_conn.execute("SET LOCAL ROLE iim_owner")
+            await admin_conn.execute("SELECT set_config('app.tenant', $1, true)", str(tenant))
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+                await admin_conn.execute(sql, tenant)
+    async with admin_conn.transaction():
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+            await admin_conn.execute("TRUNCATE iim.audit_log")  # even a superuser, while the trigger is on
+
+
+async def test_audit_append_refuses_another_tenant(app_pool: Pool) -> None:
+    a = await create_tenant(app_pool, "a")
+    b = await create_tenant(app_pool, "b")
+    async with tenant_tx(app_pool, a) as conn:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="not the transaction's tenant"):
+            await audit.append(conn, b, actor="evil", action="forge", entity="test")
+    async with app_pool.acquire() as conn:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await audit.append(conn, b, actor="evil", action="forge", entity="test")  # no tenant at all
+
+
+async def test_tampering_by_a_superuser_breaks_the_chain_at_that_row(app_pool: Pool, admin_conn: Connection) -> None:
+    tenant = await create_tenant(app_pool, "tampered")
+    ids = await _append_some(app_pool, tenant, 6)
+    victim, successor = ids[2], ids[3]
+
+    async def verify() -> int | None:
+        async with tenant_tx(app_pool, tenant) as conn:
+            return await audit.verify_chain(conn, tenant)
+
+    async with admin_conn.transaction():
+        await admin_conn.execute("ALTER TABLE iim.audit_log DISABLE TRIGGER audit_log_no_update_delete")
+        await admin_conn.execute("UPDATE iim.audit_log SET detail = '{\"i\": 999}' WHERE tenant_id = $1 AND id = $2",
+                                 tenant, victim)
+        await admin_conn.execute("ALTER TABLE iim.audit_log ENABLE TRIGGER audit_log_no_update_delete")
+    assert await verify() == victim
+
+    # Re-hashing the edited row moves the break to its successor (whose prev_hash no longer matches).
+    async with admin_conn.transaction():
+        await admin_conn.execute("ALTER TABLE iim.audit_log DISABLE TRIGGER audit_log_no_update_delete")
+        await admin_conn.execute(
+            """UPDATE iim.audit_log SET row_hash = sha256(prev_hash || convert_to(iim.audit_canonical(
+                   tenant_id, id, at, actor, action, entity, entity_id, detail, correlation), 'UTF8'))
+               WHERE tenant_id = $1 AND id = $2""", tenant, victim)
+        await admin_conn.execute("ALTER TABLE iim.audit_log ENABLE TRIGGER audit_log_no_update_delete")
+    assert await verify() == successor
+
+
+async def test_deleting_a_row_breaks_the_chain_at_the_next_one(app_pool: Pool, admin_conn: Connection) -> None:
+    tenant = await create_tenant(app_pool, "deleted")
+    ids = await _append_some(app_pool, tenant, 4)
+    async with admin_conn.transaction():
+        await admin_conn.execute("SET LOCAL session_replication_role = replica")  # skips the row trigger
+        await admin_conn.execute("DELETE FROM iim.audit_log WHERE tenant_id = $1 AND id = $2", tenant, ids[1])
+    async with tenant_tx(app_pool, tenant) as conn:
+        assert await audit.verify_chain(conn, tenant) == ids[2]
+
+
+async def test_concurrent_appends_keep_one_chain_per_tenant(app_pool: Pool) -> None:
+    tenants = [await create_tenant(app_pool, f"busy {i}") for i in range(2)]
+    await asyncio.gather(*(_append_some(app_pool, t, 10, prefix=f"w{w}") for t in tenants for w in range(3)))
+    for tenant in tenants:
+        async with tenant_tx(app_pool, tenant) as conn:
+            assert await audit.verify_chain(conn, tenant) is None
+            assert await conn.fetchval("SELECT count(*) FROM iim.audit_log") == 31
+            entries = await audit.entries(conn, entity="test", limit=5)
+            assert len(entries) == 5
+            assert entries[0].id > entries[-1].id

@@ -1,0 +1,151 @@
+"""Schema migrations: apply from empty, re-apply as a no-op, refuse newer schemas, and lint the schema
+for the multi-tenant rules (tenant_id in every key, RLS forced everywhere, iim_owner owns everything)."""
+
+from __future__ import annotations
+
+import time
+
+import asyncpg
+import pytest
+
+from policy_cache import migrate
+from policy_cache.db import Connection
+from policy_cache.errors import MigrationChecksumError, MigrationError, SchemaTooNewError
+from tests.pg import PgDatabase
+
+TENANT_TABLES = ["tenant", "brand", "region", "household", "subscriber", "credential_ref", "device", "binding",
+                 "consent", "policy", "scenario", "audit_log", "change_log"]
+
+
+def test_migration_files_are_numbered_without_gaps() -> None:
+    found = migrate.available_migrations()
+    assert [m.version for m in found] == list(range(1, len(found) + 1))
+    assert all(m.sql.strip() for m in found)
+
+
+async def test_upgrade_from_empty_then_noop(pg_empty_db: PgDatabase) -> None:
+    conn = await asyncpg.connect(pg_empty_db.admin_url)
+    try:
+        assert await migrate.current_version(conn) == 0
+        started = time.perf_counter()
+        applied = await migrate.upgrade(conn)
+        elapsed = time.perf_counter() - started
+        everything = [m.version for m in migrate.available_migrations()]
+        assert applied == everything
+        assert elapsed < 10, elapsed
+        assert await migrate.current_version(conn) == everything[-1]
+        # Second run: nothing to do, nothing changed.
+        assert await migrate.upgrade(conn) == []
+        rows = await conn.fetch("SELECT version, checksum FROM iim.schema_version ORDER BY version")
+        assert [r["version"] for r in rows] == everything
+        assert [r["checksum"] for r in rows] == [m.checksum for m in migrate.available_migrations()]
+    finally:
+        await conn.close()
+
+
+async def test_upgrade_accepts_a_dsn(pg_empty_db: PgDatabase) -> None:
+    assert await migrate.upgrade(pg_empty_db.admin_url) == [m.version for m in migrate.available_migrations()]
+    assert await migrate.upgrade(pg_empty_db.admin_url) == []
+
+
+async def test_refuses_a_database_newer_than_the_code(pg_empty_db: PgDatabase) -> None:
+    conn = await asyncpg.connect(pg_empty_db.admin_url)
+    try:
+        await migrate.upgrade(conn)
+        newest = migrate.available_migrations()[-1].version
+        await conn.execute("INSERT INTO iim.schema_version (version, name, checksum) VALUES ($1, 'future', 'x')",
+                           newest + 1)
+        with pytest.raises(SchemaTooNewError) as err:
+            await migrate.upgrade(conn)
+        assert err.value.database_version == newest + 1
+        assert err.value.code_version == newest
+    finally:
+        await conn.close()
+
+
+async def test_refuses_an_edited_applied_migration(pg_empty_db: PgDatabase) -> None:
+    conn = await asyncpg.connect(pg_empty_db.admin_url)
+    try:
+        await migrate.upgrade(conn)
+        edited = migrate.available_migrations()
+        edited[1] = migrate.Migration(edited[1].version, edited[1].name, edited[1].sql + "\n-- edited\n")
+        with pytest.raises(MigrationChecksumError):
+            await migrate.upgrade(conn, migrations=edited)
+    finally:
+        await conn.close()
+
+
+async def test_a_failing_migration_rolls_back_entirely(pg_empty_db: PgDatabase) -> None:
+    conn = await asyncpg.connect(pg_empty_db.admin_url)
+    try:
+        await migrate.upgrade(conn)
+        shipped = migrate.available_migrations()
+        bad = migrate.Migration(len(shipped) + 1, "broken",
+                                "CREATE TABLE iim.half_done (x int); SELECT 1 / 0;")
+        with pytest.raises(MigrationError) as err:
+            await migrate.upgrade(conn, migrations=[*shipped, bad])
+        assert isinstance(err.value.__cause__, asyncpg.DivisionByZeroError)
+        assert await migrate.current_version(conn) == len(shipped)
+        assert await conn.fetchval("SELECT to_regclass('iim.half_done')") is None
+    finally:
+        await conn.close()
+
+
+async def test_every_object_is_owned_by_iim_owner(admin_conn: Connection) -> None:
+    foreign = await admin_conn.fetch(
+        """SELECT c.relname AS name, pg_get_userbyid(c.relowner) AS owner FROM pg_class c
+           WHERE c.relnamespace = 'iim'::regnamespace AND pg_get_userbyid(c.relowner) <> 'iim_owner'
+           UNION ALL
+           SELECT p.proname, pg_get_userbyid(p.proowner) FROM pg_proc p
+           WHERE p.pronamespace = 'iim'::regnamespace AND pg_get_userbyid(p.proowner) <> 'iim_owner'
+           UNION ALL
+           SELECT t.typname, pg_get_userbyid(t.typowner) FROM pg_type t
+           WHERE t.typnamespace = 'iim'::regnamespace AND pg_get_userbyid(t.typowner) <> 'iim_owner'""")
+    assert [dict(r) for r in foreign] == []
+
+
+async def test_every_tenant_table_forces_rls_with_the_tenant_policy(admin_conn: Connection) -> None:
+    rows = await admin_conn.fetch(
+        """SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity,
+                  (SELECT p.qual FROM pg_policies p WHERE p.schemaname = 'iim' AND p.tablename = c.relname
+                     AND p.policyname = 'tenant_isolation') AS qual,
+                  (SELECT p.with_check FROM pg_policies p WHERE p.schemaname = 'iim' AND p.tablename = c.relname
+                     AND p.policyname = 'tenant_isolation') AS with_check
+           FROM pg_class c WHERE c.relnamespace = 'iim'::regnamespace AND c.relkind = 'r'
+             AND c.relname = ANY($1::text[])""", TENANT_TABLES)
+    assert sorted(r["relname"] for r in rows) == sorted(TENANT_TABLES)
+    for r in rows:
+        assert r["relrowsecurity"], r["relname"]
+        assert r["relforcerowsecurity"], r["relname"]
+        column = "id" if r["relname"] == "tenant" else "tenant_id"
+        expected = f"({column} = (NULLIF(current_setting('app.tenant'::text, true), ''::text))::uuid)"
+        assert r["qual"] == expected, r["relname"]
+        assert r["with_check"] == expected, r["relname"]
+
+
+async def test_tenant_id_leads_every_unique_key_and_foreign_key(admin_conn: Connection) -> None:
+    # Unique indexes (incl. primary keys) of tenant tables other than `tenant` itself.
+    bad_unique = await admin_conn.fetch(
+        """SELECT c.relname AS tbl, i.relname AS idx FROM pg_index x
+           JOIN pg_class c ON c.oid = x.indrelid JOIN pg_class i ON i.oid = x.indexrelid
+           WHERE c.relnamespace = 'iim'::regnamespace AND x.indisunique AND c.relname = ANY($1::text[])
+             AND c.relname <> 'tenant'
+             AND (SELECT attname FROM pg_attribute WHERE attrelid = c.oid AND attnum = x.indkey[0]) <> 'tenant_id'
+        """, TENANT_TABLES)
+    assert [dict(r) for r in bad_unique] == []
+    bad_fk = await admin_conn.fetch(
+        """SELECT conrelid::regclass::text AS tbl, conname FROM pg_constraint
+           WHERE contype = 'f' AND connamespace = 'iim'::regnamespace
+             AND (SELECT attname FROM pg_attribute WHERE attrelid = conrelid AND attnum = conkey[1]) <> 'tenant_id'
+        """)
+    assert [dict(r) for r in bad_fk] == []
+    fks = await admin_conn.fetchval("SELECT count(*) FROM pg_constraint WHERE contype = 'f' "
+                                    "AND connamespace = 'iim'::regnamespace")
+    assert fks > 10
+
+
+async def test_change_log_triggers_cover_the_routing_tables(admin_conn: Connection) -> None:
+    tables = await admin_conn.fetch(
+        """SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+           WHERE t.tgname = 'zz_change_log' AND NOT t.tgisinternal ORDER BY 1""")
+    assert [r[0] for r in tables] == ["binding", "consent", "device", "household", "policy", "subscriber"]
