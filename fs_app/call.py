@@ -247,13 +247,15 @@ class Call:
         cmd = Execute(app, arg, event_lock=event_lock)
         done: asyncio.Future[Event] = self._loop.create_future()
         self._executing[cmd.event_uuid] = done
+        timer = None
         try:
             await self.command(cmd)
-            return await asyncio.wait_for(done, timeout)
-        except TimeoutError:
-            metrics.ERRORS.labels("execute_timeout").inc()
-            raise EslTimeout(f"{app} did not complete within {timeout} s on call {self.uuid}") from None
+            if timeout is not None:
+                timer = self._loop.call_later(timeout, _expire_all, [done], self.uuid)
+            return await done
         finally:
+            if timer is not None:
+                timer.cancel()
             self._executing.pop(cmd.event_uuid, None)
 
     async def execute_many(
@@ -342,7 +344,7 @@ class Call:
     def _on_reply(self, reply: CommandReply | ApiResponse | ChannelData) -> None:
         if not self._replies:
             metrics.ERRORS.labels("unexpected_reply").inc()
-            log.warning("reply with no command outstanding", extra={"call_id": self.uuid})
+            log.warning("reply with no command outstanding", extra={"call_id": self.uuid, "reply": repr(reply)[:200]})
             return
         fut, verb, sent_at = self._replies.popleft()
         ok = reply.ok

@@ -244,7 +244,7 @@ class InboundClient:
         reply = await self._send(Api(command), timeout)
         if isinstance(reply, CommandReply):  # "-ERR command not found" arrives as command/reply
             return ApiResponse(reply.reply_text + "\n")
-        metrics.COMMANDS.labels("api", "ok" if reply.ok else "err").inc()
+        metrics.count_command("api", "ok" if reply.ok else "err")
         return reply
 
     async def bgapi(self, command: str, *, job_uuid: str | None = None, timeout: float = 120.0) -> BackgroundJobResult:
@@ -261,12 +261,12 @@ class InboundClient:
             await self.command(BgApi(command, job_uuid))
             event = await asyncio.wait_for(done, timeout)
         except TimeoutError:
-            metrics.COMMANDS.labels("bgapi", "timeout").inc()
+            metrics.count_command("bgapi", "timeout")
             raise EslTimeout(f"bgapi {command.split(' ', 1)[0]} job {job_uuid} did not report in {timeout} s") from None
         finally:
             self._jobs.pop(job_uuid, None)
         result = BackgroundJobResult(job_uuid, event.body or "", event)
-        metrics.COMMANDS.labels("bgapi", "ok" if result.ok else "err").inc()
+        metrics.count_command("bgapi", "ok" if result.ok else "err")
         return result
 
     # -- connection keeping --------------------------------------------------------

@@ -72,10 +72,10 @@ class PolicyRouter:
         self._routes[route].inc()
         self._record(facts, decision, route)
         if decision is None or snapshot is None:
-            log.info("routing by dialled number", extra={"call_id": call.uuid, "route": route})
+            log.debug("routing by dialled number", extra={"call_id": call.uuid, "route": route})
             await self._passthrough(call)
             return
-        log.info("routing by policy", extra={"call_id": call.uuid, "action": decision.action,
+        log.debug("routing by policy", extra={"call_id": call.uuid, "action": decision.action,
                                              "policy_version": decision.policy_version, "rules": decision.rules})
         if decision.action == "reject":
             await call.hangup(decision.reject_cause or "CALL_REJECTED")

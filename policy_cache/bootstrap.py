@@ -291,6 +291,10 @@ async def bootstrap(
         superuser_password = _load_secrets(secrets_path, ["postgres"])["postgres"]
         await _secure_embedded(embedded, superuser_password)
         admin_url = embedded.url(database, password=superuser_password)
+        if not await _password_works(embedded.url("postgres", password=superuser_password)):
+            raise PermissionError(
+                f"the embedded server in {data_path} does not accept the superuser password kept in "
+                f"{secrets_path} (was that file replaced?); restore it, or remove both to start afresh")
     else:
         admin_url = url
         database = _database_of(url)

@@ -43,7 +43,7 @@ class EventHeaders(Mapping[str, str]):
 
     __slots__ = ("_block", "_encoded", "_end", "_lookups", "_raw", "_repeats")
 
-    _SPLIT_AFTER_LOOKUPS = 6
+    _SPLIT_AFTER_LOOKUPS = 16  # a lookup is a substring search; splitting ~200 headers costs far more
 
     def __init__(
         self,
