@@ -281,7 +281,8 @@ async def test_postgresql_stopped_mid_run_keeps_routing_and_resyncs_after_restar
     from policy_cache.db import DbRole, connect_pool
 
     db = await bootstrap(data_dir=tmp_path / "pg", secrets_file=tmp_path / "secrets.json", demo=True)
-    assert db.embedded is not None and db.demo is not None
+    assert db.embedded is not None
+    assert db.demo is not None
     store = PgPolicyStore(db.cache_url, connect_timeout=1.0)
     cache = PolicyCache(store, resync_interval=1.0)
     await cache.start(timeout=20)
