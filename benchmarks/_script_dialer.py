@@ -35,12 +35,75 @@ def kind(cmd: Command) -> str:
     return type(cmd).__name__
 
 
+_KEEP_VARIABLES = (b"variable_originate_disposition", b"variable_bridge_hangup_cause",
+                   b"variable_last_bridge_hangup_cause", b"variable_DIALSTATUS", b"variable_hangup_cause")
+
+
+def _frames(stream: bytes) -> list[bytes]:
+    """Cut a FreeSWITCH -> app stream into whole frames."""
+    out = []
+    pos = 0
+    while pos < len(stream):
+        end = stream.index(b"\n\n", pos) + 2
+        head = stream[pos:end]
+        length = 0
+        if not head.startswith(b"Event-Name: "):
+            for line in head.split(b"\n"):
+                if line.startswith(b"Content-Length: "):
+                    length = int(line[16:])
+        out.append(stream[pos:end + length])
+        pos = end + length
+    return out
+
+
+def lean(frames: bytes, limit: int = 2560) -> bytes:
+    """Drop channel variables from plain events (as FreeSWITCH does with verbose_events off) until each
+    event fits ``limit`` bytes; the headers call control reads are kept."""
+    out = []
+    for frame in _frames(frames):
+        if not frame.startswith(b"Content-Length: ") or b"text/event-plain" not in frame[:64]:
+            out.append(frame)
+            continue
+        _, _, body = frame.partition(b"\n\n")
+        lines = body.rstrip(b"\n").split(b"\n")
+        while len(b"\n".join(lines)) + 2 > limit:
+            drop = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith(b"variable_")
+                         and not lines[i].startswith(_KEEP_VARIABLES)), None)
+            if drop is None:
+                break
+            del lines[drop]
+        new_body = b"\n".join(lines) + b"\n\n"
+        out.append(b"Content-Length: %d\nContent-Type: text/event-plain\n\n" % len(new_body) + new_body)
+    return b"".join(out)
+
+
 @dataclass
 class Script:
     uuid: str
     destination: str
     steps: list[tuple[str, bytes]] = field(default_factory=list)  # (command kind, frames answered)
     event_uuids: list[str] = field(default_factory=list)  # recorded Event-UUIDs, in command order
+
+    def leaned(self, limit: int = 2560) -> Script:
+        return Script(self.uuid, self.destination, [(k, lean(b, limit)) for k, b in self.steps], self.event_uuids)
+
+    def template(self) -> list[tuple[str, bytes, list[tuple[int, int]]]]:
+        """Per step: kind, frames, and where each substituted value sits (offset, slot).
+
+        Slots: 0 = call uuid, 1 = destination, 2.. = the recorded Event-UUIDs in order. Every
+        substitution has the recorded value's length, so offsets and Content-Lengths hold.
+        """
+        values = [self.uuid.encode(), self.destination.encode(), *(u.encode() for u in self.event_uuids)]
+        out = []
+        for kind_, frames in self.steps:
+            spots = []
+            for slot, value in enumerate(values):
+                at = frames.find(value)
+                while at >= 0:
+                    spots.append((at, slot))
+                    at = frames.find(value, at + len(value))
+            out.append((kind_, frames, sorted(spots)))
+        return out
 
     def to_json(self) -> str:
         return json.dumps({"uuid": self.uuid, "destination": self.destination, "event_uuids": self.event_uuids,
@@ -114,11 +177,10 @@ class Stats:
 
 
 class _ReplayCall(asyncio.Protocol):
-    def __init__(self, script: Script, uuid: str, destination: str, stats: Stats, done: asyncio.Future[None]) -> None:
-        self._script = script
-        self._steps = list(script.steps)
-        self._subs = [(script.uuid.encode(), uuid.encode()), (script.destination.encode(), destination.encode())]
-        self._event_uuids = iter(script.event_uuids)
+    def __init__(self, template: list[tuple[str, bytes, list[tuple[int, int]]]], uuid: str, destination: str,
+                 stats: Stats, done: asyncio.Future[None]) -> None:
+        self._steps = list(template)
+        self._values: list[bytes] = [uuid.encode(), destination.encode()]
         self._decoder = CommandDecoder()
         self._stats = stats
         self._done = done
@@ -131,12 +193,11 @@ class _ReplayCall(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        out = []
+        out = bytearray()
+        values = self._values
         for cmd in self._decoder.feed(data):
             if isinstance(cmd, Execute):
-                recorded = next(self._event_uuids, None)
-                if recorded is not None:
-                    self._subs.append((recorded.encode(), cmd.event_uuid.encode()))
+                values.append(cmd.event_uuid.encode())
                 if cmd.app == "bridge" and not self._bridged:
                     self._bridged = True
                     self._stats.latencies_ms.append((time.perf_counter() - self._t0) * 1000)
@@ -146,18 +207,21 @@ class _ReplayCall(asyncio.Protocol):
             if not self._steps:
                 self._finish("script out of step")
                 return
-            _, frames = self._steps.pop(0)
-            for old, new in self._subs:
-                frames = frames.replace(old, new)
-            out.append(frames)
+            _, frames, spots = self._steps.pop(0)
+            start = len(out)
+            out += frames
+            for offset, slot in spots:
+                if slot < len(values):
+                    value = values[slot]
+                    out[start + offset:start + offset + len(value)] = value
             if isinstance(cmd, Exit):
                 assert self._transport is not None
-                self._transport.write(b"".join(out))
+                self._transport.write(out)
                 self._transport.close()
                 self._finish(None)
                 return
         if out and self._transport is not None:
-            self._transport.write(b"".join(out))
+            self._transport.write(out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish("closed by the app before exit")
@@ -174,13 +238,14 @@ class _ReplayCall(asyncio.Protocol):
         self._done.set_result(None)
 
 
-async def _one_call(host: str, port: int, script: Script, n: int, stats: Stats, rng: random.Random) -> None:
+async def _one_call(host: str, port: int, script: Script, template: list[tuple[str, bytes, list[tuple[int, int]]]],
+                    n: int, stats: Stats, rng: random.Random) -> None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     uuid = f"{n:08x}-0000-4000-8000-{rng.getrandbits(48):012x}"
     destination = str(int(script.destination) + rng.randrange(100_000))  # same length: a valid substitution
     try:
-        await loop.create_connection(lambda: _ReplayCall(script, uuid, destination, stats, done), host, port)
+        await loop.create_connection(lambda: _ReplayCall(template, uuid, destination, stats, done), host, port)
         await asyncio.wait_for(done, 10)
     except (OSError, TimeoutError) as exc:
         if not done.done():
@@ -192,6 +257,7 @@ async def dial(host: str, port: int, script: Script, count: int, *, rate: float 
     """Open-loop at ``rate`` calls/s (``concurrency`` bounds calls in flight), or closed-loop when rate is None."""
     stats = Stats()
     rng = random.Random(11)
+    template = script.template()
     loop = asyncio.get_running_loop()
     started = loop.time()
     if rate is None:
@@ -199,7 +265,7 @@ async def dial(host: str, port: int, script: Script, count: int, *, rate: float 
 
         async def worker() -> None:
             for n in counter:
-                await _one_call(host, port, script, n, stats, rng)
+                await _one_call(host, port, script, template, n, stats, rng)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     else:
@@ -211,7 +277,7 @@ async def dial(host: str, port: int, script: Script, count: int, *, rate: float 
             if len(in_flight) >= concurrency:
                 stats.fail("concurrency limit")
                 continue
-            task = loop.create_task(_one_call(host, port, script, n, stats, rng))
+            task = loop.create_task(_one_call(host, port, script, template, n, stats, rng))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
         if in_flight:

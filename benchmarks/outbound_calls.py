@@ -50,7 +50,7 @@ def _dial(script: str, port: int, count: int, *, rate: float | None, concurrency
     return result
 
 
-def main(rate_calls: int, max_calls: int, subscribers: int) -> dict[str, object]:
+def main(rate_calls: int, max_calls: int, subscribers: int, event_limit: int) -> dict[str, object]:
     app = subprocess.Popen(_pinned(0, [sys.executable, "-m", "benchmarks._outbound_app", "--subscribers",
                                        str(subscribers)]), cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -60,6 +60,9 @@ def main(rate_calls: int, max_calls: int, subscribers: int) -> dict[str, object]
             raise RuntimeError(f"app did not start: {ready}")
         port = int(ready[1])
         script = asyncio.run(capture(port, "79200000000"))
+        full_bytes = sum(len(b) for _, b in script.steps)
+        if event_limit:
+            script = script.leaned(event_limit)
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
             fh.write(script.to_json())
             script_path = fh.name
@@ -84,7 +87,9 @@ def main(rate_calls: int, max_calls: int, subscribers: int) -> dict[str, object]
         "calls": calls,
         "failed": failed,
         "errors": {"saturated": saturated["errors"], "steady": steady["errors"]},
-        "frames_per_call": len(script.steps),
+        "bytes_per_call_from_freeswitch": sum(len(b) for _, b in script.steps),
+        "bytes_per_call_full_variables": full_bytes,
+        "event_bytes_limit": event_limit or None,
         "subscribers": subscribers,
         "machine": machine(),
     }
@@ -95,8 +100,10 @@ def cli() -> None:
     parser.add_argument("--rate-calls", type=int, default=60_000, help="calls in the 1,000 calls/s run")
     parser.add_argument("--max-calls", type=int, default=50_000, help="calls in the closed-loop run")
     parser.add_argument("--subscribers", type=int, default=100_000)
+    parser.add_argument("--event-bytes", type=int, default=2560,
+                        help="trim channel variables so each event fits (0: events as the emulator sends them)")
     args = parser.parse_args()
-    print(json.dumps(main(args.rate_calls, args.max_calls, args.subscribers)))
+    print(json.dumps(main(args.rate_calls, args.max_calls, args.subscribers, args.event_bytes)))
 
 
 if __name__ == "__main__":

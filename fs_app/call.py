@@ -181,6 +181,8 @@ class Call:
         return self.hangup_cause
 
     async def wait_hangup_complete(self, timeout: float) -> bool:
+        if self._hangup_complete.done():
+            return True
         try:
             await asyncio.wait_for(asyncio.shield(self._hangup_complete), timeout)
         except TimeoutError:
@@ -211,7 +213,7 @@ class Call:
             futures.append(fut)
             if self.first_sendmsg_at is None and isinstance(cmd, Execute | HangupCmd):
                 self.first_sendmsg_at = now
-                metrics.CALL_SETUP.observe(now - self.accepted_at)
+                metrics.TALLIES.call_setup.observe(now - self.accepted_at)
         self._write(data)
         return futures
 

@@ -6,11 +6,12 @@ are cached so the per-call path does one dictionary lookup and one lock per upda
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -18,19 +19,6 @@ ProcessCollector(registry=REGISTRY)
 
 CALLS = Counter("iim_esl_calls", "Outbound-socket calls handled, by result", ["result"], registry=REGISTRY)
 CALLS_ACTIVE = Gauge("iim_esl_calls_active", "Outbound-socket calls in progress", registry=REGISTRY)
-CALL_SETUP = Histogram(
-    "iim_esl_call_setup_seconds",
-    "Accept of FreeSWITCH's connection to the first call-control sendmsg written",
-    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-    registry=REGISTRY,
-)
-COMMAND_SECONDS = Histogram(
-    "iim_esl_command_seconds",
-    "Command written to reply received",
-    ["command"],
-    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
-    registry=REGISTRY,
-)
 ERRORS = Counter("iim_esl_errors", "ESL errors, by kind", ["kind"], registry=REGISTRY)
 QUEUE_OVERFLOW = Counter(
     "iim_esl_queue_overflow", "Events dropped because a per-call or per-client queue was full", registry=REGISTRY
@@ -44,18 +32,53 @@ INBOUND_RECONNECTS = Counter(
 
 CALLS_ROUTED = Counter("iim_calls_routed", "Calls routed, by how the route was chosen", ["route"], registry=REGISTRY)
 
-class _TallyCollector(Collector):
-    """Counters kept in plain dicts and read at scrape time.
+class FastHistogram:
+    """A histogram without a lock: the call path runs on one event loop thread."""
 
-    Several events and replies arrive per call; a ``prometheus_client`` counter takes a lock
-    per increment, a dict increment does not (the event loop is single-threaded).
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+
+class _TallyCollector(Collector):
+    """Counters and histograms kept in plain Python objects and read at scrape time.
+
+    Several events and replies arrive per call; a ``prometheus_client`` metric takes a lock
+    per update, these do not (the event loop is single-threaded).
     """
+
+    _COMMAND_BOUNDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+    _SETUP_BOUNDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
     def __init__(self) -> None:
         self.events: Tally[str] = Tally()
         self.commands: Tally[tuple[str, str]] = Tally()
+        self.command_seconds: dict[str, FastHistogram] = {}
+        self.call_setup = FastHistogram(self._SETUP_BOUNDS)
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def command_histogram(self, verb: str) -> FastHistogram:
+        found = self.command_seconds.get(verb)
+        if found is None:
+            found = self.command_seconds[verb] = FastHistogram(self._COMMAND_BOUNDS)
+        return found
+
+    @staticmethod
+    def _histogram(family: HistogramMetricFamily, labels: list[str], h: FastHistogram) -> None:
+        running = 0
+        buckets = []
+        for bound, count in zip((*h.bounds, float("inf")), h.counts, strict=True):
+            running += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        family.add_metric(labels, buckets, h.total)
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         events = CounterMetricFamily("iim_esl_events", "Events received, by Event-Name", labels=["event"])
         for name, value in list(self.events.items()):
             events.add_metric([name], value)
@@ -65,12 +88,20 @@ class _TallyCollector(Collector):
         for (verb, result), value in list(self.commands.items()):
             commands.add_metric([verb, result], value)
         yield commands
+        seconds = HistogramMetricFamily("iim_esl_command_seconds", "Command written to reply received",
+                                        labels=["command"])
+        for verb, histogram in list(self.command_seconds.items()):
+            self._histogram(seconds, [verb], histogram)
+        yield seconds
+        setup = HistogramMetricFamily(
+            "iim_esl_call_setup_seconds", "Accept of FreeSWITCH's connection to the first call-control sendmsg written")
+        self._histogram(setup, [], self.call_setup)
+        yield setup
 
 
 TALLIES = _TallyCollector()
 REGISTRY.register(TALLIES)
 _MAX_EVENT_NAMES = 256  # bound the label set against a misbehaving peer
-_command_seconds: dict[str, Histogram] = {}
 
 
 def count_event(name: str) -> None:
@@ -84,10 +115,7 @@ def count_event(name: str) -> None:
 def count_reply(verb: str, ok: bool, seconds: float) -> None:
     """One command answered: counted by verb and result, its round trip observed."""
     TALLIES.commands[(verb, "ok" if ok else "err")] += 1
-    child = _command_seconds.get(verb)
-    if child is None:
-        child = _command_seconds[verb] = COMMAND_SECONDS.labels(verb)
-    child.observe(seconds)
+    TALLIES.command_histogram(verb).observe(seconds)
 
 
 def count_command(verb: str, result: str) -> None:

@@ -94,6 +94,7 @@ class PolicyCache:
         store: PolicyStore,
         *,
         resync_interval: float = 30.0,
+        reconnect_max: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
@@ -108,6 +109,7 @@ class PolicyCache:
         self._in_sync_at: float | None = None
         self._clock = clock
         self._resync_interval = resync_interval
+        self._reconnect_max = reconnect_max
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._ready_for_reload = False
@@ -204,7 +206,7 @@ class PolicyCache:
                     except (PolicyStoreUnavailable, OSError):
                         pass
             attempt += 1
-            await asyncio.sleep(backoff_delay(attempt, 0.2, 10.0))
+            await asyncio.sleep(backoff_delay(attempt, 0.2, self._reconnect_max))
 
     def _on_lost(self, exc: BaseException) -> None:
         if self._listener_up:

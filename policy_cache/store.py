@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import UTC, datetime, time
 from uuid import UUID
@@ -28,7 +29,7 @@ from policy_cache.repository import (
     changes_since,
     load_routing_rows,
 )
-from policy_cache.snapshot import RoutingSnapshot, SpeakerDevice, compile_snapshot
+from policy_cache.snapshot import RoutingSnapshot, SpeakerDevice, callers, compile_snapshot
 
 CHANNEL = "iim_policy"
 
@@ -113,6 +114,16 @@ def snapshot_from_row(row: RoutingRow, now: datetime, shared: dict[object, objec
     )
 
 
+_ZONES: dict[str | None, str] = {None: "UTC"}
+
+
+def _zone(name: str | None) -> str:
+    found = _ZONES.get(name)
+    if found is None:
+        found = _ZONES[name] = sys.intern(name or "UTC")
+    return found
+
+
 def _device_order(device: SpeakerDevice) -> str:
     return device.device_id
 
@@ -173,55 +184,44 @@ class _ListenFeed:
 # The full load, shaped for the cache: PostgreSQL joins (on its own core) and Python only builds
 # snapshots. One row per subscriber; ringing devices come separately, once per household.
 _FULL_DEVICES = """
-SELECT d.tenant_id::text || '/' || d.household_id::text, d.id::text, d.vendor, d.capabilities::text[], d.sip_uri,
-       d.connector, d.connector_ref, d.status = 'offline'
+SELECT d.tenant_id::text, d.household_id::text, d.id::text, d.sip_uri, d.connector || ':' || d.connector_ref,
+       d.capabilities && '{sip,webrtc}'::iim.device_capability[],
+       'cloud_announce' = ANY(d.capabilities), d.status = 'offline', d.vendor
 FROM iim.device d
 WHERE d.enabled AND d.capabilities && '{sip,webrtc,cloud_announce}'::iim.device_capability[]
 """
+# Expressions are kept cheap on purpose: PostgreSQL evaluates them for a million rows while we wait.
+# Households come back as arrays only for the rare subscriber with several bindings.
 _FULL_SUBSCRIBERS = """
 WITH sb AS (
-    SELECT b.tenant_id, b.subscriber_id,
-           array_agg(b.tenant_id::text || '/' || b.household_id::text
-                     ORDER BY b.role <> 'owner', b.priority, b.household_id) AS households,
-           array_agg(b.device_id::text ORDER BY b.role <> 'owner', b.priority, b.household_id) AS devices,
-           (array_agg(b.household_id ORDER BY b.role <> 'owner', b.priority, b.household_id))[1] AS primary_hh
+    SELECT b.tenant_id, b.subscriber_id, count(*) AS n,
+           array_agg(b.household_id ORDER BY b.role <> 'owner', b.priority, b.household_id) AS households,
+           array_agg(b.device_id ORDER BY b.role <> 'owner', b.priority, b.household_id) AS devices
     FROM iim.binding b WHERE b.role IN ('owner', 'member')
     GROUP BY b.tenant_id, b.subscriber_id
 )
-SELECT s.tenant_id::text, s.id::text, s.msisdn, s.sip_aor, sb.households, sb.devices,
+SELECT s.tenant_id::text, s.id::text, s.msisdn, s.sip_aor, sb.households[1]::text,
+       CASE WHEN sb.n > 1 OR sb.devices[1] IS NOT NULL THEN sb.households END,
+       CASE WHEN sb.n > 1 OR sb.devices[1] IS NOT NULL THEN sb.devices END,
        h.time_zone, h.presence::text,
        coalesce(sp.ring_mode, hp.ring_mode)::text, coalesce(sp.phone_timeout_s, hp.phone_timeout_s),
        coalesce(sp.home_timeout_s, hp.home_timeout_s),
        CASE WHEN sp.id IS NOT NULL THEN sp.quiet_start ELSE hp.quiet_start END,
        CASE WHEN sp.id IS NOT NULL THEN sp.quiet_end ELSE hp.quiet_end END,
-       coalesce(sp.dnd, hp.dnd), coalesce(sp.allowed_callers, hp.allowed_callers),
-       coalesce(sp.blocked_callers, hp.blocked_callers),
+       coalesce(sp.dnd, hp.dnd),
+       CASE WHEN sp.id IS NOT NULL THEN sp.allowed_callers ELSE hp.allowed_callers END,
+       CASE WHEN sp.id IS NOT NULL THEN sp.blocked_callers ELSE hp.blocked_callers END,
        coalesce(sp.home_only_when_present, hp.home_only_when_present), coalesce(sp.fallback, hp.fallback)::text,
-       coalesce(sp.version, hp.version), c.id IS NOT NULL, extract(epoch FROM c.expires_at)::float8,
-       sb.primary_hh::text
+       coalesce(sp.version, hp.version), c.id IS NOT NULL, c.expires_at
 FROM iim.subscriber s
 LEFT JOIN sb ON sb.tenant_id = s.tenant_id AND sb.subscriber_id = s.id
-LEFT JOIN iim.household h ON h.tenant_id = s.tenant_id AND h.id = sb.primary_hh
+LEFT JOIN iim.household h ON h.tenant_id = s.tenant_id AND h.id = sb.households[1]
 LEFT JOIN iim.policy sp ON sp.tenant_id = s.tenant_id AND sp.subscriber_id = s.id
-LEFT JOIN iim.policy hp ON hp.tenant_id = s.tenant_id AND hp.household_id = sb.primary_hh
+LEFT JOIN iim.policy hp ON hp.tenant_id = s.tenant_id AND hp.household_id = sb.households[1]
 LEFT JOIN iim.consent c ON c.tenant_id = s.tenant_id AND c.subscriber_id = s.id
      AND c.purpose = 'announce_calls' AND c.revoked_at IS NULL AND (c.expires_at IS NULL OR c.expires_at > now())
 """
 _BATCH = 20_000
-
-
-def _device_from_record(r: asyncpg.Record) -> SpeakerDevice | None:
-    caps = r[3]
-    sip_uri = r[4]
-    sip = sip_uri is not None and ("sip" in caps or "webrtc" in caps)
-    announce = r[5] is not None and "cloud_announce" in caps
-    if not (sip or announce):
-        return None
-    return SpeakerDevice(
-        device_id=r[1],
-        endpoint=sip_uri.removeprefix("sip:") if sip else f"{r[5]}:{r[6]}",
-        sip=sip, cloud_announce=announce, online=not r[7], name=r[2] or "",
-    )
 
 
 class PgPolicyStore:
@@ -287,17 +287,20 @@ class PgPolicyStore:
 
     async def _compile_batches(self, batches: asyncio.Queue[tuple[str, list[asyncpg.Record]] | None]
                                ) -> list[RoutingSnapshot]:
-        devices: dict[str, list[SpeakerDevice]] = {}
-        by_household: dict[str, tuple[SpeakerDevice, ...]] | None = None
+        devices: dict[tuple[str, str], list[SpeakerDevice]] = {}
+        by_household: dict[tuple[str, str], tuple[SpeakerDevice, ...]] | None = None
         snapshots: list[RoutingSnapshot] = []
         tenants: dict[str, str] = {}
         while (item := await batches.get()) is not None:
             kind, batch = item
             if kind == "devices":
                 for r in batch:
-                    device = _device_from_record(r)
-                    if device is not None:
-                        devices.setdefault(r[0], []).append(device)
+                    sip = r[5] and r[3] is not None
+                    endpoint = r[3].removeprefix("sip:") if sip else r[4]
+                    if endpoint is None:
+                        continue  # cloud_announce without a connector: nothing can reach it
+                    devices.setdefault((r[0], r[1]), []).append(
+                        SpeakerDevice(r[2], endpoint, sip, r[6] and r[4] is not None, not r[7], r[8] or ""))
                 continue
             if by_household is None:
                 by_household = {k: tuple(sorted(v, key=_device_order)) for k, v in devices.items()}
@@ -307,38 +310,33 @@ class PgPolicyStore:
         return snapshots
 
     @staticmethod
-    def _snapshot(r: asyncpg.Record, by_household: dict[str, tuple[SpeakerDevice, ...]],
+    def _snapshot(r: asyncpg.Record, by_household: dict[tuple[str, str], tuple[SpeakerDevice, ...]],
                   tenants: dict[str, str]) -> RoutingSnapshot:
-        households = r[4]
-        speakers: tuple[SpeakerDevice, ...] = ()
-        if households:
-            only = r[5]
-            for hh, device_id in zip(households, only, strict=True):
-                found = by_household.get(hh, ())
-                if device_id is not None:
-                    found = tuple(d for d in found if d.device_id == device_id)
-                if not speakers:
-                    speakers = found
-                elif found:
-                    known = {d.device_id for d in speakers}
-                    speakers += tuple(d for d in found if d.device_id not in known)
         tenant = tenants.setdefault(r[0], r[0])
-        has_policy = r[8] is not None
-        qs, qe = r[11], r[12]
-        return compile_snapshot(
-            subscriber_id=r[1], tenant_id=tenant, msisdn=r[2],
-            aor=r[3].removeprefix("sip:") if r[3] else None,
-            time_zone=r[6] or "UTC",
-            ring_mode=r[8] if has_policy else "phone_only",
-            phone_timeout_s=r[9] if has_policy else 20, home_timeout_s=r[10] if has_policy else 20,
-            quiet_start_min=None if qs is None else qs.hour * 60 + qs.minute,
-            quiet_end_min=None if qe is None else qe.hour * 60 + qe.minute,
-            dnd=bool(r[13]), allowed_callers=r[14], blocked_callers=r[15],
-            presence=r[7] or "unknown", home_only_when_present=bool(r[16]),
-            announce_consent=r[19], announce_consent_expires=r[20],
-            fallback=r[17] if has_policy else "none", speakers=speakers,
-            policy_version=r[18] if has_policy else 0,
-            household_id=r[21],
+        household = r[4]
+        speakers: tuple[SpeakerDevice, ...] = ()
+        if r[5] is not None:  # several bindings, or bindings to single devices
+            for hh, device_id in zip(r[5], r[6], strict=True):
+                found = by_household.get((tenant, str(hh)), ())
+                if device_id is not None:
+                    found = tuple(d for d in found if d.device_id == str(device_id))
+                known = {d.device_id for d in speakers}
+                speakers += tuple(d for d in found if d.device_id not in known)
+        elif household is not None:
+            speakers = by_household.get((tenant, household), ())
+        ring_mode = r[9]
+        aor = r[3]
+        qs, qe = r[12], r[13]
+        expires = r[21]
+        # Values come from PostgreSQL enums and CHECKs: built directly, without compile_snapshot's checks.
+        return RoutingSnapshot(
+            r[1], tenant, r[2], aor.removeprefix("sip:") if aor else None, _zone(r[7]),
+            ring_mode if ring_mode is not None else "phone_only",
+            r[10] if ring_mode is not None else 20, r[11] if ring_mode is not None else 20,
+            None if qs is None else qs.hour * 60 + qs.minute, None if qe is None else qe.hour * 60 + qe.minute,
+            bool(r[14]), callers(r[15]), callers(r[16]), r[8] or "unknown", bool(r[17]),
+            r[20], r[18] if ring_mode is not None else "none", speakers,
+            r[19] if ring_mode is not None else 0, household, None if expires is None else expires.timestamp(),
         )
 
     async def load_subscribers(self, subscriber_ids: Iterable[str]) -> list[RoutingSnapshot]:

@@ -16,7 +16,18 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from fs_app.esl import Api, Auth, BgApi, Command, CommandDecoder, EventSubscribe, Execute, Exit, HangupCmd
+from fs_app.esl import (
+    Api,
+    Auth,
+    BgApi,
+    Command,
+    CommandDecoder,
+    EventSubscribe,
+    Execute,
+    Exit,
+    Filter,
+    HangupCmd,
+)
 from tests.conftest import transcript_dir, transcript_stream
 
 _CONTENT_LENGTH = re.compile(rb"^Content-Length: (\d+)$", re.MULTILINE)
@@ -104,6 +115,11 @@ async def replay_call(name: str, host: str, port: int, *, timeout: float = 5.0) 
                     break
                 for cmd in decoder.feed(data):
                     result.commands.append(cmd)
+                    if isinstance(cmd, Filter) and not any(isinstance(s.command, Filter) for s in steps):
+                        # The recording's app did not filter; answer as mod_event_socket does.
+                        writer.write(f"Content-Type: command/reply\nReply-Text: +OK filter added. "
+                                     f"[{cmd.header}]=[{cmd.value}]\n\n".encode())
+                        continue
                     while steps and _kind(steps[0].command) != _kind(cmd):
                         skipped = steps.pop(0)
                         frames = [f for f in skipped.frames if not _is_reply(f)]

@@ -195,6 +195,10 @@ async def test_each_ring_mode_reaches_freeswitch_as_the_right_dial_string(
     assert _groups(_bridge(result)) == [sorted(names[x] for x in group) for group in expected]
     assert result.bridged_to is not None
     assert result.error is None
+    events = [s.split()[1] for s in result.sent if s.startswith("event ")]
+    assert "CHANNEL_EXECUTE_COMPLETE" in events
+    assert "CHANNEL_HANGUP_COMPLETE" in events
+    assert not {"CHANNEL_PARK", "CHANNEL_EXECUTE", "CHANNEL_STATE", "CHANNEL_PROGRESS"} & set(events)  # filtered
 
 
 @pytest.mark.parametrize(
@@ -284,7 +288,7 @@ async def test_postgresql_stopped_mid_run_keeps_routing_and_resyncs_after_restar
     assert db.embedded is not None
     assert db.demo is not None
     store = PgPolicyStore(db.cache_url, connect_timeout=1.0)
-    cache = PolicyCache(store, resync_interval=1.0)
+    cache = PolicyCache(store, resync_interval=1.0, reconnect_max=1.0)
     await cache.start(timeout=20)
     passthrough = make_passthrough_handler("sofia/gateway/ims/{destination}")
     server = OutboundServer(PolicyRouter(cache, passthrough, clock=lambda: datetime(2026, 6, 1, 9, 0, tzinfo=UTC)),
@@ -295,7 +299,7 @@ async def test_postgresql_stopped_mid_run_keeps_routing_and_resyncs_after_restar
     spec = CallSpec(destination="79001234567", caller_id_number="79160000000")
     try:
         await asyncio.to_thread(db.embedded.stop)
-        await _eventually(lambda: not cache.status().listener_up)
+        await _eventually(lambda: not cache.status().listener_up, timeout=30)
         for _ in range(3):
             result = await emu.place_call("127.0.0.1", server.port, spec)
             assert _groups(_bridge(result)) == [["sofia/gateway/ims/+79001234567", "user/speaker-1@iim.local"]]
@@ -306,8 +310,13 @@ async def test_postgresql_stopped_mid_run_keeps_routing_and_resyncs_after_restar
                 await repository.set_device_status(tx, db.demo.sip_speaker_id, DeviceStatus.OFFLINE, actor="test")
         finally:
             await pool.close()
-        await _eventually(lambda: cache.status().listener_up, timeout=20)
-        await _eventually(lambda: not cache.lookup("+79001234567").speakers[0].online, timeout=10)  # type: ignore[union-attr]
+        await _eventually(lambda: cache.status().listener_up, timeout=30)
+        def speaker_offline() -> bool:
+            snapshot = cache.lookup("+79001234567")
+            assert snapshot is not None
+            return not next(d for d in snapshot.speakers if d.endpoint == "speaker-1@iim.local").online
+
+        await _eventually(speaker_offline, timeout=30)
         result = await emu.place_call("127.0.0.1", server.port, spec)
         assert _groups(_bridge(result)) == [["sofia/gateway/ims/+79001234567"]]
     finally:
