@@ -5,6 +5,7 @@ caller, an offline speaker, no-answer fallback, an unknown callee, and PostgreSQ
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import time as clock
 from collections.abc import AsyncIterator, Callable
@@ -45,6 +46,7 @@ from tests.pg import PgDatabase
 from tests.tcp_proxy import TcpFaultProxy
 
 NOON_BERLIN = datetime(2026, 6, 1, 10, 0, tzinfo=UTC)
+_RIG_NUMBERS = itertools.count(1)
 CALLER = "+4930111222"
 
 
@@ -129,7 +131,7 @@ async def rig(pg_db: PgDatabase, app_pool: Pool, lines_spec: dict[str, dict[str,
     tenant = uuid4()
     async with tenant_tx(app_pool, tenant) as tx:
         await repository.create_tenant(tx, TenantCreate(name="e2e"), actor="test")
-    base = abs(hash(tenant)) % 100_000 * 20
+    base = next(_RIG_NUMBERS) * 20  # numbers unique across the module's rigs (the cache indexes all tenants)
     lines = {name: await _subscriber(app_pool, tenant, base + i, **dict(spec))
              for i, (name, spec) in enumerate(lines_spec.items())}
     proxy = TcpFaultProxy(pg_db.cache_url)
