@@ -117,3 +117,17 @@ async def test_registration_changes_take_a_speaker_out_of_the_fork_at_once(cache
     after = decide(cache.lookup(OWNER), call, noon)  # type: ignore[arg-type]
     assert "speaker-1@iim.local" not in [leg.target for leg in after.legs]
     cache.set_device_online("speaker-1@iim.local", True)
+
+
+async def test_full_load_and_incremental_reload_compile_identical_snapshots(
+    pg_db: PgDatabase, demo: Demo
+) -> None:
+    """The full load (set-based SQL) and a sync (per-subscriber rows) are two paths to one result."""
+    store = PgPolicyStore(pg_db.cache_url)
+    try:
+        full, _ = await store.load_all()
+        again = await store.load_subscribers([s.subscriber_id for s in full])
+    finally:
+        await store.close()
+    assert len(full) >= 2
+    assert {s.subscriber_id: s for s in full} == {s.subscriber_id: s for s in again}
