@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fs_app import metrics
 from fs_app.esl import (
@@ -118,7 +119,7 @@ def _expire_all(futures: list[asyncio.Future[Event]], uuid: str) -> None:
             fut.set_exception(EslTimeout(f"application did not complete in time on call {uuid}"))
 
 
-def _retrieve(fut: asyncio.Future[object]) -> None:
+def retrieve_exception(fut: asyncio.Future[Any]) -> None:
     """Mark a failed reply as seen: the socket may close with nobody awaiting it."""
     if not fut.cancelled():
         fut.exception()
@@ -208,7 +209,7 @@ class Call:
         futures: list[asyncio.Future[object]] = []
         for cmd in cmds:
             fut: asyncio.Future[object] = self._loop.create_future()
-            fut.add_done_callback(_retrieve)
+            fut.add_done_callback(retrieve_exception)
             self._replies.append((fut, type(cmd).__name__.lower(), now))
             futures.append(fut)
             if self.first_sendmsg_at is None and isinstance(cmd, Execute | HangupCmd):

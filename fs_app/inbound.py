@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from fs_app import metrics
-from fs_app.call import CommandFailed
+from fs_app.call import CommandFailed, retrieve_exception
 from fs_app.esl import (
     Api,
     ApiResponse,
@@ -107,8 +107,8 @@ class _InboundProtocol(asyncio.Protocol):
         self.greeting: asyncio.Future[None] = loop.create_future()
         self.replies: deque[asyncio.Future[CommandReply | ApiResponse]] = deque()
         self.closed: asyncio.Future[None] = loop.create_future()
-        self.closed.add_done_callback(_retrieve)
-        self.greeting.add_done_callback(_retrieve)
+        self.closed.add_done_callback(retrieve_exception)
+        self.greeting.add_done_callback(retrieve_exception)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
@@ -118,7 +118,7 @@ class _InboundProtocol(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             raise EslConnectionError("inbound connection is closing")
         fut: asyncio.Future[CommandReply | ApiResponse] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(_retrieve)
+        fut.add_done_callback(retrieve_exception)
         self.replies.append(fut)
         self.transport.write(serialise(cmd))
         return fut
@@ -168,11 +168,6 @@ class _InboundProtocol(asyncio.Protocol):
         self.replies.clear()
         if not self.closed.done():
             self.closed.set_result(None)
-
-
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
 
 
 class InboundClient:

@@ -129,7 +129,7 @@ def _role_passwords(secrets_file: Path) -> dict[str, str]:
 
 # -- URLs -----------------------------------------------------------------------------------------------
 
-def _with(url: str, *, user: str | None = None, password: str | None = None, database: str | None = None) -> str:
+def with_url(url: str, *, user: str | None = None, password: str | None = None, database: str | None = None) -> str:
     parts = urlsplit(url)
     userinfo, _, hostport = parts.netloc.rpartition("@")
     old_user, _, old_password = userinfo.partition(":")
@@ -226,7 +226,7 @@ async def _ensure_database(admin_url: str) -> None:
     try:
         conn = await asyncpg.connect(admin_url)
     except asyncpg.InvalidCatalogNameError:
-        maint = await asyncpg.connect(_with(admin_url, database="postgres"))
+        maint = await asyncpg.connect(with_url(admin_url, database="postgres"))
         try:
             exists = await maint.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
             if not exists:
@@ -302,7 +302,7 @@ async def bootstrap(
     applied = await migrate.upgrade(admin_url)
 
     passwords = _role_passwords(secrets_path)
-    role_urls = {role: _with(admin_url, user=role, password=pw) for role, pw in passwords.items()}
+    role_urls = {role: with_url(admin_url, user=role, password=pw) for role, pw in passwords.items()}
     admin = await asyncpg.connect(admin_url)
     try:
         for role, pw in passwords.items():

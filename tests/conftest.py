@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,15 @@ from fs_app.outbound import CallHandler, OutboundServer, OutboundSettings
 asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 TRANSCRIPTS = Path(__file__).resolve().parents[1].parent / "shared" / "esl-transcripts"
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``check`` until it holds (state reached by background tasks), failing after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
 
 
 def transcript_dir() -> Path:

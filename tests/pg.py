@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -30,7 +29,7 @@ import pytest
 import pytest_asyncio
 
 from policy_cache import migrate, repository
-from policy_cache.bootstrap import EmbeddedPostgres, scram_verifier, start_embedded
+from policy_cache.bootstrap import EmbeddedPostgres, scram_verifier, start_embedded, with_url
 from policy_cache.db import Connection, DbRole, Pool, connect, connect_pool, tenant_tx
 from policy_cache.models import TenantCreate
 
@@ -50,18 +49,6 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         return loop.run_until_complete(coro)
     finally:
         loop.close()
-
-
-def with_url(url: str, *, database: str | None = None, user: str | None = None,
-             password: str | None = None) -> str:
-    parts = urlsplit(url)
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    old_user, _, old_password = userinfo.partition(":")
-    new_user = quote(user, safe="") if user is not None else old_user
-    new_password = quote(password, safe="") if password is not None else old_password
-    netloc = f"{new_user}:{new_password}@{hostport}" if new_password else f"{new_user}@{hostport}"
-    path = "/" + quote(database, safe="") if database is not None else parts.path
-    return urlunsplit((parts.scheme, netloc, path, parts.query, parts.fragment))
 
 
 @dataclass(frozen=True)

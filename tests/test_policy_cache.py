@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time as clock
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
@@ -16,18 +15,11 @@ from policy_cache.cache import PolicyCache
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import PolicyUpdate, RingMode
 from policy_cache.store import PgPolicyStore
+from tests.conftest import eventually
 from tests.pg import PgDatabase
 from tests.tcp_proxy import TcpFaultProxy
 
 OWNER = "+79001234567"
-
-
-async def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = clock.monotonic() + timeout
-    while not check():
-        if clock.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -81,9 +73,9 @@ async def test_committed_policy_change_is_served_without_a_reload(
     cache: PolicyCache, app_pool: Pool, demo: Demo
 ) -> None:
     await _set_ring_mode(app_pool, demo, RingMode.PHONE_THEN_HOME)
-    await _eventually(lambda: cache.lookup(OWNER).ring_mode == "phone_then_home")  # type: ignore[union-attr]
+    await eventually(lambda: cache.lookup(OWNER).ring_mode == "phone_then_home")  # type: ignore[union-attr]
     await _set_ring_mode(app_pool, demo, RingMode.SIMULTANEOUS)
-    await _eventually(lambda: cache.lookup(OWNER).ring_mode == "simultaneous")  # type: ignore[union-attr]
+    await eventually(lambda: cache.lookup(OWNER).ring_mode == "simultaneous")  # type: ignore[union-attr]
 
 
 async def test_change_committed_while_the_listener_was_cut_is_served_after_reconnect(
@@ -91,7 +83,7 @@ async def test_change_committed_while_the_listener_was_cut_is_served_after_recon
 ) -> None:
     seq_before = cache.seq
     proxy.cut()
-    await _eventually(lambda: not cache.status().listener_up)
+    await eventually(lambda: not cache.status().listener_up)
     await _set_ring_mode(app_pool, demo, RingMode.HOME_THEN_PHONE)
     await asyncio.sleep(0.3)
     snap = cache.lookup(OWNER)
@@ -101,11 +93,11 @@ async def test_change_committed_while_the_listener_was_cut_is_served_after_recon
     assert health["status"] == "degraded"
     assert health["policy_cache"]["staleness_s"] > 0  # type: ignore[index]
     proxy.restore()
-    await _eventually(lambda: cache.lookup(OWNER).ring_mode == "home_then_phone", timeout=15)  # type: ignore[union-attr]
+    await eventually(lambda: cache.lookup(OWNER).ring_mode == "home_then_phone", timeout=15)  # type: ignore[union-attr]
     assert cache.seq > seq_before
     assert cache.health()["status"] == "ok"
     await _set_ring_mode(app_pool, demo, RingMode.SIMULTANEOUS)
-    await _eventually(lambda: cache.lookup(OWNER).ring_mode == "simultaneous")  # type: ignore[union-attr]
+    await eventually(lambda: cache.lookup(OWNER).ring_mode == "simultaneous")  # type: ignore[union-attr]
 
 
 async def test_registration_changes_take_a_speaker_out_of_the_fork_at_once(cache: PolicyCache) -> None:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
-import time as clock
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
 from pathlib import Path
@@ -42,6 +41,7 @@ from policy_cache.models import (
     TenantCreate,
 )
 from policy_cache.store import PgPolicyStore
+from tests.conftest import eventually
 from tests.pg import PgDatabase
 from tests.tcp_proxy import TcpFaultProxy
 
@@ -62,14 +62,6 @@ class Clock:
 
     def __call__(self) -> datetime:
         return self.now
-
-
-async def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = clock.monotonic() + timeout
-    while not check():
-        if clock.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 async def _subscriber(pool: Pool, tenant: UUID, n: int, **policy: Any) -> Line:
@@ -272,13 +264,13 @@ async def test_each_routed_call_leaves_one_audit_row_with_the_policy_version(rig
 
 async def test_postgresql_unreachable_calls_still_route_from_the_cache(rig: Rig) -> None:
     rig.proxy.cut()
-    await _eventually(lambda: not rig.cache.status().listener_up)
+    await eventually(lambda: not rig.cache.status().listener_up)
     target = rig.lines["home_then_phone"]
     result = await rig.call(target.msisdn)
     assert _groups(_bridge(result))[1] == [f"sofia/gateway/ims/{target.msisdn}"]
     assert rig.cache.health()["status"] == "degraded"
     rig.proxy.restore()
-    await _eventually(lambda: rig.cache.status().listener_up, timeout=15)
+    await eventually(lambda: rig.cache.status().listener_up, timeout=15)
 
 
 async def test_postgresql_stopped_mid_run_keeps_routing_and_resyncs_after_restart(tmp_path: Path) -> None:
@@ -301,7 +293,7 @@ async def test_postgresql_stopped_mid_run_keeps_routing_and_resyncs_after_restar
     spec = CallSpec(destination="79001234567", caller_id_number="79160000000")
     try:
         await asyncio.to_thread(db.embedded.stop)
-        await _eventually(lambda: not cache.status().listener_up, timeout=30)
+        await eventually(lambda: not cache.status().listener_up, timeout=30)
         for _ in range(3):
             result = await emu.place_call("127.0.0.1", server.port, spec)
             assert _groups(_bridge(result)) == [["sofia/gateway/ims/+79001234567", "user/speaker-1@iim.local"]]
@@ -312,13 +304,13 @@ async def test_postgresql_stopped_mid_run_keeps_routing_and_resyncs_after_restar
                 await repository.set_device_status(tx, db.demo.sip_speaker_id, DeviceStatus.OFFLINE, actor="test")
         finally:
             await pool.close()
-        await _eventually(lambda: cache.status().listener_up, timeout=30)
+        await eventually(lambda: cache.status().listener_up, timeout=30)
         def speaker_offline() -> bool:
             snapshot = cache.lookup("+79001234567")
             assert snapshot is not None
             return not next(d for d in snapshot.speakers if d.endpoint == "speaker-1@iim.local").online
 
-        await _eventually(speaker_offline, timeout=30)
+        await eventually(speaker_offline, timeout=30)
         result = await emu.place_call("127.0.0.1", server.port, spec)
         assert _groups(_bridge(result)) == [["sofia/gateway/ims/+79001234567"]]
     finally:
