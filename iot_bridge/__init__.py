@@ -1,0 +1,1 @@
+"""HTTPS bridge for device events: verification, validation, rate limits, durable intake."""

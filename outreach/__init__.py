@@ -1,0 +1,1 @@
+"""Reaching people: alert calls (originate + IVR) under toll-fraud limits, and SMS."""

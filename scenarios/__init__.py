@@ -1,0 +1,1 @@
+"""Scenarios: data-defined escalations for device incidents; pure decisions, separate executors."""
