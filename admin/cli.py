@@ -6,6 +6,8 @@ Wire into the ``iim`` parser with ``register_subcommands(subparsers)``. Commands
     iim household  create|list|show|update|delete   --tenant T   (also: subscriber, device, binding,
     iim consent    grant|list|show|revoke            --tenant T    policy, brand, region, credential-ref)
     iim audit      list|verify                       --tenant T
+    iim scenario   simulate|templates list|show|install  (besides create|list|show|update|delete; simulate
+                                                     and templates list|show need no API)
     iim token      new|hash                          (offline: make a token and its table entry)
     iim db         upgrade                           (offline: migrate the database via the bootstrap)
 
@@ -22,22 +24,30 @@ Exit codes: 0 success; 1 the API answered an error (problem details printed, ``e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TextIO
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from admin.auth import Role, TokenEntry, hash_token, new_token
 from admin.client import ApiClient, ApiProblem, ClientError
 from admin.resources import RESOURCES, ListQuery, Resource
 from admin.service import AuditQuery
 from iim.settings import resolve_secret
-from policy_cache.models import TenantCreate, TenantUpdate
+from iot_bridge.event_types import EventType
+from policy_cache.models import DeviceStatus, DeviceType, PresenceState, TenantCreate, TenantUpdate
+from scenarios.engine import ActionOutcome, Contact, mismatches
+from scenarios.model import ContactRole, Scenario
+from scenarios.simulate import format_timeline, simulate, synthetic_facts, timeline_json
+from scenarios.templates import TEMPLATES
 
 __all__ = ["register_subcommands", "main"]
 
@@ -316,7 +326,8 @@ def _add_body_options(parser: argparse.ArgumentParser, model: type[BaseModel], *
     add_model_options(parser, model, required=not update)
 
 
-def _register_resource(sub: Any, res: Resource) -> None:
+def _register_resource(sub: Any, res: Resource) -> Any:
+    """The resource's commands; returns its ``ACTION`` sub-parsers (for extra, resource-specific ones)."""
     command = res.name.replace("_", "-")
     top = sub.add_parser(command, help=f"manage {res.plural.replace('-', ' ')} of a tenant",
                          description=res.description)
@@ -358,6 +369,7 @@ def _register_resource(sub: Any, res: Resource) -> None:
         p = actions.add_parser("revoke", parents=[common], help=f"revoke a {label} (the record is kept)")
         p.add_argument("id", type=_id)
         p.set_defaults(func=_run(lambda a, c: c.request("POST", f"{_tenant_path(a)}/{res.plural}/{a.id}/revoke")))
+    return actions
 
 
 def _deleted(client: ApiClient, path: str, label: str, row_id: str) -> dict[str, str]:
@@ -481,6 +493,242 @@ def _register_db(sub: Any) -> None:
     p.set_defaults(func=_db_upgrade)
 
 
+# -- scenario tools: simulate, templates -------------------------------------------------------------------
+
+#: Keys of a stored row / API body that are not part of a scenario's definition (``--file`` accepts both).
+_ROW_KEYS = frozenset({"id", "tenant_id", "household_id", "subscriber_id", "version", "created_at", "updated_at"})
+
+
+def _scenario_tool(action: Callable[[argparse.Namespace], int]) -> Command:
+    """Error handling of the scenario tools (they reach the API only when asked to)."""
+    def command(args: argparse.Namespace) -> int:
+        try:
+            return action(args)
+        except ApiProblem as exc:
+            _print_problem(args, exc, sys.stderr)
+            return EXIT_API_ERROR
+        except ClientError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return EXIT_UNREACHABLE
+        except CliError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return exc.code
+
+    return command
+
+
+def _definition(data: Any, where: str) -> Scenario:
+    if not isinstance(data, dict):
+        raise CliError(f"{where}: a scenario is a JSON object", EXIT_USAGE)
+    try:
+        return Scenario.model_validate({k: v for k, v in data.items() if k not in _ROW_KEYS})
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                 for e in exc.errors(include_url=False, include_input=False)]
+        raise CliError(f"{where} is not a valid scenario:\n" + "\n".join(lines), EXIT_USAGE) from exc
+
+
+def _load_scenario(args: argparse.Namespace, client: Callable[[], ApiClient]) -> Scenario:
+    if args.template:
+        return TEMPLATES[args.template]
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except OSError as exc:
+            raise CliError(f"--file {args.file}: {exc.strerror}", EXIT_USAGE) from exc
+        except json.JSONDecodeError as exc:
+            raise CliError(f"--file {args.file} is not JSON: {exc.msg} (line {exc.lineno})", EXIT_USAGE) from exc
+        return _definition(data, f"--file {args.file}")
+    page = client().request("GET", f"{_tenant_path(args)}/scenarios", query={"name": args.name})
+    if not page["items"]:
+        raise CliError(f"the tenant has no scenario named {args.name!r}", EXIT_API_ERROR)
+    return _definition(page["items"][0], f"scenario {args.name!r}")
+
+
+def _all_items(client: ApiClient, path: str, query: dict[str, str | int]) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = _list_all(client, path, query, True)["items"]
+    return items
+
+
+def _household_facts(args: argparse.Namespace, client: ApiClient) -> dict[str, Any]:
+    """Contacts, home devices, zone, presence and (``--device``) the triggering device, through the API."""
+    base = _tenant_path(args)
+    home = client.request("GET", f"{base}/households/{args.household}")
+    devices = _all_items(client, f"{base}/devices", {"household_id": args.household})
+    device = None
+    if args.device:
+        device = next((d for d in devices if d["id"] == args.device), None)
+        if device is None:
+            raise CliError(f"--device {args.device} is not a device of household {args.household}", EXIT_USAGE)
+    contacts = []
+    for binding in _all_items(client, f"{base}/bindings", {"household_id": args.household}):
+        if binding["device_id"] not in (None, args.device):
+            continue  # bound to another device of the household only
+        sub = client.request("GET", f"{base}/subscribers/{binding['subscriber_id']}")
+        contacts.append(Contact(ContactRole(binding["role"]), sub["msisdn"], sub["id"], binding["priority"],
+                                sub.get("display_name")))
+    # The worker rings enabled SIP speakers for to="home"; the triggering device never rings itself.
+    ringing = tuple(d["sip_uri"] for d in devices if d["enabled"] and d["sip_uri"] and d["type"] == "speaker"
+                    and "sip" in d["capabilities"] and d["id"] != args.device)
+    facts: dict[str, Any] = {"household_name": home["name"], "time_zone": home["time_zone"],
+                             "presence": PresenceState(home["presence"]), "contacts": contacts,
+                             "home_targets": ringing}
+    if device is not None:
+        facts.update(device_type=DeviceType(device["type"]), device_name=device["name"],
+                     device_status=DeviceStatus(device["status"]))
+        facts["device_sip_uri"] = device["sip_uri"]
+    return facts
+
+
+def _script(answers: Sequence[str]) -> dict[str, ActionOutcome]:
+    script: dict[str, ActionOutcome] = {}
+    for answer in answers:
+        who, sep, what = answer.partition("=")
+        if not sep or not who:
+            raise CliError(f"--answer {answer!r}: write WHO=OUTCOME (owner=false_alarm)", EXIT_USAGE)
+        try:
+            script[who] = ActionOutcome(what)
+        except ValueError:
+            known = ", ".join(o.value for o in ActionOutcome)
+            raise CliError(f"--answer {answer!r}: {what!r} is not one of {known}", EXIT_USAGE) from None
+    return script
+
+
+def _start(text: str | None, zone: str) -> datetime:
+    if text is None:
+        return datetime.now(ZoneInfo(zone))
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise CliError(f"--at {text!r} is not an ISO time (2026-11-25T03:00:00+03:00)", EXIT_USAGE) from exc
+    return at if at.tzinfo is not None else at.replace(tzinfo=ZoneInfo(zone))
+
+
+def _scenario_simulate(args: argparse.Namespace) -> int:
+    made: list[ApiClient] = []
+
+    def client() -> ApiClient:
+        if not made:
+            made.append(_client(args))
+        return made[0]
+
+    if args.device and not args.household:
+        raise CliError("--device needs --household", EXIT_USAGE)
+    scenario = _load_scenario(args, client)
+    found: dict[str, Any] = _household_facts(args, client()) if args.household else {}
+    if args.device_type:
+        found["device_type"] = DeviceType(args.device_type)
+    if args.presence:
+        found["presence"] = PresenceState(args.presence)
+    if args.device_status:
+        found["device_status"] = DeviceStatus(args.device_status)
+    if args.time_zone:
+        found["time_zone"] = args.time_zone
+    zone = found.get("time_zone", "Europe/Moscow")
+    try:
+        ZoneInfo(zone)
+    except (ValueError, LookupError) as exc:
+        raise CliError(f"--time-zone {zone!r} is not an IANA zone", EXIT_USAGE) from exc
+    start = _start(args.at, zone)
+    registered_device = "device_sip_uri" in found  # a registered device without a SIP URI keeps none
+    sip_uri = found.pop("device_sip_uri", None)
+    facts = synthetic_facts(scenario, event=EventType(args.event) if args.event else None, occurred_at=start,
+                            **found)
+    if registered_device:
+        facts = dataclasses.replace(facts, device_sip_uri=sip_uri)
+    script = _script(args.answer or ())
+    mismatched = mismatches(scenario, facts, start)
+    timeline = simulate(scenario, facts, start, script)
+    if args.output == "json":
+        sys.stdout.write(json.dumps({
+            "scenario": scenario.name, "applies": not mismatched, "mismatches": list(mismatched),
+            "facts": facts.to_json(), "script": {k: v.value for k, v in script.items()},
+            "timeline": timeline_json(timeline)}, indent=2, ensure_ascii=False) + "\n")
+        return EXIT_OK
+    sys.stdout.write(f"scenario {scenario.name}: {facts.event_type} from {facts.device_type} "
+                     f"{facts.device_name!r} at {start.isoformat()} ({facts.time_zone}), presence {facts.presence}\n")
+    for reason in mismatched:
+        sys.stdout.write(f"note: would not be selected: {reason}\n")
+    sys.stdout.write(format_timeline(timeline))
+    return EXIT_OK
+
+
+def _templates_list(args: argparse.Namespace) -> int:
+    rows = [{"name": s.name, "events": [e.value for e in s.trigger.event_types],
+             "devices": [d.value for d in s.trigger.device_types] or ["any"], "steps": len(s.steps),
+             "on_acknowledge": len(s.on_acknowledge)} for s in TEMPLATES.values()]
+    if args.output == "json":
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        render_table(rows, ("name", "events", "devices", "steps", "on_acknowledge"), sys.stdout)
+    return EXIT_OK
+
+
+def _templates_show(args: argparse.Namespace) -> int:
+    sys.stdout.write(TEMPLATES[args.template].model_dump_json(indent=2) + "\n")
+    return EXIT_OK
+
+
+def _templates_install(args: argparse.Namespace) -> int:
+    client = _client(args)
+    path = f"{_tenant_path(args)}/scenarios"
+    created = []
+    unknown = sorted(set(args.templates) - set(TEMPLATES))
+    if unknown:
+        raise CliError(f"no template {', '.join(unknown)}; known: {', '.join(sorted(TEMPLATES))}", EXIT_USAGE)
+    for name in args.templates or sorted(TEMPLATES):
+        body = TEMPLATES[name].model_dump(mode="json")
+        body.update(name=f"{name}@{args.household}", household_id=args.household, enabled=args.enable)
+        created.append(client.request("POST", path, body=body))
+    _print_result(args, {"items": created, "next_after": None}, ("id", "name", "household_id", "enabled", "version"),
+                  sys.stdout)
+    return EXIT_OK
+
+
+def _register_scenario_tools(actions: Any) -> None:
+    """``iim scenario simulate`` and ``iim scenario templates list|show|install``."""
+    common = _common(tenant_scoped=True)
+    p = actions.add_parser(
+        "simulate", parents=[common], help="dry-run a scenario against a scripted world (nothing is called)",
+        description="Runs the escalation engine with deterministic outcomes: by default nobody answers, "
+                    "SMS are sent. Contacts are synthetic (owner +79000000001, backup_contact +79000000002, "
+                    "security_service +79000000003) unless --household names a household of --tenant.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--template", choices=sorted(TEMPLATES), help="a shipped template")
+    source.add_argument("--file", metavar="PATH", help="a scenario as JSON (as `templates show` prints it)")
+    source.add_argument("--name", help="a stored scenario of --tenant (read through the API)")
+    p.add_argument("--event", choices=[e.value for e in EventType], help="default: the trigger's first event")
+    p.add_argument("--device-type", choices=[d.value for d in DeviceType],
+                   help="default: the trigger's first device type, else sensor")
+    p.add_argument("--at", help="ISO time; without an offset, local time of the zone (default now)")
+    p.add_argument("--presence", choices=[s.value for s in PresenceState], help="default: the household's, else unknown")
+    p.add_argument("--device-status", choices=[s.value for s in DeviceStatus], help="default: online")
+    p.add_argument("--time-zone", help="IANA zone (default: the household's, else Europe/Moscow)")
+    p.add_argument("--household", type=_id, help="take contacts, ringing devices, zone and presence from it")
+    p.add_argument("--device", type=_id, help="the triggering device (of --household)")
+    p.add_argument("--answer", action="append", metavar="WHO=OUTCOME",
+                   help="script an outcome: WHO is a role, home, a number, an action key or call/sms/notify/record; "
+                        "e.g. owner=false_alarm, backup_contact=acknowledge, owner=busy (repeatable)")
+    p.set_defaults(func=_scenario_tool(_scenario_simulate))
+
+    top = actions.add_parser("templates", help="the shipped scenario templates")
+    tools = top.add_subparsers(dest="templates_action", required=True, metavar="ACTION")
+    p = tools.add_parser("list", help="list the templates")
+    p.add_argument("--output", "-o", choices=("table", "json"), default="table", help="output format")
+    p.set_defaults(func=_scenario_tool(_templates_list))
+    p = tools.add_parser("show", help="print a template as JSON (a starting point for --data / --file)")
+    p.add_argument("template", choices=sorted(TEMPLATES))
+    p.set_defaults(func=_scenario_tool(_templates_show))
+    p = tools.add_parser("install", parents=[common], help="create scenarios of a household from templates")
+    p.add_argument("--household", type=_id, required=True, help="the household the scenarios belong to")
+    p.add_argument("templates", nargs="*", metavar="TEMPLATE",
+                   help=f"which ones (default all: {', '.join(sorted(TEMPLATES))}); each is named TEMPLATE@HOUSEHOLD")
+    p.add_argument("--enable", action=argparse.BooleanOptionalAction, default=True,
+                   help="enable them at once (default yes)")
+    p.set_defaults(func=_scenario_tool(_templates_install))
+
+
 def register_subcommands(subparsers: Any, *, include_db: bool = True) -> None:
     """Add the registry commands to the ``iim`` parser's sub-parsers (``parser.add_subparsers(...)``).
 
@@ -488,7 +736,9 @@ def register_subcommands(subparsers: Any, *, include_db: bool = True) -> None:
     """
     _register_tenant(subparsers)
     for res in RESOURCES:
-        _register_resource(subparsers, res)
+        actions = _register_resource(subparsers, res)
+        if res.name == "scenario":
+            _register_scenario_tools(actions)
     _register_audit(subparsers)
     _register_token(subparsers)
     if include_db:

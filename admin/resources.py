@@ -13,12 +13,26 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from policy_cache import models as m
 from policy_cache import repository as repo
 from policy_cache.db import Connection
 from policy_cache.errors import NotFound
+from scenarios.model import (
+    MAX_STEPS,
+    AckStep,
+    CallStep,
+    Condition,
+    NotifyStep,
+    RecordStep,
+    SmsStep,
+    Step,
+    Trigger,
+    WaitStep,
+    check_acknowledge,
+    check_steps,
+)
 
 Correlation = dict[str, str]
 Creator = Callable[[Connection, Any, str, Correlation], Awaitable[BaseModel]]
@@ -65,6 +79,99 @@ class PolicyUpdateQuery(BaseModel):
     expected_version: int | None = Field(
         default=None, ge=1, description="apply only if the policy is still at this version (else 409)"
     )
+
+
+class ScenarioQuery(ListQuery):
+    household_id: UUID | None = Field(default=None, description="only scenarios of this household")
+    subscriber_id: UUID | None = Field(default=None, description="only scenarios of this subscriber")
+    name: str | None = Field(default=None, min_length=1, max_length=200, description="only the scenario so named")
+    enabled: bool | None = Field(default=None, description="only enabled (true) or disabled (false) scenarios")
+
+
+class ScenarioUpdateQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    expected_version: int | None = Field(
+        default=None, ge=1, description="apply only if the scenario is still at this version (else 409)"
+    )
+
+
+AnyStep = CallStep | SmsStep | NotifyStep | RecordStep | WaitStep
+
+
+class ScenarioCreateBody(BaseModel):
+    """A scenario as the API takes it: the definition typed by :mod:`scenarios.model`, so a bad one is a
+    422 with the location of each error. Both ``household_id`` and ``subscriber_id`` empty: tenant-wide.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    name: m.Name
+    household_id: UUID | None = None
+    subscriber_id: UUID | None = None
+    trigger: Trigger
+    conditions: list[Condition] = Field(default_factory=list, max_length=20)
+    steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS)
+    on_acknowledge: list[AckStep] = Field(default_factory=list, max_length=10)
+    enabled: bool = Field(default=False, description="a new scenario is inert until enabled")
+
+    @field_validator("steps")
+    @classmethod
+    def _grouping(cls, steps: list[AnyStep]) -> list[AnyStep]:
+        check_steps(steps)
+        return steps
+
+    @field_validator("on_acknowledge")
+    @classmethod
+    def _ack(cls, steps: list[NotifyStep | SmsStep]) -> list[NotifyStep | SmsStep]:
+        check_acknowledge(steps)
+        return steps
+
+    def to_create(self) -> m.ScenarioCreate:
+        return m.ScenarioCreate(**_stored(self, set(type(self).model_fields)))
+
+
+class ScenarioUpdateBody(BaseModel):
+    """Only the fields sent change; a list (conditions, steps, on_acknowledge) is replaced whole."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    name: m.Name | None = None
+    household_id: UUID | None = None
+    subscriber_id: UUID | None = None
+    trigger: Trigger | None = None
+    conditions: list[Condition] | None = Field(default=None, max_length=20)
+    steps: list[Step] | None = Field(default=None, min_length=1, max_length=MAX_STEPS)
+    on_acknowledge: list[AckStep] | None = Field(default=None, max_length=10)
+    enabled: bool | None = None
+
+    @field_validator("steps")
+    @classmethod
+    def _grouping(cls, steps: list[AnyStep] | None) -> list[AnyStep] | None:
+        if steps is not None:
+            check_steps(steps)
+        return steps
+
+    @field_validator("on_acknowledge")
+    @classmethod
+    def _ack(cls, steps: list[NotifyStep | SmsStep] | None) -> list[NotifyStep | SmsStep] | None:
+        if steps is not None:
+            check_acknowledge(steps)
+        return steps
+
+    def to_update(self) -> m.ScenarioUpdate:
+        return m.ScenarioUpdate(**_stored(self, self.model_fields_set))
+
+
+def _stored(body: BaseModel, fields: set[str]) -> dict[str, Any]:
+    """The body's fields as the repository stores them: ids as UUIDs, the definition as JSON values."""
+    out: dict[str, Any] = {}
+    for name in fields:
+        value = getattr(body, name)
+        if name in ("trigger", "conditions", "steps", "on_acknowledge") and value is not None:
+            value = body.model_dump(mode="json", include={name})[name]
+        out[name] = value
+    return out
 
 
 class NoQuery(BaseModel):
@@ -211,6 +318,25 @@ RESOURCES: tuple[Resource, ...] = (
         delete=lambda c, i, a, k: repo.delete_policy(c, i, actor=a, correlation=k),
         columns=("id", "subscriber_id", "household_id", "ring_mode", "dnd", "version"),
         description="Routing policies of a subscriber (override) or a household (default for its members).",
+    ),
+    Resource(
+        name="scenario", plural="scenarios", read_model=m.ScenarioRecord, create_model=ScenarioCreateBody,
+        list_query=ScenarioQuery,
+        create=lambda c, d, a, k: repo.create_scenario(c, d.to_create(), actor=a, correlation=k),
+        get=repo.get_scenario,
+        list=lambda c, q: repo.list_scenarios(
+            c, household_id=q.household_id, subscriber_id=q.subscriber_id, name=q.name, enabled=q.enabled,
+            limit=q.limit, after=q.after
+        ),
+        update_model=ScenarioUpdateBody,
+        update_query=ScenarioUpdateQuery,
+        update=lambda c, i, d, q, a, k: repo.update_scenario(
+            c, i, d.to_update(), actor=a, expected_version=q.expected_version, correlation=k
+        ),
+        delete=lambda c, i, a, k: repo.delete_scenario(c, i, actor=a, correlation=k),
+        columns=("id", "name", "household_id", "subscriber_id", "enabled", "version"),
+        description="Escalation scenarios for device incidents: trigger, conditions, steps (see scenarios.model); "
+                    "also: iim scenario simulate | templates.",
     ),
     Resource(
         name="credential_ref", plural="credential-refs", read_model=m.CredentialRef,

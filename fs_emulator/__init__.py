@@ -12,7 +12,7 @@ from fs_emulator.emulator import FreeSwitchEmulator
 from fs_emulator.faults import FaultConfig
 from fs_emulator.inbound import InboundServer
 from fs_emulator.load import LoadProfile, LoadReport, run_load, run_profile
-from fs_emulator.spec import CallResult, CallSpec, TargetBehaviour
+from fs_emulator.spec import CallResult, CallSpec, OriginateRecord, RecordingRecord, TargetBehaviour
 
 __all__ = [
     "CallResult",
@@ -26,6 +26,8 @@ __all__ = [
     "InboundServer",
     "LoadProfile",
     "LoadReport",
+    "OriginateRecord",
+    "RecordingRecord",
     "TargetBehaviour",
     "parse_dialstring",
     "run_load",

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 from fs_app.esl import Execute
 from fs_emulator.channel import CallerProfile, Channel, now_us
 from fs_emulator.core import new_uuid
-from fs_emulator.dialstring import DialStringError, parse_dialstring
+from fs_emulator.dialstring import DialString, DialStringError, parse_dialstring
 from fs_emulator.originate import DEFAULT_ORIGINATE_TIMEOUT_S, LegPlan, endpoint_user, plan_group
 from fs_emulator.session import Session
+from fs_emulator.spec import OriginateRecord
 from fs_emulator.templates import (
     OriginateParams,
     local_sdp,
@@ -244,7 +245,25 @@ class Originate:
         try:
             dial = parse_dialstring(url)
         except DialStringError:
+            self._note(OriginateRecord(self.arg, (), "", {}, target, time.time(), time.monotonic()))
             return "-ERR INVALID_NUMBER_FORMAT\n"
+        endpoints = tuple(leg.endpoint for leg in dial.legs)
+        record = OriginateRecord(
+            command=self.arg, endpoints=endpoints, destination=endpoint_user(endpoints[0])[0] if endpoints else "",
+            variables=dict(dial.vars), app=target, at=time.time(), monotonic=time.monotonic(),
+        )
+        self._note(record)
+        output = "-ERR SYSTEM_SHUTDOWN\n"  # what is left if the emulator stops while it rings
+        try:
+            output = await self._run(dial, words, target)
+        finally:
+            record.result = output.strip()
+        return output
+
+    def _note(self, record: OriginateRecord) -> None:
+        self.emu.originates.append(record)
+
+    async def _run(self, dial: DialString, words: list[str], target: str) -> str:
         self._log(7, 2301, "Parsing global variables")
         dial_vars = dial.vars
         timeout = DEFAULT_ORIGINATE_TIMEOUT_S
@@ -266,7 +285,10 @@ class Originate:
                 if leg.creates_channel:
                     if first_uuid:
                         leg.uuid, first_uuid = first_uuid, None
-                    self.legs[leg.uuid] = self._create(leg, dial.leg_var, dial_vars, cid_num, cid_name)
+                    created = self._create(leg, dial.leg_var, dial_vars, cid_num, cid_name)
+                    # The keys this callee will press at the socket application's digit prompts.
+                    created.dtmf.extend(leg.target.dtmf)
+                    self.legs[leg.uuid] = created
                 else:
                     kind = leg.endpoint.split("/", 1)[0]
                     self._log(5, 3059, f"Cannot create outgoing channel of type [{kind}] cause: "

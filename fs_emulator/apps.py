@@ -22,11 +22,46 @@ from fs_emulator.originate import (
     plan_group,
 )
 from fs_emulator.session import AppImpl, Session
+from fs_emulator.spec import RecordingRecord
 from fs_emulator.templates import SIP_FAILURE, ack_vars, dialstatus, local_sdp, media_vars, q850, random_tag
 
 _TONE_SEGMENT = re.compile(r"%\(([0-9]+),([0-9]+)")
 _LOOPS = re.compile(r"loops=(-?[0-9]+)")
 _SILENCE = re.compile(r"silence_stream://([0-9]+)")
+
+
+def separate_args(text: str) -> list[str]:
+    """Split application data on blanks as ``switch_separate_string(.., ' ', ..)`` does.
+
+    A ``'...'`` span keeps its blanks and loses its quotes; a backslash escapes the next
+    ``'``, ``"`` or backslash. So ``1 1 3 5000 none 'say:Press 1, it\'s real' ...`` gives
+    the prompt ``say:Press 1, it's real`` as one argument.
+    """
+    out: list[str] = []
+    buf: list[str] = []
+    quoted = started = False
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\" and i + 1 < n and text[i + 1] in "'\"\\":
+            buf.append(text[i + 1])
+            started = True
+            i += 2
+            continue
+        if ch == "'" and (quoted or "'" in text[i + 1:]):
+            quoted = not quoted
+            started = True
+        elif ch == " " and not quoted:
+            if started:
+                out.append("".join(buf))
+                buf, started = [], False
+        else:
+            buf.append(ch)
+            started = True
+        i += 1
+    if started:
+        out.append("".join(buf))
+    return out
 
 
 async def app_unknown(session: Session, arg: str) -> str | None:
@@ -204,6 +239,8 @@ async def _collect(
     session: Session, *, min_digits: int, max_digits: int, timeout_ms: float, terminators: str
 ) -> str | None:
     """Digits from the caller's script; None on hangup. Empty string on timeout."""
+    if terminators.lower() == "none":  # play_and_get_digits: no terminator, '#' is a digit
+        terminators = ""
     digits = ""
     while len(digits) < max_digits:
         if not session.dtmf:
@@ -220,7 +257,7 @@ async def _collect(
 
 async def app_play_and_get_digits(session: Session, arg: str) -> str | None:
     """``min max tries timeout terminators file invalid_file var regexp [digit_timeout]``."""
-    args = arg.split()
+    args = separate_args(arg)
     try:
         min_d, max_d, tries, timeout_ms = int(args[0]), int(args[1]), int(args[2]), float(args[3])
         terminators, prompt = args[4], args[5]
@@ -256,7 +293,7 @@ async def app_play_and_get_digits(session: Session, arg: str) -> str | None:
 
 async def app_read(session: Session, arg: str) -> str | None:
     """``min max file var timeout terminators``."""
-    args = arg.split()
+    args = separate_args(arg)
     try:
         min_d, max_d, prompt, var_name, timeout_ms = int(args[0]), int(args[1]), args[2], args[3], float(args[4])
     except (IndexError, ValueError):
@@ -273,6 +310,48 @@ async def app_read(session: Session, arg: str) -> str | None:
     if digits:
         ch.set_var(var_name, digits)
         session.digits_collected = digits
+    return None
+
+
+async def app_record(session: Session, arg: str) -> str | None:
+    """``record <path> [<time_limit_secs> [<silence_thresh> [<silence_hits>]]]``.
+
+    RECORD_START, then the callee "speaks" until the time limit or the hangup (silence
+    detection is not modelled), then ``record_samples``/``record_seconds``/``record_ms``
+    (and ``record_completion_cause`` on the time limit) and RECORD_STOP, as
+    ``switch_ivr_record_file_event`` does. No audio is written.
+    """
+    args = separate_args(arg)
+    if not args:
+        return None
+    path = args[0]
+    limit_s = float(args[1]) if len(args) > 1 and args[1].isdigit() else 0.0
+    ch = session.channel
+    if not ch.up:
+        return None
+    if not ch.answered and not ch.progress_media_us:
+        ch.pre_answer(_media(session))
+    ch.fire("RECORD_START", post=[("Record-File-Path", path)])
+    started = session.loop.time()
+    reached_limit = await session.wait(session.scaled(limit_s * 1000.0) if limit_s > 0 else math.inf)
+    if reached_limit:
+        recorded_ms = limit_s * 1000.0
+    else:
+        scale = session.host.time_scale or 1.0
+        recorded_ms = (session.loop.time() - started) * 1000.0 / scale
+        if limit_s > 0:
+            recorded_ms = min(recorded_ms, limit_s * 1000.0)
+    samples = int(recorded_ms * 8)
+    ch.set_var("record_samples", str(samples))
+    ch.set_var("record_seconds", str(samples // 8000))
+    ch.set_var("record_ms", str(samples // 8))
+    cause = "success-maxtime" if reached_limit else None
+    post = [("Record-File-Path", path)]
+    if cause is not None:
+        ch.set_var("record_completion_cause", cause)
+        post.append(("Record-Completion-Cause", cause))
+    ch.fire("RECORD_STOP", post=post)
+    session.host.note_recording(RecordingRecord(session.uuid, path, samples // 8, cause))
     return None
 
 
@@ -491,5 +570,6 @@ APPS: dict[str, AppImpl] = {
     "playback": app_playback,
     "play_and_get_digits": app_play_and_get_digits,
     "read": app_read,
+    "record": app_record,
     "bridge": app_bridge,
 }

@@ -12,8 +12,11 @@ import asyncio
 import itertools
 import random
 import time
+import wave
+from collections import deque
 from collections.abc import Awaitable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self
 
 from fs_emulator import wire
@@ -25,7 +28,7 @@ from fs_emulator.inbound import InboundServer
 from fs_emulator.listener import EslListener
 from fs_emulator.outbound import OutboundSocket, finalise_result, parse_socket_data
 from fs_emulator.session import Session
-from fs_emulator.spec import CallResult, CallSpec, TargetBehaviour
+from fs_emulator.spec import CallResult, CallSpec, OriginateRecord, RecordingRecord, TargetBehaviour
 from fs_emulator.templates import (
     SipCallerParams,
     expire_headers,
@@ -66,6 +69,10 @@ class FreeSwitchEmulator:
         playback_ms: how long ``playback`` plays; None computes it from tone/silence streams.
         first_command_timeout_s: how long an outbound socket waits for the first command (FS: 25 s).
         park_delay_ms: delay between ``connect`` and CHANNEL_PARK when no sendmsg arrives first.
+        write_recordings: ``record`` writes a WAV file without audio (header only) at its path.
+
+    ``originates`` lists every ``originate`` received (newest last, the last 10 000);
+    ``recordings`` every ``record`` run (the last 10 000).
     """
 
     def __init__(
@@ -86,6 +93,7 @@ class FreeSwitchEmulator:
         park_delay_ms: float = 20.0,
         seed: int | None = None,
         core_uuid: str | None = None,
+        write_recordings: bool = False,
     ) -> None:
         self.core = SwitchCore(hostname=hostname, ipv4=ipv4, ipv6=ipv6, core_uuid=core_uuid)
         self.targets: dict[str, TargetBehaviour] = dict(targets or {})
@@ -108,6 +116,9 @@ class FreeSwitchEmulator:
         }
         self.errors: list[str] = []
         self.results: list[CallResult] = []
+        self.originates: deque[OriginateRecord] = deque(maxlen=10_000)
+        self.recordings: deque[RecordingRecord] = deque(maxlen=10_000)
+        self.write_recordings = write_recordings
         self.keep_results = False
         self._session_ids = itertools.count(1)
         self._prototypes: dict[tuple[object, ...], tuple[str, CallerProfile, Channel]] = {}
@@ -134,6 +145,21 @@ class FreeSwitchEmulator:
     def note_error(self, message: str) -> None:
         self.errors.append(message)
 
+    def note_recording(self, record: RecordingRecord) -> None:
+        """A ``record`` application finished; optionally leave a WAV (header only, no audio) behind."""
+        self.recordings.append(record)
+        if not self.write_recordings:
+            return
+        try:
+            path = Path(record.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with wave.open(str(path), "wb") as out:
+                out.setnchannels(1)
+                out.setsampwidth(2)
+                out.setframerate(8000)
+        except OSError as exc:
+            self.note_error(f"record {record.path}: {exc}")
+
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -157,6 +183,10 @@ class FreeSwitchEmulator:
             if not self.is_registered(user, domain or None):
                 return TargetBehaviour.not_registered()
         return self.default_target
+
+    def originates_to(self, destination: str) -> list[OriginateRecord]:
+        """The originates whose first leg dialled ``destination`` (user part or whole endpoint)."""
+        return [o for o in self.originates if destination in (o.destination, *o.endpoints)]
 
     def run_api(
         self, name: str, arg: str | None, listener: EslListener | None = None, *, background: bool = False

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 from fs_app.esl import Execute, LocalProtocolError, serialise
 from fs_emulator.channel import Channel
 from fs_emulator.core import SwitchCore, new_uuid
-from fs_emulator.spec import TargetBehaviour
+from fs_emulator.spec import RecordingRecord, TargetBehaviour
 from fs_emulator.templates import cdr_vars
 
 if TYPE_CHECKING:
@@ -46,6 +46,8 @@ class SessionHost(Protocol):
     def register_session(self, session: Session) -> None: ...
 
     def unregister_session(self, session: Session) -> None: ...
+
+    def note_recording(self, record: RecordingRecord) -> None: ...
 
 
 class SessionController(Protocol):

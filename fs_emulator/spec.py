@@ -9,6 +9,8 @@ from typing import Literal
 from fs_app.esl import Command
 from fs_emulator.faults import FaultConfig
 
+DTMF_DIGITS = "0123456789*#ABCD"
+
 TargetKind = Literal["answer", "busy", "no_answer", "not_registered", "unreachable", "reject"]
 
 
@@ -26,11 +28,24 @@ class TargetBehaviour:
     cause: str = "NORMAL_CLEARING"
     ring: bool = True
     callee_id_name: str = "Outbound Call"
+    dtmf: str = ""
+
+    def __post_init__(self) -> None:
+        bad = set(self.dtmf) - set(DTMF_DIGITS)
+        if bad:
+            raise ValueError(f"not DTMF digits: {''.join(sorted(bad))!r}")
 
     @classmethod
-    def answer(cls, after_ms: float = 0.0, hangup_after_ms: float | None = None) -> TargetBehaviour:
-        """Rings (180), answers after ``after_ms``; sends BYE ``hangup_after_ms`` after answering."""
-        return cls("answer", after_ms=after_ms, hangup_after_ms=hangup_after_ms)
+    def answer(
+        cls, after_ms: float = 0.0, hangup_after_ms: float | None = None, *, dtmf: str = ""
+    ) -> TargetBehaviour:
+        """Rings (180), answers after ``after_ms``; sends BYE ``hangup_after_ms`` after answering.
+
+        ``dtmf``: the keys the callee presses, one per digit prompt (``play_and_get_digits``,
+        ``read``) of an originated leg, in order; when they run out the callee stays silent
+        (each further prompt times out) until it hangs up.
+        """
+        return cls("answer", after_ms=after_ms, hangup_after_ms=hangup_after_ms, dtmf=dtmf)
 
     @classmethod
     def busy(cls, after_ms: float = 0.0) -> TargetBehaviour:
@@ -124,3 +139,37 @@ class CallResult:
     bridge_command_at: float | None = None
     hangup_at: float | None = None
     closed_at: float | None = None
+
+
+@dataclass(slots=True)
+class OriginateRecord:
+    """One ``originate`` the emulator received (``api`` or ``bgapi``), for tests to assert on.
+
+    ``destination`` is the user part of the first leg (``+79001234567`` for
+    ``sofia/gateway/ims/+79001234567``); ``variables`` are the ``{..}`` (and ``<..>``)
+    variables; ``at`` is wall-clock (``time.time()``); ``result`` is the job's output line
+    (``+OK <uuid>`` / ``-ERR <CAUSE>``) once the originate has finished.
+    """
+
+    command: str
+    endpoints: tuple[str, ...]
+    destination: str
+    variables: dict[str, str]
+    app: str
+    at: float
+    monotonic: float
+    result: str | None = None
+
+    @property
+    def uuid(self) -> str | None:
+        return self.variables.get("origination_uuid")
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingRecord:
+    """One ``record`` application run: where it would have written, and for how long."""
+
+    uuid: str
+    path: str
+    ms: int
+    completion_cause: str | None

@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 from aiohttp import web
 
@@ -14,17 +17,24 @@ from admin.api import create_registry_app, mount_registry
 from admin.settings import AdminSettings
 from fs_app.call import Call
 from fs_app.dialstring import DialSettings
-from fs_app.inbound import InboundClient, InboundSettings
+from fs_app.inbound import InboundClient, InboundPool, InboundSettings
 from fs_app.outbound import OutboundServer, OutboundSettings
 from fs_app.passthrough import make_passthrough_handler
 from fs_app.registrations import REGISTRATION_EVENTS, registration_listener
 from fs_app.router import PolicyRouter
 from iim.http import HealthProbe, create_app
 from iim.settings import Settings
+from iot_bridge.app import BridgeConfig, create_bridge_app
+from iot_bridge.ratelimit import RateLimitSettings
+from iot_bridge.server_cert import ensure_self_signed
+from iot_bridge.tls import TenantCaRegistry, server_context
+from outreach.calls import AlertCallPlacer
+from outreach.ivr import IvrRegistry, with_alert_calls
 from policy_cache.cache import PolicyCache
 from policy_cache.call_audit import CallDecisionAudit
 from policy_cache.db import DbRole, Pool, connect_pool
 from policy_cache.store import PgPolicyStore
+from scenarios.worker import IncidentWorker, WorkerSettings
 
 log = logging.getLogger("iim.service")
 
@@ -51,11 +61,14 @@ class Service:
         self.directory_pool: Pool | None = None
         self.store: PgPolicyStore | None = None
         self.cache: PolicyCache | None = None
+        self._app_url: str | None = None
         self.audit: CallDecisionAudit | None = None
         passthrough = make_passthrough_handler(settings.passthrough_endpoint)
         self._passthrough = passthrough
+        # Alert calls placed by the scenario worker come back here for their IVR; every other call is routed.
+        self.ivr = IvrRegistry(max_pending=10_000)
         self.outbound = OutboundServer(
-            self._route,
+            with_alert_calls(self.ivr, self._route),
             OutboundSettings(host=settings.esl_host, port=settings.esl_port, linger=settings.esl_linger),
             fallback=passthrough,
         )
@@ -68,6 +81,9 @@ class Service:
         ]
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
+        self.worker: IncidentWorker | None = None
+        self._bridge_runner: web.AppRunner | None = None
+        self.bridge_port: int | None = None
 
     async def _route(self, call: Call) -> None:
         """Calls go through the policy router once the store is up, else to the dialled number."""
@@ -112,6 +128,8 @@ class Service:
         if self.settings.policy_routing:
             mount_registry(root, create_registry_app(self._app_pool, AdminSettings(),
                                                      directory_pool=self._directory_pool))
+        if self.settings.policy_routing and self.pool is not None:
+            await self._start_alarms(self.pool)
         self._runner = web.AppRunner(root, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port)
@@ -122,11 +140,15 @@ class Service:
             "IIM serving",
             extra={"esl": f"{self.settings.esl_host}:{self.outbound.port}",
                    "http": f"{self.settings.http_host}:{self.http_port}",
+                   "bridge": f"https://{self.settings.bridge_host}:{self.bridge_port}" if self.bridge_port else None,
                    "policy_cache": self.cache.status().subscribers if self.cache else None},
         )
 
     async def _start_policy(self) -> None:
         urls = self._database
+        if urls is None and self.settings.app_database_url:
+            urls = DatabaseUrls(self.settings.app_database_url,
+                                self.settings.cache_database_url or self.settings.app_database_url)
         if urls is None:
             from policy_cache.bootstrap import bootstrap
 
@@ -134,7 +156,8 @@ class Service:
                                  demo=self.settings.demo_data)
             self.embedded = db.embedded
             urls = DatabaseUrls(db.app_url, db.cache_url)
-        self.pool = await connect_pool(urls.app_url, role=DbRole.APP, min_size=1, max_size=8)
+        self._app_url = urls.app_url
+        self.pool = await connect_pool(urls.app_url, role=DbRole.APP, min_size=1, max_size=16)
         # Read-only, all tenants: for admins listing tenants (RLS hides them from the app role).
         self.directory_pool = await connect_pool(urls.cache_url, role=DbRole.CACHE, min_size=1, max_size=2)
         self.store = PgPolicyStore(urls.cache_url)
@@ -151,7 +174,42 @@ class Service:
             voicemail_domain=self.settings.sip_domain,
         ), record_decision=self.audit.record)
 
+    async def _start_alarms(self, pool: Pool) -> None:
+        """The home -> telecom half: the HTTPS device bridge and the scenario worker."""
+        s = self.settings
+        if s.scenario_worker:
+            placer = None
+            if self.inbound:
+                placer = AlertCallPlacer(
+                    InboundPool(self.inbound), self.ivr,
+                    socket_address=s.alert_socket_address or f"{s.esl_host}:{self.outbound.port}",
+                    gateway_dial=DialSettings(phone_endpoint=s.alert_gateway_endpoint.replace("{destination}",
+                                                                                             "{msisdn}")))
+            app_url = self._app_url
+            assert app_url is not None
+            self.worker = IncidentWorker(pool, app_url, placer, WorkerSettings(
+                caller_id_number=s.alert_caller_id,
+                heartbeat_timeout=timedelta(seconds=s.job_heartbeat_timeout_s)))
+            await self.worker.start()
+        if s.bridge_enabled:
+            context, cas = await asyncio.to_thread(_bridge_tls, s)
+            config = BridgeConfig(require_client_cert=s.bridge_require_client_cert, rate_limits=RateLimitSettings(
+                device_rate=s.bridge_device_rate, device_burst=s.bridge_device_burst,
+                source_rate=s.bridge_source_rate, source_burst=s.bridge_source_burst,
+                tenant_rate=s.bridge_tenant_rate, tenant_burst=s.bridge_tenant_burst))
+            app = create_bridge_app(pool, config, cas=cas if s.bridge_client_cas else None)
+            self._bridge_runner = web.AppRunner(app, access_log=None)
+            await self._bridge_runner.setup()
+            site = web.TCPSite(self._bridge_runner, s.bridge_host, s.bridge_port, ssl_context=context)
+            await site.start()
+            sockets = getattr(site._server, "sockets", None) or []
+            self.bridge_port = sockets[0].getsockname()[1] if sockets else s.bridge_port
+
     async def stop(self) -> None:
+        if self._bridge_runner is not None:
+            await self._bridge_runner.cleanup()
+        if self.worker is not None:
+            await self.worker.stop()
         await self.outbound.close(self.settings.drain_timeout)
         for client in self.inbound:
             await client.close()
@@ -169,6 +227,21 @@ class Service:
         stop = getattr(self.embedded, "stop", None)
         if stop is not None:
             await asyncio.to_thread(stop)
+
+
+def _bridge_tls(s: Settings) -> tuple[ssl.SSLContext, TenantCaRegistry]:
+    """The bridge's server context and the per-tenant device CAs (files read once, at start)."""
+    if s.bridge_tls_cert_file and s.bridge_tls_key_file:
+        cert, key = Path(s.bridge_tls_cert_file), Path(s.bridge_tls_key_file)
+    else:
+        cert, key = ensure_self_signed(Path(s.data_dir).parent / "tls")
+        log.warning("device bridge: no certificate configured; using a self-signed one in %s", cert.parent)
+    cas = TenantCaRegistry()
+    for tenant, ca_file in s.bridge_client_cas.items():
+        cas.add(tenant, Path(ca_file).read_bytes())
+    context = server_context(cert, key, client_ca_files=[Path(f) for f in s.bridge_client_cas.values()],
+                             require_client_cert=s.bridge_require_client_cert)
+    return context, cas
 
 
 async def run(settings: Settings) -> None:

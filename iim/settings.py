@@ -61,10 +61,36 @@ class Settings(BaseSettings):
     # embedded PostgreSQL in data_dir when it is not set.
     policy_routing: bool = True
     database_url: str | None = Field(default=None, repr=False)
+    # Already-migrated database, connected as the service roles directly (no bootstrap, no migrations):
+    # for deployments that run `iim db migrate` separately, and for extra worker processes.
+    app_database_url: str | None = Field(default=None, repr=False)
+    cache_database_url: str | None = Field(default=None, repr=False)
     data_dir: str = ".iim-data/pg"
     demo_data: bool = True
     cache_load_timeout: float = 60.0
     sip_domain: str = "iim.local"
+    # HTTPS device bridge (IoT -> telecom). Without a certificate a self-signed one is made in data_dir.
+    bridge_enabled: bool = True
+    bridge_host: str = "127.0.0.1"
+    bridge_port: int = Field(default=8443, ge=0, le=65535)
+    bridge_tls_cert_file: str | None = None
+    bridge_tls_key_file: str | None = None
+    # Per-tenant device CAs for mutual TLS: {"<tenant uuid>": "/path/ca.pem"}.
+    bridge_client_cas: dict[str, str] = Field(default_factory=dict)
+    bridge_require_client_cert: bool = False
+    # Rate limits (token buckets): per device, per source address, per tenant.
+    bridge_device_rate: float = 1.0
+    bridge_device_burst: int = 10
+    bridge_source_rate: float = 50.0
+    bridge_source_burst: int = 200
+    bridge_tenant_rate: float = 500.0
+    bridge_tenant_burst: int = 2000
+    # Scenario worker: where FreeSWITCH connects back for alert-call IVRs (this process's outbound server).
+    scenario_worker: bool = True
+    alert_socket_address: str | None = None
+    alert_caller_id: str = "+70000000000"
+    alert_gateway_endpoint: str = "sofia/gateway/ims/{destination}"
+    job_heartbeat_timeout_s: float = Field(default=30.0, gt=0)
 
     @field_validator("passthrough_endpoint")
     @classmethod

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import asyncpg
 
+from policy_cache import jobs
 from policy_cache.db import Connection
 from policy_cache.errors import MigrationChecksumError, MigrationError, SchemaTooNewError
 
@@ -98,7 +99,10 @@ async def upgrade(target: str | Connection, *, migrations: list[Migration] | Non
     try:
         await conn.execute("SELECT pg_advisory_lock($1, $2)", _LOCK_NS, _MIGRATE_KEY)
         try:
-            return await _upgrade_locked(conn, todo)
+            done = await _upgrade_locked(conn, todo)
+            if migrations is None:
+                await jobs.install(conn)
+            return done
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1, $2)", _LOCK_NS, _MIGRATE_KEY)
     finally:

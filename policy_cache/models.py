@@ -40,6 +40,7 @@ __all__ = [
     "Consent", "ConsentCreate",
     "Policy", "PolicyCreate", "PolicyUpdate",
     "CredentialRef", "CredentialRefCreate", "CredentialRefUpdate",
+    "ScenarioRecord", "ScenarioCreate", "ScenarioUpdate",
     "AuditEntry",
 ]
 
@@ -503,6 +504,55 @@ class CredentialRef(_Row):
     ref: str
     description: str | None
     rotated_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+# -- scenario -------------------------------------------------------------------------------------------
+#
+# The definition columns are JSON here; their meaning and validation are scenarios.model.Scenario (which
+# imports this module's enums, hence no typed fields here). The repository refuses a definition that
+# does not validate, and the admin API validates its bodies with the typed models.
+
+class ScenarioCreate(_Input):
+    """A scenario of the tenant (both ``household_id`` and ``subscriber_id`` empty), of a household or of a
+    subscriber. A new scenario is inert until enabled (``enabled`` defaults to false, as in the table)."""
+
+    name: Name
+    household_id: UUID | None = None
+    subscriber_id: UUID | None = None
+    trigger: JsonObject
+    conditions: list[JsonObject] = Field(default_factory=list)
+    steps: list[JsonObject] = Field(min_length=1)
+    on_acknowledge: list[JsonObject] = Field(default_factory=list)
+    enabled: bool = False
+
+
+class ScenarioUpdate(_Input):
+    name: Name | None = None
+    household_id: UUID | None = None
+    subscriber_id: UUID | None = None
+    trigger: JsonObject | None = None
+    conditions: list[JsonObject] | None = None
+    steps: list[JsonObject] | None = None
+    on_acknowledge: list[JsonObject] | None = None
+    enabled: bool | None = None
+
+
+class ScenarioRecord(_Row):
+    """A stored scenario (``scenarios.model.Scenario.from_record`` gives its typed definition)."""
+
+    tenant_id: UUID
+    id: UUID
+    name: str
+    household_id: UUID | None
+    subscriber_id: UUID | None
+    trigger: JsonObject
+    conditions: list[JsonObject]
+    steps: list[JsonObject]
+    on_acknowledge: list[JsonObject]
+    enabled: bool
+    version: int
     created_at: datetime
     updated_at: datetime
 

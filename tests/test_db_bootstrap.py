@@ -17,6 +17,7 @@ import pytest
 from policy_cache import audit
 from policy_cache.bootstrap import DEMO_TENANT_ID, Database, bootstrap, load_demo
 from policy_cache.db import Connection, DbRole, Pool, connect, tenant_tx
+from policy_cache.migrate import available_migrations
 from policy_cache.models import BindingRole, ConsentPurpose, DeviceStatus, RingMode
 from policy_cache.repository import load_routing_rows
 from tests.pg import PgCluster, with_url
@@ -65,7 +66,7 @@ async def test_embedded_bootstrap_from_a_fresh_data_dir(scratch: Path, monkeypat
     try:
         assert db.embedded is not None
         assert db.database == "iim"
-        assert db.applied == (1, 2, 3, 4, 5)
+        assert db.applied == tuple(m.version for m in available_migrations())
         assert "postgresql://" not in repr(db)  # no passwords in reprs/logs
         secrets_file = scratch / ".iim-data" / "db-secrets.json"
         assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
@@ -120,7 +121,7 @@ async def test_bootstrap_on_an_external_server(pg_cluster: PgCluster, monkeypatc
         db = await bootstrap(data_dir=scratch / "unused" / "pg")
         assert db.embedded is None
         assert db.database == name
-        assert db.applied == (1, 2, 3, 4, 5)
+        assert db.applied == tuple(m.version for m in available_migrations())
         assert not (scratch / "unused").exists()  # no embedded server, no secrets file
         await _check_demo_routes(db.cache_url, db)
         again = await bootstrap(data_dir=scratch / "unused" / "pg")

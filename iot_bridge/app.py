@@ -1,0 +1,339 @@
+"""The HTTPS device bridge: ``POST /v1/events`` (devices, hubs) and ``POST /v1/webhooks/{source}`` (clouds).
+
+Order of checks, cheapest and least revealing first: size -> tenant -> client certificate -> rate limits
+-> key lookup -> signature over the raw bytes -> strict JSON and schema -> identity binding -> durable
+intake. Nothing is parsed before the signature is checked, a refusal never writes anything, and every
+refusal is a problem+json answer with a stable ``error_id``, a metric and a JSON log line.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from aiohttp import web
+from prometheus_client import Counter, Histogram
+
+from fs_app.metrics import REGISTRY
+from iot_bridge import signing
+from iot_bridge.directory import DeviceDirectory, DeviceKeys
+from iot_bridge.events import (
+    CloudWebhook,
+    DeviceEvent,
+    EventRejected,
+    body_fingerprint,
+    event_fingerprint,
+    parse_event,
+    parse_webhook,
+)
+from iot_bridge.intake import IntakeOutcome, StoreDown, accept_event
+from iot_bridge.ratelimit import RateLimits, RateLimitSettings
+from iot_bridge.tls import ClientCertError, ClientIdentity, TenantCaRegistry
+from policy_cache.db import Pool
+
+__all__ = ["BridgeConfig", "BridgeRefusal", "EVENTS", "create_bridge_app"]
+
+log = logging.getLogger(__name__)
+
+EVENTS = Counter("iim_bridge_events", "Device events by outcome and reason", ["outcome", "reason"],
+                 registry=REGISTRY)
+INTAKE_SECONDS = Histogram("iim_bridge_intake_seconds", "Time from request to committed answer",
+                           buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+                           registry=REGISTRY)
+
+PROBLEM = "application/problem+json"
+TENANT_HEADER = "IIM-Tenant"
+DEVICE_HEADER = "IIM-Device"
+MAX_BODY = 64 * 1024
+
+
+class BridgeRefusal(Exception):
+    """A request refused with ``status`` and a stable ``error_id``; ``retry_after`` adds the header."""
+
+    def __init__(self, status: int, error_id: str, detail: str, *, retry_after: int | None = None,
+                 event_id: str | None = None, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(detail)
+        self.errors = errors
+        self.status = status
+        self.error_id = error_id
+        self.detail = detail
+        self.retry_after = retry_after
+        self.event_id = event_id
+
+
+@dataclass
+class BridgeConfig:
+    tolerance_s: int = 300
+    max_body: int = MAX_BODY
+    require_client_cert: bool = False
+    rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
+    store_retry_after_s: int = 5
+    clock: Callable[[], float] = time.time
+
+
+class Bridge:
+    def __init__(self, pool: Pool, config: BridgeConfig, *, cas: TenantCaRegistry | None = None,
+                 on_accepted: Callable[[IntakeOutcome], Awaitable[None]] | None = None) -> None:
+        self.pool = pool
+        self.config = config
+        self.directory = DeviceDirectory(pool)
+        self.limits = RateLimits(config.rate_limits)
+        self.cas = cas
+        self.on_accepted = on_accepted
+
+    # ------------------------------------------------------------------ identity
+    def client_identity(self, request: web.Request) -> ClientIdentity | None:
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None
+        if not der:
+            if self.config.require_client_cert:
+                raise BridgeRefusal(401, "client-certificate-required", "a client certificate is required")
+            return None
+        if self.cas is None:
+            raise BridgeRefusal(401, "client-certificate-refused", "no client certificate authority is configured")
+        try:
+            return self.cas.identify(der, now=datetime.fromtimestamp(self.config.clock(), UTC))
+        except ClientCertError as exc:
+            raise BridgeRefusal(401, "client-certificate-refused", exc.reason) from exc
+
+    def tenant_of(self, request: web.Request, identity: ClientIdentity | None) -> UUID:
+        raw = request.headers.get(TENANT_HEADER)
+        if raw is None and identity is not None:
+            raw = identity.tenant_id
+        if raw is None:
+            raise BridgeRefusal(400, "tenant-required", f"the {TENANT_HEADER} header is required")
+        try:
+            tenant = UUID(raw)
+        except ValueError as exc:
+            raise BridgeRefusal(400, "tenant-required", f"{TENANT_HEADER} is not a UUID") from exc
+        if identity is not None and UUID(identity.tenant_id) != tenant:
+            raise BridgeRefusal(403, "identity-mismatch", "the client certificate belongs to another tenant")
+        return tenant
+
+    def rate_limit(self, tenant: UUID, device: str, source: str) -> None:
+        limited = self.limits.check(tenant=str(tenant), device=device, source=source, now=time.monotonic())
+        if limited is not None:
+            raise BridgeRefusal(429, "rate-limited", f"too many requests ({limited.scope})",
+                                retry_after=max(1, limited.retry_after_s))
+
+    async def device_keys(self, tenant: UUID, device: str) -> DeviceKeys:
+        try:
+            keys = await self.directory.device(tenant, device)
+        except StoreDown:
+            raise
+        except (OSError, TimeoutError) as exc:
+            raise StoreDown(str(exc)) from exc
+        if keys is None or not (keys.hmac_secrets or keys.jws_keys):
+            # Same answer as a bad signature: the endpoint is no oracle for which devices exist.
+            raise BridgeRefusal(401, "signature-invalid", "the event could not be authenticated")
+        return keys
+
+    async def bind_identity(self, identity: ClientIdentity | None, keys: DeviceKeys) -> None:
+        if identity is None:
+            return
+        if identity.kind == "device" and identity.external_id == keys.device.external_id:
+            return
+        if identity.kind == "gateway":
+            household = await self.directory.gateway_household(keys.device.tenant_id, identity.external_id)
+            if household == keys.device.household_id:
+                return
+        raise BridgeRefusal(403, "identity-mismatch",
+                            "the client certificate is not bound to this device or its household gateway")
+
+    # ------------------------------------------------------------------ intake
+    async def accept(self, keys: DeviceKeys, event: DeviceEvent, *, fingerprint: str, channel: str,
+                     msg_id: str | None) -> IntakeOutcome:
+        if event.device_id != keys.device.external_id:
+            raise BridgeRefusal(403, "identity-mismatch", "the event names another device", event_id=event.event_id)
+        outcome = await accept_event(self.pool, keys.device, event, fingerprint=fingerprint, channel=channel,
+                                     msg_id=msg_id)
+        if outcome.kind == "conflict":
+            raise BridgeRefusal(422, "idempotency-conflict", "event_id was already used with another body",
+                                event_id=event.event_id)
+        EVENTS.labels(outcome.kind, outcome.body.get("action", "")).inc()
+        log.info("event %s", outcome.kind, extra={"event_id": event.event_id, "tenant": str(keys.device.tenant_id),
+                                                  "incident_id": outcome.body.get("incident_id"),
+                                                  "action": outcome.body.get("action")})
+        if outcome.kind == "accepted" and self.on_accepted is not None:
+            await self.on_accepted(outcome)
+        return outcome
+
+
+BRIDGE_KEY = web.AppKey("bridge", Bridge)
+
+
+def _verify_device_body(bridge: Bridge, request: web.Request, raw: bytes, keys: DeviceKeys,
+                        now: float) -> tuple[bytes, str]:
+    """Check the signature; return the event bytes and the message id."""
+    try:
+        if _is_jose(request):
+            jws = _verify_jws_rotating(raw, keys, now, bridge.config.tolerance_s)
+            return jws.event_raw, jws.msg_id
+        verified = signing.verify_webhook(request.headers, raw, keys.hmac_secrets, now=now,
+                                          tolerance_s=bridge.config.tolerance_s)
+    except signing.SignatureError as exc:
+        raise BridgeRefusal(401, "signature-invalid", exc.reason) from exc
+    return raw, verified.msg_id
+
+
+def _verify_jws_rotating(raw: bytes, keys: DeviceKeys, now: float, tolerance_s: int) -> signing.VerifiedJws:
+    """Each of the device's public keys in turn (rotation: old and new both valid for a while)."""
+    if not keys.jws_keys:
+        raise signing.UnknownKey("no JWS key is registered for this device")
+    mismatch: signing.SignatureError | None = None
+    for key in keys.jws_keys:
+        try:
+            return signing.verify_jws(raw, {keys.device.external_id: key}, now=now, tolerance_s=tolerance_s)
+        except signing.SignatureMismatch as exc:
+            mismatch = exc
+    assert mismatch is not None
+    raise mismatch
+
+
+def _is_jose(request: web.Request) -> bool:
+    return request.content_type == "application/jose"
+
+
+def _jws_device(raw: bytes) -> str:
+    """The ``kid`` of a compact JWS, read before verification only to find the key to verify with."""
+    head, _, _ = raw.partition(b".")
+    try:
+        header = json.loads(base64.urlsafe_b64decode(head + b"=" * (-len(head) % 4)))
+        kid = header["kid"] if isinstance(header, dict) else None
+    except (ValueError, KeyError, binascii.Error) as exc:
+        raise BridgeRefusal(401, "signature-invalid", "the JWS header is malformed") from exc
+    if not isinstance(kid, str) or not 0 < len(kid) <= 128:
+        raise BridgeRefusal(401, "signature-invalid", "the JWS header names no key (kid)")
+    return kid
+
+
+def _rejected(exc: EventRejected, event_id: str | None = None) -> BridgeRefusal:
+    if exc.errors and exc.errors[0].get("type") != "json_invalid":
+        return BridgeRefusal(422, "validation-failed", exc.reason, event_id=event_id, errors=exc.errors)
+    return BridgeRefusal(400, "malformed-event", exc.reason, event_id=event_id)
+
+
+async def post_event(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE_KEY]
+    started = time.perf_counter()
+    identity = bridge.client_identity(request)
+    tenant = bridge.tenant_of(request, identity)
+    raw = await request.read()
+    device = _jws_device(raw) if _is_jose(request) else request.headers.get(DEVICE_HEADER)
+    if device is None:
+        if identity is not None and identity.kind == "device":
+            device = identity.external_id
+        else:
+            raise BridgeRefusal(400, "device-required", f"the {DEVICE_HEADER} header is required")
+    bridge.rate_limit(tenant, device, request.remote or "")
+    keys = await bridge.device_keys(tenant, device)
+    now = bridge.config.clock()
+    event_raw, msg_id = _verify_device_body(bridge, request, raw, keys, now)
+    await bridge.bind_identity(identity, keys)
+    try:
+        event = parse_event(event_raw)
+    except EventRejected as exc:
+        raise _rejected(exc) from exc
+    outcome = await bridge.accept(keys, event, fingerprint=body_fingerprint(event_raw), channel="device",
+                                  msg_id=msg_id)
+    INTAKE_SECONDS.observe(time.perf_counter() - started)
+    headers = {"Idempotent-Replayed": "true"} if outcome.kind == "replayed" else {}
+    return web.json_response(outcome.body, status=202, headers=headers)
+
+
+async def post_webhook(request: web.Request) -> web.Response:
+    """A cloud posts a batch for its devices, signed with the source's own key (Standard Webhooks)."""
+    bridge = request.app[BRIDGE_KEY]
+    source = request.match_info["source"]
+    identity = bridge.client_identity(request)
+    tenant = bridge.tenant_of(request, identity)
+    raw = await request.read()
+    bridge.rate_limit(tenant, f"webhook:{source}", request.remote or "")
+    keys = await bridge.directory.source(tenant, source)
+    if keys is None or not keys.hmac_secrets:
+        raise BridgeRefusal(401, "signature-invalid", "the webhook could not be authenticated")
+    try:
+        verified = signing.verify_webhook(request.headers, raw, keys.hmac_secrets, now=bridge.config.clock(),
+                                          tolerance_s=bridge.config.tolerance_s)
+    except signing.SignatureError as exc:
+        raise BridgeRefusal(401, "signature-invalid", exc.reason) from exc
+    try:
+        batch: CloudWebhook = parse_webhook(raw)
+    except EventRejected as exc:
+        raise _rejected(exc) from exc
+    # Every device is checked before anything is written: a bad batch writes nothing.
+    devices: list[DeviceKeys] = []
+    for event in batch.events:
+        found = await bridge.directory.device(tenant, event.device_id)
+        if found is None or (found.connector is not None and found.connector != source):
+            raise BridgeRefusal(422, "unknown-device", f"device {event.device_id!r} is not served by {source!r}",
+                                event_id=event.event_id)
+        devices.append(found)
+    results = []
+    for event, device_keys in zip(batch.events, devices, strict=True):
+        outcome = await bridge.accept(device_keys, event, fingerprint=event_fingerprint(event),
+                                      channel=f"webhook:{source}", msg_id=verified.msg_id)
+        results.append(outcome.body)
+    return web.json_response({"results": results}, status=202)
+
+
+def _problem(request: web.Request, status: int, error_id: str, detail: str,
+             headers: dict[str, str] | None = None, errors: list[dict[str, Any]] | None = None) -> web.Response:
+    body: dict[str, Any] = {"type": f"urn:iim:problem:{error_id}", "title": error_id.replace("-", " "),
+                            "status": status, "detail": detail, "instance": request.path, "error_id": error_id}
+    if errors:
+        body["errors"] = errors
+    return web.Response(text=json.dumps(body), status=status, content_type=PROBLEM, headers=headers)
+
+
+@web.middleware
+async def problem_middleware(request: web.Request,
+                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BridgeRefusal as exc:
+        EVENTS.labels("refused", exc.error_id).inc()
+        log.warning("event refused: %s", exc.detail,
+                    extra={"event_id": exc.event_id, "reason": exc.error_id, "status": exc.status,
+                           "source": request.remote})
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return _problem(request, exc.status, exc.error_id, exc.detail, headers, exc.errors)
+    except StoreDown as exc:
+        EVENTS.labels("refused", "store-unavailable").inc()
+        log.error("event store unavailable: %s", exc)
+        retry = str(request.app[BRIDGE_KEY].config.store_retry_after_s)
+        return _problem(request, 503, "store-unavailable", "the event store is unavailable; retry later",
+                        {"Retry-After": retry})
+    except web.HTTPRequestEntityTooLarge:
+        EVENTS.labels("refused", "body-too-large").inc()
+        return _problem(request, 413, "body-too-large", "the request body is over the size limit")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _problem(request, exc.status, f"http-{exc.status}", exc.reason, None)
+    except Exception:
+        # A bug, not the client's fault: logged with its traceback, answered without internals.
+        EVENTS.labels("refused", "internal-error").inc()
+        log.exception("device bridge internal error")
+        return _problem(request, 500, "internal-error", "internal error; the event was not accepted")
+
+
+def create_bridge_app(pool: Pool, config: BridgeConfig | None = None, *, cas: TenantCaRegistry | None = None,
+                      on_accepted: Callable[[IntakeOutcome], Awaitable[None]] | None = None) -> web.Application:
+    config = config or BridgeConfig()
+    app = web.Application(middlewares=[problem_middleware], client_max_size=config.max_body)
+    app[BRIDGE_KEY] = Bridge(pool, config, cas=cas, on_accepted=on_accepted)
+    app.router.add_post("/v1/events", post_event)
+    app.router.add_post("/v1/webhooks/{source}", post_webhook)
+    from iot_bridge.openapi import openapi_view  # the document describes the routes registered above
+    app.router.add_get("/openapi.json", openapi_view)
+    return app

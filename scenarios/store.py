@@ -1,0 +1,264 @@
+"""PostgreSQL side of incidents: read the facts a decision needs, persist the decision, record outcomes.
+
+Each function runs inside the caller's tenant-scoped transaction. Persisting an ``Advance`` writes the
+incident's new progress, one ``incident_action`` row per action (its idempotency key), the jobs that will
+perform them, the deadline tick and the audit row together, so a crash leaves either all or none.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from iot_bridge.event_types import EventType
+from iot_bridge.intake import IncidentJobs
+from policy_cache import jobs, repository
+from policy_cache.db import Connection
+from policy_cache.models import DeviceStatus, DeviceType, PresenceState
+from scenarios.engine import (
+    Action,
+    Advance,
+    Contact,
+    IncidentFacts,
+    IncidentState,
+    Notify,
+    PlaceCall,
+    Progress,
+    RecordMessage,
+    SendSms,
+)
+from scenarios.model import ContactRole, Scenario
+
+__all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_facts", "load_incident",
+           "load_scenarios", "persist_advance", "record_outcome", "enqueue_tick", "group_outcomes",
+           "originate_counts", "originate_limits", "bound_destinations", "audit", "action_spec"]
+
+#: Namespace for deterministic call UUIDs: the same action key always dials with the same origination_uuid.
+_CALL_NS = uuid.UUID("6f1c3f0e-2a4b-4a57-9d0e-1b5c9a7e0c11")
+
+_INCIDENT = """
+SELECT i.id, i.household_id, i.device_id, i.hazard, i.state::text AS state, i.scenario, i.step, i.attempt,
+       i.deadline, i.first_event_id, i.opened_at,
+       d.name AS device_name, d.type::text AS device_type, d.status::text AS device_status, d.sip_uri,
+       d.external_id AS device_external_id,
+       h.name AS household_name, h.presence::text AS presence, h.time_zone
+  FROM iim.incident i
+  JOIN iim.device d ON d.tenant_id = i.tenant_id AND d.id = i.device_id
+  JOIN iim.household h ON h.tenant_id = i.tenant_id AND h.id = i.household_id
+ WHERE i.id = $1
+   FOR UPDATE OF i"""
+_CONTACTS = """
+SELECT b.role::text AS role, b.priority, s.msisdn, s.id, s.display_name
+  FROM iim.binding b JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
+ WHERE b.household_id = $1 AND (b.device_id IS NULL OR b.device_id = $2)
+ ORDER BY b.priority, s.msisdn"""
+_HOME = """
+SELECT sip_uri FROM iim.device
+ WHERE household_id = $1 AND enabled AND sip_uri IS NOT NULL AND type = 'speaker'
+   AND 'sip' = ANY (capabilities)
+ ORDER BY name"""
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentRow:
+    id: UUID
+    state: IncidentState
+    progress: Progress
+    scenario: Scenario | None
+    deadline: datetime | None
+    first_event_id: str
+    household_id: UUID
+    device_id: UUID
+    facts: IncidentFacts
+
+
+@dataclass(frozen=True, slots=True)
+class ActionRow:
+    key: str
+    incident_id: UUID
+    step: int
+    kind: str
+    destination: str | None
+    call_uuid: UUID | None
+    dispatched_at: datetime | None
+    outcome: str | None
+    spec: dict[str, Any]
+
+
+def call_uuid_for(key: str) -> UUID:
+    return uuid.uuid5(_CALL_NS, key)
+
+
+async def load_incident(conn: Connection, incident_id: UUID) -> IncidentRow | None:
+    """The incident (locked for this transaction) with everything the engine decides on."""
+    row = await conn.fetchrow(_INCIDENT, incident_id)
+    if row is None:
+        return None
+    contacts = tuple(
+        Contact(role=ContactRole(r["role"]), msisdn=r["msisdn"], subscriber_id=str(r["id"]), priority=r["priority"],
+                name=r["display_name"])
+        for r in await conn.fetch(_CONTACTS, row["household_id"], row["device_id"]))
+    home = tuple(r["sip_uri"] for r in await conn.fetch(_HOME, row["household_id"]))
+    facts = IncidentFacts(
+        event_type=EventType(row["hazard"]), device_type=DeviceType(row["device_type"]),
+        device_id=row["device_external_id"], device_name=row["device_name"],
+        device_status=DeviceStatus(row["device_status"]), device_sip_uri=row["sip_uri"],
+        household_name=row["household_name"], presence=PresenceState(row["presence"]),
+        time_zone=row["time_zone"], contacts=contacts, home_targets=home)
+    scenario = Scenario.model_validate(row["scenario"]) if row["scenario"] else None
+    state = IncidentState(row["state"])
+    return IncidentRow(id=row["id"], state=state, progress=Progress(state, row["step"], row["attempt"]),
+                       scenario=scenario, deadline=row["deadline"], first_event_id=row["first_event_id"],
+                       household_id=row["household_id"], device_id=row["device_id"], facts=facts)
+
+
+load_facts = load_incident
+
+
+async def load_scenarios(conn: Connection, household_id: UUID) -> list[Scenario]:
+    """Enabled scenarios for the household first, then the tenant-wide ones."""
+    return [Scenario.from_record(r) for r in await repository.scenarios_for_household(conn, household_id)]
+
+
+def action_spec(action: Action) -> dict[str, Any]:
+    """The parameters of an action as stored with its key (the executor performs exactly these)."""
+    if isinstance(action, PlaceCall):
+        return {"ring_s": action.ring_s, "prompt_text": action.prompt_text,
+                "ivr": action.ivr.model_dump(mode="json") if action.ivr is not None else None}
+    if isinstance(action, SendSms):
+        return {"text": action.text}
+    if isinstance(action, RecordMessage):
+        return {"prompt_text": action.prompt_text, "max_s": action.max_s}
+    if isinstance(action, Notify):
+        return {"text": action.text}
+    raise TypeError(f"unknown action {action!r}")
+
+
+def _action_fields(action: Action) -> tuple[str, str | None]:
+    if isinstance(action, PlaceCall):
+        return "call", action.destination
+    if isinstance(action, SendSms):
+        return "sms", action.msisdn
+    if isinstance(action, RecordMessage):
+        return "record", action.destination
+    if isinstance(action, Notify):
+        return "notify", None
+    raise TypeError(f"unknown action {action!r}")
+
+
+async def enqueue_tick(conn: Connection, tenant_id: UUID, incident_id: UUID, *, reason: str, dedupe: str | None,
+                       delay: timedelta | None = None) -> None:
+    payload = json.dumps({"tenant": str(tenant_id), "incident": str(incident_id), "reason": reason}).encode()
+    await jobs.queries_for(conn).enqueue(IncidentJobs.TICK, payload, priority=10, execute_after=delay,
+                                         dedupe_key=dedupe, on_conflict="skip")
+
+
+async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentRow, advance: Advance, *,
+                          scenario: Scenario | None, now: datetime, actor: str = "scenario-engine") -> None:
+    state = advance.progress.state
+    closed = state not in (IncidentState.OPEN, IncidentState.NOTIFYING)
+    await conn.execute(
+        """UPDATE iim.incident SET state = $2::iim.incident_state, step = $3, attempt = $4, deadline = $5,
+                  reason = $6, updated_at = now(), closed_at = CASE WHEN $7 THEN now() END,
+                  scenario = coalesce($8::jsonb, scenario), scenario_id = scenario_id
+            WHERE id = $1""",
+        incident.id, state.value, advance.progress.step, advance.progress.attempt, advance.deadline,
+        advance.reason[:1000], closed, scenario.model_dump(mode="json") if scenario is not None else None)
+    queries = jobs.queries_for(conn)
+    for action in advance.actions:
+        kind, destination = _action_fields(action)
+        inserted = await conn.fetchval(
+            """INSERT INTO iim.incident_action (key, incident_id, step, kind, destination, spec, call_uuid)
+               VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7) ON CONFLICT (tenant_id, key) DO NOTHING RETURNING key""",
+            action.key, incident.id, action.step, kind, destination, action_spec(action),
+            call_uuid_for(action.key) if kind in ("call", "record") else None)
+        if inserted is not None:
+            payload = json.dumps({"tenant": str(tenant_id), "incident": str(incident.id), "key": action.key})
+            await queries.enqueue(IncidentJobs.ACTION, payload.encode(), priority=20, dedupe_key=f"act:{action.key}",
+                                  on_conflict="skip")
+    if advance.deadline is not None and not closed:
+        delay = max(advance.deadline - now, timedelta(0))
+        await enqueue_tick(conn, tenant_id, incident.id, reason="deadline",
+                           dedupe=f"deadline:{incident.id}:{advance.progress.step}:{advance.progress.attempt}:"
+                                  f"{advance.deadline.timestamp():.0f}",
+                           delay=delay)
+    await audit(conn, tenant_id, actor, f"incident.{state.value}", incident.id, {
+        "reason": advance.reason, "step": advance.progress.step, "attempt": advance.progress.attempt,
+        "actions": [{"key": a.key, "kind": _action_fields(a)[0]} for a in advance.actions],
+        "notes": list(advance.notes)}, event_id=incident.first_event_id)
+
+
+async def audit(conn: Connection, tenant_id: UUID, actor: str, action: str, incident_id: UUID,
+                detail: dict[str, Any], *, event_id: str | None = None, call_uuid: UUID | None = None) -> None:
+    correlation: dict[str, str] = {}
+    if event_id:
+        correlation["event_id"] = event_id
+    if call_uuid:
+        correlation["call_id"] = str(call_uuid)
+    await conn.execute("SELECT iim.audit_append($1, $2, $3, 'incident', $4, $5::jsonb, $6::jsonb)",
+                       tenant_id, actor, action, str(incident_id), detail, correlation)
+
+
+async def group_outcomes(conn: Connection, incident_id: UUID, progress: Progress) -> list[ActionRow]:
+    """The actions of the incident's current group (keys ``{incident}/{step}/{attempt}/n``)."""
+    prefix = f"{incident_id}/{progress.step}/{progress.attempt}/"
+    rows = await conn.fetch(
+        """SELECT key, incident_id, step, kind, destination, call_uuid, dispatched_at, outcome, spec
+             FROM iim.incident_action WHERE incident_id = $1 AND starts_with(key, $2)""", incident_id, prefix)
+    return [_action_row(r) for r in rows]
+
+
+async def load_action(conn: Connection, key: str) -> ActionRow | None:
+    row = await conn.fetchrow(
+        """SELECT key, incident_id, step, kind, destination, call_uuid, dispatched_at, outcome, spec
+             FROM iim.incident_action WHERE key = $1 FOR UPDATE""", key)
+    return _action_row(row) if row is not None else None
+
+
+def _action_row(row: Any) -> ActionRow:
+    return ActionRow(**dict(row))
+
+
+async def record_outcome(conn: Connection, key: str, outcome: str, detail: str = "") -> None:
+    await conn.execute(
+        "UPDATE iim.incident_action SET outcome = $2, detail = $3, finished_at = now() WHERE key = $1 "
+        "AND outcome IS NULL", key, outcome, detail[:500])
+
+
+async def originate_counts(conn: Connection, tenant_id: UUID) -> tuple[int, int]:
+    """Calls of the tenant still ringing (dispatched in the last 10 min, no outcome) and of the last hour.
+
+    A per-tenant transaction lock serialises the cap check with the dispatch that follows it.
+    """
+    await conn.execute("SELECT pg_advisory_xact_lock(1229540685, hashtext('originate:' || $1))", str(tenant_id))
+    row = await conn.fetchrow(
+        """SELECT count(*) FILTER (WHERE finished_at IS NULL AND dispatched_at > now() - interval '10 minutes')
+                  AS in_flight,
+                  count(*) AS last_hour
+             FROM iim.incident_action
+            WHERE kind IN ('call', 'record') AND dispatched_at > now() - interval '1 hour'""")
+    assert row is not None
+    return int(row["in_flight"]), int(row["last_hour"])
+
+
+async def originate_limits(conn: Connection) -> tuple[int, int, tuple[str, ...]] | None:
+    row = await conn.fetchrow("SELECT max_concurrent, max_per_hour, allowed_prefixes FROM iim.originate_limit")
+    if row is None:
+        return None
+    return int(row["max_concurrent"]), int(row["max_per_hour"]), tuple(row["allowed_prefixes"])
+
+
+async def bound_destinations(conn: Connection, household_id: UUID) -> frozenset[str]:
+    """Every number and SIP URI an alert for this household may reach: its bound contacts and devices."""
+    rows = await conn.fetch(
+        """SELECT s.msisdn AS d FROM iim.binding b
+             JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
+            WHERE b.household_id = $1
+           UNION
+           SELECT sip_uri FROM iim.device WHERE household_id = $1 AND sip_uri IS NOT NULL AND enabled""",
+        household_id)
+    return frozenset(r["d"] for r in rows)

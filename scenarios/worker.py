@@ -1,0 +1,393 @@
+"""The incident worker: runs the engine's decisions as durable pgqueuer jobs.
+
+Two job kinds. ``incident.tick`` asks the engine what to do next (on open, after each outcome, at each
+deadline) and persists the answer with its actions. ``incident.action`` performs one action by its key:
+an alert call through FreeSWITCH, an SMS into the outbox, a notification. A call's key is marked
+dispatched (committed) *before* the originate is sent, so a worker killed at any point resumes without
+dialling anyone twice: a dispatched call with no outcome is looked up on the switch, never redialled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from pgqueuer.core.executors import DatabaseRetryEntrypointExecutor, EntrypointExecutorParameters
+from pgqueuer.core.qm import QueueManager
+from pgqueuer.domain import models as pgq_models
+from pgqueuer.types import Channel
+from prometheus_client import Counter, Histogram
+
+from fs_app.metrics import REGISTRY
+from iot_bridge.intake import IncidentJobs
+from outreach.calls import AlertCall, AlertCallPlacer, CallOutcome, CallOutcomeKind
+from outreach.guard import OriginateLimits, check_destination
+from policy_cache import jobs
+from policy_cache.db import Connection, DbRole, Pool, connect, tenant_tx
+from scenarios import store
+from scenarios.engine import (
+    TERMINAL,
+    ActionOutcome,
+    IncidentState,
+    advance,
+    begin,
+    current_actions,
+    on_cleared,
+    ready_to_advance,
+    select_scenario,
+)
+from scenarios.model import Scenario
+from scenarios.templates import TEMPLATES
+
+__all__ = ["IncidentWorker", "WorkerSettings"]
+
+log = logging.getLogger(__name__)
+
+INCIDENTS = Counter("iim_incidents", "Incident transitions, by state reached", ["state"], registry=REGISTRY)
+ACTIONS = Counter("iim_incident_actions", "Incident actions performed, by kind and outcome", ["kind", "outcome"],
+                  registry=REGISTRY)
+STEP_SECONDS = Histogram("iim_incident_step_seconds", "From a decision to the action's outcome, by kind",
+                         ["kind"], buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 120), registry=REGISTRY)
+ORIGINATE_REFUSED = Counter("iim_originate_refused", "Alert calls refused by the toll-fraud guard, by reason",
+                            ["reason"], registry=REGISTRY)
+
+_REACHED_BY_CALL = {
+    CallOutcomeKind.ANSWERED: ActionOutcome.ANSWERED, CallOutcomeKind.NO_ANSWER: ActionOutcome.NO_ANSWER,
+    CallOutcomeKind.BUSY: ActionOutcome.BUSY, CallOutcomeKind.FAILED: ActionOutcome.FAILED,
+    CallOutcomeKind.UNREACHABLE: ActionOutcome.UNREACHABLE, CallOutcomeKind.REFUSED: ActionOutcome.REFUSED,
+}
+
+
+@dataclass
+class WorkerSettings:
+    caller_id_number: str = "+70000000000"
+    caller_id_name: str = "IIM alarm"
+    default_limits: OriginateLimits = field(default_factory=OriginateLimits)
+    #: a job whose worker stopped heart-beating this long ago is picked up again (crash recovery)
+    heartbeat_timeout: timedelta = timedelta(seconds=30)
+    max_concurrent_jobs: int = 500
+    batch_size: int = 20
+    #: FreeSWITCH unreachable: the call is retried after these delays (an SMS goes out at once)
+    unreachable_retries: tuple[float, ...] = (2.0, 8.0, 30.0)
+    tts_engine: str = "flite"
+    tts_voice: str = "kal"
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+
+
+def _ids(job: pgq_models.Job) -> dict[str, str]:
+    payload: dict[str, str] = json.loads(job.payload or b"{}")
+    return payload
+
+
+class IncidentWorker:
+    def __init__(self, pool: Pool, app_url: str, placer: AlertCallPlacer | None,
+                 settings: WorkerSettings | None = None) -> None:
+        self.pool = pool
+        self.app_url = app_url
+        self.placer = placer
+        self.settings = settings or WorkerSettings()
+        self._conn: Connection | None = None
+        self._qm: QueueManager | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._conn = await connect(self.app_url, role=DbRole.APP)
+        settings = jobs.job_settings()
+        self._qm = QueueManager(jobs.queries_for(self._conn), channel=Channel(settings.channel))
+        factory = self._retrying
+        self._qm.entrypoint(IncidentJobs.TICK, executor_factory=factory, on_failure="hold")(self._tick_job)
+        self._qm.entrypoint(IncidentJobs.ACTION, executor_factory=factory, on_failure="hold")(self._action_job)
+        self._task = asyncio.create_task(self._qm.run(
+            dequeue_timeout=timedelta(seconds=5), batch_size=self.settings.batch_size,
+            max_concurrent_tasks=self.settings.max_concurrent_jobs,
+            heartbeat_timeout=self.settings.heartbeat_timeout), name="incident-worker")
+
+    @staticmethod
+    def _retrying(params: EntrypointExecutorParameters) -> DatabaseRetryEntrypointExecutor:
+        """Transient failures (PostgreSQL away) requeue the job with backoff instead of losing it."""
+        return DatabaseRetryEntrypointExecutor(params, max_attempts=20, initial_delay=timedelta(seconds=1),
+                                               max_delay=timedelta(seconds=60))
+
+    async def stop(self) -> None:
+        if self._qm is not None:
+            self._qm.shutdown.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=10)
+            except TimeoutError:
+                self._task.cancel()
+        if self._conn is not None:
+            await self._conn.close()
+
+    # ------------------------------------------------------------------ tick
+    async def _tick_job(self, job: pgq_models.Job) -> None:
+        ids = _ids(job)
+        try:
+            await self.tick(UUID(ids["tenant"]), UUID(ids["incident"]), reason=ids.get("reason", ""))
+        except Exception:
+            # Logged here with the incident; the retrying executor requeues the job with backoff.
+            log.exception("incident tick failed (attempt %d); will retry", job.attempts,
+                          extra={"incident_id": ids.get("incident")})
+            raise
+
+    async def tick(self, tenant_id: UUID, incident_id: UUID, *, reason: str = "") -> None:
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            incident = await store.load_incident(conn, incident_id)
+            if incident is None or incident.state in TERMINAL:
+                return
+            now = self.settings.clock()
+            if reason == "cleared":
+                progress = on_cleared(incident.progress)
+                await conn.execute(
+                    """UPDATE iim.incident SET state = $2::iim.incident_state, reason = 'cleared by the device',
+                              updated_at = now(), closed_at = now(), deadline = NULL WHERE id = $1""",
+                    incident_id, progress.state.value)
+                await store.audit(conn, tenant_id, "scenario-engine", f"incident.{progress.state.value}",
+                                  incident_id, {"reason": "the device reported the hazard cleared"},
+                                  event_id=incident.first_event_id)
+                INCIDENTS.labels(progress.state.value).inc()
+                return
+            if incident.scenario is None:
+                scenario = self._choose(await store.load_scenarios(conn, incident.household_id), incident, now)
+                if scenario is None:
+                    await conn.execute(
+                        """UPDATE iim.incident SET state = 'exhausted', reason = $2, updated_at = now(),
+                                  closed_at = now() WHERE id = $1""", incident_id, "no scenario matches")
+                    await store.audit(conn, tenant_id, "scenario-engine", "incident.exhausted", incident_id,
+                                      {"reason": "no scenario matches this event"}, event_id=incident.first_event_id)
+                    INCIDENTS.labels("exhausted").inc()
+                    return
+                decision = begin(str(incident_id), scenario, incident.facts, now)
+                await store.persist_advance(conn, tenant_id, incident, decision, scenario=scenario, now=now)
+                INCIDENTS.labels(decision.progress.state.value).inc()
+                return
+            scenario = incident.scenario
+            due = incident.deadline is None or now >= incident.deadline
+            outcomes: dict[str, ActionOutcome] = {}
+            if incident.state is IncidentState.NOTIFYING:
+                group = await store.group_outcomes(conn, incident_id, incident.progress)
+                outcomes = {a.key: ActionOutcome(a.outcome) for a in group
+                            if a.outcome is not None and a.outcome in ActionOutcome._value2member_map_}
+                out = current_actions(str(incident_id), scenario, incident.facts, incident.progress, now)
+                if not (due or ready_to_advance(incident.progress, out, outcomes)):
+                    return
+                ringing = [a for a in group if a.dispatched_at is not None and a.outcome is None
+                           and a.call_uuid is not None]
+            elif not due:
+                return  # a retry pause or a wait step that is not over yet
+            else:
+                ringing = []
+            decision = advance(str(incident_id), scenario, incident.facts, incident.progress, outcomes, now)
+            await store.persist_advance(conn, tenant_id, incident, decision, scenario=None, now=now)
+            INCIDENTS.labels(decision.progress.state.value).inc()
+        # The group is decided: calls of it still ringing are hung up (the doorphone rang phone and home).
+        for action in ringing:
+            if action.call_uuid is not None:
+                await self._hang_up(action.call_uuid)
+
+    def _choose(self, scenarios: list[Scenario], incident: store.IncidentRow, now: datetime) -> Scenario | None:
+        """The tenant's own scenarios first; the shipped templates are the default for the rest."""
+        return (select_scenario(scenarios, incident.facts, now)
+                or select_scenario(list(TEMPLATES.values()), incident.facts, now))
+
+    # ------------------------------------------------------------------ actions
+    async def _action_job(self, job: pgq_models.Job) -> None:
+        ids = _ids(job)
+        try:
+            await self.perform(UUID(ids["tenant"]), UUID(ids["incident"]), ids["key"])
+        except Exception:
+            log.exception("incident action failed (attempt %d); will retry", job.attempts,
+                          extra={"incident_id": ids.get("incident"), "action_key": ids.get("key")})
+            raise
+
+    async def perform(self, tenant_id: UUID, incident_id: UUID, key: str) -> None:
+        started = time.perf_counter()
+        call: AlertCall | None = None
+        kind = ""
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            incident = await store.load_incident(conn, incident_id)
+            action = await store.load_action(conn, key)
+            if incident is None or action is None or action.outcome is not None:
+                return
+            kind = action.kind
+            acknowledgement = key.split("/")[1] == "ack"  # the on_acknowledge messages, sent once it ended
+            if not acknowledgement and (incident.state in TERMINAL or (action.step, key.split("/")[2]) != (
+                    incident.progress.step, str(incident.progress.attempt))):
+                # The incident moved on (acknowledged, or escalated past this step): nothing left to do.
+                await store.record_outcome(conn, key, "superseded", f"incident is {incident.state.value}")
+                return
+            if action.kind in ("sms", "notify"):
+                await self._message(conn, tenant_id, incident, action)
+                return
+            if action.dispatched_at is not None:
+                await self._resume_call(conn, tenant_id, incident, action)
+                return
+            call = await self._dispatch(conn, tenant_id, incident, action)
+            meanings: dict[str, str] = dict((action.spec.get("ivr") or {}).get("digits", {}))
+        if call is None:
+            return
+        outcome = await self._place(call)
+        STEP_SECONDS.labels(kind).observe(time.perf_counter() - started)
+        await self._finish_call(tenant_id, incident_id, key, call, outcome, meanings)
+
+    async def _message(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
+                       action: store.ActionRow) -> None:
+        if action.kind == "sms" and action.destination:
+            text = action.spec.get("text") or f"IIM alarm: {incident.facts.event_type.value}"
+            await conn.execute(
+                """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (tenant_id, key) DO NOTHING""", action.key, action.destination, text[:1600], incident.id)
+            outcome, detail = "queued", "queued in the SMS outbox"
+        else:
+            outcome, detail = "skipped", "no notification connector is configured for this household"
+        await store.record_outcome(conn, action.key, outcome, detail)
+        await store.audit(conn, tenant_id, "scenario-engine", f"incident.{action.kind}", incident.id,
+                          {"key": action.key, "outcome": outcome, "detail": detail}, event_id=incident.first_event_id)
+        await store.enqueue_tick(conn, tenant_id, incident.id, reason="outcome", dedupe=None)
+        ACTIONS.labels(action.kind, outcome).inc()
+
+    async def _dispatch(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
+                        action: store.ActionRow) -> AlertCall | None:
+        """Guard, then mark dispatched (committed with this transaction) and build the call."""
+        destination = action.destination or ""
+        limits_row = await store.originate_limits(conn)
+        limits = (OriginateLimits(*limits_row) if limits_row is not None else self.settings.default_limits)
+        in_flight, last_hour = await store.originate_counts(conn, tenant_id)
+        bound = await store.bound_destinations(conn, incident.household_id)
+        refusal = check_destination(destination, bound=bound, limits=limits, in_flight=in_flight,
+                                    last_hour=last_hour)
+        if refusal is not None:
+            ORIGINATE_REFUSED.labels(refusal.reason).inc()
+            ACTIONS.labels(action.kind, "refused").inc()
+            await store.record_outcome(conn, action.key, ActionOutcome.REFUSED.value, refusal.detail)
+            await store.audit(conn, tenant_id, "toll-fraud-guard", "originate.refused", incident.id,
+                              {"key": action.key, "reason": refusal.reason, "detail": refusal.detail},
+                              event_id=incident.first_event_id)
+            await store.enqueue_tick(conn, tenant_id, incident.id, reason="outcome", dedupe=None)
+            log.warning("alert call refused: %s", refusal.reason,
+                        extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
+            return None
+        await conn.execute("UPDATE iim.incident_action SET dispatched_at = now() WHERE key = $1", action.key)
+        return self._alert_call(incident, action)
+
+    def _alert_call(self, incident: store.IncidentRow, action: store.ActionRow) -> AlertCall:
+        assert action.call_uuid is not None
+        spec = action.spec
+        variables = {"iim_incident_id": str(incident.id), "iim_action_key": action.key.replace("/", "-"),
+                     "iim_event_id": incident.first_event_id,
+                     "tts_engine": self.settings.tts_engine, "tts_voice": self.settings.tts_voice}
+        common: dict[str, Any] = {
+            "call_uuid": str(action.call_uuid), "destination": action.destination or "",
+            "caller_id_number": self.settings.caller_id_number, "caller_id_name": self.settings.caller_id_name,
+            "prompt": _say(spec.get("prompt_text")), "variables": variables}
+        if action.kind == "record":
+            return AlertCall(ring_s=30, record_s=int(spec.get("max_s", 60)),
+                             record_path=f"/var/lib/freeswitch/recordings/iim/{action.call_uuid}.wav", **common)
+        ivr = spec.get("ivr") or {}
+        return AlertCall(ring_s=int(spec.get("ring_s", 30)), digits="".join(sorted(ivr.get("digits", {}))),
+                         tries=int(ivr.get("tries", 1)), digit_timeout_s=int(ivr.get("digit_timeout_s", 5)),
+                         **common)
+
+    async def _hang_up(self, call_uuid: UUID) -> None:
+        if self.placer is not None:
+            await self.placer.hang_up(str(call_uuid))
+
+    async def _place(self, call: AlertCall) -> CallOutcome:
+        if self.placer is None:
+            return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None, detail="no FreeSWITCH node is configured")
+        return await self.placer.place(call)
+
+    async def _finish_call(self, tenant_id: UUID, incident_id: UUID, key: str, call: AlertCall,
+                           outcome: CallOutcome, meanings: dict[str, str]) -> None:
+        result = _engine_outcome(call, outcome, meanings)
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            incident = await store.load_incident(conn, incident_id)
+            if incident is None:
+                return
+            if outcome.kind is CallOutcomeKind.UNREACHABLE:
+                await self._unreachable(conn, tenant_id, incident, key, call)
+                return
+            await store.record_outcome(conn, key, result.value, outcome.detail or (outcome.hangup_cause or ""))
+            await store.audit(conn, tenant_id, "scenario-engine", "incident.call", incident_id,
+                              {"key": key, "outcome": result.value, "digit": outcome.digit,
+                               "hangup_cause": outcome.hangup_cause},
+                              event_id=incident.first_event_id, call_uuid=UUID(call.call_uuid))
+            await store.enqueue_tick(conn, tenant_id, incident_id, reason="outcome", dedupe=None)
+        ACTIONS.labels("call", result.value).inc()
+        log.info("alert call %s", result.value, extra={"call_id": call.call_uuid, "event_id": incident.first_event_id,
+                                                       "incident_id": str(incident_id)})
+
+    async def _unreachable(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow, key: str,
+                           call: AlertCall) -> None:
+        """FreeSWITCH is down: text the person now, and retry the call while the step is still current."""
+        retries = await conn.fetchval(
+            "SELECT count(*) FROM iim.sms_outbox WHERE starts_with(key, $1)", f"{key}/unreachable/")
+        if call.destination.startswith("+"):
+            await conn.execute(
+                """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (tenant_id, key) DO NOTHING""",
+                f"{key}/unreachable/{retries}", call.destination,
+                f"IIM alarm: {incident.facts.event_type.value} at {incident.facts.household_name}. "
+                "We could not call you; we will try again.", incident.id)
+        delays = self.settings.unreachable_retries
+        if retries < len(delays):
+            await conn.execute("UPDATE iim.incident_action SET dispatched_at = NULL WHERE key = $1", key)
+            payload = json.dumps({"tenant": str(tenant_id), "incident": str(incident.id), "key": key}).encode()
+            await jobs.queries_for(conn).enqueue(
+                IncidentJobs.ACTION, payload, priority=20, execute_after=timedelta(seconds=delays[retries]),
+                dedupe_key=f"act:{key}:retry:{retries}", on_conflict="skip")
+            detail = f"switch unreachable; SMS sent, call retry {retries + 1} in {delays[retries]:.0f} s"
+        else:
+            await store.record_outcome(conn, key, ActionOutcome.UNREACHABLE.value, "switch unreachable; retries spent")
+            await store.enqueue_tick(conn, tenant_id, incident.id, reason="outcome", dedupe=None)
+            detail = "switch unreachable; retries spent"
+        await store.audit(conn, tenant_id, "scenario-engine", "incident.call_unreachable", incident.id,
+                          {"key": key, "detail": detail}, event_id=incident.first_event_id,
+                          call_uuid=UUID(call.call_uuid))
+        ACTIONS.labels("call", "unreachable").inc()
+
+    async def _resume_call(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
+                           action: store.ActionRow) -> None:
+        """A previous worker dispatched this call and died: find out, never dial again."""
+        exists = None
+        if self.placer is not None and action.call_uuid is not None:
+            exists = await self.placer.call_exists(str(action.call_uuid))
+        if exists:
+            # Still up on the switch but its IVR ran in the dead worker: let the deadline decide.
+            outcome, detail = ActionOutcome.NO_INPUT, "worker restarted during the call; not redialled"
+        else:
+            outcome, detail = ActionOutcome.FAILED, "worker restarted after dispatch; the call is not redialled"
+        await store.record_outcome(conn, action.key, outcome.value, detail)
+        await store.audit(conn, tenant_id, "scenario-engine", "incident.call_resumed", incident.id,
+                          {"key": action.key, "outcome": outcome.value, "detail": detail},
+                          event_id=incident.first_event_id, call_uuid=action.call_uuid)
+        await store.enqueue_tick(conn, tenant_id, incident.id, reason="outcome", dedupe=None)
+        ACTIONS.labels(action.kind, outcome.value).inc()
+
+
+def _say(text: str | None) -> str | None:
+    """A FreeSWITCH TTS playable (``say:`` with the channel's tts_engine); CR/LF never reach the switch."""
+    if not text:
+        return None
+    return "say:" + " ".join(text.split())
+
+
+def _engine_outcome(call: AlertCall, outcome: CallOutcome, meanings: dict[str, str]) -> ActionOutcome:
+    """What the call means for the escalation: the IVR digit's meaning when one was pressed."""
+    if outcome.kind is not CallOutcomeKind.ANSWERED:
+        return _REACHED_BY_CALL[outcome.kind]
+    if call.record_s > 0:
+        return ActionOutcome.RECORDED if outcome.recorded else ActionOutcome.ANSWERED
+    if not call.digits:
+        return ActionOutcome.ANSWERED
+    if outcome.digit is None or outcome.digit not in meanings:
+        return ActionOutcome.NO_INPUT
+    return ActionOutcome(meanings[outcome.digit])

@@ -1,0 +1,231 @@
+"""The scenario worker end to end: intake -> pgqueuer jobs -> engine -> originate at the emulator -> IVR.
+
+Real PostgreSQL, the FreeSWITCH emulator over real sockets (inbound ESL for originate, our outbound
+server for the IVR it dials back). Scripted callees: who answers, what they press.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+import pytest_asyncio
+
+from fs_app.call import Call
+from fs_app.dialstring import DialSettings
+from fs_app.inbound import InboundClient, InboundSettings
+from fs_app.outbound import OutboundServer, OutboundSettings
+from fs_emulator import FreeSwitchEmulator, InboundServer, TargetBehaviour
+from iot_bridge.events import DeviceEvent, body_fingerprint
+from iot_bridge.intake import KnownDevice, accept_event
+from outreach.calls import AlertCallPlacer
+from outreach.ivr import IvrRegistry, with_alert_calls
+from policy_cache.db import Pool, tenant_tx
+from scenarios.worker import IncidentWorker, WorkerSettings
+from tests.alarm_rig import AlarmRig, build_rig
+
+GW = "sofia/gateway/ims/{}"
+_numbers = itertools.count(100)
+
+
+def numbers() -> dict[str, str]:
+    n = next(_numbers)
+    return {"owner": f"+7903{n:04d}001", "backup": f"+7903{n:04d}002", "security": f"+7903{n:04d}003"}
+
+
+@dataclass
+class Alarms:
+    rig: AlarmRig
+    pool: Pool
+    emu: FreeSwitchEmulator
+    inbound: InboundServer
+    worker: IncidentWorker
+
+    def script(self, number: str, behaviour: TargetBehaviour) -> None:
+        self.emu.targets[GW.format(number)] = behaviour
+
+    def calls_to(self, number: str) -> int:
+        return len(self.emu.originates_to(number))
+
+    async def raise_alarm(self, event_type: str = "smoke", device: str | None = None) -> UUID:
+        raw = self.rig.event(event_type, device=device)
+        event = DeviceEvent.model_validate(json.loads(raw))
+        async with tenant_tx(self.pool, self.rig.tenant_id) as conn:
+            row = await conn.fetchrow("SELECT id, household_id, type::text AS type FROM iim.device "
+                                      "WHERE external_id = $1", event.device_id)
+        assert row is not None
+        device_row = KnownDevice(self.rig.tenant_id, row["id"], row["household_id"], event.device_id, row["type"])
+        outcome = await accept_event(self.pool, device_row, event, fingerprint=body_fingerprint(raw),
+                                     channel="device", msg_id=None)
+        assert outcome.incident_id is not None
+        return outcome.incident_id
+
+    async def incident(self, incident_id: UUID) -> dict[str, Any]:
+        async with tenant_tx(self.pool, self.rig.tenant_id) as conn:
+            row = await conn.fetchrow("SELECT state::text AS state, step, reason FROM iim.incident WHERE id = $1",
+                                      incident_id)
+        assert row is not None
+        return dict(row)
+
+    async def settled(self, incident_id: UUID, timeout: float = 20.0) -> str:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            state = (await self.incident(incident_id))["state"]
+            if state not in ("open", "notifying"):
+                return str(state)
+            if asyncio.get_running_loop().time() > deadline:
+                actions = await self.rows("SELECT key, kind, destination, dispatched_at, outcome, detail "
+                                          "FROM iim.incident_action WHERE incident_id = $1 ORDER BY key", incident_id)
+                raise AssertionError(f"incident still {state}: {actions}")
+            await asyncio.sleep(0.05)
+
+    async def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        async with tenant_tx(self.pool, self.rig.tenant_id) as conn:
+            return [dict(r) for r in await conn.fetch(sql, *args)]
+
+
+async def _route(call: Call) -> None:
+    await call.hangup("NORMAL_CLEARING")
+
+
+@pytest_asyncio.fixture
+async def alarms(app_pool: Pool, pg_db: Any, tmp_path: Path) -> AsyncIterator[Alarms]:
+    rig = await build_rig(app_pool, tmp_path, **numbers())
+    emu = FreeSwitchEmulator(time_scale=0.01, default_target=TargetBehaviour.no_answer())
+    inbound = await emu.start_inbound()
+    registry = IvrRegistry()
+    server = OutboundServer(with_alert_calls(registry, _route),
+                            OutboundSettings(port=0, exit_wait=0.5, hangup_complete_wait=0.5))
+    await server.start()
+    client = InboundClient(InboundSettings(port=inbound.port, command_timeout=2.0, backoff_initial=0.05,
+                                           backoff_max=0.2, events=("BACKGROUND_JOB",)))
+    await client.start()
+    await client.wait_connected(5)
+    placer = AlertCallPlacer(client, registry, socket_address=f"127.0.0.1:{server.port}",
+                             gateway_dial=DialSettings(phone_endpoint=GW.replace("{}", "{msisdn}")),
+                             answer_grace_s=2.0, connect_wait_s=0.3, api_timeout_s=0.5, prompt_s=1.0)
+    worker = IncidentWorker(app_pool, pg_db.app_url, placer, WorkerSettings(
+        heartbeat_timeout=timedelta(seconds=2), unreachable_retries=(0.3, 0.3)))
+    await worker.start()
+    yield Alarms(rig, app_pool, emu, inbound, worker)
+    await worker.stop()
+    await client.close()
+    await server.close(drain_timeout=1.0)
+    await emu.close()
+
+
+async def test_owner_presses_2_false_alarm_stops_everything(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=200, dtmf="2"))
+    incident = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(incident) == "false_alarm"
+    assert alarms.calls_to(rig.owner) == 1
+    assert alarms.calls_to(rig.backup) == 0
+    sms = await alarms.rows("SELECT msisdn, status FROM iim.sms_outbox WHERE incident_id = $1", incident)
+    assert sms == [{"msisdn": rig.owner, "status": "queued"}]  # smoke: call and SMS the owner at once
+    audit = [r["action"] for r in await alarms.rows(
+        "SELECT action FROM iim.audit_log WHERE entity = 'incident' AND entity_id = $1 ORDER BY id", str(incident))]
+    assert audit[0] == "incident.opened"
+    assert "incident.call" in audit
+    assert audit[-1] == "incident.false_alarm"
+
+
+async def test_nobody_answers_escalates_owner_backup_security_once_each(alarms: Alarms) -> None:
+    rig = alarms.rig
+    incident = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(incident) == "exhausted"
+    order = sorted((o.monotonic, o.destination) for n in (rig.owner, rig.backup, rig.security)
+                    for o in alarms.emu.originates_to(n))
+    assert [d for _, d in order] == [rig.owner, rig.backup, rig.security]
+    calls = await alarms.rows("SELECT outcome FROM iim.incident_action WHERE incident_id = $1 AND kind = 'call'",
+                              incident)
+    assert sorted(c["outcome"] for c in calls) == ["no_answer"] * 3
+
+
+async def test_backup_confirms_with_1_acknowledged_and_on_acknowledge_runs(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.script(rig.owner, TargetBehaviour.busy())
+    alarms.script(rig.backup, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+    incident = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(incident) == "acknowledged"
+    assert alarms.calls_to(rig.security) == 0
+    await _eventually_rows(alarms, "SELECT 1 FROM iim.incident_action WHERE incident_id = $1 "
+                                   "AND starts_with(key, $2) AND outcome IS NOT NULL", incident, f"{incident}/ack/")
+
+
+async def _eventually_rows(alarms: Alarms, sql: str, *args: Any) -> list[dict[str, Any]]:
+    for _ in range(200):
+        rows = await alarms.rows(sql, *args)
+        if rows:
+            return rows
+        await asyncio.sleep(0.05)
+    raise AssertionError("no rows")
+
+
+async def test_destination_outside_allowed_prefixes_is_refused_audited_and_never_dialled(alarms: Alarms) -> None:
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+        await conn.execute("INSERT INTO iim.originate_limit (allowed_prefixes) VALUES ('{+44}')")
+    incident = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(incident) == "exhausted"
+    assert alarms.calls_to(rig.owner) == alarms.calls_to(rig.backup) == alarms.calls_to(rig.security) == 0
+    refused = await alarms.rows(
+        "SELECT detail->>'reason' AS reason FROM iim.audit_log WHERE action = 'originate.refused' "
+        "AND entity_id = $1", str(incident))
+    assert [r["reason"] for r in refused] == ["prefix_not_allowed"] * 3
+
+
+async def test_hourly_cap_refuses_alert_calls_beyond_it(alarms: Alarms) -> None:
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+        await conn.execute("INSERT INTO iim.originate_limit (max_per_hour) VALUES (1)")
+    incident = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(incident) == "exhausted"
+    assert alarms.calls_to(rig.owner) == 1
+    assert alarms.calls_to(rig.backup) == alarms.calls_to(rig.security) == 0
+    refused = await alarms.rows("SELECT detail->>'reason' AS reason FROM iim.audit_log "
+                                "WHERE action = 'originate.refused' AND entity_id = $1", str(incident))
+    assert [r["reason"] for r in refused] == ["hourly_cap"] * 2
+
+
+async def test_freeswitch_down_sends_sms_then_retries_the_call(alarms: Alarms) -> None:
+    rig = alarms.rig
+    await alarms.inbound.close()
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+    incident = await alarms.raise_alarm("smoke")
+    fallback = await _eventually_rows(
+        alarms, "SELECT msisdn, body FROM iim.sms_outbox WHERE incident_id = $1 AND key LIKE '%/unreachable/%'",
+        incident)
+    assert fallback[0]["msisdn"] == rig.owner
+    assert "could not call" in fallback[0]["body"]
+    alarms.inbound = await alarms.emu.start_inbound(port=alarms.inbound.port)
+    assert await alarms.settled(incident) == "acknowledged"
+    assert alarms.calls_to(rig.owner) == 1
+
+
+async def test_cleared_event_resolves_a_live_incident(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=5000))  # rings for a while (x0.01: 50 ms)
+    incident = await alarms.raise_alarm("smoke")
+    raw = rig.event("cleared")
+    event = DeviceEvent.model_validate(json.loads(raw))
+    device = KnownDevice(rig.tenant_id, rig.sensor_id, rig.household_id, rig.sensor, "sensor")
+    await accept_event(alarms.pool, device, event, fingerprint=body_fingerprint(raw), channel="device", msg_id=None)
+    assert await alarms.settled(incident) in ("resolved", "acknowledged")
+
+
+@pytest.mark.parametrize("hazard", ["smoke", "co"])
+async def test_each_hazard_gets_its_own_incident(alarms: Alarms, hazard: str) -> None:
+    device = alarms.rig.jws_sensor if hazard == "co" else None
+    alarms.script(alarms.rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="2"))
+    incident = await alarms.raise_alarm(hazard, device=device)
+    assert await alarms.settled(incident) == "false_alarm"
+
