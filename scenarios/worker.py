@@ -219,8 +219,11 @@ class IncidentWorker:
                 return
             kind = action.kind
             acknowledgement = key.split("/")[1] == "ack"  # the on_acknowledge messages, sent once it ended
-            if not acknowledgement and (incident.state in TERMINAL or (action.step, key.split("/")[2]) != (
-                    incident.progress.step, str(incident.progress.attempt))):
+            current = (action.step, key.split("/")[2]) == (incident.progress.step, str(incident.progress.attempt))
+            message = action.kind in ("sms", "notify")
+            # A call of a group that was decided meanwhile is not placed; a text of a live incident still goes
+            # out (a restarted worker may reach it late, but the person must get it).
+            if not acknowledgement and (incident.state in TERMINAL or not (current or message)):
                 # The incident moved on (acknowledged, or escalated past this step): nothing left to do.
                 await store.record_outcome(conn, key, "superseded", f"incident is {incident.state.value}")
                 return
