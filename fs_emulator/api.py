@@ -262,6 +262,8 @@ class Originate:
 
     def _note(self, record: OriginateRecord) -> None:
         self.emu.originates.append(record)
+        for listener in self.emu.originate_listeners:
+            listener(record)
 
     async def _run(self, dial: DialString, words: list[str], target: str) -> str:
         self._log(7, 2301, "Parsing global variables")

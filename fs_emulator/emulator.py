@@ -14,7 +14,7 @@ import random
 import time
 import wave
 from collections import deque
-from collections.abc import Awaitable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -117,6 +117,8 @@ class FreeSwitchEmulator:
         self.errors: list[str] = []
         self.results: list[CallResult] = []
         self.originates: deque[OriginateRecord] = deque(maxlen=10_000)
+        #: called with each originate as it arrives (benchmarks time them; the deque keeps only the last ones)
+        self.originate_listeners: list[Callable[[OriginateRecord], None]] = []
         self.recordings: deque[RecordingRecord] = deque(maxlen=10_000)
         self.write_recordings = write_recordings
         self.keep_results = False

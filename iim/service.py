@@ -12,9 +12,11 @@ from datetime import timedelta
 from pathlib import Path
 
 from aiohttp import web
+from prometheus_client import Histogram
 
 from admin.api import create_registry_app, mount_registry
 from admin.settings import AdminSettings
+from fs_app import metrics
 from fs_app.call import Call
 from fs_app.dialstring import DialSettings
 from fs_app.inbound import InboundClient, InboundPool, InboundSettings
@@ -30,6 +32,7 @@ from iot_bridge.server_cert import ensure_self_signed
 from iot_bridge.tls import TenantCaRegistry, server_context
 from outreach.calls import AlertCallPlacer
 from outreach.ivr import IvrRegistry, with_alert_calls
+from policy_cache.audit import AuditFlusher
 from policy_cache.cache import PolicyCache
 from policy_cache.call_audit import CallDecisionAudit
 from policy_cache.db import DbRole, Pool, connect_pool
@@ -37,6 +40,9 @@ from policy_cache.store import PgPolicyStore
 from scenarios.worker import IncidentWorker, WorkerSettings
 
 log = logging.getLogger("iim.service")
+
+LOOP_LAG = Histogram("iim_event_loop_lag_seconds", "How late the event loop ran a 100 ms timer",
+                     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=metrics.REGISTRY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +68,7 @@ class Service:
         self.store: PgPolicyStore | None = None
         self.cache: PolicyCache | None = None
         self._app_url: str | None = None
+        self.audit_flusher: AuditFlusher | None = None
         self.audit: CallDecisionAudit | None = None
         passthrough = make_passthrough_handler(settings.passthrough_endpoint)
         self._passthrough = passthrough
@@ -82,6 +89,7 @@ class Service:
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
         self.worker: IncidentWorker | None = None
+        self._lag_watch: asyncio.Task[None] | None = None
         self._bridge_runner: web.AppRunner | None = None
         self.bridge_port: int | None = None
 
@@ -115,7 +123,19 @@ class Service:
             report["status"] = "degraded"  # calls still go to the dialled number
         return report
 
+    async def _watch_loop_lag(self) -> None:
+        """How late the event loop runs a 100 ms timer: every call, event and job waits that long too."""
+        loop = asyncio.get_running_loop()
+        while True:
+            expected = loop.time() + 0.1
+            await asyncio.sleep(0.1)
+            lag = max(0.0, loop.time() - expected)
+            LOOP_LAG.observe(lag)
+            if lag > 0.5:
+                log.warning("event loop lagged %.0f ms", lag * 1e3)
+
     async def start(self) -> None:
+        self._lag_watch = asyncio.create_task(self._watch_loop_lag(), name="loop-lag")
         await self.outbound.start()  # calls are answered (passthrough) from the first second
         if self.settings.policy_routing:
             await self._start_policy()
@@ -158,6 +178,8 @@ class Service:
             urls = DatabaseUrls(db.app_url, db.cache_url)
         self._app_url = urls.app_url
         self.pool = await connect_pool(urls.app_url, role=DbRole.APP, min_size=1, max_size=16)
+        self.audit_flusher = AuditFlusher(self.pool)
+        await self.audit_flusher.start()
         # Read-only, all tenants: for admins listing tenants (RLS hides them from the app role).
         self.directory_pool = await connect_pool(urls.cache_url, role=DbRole.CACHE, min_size=1, max_size=2)
         self.store = PgPolicyStore(urls.cache_url)
@@ -197,7 +219,8 @@ class Service:
                 device_rate=s.bridge_device_rate, device_burst=s.bridge_device_burst,
                 source_rate=s.bridge_source_rate, source_burst=s.bridge_source_burst,
                 tenant_rate=s.bridge_tenant_rate, tenant_burst=s.bridge_tenant_burst))
-            app = create_bridge_app(pool, config, cas=cas if s.bridge_client_cas else None)
+            app = create_bridge_app(pool, config, cas=cas if s.bridge_client_cas else None,
+                                    opener=self.worker.begin_in if self.worker is not None else None)
             self._bridge_runner = web.AppRunner(app, access_log=None)
             await self._bridge_runner.setup()
             site = web.TCPSite(self._bridge_runner, s.bridge_host, s.bridge_port, ssl_context=context)
@@ -206,6 +229,8 @@ class Service:
             self.bridge_port = sockets[0].getsockname()[1] if sockets else s.bridge_port
 
     async def stop(self) -> None:
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
         if self._bridge_runner is not None:
             await self._bridge_runner.cleanup()
         if self.worker is not None:
@@ -217,6 +242,8 @@ class Service:
             await self._runner.cleanup()
         if self.audit is not None:
             await self.audit.close()
+        if self.audit_flusher is not None:
+            await self.audit_flusher.close()
         if self.cache is not None:
             await self.cache.close()
         if self.store is not None:

@@ -35,7 +35,7 @@ from iot_bridge.events import (
     parse_event,
     parse_webhook,
 )
-from iot_bridge.intake import IntakeOutcome, StoreDown, accept_event
+from iot_bridge.intake import IncidentOpener, IntakeOutcome, StoreDown, accept_event
 from iot_bridge.ratelimit import RateLimits, RateLimitSettings
 from iot_bridge.tls import ClientCertError, ClientIdentity, TenantCaRegistry
 from policy_cache.db import Pool
@@ -82,7 +82,9 @@ class BridgeConfig:
 
 class Bridge:
     def __init__(self, pool: Pool, config: BridgeConfig, *, cas: TenantCaRegistry | None = None,
-                 on_accepted: Callable[[IntakeOutcome], Awaitable[None]] | None = None) -> None:
+                 on_accepted: Callable[[IntakeOutcome], Awaitable[None]] | None = None,
+                 opener: IncidentOpener | None = None) -> None:
+        self.opener = opener
         self.pool = pool
         self.config = config
         self.directory = DeviceDirectory(pool)
@@ -155,7 +157,7 @@ class Bridge:
         if event.device_id != keys.device.external_id:
             raise BridgeRefusal(403, "identity-mismatch", "the event names another device", event_id=event.event_id)
         outcome = await accept_event(self.pool, keys.device, event, fingerprint=fingerprint, channel=channel,
-                                     msg_id=msg_id)
+                                     msg_id=msg_id, opener=self.opener)
         if outcome.kind == "conflict":
             raise BridgeRefusal(422, "idempotency-conflict", "event_id was already used with another body",
                                 event_id=event.event_id)
@@ -328,10 +330,13 @@ async def problem_middleware(request: web.Request,
 
 
 def create_bridge_app(pool: Pool, config: BridgeConfig | None = None, *, cas: TenantCaRegistry | None = None,
-                      on_accepted: Callable[[IntakeOutcome], Awaitable[None]] | None = None) -> web.Application:
+                      on_accepted: Callable[[IntakeOutcome], Awaitable[None]] | None = None,
+                      opener: IncidentOpener | None = None) -> web.Application:
+    """The bridge's aiohttp app. ``opener`` (the scenario worker's ``begin_in``) starts new incidents inside
+    the intake transaction; without it a tick job does that a moment later."""
     config = config or BridgeConfig()
     app = web.Application(middlewares=[problem_middleware], client_max_size=config.max_body)
-    app[BRIDGE_KEY] = Bridge(pool, config, cas=cas, on_accepted=on_accepted)
+    app[BRIDGE_KEY] = Bridge(pool, config, cas=cas, on_accepted=on_accepted, opener=opener)
     app.router.add_post("/v1/events", post_event)
     app.router.add_post("/v1/webhooks/{source}", post_webhook)
     from iot_bridge.openapi import openapi_view  # the document describes the routes registered above

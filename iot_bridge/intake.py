@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -19,10 +20,10 @@ import asyncpg
 
 from iot_bridge.event_types import HAZARDS, EventType
 from iot_bridge.events import DeviceEvent
-from policy_cache import jobs
+from policy_cache import audit, jobs
 from policy_cache.db import Connection, Pool, tenant_tx
 
-__all__ = ["STORE_DOWN_ERRORS", "IncidentJobs", "IntakeOutcome", "KnownDevice", "StoreDown", "accept_event"]
+__all__ = ["STORE_DOWN_ERRORS", "IncidentJobs", "IncidentOpener", "IntakeOutcome", "KnownDevice", "StoreDown", "accept_event"]
 
 log = logging.getLogger(__name__)
 
@@ -83,27 +84,32 @@ _INSERT_EVENT = """
 INSERT INTO iim.device_event (event_id, device_id, type, occurred_at, fingerprint, payload, channel, msg_id,
                               incident_id, response)
 VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10::jsonb)"""
-_AUDIT = "SELECT iim.audit_append($1, $2, $3, 'incident', $4, $5::jsonb, $6::jsonb)"
+
+
+#: Starts a just-opened incident inside the intake transaction (the scenario worker's ``begin_in``).
+IncidentOpener = Callable[[Connection, UUID, UUID], Awaitable[None]]
 
 
 async def accept_event(pool: Pool, device: KnownDevice, event: DeviceEvent, *, fingerprint: str,
-                       channel: str, msg_id: str | None) -> IntakeOutcome:
+                       channel: str, msg_id: str | None, opener: IncidentOpener | None = None) -> IntakeOutcome:
     """Record ``event`` for ``device`` and schedule what it triggers; idempotent by event_id.
 
     Raises:
         StoreDown: PostgreSQL is unreachable or failed; the transaction was rolled back.
     """
     try:
-        return await _accept(pool, device, event, fingerprint=fingerprint, channel=channel, msg_id=msg_id)
+        return await _accept(pool, device, event, fingerprint=fingerprint, channel=channel, msg_id=msg_id,
+                             opener=opener)
     except asyncpg.UniqueViolationError:
         # Two copies of one event raced; the loser now finds the winner's row and replays its answer.
-        return await _accept(pool, device, event, fingerprint=fingerprint, channel=channel, msg_id=msg_id)
+        return await _accept(pool, device, event, fingerprint=fingerprint, channel=channel, msg_id=msg_id,
+                             opener=opener)
     except STORE_DOWN_ERRORS as exc:
         raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
 
 
 async def _accept(pool: Pool, device: KnownDevice, event: DeviceEvent, *, fingerprint: str, channel: str,
-                  msg_id: str | None) -> IntakeOutcome:
+                  msg_id: str | None, opener: IncidentOpener | None) -> IntakeOutcome:
     async with tenant_tx(pool, device.tenant_id) as conn:
         seen = await conn.fetchrow(_FIND, event.event_id)
         if seen is not None:
@@ -114,19 +120,21 @@ async def _accept(pool: Pool, device: KnownDevice, event: DeviceEvent, *, finger
             incident = first.get("incident_id")
             return IntakeOutcome("replayed", first, UUID(incident) if incident else None)
 
-        incident_id, opened, action = await _route(conn, device, event)
+        incident_id, opened, action = await _route(conn, device, event, opener)
         body: dict[str, Any] = {"event_id": event.event_id, "status": "accepted",
                                 "incident_id": str(incident_id) if incident_id else None, "action": action}
         await conn.execute(_INSERT_EVENT, event.event_id, device.id, event.type.value, event.occurred_at,
                            fingerprint, event.payload, channel, msg_id, incident_id, body)
         if incident_id is not None:
-            await conn.execute(
-                _AUDIT, device.tenant_id, f"device:{device.external_id}", f"incident.{action}", str(incident_id),
-                {"hazard": event.type.value, "channel": channel}, {"event_id": event.event_id})
+            await audit.stage(conn, actor=f"device:{device.external_id}", action=f"incident.{action}",
+                              entity="incident", entity_id=incident_id,
+                              detail={"hazard": event.type.value, "channel": channel},
+                              correlation={"event_id": event.event_id})
         return IntakeOutcome("accepted", body, incident_id, opened)
 
 
-async def _route(conn: Connection, device: KnownDevice, event: DeviceEvent) -> tuple[UUID | None, bool, str]:
+async def _route(conn: Connection, device: KnownDevice, event: DeviceEvent,
+                 opener: IncidentOpener | None) -> tuple[UUID | None, bool, str]:
     """Open or update the incident this event belongs to, and enqueue the work it needs."""
     if event.type is EventType.CLEARED:
         live = await conn.fetch(_LIVE, device.id)
@@ -143,6 +151,17 @@ async def _route(conn: Connection, device: KnownDevice, event: DeviceEvent) -> t
         # Another transaction opened it between our UPDATE and INSERT: join that one.
         coalesced = await conn.fetchval(_COALESCE, device.id, event.type.value)
         return coalesced, False, "updated"
+    if opener is not None:
+        try:
+            async with conn.transaction():  # a savepoint: a failing decision must not cost the event
+                await opener(conn, device.tenant_id, opened)
+        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError):
+            raise
+        except Exception:  # any engine failure: the tick job below retries the decision
+            log.exception("starting incident %s inline failed; queued for the worker", opened,
+                          extra={"event_id": event.event_id})
+        else:
+            return opened, True, "opened"
     await _enqueue_tick(conn, device.tenant_id, opened, reason="opened", dedupe=f"open:{opened}")
     return opened, True, "opened"
 

@@ -5,23 +5,32 @@ bytes. Appends go through ``iim.audit_append`` (one implementation for every wri
 tenant's chain with an advisory lock held to commit, so call it last in a transaction).
 :func:`verify_chain` rebuilds the canonical JSON here, from the stored columns, and reports the first row
 whose link or hash does not match: an edited row breaks at itself, a deleted or re-hashed row at its
-successor. Truncating the tail is only visible against a chain head published elsewhere
+successor. Hot paths :func:`stage` lines instead (no lock) and :class:`AuditFlusher` chains them in
+batches. Truncating the tail is only visible against a chain head published elsewhere
 (:func:`chain_head`), since a superuser can rewrite anything inside the database.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from policy_cache.db import Connection
+import asyncpg
+
+from policy_cache.db import Connection, Pool
 from policy_cache.models import AuditEntry
 
-__all__ = ["GENESIS_HASH", "append", "canonical_json", "chain_head", "entries", "verify_chain"]
+__all__ = ["GENESIS_HASH", "AuditFlusher", "append", "canonical_json", "chain_head", "entries", "flush_pending",
+           "stage", "verify_chain"]
+
+log = logging.getLogger(__name__)
 
 GENESIS_HASH = bytes(32)
 
@@ -129,3 +138,65 @@ async def entries(
         entity, None if entity_id is None else str(entity_id), limit,
     )
     return [AuditEntry.model_validate(dict(r)) for r in rows]
+
+
+async def stage(
+    conn: Connection,
+    *,
+    actor: str,
+    action: str,
+    entity: str,
+    entity_id: str | UUID | None = None,
+    detail: Mapping[str, Any] | None = None,
+    correlation: Mapping[str, Any] | None = None,
+) -> None:
+    """Stage an audit line in the caller's tenant transaction; :class:`AuditFlusher` chains it.
+
+    For hot paths (device events, incident steps): no chain lock is taken here, so concurrent transactions of
+    one tenant do not queue behind each other. The line is as durable as the transaction that staged it.
+    """
+    await conn.execute(
+        "INSERT INTO iim.audit_pending (actor, action, entity, entity_id, detail, correlation) "
+        "VALUES ($1, $2, $3, $4, $5, $6)",
+        actor, action, entity, None if entity_id is None else str(entity_id), dict(detail or {}),
+        dict(correlation or {}))
+
+
+async def flush_pending(pool: Pool, *, batch: int = 1000) -> int:
+    """Move every staged line into its tenant's chain now; the number moved."""
+    moved = 0
+    while True:
+        n = int(await pool.fetchval("SELECT iim.audit_flush($1)", batch))
+        moved += n
+        if n < batch:
+            return moved
+
+
+class AuditFlusher:
+    """Chains staged audit lines every ``interval`` seconds (and drains them at stop)."""
+
+    def __init__(self, pool: Pool, *, interval: float = 0.1, batch: int = 1000) -> None:
+        self._pool = pool
+        self._interval = interval
+        self._batch = batch
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="audit-flusher")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await flush_pending(self._pool, batch=self._batch)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # Staged lines stay staged; the next round chains them.
+                log.warning("audit flush failed (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(self._interval)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await flush_pending(self._pool, batch=self._batch)

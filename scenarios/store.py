@@ -16,8 +16,9 @@ from uuid import UUID
 
 from iot_bridge.event_types import EventType
 from iot_bridge.intake import IncidentJobs
+from policy_cache import audit as audit_log
 from policy_cache import jobs, repository
-from policy_cache.db import Connection
+from policy_cache.db import Connection, Pool
 from policy_cache.models import DeviceStatus, DeviceType, PresenceState
 from scenarios.engine import (
     Action,
@@ -33,9 +34,9 @@ from scenarios.engine import (
 )
 from scenarios.model import ContactRole, Scenario
 
-__all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_facts", "load_incident",
+__all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_incident",
            "load_scenarios", "persist_advance", "record_outcome", "enqueue_tick", "group_outcomes",
-           "originate_counts", "originate_limits", "bound_destinations", "audit", "action_spec"]
+           "originate_counts", "count_dispatch", "due_incidents", "originate_limits", "bound_destinations", "audit", "action_spec"]
 
 #: Namespace for deterministic call UUIDs: the same action key always dials with the same origination_uuid.
 _CALL_NS = uuid.UUID("6f1c3f0e-2a4b-4a57-9d0e-1b5c9a7e0c11")
@@ -45,22 +46,24 @@ SELECT i.id, i.household_id, i.device_id, i.hazard, i.state::text AS state, i.sc
        i.deadline, i.first_event_id, i.opened_at,
        d.name AS device_name, d.type::text AS device_type, d.status::text AS device_status, d.sip_uri,
        d.external_id AS device_external_id,
-       h.name AS household_name, h.presence::text AS presence, h.time_zone
+       h.name AS household_name, h.presence::text AS presence, h.time_zone{extra}
   FROM iim.incident i
   JOIN iim.device d ON d.tenant_id = i.tenant_id AND d.id = i.device_id
   JOIN iim.household h ON h.tenant_id = i.tenant_id AND h.id = i.household_id
  WHERE i.id = $1
    FOR UPDATE OF i"""
-_CONTACTS = """
-SELECT b.role::text AS role, b.priority, s.msisdn, s.id, s.display_name
-  FROM iim.binding b JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
- WHERE b.household_id = $1 AND (b.device_id IS NULL OR b.device_id = $2)
- ORDER BY b.priority, s.msisdn"""
-_HOME = """
-SELECT sip_uri FROM iim.device
- WHERE household_id = $1 AND enabled AND sip_uri IS NOT NULL AND type = 'speaker'
-   AND 'sip' = ANY (capabilities)
- ORDER BY name"""
+# Contacts (by escalation priority) and the household's ringing speakers, in the same round trip.
+_FACTS = """,
+       (SELECT coalesce(json_agg(json_build_object('role', b.role, 'priority', b.priority, 'msisdn', s.msisdn,
+                                                   'id', s.id, 'name', s.display_name)
+                                 ORDER BY b.priority, s.msisdn), '[]')
+          FROM iim.binding b JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
+         WHERE b.household_id = i.household_id AND (b.device_id IS NULL OR b.device_id = i.device_id)) AS contacts,
+       (SELECT coalesce(json_agg(x.sip_uri ORDER BY x.name), '[]') FROM iim.device x
+         WHERE x.household_id = i.household_id AND x.enabled AND x.sip_uri IS NOT NULL AND x.type = 'speaker'
+           AND 'sip' = ANY (x.capabilities)) AS home"""
+_INCIDENT_LIGHT = _INCIDENT.format(extra="")
+_INCIDENT_FULL = _INCIDENT.format(extra=_FACTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,30 +96,34 @@ def call_uuid_for(key: str) -> UUID:
     return uuid.uuid5(_CALL_NS, key)
 
 
-async def load_incident(conn: Connection, incident_id: UUID) -> IncidentRow | None:
-    """The incident (locked for this transaction) with everything the engine decides on."""
-    row = await conn.fetchrow(_INCIDENT, incident_id)
+async def load_incident(conn: Connection, incident_id: UUID, *, full: bool = True) -> IncidentRow | None:
+    """The incident (locked for this transaction) with everything the engine decides on.
+
+    ``full=False`` skips what only decisions need (contacts, home devices, the scenario): for executors that
+    only check the incident's state before or after performing one action.
+    """
+    row = await conn.fetchrow(_INCIDENT_FULL if full else _INCIDENT_LIGHT, incident_id)
     if row is None:
         return None
-    contacts = tuple(
-        Contact(role=ContactRole(r["role"]), msisdn=r["msisdn"], subscriber_id=str(r["id"]), priority=r["priority"],
-                name=r["display_name"])
-        for r in await conn.fetch(_CONTACTS, row["household_id"], row["device_id"]))
-    home = tuple(r["sip_uri"] for r in await conn.fetch(_HOME, row["household_id"]))
+    contacts: tuple[Contact, ...] = ()
+    home: tuple[str, ...] = ()
+    if full:
+        contacts = tuple(
+            Contact(role=ContactRole(c["role"]), msisdn=c["msisdn"], subscriber_id=str(c["id"]),
+                    priority=c["priority"], name=c["name"])
+            for c in row["contacts"])
+        home = tuple(row["home"])
     facts = IncidentFacts(
         event_type=EventType(row["hazard"]), device_type=DeviceType(row["device_type"]),
         device_id=row["device_external_id"], device_name=row["device_name"],
         device_status=DeviceStatus(row["device_status"]), device_sip_uri=row["sip_uri"],
         household_name=row["household_name"], presence=PresenceState(row["presence"]),
         time_zone=row["time_zone"], contacts=contacts, home_targets=home)
-    scenario = Scenario.model_validate(row["scenario"]) if row["scenario"] else None
+    scenario = Scenario.model_validate(row["scenario"]) if full and row["scenario"] else None
     state = IncidentState(row["state"])
     return IncidentRow(id=row["id"], state=state, progress=Progress(state, row["step"], row["attempt"]),
                        scenario=scenario, deadline=row["deadline"], first_event_id=row["first_event_id"],
                        household_id=row["household_id"], device_id=row["device_id"], facts=facts)
-
-
-load_facts = load_incident
 
 
 async def load_scenarios(conn: Connection, household_id: UUID) -> list[Scenario]:
@@ -171,6 +178,21 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
     queries = jobs.queries_for(conn)
     for action in advance.actions:
         kind, destination = _action_fields(action)
+        if isinstance(action, SendSms):
+            # An SMS is only a row in the outbox (the SMS sender delivers it): written here, in the decision's
+            # own transaction, so it cannot be lost between the decision and a job.
+            inserted = await conn.fetchval(
+                """INSERT INTO iim.incident_action (key, incident_id, step, kind, destination, spec, outcome, detail,
+                                                    finished_at)
+                   VALUES ($1, $2, $3, 'sms', $4, $5::jsonb, 'queued', 'queued in the SMS outbox', now())
+                   ON CONFLICT (tenant_id, key) DO NOTHING RETURNING key""",
+                action.key, incident.id, action.step, destination, action_spec(action))
+            if inserted is not None:
+                await conn.execute(
+                    """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
+                       ON CONFLICT (tenant_id, key) DO NOTHING""", action.key, action.msisdn, action.text[:1600],
+                    incident.id)
+            continue
         inserted = await conn.fetchval(
             """INSERT INTO iim.incident_action (key, incident_id, step, kind, destination, spec, call_uuid)
                VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7) ON CONFLICT (tenant_id, key) DO NOTHING RETURNING key""",
@@ -180,12 +202,6 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
             payload = json.dumps({"tenant": str(tenant_id), "incident": str(incident.id), "key": action.key})
             await queries.enqueue(IncidentJobs.ACTION, payload.encode(), priority=20, dedupe_key=f"act:{action.key}",
                                   on_conflict="skip")
-    if advance.deadline is not None and not closed:
-        delay = max(advance.deadline - now, timedelta(0))
-        await enqueue_tick(conn, tenant_id, incident.id, reason="deadline",
-                           dedupe=f"deadline:{incident.id}:{advance.progress.step}:{advance.progress.attempt}:"
-                                  f"{advance.deadline.timestamp():.0f}",
-                           delay=delay)
     await audit(conn, tenant_id, actor, f"incident.{state.value}", incident.id, {
         "reason": advance.reason, "step": advance.progress.step, "attempt": advance.progress.attempt,
         "actions": [{"key": a.key, "kind": _action_fields(a)[0]} for a in advance.actions],
@@ -199,8 +215,13 @@ async def audit(conn: Connection, tenant_id: UUID, actor: str, action: str, inci
         correlation["event_id"] = event_id
     if call_uuid:
         correlation["call_id"] = str(call_uuid)
-    await conn.execute("SELECT iim.audit_append($1, $2, $3, 'incident', $4, $5::jsonb, $6::jsonb)",
-                       tenant_id, actor, action, str(incident_id), detail, correlation)
+    await audit_log.stage(conn, actor=actor, action=action, entity="incident", entity_id=incident_id,
+                          detail=detail, correlation=correlation)
+
+
+async def due_incidents(pool: Pool, limit: int) -> list[tuple[UUID, UUID]]:
+    """(tenant, incident) of live incidents whose deadline has passed, oldest first, across tenants."""
+    return [(r["tenant_id"], r["id"]) for r in await pool.fetch("SELECT * FROM iim.due_incidents($1)", limit)]
 
 
 async def group_outcomes(conn: Connection, incident_id: UUID, progress: Progress) -> list[ActionRow]:
@@ -232,17 +253,26 @@ async def record_outcome(conn: Connection, key: str, outcome: str, detail: str =
 async def originate_counts(conn: Connection, tenant_id: UUID) -> tuple[int, int]:
     """Calls of the tenant still ringing (dispatched in the last 10 min, no outcome) and of the last hour.
 
-    A per-tenant transaction lock serialises the cap check with the dispatch that follows it.
+    Takes the tenant's originate lock for the rest of the transaction, so the cap check and the dispatch
+    that follows it (:func:`count_dispatch`) are one step for every worker: call it last, just before commit.
     """
     await conn.execute("SELECT pg_advisory_xact_lock(1229540685, hashtext('originate:' || $1))", str(tenant_id))
     row = await conn.fetchrow(
-        """SELECT count(*) FILTER (WHERE finished_at IS NULL AND dispatched_at > now() - interval '10 minutes')
-                  AS in_flight,
-                  count(*) AS last_hour
-             FROM iim.incident_action
-            WHERE kind IN ('call', 'record') AND dispatched_at > now() - interval '1 hour'""")
+        """SELECT (SELECT count(*) FROM iim.incident_action
+                    WHERE kind IN ('call', 'record') AND dispatched_at IS NOT NULL AND finished_at IS NULL
+                      AND dispatched_at > now() - interval '10 minutes') AS in_flight,
+                  (SELECT coalesce(sum(calls), 0) FROM iim.originate_window
+                    WHERE minute > now() - interval '1 hour') AS last_hour""")
     assert row is not None
     return int(row["in_flight"]), int(row["last_hour"])
+
+
+async def count_dispatch(conn: Connection, key: str) -> None:
+    """Mark the call dispatched and count it in this minute's window (under the originate lock)."""
+    await conn.execute("UPDATE iim.incident_action SET dispatched_at = now() WHERE key = $1", key)
+    await conn.execute(
+        """INSERT INTO iim.originate_window (minute, calls) VALUES (date_trunc('minute', now()), 1)
+           ON CONFLICT (tenant_id, minute) DO UPDATE SET calls = iim.originate_window.calls + 1""")
 
 
 async def originate_limits(conn: Connection) -> tuple[int, int, tuple[str, ...]] | None:

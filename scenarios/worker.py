@@ -10,6 +10,7 @@ dialling anyone twice: a dispatched call with no outcome is looked up on the swi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -26,7 +27,7 @@ from pgqueuer.types import Channel
 from prometheus_client import Counter, Histogram
 
 from fs_app.metrics import REGISTRY
-from iot_bridge.intake import IncidentJobs
+from iot_bridge.intake import STORE_DOWN_ERRORS, IncidentJobs
 from outreach.calls import AlertCall, AlertCallPlacer, CallOutcome, CallOutcomeKind
 from outreach.guard import OriginateLimits, check_destination
 from policy_cache import jobs
@@ -73,6 +74,8 @@ class WorkerSettings:
     #: a job whose worker stopped heart-beating this long ago is picked up again (crash recovery)
     heartbeat_timeout: timedelta = timedelta(seconds=30)
     max_concurrent_jobs: int = 500
+    #: how often live incidents past their deadline are looked for (deadlines are not parked as jobs)
+    sweep_interval_s: float = 0.5
     batch_size: int = 20
     #: FreeSWITCH unreachable: the call is retried after these delays (an SMS goes out at once)
     unreachable_retries: tuple[float, ...] = (2.0, 8.0, 30.0)
@@ -96,6 +99,7 @@ class IncidentWorker:
         self._conn: Connection | None = None
         self._qm: QueueManager | None = None
         self._task: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -109,6 +113,7 @@ class IncidentWorker:
             dequeue_timeout=timedelta(seconds=5), batch_size=self.settings.batch_size,
             max_concurrent_tasks=self.settings.max_concurrent_jobs,
             heartbeat_timeout=self.settings.heartbeat_timeout), name="incident-worker")
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="incident-deadlines")
 
     @staticmethod
     def _retrying(params: EntrypointExecutorParameters) -> DatabaseRetryEntrypointExecutor:
@@ -117,6 +122,10 @@ class IncidentWorker:
                                                max_delay=timedelta(seconds=60))
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         if self._qm is not None:
             self._qm.shutdown.set()
         if self._task is not None:
@@ -126,6 +135,24 @@ class IncidentWorker:
                 self._task.cancel()
         if self._conn is not None:
             await self._conn.close()
+
+    # ------------------------------------------------------------------ deadlines
+    async def _sweep_forever(self) -> None:
+        """Tick every live incident whose deadline passed. Several workers may sweep: a tick locks the
+        incident and re-checks its deadline, so a second tick of the same incident does nothing."""
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            try:
+                due = await store.due_incidents(self.pool, 500)
+            except STORE_DOWN_ERRORS as exc:
+                log.warning("deadline sweep: store unavailable (%s); retrying", type(exc).__name__)
+                continue
+            for tenant_id, incident_id in due:
+                try:
+                    await self.tick(tenant_id, incident_id, reason="deadline")
+                except Exception:
+                    # One incident's failure must not stop the others' deadlines; it is swept again next time.
+                    log.exception("deadline tick failed", extra={"incident_id": str(incident_id)})
 
     # ------------------------------------------------------------------ tick
     async def _tick_job(self, job: pgq_models.Job) -> None:
@@ -156,18 +183,7 @@ class IncidentWorker:
                 INCIDENTS.labels(progress.state.value).inc()
                 return
             if incident.scenario is None:
-                scenario = self._choose(await store.load_scenarios(conn, incident.household_id), incident, now)
-                if scenario is None:
-                    await conn.execute(
-                        """UPDATE iim.incident SET state = 'exhausted', reason = $2, updated_at = now(),
-                                  closed_at = now() WHERE id = $1""", incident_id, "no scenario matches")
-                    await store.audit(conn, tenant_id, "scenario-engine", "incident.exhausted", incident_id,
-                                      {"reason": "no scenario matches this event"}, event_id=incident.first_event_id)
-                    INCIDENTS.labels("exhausted").inc()
-                    return
-                decision = begin(str(incident_id), scenario, incident.facts, now)
-                await store.persist_advance(conn, tenant_id, incident, decision, scenario=scenario, now=now)
-                INCIDENTS.labels(decision.progress.state.value).inc()
+                await self._begin(conn, tenant_id, incident, now)
                 return
             scenario = incident.scenario
             due = incident.deadline is None or now >= incident.deadline
@@ -193,6 +209,27 @@ class IncidentWorker:
             if action.call_uuid is not None:
                 await self._hang_up(action.call_uuid)
 
+    async def begin_in(self, conn: Connection, tenant_id: UUID, incident_id: UUID) -> None:
+        """Start a just-opened incident inside the intake's transaction: its first calls are queued with the
+        event itself, one job hop sooner. (The intake falls back to a tick job if this raises.)"""
+        incident = await store.load_incident(conn, incident_id)
+        if incident is not None and incident.scenario is None and incident.state is IncidentState.OPEN:
+            await self._begin(conn, tenant_id, incident, self.settings.clock())
+
+    async def _begin(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow, now: datetime) -> None:
+        scenario = self._choose(await store.load_scenarios(conn, incident.household_id), incident, now)
+        if scenario is None:
+            await conn.execute(
+                """UPDATE iim.incident SET state = 'exhausted', reason = $2, updated_at = now(),
+                          closed_at = now() WHERE id = $1""", incident.id, "no scenario matches")
+            await store.audit(conn, tenant_id, "scenario-engine", "incident.exhausted", incident.id,
+                              {"reason": "no scenario matches this event"}, event_id=incident.first_event_id)
+            INCIDENTS.labels("exhausted").inc()
+            return
+        decision = begin(str(incident.id), scenario, incident.facts, now)
+        await store.persist_advance(conn, tenant_id, incident, decision, scenario=scenario, now=now)
+        INCIDENTS.labels(decision.progress.state.value).inc()
+
     def _choose(self, scenarios: list[Scenario], incident: store.IncidentRow, now: datetime) -> Scenario | None:
         """The tenant's own scenarios first; the shipped templates are the default for the rest."""
         return (select_scenario(scenarios, incident.facts, now)
@@ -209,37 +246,47 @@ class IncidentWorker:
             raise
 
     async def perform(self, tenant_id: UUID, incident_id: UUID, key: str) -> None:
+        """Perform one action by its key, then let the engine judge the outcome (a tick, run right here).
+
+        If this worker dies after recording an outcome and before that tick, the job runs again: it finds
+        the outcome recorded and only ticks. (The deadline sweep is the last resort.)
+        """
         started = time.perf_counter()
         call: AlertCall | None = None
+        meanings: dict[str, str] = {}
         kind = ""
+        tick_after = False
         async with tenant_tx(self.pool, tenant_id) as conn:
-            incident = await store.load_incident(conn, incident_id)
+            incident = await store.load_incident(conn, incident_id, full=False)
             action = await store.load_action(conn, key)
-            if incident is None or action is None or action.outcome is not None:
+            if incident is None or action is None:
                 return
             kind = action.kind
             acknowledgement = key.split("/")[1] == "ack"  # the on_acknowledge messages, sent once it ended
             current = (action.step, key.split("/")[2]) == (incident.progress.step, str(incident.progress.attempt))
             message = action.kind in ("sms", "notify")
+            if action.outcome is not None:
+                tick_after = incident.state not in TERMINAL
             # A call of a group that was decided meanwhile is not placed; a text of a live incident still goes
             # out (a restarted worker may reach it late, but the person must get it).
-            if not acknowledgement and (incident.state in TERMINAL or not (current or message)):
-                # The incident moved on (acknowledged, or escalated past this step): nothing left to do.
+            elif not acknowledgement and (incident.state in TERMINAL or not (current or message)):
                 await store.record_outcome(conn, key, "superseded", f"incident is {incident.state.value}")
-                return
-            if action.kind in ("sms", "notify"):
+            elif message:
                 await self._message(conn, tenant_id, incident, action)
-                return
-            if action.dispatched_at is not None:
+                tick_after = not acknowledgement
+            elif action.dispatched_at is not None:
                 await self._resume_call(conn, tenant_id, incident, action)
-                return
-            call = await self._dispatch(conn, tenant_id, incident, action)
-            meanings: dict[str, str] = dict((action.spec.get("ivr") or {}).get("digits", {}))
-        if call is None:
-            return
-        outcome = await self._place(call)
-        STEP_SECONDS.labels(kind).observe(time.perf_counter() - started)
-        await self._finish_call(tenant_id, incident_id, key, call, outcome, meanings)
+                tick_after = True
+            else:
+                call = await self._dispatch(conn, tenant_id, incident, action)
+                meanings = dict((action.spec.get("ivr") or {}).get("digits", {}))
+                tick_after = call is None  # refused: the engine moves on now
+        if call is not None:
+            outcome = await self._place(call)
+            STEP_SECONDS.labels(kind).observe(time.perf_counter() - started)
+            tick_after = await self._finish_call(tenant_id, incident_id, key, call, outcome, meanings)
+        if tick_after:
+            await self.tick(tenant_id, incident_id, reason="outcome")
 
     async def _message(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
                        action: store.ActionRow) -> None:
@@ -254,7 +301,6 @@ class IncidentWorker:
         await store.record_outcome(conn, action.key, outcome, detail)
         await store.audit(conn, tenant_id, "scenario-engine", f"incident.{action.kind}", incident.id,
                           {"key": action.key, "outcome": outcome, "detail": detail}, event_id=incident.first_event_id)
-        await store.enqueue_tick(conn, tenant_id, incident.id, reason="outcome", dedupe=None)
         ACTIONS.labels(action.kind, outcome).inc()
 
     async def _dispatch(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
@@ -263,8 +309,8 @@ class IncidentWorker:
         destination = action.destination or ""
         limits_row = await store.originate_limits(conn)
         limits = (OriginateLimits(*limits_row) if limits_row is not None else self.settings.default_limits)
-        in_flight, last_hour = await store.originate_counts(conn, tenant_id)
         bound = await store.bound_destinations(conn, incident.household_id)
+        in_flight, last_hour = await store.originate_counts(conn, tenant_id)  # locks: keep it last
         refusal = check_destination(destination, bound=bound, limits=limits, in_flight=in_flight,
                                     last_hour=last_hour)
         if refusal is not None:
@@ -274,11 +320,10 @@ class IncidentWorker:
             await store.audit(conn, tenant_id, "toll-fraud-guard", "originate.refused", incident.id,
                               {"key": action.key, "reason": refusal.reason, "detail": refusal.detail},
                               event_id=incident.first_event_id)
-            await store.enqueue_tick(conn, tenant_id, incident.id, reason="outcome", dedupe=None)
             log.warning("alert call refused: %s", refusal.reason,
                         extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
             return None
-        await conn.execute("UPDATE iim.incident_action SET dispatched_at = now() WHERE key = $1", action.key)
+        await store.count_dispatch(conn, action.key)
         return self._alert_call(incident, action)
 
     def _alert_call(self, incident: store.IncidentRow, action: store.ActionRow) -> AlertCall:
@@ -309,28 +354,30 @@ class IncidentWorker:
         return await self.placer.place(call)
 
     async def _finish_call(self, tenant_id: UUID, incident_id: UUID, key: str, call: AlertCall,
-                           outcome: CallOutcome, meanings: dict[str, str]) -> None:
+                           outcome: CallOutcome, meanings: dict[str, str]) -> bool:
+        """Record the call's outcome; True when the engine should judge it now."""
         result = _engine_outcome(call, outcome, meanings)
         async with tenant_tx(self.pool, tenant_id) as conn:
-            incident = await store.load_incident(conn, incident_id)
+            incident = await store.load_incident(conn, incident_id, full=False)
             if incident is None:
-                return
+                return False
             if outcome.kind is CallOutcomeKind.UNREACHABLE:
-                await self._unreachable(conn, tenant_id, incident, key, call)
-                return
+                return await self._unreachable(conn, tenant_id, incident, key, call)
             await store.record_outcome(conn, key, result.value, outcome.detail or (outcome.hangup_cause or ""))
             await store.audit(conn, tenant_id, "scenario-engine", "incident.call", incident_id,
                               {"key": key, "outcome": result.value, "digit": outcome.digit,
                                "hangup_cause": outcome.hangup_cause},
                               event_id=incident.first_event_id, call_uuid=UUID(call.call_uuid))
-            await store.enqueue_tick(conn, tenant_id, incident_id, reason="outcome", dedupe=None)
         ACTIONS.labels("call", result.value).inc()
         log.info("alert call %s", result.value, extra={"call_id": call.call_uuid, "event_id": incident.first_event_id,
                                                        "incident_id": str(incident_id)})
+        return True
 
     async def _unreachable(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow, key: str,
-                           call: AlertCall) -> None:
-        """FreeSWITCH is down: text the person now, and retry the call while the step is still current."""
+                           call: AlertCall) -> bool:
+        """FreeSWITCH is down: text the person now, and retry the call while the step is still current.
+
+        True when the retries are spent (the engine judges the call as unreachable now)."""
         retries = await conn.fetchval(
             "SELECT count(*) FROM iim.sms_outbox WHERE starts_with(key, $1)", f"{key}/unreachable/")
         if call.destination.startswith("+"):
@@ -348,14 +395,16 @@ class IncidentWorker:
                 IncidentJobs.ACTION, payload, priority=20, execute_after=timedelta(seconds=delays[retries]),
                 dedupe_key=f"act:{key}:retry:{retries}", on_conflict="skip")
             detail = f"switch unreachable; SMS sent, call retry {retries + 1} in {delays[retries]:.0f} s"
+            spent = False
         else:
+            spent = True
             await store.record_outcome(conn, key, ActionOutcome.UNREACHABLE.value, "switch unreachable; retries spent")
-            await store.enqueue_tick(conn, tenant_id, incident.id, reason="outcome", dedupe=None)
             detail = "switch unreachable; retries spent"
         await store.audit(conn, tenant_id, "scenario-engine", "incident.call_unreachable", incident.id,
                           {"key": key, "detail": detail}, event_id=incident.first_event_id,
                           call_uuid=UUID(call.call_uuid))
         ACTIONS.labels("call", "unreachable").inc()
+        return spent
 
     async def _resume_call(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
                            action: store.ActionRow) -> None:
@@ -372,7 +421,6 @@ class IncidentWorker:
         await store.audit(conn, tenant_id, "scenario-engine", "incident.call_resumed", incident.id,
                           {"key": action.key, "outcome": outcome.value, "detail": detail},
                           event_id=incident.first_event_id, call_uuid=action.call_uuid)
-        await store.enqueue_tick(conn, tenant_id, incident.id, reason="outcome", dedupe=None)
         ACTIONS.labels(action.kind, outcome.value).inc()
 
 

@@ -20,6 +20,7 @@ from iot_bridge.app import BridgeConfig, create_bridge_app
 from iot_bridge.ratelimit import RateLimitSettings
 from iot_bridge.server_cert import ensure_self_signed
 from iot_bridge.tls import server_context
+from policy_cache import audit
 from policy_cache.db import Pool, tenant_tx
 from tests.alarm_rig import AlarmRig, build_rig, new_secret, secret_text
 
@@ -91,6 +92,7 @@ async def test_signed_smoke_event_is_committed_with_its_job_before_the_202(
     incidents = await _incidents(app_pool, rig.tenant_id)
     assert [str(i["id"]) for i in incidents] == [answer["incident_id"]]
     assert await _jobs(app_pool) == jobs_before + 1
+    await audit.flush_pending(app_pool)  # staged in the same commit; chained by the service's flusher
     async with tenant_tx(app_pool, rig.tenant_id) as conn:
         audited = await conn.fetchval(
             "SELECT count(*) FROM iim.audit_log WHERE action = 'incident.opened' AND correlation->>'event_id' = $1",

@@ -91,6 +91,25 @@ async def test_a_failing_migration_rolls_back_entirely(pg_empty_db: PgDatabase) 
         await conn.close()
 
 
+#: Definer functions that answer one cross-tenant question each (RLS is forced on the owner too), owned by
+#: the no-login iim_sweeper role whose only rights are the policies and grants those questions need.
+SWEEPER_FUNCTIONS = {"due_incidents", "audit_flush"}
+
+
+async def test_cross_tenant_functions_are_narrow_definers_owned_by_iim_sweeper(admin_conn: Connection) -> None:
+    rows = await admin_conn.fetch(
+        """SELECT p.proname, p.prosecdef, p.proconfig, r.rolcanlogin, r.rolbypassrls, r.rolsuper
+             FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner
+            WHERE p.pronamespace = 'iim'::regnamespace AND r.rolname = 'iim_sweeper'""")
+    assert {r["proname"] for r in rows} == SWEEPER_FUNCTIONS
+    for r in rows:
+        assert r["prosecdef"]
+        assert r["proconfig"] == ["search_path=pg_catalog"]
+        assert not r["rolcanlogin"]
+        assert not r["rolbypassrls"]
+        assert not r["rolsuper"]
+
+
 async def test_every_object_is_owned_by_iim_owner(admin_conn: Connection) -> None:
     foreign = await admin_conn.fetch(
         """SELECT c.relname AS name, pg_get_userbyid(c.relowner) AS owner FROM pg_class c
@@ -98,9 +117,11 @@ async def test_every_object_is_owned_by_iim_owner(admin_conn: Connection) -> Non
            UNION ALL
            SELECT p.proname, pg_get_userbyid(p.proowner) FROM pg_proc p
            WHERE p.pronamespace = 'iim'::regnamespace AND pg_get_userbyid(p.proowner) <> 'iim_owner'
+             AND NOT (pg_get_userbyid(p.proowner) = 'iim_sweeper' AND p.proname = ANY($1::text[]))
            UNION ALL
            SELECT t.typname, pg_get_userbyid(t.typowner) FROM pg_type t
-           WHERE t.typnamespace = 'iim'::regnamespace AND pg_get_userbyid(t.typowner) <> 'iim_owner'""")
+           WHERE t.typnamespace = 'iim'::regnamespace AND pg_get_userbyid(t.typowner) <> 'iim_owner'""",
+        sorted(SWEEPER_FUNCTIONS))
     assert [dict(r) for r in foreign] == []
 
 

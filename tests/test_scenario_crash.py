@@ -23,6 +23,7 @@ from uuid import UUID
 from fs_emulator import FreeSwitchEmulator, TargetBehaviour
 from iot_bridge.events import DeviceEvent, body_fingerprint
 from iot_bridge.intake import KnownDevice, accept_event
+from policy_cache import audit
 from policy_cache.db import Pool, tenant_tx
 from tests.alarm_rig import build_rig
 
@@ -102,6 +103,7 @@ async def test_worker_sigkilled_while_the_owner_rings_resumes_without_calling_tw
         assert state == "acknowledged"
         assert len(emu.originates_to(rig.owner)) == 1  # dispatched once, never redialled
         assert len(emu.originates_to(rig.backup)) == 1
+        await audit.flush_pending(app_pool)
         async with tenant_tx(app_pool, rig.tenant_id) as conn:
             resumed = await conn.fetchval(
                 "SELECT count(*) FROM iim.audit_log WHERE action = 'incident.call_resumed' AND entity_id = $1",

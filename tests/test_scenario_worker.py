@@ -28,6 +28,7 @@ from iot_bridge.events import DeviceEvent, body_fingerprint
 from iot_bridge.intake import KnownDevice, accept_event
 from outreach.calls import AlertCallPlacer
 from outreach.ivr import IvrRegistry, with_alert_calls
+from policy_cache import audit
 from policy_cache.db import Pool, tenant_tx
 from scenarios.worker import IncidentWorker, WorkerSettings
 from tests.alarm_rig import AlarmRig, build_rig
@@ -55,7 +56,8 @@ class Alarms:
     def calls_to(self, number: str) -> int:
         return len(self.emu.originates_to(number))
 
-    async def raise_alarm(self, event_type: str = "smoke", device: str | None = None) -> UUID:
+    async def raise_alarm(self, event_type: str = "smoke", device: str | None = None,
+                          opener: Any = None) -> UUID:
         raw = self.rig.event(event_type, device=device)
         event = DeviceEvent.model_validate(json.loads(raw))
         async with tenant_tx(self.pool, self.rig.tenant_id) as conn:
@@ -64,7 +66,7 @@ class Alarms:
         assert row is not None
         device_row = KnownDevice(self.rig.tenant_id, row["id"], row["household_id"], event.device_id, row["type"])
         outcome = await accept_event(self.pool, device_row, event, fingerprint=body_fingerprint(raw),
-                                     channel="device", msg_id=None)
+                                     channel="device", msg_id=None, opener=opener)
         assert outcome.incident_id is not None
         return outcome.incident_id
 
@@ -88,6 +90,7 @@ class Alarms:
             await asyncio.sleep(0.05)
 
     async def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        await audit.flush_pending(self.pool)  # audit lines are staged, then chained
         async with tenant_tx(self.pool, self.rig.tenant_id) as conn:
             return [dict(r) for r in await conn.fetch(sql, *args)]
 
@@ -229,3 +232,27 @@ async def test_each_hazard_gets_its_own_incident(alarms: Alarms, hazard: str) ->
     incident = await alarms.raise_alarm(hazard, device=device)
     assert await alarms.settled(incident) == "false_alarm"
 
+
+
+async def test_intake_starts_the_incident_in_its_own_transaction(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=300, dtmf="2"))
+    incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
+    # Committed with the event: the first group's call and SMS exist as soon as the 202 could be sent.
+    actions = await alarms.rows("SELECT kind FROM iim.incident_action WHERE incident_id = $1 ORDER BY kind", incident)
+    assert [a["kind"] for a in actions] == ["call", "sms"]
+    assert await alarms.settled(incident) == "false_alarm"
+    assert alarms.calls_to(rig.owner) == 1
+
+
+async def test_a_failing_inline_start_still_accepts_the_event_and_the_worker_starts_it(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="2"))
+
+    async def broken(conn: Any, tenant: UUID, incident: UUID) -> None:
+        await conn.execute("SELECT 1")
+        raise RuntimeError("engine bug")
+
+    incident = await alarms.raise_alarm("smoke", opener=broken)
+    assert await alarms.settled(incident) == "false_alarm"
+    assert alarms.calls_to(rig.owner) == 1

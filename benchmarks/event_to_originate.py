@@ -1,0 +1,284 @@
+"""From a signed device event to the alert call leaving for FreeSWITCH: latency, losses, duplicates.
+
+    python -m benchmarks.event_to_originate [--rate 200] [--duration 60] [--drain 30]
+
+IIM runs as a real ``iim serve`` process (HTTPS device bridge, PostgreSQL intake with its pgqueuer job,
+the scenario worker, originate over inbound ESL). This process is the outside world: it posts
+Standard-Webhooks-signed smoke alarms over HTTPS at a fixed rate (open loop, keep-alive connections),
+and hosts the FreeSWITCH emulator whose inbound socket receives the ``bgapi originate``. Every event
+comes from its own device (its own household and owner), so every accepted event must yield exactly
+one originate; the emulator answers and the owner presses 1 (alarm confirmed), which ends the incident.
+
+Latency: from just before the POST is written to the originate arriving at the emulator, both on this
+process's monotonic clock. ``lost``: accepted events with no originate by the end of the drain.
+``duplicated``: originates beyond the first per event. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from benchmarks._bench_db import DATA, machine
+from fs_emulator import FreeSwitchEmulator, TargetBehaviour
+from fs_emulator.spec import OriginateRecord
+from iot_bridge.signing import sign_webhook
+from policy_cache.bootstrap import bootstrap
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (from /proc)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_seconds() -> float:
+    """CPU time spent by every process on the machine (all cores), from /proc/stat."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _histogram(text: str, name: str) -> dict[str, float]:
+    """count and sum of a Prometheus histogram, and the share of observations above 50 ms."""
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(name):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    count = values.get(f"{name}_count", 0.0)
+    under = values.get(f'{name}_bucket{{le="0.05"}}', 0.0)
+    return {"samples": count, "mean_ms": round(values.get(f"{name}_sum", 0.0) / count * 1e3, 1) if count else 0.0,
+            "over_50ms": round((count - under) / count, 3) if count else 0.0}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _seed(admin_url: str, devices: int, secret_file: Path) -> uuid.UUID:
+    """A fresh tenant with ``devices`` households, each with an owner and a signed smoke sensor."""
+    tenant = uuid.uuid4()
+    conn = await asyncpg.connect(admin_url)
+    try:
+        # Jobs left by an earlier run must not compete with this one.
+        await conn.execute("DELETE FROM iim_jobs.pgqueuer")
+        async with conn.transaction():
+            t = str(tenant)
+            await conn.execute("INSERT INTO iim.tenant (id, name) VALUES ($1, 'bench-e2o')", tenant)
+            ref = await conn.fetchval(
+                "INSERT INTO iim.credential_ref (tenant_id, name, kind, ref) VALUES ($1, 'bench-hmac', "
+                "'webhook_secret', $2) RETURNING id", tenant, f"file:{secret_file}")
+            await conn.execute("""
+                INSERT INTO iim.household (tenant_id, id, name, time_zone, presence)
+                SELECT $1, md5($2 || 'h' || i)::uuid, 'bench ' || i, 'Europe/Moscow', 'away'
+                  FROM generate_series(1, $3) i""", tenant, t, devices)
+            await conn.execute("""
+                INSERT INTO iim.subscriber (tenant_id, id, msisdn)
+                SELECT $1, md5($2 || 's' || i)::uuid, '+7960' || lpad(i::text, 7, '0')
+                  FROM generate_series(1, $3) i""", tenant, t, devices)
+            await conn.execute("""
+                INSERT INTO iim.device (tenant_id, id, household_id, name, type, external_id, credential_ref_id,
+                                        status)
+                SELECT $1, md5($2 || 'd' || i)::uuid, md5($2 || 'h' || i)::uuid, 'smoke ' || i, 'sensor',
+                       'e2o-' || i, $4, 'online'
+                  FROM generate_series(1, $3) i""", tenant, t, devices, ref)
+            await conn.execute("""
+                INSERT INTO iim.binding (tenant_id, subscriber_id, household_id, role, priority)
+                SELECT $1, md5($2 || 's' || i)::uuid, md5($2 || 'h' || i)::uuid, 'owner', 10
+                  FROM generate_series(1, $3) i""", tenant, t, devices)
+            await conn.execute("INSERT INTO iim.originate_limit (tenant_id, max_concurrent, max_per_hour) "
+                               "VALUES ($1, 10000, 1000000)", tenant)
+    finally:
+        await conn.close()
+    return tenant
+
+
+def _start_iim(db: Any, fs_port: int, esl_port: int, bridge_port: int, http_port: int,
+               log: Path) -> subprocess.Popen[bytes]:
+    env = os.environ | {
+        "IIM_APP_DATABASE_URL": db.app_url, "IIM_CACHE_DATABASE_URL": db.cache_url,
+        "IIM_FS_NODES": json.dumps([{"host": "127.0.0.1", "port": fs_port}]),
+        "IIM_ESL_PORT": str(esl_port), "IIM_HTTP_PORT": str(http_port), "IIM_BRIDGE_PORT": str(bridge_port),
+        "IIM_BRIDGE_SOURCE_RATE": "100000", "IIM_BRIDGE_SOURCE_BURST": "100000",
+        "IIM_BRIDGE_TENANT_RATE": "100000", "IIM_BRIDGE_TENANT_BURST": "100000",
+        "IIM_LOG_LEVEL": "WARNING", "IIM_DATA_DIR": str(DATA / "e2o-iim" / "pg"),
+    }
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "iim", "serve"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
+
+
+async def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("iim exited:\n" + _tail(log))
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+        else:
+            writer.close()
+            return
+
+
+async def run(rate: float, duration: float, drain: float) -> dict[str, Any]:
+    DATA.mkdir(exist_ok=True)
+    db = await bootstrap(database_url=os.environ.get("IIM_BENCH_DATABASE_URL"), data_dir=DATA / "pg",
+                         secrets_file=DATA / "db-secrets.json", database="iim_e2o", demo=False)
+    events = int(rate * duration)
+    secret = secrets.token_bytes(32)
+    secret_file = DATA / "e2o.whsec"
+    secret_file.write_text("whsec_" + base64.b64encode(secret).decode())
+    secret_file.chmod(0o600)
+    tenant = await _seed(db.admin_url, events, secret_file)
+
+    emu = FreeSwitchEmulator(default_target=TargetBehaviour.answer(after_ms=0, dtmf="1"))
+    arrived: dict[str, list[float]] = {}
+    all_arrived = asyncio.Event()
+    expected = [events]
+
+    def on_originate(record: OriginateRecord) -> None:
+        arrived.setdefault(record.variables.get("iim_event_id", "?"), []).append(time.monotonic())
+        if len(arrived) >= expected[0]:
+            all_arrived.set()
+
+    emu.originate_listeners.append(on_originate)
+    inbound = await emu.start_inbound()
+    esl_port, bridge_port, http_port = _free_port(), _free_port(), _free_port()
+    log = DATA / "e2o-iim.log"
+    proc = _start_iim(db, inbound.port, esl_port, bridge_port, http_port, log)
+    loop_lag: dict[str, float] = {}
+    sent: dict[str, float] = {}
+    answered: list[float] = []
+    iim_cpu_s = machine_cpu_s = self_cpu_s = 0.0
+    statuses: dict[int, int] = {}
+    try:
+        await _wait_port(bridge_port, proc, log)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        connector = aiohttp.TCPConnector(ssl=ctx, limit=64)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            url = f"https://127.0.0.1:{bridge_port}/v1/events"
+
+            async def post(i: int) -> None:
+                event_id = f"e2o-{tenant.hex[:8]}-{i}"
+                body = json.dumps({"event_id": event_id, "device_id": f"e2o-{i + 1}", "type": "smoke",
+                                   "occurred_at": "2026-11-25T10:00:00+03:00", "payload": {"ppm": 400}}).encode()
+                ts = int(time.time())
+                msg_id = f"msg_{event_id}"
+                headers = {"Content-Type": "application/json", "IIM-Tenant": str(tenant),
+                           "IIM-Device": f"e2o-{i + 1}", "webhook-id": msg_id, "webhook-timestamp": str(ts),
+                           "webhook-signature": sign_webhook(msg_id, ts, body, secret)}
+                sent[event_id] = time.monotonic()
+                try:
+                    async with session.post(url, data=body, headers=headers) as resp:
+                        await resp.read()
+                        answered.append((time.monotonic() - sent[event_id]) * 1e3)
+                        statuses[resp.status] = statuses.get(resp.status, 0) + 1
+                        if resp.status != 202:
+                            sent.pop(event_id, None)
+                except aiohttp.ClientError:
+                    statuses[0] = statuses.get(0, 0) + 1
+                    sent.pop(event_id, None)
+
+            cpu_before = _cpu_seconds(proc.pid)
+            machine_before, self_before = _machine_busy_seconds(), time.process_time()
+            started = time.monotonic()
+            tasks = []
+            for i in range(events):
+                delay = started + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(post(i)))
+            offered_s = time.monotonic() - started
+            await asyncio.gather(*tasks)
+            expected[0] = len(sent)
+            if len(arrived) >= expected[0]:
+                all_arrived.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_arrived.wait(), drain)
+            iim_cpu_s = _cpu_seconds(proc.pid) - cpu_before
+            machine_cpu_s = _machine_busy_seconds() - machine_before
+            self_cpu_s = time.process_time() - self_before
+            async with session.get(f"http://127.0.0.1:{http_port}/metrics") as resp:
+                loop_lag = _histogram(await resp.text(), "iim_event_loop_lag_seconds")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(20)
+        if proc.poll() is None:
+            proc.kill()
+        await emu.close()
+
+    latencies = [(arrived[e][0] - t) * 1e3 for e, t in sent.items() if e in arrived]
+    lost = sum(1 for e in sent if e not in arrived)
+    duplicated = sum(len(v) - 1 for e, v in arrived.items() if e in sent)
+    return {
+        "rate": rate, "duration_s": duration, "offered_rate": round(events / offered_s, 1), "events": events,
+        "accepted": len(sent), "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "p50_ms": round(_percentile(latencies, 0.50), 1), "p90_ms": round(_percentile(latencies, 0.90), 1),
+        "p99_ms": round(_percentile(latencies, 0.99), 1), "max_ms": round(max(latencies, default=float("nan")), 1),
+        "lost": lost, "duplicated": duplicated, "accept_p50_ms": round(_percentile(answered, 0.5), 1),
+        "accept_p99_ms": round(_percentile(answered, 0.99), 1),
+        "iim_loop_lag": loop_lag, "iim_cpu_ms_per_event": round(iim_cpu_s / max(1, len(sent)) * 1e3, 2),
+        "load_and_emulator_cpu_ms_per_event": round(self_cpu_s / max(1, len(sent)) * 1e3, 2),
+        "machine_cpu_ms_per_event": round(machine_cpu_s / max(1, len(sent)) * 1e3, 2), "machine": machine(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=200.0, help="events per second")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of sustained load")
+    parser.add_argument("--drain", type=float, default=30.0, help="seconds to wait for the last originates")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    print(json.dumps(asyncio.run(run(args.rate, args.duration, args.drain))))
+
+
+if __name__ == "__main__":
+    main()
