@@ -36,10 +36,18 @@ class SnapshotSource(Protocol):
 
 DecisionSink = Callable[[CallFacts, RoutingDecision | None, str], None]
 MissedCallNotifier = Callable[[RoutingSnapshot, CallFacts], Awaitable[None]]
+#: Takes a call whose home is only cloud speakers (``home_delivery.cloud_call.cloud_call_step``).
+AnnouncementStep = Callable[[Call, RoutingDecision], Awaitable[str]]
 
 
 def _no_sink(_facts: CallFacts, _decision: RoutingDecision | None, _outcome: str) -> None:
     return None
+
+
+def _cloud_only(decision: RoutingDecision) -> bool:
+    """Speakers to announce through their cloud and none to ring over SIP: the announcement takes the call."""
+    return (decision.action == "ring" and bool(decision.announcements)
+            and all(leg.kind == "phone" for leg in decision.legs))
 
 
 class PolicyRouter:
@@ -55,6 +63,7 @@ class PolicyRouter:
         missed_call: MissedCallNotifier | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         recordings_dir: str = "/var/lib/freeswitch/recordings/iim",
+        announce: AnnouncementStep | None = None,
     ) -> None:
         self._source = source
         self._passthrough = passthrough
@@ -63,6 +72,7 @@ class PolicyRouter:
         self._missed_call = missed_call
         self._clock = clock
         self._recordings = recordings_dir
+        self._announce = announce
         self._routes = {name: metrics.CALLS_ROUTED.labels(name) for name in
                         ("policy", "reject", "fallback", "unknown_callee", "cache_not_ready", "decision_error")}
 
@@ -79,6 +89,10 @@ class PolicyRouter:
                                              "policy_version": decision.policy_version, "rules": decision.rules})
         if decision.action == "reject":
             await call.hangup(decision.reject_cause or "CALL_REJECTED")
+            return
+        if self._announce is not None and _cloud_only(decision):
+            outcome = await self._announce(call, decision)
+            log.debug("cloud announcement", extra={"call_id": call.uuid, "outcome": outcome})
             return
         cause: str | None = None
         if decision.action == "ring":

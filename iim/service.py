@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import ssl
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from uuid import UUID
 
 from aiohttp import web
 from prometheus_client import Histogram
 
 from admin.api import create_registry_app, mount_registry
 from admin.settings import AdminSettings
+from connectors.http import CALLBACK_PREFIX, connector_callback_app, connector_health_routes
+from connectors.registry import ConnectorRegistry, default_context
 from fs_app import metrics
 from fs_app.call import Call
 from fs_app.dialstring import DialSettings
@@ -24,12 +28,17 @@ from fs_app.outbound import OutboundServer, OutboundSettings
 from fs_app.passthrough import make_passthrough_handler
 from fs_app.registrations import REGISTRATION_EVENTS, registration_listener
 from fs_app.router import PolicyRouter
+from home_delivery.cloud_call import CloudAnnouncer, cloud_call_step
+from home_delivery.outbox_sink import OutboxSmsSink
+from home_delivery.sms_readout import SmsReadoutService
 from iim.http import HealthProbe, create_app
-from iim.settings import Settings
+from iim.settings import Settings, resolve_secret
 from iot_bridge.app import BridgeConfig, create_bridge_app
 from iot_bridge.ratelimit import RateLimitSettings
 from iot_bridge.server_cert import ensure_self_signed
 from iot_bridge.tls import TenantCaRegistry, server_context
+from messaging.outbox import OutboxRow, SmsSender
+from messaging.smpp import SmppSettings, SmppTransport
 from outreach.calls import AlertCallPlacer
 from outreach.ivr import IvrRegistry, with_alert_calls
 from policy_cache.audit import AuditFlusher
@@ -38,6 +47,8 @@ from policy_cache.call_audit import CallDecisionAudit
 from policy_cache.db import DbRole, Pool, connect_pool
 from policy_cache.store import PgPolicyStore
 from scenarios.worker import IncidentWorker, WorkerSettings
+from tts.engine import EspeakTts
+from tts.urls import AudioUrlSigner, audio_routes
 
 log = logging.getLogger("iim.service")
 
@@ -69,6 +80,11 @@ class Service:
         self.cache: PolicyCache | None = None
         self._app_url: str | None = None
         self.audit_flusher: AuditFlusher | None = None
+        self.connectors: ConnectorRegistry | None = None
+        self.tts: EspeakTts | None = None
+        self.audio_urls: AudioUrlSigner | None = None
+        self.readout: SmsReadoutService | None = None
+        self.sms_sender: SmsSender | None = None
         self.audit: CallDecisionAudit | None = None
         passthrough = make_passthrough_handler(settings.passthrough_endpoint)
         self._passthrough = passthrough
@@ -146,8 +162,10 @@ class Service:
         probes: list[HealthProbe] = [self._esl_health, self._policy_health]
         root = create_app(probes)
         if self.settings.policy_routing:
-            mount_registry(root, create_registry_app(self._app_pool, AdminSettings(),
-                                                     directory_pool=self._directory_pool))
+            registry_app = create_registry_app(self._app_pool, AdminSettings(), directory_pool=self._directory_pool)
+            if self.connectors is not None:
+                registry_app.add_routes(connector_health_routes(self.connectors))
+            mount_registry(root, registry_app)
         if self.settings.policy_routing and self.pool is not None:
             await self._start_alarms(self.pool)
         self._runner = web.AppRunner(root, access_log=None)
@@ -191,10 +209,39 @@ class Service:
                       self.settings.cache_load_timeout)
         self.audit = CallDecisionAudit(self.pool)
         await self.audit.start()
-        self.router = PolicyRouter(self.cache, self._passthrough, dial=DialSettings(
-            phone_endpoint=self.settings.passthrough_endpoint.replace("{destination}", "{msisdn}"),
-            voicemail_domain=self.settings.sip_domain,
-        ), record_decision=self.audit.record)
+        await self._start_home(self.pool)
+        dial = DialSettings(phone_endpoint=self.settings.passthrough_endpoint.replace("{destination}", "{msisdn}"),
+                            voicemail_domain=self.settings.sip_domain)
+        assert self.connectors is not None
+        announce = cloud_call_step(CloudAnnouncer(self.connectors), dial, OutboxSmsSink(self.pool))
+        self.router = PolicyRouter(self.cache, self._passthrough, dial=dial, record_decision=self.audit.record,
+                                   announce=announce)
+
+    async def _start_home(self, pool: Pool) -> None:
+        """The telecom -> home side: connectors, speech, SMS (read aloud under consent, escalation texts)."""
+        s = self.settings
+        public = s.public_base_url or f"https://{s.bridge_host}:{s.bridge_port}"
+        self.connectors = ConnectorRegistry(default_context(callback_base_url=public))
+        await self.connectors.load(s.connectors)
+        self.tts = EspeakTts(Path(s.data_dir).parent / "tts-cache")
+        secret = (resolve_secret(s.audio_url_secret_ref).encode() if s.audio_url_secret_ref
+                  else secrets.token_bytes(32))
+        self.audio_urls = AudioUrlSigner(secret, public, ttl_s=600)
+        hash_key = resolve_secret(s.sms_hash_key_ref).encode() if s.sms_hash_key_ref else None
+        self.readout = SmsReadoutService(pool, self.tts, self.audio_urls, self.connectors, OutboxSmsSink(pool),
+                                         hash_key=hash_key)
+        if s.smpp_host:
+            transport = SmppTransport(SmppSettings(host=s.smpp_host, port=s.smpp_port, system_id=s.smpp_system_id,
+                                                   password=resolve_secret(s.smpp_password_ref, default=""),
+                                                   source_addr=s.smpp_source_addr))
+            self.sms_sender = SmsSender(pool, transport, on_mo=self.readout.on_mo, on_undelivered=self._undelivered)
+            await self.sms_sender.start()
+        else:
+            log.warning("no SMSC configured (IIM_SMPP_HOST): SMS stay queued in the outbox")
+
+    async def _undelivered(self, tenant_id: UUID, row: OutboxRow) -> None:
+        if self.worker is not None:
+            await self.worker.sms_undelivered(tenant_id, row.key, row.incident_id)
 
     async def _start_alarms(self, pool: Pool) -> None:
         """The home -> telecom half: the HTTPS device bridge and the scenario worker."""
@@ -211,7 +258,7 @@ class Service:
             assert app_url is not None
             self.worker = IncidentWorker(pool, app_url, placer, WorkerSettings(
                 caller_id_number=s.alert_caller_id,
-                heartbeat_timeout=timedelta(seconds=s.job_heartbeat_timeout_s)))
+                heartbeat_timeout=timedelta(seconds=s.job_heartbeat_timeout_s)), connectors=self.connectors)
             await self.worker.start()
         if s.bridge_enabled:
             context, cas = await asyncio.to_thread(_bridge_tls, s)
@@ -221,6 +268,10 @@ class Service:
                 tenant_rate=s.bridge_tenant_rate, tenant_burst=s.bridge_tenant_burst))
             app = create_bridge_app(pool, config, cas=cas if s.bridge_client_cas else None,
                                     opener=self.worker.begin_in if self.worker is not None else None)
+            if self.audio_urls is not None and self.tts is not None:
+                app.add_routes(audio_routes(self.audio_urls, self.tts))  # speech the vendor clouds fetch
+            if self.connectors is not None:
+                app.add_subapp(CALLBACK_PREFIX, connector_callback_app(self.connectors))
             self._bridge_runner = web.AppRunner(app, access_log=None)
             await self._bridge_runner.setup()
             site = web.TCPSite(self._bridge_runner, s.bridge_host, s.bridge_port, ssl_context=context)
@@ -235,6 +286,12 @@ class Service:
             await self._bridge_runner.cleanup()
         if self.worker is not None:
             await self.worker.stop()
+        if self.sms_sender is not None:
+            await self.sms_sender.stop()
+        if self.connectors is not None:
+            await self.connectors.unload_all()
+        if self.tts is not None:
+            await self.tts.aclose()
         await self.outbound.close(self.settings.drain_timeout)
         for client in self.inbound:
             await client.close()

@@ -91,6 +91,18 @@ class Settings(BaseSettings):
     alert_caller_id: str = "+70000000000"
     alert_gateway_endpoint: str = "sofia/gateway/ims/{destination}"
     job_heartbeat_timeout_s: float = Field(default=30.0, gt=0)
+    # SMS: an SMPP account at the SMSC (unset: SMS stay queued in the outbox until one is configured).
+    smpp_host: str | None = None
+    smpp_port: int = Field(default=2775, ge=1, le=65535)
+    smpp_system_id: str = "iim"
+    smpp_password_ref: str = Field(default="env:IIM_SMPP_PASSWORD", description="env:VAR or file:/path")
+    smpp_source_addr: str = "IIM"
+    # Smart-home connectors, JSON: [{"name": "acme", "plugin": "webhook", "config": {...}}] (secrets by ref).
+    connectors: list[dict[str, object]] = Field(default_factory=list)
+    # Where vendor clouds reach IIM (signed audio URLs, user-action callbacks); default: the device bridge.
+    public_base_url: str | None = None
+    audio_url_secret_ref: str | None = Field(default=None, description="unset: a random key per process")
+    sms_hash_key_ref: str | None = Field(default=None, description="key for audit hashes of read-aloud SMS")
 
     @field_validator("passthrough_endpoint")
     @classmethod

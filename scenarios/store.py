@@ -36,7 +36,7 @@ from scenarios.model import ContactRole, Scenario
 
 __all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_incident",
            "load_scenarios", "persist_advance", "record_outcome", "enqueue_tick", "group_outcomes",
-           "originate_counts", "count_dispatch", "due_incidents", "originate_limits", "bound_destinations", "audit", "action_spec"]
+           "originate_counts", "count_dispatch", "notification_targets", "sms_fallback_numbers", "NotificationTarget", "due_incidents", "originate_limits", "bound_destinations", "audit", "action_spec"]
 
 #: Namespace for deterministic call UUIDs: the same action key always dials with the same origination_uuid.
 _CALL_NS = uuid.UUID("6f1c3f0e-2a4b-4a57-9d0e-1b5c9a7e0c11")
@@ -64,6 +64,15 @@ _FACTS = """,
            AND 'sip' = ANY (x.capabilities)) AS home"""
 _INCIDENT_LIGHT = _INCIDENT.format(extra="")
 _INCIDENT_FULL = _INCIDENT.format(extra=_FACTS)
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationTarget:
+    """A household device reachable through a smart-home connector."""
+
+    device_id: str
+    connector: str
+    connector_ref: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +289,23 @@ async def originate_limits(conn: Connection) -> tuple[int, int, tuple[str, ...]]
     if row is None:
         return None
     return int(row["max_concurrent"]), int(row["max_per_hour"]), tuple(row["allowed_prefixes"])
+
+
+async def notification_targets(conn: Connection, household_id: UUID) -> list[NotificationTarget]:
+    """The household's enabled devices behind a connector (cloud speakers, panels, hubs)."""
+    rows = await conn.fetch(
+        """SELECT id, connector, connector_ref FROM iim.device
+            WHERE household_id = $1 AND enabled AND connector IS NOT NULL ORDER BY name""", household_id)
+    return [NotificationTarget(str(r["id"]), r["connector"], r["connector_ref"]) for r in rows]
+
+
+async def sms_fallback_numbers(conn: Connection, household_id: UUID) -> list[str]:
+    """Who gets the text when the smart home cannot be told: the owners and members of the household."""
+    rows = await conn.fetch(
+        """SELECT DISTINCT s.msisdn FROM iim.binding b
+             JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
+            WHERE b.household_id = $1 AND b.role IN ('owner', 'member') ORDER BY s.msisdn""", household_id)
+    return [r["msisdn"] for r in rows]
 
 
 async def bound_destinations(conn: Connection, household_id: UUID) -> frozenset[str]:

@@ -26,6 +26,7 @@ from pgqueuer.domain import models as pgq_models
 from pgqueuer.types import Channel
 from prometheus_client import Counter, Histogram
 
+from connectors.contract import Connector, ConnectorError, ConnectorLookup, Notification
 from fs_app.metrics import REGISTRY
 from iot_bridge.intake import STORE_DOWN_ERRORS, IncidentJobs
 from outreach.calls import AlertCall, AlertCallPlacer, CallOutcome, CallOutcomeKind
@@ -91,7 +92,8 @@ def _ids(job: pgq_models.Job) -> dict[str, str]:
 
 class IncidentWorker:
     def __init__(self, pool: Pool, app_url: str, placer: AlertCallPlacer | None,
-                 settings: WorkerSettings | None = None) -> None:
+                 settings: WorkerSettings | None = None, *, connectors: ConnectorLookup | None = None) -> None:
+        self.connectors = connectors
         self.pool = pool
         self.app_url = app_url
         self.placer = placer
@@ -135,6 +137,22 @@ class IncidentWorker:
                 self._task.cancel()
         if self._conn is not None:
             await self._conn.close()
+
+    # ------------------------------------------------------------------ SMS receipts
+    async def sms_undelivered(self, tenant_id: UUID, sms_key: str, incident_id: UUID | None) -> None:
+        """The SMSC says an escalation SMS was not delivered (or expired): record it on its action and let the
+        engine judge the incident now rather than at its deadline."""
+        if incident_id is None:
+            return
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            incident = await store.load_incident(conn, incident_id, full=False)
+            if incident is None or incident.state in TERMINAL:
+                return
+            await conn.execute("UPDATE iim.incident_action SET outcome = 'undelivered', finished_at = now() "
+                               "WHERE key = $1 AND kind = 'sms'", sms_key)
+            await store.audit(conn, tenant_id, "sms-receipt", "incident.sms_undelivered", incident_id,
+                              {"key": sms_key}, event_id=incident.first_event_id)
+        await self.tick(tenant_id, incident_id, reason="sms_undelivered")
 
     # ------------------------------------------------------------------ deadlines
     async def _sweep_forever(self) -> None:
@@ -256,6 +274,7 @@ class IncidentWorker:
         meanings: dict[str, str] = {}
         kind = ""
         tick_after = False
+        notify: tuple[store.IncidentRow, store.ActionRow, list[store.NotificationTarget]] | None = None
         async with tenant_tx(self.pool, tenant_id) as conn:
             incident = await store.load_incident(conn, incident_id, full=False)
             action = await store.load_action(conn, key)
@@ -271,6 +290,8 @@ class IncidentWorker:
             # out (a restarted worker may reach it late, but the person must get it).
             elif not acknowledgement and (incident.state in TERMINAL or not (current or message)):
                 await store.record_outcome(conn, key, "superseded", f"incident is {incident.state.value}")
+            elif action.kind == "notify":
+                notify = (incident, action, await store.notification_targets(conn, incident.household_id))
             elif message:
                 await self._message(conn, tenant_id, incident, action)
                 tick_after = not acknowledgement
@@ -281,12 +302,61 @@ class IncidentWorker:
                 call = await self._dispatch(conn, tenant_id, incident, action)
                 meanings = dict((action.spec.get("ivr") or {}).get("digits", {}))
                 tick_after = call is None  # refused: the engine moves on now
+        if notify is not None:
+            await self._notify(tenant_id, *notify)
+            tick_after = key.split("/")[1] != "ack"
         if call is not None:
             outcome = await self._place(call)
             STEP_SECONDS.labels(kind).observe(time.perf_counter() - started)
             tick_after = await self._finish_call(tenant_id, incident_id, key, call, outcome, meanings)
         if tick_after:
             await self.tick(tenant_id, incident_id, reason="outcome")
+
+    async def _notify(self, tenant_id: UUID, incident: store.IncidentRow, action: store.ActionRow,
+                      targets: list[store.NotificationTarget]) -> None:
+        """Tell the household through its connectors (outside any transaction: vendor clouds are slow);
+        when no connector takes it (none, down, refusing), text the household's contacts instead."""
+        text = str(action.spec.get("text") or f"IIM alarm: {incident.facts.event_type.value}")
+        correlation = {"event_id": incident.first_event_id, "incident_id": str(incident.id)}
+        delivered: list[str] = []
+        errors: list[str] = []
+        for target in targets:
+            connector = self._connector(target.connector)
+            if connector is None:
+                errors.append(f"{target.connector}: not loaded")
+                continue
+            try:
+                await connector.send_notification(Notification(target=target.connector_ref, title="IIM alarm",
+                                                               text=text, correlation=correlation))
+            except ConnectorError as exc:  # ConnectorUnavailable included: the cloud is down or refusing
+                errors.append(f"{target.connector}: {type(exc).__name__}")
+            else:
+                delivered.append(target.device_id)
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            if delivered:
+                outcome, detail = "notified", f"{len(delivered)} device(s)"
+            else:
+                contacts = await store.sms_fallback_numbers(conn, incident.household_id)
+                for n, msisdn in enumerate(contacts):
+                    await conn.execute(
+                        """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
+                           ON CONFLICT (tenant_id, key) DO NOTHING""",
+                        f"{action.key}/sms/{n}", msisdn, text[:1600], incident.id)
+                outcome = "sms_fallback" if contacts else "skipped"
+                detail = ("smart home unreachable: " + "; ".join(errors)) if errors else "no connected device"
+            await store.record_outcome(conn, action.key, outcome, detail)
+            await store.audit(conn, tenant_id, "scenario-engine", "incident.notify", incident.id,
+                              {"key": action.key, "outcome": outcome, "detail": detail, "devices": delivered},
+                              event_id=incident.first_event_id)
+        ACTIONS.labels("notify", outcome).inc()
+
+    def _connector(self, name: str) -> Connector | None:
+        if self.connectors is None:
+            return None
+        try:
+            return self.connectors.get(name)
+        except (KeyError, ConnectorError):
+            return None
 
     async def _message(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
                        action: store.ActionRow) -> None:

@@ -212,3 +212,11 @@ async def test_cache_role_reads_all_tenants_and_writes_nothing(
     with pytest.raises(asyncpg.InsufficientPrivilegeError):  # consent evidence is not granted
         await cache_conn.fetch("SELECT evidence FROM iim.consent LIMIT 1")
     await cache_conn.fetch("SELECT purpose, scope, expires_at FROM iim.consent LIMIT 1")
+
+
+async def test_only_the_app_role_may_append_to_the_audit_chain(admin_conn: Connection) -> None:
+    allowed = {r["rolname"]: r["ok"] for r in await admin_conn.fetch(
+        """SELECT rolname, has_function_privilege(rolname,
+                  'iim.audit_append(uuid, text, text, text, text, jsonb, jsonb)', 'EXECUTE') AS ok
+             FROM pg_roles WHERE rolname IN ('iim_app', 'iim_cache')""")}
+    assert allowed == {"iim_app": True, "iim_cache": False}

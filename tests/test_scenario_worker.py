@@ -7,6 +7,7 @@ server for the IVR it dials back). Scripted callees: who answers, what they pres
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from uuid import UUID
 import pytest
 import pytest_asyncio
 
+from connectors.contract import ConnectorLookup
 from fs_app.call import Call
 from fs_app.dialstring import DialSettings
 from fs_app.inbound import InboundClient, InboundSettings
@@ -99,8 +101,10 @@ async def _route(call: Call) -> None:
     await call.hangup("NORMAL_CLEARING")
 
 
-@pytest_asyncio.fixture
-async def alarms(app_pool: Pool, pg_db: Any, tmp_path: Path) -> AsyncIterator[Alarms]:
+@contextlib.asynccontextmanager
+async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
+                     connectors: ConnectorLookup | None = None) -> AsyncIterator[Alarms]:
+    """A tenant, the emulator (callees scripted per number), our outbound server for the IVR, the worker."""
     rig = await build_rig(app_pool, tmp_path, **numbers())
     emu = FreeSwitchEmulator(time_scale=0.01, default_target=TargetBehaviour.no_answer())
     inbound = await emu.start_inbound()
@@ -116,13 +120,21 @@ async def alarms(app_pool: Pool, pg_db: Any, tmp_path: Path) -> AsyncIterator[Al
                              gateway_dial=DialSettings(phone_endpoint=GW.replace("{}", "{msisdn}")),
                              answer_grace_s=2.0, connect_wait_s=0.3, api_timeout_s=0.5, prompt_s=1.0)
     worker = IncidentWorker(app_pool, pg_db.app_url, placer, WorkerSettings(
-        heartbeat_timeout=timedelta(seconds=2), unreachable_retries=(0.3, 0.3)))
+        heartbeat_timeout=timedelta(seconds=2), unreachable_retries=(0.3, 0.3)), connectors=connectors)
     await worker.start()
-    yield Alarms(rig, app_pool, emu, inbound, worker)
-    await worker.stop()
-    await client.close()
-    await server.close(drain_timeout=1.0)
-    await emu.close()
+    try:
+        yield Alarms(rig, app_pool, emu, inbound, worker)
+    finally:
+        await worker.stop()
+        await client.close()
+        await server.close(drain_timeout=1.0)
+        await emu.close()
+
+
+@pytest_asyncio.fixture
+async def alarms(app_pool: Pool, pg_db: Any, tmp_path: Path) -> AsyncIterator[Alarms]:
+    async with alarms_rig(app_pool, pg_db, tmp_path) as rig:
+        yield rig
 
 
 async def test_owner_presses_2_false_alarm_stops_everything(alarms: Alarms) -> None:

@@ -256,6 +256,11 @@ ALTER FUNCTION iim.due_incidents(integer) OWNER TO iim_sweeper;
 ALTER FUNCTION iim.audit_flush(integer) OWNER TO iim_sweeper;
 SET LOCAL ROLE iim_owner;
 
+-- PostgreSQL grants EXECUTE to PUBLIC on new functions: the audit append (a definer function) must be
+-- callable by the app role only, or the cache role could write into any tenant's chain.
+REVOKE EXECUTE ON FUNCTION iim.audit_append(uuid, text, text, text, text, jsonb, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION iim.audit_append(uuid, text, text, text, text, jsonb, jsonb) TO iim_app;
+
 -- The intake ledger is append-only for the service; incidents and actions move forward, never vanish.
 GRANT SELECT, INSERT ON iim.device_event TO iim_app;
 GRANT SELECT, INSERT, UPDATE ON iim.incident, iim.incident_action, iim.sms_outbox TO iim_app;

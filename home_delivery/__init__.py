@@ -1,0 +1,1 @@
+"""Telecom -> home deliveries: incoming SMS read aloud (with consent) and cloud-announced calls."""

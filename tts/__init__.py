@@ -1,0 +1,5 @@
+"""Text to speech with espeak-ng: prompts and SMS rendered to WAV, cached, served by signed expiring URLs.
+
+* ``engine`` -- ``EspeakTts.render(text, voice=None) -> RenderedAudio``; ``TtsUnavailable`` means "use text".
+* ``urls``   -- ``AudioUrlSigner`` and the ``GET /v1/audio/{key}.wav`` route connectors' clouds fetch.
+"""
