@@ -258,7 +258,8 @@ class Service:
             assert app_url is not None
             self.worker = IncidentWorker(pool, app_url, placer, WorkerSettings(
                 caller_id_number=s.alert_caller_id,
-                heartbeat_timeout=timedelta(seconds=s.job_heartbeat_timeout_s)), connectors=self.connectors)
+                heartbeat_timeout=timedelta(seconds=s.job_heartbeat_timeout_s)), connectors=self.connectors,
+                speech=self.tts)
             await self.worker.start()
         if s.bridge_enabled:
             context, cas = await asyncio.to_thread(_bridge_tls, s)

@@ -292,6 +292,10 @@ class AlertCallPlacer:
         answer = reply.body.strip()
         return True if answer == "true" else False if answer == "false" else None
 
+    def use_prompt(self, call_uuid: str, prompt: str) -> bool:
+        """Play ``prompt`` instead of the placed one if the call has not been answered yet."""
+        return self._ivr.use_prompt(call_uuid, prompt)
+
     async def hang_up(self, call_uuid: str) -> None:
         """End a call whose group was decided without it (best effort: it may have ended already)."""
         _check(_UUID.fullmatch(call_uuid) is not None, f"not a call uuid: {call_uuid!r:.60}")

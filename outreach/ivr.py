@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Generator
@@ -110,6 +111,15 @@ class IvrRegistry:
     def lookup(self, uuid: str) -> AlertCall | None:
         ticket = self._pending.get(uuid)
         return ticket.call if ticket is not None else None
+
+    def use_prompt(self, uuid: str, prompt: str) -> bool:
+        """Swap the prompt of a call still ringing (speech rendered while it rang); False once it is answered
+        or unknown, and the call keeps the prompt it was placed with."""
+        ticket = self._pending.get(uuid)
+        if ticket is None or ticket.arrived.done() or ticket.done():
+            return False
+        ticket.call = dataclasses.replace(ticket.call, prompt=prompt)
+        return True
 
     def claim(self, uuid: str) -> AlertCall | None:
         """The socket connection for ``uuid`` arrived: its call, once (a second connection gets None)."""

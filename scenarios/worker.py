@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 from uuid import UUID
 
 from pgqueuer.core.executors import DatabaseRetryEntrypointExecutor, EntrypointExecutorParameters
@@ -47,6 +48,7 @@ from scenarios.engine import (
 )
 from scenarios.model import Scenario
 from scenarios.templates import TEMPLATES
+from tts.engine import TtsUnavailable
 
 __all__ = ["IncidentWorker", "WorkerSettings"]
 
@@ -85,6 +87,17 @@ class WorkerSettings:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
 
 
+class RenderedPrompt(Protocol):
+    @property
+    def path(self) -> Path: ...
+
+
+class PromptRenderer(Protocol):
+    """Speech for IVR prompts (``tts.engine.EspeakTts``)."""
+
+    async def render(self, text: str, *, voice: str | None = None) -> RenderedPrompt: ...
+
+
 def _ids(job: pgq_models.Job) -> dict[str, str]:
     payload: dict[str, str] = json.loads(job.payload or b"{}")
     return payload
@@ -92,8 +105,10 @@ def _ids(job: pgq_models.Job) -> dict[str, str]:
 
 class IncidentWorker:
     def __init__(self, pool: Pool, app_url: str, placer: AlertCallPlacer | None,
-                 settings: WorkerSettings | None = None, *, connectors: ConnectorLookup | None = None) -> None:
+                 settings: WorkerSettings | None = None, *, connectors: ConnectorLookup | None = None,
+                 speech: PromptRenderer | None = None) -> None:
         self.connectors = connectors
+        self.speech = speech
         self.pool = pool
         self.app_url = app_url
         self.placer = placer
@@ -306,7 +321,10 @@ class IncidentWorker:
             await self._notify(tenant_id, *notify)
             tick_after = key.split("/")[1] != "ack"
         if call is not None:
-            outcome = await self._place(call)
+            placing = asyncio.create_task(self._place(call))
+            if self.speech is not None and call.prompt:
+                await self._speak_while_ringing(call)
+            outcome = await placing
             STEP_SECONDS.labels(kind).observe(time.perf_counter() - started)
             tick_after = await self._finish_call(tenant_id, incident_id, key, call, outcome, meanings)
         if tick_after:
@@ -413,6 +431,23 @@ class IncidentWorker:
         return AlertCall(ring_s=int(spec.get("ring_s", 30)), digits="".join(sorted(ivr.get("digits", {}))),
                          tries=int(ivr.get("tries", 1)), digit_timeout_s=int(ivr.get("digit_timeout_s", 5)),
                          **common)
+
+    async def _speak_while_ringing(self, call: AlertCall) -> None:
+        """Render the prompt with our TTS while the phone rings and give the IVR the WAV file; when speech
+        is unavailable or late the call keeps FreeSWITCH's own ``say:`` of the same text (and the group's
+        SMS carries it in writing)."""
+        assert self.speech is not None
+        assert self.placer is not None
+        assert call.prompt is not None
+        text = call.prompt.removeprefix("say:")
+        try:
+            rendered = await self.speech.render(text)
+        except (TtsUnavailable, ValueError) as exc:  # down, timed out, or text it cannot say
+            log.warning("prompt not rendered (%s); FreeSWITCH speaks it", type(exc).__name__,
+                        extra={"call_id": call.call_uuid})
+            return
+        if not self.placer.use_prompt(call.call_uuid, str(rendered.path)):
+            log.info("prompt rendered after the answer; FreeSWITCH spoke it", extra={"call_id": call.call_uuid})
 
     async def _hang_up(self, call_uuid: UUID) -> None:
         if self.placer is not None:

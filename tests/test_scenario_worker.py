@@ -103,10 +103,11 @@ async def _route(call: Call) -> None:
 
 @contextlib.asynccontextmanager
 async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
-                     connectors: ConnectorLookup | None = None) -> AsyncIterator[Alarms]:
+                     connectors: ConnectorLookup | None = None, speech: Any = None,
+                     time_scale: float = 0.01) -> AsyncIterator[Alarms]:
     """A tenant, the emulator (callees scripted per number), our outbound server for the IVR, the worker."""
     rig = await build_rig(app_pool, tmp_path, **numbers())
-    emu = FreeSwitchEmulator(time_scale=0.01, default_target=TargetBehaviour.no_answer())
+    emu = FreeSwitchEmulator(time_scale=time_scale, default_target=TargetBehaviour.no_answer())
     inbound = await emu.start_inbound()
     registry = IvrRegistry()
     server = OutboundServer(with_alert_calls(registry, _route),
@@ -120,7 +121,8 @@ async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
                              gateway_dial=DialSettings(phone_endpoint=GW.replace("{}", "{msisdn}")),
                              answer_grace_s=2.0, connect_wait_s=0.3, api_timeout_s=0.5, prompt_s=1.0)
     worker = IncidentWorker(app_pool, pg_db.app_url, placer, WorkerSettings(
-        heartbeat_timeout=timedelta(seconds=2), unreachable_retries=(0.3, 0.3)), connectors=connectors)
+        heartbeat_timeout=timedelta(seconds=2), unreachable_retries=(0.3, 0.3)), connectors=connectors,
+        speech=speech)
     await worker.start()
     try:
         yield Alarms(rig, app_pool, emu, inbound, worker)
@@ -268,3 +270,22 @@ async def test_a_failing_inline_start_still_accepts_the_event_and_the_worker_sta
     incident = await alarms.raise_alarm("smoke", opener=broken)
     assert await alarms.settled(incident) == "false_alarm"
     assert alarms.calls_to(rig.owner) == 1
+
+
+async def test_ivr_prompt_is_rendered_by_our_tts_while_the_phone_rings(app_pool: Pool, pg_db: Any,
+                                                                       tmp_path: Path) -> None:
+    from fs_app.esl import Execute
+    from tts.engine import EspeakTts
+
+    tts = EspeakTts(tmp_path / "tts")
+    async with alarms_rig(app_pool, pg_db, tmp_path, speech=tts, time_scale=0.1) as alarms:
+        alarms.emu.keep_results = True
+        rig = alarms.rig
+        alarms.script(rig.owner, TargetBehaviour.answer(after_ms=15_000, dtmf="2"))  # x0.1: rings 1.5 s
+        incident = await alarms.raise_alarm("smoke")
+        assert await alarms.settled(incident) == "false_alarm"
+        prompts = [c.arg or "" for r in alarms.emu.results for c in r.commands
+                   if isinstance(c, Execute) and c.app == "play_and_get_digits"]
+        assert prompts
+        assert str(tmp_path / "tts") in prompts[0]  # the WAV file, not FreeSWITCH's own say:
+    await tts.aclose()
