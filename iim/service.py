@@ -259,7 +259,7 @@ class Service:
             self.worker = IncidentWorker(pool, app_url, placer, WorkerSettings(
                 caller_id_number=s.alert_caller_id,
                 heartbeat_timeout=timedelta(seconds=s.job_heartbeat_timeout_s)), connectors=self.connectors,
-                speech=self.tts)
+                speech=self.tts if s.alert_prompt_tts == "iim" else None)
             await self.worker.start()
         if s.bridge_enabled:
             context, cas = await asyncio.to_thread(_bridge_tls, s)

@@ -7,6 +7,7 @@ references (``*_ref``) resolved from the environment at start.
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -91,6 +92,9 @@ class Settings(BaseSettings):
     alert_caller_id: str = "+70000000000"
     alert_gateway_endpoint: str = "sofia/gateway/ims/{destination}"
     job_heartbeat_timeout_s: float = Field(default=30.0, gt=0)
+    # Who speaks alert-call prompts: "iim" renders them with espeak-ng while the phone rings (the WAV must be
+    # readable by FreeSWITCH: same host or a shared directory), "freeswitch" leaves `say:` to its TTS module.
+    alert_prompt_tts: Literal["iim", "freeswitch"] = "iim"
     # SMS: an SMPP account at the SMSC (unset: SMS stay queued in the outbox until one is configured).
     smpp_host: str | None = None
     smpp_port: int = Field(default=2775, ge=1, le=65535)
