@@ -69,7 +69,8 @@ def test_encode_value_matches_codec_url_encode(value: str) -> None:
     assert wire.encode_value(value) == url_encode(value)
 
 
-_VALUES = st.text(max_size=30).filter(lambda v: "%" not in v)  # "%XX" is passed through, so it cannot round-trip
+# "%XX" is passed through, so it cannot round-trip; an "ARRAY::" value is a list in event-json, by design.
+_VALUES = st.text(max_size=30).filter(lambda v: "%" not in v and not v.startswith("ARRAY::"))
 
 
 @given(st.lists(st.tuples(st.from_regex(r"[A-Za-z][A-Za-z0-9_-]{0,20}", fullmatch=True), _VALUES),

@@ -350,6 +350,18 @@ class EspeakTts:
             raise TtsUnavailable(f"cannot read espeak-ng output: {exc}") from None
         return out
 
+    @staticmethod
+    async def _communicate(proc: asyncio.subprocess.Process, stdin: bytes | None) -> bytes:
+        """stderr of the child. A child that exits without reading its input (a broken binary) closes the
+        pipe under our write: uvloop reports that as RuntimeError, asyncio as BrokenPipeError. Either way
+        its exit status and complaint are what matter."""
+        try:
+            _, err = await proc.communicate(stdin)
+        except (BrokenPipeError, ConnectionResetError, RuntimeError):
+            err = await proc.stderr.read() if proc.stderr is not None else b""
+            await proc.wait()
+        return err
+
     async def _run(self, argv: list[str], stdin: bytes | None, what: str) -> None:
         """Run one child (argument list, no shell) with the timeout; anything wrong is TtsUnavailable."""
         try:
@@ -359,7 +371,7 @@ class EspeakTts:
         except OSError as exc:
             raise TtsUnavailable(f"{what} cannot be started: {exc.strerror or type(exc).__name__}") from None
         try:
-            _, err = await asyncio.wait_for(proc.communicate(stdin), self.timeout_s)
+            err = await asyncio.wait_for(self._communicate(proc, stdin), self.timeout_s)
         except TimeoutError:
             await _kill(proc)
             raise TtsUnavailable(f"{what} did not finish within {self.timeout_s:g} s") from None
