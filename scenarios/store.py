@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -35,7 +35,7 @@ from scenarios.engine import (
 from scenarios.model import ContactRole, Scenario
 
 __all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_incident",
-           "load_scenarios", "persist_advance", "record_outcome", "enqueue_tick", "group_outcomes",
+           "load_scenarios", "persist_advance", "record_outcome", "group_outcomes",
            "originate_counts", "count_dispatch", "notification_targets", "sms_fallback_numbers", "NotificationTarget", "due_incidents", "originate_limits", "bound_destinations", "audit", "action_spec"]
 
 #: Namespace for deterministic call UUIDs: the same action key always dials with the same origination_uuid.
@@ -164,13 +164,6 @@ def _action_fields(action: Action) -> tuple[str, str | None]:
     if isinstance(action, Notify):
         return "notify", None
     raise TypeError(f"unknown action {action!r}")
-
-
-async def enqueue_tick(conn: Connection, tenant_id: UUID, incident_id: UUID, *, reason: str, dedupe: str | None,
-                       delay: timedelta | None = None) -> None:
-    payload = json.dumps({"tenant": str(tenant_id), "incident": str(incident_id), "reason": reason}).encode()
-    await jobs.queries_for(conn).enqueue(IncidentJobs.TICK, payload, priority=10, execute_after=delay,
-                                         dedupe_key=dedupe, on_conflict="skip")
 
 
 async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentRow, advance: Advance, *,

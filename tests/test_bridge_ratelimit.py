@@ -1,4 +1,4 @@
-"""Token buckets per device/source/tenant, and the replay guard: deterministic (time is passed in), bounded."""
+"""Token buckets per device/source/tenant: deterministic (time is passed in), bounded."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iot_bridge.ratelimit import RateLimited, RateLimits, RateLimitSettings, TokenBucketLimiter
-from iot_bridge.replay import ReplayGuard
 
 # --- TokenBucketLimiter -------------------------------------------------------------------------------------
 
@@ -165,73 +164,3 @@ def test_when_several_scopes_are_dry_the_longest_wait_is_reported() -> None:
     limits = RateLimits(RateLimitSettings(device_rate=1.0, device_burst=1, source_rate=0.1, source_burst=1))
     limits.check(tenant="t", device="d", source="s", now=0.0)
     assert limits.check(tenant="t", device="d", source="s", now=0.0) == RateLimited("source", 10)
-
-
-# --- ReplayGuard --------------------------------------------------------------------------------------------
-
-
-def test_first_sighting_is_true_and_a_replay_within_ttl_is_false() -> None:
-    guard = ReplayGuard(ttl_s=600)
-    key = ("tenant", "device", "msg-1")
-    assert guard.first_sighting(key, 1000.0) is True
-    assert guard.first_sighting(key, 1000.0) is False
-    assert guard.first_sighting(key, 1599.9) is False
-
-
-def test_key_is_forgotten_after_the_ttl() -> None:
-    guard = ReplayGuard(ttl_s=600)
-    assert guard.first_sighting(("m",), 0.0)
-    assert guard.first_sighting(("m",), 600.0)
-    assert not guard.first_sighting(("m",), 601.0)
-
-
-def test_a_replay_does_not_extend_the_memory() -> None:
-    guard = ReplayGuard(ttl_s=10)
-    guard.first_sighting(("m",), 0.0)
-    assert not guard.first_sighting(("m",), 9.0)
-    assert guard.first_sighting(("m",), 10.0)
-
-
-def test_keys_are_compared_as_whole_tuples() -> None:
-    guard = ReplayGuard()
-    assert guard.first_sighting(("tenant-a", "dev", "m1"), 0.0)
-    assert guard.first_sighting(("tenant-b", "dev", "m1"), 0.0)
-    assert guard.first_sighting(("tenant-a", "dev2", "m1"), 0.0)
-
-
-def test_expired_entries_are_purged() -> None:
-    guard = ReplayGuard(ttl_s=10)
-    for i in range(100):
-        guard.first_sighting((str(i),), float(i) / 10)
-    guard.first_sighting(("late",), 100.0)
-    assert len(guard) == 1
-
-
-def test_memory_is_bounded_and_early_evictions_are_counted() -> None:
-    guard = ReplayGuard(ttl_s=600, max_entries=3)
-    for i in range(5):
-        assert guard.first_sighting((f"m{i}",), 0.0)
-    assert len(guard) == 3
-    assert guard.evicted_early == 2
-    assert guard.first_sighting(("m0",), 0.0)  # forgotten early: the durable event_id dedup is the backstop
-    assert not guard.first_sighting(("m4",), 0.0)
-
-
-@pytest.mark.parametrize(("ttl", "size"), [(0, 1), (-1, 1), (10, 0)])
-def test_nonsensical_guard_settings_are_a_value_error(ttl: float, size: int) -> None:
-    with pytest.raises(ValueError):
-        ReplayGuard(ttl, size)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 30)), max_size=40))
-def test_guard_agrees_with_a_naive_model(sightings: list[tuple[str, float]]) -> None:
-    guard = ReplayGuard(ttl_s=10)
-    remembered: dict[str, float] = {}
-    now = 0.0
-    for key, gap in sightings:
-        now += gap
-        expected = key not in remembered or remembered[key] <= now
-        assert guard.first_sighting((key,), now) is expected
-        if expected:
-            remembered[key] = now + 10

@@ -354,12 +354,18 @@ class EspeakTts:
     async def _communicate(proc: asyncio.subprocess.Process, stdin: bytes | None) -> bytes:
         """stderr of the child. A child that exits without reading its input (a broken binary) closes the
         pipe under our write: uvloop reports that as RuntimeError, asyncio as BrokenPipeError. Either way
-        its exit status and complaint are what matter."""
-        try:
-            _, err = await proc.communicate(stdin)
-        except (BrokenPipeError, ConnectionResetError, RuntimeError):
-            err = await proc.stderr.read() if proc.stderr is not None else b""
-            await proc.wait()
+        its exit status and complaint are what matter, so the write is best effort and stderr is read
+        only here (not also by ``communicate``'s own reader)."""
+        if proc.stdin is not None:
+            try:
+                if stdin:
+                    proc.stdin.write(stdin)
+                    await proc.stdin.drain()
+                proc.stdin.close()
+            except (BrokenPipeError, ConnectionResetError, RuntimeError):
+                pass
+        err = await proc.stderr.read() if proc.stderr is not None else b""
+        await proc.wait()
         return err
 
     async def _run(self, argv: list[str], stdin: bytes | None, what: str) -> None:
