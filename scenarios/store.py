@@ -36,7 +36,7 @@ from scenarios.model import ContactRole, Scenario
 
 __all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_incident",
            "load_scenarios", "persist_advance", "record_outcome", "group_outcomes",
-           "originate_counts", "count_dispatch", "notification_targets", "sms_fallback_numbers", "NotificationTarget", "due_incidents", "originate_limits", "bound_destinations", "audit", "action_spec"]
+           "originate_facts", "claim_originate", "notification_targets", "sms_fallback_numbers", "notify_by_sms", "NotificationTarget", "due_incidents", "audit", "action_spec"]
 
 #: Namespace for deterministic call UUIDs: the same action key always dials with the same origination_uuid.
 _CALL_NS = uuid.UUID("6f1c3f0e-2a4b-4a57-9d0e-1b5c9a7e0c11")
@@ -167,7 +167,10 @@ def _action_fields(action: Action) -> tuple[str, str | None]:
 
 
 async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentRow, advance: Advance, *,
-                          scenario: Scenario | None, now: datetime, actor: str = "scenario-engine") -> None:
+                          scenario: Scenario | None, now: datetime, actor: str = "scenario-engine"
+                          ) -> list[tuple[str, str]]:
+    """Write the decision; returns the (kind, outcome) of the actions settled here rather than by a job."""
+    settled: list[tuple[str, str]] = []
     state = advance.progress.state
     closed = state not in (IncidentState.OPEN, IncidentState.NOTIFYING)
     await conn.execute(
@@ -178,6 +181,7 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
         incident.id, state.value, advance.progress.step, advance.progress.attempt, advance.deadline,
         advance.reason[:1000], closed, scenario.model_dump(mode="json") if scenario is not None else None)
     queries = jobs.queries_for(conn)
+    targets: list[NotificationTarget] | None = None
     for action in advance.actions:
         kind, destination = _action_fields(action)
         if isinstance(action, SendSms):
@@ -194,7 +198,23 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
                     """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
                        ON CONFLICT (tenant_id, key) DO NOTHING""", action.key, action.msisdn, action.text[:1600],
                     incident.id)
+                settled.append(("sms", "queued"))
             continue
+        if isinstance(action, Notify):
+            if targets is None:
+                targets = await notification_targets(conn, incident.household_id)
+            if not targets:
+                # Nothing in the household listens to a connector: the fallback text is decided right here,
+                # with the decision, instead of a job that would find the same.
+                inserted = await conn.fetchval(
+                    """INSERT INTO iim.incident_action (key, incident_id, step, kind, spec)
+                       VALUES ($1, $2, $3, 'notify', $4::jsonb) ON CONFLICT (tenant_id, key) DO NOTHING
+                       RETURNING key""", action.key, incident.id, action.step, action_spec(action))
+                if inserted is not None:
+                    settled.append(("notify", await notify_by_sms(
+                        conn, tenant_id, incident, action.key, action.text or _alarm_text(incident),
+                        "no connected device")))
+                continue
         inserted = await conn.fetchval(
             """INSERT INTO iim.incident_action (key, incident_id, step, kind, destination, spec, call_uuid)
                VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7) ON CONFLICT (tenant_id, key) DO NOTHING RETURNING key""",
@@ -208,6 +228,27 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
         "reason": advance.reason, "step": advance.progress.step, "attempt": advance.progress.attempt,
         "actions": [{"key": a.key, "kind": _action_fields(a)[0]} for a in advance.actions],
         "notes": list(advance.notes)}, event_id=incident.first_event_id)
+    return settled
+
+
+def _alarm_text(incident: IncidentRow) -> str:
+    return f"IIM alarm: {incident.facts.event_type.value}"
+
+
+async def notify_by_sms(conn: Connection, tenant_id: UUID, incident: IncidentRow, key: str, text: str,
+                        detail: str) -> str:
+    """Settle a notification the smart home did not take: text the household's owners and members instead
+    (one outbox row each) and record the outcome on its action; returns it (``sms_fallback`` or ``skipped``)."""
+    contacts = await sms_fallback_numbers(conn, incident.household_id)
+    for n, msisdn in enumerate(contacts):
+        await conn.execute(
+            """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
+               ON CONFLICT (tenant_id, key) DO NOTHING""", f"{key}/sms/{n}", msisdn, text[:1600], incident.id)
+    outcome = "sms_fallback" if contacts else "skipped"
+    await record_outcome(conn, key, outcome, detail)
+    await audit(conn, tenant_id, "scenario-engine", "incident.notify", incident.id,
+                {"key": key, "outcome": outcome, "detail": detail, "devices": []}, event_id=incident.first_event_id)
+    return outcome
 
 
 async def audit(conn: Connection, tenant_id: UUID, actor: str, action: str, incident_id: UUID,
@@ -252,36 +293,34 @@ async def record_outcome(conn: Connection, key: str, outcome: str, detail: str =
         "AND outcome IS NULL", key, outcome, detail[:500])
 
 
-async def originate_counts(conn: Connection, tenant_id: UUID) -> tuple[int, int]:
-    """Calls of the tenant still ringing (dispatched in the last 10 min, no outcome) and of the last hour.
-
-    Takes the tenant's originate lock for the rest of the transaction, so the cap check and the dispatch
-    that follows it (:func:`count_dispatch`) are one step for every worker: call it last, just before commit.
-    """
-    await conn.execute("SELECT pg_advisory_xact_lock(1229540685, hashtext('originate:' || $1))", str(tenant_id))
+async def originate_facts(conn: Connection, household_id: UUID) -> tuple[tuple[int, int, tuple[str, ...]] | None,
+                                                                      frozenset[str]]:
+    """The tenant's originate limits (None: no row, use the defaults) and every number and SIP URI an alert
+    for this household may reach (its bound contacts and devices), in one round trip."""
     row = await conn.fetchrow(
-        """SELECT (SELECT count(*) FROM iim.incident_action
-                    WHERE kind IN ('call', 'record') AND dispatched_at IS NOT NULL AND finished_at IS NULL
-                      AND dispatched_at > now() - interval '10 minutes') AS in_flight,
-                  (SELECT coalesce(sum(calls), 0) FROM iim.originate_window
-                    WHERE minute > now() - interval '1 hour') AS last_hour""")
+        """SELECT l.max_concurrent, l.max_per_hour, l.allowed_prefixes,
+                  ARRAY(SELECT s.msisdn FROM iim.binding b
+                          JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
+                         WHERE b.household_id = $1
+                        UNION
+                        SELECT d.sip_uri FROM iim.device d
+                         WHERE d.household_id = $1 AND d.sip_uri IS NOT NULL AND d.enabled) AS bound
+             FROM (SELECT 1) AS one LEFT JOIN iim.originate_limit l ON true""", household_id)
     assert row is not None
-    return int(row["in_flight"]), int(row["last_hour"])
+    limits = (None if row["max_concurrent"] is None
+              else (int(row["max_concurrent"]), int(row["max_per_hour"]), tuple(row["allowed_prefixes"])))
+    return limits, frozenset(row["bound"])
 
 
-async def count_dispatch(conn: Connection, key: str) -> None:
-    """Mark the call dispatched and count it in this minute's window (under the originate lock)."""
-    await conn.execute("UPDATE iim.incident_action SET dispatched_at = now() WHERE key = $1", key)
-    await conn.execute(
-        """INSERT INTO iim.originate_window (minute, calls) VALUES (date_trunc('minute', now()), 1)
-           ON CONFLICT (tenant_id, minute) DO UPDATE SET calls = iim.originate_window.calls + 1""")
-
-
-async def originate_limits(conn: Connection) -> tuple[int, int, tuple[str, ...]] | None:
-    row = await conn.fetchrow("SELECT max_concurrent, max_per_hour, allowed_prefixes FROM iim.originate_limit")
-    if row is None:
-        return None
-    return int(row["max_concurrent"]), int(row["max_per_hour"]), tuple(row["allowed_prefixes"])
+async def claim_originate(conn: Connection, key: str, *, max_concurrent: int, max_per_hour: int
+                          ) -> tuple[bool, int, int]:
+    """Check the tenant's caps and, under them, mark the call dispatched and count it: (claimed, in flight,
+    last hour). One statement under the tenant's originate lock, which is held until the caller commits:
+    call it last in the transaction."""
+    row = await conn.fetchrow("SELECT claimed, in_flight, last_hour FROM iim.claim_originate($1, $2, $3)",
+                              key, max_concurrent, max_per_hour)
+    assert row is not None
+    return bool(row["claimed"]), int(row["in_flight"]), int(row["last_hour"])
 
 
 async def notification_targets(conn: Connection, household_id: UUID) -> list[NotificationTarget]:
@@ -300,14 +339,3 @@ async def sms_fallback_numbers(conn: Connection, household_id: UUID) -> list[str
             WHERE b.household_id = $1 AND b.role IN ('owner', 'member') ORDER BY s.msisdn""", household_id)
     return [r["msisdn"] for r in rows]
 
-
-async def bound_destinations(conn: Connection, household_id: UUID) -> frozenset[str]:
-    """Every number and SIP URI an alert for this household may reach: its bound contacts and devices."""
-    rows = await conn.fetch(
-        """SELECT s.msisdn AS d FROM iim.binding b
-             JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
-            WHERE b.household_id = $1
-           UNION
-           SELECT sip_uri FROM iim.device WHERE household_id = $1 AND sip_uri IS NOT NULL AND enabled""",
-        household_id)
-    return frozenset(r["d"] for r in rows)

@@ -201,46 +201,57 @@ class IncidentWorker:
     async def tick(self, tenant_id: UUID, incident_id: UUID, *, reason: str = "") -> None:
         async with tenant_tx(self.pool, tenant_id) as conn:
             incident = await store.load_incident(conn, incident_id)
-            if incident is None or incident.state in TERMINAL:
-                return
-            now = self.settings.clock()
-            if reason == "cleared":
-                progress = on_cleared(incident.progress)
-                await conn.execute(
-                    """UPDATE iim.incident SET state = $2::iim.incident_state, reason = 'cleared by the device',
-                              updated_at = now(), closed_at = now(), deadline = NULL WHERE id = $1""",
-                    incident_id, progress.state.value)
-                await store.audit(conn, tenant_id, "scenario-engine", f"incident.{progress.state.value}",
-                                  incident_id, {"reason": "the device reported the hazard cleared"},
-                                  event_id=incident.first_event_id)
-                INCIDENTS.labels(progress.state.value).inc()
-                return
-            if incident.scenario is None:
-                await self._begin(conn, tenant_id, incident, now)
-                return
-            scenario = incident.scenario
-            due = incident.deadline is None or now >= incident.deadline
-            outcomes: dict[str, ActionOutcome] = {}
-            if incident.state is IncidentState.NOTIFYING:
-                group = await store.group_outcomes(conn, incident_id, incident.progress)
-                outcomes = {a.key: ActionOutcome(a.outcome) for a in group
-                            if a.outcome is not None and a.outcome in ActionOutcome._value2member_map_}
-                out = current_actions(str(incident_id), scenario, incident.facts, incident.progress, now)
-                if not (due or ready_to_advance(incident.progress, out, outcomes)):
-                    return
-                ringing = [a for a in group if a.dispatched_at is not None and a.outcome is None
-                           and a.call_uuid is not None]
-            elif not due:
-                return  # a retry pause or a wait step that is not over yet
-            else:
-                ringing = []
-            decision = advance(str(incident_id), scenario, incident.facts, incident.progress, outcomes, now)
-            await store.persist_advance(conn, tenant_id, incident, decision, scenario=None, now=now)
-            INCIDENTS.labels(decision.progress.state.value).inc()
-        # The group is decided: calls of it still ringing are hung up (the doorphone rang phone and home).
+            ringing = await self._tick_in(conn, tenant_id, incident, reason=reason)
+        await self._hang_up_all(ringing)
+
+    async def _hang_up_all(self, ringing: list[store.ActionRow]) -> None:
+        """The group is decided: calls of it still ringing are hung up (the doorphone rang phone and home)."""
         for action in ringing:
             if action.call_uuid is not None:
                 await self._hang_up(action.call_uuid)
+
+    async def _tick_in(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow | None, *,
+                       reason: str) -> list[store.ActionRow]:
+        """Judge ``incident`` (fully loaded and locked in ``conn``'s transaction) and persist what follows;
+        returns the calls still ringing in a group that has just been decided, to hang up after the commit."""
+        if incident is None or incident.state in TERMINAL:
+            return []
+        incident_id = incident.id
+        now = self.settings.clock()
+        if reason == "cleared":
+            progress = on_cleared(incident.progress)
+            await conn.execute(
+                """UPDATE iim.incident SET state = $2::iim.incident_state, reason = 'cleared by the device',
+                          updated_at = now(), closed_at = now(), deadline = NULL WHERE id = $1""",
+                incident_id, progress.state.value)
+            await store.audit(conn, tenant_id, "scenario-engine", f"incident.{progress.state.value}",
+                              incident_id, {"reason": "the device reported the hazard cleared"},
+                              event_id=incident.first_event_id)
+            INCIDENTS.labels(progress.state.value).inc()
+            return []
+        if incident.scenario is None:
+            await self._begin(conn, tenant_id, incident, now)
+            return []
+        scenario = incident.scenario
+        due = incident.deadline is None or now >= incident.deadline
+        outcomes: dict[str, ActionOutcome] = {}
+        if incident.state is IncidentState.NOTIFYING:
+            group = await store.group_outcomes(conn, incident_id, incident.progress)
+            outcomes = {a.key: ActionOutcome(a.outcome) for a in group
+                        if a.outcome is not None and a.outcome in ActionOutcome._value2member_map_}
+            out = current_actions(str(incident_id), scenario, incident.facts, incident.progress, now)
+            if not (due or ready_to_advance(incident.progress, out, outcomes)):
+                return []
+            ringing = [a for a in group if a.dispatched_at is not None and a.outcome is None
+                       and a.call_uuid is not None]
+        elif not due:
+            return []  # a retry pause or a wait step that is not over yet
+        else:
+            ringing = []
+        decision = advance(str(incident_id), scenario, incident.facts, incident.progress, outcomes, now)
+        self._count_settled(await store.persist_advance(conn, tenant_id, incident, decision, scenario=None, now=now))
+        INCIDENTS.labels(decision.progress.state.value).inc()
+        return ringing
 
     async def begin_in(self, conn: Connection, tenant_id: UUID, incident_id: UUID) -> None:
         """Start a just-opened incident inside the intake's transaction: its first calls are queued with the
@@ -260,8 +271,14 @@ class IncidentWorker:
             INCIDENTS.labels("exhausted").inc()
             return
         decision = begin(str(incident.id), scenario, incident.facts, now)
-        await store.persist_advance(conn, tenant_id, incident, decision, scenario=scenario, now=now)
+        self._count_settled(await store.persist_advance(conn, tenant_id, incident, decision, scenario=scenario,
+                                                        now=now))
         INCIDENTS.labels(decision.progress.state.value).inc()
+
+    @staticmethod
+    def _count_settled(settled: list[tuple[str, str]]) -> None:
+        for kind, outcome in settled:
+            ACTIONS.labels(kind, outcome).inc()
 
     def _choose(self, scenarios: list[Scenario], incident: store.IncidentRow, now: datetime) -> Scenario | None:
         """The tenant's own scenarios first; the shipped templates are the default for the rest."""
@@ -326,7 +343,7 @@ class IncidentWorker:
                 await self._speak_while_ringing(call)
             outcome = await placing
             STEP_SECONDS.labels(kind).observe(time.perf_counter() - started)
-            tick_after = await self._finish_call(tenant_id, incident_id, key, call, outcome, meanings)
+            await self._finish_call(tenant_id, incident_id, key, call, outcome, meanings)
         if tick_after:
             await self.tick(tenant_id, incident_id, reason="outcome")
 
@@ -353,19 +370,13 @@ class IncidentWorker:
         async with tenant_tx(self.pool, tenant_id) as conn:
             if delivered:
                 outcome, detail = "notified", f"{len(delivered)} device(s)"
+                await store.record_outcome(conn, action.key, outcome, detail)
+                await store.audit(conn, tenant_id, "scenario-engine", "incident.notify", incident.id,
+                                  {"key": action.key, "outcome": outcome, "detail": detail, "devices": delivered},
+                                  event_id=incident.first_event_id)
             else:
-                contacts = await store.sms_fallback_numbers(conn, incident.household_id)
-                for n, msisdn in enumerate(contacts):
-                    await conn.execute(
-                        """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
-                           ON CONFLICT (tenant_id, key) DO NOTHING""",
-                        f"{action.key}/sms/{n}", msisdn, text[:1600], incident.id)
-                outcome = "sms_fallback" if contacts else "skipped"
                 detail = ("smart home unreachable: " + "; ".join(errors)) if errors else "no connected device"
-            await store.record_outcome(conn, action.key, outcome, detail)
-            await store.audit(conn, tenant_id, "scenario-engine", "incident.notify", incident.id,
-                              {"key": action.key, "outcome": outcome, "detail": detail, "devices": delivered},
-                              event_id=incident.first_event_id)
+                outcome = await store.notify_by_sms(conn, tenant_id, incident, action.key, text, detail)
         ACTIONS.labels("notify", outcome).inc()
 
     def _connector(self, name: str) -> Connector | None:
@@ -395,12 +406,20 @@ class IncidentWorker:
                         action: store.ActionRow) -> AlertCall | None:
         """Guard, then mark dispatched (committed with this transaction) and build the call."""
         destination = action.destination or ""
-        limits_row = await store.originate_limits(conn)
+        limits_row, bound = await store.originate_facts(conn, incident.household_id)
         limits = (OriginateLimits(*limits_row) if limits_row is not None else self.settings.default_limits)
-        bound = await store.bound_destinations(conn, incident.household_id)
-        in_flight, last_hour = await store.originate_counts(conn, tenant_id)  # locks: keep it last
-        refusal = check_destination(destination, bound=bound, limits=limits, in_flight=in_flight,
-                                    last_hour=last_hour)
+        # Shape, binding and prefix first (no lock); the caps are checked and claimed in one locked step.
+        refusal = check_destination(destination, bound=bound, limits=limits, in_flight=0, last_hour=0)
+        if refusal is None:
+            claimed, in_flight, last_hour = await store.claim_originate(
+                conn, action.key, max_concurrent=limits.max_concurrent, max_per_hour=limits.max_per_hour)
+            if not claimed:
+                refusal = check_destination(destination, bound=bound, limits=limits, in_flight=in_flight,
+                                            last_hour=last_hour)
+                if refusal is None:  # under the caps yet not claimed: another worker dispatched it
+                    log.warning("alert call already dispatched elsewhere; not dialled again",
+                                extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
+                    return None
         if refusal is not None:
             ORIGINATE_REFUSED.labels(refusal.reason).inc()
             ACTIONS.labels(action.kind, "refused").inc()
@@ -411,7 +430,6 @@ class IncidentWorker:
             log.warning("alert call refused: %s", refusal.reason,
                         extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
             return None
-        await store.count_dispatch(conn, action.key)
         return self._alert_call(incident, action)
 
     def _alert_call(self, incident: store.IncidentRow, action: store.ActionRow) -> AlertCall:
@@ -459,24 +477,29 @@ class IncidentWorker:
         return await self.placer.place(call)
 
     async def _finish_call(self, tenant_id: UUID, incident_id: UUID, key: str, call: AlertCall,
-                           outcome: CallOutcome, meanings: dict[str, str]) -> bool:
-        """Record the call's outcome; True when the engine should judge it now."""
+                           outcome: CallOutcome, meanings: dict[str, str]) -> None:
+        """Record the call's outcome and let the engine judge it, in one transaction."""
         result = _engine_outcome(call, outcome, meanings)
         async with tenant_tx(self.pool, tenant_id) as conn:
-            incident = await store.load_incident(conn, incident_id, full=False)
+            incident = await store.load_incident(conn, incident_id)
             if incident is None:
-                return False
+                return
             if outcome.kind is CallOutcomeKind.UNREACHABLE:
-                return await self._unreachable(conn, tenant_id, incident, key, call)
-            await store.record_outcome(conn, key, result.value, outcome.detail or (outcome.hangup_cause or ""))
-            await store.audit(conn, tenant_id, "scenario-engine", "incident.call", incident_id,
-                              {"key": key, "outcome": result.value, "digit": outcome.digit,
-                               "hangup_cause": outcome.hangup_cause},
-                              event_id=incident.first_event_id, call_uuid=UUID(call.call_uuid))
-        ACTIONS.labels("call", result.value).inc()
-        log.info("alert call %s", result.value, extra={"call_id": call.call_uuid, "event_id": incident.first_event_id,
-                                                       "incident_id": str(incident_id)})
-        return True
+                spent = await self._unreachable(conn, tenant_id, incident, key, call)
+                ringing = await self._tick_in(conn, tenant_id, incident, reason="outcome") if spent else []
+            else:
+                await store.record_outcome(conn, key, result.value, outcome.detail or (outcome.hangup_cause or ""))
+                await store.audit(conn, tenant_id, "scenario-engine", "incident.call", incident_id,
+                                  {"key": key, "outcome": result.value, "digit": outcome.digit,
+                                   "hangup_cause": outcome.hangup_cause},
+                                  event_id=incident.first_event_id, call_uuid=UUID(call.call_uuid))
+                ringing = await self._tick_in(conn, tenant_id, incident, reason="outcome")
+        if outcome.kind is not CallOutcomeKind.UNREACHABLE:
+            ACTIONS.labels("call", result.value).inc()
+            log.info("alert call %s", result.value, extra={"call_id": call.call_uuid,
+                                                           "event_id": incident.first_event_id,
+                                                           "incident_id": str(incident_id)})
+        await self._hang_up_all(ringing)
 
     async def _unreachable(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow, key: str,
                            call: AlertCall) -> bool:

@@ -32,6 +32,7 @@ from outreach.calls import AlertCallPlacer
 from outreach.ivr import IvrRegistry, with_alert_calls
 from policy_cache import audit
 from policy_cache.db import Pool, tenant_tx
+from scenarios import store
 from scenarios.worker import IncidentWorker, WorkerSettings
 from tests.alarm_rig import AlarmRig, build_rig
 
@@ -211,6 +212,29 @@ async def test_hourly_cap_refuses_alert_calls_beyond_it(alarms: Alarms) -> None:
     refused = await alarms.rows("SELECT detail->>'reason' AS reason FROM iim.audit_log "
                                 "WHERE action = 'originate.refused' AND entity_id = $1", str(incident))
     assert [r["reason"] for r in refused] == ["hourly_cap"] * 2
+
+
+async def test_concurrent_claims_never_exceed_the_concurrent_cap_nor_dial_an_action_twice(alarms: Alarms) -> None:
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+        incident = await conn.fetchval(
+            "INSERT INTO iim.incident (household_id, device_id, hazard, first_event_id) "
+            "VALUES ($1, $2, 'smoke', 'cap-race') RETURNING id", rig.household_id, rig.sensor_id)
+        for n in range(8):
+            await conn.execute(
+                "INSERT INTO iim.incident_action (key, incident_id, step, kind, destination, call_uuid) "
+                "VALUES ($1, $2, 0, 'call', $3, gen_random_uuid())", f"{incident}/0/0/{n}", incident, rig.owner)
+
+    async def claim(n: int) -> tuple[bool, int, int]:
+        async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+            return await store.claim_originate(conn, f"{incident}/0/0/{n % 8}", max_concurrent=3, max_per_hour=100)
+
+    results = await asyncio.gather(*(claim(n) for n in range(16)))  # every action claimed twice at once
+    claimed_keys = [n % 8 for n, (claimed, _, _) in enumerate(results) if claimed]
+    assert len(claimed_keys) == 3
+    assert len(set(claimed_keys)) == 3  # no action dispatched twice
+    window = await alarms.rows("SELECT sum(calls) AS calls FROM iim.originate_window")
+    assert window[0]["calls"] == 3
 
 
 async def test_freeswitch_down_sends_sms_then_retries_the_call(alarms: Alarms) -> None:
