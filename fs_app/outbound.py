@@ -60,6 +60,15 @@ class OutboundSettings:
     )
 
 
+def _handshake_expired(futures: list[asyncio.Future[object]]) -> None:
+    if all(fut.done() for fut in futures):
+        return
+    metrics.ERRORS.labels("connect_timeout").inc()
+    for fut in futures:
+        if not fut.done():
+            fut.set_exception(CallGone("FreeSWITCH did not answer connect in time"))
+
+
 class _CallProtocol(asyncio.Protocol):
     """Bytes in -> codec -> call. No decisions are taken here."""
 
@@ -211,14 +220,14 @@ class OutboundServer:
     async def _handshake(self, proto: _CallProtocol) -> None:
         """``connect``, ``linger`` and ``myevents`` in one write; FreeSWITCH answers in order."""
         futures = proto.call.send_batch(self._handshake_commands)
+        # A timer handle rather than asyncio.timeout(): this runs once per call, on the call-setup path.
+        timer = asyncio.get_running_loop().call_later(self.settings.connect_timeout, _handshake_expired, futures)
         try:
-            async with asyncio.timeout(self.settings.connect_timeout):
-                connect_reply = await futures[0]
-                for fut in futures[1:]:
-                    await fut
-        except TimeoutError:
-            metrics.ERRORS.labels("connect_timeout").inc()
-            raise CallGone("FreeSWITCH did not answer connect in time") from None
+            connect_reply = await futures[0]
+            for fut in futures[1:]:
+                await fut
+        finally:
+            timer.cancel()
         if not isinstance(connect_reply, ChannelData):
             raise CallGone(f"connect answered with {type(connect_reply).__name__}, not channel data")
 

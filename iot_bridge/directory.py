@@ -27,10 +27,8 @@ log = logging.getLogger(__name__)
 
 _PEM_RE = re.compile(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.DOTALL)
 
-_DEVICE = """
-SELECT d.id, d.household_id, d.external_id, d.type::text AS type, d.enabled, d.connector, c.kind::text AS kind, c.ref
-  FROM iim.device d LEFT JOIN iim.credential_ref c ON c.tenant_id = d.tenant_id AND c.id = d.credential_ref_id
- WHERE d.external_id = $1"""
+# One statement, no transaction: the function scopes itself to the tenant (migration 0010).
+_DEVICE = "SELECT id, household_id, external_id, type, enabled, connector, kind, ref FROM iim.event_device($1, $2)"
 _SOURCE = "SELECT kind::text AS kind, ref FROM iim.credential_ref WHERE name = $1"
 _GATEWAY = "SELECT household_id FROM iim.device WHERE external_id = $1 AND type = 'hub' AND enabled"
 
@@ -86,8 +84,7 @@ class DeviceDirectory:
         key = (tenant_id, external_id)
         if key in self._devices:
             return self._devices[key]
-        async with tenant_tx(self._pool, tenant_id, readonly=True) as conn:
-            row = await conn.fetchrow(_DEVICE, external_id)
+        row = await self._pool.fetchrow(_DEVICE, tenant_id, external_id)
         found = None
         if row is not None and row["enabled"]:
             hmac_secrets, jws_keys = _secrets(row["kind"], row["ref"])

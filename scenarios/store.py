@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -61,7 +62,15 @@ _FACTS = """,
          WHERE b.household_id = i.household_id AND (b.device_id IS NULL OR b.device_id = i.device_id)) AS contacts,
        (SELECT coalesce(json_agg(x.sip_uri ORDER BY x.name), '[]') FROM iim.device x
          WHERE x.household_id = i.household_id AND x.enabled AND x.sip_uri IS NOT NULL AND x.type = 'speaker'
-           AND 'sip' = ANY (x.capabilities)) AS home"""
+           AND 'sip' = ANY (x.capabilities)) AS home,
+       (SELECT coalesce(json_agg(json_build_object('id', x.id, 'connector', x.connector, 'ref', x.connector_ref)
+                                 ORDER BY x.name), '[]')
+          FROM iim.device x WHERE x.household_id = i.household_id AND x.enabled AND x.connector IS NOT NULL
+       ) AS notify_targets,
+       ARRAY(SELECT DISTINCT s.msisdn FROM iim.binding b
+               JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
+              WHERE b.household_id = i.household_id AND b.role IN ('owner', 'member') ORDER BY s.msisdn
+       ) AS sms_fallback"""
 _INCIDENT_LIGHT = _INCIDENT.format(extra="")
 _INCIDENT_FULL = _INCIDENT.format(extra=_FACTS)
 
@@ -86,6 +95,9 @@ class IncidentRow:
     household_id: UUID
     device_id: UUID
     facts: IncidentFacts
+    #: Loaded with the facts (``full``) only: what a notification step needs to be settled with its decision.
+    notify_targets: tuple[NotificationTarget, ...] | None = None
+    sms_fallback: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +128,11 @@ async def load_incident(conn: Connection, incident_id: UUID, *, full: bool = Tru
         return None
     contacts: tuple[Contact, ...] = ()
     home: tuple[str, ...] = ()
+    targets: tuple[NotificationTarget, ...] | None = None
+    fallback: tuple[str, ...] | None = None
     if full:
+        targets = tuple(NotificationTarget(str(t["id"]), t["connector"], t["ref"]) for t in row["notify_targets"])
+        fallback = tuple(row["sms_fallback"])
         contacts = tuple(
             Contact(role=ContactRole(c["role"]), msisdn=c["msisdn"], subscriber_id=str(c["id"]),
                     priority=c["priority"], name=c["name"])
@@ -132,7 +148,8 @@ async def load_incident(conn: Connection, incident_id: UUID, *, full: bool = Tru
     state = IncidentState(row["state"])
     return IncidentRow(id=row["id"], state=state, progress=Progress(state, row["step"], row["attempt"]),
                        scenario=scenario, deadline=row["deadline"], first_event_id=row["first_event_id"],
-                       household_id=row["household_id"], device_id=row["device_id"], facts=facts)
+                       household_id=row["household_id"], device_id=row["device_id"], facts=facts,
+                       notify_targets=targets, sms_fallback=fallback)
 
 
 async def load_scenarios(conn: Connection, household_id: UUID) -> list[Scenario]:
@@ -181,7 +198,6 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
         incident.id, state.value, advance.progress.step, advance.progress.attempt, advance.deadline,
         advance.reason[:1000], closed, scenario.model_dump(mode="json") if scenario is not None else None)
     queries = jobs.queries_for(conn)
-    targets: list[NotificationTarget] | None = None
     for action in advance.actions:
         kind, destination = _action_fields(action)
         if isinstance(action, SendSms):
@@ -201,8 +217,9 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
                 settled.append(("sms", "queued"))
             continue
         if isinstance(action, Notify):
+            targets = incident.notify_targets
             if targets is None:
-                targets = await notification_targets(conn, incident.household_id)
+                targets = tuple(await notification_targets(conn, incident.household_id))
             if not targets:
                 # Nothing in the household listens to a connector: the fallback text is decided right here,
                 # with the decision, instead of a job that would find the same.
@@ -213,7 +230,7 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
                 if inserted is not None:
                     settled.append(("notify", await notify_by_sms(
                         conn, tenant_id, incident, action.key, action.text or _alarm_text(incident),
-                        "no connected device")))
+                        "no connected device", contacts=incident.sms_fallback)))
                 continue
         inserted = await conn.fetchval(
             """INSERT INTO iim.incident_action (key, incident_id, step, kind, destination, spec, call_uuid)
@@ -236,10 +253,12 @@ def _alarm_text(incident: IncidentRow) -> str:
 
 
 async def notify_by_sms(conn: Connection, tenant_id: UUID, incident: IncidentRow, key: str, text: str,
-                        detail: str) -> str:
+                        detail: str, *, contacts: Sequence[str] | None = None) -> str:
     """Settle a notification the smart home did not take: text the household's owners and members instead
-    (one outbox row each) and record the outcome on its action; returns it (``sms_fallback`` or ``skipped``)."""
-    contacts = await sms_fallback_numbers(conn, incident.household_id)
+    (one outbox row each) and record the outcome on its action; returns it (``sms_fallback`` or ``skipped``).
+    ``contacts``: the numbers when the caller already has them (a fully loaded incident)."""
+    if contacts is None:
+        contacts = await sms_fallback_numbers(conn, incident.household_id)
     for n, msisdn in enumerate(contacts):
         await conn.execute(
             """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)

@@ -10,7 +10,7 @@ import pytest
 from policy_cache import repository
 from policy_cache.db import Connection, DbRole, Pool, connect, connect_pool, tenant_tx
 from policy_cache.errors import DatabaseRoleError, NotFound, TenantIsolationError, TenantScopeError
-from policy_cache.models import HouseholdCreate, SubscriberCreate, SubscriberUpdate
+from policy_cache.models import DeviceCreate, DeviceType, HouseholdCreate, SubscriberCreate, SubscriberUpdate
 from tests.pg import PgDatabase, create_tenant
 
 
@@ -163,6 +163,28 @@ async def test_tenant_setting_does_not_outlive_the_transaction(app_pool: Pool, t
         pass
     async with app_pool.acquire() as conn:  # the pooled connection comes back clean too
         assert await conn.fetchval("SELECT count(*) FROM iim.subscriber") == 0
+
+
+async def test_bridge_device_lookup_scopes_itself_and_leaves_no_tenant_behind(
+        app_pool: Pool, two_tenants: tuple[tuple[UUID, ...], ...]) -> None:
+    (a_tid, _, a_home), (b_tid, _, b_home) = two_tenants
+    for tid, home in ((a_tid, a_home), (b_tid, b_home)):
+        async with tenant_tx(app_pool, tid) as conn:
+            await repository.create_device(conn, DeviceCreate(household_id=home, name="smoke", type=DeviceType.SENSOR,
+                                                              external_id="same-id"), actor="test")
+    lookup = "SELECT id, household_id FROM iim.event_device($1, 'same-id')"
+    async with app_pool.acquire() as conn:
+        row = await conn.fetchrow(lookup, b_tid)
+        assert row is not None
+        assert row["household_id"] == b_home
+        assert await conn.fetchval("SELECT current_setting('app.tenant', true)") == ""
+        assert await conn.fetchval("SELECT count(*) FROM iim.device") == 0
+        async with tenant_tx(conn, a_tid):
+            other = await conn.fetchrow(lookup, b_tid)
+            assert other is not None
+            assert other["household_id"] == b_home
+            assert await conn.fetchval("SELECT current_setting('app.tenant', true)") == str(a_tid)
+        assert await conn.fetchrow(lookup, uuid4()) is None
 
 
 async def test_tenant_tx_refuses_nesting_and_non_uuids(app_pool: Pool) -> None:
