@@ -21,7 +21,7 @@ import asyncpg
 from iot_bridge.event_types import HAZARDS, EventType
 from iot_bridge.events import DeviceEvent
 from policy_cache import audit, jobs
-from policy_cache.db import Connection, Pool, tenant_tx
+from policy_cache.db import Connection, Pool, savepoint, tenant_tx
 
 __all__ = ["STORE_DOWN_ERRORS", "IncidentJobs", "IncidentOpener", "IntakeOutcome", "KnownDevice", "StoreDown", "accept_event"]
 
@@ -153,7 +153,7 @@ async def _route(conn: Connection, device: KnownDevice, event: DeviceEvent,
         return coalesced, False, "updated"
     if opener is not None:
         try:
-            async with conn.transaction():  # a savepoint: a failing decision must not cost the event
+            async with savepoint(conn):  # a failing decision must not cost the event
                 await opener(conn, device.tenant_id, opened)
         except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError):
             raise

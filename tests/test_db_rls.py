@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from policy_cache import repository
-from policy_cache.db import Connection, DbRole, Pool, connect, connect_pool, tenant_tx
+from policy_cache.db import Connection, DbRole, Pool, connect, connect_pool, savepoint, tenant_tx
 from policy_cache.errors import DatabaseRoleError, NotFound, TenantIsolationError, TenantScopeError
 from policy_cache.models import DeviceCreate, DeviceType, HouseholdCreate, SubscriberCreate, SubscriberUpdate
 from tests.pg import PgDatabase, create_tenant
@@ -185,6 +185,26 @@ async def test_bridge_device_lookup_scopes_itself_and_leaves_no_tenant_behind(
             assert other["household_id"] == b_home
             assert await conn.fetchval("SELECT current_setting('app.tenant', true)") == str(a_tid)
         assert await conn.fetchrow(lookup, uuid4()) is None
+
+
+async def test_savepoint_undoes_only_its_block_and_the_transaction_commits_the_rest(
+        app_pool: Pool, two_tenants: tuple[tuple[UUID, ...], ...]) -> None:
+    (a_tid, _, _), _ = two_tenants
+    async with tenant_tx(app_pool, a_tid) as conn:
+        await conn.execute("INSERT INTO iim.subscriber (msisdn) VALUES ('+79995550001')")
+        async with savepoint(conn):
+            await conn.execute("INSERT INTO iim.subscriber (msisdn) VALUES ('+79995550002')")
+            with pytest.raises(asyncpg.UniqueViolationError):
+                async with savepoint(conn):
+                    await conn.execute("INSERT INTO iim.subscriber (msisdn) VALUES ('+79995550001')")
+            await conn.execute("DELETE FROM iim.subscriber WHERE msisdn = '+79995550002'")
+        async with savepoint(conn):
+            await conn.execute("INSERT INTO iim.subscriber (msisdn) VALUES ('+79995550003')")
+    async with tenant_tx(app_pool, a_tid, readonly=True) as conn:
+        kept = await conn.fetch("SELECT msisdn FROM iim.subscriber WHERE msisdn LIKE '+7999555000%' ORDER BY 1")
+        assert [r["msisdn"] for r in kept] == ["+79995550001", "+79995550003"]
+        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+            await conn.execute("INSERT INTO iim.subscriber (msisdn) VALUES ('+79995550004')")
 
 
 async def test_tenant_tx_refuses_nesting_and_non_uuids(app_pool: Pool) -> None:
