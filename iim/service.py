@@ -195,7 +195,8 @@ class Service:
             self.embedded = db.embedded
             urls = DatabaseUrls(db.app_url, db.cache_url)
         self._app_url = urls.app_url
-        self.pool = await connect_pool(urls.app_url, role=DbRole.APP, min_size=1, max_size=16)
+        size = self.settings.db_pool_size
+        self.pool = await connect_pool(urls.app_url, role=DbRole.APP, min_size=size, max_size=size)
         self.audit_flusher = AuditFlusher(self.pool)
         await self.audit_flusher.start()
         # Read-only, all tenants: for admins listing tenants (RLS hides them from the app role).

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # for deployments that run `iim db migrate` separately, and for extra worker processes.
     app_database_url: str | None = Field(default=None, repr=False)
     cache_database_url: str | None = Field(default=None, repr=False)
+    # Connections of the service role, all opened at start: a burst of alarms must not wait for new
+    # connections (SCRAM, role check, type introspection cost tens of ms each on a busy host).
+    db_pool_size: int = Field(default=16, ge=2, le=500)
     data_dir: str = ".iim-data/pg"
     demo_data: bool = True
     cache_load_timeout: float = 60.0
