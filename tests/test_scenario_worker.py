@@ -214,6 +214,19 @@ async def test_hourly_cap_refuses_alert_calls_beyond_it(alarms: Alarms) -> None:
     assert [r["reason"] for r in refused] == ["hourly_cap"] * 2
 
 
+async def test_notification_without_a_connected_device_is_settled_with_the_decision_as_sms(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+    incident = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(incident) == "acknowledged"
+    notify = await alarms.rows("SELECT key, outcome, detail, started_at, finished_at FROM iim.incident_action "
+                               "WHERE incident_id = $1 AND kind = 'notify'", incident)
+    assert [(n["outcome"], n["detail"]) for n in notify] == [("sms_fallback", "no connected device")]
+    assert notify[0]["finished_at"] == notify[0]["started_at"]  # now() of one transaction: the decision's
+    texts = await alarms.rows("SELECT msisdn FROM iim.sms_outbox WHERE key = $1", f"{notify[0]['key']}/sms/0")
+    assert [t["msisdn"] for t in texts] == [rig.owner]
+
+
 async def test_concurrent_claims_never_exceed_the_concurrent_cap_nor_dial_an_action_twice(alarms: Alarms) -> None:
     rig = alarms.rig
     async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
