@@ -69,16 +69,8 @@ class IntakeOutcome:
     opened: bool = False
 
 
-_FIND = "SELECT fingerprint, response FROM iim.device_event WHERE event_id = $1"
-_COALESCE = """
-UPDATE iim.incident SET event_count = event_count + 1, last_event_at = now(), updated_at = now()
- WHERE device_id = $1 AND hazard = $2 AND state IN ('open', 'notifying')
-RETURNING id"""
-_OPEN = """
-INSERT INTO iim.incident (household_id, device_id, hazard, first_event_id)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT (tenant_id, device_id, hazard) WHERE state IN ('open', 'notifying') DO NOTHING
-RETURNING id"""
+# The replay check and the live incident of the same device and hazard (updated) or a new one: migration 0011.
+_ROUTE = "SELECT seen_fingerprint, seen_response, incident_id, opened FROM iim.intake_route($1, $2, $3, $4)"
 _LIVE = "SELECT id FROM iim.incident WHERE device_id = $1 AND state IN ('open', 'notifying')"
 _INSERT_EVENT = """
 INSERT INTO iim.device_event (event_id, device_id, type, occurred_at, fingerprint, payload, channel, msg_id,
@@ -110,17 +102,20 @@ async def accept_event(pool: Pool, device: KnownDevice, event: DeviceEvent, *, f
 
 async def _accept(pool: Pool, device: KnownDevice, event: DeviceEvent, *, fingerprint: str, channel: str,
                   msg_id: str | None, opener: IncidentOpener | None) -> IntakeOutcome:
+    hazard = event.type.value if event.type in HAZARDS else None
     async with tenant_tx(pool, device.tenant_id) as conn:
-        seen = await conn.fetchrow(_FIND, event.event_id)
-        if seen is not None:
-            if seen["fingerprint"] != fingerprint:
+        route = await conn.fetchrow(_ROUTE, event.event_id, device.id, device.household_id, hazard)
+        assert route is not None
+        if route["seen_fingerprint"] is not None:
+            if route["seen_fingerprint"] != fingerprint:
                 return IntakeOutcome("conflict", {"event_id": event.event_id,
                                                   "detail": "event_id was already used with another body"})
-            first: dict[str, Any] = seen["response"]
+            first: dict[str, Any] = route["seen_response"]
             incident = first.get("incident_id")
             return IntakeOutcome("replayed", first, UUID(incident) if incident else None)
 
-        incident_id, opened, action = await _route(conn, device, event, opener)
+        incident_id, opened, action = await _route(conn, device, event, opener, route["incident_id"],
+                                                   route["opened"])
         body: dict[str, Any] = {"event_id": event.event_id, "status": "accepted",
                                 "incident_id": str(incident_id) if incident_id else None, "action": action}
         await conn.execute(_INSERT_EVENT, event.event_id, device.id, event.type.value, event.occurred_at,
@@ -133,24 +128,19 @@ async def _accept(pool: Pool, device: KnownDevice, event: DeviceEvent, *, finger
         return IntakeOutcome("accepted", body, incident_id, opened)
 
 
-async def _route(conn: Connection, device: KnownDevice, event: DeviceEvent,
-                 opener: IncidentOpener | None) -> tuple[UUID | None, bool, str]:
-    """Open or update the incident this event belongs to, and enqueue the work it needs."""
+async def _route(conn: Connection, device: KnownDevice, event: DeviceEvent, opener: IncidentOpener | None,
+                 incident_id: UUID | None, opened_now: bool) -> tuple[UUID | None, bool, str]:
+    """Start the incident ``iim.intake_route`` opened, or say what the event did to one; enqueue the work."""
     if event.type is EventType.CLEARED:
         live = await conn.fetch(_LIVE, device.id)
         for row in live:
             await _enqueue_tick(conn, device.tenant_id, row["id"], reason="cleared", dedupe=f"clear:{event.event_id}")
         return (live[0]["id"] if live else None), False, "cleared" if live else "recorded"
-    if event.type not in HAZARDS:
+    if incident_id is None:
         return None, False, "recorded"
-    coalesced = await conn.fetchval(_COALESCE, device.id, event.type.value)
-    if coalesced is not None:
-        return coalesced, False, "updated"
-    opened = await conn.fetchval(_OPEN, device.household_id, device.id, event.type.value, event.event_id)
-    if opened is None:
-        # Another transaction opened it between our UPDATE and INSERT: join that one.
-        coalesced = await conn.fetchval(_COALESCE, device.id, event.type.value)
-        return coalesced, False, "updated"
+    if not opened_now:
+        return incident_id, False, "updated"
+    opened = incident_id
     if opener is not None:
         try:
             async with savepoint(conn):  # a failing decision must not cost the event
