@@ -37,7 +37,7 @@ from scenarios.model import ContactRole, Scenario
 
 __all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_incident",
            "load_scenarios", "persist_advance", "record_outcome", "group_outcomes",
-           "originate_facts", "claim_originate", "notification_targets", "sms_fallback_numbers", "notify_by_sms", "NotificationTarget", "due_incidents", "audit", "action_spec"]
+           "originate_facts", "claim_originate", "notification_targets", "sms_fallback_numbers", "notify_by_sms", "alarm_text", "NotificationTarget", "due_incidents", "audit", "action_spec"]
 
 #: Namespace for deterministic call UUIDs: the same action key always dials with the same origination_uuid.
 _CALL_NS = uuid.UUID("6f1c3f0e-2a4b-4a57-9d0e-1b5c9a7e0c11")
@@ -67,12 +67,13 @@ _FACTS = """,
                                  ORDER BY x.name), '[]')
           FROM iim.device x WHERE x.household_id = i.household_id AND x.enabled AND x.connector IS NOT NULL
        ) AS notify_targets,
-       ARRAY(SELECT DISTINCT s.msisdn FROM iim.binding b
-               JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
-              WHERE b.household_id = i.household_id AND b.role IN ('owner', 'member') ORDER BY s.msisdn
-       ) AS sms_fallback"""
+       ARRAY({fallback}) AS sms_fallback"""
+# Who gets the text when the smart home cannot be told: the owners and members of the household.
+_FALLBACK_NUMBERS = """SELECT DISTINCT s.msisdn FROM iim.binding b
+             JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
+            WHERE b.household_id = {household} AND b.role IN ('owner', 'member') ORDER BY s.msisdn"""
 _INCIDENT_LIGHT = _INCIDENT.format(extra="")
-_INCIDENT_FULL = _INCIDENT.format(extra=_FACTS)
+_INCIDENT_FULL = _INCIDENT.format(extra=_FACTS.format(fallback=_FALLBACK_NUMBERS.format(household="i.household_id")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +230,7 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
                        RETURNING key""", action.key, incident.id, action.step, action_spec(action))
                 if inserted is not None:
                     settled.append(("notify", await notify_by_sms(
-                        conn, tenant_id, incident, action.key, action.text or _alarm_text(incident),
+                        conn, tenant_id, incident, action.key, action.text or alarm_text(incident),
                         "no connected device", contacts=incident.sms_fallback)))
                 continue
         inserted = await conn.fetchval(
@@ -248,7 +249,8 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
     return settled
 
 
-def _alarm_text(incident: IncidentRow) -> str:
+def alarm_text(incident: IncidentRow) -> str:
+    """What an SMS or notification says when its scenario step gives no text."""
     return f"IIM alarm: {incident.facts.event_type.value}"
 
 
@@ -352,9 +354,6 @@ async def notification_targets(conn: Connection, household_id: UUID) -> list[Not
 
 async def sms_fallback_numbers(conn: Connection, household_id: UUID) -> list[str]:
     """Who gets the text when the smart home cannot be told: the owners and members of the household."""
-    rows = await conn.fetch(
-        """SELECT DISTINCT s.msisdn FROM iim.binding b
-             JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
-            WHERE b.household_id = $1 AND b.role IN ('owner', 'member') ORDER BY s.msisdn""", household_id)
+    rows = await conn.fetch(_FALLBACK_NUMBERS.format(household="$1"), household_id)
     return [r["msisdn"] for r in rows]
 

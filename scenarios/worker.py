@@ -351,7 +351,7 @@ class IncidentWorker:
                       targets: list[store.NotificationTarget]) -> None:
         """Tell the household through its connectors (outside any transaction: vendor clouds are slow);
         when no connector takes it (none, down, refusing), text the household's contacts instead."""
-        text = str(action.spec.get("text") or f"IIM alarm: {incident.facts.event_type.value}")
+        text = str(action.spec.get("text") or store.alarm_text(incident))
         correlation = {"event_id": incident.first_event_id, "incident_id": str(incident.id)}
         delivered: list[str] = []
         errors: list[str] = []
@@ -390,7 +390,7 @@ class IncidentWorker:
     async def _message(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
                        action: store.ActionRow) -> None:
         if action.kind == "sms" and action.destination:
-            text = action.spec.get("text") or f"IIM alarm: {incident.facts.event_type.value}"
+            text = action.spec.get("text") or store.alarm_text(incident)
             await conn.execute(
                 """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
                    ON CONFLICT (tenant_id, key) DO NOTHING""", action.key, action.destination, text[:1600], incident.id)
