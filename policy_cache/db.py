@@ -215,24 +215,26 @@ async def _scoped(
     if conn.is_in_transaction():
         raise TenantScopeError("tenant_tx cannot be nested in an open transaction")
     begin = _BEGIN[isolation] + (" READ ONLY" if readonly else "")
-    await conn.execute(f"{begin}; SELECT set_config('app.tenant', '{tenant_id}', true)")
-    try:
+    async with _block(conn, f"{begin}; SELECT set_config('app.tenant', '{tenant_id}', true)", "ROLLBACK", "COMMIT"):
         yield conn
-    except BaseException:
-        if not conn.is_closed() and conn.is_in_transaction():
-            await conn.execute("ROLLBACK")
-        raise
-    await conn.execute("COMMIT")
 
 
 @asynccontextmanager
 async def savepoint(conn: Connection) -> AsyncIterator[Connection]:
     """A savepoint inside :func:`tenant_tx`: an error in the block undoes only the block (then re-raises)."""
-    await conn.execute("SAVEPOINT iim_block")
-    try:
+    async with _block(conn, "SAVEPOINT iim_block", "ROLLBACK TO SAVEPOINT iim_block; RELEASE SAVEPOINT iim_block",
+                      "RELEASE SAVEPOINT iim_block"):
         yield conn
+
+
+@asynccontextmanager
+async def _block(conn: Connection, begin: str, undo: str, done: str) -> AsyncIterator[None]:
+    """Run ``begin``; on leaving, ``done``, or ``undo`` when the block raised (then re-raise)."""
+    await conn.execute(begin)
+    try:
+        yield
     except BaseException:
         if not conn.is_closed() and conn.is_in_transaction():
-            await conn.execute("ROLLBACK TO SAVEPOINT iim_block; RELEASE SAVEPOINT iim_block")
+            await conn.execute(undo)
         raise
-    await conn.execute("RELEASE SAVEPOINT iim_block")
+    await conn.execute(done)
