@@ -8,6 +8,7 @@ import logging
 import secrets
 import signal
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -91,7 +92,7 @@ class Service:
         # Alert calls placed by the scenario worker come back here for their IVR; every other call is routed.
         self.ivr = IvrRegistry(max_pending=10_000)
         self.outbound = OutboundServer(
-            with_alert_calls(self.ivr, self._route),
+            with_alert_calls(self.ivr, self._route, on_orphan=self._orphan_call),
             OutboundSettings(host=settings.esl_host, port=settings.esl_port, linger=settings.esl_linger),
             fallback=passthrough,
         )
@@ -108,6 +109,11 @@ class Service:
         self._lag_watch: asyncio.Task[None] | None = None
         self._bridge_runner: web.AppRunner | None = None
         self.bridge_port: int | None = None
+
+    async def _orphan_call(self, variables: Mapping[str, str]) -> None:
+        """An answered alert call whose worker died: the scenario worker settles it and moves on."""
+        if self.worker is not None:
+            await self.worker.orphan_call(variables)
 
     async def _route(self, call: Call) -> None:
         """Calls go through the policy router once the store is up, else to the dialled number."""

@@ -20,8 +20,8 @@ import asyncpg
 
 from iot_bridge.event_types import HAZARDS, EventType
 from iot_bridge.events import DeviceEvent
-from policy_cache import audit, jobs
-from policy_cache.db import Connection, Pool, savepoint, tenant_tx
+from policy_cache import jobs
+from policy_cache.db import Connection, Pool, tenant_tx
 
 __all__ = ["STORE_DOWN_ERRORS", "IncidentJobs", "IncidentOpener", "IntakeOutcome", "KnownDevice", "StoreDown", "accept_event"]
 
@@ -69,17 +69,15 @@ class IntakeOutcome:
     opened: bool = False
 
 
-# The replay check and the live incident of the same device and hazard (updated) or a new one: migration 0011.
-_ROUTE = "SELECT seen_fingerprint, seen_response, incident_id, opened FROM iim.intake_route($1, $2, $3, $4)"
-_LIVE = "SELECT id FROM iim.incident WHERE device_id = $1 AND state IN ('open', 'notifying')"
-_INSERT_EVENT = """
-INSERT INTO iim.device_event (event_id, device_id, type, occurred_at, fingerprint, payload, channel, msg_id,
-                              incident_id, response)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10::jsonb)"""
+# The replay check, the incident opened or joined (or the live ones a "cleared" names), the ledger row with
+# its answer and the audit line, in one statement: migration 0012.
+_INTAKE = """SELECT seen_fingerprint, response, incident_id, opened, live
+               FROM iim.intake_event($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12)"""
 
 
-#: Starts a just-opened incident inside the intake transaction (the scenario worker's ``begin_in``).
-IncidentOpener = Callable[[Connection, UUID, UUID], Awaitable[None]]
+#: Starts a just-opened incident inside the intake transaction (the scenario worker's ``begin_in``); returns
+#: what to run once the transaction has committed (the calls it claimed), or None.
+IncidentOpener = Callable[[Connection, UUID, UUID], Awaitable[Callable[[], None] | None]]
 
 
 async def accept_event(pool: Pool, device: KnownDevice, event: DeviceEvent, *, fingerprint: str,
@@ -90,70 +88,73 @@ async def accept_event(pool: Pool, device: KnownDevice, event: DeviceEvent, *, f
         StoreDown: PostgreSQL is unreachable or failed; the transaction was rolled back.
     """
     try:
-        return await _accept(pool, device, event, fingerprint=fingerprint, channel=channel, msg_id=msg_id,
-                             opener=opener)
-    except asyncpg.UniqueViolationError:
-        # Two copies of one event raced; the loser now finds the winner's row and replays its answer.
-        return await _accept(pool, device, event, fingerprint=fingerprint, channel=channel, msg_id=msg_id,
-                             opener=opener)
+        try:
+            return await _accept(pool, device, event, fingerprint=fingerprint, channel=channel, msg_id=msg_id,
+                                 opener=opener)
+        except asyncpg.UniqueViolationError:
+            # Two copies of one event raced; the loser now finds the winner's row and replays its answer.
+            return await _accept(pool, device, event, fingerprint=fingerprint, channel=channel, msg_id=msg_id,
+                                 opener=opener)
+        except _DecisionFailed as failed:
+            # Writing the first decision failed in PostgreSQL and took the transaction with it: the event is
+            # taken again without it, and a tick job makes the decision.
+            log.error("starting incident inline failed in the store (%s); queued for the worker", failed.cause,
+                      extra={"event_id": event.event_id})
+            return await _accept(pool, device, event, fingerprint=fingerprint, channel=channel, msg_id=msg_id,
+                                 opener=None)
     except STORE_DOWN_ERRORS as exc:
         raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
+
+
+class _DecisionFailed(Exception):
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = f"{type(cause).__name__}: {cause}"
 
 
 async def _accept(pool: Pool, device: KnownDevice, event: DeviceEvent, *, fingerprint: str, channel: str,
                   msg_id: str | None, opener: IncidentOpener | None) -> IntakeOutcome:
     hazard = event.type.value if event.type in HAZARDS else None
+    after_commit: Callable[[], None] | None = None
     async with tenant_tx(pool, device.tenant_id) as conn:
-        route = await conn.fetchrow(_ROUTE, event.event_id, device.id, device.household_id, hazard)
-        assert route is not None
-        if route["seen_fingerprint"] is not None:
-            if route["seen_fingerprint"] != fingerprint:
+        row = await conn.fetchrow(_INTAKE, event.event_id, device.id, device.household_id, hazard,
+                                  event.type is EventType.CLEARED, event.type.value, event.occurred_at, fingerprint,
+                                  event.payload, channel, msg_id, f"device:{device.external_id}")
+        assert row is not None
+        if row["seen_fingerprint"] is not None:
+            if row["seen_fingerprint"] != fingerprint:
                 return IntakeOutcome("conflict", {"event_id": event.event_id,
                                                   "detail": "event_id was already used with another body"})
-            first: dict[str, Any] = route["seen_response"]
+            first: dict[str, Any] = row["response"]
             incident = first.get("incident_id")
             return IntakeOutcome("replayed", first, UUID(incident) if incident else None)
-
-        incident_id, opened, action = await _route(conn, device, event, opener, route["incident_id"],
-                                                   route["opened"])
-        body: dict[str, Any] = {"event_id": event.event_id, "status": "accepted",
-                                "incident_id": str(incident_id) if incident_id else None, "action": action}
-        await conn.execute(_INSERT_EVENT, event.event_id, device.id, event.type.value, event.occurred_at,
-                           fingerprint, event.payload, channel, msg_id, incident_id, body)
-        if incident_id is not None:
-            await audit.stage(conn, actor=f"device:{device.external_id}", action=f"incident.{action}",
-                              entity="incident", entity_id=incident_id,
-                              detail={"hazard": event.type.value, "channel": channel},
-                              correlation={"event_id": event.event_id})
-        return IntakeOutcome("accepted", body, incident_id, opened)
+        incident_id: UUID | None = row["incident_id"]
+        for live in row["live"] or ():
+            await _enqueue_tick(conn, device.tenant_id, live, reason="cleared", dedupe=f"clear:{event.event_id}")
+        if row["opened"]:
+            after_commit = await _start(conn, device, event, opener, incident_id)
+        body: dict[str, Any] = row["response"]
+    if after_commit is not None:
+        after_commit()
+    return IntakeOutcome("accepted", body, incident_id, bool(row["opened"]))
 
 
-async def _route(conn: Connection, device: KnownDevice, event: DeviceEvent, opener: IncidentOpener | None,
-                 incident_id: UUID | None, opened_now: bool) -> tuple[UUID | None, bool, str]:
-    """Start the incident ``iim.intake_route`` opened, or say what the event did to one; enqueue the work."""
-    if event.type is EventType.CLEARED:
-        live = await conn.fetch(_LIVE, device.id)
-        for row in live:
-            await _enqueue_tick(conn, device.tenant_id, row["id"], reason="cleared", dedupe=f"clear:{event.event_id}")
-        return (live[0]["id"] if live else None), False, "cleared" if live else "recorded"
-    if incident_id is None:
-        return None, False, "recorded"
-    if not opened_now:
-        return incident_id, False, "updated"
-    opened = incident_id
+async def _start(conn: Connection, device: KnownDevice, event: DeviceEvent, opener: IncidentOpener | None,
+                 opened: UUID | None) -> Callable[[], None] | None:
+    """Start the incident the event opened (its first calls claimed in this transaction), or queue a tick."""
+    assert opened is not None
     if opener is not None:
         try:
-            async with savepoint(conn):  # a failing decision must not cost the event
-                await opener(conn, device.tenant_id, opened)
+            return await opener(conn, device.tenant_id, opened)
         except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError):
             raise
-        except Exception:  # any engine failure: the tick job below retries the decision
+        except asyncpg.PostgresError as exc:
+            raise _DecisionFailed(exc) from exc
+        except Exception:  # the engine failed before writing anything: the tick job below retries the decision
             log.exception("starting incident %s inline failed; queued for the worker", opened,
                           extra={"event_id": event.event_id})
-        else:
-            return opened, True, "opened"
     await _enqueue_tick(conn, device.tenant_id, opened, reason="opened", dedupe=f"open:{opened}")
-    return opened, True, "opened"
+    return None
 
 
 async def _enqueue_tick(conn: Connection, tenant_id: UUID, incident_id: UUID, *, reason: str, dedupe: str,

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -237,11 +237,28 @@ async def _run_hook(hook: ResultHook, uuid: str, result: IvrResult) -> None:
         log.exception("alert result hook failed", extra={"call_id": uuid})
 
 
+#: Called with an orphaned alert call's ``iim_*`` channel variables (``iim_tenant_id``, ``iim_action_key``...).
+OrphanHook = Callable[[Mapping[str, str]], Awaitable[None]]
+
+
+def _alert_variables(call: Call) -> dict[str, str]:
+    names = ("iim_tenant_id", "iim_incident_id", "iim_action_key", "iim_event_id", "origination_uuid")
+    return {name: value for name in names if (value := call.variable(name))}
+
+
+async def _run_orphan_hook(hook: OrphanHook, uuid: str, variables: Mapping[str, str]) -> None:
+    try:
+        await hook(variables)
+    except Exception:  # the deadline sweep still moves the incident on
+        log.exception("orphaned alert call hook failed", extra={"call_id": uuid})
+
+
 def with_alert_calls(
     registry: IvrRegistry,
     fallthrough: CallHandler,
     *,
     on_result: ResultHook | None = None,
+    on_orphan: OrphanHook | None = None,
     invalid_prompt: str = NO_PROMPT,
     goodbye_prompt: str | None = None,
 ) -> CallHandler:
@@ -251,7 +268,9 @@ def with_alert_calls(
     must be registered under its ``Unique-ID``; one that is not (IIM restarted, or the
     placer gave up) is hung up, never routed: its destination is the callee, so routing
     it would ring them again. ``on_result`` gets every result, also when the placer is
-    gone, so the worker can persist it.
+    gone, so the worker can persist it; ``on_orphan`` gets the channel variables of an
+    answered alert call nobody here placed (its worker died), so the escalation need not
+    wait for the call's deadline.
     """
 
     async def handle(call: Call) -> None:
@@ -266,8 +285,13 @@ def with_alert_calls(
         if alert is None:
             metrics.IVR_RESULTS.labels("unknown_call").inc()
             log.warning("alert call not registered (restart or abandoned); hanging up", extra={"call_id": call.uuid})
+            orphan = None
+            if on_orphan is not None:
+                orphan = asyncio.create_task(_run_orphan_hook(on_orphan, call.uuid, _alert_variables(call)))
             await _goodbye(call, goodbye_prompt)
             await _hang_up(call)
+            if orphan is not None:
+                await orphan
             return
         result = await run_alert_ivr(call, alert, invalid_prompt=invalid_prompt)
         metrics.IVR_RESULTS.labels(result.detail).inc()

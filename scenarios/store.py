@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -23,6 +23,7 @@ from policy_cache.db import Connection, Pool
 from policy_cache.models import DeviceStatus, DeviceType, PresenceState
 from scenarios.engine import (
     Action,
+    ActionOutcome,
     Advance,
     Contact,
     IncidentFacts,
@@ -36,8 +37,10 @@ from scenarios.engine import (
 from scenarios.model import ContactRole, Scenario
 
 __all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_incident",
-           "load_scenarios", "persist_advance", "record_outcome", "group_outcomes",
-           "originate_facts", "claim_originate", "notification_targets", "sms_fallback_numbers", "notify_by_sms", "alarm_text", "NotificationTarget", "due_incidents", "audit", "action_spec"]
+           "load_scenarios", "persist_advance", "record_outcome", "group_outcomes", "write_outcomes",
+           "OutcomeWrite", "CallClaim", "Persisted", "originate_facts", "claim_originate", "claim_originate_now", "notification_targets",
+           "sms_fallback_numbers", "notify_by_sms", "alarm_text", "NotificationTarget", "due_incidents", "audit",
+           "audit_line", "action_spec"]
 
 #: Namespace for deterministic call UUIDs: the same action key always dials with the same origination_uuid.
 _CALL_NS = uuid.UUID("6f1c3f0e-2a4b-4a57-9d0e-1b5c9a7e0c11")
@@ -67,13 +70,34 @@ _FACTS = """,
                                  ORDER BY x.name), '[]')
           FROM iim.device x WHERE x.household_id = i.household_id AND x.enabled AND x.connector IS NOT NULL
        ) AS notify_targets,
-       ARRAY({fallback}) AS sms_fallback"""
+       ARRAY({fallback}) AS sms_fallback,
+       (SELECT coalesce(json_agg(json_build_object('key', a.key, 'step', a.step, 'kind', a.kind,
+                                                   'destination', a.destination, 'call_uuid', a.call_uuid,
+                                                   'dispatched_at', a.dispatched_at, 'outcome', a.outcome,
+                                                   'spec', a.spec)), '[]')
+          FROM iim.incident_action a
+         WHERE a.incident_id = i.id AND starts_with(a.key, i.id::text || '/' || i.step || '/' || i.attempt || '/')
+       ) AS group_actions,
+       (SELECT json_build_array(l.max_concurrent, l.max_per_hour, l.allowed_prefixes) FROM iim.originate_limit l
+       ) AS originate_limits,
+       {bound} AS bound"""
 # Who gets the text when the smart home cannot be told: the owners and members of the household.
 _FALLBACK_NUMBERS = """SELECT DISTINCT s.msisdn FROM iim.binding b
              JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
             WHERE b.household_id = {household} AND b.role IN ('owner', 'member') ORDER BY s.msisdn"""
+# Every number and SIP URI an alert call for the household may reach: its bound contacts and its devices.
+_BOUND = """ARRAY(SELECT s.msisdn FROM iim.binding b
+                 JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
+                WHERE b.household_id = {household}
+               UNION
+               SELECT d.sip_uri FROM iim.device d
+                WHERE d.household_id = {household} AND d.sip_uri IS NOT NULL AND d.enabled)"""
+_ORIGINATE_FACTS = """SELECT l.max_concurrent, l.max_per_hour, l.allowed_prefixes, {bound} AS bound
+                        FROM (SELECT 1) AS one LEFT JOIN iim.originate_limit l ON true"""
+_ORIGINATE_FACTS = _ORIGINATE_FACTS.format(bound=_BOUND.format(household="$1"))
 _INCIDENT_LIGHT = _INCIDENT.format(extra="")
-_INCIDENT_FULL = _INCIDENT.format(extra=_FACTS.format(fallback=_FALLBACK_NUMBERS.format(household="i.household_id")))
+_INCIDENT_FULL = _INCIDENT.format(extra=_FACTS.format(fallback=_FALLBACK_NUMBERS.format(household="i.household_id"),
+                                                      bound=_BOUND.format(household="i.household_id")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +123,12 @@ class IncidentRow:
     #: Loaded with the facts (``full``) only: what a notification step needs to be settled with its decision.
     notify_targets: tuple[NotificationTarget, ...] | None = None
     sms_fallback: tuple[str, ...] | None = None
+    #: the actions of the current group (``full`` only)
+    group: tuple[ActionRow, ...] | None = None
+    #: the tenant's originate limits (max concurrent, max per hour, allowed prefixes; None: the defaults) and
+    #: what its alert calls may reach (``full`` only)
+    originate_limits: tuple[int, int, tuple[str, ...]] | None = None
+    bound: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,9 +161,17 @@ async def load_incident(conn: Connection, incident_id: UUID, *, full: bool = Tru
     home: tuple[str, ...] = ()
     targets: tuple[NotificationTarget, ...] | None = None
     fallback: tuple[str, ...] | None = None
+    group: tuple[ActionRow, ...] | None = None
+    limits: tuple[int, int, tuple[str, ...]] | None = None
+    bound: frozenset[str] | None = None
     if full:
         targets = tuple(NotificationTarget(str(t["id"]), t["connector"], t["ref"]) for t in row["notify_targets"])
         fallback = tuple(row["sms_fallback"])
+        group = tuple(_group_action(row["id"], a) for a in row["group_actions"])
+        if row["originate_limits"] is not None:
+            most, hourly, prefixes = row["originate_limits"]
+            limits = (int(most), int(hourly), tuple(prefixes))
+        bound = frozenset(row["bound"])
         contacts = tuple(
             Contact(role=ContactRole(c["role"]), msisdn=c["msisdn"], subscriber_id=str(c["id"]),
                     priority=c["priority"], name=c["name"])
@@ -150,7 +188,16 @@ async def load_incident(conn: Connection, incident_id: UUID, *, full: bool = Tru
     return IncidentRow(id=row["id"], state=state, progress=Progress(state, row["step"], row["attempt"]),
                        scenario=scenario, deadline=row["deadline"], first_event_id=row["first_event_id"],
                        household_id=row["household_id"], device_id=row["device_id"], facts=facts,
-                       notify_targets=targets, sms_fallback=fallback)
+                       notify_targets=targets, sms_fallback=fallback, group=group, originate_limits=limits,
+                       bound=bound)
+
+
+def _group_action(incident_id: UUID, a: dict[str, Any]) -> ActionRow:
+    dispatched = a["dispatched_at"]
+    return ActionRow(key=a["key"], incident_id=incident_id, step=int(a["step"]), kind=a["kind"],
+                     destination=a["destination"], call_uuid=UUID(a["call_uuid"]) if a["call_uuid"] else None,
+                     dispatched_at=datetime.fromisoformat(dispatched) if dispatched else None,
+                     outcome=a["outcome"], spec=a["spec"])
 
 
 async def load_scenarios(conn: Connection, household_id: UUID) -> list[Scenario]:
@@ -184,69 +231,140 @@ def _action_fields(action: Action) -> tuple[str, str | None]:
     raise TypeError(f"unknown action {action!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class OutcomeWrite:
+    """An outcome to record on an action that has none yet."""
+
+    key: str
+    outcome: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CallClaim:
+    """Alert calls of a decision to claim under the tenant's caps in the decision's own transaction (the
+    caller places them after the commit); ``refused``: calls the guard refused before any claim (key ->
+    (reason, detail)), written with outcome ``refused`` and an audit line instead."""
+
+    max_concurrent: int
+    max_per_hour: int
+    refused: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Persisted:
+    """What writing a decision did: (kind, outcome) of actions settled with it, the calls claimed with it for
+    the caller to place after the commit, the calls to claim exactly after the commit (near the tenant's
+    caps: :func:`claim_originate_now`), and the guard's refusals written."""
+
+    settled: list[tuple[str, str]]
+    claimed: list[str]
+    deferred: list[str]
+    refused: list[str]
+
+
 async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentRow, advance: Advance, *,
-                          scenario: Scenario | None, now: datetime, actor: str = "scenario-engine"
-                          ) -> list[tuple[str, str]]:
-    """Write the decision; returns the (kind, outcome) of the actions settled here rather than by a job."""
-    settled: list[tuple[str, str]] = []
+                          scenario: Scenario | None, now: datetime, actor: str = "scenario-engine",
+                          outcomes: Sequence[OutcomeWrite] = (), audit_lines: Sequence[dict[str, Any]] = (),
+                          claim: CallClaim | None = None) -> Persisted:
+    """Write the decision (and ``outcomes``/``audit_lines`` recorded before it) in one statement
+    (``iim.persist_decision``). SMS are outbox rows written here; a notification nobody in the household can
+    receive is settled here by text; calls are claimed here when ``claim`` is given, else each gets a job,
+    like notifications through a connector. Keys already written (a resumed decision) write nothing more."""
     state = advance.progress.state
     closed = state not in (IncidentState.OPEN, IncidentState.NOTIFYING)
-    await conn.execute(
-        """UPDATE iim.incident SET state = $2::iim.incident_state, step = $3, attempt = $4, deadline = $5,
-                  reason = $6, updated_at = now(), closed_at = CASE WHEN $7 THEN now() END,
-                  scenario = coalesce($8::jsonb, scenario), scenario_id = scenario_id
-            WHERE id = $1""",
-        incident.id, state.value, advance.progress.step, advance.progress.attempt, advance.deadline,
-        advance.reason[:1000], closed, scenario.model_dump(mode="json") if scenario is not None else None)
-    queries = jobs.queries_for(conn)
+    settling: dict[str, tuple[str, str]] = {}
+    claim_keys: list[str] = []
+    job_keys: list[str] = []
+    rows: list[dict[str, Any]] = []
     for action in advance.actions:
         kind, destination = _action_fields(action)
+        row: dict[str, Any] = {"key": action.key, "incident_id": str(incident.id), "step": action.step, "kind": kind,
+                               "destination": destination, "spec": action_spec(action), "call_uuid": None}
         if isinstance(action, SendSms):
-            # An SMS is only a row in the outbox (the SMS sender delivers it): written here, in the decision's
-            # own transaction, so it cannot be lost between the decision and a job.
-            inserted = await conn.fetchval(
-                """INSERT INTO iim.incident_action (key, incident_id, step, kind, destination, spec, outcome, detail,
-                                                    finished_at)
-                   VALUES ($1, $2, $3, 'sms', $4, $5::jsonb, 'queued', 'queued in the SMS outbox', now())
-                   ON CONFLICT (tenant_id, key) DO NOTHING RETURNING key""",
-                action.key, incident.id, action.step, destination, action_spec(action))
-            if inserted is not None:
-                await conn.execute(
-                    """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
-                       ON CONFLICT (tenant_id, key) DO NOTHING""", action.key, action.msisdn, action.text[:1600],
-                    incident.id)
-                settled.append(("sms", "queued"))
-            continue
-        if isinstance(action, Notify):
-            targets = incident.notify_targets
-            if targets is None:
-                targets = tuple(await notification_targets(conn, incident.household_id))
-            if not targets:
-                # Nothing in the household listens to a connector: the fallback text is decided right here,
-                # with the decision, instead of a job that would find the same.
-                inserted = await conn.fetchval(
-                    """INSERT INTO iim.incident_action (key, incident_id, step, kind, spec)
-                       VALUES ($1, $2, $3, 'notify', $4::jsonb) ON CONFLICT (tenant_id, key) DO NOTHING
-                       RETURNING key""", action.key, incident.id, action.step, action_spec(action))
-                if inserted is not None:
-                    settled.append(("notify", await notify_by_sms(
-                        conn, tenant_id, incident, action.key, action.text or alarm_text(incident),
-                        "no connected device", contacts=incident.sms_fallback)))
-                continue
-        inserted = await conn.fetchval(
-            """INSERT INTO iim.incident_action (key, incident_id, step, kind, destination, spec, call_uuid)
-               VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7) ON CONFLICT (tenant_id, key) DO NOTHING RETURNING key""",
-            action.key, incident.id, action.step, kind, destination, action_spec(action),
-            call_uuid_for(action.key) if kind in ("call", "record") else None)
-        if inserted is not None:
-            payload = json.dumps({"tenant": str(tenant_id), "incident": str(incident.id), "key": action.key})
-            await queries.enqueue(IncidentJobs.ACTION, payload.encode(), priority=20, dedupe_key=f"act:{action.key}",
-                                  on_conflict="skip")
-    await audit(conn, tenant_id, actor, f"incident.{state.value}", incident.id, {
+            # An SMS is only a row in the outbox (the SMS sender delivers it): written with the decision, so it
+            # cannot be lost between the decision and a job.
+            row |= {"outcome": "queued", "detail": "queued in the SMS outbox",
+                    "sms": [{"key": action.key, "msisdn": action.msisdn, "body": action.text[:1600]}]}
+            settling[action.key] = ("sms", "queued")
+        elif isinstance(action, Notify) and not await _has_notify_targets(conn, incident):
+            # Nothing in the household listens to a connector: the fallback text is decided right here.
+            contacts = incident.sms_fallback
+            if contacts is None:
+                contacts = tuple(await sms_fallback_numbers(conn, incident.household_id))
+            outcome = "sms_fallback" if contacts else "skipped"
+            text = action.text or alarm_text(incident)
+            row |= {"outcome": outcome, "detail": "no connected device",
+                    "sms": [{"key": f"{action.key}/sms/{n}", "msisdn": msisdn, "body": text[:1600]}
+                            for n, msisdn in enumerate(contacts)],
+                    "audit": [audit_line("scenario-engine", "incident.notify", incident.id,
+                                         {"key": action.key, "outcome": outcome, "detail": "no connected device",
+                                          "devices": []}, event_id=incident.first_event_id)]}
+            settling[action.key] = ("notify", outcome)
+        elif isinstance(action, Notify):
+            job_keys.append(action.key)
+        else:
+            row["call_uuid"] = str(call_uuid_for(action.key))
+            refusal = claim.refused.get(action.key) if claim is not None else None
+            if refusal is not None:
+                reason, detail = refusal
+                row |= {"outcome": ActionOutcome.REFUSED.value, "detail": detail,
+                        "audit": [audit_line("toll-fraud-guard", "originate.refused", incident.id,
+                                             {"key": action.key, "reason": reason, "detail": detail},
+                                             event_id=incident.first_event_id)]}
+            elif claim is not None:
+                claim_keys.append(action.key)
+            else:
+                job_keys.append(action.key)
+        rows.append(row)
+    decision_audit = audit_line(actor, f"incident.{state.value}", incident.id, {
         "reason": advance.reason, "step": advance.progress.step, "attempt": advance.progress.attempt,
         "actions": [{"key": a.key, "kind": _action_fields(a)[0]} for a in advance.actions],
         "notes": list(advance.notes)}, event_id=incident.first_event_id)
-    return settled
+    payload: dict[str, Any] = {
+        "outcomes": [{"key": o.key, "outcome": o.outcome, "detail": o.detail} for o in outcomes],
+        "incident": {"id": str(incident.id), "state": state.value, "step": advance.progress.step,
+                     "attempt": advance.progress.attempt,
+                     "deadline": advance.deadline.isoformat() if advance.deadline is not None else None,
+                     "reason": advance.reason, "closed": closed,
+                     "scenario": scenario.model_dump(mode="json") if scenario is not None else None},
+        "actions": rows, "audit": [*audit_lines, decision_audit]}
+    if claim is not None and claim_keys:
+        payload["claim"] = {"keys": claim_keys, "max_concurrent": claim.max_concurrent,
+                            "max_per_hour": claim.max_per_hour}
+    result = await _persist(conn, payload)
+    inserted = set(result["inserted"])
+    jobs_now = [k for k in job_keys if k in inserted]
+    if jobs_now:
+        body: list[bytes | None] = [
+            json.dumps({"tenant": str(tenant_id), "incident": str(incident.id), "key": k}).encode() for k in jobs_now]
+        await jobs.queries_for(conn).enqueue([IncidentJobs.ACTION] * len(jobs_now), body,
+                                             [20] * len(jobs_now), dedupe_key=[f"act:{k}" for k in jobs_now],
+                                             on_conflict="skip")
+    claims = result["claims"]
+    return Persisted(settled=[settling[k] for k in settling if k in inserted],
+                     claimed=[c["key"] for c in claims if c["claimed"]],
+                     deferred=[c["key"] for c in claims if not c["claimed"]],
+                     refused=[k for k in (claim.refused if claim is not None else {}) if k in inserted])
+
+
+async def _has_notify_targets(conn: Connection, incident: IncidentRow) -> bool:
+    if incident.notify_targets is not None:
+        return bool(incident.notify_targets)
+    return bool(await notification_targets(conn, incident.household_id))
+
+
+async def write_outcomes(conn: Connection, outcomes: Sequence[OutcomeWrite],
+                         audit_lines: Sequence[dict[str, Any]] = ()) -> None:
+    """Record outcomes and audit lines when no decision follows them (one statement)."""
+    if outcomes or audit_lines:
+        await _persist(conn, {"outcomes": [{"key": o.key, "outcome": o.outcome, "detail": o.detail} for o in outcomes],
+                              "audit": list(audit_lines)})
+
+
+async def _persist(conn: Connection, payload: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = await conn.fetchval("SELECT iim.persist_decision($1::jsonb)", payload)
+    return result
 
 
 def alarm_text(incident: IncidentRow) -> str:
@@ -272,15 +390,23 @@ async def notify_by_sms(conn: Connection, tenant_id: UUID, incident: IncidentRow
     return outcome
 
 
-async def audit(conn: Connection, tenant_id: UUID, actor: str, action: str, incident_id: UUID,
-                detail: dict[str, Any], *, event_id: str | None = None, call_uuid: UUID | None = None) -> None:
+def audit_line(actor: str, action: str, incident_id: UUID, detail: dict[str, Any], *, event_id: str | None = None,
+               call_uuid: UUID | None = None) -> dict[str, Any]:
+    """An incident's audit line, correlated by event_id and call uuid, as staged in ``iim.audit_pending``."""
     correlation: dict[str, str] = {}
     if event_id:
         correlation["event_id"] = event_id
     if call_uuid:
         correlation["call_id"] = str(call_uuid)
-    await audit_log.stage(conn, actor=actor, action=action, entity="incident", entity_id=incident_id,
-                          detail=detail, correlation=correlation)
+    return {"actor": actor, "action": action, "entity": "incident", "entity_id": str(incident_id), "detail": detail,
+            "correlation": correlation}
+
+
+async def audit(conn: Connection, tenant_id: UUID, actor: str, action: str, incident_id: UUID,
+                detail: dict[str, Any], *, event_id: str | None = None, call_uuid: UUID | None = None) -> None:
+    line = audit_line(actor, action, incident_id, detail, event_id=event_id, call_uuid=call_uuid)
+    await audit_log.stage(conn, actor=line["actor"], action=line["action"], entity=line["entity"],
+                          entity_id=line["entity_id"], detail=line["detail"], correlation=line["correlation"])
 
 
 async def due_incidents(pool: Pool, limit: int) -> list[tuple[UUID, UUID]]:
@@ -318,15 +444,7 @@ async def originate_facts(conn: Connection, household_id: UUID) -> tuple[tuple[i
                                                                       frozenset[str]]:
     """The tenant's originate limits (None: no row, use the defaults) and every number and SIP URI an alert
     for this household may reach (its bound contacts and devices), in one round trip."""
-    row = await conn.fetchrow(
-        """SELECT l.max_concurrent, l.max_per_hour, l.allowed_prefixes,
-                  ARRAY(SELECT s.msisdn FROM iim.binding b
-                          JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
-                         WHERE b.household_id = $1
-                        UNION
-                        SELECT d.sip_uri FROM iim.device d
-                         WHERE d.household_id = $1 AND d.sip_uri IS NOT NULL AND d.enabled) AS bound
-             FROM (SELECT 1) AS one LEFT JOIN iim.originate_limit l ON true""", household_id)
+    row = await conn.fetchrow(_ORIGINATE_FACTS, household_id)
     assert row is not None
     limits = (None if row["max_concurrent"] is None
               else (int(row["max_concurrent"]), int(row["max_per_hour"]), tuple(row["allowed_prefixes"])))
@@ -340,6 +458,16 @@ async def claim_originate(conn: Connection, key: str, *, max_concurrent: int, ma
     call it last in the transaction."""
     row = await conn.fetchrow("SELECT claimed, in_flight, last_hour FROM iim.claim_originate($1, $2, $3)",
                               key, max_concurrent, max_per_hour)
+    assert row is not None
+    return bool(row["claimed"]), int(row["in_flight"]), int(row["last_hour"])
+
+
+async def claim_originate_now(pool: Pool, tenant_id: UUID, key: str, *, max_concurrent: int, max_per_hour: int
+                              ) -> tuple[bool, int, int]:
+    """:func:`claim_originate` as a statement of its own, committed at once (the tenant's exclusive
+    originate lock is never held across a round trip): (claimed, in flight, last hour)."""
+    row = await pool.fetchrow("SELECT claimed, in_flight, last_hour FROM iim.claim_originate_in($1, $2, $3, $4)",
+                              tenant_id, key, max_concurrent, max_per_hour)
     assert row is not None
     return bool(row["claimed"]), int(row["in_flight"]), int(row["last_hour"])
 

@@ -1,10 +1,15 @@
-"""The incident worker: runs the engine's decisions as durable pgqueuer jobs.
+"""The incident worker: runs the engine's decisions, placing their calls itself or through pgqueuer jobs.
 
-Two job kinds. ``incident.tick`` asks the engine what to do next (on open, after each outcome, at each
-deadline) and persists the answer with its actions. ``incident.action`` performs one action by its key:
-an alert call through FreeSWITCH, an SMS into the outbox, a notification. A call's key is marked
-dispatched (committed) *before* the originate is sent, so a worker killed at any point resumes without
-dialling anyone twice: a dispatched call with no outcome is looked up on the switch, never redialled.
+A decision (on open, after each outcome, at each deadline) is written in one statement with its actions.
+Its alert calls are claimed under the tenant's toll-fraud caps in the same transaction and placed as soon
+as it commits, by the process that decided (no job hop); near the caps they are claimed exactly right
+after the commit instead. A call's key is marked dispatched (committed) *before* the originate is sent,
+so nobody is dialled twice: a worker that dies while its call rings leaves the call to the group's
+deadline (or, if the callee answers, to whichever process the call's IVR reaches, which settles it at
+once). Two job kinds remain: ``incident.tick`` (the intake's fallback, "cleared" events) and
+``incident.action`` (notifications through a connector, calls retried after FreeSWITCH was unreachable,
+calls of a worker without a switch); a resumed action job that finds its call dispatched asks the switch
+(``uuid_exists``) and never redials.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,7 +43,10 @@ from scenarios import store
 from scenarios.engine import (
     TERMINAL,
     ActionOutcome,
+    Advance,
     IncidentState,
+    PlaceCall,
+    RecordMessage,
     advance,
     begin,
     current_actions,
@@ -82,6 +90,8 @@ class WorkerSettings:
     batch_size: int = 20
     #: FreeSWITCH unreachable: the call is retried after these delays (an SMS goes out at once)
     unreachable_retries: tuple[float, ...] = (2.0, 8.0, 30.0)
+    #: a placed call's outcome is written again after these delays while PostgreSQL is away
+    store_retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
     tts_engine: str = "flite"
     tts_voice: str = "kal"
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
@@ -96,6 +106,34 @@ class PromptRenderer(Protocol):
     """Speech for IVR prompts (``tts.engine.EspeakTts``)."""
 
     async def render(self, text: str, *, voice: str | None = None) -> RenderedPrompt: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Placement:
+    """A call of a committed decision: claimed with it (``claim_under`` None), or to claim under these
+    limits first."""
+
+    tenant_id: UUID
+    incident: store.IncidentRow
+    key: str
+    kind: str
+    call: AlertCall
+    meanings: dict[str, str]
+    claim_under: OriginateLimits | None
+
+
+@dataclass
+class _AfterCommit:
+    """What a decision leaves for after its transaction commits: ringing calls of a decided group to hang
+    up, calls to place, incidents to judge again."""
+
+    ringing: list[store.ActionRow] = field(default_factory=list)
+    calls: list[_Placement] = field(default_factory=list)
+    retick: list[tuple[UUID, UUID]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.ringing or self.calls or self.retick)
 
 
 def _ids(job: pgq_models.Job) -> dict[str, str]:
@@ -117,6 +155,10 @@ class IncidentWorker:
         self._qm: QueueManager | None = None
         self._task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        #: calls placed straight after the decision that claimed them, and other after-commit work
+        self._inline: set[asyncio.Task[None]] = set()
+        #: call uuids this worker is placing now (an orphaned call is one no live worker places)
+        self._placing: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -143,6 +185,10 @@ class IncidentWorker:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self._inline:
+            _, pending = await asyncio.wait(set(self._inline), timeout=10)
+            for task in pending:
+                task.cancel()
         if self._qm is not None:
             self._qm.shutdown.set()
         if self._task is not None:
@@ -201,8 +247,8 @@ class IncidentWorker:
     async def tick(self, tenant_id: UUID, incident_id: UUID, *, reason: str = "") -> None:
         async with tenant_tx(self.pool, tenant_id) as conn:
             incident = await store.load_incident(conn, incident_id)
-            ringing = await self._tick_in(conn, tenant_id, incident, reason=reason)
-        await self._hang_up_all(ringing)
+            after = await self._tick_in(conn, tenant_id, incident, reason=reason)
+        await self._follow(after)
 
     async def _hang_up_all(self, ringing: list[store.ActionRow]) -> None:
         """The group is decided: calls of it still ringing are hung up (the doorphone rang phone and home)."""
@@ -211,14 +257,19 @@ class IncidentWorker:
                 await self._hang_up(action.call_uuid)
 
     async def _tick_in(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow | None, *,
-                       reason: str) -> list[store.ActionRow]:
-        """Judge ``incident`` (fully loaded and locked in ``conn``'s transaction) and persist what follows;
-        returns the calls still ringing in a group that has just been decided, to hang up after the commit."""
+                       reason: str, outcomes: Sequence[store.OutcomeWrite] = (),
+                       audit_lines: Sequence[dict[str, Any]] = ()) -> _AfterCommit:
+        """Judge ``incident`` (fully loaded and locked in ``conn``'s transaction) and persist what follows,
+        with ``outcomes`` and ``audit_lines`` recorded just before (one statement either way); returns what
+        is left for after the commit."""
+        after = _AfterCommit()
         if incident is None or incident.state in TERMINAL:
-            return []
+            await store.write_outcomes(conn, outcomes, audit_lines)
+            return after
         incident_id = incident.id
         now = self.settings.clock()
         if reason == "cleared":
+            await store.write_outcomes(conn, outcomes, audit_lines)
             progress = on_cleared(incident.progress)
             await conn.execute(
                 """UPDATE iim.incident SET state = $2::iim.incident_state, reason = 'cleared by the device',
@@ -228,39 +279,49 @@ class IncidentWorker:
                               incident_id, {"reason": "the device reported the hazard cleared"},
                               event_id=incident.first_event_id)
             INCIDENTS.labels(progress.state.value).inc()
-            return []
+            return after
         if incident.scenario is None:
-            await self._begin(conn, tenant_id, incident, now)
-            return []
+            await store.write_outcomes(conn, outcomes, audit_lines)
+            return await self._begin(conn, tenant_id, incident, now)
         scenario = incident.scenario
         due = incident.deadline is None or now >= incident.deadline
-        outcomes: dict[str, ActionOutcome] = {}
+        recorded = {o.key: o.outcome for o in outcomes}
         if incident.state is IncidentState.NOTIFYING:
-            group = await store.group_outcomes(conn, incident_id, incident.progress)
-            outcomes = {a.key: ActionOutcome(a.outcome) for a in group
-                        if a.outcome is not None and a.outcome in ActionOutcome._value2member_map_}
+            group = (incident.group if incident.group is not None
+                     else tuple(await store.group_outcomes(conn, incident_id, incident.progress)))
+            settled = {a.key: recorded.get(a.key) if a.outcome is None else a.outcome for a in group}
+            judged = {key: ActionOutcome(value) for key, value in settled.items()
+                      if value is not None and value in ActionOutcome._value2member_map_}
             out = current_actions(str(incident_id), scenario, incident.facts, incident.progress, now)
-            if not (due or ready_to_advance(incident.progress, out, outcomes)):
-                return []
-            ringing = [a for a in group if a.dispatched_at is not None and a.outcome is None
-                       and a.call_uuid is not None]
+            if not (due or ready_to_advance(incident.progress, out, judged)):
+                await store.write_outcomes(conn, outcomes, audit_lines)
+                return after
+            after.ringing = [a for a in group if a.dispatched_at is not None and settled.get(a.key) is None
+                             and a.call_uuid is not None]
         elif not due:
-            return []  # a retry pause or a wait step that is not over yet
+            await store.write_outcomes(conn, outcomes, audit_lines)
+            return after  # a retry pause or a wait step that is not over yet
         else:
-            ringing = []
-        decision = advance(str(incident_id), scenario, incident.facts, incident.progress, outcomes, now)
-        self._count_settled(await store.persist_advance(conn, tenant_id, incident, decision, scenario=None, now=now))
-        INCIDENTS.labels(decision.progress.state.value).inc()
-        return ringing
+            judged = {}
+        decision = advance(str(incident_id), scenario, incident.facts, incident.progress, judged, now)
+        await self._persist(conn, tenant_id, incident, decision, None, now, after, outcomes, audit_lines)
+        return after
 
-    async def begin_in(self, conn: Connection, tenant_id: UUID, incident_id: UUID) -> None:
-        """Start a just-opened incident inside the intake's transaction: its first calls are queued with the
-        event itself, one job hop sooner. (The intake falls back to a tick job if this raises.)"""
+    async def begin_in(self, conn: Connection, tenant_id: UUID, incident_id: UUID) -> Callable[[], None] | None:
+        """Start a just-opened incident inside the intake's transaction: its first calls are claimed with the
+        event itself and placed as soon as it commits (the returned callback; None when there is nothing to
+        do then). The intake falls back to a tick job if this raises."""
         incident = await store.load_incident(conn, incident_id)
-        if incident is not None and incident.scenario is None and incident.state is IncidentState.OPEN:
-            await self._begin(conn, tenant_id, incident, self.settings.clock())
+        if incident is None or incident.scenario is not None or incident.state is not IncidentState.OPEN:
+            return None
+        after = await self._begin(conn, tenant_id, incident, self.settings.clock())
+        if after.empty:
+            return None
+        return lambda: self._spawn(self._follow(after))
 
-    async def _begin(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow, now: datetime) -> None:
+    async def _begin(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
+                     now: datetime) -> _AfterCommit:
+        after = _AfterCommit()
         scenario = self._choose(await store.load_scenarios(conn, incident.household_id), incident, now)
         if scenario is None:
             await conn.execute(
@@ -269,11 +330,102 @@ class IncidentWorker:
             await store.audit(conn, tenant_id, "scenario-engine", "incident.exhausted", incident.id,
                               {"reason": "no scenario matches this event"}, event_id=incident.first_event_id)
             INCIDENTS.labels("exhausted").inc()
-            return
+            return after
         decision = begin(str(incident.id), scenario, incident.facts, now)
-        self._count_settled(await store.persist_advance(conn, tenant_id, incident, decision, scenario=scenario,
-                                                        now=now))
+        await self._persist(conn, tenant_id, incident, decision, scenario, now, after)
+        return after
+
+    async def _persist(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow, decision: Advance,
+                       scenario: Scenario | None, now: datetime, after: _AfterCommit,
+                       outcomes: Sequence[store.OutcomeWrite] = (), audit_lines: Sequence[dict[str, Any]] = ()
+                       ) -> None:
+        """Write a decision. With a switch to call through, its calls pass the toll-fraud guard and are claimed
+        under the tenant's caps in this transaction (near the caps: right after it, exactly), and ``after``
+        places them once it commits: no job hop. A worker that dies before placing one leaves no job behind:
+        the group's deadline moves the incident on, as for a call whose worker died while it rang."""
+        limits = (OriginateLimits(*incident.originate_limits) if incident.originate_limits is not None
+                  else self.settings.default_limits)
+        claim: store.CallClaim | None = None
+        calls = {a.key: a for a in decision.actions if isinstance(a, PlaceCall | RecordMessage)}
+        if self.placer is not None and incident.bound is not None and calls:
+            refused: dict[str, tuple[str, str]] = {}
+            for key, action in calls.items():
+                refusal = check_destination(action.destination or "", bound=incident.bound, limits=limits,
+                                            in_flight=0, last_hour=0)
+                if refusal is not None:
+                    refused[key] = (refusal.reason, refusal.detail)
+            claim = store.CallClaim(limits.max_concurrent, limits.max_per_hour, refused)
+        persisted = await store.persist_advance(conn, tenant_id, incident, decision, scenario=scenario, now=now,
+                                                outcomes=outcomes, audit_lines=audit_lines, claim=claim)
+        self._count_settled(persisted.settled)
         INCIDENTS.labels(decision.progress.state.value).inc()
+        if claim is None:
+            return
+        for key in persisted.refused:
+            self._refused(incident, "call" if isinstance(calls[key], PlaceCall) else "record", claim.refused[key][0])
+        if persisted.refused:
+            after.retick.append((tenant_id, incident.id))  # the engine moves on at once
+        for key in [*persisted.claimed, *persisted.deferred]:
+            action = calls[key]
+            kind = "call" if isinstance(action, PlaceCall) else "record"
+            row = store.ActionRow(key=key, incident_id=incident.id, step=action.step, kind=kind,
+                                  destination=action.destination, call_uuid=store.call_uuid_for(key),
+                                  dispatched_at=now, outcome=None, spec=store.action_spec(action))
+            meanings = dict((row.spec.get("ivr") or {}).get("digits", {}))
+            placed = _Placement(tenant_id, incident, key, kind, self._alert_call(tenant_id, incident, row), meanings,
+                                None if key in persisted.claimed else limits)
+            after.calls.append(placed)
+
+    @staticmethod
+    def _refused(incident: store.IncidentRow, kind: str, reason: str) -> None:
+        ORIGINATE_REFUSED.labels(reason).inc()
+        ACTIONS.labels(kind, "refused").inc()
+        log.warning("alert call refused: %s", reason,
+                    extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
+
+    async def _follow(self, after: _AfterCommit) -> None:
+        """After a decision's commit: hang up what it decided, place the calls it claimed, judge again the
+        incidents whose calls were refused."""
+        await self._hang_up_all(after.ringing)
+        for placement in after.calls:
+            self._spawn(self._place_claimed(placement))
+        for tenant_id, incident_id in after.retick:
+            await self.tick(tenant_id, incident_id, reason="outcome")
+
+    async def _place_claimed(self, p: _Placement) -> None:
+        """Place a call its decision claimed; one it left unclaimed (near the tenant's caps) is claimed first,
+        exactly, in a statement of its own, and refused like any call over the caps."""
+        started = time.perf_counter()
+        if p.claim_under is not None:
+            limits = p.claim_under
+            claimed, in_flight, last_hour = await store.claim_originate_now(
+                self.pool, p.tenant_id, p.key, max_concurrent=limits.max_concurrent, max_per_hour=limits.max_per_hour)
+            if not claimed:
+                # Binding and prefix passed with the decision; only the caps can refuse it now.
+                refusal = check_destination(p.call.destination, bound=frozenset({p.call.destination}), limits=limits,
+                                            in_flight=in_flight, last_hour=last_hour)
+                if refusal is None:  # under the caps yet not claimed: dispatched elsewhere
+                    return
+                self._refused(p.incident, p.kind, refusal.reason)
+                async with tenant_tx(self.pool, p.tenant_id) as conn:
+                    await store.write_outcomes(
+                        conn, [store.OutcomeWrite(p.key, ActionOutcome.REFUSED.value, refusal.detail)],
+                        [store.audit_line("toll-fraud-guard", "originate.refused", p.incident.id,
+                                          {"key": p.key, "reason": refusal.reason, "detail": refusal.detail},
+                                          event_id=p.incident.first_event_id)])
+                await self.tick(p.tenant_id, p.incident.id, reason="outcome")
+                return
+        await self._run_call(p.tenant_id, p.incident.id, p.key, p.kind, p.call, p.meanings, started)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._inline.add(task)
+        task.add_done_callback(self._inline_done)
+
+    def _inline_done(self, task: asyncio.Task[None]) -> None:
+        self._inline.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("alert call follow-up failed", exc_info=task.exception())
 
     @staticmethod
     def _count_settled(settled: list[tuple[str, str]]) -> None:
@@ -318,9 +470,10 @@ class IncidentWorker:
             message = action.kind in ("sms", "notify")
             if action.outcome is not None:
                 tick_after = incident.state not in TERMINAL
-            # A call of a group that was decided meanwhile is not placed; a text of a live incident still goes
-            # out (a restarted worker may reach it late, but the person must get it).
-            elif not acknowledgement and (incident.state in TERMINAL or not (current or message)):
+            # A call of a group that was decided meanwhile is not placed; a text or notification still goes out
+            # (its group was meant to reach people at once: the call may have been answered first, or a
+            # restarted worker may reach it late, but the person must get it).
+            elif not acknowledgement and not message and (incident.state in TERMINAL or not current):
                 await store.record_outcome(conn, key, "superseded", f"incident is {incident.state.value}")
             elif action.kind == "notify":
                 notify = (incident, action, await store.notification_targets(conn, incident.household_id))
@@ -338,14 +491,34 @@ class IncidentWorker:
             await self._notify(tenant_id, *notify)
             tick_after = key.split("/")[1] != "ack"
         if call is not None:
+            await self._run_call(tenant_id, incident_id, key, kind, call, meanings, started, retry_store=False)
+        if tick_after:
+            await self.tick(tenant_id, incident_id, reason="outcome")
+
+    async def _run_call(self, tenant_id: UUID, incident_id: UUID, key: str, kind: str, call: AlertCall,
+                        meanings: dict[str, str], started: float, *, retry_store: bool = True) -> None:
+        """Place a dispatched call, then record its outcome and let the engine judge it. ``retry_store``: the
+        outcome is kept and written again while PostgreSQL is away (a job instead fails and is retried)."""
+        self._placing.add(call.call_uuid)
+        try:
             placing = asyncio.create_task(self._place(call))
             if self.speech is not None and call.prompt:
                 await self._speak_while_ringing(call)
             outcome = await placing
-            STEP_SECONDS.labels(kind).observe(time.perf_counter() - started)
-            await self._finish_call(tenant_id, incident_id, key, call, outcome, meanings)
-        if tick_after:
-            await self.tick(tenant_id, incident_id, reason="outcome")
+        finally:
+            self._placing.discard(call.call_uuid)
+        STEP_SECONDS.labels(kind).observe(time.perf_counter() - started)
+        for delay in (*self.settings.store_retry_delays, None) if retry_store else (None,):
+            try:
+                await self._finish_call(tenant_id, incident_id, key, call, outcome, meanings)
+            except STORE_DOWN_ERRORS as exc:
+                if delay is None:
+                    raise
+                log.warning("recording the call's outcome: store unavailable (%s); retrying in %.0f s",
+                            type(exc).__name__, delay, extra={"call_id": call.call_uuid})
+                await asyncio.sleep(delay)
+            else:
+                return
 
     async def _notify(self, tenant_id: UUID, incident: store.IncidentRow, action: store.ActionRow,
                       targets: list[store.NotificationTarget]) -> None:
@@ -421,21 +594,20 @@ class IncidentWorker:
                                 extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
                     return None
         if refusal is not None:
-            ORIGINATE_REFUSED.labels(refusal.reason).inc()
-            ACTIONS.labels(action.kind, "refused").inc()
-            await store.record_outcome(conn, action.key, ActionOutcome.REFUSED.value, refusal.detail)
-            await store.audit(conn, tenant_id, "toll-fraud-guard", "originate.refused", incident.id,
-                              {"key": action.key, "reason": refusal.reason, "detail": refusal.detail},
-                              event_id=incident.first_event_id)
-            log.warning("alert call refused: %s", refusal.reason,
-                        extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
+            self._refused(incident, action.kind, refusal.reason)
+            await store.write_outcomes(
+                conn, [store.OutcomeWrite(action.key, ActionOutcome.REFUSED.value, refusal.detail)],
+                [store.audit_line("toll-fraud-guard", "originate.refused", incident.id,
+                                  {"key": action.key, "reason": refusal.reason, "detail": refusal.detail},
+                                  event_id=incident.first_event_id)])
             return None
-        return self._alert_call(incident, action)
+        return self._alert_call(tenant_id, incident, action)
 
-    def _alert_call(self, incident: store.IncidentRow, action: store.ActionRow) -> AlertCall:
+    def _alert_call(self, tenant_id: UUID, incident: store.IncidentRow, action: store.ActionRow) -> AlertCall:
         assert action.call_uuid is not None
         spec = action.spec
-        variables = {"iim_incident_id": str(incident.id), "iim_action_key": action.key.replace("/", "-"),
+        variables = {"iim_tenant_id": str(tenant_id), "iim_incident_id": str(incident.id),
+                     "iim_action_key": action.key.replace("/", "-"),
                      "iim_event_id": incident.first_event_id,
                      "tts_engine": self.settings.tts_engine, "tts_voice": self.settings.tts_voice}
         common: dict[str, Any] = {
@@ -486,20 +658,22 @@ class IncidentWorker:
                 return
             if outcome.kind is CallOutcomeKind.UNREACHABLE:
                 spent = await self._unreachable(conn, tenant_id, incident, key, call)
-                ringing = await self._tick_in(conn, tenant_id, incident, reason="outcome") if spent else []
+                after = (await self._tick_in(conn, tenant_id, incident, reason="outcome") if spent
+                         else _AfterCommit())
             else:
-                await store.record_outcome(conn, key, result.value, outcome.detail or (outcome.hangup_cause or ""))
-                await store.audit(conn, tenant_id, "scenario-engine", "incident.call", incident_id,
-                                  {"key": key, "outcome": result.value, "digit": outcome.digit,
-                                   "hangup_cause": outcome.hangup_cause},
-                                  event_id=incident.first_event_id, call_uuid=UUID(call.call_uuid))
-                ringing = await self._tick_in(conn, tenant_id, incident, reason="outcome")
+                line = store.audit_line("scenario-engine", "incident.call", incident_id,
+                                        {"key": key, "outcome": result.value, "digit": outcome.digit,
+                                         "hangup_cause": outcome.hangup_cause},
+                                        event_id=incident.first_event_id, call_uuid=UUID(call.call_uuid))
+                recorded = store.OutcomeWrite(key, result.value, outcome.detail or (outcome.hangup_cause or ""))
+                after = await self._tick_in(conn, tenant_id, incident, reason="outcome", outcomes=[recorded],
+                                            audit_lines=[line])
         if outcome.kind is not CallOutcomeKind.UNREACHABLE:
             ACTIONS.labels("call", result.value).inc()
             log.info("alert call %s", result.value, extra={"call_id": call.call_uuid,
                                                            "event_id": incident.first_event_id,
                                                            "incident_id": str(incident_id)})
-        await self._hang_up_all(ringing)
+        await self._follow(after)
 
     async def _unreachable(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow, key: str,
                            call: AlertCall) -> bool:
@@ -533,6 +707,34 @@ class IncidentWorker:
                           call_uuid=UUID(call.call_uuid))
         ACTIONS.labels("call", "unreachable").inc()
         return spent
+
+    async def orphan_call(self, variables: Mapping[str, str]) -> None:
+        """An alert call was answered and reached this process, but no worker here placed it: the worker that
+        did has died. Record it as the resumed job would (never redialled) and judge the incident now, rather
+        than at the group's deadline."""
+        try:
+            tenant_id = UUID(variables["iim_tenant_id"])
+            incident_id = UUID(variables["iim_incident_id"])
+            flat = variables["iim_action_key"]
+        except (KeyError, ValueError):
+            return  # placed by an IIM that did not say its tenant: the deadline decides
+        key = f"{flat[:36]}/{flat[37:].replace('-', '/')}"
+        if not key.startswith(f"{incident_id}/") or str(store.call_uuid_for(key)) in self._placing:
+            return
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            incident = await store.load_incident(conn, incident_id)
+            group = {a.key: a for a in (incident.group or ())} if incident is not None else {}
+            action = group.get(key)
+            if incident is None or action is None or action.outcome is not None or action.dispatched_at is None:
+                return  # settled meanwhile, or a call of an earlier group
+            outcome, detail = ActionOutcome.NO_INPUT, "worker restarted during the call; not redialled"
+            line = store.audit_line("scenario-engine", "incident.call_resumed", incident.id,
+                                    {"key": key, "outcome": outcome.value, "detail": detail},
+                                    event_id=incident.first_event_id, call_uuid=action.call_uuid)
+            after = await self._tick_in(conn, tenant_id, incident, reason="outcome",
+                                        outcomes=[store.OutcomeWrite(key, outcome.value, detail)], audit_lines=[line])
+        ACTIONS.labels(action.kind, outcome.value).inc()
+        await self._follow(after)
 
     async def _resume_call(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
                            action: store.ActionRow) -> None:

@@ -2,8 +2,9 @@
 
 IIM runs as a real `iim serve` process (scenario worker + outbound server for the IVR + inbound ESL to
 the emulator), against the module's PostgreSQL. The owner's phone is still ringing when the process is
-killed; the second process picks the job up once its heartbeat is stale, finds the call already
-dispatched (never redialled) and escalates to the backup contact, who confirms.
+killed; the owner answers, the call's IVR reaches the second process, which knows no such call: it
+hangs up, settles the call as interrupted (never redialled) and escalates to the backup contact, who
+confirms.
 """
 
 from __future__ import annotations

@@ -7,9 +7,11 @@ the escalation goes on by voice.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import aiohttp
 import pytest
@@ -75,11 +77,21 @@ async def alarms(app_pool: Pool, pg_db: Any, tmp_path: Path,
         yield rig
 
 
+async def _notified(alarms: Alarms, incident: UUID, timeout: float = 10.0) -> None:
+    """The notification runs beside the call (its own job): wait for its outcome."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await alarms.rows("SELECT 1 FROM iim.incident_action WHERE incident_id = $1 AND kind = 'notify' "
+                                "AND outcome IS NOT NULL", incident):
+        assert asyncio.get_running_loop().time() < deadline, "the notification has no outcome"
+        await asyncio.sleep(0.05)
+
+
 async def test_the_household_is_notified_through_its_connector(alarms: Alarms, vendor: VendorPeer) -> None:
     rig = alarms.rig
     alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="2"))
     incident = await alarms.raise_alarm("smoke")
     assert await alarms.settled(incident) == "false_alarm"
+    await _notified(alarms, incident)
     await vendor.wait_received(1)
     note = vendor.received[0]
     assert note.path == "/notify"
@@ -99,6 +111,7 @@ async def test_smart_home_down_falls_back_to_sms_and_the_call_still_goes_out(
     incident = await alarms.raise_alarm("smoke")
     assert await alarms.settled(incident) == "acknowledged"
     assert alarms.calls_to(rig.owner) == 1
+    await _notified(alarms, incident)
     sms = await alarms.rows("SELECT msisdn, body FROM iim.sms_outbox WHERE incident_id = $1", incident)
     assert [s["msisdn"] for s in sms] == [rig.owner]
     assert "Smoke at Flat 12" in sms[0]["body"]

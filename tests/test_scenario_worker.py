@@ -250,6 +250,81 @@ async def test_concurrent_claims_never_exceed_the_concurrent_cap_nor_dial_an_act
     assert window[0]["calls"] == 3
 
 
+async def _call_actions(alarms: Alarms, n: int) -> UUID:
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+        incident: UUID = await conn.fetchval(
+            "INSERT INTO iim.incident (household_id, device_id, hazard, first_event_id) "
+            "VALUES ($1, $2, 'smoke', 'caps') RETURNING id", rig.household_id, rig.sensor_id)
+        for k in range(n):
+            await conn.execute(
+                "INSERT INTO iim.incident_action (key, incident_id, step, kind, destination, call_uuid) "
+                "VALUES ($1, $2, 0, 'call', $3, gen_random_uuid())", f"{incident}/0/0/{k}", incident, rig.owner)
+    return incident
+
+
+async def test_a_settled_call_frees_its_place_under_the_concurrent_cap(alarms: Alarms) -> None:
+    incident = await _call_actions(alarms, 3)
+
+    async def claim(k: int) -> tuple[bool, int, int]:
+        async with tenant_tx(alarms.pool, alarms.rig.tenant_id) as conn:
+            return await store.claim_originate(conn, f"{incident}/0/0/{k}", max_concurrent=1, max_per_hour=100)
+
+    assert await claim(0) == (True, 0, 0)
+    assert await claim(1) == (False, 1, 1)  # the first call still rings
+    async with tenant_tx(alarms.pool, alarms.rig.tenant_id) as conn:
+        await store.record_outcome(conn, f"{incident}/0/0/0", "no_answer")
+    assert await claim(1) == (True, 0, 1)
+    async with tenant_tx(alarms.pool, alarms.rig.tenant_id) as conn:  # put back to be retried later
+        await conn.execute("UPDATE iim.incident_action SET dispatched_at = NULL WHERE key = $1", f"{incident}/0/0/1")
+    assert await claim(2) == (True, 0, 2)  # hourly count keeps both dispatches
+
+
+async def test_a_decision_far_below_the_caps_claims_its_calls_itself_and_near_them_leaves_them(alarms: Alarms
+                                                                                                 ) -> None:
+    rig = alarms.rig
+    incident = await _call_actions(alarms, 0)
+
+    async def persist(n: int, max_concurrent: int) -> dict[str, Any]:
+        action = {"key": f"{incident}/0/0/{n}", "incident_id": str(incident), "step": 0, "kind": "call",
+                  "destination": rig.owner, "spec": {}, "call_uuid": str(store.call_uuid_for(f"{incident}/{n}"))}
+        async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+            result: dict[str, Any] = await conn.fetchval(
+                "SELECT iim.persist_decision($1::jsonb)",
+                {"actions": [action], "claim": {"keys": [action["key"]], "max_concurrent": max_concurrent,
+                                                "max_per_hour": 1_000_000}})
+        return result
+
+    far = await persist(0, 10_000)
+    assert far["claims"] == [{"key": f"{incident}/0/0/0", "claimed": True}]
+    near = await persist(1, 10)  # within 4 x max_connections of the cap: claimed exactly after the commit
+    assert near["claims"] == [{"key": f"{incident}/0/0/1", "claimed": False}]
+    again = await persist(0, 10_000)  # the same key again writes nothing and claims nothing
+    assert again == {"inserted": [], "claims": []}
+    rows = await alarms.rows("SELECT key, dispatched_at IS NOT NULL AS dispatched FROM iim.incident_action "
+                             "WHERE incident_id = $1 ORDER BY key", incident)
+    assert [r["dispatched"] for r in rows] == [True, False]
+    window = await alarms.rows("SELECT sum(calls) AS calls FROM iim.originate_window")
+    assert window[0]["calls"] == 1
+
+
+async def test_the_first_call_is_claimed_with_the_event_and_placed_without_a_job(alarms: Alarms) -> None:
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+        await conn.execute("INSERT INTO iim.originate_limit (max_concurrent, max_per_hour) VALUES (10000, 1000000)")
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=300, dtmf="1"))
+    incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
+    calls = await alarms.rows("SELECT dispatched_at IS NOT NULL AS dispatched FROM iim.incident_action "
+                              "WHERE incident_id = $1 AND kind = 'call'", incident)
+    assert calls == [{"dispatched": True}]  # committed with the event itself
+    async with alarms.pool.acquire() as conn:
+        jobs = await conn.fetchval("SELECT count(*) FROM iim_jobs.pgqueuer WHERE convert_from(payload, 'UTF8') LIKE $1",
+                                   f"%{incident}%")
+    assert jobs == 0
+    assert await alarms.settled(incident) == "acknowledged"
+    assert alarms.calls_to(rig.owner) == 1
+
+
 async def test_freeswitch_down_sends_sms_then_retries_the_call(alarms: Alarms) -> None:
     rig = alarms.rig
     await alarms.inbound.close()
