@@ -18,7 +18,7 @@ from fs_app.esl import Execute
 from fs_emulator.channel import CallerProfile, Channel, now_us
 from fs_emulator.core import new_uuid
 from fs_emulator.dialstring import DialString, DialStringError, parse_dialstring
-from fs_emulator.originate import DEFAULT_ORIGINATE_TIMEOUT_S, LegPlan, endpoint_user, plan_group
+from fs_emulator.originate import DEFAULT_ORIGINATE_TIMEOUT_S, GroupPlan, LegPlan, endpoint_user, plan_group
 from fs_emulator.session import Session
 from fs_emulator.spec import OriginateRecord
 from fs_emulator.templates import (
@@ -233,6 +233,7 @@ class Originate:
         self.emu = emu
         self.arg = arg
         self.legs: dict[str, Session] = {}
+        self._plan_ended: set[str] = set()  # legs the plan itself failed (busy, no answer, lost the race)
 
     def _log(self, level: int, line: int, text: str) -> None:
         self.emu.core.log(level, "switch_ivr_originate.c", "switch_ivr_originate", line, text)
@@ -296,9 +297,12 @@ class Originate:
                     self._log(5, 3059, f"Cannot create outgoing channel of type [{kind}] cause: "
                                        f"[{leg.fail_cause}]")
             t = 0.0
+            killed: str | None = None
             for at, kind, leg in plan.events():
                 if at > t:
-                    await asyncio.sleep(at - t)
+                    killed = await self._legs_gone_within(plan, at - t)
+                    if killed is not None:
+                        break
                     t = at
                 session = self.legs.get(leg.uuid)
                 if session is None:
@@ -316,14 +320,32 @@ class Originate:
                         if other is not leg and other.uuid in self.legs:
                             self._fail(self.legs[other.uuid], "LOSE_RACE")
                     return await self._answered(session, leg, target)
-            if plan.end_at > t:
-                await asyncio.sleep(plan.end_at - t)
+            if killed is None and plan.end_at > t:
+                killed = await self._legs_gone_within(plan, plan.end_at - t)
+            if killed is not None:
+                # Every leg was hung up while it rang (uuid_kill, hupall): the originate ends now, with
+                # that cause, as switch_ivr_originate returns when its peer channels are gone.
+                cause = killed
+                break
             for leg in plan.legs:
                 if leg.uuid in self.legs and self.legs[leg.uuid].channel.up:
                     self._fail(self.legs[leg.uuid], leg.fail_cause or "NO_ANSWER")
             cause = plan.cause
         self._log(7, 4056, f"Originate Resulted in Error Cause: {q850(cause)} [{cause}]")
         return f"-ERR {cause}\n"
+
+    async def _legs_gone_within(self, plan: GroupPlan, delay: float) -> str | None:
+        """Wait ``delay`` seconds; the hangup cause if every channel of the group the plan had not ended
+        itself was hung up meanwhile from outside (uuid_kill, hupall)."""
+        watched = [self.legs[leg.uuid] for leg in plan.legs
+                   if leg.uuid in self.legs and leg.uuid not in self._plan_ended]
+        if not watched:
+            await asyncio.sleep(delay)
+            return None
+        _, pending = await asyncio.wait([s.done for s in watched], timeout=delay)
+        if pending:
+            return None
+        return watched[0].channel.hangup_cause or "NORMAL_CLEARING"
 
     def _create(
         self, leg: LegPlan, leg_var: Callable[..., str | None], dial_vars: dict[str, str], cid_num: str,
@@ -377,6 +399,7 @@ class Originate:
         ch.set_call_state("RINGING")
 
     def _fail(self, session: Session, cause: str) -> None:
+        self._plan_ended.add(session.uuid)
         session.hangup(cause)
 
     async def _answered(self, session: Session, leg: LegPlan, target: str) -> str:

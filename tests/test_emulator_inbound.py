@@ -177,6 +177,23 @@ async def test_originate_park_events_and_uuid_kill(server: InboundServer, emu: F
     assert emu.sessions == {}
 
 
+async def test_uuid_kill_of_a_ringing_originate_ends_its_job_at_once_with_that_cause(
+        server: InboundServer, emu: FreeSwitchEmulator) -> None:
+    emu.targets["sofia/external/slow@127.0.0.1:5092"] = TargetBehaviour.answer(after_ms=60_000)  # x0.1: 6 s
+    control = await client(server)
+    await control.command(EventSubscribe("plain", ("BACKGROUND_JOB", "CHANNEL_CREATE")))
+    uuid = "11111111-2222-4333-8444-666666666666"
+    await control.command(BgApi(f"originate {{origination_uuid={uuid},originate_timeout=30}}"
+                                "sofia/external/slow@127.0.0.1:5092 &park", job_uuid="j2"))
+    await control.expect_event("CHANNEL_CREATE", timeout=5)
+    started = asyncio.get_running_loop().time()
+    assert (await control.api(Api(f"uuid_kill {uuid} ORIGINATOR_CANCEL"))).body == "+OK\n"
+    job = await control.expect_event("BACKGROUND_JOB", timeout=5)
+    assert job.body == "-ERR ORIGINATOR_CANCEL\n"
+    assert asyncio.get_running_loop().time() - started < 1.0  # not when the callee would have answered
+    assert emu.sessions == {}
+
+
 async def test_originate_failures(server: InboundServer) -> None:
     peer = await client(server)
     await peer.command(EventSubscribe("plain", ("BACKGROUND_JOB", "CHANNEL_CREATE", "CHANNEL_HANGUP_COMPLETE")))

@@ -325,6 +325,29 @@ async def test_the_first_call_is_claimed_with_the_event_and_placed_without_a_job
     assert alarms.calls_to(rig.owner) == 1
 
 
+async def test_a_call_still_ringing_at_the_group_deadline_is_hung_up_and_the_escalation_moves_on(
+        app_pool: Pool, pg_db: Any, tmp_path: Path) -> None:
+    # The same path moves an incident on when the worker that placed the call died while it rang.
+    async with alarms_rig(app_pool, pg_db, tmp_path, time_scale=1.0) as alarms:
+        rig = alarms.rig
+        alarms.script(rig.owner, TargetBehaviour.answer(after_ms=25_000))
+        alarms.script(rig.backup, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+        incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
+        deadline = asyncio.get_running_loop().time() + 5
+        while not alarms.calls_to(rig.owner):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+            await conn.execute("UPDATE iim.incident SET deadline = now() - interval '1 second' WHERE id = $1",
+                               incident)
+        assert await alarms.settled(incident, timeout=10) == "acknowledged"
+        assert alarms.calls_to(rig.owner) == alarms.calls_to(rig.backup) == 1
+        owner = await _eventually_rows(  # the hung-up call is settled too, never redialled
+            alarms, "SELECT outcome FROM iim.incident_action WHERE incident_id = $1 AND kind = 'call' "
+                    "AND destination = $2 AND outcome IS NOT NULL", incident, rig.owner)
+        assert owner[0]["outcome"] in ("no_answer", "failed")
+
+
 async def test_freeswitch_down_sends_sms_then_retries_the_call(alarms: Alarms) -> None:
     rig = alarms.rig
     await alarms.inbound.close()
