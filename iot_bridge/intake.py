@@ -96,10 +96,10 @@ async def accept_event(pool: Pool, device: KnownDevice, event: DeviceEvent, *, f
             return await _accept(pool, device, event, fingerprint=fingerprint, channel=channel, msg_id=msg_id,
                                  opener=opener)
         except _DecisionFailed as failed:
-            # Writing the first decision failed in PostgreSQL and took the transaction with it: the event is
-            # taken again without it, and a tick job makes the decision.
-            log.error("starting incident inline failed in the store (%s); queued for the worker", failed.cause,
-                      extra={"event_id": event.event_id})
+            # Making or writing the first decision failed: nothing of it may stay half-written (its calls
+            # claimed but never placed), so the event is taken again without it and a tick job decides.
+            log.error("starting the incident inline failed (%s); queued for the worker", failed.cause,
+                      exc_info=failed.__cause__, extra={"event_id": event.event_id})
             return await _accept(pool, device, event, fingerprint=fingerprint, channel=channel, msg_id=msg_id,
                                  opener=None)
     except STORE_DOWN_ERRORS as exc:
@@ -148,11 +148,8 @@ async def _start(conn: Connection, device: KnownDevice, event: DeviceEvent, open
             return await opener(conn, device.tenant_id, opened)
         except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError):
             raise
-        except asyncpg.PostgresError as exc:
+        except Exception as exc:  # any failure: the event is taken again without the decision
             raise _DecisionFailed(exc) from exc
-        except Exception:  # the engine failed before writing anything: the tick job below retries the decision
-            log.exception("starting incident %s inline failed; queued for the worker", opened,
-                          extra={"event_id": event.event_id})
     await _enqueue_tick(conn, device.tenant_id, opened, reason="opened", dedupe=f"open:{opened}")
     return None
 

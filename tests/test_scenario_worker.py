@@ -407,6 +407,22 @@ async def test_a_failing_inline_start_still_accepts_the_event_and_the_worker_sta
     assert alarms.calls_to(rig.owner) == 1
 
 
+async def test_an_inline_start_failing_after_it_wrote_leaves_nothing_half_written(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="2"))
+
+    async def half(conn: Any, tenant: UUID, incident: UUID) -> None:
+        await conn.execute("UPDATE iim.incident SET reason = 'half-written' WHERE id = $1", incident)
+        raise RuntimeError("failed after writing")
+
+    incident = await alarms.raise_alarm("smoke", opener=half)
+    events = await alarms.rows("SELECT count(*) AS n FROM iim.device_event WHERE incident_id = $1", incident)
+    assert events == [{"n": 1}]  # the event itself was accepted once
+    assert await alarms.settled(incident) == "false_alarm"
+    assert (await alarms.incident(incident))["reason"] != "half-written"
+    assert alarms.calls_to(rig.owner) == 1
+
+
 async def test_ivr_prompt_is_rendered_by_our_tts_while_the_phone_rings(app_pool: Pool, pg_db: Any,
                                                                        tmp_path: Path) -> None:
     from fs_app.esl import Execute

@@ -86,6 +86,16 @@ CREATE TRIGGER originate_settled AFTER UPDATE OF dispatched_at, finished_at ON i
     FOR EACH ROW WHEN (OLD.dispatched_at IS NOT NULL AND OLD.finished_at IS NULL)
     EXECUTE FUNCTION iim.tg_originate_settled();
 
+-- Nothing counts the ringing calls through their index any more; without it, recording a call's dispatch or
+-- outcome is a HOT update (no indexed column changes).
+DROP INDEX iim.incident_action_ringing_idx;
+
+-- The outbox's number check as the expression itself: a SQL function in a CHECK is inlined, that is parsed
+-- again, in every statement that writes the table (the hot path writes one per alarm). Same rule as
+-- iim.is_e164.
+ALTER TABLE iim.sms_outbox DROP CONSTRAINT sms_outbox_msisdn_check;
+ALTER TABLE iim.sms_outbox ADD CONSTRAINT sms_outbox_msisdn_check CHECK (msisdn ~ '^\+[1-9][0-9]{6,14}$');
+
 -- The tenant's originate lock (held until commit) and the counts its caps are checked against: calls in
 -- flight (dispatched in the last ten minutes, not settled) and dispatched in the last hour. Exclusive: the
 -- counts are exact while it is held. Shared: claims far below the caps run side by side, each missing at
@@ -128,7 +138,9 @@ BEGIN
     claimed := false;
     IF in_flight < p_max_concurrent AND last_hour < p_max_per_hour THEN
         UPDATE iim.incident_action a SET dispatched_at = now()
-         WHERE a.key = p_key AND a.dispatched_at IS NULL AND a.outcome IS NULL;
+         WHERE a.key = p_key AND a.dispatched_at IS NULL AND a.outcome IS NULL
+           AND EXISTS (SELECT 1 FROM iim.incident i  -- an incident closed meanwhile calls nobody any more
+                        WHERE i.id = a.incident_id AND i.state IN ('open', 'notifying'));
         IF FOUND THEN
             PERFORM iim.count_originates(1);
             claimed := true;
