@@ -1,4 +1,4 @@
-"""Durable intake of one verified device event: ledger row, incident, job and audit in one transaction.
+"""Durable intake of one verified device event: ledger row, incident, first decision and audit in one transaction.
 
 The answer (202 + incident id) is given only after the commit, and it is stored with the event so that
 the same event_id sent again (a device retry, a replayed capture) gets the same answer and acts no more.

@@ -1,8 +1,10 @@
 """PostgreSQL side of incidents: read the facts a decision needs, persist the decision, record outcomes.
 
-Each function runs inside the caller's tenant-scoped transaction. Persisting an ``Advance`` writes the
-incident's new progress, one ``incident_action`` row per action (its idempotency key), the jobs that will
-perform them, the deadline tick and the audit row together, so a crash leaves either all or none.
+Each function runs inside the caller's tenant-scoped transaction (``claim_originate_now`` and
+``due_incidents`` excepted). Persisting an ``Advance`` writes the incident's new progress and deadline, one
+``incident_action`` row per action (its idempotency key) with its SMS rows, the claim of its calls or the
+jobs that will perform the rest, and its audit lines together, in one statement
+(``iim.persist_decision``), so a crash leaves either all or none.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from scenarios.engine import (
 from scenarios.model import ContactRole, Scenario
 
 __all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_incident",
-           "load_scenarios", "persist_advance", "record_outcome", "group_outcomes", "write_outcomes",
-           "OutcomeWrite", "CallClaim", "Persisted", "originate_facts", "claim_originate", "claim_originate_now", "notification_targets",
+           "load_scenarios", "persist_advance", "record_outcome", "write_outcomes", "OutcomeWrite", "CallClaim",
+           "Persisted", "originate_facts", "claim_originate", "claim_originate_now", "notification_targets",
            "sms_fallback_numbers", "notify_by_sms", "alarm_text", "NotificationTarget", "due_incidents", "audit",
            "audit_line", "action_spec"]
 
@@ -412,15 +414,6 @@ async def audit(conn: Connection, tenant_id: UUID, actor: str, action: str, inci
 async def due_incidents(pool: Pool, limit: int) -> list[tuple[UUID, UUID]]:
     """(tenant, incident) of live incidents whose deadline has passed, oldest first, across tenants."""
     return [(r["tenant_id"], r["id"]) for r in await pool.fetch("SELECT * FROM iim.due_incidents($1)", limit)]
-
-
-async def group_outcomes(conn: Connection, incident_id: UUID, progress: Progress) -> list[ActionRow]:
-    """The actions of the incident's current group (keys ``{incident}/{step}/{attempt}/n``)."""
-    prefix = f"{incident_id}/{progress.step}/{progress.attempt}/"
-    rows = await conn.fetch(
-        """SELECT key, incident_id, step, kind, destination, call_uuid, dispatched_at, outcome, spec
-             FROM iim.incident_action WHERE incident_id = $1 AND starts_with(key, $2)""", incident_id, prefix)
-    return [_action_row(r) for r in rows]
 
 
 async def load_action(conn: Connection, key: str) -> ActionRow | None:

@@ -287,8 +287,8 @@ class IncidentWorker:
         due = incident.deadline is None or now >= incident.deadline
         recorded = {o.key: o.outcome for o in outcomes}
         if incident.state is IncidentState.NOTIFYING:
-            group = (incident.group if incident.group is not None
-                     else tuple(await store.group_outcomes(conn, incident_id, incident.progress)))
+            assert incident.group is not None, "judged on a fully loaded incident"
+            group = incident.group
             settled = {a.key: recorded.get(a.key) if a.outcome is None else a.outcome for a in group}
             judged = {key: ActionOutcome(value) for key, value in settled.items()
                       if value is not None and value in ActionOutcome._value2member_map_}

@@ -119,13 +119,32 @@ BEGIN
 END
 $fn$;
 
+-- plpgsql rather than SQL for these helpers: plpgsql keeps its plans for the session, a SQL function called
+-- from plpgsql is planned again in every transaction.
 CREATE FUNCTION iim.count_originates(p_calls integer) RETURNS void
-    LANGUAGE sql VOLATILE SECURITY INVOKER
+    LANGUAGE plpgsql VOLATILE SECURITY INVOKER
     SET search_path = pg_catalog, pg_temp
 AS $fn$
+BEGIN
     INSERT INTO iim.originate_window AS w (minute, shard, calls)
     VALUES (date_trunc('minute', now()), pg_backend_pid() % 32, p_calls)
     ON CONFLICT (tenant_id, minute, shard) DO UPDATE SET calls = w.calls + excluded.calls;
+END
+$fn$;
+
+-- Audit lines of a decision ({actor, action, entity, entity_id, detail, correlation}), staged for the chain.
+CREATE FUNCTION iim.stage_audit(p_lines jsonb) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+    SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF jsonb_array_length(coalesce(p_lines, '[]')) > 0 THEN
+        INSERT INTO iim.audit_pending (actor, action, entity, entity_id, detail, correlation)
+        SELECT l.actor, l.action, l.entity, l.entity_id, l.detail, l.correlation
+          FROM jsonb_to_recordset(p_lines)
+               AS l(actor text, action text, entity text, entity_id text, detail jsonb, correlation jsonb);
+    END IF;
+END
 $fn$;
 
 CREATE OR REPLACE FUNCTION iim.claim_originate(p_key text, p_max_concurrent integer, p_max_per_hour integer)
@@ -195,12 +214,7 @@ BEGIN
           FROM jsonb_to_recordset(a->'sms') AS s(key text, msisdn text, body text)
         ON CONFLICT (tenant_id, key) DO NOTHING;
     END IF;
-    IF jsonb_array_length(coalesce(a->'audit', '[]')) > 0 THEN
-        INSERT INTO iim.audit_pending (actor, action, entity, entity_id, detail, correlation)
-        SELECT l.actor, l.action, l.entity, l.entity_id, l.detail, l.correlation
-          FROM jsonb_to_recordset(a->'audit')
-               AS l(actor text, action text, entity text, entity_id text, detail jsonb, correlation jsonb);
-    END IF;
+    PERFORM iim.stage_audit(a->'audit');
     RETURN true;
 END
 $fn$;
@@ -249,12 +263,7 @@ BEGIN
             inserted := inserted || (a->>'key');
         END IF;
     END LOOP;
-    IF jsonb_array_length(coalesce(p->'audit', '[]')) > 0 THEN
-        INSERT INTO iim.audit_pending (actor, action, entity, entity_id, detail, correlation)
-        SELECT l.actor, l.action, l.entity, l.entity_id, l.detail, l.correlation
-          FROM jsonb_to_recordset(p->'audit')
-               AS l(actor text, action text, entity text, entity_id text, detail jsonb, correlation jsonb);
-    END IF;
+    PERFORM iim.stage_audit(p->'audit');
     -- Last: the tenant's originate lock is held from here to the caller's COMMIT. Taken shared, and claims
     -- are written dispatched, only far enough below the caps (iim.originate_budget); otherwise the calls are
     -- written undispatched ("claimed": false) for the caller to claim exactly after its commit
@@ -285,6 +294,8 @@ $fn$;
 
 REVOKE EXECUTE ON FUNCTION iim.originate_budget(boolean) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION iim.originate_budget(boolean) TO iim_app;
+REVOKE EXECUTE ON FUNCTION iim.stage_audit(jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION iim.stage_audit(jsonb) TO iim_app;
 REVOKE EXECUTE ON FUNCTION iim.count_originates(integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION iim.count_originates(integer) TO iim_app;
 REVOKE EXECUTE ON FUNCTION iim.claim_originate_in(uuid, text, integer, integer) FROM PUBLIC;
