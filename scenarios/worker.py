@@ -69,6 +69,11 @@ STEP_SECONDS = Histogram("iim_incident_step_seconds", "From a decision to the ac
                          ["kind"], buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 120), registry=REGISTRY)
 ORIGINATE_REFUSED = Counter("iim_originate_refused", "Alert calls refused by the toll-fraud guard, by reason",
                             ["reason"], registry=REGISTRY)
+ORIGINATE_CLAIMS = Counter("iim_originate_claims", "Alert calls claimed under the toll-fraud caps, by where: with "
+                           "the decision (far below the caps), after_commit (near them, exact), job (retries)",
+                           ["path"], registry=REGISTRY)
+ORPHANED_CALLS = Counter("iim_alert_calls_orphaned", "Answered alert calls whose worker had died, settled here",
+                         registry=REGISTRY)
 
 _REACHED_BY_CALL = {
     CallOutcomeKind.ANSWERED: ActionOutcome.ANSWERED, CallOutcomeKind.NO_ANSWER: ActionOutcome.NO_ANSWER,
@@ -365,6 +370,7 @@ class IncidentWorker:
             self._refused(incident, "call" if isinstance(calls[key], PlaceCall) else "record", claim.refused[key][0])
         if persisted.refused:
             after.retick.append((tenant_id, incident.id))  # the engine moves on at once
+        ORIGINATE_CLAIMS.labels("decision").inc(len(persisted.claimed))
         for key in [*persisted.claimed, *persisted.deferred]:
             action = calls[key]
             kind = "call" if isinstance(action, PlaceCall) else "record"
@@ -400,7 +406,9 @@ class IncidentWorker:
             limits = p.claim_under
             claimed, in_flight, last_hour = await store.claim_originate_now(
                 self.pool, p.tenant_id, p.key, max_concurrent=limits.max_concurrent, max_per_hour=limits.max_per_hour)
-            if not claimed:
+            if claimed:
+                ORIGINATE_CLAIMS.labels("after_commit").inc()
+            else:
                 # Binding and prefix passed with the decision; only the caps can refuse it now.
                 refusal = check_destination(p.call.destination, bound=frozenset({p.call.destination}), limits=limits,
                                             in_flight=in_flight, last_hour=last_hour)
@@ -586,7 +594,9 @@ class IncidentWorker:
         if refusal is None:
             claimed, in_flight, last_hour = await store.claim_originate(
                 conn, action.key, max_concurrent=limits.max_concurrent, max_per_hour=limits.max_per_hour)
-            if not claimed:
+            if claimed:
+                ORIGINATE_CLAIMS.labels("job").inc()
+            else:
                 refusal = check_destination(destination, bound=bound, limits=limits, in_flight=in_flight,
                                             last_hour=last_hour)
                 if refusal is None:  # under the caps yet not claimed: another worker dispatched it
@@ -734,6 +744,7 @@ class IncidentWorker:
             after = await self._tick_in(conn, tenant_id, incident, reason="outcome",
                                         outcomes=[store.OutcomeWrite(key, outcome.value, detail)], audit_lines=[line])
         ACTIONS.labels(action.kind, outcome.value).inc()
+        ORPHANED_CALLS.inc()
         await self._follow(after)
 
     async def _resume_call(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,

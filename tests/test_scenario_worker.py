@@ -24,6 +24,7 @@ from connectors.contract import ConnectorLookup
 from fs_app.call import Call
 from fs_app.dialstring import DialSettings
 from fs_app.inbound import InboundClient, InboundSettings
+from fs_app.metrics import REGISTRY
 from fs_app.outbound import OutboundServer, OutboundSettings
 from fs_emulator import FreeSwitchEmulator, InboundServer, TargetBehaviour
 from iot_bridge.events import DeviceEvent, body_fingerprint
@@ -107,7 +108,8 @@ async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
                      connectors: ConnectorLookup | None = None, speech: Any = None,
                      time_scale: float = 0.01) -> AsyncIterator[Alarms]:
     """A tenant, the emulator (callees scripted per number), our outbound server for the IVR, the worker."""
-    rig = await build_rig(app_pool, tmp_path, **numbers())
+    n = numbers()
+    rig = await build_rig(app_pool, tmp_path, owner=n["owner"], backup=n["backup"], security=n["security"])
     emu = FreeSwitchEmulator(time_scale=time_scale, default_target=TargetBehaviour.no_answer())
     inbound = await emu.start_inbound()
     registry = IvrRegistry()
@@ -313,7 +315,9 @@ async def test_the_first_call_is_claimed_with_the_event_and_placed_without_a_job
     async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
         await conn.execute("INSERT INTO iim.originate_limit (max_concurrent, max_per_hour) VALUES (10000, 1000000)")
     alarms.script(rig.owner, TargetBehaviour.answer(after_ms=300, dtmf="1"))
+    with_decision = REGISTRY.get_sample_value("iim_originate_claims_total", {"path": "decision"}) or 0.0
     incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
+    assert REGISTRY.get_sample_value("iim_originate_claims_total", {"path": "decision"}) == with_decision + 1
     calls = await alarms.rows("SELECT dispatched_at IS NOT NULL AS dispatched FROM iim.incident_action "
                               "WHERE incident_id = $1 AND kind = 'call'", incident)
     assert calls == [{"dispatched": True}]  # committed with the event itself
