@@ -60,6 +60,27 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _server_cpu_seconds(data_dir: Path) -> float | None:
+    """CPU of the embedded PostgreSQL: its postmaster (with the backends it has reaped) and every live child
+    (backends, WAL writer, autovacuum...), from /proc. None when the database is not ours to measure."""
+    try:
+        postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        pid, ppid = int(stat.parent.name), int(fields[1])
+        if pid == postmaster:
+            total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+        elif ppid == postmaster:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _machine_busy_seconds() -> float:
     """CPU time spent by every process on the machine (all cores), from /proc/stat."""
     with open("/proc/stat") as fh:
@@ -212,6 +233,7 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
     answered: list[float] = []
     accept_ms: dict[str, float] = {}
     iim_cpu_s = machine_cpu_s = self_cpu_s = 0.0
+    pg_cpu_s: float | None = None
     statuses: dict[int, int] = {}
     try:
         await _wait_port(bridge_port, proc, log)
@@ -253,6 +275,7 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
             await asyncio.gather(*(warm(n) for n in range(64)))
             cpu_before = _cpu_seconds(proc.pid)
             machine_before, self_before = _machine_busy_seconds(), time.process_time()
+            pg_before = None if os.environ.get("IIM_BENCH_DATABASE_URL") else _server_cpu_seconds(DATA / "pg")
             started = time.monotonic()
             tasks = []
             for i in range(events):
@@ -270,6 +293,8 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
             iim_cpu_s = _cpu_seconds(proc.pid) - cpu_before
             machine_cpu_s = _machine_busy_seconds() - machine_before
             self_cpu_s = time.process_time() - self_before
+            pg_after = _server_cpu_seconds(DATA / "pg") if pg_before is not None else None
+            pg_cpu_s = pg_after - pg_before if pg_after is not None and pg_before is not None else None
             async with session.get(f"http://127.0.0.1:{http_port}/metrics") as resp:
                 loop_lag = _histogram(await resp.text(), "iim_event_loop_lag_seconds")
     finally:
@@ -299,6 +324,7 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
         "accept_p99_ms": round(_percentile(answered, 0.99), 1),
         "iim_loop_lag": loop_lag, "iim_cpu_ms_per_event": round(iim_cpu_s / max(1, len(sent)) * 1e3, 2),
         "load_and_emulator_cpu_ms_per_event": round(self_cpu_s / max(1, len(sent)) * 1e3, 2),
+        "postgres_cpu_ms_per_event": round(pg_cpu_s / max(1, len(sent)) * 1e3, 2) if pg_cpu_s is not None else None,
         "machine_cpu_ms_per_event": round(machine_cpu_s / max(1, len(sent)) * 1e3, 2), "machine": machine(),
     }
 
