@@ -75,6 +75,35 @@ async def test_refuses_an_edited_applied_migration(pg_empty_db: PgDatabase) -> N
         await conn.close()
 
 
+async def test_calls_counted_before_0012_are_settled_unless_still_ringing(pg_empty_db: PgDatabase) -> None:
+    shipped = migrate.available_migrations()
+    conn = await asyncpg.connect(pg_empty_db.admin_url)  # a superuser: row-level security does not apply
+    try:
+        await migrate.upgrade(conn, migrations=[m for m in shipped if m.version < 12])
+        tenant = await conn.fetchval("INSERT INTO iim.tenant (id, name) VALUES (gen_random_uuid(), 'before-0012') RETURNING id")
+        household = await conn.fetchval(
+            "INSERT INTO iim.household (tenant_id, name, time_zone) VALUES ($1, 'h', 'UTC') RETURNING id", tenant)
+        device = await conn.fetchval(
+            "INSERT INTO iim.device (tenant_id, household_id, name, type, external_id) "
+            "VALUES ($1, $2, 'smoke', 'sensor', 'd-1') RETURNING id", tenant, household)
+        incident = await conn.fetchval(
+            "INSERT INTO iim.incident (tenant_id, household_id, device_id, hazard, first_event_id) "
+            "VALUES ($1, $2, $3, 'smoke', 'e-1') RETURNING id", tenant, household, device)
+        minute = await conn.fetchval("SELECT date_trunc('minute', now())")
+        for n, finished in enumerate((True, True, False)):  # two calls ended, one still ringing
+            await conn.execute(
+                "INSERT INTO iim.incident_action (tenant_id, key, incident_id, step, kind, destination, "
+                "dispatched_at, outcome, finished_at) VALUES ($1, $2, $3, 0, 'call', '+79001234567', now(), $4, $5)",
+                tenant, f"{incident}/0/0/{n}", incident, "no_answer" if finished else None,
+                minute if finished else None)
+        await conn.execute("INSERT INTO iim.originate_window (tenant_id, minute, calls) VALUES ($1, $2, 3)",
+                           tenant, minute)
+        await migrate.upgrade(conn)
+        assert await conn.fetchval("SELECT settled FROM iim.originate_window WHERE tenant_id = $1", tenant) == 2
+    finally:
+        await conn.close()
+
+
 async def test_a_failing_migration_rolls_back_entirely(pg_empty_db: PgDatabase) -> None:
     conn = await asyncpg.connect(pg_empty_db.admin_url)
     try:

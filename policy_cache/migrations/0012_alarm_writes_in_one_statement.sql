@@ -67,6 +67,16 @@ ALTER TABLE iim.originate_window ADD COLUMN settled integer NOT NULL DEFAULT 0 C
 ALTER TABLE iim.originate_window DROP CONSTRAINT originate_window_pkey;
 ALTER TABLE iim.originate_window ADD PRIMARY KEY (tenant_id, minute, shard);
 
+-- Rows written before this migration: every call of theirs that is no longer ringing is settled. As the
+-- superuser running the migration: the table's row-level security hides every tenant from iim_owner.
+RESET ROLE;
+UPDATE iim.originate_window w
+   SET settled = greatest(0, w.calls - (SELECT count(*) FROM iim.incident_action a
+                                         WHERE a.tenant_id = w.tenant_id AND a.kind IN ('call', 'record')
+                                           AND a.dispatched_at IS NOT NULL AND a.finished_at IS NULL
+                                           AND date_trunc('minute', a.dispatched_at) = w.minute));
+SET LOCAL ROLE iim_owner;
+
 CREATE FUNCTION iim.tg_originate_settled() RETURNS trigger
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
