@@ -272,7 +272,10 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
     """Write the decision (and ``outcomes``/``audit_lines`` recorded before it) in one statement
     (``iim.persist_decision``). SMS are outbox rows written here; a notification nobody in the household can
     receive is settled here by text; calls are claimed here when ``claim`` is given, else each gets a job,
-    like notifications through a connector. Keys already written (a resumed decision) write nothing more."""
+    like notifications through a connector. Keys already written (a resumed decision) write nothing more.
+    ``incident`` is fully loaded (its notification targets and fallback numbers decide how it notifies)."""
+    assert incident.notify_targets is not None, "a fully loaded incident"
+    assert incident.sms_fallback is not None, "a fully loaded incident"
     state = advance.progress.state
     closed = state not in (IncidentState.OPEN, IncidentState.NOTIFYING)
     settling: dict[str, tuple[str, str]] = {}
@@ -289,19 +292,11 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
             row |= {"outcome": "queued", "detail": "queued in the SMS outbox",
                     "sms": [{"key": action.key, "msisdn": action.msisdn, "body": action.text[:1600]}]}
             settling[action.key] = ("sms", "queued")
-        elif isinstance(action, Notify) and not await _has_notify_targets(conn, incident):
+        elif isinstance(action, Notify) and not incident.notify_targets:
             # Nothing in the household listens to a connector: the fallback text is decided right here.
-            contacts = incident.sms_fallback
-            if contacts is None:
-                contacts = tuple(await sms_fallback_numbers(conn, incident.household_id))
-            outcome = "sms_fallback" if contacts else "skipped"
-            text = action.text or alarm_text(incident)
-            row |= {"outcome": outcome, "detail": "no connected device",
-                    "sms": [{"key": f"{action.key}/sms/{n}", "msisdn": msisdn, "body": text[:1600]}
-                            for n, msisdn in enumerate(contacts)],
-                    "audit": [audit_line("scenario-engine", "incident.notify", incident.id,
-                                         {"key": action.key, "outcome": outcome, "detail": "no connected device",
-                                          "devices": []}, event_id=incident.first_event_id)]}
+            outcome, texts, line = _notify_fallback(incident, action.key, action.text or alarm_text(incident),
+                                                    "no connected device", incident.sms_fallback)
+            row |= {"outcome": outcome, "detail": "no connected device", "sms": texts, "audit": [line]}
             settling[action.key] = ("notify", outcome)
         elif isinstance(action, Notify):
             job_keys.append(action.key)
@@ -350,12 +345,6 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
                      refused=[k for k in (claim.refused if claim is not None else {}) if k in inserted])
 
 
-async def _has_notify_targets(conn: Connection, incident: IncidentRow) -> bool:
-    if incident.notify_targets is not None:
-        return bool(incident.notify_targets)
-    return bool(await notification_targets(conn, incident.household_id))
-
-
 async def write_outcomes(conn: Connection, outcomes: Sequence[OutcomeWrite],
                          audit_lines: Sequence[dict[str, Any]] = ()) -> None:
     """Record outcomes and audit lines when no decision follows them (one statement)."""
@@ -375,21 +364,27 @@ def alarm_text(incident: IncidentRow) -> str:
 
 
 async def notify_by_sms(conn: Connection, tenant_id: UUID, incident: IncidentRow, key: str, text: str,
-                        detail: str, *, contacts: Sequence[str] | None = None) -> str:
+                        detail: str) -> str:
     """Settle a notification the smart home did not take: text the household's owners and members instead
-    (one outbox row each) and record the outcome on its action; returns it (``sms_fallback`` or ``skipped``).
-    ``contacts``: the numbers when the caller already has them (a fully loaded incident)."""
-    if contacts is None:
-        contacts = await sms_fallback_numbers(conn, incident.household_id)
-    for n, msisdn in enumerate(contacts):
-        await conn.execute(
-            """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
-               ON CONFLICT (tenant_id, key) DO NOTHING""", f"{key}/sms/{n}", msisdn, text[:1600], incident.id)
-    outcome = "sms_fallback" if contacts else "skipped"
-    await record_outcome(conn, key, outcome, detail)
-    await audit(conn, tenant_id, "scenario-engine", "incident.notify", incident.id,
-                {"key": key, "outcome": outcome, "detail": detail, "devices": []}, event_id=incident.first_event_id)
+    (one outbox row each) and record the outcome on its action; returns it (``sms_fallback`` or ``skipped``)."""
+    outcome, texts, line = _notify_fallback(incident, key, text, detail,
+                                            await sms_fallback_numbers(conn, incident.household_id))
+    await conn.executemany(
+        """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
+           ON CONFLICT (tenant_id, key) DO NOTHING""",
+        [(t["key"], t["msisdn"], t["body"], incident.id) for t in texts])
+    await write_outcomes(conn, [OutcomeWrite(key, outcome, detail)], [line])
     return outcome
+
+
+def _notify_fallback(incident: IncidentRow, key: str, text: str, detail: str, contacts: Sequence[str]
+                     ) -> tuple[str, list[dict[str, str]], dict[str, Any]]:
+    """A notification settled by text: its outcome, the outbox rows (one per number) and its audit line."""
+    outcome = "sms_fallback" if contacts else "skipped"
+    texts = [{"key": f"{key}/sms/{n}", "msisdn": msisdn, "body": text[:1600]} for n, msisdn in enumerate(contacts)]
+    return outcome, texts, audit_line("scenario-engine", "incident.notify", incident.id,
+                                      {"key": key, "outcome": outcome, "detail": detail, "devices": []},
+                                      event_id=incident.first_event_id)
 
 
 def audit_line(actor: str, action: str, incident_id: UUID, detail: dict[str, Any], *, event_id: str | None = None,
