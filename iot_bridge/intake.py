@@ -130,7 +130,7 @@ async def _accept(pool: Pool, device: KnownDevice, event: DeviceEvent, *, finger
             return IntakeOutcome("replayed", first, UUID(incident) if incident else None)
         incident_id: UUID | None = row["incident_id"]
         for live in row["live"] or ():
-            await _enqueue_tick(conn, device.tenant_id, live, reason="cleared", dedupe=f"clear:{event.event_id}")
+            await _enqueue_tick(conn, device.tenant_id, live, reason="cleared", dedupe=f"clear:{event.event_id}:{live}")
         if row["opened"]:
             after_commit = await _start(conn, device, event, opener, incident_id)
         body: dict[str, Any] = row["response"]

@@ -378,6 +378,23 @@ async def test_cleared_event_resolves_a_live_incident(alarms: Alarms) -> None:
     assert await alarms.settled(incident) in ("resolved", "acknowledged")
 
 
+async def test_cleared_event_resolves_every_live_incident_of_the_device(alarms: Alarms) -> None:
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:  # both incidents stay live: a long wait first
+        await conn.execute(
+            "INSERT INTO iim.scenario (name, trigger, steps, enabled) VALUES ('wait first', $1, $2, true)",
+            {"event_types": ["smoke", "co"]}, [{"action": "wait", "seconds": 600}])
+    smoke = await alarms.raise_alarm("smoke")
+    co = await alarms.raise_alarm("co")  # the same device: its own incident
+    assert smoke != co
+    raw = rig.event("cleared")
+    event = DeviceEvent.model_validate(json.loads(raw))
+    device = KnownDevice(rig.tenant_id, rig.sensor_id, rig.household_id, rig.sensor, "sensor")
+    await accept_event(alarms.pool, device, event, fingerprint=body_fingerprint(raw), channel="device", msg_id=None)
+    assert await alarms.settled(smoke) == "resolved"
+    assert await alarms.settled(co) == "resolved"
+
+
 @pytest.mark.parametrize("hazard", ["smoke", "co"])
 async def test_each_hazard_gets_its_own_incident(alarms: Alarms, hazard: str) -> None:
     device = alarms.rig.jws_sensor if hazard == "co" else None
