@@ -382,6 +382,18 @@ async def test_duplicate_msisdn_conflicts_within_a_tenant_only(api: Api) -> None
     assert other["tenant_id"] == str(api.tenant_b)
 
 
+async def test_a_device_external_id_names_one_device_per_tenant(api: Api) -> None:
+    """The bridge finds an event's device by this id: a second device with it would make the signer ambiguous."""
+    home = await _create(api, "households", {"name": "Home", "time_zone": "Europe/Moscow"})
+    ext = f"smoke-{uuid4().hex[:8]}"
+    await _create(api, "devices", {"household_id": home["id"], "name": "Smoke", "type": "sensor", "external_id": ext})
+    status, problem, resp = await api.call("POST", api.t(api.tenant_a, "/devices"), body={
+        "household_id": home["id"], "name": "CO", "type": "sensor", "external_id": ext})
+    _assert_problem(status, problem, resp, 409, "conflict")
+    assert problem["errors"] == [{"loc": ["body", "external_id"], "msg": "already taken in this tenant",
+                                  "type": "unique"}]
+
+
 async def test_references_must_exist_in_the_same_tenant(api: Api) -> None:
     deps_b = await _fixtures_in(api, api.tenant_b, "op-b")
     status, problem, resp = await api.call("POST", api.t(api.tenant_a, "/devices"), "op-a", body={

@@ -104,6 +104,38 @@ async def test_calls_counted_before_0012_are_settled_unless_still_ringing(pg_emp
         await conn.close()
 
 
+async def test_devices_sharing_an_external_id_stop_0013_with_the_id_named(pg_empty_db: PgDatabase) -> None:
+    shipped = migrate.available_migrations()
+    conn = await asyncpg.connect(pg_empty_db.admin_url)  # a superuser: row-level security does not apply
+    try:
+        await migrate.upgrade(conn, migrations=[m for m in shipped if m.version < 13])
+        tenant = await conn.fetchval("INSERT INTO iim.tenant (id, name) VALUES (gen_random_uuid(), 'dup') RETURNING id")
+        household = await conn.fetchval(
+            "INSERT INTO iim.household (tenant_id, name, time_zone) VALUES ($1, 'h', 'UTC') RETURNING id", tenant)
+        for name in ("smoke", "co"):
+            await conn.execute("INSERT INTO iim.device (tenant_id, household_id, name, type, external_id) "
+                               "VALUES ($1, $2, $3, 'sensor', 'kitchen-1')", tenant, household, name)
+        with pytest.raises(MigrationError) as err:
+            await migrate.upgrade(conn)
+        assert isinstance(err.value.__cause__, asyncpg.UniqueViolationError)
+        assert "external_id kitchen-1" in str(err.value.__cause__)
+        assert await migrate.current_version(conn) == 12
+        await conn.execute("UPDATE iim.device SET external_id = 'kitchen-2' WHERE name = 'co'")
+        assert await migrate.upgrade(conn) == [13]
+    finally:
+        await conn.close()
+
+
+async def test_an_events_device_is_found_through_an_index(admin_conn: Connection) -> None:
+    """The bridge's per-event lookup must not read the tenant's other devices (it did before 0013)."""
+    async with admin_conn.transaction():
+        await admin_conn.execute("SET LOCAL enable_seqscan = off")  # a near-empty table: ask what could be used
+        plan = "\n".join(r[0] for r in await admin_conn.fetch(
+            "EXPLAIN SELECT id FROM iim.device WHERE tenant_id = gen_random_uuid() AND external_id = 'x'"))
+    assert "device_tenant_id_external_id_key" in plan, plan
+    assert "Seq Scan" not in plan, plan
+
+
 async def test_a_failing_migration_rolls_back_entirely(pg_empty_db: PgDatabase) -> None:
     conn = await asyncpg.connect(pg_empty_db.admin_url)
     try:
