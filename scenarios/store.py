@@ -41,8 +41,8 @@ from scenarios.model import ContactRole, Scenario
 __all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_incident",
            "load_scenarios", "persist_advance", "record_outcome", "write_outcomes", "OutcomeWrite", "CallClaim",
            "Persisted", "originate_facts", "claim_originate", "claim_originate_now", "notification_targets",
-           "sms_fallback_numbers", "notify_by_sms", "alarm_text", "NotificationTarget", "due_incidents", "audit",
-           "audit_line", "action_spec"]
+           "sms_fallback_numbers", "notify_by_sms", "alarm_text", "NotificationTarget", "due_incidents",
+           "prune_originate_windows", "audit", "audit_line", "action_spec"]
 
 #: Namespace for deterministic call UUIDs: the same action key always dials with the same origination_uuid.
 _CALL_NS = uuid.UUID("6f1c3f0e-2a4b-4a57-9d0e-1b5c9a7e0c11")
@@ -409,6 +409,11 @@ async def audit(conn: Connection, tenant_id: UUID, actor: str, action: str, inci
 async def due_incidents(pool: Pool, limit: int) -> list[tuple[UUID, UUID]]:
     """(tenant, incident) of live incidents whose deadline has passed, oldest first, across tenants."""
     return [(r["tenant_id"], r["id"]) for r in await pool.fetch("SELECT * FROM iim.due_incidents($1)", limit)]
+
+
+async def prune_originate_windows(pool: Pool) -> int:
+    """Delete the toll-fraud counters no cap reads any more (older than two hours), across tenants."""
+    return int(await pool.fetchval("SELECT iim.prune_originate_windows()"))
 
 
 async def load_action(conn: Connection, key: str) -> ActionRow | None:

@@ -92,6 +92,8 @@ class WorkerSettings:
     max_concurrent_jobs: int = 500
     #: how often live incidents past their deadline are looked for (deadlines are not parked as jobs)
     sweep_interval_s: float = 0.5
+    #: how often the sweep deletes toll-fraud counters older than the caps' window
+    window_prune_interval_s: float = 300.0
     batch_size: int = 20
     #: FreeSWITCH unreachable: the call is retried after these delays (an SMS goes out at once)
     unreachable_retries: tuple[float, ...] = (2.0, 8.0, 30.0)
@@ -224,10 +226,16 @@ class IncidentWorker:
     async def _sweep_forever(self) -> None:
         """Tick every live incident whose deadline passed. Several workers may sweep: a tick locks the
         incident and re-checks its deadline, so a second tick of the same incident does nothing."""
+        pruned_at = float("-inf")
         while True:
             await asyncio.sleep(self.settings.sweep_interval_s)
             try:
                 due = await store.due_incidents(self.pool, 500)
+                if time.monotonic() - pruned_at >= self.settings.window_prune_interval_s:
+                    pruned = await store.prune_originate_windows(self.pool)
+                    pruned_at = time.monotonic()
+                    if pruned:
+                        log.info("toll-fraud counters: %d rows older than the caps' window deleted", pruned)
             except STORE_DOWN_ERRORS as exc:
                 log.warning("deadline sweep: store unavailable (%s); retrying", type(exc).__name__)
                 continue

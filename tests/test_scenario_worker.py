@@ -352,6 +352,19 @@ async def test_a_call_still_ringing_at_the_group_deadline_is_hung_up_and_the_esc
         assert owner[0]["outcome"] in ("no_answer", "failed")
 
 
+async def test_the_sweep_deletes_toll_fraud_counters_older_than_the_caps_window(alarms: Alarms) -> None:
+    async with tenant_tx(alarms.pool, alarms.rig.tenant_id) as conn:
+        await conn.execute("INSERT INTO iim.originate_window (minute, shard, calls) VALUES "
+                           "(date_trunc('minute', now()) - interval '3 hours', 0, 5), "
+                           "(date_trunc('minute', now()) - interval '30 minutes', 0, 2)")
+    alarms.worker.settings.window_prune_interval_s = 0.05
+    deadline = asyncio.get_running_loop().time() + 5
+    while len(await alarms.rows("SELECT 1 FROM iim.originate_window")) > 1:
+        assert asyncio.get_running_loop().time() < deadline, "old counters still there"
+        await asyncio.sleep(0.05)
+    assert await alarms.rows("SELECT calls FROM iim.originate_window") == [{"calls": 2}]  # the hourly cap reads it
+
+
 async def test_freeswitch_down_sends_sms_then_retries_the_call(alarms: Alarms) -> None:
     rig = alarms.rig
     await alarms.inbound.close()
