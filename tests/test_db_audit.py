@@ -140,6 +140,26 @@ async def test_deleting_a_row_breaks_the_chain_at_the_next_one(app_pool: Pool, a
         assert await audit.verify_chain(conn, tenant) == ids[2]
 
 
+async def test_staged_lines_of_several_tenants_enter_their_own_chains_in_staging_order(app_pool: Pool) -> None:
+    tenants = [await create_tenant(app_pool, f"staged {i}") for i in range(2)]
+    await audit.flush_pending(app_pool)
+    for i in range(6):  # interleaved between the tenants, several lines per transaction
+        tenant = tenants[i % 2]
+        async with tenant_tx(app_pool, tenant) as conn:
+            for j in range(3):
+                await audit.stage(conn, actor=f"user:{i}", action=f"staged.{i}.{j}", entity="test",
+                                  entity_id=str(uuid4()), detail={"text": TRICKY[(i + j) % len(TRICKY)]},
+                                  correlation={"event_id": f"e{i}"})
+    assert await audit.flush_pending(app_pool) == 18
+    assert await audit.flush_pending(app_pool) == 0
+    for n, tenant in enumerate(tenants):
+        async with tenant_tx(app_pool, tenant) as conn:
+            assert await audit.verify_chain(conn, tenant) is None
+            staged = [r["action"] for r in await conn.fetch(
+                "SELECT action FROM iim.audit_log WHERE action LIKE 'staged.%' ORDER BY id")]
+        assert staged == [f"staged.{i}.{j}" for i in range(n, 6, 2) for j in range(3)]
+
+
 async def test_concurrent_appends_keep_one_chain_per_tenant(app_pool: Pool) -> None:
     tenants = [await create_tenant(app_pool, f"busy {i}") for i in range(2)]
     await asyncio.gather(*(_append_some(app_pool, t, 10, prefix=f"w{w}") for t in tenants for w in range(3)))
