@@ -43,6 +43,51 @@ def test_dialstring_enterprise_escapes_and_delimiters() -> None:
         parse_dialstring("  ")
 
 
+def _split_top_char_by_char(text: str, sep: str) -> list[str] | None:
+    """The splitter's first form, one character at a time: the reference the token-jumping one must match."""
+    parts: list[str] = []
+    depth: list[str] = []
+    quote = False
+    buf: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            buf.append(text[i:i + 2])
+            i += 2
+            continue
+        if ch == "'":
+            quote = not quote
+        elif not quote:
+            if ch in "{[<":
+                depth.append({"{": "}", "[": "]", "<": ">"}[ch])
+            elif depth and ch == depth[-1]:
+                depth.pop()
+            elif not depth and text.startswith(sep, i):
+                parts.append("".join(buf))
+                buf = []
+                i += len(sep)
+                continue
+        buf.append(ch)
+        i += 1
+    if depth:
+        return None
+    parts.append("".join(buf))
+    return parts
+
+
+@given(st.text(alphabet="ab,|:_'\\{}[]<>=^ ", max_size=40), st.sampled_from([",", "|", ":_:", ":", "^"]))
+def test_dialstring_splitting_matches_the_character_by_character_reference(text: str, sep: str) -> None:
+    from fs_emulator.dialstring import _split_top
+
+    expected = _split_top_char_by_char(text, sep)
+    if expected is None:
+        with pytest.raises(DialStringError):
+            _split_top(text, sep)
+    else:
+        assert _split_top(text, sep) == expected
+
+
 def test_endpoint_user() -> None:
     assert endpoint_user("sofia/external/callee@127.0.0.1:5090") == ("callee", "127.0.0.1", 5090)
     assert endpoint_user("sofia/gateway/ims/79001234567") == ("79001234567", "ims", 0)
