@@ -102,6 +102,22 @@ def _histogram(text: str, name: str) -> dict[str, float]:
             "over_50ms": round((count - under) / count, 3) if count else 0.0}
 
 
+_PG_WORK = """SELECT xact_commit AS commits, tup_inserted + tup_updated + tup_deleted AS rows_written,
+                     tup_returned AS rows_read, tup_fetched AS rows_fetched, blks_hit + blks_read AS blocks
+                FROM pg_stat_database WHERE datname = current_database()"""
+
+
+async def _pg_work(admin_url: str) -> dict[str, int]:
+    """The database's cumulative work counters: unlike CPU time, they do not move with this VM's core speed."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        row = await conn.fetchrow(_PG_WORK)
+    finally:
+        await conn.close()
+    assert row is not None
+    return {k: int(v) for k, v in row.items()}
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -235,6 +251,7 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
     iim_cpu_s = machine_cpu_s = self_cpu_s = 0.0
     pg_cpu_s: float | None = None
     statuses: dict[int, int] = {}
+    work_before: dict[str, int] = {}
     try:
         await _wait_port(bridge_port, proc, log)
         ctx = ssl.create_default_context()
@@ -273,6 +290,7 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
                     await resp.read()
 
             await asyncio.gather(*(warm(n) for n in range(64)))
+            work_before = await _pg_work(db.admin_url)
             cpu_before = _cpu_seconds(proc.pid)
             machine_before, self_before = _machine_busy_seconds(), time.process_time()
             pg_before = None if os.environ.get("IIM_BENCH_DATABASE_URL") else _server_cpu_seconds(DATA / "pg")
@@ -304,6 +322,9 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
         if proc.poll() is None:
             proc.kill()
         await emu.close()
+    # After IIM exited: its backends report their counters as they end.
+    work_after = await _pg_work(db.admin_url) if work_before else {}
+    pg_work = {k: round((work_after[k] - work_before[k]) / max(1, len(sent)), 1) for k in work_after}
 
     latencies = [(arrived[e][0] - t) * 1e3 for e, t in sent.items() if e in arrived]
     if trace is not None:
@@ -325,7 +346,8 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
         "iim_loop_lag": loop_lag, "iim_cpu_ms_per_event": round(iim_cpu_s / max(1, len(sent)) * 1e3, 2),
         "load_and_emulator_cpu_ms_per_event": round(self_cpu_s / max(1, len(sent)) * 1e3, 2),
         "postgres_cpu_ms_per_event": round(pg_cpu_s / max(1, len(sent)) * 1e3, 2) if pg_cpu_s is not None else None,
-        "machine_cpu_ms_per_event": round(machine_cpu_s / max(1, len(sent)) * 1e3, 2), "machine": machine(),
+        "machine_cpu_ms_per_event": round(machine_cpu_s / max(1, len(sent)) * 1e3, 2),
+        "postgres_work_per_event": pg_work, "machine": machine(),
     }
 
 

@@ -136,6 +136,35 @@ async def test_an_events_device_is_found_through_an_index(admin_conn: Connection
     assert "Seq Scan" not in plan, plan
 
 
+#: Lookups by key on the alarm path, and the primary key each must use however empty its table was when a
+#: pooled connection planned it (the foreign-key check of iim.incident is PostgreSQL's own RI query).
+KEY_LOOKUPS = {
+    "SELECT 1 FROM ONLY iim.incident x WHERE tenant_id = $1 AND id = $2 FOR KEY SHARE OF x": "incident_pkey",
+    "SELECT e.fingerprint FROM iim.device_event e WHERE e.tenant_id = $1 AND e.event_id = $2::text":
+        "device_event_pkey",
+    "SELECT a.outcome FROM iim.incident_action a WHERE a.tenant_id = $1 AND a.key = $2::text": "incident_action_pkey",
+}
+
+
+async def test_lookups_by_key_planned_on_empty_tables_use_the_primary_keys(pg_empty_db: PgDatabase) -> None:
+    """A plan made before the first ANALYZE is kept by each connection; a secondary tenant_id index would read
+    the whole tenant on every lookup as the ledger grows (it did before 0016)."""
+    conn = await asyncpg.connect(pg_empty_db.admin_url)
+    try:
+        await migrate.upgrade(conn)
+        tenant = await conn.fetchval("INSERT INTO iim.tenant (id, name) VALUES (gen_random_uuid(), 'plans') RETURNING id")
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        await conn.execute("SET ROLE iim_app")
+        await conn.execute(f"SELECT set_config('app.tenant', '{tenant}', false)")
+        for n, (sql, index) in enumerate(KEY_LOOKUPS.items()):
+            await conn.execute(f"PREPARE lookup{n} AS {sql}")
+            argument = "gen_random_uuid()" if "incident x" in sql else "'k'"
+            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE lookup{n}('{tenant}', {argument})"))
+            assert f"using {index} on" in plan, plan
+    finally:
+        await conn.close()
+
+
 async def test_a_failing_migration_rolls_back_entirely(pg_empty_db: PgDatabase) -> None:
     conn = await asyncpg.connect(pg_empty_db.admin_url)
     try:
