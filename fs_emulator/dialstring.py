@@ -138,7 +138,7 @@ def _take_block(text: str, opener: str) -> tuple[dict[str, str], str]:
 def _find_close(text: str, opener: str, closer: str) -> int:
     depth = 0
     quote = False
-    for match in _marks(closer).finditer(text):
+    for match in _marks(closer).finditer(text):  # brackets and quotes are marks whatever the separator
         mark = match.group()
         if mark == "'":
             quote = not quote

@@ -229,13 +229,11 @@ class IncidentWorker:
         pruned_at = float("-inf")
         while True:
             await asyncio.sleep(self.settings.sweep_interval_s)
+            if time.monotonic() - pruned_at >= self.settings.window_prune_interval_s:
+                pruned_at = time.monotonic()
+                await self._prune_windows()
             try:
                 due = await store.due_incidents(self.pool, 500)
-                if time.monotonic() - pruned_at >= self.settings.window_prune_interval_s:
-                    pruned = await store.prune_originate_windows(self.pool)
-                    pruned_at = time.monotonic()
-                    if pruned:
-                        log.info("toll-fraud counters: %d rows older than the caps' window deleted", pruned)
             except STORE_DOWN_ERRORS as exc:
                 log.warning("deadline sweep: store unavailable (%s); retrying", type(exc).__name__)
                 continue
@@ -245,6 +243,18 @@ class IncidentWorker:
                 except Exception:
                     # One incident's failure must not stop the others' deadlines; it is swept again next time.
                     log.exception("deadline tick failed", extra={"incident_id": str(incident_id)})
+
+    async def _prune_windows(self) -> None:
+        """Housekeeping beside the sweep: its failure is logged and retried later, never stops deadlines."""
+        try:
+            pruned = await store.prune_originate_windows(self.pool)
+        except STORE_DOWN_ERRORS as exc:
+            log.warning("toll-fraud counters not pruned: store unavailable (%s)", type(exc).__name__)
+        except Exception:
+            log.exception("toll-fraud counters not pruned")
+        else:
+            if pruned:
+                log.info("toll-fraud counters: %d rows older than the caps' window deleted", pruned)
 
     # ------------------------------------------------------------------ tick
     async def _tick_job(self, job: pgq_models.Job) -> None:

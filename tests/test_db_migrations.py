@@ -4,6 +4,7 @@ for the multi-tenant rules (tenant_id in every key, RLS forced everywhere, iim_o
 from __future__ import annotations
 
 import time
+from uuid import UUID
 
 import asyncpg
 import pytest
@@ -75,14 +76,20 @@ async def test_refuses_an_edited_applied_migration(pg_empty_db: PgDatabase) -> N
         await conn.close()
 
 
+async def _tenant_with_household(conn: asyncpg.Connection, name: str) -> tuple[UUID, UUID]:
+    """A tenant and one household in it, written directly (as the superuser, on an older schema)."""
+    tenant = await conn.fetchval("INSERT INTO iim.tenant (id, name) VALUES (gen_random_uuid(), $1) RETURNING id", name)
+    household = await conn.fetchval(
+        "INSERT INTO iim.household (tenant_id, name, time_zone) VALUES ($1, 'h', 'UTC') RETURNING id", tenant)
+    return tenant, household
+
+
 async def test_calls_counted_before_0012_are_settled_unless_still_ringing(pg_empty_db: PgDatabase) -> None:
     shipped = migrate.available_migrations()
     conn = await asyncpg.connect(pg_empty_db.admin_url)  # a superuser: row-level security does not apply
     try:
         await migrate.upgrade(conn, migrations=[m for m in shipped if m.version < 12])
-        tenant = await conn.fetchval("INSERT INTO iim.tenant (id, name) VALUES (gen_random_uuid(), 'before-0012') RETURNING id")
-        household = await conn.fetchval(
-            "INSERT INTO iim.household (tenant_id, name, time_zone) VALUES ($1, 'h', 'UTC') RETURNING id", tenant)
+        tenant, household = await _tenant_with_household(conn, "before-0012")
         device = await conn.fetchval(
             "INSERT INTO iim.device (tenant_id, household_id, name, type, external_id) "
             "VALUES ($1, $2, 'smoke', 'sensor', 'd-1') RETURNING id", tenant, household)
@@ -109,9 +116,7 @@ async def test_devices_sharing_an_external_id_stop_0013_with_the_id_named(pg_emp
     conn = await asyncpg.connect(pg_empty_db.admin_url)  # a superuser: row-level security does not apply
     try:
         await migrate.upgrade(conn, migrations=[m for m in shipped if m.version < 13])
-        tenant = await conn.fetchval("INSERT INTO iim.tenant (id, name) VALUES (gen_random_uuid(), 'dup') RETURNING id")
-        household = await conn.fetchval(
-            "INSERT INTO iim.household (tenant_id, name, time_zone) VALUES ($1, 'h', 'UTC') RETURNING id", tenant)
+        tenant, household = await _tenant_with_household(conn, "dup")
         for name in ("smoke", "co"):
             await conn.execute("INSERT INTO iim.device (tenant_id, household_id, name, type, external_id) "
                                "VALUES ($1, $2, $3, 'sensor', 'kitchen-1')", tenant, household, name)
