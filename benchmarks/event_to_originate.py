@@ -1,6 +1,6 @@
 """From a signed device event to the alert call leaving for FreeSWITCH: latency, losses, duplicates.
 
-    python -m benchmarks.event_to_originate [--rate 200] [--duration 60] [--drain 30]
+    python -m benchmarks.event_to_originate [--rate 200] [--duration 60] [--drain 30] [--warmup 5]
 
 IIM runs as a real ``iim serve`` process (HTTPS device bridge, PostgreSQL intake with its pgqueuer job,
 the scenario worker, originate over inbound ESL). This process is the outside world: it posts
@@ -10,6 +10,12 @@ left to FreeSWITCH's TTS (``IIM_ALERT_PROMPT_TTS=freeswitch``, as on a separate 
 unique prompt per call with espeak-ng on this 2-core machine would be measured instead of the alarm path. Every event
 comes from its own device (its own household and owner), so every accepted event must yield exactly
 one originate; the emulator answers and the owner presses 1 (alarm confirmed), which ends the incident.
+
+A warm-up of ``--warmup`` seconds at the same rate, from other devices, comes first and is reported
+apart (``warmup_*``): the measured minute is a running IIM's, whose pooled backends have their plans and
+caches; ``--warmup 0`` measures from a cold start. During the measured minute this process's cyclic
+collector is off (after a full collection and a freeze; on again after): its pauses, tens of ms as the
+bookkeeping of 12,000 alarms grows, would otherwise be read as alarm latency.
 
 Latency: from just before the POST is written to the originate arriving at the emulator, both on this
 process's monotonic clock. ``lost``: accepted events with no originate by the end of the drain.
@@ -22,6 +28,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import gc
 import json
 import os
 import secrets
@@ -160,9 +167,10 @@ async def _seed(admin_url: str, devices: int, secret_file: Path) -> uuid.UUID:
                   FROM generate_series(1, $3) i""", tenant, t, devices)
             await conn.execute("INSERT INTO iim.originate_limit (tenant_id, max_concurrent, max_per_hour) "
                                "VALUES ($1, 10000, 1000000)", tenant)
-        # As after any bulk import: planner statistics that know the new rows (autovacuum would get there
-        # within a minute; the run starts now).
-        await conn.execute("ANALYZE iim.household, iim.subscriber, iim.device, iim.binding")
+        # As after any bulk import into a newly migrated database: planner statistics that know the new rows,
+        # and the catalogs the migrations churned vacuumed (autovacuum would get to both within its first
+        # minute, in the middle of the run).
+        await conn.execute("VACUUM ANALYZE")
     finally:
         await conn.close()
     return tenant
@@ -221,24 +229,28 @@ async def _fresh_database() -> Database:
                            database="iim_e2o", demo=False)
 
 
-async def run(rate: float, duration: float, drain: float, trace: Path | None = None) -> dict[str, Any]:
+async def run(rate: float, duration: float, drain: float, trace: Path | None = None,
+              warmup: float = 5.0) -> dict[str, Any]:
     DATA.mkdir(exist_ok=True)
     db = await _fresh_database()
     events = int(rate * duration)
+    warm_events = int(rate * warmup)
     secret = secrets.token_bytes(32)
     secret_file = DATA / "e2o.whsec"
     secret_file.write_text("whsec_" + base64.b64encode(secret).decode())
     secret_file.chmod(0o600)
-    tenant = await _seed(db.admin_url, events, secret_file)
+    tenant = await _seed(db.admin_url, events + warm_events, secret_file)
 
     emu = FreeSwitchEmulator(default_target=TargetBehaviour.answer(after_ms=0, dtmf="1"))
     arrived: dict[str, list[float]] = {}
+    awaited: set[str] = set()
     all_arrived = asyncio.Event()
-    expected = [events]
 
     def on_originate(record: OriginateRecord) -> None:
-        arrived.setdefault(record.variables.get("iim_event_id", "?"), []).append(time.monotonic())
-        if len(arrived) >= expected[0]:
+        event_id = record.variables.get("iim_event_id", "?")
+        arrived.setdefault(event_id, []).append(time.monotonic())
+        awaited.discard(event_id)
+        if not awaited:
             all_arrived.set()
 
     emu.originate_listeners.append(on_originate)
@@ -254,6 +266,7 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
     pg_cpu_s: float | None = None
     statuses: dict[int, int] = {}
     work_before: dict[str, int] = {}
+    warm: dict[str, Any] = {}
     try:
         await _wait_port(bridge_port, proc, log)
         ctx = ssl.create_default_context()
@@ -263,16 +276,17 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
         async with aiohttp.ClientSession(connector=connector) as session:
             url = f"https://127.0.0.1:{bridge_port}/v1/events"
 
-            async def post(i: int) -> None:
-                event_id = f"e2o-{tenant.hex[:8]}-{i}"
-                body = json.dumps({"event_id": event_id, "device_id": f"e2o-{i + 1}", "type": "smoke",
+            async def post(event_id: str, device: int, sent: dict[str, float],
+                           statuses: dict[int, int]) -> None:
+                body = json.dumps({"event_id": event_id, "device_id": f"e2o-{device}", "type": "smoke",
                                    "occurred_at": "2026-11-25T10:00:00+03:00", "payload": {"ppm": 400}}).encode()
                 ts = int(time.time())
                 msg_id = f"msg_{event_id}"
                 headers = {"Content-Type": "application/json", "IIM-Tenant": str(tenant),
-                           "IIM-Device": f"e2o-{i + 1}", "webhook-id": msg_id, "webhook-timestamp": str(ts),
+                           "IIM-Device": f"e2o-{device}", "webhook-id": msg_id, "webhook-timestamp": str(ts),
                            "webhook-signature": sign_webhook(msg_id, ts, body, secret)}
                 sent[event_id] = time.monotonic()
+                awaited.add(event_id)
                 try:
                     async with session.post(url, data=body, headers=headers) as resp:
                         await resp.read()
@@ -281,35 +295,65 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
                         statuses[resp.status] = statuses.get(resp.status, 0) + 1
                         if resp.status != 202:
                             sent.pop(event_id, None)
+                            awaited.discard(event_id)
                 except aiohttp.ClientError:
                     statuses[0] = statuses.get(0, 0) + 1
                     sent.pop(event_id, None)
+                    awaited.discard(event_id)
+
+            async def offer(ids: list[tuple[str, int]], sent: dict[str, float],
+                            statuses: dict[int, int]) -> float:
+                """Open loop at ``rate``; returns the seconds it took to offer them all."""
+                started = time.monotonic()
+                tasks = []
+                for n, (event_id, device) in enumerate(ids):
+                    delay = started + n / rate - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    tasks.append(asyncio.create_task(post(event_id, device, sent, statuses)))
+                offered = time.monotonic() - started
+                await asyncio.gather(*tasks)
+                if not awaited:
+                    all_arrived.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(all_arrived.wait(), drain)
+                all_arrived.clear()
+                return offered
 
             # The 64 keep-alive TLS connections are opened before the clock starts, as a gateway holding
             # its connections would have them (their handshakes are not the alarm path).
-            async def warm(_: int) -> None:
+            async def connect(_: int) -> None:
                 async with session.get(f"https://127.0.0.1:{bridge_port}/openapi.json") as resp:
                     await resp.read()
 
-            await asyncio.gather(*(warm(n) for n in range(64)))
+            await asyncio.gather(*(connect(n) for n in range(64)))
+            # Warm-up, not measured: a running IIM has its pooled backends' plans and caches, and the
+            # ledger's first rows; a cold start is reported apart (``warmup_*``).
+            if warm_events:
+                warm_sent: dict[str, float] = {}
+                warm_statuses: dict[int, int] = {}
+                await offer([(f"e2o-{tenant.hex[:8]}-w{i}", events + i + 1) for i in range(warm_events)],
+                            warm_sent, warm_statuses)
+                warm_ms = [(arrived[e][0] - t) * 1e3 for e, t in warm_sent.items() if e in arrived]
+                warm = {"warmup_events": warm_events, "warmup_p50_ms": round(_percentile(warm_ms, 0.5), 1),
+                        "warmup_p99_ms": round(_percentile(warm_ms, 0.99), 1),
+                        "warmup_lost": sum(1 for e in warm_sent if e not in arrived)}
+                answered.clear()
+                accept_ms.clear()
             work_before = await _pg_work(db.admin_url)
             cpu_before = _cpu_seconds(proc.pid)
             machine_before, self_before = _machine_busy_seconds(), time.process_time()
             pg_before = None if os.environ.get("IIM_BENCH_DATABASE_URL") else _server_cpu_seconds(DATA / "pg")
-            started = time.monotonic()
-            tasks = []
-            for i in range(events):
-                delay = started + i / rate - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(post(i)))
-            offered_s = time.monotonic() - started
-            await asyncio.gather(*tasks)
-            expected[0] = len(sent)
-            if len(arrived) >= expected[0]:
-                all_arrived.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(all_arrived.wait(), drain)
+            # This process is the measuring instrument: its own collector pauses (tens of ms as the
+            # bookkeeping of 12,000 alarms grows) would be read as alarm latency.
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+            try:
+                offered_s = await offer([(f"e2o-{tenant.hex[:8]}-{i}", i + 1) for i in range(events)], sent,
+                                        statuses)
+            finally:
+                gc.enable()
             iim_cpu_s = _cpu_seconds(proc.pid) - cpu_before
             machine_cpu_s = _machine_busy_seconds() - machine_before
             self_cpu_s = time.process_time() - self_before
@@ -344,7 +388,7 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
         "p50_ms": round(_percentile(latencies, 0.50), 1), "p90_ms": round(_percentile(latencies, 0.90), 1),
         "p99_ms": round(_percentile(latencies, 0.99), 1), "max_ms": round(max(latencies, default=float("nan")), 1),
         "lost": lost, "duplicated": duplicated, "accept_p50_ms": round(_percentile(answered, 0.5), 1),
-        "accept_p99_ms": round(_percentile(answered, 0.99), 1),
+        "accept_p99_ms": round(_percentile(answered, 0.99), 1), **warm,
         "iim_loop_lag": loop_lag, "iim_cpu_ms_per_event": round(iim_cpu_s / max(1, len(sent)) * 1e3, 2),
         "load_and_emulator_cpu_ms_per_event": round(self_cpu_s / max(1, len(sent)) * 1e3, 2),
         "postgres_cpu_ms_per_event": round(pg_cpu_s / max(1, len(sent)) * 1e3, 2) if pg_cpu_s is not None else None,
@@ -358,6 +402,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="events per second")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of sustained load")
     parser.add_argument("--drain", type=float, default=30.0, help="seconds to wait for the last originates")
+    parser.add_argument("--warmup", type=float, default=5.0,
+                        help="seconds of unmeasured load first, from other devices (0: measure from a cold start)")
     parser.add_argument("--trace", type=Path, help="write one JSON line per event (send time, accept, originate)")
     args = parser.parse_args()
     try:
@@ -366,7 +412,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    print(json.dumps(asyncio.run(run(args.rate, args.duration, args.drain, args.trace))))
+    print(json.dumps(asyncio.run(run(args.rate, args.duration, args.drain, args.trace, args.warmup))))
 
 
 if __name__ == "__main__":
