@@ -313,11 +313,12 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
                     tasks.append(asyncio.create_task(post(event_id, device, sent, statuses)))
                 offered = time.monotonic() - started
                 await asyncio.gather(*tasks)
+                # Set whenever the originates caught up with the posts so far; from here only by the last.
+                all_arrived.clear()
                 if not awaited:
                     all_arrived.set()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(all_arrived.wait(), drain)
-                all_arrived.clear()
                 return offered
 
             # The 64 keep-alive TLS connections are opened before the clock starts, as a gateway holding
