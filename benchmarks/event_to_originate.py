@@ -266,7 +266,8 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
     pg_cpu_s: float | None = None
     statuses: dict[int, int] = {}
     work_before: dict[str, int] = {}
-    warm: dict[str, Any] = {}
+    warm_sent: dict[str, float] = {}
+    warm_statuses: dict[int, int] = {}
     try:
         await _wait_port(bridge_port, proc, log)
         ctx = ssl.create_default_context()
@@ -331,14 +332,8 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
             # Warm-up, not measured: a running IIM has its pooled backends' plans and caches, and the
             # ledger's first rows; a cold start is reported apart (``warmup_*``).
             if warm_events:
-                warm_sent: dict[str, float] = {}
-                warm_statuses: dict[int, int] = {}
                 await offer([(f"e2o-{tenant.hex[:8]}-w{i}", events + i + 1) for i in range(warm_events)],
                             warm_sent, warm_statuses)
-                warm_ms = [(arrived[e][0] - t) * 1e3 for e, t in warm_sent.items() if e in arrived]
-                warm = {"warmup_events": warm_events, "warmup_p50_ms": round(_percentile(warm_ms, 0.5), 1),
-                        "warmup_p99_ms": round(_percentile(warm_ms, 0.99), 1),
-                        "warmup_lost": sum(1 for e in warm_sent if e not in arrived)}
                 answered.clear()
                 accept_ms.clear()
             work_before = await _pg_work(db.admin_url)
@@ -383,6 +378,14 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
                          + "\n")
     lost = sum(1 for e in sent if e not in arrived)
     duplicated = sum(len(v) - 1 for e, v in arrived.items() if e in sent)
+    warm: dict[str, Any] = {}
+    if warm_events:
+        warm_ms = [(arrived[e][0] - t) * 1e3 for e, t in warm_sent.items() if e in arrived]
+        warm = {"warmup_events": warm_events, "warmup_statuses": {str(k): v for k, v in sorted(warm_statuses.items())},
+                "warmup_p50_ms": round(_percentile(warm_ms, 0.5), 1),
+                "warmup_p99_ms": round(_percentile(warm_ms, 0.99), 1),
+                "warmup_lost": sum(1 for e in warm_sent if e not in arrived),
+                "warmup_duplicated": sum(len(arrived[e]) - 1 for e in warm_sent if e in arrived)}
     return {
         "rate": rate, "duration_s": duration, "offered_rate": round(events / offered_s, 1), "events": events,
         "accepted": len(sent), "statuses": {str(k): v for k, v in sorted(statuses.items())},
