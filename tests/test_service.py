@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -60,6 +61,21 @@ async def test_service_routes_a_call_and_reports_it_on_metrics_and_health(urls: 
                 f"http://127.0.0.1:{service.http_port}/openapi.json") as resp:
             document = await resp.json()
         assert "/v1/tenants" in document["paths"]
+    finally:
+        await service.stop()
+
+
+async def test_what_the_service_builds_at_start_is_out_of_the_collectors_scans(urls: DatabaseUrls) -> None:
+    """A full collection on the call path must not rescan the routes, pools and caches built at start."""
+    gc.unfreeze()
+    service = Service(Settings(esl_port=0, http_port=0), database=urls)
+    await service.start()
+    try:
+        assert gc.get_freeze_count() > 0
+        tracked = {id(o) for o in gc.get_objects()}
+        assert id(service.outbound) not in tracked
+        assert service.router is not None
+        assert id(service.router) not in tracked  # built after the policy cache froze its load
     finally:
         await service.stop()
 
