@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     # Connections of the service role, all opened at start: a burst of alarms must not wait for new
     # connections (SCRAM, role check, type introspection cost tens of ms each on a busy host). More is not
     # faster: each backend compiles its own plans and caches, and on a 2-core database host 16 of them
-    # doubled the alarm path's p99 against 6-8 (BENCHMARKS.md). About 2x the database's cores + 2.
+    # doubled the alarm path's p99 against 4-8 (BENCHMARKS.md). A few per database core.
     db_pool_size: int = Field(default=8, ge=2, le=500)
     data_dir: str = ".iim-data/pg"
     demo_data: bool = True
