@@ -358,9 +358,10 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
             async with session.get(f"http://127.0.0.1:{http_port}/metrics") as resp:
                 loop_lag = _histogram(await resp.text(), "iim_event_loop_lag_seconds")
     finally:
+        # Waited for off the event loop: IIM's graceful stop hangs up through the emulator this loop runs.
         proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(20)
+            await asyncio.to_thread(proc.wait, 20)
         if proc.poll() is None:
             proc.kill()
         await emu.close()
