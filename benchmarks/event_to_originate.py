@@ -277,8 +277,8 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
         async with aiohttp.ClientSession(connector=connector) as session:
             url = f"https://127.0.0.1:{bridge_port}/v1/events"
 
-            async def post(event_id: str, device: int, sent: dict[str, float],
-                           statuses: dict[int, int]) -> None:
+            async def post(event_id: str, device: int, sent_at: dict[str, float],
+                           counts: dict[int, int]) -> None:
                 body = json.dumps({"event_id": event_id, "device_id": f"e2o-{device}", "type": "smoke",
                                    "occurred_at": "2026-11-25T10:00:00+03:00", "payload": {"ppm": 400}}).encode()
                 ts = int(time.time())
@@ -286,24 +286,24 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
                 headers = {"Content-Type": "application/json", "IIM-Tenant": str(tenant),
                            "IIM-Device": f"e2o-{device}", "webhook-id": msg_id, "webhook-timestamp": str(ts),
                            "webhook-signature": sign_webhook(msg_id, ts, body, secret)}
-                sent[event_id] = time.monotonic()
+                sent_at[event_id] = time.monotonic()
                 awaited.add(event_id)
                 try:
                     async with session.post(url, data=body, headers=headers) as resp:
                         await resp.read()
-                        answered.append((time.monotonic() - sent[event_id]) * 1e3)
+                        answered.append((time.monotonic() - sent_at[event_id]) * 1e3)
                         accept_ms[event_id] = answered[-1]
-                        statuses[resp.status] = statuses.get(resp.status, 0) + 1
+                        counts[resp.status] = counts.get(resp.status, 0) + 1
                         if resp.status != 202:
-                            sent.pop(event_id, None)
+                            sent_at.pop(event_id, None)
                             awaited.discard(event_id)
                 except aiohttp.ClientError:
-                    statuses[0] = statuses.get(0, 0) + 1
-                    sent.pop(event_id, None)
+                    counts[0] = counts.get(0, 0) + 1
+                    sent_at.pop(event_id, None)
                     awaited.discard(event_id)
 
-            async def offer(ids: list[tuple[str, int]], sent: dict[str, float],
-                            statuses: dict[int, int]) -> float:
+            async def offer(ids: list[tuple[str, int]], sent_at: dict[str, float],
+                            counts: dict[int, int]) -> float:
                 """Open loop at ``rate``; returns the seconds it took to offer them all."""
                 started = time.monotonic()
                 tasks = []
@@ -311,7 +311,7 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
                     delay = started + n / rate - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                    tasks.append(asyncio.create_task(post(event_id, device, sent, statuses)))
+                    tasks.append(asyncio.create_task(post(event_id, device, sent_at, counts)))
                 offered = time.monotonic() - started
                 await asyncio.gather(*tasks)
                 # Set whenever the originates caught up with the posts so far; from here only by the last.
