@@ -118,7 +118,7 @@ class Script:
 
 async def capture(app_port: int, destination: str) -> Script:
     """Place one emulated call through a recording proxy and cut it into per-command steps."""
-    from fs_emulator import CallSpec, FreeSwitchEmulator, TargetBehaviour
+    from fs_app.testing import CallSpec, FreeSwitchEmulator, TargetBehaviour
 
     chunks: list[tuple[str, bytes]] = []
 

@@ -46,9 +46,9 @@ import aiohttp
 import asyncpg
 
 from benchmarks._bench_db import DATA, machine
-from fs_emulator import FreeSwitchEmulator, TargetBehaviour
-from fs_emulator.spec import OriginateRecord
-from iot_bridge.signing import sign_webhook
+from fs_app.testing import FreeSwitchEmulator, TargetBehaviour
+from fs_app.testing.spec import OriginateRecord
+from iim.core.signing import sign_webhook
 from policy_cache.bootstrap import Database, bootstrap, with_url
 
 ROOT = Path(__file__).resolve().parents[1]

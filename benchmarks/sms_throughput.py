@@ -4,7 +4,7 @@
 
 N messages are queued in ``iim.sms_outbox`` across tenants (one bulk INSERT per tenant and chunk, through
 the app role and RLS). Then the real sender runs: ``iim.sms_claim`` -> ``SmppTransport`` (aiosmpplib, one
-transceiver bind, window 128) -> the SMSC simulator (``messaging.smsc_sim``, smpp34, its own process) on
+transceiver bind, window 128) -> the SMSC simulator (``iim.sms.smsc_sim``, smpp34, its own process) on
 loopback -> outcomes written back per tenant. When half of the messages are at the SMSC, the simulator is
 killed (SIGKILL, submits in flight) and restarted 1 s later on the same port; the sender rebinds and
 drains the queue. The counts come from the simulator's own log (every accepted part, written before it
@@ -42,9 +42,9 @@ import uvloop
 
 from benchmarks._bench_db import machine
 from iim.logs import configure
-from messaging.outbox import RECEIPTS, RETRIES, BackoffPolicy, SmsSender
-from messaging.smpp import SmppSettings, SmppTransport
-from messaging.smsc_sim import SmscProcess, read_log
+from iim.sms.outbox import RECEIPTS, RETRIES, BackoffPolicy, SmsSender
+from iim.sms.smpp import SmppSettings, SmppTransport
+from iim.sms.smsc_sim import SmscProcess, read_log
 from policy_cache import repository
 from policy_cache.bootstrap import bootstrap
 from policy_cache.db import DbRole, Pool, connect_pool, tenant_tx

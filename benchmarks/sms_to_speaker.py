@@ -5,17 +5,17 @@
 A fresh PostgreSQL (embedded in a temporary directory, or ``IIM_BENCH_DATABASE_URL``) holds one tenant
 with a household at home, a subscriber with a ``read_sms`` consent and a cloud speaker.
 
-``--via smpp`` (default): the SMSC simulator (``messaging.smsc_sim``, its own process) sends a real
-``deliver_sm`` to IIM's SMPP transceiver bind (``messaging.smpp.SmppTransport``); ``messaging.outbox``
+``--via smpp`` (default): the SMSC simulator (``iim.sms.smsc_sim``, its own process) sends a real
+``deliver_sm`` to IIM's SMPP transceiver bind (``iim.sms.smpp.SmppTransport``); ``iim.sms.outbox``
 stores the MO and calls the hook, :meth:`SmsReadoutService.on_mo`. The clock starts when the simulator
 is told to deliver (so its control-HTTP hop is included). ``--via hook``: the clock starts when
 ``on_mo`` is called, as the messaging layer calls it.
 
 The clock stops when the vendor cloud - a real aiohttp HTTP server on loopback, in this process -
 receives the ``deliver_tts`` request. In between: the advisory lock and the idempotency check, the
-registry reads under RLS, the decision, the claim's audit row and its commit, TTS (``tts.engine.EspeakTts``
+registry reads under RLS, the decision, the claim's audit row and its commit, TTS (``iim.tts.engine.EspeakTts``
 with espeak-ng, rendered once before the run: every message is a cache hit), the signed URL
-(``tts.urls.AudioUrlSigner``) and the HTTP POST over a keep-alive connection. Messages are sent one after
+(``iim.tts.urls.AudioUrlSigner``) and the HTTP POST over a keep-alive connection. Messages are sent one after
 the other. The last line is one JSON object.
 """
 
@@ -39,7 +39,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from benchmarks._bench_db import machine
-from connectors.contract import (
+from iim.connectors.contract import (
     Capability,
     Connector,
     ConnectorHealth,
@@ -50,11 +50,13 @@ from connectors.contract import (
     UserActionRequest,
     UserActionResult,
 )
-from home_delivery.ports import ConnectorLookup
-from home_delivery.sms_readout import SmsReadoutService
-from messaging.outbox import MoHook, SmsSender
-from messaging.smpp import SmppSettings, SmppTransport
-from messaging.smsc_sim import SmscProcess
+from iim.home.ports import ConnectorLookup
+from iim.home.sms_readout import SmsReadoutService
+from iim.sms.outbox import MoHook, SmsSender
+from iim.sms.smpp import SmppSettings, SmppTransport
+from iim.sms.smsc_sim import SmscProcess
+from iim.tts.engine import EspeakTts
+from iim.tts.urls import AudioUrlSigner
 from policy_cache import repository
 from policy_cache.bootstrap import bootstrap
 from policy_cache.db import DbRole, Pool, connect_pool, tenant_tx
@@ -72,8 +74,6 @@ from policy_cache.models import (
     SubscriberCreate,
     TenantCreate,
 )
-from tts.engine import EspeakTts
-from tts.urls import AudioUrlSigner
 
 OWNER = "+79001234567"
 SENDER = "79161234567"
@@ -250,7 +250,7 @@ async def main(messages: int, warmup: int, via: str) -> dict[str, object]:
         "messages": len(latencies),
         "via": via,
         "outcomes": outcomes,
-        "tts": f"tts.engine.EspeakTts ({shutil.which('espeak-ng')}): {stats.renders} render(s), {stats.hits} hits",
+        "tts": f"iim.tts.engine.EspeakTts ({shutil.which('espeak-ng')}): {stats.renders} render(s), {stats.hits} hits",
         "target_p99_ms": 100,
         "machine": machine(),
     }

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from fs_app.esl import (
     new_uuid,
     serialise,
 )
+from iim.core.retry import backoff_delay
 
 log = logging.getLogger("iim.esl.inbound")
 
@@ -86,16 +86,6 @@ class BackgroundJobResult:
         if self.body.startswith(("+OK", "-ERR")):
             return self.body.partition(" ")[2].strip()
         return self.body.strip()
-
-
-def backoff_delay(attempt: int, initial: float, ceiling: float, rng: random.Random | None = None) -> float:
-    """Delay before reconnect ``attempt`` (1-based): exponential, capped, jittered in [d/2, d].
-
-    Jitter keeps a fleet of IIM instances from reconnecting in lockstep after a
-    FreeSWITCH restart (the reconnect storms seen in FusionPBX and OpenSIPS).
-    """
-    delay = min(ceiling, initial * 2 ** min(attempt - 1, 32))
-    return (rng or random).uniform(delay / 2, delay)
 
 
 class _InboundProtocol(asyncio.Protocol):

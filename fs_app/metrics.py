@@ -10,12 +10,11 @@ from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client import Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-REGISTRY = CollectorRegistry(auto_describe=True)
-ProcessCollector(registry=REGISTRY)
+from iim.core.metrics import REGISTRY
 
 CALLS = Counter("iim_esl_calls", "Outbound-socket calls handled, by result", ["result"], registry=REGISTRY)
 CALLS_ACTIVE = Gauge("iim_esl_calls_active", "Outbound-socket calls in progress", registry=REGISTRY)

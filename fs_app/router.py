@@ -36,7 +36,7 @@ class SnapshotSource(Protocol):
 
 DecisionSink = Callable[[CallFacts, RoutingDecision | None, str], None]
 MissedCallNotifier = Callable[[RoutingSnapshot, CallFacts], Awaitable[None]]
-#: Takes a call whose home is only cloud speakers (``home_delivery.cloud_call.cloud_call_step``).
+#: Takes a call whose home is only cloud speakers (``iim.home.cloud_call.cloud_call_step``).
 AnnouncementStep = Callable[[Call, RoutingDecision], Awaitable[str]]
 
 

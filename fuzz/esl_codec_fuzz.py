@@ -24,13 +24,12 @@ from pathlib import Path
 import atheris
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 with atheris.instrument_imports(include=["fs_app.esl"]):
     import fs_app.esl  # noqa: F401 - instrumented for coverage feedback
 
-from esl_fuzzing import check
+from tests.esl_fuzzing import check
 
 
 def chunk_sizes(mode: int) -> list[int]:

@@ -15,11 +15,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from esl_fixtures import all_fs_streams, chunks, split_frames, streams
-from esl_fuzzing import SYNTHETIC_FRAMES
+from tests.esl_fixtures import all_fs_streams, chunks, split_frames, streams
+from tests.esl_fuzzing import SYNTHETIC_FRAMES
 
 MAX_SEED = 16 * 1024
 

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="print JSON")
     explain.add_argument("--database-url", help="PostgreSQL URL (default IIM_DATABASE_URL, else embedded)")
     explain.set_defaults(func=cmd_explain_call)
-    from admin.cli import register_subcommands
+    from iim.admin.cli import register_subcommands
 
     register_subcommands(sub)
     return parser

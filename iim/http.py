@@ -7,7 +7,7 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from fs_app import metrics
+from iim.core import metrics
 
 HealthProbe = Callable[[], dict[str, object]]
 HEALTH_PROBES = web.AppKey("health_probes", list[HealthProbe])

@@ -18,44 +18,45 @@ from uuid import UUID
 from aiohttp import web
 from prometheus_client import Histogram
 
-from admin.api import create_registry_app, mount_registry
-from admin.settings import AdminSettings
-from connectors.http import CALLBACK_PREFIX, connector_callback_app, connector_health_routes
-from connectors.registry import ConnectorRegistry, default_context
-from fs_app import metrics
 from fs_app.call import Call
 from fs_app.dialstring import DialSettings
 from fs_app.inbound import InboundClient, InboundPool, InboundSettings
 from fs_app.outbound import OutboundServer, OutboundSettings
+from fs_app.outreach.calls import AlertCallPlacer
+from fs_app.outreach.ivr import IvrRegistry, with_alert_calls
 from fs_app.passthrough import make_passthrough_handler
 from fs_app.registrations import REGISTRATION_EVENTS, registration_listener
 from fs_app.router import PolicyRouter
-from home_delivery.cloud_call import CloudAnnouncer, cloud_call_step
-from home_delivery.outbox_sink import OutboxSmsSink
-from home_delivery.sms_readout import SmsReadoutService
+from iim.admin.api import create_registry_app, mount_registry
+from iim.admin.settings import AdminSettings
+from iim.call_audit import CallDecisionAudit
+from iim.connectors.http import CALLBACK_PREFIX, connector_callback_app, connector_health_routes
+from iim.connectors.registry import ConnectorRegistry, default_context
+from iim.core.metrics import REGISTRY
+from iim.core.secrets import resolve_secret
+from iim.home.cloud_call import CloudAnnouncer, cloud_call_step
+from iim.home.outbox_sink import OutboxSmsSink
+from iim.home.sms_readout import SmsReadoutService
 from iim.http import HealthProbe, create_app
-from iim.settings import Settings, resolve_secret
+from iim.scenarios.worker import IncidentWorker, WorkerSettings
+from iim.settings import Settings
+from iim.sms.outbox import OutboxRow, SmsSender
+from iim.sms.smpp import SmppSettings, SmppTransport
+from iim.tts.engine import EspeakTts
+from iim.tts.urls import AudioUrlSigner, audio_routes
 from iot_bridge.app import BridgeConfig, create_bridge_app
 from iot_bridge.ratelimit import RateLimitSettings
 from iot_bridge.server_cert import ensure_self_signed
 from iot_bridge.tls import TenantCaRegistry, server_context
-from messaging.outbox import OutboxRow, SmsSender
-from messaging.smpp import SmppSettings, SmppTransport
-from outreach.calls import AlertCallPlacer
-from outreach.ivr import IvrRegistry, with_alert_calls
 from policy_cache.audit import AuditFlusher
 from policy_cache.cache import PolicyCache
-from policy_cache.call_audit import CallDecisionAudit
 from policy_cache.db import DbRole, Pool, connect_pool
 from policy_cache.store import PgPolicyStore
-from scenarios.worker import IncidentWorker, WorkerSettings
-from tts.engine import EspeakTts
-from tts.urls import AudioUrlSigner, audio_routes
 
 log = logging.getLogger("iim.service")
 
 LOOP_LAG = Histogram("iim_event_loop_lag_seconds", "How late the event loop ran a 100 ms timer",
-                     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=metrics.REGISTRY)
+                     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=REGISTRY)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,11 +6,12 @@ references (``*_ref``) resolved from the environment at start.
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from iim.core.secrets import resolve_secret
 
 
 class FreeSwitchNode(BaseSettings):
@@ -23,26 +24,6 @@ class FreeSwitchNode(BaseSettings):
 
     def password(self) -> str:
         return resolve_secret(self.password_ref, default="ClueCon")
-
-
-def resolve_secret(ref: str, *, default: str | None = None) -> str:
-    """Resolve a ``credential_ref`` (``env:NAME`` or ``file:/path``); the value is never logged."""
-    scheme, _, where = ref.partition(":")
-    if scheme == "env":
-        value = os.environ.get(where)
-    elif scheme == "file":
-        try:
-            with open(where, encoding="utf-8") as fh:
-                value = fh.read().strip()
-        except OSError:
-            value = None
-    else:
-        raise ValueError(f"unsupported credential reference scheme {scheme!r} (use env: or file:)")
-    if value is None:
-        if default is None:
-            raise LookupError(f"credential reference {ref!r} does not resolve")
-        return default
-    return value
 
 
 class Settings(BaseSettings):

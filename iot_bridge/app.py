@@ -23,7 +23,7 @@ from uuid import UUID
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
-from fs_app.metrics import REGISTRY
+from iim.core.metrics import REGISTRY
 from iot_bridge import signing
 from iot_bridge.directory import DeviceDirectory, DeviceKeys
 from iot_bridge.events import (

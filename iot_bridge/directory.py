@@ -16,7 +16,7 @@ from uuid import UUID
 
 from cachetools import TTLCache
 
-from iim.settings import resolve_secret
+from iim.core.secrets import resolve_secret
 from iot_bridge.intake import KnownDevice
 from iot_bridge.signing import decode_secret, load_public_key
 from policy_cache.db import Pool, tenant_tx

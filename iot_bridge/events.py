@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from iot_bridge import strict_json
+from iim.core import strict_json
 from iot_bridge.event_types import EventType
 
 __all__ = [

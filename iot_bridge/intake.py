@@ -18,12 +18,13 @@ from uuid import UUID
 
 import asyncpg
 
+from iim.core.errors import STORE_UNAVAILABLE
 from iot_bridge.event_types import HAZARDS, EventType
 from iot_bridge.events import DeviceEvent
 from policy_cache import jobs
 from policy_cache.db import Connection, Pool, tenant_tx
 
-__all__ = ["STORE_DOWN_ERRORS", "IncidentJobs", "IncidentOpener", "IntakeOutcome", "KnownDevice", "StoreDown", "accept_event"]
+__all__ = ["IncidentJobs", "IncidentOpener", "IntakeOutcome", "KnownDevice", "StoreDown", "accept_event"]
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,6 @@ class IncidentJobs:
     ACTION = "incident.action"
 
 
-#: Errors meaning "PostgreSQL is not there right now" (retry later), as opposed to a bug or bad data.
-STORE_DOWN_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.TooManyConnectionsError, asyncpg.exceptions.ReadOnlySQLTransactionError,
-)
 
 
 class StoreDown(Exception):
@@ -102,7 +97,7 @@ async def accept_event(pool: Pool, device: KnownDevice, event: DeviceEvent, *, f
                       exc_info=failed.__cause__, extra={"event_id": event.event_id})
             return await _accept(pool, device, event, fingerprint=fingerprint, channel=channel, msg_id=msg_id,
                                  opener=None)
-    except STORE_DOWN_ERRORS as exc:
+    except STORE_UNAVAILABLE as exc:
         raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
 
 
@@ -146,7 +141,7 @@ async def _start(conn: Connection, device: KnownDevice, event: DeviceEvent, open
     if opener is not None:
         try:
             return await opener(conn, device.tenant_id, opened)
-        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError):
+        except STORE_UNAVAILABLE:
             raise
         except Exception as exc:  # any failure: the event is taken again without the decision
             raise _DecisionFailed(exc) from exc

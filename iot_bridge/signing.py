@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +31,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
-from iot_bridge import strict_json
+from iim.core import strict_json
+from iim.core.signing import (
+    MSG_ID,
+    MalformedSignature,
+    MissingSignatureHeaders,
+    SignatureError,
+    SignatureMismatch,
+    TimestampOutOfRange,
+    UnknownKey,
+    VerifiedMessage,
+    check_time,
+    decode_secret,
+    sign_webhook,
+    verify_webhook,
+)
 
 __all__ = [
     "JWS_ALGORITHMS", "PrivateKey", "PublicKey",
@@ -50,54 +62,10 @@ PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 #: The only JWS algorithms accepted: asymmetric, one curve each, no ``none``, no HMAC (key confusion).
 JWS_ALGORITHMS = frozenset({"ES256", "EdDSA"})
 
-_MSG_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _KID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
-_TIMESTAMP = re.compile(r"[0-9]{1,12}")
-_SIG_VERSION = re.compile(r"v[0-9]{1,3}[a-z]?")
 _B64URL_SEGMENT = re.compile(rb"[A-Za-z0-9_-]+")
-_MAX_SIGNATURE_HEADER = 2048
-_MAX_SIGNATURES = 16
 _MAX_JWS = 1 << 20
 _MAX_JWS_HEADER = 1024
-_MIN_SECRET = 24
-
-
-class SignatureError(Exception):
-    """The message is not proven authentic and fresh; answer 401. ``reason`` never echoes header values."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class MissingSignatureHeaders(SignatureError):
-    """One of ``webhook-id``, ``webhook-timestamp``, ``webhook-signature`` is absent."""
-
-
-class MalformedSignature(SignatureError):
-    """A header, token or claim does not have the required form."""
-
-
-class TimestampOutOfRange(SignatureError):
-    """Correctly signed, but too old or too far in the future."""
-
-
-class SignatureMismatch(SignatureError):
-    """Well-formed, but no signature verifies under any of the sender's keys."""
-
-
-class UnknownKey(SignatureError):
-    """No key is configured for the sender (unknown ``kid``, or an empty secret list)."""
-
-
-@dataclass(frozen=True, slots=True)
-class VerifiedMessage:
-    """A verified Standard Webhooks message. ``key_index`` is the position of the secret that matched
-    (watch it during rotation: once nothing matches index 0 any more, the old secret can go)."""
-
-    msg_id: str
-    timestamp: int
-    key_index: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,108 +78,6 @@ class VerifiedJws:
     algorithm: str
     claims: dict[str, Any] = field(repr=False)
     event_raw: bytes = field(repr=False)
-
-
-# --- Standard Webhooks v1 ---------------------------------------------------------------------------------
-
-def decode_secret(text: str) -> bytes:
-    """A ``whsec_<base64>`` (or bare base64) secret as bytes; ``ValueError`` when shorter than 24 bytes."""
-    body = text.strip().removeprefix("whsec_")
-    try:
-        secret = base64.b64decode(body, validate=True)
-    except binascii.Error:
-        raise ValueError("webhook secret is not base64") from None
-    if len(secret) < _MIN_SECRET:
-        raise ValueError(f"webhook secret must be at least {_MIN_SECRET} bytes, got {len(secret)}")
-    return secret
-
-
-def _webhook_digest(msg_id: str, timestamp: str, body: bytes, secret: bytes) -> bytes:
-    return hmac.new(secret, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-
-
-def sign_webhook(msg_id: str, timestamp: int, body: bytes, secret: bytes) -> str:
-    """The ``webhook-signature`` value (``v1,<base64>``) for a message; for senders, tests and benchmarks."""
-    return "v1," + base64.b64encode(_webhook_digest(msg_id, str(timestamp), body, secret)).decode()
-
-
-def _webhook_headers(headers: Mapping[str, str]) -> tuple[str, str, str]:
-    wanted = ("webhook-id", "webhook-timestamp", "webhook-signature")
-    found: dict[str, str] = {}
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in wanted:
-            if lower in found:
-                raise MalformedSignature(f"header {lower} given more than once")
-            found[lower] = value
-    missing = [name for name in wanted if name not in found]
-    if missing:
-        raise MissingSignatureHeaders(f"missing header(s): {', '.join(missing)}")
-    return found["webhook-id"], found["webhook-timestamp"], found["webhook-signature"]
-
-
-def _v1_signatures(header: str) -> list[bytes]:
-    """The decoded ``v1`` signatures; other versions (``v1a``...) are skipped, garbage refuses the header."""
-    if len(header) > _MAX_SIGNATURE_HEADER:
-        raise MalformedSignature("webhook-signature header too long")
-    entries = [entry for entry in header.split(" ") if entry]
-    if not entries:
-        raise MalformedSignature("webhook-signature header is empty")
-    if len(entries) > _MAX_SIGNATURES:
-        raise MalformedSignature(f"more than {_MAX_SIGNATURES} signatures")
-    signatures = []
-    for entry in entries:
-        version, comma, value = entry.partition(",")
-        if not comma or "," in value or not value or not _SIG_VERSION.fullmatch(version):
-            raise MalformedSignature("webhook-signature entries must be <version>,<signature>")
-        if version != "v1":
-            continue
-        try:
-            digest = base64.b64decode(value, validate=True)
-        except binascii.Error:
-            raise MalformedSignature("v1 signature is not base64") from None
-        if len(digest) != hashlib.sha256().digest_size:
-            raise MalformedSignature("v1 signature has the wrong length")
-        signatures.append(digest)
-    if not signatures:
-        raise MalformedSignature("no v1 signature")
-    return signatures
-
-
-def _check_time(timestamp: int, now: float, tolerance_s: int) -> None:
-    if timestamp < now - tolerance_s:
-        raise TimestampOutOfRange(f"timestamp more than {tolerance_s} s in the past")
-    if timestamp > now + tolerance_s:
-        raise TimestampOutOfRange(f"timestamp more than {tolerance_s} s in the future")
-
-
-def verify_webhook(headers: Mapping[str, str], body: bytes, secrets: Sequence[bytes], *, now: float,
-                   tolerance_s: int = 300) -> VerifiedMessage:
-    """Verify a Standard Webhooks ``v1`` message over the raw ``body`` (before any JSON parsing).
-
-    Any ``v1`` entry matching any of ``secrets`` passes (rotation: several secrets and/or several signatures).
-    Header names are matched case-insensitively; a repeated header is refused. Order of checks: see the module
-    docstring (format, key, signature, then the ±``tolerance_s`` timestamp window).
-    """
-    msg_id, timestamp_text, signature_header = _webhook_headers(headers)
-    if not _MSG_ID.fullmatch(msg_id):
-        raise MalformedSignature("webhook-id must be 1..128 characters of [A-Za-z0-9_.:-]")
-    if not _TIMESTAMP.fullmatch(timestamp_text):
-        raise MalformedSignature("webhook-timestamp must be integer unix seconds")
-    signatures = _v1_signatures(signature_header)
-    if not secrets:
-        raise UnknownKey("no webhook secret configured for this sender")
-    for index, secret in enumerate(secrets):
-        expected = _webhook_digest(msg_id, timestamp_text, body, secret)
-        # Compare against every entry (no early exit on the entries) so timing says nothing about which failed.
-        matched = False
-        for given in signatures:
-            matched |= hmac.compare_digest(expected, given)
-        if matched:
-            timestamp = int(timestamp_text)
-            _check_time(timestamp, now, tolerance_s)
-            return VerifiedMessage(msg_id=msg_id, timestamp=timestamp, key_index=index)
-    raise SignatureMismatch("no signature matches")
 
 
 # --- JWS (device-held private keys) ------------------------------------------------------------------------
@@ -311,7 +177,7 @@ def verify_jws(token: bytes, keys: Mapping[str, PublicKey], *, now: float, toler
     Header ``kid`` names the device and selects its key from ``keys``; ``alg`` must be ES256 or EdDSA and match
     the key. Claims: ``iat`` (int, within ±``tolerance_s`` of ``now``), ``jti`` (message id), ``sub`` (must equal
     ``kid``), ``event`` (object). ``exp``/``nbf``, when present, must be integers and hold at ``now`` (no leeway).
-    The payload is parsed with :func:`iot_bridge.strict_json.loads` (duplicate keys refused). Check order: see the
+    The payload is parsed with :func:`iim.core.strict_json.loads` (duplicate keys refused). Check order: see the
     module docstring.
     """
     token = token.strip(b" \t\r\n")
@@ -339,7 +205,7 @@ def verify_jws(token: bytes, keys: Mapping[str, PublicKey], *, now: float, toler
     if iat is None:
         raise MalformedSignature("claim iat is required")
     jti = claims.get("jti")
-    if not isinstance(jti, str) or not _MSG_ID.fullmatch(jti):
+    if not isinstance(jti, str) or not MSG_ID.fullmatch(jti):
         raise MalformedSignature("claim jti must be 1..128 characters of [A-Za-z0-9_.:-]")
     if claims.get("sub") != kid:
         raise SignatureMismatch("claim sub does not name the signing device")
@@ -347,7 +213,7 @@ def verify_jws(token: bytes, keys: Mapping[str, PublicKey], *, now: float, toler
     if not isinstance(event, dict):
         raise MalformedSignature("claim event must be an object")
     exp, nbf = _int_claim(claims, "exp"), _int_claim(claims, "nbf")
-    _check_time(iat, now, tolerance_s)
+    check_time(iat, now, tolerance_s)
     if exp is not None and now >= exp:
         raise TimestampOutOfRange("token expired")
     if nbf is not None and now < nbf:

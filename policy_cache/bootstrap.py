@@ -37,7 +37,7 @@ from uuid import UUID
 
 import asyncpg
 
-from iim.settings import resolve_secret
+from iim.core.secrets import resolve_secret
 from policy_cache import migrate, repository
 from policy_cache.db import Connection, DbRole, connect, tenant_tx
 from policy_cache.models import (

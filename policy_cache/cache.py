@@ -22,8 +22,8 @@ from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from fs_app import metrics
-from fs_app.inbound import backoff_delay
+from iim.core import metrics
+from iim.core.retry import backoff_delay
 from policy_cache.errors import ChangeLogTruncatedError
 from policy_cache.snapshot import RoutingSnapshot
 

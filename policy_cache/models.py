@@ -510,7 +510,7 @@ class CredentialRef(_Row):
 
 # -- scenario -------------------------------------------------------------------------------------------
 #
-# The definition columns are JSON here; their meaning and validation are scenarios.model.Scenario (which
+# The definition columns are JSON here; their meaning and validation are iim.scenarios.model.Scenario (which
 # imports this module's enums, hence no typed fields here). The repository refuses a definition that
 # does not validate, and the admin API validates its bodies with the typed models.
 
@@ -540,7 +540,7 @@ class ScenarioUpdate(_Input):
 
 
 class ScenarioRecord(_Row):
-    """A stored scenario (``scenarios.model.Scenario.from_record`` gives its typed definition)."""
+    """A stored scenario (``iim.scenarios.model.Scenario.from_record`` gives its typed definition)."""
 
     tenant_id: UUID
     id: UUID

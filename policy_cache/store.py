@@ -18,6 +18,7 @@ from uuid import UUID
 
 import asyncpg
 
+from iim.core.errors import STORE_UNAVAILABLE
 from policy_cache.cache import PolicyStoreUnavailable
 from policy_cache.db import Connection, DbRole, connect
 from policy_cache.errors import ChangeLogTruncatedError
@@ -33,13 +34,6 @@ from policy_cache.snapshot import RoutingSnapshot, SpeakerDevice, callers, compi
 
 CHANNEL = "iim_policy"
 
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, crash shutdown, cannot connect now
-)
 
 _SIP = frozenset({DeviceCapability.SIP, DeviceCapability.WEBRTC})
 
@@ -49,7 +43,7 @@ def unavailable_as_store_error() -> Iterator[None]:
     """Map PostgreSQL being away (not SQL mistakes) to PolicyStoreUnavailable."""
     try:
         yield
-    except _UNAVAILABLE as exc:
+    except STORE_UNAVAILABLE as exc:
         raise PolicyStoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from iot_bridge.signing import SignatureError, sign_webhook, verify_webhook
+from iim.core.signing import SignatureError, sign_webhook, verify_webhook
 
 SIGNING_SECRET = b"vendor-shared-secret-0123456789abcdef"
 SIGNING_SECRET_TEXT = "whsec_" + base64.b64encode(SIGNING_SECRET).decode()

@@ -1,4 +1,4 @@
-"""The fuzzing oracle shared by tests/test_esl_fuzz.py and fuzz/esl_codec_fuzz.py (atheris).
+"""The fuzzing oracle shared by tests/fs_app/test_esl_fuzz.py and fuzz/esl_codec_fuzz.py (atheris).
 
 For any input and any chunking, both decoders must
 

@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel
 
-from connectors.contract import (
+from iim.connectors.contract import (
     Capability,
     Connector,
     ConnectorError,

@@ -1,0 +1,383 @@
+"""Alert calls: ``bgapi originate`` with our own uuid, then the IVR result from the outbound socket.
+
+The originate text is built from validated parts only: a destination that is E.164
+or a ``sip:`` URI, variables with safe names and values, the gateway template of
+:class:`fs_app.dialstring.DialSettings`. The placer never raises for switch-side
+trouble; every way a call can end is a :class:`CallOutcome`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Protocol
+
+from fs_app.dialstring import DialSettings
+from fs_app.esl import ApiResponse, EslConnectionError, EslError, new_uuid
+from fs_app.inbound import BackgroundJobResult, InboundClient, InboundPool
+from fs_app.outreach import metrics
+from fs_app.outreach.guard import Refusal, destination_kind
+from fs_app.outreach.ivr import IvrRegistry, IvrResult, IvrTicket, RegistryFull
+
+log = logging.getLogger("iim.outreach.calls")
+
+DTMF_KEYS = frozenset("0123456789*#ABCD")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_VAR_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+# Values go inside {...} of the originate: no separators, quotes, brackets, blanks or controls.
+_VAR_VALUE = re.compile(r"[^\x00-\x20\x7f'\",{}\[\]<>()|^\\]{0,256}")
+_CID_NUMBER = re.compile(r"\+?[0-9]{1,20}")
+_CID_NAME = re.compile(r"[\w.\- ]{0,64}")
+# A recording path: one token, no controls.
+_PATH = re.compile(r"[^\x00-\x20\x7f]{1,512}")
+# A playable (file, tone_stream://..., say:<text>): no controls; blanks are quoted by the IVR.
+_PLAYABLE = re.compile(r"[^\x00-\x1f\x7f]{1,1000}")
+_ENDPOINT = re.compile(r"[A-Za-z0-9_.~/@:+\-]{1,400}")
+_SOCKET_ADDRESS = re.compile(r"(?:[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}")
+# Variables that steer FreeSWITCH (hooks, origination, media, bridging) are not correlation data.
+_RESERVED_VAR = re.compile(
+    r"(?:origination_|originate_|execute_|exec_|api_|sip_|socket|effective_|bridge_|transfer_|group_confirm|"
+    r"hangup_|session_|record_|playback_|rtp_|media_|absolute_codec|codec_|leg_|call_timeout|continue_on_fail|"
+    r"ignore_early_media|iim_alert$|uuid$|call_uuid$|direction$)|.*(?:_on_|hook)"
+)
+
+NO_ANSWER_CAUSES = frozenset({"NO_ANSWER", "NO_USER_RESPONSE", "ORIGINATOR_CANCEL", "ALLOTTED_TIMEOUT"})
+BUSY_CAUSES = frozenset({"USER_BUSY", "CALL_REJECTED"})
+
+
+def _is(pattern: re.Pattern[str], value: object) -> bool:
+    """``value`` is a str that ``pattern`` matches whole (rows from a database are not type-checked)."""
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+           f"{name} must be an integer in [{low}, {high}], not {value!r}")
+
+
+def _validate_variables(variables: Mapping[str, str]) -> None:
+    _check(len(variables) <= 32, "at most 32 correlation variables")
+    for name, value in variables.items():
+        _check(_is(_VAR_NAME, name),
+               f"variable name {name!r:.70} is not [a-z][a-z0-9_]{{0,63}}")
+        _check(_RESERVED_VAR.match(name) is None, f"variable {name} steers FreeSWITCH; not a correlation variable")
+        _check(_is(_VAR_VALUE, value) and ":_:" not in value,
+               f"value of {name} holds characters that would break the originate: {value!r:.70}")
+
+
+@dataclass(frozen=True)
+class AlertCall:
+    """One alert call: whom to ring, what they hear, which keys count.
+
+    ``digits`` empty = no IVR (the prompt, if any, is played and the call ends);
+    ``record_s`` > 0 = record a message to ``record_path`` instead of collecting a key.
+    ``variables`` are correlation ids (``iim_incident_id``...) carried on the channel.
+    Every field is validated here, so a constructed AlertCall is safe to originate.
+    """
+
+    call_uuid: str
+    destination: str
+    caller_id_number: str
+    caller_id_name: str
+    ring_s: int
+    prompt: str | None
+    digits: str = ""
+    tries: int = 3
+    digit_timeout_s: int = 5
+    record_s: int = 0
+    record_path: str | None = None
+    variables: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        _check(_is(_UUID, self.call_uuid),
+               f"call_uuid must be a lower-case UUID, not {self.call_uuid!r:.60}")
+        _check(destination_kind(self.destination) is not None,
+               f"destination must be E.164 or a sip: URI, not {self.destination!r:.60}")
+        _check(_is(_CID_NUMBER, self.caller_id_number),
+               f"caller_id_number must be digits, not {self.caller_id_number!r:.40}")
+        _check(_is(_CID_NAME, self.caller_id_name) and self.caller_id_name == self.caller_id_name.strip(),
+               f"caller_id_name must be letters, digits, space, '.', '-' (<= 64): {self.caller_id_name!r:.70}")
+        _check_int("ring_s", self.ring_s, 1, 300)
+        _check_int("tries", self.tries, 1, 10)
+        _check_int("digit_timeout_s", self.digit_timeout_s, 1, 60)
+        _check_int("record_s", self.record_s, 0, 600)
+        digits: object = self.digits
+        _check(isinstance(digits, str) and set(digits) <= DTMF_KEYS and len(set(digits)) == len(digits),
+               f"digits must be distinct DTMF keys (0-9 * # A-D), not {self.digits!r:.40}")
+        _check(self.prompt is None or (_is(_PLAYABLE, self.prompt) and "${" not in self.prompt
+                                       and self.prompt.strip() == self.prompt),
+               f"prompt must be printable, without ${{...}} or surrounding blanks: {self.prompt!r:.70}")
+        if self.record_s > 0:
+            _check(self.digits == "", "record_s and digits exclude each other")
+            _check(_is(_PATH, self.record_path) and "${" not in str(self.record_path),
+                   f"record_s > 0 needs a record_path without blanks or controls: {self.record_path!r:.70}")
+        _validate_variables(self.variables)
+        object.__setattr__(self, "variables", MappingProxyType(dict(self.variables)))
+
+
+GatewayDial = DialSettings | Callable[[str], str]
+
+
+def _endpoint(destination: str, gateway_dial: GatewayDial) -> str:
+    kind = destination_kind(destination)
+    _check(kind is not None, f"not E.164 nor a sip: URI: {destination!r:.60}")
+    try:
+        if isinstance(gateway_dial, DialSettings):
+            if kind == "e164":
+                endpoint = gateway_dial.phone_endpoint.format(msisdn=destination)
+            else:
+                endpoint = gateway_dial.speaker_endpoint.format(aor=destination.removeprefix("sip:"))
+        else:
+            endpoint = gateway_dial(destination)
+    except (KeyError, IndexError, AttributeError) as exc:
+        raise ValueError(f"bad endpoint template: {exc!r}") from None
+    _check(_is(_ENDPOINT, endpoint) and ":_:" not in endpoint,
+           f"endpoint would inject into the originate: {endpoint!r:.80}")
+    return endpoint
+
+
+def originate_command(call: AlertCall, *, gateway_dial: GatewayDial, socket_address: str) -> str:
+    """``originate {vars}<endpoint> &socket('<address> async full')`` (the ``bgapi`` argument).
+
+    Raises ValueError for anything that could inject into the command.
+    """
+    _check(_is(_SOCKET_ADDRESS, socket_address),
+           f"socket_address must be host:port, not {socket_address!r:.60}")
+    AlertCall.__post_init__(call)  # again: a frozen dataclass can still be forged with object.__setattr__
+    endpoint = _endpoint(call.destination, gateway_dial)
+    name = call.caller_id_name
+    variables = [
+        ("origination_uuid", call.call_uuid),
+        ("origination_caller_id_number", call.caller_id_number),
+        *([("origination_caller_id_name", f"'{name}'" if " " in name else name)] if name else []),
+        ("originate_timeout", str(call.ring_s)),
+        ("ignore_early_media", "true"),
+        ("iim_alert", "1"),
+        *call.variables.items(),
+    ]
+    block = ",".join(f"{k}={v}" for k, v in variables)
+    # The quotes keep "host:port async full" one originate argument (FreeSWITCH strips them).
+    command = f"originate {{{block}}}{endpoint} &socket('{socket_address} async full')"
+    _check("\r" not in command and "\n" not in command, "line break in the originate")
+    return command
+
+
+class CallOutcomeKind(StrEnum):
+    ANSWERED = "answered"
+    NO_ANSWER = "no_answer"
+    BUSY = "busy"
+    FAILED = "failed"
+    UNREACHABLE = "unreachable"  # switch down, no connected node, link lost before the result
+    REFUSED = "refused"  # the guard (or a malformed call) stopped it before the switch saw it
+
+
+@dataclass(frozen=True)
+class CallOutcome:
+    """How an alert call ended. ``digit`` is the key pressed (answered calls with an IVR only)."""
+
+    kind: CallOutcomeKind
+    hangup_cause: str | None
+    digit: str | None
+    recorded: bool = False
+    detail: str = ""
+
+
+def refused_outcome(refusal: Refusal) -> CallOutcome:
+    """The outcome for a destination :func:`fs_app.outreach.guard.check_destination` refused (counted)."""
+    metrics.count_refusal(refusal.reason)
+    metrics.ORIGINATES.labels(CallOutcomeKind.REFUSED.value).inc()
+    return CallOutcome(CallOutcomeKind.REFUSED, None, None, detail=f"{refusal.reason}: {refusal.detail}")
+
+
+def outcome_of_job(body: str) -> CallOutcome | None:
+    """Map a failed originate's BACKGROUND_JOB body; None for ``+OK <uuid>`` (answered)."""
+    if body.startswith("+OK"):
+        return None
+    if not body.startswith("-ERR"):
+        return CallOutcome(CallOutcomeKind.FAILED, None, None, detail=body.strip()[:200])
+    cause = (body[4:].split() or ["UNKNOWN"])[0]
+    if cause in NO_ANSWER_CAUSES:
+        return CallOutcome(CallOutcomeKind.NO_ANSWER, cause, None)
+    if cause in BUSY_CAUSES:
+        return CallOutcome(CallOutcomeKind.BUSY, cause, None)
+    return CallOutcome(CallOutcomeKind.FAILED, cause, None)
+
+
+class SwitchApi(Protocol):
+    """What the placer needs from FreeSWITCH: an :class:`InboundPool`, an :class:`InboundClient`..."""
+
+    async def bgapi(self, command: str, *, job_uuid: str | None = ..., timeout: float = ...) -> BackgroundJobResult:
+        ...
+
+    async def api(self, command: str, timeout: float | None = ...) -> ApiResponse: ...
+
+
+class AlertCallPlacer:
+    """Places alert calls and waits for their IVR results.
+
+    Args:
+        pool: the FreeSWITCH link (``bgapi``/``api``); an InboundPool or InboundClient is
+            first waited for at most ``connect_wait_s``, so a switch that is down gives
+            ``unreachable`` quickly instead of after the ESL command timeout.
+        ivr: the registry the outbound-socket handler (:func:`fs_app.outreach.ivr.with_alert_calls`) claims calls from.
+        socket_address: where FreeSWITCH reaches our outbound server (``127.0.0.1:8084``).
+        gateway_dial: endpoint templates (DialSettings) or a function destination -> endpoint.
+        answer_grace_s: after ``+OK``, how long the socket connection may take to reach the IVR.
+        prompt_s: how long a prompt may play (for the IVR's deadline).
+    """
+
+    def __init__(
+        self,
+        pool: SwitchApi,
+        ivr: IvrRegistry,
+        *,
+        socket_address: str,
+        gateway_dial: GatewayDial | None = None,
+        answer_grace_s: float = 5.0,
+        connect_wait_s: float = 2.0,
+        api_timeout_s: float = 2.0,
+        job_slack_s: float = 15.0,
+        prompt_s: float = 15.0,
+        ivr_slack_s: float = 15.0,
+    ) -> None:
+        _check(_SOCKET_ADDRESS.fullmatch(socket_address) is not None,
+               f"socket_address must be host:port, not {socket_address!r:.60}")
+        self._pool = pool
+        self._ivr = ivr
+        self._socket_address = socket_address
+        self._dial: GatewayDial = gateway_dial if gateway_dial is not None else DialSettings()
+        self._answer_grace_s = answer_grace_s
+        self._connect_wait_s = connect_wait_s
+        self._api_timeout_s = api_timeout_s
+        self._job_slack_s = job_slack_s
+        self._prompt_s = prompt_s
+        self._ivr_slack_s = ivr_slack_s
+
+    def ivr_deadline_s(self, call: AlertCall) -> float:
+        """How long the IVR of an answered call may take before we give up on its result."""
+        if call.record_s > 0:
+            return self._prompt_s + call.record_s + self._ivr_slack_s
+        if call.digits:
+            return call.tries * (call.digit_timeout_s + self._prompt_s) + self._ivr_slack_s
+        return self._prompt_s + self._ivr_slack_s
+
+    # -- the switch link ---------------------------------------------------------------
+    async def _link(self) -> SwitchApi:
+        pool = self._pool
+        if isinstance(pool, InboundPool):
+            return await pool.pick(self._connect_wait_s)
+        if isinstance(pool, InboundClient):
+            await pool.wait_connected(self._connect_wait_s)
+        return pool
+
+    async def call_exists(self, call_uuid: str) -> bool | None:
+        """Is the call up on the switch (``uuid_exists``)? None when the switch cannot be asked."""
+        _check(_UUID.fullmatch(call_uuid) is not None, f"not a call uuid: {call_uuid!r:.60}")
+        try:
+            link = await self._link()
+            reply = await link.api(f"uuid_exists {call_uuid}", self._api_timeout_s)
+        except (EslError, OSError, TimeoutError):
+            return None
+        answer = reply.body.strip()
+        return True if answer == "true" else False if answer == "false" else None
+
+    def use_prompt(self, call_uuid: str, prompt: str) -> bool:
+        """Play ``prompt`` instead of the placed one if the call has not been answered yet."""
+        return self._ivr.use_prompt(call_uuid, prompt)
+
+    async def hang_up(self, call_uuid: str) -> None:
+        """End a call whose group was decided without it (best effort: it may have ended already)."""
+        _check(_UUID.fullmatch(call_uuid) is not None, f"not a call uuid: {call_uuid!r:.60}")
+        await self._kill(call_uuid)
+
+    async def _kill(self, call_uuid: str) -> None:
+        """Best effort: end a call whose IVR we stopped waiting for, so it does not sit there."""
+        with contextlib.suppress(EslError, OSError, TimeoutError):
+            link = await self._link()
+            await link.api(f"uuid_kill {call_uuid} NORMAL_CLEARING", self._api_timeout_s)
+
+    # -- placing -----------------------------------------------------------------------
+    async def place(self, call: AlertCall) -> CallOutcome:
+        """Originate ``call`` and wait until it is known how it ended (never raises for the switch)."""
+        metrics.IN_FLIGHT.inc()
+        try:
+            outcome = await self._place(call)
+        finally:
+            metrics.IN_FLIGHT.dec()
+        metrics.ORIGINATES.labels(outcome.kind.value).inc()
+        log.info("alert call %s", outcome.kind.value, extra={
+            "call_id": call.call_uuid, "outcome": outcome.kind.value, "hangup_cause": outcome.hangup_cause,
+            "digit": outcome.digit, "recorded": outcome.recorded, "detail": outcome.detail,
+            "variables": dict(call.variables)})
+        return outcome
+
+    async def _place(self, call: AlertCall) -> CallOutcome:
+        try:
+            command = originate_command(call, gateway_dial=self._dial, socket_address=self._socket_address)
+            ticket = self._ivr.expect(call)  # before the originate: the socket may beat the job result
+        except (ValueError, RegistryFull) as exc:
+            return CallOutcome(CallOutcomeKind.REFUSED, None, None, detail=f"not placed: {exc}")
+        try:
+            try:
+                link = await self._link()
+                job = await link.bgapi(command, job_uuid=new_uuid(), timeout=call.ring_s + self._job_slack_s)
+            except (EslError, OSError, TimeoutError) as exc:
+                return await self._link_lost(call, ticket, exc)
+            failed = outcome_of_job(job.body)
+            if failed is not None:
+                return failed
+            if job.value and job.value != call.call_uuid:
+                log.warning("originate answered with another uuid %s", job.value, extra={"call_id": call.call_uuid})
+            return await self._answered(call, ticket)
+        finally:
+            self._ivr.discard(call.call_uuid)
+
+    async def _await_ivr(self, call: AlertCall, ticket: IvrTicket) -> CallOutcome:
+        try:
+            result: IvrResult = await asyncio.wait_for(asyncio.shield(ticket.result), self.ivr_deadline_s(call))
+        except TimeoutError:
+            await self._kill(call.call_uuid)
+            return CallOutcome(CallOutcomeKind.ANSWERED, None, None, detail="ivr_timeout")
+        return CallOutcome(CallOutcomeKind.ANSWERED, result.hangup_cause, result.digit, result.recorded,
+                           result.detail)
+
+    @staticmethod
+    async def _arrival(ticket: IvrTicket, timeout: float) -> bool:
+        """Has (or will, within ``timeout``) the switch's socket connection reached our IVR?"""
+        if not ticket.arrived.done() and not ticket.done():
+            await asyncio.wait((ticket.arrived, ticket.result), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        return ticket.arrived.done() or ticket.done()
+
+    async def _answered(self, call: AlertCall, ticket: IvrTicket) -> CallOutcome:
+        if not await self._arrival(ticket, self._answer_grace_s):
+            await self._kill(call.call_uuid)
+            return CallOutcome(CallOutcomeKind.ANSWERED, None, None,
+                               detail="ivr_not_connected: the switch did not reach our socket")
+        return await self._await_ivr(call, ticket)
+
+    async def _link_lost(self, call: AlertCall, ticket: IvrTicket, exc: BaseException) -> CallOutcome:
+        """The originate's result never came (switch down, link lost, timeout): find out what we can."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if ticket.arrived.done() or ticket.done():
+            return await self._await_ivr(call, ticket)  # answered: our IVR has the call
+        if not isinstance(exc, EslConnectionError | OSError | TimeoutError):
+            # The switch answered the bgapi itself with -ERR: nothing was dialled.
+            return CallOutcome(CallOutcomeKind.FAILED, None, None, detail=reason)
+        exists = await self.call_exists(call.call_uuid)
+        if exists and await self._arrival(ticket, call.ring_s + self._answer_grace_s):
+            return await self._await_ivr(call, ticket)  # it rang on and was answered after all
+        if exists:
+            await self._kill(call.call_uuid)
+        state = {True: "never reached our IVR", False: "not on the switch", None: "switch unreachable"}[exists]
+        return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None, detail=f"{reason}; call {state}")

@@ -1,0 +1,762 @@
+"""``iim`` sub-commands for the registry, talking to the admin API over HTTP.
+
+Wire into the ``iim`` parser with ``register_subcommands(subparsers)``. Commands::
+
+    iim tenant     create|list|show|update|delete
+    iim household  create|list|show|update|delete   --tenant T   (also: subscriber, device, binding,
+    iim consent    grant|list|show|revoke            --tenant T    policy, brand, region, credential-ref)
+    iim audit      list|verify                       --tenant T
+    iim scenario   simulate|templates list|show|install  (besides create|list|show|update|delete; simulate
+                                                     and templates list|show need no API)
+    iim token      new|hash                          (offline: make a token and its table entry)
+    iim db         upgrade                           (offline: migrate the database via the bootstrap)
+
+Field options are generated from the same pydantic models the API validates with, so the CLI
+cannot drift from the API: ``iim subscriber create --tenant T --msisdn +79001234567``. Values of
+list fields are given as several words (``--capabilities sip tts``), object fields as JSON, and
+``--data JSON`` (or ``@file``, or ``-`` for stdin) supplies a whole body; ``update --unset FIELD``
+sends ``null``. Output is a readable table (default) or ``--output json``.
+
+Exit codes: 0 success; 1 the API answered an error (problem details printed, ``error_id`` first);
+2 usage error; 3 the API cannot be reached, or a token/reference does not resolve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, TextIO
+from uuid import UUID
+from zoneinfo import ZoneInfo
+
+from pydantic import BaseModel, ValidationError
+
+from iim.admin.auth import Role, TokenEntry, hash_token, new_token
+from iim.admin.client import ApiClient, ApiProblem, ClientError
+from iim.admin.resources import RESOURCES, ListQuery, Resource
+from iim.admin.service import AuditQuery
+from iim.core.secrets import resolve_secret
+from iim.scenarios.engine import ActionOutcome, Contact, mismatches
+from iim.scenarios.model import ContactRole, Scenario
+from iim.scenarios.simulate import format_timeline, simulate, synthetic_facts, timeline_json
+from iim.scenarios.templates import TEMPLATES
+from iot_bridge.event_types import EventType
+from policy_cache.models import DeviceStatus, DeviceType, PresenceState, TenantCreate, TenantUpdate
+
+__all__ = ["register_subcommands", "main"]
+
+DEFAULT_API = "http://127.0.0.1:8088"
+DEFAULT_TOKEN_REF = "env:IIM_ADMIN_TOKEN"  # noqa: S105 - where the token is, not a token
+EXIT_OK, EXIT_API_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+Command = Callable[[argparse.Namespace], int]
+_FIELD = "field_"
+
+
+class CliError(Exception):
+    """A problem on our side of the wire (bad --data, unresolvable token reference ...): exit 3 or 2."""
+
+    def __init__(self, message: str, code: int = EXIT_UNREACHABLE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- option generation from the models ---------------------------------------------------------------------
+
+def _strip_null(prop: Mapping[str, Any]) -> Mapping[str, Any]:
+    variants = prop.get("anyOf")
+    if isinstance(variants, list):
+        rest = [v for v in variants if v.get("type") != "null"]
+        if len(rest) == 1:
+            return {**rest[0], **{k: v for k, v in prop.items() if k != "anyOf"}}
+    return prop
+
+
+def _deref(prop: Mapping[str, Any], defs: Mapping[str, Any]) -> Mapping[str, Any]:
+    ref = prop.get("$ref")
+    if isinstance(ref, str):
+        return {**defs[ref.rsplit("/", 1)[1]], **{k: v for k, v in prop.items() if k != "$ref"}}
+    return prop
+
+
+def _describe(prop: Mapping[str, Any], defs: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """(kind, resolved schema): kind is string, integer, number, boolean, array or json."""
+    resolved = _deref(_strip_null(prop), defs)
+    kind = resolved.get("type")
+    if kind in ("string", "integer", "number", "boolean"):
+        return str(kind), resolved
+    if kind == "array":
+        items = _deref(_strip_null(resolved.get("items", {})), defs)
+        if items.get("type") in ("string", "integer", "number"):
+            return "array", {**resolved, "items": items}
+    return "json", resolved
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc.msg}") from exc
+
+
+def _scalar(kind: str) -> Callable[[str], Any]:
+    return {"integer": int, "number": float}.get(kind, str)
+
+
+@functools.cache
+def _schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema()
+
+
+def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], *, required: bool) -> None:
+    """One ``--field-name`` per model field (destination ``field_<name>``; absent unless given)."""
+    schema = _schema(model)
+    defs = schema.get("$defs", {})
+    needed = set(schema.get("required", ())) if required else set()
+    group = parser.add_argument_group(f"{model.__name__} fields")
+    for name, prop in schema.get("properties", {}).items():
+        kind, resolved = _describe(prop, defs)
+        flag = "--" + name.replace("_", "-")
+        doc = (prop.get("description") or resolved.get("description") or "").replace("%", "%%")
+        mark = " (required)" if name in needed else ""
+        common: dict[str, Any] = {"dest": _FIELD + name, "default": argparse.SUPPRESS}
+        if kind == "boolean":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{doc}{mark}", **common)
+        elif kind == "array":
+            items = resolved["items"]
+            choices = items.get("enum")
+            hint = f" one or more of {', '.join(map(str, choices))}" if choices else ""
+            group.add_argument(flag, nargs="*", type=_scalar(str(items.get("type"))), metavar="VALUE",
+                               help=f"{doc}{hint} (list; give none for an empty list){mark}", **common)
+        elif kind == "json":
+            group.add_argument(flag, type=_json_value, metavar="JSON", help=f"{doc} (JSON){mark}", **common)
+        else:
+            choices = resolved.get("enum")
+            fmt = resolved.get("format") or resolved.get("pattern") or ("" if kind == "string" else kind)
+            hint = f" [{fmt}]".replace("%", "%%") if fmt else ""
+            group.add_argument(flag, type=_scalar(kind), choices=choices, metavar=None if choices else "VALUE",
+                               help=f"{doc}{hint}{mark}".strip(), **common)
+
+
+def _read_data(value: str) -> dict[str, Any]:
+    if value == "-":
+        text = sys.stdin.read()
+    elif value.startswith("@"):
+        try:
+            with open(value[1:], encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise CliError(f"--data {value}: {exc.strerror}", EXIT_USAGE) from exc
+    else:
+        text = value
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--data is not JSON: {exc.msg} (line {exc.lineno})", EXIT_USAGE) from exc
+    if not isinstance(data, dict):
+        raise CliError("--data must be a JSON object", EXIT_USAGE)
+    return data
+
+
+def model_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The request body: ``--data``, then the field options, then ``--unset`` (null)."""
+    body = _read_data(args.data) if getattr(args, "data", None) else {}
+    for key, value in vars(args).items():
+        if key.startswith(_FIELD):
+            body[key[len(_FIELD):]] = value
+    for name in getattr(args, "unset", None) or ():
+        body[name.replace("-", "_")] = None
+    return body
+
+
+# -- output ------------------------------------------------------------------------------------------------
+
+def _cell(value: Any, width: int = 40) -> str:
+    if value is None:
+        text = "-"
+    elif isinstance(value, list):
+        text = ",".join(str(v) for v in value) or "-"
+    elif isinstance(value, dict):
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    else:
+        text = str(value)
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def render_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], out: TextIO) -> None:
+    if not rows:
+        out.write("(none)\n")
+        return
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    out.write("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip() + "\n")
+    out.writelines("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n" for r in cells)
+
+
+def render_record(row: Mapping[str, Any], out: TextIO) -> None:
+    width = max((len(k) for k in row), default=0)
+    out.writelines(f"{key.ljust(width)}  {_cell(value, 200)}\n" for key, value in row.items())
+
+
+def _print_result(args: argparse.Namespace, result: Any, columns: Sequence[str], out: TextIO) -> None:
+    if args.output == "json":
+        out.write(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    elif isinstance(result, dict) and isinstance(result.get("items"), list):
+        render_table(result["items"], columns, out)
+        if result.get("next_after"):
+            out.write(f"(more: --after {result['next_after']})\n")
+    elif isinstance(result, dict):
+        render_record(result, out)
+    else:
+        out.write(f"{result}\n")
+
+
+def _print_problem(args: argparse.Namespace, exc: ApiProblem, err: TextIO) -> None:
+    if getattr(args, "output", "table") == "json" and exc.problem is not None:
+        err.write(json.dumps(exc.problem.model_dump(mode="json", exclude_none=True), indent=2) + "\n")
+        return
+    err.write(f"error: {exc.describe()}\n")
+    if exc.problem is not None:
+        for fe in exc.problem.errors or ():
+            where = ".".join(str(p) for p in fe.loc)
+            err.write(f"  {where}: {fe.msg} [{fe.type}]\n")
+
+
+# -- talking to the API ------------------------------------------------------------------------------------
+
+def _client(args: argparse.Namespace) -> ApiClient:
+    try:
+        token = resolve_secret(args.token_ref)
+    except (LookupError, ValueError) as exc:
+        raise CliError(f"admin token: {exc} (set IIM_ADMIN_TOKEN or pass --token-ref)") from exc
+    try:
+        return ApiClient(args.api, token, timeout=args.timeout)
+    except ClientError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+
+
+def _run(action: Callable[[argparse.Namespace, ApiClient], Any], columns: Sequence[str] = ("id",)) -> Command:
+    def command(args: argparse.Namespace) -> int:
+        out, err = sys.stdout, sys.stderr
+        try:
+            result = action(args, _client(args))
+        except ApiProblem as exc:
+            _print_problem(args, exc, err)
+            return EXIT_API_ERROR
+        except ClientError as exc:
+            err.write(f"error: {exc}\n")
+            return EXIT_UNREACHABLE
+        except CliError as exc:
+            err.write(f"error: {exc}\n")
+            return exc.code
+        _print_result(args, result, columns, out)
+        return EXIT_OK
+
+    return command
+
+
+def _query(args: argparse.Namespace) -> dict[str, str | int]:
+    query: dict[str, str | int] = {}
+    for key, value in vars(args).items():
+        if key.startswith(_FIELD) and value is not None:
+            query[key[len(_FIELD):]] = value if isinstance(value, int) else str(value)
+    return query
+
+
+def _list_all(client: ApiClient, path: str, query: dict[str, str | int], follow: bool) -> Any:
+    page = client.request("GET", path, query=query)
+    if not follow:
+        return page
+    items = list(page["items"])
+    while page.get("next_after"):
+        page = client.request("GET", path, query={**query, "after": page["next_after"]})
+        items.extend(page["items"])
+    return {"items": items, "next_after": None}
+
+
+def _tenant_path(args: argparse.Namespace) -> str:
+    tenant = args.tenant or os.environ.get("IIM_TENANT")
+    if not tenant:
+        raise CliError("--tenant is required (or set IIM_TENANT)", EXIT_USAGE)
+    try:
+        return f"/v1/tenants/{UUID(tenant)}"
+    except ValueError as exc:
+        raise CliError(f"--tenant {tenant!r} is not a UUID", EXIT_USAGE) from exc
+
+
+def _id(value: str) -> str:
+    try:
+        return str(UUID(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a UUID") from exc
+
+
+# -- parsers -----------------------------------------------------------------------------------------------
+
+def _common(tenant_scoped: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection")
+    g.add_argument("--api", default=os.environ.get("IIM_ADMIN_API", DEFAULT_API),
+                   help=f"admin API base URL (default $IIM_ADMIN_API or {DEFAULT_API})")
+    g.add_argument("--token-ref", default=os.environ.get("IIM_ADMIN_TOKEN_REF", DEFAULT_TOKEN_REF),
+                   help=f"where the bearer token is: env:VAR or file:/path (default {DEFAULT_TOKEN_REF})")
+    g.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
+    g.add_argument("--output", "-o", choices=("table", "json"), default="table", help="output format")
+    if tenant_scoped:
+        g.add_argument("--tenant", "-t", help="tenant id (default $IIM_TENANT)")
+    return p
+
+
+def _add_list_options(parser: argparse.ArgumentParser, query_model: type[BaseModel]) -> None:
+    add_model_options(parser, query_model, required=False)
+    parser.add_argument("--all", action="store_true", help="follow every page")
+
+
+def _add_body_options(parser: argparse.ArgumentParser, model: type[BaseModel], *, update: bool) -> None:
+    parser.add_argument("--data", metavar="JSON|@FILE|-", help="the whole body as JSON (field options override)")
+    if update:
+        parser.add_argument("--unset", action="append", metavar="FIELD", help="send FIELD as null (clear it)")
+    add_model_options(parser, model, required=not update)
+
+
+def _register_resource(sub: Any, res: Resource) -> Any:
+    """The resource's commands; returns its ``ACTION`` sub-parsers (for extra, resource-specific ones)."""
+    command = res.name.replace("_", "-")
+    top = sub.add_parser(command, help=f"manage {res.plural.replace('-', ' ')} of a tenant",
+                         description=res.description)
+    actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
+    common = _common(tenant_scoped=True)
+    label = res.name.replace("_", " ")
+
+    p = actions.add_parser(res.create_verb, parents=[common], help=f"{res.create_verb} a {label}")
+    _add_body_options(p, res.create_model, update=False)
+    p.set_defaults(func=_run(
+        lambda a, c: c.request("POST", f"{_tenant_path(a)}/{res.plural}", body=model_body(a)), res.columns))
+
+    p = actions.add_parser("list", parents=[common], help=f"list {res.plural.replace('-', ' ')}")
+    _add_list_options(p, res.list_query)
+    p.set_defaults(func=_run(
+        lambda a, c: _list_all(c, f"{_tenant_path(a)}/{res.plural}", _query(a), a.all), res.columns))
+
+    p = actions.add_parser("show", parents=[common], help=f"show one {label}")
+    p.add_argument("id", type=_id)
+    p.set_defaults(func=_run(lambda a, c: c.request("GET", f"{_tenant_path(a)}/{res.plural}/{a.id}")))
+
+    if res.update is not None and res.update_model is not None:
+        p = actions.add_parser("update", parents=[common], help=f"change a {label} (only the fields given)")
+        p.add_argument("id", type=_id)
+        _add_body_options(p, res.update_model, update=True)
+        if "expected_version" in res.update_query.model_fields:
+            p.add_argument("--expected-version", type=int, help="refuse (409) unless still at this version")
+        p.set_defaults(func=_run(lambda a, c: c.request(
+            "PATCH", f"{_tenant_path(a)}/{res.plural}/{a.id}", body=model_body(a),
+            query={"expected_version": a.expected_version} if getattr(a, "expected_version", None) else None,
+        )))
+
+    if res.delete is not None:
+        p = actions.add_parser("delete", parents=[common], help=f"delete a {label}")
+        p.add_argument("id", type=_id)
+        p.set_defaults(func=_run(lambda a, c: _deleted(c, f"{_tenant_path(a)}/{res.plural}/{a.id}", label, a.id)))
+
+    if res.revoke is not None:
+        p = actions.add_parser("revoke", parents=[common], help=f"revoke a {label} (the record is kept)")
+        p.add_argument("id", type=_id)
+        p.set_defaults(func=_run(lambda a, c: c.request("POST", f"{_tenant_path(a)}/{res.plural}/{a.id}/revoke")))
+    return actions
+
+
+def _deleted(client: ApiClient, path: str, label: str, row_id: str) -> dict[str, str]:
+    client.request("DELETE", path)
+    return {"deleted": label, "id": row_id}
+
+
+def _register_tenant(sub: Any) -> None:
+    top = sub.add_parser("tenant", help="manage tenants (admin token for changes)")
+    actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
+    common = _common(tenant_scoped=False)
+    columns = ("id", "name", "created_at")
+
+    p = actions.add_parser("create", parents=[common], help="create a tenant")
+    _add_body_options(p, TenantCreate, update=False)
+    p.set_defaults(func=_run(lambda a, c: c.request("POST", "/v1/tenants", body=model_body(a)), columns))
+
+    p = actions.add_parser("list", parents=[common], help="list tenants")
+    _add_list_options(p, ListQuery)
+    p.set_defaults(func=_run(lambda a, c: _list_all(c, "/v1/tenants", _query(a), a.all), columns))
+
+    p = actions.add_parser("show", parents=[common], help="show a tenant")
+    p.add_argument("id", type=_id)
+    p.set_defaults(func=_run(lambda a, c: c.request("GET", f"/v1/tenants/{a.id}")))
+
+    p = actions.add_parser("update", parents=[common], help="change a tenant")
+    p.add_argument("id", type=_id)
+    _add_body_options(p, TenantUpdate, update=True)
+    p.set_defaults(func=_run(lambda a, c: c.request("PATCH", f"/v1/tenants/{a.id}", body=model_body(a))))
+
+    p = actions.add_parser("delete", parents=[common], help="delete a tenant and its whole registry")
+    p.add_argument("id", type=_id)
+    p.add_argument("--yes", action="store_true", required=True, help="confirm: this deletes every row of it")
+    p.set_defaults(func=_run(lambda a, c: _deleted(c, f"/v1/tenants/{a.id}", "tenant", a.id)))
+
+
+def _register_audit(sub: Any) -> None:
+    top = sub.add_parser("audit", help="read and verify a tenant's audit log")
+    actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
+    common = _common(tenant_scoped=True)
+    p = actions.add_parser("list", parents=[common], help="newest audit rows first")
+    add_model_options(p, AuditQuery, required=False)
+    p.set_defaults(func=_run(lambda a, c: c.request("GET", f"{_tenant_path(a)}/audit", query=_query(a)),
+                             ("id", "at", "actor", "action", "entity", "entity_id")))
+    p = actions.add_parser("verify", parents=[common], help="recompute the hash chain")
+    p.set_defaults(func=_run(lambda a, c: c.request("GET", f"{_tenant_path(a)}/audit/verify")))
+
+
+# -- offline commands --------------------------------------------------------------------------------------
+
+def _token_new(args: argparse.Namespace) -> int:
+    try:
+        entry = TokenEntry(actor=args.actor, role=Role(args.role), tenant=args.tenant)
+    except ValueError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_USAGE
+    token = new_token()
+    record = {hash_token(token): entry.model_dump(mode="json")}
+    sys.stdout.write(json.dumps({"token": token, "table_entry": record}, indent=2) + "\n")
+    sys.stderr.write("Keep the token secret; put only table_entry into the IIM_ADMIN_TOKENS_REF table.\n")
+    return EXIT_OK
+
+
+def _token_hash(args: argparse.Namespace) -> int:
+    try:
+        token = resolve_secret(args.token_ref)
+    except (LookupError, ValueError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_UNREACHABLE
+    sys.stdout.write(hash_token(token) + "\n")
+    return EXIT_OK
+
+
+def _register_token(sub: Any) -> None:
+    top = sub.add_parser("token", help="make admin API tokens and their table entries (offline)")
+    actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("new", help="a new random token and the table entry holding its SHA-256")
+    p.add_argument("--actor", required=True, help="who uses it (goes into every audit row)")
+    p.add_argument("--role", required=True, choices=[r.value for r in Role])
+    p.add_argument("--tenant", type=_id, help="the tenant an operator (or viewer) is bound to")
+    p.set_defaults(func=_token_new)
+    p = actions.add_parser("hash", help="print the SHA-256 table key of an existing token")
+    p.add_argument("--token-ref", default=DEFAULT_TOKEN_REF, help="env:VAR or file:/path holding the token")
+    p.set_defaults(func=_token_hash)
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from policy_cache.bootstrap import bootstrap
+    from policy_cache.errors import PolicyStoreError
+
+    async def run() -> int:
+        db = await bootstrap(database_url=args.database_url, data_dir=args.data_dir, demo=args.demo)
+        applied = ", ".join(str(v) for v in db.applied) or "none (up to date)"
+        where = f"embedded PostgreSQL in {db.embedded.data_dir}" if db.embedded else "the server at IIM_DATABASE_URL"
+        sys.stdout.write(f"database {db.database} on {where}: migrations applied: {applied}\n")
+        if db.demo is not None:
+            sys.stdout.write(f"demo tenant loaded: {db.demo.tenant_id}\n")
+        if db.embedded is not None:
+            db.embedded.stop()
+        return EXIT_OK
+
+    try:
+        return asyncio.run(run())
+    except (PolicyStoreError, OSError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_UNREACHABLE
+
+
+def _register_db(sub: Any) -> None:
+    top = sub.add_parser("db", help="database maintenance")
+    actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("upgrade", help="apply pending migrations (and set role passwords) via the bootstrap")
+    p.add_argument("--database-url", default=None,
+                   help="superuser URL (default $IIM_DATABASE_URL; unset: the embedded server in --data-dir)")
+    p.add_argument("--data-dir", default=os.environ.get("IIM_DATA_DIR", ".iim-data/pg"),
+                   help="embedded PostgreSQL data directory (default $IIM_DATA_DIR or .iim-data/pg, as iim serve)")
+    p.add_argument("--demo", action=argparse.BooleanOptionalAction, default=False,
+                   help="load the demo tenant into an empty registry")
+    p.set_defaults(func=_db_upgrade)
+
+
+# -- scenario tools: simulate, templates -------------------------------------------------------------------
+
+#: Keys of a stored row / API body that are not part of a scenario's definition (``--file`` accepts both).
+_ROW_KEYS = frozenset({"id", "tenant_id", "household_id", "subscriber_id", "version", "created_at", "updated_at"})
+
+
+def _scenario_tool(action: Callable[[argparse.Namespace], int]) -> Command:
+    """Error handling of the scenario tools (they reach the API only when asked to)."""
+    def command(args: argparse.Namespace) -> int:
+        try:
+            return action(args)
+        except ApiProblem as exc:
+            _print_problem(args, exc, sys.stderr)
+            return EXIT_API_ERROR
+        except ClientError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return EXIT_UNREACHABLE
+        except CliError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return exc.code
+
+    return command
+
+
+def _definition(data: Any, where: str) -> Scenario:
+    if not isinstance(data, dict):
+        raise CliError(f"{where}: a scenario is a JSON object", EXIT_USAGE)
+    try:
+        return Scenario.model_validate({k: v for k, v in data.items() if k not in _ROW_KEYS})
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                 for e in exc.errors(include_url=False, include_input=False)]
+        raise CliError(f"{where} is not a valid scenario:\n" + "\n".join(lines), EXIT_USAGE) from exc
+
+
+def _load_scenario(args: argparse.Namespace, client: Callable[[], ApiClient]) -> Scenario:
+    if args.template:
+        return TEMPLATES[args.template]
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except OSError as exc:
+            raise CliError(f"--file {args.file}: {exc.strerror}", EXIT_USAGE) from exc
+        except json.JSONDecodeError as exc:
+            raise CliError(f"--file {args.file} is not JSON: {exc.msg} (line {exc.lineno})", EXIT_USAGE) from exc
+        return _definition(data, f"--file {args.file}")
+    page = client().request("GET", f"{_tenant_path(args)}/scenarios", query={"name": args.name})
+    if not page["items"]:
+        raise CliError(f"the tenant has no scenario named {args.name!r}", EXIT_API_ERROR)
+    return _definition(page["items"][0], f"scenario {args.name!r}")
+
+
+def _all_items(client: ApiClient, path: str, query: dict[str, str | int]) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = _list_all(client, path, query, True)["items"]
+    return items
+
+
+def _household_facts(args: argparse.Namespace, client: ApiClient) -> dict[str, Any]:
+    """Contacts, home devices, zone, presence and (``--device``) the triggering device, through the API."""
+    base = _tenant_path(args)
+    home = client.request("GET", f"{base}/households/{args.household}")
+    devices = _all_items(client, f"{base}/devices", {"household_id": args.household})
+    device = None
+    if args.device:
+        device = next((d for d in devices if d["id"] == args.device), None)
+        if device is None:
+            raise CliError(f"--device {args.device} is not a device of household {args.household}", EXIT_USAGE)
+    contacts = []
+    for binding in _all_items(client, f"{base}/bindings", {"household_id": args.household}):
+        if binding["device_id"] not in (None, args.device):
+            continue  # bound to another device of the household only
+        sub = client.request("GET", f"{base}/subscribers/{binding['subscriber_id']}")
+        contacts.append(Contact(ContactRole(binding["role"]), sub["msisdn"], sub["id"], binding["priority"],
+                                sub.get("display_name")))
+    # The worker rings enabled SIP speakers for to="home"; the triggering device never rings itself.
+    ringing = tuple(d["sip_uri"] for d in devices if d["enabled"] and d["sip_uri"] and d["type"] == "speaker"
+                    and "sip" in d["capabilities"] and d["id"] != args.device)
+    facts: dict[str, Any] = {"household_name": home["name"], "time_zone": home["time_zone"],
+                             "presence": PresenceState(home["presence"]), "contacts": contacts,
+                             "home_targets": ringing}
+    if device is not None:
+        facts.update(device_type=DeviceType(device["type"]), device_name=device["name"],
+                     device_status=DeviceStatus(device["status"]))
+        facts["device_sip_uri"] = device["sip_uri"]
+    return facts
+
+
+def _script(answers: Sequence[str]) -> dict[str, ActionOutcome]:
+    script: dict[str, ActionOutcome] = {}
+    for answer in answers:
+        who, sep, what = answer.partition("=")
+        if not sep or not who:
+            raise CliError(f"--answer {answer!r}: write WHO=OUTCOME (owner=false_alarm)", EXIT_USAGE)
+        try:
+            script[who] = ActionOutcome(what)
+        except ValueError:
+            known = ", ".join(o.value for o in ActionOutcome)
+            raise CliError(f"--answer {answer!r}: {what!r} is not one of {known}", EXIT_USAGE) from None
+    return script
+
+
+def _start(text: str | None, zone: str) -> datetime:
+    if text is None:
+        return datetime.now(ZoneInfo(zone))
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise CliError(f"--at {text!r} is not an ISO time (2026-11-25T03:00:00+03:00)", EXIT_USAGE) from exc
+    return at if at.tzinfo is not None else at.replace(tzinfo=ZoneInfo(zone))
+
+
+def _scenario_simulate(args: argparse.Namespace) -> int:
+    made: list[ApiClient] = []
+
+    def client() -> ApiClient:
+        if not made:
+            made.append(_client(args))
+        return made[0]
+
+    if args.device and not args.household:
+        raise CliError("--device needs --household", EXIT_USAGE)
+    scenario = _load_scenario(args, client)
+    found: dict[str, Any] = _household_facts(args, client()) if args.household else {}
+    if args.device_type:
+        found["device_type"] = DeviceType(args.device_type)
+    if args.presence:
+        found["presence"] = PresenceState(args.presence)
+    if args.device_status:
+        found["device_status"] = DeviceStatus(args.device_status)
+    if args.time_zone:
+        found["time_zone"] = args.time_zone
+    zone = found.get("time_zone", "Europe/Moscow")
+    try:
+        ZoneInfo(zone)
+    except (ValueError, LookupError) as exc:
+        raise CliError(f"--time-zone {zone!r} is not an IANA zone", EXIT_USAGE) from exc
+    start = _start(args.at, zone)
+    registered_device = "device_sip_uri" in found  # a registered device without a SIP URI keeps none
+    sip_uri = found.pop("device_sip_uri", None)
+    facts = synthetic_facts(scenario, event=EventType(args.event) if args.event else None, occurred_at=start,
+                            **found)
+    if registered_device:
+        facts = dataclasses.replace(facts, device_sip_uri=sip_uri)
+    script = _script(args.answer or ())
+    mismatched = mismatches(scenario, facts, start)
+    timeline = simulate(scenario, facts, start, script)
+    if args.output == "json":
+        sys.stdout.write(json.dumps({
+            "scenario": scenario.name, "applies": not mismatched, "mismatches": list(mismatched),
+            "facts": facts.to_json(), "script": {k: v.value for k, v in script.items()},
+            "timeline": timeline_json(timeline)}, indent=2, ensure_ascii=False) + "\n")
+        return EXIT_OK
+    sys.stdout.write(f"scenario {scenario.name}: {facts.event_type} from {facts.device_type} "
+                     f"{facts.device_name!r} at {start.isoformat()} ({facts.time_zone}), presence {facts.presence}\n")
+    for reason in mismatched:
+        sys.stdout.write(f"note: would not be selected: {reason}\n")
+    sys.stdout.write(format_timeline(timeline))
+    return EXIT_OK
+
+
+def _templates_list(args: argparse.Namespace) -> int:
+    rows = [{"name": s.name, "events": [e.value for e in s.trigger.event_types],
+             "devices": [d.value for d in s.trigger.device_types] or ["any"], "steps": len(s.steps),
+             "on_acknowledge": len(s.on_acknowledge)} for s in TEMPLATES.values()]
+    if args.output == "json":
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        render_table(rows, ("name", "events", "devices", "steps", "on_acknowledge"), sys.stdout)
+    return EXIT_OK
+
+
+def _templates_show(args: argparse.Namespace) -> int:
+    sys.stdout.write(TEMPLATES[args.template].model_dump_json(indent=2) + "\n")
+    return EXIT_OK
+
+
+def _templates_install(args: argparse.Namespace) -> int:
+    client = _client(args)
+    path = f"{_tenant_path(args)}/scenarios"
+    created = []
+    unknown = sorted(set(args.templates) - set(TEMPLATES))
+    if unknown:
+        raise CliError(f"no template {', '.join(unknown)}; known: {', '.join(sorted(TEMPLATES))}", EXIT_USAGE)
+    for name in args.templates or sorted(TEMPLATES):
+        body = TEMPLATES[name].model_dump(mode="json")
+        body.update(name=f"{name}@{args.household}", household_id=args.household, enabled=args.enable)
+        created.append(client.request("POST", path, body=body))
+    _print_result(args, {"items": created, "next_after": None}, ("id", "name", "household_id", "enabled", "version"),
+                  sys.stdout)
+    return EXIT_OK
+
+
+def _register_scenario_tools(actions: Any) -> None:
+    """``iim scenario simulate`` and ``iim scenario templates list|show|install``."""
+    common = _common(tenant_scoped=True)
+    p = actions.add_parser(
+        "simulate", parents=[common], help="dry-run a scenario against a scripted world (nothing is called)",
+        description="Runs the escalation engine with deterministic outcomes: by default nobody answers, "
+                    "SMS are sent. Contacts are synthetic (owner +79000000001, backup_contact +79000000002, "
+                    "security_service +79000000003) unless --household names a household of --tenant.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--template", choices=sorted(TEMPLATES), help="a shipped template")
+    source.add_argument("--file", metavar="PATH", help="a scenario as JSON (as `templates show` prints it)")
+    source.add_argument("--name", help="a stored scenario of --tenant (read through the API)")
+    p.add_argument("--event", choices=[e.value for e in EventType], help="default: the trigger's first event")
+    p.add_argument("--device-type", choices=[d.value for d in DeviceType],
+                   help="default: the trigger's first device type, else sensor")
+    p.add_argument("--at", help="ISO time; without an offset, local time of the zone (default now)")
+    p.add_argument("--presence", choices=[s.value for s in PresenceState], help="default: the household's, else unknown")
+    p.add_argument("--device-status", choices=[s.value for s in DeviceStatus], help="default: online")
+    p.add_argument("--time-zone", help="IANA zone (default: the household's, else Europe/Moscow)")
+    p.add_argument("--household", type=_id, help="take contacts, ringing devices, zone and presence from it")
+    p.add_argument("--device", type=_id, help="the triggering device (of --household)")
+    p.add_argument("--answer", action="append", metavar="WHO=OUTCOME",
+                   help="script an outcome: WHO is a role, home, a number, an action key or call/sms/notify/record; "
+                        "e.g. owner=false_alarm, backup_contact=acknowledge, owner=busy (repeatable)")
+    p.set_defaults(func=_scenario_tool(_scenario_simulate))
+
+    top = actions.add_parser("templates", help="the shipped scenario templates")
+    tools = top.add_subparsers(dest="templates_action", required=True, metavar="ACTION")
+    p = tools.add_parser("list", help="list the templates")
+    p.add_argument("--output", "-o", choices=("table", "json"), default="table", help="output format")
+    p.set_defaults(func=_scenario_tool(_templates_list))
+    p = tools.add_parser("show", help="print a template as JSON (a starting point for --data / --file)")
+    p.add_argument("template", choices=sorted(TEMPLATES))
+    p.set_defaults(func=_scenario_tool(_templates_show))
+    p = tools.add_parser("install", parents=[common], help="create scenarios of a household from templates")
+    p.add_argument("--household", type=_id, required=True, help="the household the scenarios belong to")
+    p.add_argument("templates", nargs="*", metavar="TEMPLATE",
+                   help=f"which ones (default all: {', '.join(sorted(TEMPLATES))}); each is named TEMPLATE@HOUSEHOLD")
+    p.add_argument("--enable", action=argparse.BooleanOptionalAction, default=True,
+                   help="enable them at once (default yes)")
+    p.set_defaults(func=_scenario_tool(_templates_install))
+
+
+def register_subcommands(subparsers: Any, *, include_db: bool = True) -> None:
+    """Add the registry commands to the ``iim`` parser's sub-parsers (``parser.add_subparsers(...)``).
+
+    Each leaf sets ``func(args) -> int`` (the exit code), as ``iim serve`` does.
+    """
+    _register_tenant(subparsers)
+    for res in RESOURCES:
+        actions = _register_resource(subparsers, res)
+        if res.name == "scenario":
+            _register_scenario_tools(actions)
+    _register_audit(subparsers)
+    _register_token(subparsers)
+    if include_db:
+        _register_db(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iim", description="IIM registry administration")
+    register_subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry (``python -m iim.admin.cli``); ``iim`` itself calls :func:`register_subcommands`."""
+    args = build_parser().parse_args(argv)
+    func: Command = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

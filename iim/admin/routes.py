@@ -1,0 +1,116 @@
+"""The admin API's route table (paths relative to the ``/v1`` prefix), built from ``resources``."""
+
+from __future__ import annotations
+
+from iim.admin import views
+from iim.admin.problems import (
+    ApiError,
+    Conflict,
+    InvalidParameter,
+    InvalidReference,
+    MalformedRequest,
+    NotFound,
+    PayloadTooLarge,
+    StillReferenced,
+    UnsupportedMediaType,
+    ValidationFailed,
+    VersionConflict,
+)
+from iim.admin.resources import RESOURCES, ListQuery, NoQuery, Resource, page_model
+from iim.admin.routing import Access, PathParam, Route
+from iim.admin.service import AuditPage, AuditQuery, ChainStatus
+from policy_cache.models import Tenant, TenantCreate, TenantUpdate
+
+TENANT_ID = PathParam("tenant_id", "the tenant's id")
+
+_BODY_ERRORS: tuple[type[ApiError], ...] = (
+    MalformedRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed, InvalidParameter,
+)
+
+
+def _camel(*words: str) -> str:
+    parts = [p for w in words for p in w.replace("-", "_").split("_") if p]
+    return parts[0] + "".join(p.title() for p in parts[1:])
+
+
+def _tenant_routes() -> list[Route]:
+    return [
+        Route("GET", "/tenants", views.list_tenants, "listTenants", "List tenants (all, or the token's own)",
+              "tenants", Access.READ, query_model=ListQuery, response_model=page_model(Tenant),
+              errors=(InvalidParameter,)),
+        Route("POST", "/tenants", views.create_tenant, "createTenant", "Create a tenant (admin)", "tenants",
+              Access.ADMIN, request_model=TenantCreate, response_model=Tenant, response_status=201,
+              response_description="Created", errors=_BODY_ERRORS),
+        Route("GET", "/tenants/{tenant_id}", views.get_tenant, "getTenant", "Show a tenant", "tenants",
+              Access.READ, path_params=(TENANT_ID,), query_model=NoQuery, response_model=Tenant,
+              errors=(NotFound, InvalidParameter)),
+        Route("PATCH", "/tenants/{tenant_id}", views.update_tenant, "updateTenant", "Change a tenant (admin)",
+              "tenants", Access.ADMIN, path_params=(TENANT_ID,), request_model=TenantUpdate,
+              response_model=Tenant, errors=(NotFound, *_BODY_ERRORS)),
+        Route("DELETE", "/tenants/{tenant_id}", views.delete_tenant, "deleteTenant",
+              "Delete a tenant and its whole registry (admin; the audit log is kept)", "tenants", Access.ADMIN,
+              path_params=(TENANT_ID,), response_status=204, response_description="Deleted",
+              errors=(NotFound, StillReferenced)),
+        Route("GET", "/tenants/{tenant_id}/audit", views.list_audit, "listAudit",
+              "The tenant's audit log, newest first", "audit", Access.READ, path_params=(TENANT_ID,),
+              query_model=AuditQuery, response_model=AuditPage, errors=(NotFound, InvalidParameter)),
+        Route("GET", "/tenants/{tenant_id}/audit/verify", views.verify_audit, "verifyAudit",
+              "Recompute the tenant's audit hash chain", "audit", Access.READ, path_params=(TENANT_ID,),
+              query_model=NoQuery, response_model=ChainStatus, errors=(InvalidParameter,)),
+    ]
+
+
+def _resource_routes(res: Resource) -> list[Route]:
+    one = PathParam("id", f"the {res.name.replace('_', ' ')}'s id")
+    base = f"/tenants/{{tenant_id}}/{res.plural}"
+    label = res.name.replace("_", " ")
+    routes = [
+        Route("GET", base, views.list_view(res), _camel("list", res.plural), f"List {res.plural}", res.plural,
+              Access.READ, path_params=(TENANT_ID,), query_model=res.list_query, response_model=res.page_model,
+              errors=(NotFound, InvalidParameter)),
+        Route("POST", base, views.create_view(res), _camel(res.create_verb, res.name),
+              f"{res.create_verb.title()} a {label}", res.plural, Access.WRITE, path_params=(TENANT_ID,),
+              request_model=res.create_model, response_model=res.read_model, response_status=201,
+              response_description="Created", errors=(NotFound, Conflict, InvalidReference, *_BODY_ERRORS)),
+        Route("GET", base + "/{id}", views.get_view(res), _camel("get", res.name), f"Show a {label}",
+              res.plural, Access.READ, path_params=(TENANT_ID, one), query_model=NoQuery,
+              response_model=res.read_model, errors=(NotFound, InvalidParameter)),
+    ]
+    if res.update is not None and res.update_model is not None:
+        errors: tuple[type[ApiError], ...] = (NotFound, Conflict, InvalidReference, *_BODY_ERRORS)
+        if res.update_query is not NoQuery:
+            errors = (*errors, VersionConflict)
+        routes.append(Route(
+            "PATCH", base + "/{id}", views.update_view(res), _camel("update", res.name),
+            f"Change a {label} (only the fields sent; null clears a nullable field)", res.plural, Access.WRITE,
+            path_params=(TENANT_ID, one), query_model=res.update_query, request_model=res.update_model,
+            response_model=res.read_model, errors=errors,
+        ))
+    if res.delete is not None:
+        routes.append(Route(
+            "DELETE", base + "/{id}", views.delete_view(res), _camel("delete", res.name), f"Delete a {label}",
+            res.plural, Access.WRITE, path_params=(TENANT_ID, one), query_model=NoQuery, response_status=204,
+            response_description="Deleted", errors=(NotFound, StillReferenced, InvalidParameter),
+        ))
+    if res.revoke is not None:
+        routes.append(Route(
+            "POST", base + "/{id}/revoke", views.revoke_view(res), _camel("revoke", res.name),
+            f"Revoke a {label} (sets revoked_at; the row is kept; idempotent)", res.plural, Access.WRITE,
+            path_params=(TENANT_ID, one), query_model=NoQuery, response_model=res.read_model,
+            errors=(NotFound, MalformedRequest, InvalidParameter),
+        ))
+    return routes
+
+
+def openapi_route(path: str, operation_id: str) -> Route:
+    return Route("GET", path, views.openapi_view, operation_id, "This OpenAPI 3.1 document", "meta",
+                 Access.PUBLIC, response_description="OpenAPI 3.1 document (JSON)")
+
+
+def build_routes() -> tuple[Route, ...]:
+    """Every route under the prefix: tenants, audit, then each resource, then the OpenAPI document."""
+    routes = _tenant_routes()
+    for res in RESOURCES:
+        routes.extend(_resource_routes(res))
+    routes.append(openapi_route("/openapi.json", "getOpenApi"))
+    return tuple(routes)

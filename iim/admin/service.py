@@ -1,0 +1,255 @@
+"""The registry service behind the admin API: tenant-scoped transactions and error mapping.
+
+Handlers never touch SQL or asyncpg: they call :class:`RegistryService`, which opens a
+:func:`policy_cache.db.tenant_tx` (read-only for reads), checks that the tenant exists, calls
+the repository (which audits every change in the same transaction, with the actor passed here)
+and maps the store's errors to API problems at this one boundary::
+
+    policy_cache.errors.NotFound            -> NotFound            404 not-found
+    policy_cache.errors.VersionConflict     -> VersionConflict     409 version-conflict
+    policy_cache.errors.Conflict            -> Conflict            409 conflict
+    policy_cache.errors.InvalidReference    -> InvalidReference    422 invalid-reference
+                                               (StillReferenced   409 still-referenced, on delete)
+    policy_cache.errors.InvalidData         -> ValidationFailed    422 validation-failed
+    policy_cache.errors.TenantIsolationError-> Forbidden           403 forbidden
+    connection loss, pool timeout           -> StoreUnavailable    503 store-unavailable
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, cast
+from uuid import UUID, uuid4
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from iim.admin import problems
+from iim.admin.problems import FieldError
+from iim.admin.resources import Correlation, ListQuery, Resource
+from iim.core.errors import STORE_UNAVAILABLE
+from policy_cache import audit
+from policy_cache import errors as store
+from policy_cache import repository as repo
+from policy_cache.db import Connection, Pool, tenant_tx
+from policy_cache.models import Tenant, TenantCreate, TenantUpdate
+
+log = logging.getLogger("iim.admin")
+
+PoolProvider = Callable[[], Pool]
+
+
+class AuditQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    entity: str | None = Field(default=None, max_length=100, description="only rows about this entity kind")
+    entity_id: str | None = Field(default=None, max_length=200, description="only rows about this row id")
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class AuditRecord(BaseModel):
+    """One audit row as the API shows it (hashes as hex)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant_id: UUID
+    id: int
+    at: str
+    actor: str
+    action: str
+    entity: str
+    entity_id: str | None
+    detail: dict[str, Any]
+    correlation: dict[str, Any]
+    prev_hash: str
+    row_hash: str
+
+
+class AuditPage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[AuditRecord] = Field(description="newest first")
+
+
+class ChainStatus(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    intact: bool
+    first_broken_id: int | None = None
+    head_id: int | None = None
+    head_hash: str | None = None
+
+
+
+
+def _constraint_field(exc: store.RepositoryError) -> list[FieldError] | None:
+    """``subscriber_tenant_id_msisdn_key`` -> the body field ``msisdn`` (for Conflict's ``errors``)."""
+    name = exc.constraint or ""
+    prefix = f"{exc.entity}_tenant_id_"
+    if not name.startswith(prefix) or not name.endswith("_key"):
+        return None
+    column = name[len(prefix):-len("_key")]
+    if not column or "_id_" in column:
+        return None
+    return [FieldError(loc=["body", column], msg="already taken in this tenant", type="unique")]
+
+
+@contextmanager
+def map_store_errors(*, deleting: bool = False) -> Iterator[None]:
+    """Translate the store's typed errors into API problems (chained, so logs keep the cause)."""
+    try:
+        yield
+    except store.NotFound as exc:
+        raise problems.NotFound(str(exc)) from exc
+    except store.VersionConflict as exc:
+        raise problems.VersionConflict(str(exc)) from exc
+    except store.Conflict as exc:
+        raise problems.Conflict(str(exc), errors=_constraint_field(exc)) from exc
+    except store.InvalidReference as exc:
+        if deleting:
+            raise problems.StillReferenced(f"cannot delete: {exc}") from exc
+        raise problems.InvalidReference(str(exc)) from exc
+    except store.InvalidData as exc:
+        raise problems.ValidationFailed(str(exc)) from exc
+    except store.TenantIsolationError as exc:
+        raise problems.Forbidden(str(exc)) from exc
+    except STORE_UNAVAILABLE as exc:
+        log.warning("registry store unavailable: %s", type(exc).__name__)
+        raise problems.StoreUnavailable("the registry database cannot be reached; retry later") from exc
+
+
+class RegistryService:
+    """Registry operations for the API, each in one tenant-scoped transaction.
+
+    Args:
+        app_pool: returns the ``iim_app`` pool (tenant-scoped by row-level security).
+        directory_pool: returns an ``iim_cache`` pool, which may read the tenant list across tenants;
+            without it, only principals bound to one tenant can list tenants.
+    """
+
+    def __init__(self, app_pool: PoolProvider, directory_pool: PoolProvider | None = None) -> None:
+        self._app_pool = app_pool
+        self._directory_pool = directory_pool
+
+    def _pool(self, provider: PoolProvider) -> Pool:
+        try:
+            return provider()
+        except LookupError as exc:
+            raise problems.StoreUnavailable("the registry database is not connected yet") from exc
+
+    @asynccontextmanager
+    async def _tx(self, tenant_id: UUID, *, write: bool, deleting: bool = False) -> AsyncIterator[Connection]:
+        with map_store_errors(deleting=deleting):
+            async with tenant_tx(self._pool(self._app_pool), tenant_id, readonly=not write) as conn:
+                yield conn
+
+    async def _require_tenant(self, conn: Connection, tenant_id: UUID) -> Tenant:
+        try:
+            return await repo.get_tenant(conn, tenant_id)
+        except store.NotFound as exc:
+            raise problems.NotFound(f"tenant {tenant_id} not found") from exc
+
+    # -- tenants ------------------------------------------------------------------------------------
+
+    async def list_all_tenants(self, query: ListQuery) -> list[Tenant]:
+        if self._directory_pool is None:
+            raise problems.StoreUnavailable("listing every tenant needs the directory (iim_cache) pool")
+        with map_store_errors():
+            async with self._pool(self._directory_pool).acquire() as proxy:
+                conn = cast(Connection, proxy)
+                return await repo.list_tenants(conn, limit=query.limit, after=query.after)
+
+    async def list_own_tenant(self, tenant_id: UUID, query: ListQuery) -> list[Tenant]:
+        if query.after is not None and tenant_id <= query.after:
+            return []
+        async with self._tx(tenant_id, write=False) as conn:
+            return await repo.list_tenants(conn, limit=1)
+
+    async def create_tenant(self, data: TenantCreate, actor: str, correlation: Correlation) -> Tenant:
+        new_id = uuid4()
+        async with self._tx(new_id, write=True) as conn:
+            return await repo.create_tenant(conn, data, actor=actor, correlation=correlation)
+
+    async def get_tenant(self, tenant_id: UUID) -> Tenant:
+        async with self._tx(tenant_id, write=False) as conn:
+            return await self._require_tenant(conn, tenant_id)
+
+    async def update_tenant(self, tenant_id: UUID, data: TenantUpdate, actor: str, correlation: Correlation) -> Tenant:
+        async with self._tx(tenant_id, write=True) as conn:
+            await self._require_tenant(conn, tenant_id)
+            return await repo.update_tenant(conn, tenant_id, data, actor=actor, correlation=correlation)
+
+    async def delete_tenant(self, tenant_id: UUID, actor: str, correlation: Correlation) -> None:
+        async with self._tx(tenant_id, write=True, deleting=True) as conn:
+            await self._require_tenant(conn, tenant_id)
+            await repo.delete_tenant(conn, tenant_id, actor=actor, correlation=correlation)
+
+    # -- tenant-scoped resources --------------------------------------------------------------------
+
+    async def create(
+        self, res: Resource, tenant_id: UUID, data: BaseModel, actor: str, correlation: Correlation
+    ) -> BaseModel:
+        async with self._tx(tenant_id, write=True) as conn:
+            await self._require_tenant(conn, tenant_id)
+            return await res.create(conn, data, actor, correlation)
+
+    async def list(self, res: Resource, tenant_id: UUID, query: ListQuery) -> Sequence[BaseModel]:
+        async with self._tx(tenant_id, write=False) as conn:
+            await self._require_tenant(conn, tenant_id)
+            return await res.list(conn, query)
+
+    async def get(self, res: Resource, tenant_id: UUID, row_id: UUID) -> BaseModel:
+        async with self._tx(tenant_id, write=False) as conn:
+            await self._require_tenant(conn, tenant_id)
+            return await res.get(conn, row_id)
+
+    async def update(
+        self, res: Resource, tenant_id: UUID, row_id: UUID, data: BaseModel, query: BaseModel, actor: str,
+        correlation: Correlation,
+    ) -> BaseModel:
+        assert res.update is not None
+        async with self._tx(tenant_id, write=True) as conn:
+            await self._require_tenant(conn, tenant_id)
+            return await res.update(conn, row_id, data, query, actor, correlation)
+
+    async def delete(
+        self, res: Resource, tenant_id: UUID, row_id: UUID, actor: str, correlation: Correlation
+    ) -> None:
+        assert res.delete is not None
+        async with self._tx(tenant_id, write=True, deleting=True) as conn:
+            await self._require_tenant(conn, tenant_id)
+            await res.delete(conn, row_id, actor, correlation)
+
+    async def revoke(
+        self, res: Resource, tenant_id: UUID, row_id: UUID, actor: str, correlation: Correlation
+    ) -> BaseModel:
+        assert res.revoke is not None
+        async with self._tx(tenant_id, write=True) as conn:
+            await self._require_tenant(conn, tenant_id)
+            return await res.revoke(conn, row_id, actor, correlation)
+
+    # -- audit --------------------------------------------------------------------------------------
+
+    async def audit_entries(self, tenant_id: UUID, query: AuditQuery) -> AuditPage:
+        async with self._tx(tenant_id, write=False) as conn:
+            rows = await audit.entries(conn, entity=query.entity, entity_id=query.entity_id, limit=query.limit)
+        return AuditPage(items=[
+            AuditRecord(
+                tenant_id=r.tenant_id, id=r.id, at=r.at.isoformat(), actor=r.actor, action=r.action,
+                entity=r.entity, entity_id=r.entity_id, detail=r.detail, correlation=r.correlation,
+                prev_hash=r.prev_hash.hex(), row_hash=r.row_hash.hex(),
+            )
+            for r in rows
+        ])
+
+    async def verify_audit(self, tenant_id: UUID) -> ChainStatus:
+        async with self._tx(tenant_id, write=False) as conn:
+            broken = await audit.verify_chain(conn, tenant_id)
+            head = await audit.chain_head(conn, tenant_id)
+        return ChainStatus(
+            intact=broken is None,
+            first_broken_id=broken,
+            head_id=None if head is None else head[0],
+            head_hash=None if head is None else head[1].hex(),
+        )

@@ -1,0 +1,87 @@
+"""HTTP surface of the connectors: the health listing (admin API) and the vendors' answer callbacks.
+
+Two separate pieces because they sit behind different authentication: ``GET /v1/connectors`` is for
+operators (mount the routes inside the admin API, behind its bearer tokens), while the callback route is
+called by vendor clouds and authenticated by their Standard Webhooks signature (mount the sub-app outside
+the admin API's auth middleware)::
+
+    admin_app.add_routes(connector_health_routes(registry))
+    public_app.add_subapp(CALLBACK_PREFIX, connector_callback_app(registry))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from iim.connectors.contract import ActionCallbackReceiver, CallbackRejected, ConnectorUnavailable
+from iim.connectors.registry import ConnectorRegistry
+
+__all__ = ["CALLBACK_PREFIX", "REGISTRY_KEY", "connector_callback_app", "connector_health_routes"]
+
+log = logging.getLogger(__name__)
+
+#: Where :func:`connector_callback_app` is mounted: callbacks are ``POST {prefix}/{name}/actions/{request_id}``.
+CALLBACK_PREFIX = "/v1/connectors"
+REGISTRY_KEY = web.AppKey("connector_registry", ConnectorRegistry)
+_PROBLEM = "application/problem+json"
+_MAX_CALLBACK_BODY = 64 * 1024
+
+
+def _problem(request: web.Request, status: int, error_id: str, detail: str) -> web.Response:
+    body: dict[str, Any] = {"type": f"urn:iim:problem:{error_id}", "title": error_id.replace("-", " "),
+                            "status": status, "detail": detail, "instance": request.path, "error_id": error_id}
+    return web.Response(text=json.dumps(body), status=status, content_type=_PROBLEM)
+
+
+def connector_health_routes(registry: ConnectorRegistry) -> list[web.RouteDef]:
+    """``GET /v1/connectors``: every configured connector with its capabilities and health."""
+
+    async def list_connectors(request: web.Request) -> web.Response:
+        statuses = [status.as_json() for status in registry.statuses()]
+        return web.json_response({"connectors": statuses}, headers={"Cache-Control": "no-store"})
+
+    return [web.get("/v1/connectors", list_connectors, allow_head=False)]
+
+
+async def _action_callback(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY_KEY]
+    name = request.match_info["name"]
+    request_id = request.match_info["request_id"]
+    try:
+        connector = registry.get(name)
+    except KeyError:
+        return _problem(request, 404, "no-such-connector", "no connector of that name")
+    except ConnectorUnavailable:
+        return _problem(request, 503, "connector-unavailable", "the connector is not loaded")
+    if not isinstance(connector, ActionCallbackReceiver):
+        return _problem(request, 404, "no-callbacks", "this connector takes no action callbacks")
+    if request.content_length is not None and request.content_length > _MAX_CALLBACK_BODY:
+        return _problem(request, 413, "body-too-large", "the callback body is over the size limit")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _problem(request, 413, "body-too-large", "the callback body is over the size limit")
+    try:
+        connector.accept_action_callback(request_id, request.headers, body)
+    except CallbackRejected as exc:
+        log.warning("action callback refused: %s", exc.reason,
+                    extra={"connector": name, "error_id": exc.error_id, "source": request.remote})
+        return _problem(request, exc.status, exc.error_id, exc.reason)
+    return web.Response(status=204)
+
+
+def connector_callback_app(registry: ConnectorRegistry) -> web.Application:
+    """Sub-app taking vendors' answers: ``POST /{name}/actions/{request_id}``, mounted at :data:`CALLBACK_PREFIX`.
+
+    The vendor signs with Standard Webhooks (``webhook-id``/``-timestamp``/``-signature``), using the
+    connector's signing secret: 204 applied, 401 bad signature, 404 unknown or expired request, 409 already
+    answered, 422 not one of the offered options.
+    """
+    app = web.Application(client_max_size=_MAX_CALLBACK_BODY)
+    app[REGISTRY_KEY] = registry
+    app.router.add_post("/{name}/actions/{request_id}", _action_callback)
+    return app

@@ -1,0 +1,1 @@
+"""The shared kernel: basics every package may use; imports nothing from the project."""

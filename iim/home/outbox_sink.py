@@ -1,0 +1,21 @@
+"""The :class:`iim.home.ports.SmsSink` of the running service: SMS go into the PostgreSQL outbox."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from iim.sms.outbox import enqueue_sms
+from policy_cache.db import Pool, tenant_tx
+
+__all__ = ["OutboxSmsSink"]
+
+
+class OutboxSmsSink:
+    """Queues an SMS in ``iim.sms_outbox`` (the SMS sender delivers it); the key makes a retry harmless."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    async def send(self, tenant_id: UUID, msisdn: str, text: str, key: str) -> None:
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            await enqueue_sms(conn, key=key, msisdn=msisdn, body=text)

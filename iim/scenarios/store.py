@@ -1,0 +1,481 @@
+"""PostgreSQL side of incidents: read the facts a decision needs, persist the decision, record outcomes.
+
+Each function runs inside the caller's tenant-scoped transaction (``claim_originate_now`` and
+``due_incidents`` excepted). Persisting an ``Advance`` writes the incident's new progress and deadline, one
+``incident_action`` row per action (its idempotency key) with its SMS rows, the claim of its calls or the
+jobs that will perform the rest, and its audit lines together, in one statement
+(``iim.persist_decision``), so a crash leaves either all or none.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from iim.scenarios import registry as scenario_registry
+from iim.scenarios.engine import (
+    Action,
+    ActionOutcome,
+    Advance,
+    Contact,
+    IncidentFacts,
+    IncidentState,
+    Notify,
+    PlaceCall,
+    Progress,
+    RecordMessage,
+    SendSms,
+)
+from iim.scenarios.model import ContactRole, Scenario
+from iot_bridge.event_types import EventType
+from iot_bridge.intake import IncidentJobs
+from policy_cache import audit as audit_log
+from policy_cache import jobs
+from policy_cache.db import Connection, Pool
+from policy_cache.models import DeviceStatus, DeviceType, PresenceState
+
+__all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_incident",
+           "load_scenarios", "persist_advance", "record_outcome", "write_outcomes", "OutcomeWrite", "CallClaim",
+           "Persisted", "originate_facts", "claim_originate", "claim_originate_now", "notification_targets",
+           "sms_fallback_numbers", "notify_by_sms", "alarm_text", "NotificationTarget", "due_incidents",
+           "prune_originate_windows", "audit", "audit_line", "action_spec"]
+
+#: Namespace for deterministic call UUIDs: the same action key always dials with the same origination_uuid.
+_CALL_NS = uuid.UUID("6f1c3f0e-2a4b-4a57-9d0e-1b5c9a7e0c11")
+
+_INCIDENT = """
+SELECT i.id, i.household_id, i.device_id, i.hazard, i.state::text AS state, i.scenario, i.step, i.attempt,
+       i.deadline, i.first_event_id, i.opened_at,
+       d.name AS device_name, d.type::text AS device_type, d.status::text AS device_status, d.sip_uri,
+       d.external_id AS device_external_id,
+       h.name AS household_name, h.presence::text AS presence, h.time_zone{extra}
+  FROM iim.incident i
+  JOIN iim.device d ON d.tenant_id = i.tenant_id AND d.id = i.device_id
+  JOIN iim.household h ON h.tenant_id = i.tenant_id AND h.id = i.household_id
+ WHERE i.id = $1
+   FOR UPDATE OF i"""
+# Contacts (by escalation priority) and the household's ringing speakers, in the same round trip.
+_FACTS = """,
+       (SELECT coalesce(json_agg(json_build_object('role', b.role, 'priority', b.priority, 'msisdn', s.msisdn,
+                                                   'id', s.id, 'name', s.display_name)
+                                 ORDER BY b.priority, s.msisdn), '[]')
+          FROM iim.binding b JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
+         WHERE b.household_id = i.household_id AND (b.device_id IS NULL OR b.device_id = i.device_id)) AS contacts,
+       (SELECT coalesce(json_agg(x.sip_uri ORDER BY x.name), '[]') FROM iim.device x
+         WHERE x.household_id = i.household_id AND x.enabled AND x.sip_uri IS NOT NULL AND x.type = 'speaker'
+           AND 'sip' = ANY (x.capabilities)) AS home,
+       (SELECT coalesce(json_agg(json_build_object('id', x.id, 'connector', x.connector, 'ref', x.connector_ref)
+                                 ORDER BY x.name), '[]')
+          FROM iim.device x WHERE x.household_id = i.household_id AND x.enabled AND x.connector IS NOT NULL
+       ) AS notify_targets,
+       ARRAY({fallback}) AS sms_fallback,
+       (SELECT coalesce(json_agg(json_build_object('key', a.key, 'step', a.step, 'kind', a.kind,
+                                                   'destination', a.destination, 'call_uuid', a.call_uuid,
+                                                   'dispatched_at', a.dispatched_at, 'outcome', a.outcome,
+                                                   'spec', a.spec)), '[]')
+          FROM iim.incident_action a
+         WHERE a.incident_id = i.id AND starts_with(a.key, i.id::text || '/' || i.step || '/' || i.attempt || '/')
+       ) AS group_actions,
+       (SELECT json_build_array(l.max_concurrent, l.max_per_hour, l.allowed_prefixes) FROM iim.originate_limit l
+       ) AS originate_limits,
+       {bound} AS bound"""
+# Who gets the text when the smart home cannot be told: the owners and members of the household.
+_FALLBACK_NUMBERS = """SELECT DISTINCT s.msisdn FROM iim.binding b
+             JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
+            WHERE b.household_id = {household} AND b.role IN ('owner', 'member') ORDER BY s.msisdn"""
+# Every number and SIP URI an alert call for the household may reach: its bound contacts and its devices.
+_BOUND = """ARRAY(SELECT s.msisdn FROM iim.binding b
+                 JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
+                WHERE b.household_id = {household}
+               UNION
+               SELECT d.sip_uri FROM iim.device d
+                WHERE d.household_id = {household} AND d.sip_uri IS NOT NULL AND d.enabled)"""
+_ORIGINATE_FACTS = """SELECT l.max_concurrent, l.max_per_hour, l.allowed_prefixes, {bound} AS bound
+                        FROM (SELECT 1) AS one LEFT JOIN iim.originate_limit l ON true"""
+_ORIGINATE_FACTS = _ORIGINATE_FACTS.format(bound=_BOUND.format(household="$1"))
+_INCIDENT_LIGHT = _INCIDENT.format(extra="")
+_INCIDENT_FULL = _INCIDENT.format(extra=_FACTS.format(fallback=_FALLBACK_NUMBERS.format(household="i.household_id"),
+                                                      bound=_BOUND.format(household="i.household_id")))
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationTarget:
+    """A household device reachable through a smart-home connector."""
+
+    device_id: str
+    connector: str
+    connector_ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentRow:
+    id: UUID
+    state: IncidentState
+    progress: Progress
+    scenario: Scenario | None
+    deadline: datetime | None
+    first_event_id: str
+    household_id: UUID
+    device_id: UUID
+    facts: IncidentFacts
+    #: Loaded with the facts (``full``) only: what a notification step needs to be settled with its decision.
+    notify_targets: tuple[NotificationTarget, ...] | None = None
+    sms_fallback: tuple[str, ...] | None = None
+    #: the actions of the current group (``full`` only)
+    group: tuple[ActionRow, ...] | None = None
+    #: the tenant's originate limits (max concurrent, max per hour, allowed prefixes; None: the defaults) and
+    #: what its alert calls may reach (``full`` only)
+    originate_limits: tuple[int, int, tuple[str, ...]] | None = None
+    bound: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ActionRow:
+    key: str
+    incident_id: UUID
+    step: int
+    kind: str
+    destination: str | None
+    call_uuid: UUID | None
+    dispatched_at: datetime | None
+    outcome: str | None
+    spec: dict[str, Any]
+
+
+def call_uuid_for(key: str) -> UUID:
+    return uuid.uuid5(_CALL_NS, key)
+
+
+async def load_incident(conn: Connection, incident_id: UUID, *, full: bool = True) -> IncidentRow | None:
+    """The incident (locked for this transaction) with everything the engine decides on.
+
+    ``full=False`` skips what only decisions need (contacts, home devices, the scenario): for executors that
+    only check the incident's state before or after performing one action.
+    """
+    row = await conn.fetchrow(_INCIDENT_FULL if full else _INCIDENT_LIGHT, incident_id)
+    if row is None:
+        return None
+    contacts: tuple[Contact, ...] = ()
+    home: tuple[str, ...] = ()
+    targets: tuple[NotificationTarget, ...] | None = None
+    fallback: tuple[str, ...] | None = None
+    group: tuple[ActionRow, ...] | None = None
+    limits: tuple[int, int, tuple[str, ...]] | None = None
+    bound: frozenset[str] | None = None
+    if full:
+        targets = tuple(NotificationTarget(str(t["id"]), t["connector"], t["ref"]) for t in row["notify_targets"])
+        fallback = tuple(row["sms_fallback"])
+        group = tuple(_group_action(row["id"], a) for a in row["group_actions"])
+        if row["originate_limits"] is not None:
+            most, hourly, prefixes = row["originate_limits"]
+            limits = (int(most), int(hourly), tuple(prefixes))
+        bound = frozenset(row["bound"])
+        contacts = tuple(
+            Contact(role=ContactRole(c["role"]), msisdn=c["msisdn"], subscriber_id=str(c["id"]),
+                    priority=c["priority"], name=c["name"])
+            for c in row["contacts"])
+        home = tuple(row["home"])
+    facts = IncidentFacts(
+        event_type=EventType(row["hazard"]), device_type=DeviceType(row["device_type"]),
+        device_id=row["device_external_id"], device_name=row["device_name"],
+        device_status=DeviceStatus(row["device_status"]), device_sip_uri=row["sip_uri"],
+        household_name=row["household_name"], presence=PresenceState(row["presence"]),
+        time_zone=row["time_zone"], contacts=contacts, home_targets=home)
+    scenario = Scenario.model_validate(row["scenario"]) if full and row["scenario"] else None
+    state = IncidentState(row["state"])
+    return IncidentRow(id=row["id"], state=state, progress=Progress(state, row["step"], row["attempt"]),
+                       scenario=scenario, deadline=row["deadline"], first_event_id=row["first_event_id"],
+                       household_id=row["household_id"], device_id=row["device_id"], facts=facts,
+                       notify_targets=targets, sms_fallback=fallback, group=group, originate_limits=limits,
+                       bound=bound)
+
+
+def _group_action(incident_id: UUID, a: dict[str, Any]) -> ActionRow:
+    dispatched = a["dispatched_at"]
+    return ActionRow(key=a["key"], incident_id=incident_id, step=int(a["step"]), kind=a["kind"],
+                     destination=a["destination"], call_uuid=UUID(a["call_uuid"]) if a["call_uuid"] else None,
+                     dispatched_at=datetime.fromisoformat(dispatched) if dispatched else None,
+                     outcome=a["outcome"], spec=a["spec"])
+
+
+async def load_scenarios(conn: Connection, household_id: UUID) -> list[Scenario]:
+    """Enabled scenarios for the household first, then the tenant-wide ones."""
+    return [Scenario.from_record(r) for r in await scenario_registry.scenarios_for_household(conn, household_id)]
+
+
+def action_spec(action: Action) -> dict[str, Any]:
+    """The parameters of an action as stored with its key (the executor performs exactly these)."""
+    if isinstance(action, PlaceCall):
+        return {"ring_s": action.ring_s, "prompt_text": action.prompt_text,
+                "ivr": action.ivr.model_dump(mode="json") if action.ivr is not None else None}
+    if isinstance(action, SendSms):
+        return {"text": action.text}
+    if isinstance(action, RecordMessage):
+        return {"prompt_text": action.prompt_text, "max_s": action.max_s}
+    if isinstance(action, Notify):
+        return {"text": action.text}
+    raise TypeError(f"unknown action {action!r}")
+
+
+def _action_fields(action: Action) -> tuple[str, str | None]:
+    if isinstance(action, PlaceCall):
+        return "call", action.destination
+    if isinstance(action, SendSms):
+        return "sms", action.msisdn
+    if isinstance(action, RecordMessage):
+        return "record", action.destination
+    if isinstance(action, Notify):
+        return "notify", None
+    raise TypeError(f"unknown action {action!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeWrite:
+    """An outcome to record on an action that has none yet."""
+
+    key: str
+    outcome: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CallClaim:
+    """Alert calls of a decision to claim under the tenant's caps in the decision's own transaction (the
+    caller places them after the commit); ``refused``: calls the guard refused before any claim (key ->
+    (reason, detail)), written with outcome ``refused`` and an audit line instead."""
+
+    max_concurrent: int
+    max_per_hour: int
+    refused: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Persisted:
+    """What writing a decision did: (kind, outcome) of actions settled with it, the calls claimed with it for
+    the caller to place after the commit, the calls to claim exactly after the commit (near the tenant's
+    caps: :func:`claim_originate_now`), and the guard's refusals written."""
+
+    settled: list[tuple[str, str]]
+    claimed: list[str]
+    deferred: list[str]
+    refused: list[str]
+
+
+async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentRow, advance: Advance, *,
+                          scenario: Scenario | None, now: datetime, actor: str = "scenario-engine",
+                          outcomes: Sequence[OutcomeWrite] = (), audit_lines: Sequence[dict[str, Any]] = (),
+                          claim: CallClaim | None = None) -> Persisted:
+    """Write the decision (and ``outcomes``/``audit_lines`` recorded before it) in one statement
+    (``iim.persist_decision``). SMS are outbox rows written here; a notification nobody in the household can
+    receive is settled here by text; calls are claimed here when ``claim`` is given, else each gets a job,
+    like notifications through a connector. Keys already written (a resumed decision) write nothing more.
+    ``incident`` is fully loaded (its notification targets and fallback numbers decide how it notifies)."""
+    assert incident.notify_targets is not None, "a fully loaded incident"
+    assert incident.sms_fallback is not None, "a fully loaded incident"
+    state = advance.progress.state
+    closed = state not in (IncidentState.OPEN, IncidentState.NOTIFYING)
+    settling: dict[str, tuple[str, str]] = {}
+    claim_keys: list[str] = []
+    job_keys: list[str] = []
+    rows: list[dict[str, Any]] = []
+    for action in advance.actions:
+        kind, destination = _action_fields(action)
+        row: dict[str, Any] = {"key": action.key, "incident_id": str(incident.id), "step": action.step, "kind": kind,
+                               "destination": destination, "spec": action_spec(action), "call_uuid": None}
+        if isinstance(action, SendSms):
+            # An SMS is only a row in the outbox (the SMS sender delivers it): written with the decision, so it
+            # cannot be lost between the decision and a job.
+            row |= {"outcome": "queued", "detail": "queued in the SMS outbox",
+                    "sms": [{"key": action.key, "msisdn": action.msisdn, "body": action.text[:1600]}]}
+            settling[action.key] = ("sms", "queued")
+        elif isinstance(action, Notify) and not incident.notify_targets:
+            # Nothing in the household listens to a connector: the fallback text is decided right here.
+            outcome, texts, line = _notify_fallback(incident, action.key, action.text or alarm_text(incident),
+                                                    "no connected device", incident.sms_fallback)
+            row |= {"outcome": outcome, "detail": "no connected device", "sms": texts, "audit": [line]}
+            settling[action.key] = ("notify", outcome)
+        elif isinstance(action, Notify):
+            job_keys.append(action.key)
+        else:
+            row["call_uuid"] = str(call_uuid_for(action.key))
+            refusal = claim.refused.get(action.key) if claim is not None else None
+            if refusal is not None:
+                reason, detail = refusal
+                row |= {"outcome": ActionOutcome.REFUSED.value, "detail": detail,
+                        "audit": [audit_line("toll-fraud-guard", "originate.refused", incident.id,
+                                             {"key": action.key, "reason": reason, "detail": detail},
+                                             event_id=incident.first_event_id)]}
+            elif claim is not None:
+                claim_keys.append(action.key)
+            else:
+                job_keys.append(action.key)
+        rows.append(row)
+    decision_audit = audit_line(actor, f"incident.{state.value}", incident.id, {
+        "reason": advance.reason, "step": advance.progress.step, "attempt": advance.progress.attempt,
+        "actions": [{"key": a.key, "kind": _action_fields(a)[0]} for a in advance.actions],
+        "notes": list(advance.notes)}, event_id=incident.first_event_id)
+    payload: dict[str, Any] = {
+        "outcomes": [{"key": o.key, "outcome": o.outcome, "detail": o.detail} for o in outcomes],
+        "incident": {"id": str(incident.id), "state": state.value, "step": advance.progress.step,
+                     "attempt": advance.progress.attempt,
+                     "deadline": advance.deadline.isoformat() if advance.deadline is not None else None,
+                     "reason": advance.reason, "closed": closed,
+                     "scenario": scenario.model_dump(mode="json") if scenario is not None else None},
+        "actions": rows, "audit": [*audit_lines, decision_audit]}
+    if claim is not None and claim_keys:
+        payload["claim"] = {"keys": claim_keys, "max_concurrent": claim.max_concurrent,
+                            "max_per_hour": claim.max_per_hour}
+    result = await _persist(conn, payload)
+    inserted = set(result["inserted"])
+    jobs_now = [k for k in job_keys if k in inserted]
+    if jobs_now:
+        body: list[bytes | None] = [
+            json.dumps({"tenant": str(tenant_id), "incident": str(incident.id), "key": k}).encode() for k in jobs_now]
+        await jobs.queries_for(conn).enqueue([IncidentJobs.ACTION] * len(jobs_now), body,
+                                             [20] * len(jobs_now), dedupe_key=[f"act:{k}" for k in jobs_now],
+                                             on_conflict="skip")
+    claims = result["claims"]
+    return Persisted(settled=[settling[k] for k in settling if k in inserted],
+                     claimed=[c["key"] for c in claims if c["claimed"]],
+                     deferred=[c["key"] for c in claims if not c["claimed"]],
+                     refused=[k for k in (claim.refused if claim is not None else {}) if k in inserted])
+
+
+async def write_outcomes(conn: Connection, outcomes: Sequence[OutcomeWrite],
+                         audit_lines: Sequence[dict[str, Any]] = ()) -> None:
+    """Record outcomes and audit lines when no decision follows them (one statement)."""
+    if outcomes or audit_lines:
+        await _persist(conn, {"outcomes": [{"key": o.key, "outcome": o.outcome, "detail": o.detail} for o in outcomes],
+                              "audit": list(audit_lines)})
+
+
+async def _persist(conn: Connection, payload: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = await conn.fetchval("SELECT iim.persist_decision($1::jsonb)", payload)
+    return result
+
+
+def alarm_text(incident: IncidentRow) -> str:
+    """What an SMS or notification says when its scenario step gives no text."""
+    return f"IIM alarm: {incident.facts.event_type.value}"
+
+
+async def notify_by_sms(conn: Connection, tenant_id: UUID, incident: IncidentRow, key: str, text: str,
+                        detail: str) -> str:
+    """Settle a notification the smart home did not take: text the household's owners and members instead
+    (one outbox row each) and record the outcome on its action; returns it (``sms_fallback`` or ``skipped``)."""
+    outcome, texts, line = _notify_fallback(incident, key, text, detail,
+                                            await sms_fallback_numbers(conn, incident.household_id))
+    await conn.executemany(
+        """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
+           ON CONFLICT (tenant_id, key) DO NOTHING""",
+        [(t["key"], t["msisdn"], t["body"], incident.id) for t in texts])
+    await write_outcomes(conn, [OutcomeWrite(key, outcome, detail)], [line])
+    return outcome
+
+
+def _notify_fallback(incident: IncidentRow, key: str, text: str, detail: str, contacts: Sequence[str]
+                     ) -> tuple[str, list[dict[str, str]], dict[str, Any]]:
+    """A notification settled by text: its outcome, the outbox rows (one per number) and its audit line."""
+    outcome = "sms_fallback" if contacts else "skipped"
+    texts = [{"key": f"{key}/sms/{n}", "msisdn": msisdn, "body": text[:1600]} for n, msisdn in enumerate(contacts)]
+    return outcome, texts, audit_line("scenario-engine", "incident.notify", incident.id,
+                                      {"key": key, "outcome": outcome, "detail": detail, "devices": []},
+                                      event_id=incident.first_event_id)
+
+
+def audit_line(actor: str, action: str, incident_id: UUID, detail: dict[str, Any], *, event_id: str | None = None,
+               call_uuid: UUID | None = None) -> dict[str, Any]:
+    """An incident's audit line, correlated by event_id and call uuid, as staged in ``iim.audit_pending``."""
+    correlation: dict[str, str] = {}
+    if event_id:
+        correlation["event_id"] = event_id
+    if call_uuid:
+        correlation["call_id"] = str(call_uuid)
+    return {"actor": actor, "action": action, "entity": "incident", "entity_id": str(incident_id), "detail": detail,
+            "correlation": correlation}
+
+
+async def audit(conn: Connection, tenant_id: UUID, actor: str, action: str, incident_id: UUID,
+                detail: dict[str, Any], *, event_id: str | None = None, call_uuid: UUID | None = None) -> None:
+    line = audit_line(actor, action, incident_id, detail, event_id=event_id, call_uuid=call_uuid)
+    await audit_log.stage(conn, actor=line["actor"], action=line["action"], entity=line["entity"],
+                          entity_id=line["entity_id"], detail=line["detail"], correlation=line["correlation"])
+
+
+async def due_incidents(pool: Pool, limit: int) -> list[tuple[UUID, UUID]]:
+    """(tenant, incident) of live incidents whose deadline has passed, oldest first, across tenants."""
+    return [(r["tenant_id"], r["id"]) for r in await pool.fetch("SELECT * FROM iim.due_incidents($1)", limit)]
+
+
+async def prune_originate_windows(pool: Pool) -> int:
+    """Delete the toll-fraud counters no cap reads any more (older than two hours), across tenants."""
+    return int(await pool.fetchval("SELECT iim.prune_originate_windows()"))
+
+
+async def load_action(conn: Connection, key: str) -> ActionRow | None:
+    row = await conn.fetchrow(
+        """SELECT key, incident_id, step, kind, destination, call_uuid, dispatched_at, outcome, spec
+             FROM iim.incident_action WHERE key = $1 FOR UPDATE""", key)
+    return _action_row(row) if row is not None else None
+
+
+def _action_row(row: Any) -> ActionRow:
+    return ActionRow(**dict(row))
+
+
+async def record_outcome(conn: Connection, key: str, outcome: str, detail: str = "") -> None:
+    await conn.execute(
+        "UPDATE iim.incident_action SET outcome = $2, detail = $3, finished_at = now() WHERE key = $1 "
+        "AND outcome IS NULL", key, outcome, detail[:500])
+
+
+async def originate_facts(conn: Connection, household_id: UUID) -> tuple[tuple[int, int, tuple[str, ...]] | None,
+                                                                      frozenset[str]]:
+    """The tenant's originate limits (None: no row, use the defaults) and every number and SIP URI an alert
+    for this household may reach (its bound contacts and devices), in one round trip."""
+    row = await conn.fetchrow(_ORIGINATE_FACTS, household_id)
+    assert row is not None
+    limits = (None if row["max_concurrent"] is None
+              else (int(row["max_concurrent"]), int(row["max_per_hour"]), tuple(row["allowed_prefixes"])))
+    return limits, frozenset(row["bound"])
+
+
+async def claim_originate(conn: Connection, key: str, *, max_concurrent: int, max_per_hour: int
+                          ) -> tuple[bool, int, int]:
+    """Check the tenant's caps and, under them, mark the call dispatched and count it: (claimed, in flight,
+    last hour). One statement under the tenant's originate lock, which is held until the caller commits:
+    call it last in the transaction."""
+    row = await conn.fetchrow("SELECT claimed, in_flight, last_hour FROM iim.claim_originate($1, $2, $3)",
+                              key, max_concurrent, max_per_hour)
+    assert row is not None
+    return bool(row["claimed"]), int(row["in_flight"]), int(row["last_hour"])
+
+
+async def claim_originate_now(pool: Pool, tenant_id: UUID, key: str, *, max_concurrent: int, max_per_hour: int
+                              ) -> tuple[bool, int, int]:
+    """:func:`claim_originate` as a statement of its own, committed at once (the tenant's exclusive
+    originate lock is never held across a round trip): (claimed, in flight, last hour)."""
+    row = await pool.fetchrow("SELECT claimed, in_flight, last_hour FROM iim.claim_originate_in($1, $2, $3, $4)",
+                              tenant_id, key, max_concurrent, max_per_hour)
+    assert row is not None
+    return bool(row["claimed"]), int(row["in_flight"]), int(row["last_hour"])
+
+
+async def notification_targets(conn: Connection, household_id: UUID) -> list[NotificationTarget]:
+    """The household's enabled devices behind a connector (cloud speakers, panels, hubs)."""
+    rows = await conn.fetch(
+        """SELECT id, connector, connector_ref FROM iim.device
+            WHERE household_id = $1 AND enabled AND connector IS NOT NULL ORDER BY name""", household_id)
+    return [NotificationTarget(str(r["id"]), r["connector"], r["connector_ref"]) for r in rows]
+
+
+async def sms_fallback_numbers(conn: Connection, household_id: UUID) -> list[str]:
+    """Who gets the text when the smart home cannot be told: the owners and members of the household."""
+    rows = await conn.fetch(_FALLBACK_NUMBERS.format(household="$1"), household_id)
+    return [r["msisdn"] for r in rows]
+

@@ -1,0 +1,804 @@
+"""The incident worker: runs the engine's decisions, placing their calls itself or through pgqueuer jobs.
+
+A decision (on open, after each outcome, at each deadline) is written in one statement with its actions.
+Its alert calls are claimed under the tenant's toll-fraud caps in the same transaction and placed as soon
+as it commits, by the process that decided (no job hop); near the caps they are claimed exactly right
+after the commit instead. A call's key is marked dispatched (committed) *before* the originate is sent,
+so nobody is dialled twice: a worker that dies while its call rings leaves the call to the group's
+deadline (or, if the callee answers, to whichever process the call's IVR reaches, which settles it at
+once). Two job kinds remain: ``incident.tick`` (the intake's fallback, "cleared" events) and
+``incident.action`` (notifications through a connector, calls retried after FreeSWITCH was unreachable,
+calls of a worker without a switch); a resumed action job that finds its call dispatched asks the switch
+(``uuid_exists``) and never redials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+from uuid import UUID
+
+from pgqueuer.core.executors import DatabaseRetryEntrypointExecutor, EntrypointExecutorParameters
+from pgqueuer.core.qm import QueueManager
+from pgqueuer.domain import models as pgq_models
+from pgqueuer.types import Channel
+from prometheus_client import Counter, Histogram
+
+from fs_app.outreach.calls import AlertCall, AlertCallPlacer, CallOutcome, CallOutcomeKind
+from fs_app.outreach.guard import OriginateLimits, check_destination
+from iim.connectors.contract import Connector, ConnectorError, ConnectorLookup, Notification
+from iim.core.errors import STORE_UNAVAILABLE
+from iim.core.metrics import REGISTRY
+from iim.scenarios import store
+from iim.scenarios.engine import (
+    TERMINAL,
+    ActionOutcome,
+    Advance,
+    IncidentState,
+    PlaceCall,
+    RecordMessage,
+    advance,
+    begin,
+    current_actions,
+    on_cleared,
+    ready_to_advance,
+    select_scenario,
+)
+from iim.scenarios.model import Scenario
+from iim.scenarios.templates import TEMPLATES
+from iim.tts.engine import TtsUnavailable
+from iot_bridge.intake import IncidentJobs
+from policy_cache import jobs
+from policy_cache.db import Connection, DbRole, Pool, connect, tenant_tx
+
+__all__ = ["IncidentWorker", "WorkerSettings"]
+
+log = logging.getLogger(__name__)
+
+INCIDENTS = Counter("iim_incidents", "Incident transitions, by state reached", ["state"], registry=REGISTRY)
+ACTIONS = Counter("iim_incident_actions", "Incident actions performed, by kind and outcome", ["kind", "outcome"],
+                  registry=REGISTRY)
+STEP_SECONDS = Histogram("iim_incident_step_seconds", "From a decision to the action's outcome, by kind",
+                         ["kind"], buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 120), registry=REGISTRY)
+ORIGINATE_REFUSED = Counter("iim_originate_refused", "Alert calls refused by the toll-fraud guard, by reason",
+                            ["reason"], registry=REGISTRY)
+ORIGINATE_CLAIMS = Counter("iim_originate_claims", "Alert calls claimed under the toll-fraud caps, by where: with "
+                           "the decision (far below the caps), after_commit (near them, exact), job (retries)",
+                           ["path"], registry=REGISTRY)
+ORPHANED_CALLS = Counter("iim_alert_calls_orphaned", "Answered alert calls whose worker had died, settled here",
+                         registry=REGISTRY)
+
+_REACHED_BY_CALL = {
+    CallOutcomeKind.ANSWERED: ActionOutcome.ANSWERED, CallOutcomeKind.NO_ANSWER: ActionOutcome.NO_ANSWER,
+    CallOutcomeKind.BUSY: ActionOutcome.BUSY, CallOutcomeKind.FAILED: ActionOutcome.FAILED,
+    CallOutcomeKind.UNREACHABLE: ActionOutcome.UNREACHABLE, CallOutcomeKind.REFUSED: ActionOutcome.REFUSED,
+}
+
+
+@dataclass
+class WorkerSettings:
+    caller_id_number: str = "+70000000000"
+    caller_id_name: str = "IIM alarm"
+    default_limits: OriginateLimits = field(default_factory=OriginateLimits)
+    #: a job whose worker stopped heart-beating this long ago is picked up again (crash recovery)
+    heartbeat_timeout: timedelta = timedelta(seconds=30)
+    max_concurrent_jobs: int = 500
+    #: how often live incidents past their deadline are looked for (deadlines are not parked as jobs)
+    sweep_interval_s: float = 0.5
+    #: how often the sweep deletes toll-fraud counters older than the caps' window
+    window_prune_interval_s: float = 300.0
+    batch_size: int = 20
+    #: FreeSWITCH unreachable: the call is retried after these delays (an SMS goes out at once)
+    unreachable_retries: tuple[float, ...] = (2.0, 8.0, 30.0)
+    #: a placed call's outcome is written again after these delays while PostgreSQL is away
+    store_retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+    tts_engine: str = "flite"
+    tts_voice: str = "kal"
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+
+
+class RenderedPrompt(Protocol):
+    @property
+    def path(self) -> Path: ...
+
+
+class PromptRenderer(Protocol):
+    """Speech for IVR prompts (``iim.tts.engine.EspeakTts``)."""
+
+    async def render(self, text: str, *, voice: str | None = None) -> RenderedPrompt: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Placement:
+    """A call of a committed decision: claimed with it (``claim_under`` None), or to claim under these
+    limits first."""
+
+    tenant_id: UUID
+    incident: store.IncidentRow
+    key: str
+    kind: str
+    call: AlertCall
+    meanings: dict[str, str]
+    claim_under: OriginateLimits | None
+
+
+@dataclass
+class _AfterCommit:
+    """What a decision leaves for after its transaction commits: ringing calls of a decided group to hang
+    up, calls to place, incidents to judge again."""
+
+    ringing: list[store.ActionRow] = field(default_factory=list)
+    calls: list[_Placement] = field(default_factory=list)
+    retick: list[tuple[UUID, UUID]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.ringing or self.calls or self.retick)
+
+
+def _ids(job: pgq_models.Job) -> dict[str, str]:
+    payload: dict[str, str] = json.loads(job.payload or b"{}")
+    return payload
+
+
+class IncidentWorker:
+    def __init__(self, pool: Pool, app_url: str, placer: AlertCallPlacer | None,
+                 settings: WorkerSettings | None = None, *, connectors: ConnectorLookup | None = None,
+                 speech: PromptRenderer | None = None) -> None:
+        self.connectors = connectors
+        self.speech = speech
+        self.pool = pool
+        self.app_url = app_url
+        self.placer = placer
+        self.settings = settings or WorkerSettings()
+        self._conn: Connection | None = None
+        self._qm: QueueManager | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        #: calls placed straight after the decision that claimed them, and other after-commit work
+        self._inline: set[asyncio.Task[None]] = set()
+        #: call uuids this worker is placing now (an orphaned call is one no live worker places)
+        self._placing: set[str] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._conn = await connect(self.app_url, role=DbRole.APP)
+        settings = jobs.job_settings()
+        self._qm = QueueManager(jobs.queries_for(self._conn), channel=Channel(settings.channel))
+        factory = self._retrying
+        self._qm.entrypoint(IncidentJobs.TICK, executor_factory=factory, on_failure="hold")(self._tick_job)
+        self._qm.entrypoint(IncidentJobs.ACTION, executor_factory=factory, on_failure="hold")(self._action_job)
+        self._task = asyncio.create_task(self._qm.run(
+            dequeue_timeout=timedelta(seconds=5), batch_size=self.settings.batch_size,
+            max_concurrent_tasks=self.settings.max_concurrent_jobs,
+            heartbeat_timeout=self.settings.heartbeat_timeout), name="incident-worker")
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="incident-deadlines")
+
+    @staticmethod
+    def _retrying(params: EntrypointExecutorParameters) -> DatabaseRetryEntrypointExecutor:
+        """Transient failures (PostgreSQL away) requeue the job with backoff instead of losing it."""
+        return DatabaseRetryEntrypointExecutor(params, max_attempts=20, initial_delay=timedelta(seconds=1),
+                                               max_delay=timedelta(seconds=60))
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._inline:
+            _, pending = await asyncio.wait(set(self._inline), timeout=10)
+            for task in pending:
+                task.cancel()
+        if self._qm is not None:
+            self._qm.shutdown.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=10)
+            except TimeoutError:
+                self._task.cancel()
+        if self._conn is not None:
+            await self._conn.close()
+
+    # ------------------------------------------------------------------ SMS receipts
+    async def sms_undelivered(self, tenant_id: UUID, sms_key: str, incident_id: UUID | None) -> None:
+        """The SMSC says an escalation SMS was not delivered (or expired): record it on its action and let the
+        engine judge the incident now rather than at its deadline."""
+        if incident_id is None:
+            return
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            incident = await store.load_incident(conn, incident_id, full=False)
+            if incident is None or incident.state in TERMINAL:
+                return
+            await conn.execute("UPDATE iim.incident_action SET outcome = 'undelivered', finished_at = now() "
+                               "WHERE key = $1 AND kind = 'sms'", sms_key)
+            await store.audit(conn, tenant_id, "sms-receipt", "incident.sms_undelivered", incident_id,
+                              {"key": sms_key}, event_id=incident.first_event_id)
+        await self.tick(tenant_id, incident_id, reason="sms_undelivered")
+
+    # ------------------------------------------------------------------ deadlines
+    async def _sweep_forever(self) -> None:
+        """Tick every live incident whose deadline passed. Several workers may sweep: a tick locks the
+        incident and re-checks its deadline, so a second tick of the same incident does nothing."""
+        pruned_at = float("-inf")
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            if time.monotonic() - pruned_at >= self.settings.window_prune_interval_s:
+                pruned_at = time.monotonic()
+                await self._prune_windows()
+            try:
+                due = await store.due_incidents(self.pool, 500)
+            except STORE_UNAVAILABLE as exc:
+                log.warning("deadline sweep: store unavailable (%s); retrying", type(exc).__name__)
+                continue
+            for tenant_id, incident_id in due:
+                try:
+                    await self.tick(tenant_id, incident_id, reason="deadline")
+                except Exception:
+                    # One incident's failure must not stop the others' deadlines; it is swept again next time.
+                    log.exception("deadline tick failed", extra={"incident_id": str(incident_id)})
+
+    async def _prune_windows(self) -> None:
+        """Housekeeping beside the sweep: its failure is logged and retried later, never stops deadlines."""
+        try:
+            pruned = await store.prune_originate_windows(self.pool)
+        except STORE_UNAVAILABLE as exc:
+            log.warning("toll-fraud counters not pruned: store unavailable (%s)", type(exc).__name__)
+        except Exception:
+            log.exception("toll-fraud counters not pruned")
+        else:
+            if pruned:
+                log.info("toll-fraud counters: %d rows older than the caps' window deleted", pruned)
+
+    # ------------------------------------------------------------------ tick
+    async def _tick_job(self, job: pgq_models.Job) -> None:
+        ids = _ids(job)
+        try:
+            await self.tick(UUID(ids["tenant"]), UUID(ids["incident"]), reason=ids.get("reason", ""))
+        except Exception:
+            # Logged here with the incident; the retrying executor requeues the job with backoff.
+            log.exception("incident tick failed (attempt %d); will retry", job.attempts,
+                          extra={"incident_id": ids.get("incident")})
+            raise
+
+    async def tick(self, tenant_id: UUID, incident_id: UUID, *, reason: str = "") -> None:
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            incident = await store.load_incident(conn, incident_id)
+            after = await self._tick_in(conn, tenant_id, incident, reason=reason)
+        await self._follow(after)
+
+    async def _hang_up_all(self, ringing: list[store.ActionRow]) -> None:
+        """The group is decided: calls of it still ringing are hung up (the doorphone rang phone and home)."""
+        for action in ringing:
+            if action.call_uuid is not None:
+                await self._hang_up(action.call_uuid)
+
+    async def _tick_in(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow | None, *,
+                       reason: str, outcomes: Sequence[store.OutcomeWrite] = (),
+                       audit_lines: Sequence[dict[str, Any]] = ()) -> _AfterCommit:
+        """Judge ``incident`` (fully loaded and locked in ``conn``'s transaction) and persist what follows,
+        with ``outcomes`` and ``audit_lines`` recorded just before (one statement either way); returns what
+        is left for after the commit."""
+        after = _AfterCommit()
+        if incident is None or incident.state in TERMINAL:
+            await store.write_outcomes(conn, outcomes, audit_lines)
+            return after
+        incident_id = incident.id
+        now = self.settings.clock()
+        if reason == "cleared":
+            await store.write_outcomes(conn, outcomes, audit_lines)
+            progress = on_cleared(incident.progress)
+            await conn.execute(
+                """UPDATE iim.incident SET state = $2::iim.incident_state, reason = 'cleared by the device',
+                          updated_at = now(), closed_at = now(), deadline = NULL WHERE id = $1""",
+                incident_id, progress.state.value)
+            await store.audit(conn, tenant_id, "scenario-engine", f"incident.{progress.state.value}",
+                              incident_id, {"reason": "the device reported the hazard cleared"},
+                              event_id=incident.first_event_id)
+            INCIDENTS.labels(progress.state.value).inc()
+            return after
+        if incident.scenario is None:
+            await store.write_outcomes(conn, outcomes, audit_lines)
+            return await self._begin(conn, tenant_id, incident, now)
+        scenario = incident.scenario
+        due = incident.deadline is None or now >= incident.deadline
+        recorded = {o.key: o.outcome for o in outcomes}
+        if incident.state is IncidentState.NOTIFYING:
+            assert incident.group is not None, "judged on a fully loaded incident"
+            group = incident.group
+            settled = {a.key: recorded.get(a.key) if a.outcome is None else a.outcome for a in group}
+            judged = {key: ActionOutcome(value) for key, value in settled.items()
+                      if value is not None and value in ActionOutcome._value2member_map_}
+            out = current_actions(str(incident_id), scenario, incident.facts, incident.progress, now)
+            if not (due or ready_to_advance(incident.progress, out, judged)):
+                await store.write_outcomes(conn, outcomes, audit_lines)
+                return after
+            after.ringing = [a for a in group if a.dispatched_at is not None and settled.get(a.key) is None
+                             and a.call_uuid is not None]
+        elif not due:
+            await store.write_outcomes(conn, outcomes, audit_lines)
+            return after  # a retry pause or a wait step that is not over yet
+        else:
+            judged = {}
+        decision = advance(str(incident_id), scenario, incident.facts, incident.progress, judged, now)
+        await self._persist(conn, tenant_id, incident, decision, None, now, after, outcomes, audit_lines)
+        return after
+
+    async def begin_in(self, conn: Connection, tenant_id: UUID, incident_id: UUID) -> Callable[[], None] | None:
+        """Start a just-opened incident inside the intake's transaction: its first calls are claimed with the
+        event itself and placed as soon as it commits (the returned callback; None when there is nothing to
+        do then). The intake falls back to a tick job if this raises."""
+        incident = await store.load_incident(conn, incident_id)
+        if incident is None or incident.scenario is not None or incident.state is not IncidentState.OPEN:
+            return None
+        after = await self._begin(conn, tenant_id, incident, self.settings.clock())
+        if after.empty:
+            return None
+        return lambda: self._spawn(self._follow(after))
+
+    async def _begin(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
+                     now: datetime) -> _AfterCommit:
+        after = _AfterCommit()
+        scenario = self._choose(await store.load_scenarios(conn, incident.household_id), incident, now)
+        if scenario is None:
+            await conn.execute(
+                """UPDATE iim.incident SET state = 'exhausted', reason = $2, updated_at = now(),
+                          closed_at = now() WHERE id = $1""", incident.id, "no scenario matches")
+            await store.audit(conn, tenant_id, "scenario-engine", "incident.exhausted", incident.id,
+                              {"reason": "no scenario matches this event"}, event_id=incident.first_event_id)
+            INCIDENTS.labels("exhausted").inc()
+            return after
+        decision = begin(str(incident.id), scenario, incident.facts, now)
+        await self._persist(conn, tenant_id, incident, decision, scenario, now, after)
+        return after
+
+    async def _persist(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow, decision: Advance,
+                       scenario: Scenario | None, now: datetime, after: _AfterCommit,
+                       outcomes: Sequence[store.OutcomeWrite] = (), audit_lines: Sequence[dict[str, Any]] = ()
+                       ) -> None:
+        """Write a decision. With a switch to call through, its calls pass the toll-fraud guard and are claimed
+        under the tenant's caps in this transaction (near the caps: right after it, exactly), and ``after``
+        places them once it commits: no job hop. A worker that dies before placing one leaves no job behind:
+        the group's deadline moves the incident on, as for a call whose worker died while it rang."""
+        limits = (OriginateLimits(*incident.originate_limits) if incident.originate_limits is not None
+                  else self.settings.default_limits)
+        claim: store.CallClaim | None = None
+        calls = {a.key: a for a in decision.actions if isinstance(a, PlaceCall | RecordMessage)}
+        if self.placer is not None and incident.bound is not None and calls:
+            refused: dict[str, tuple[str, str]] = {}
+            for key, action in calls.items():
+                refusal = check_destination(action.destination or "", bound=incident.bound, limits=limits,
+                                            in_flight=0, last_hour=0)
+                if refusal is not None:
+                    refused[key] = (refusal.reason, refusal.detail)
+            claim = store.CallClaim(limits.max_concurrent, limits.max_per_hour, refused)
+        persisted = await store.persist_advance(conn, tenant_id, incident, decision, scenario=scenario, now=now,
+                                                outcomes=outcomes, audit_lines=audit_lines, claim=claim)
+        self._count_settled(persisted.settled)
+        INCIDENTS.labels(decision.progress.state.value).inc()
+        if claim is None:
+            return
+        for key in persisted.refused:
+            self._refused(incident, "call" if isinstance(calls[key], PlaceCall) else "record", claim.refused[key][0])
+        if persisted.refused:
+            after.retick.append((tenant_id, incident.id))  # the engine moves on at once
+        ORIGINATE_CLAIMS.labels("decision").inc(len(persisted.claimed))
+        for key in [*persisted.claimed, *persisted.deferred]:
+            action = calls[key]
+            kind = "call" if isinstance(action, PlaceCall) else "record"
+            row = store.ActionRow(key=key, incident_id=incident.id, step=action.step, kind=kind,
+                                  destination=action.destination, call_uuid=store.call_uuid_for(key),
+                                  dispatched_at=now, outcome=None, spec=store.action_spec(action))
+            meanings = dict((row.spec.get("ivr") or {}).get("digits", {}))
+            placed = _Placement(tenant_id, incident, key, kind, self._alert_call(tenant_id, incident, row), meanings,
+                                None if key in persisted.claimed else limits)
+            after.calls.append(placed)
+
+    @staticmethod
+    def _refused(incident: store.IncidentRow, kind: str, reason: str) -> None:
+        ORIGINATE_REFUSED.labels(reason).inc()
+        ACTIONS.labels(kind, "refused").inc()
+        log.warning("alert call refused: %s", reason,
+                    extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
+
+    async def _follow(self, after: _AfterCommit) -> None:
+        """After a decision's commit: hang up what it decided, place the calls it claimed, judge again the
+        incidents whose calls were refused."""
+        await self._hang_up_all(after.ringing)
+        for placement in after.calls:
+            self._spawn(self._place_claimed(placement))
+        for tenant_id, incident_id in after.retick:
+            await self.tick(tenant_id, incident_id, reason="outcome")
+
+    async def _place_claimed(self, p: _Placement) -> None:
+        """Place a call its decision claimed; one it left unclaimed (near the tenant's caps) is claimed first,
+        exactly, in a statement of its own, and refused like any call over the caps."""
+        started = time.perf_counter()
+        if p.claim_under is not None:
+            limits = p.claim_under
+            claimed, in_flight, last_hour = await store.claim_originate_now(
+                self.pool, p.tenant_id, p.key, max_concurrent=limits.max_concurrent, max_per_hour=limits.max_per_hour)
+            if claimed:
+                ORIGINATE_CLAIMS.labels("after_commit").inc()
+            else:
+                # Binding and prefix passed with the decision; only the caps can refuse it now.
+                refusal = check_destination(p.call.destination, bound=frozenset({p.call.destination}), limits=limits,
+                                            in_flight=in_flight, last_hour=last_hour)
+                if refusal is None:  # under the caps yet not claimed: dispatched elsewhere
+                    return
+                self._refused(p.incident, p.kind, refusal.reason)
+                async with tenant_tx(self.pool, p.tenant_id) as conn:
+                    await store.write_outcomes(
+                        conn, [store.OutcomeWrite(p.key, ActionOutcome.REFUSED.value, refusal.detail)],
+                        [store.audit_line("toll-fraud-guard", "originate.refused", p.incident.id,
+                                          {"key": p.key, "reason": refusal.reason, "detail": refusal.detail},
+                                          event_id=p.incident.first_event_id)])
+                await self.tick(p.tenant_id, p.incident.id, reason="outcome")
+                return
+        await self._run_call(p.tenant_id, p.incident.id, p.key, p.kind, p.call, p.meanings, started)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._inline.add(task)
+        task.add_done_callback(self._inline_done)
+
+    def _inline_done(self, task: asyncio.Task[None]) -> None:
+        self._inline.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("alert call follow-up failed", exc_info=task.exception())
+
+    @staticmethod
+    def _count_settled(settled: list[tuple[str, str]]) -> None:
+        for kind, outcome in settled:
+            ACTIONS.labels(kind, outcome).inc()
+
+    def _choose(self, scenarios: list[Scenario], incident: store.IncidentRow, now: datetime) -> Scenario | None:
+        """The tenant's own scenarios first; the shipped templates are the default for the rest."""
+        return (select_scenario(scenarios, incident.facts, now)
+                or select_scenario(list(TEMPLATES.values()), incident.facts, now))
+
+    # ------------------------------------------------------------------ actions
+    async def _action_job(self, job: pgq_models.Job) -> None:
+        ids = _ids(job)
+        try:
+            await self.perform(UUID(ids["tenant"]), UUID(ids["incident"]), ids["key"])
+        except Exception:
+            log.exception("incident action failed (attempt %d); will retry", job.attempts,
+                          extra={"incident_id": ids.get("incident"), "action_key": ids.get("key")})
+            raise
+
+    async def perform(self, tenant_id: UUID, incident_id: UUID, key: str) -> None:
+        """Perform one action by its key, then let the engine judge the outcome (a tick, run right here).
+
+        If this worker dies after recording an outcome and before that tick, the job runs again: it finds
+        the outcome recorded and only ticks. (The deadline sweep is the last resort.)
+        """
+        started = time.perf_counter()
+        call: AlertCall | None = None
+        meanings: dict[str, str] = {}
+        kind = ""
+        tick_after = False
+        notify: tuple[store.IncidentRow, store.ActionRow, list[store.NotificationTarget]] | None = None
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            incident = await store.load_incident(conn, incident_id, full=False)
+            action = await store.load_action(conn, key)
+            if incident is None or action is None:
+                return
+            kind = action.kind
+            acknowledgement = key.split("/")[1] == "ack"  # the on_acknowledge messages, sent once it ended
+            current = (action.step, key.split("/")[2]) == (incident.progress.step, str(incident.progress.attempt))
+            message = action.kind in ("sms", "notify")
+            if action.outcome is not None:
+                tick_after = incident.state not in TERMINAL
+            # A call of a group that was decided meanwhile is not placed; a text or notification still goes out
+            # (its group was meant to reach people at once: the call may have been answered first, or a
+            # restarted worker may reach it late, but the person must get it).
+            elif not acknowledgement and not message and (incident.state in TERMINAL or not current):
+                await store.record_outcome(conn, key, "superseded", f"incident is {incident.state.value}")
+            elif action.kind == "notify":
+                notify = (incident, action, await store.notification_targets(conn, incident.household_id))
+            elif message:
+                await self._message(conn, tenant_id, incident, action)
+                tick_after = not acknowledgement
+            elif action.dispatched_at is not None:
+                await self._resume_call(conn, tenant_id, incident, action)
+                tick_after = True
+            else:
+                call = await self._dispatch(conn, tenant_id, incident, action)
+                meanings = dict((action.spec.get("ivr") or {}).get("digits", {}))
+                tick_after = call is None  # refused: the engine moves on now
+        if notify is not None:
+            await self._notify(tenant_id, *notify)
+            tick_after = key.split("/")[1] != "ack"
+        if call is not None:
+            await self._run_call(tenant_id, incident_id, key, kind, call, meanings, started, retry_store=False)
+        if tick_after:
+            await self.tick(tenant_id, incident_id, reason="outcome")
+
+    async def _run_call(self, tenant_id: UUID, incident_id: UUID, key: str, kind: str, call: AlertCall,
+                        meanings: dict[str, str], started: float, *, retry_store: bool = True) -> None:
+        """Place a dispatched call, then record its outcome and let the engine judge it. ``retry_store``: the
+        outcome is kept and written again while PostgreSQL is away (a job instead fails and is retried)."""
+        self._placing.add(call.call_uuid)
+        try:
+            placing = asyncio.create_task(self._place(call))
+            if self.speech is not None and call.prompt:
+                await self._speak_while_ringing(call)
+            outcome = await placing
+        finally:
+            self._placing.discard(call.call_uuid)
+        STEP_SECONDS.labels(kind).observe(time.perf_counter() - started)
+        for delay in (*self.settings.store_retry_delays, None) if retry_store else (None,):
+            try:
+                await self._finish_call(tenant_id, incident_id, key, call, outcome, meanings)
+            except STORE_UNAVAILABLE as exc:
+                if delay is None:
+                    raise
+                log.warning("recording the call's outcome: store unavailable (%s); retrying in %.0f s",
+                            type(exc).__name__, delay, extra={"call_id": call.call_uuid})
+                await asyncio.sleep(delay)
+            else:
+                return
+
+    async def _notify(self, tenant_id: UUID, incident: store.IncidentRow, action: store.ActionRow,
+                      targets: list[store.NotificationTarget]) -> None:
+        """Tell the household through its connectors (outside any transaction: vendor clouds are slow);
+        when no connector takes it (none, down, refusing), text the household's contacts instead."""
+        text = str(action.spec.get("text") or store.alarm_text(incident))
+        correlation = {"event_id": incident.first_event_id, "incident_id": str(incident.id)}
+        delivered: list[str] = []
+        errors: list[str] = []
+        for target in targets:
+            connector = self._connector(target.connector)
+            if connector is None:
+                errors.append(f"{target.connector}: not loaded")
+                continue
+            try:
+                await connector.send_notification(Notification(target=target.connector_ref, title="IIM alarm",
+                                                               text=text, correlation=correlation))
+            except ConnectorError as exc:  # ConnectorUnavailable included: the cloud is down or refusing
+                errors.append(f"{target.connector}: {type(exc).__name__}")
+            else:
+                delivered.append(target.device_id)
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            if delivered:
+                outcome, detail = "notified", f"{len(delivered)} device(s)"
+                await store.record_outcome(conn, action.key, outcome, detail)
+                await store.audit(conn, tenant_id, "scenario-engine", "incident.notify", incident.id,
+                                  {"key": action.key, "outcome": outcome, "detail": detail, "devices": delivered},
+                                  event_id=incident.first_event_id)
+            else:
+                detail = ("smart home unreachable: " + "; ".join(errors)) if errors else "no connected device"
+                outcome = await store.notify_by_sms(conn, tenant_id, incident, action.key, text, detail)
+        ACTIONS.labels("notify", outcome).inc()
+
+    def _connector(self, name: str) -> Connector | None:
+        if self.connectors is None:
+            return None
+        try:
+            return self.connectors.get(name)
+        except (KeyError, ConnectorError):
+            return None
+
+    async def _message(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
+                       action: store.ActionRow) -> None:
+        if action.kind == "sms" and action.destination:
+            text = action.spec.get("text") or store.alarm_text(incident)
+            await conn.execute(
+                """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (tenant_id, key) DO NOTHING""", action.key, action.destination, text[:1600], incident.id)
+            outcome, detail = "queued", "queued in the SMS outbox"
+        else:
+            outcome, detail = "skipped", "no notification connector is configured for this household"
+        await store.record_outcome(conn, action.key, outcome, detail)
+        await store.audit(conn, tenant_id, "scenario-engine", f"incident.{action.kind}", incident.id,
+                          {"key": action.key, "outcome": outcome, "detail": detail}, event_id=incident.first_event_id)
+        ACTIONS.labels(action.kind, outcome).inc()
+
+    async def _dispatch(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
+                        action: store.ActionRow) -> AlertCall | None:
+        """Guard, then mark dispatched (committed with this transaction) and build the call."""
+        destination = action.destination or ""
+        limits_row, bound = await store.originate_facts(conn, incident.household_id)
+        limits = (OriginateLimits(*limits_row) if limits_row is not None else self.settings.default_limits)
+        # Shape, binding and prefix first (no lock); the caps are checked and claimed in one locked step.
+        refusal = check_destination(destination, bound=bound, limits=limits, in_flight=0, last_hour=0)
+        if refusal is None:
+            claimed, in_flight, last_hour = await store.claim_originate(
+                conn, action.key, max_concurrent=limits.max_concurrent, max_per_hour=limits.max_per_hour)
+            if claimed:
+                ORIGINATE_CLAIMS.labels("job").inc()
+            else:
+                refusal = check_destination(destination, bound=bound, limits=limits, in_flight=in_flight,
+                                            last_hour=last_hour)
+                if refusal is None:  # under the caps yet not claimed: another worker dispatched it
+                    log.warning("alert call already dispatched elsewhere; not dialled again",
+                                extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
+                    return None
+        if refusal is not None:
+            self._refused(incident, action.kind, refusal.reason)
+            await store.write_outcomes(
+                conn, [store.OutcomeWrite(action.key, ActionOutcome.REFUSED.value, refusal.detail)],
+                [store.audit_line("toll-fraud-guard", "originate.refused", incident.id,
+                                  {"key": action.key, "reason": refusal.reason, "detail": refusal.detail},
+                                  event_id=incident.first_event_id)])
+            return None
+        return self._alert_call(tenant_id, incident, action)
+
+    def _alert_call(self, tenant_id: UUID, incident: store.IncidentRow, action: store.ActionRow) -> AlertCall:
+        assert action.call_uuid is not None
+        spec = action.spec
+        variables = {"iim_tenant_id": str(tenant_id), "iim_incident_id": str(incident.id),
+                     "iim_action_key": action.key.replace("/", "-"),
+                     "iim_event_id": incident.first_event_id,
+                     "tts_engine": self.settings.tts_engine, "tts_voice": self.settings.tts_voice}
+        common: dict[str, Any] = {
+            "call_uuid": str(action.call_uuid), "destination": action.destination or "",
+            "caller_id_number": self.settings.caller_id_number, "caller_id_name": self.settings.caller_id_name,
+            "prompt": _say(spec.get("prompt_text")), "variables": variables}
+        if action.kind == "record":
+            return AlertCall(ring_s=30, record_s=int(spec.get("max_s", 60)),
+                             record_path=f"/var/lib/freeswitch/recordings/iim/{action.call_uuid}.wav", **common)
+        ivr = spec.get("ivr") or {}
+        return AlertCall(ring_s=int(spec.get("ring_s", 30)), digits="".join(sorted(ivr.get("digits", {}))),
+                         tries=int(ivr.get("tries", 1)), digit_timeout_s=int(ivr.get("digit_timeout_s", 5)),
+                         **common)
+
+    async def _speak_while_ringing(self, call: AlertCall) -> None:
+        """Render the prompt with our TTS while the phone rings and give the IVR the WAV file; when speech
+        is unavailable or late the call keeps FreeSWITCH's own ``say:`` of the same text (and the group's
+        SMS carries it in writing)."""
+        assert self.speech is not None
+        assert self.placer is not None
+        assert call.prompt is not None
+        text = call.prompt.removeprefix("say:")
+        try:
+            rendered = await self.speech.render(text)
+        except (TtsUnavailable, ValueError) as exc:  # down, timed out, or text it cannot say
+            log.warning("prompt not rendered (%s); FreeSWITCH speaks it", type(exc).__name__,
+                        extra={"call_id": call.call_uuid})
+            return
+        if not self.placer.use_prompt(call.call_uuid, str(rendered.path)):
+            log.info("prompt rendered after the answer; FreeSWITCH spoke it", extra={"call_id": call.call_uuid})
+
+    async def _hang_up(self, call_uuid: UUID) -> None:
+        if self.placer is not None:
+            await self.placer.hang_up(str(call_uuid))
+
+    async def _place(self, call: AlertCall) -> CallOutcome:
+        if self.placer is None:
+            return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None, detail="no FreeSWITCH node is configured")
+        return await self.placer.place(call)
+
+    async def _finish_call(self, tenant_id: UUID, incident_id: UUID, key: str, call: AlertCall,
+                           outcome: CallOutcome, meanings: dict[str, str]) -> None:
+        """Record the call's outcome and let the engine judge it, in one transaction."""
+        result = _engine_outcome(call, outcome, meanings)
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            incident = await store.load_incident(conn, incident_id)
+            if incident is None:
+                return
+            if outcome.kind is CallOutcomeKind.UNREACHABLE:
+                spent = await self._unreachable(conn, tenant_id, incident, key, call)
+                after = (await self._tick_in(conn, tenant_id, incident, reason="outcome") if spent
+                         else _AfterCommit())
+            else:
+                line = store.audit_line("scenario-engine", "incident.call", incident_id,
+                                        {"key": key, "outcome": result.value, "digit": outcome.digit,
+                                         "hangup_cause": outcome.hangup_cause},
+                                        event_id=incident.first_event_id, call_uuid=UUID(call.call_uuid))
+                recorded = store.OutcomeWrite(key, result.value, outcome.detail or (outcome.hangup_cause or ""))
+                after = await self._tick_in(conn, tenant_id, incident, reason="outcome", outcomes=[recorded],
+                                            audit_lines=[line])
+        if outcome.kind is not CallOutcomeKind.UNREACHABLE:
+            ACTIONS.labels("call", result.value).inc()
+            log.info("alert call %s", result.value, extra={"call_id": call.call_uuid,
+                                                           "event_id": incident.first_event_id,
+                                                           "incident_id": str(incident_id)})
+        await self._follow(after)
+
+    async def _unreachable(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow, key: str,
+                           call: AlertCall) -> bool:
+        """FreeSWITCH is down: text the person now, and retry the call while the step is still current.
+
+        True when the retries are spent (the engine judges the call as unreachable now)."""
+        retries = await conn.fetchval(
+            "SELECT count(*) FROM iim.sms_outbox WHERE starts_with(key, $1)", f"{key}/unreachable/")
+        if call.destination.startswith("+"):
+            await conn.execute(
+                """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (tenant_id, key) DO NOTHING""",
+                f"{key}/unreachable/{retries}", call.destination,
+                f"IIM alarm: {incident.facts.event_type.value} at {incident.facts.household_name}. "
+                "We could not call you; we will try again.", incident.id)
+        delays = self.settings.unreachable_retries
+        if retries < len(delays):
+            await conn.execute("UPDATE iim.incident_action SET dispatched_at = NULL WHERE key = $1", key)
+            payload = json.dumps({"tenant": str(tenant_id), "incident": str(incident.id), "key": key}).encode()
+            await jobs.queries_for(conn).enqueue(
+                IncidentJobs.ACTION, payload, priority=20, execute_after=timedelta(seconds=delays[retries]),
+                dedupe_key=f"act:{key}:retry:{retries}", on_conflict="skip")
+            detail = f"switch unreachable; SMS sent, call retry {retries + 1} in {delays[retries]:.0f} s"
+            spent = False
+        else:
+            spent = True
+            await store.record_outcome(conn, key, ActionOutcome.UNREACHABLE.value, "switch unreachable; retries spent")
+            detail = "switch unreachable; retries spent"
+        await store.audit(conn, tenant_id, "scenario-engine", "incident.call_unreachable", incident.id,
+                          {"key": key, "detail": detail}, event_id=incident.first_event_id,
+                          call_uuid=UUID(call.call_uuid))
+        ACTIONS.labels("call", "unreachable").inc()
+        return spent
+
+    async def orphan_call(self, variables: Mapping[str, str]) -> None:
+        """An alert call was answered and reached this process, but no worker here placed it: the worker that
+        did has died. Record it as the resumed job would (never redialled) and judge the incident now, rather
+        than at the group's deadline."""
+        try:
+            tenant_id = UUID(variables["iim_tenant_id"])
+            incident_id = UUID(variables["iim_incident_id"])
+            flat = variables["iim_action_key"]
+        except (KeyError, ValueError):
+            return  # placed by an IIM that did not say its tenant: the deadline decides
+        key = f"{flat[:36]}/{flat[37:].replace('-', '/')}"
+        if not key.startswith(f"{incident_id}/") or str(store.call_uuid_for(key)) in self._placing:
+            return
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            incident = await store.load_incident(conn, incident_id)
+            group = {a.key: a for a in (incident.group or ())} if incident is not None else {}
+            action = group.get(key)
+            if incident is None or action is None or action.outcome is not None or action.dispatched_at is None:
+                return  # settled meanwhile, or a call of an earlier group
+            outcome, detail = ActionOutcome.NO_INPUT, "worker restarted during the call; not redialled"
+            line = store.audit_line("scenario-engine", "incident.call_resumed", incident.id,
+                                    {"key": key, "outcome": outcome.value, "detail": detail},
+                                    event_id=incident.first_event_id, call_uuid=action.call_uuid)
+            after = await self._tick_in(conn, tenant_id, incident, reason="outcome",
+                                        outcomes=[store.OutcomeWrite(key, outcome.value, detail)], audit_lines=[line])
+        ACTIONS.labels(action.kind, outcome.value).inc()
+        ORPHANED_CALLS.inc()
+        await self._follow(after)
+
+    async def _resume_call(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
+                           action: store.ActionRow) -> None:
+        """A previous worker dispatched this call and died: find out, never dial again."""
+        exists = None
+        if self.placer is not None and action.call_uuid is not None:
+            exists = await self.placer.call_exists(str(action.call_uuid))
+        if exists:
+            # Still up on the switch but its IVR ran in the dead worker: let the deadline decide.
+            outcome, detail = ActionOutcome.NO_INPUT, "worker restarted during the call; not redialled"
+        else:
+            outcome, detail = ActionOutcome.FAILED, "worker restarted after dispatch; the call is not redialled"
+        await store.record_outcome(conn, action.key, outcome.value, detail)
+        await store.audit(conn, tenant_id, "scenario-engine", "incident.call_resumed", incident.id,
+                          {"key": action.key, "outcome": outcome.value, "detail": detail},
+                          event_id=incident.first_event_id, call_uuid=action.call_uuid)
+        ACTIONS.labels(action.kind, outcome.value).inc()
+
+
+def _say(text: str | None) -> str | None:
+    """A FreeSWITCH TTS playable (``say:`` with the channel's tts_engine); CR/LF never reach the switch."""
+    if not text:
+        return None
+    return "say:" + " ".join(text.split())
+
+
+def _engine_outcome(call: AlertCall, outcome: CallOutcome, meanings: dict[str, str]) -> ActionOutcome:
+    """What the call means for the escalation: the IVR digit's meaning when one was pressed."""
+    if outcome.kind is not CallOutcomeKind.ANSWERED:
+        return _REACHED_BY_CALL[outcome.kind]
+    if call.record_s > 0:
+        return ActionOutcome.RECORDED if outcome.recorded else ActionOutcome.ANSWERED
+    if not call.digits:
+        return ActionOutcome.ANSWERED
+    if outcome.digit is None or outcome.digit not in meanings:
+        return ActionOutcome.NO_INPUT
+    return ActionOutcome(meanings[outcome.digit])

@@ -1,0 +1,676 @@
+"""The SMS outbox: enqueue inside the caller's transaction, send from PostgreSQL, apply receipts, store MO.
+
+Durability lives in ``iim.sms_outbox`` / ``iim.sms_inbound``; transports keep nothing across a restart.
+
+Sending (:class:`SmsSender`): one loop claims due rows of every tenant through ``iim.sms_claim`` (status
+``sending``, attempts + 1, a lease in ``next_attempt_at``), submits them concurrently (bounded), and a
+flusher writes the outcomes back per tenant in one statement:
+
+* accepted -> ``sent`` with one SMSC id per part;
+* ``Throttled`` / ``QueueFull`` / ``TransportDown`` / other transient -> ``queued`` again, due after an
+  exponential backoff with jitter (:class:`BackoffPolicy`); parts already accepted are kept and not resent;
+* ``Rejected`` or too many attempts -> ``failed``.
+
+Delivery is **at least once** towards the SMSC. A row stays ``sending`` until its outcome is committed; if
+the process dies first, the lease expires and the row is claimed and submitted again. The same happens when
+a submit times out or the link drops after the SMSC took the message but before we read its answer. Every
+submit carries the row id as a client reference (SMPP vendor TLV, HTTP ``reference``) so an SMSC that
+honours references drops the copy; one that does not delivers a duplicate. That window is: the SMSC's
+``submit_sm_resp`` in flight or unread when the link or our process dies, plus the time until the outcome
+commits (``flush_interval``, 20 ms by default).
+
+Receipts (``iim_sms_receipts``) are queued in memory, matched to rows by (transport, SMSC id) through
+``iim.sms_find_by_smsc_id`` and applied per tenant; a receipt that arrives before its ``sent`` commit is
+retried for ``receipt_match_window`` seconds. A receipt acknowledged but not yet applied when the process
+dies is lost (the row stays ``sent``). ``on_undelivered(tenant_id, row)`` runs once per row, after commit.
+
+MO: stored in ``iim.sms_inbound`` before the SMSC is acknowledged, deduplicated by the SMSC's id or, without
+one, by a content hash within ``mo_dedup_window``; then ``on_mo(tenant_id, mo)`` runs (in its own task, so
+a slow consumer does not hold up the SMPP session). Hooks are best effort after commit: a consumer that must
+not miss anything also reads the tables (``handled_at IS NULL``, ``status = 'undelivered'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+from uuid import UUID
+
+import asyncpg
+from prometheus_client import Counter, Gauge, Histogram
+
+from iim.core.errors import STORE_UNAVAILABLE
+from iim.core.metrics import REGISTRY
+from iim.core.retry import backoff_delay
+from iim.sms.transport import (
+    MoSms,
+    OutboundSms,
+    QueueFull,
+    Receipt,
+    ReceiptState,
+    Rejected,
+    SmsTransport,
+    SmsTransportError,
+    Throttled,
+    TransportDown,
+)
+from policy_cache.db import Connection, Pool, tenant_tx
+
+__all__ = [
+    "BackoffPolicy", "InboundSms", "MoHook", "OutboxRow", "SmsSender", "UndeliveredHook", "enqueue_sms",
+    "mark_mo_handled",
+]
+
+log = logging.getLogger("iim.messaging.outbox")
+
+SENT = Counter("iim_sms_sent", "SMS submit outcomes, by result", ["result"], registry=REGISTRY)
+RETRIES = Counter("iim_sms_retries", "SMS put back in the queue, by reason", ["reason"], registry=REGISTRY)
+RECEIPTS = Counter("iim_sms_receipts", "Delivery receipts, by state", ["state"], registry=REGISTRY)
+MO = Counter("iim_sms_mo", "Mobile-originated SMS, by result", ["result"], registry=REGISTRY)
+QUEUE_DEPTH = Gauge("iim_sms_queue_depth", "Outbox rows queued or being sent (all tenants)", registry=REGISTRY)
+SUBMIT_SECONDS = Histogram("iim_sms_submit_seconds", "Submit to SMSC answer (all parts)",
+                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10), registry=REGISTRY)
+
+# Advisory-lock namespace "IIMS" (the migrations, change sequence and audit chains use "IIMM").
+_MO_LOCK_NS = 1229540691
+_SEP = chr(31)
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffPolicy:
+    """Delay before attempt n+1: ``base * factor**(n-1)`` capped, of which ``jitter`` is random
+    (so rows throttled together do not come back together). After ``max_attempts`` claims: ``failed``."""
+
+    base: float = 2.0
+    factor: float = 2.0
+    cap: float = 300.0
+    jitter: float = 0.5
+    max_attempts: int = 20
+
+    def delay(self, attempts: int) -> float:
+        return backoff_delay(attempts, self.base, self.cap, factor=self.factor, jitter=self.jitter)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """An outbox row as the hooks see it."""
+
+    tenant_id: UUID
+    id: UUID
+    key: str
+    msisdn: str
+    status: str
+    attempts: int
+    incident_id: UUID | None
+    segments: int | None
+    smsc_message_ids: tuple[str | None, ...]
+    receipt_state: str | None
+    receipt_error: str | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class InboundSms:
+    """A stored MO (``iim.sms_inbound`` row)."""
+
+    tenant_id: UUID
+    id: UUID
+    sms_id: str
+    transport: str
+    source: str
+    destination: str
+    subscriber_id: UUID | None
+    body: str
+    received_at: datetime
+
+
+UndeliveredHook = Callable[[UUID, OutboxRow], Awaitable[None]]
+MoHook = Callable[[UUID, InboundSms], Awaitable[None]]
+
+
+async def enqueue_sms(conn: Connection, *, key: str, msisdn: str, body: str, flash: bool = False,
+                      incident_id: UUID | None = None, source: str | None = None) -> UUID:
+    """Queue an SMS in the caller's tenant transaction (``tenant_tx``); the same ``key`` returns the first
+    row's id and changes nothing (first write wins), so a retried caller never sends twice."""
+    row_id: UUID | None = await conn.fetchval(
+        """INSERT INTO iim.sms_outbox (key, msisdn, body, flash, incident_id, source)
+           VALUES ($1, $2, $3, $4, $5, $6)
+           ON CONFLICT (tenant_id, key) DO NOTHING RETURNING id""",
+        key, msisdn, body, flash, incident_id, source)
+    if row_id is None:
+        row_id = await conn.fetchval("SELECT id FROM iim.sms_outbox WHERE key = $1", key)
+    if row_id is None:  # pragma: no cover - the conflicting row is visible in this tenant
+        raise LookupError(f"sms_outbox key {key!r} conflicted but is not visible")
+    return row_id
+
+
+async def mark_mo_handled(conn: Connection, inbound_id: UUID) -> bool:
+    """Mark an MO as acted upon (in the caller's tenant transaction); False if it was already."""
+    done: UUID | None = await conn.fetchval(
+        "UPDATE iim.sms_inbound SET handled_at = now() WHERE id = $1 AND handled_at IS NULL RETURNING id",
+        inbound_id)
+    return done is not None
+
+
+@dataclass(slots=True)
+class _Outcome:
+    tenant_id: UUID
+    id: UUID
+    attempts: int
+    status: Literal["sent", "queued", "failed"]
+    ids: str | None  # part ids joined by chr(31), '' for a part not accepted; None: leave as is
+    segments: int | None
+    delay: float
+    error: str | None
+
+
+@dataclass(slots=True)
+class _PendingReceipt:
+    receipt: Receipt
+    deadline: float
+    not_before: float = 0.0
+    tries: int = 0
+
+
+#: What the outbox's loops survive: PostgreSQL away (``STORE_UNAVAILABLE``) and any other SQL error. The
+#: loops keep going either way (an SMS path must not die), but only an outage is logged as one.
+_DB_ERRORS: tuple[type[BaseException], ...] = (*STORE_UNAVAILABLE, asyncpg.PostgresError)
+
+
+def _db_failure(what: str, exc: BaseException, delay: float) -> None:
+    if isinstance(exc, STORE_UNAVAILABLE):
+        log.warning("%s failed (PostgreSQL unavailable: %s); retry in %.1f s", what, exc, delay)
+    else:
+        log.error("%s failed (%s: a SQL error, not an outage); retry in %.1f s", what, exc, delay, exc_info=exc)
+
+# One row at a time by primary key (pipelined with fetchmany, one transaction per tenant): a single
+# UPDATE ... FROM unnest(...) lets the planner misjudge how many rows are 'sending' (the statistics of a
+# queue table are always stale) and pick a nested loop that is quadratic in the batch.
+_UPDATE_OUTCOME = """
+UPDATE iim.sms_outbox SET
+    status = $3,
+    transport = CASE WHEN $4::text IS NULL THEN transport ELSE $8 END,
+    smsc_message_ids = CASE WHEN $4::text IS NULL THEN smsc_message_ids ELSE string_to_array($4, chr(31), '') END,
+    segments = coalesce($5::int, segments),
+    next_attempt_at = CASE WHEN $3 = 'queued' THEN now() + make_interval(secs => $6) ELSE next_attempt_at END,
+    sent_at = CASE WHEN $3 = 'sent' THEN now() ELSE sent_at END,
+    last_error = $7,
+    updated_at = now()
+WHERE id = $1 AND attempts = $2 AND status = 'sending'
+RETURNING id
+"""
+
+
+class SmsSender:
+    """Sends the outbox through one transport and takes its receipts and MO.
+
+    ``start()`` binds the transport's inbound handlers and starts it; ``stop()`` stops claiming, lets
+    in-flight submits finish (up to ``stop_timeout``), writes their outcomes and stops the transport.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        transport: SmsTransport,
+        *,
+        batch: int = 100,
+        retry: BackoffPolicy = BackoffPolicy(),
+        lease: float = 60.0,
+        max_inflight: int = 256,
+        poll_interval: float = 0.25,
+        flush_interval: float = 0.02,
+        throttle_pause: float = 0.5,
+        on_undelivered: UndeliveredHook | None = None,
+        on_mo: MoHook | None = None,
+        mo_dedup_window: float = 300.0,
+        receipt_match_window: float = 120.0,
+        depth_interval: float = 5.0,
+        stop_timeout: float = 15.0,
+    ) -> None:
+        if not 1 <= batch <= 10000:
+            raise ValueError("batch must be 1..10000")
+        self.pool = pool
+        self.transport = transport
+        self.batch = batch
+        self.retry = retry
+        self.lease = lease
+        self.max_inflight = max_inflight
+        self.poll_interval = poll_interval
+        self.flush_interval = flush_interval
+        self.throttle_pause = throttle_pause
+        self.on_undelivered = on_undelivered
+        self.on_mo = on_mo
+        self.mo_dedup_window = mo_dedup_window
+        self.receipt_match_window = receipt_match_window
+        self.depth_interval = depth_interval
+        self.stop_timeout = stop_timeout
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._hooks: set[asyncio.Task[None]] = set()
+        self._outcomes: list[_Outcome] = []
+        self._writing = 0
+        self._flush_needed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._receipts: asyncio.Queue[_PendingReceipt] = asyncio.Queue()
+        self._deferred: list[_PendingReceipt] = []
+        self._paused_until = 0.0
+        self._pause = throttle_pause
+        self._tasks: list[asyncio.Task[None]] = []
+        self._claimer: asyncio.Task[None] | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.transport.bind_inbound(self._mo_in, self._receipt_in)
+        await self.transport.start()
+        self._claimer = asyncio.create_task(self._claim_loop(), name="sms-claim")
+        self._tasks = [asyncio.create_task(self._flush_loop(), name="sms-flush"),
+                       asyncio.create_task(self._receipt_loop(), name="sms-receipts"),
+                       asyncio.create_task(self._depth_loop(), name="sms-depth")]
+
+    async def stop(self) -> None:
+        if self._claimer is not None:
+            self._claimer.cancel()
+            await asyncio.gather(self._claimer, return_exceptions=True)
+        if self._inflight:
+            _, late = await asyncio.wait(set(self._inflight), timeout=self.stop_timeout)
+            for task in late:  # their rows stay 'sending' until the lease expires
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        for task in self._tasks:  # a write cut short puts its outcomes back; the last flush below writes them
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(*_DB_ERRORS):
+            await self._flush()
+        with contextlib.suppress(*_DB_ERRORS):
+            await self._drain_receipts()
+        await self.transport.stop()
+        if self._hooks:
+            await asyncio.wait(set(self._hooks), timeout=self.stop_timeout)
+
+    def wake(self) -> None:
+        """Look for due rows now (call after committing ``enqueue_sms`` for the lowest latency)."""
+        self._wake.set()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    # --- sending -------------------------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        failures = 0
+        while True:
+            now = time.monotonic()
+            if now < self._paused_until:
+                await asyncio.sleep(self._paused_until - now)
+                continue
+            if not self.transport.ready:
+                await asyncio.sleep(self.poll_interval)
+                continue
+            # Outcomes not yet written count too: claiming must not outrun the writer.
+            free = self.max_inflight - len(self._inflight) - len(self._outcomes) - self._writing
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                rows = await self.pool.fetch("SELECT * FROM iim.sms_claim($1, $2)", min(self.batch, free),
+                                             timedelta(seconds=self.lease))
+                failures = 0
+            except _DB_ERRORS as exc:
+                failures += 1
+                delay = backoff_delay(failures + 1, 0.2, 10.0)
+                _db_failure("sms claim", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            for row in rows:
+                task = asyncio.create_task(self._submit(row))
+                self._inflight.add(task)
+                task.add_done_callback(self._submitted)
+            if len(rows) < min(self.batch, free):
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+
+    def _submitted(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._slot_free.set()
+
+    async def _submit(self, row: asyncpg.Record) -> None:
+        tenant_id: UUID = row["tenant_id"]
+        row_id: UUID = row["id"]
+        attempts: int = row["attempts"]
+        done = {i: mid for i, mid in enumerate(row["smsc_message_ids"] or ()) if mid is not None}
+        msg = OutboundSms(reference=row_id, msisdn=row["msisdn"], body=row["body"], flash=row["flash"],
+                          source=row["source"], done_parts=done)
+        extra = {"sms_id": str(row_id), "tenant_id": str(tenant_id), "attempt": attempts}
+        started = time.perf_counter()
+        try:
+            result = await self.transport.submit(msg)
+        except Rejected as exc:
+            SENT.labels("rejected").inc()
+            log.warning("sms rejected by the SMSC: %s", exc.detail, extra={**extra, "code": exc.code})
+            self._record(_Outcome(tenant_id, row_id, attempts, "failed", _join(exc.accepted, exc.parts), None, 0.0,
+                                  f"rejected: {exc.detail}"[:500]))
+            return
+        except SmsTransportError as exc:
+            reason = _reason(exc)
+            if isinstance(exc, Throttled | QueueFull):
+                self._throttled()
+            if attempts >= self.retry.max_attempts:
+                SENT.labels("gave_up").inc()
+                log.error("sms failed after %d attempts: %s", attempts, exc.detail, extra=extra)
+                self._record(_Outcome(tenant_id, row_id, attempts, "failed", _join(exc.accepted, exc.parts), None,
+                                      0.0, f"gave up after {attempts} attempts: {exc.detail}"[:500]))
+                return
+            delay = self.retry.delay(attempts)
+            SENT.labels(f"retry_{reason}").inc()
+            RETRIES.labels(reason).inc()
+            log.info("sms retry in %.1f s: %s", delay, exc.detail, extra={**extra, "reason": reason})
+            self._record(_Outcome(tenant_id, row_id, attempts, "queued", _join(exc.accepted, exc.parts), None, delay,
+                                  f"{reason}: {exc.detail}"[:500]))
+            return
+        SUBMIT_SECONDS.observe(time.perf_counter() - started)
+        SENT.labels("sent").inc()
+        self._pause = self.throttle_pause
+        log.info("sms sent", extra={**extra, "segments": result.segments})
+        self._record(_Outcome(tenant_id, row_id, attempts, "sent", _SEP.join(result.message_ids), result.segments,
+                              0.0, None))
+
+    def _throttled(self) -> None:
+        """The SMSC pushes back: stop claiming for a moment (doubling while it keeps pushing back)."""
+        self._paused_until = max(self._paused_until, time.monotonic() + self._pause)
+        self._pause = min(self._pause * 2, 10.0)
+
+    def _record(self, outcome: _Outcome) -> None:
+        self._outcomes.append(outcome)
+        self._flush_needed.set()
+
+    async def _flush_loop(self) -> None:
+        failures = 0
+        while True:
+            await self._flush_needed.wait()
+            await asyncio.sleep(self.flush_interval)  # gather what completes meanwhile into one statement
+            self._flush_needed.clear()
+            try:
+                await self._flush()
+                failures = 0
+            except _DB_ERRORS as exc:
+                failures += 1
+                delay = backoff_delay(failures + 1, 0.2, 10.0)
+                _db_failure("sms outcome write", exc, delay)
+                self._flush_needed.set()
+                await asyncio.sleep(delay)
+
+    async def _flush(self) -> None:
+        batch, self._outcomes = self._outcomes, []
+        if not batch:
+            return
+        self._writing = len(batch)
+        try:
+            await self._write(batch)
+        finally:
+            self._writing = 0
+            self._slot_free.set()
+
+    async def _write(self, batch: list[_Outcome]) -> None:
+        by_tenant: dict[UUID, list[_Outcome]] = {}
+        for outcome in batch:
+            by_tenant.setdefault(outcome.tenant_id, []).append(outcome)
+        pending = dict(by_tenant)
+        try:
+            for tenant_id, items in by_tenant.items():
+                async with tenant_tx(self.pool, tenant_id) as conn:
+                    updated = await conn.fetchmany(_UPDATE_OUTCOME, [
+                        (o.id, o.attempts, o.status, o.ids, o.segments, o.delay, o.error, self.transport.name)
+                        for o in items])
+                del pending[tenant_id]
+                if len(updated) != len(items):
+                    done = {r["id"] for r in updated}
+                    for o in items:
+                        if o.id not in done:
+                            log.warning("sms outcome not written: the row was claimed again (lease expired)",
+                                        extra={"sms_id": str(o.id), "tenant_id": str(tenant_id)})
+        except BaseException:
+            for items in pending.values():
+                self._outcomes.extend(items)
+            raise
+
+    async def _depth_loop(self) -> None:
+        while True:
+            with contextlib.suppress(*_DB_ERRORS):
+                QUEUE_DEPTH.set(await self.pool.fetchval("SELECT iim.sms_queue_depth()"))
+            await asyncio.sleep(self.depth_interval)
+
+    # --- receipts ------------------------------------------------------------------------------------------
+
+    async def _receipt_in(self, receipt: Receipt) -> None:
+        RECEIPTS.labels(receipt.state.value).inc()
+        self._receipts.put_nowait(_PendingReceipt(receipt, time.monotonic() + self.receipt_match_window))
+
+    async def _receipt_loop(self) -> None:
+        while True:
+            timeout = None
+            if self._deferred:
+                timeout = max(0.0, min(p.not_before for p in self._deferred) - time.monotonic())
+            try:
+                first = await asyncio.wait_for(self._receipts.get(), timeout)
+                self._deferred.append(first)
+            except TimeoutError:
+                pass
+            try:
+                await self._drain_receipts()
+            except _DB_ERRORS as exc:
+                _db_failure("sms receipts", exc, 1.0)
+                await asyncio.sleep(1.0)
+
+    async def _drain_receipts(self) -> None:
+        while not self._receipts.empty():
+            self._deferred.append(self._receipts.get_nowait())
+        now = time.monotonic()
+        due = [p for p in self._deferred if p.not_before <= now][:5000]
+        if not due:
+            return
+        keep = [p for p in self._deferred if p.not_before > now]
+        self._deferred = keep + due  # if applying fails, nothing is lost
+        if self._outcomes:
+            await self._flush()  # our own 'sent' rows first, so their receipts match
+        unmatched = await self._apply_receipts(due)
+        now = time.monotonic()
+        retry: list[_PendingReceipt] = []
+        for p in unmatched:
+            if now < p.deadline:
+                p.tries += 1
+                p.not_before = now + backoff_delay(p.tries + 1, 0.05, 2.0)
+                retry.append(p)
+            else:
+                RECEIPTS.labels("unmatched").inc()
+                log.warning("receipt for an unknown SMSC message id dropped",
+                            extra={"smsc_message_id": p.receipt.message_id, "transport": p.receipt.transport})
+        self._deferred = keep + retry
+
+    async def _apply_receipts(self, items: Sequence[_PendingReceipt]) -> list[_PendingReceipt]:
+        """Apply what matches a row; return the receipts that match none (yet)."""
+        by_transport: dict[str, list[_PendingReceipt]] = {}
+        for p in items:
+            by_transport.setdefault(p.receipt.transport, []).append(p)
+        unmatched: list[_PendingReceipt] = []
+        per_tenant: dict[UUID, list[tuple[UUID, Receipt]]] = {}
+        for transport, group in by_transport.items():
+            ids = list({p.receipt.message_id for p in group})
+            found = await self.pool.fetch("SELECT * FROM iim.sms_find_by_smsc_id($1, $2)", transport, ids)
+            where = {r["smsc_id"]: (r["tenant_id"], r["id"]) for r in found}
+            for p in group:
+                hit = where.get(p.receipt.message_id)
+                if hit is None:
+                    unmatched.append(p)
+                else:
+                    per_tenant.setdefault(hit[0], []).append((hit[1], p.receipt))
+        for tenant_id, receipts in per_tenant.items():
+            undelivered = await self._apply_tenant_receipts(tenant_id, receipts)
+            for row in undelivered:
+                log.info("sms undelivered", extra={"sms_id": str(row.id), "tenant_id": str(tenant_id),
+                                                   "receipt_state": row.receipt_state})
+                if self.on_undelivered is not None:
+                    self._spawn_hook(self.on_undelivered(tenant_id, row), "on_undelivered", str(row.id))
+        return unmatched
+
+    async def _apply_tenant_receipts(self, tenant_id: UUID, receipts: list[tuple[UUID, Receipt]]) -> list[OutboxRow]:
+        undelivered: list[OutboxRow] = []
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            rows = await conn.fetch(
+                """SELECT id, key, msisdn, status, attempts, incident_id, segments, smsc_message_ids, delivered_ids,
+                          receipt_state, receipt_error, last_error
+                   FROM iim.sms_outbox WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE""",
+                list({rid for rid, _ in receipts}))
+            state = {r["id"]: dict(r) for r in rows}
+            changed: set[UUID] = set()
+            newly_failed: set[UUID] = set()
+            for row_id, receipt in receipts:
+                cur = state.get(row_id)
+                if cur is None:
+                    continue
+                if _apply_receipt(cur, receipt):
+                    changed.add(row_id)
+                    if cur["status"] == "undelivered" and cur.get("_became_undelivered"):
+                        newly_failed.add(row_id)
+            if changed:
+                await conn.executemany(
+                    """UPDATE iim.sms_outbox SET status = $2, delivered_ids = $3, receipt_state = $4,
+                              receipt_error = $5, delivered_at = CASE WHEN $2 = 'delivered' THEN now()
+                                                                      ELSE delivered_at END,
+                              updated_at = now()
+                       WHERE id = $1""",
+                    [(rid, state[rid]["status"], state[rid]["delivered_ids"], state[rid]["receipt_state"],
+                      state[rid]["receipt_error"]) for rid in sorted(changed)])
+        for rid in sorted(newly_failed):
+            cur = state[rid]
+            undelivered.append(OutboxRow(
+                tenant_id=tenant_id, id=rid, key=cur["key"], msisdn=cur["msisdn"], status=cur["status"],
+                attempts=cur["attempts"], incident_id=cur["incident_id"], segments=cur["segments"],
+                smsc_message_ids=tuple(cur["smsc_message_ids"]), receipt_state=cur["receipt_state"],
+                receipt_error=cur["receipt_error"], last_error=cur["last_error"]))
+        return undelivered
+
+    # --- MO ------------------------------------------------------------------------------------------------
+
+    async def _mo_in(self, mo: MoSms) -> None:
+        """Store the MO (before the transport acknowledges it), then hand it to ``on_mo``."""
+        tenant_id: UUID | None = await self.pool.fetchval("SELECT iim.subscriber_tenant($1)", mo.destination)
+        if tenant_id is None:
+            MO.labels("unknown_destination").inc()
+            log.warning("MO for a number of no (or several) tenants dropped",
+                        extra={"transport": mo.transport, "smsc_sms_id": mo.sms_id})
+            return
+        digest = hashlib.sha256(_SEP.join((mo.transport, mo.source, mo.destination, mo.body)).encode()).hexdigest()
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            row = await self._store_mo(conn, mo, digest)
+        if row is None:
+            MO.labels("duplicate").inc()
+            log.info("MO redelivered; stored once", extra={"tenant_id": str(tenant_id), "content_hash": digest[:16]})
+            return
+        inbound = InboundSms(tenant_id=tenant_id, id=row["id"], sms_id=row["sms_id"], transport=mo.transport,
+                             source=mo.source, destination=mo.destination, subscriber_id=row["subscriber_id"],
+                             body=mo.body, received_at=row["received_at"])
+        MO.labels("stored").inc()
+        log.info("MO stored", extra={"sms_id": inbound.sms_id, "tenant_id": str(tenant_id), "inbound_id": str(inbound.id)})
+        if self.on_mo is not None:
+            self._spawn_hook(self.on_mo(tenant_id, inbound), "on_mo", inbound.sms_id)
+
+    async def _store_mo(self, conn: Connection, mo: MoSms, digest: str) -> asyncpg.Record | None:
+        insert = """INSERT INTO iim.sms_inbound (sms_id, content_hash, transport, source, destination, subscriber_id,
+                                                 body, received_at)
+                    VALUES ($1, $2, $3, $4, $5, (SELECT id FROM iim.subscriber WHERE msisdn = $5), $6, $7)
+                    ON CONFLICT (tenant_id, sms_id) DO NOTHING
+                    RETURNING id, sms_id, subscriber_id, received_at"""
+        source = mo.source[:32] or "unknown"
+        if mo.sms_id:
+            row: asyncpg.Record | None = await conn.fetchrow(
+                insert, f"{mo.transport}:{mo.sms_id}"[:200], digest, mo.transport, source, mo.destination,
+                mo.body, mo.received_at)
+            return row
+        # No id from the SMSC: the same content within the window is a redelivery. The lock serialises two
+        # copies arriving at once (on two connections) so that exactly one is stored.
+        await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _MO_LOCK_NS, digest)
+        seen = await conn.fetchval(
+            "SELECT 1 FROM iim.sms_inbound WHERE content_hash = $1 AND received_at > now() - make_interval(secs => $2)",
+            digest, self.mo_dedup_window)
+        if seen:
+            return None
+        row = await conn.fetchrow(insert, f"h:{digest}:{int(time.time() * 1000)}", digest, mo.transport, source,
+                                  mo.destination, mo.body, mo.received_at)
+        return row
+
+    def _spawn_hook(self, coro: Awaitable[None], name: str, sms_id: str) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("sms hook %s failed", name, extra={"sms_id": sms_id})
+
+        task = asyncio.create_task(run(), name=f"sms-hook-{name}")
+        self._hooks.add(task)
+        task.add_done_callback(self._hooks.discard)
+
+
+def _reason(exc: SmsTransportError) -> str:
+    if isinstance(exc, Throttled):
+        return "throttled"
+    if isinstance(exc, QueueFull):
+        return "queue_full"
+    if isinstance(exc, TransportDown):
+        return "transport_down"
+    return "temporary"
+
+
+def _join(accepted: dict[int, str], parts: int) -> str | None:
+    """Partially accepted parts as the outbox stores them (None: nothing accepted, keep the row's ids)."""
+    if not accepted:
+        return None
+    count = max(parts, max(accepted) + 1)
+    return _SEP.join(accepted.get(i, "") for i in range(count))
+
+
+def _apply_receipt(cur: dict[str, Any], receipt: Receipt) -> bool:
+    """Apply one receipt to a locked row (a dict); True if anything changed."""
+    status = cur["status"]
+    if status in ("failed", "undelivered"):
+        return False
+    mid = receipt.message_id
+    if receipt.state is ReceiptState.DELIVERED:
+        delivered = list(cur["delivered_ids"] or [])
+        changed = False
+        if mid not in delivered:
+            delivered.append(mid)
+            cur["delivered_ids"] = delivered
+            changed = True
+        parts = [p for p in (cur["smsc_message_ids"] or []) if p is not None]
+        if (status == "sent" and cur["segments"] and len(parts) >= cur["segments"]
+                and set(parts) <= set(delivered)):
+            cur["status"] = "delivered"
+            changed = True
+        if cur["receipt_state"] != "delivered":
+            cur["receipt_state"] = "delivered"
+            changed = True
+        return changed
+    if receipt.state.failed:
+        if status == "delivered":
+            return False
+        cur["status"] = "undelivered"
+        cur["receipt_state"] = receipt.state.value
+        cur["receipt_error"] = (receipt.error or "")[:200] or None
+        cur["_became_undelivered"] = True
+        return True
+    if status == "sent" and cur["receipt_state"] != receipt.state.value:
+        cur["receipt_state"] = receipt.state.value
+        return True
+    return False
+

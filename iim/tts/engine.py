@@ -1,0 +1,455 @@
+"""Speech from text with the Debian ``espeak-ng`` binary, as WAV files FreeSWITCH and vendor clouds can play.
+
+Why a subprocess and not a library: espeak-ng is one ``apt-get install`` away, has Russian and English
+voices and renders a sentence in milliseconds; running it as a child process keeps a crash or hang out of
+IIM (the render is killed at ``timeout_s``). The text goes in on stdin (never argv: a message starting with
+``-`` must not become an option) and no shell is involved.
+
+Output format: espeak writes 22050 Hz mono 16-bit PCM. FreeSWITCH can play that (``playback`` resamples
+to the channel's rate), but resampling once here, when the file is cached, is cheaper than on every call,
+so by default files are written at 16 kHz (8 kHz for narrowband-only setups; 22050 keeps espeak's native
+rate). ``sox`` does the conversion when installed; otherwise a small pure-Python resampler (windowed-sinc
+low-pass, then linear interpolation) does, so a missing ``sox`` costs quality at most, never speech.
+
+Rendered files are cached by the SHA-256 of (voice, sample rate, text) in ``cache_dir`` with a size bound
+and least-recently-used eviction (file mtimes carry the order across restarts). Concurrent renders of the
+same text share one espeak run. Any failure to produce audio (binary missing, timeout, non-zero exit,
+unexpected output) raises :class:`TtsUnavailable`: callers then fall back to text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import unicodedata
+import wave
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from uuid import uuid4
+
+__all__ = [
+    "ESPEAK_RATE", "VOICES", "AudioStore", "EspeakTts", "RenderedAudio", "TtsStatistics", "TtsUnavailable",
+    "detect_voice", "resample_pcm16",
+]
+
+log = logging.getLogger(__name__)
+
+#: The rate espeak-ng writes.
+ESPEAK_RATE = 22050
+#: Voices offered, by our name -> espeak-ng voice name.
+VOICES = {"ru": "ru", "en-us": "en-us"}
+_ALIASES = {"ru-ru": "ru", "russian": "ru", "en": "en-us", "en_us": "en-us", "english": "en-us"}
+_KEY = re.compile(r"[0-9a-f]{64}")
+_CYRILLIC = re.compile(r"[\u0400-\u04ff]")
+_LATIN = re.compile(r"[A-Za-z]")
+_SPACES = re.compile(r"\s+")
+_PHONEME_OPEN = re.compile(r"\[(?=\[)")
+
+
+class TtsUnavailable(Exception):
+    """No audio could be produced (espeak-ng missing, too slow, failed): say it with text instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedAudio:
+    """A cached WAV. ``key`` names it in signed URLs; ``cached`` is True when this call rendered nothing."""
+
+    path: Path
+    key: str
+    voice: str
+    duration_s: float
+    cached: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TtsStatistics:
+    renders: int
+    hits: int
+    shared: int
+    evictions: int
+    entries: int
+    bytes: int
+
+
+class AudioStore(Protocol):
+    """Where :func:`iim.tts.urls.audio_routes` finds a key's file."""
+
+    def path_for(self, key: str) -> Path | None: ...
+
+
+@dataclass(slots=True)
+class _Entry:
+    size: int
+    duration_s: float
+
+
+def detect_voice(text: str) -> str:
+    """``ru`` when the text is mostly Cyrillic letters, ``en-us`` otherwise."""
+    cyrillic = len(_CYRILLIC.findall(text))
+    return "ru" if cyrillic and cyrillic >= len(_LATIN.findall(text)) else "en-us"
+
+
+def _voice(voice: str | None, text: str) -> str:
+    if voice is None:
+        return detect_voice(text)
+    name = voice.strip().lower()
+    name = _ALIASES.get(name, name)
+    if name not in VOICES:
+        raise ValueError(f"unknown voice {voice!r} (available: {', '.join(VOICES)})")
+    return name
+
+
+def _clean(text: str) -> str:
+    """One line of printable text: control/format characters dropped, whitespace collapsed, and espeak's
+    ``[[phoneme]]`` input syntax defused so that a message is read, never interpreted."""
+    kept = "".join(" " if ch.isspace() else ch for ch in text if ch.isspace()
+                   or unicodedata.category(ch)[0] != "C")
+    return _PHONEME_OPEN.sub("[ ", _SPACES.sub(" ", kept)).strip()
+
+
+# --- the pure-Python resampler ----------------------------------------------------------------------------
+
+def _lowpass_taps(cutoff: float, count: int = 31) -> list[float]:
+    """Hamming-windowed sinc, ``cutoff`` as a fraction of the sample rate, unit DC gain."""
+    middle = (count - 1) / 2
+    taps = []
+    for n in range(count):
+        x = n - middle
+        ideal = 2 * cutoff if x == 0 else math.sin(2 * math.pi * cutoff * x) / (math.pi * x)
+        taps.append(ideal * (0.54 - 0.46 * math.cos(2 * math.pi * n / (count - 1))))
+    total = sum(taps)
+    return [t / total for t in taps]
+
+
+def _fir(samples: Sequence[int], taps: list[float]) -> list[float]:
+    half = len(taps) // 2
+    size = len(samples)
+    padded = [0.0] * half + [float(s) for s in samples] + [0.0] * half
+    acc = [0.0] * size
+    for k, c in enumerate(taps):  # one pass per tap over whole lists: fast enough in CPython
+        acc = [a + c * v for a, v in zip(acc, padded[k:k + size], strict=True)]
+    return acc
+
+
+def resample_pcm16(samples: Sequence[int], src_rate: int, dst_rate: int) -> array[int]:
+    """Mono 16-bit samples from ``src_rate`` to ``dst_rate``: low-pass (when going down), then linear."""
+    if src_rate <= 0 or dst_rate <= 0:
+        raise ValueError("sample rates must be positive")
+    if src_rate == dst_rate or not samples:
+        return array("h", samples)
+    source: Sequence[float] | Sequence[int] = samples
+    if dst_rate < src_rate:
+        source = _fir(samples, _lowpass_taps(0.45 * dst_rate / src_rate))
+    count = len(source) * dst_rate // src_rate
+    step = src_rate / dst_rate
+    last = len(source) - 1
+    out = array("h", bytes(2 * count))
+    for i in range(count):
+        pos = i * step
+        j = int(pos)
+        a = source[j]
+        b = source[j + 1] if j < last else a
+        value = round(a + (b - a) * (pos - j))
+        out[i] = min(32767, max(-32768, value))
+    return out
+
+
+def _read_pcm16(path: Path) -> tuple[array[int], int]:
+    with wave.open(str(path), "rb") as wav:
+        if wav.getnchannels() != 1 or wav.getsampwidth() != 2 or wav.getcomptype() != "NONE":
+            raise TtsUnavailable("espeak-ng wrote an unexpected WAV format")
+        rate = wav.getframerate()
+        samples = array("h", wav.readframes(wav.getnframes()))
+    if sys.byteorder == "big":
+        samples.byteswap()
+    return samples, rate
+
+
+def _write_pcm16(path: Path, samples: array[int], rate: int) -> None:
+    data = array("h", samples)
+    if sys.byteorder == "big":
+        data.byteswap()
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(data.tobytes())
+
+
+def _python_resample(src: Path, dst: Path, rate: int) -> None:
+    samples, src_rate = _read_pcm16(src)
+    _write_pcm16(dst, resample_pcm16(samples, src_rate, rate), rate)
+
+
+def _wav_duration(path: Path, rate: int) -> float:
+    """Checks the file is what FreeSWITCH is promised (mono, 16-bit PCM, ``rate``, not empty)."""
+    try:
+        with wave.open(str(path), "rb") as wav:
+            ok = (wav.getnchannels() == 1 and wav.getsampwidth() == 2 and wav.getframerate() == rate
+                  and wav.getcomptype() == "NONE")
+            frames = wav.getnframes()
+    except (OSError, EOFError, wave.Error) as exc:
+        raise TtsUnavailable(f"unreadable WAV: {exc}") from None
+    if not ok:
+        raise TtsUnavailable("the WAV is not mono 16-bit PCM at the configured rate")
+    if frames == 0:
+        raise TtsUnavailable("espeak-ng produced no audio")
+    return frames / rate
+
+
+class EspeakTts:
+    """Renders text to cached WAV files with espeak-ng; also the :class:`AudioStore` behind audio URLs.
+
+    Args:
+        cache_dir: where WAVs are kept (created if needed), e.g. ``<data_dir>/tts-cache``.
+        sample_rate: 8000, 16000 (default) or 22050 (espeak's own rate, no resampling).
+        max_cache_bytes: least recently used files are removed above this total.
+        timeout_s: each child process (espeak-ng, sox) is killed after this long.
+        espeak: the espeak-ng executable.
+        sox: the sox executable for resampling; ``None`` (or not installed) uses the built-in resampler.
+        max_text_chars: longer texts are refused (``ValueError``): an SMS, not a book.
+        words_per_minute: espeak's speed (``-s``); its default (175) when ``None``.
+    """
+
+    def __init__(self, cache_dir: Path, *, sample_rate: int = 16000, max_cache_bytes: int = 64 << 20,
+                 timeout_s: float = 10.0, espeak: str = "espeak-ng", sox: str | None = "sox",
+                 max_text_chars: int = 2000, words_per_minute: int | None = None) -> None:
+        if sample_rate not in (8000, 16000, ESPEAK_RATE):
+            raise ValueError(f"sample_rate must be 8000, 16000 or {ESPEAK_RATE}")
+        if words_per_minute is not None and not 80 <= words_per_minute <= 450:
+            raise ValueError("words_per_minute must be within 80..450")
+        self.cache_dir = Path(cache_dir).resolve()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.sample_rate = sample_rate
+        self.max_cache_bytes = max_cache_bytes
+        self.timeout_s = timeout_s
+        self.espeak = espeak
+        self.sox = shutil.which(sox) if sox else None
+        self.max_text_chars = max_text_chars
+        self.words_per_minute = words_per_minute
+        self._index: OrderedDict[str, _Entry] = OrderedDict()
+        self._inflight: dict[str, asyncio.Task[float]] = {}
+        self._renders = self._hits = self._shared = self._evictions = 0
+        self._scan()
+
+    def __repr__(self) -> str:
+        return f"EspeakTts(cache_dir={str(self.cache_dir)!r}, sample_rate={self.sample_rate})"
+
+    # --- public API ----------------------------------------------------------------------------------------
+
+    def key_for(self, text: str, voice: str | None = None) -> str:
+        """The cache key (and URL name) of ``text`` in ``voice``: SHA-256 over voice, rate and cleaned text."""
+        cleaned = _clean(text)
+        material = f"{_voice(voice, cleaned)}\x00{self.sample_rate}\x00{cleaned}"
+        return hashlib.sha256(material.encode()).hexdigest()
+
+    async def render(self, text: str, *, voice: str | None = None) -> RenderedAudio:
+        """The WAV for ``text``: from the cache, from a render already running, or rendered now.
+
+        Args:
+            text: what to say; control characters are dropped.
+            voice: ``ru`` or ``en-us`` (aliases ``en``, ``ru-RU``...); detected from the text when ``None``.
+
+        Raises:
+            TtsUnavailable: no audio (fall back to text).
+            ValueError: empty or over-long text, unknown voice.
+        """
+        cleaned = _clean(text)
+        if not cleaned:
+            raise ValueError("nothing to say")
+        if len(cleaned) > self.max_text_chars:
+            raise ValueError(f"text longer than {self.max_text_chars} characters")
+        name = _voice(voice, cleaned)
+        key = self.key_for(cleaned, name)
+        entry = self._lookup(key)
+        if entry is not None:
+            self._hits += 1
+            return RenderedAudio(self._path(key), key, name, entry.duration_s, cached=True)
+        task = self._inflight.get(key)
+        joined = task is not None
+        if task is None:
+            task = asyncio.create_task(self._render(key, cleaned, name), name=f"tts-render-{key[:12]}")
+            self._inflight[key] = task
+            task.add_done_callback(self._render_done(key))
+        else:
+            self._shared += 1
+        # Shielded: one caller giving up (its call hung up) must not cancel the render others wait for.
+        duration = await asyncio.shield(task)
+        return RenderedAudio(self._path(key), key, name, duration, cached=joined)
+
+    def path_for(self, key: str) -> Path | None:
+        """The cached file of ``key`` (hex only: nothing else ever becomes a path), or ``None``."""
+        if not _KEY.fullmatch(key):
+            return None
+        return self._path(key) if self._lookup(key) is not None else None
+
+    def statistics(self) -> TtsStatistics:
+        return TtsStatistics(self._renders, self._hits, self._shared, self._evictions, len(self._index),
+                             sum(e.size for e in self._index.values()))
+
+    async def aclose(self) -> None:
+        """Cancel renders still running (their temporary files are removed)."""
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, TtsUnavailable):
+                await task
+
+    # --- rendering -----------------------------------------------------------------------------------------
+
+    def _render_done(self, key: str) -> _DoneCallback:
+        def done(task: asyncio.Task[float]) -> None:
+            if self._inflight.get(key) is task:
+                del self._inflight[key]
+            if not task.cancelled():
+                task.exception()  # retrieved even if every waiter gave up
+        return done
+
+    async def _render(self, key: str, text: str, voice: str) -> float:
+        self._renders += 1
+        tag = uuid4().hex[:8]
+        raw = self.cache_dir / f".tmp-{key}-{tag}.espeak.wav"
+        out = self.cache_dir / f".tmp-{key}-{tag}.wav"
+        try:
+            argv = [self.espeak, "-v", VOICES[voice], "-b", "1", "-w", str(raw), "--stdin"]
+            if self.words_per_minute is not None:
+                argv[1:1] = ["-s", str(self.words_per_minute)]
+            await self._run(argv, text.encode(), "espeak-ng")
+            return self._commit(key, await self._convert(raw, out))
+        finally:
+            for leftover in (raw, out):
+                leftover.unlink(missing_ok=True)
+
+    async def _convert(self, raw: Path, out: Path) -> Path:
+        """espeak's file at the configured rate: ``raw`` itself at 22050 Hz, else ``out`` (sox or Python)."""
+        if self.sample_rate == ESPEAK_RATE:
+            return raw
+        if self.sox is not None:
+            try:
+                await self._run([self.sox, "-q", str(raw), "-r", str(self.sample_rate), "-c", "1", "-b", "16",
+                                 "-e", "signed-integer", str(out)], None, "sox")
+            except TtsUnavailable as exc:
+                log.warning("sox failed, resampling in Python instead: %s", exc)
+            else:
+                return out
+        try:
+            await asyncio.to_thread(_python_resample, raw, out, self.sample_rate)
+        except (OSError, EOFError, wave.Error) as exc:
+            raise TtsUnavailable(f"cannot read espeak-ng output: {exc}") from None
+        return out
+
+    @staticmethod
+    async def _communicate(proc: asyncio.subprocess.Process, stdin: bytes | None) -> bytes:
+        """stderr of the child. A child that exits without reading its input (a broken binary) closes the
+        pipe under our write: uvloop reports that as RuntimeError, asyncio as BrokenPipeError. Either way
+        its exit status and complaint are what matter, so the write is best effort and stderr is read
+        only here (not also by ``communicate``'s own reader)."""
+        if proc.stdin is not None:
+            try:
+                if stdin:
+                    proc.stdin.write(stdin)
+                    await proc.stdin.drain()
+                proc.stdin.close()
+            except (BrokenPipeError, ConnectionResetError, RuntimeError):
+                pass
+        err = await proc.stderr.read() if proc.stderr is not None else b""
+        await proc.wait()
+        return err
+
+    async def _run(self, argv: list[str], stdin: bytes | None, what: str) -> None:
+        """Run one child (argument list, no shell) with the timeout; anything wrong is TtsUnavailable."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        except OSError as exc:
+            raise TtsUnavailable(f"{what} cannot be started: {exc.strerror or type(exc).__name__}") from None
+        try:
+            err = await asyncio.wait_for(self._communicate(proc, stdin), self.timeout_s)
+        except TimeoutError:
+            await _kill(proc)
+            raise TtsUnavailable(f"{what} did not finish within {self.timeout_s:g} s") from None
+        except asyncio.CancelledError:
+            await _kill(proc)
+            raise
+        if proc.returncode != 0:
+            detail = err.decode(errors="replace").strip().splitlines()[:1]
+            raise TtsUnavailable(f"{what} failed with exit status {proc.returncode}"
+                                 + (f": {detail[0][:200]}" if detail else ""))
+
+    # --- the cache -----------------------------------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        return self.cache_dir / f"{key}.wav"
+
+    def _lookup(self, key: str) -> _Entry | None:
+        entry = self._index.get(key)
+        if entry is None:
+            return None
+        path = self._path(key)
+        try:
+            os.utime(path)  # the LRU order survives restarts through mtimes
+        except FileNotFoundError:
+            del self._index[key]  # removed behind our back
+            return None
+        self._index.move_to_end(key)
+        return entry
+
+    def _commit(self, key: str, out: Path) -> float:
+        duration = _wav_duration(out, self.sample_rate)
+        final = self._path(key)
+        out.replace(final)
+        self._index[key] = _Entry(final.stat().st_size, duration)
+        self._index.move_to_end(key)
+        self._evict()
+        return duration
+
+    def _evict(self) -> None:
+        total = sum(entry.size for entry in self._index.values())
+        while total > self.max_cache_bytes and len(self._index) > 1:  # never the file just made
+            key, entry = self._index.popitem(last=False)
+            self._path(key).unlink(missing_ok=True)
+            total -= entry.size
+            self._evictions += 1
+
+    def _scan(self) -> None:
+        """Rebuild the index from disk (oldest first); drop leftovers of interrupted renders and bad files."""
+        found: list[tuple[float, str, _Entry]] = []
+        for path in self.cache_dir.iterdir():
+            if path.name.startswith(".tmp-"):
+                path.unlink(missing_ok=True)
+                continue
+            if path.suffix != ".wav" or not _KEY.fullmatch(path.stem):
+                continue
+            try:
+                duration = _wav_duration(path, self.sample_rate)
+                stat = path.stat()
+            except (TtsUnavailable, OSError):
+                path.unlink(missing_ok=True)
+                continue
+            found.append((stat.st_mtime, path.stem, _Entry(stat.st_size, duration)))
+        for _, key, entry in sorted(found):
+            self._index[key] = entry
+        self._evict()
+
+
+class _DoneCallback(Protocol):
+    def __call__(self, task: asyncio.Task[float], /) -> None: ...
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    await proc.wait()

@@ -1,0 +1,258 @@
+"""The registry CLI end to end: ``iim <entity> <action>`` against the live admin API and PostgreSQL.
+
+Commands run through ``iim.admin.cli.main(argv)`` in a worker thread (the CLI is synchronous; the server
+keeps running on the test's loop), and once as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestServer
+
+from iim.admin import cli
+from iim.admin.api import create_registry_app, mount_registry
+from iim.admin.auth import TokenTable, hash_token
+from iim.http import create_app as create_root_app
+from policy_cache.db import DbRole, Pool, connect, connect_pool
+from tests.pg import PgCluster, PgDatabase, create_tenant
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+TOKENS = {"adm-secret": ("root@noc", "admin"), "op-a-secret": ("alice@tenant-a", "operator")}
+
+
+@dataclass
+class Live:
+    url: str
+    tenant_a: UUID
+    tenant_b: UUID
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def live(pg_db: PgDatabase) -> AsyncIterator[Live]:
+    pool: Pool = await connect_pool(pg_db.app_url, role=DbRole.APP, min_size=1, max_size=4)
+    directory: Pool = await connect_pool(pg_db.cache_url, role=DbRole.CACHE, min_size=1, max_size=2)
+    tenant_a, tenant_b = await create_tenant(pool, "CLI A"), await create_tenant(pool, "CLI B")
+    table = {hash_token(tok): {"actor": actor, "role": role, "tenant": str(tenant_a) if role == "operator" else None}
+             for tok, (actor, role) in TOKENS.items()}
+    root = create_root_app([])
+    mount_registry(root, create_registry_app(lambda: pool, directory_pool=lambda: directory,
+                                             tokens=TokenTable.from_json(json.dumps(table))))
+    server = TestServer(root, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        yield Live(str(server.make_url("")).rstrip("/"), tenant_a, tenant_b)
+    finally:
+        await server.close()
+        await pool.close()
+        await directory.close()
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def iim(live: Live, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("IIM_ADMIN_TOKEN", "adm-secret")
+    monkeypatch.setenv("IIM_OP_TOKEN", "op-a-secret")
+
+    async def run(*argv: str, token_ref: str = "env:IIM_ADMIN_TOKEN") -> Result:
+        capsys.readouterr()
+        args = [*argv, "--api", live.url, "--token-ref", token_ref]
+        code = await asyncio.to_thread(cli.main, args)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def _msisdn() -> str:
+    return "+7911" + str(uuid4().int)[:7]
+
+
+async def test_tenant_lifecycle(iim: Any) -> None:
+    made = await iim("tenant", "create", "--name", "Made by CLI", "-o", "json")
+    assert made.code == 0, made.err
+    tid = made.json()["id"]
+    listed = await iim("tenant", "list", "--all")
+    assert listed.code == 0
+    assert listed.out.startswith("ID ")
+    assert any(line.startswith(tid) and "Made by CLI" in line for line in listed.out.splitlines())
+    shown = await iim("tenant", "show", tid)
+    assert shown.code == 0
+    assert f"id          {tid}" in shown.out
+    assert "name        Made by CLI" in shown.out
+    renamed = await iim("tenant", "update", tid, "--name", "Renamed", "-o", "json")
+    assert renamed.json()["name"] == "Renamed"
+    deleted = await iim("tenant", "delete", tid, "--yes")
+    assert (deleted.code, deleted.out) == (0, f"deleted  tenant\nid       {tid}\n")
+    missing = await iim("tenant", "show", tid)
+    assert missing.code == cli.EXIT_API_ERROR
+    assert missing.err.startswith("error: 404 not-found: Not found: tenant")
+
+
+async def test_registry_end_to_end(iim: Any, live: Live) -> None:
+    t = ["--tenant", str(live.tenant_a), "-o", "json"]
+    home = (await iim("household", "create", *t, "--name", "Flat 12", "--time-zone", "Europe/Moscow")).json()
+    msisdn = _msisdn()
+    sub = (await iim("subscriber", "create", *t, "--msisdn", msisdn, "--display-name", "Anna")).json()
+    dev = await iim("device", "create", *t, "--household-id", home["id"], "--name", "Speaker", "--type", "speaker",
+                    "--capabilities", "sip", "tts", "--sip-uri", "sip:spk@iim.local")
+    assert dev.code == 0, dev.err
+    dev_id = dev.json()["id"]
+    assert sorted(dev.json()["capabilities"]) == ["sip", "tts"]
+    bind = (await iim("binding", "create", *t, "--subscriber-id", sub["id"], "--household-id", home["id"],
+                      "--role", "owner", "--priority", "0")).json()
+    pol = await iim("policy", "create", *t, "--household-id", home["id"], "--ring-mode", "home_then_phone",
+                    "--quiet-start", "22:30", "--quiet-end", "07:00", "--allowed-callers", "+79001112233")
+    assert pol.code == 0, pol.err
+    pol_id = pol.json()["id"]
+
+    devices = await iim("device", "list", "--tenant", str(live.tenant_a), "--household-id", home["id"])
+    assert devices.code == 0
+    header, row = devices.out.splitlines()
+    assert header.split() == ["ID", "HOUSEHOLD_ID", "NAME", "TYPE", "STATUS", "ENABLED"]
+    assert row.split() == [dev_id, home["id"], "Speaker", "speaker", "unknown", "True"]
+
+    found = (await iim("subscriber", "list", *t, "--msisdn", msisdn)).json()
+    assert [s["id"] for s in found["items"]] == [sub["id"]]
+    changed = (await iim("device", "update", *t, dev_id, "--status", "online", "--no-enabled",
+                         "--unset", "sip-uri")).json()
+    assert (changed["status"], changed["enabled"], changed["sip_uri"]) == ("online", False, None)
+    bumped = await iim("policy", "update", *t, pol_id, "--dnd", "--expected-version", "1")
+    assert bumped.json()["version"] == 2
+    stale = await iim("policy", "update", *t, pol_id, "--no-dnd", "--expected-version", "1")
+    assert stale.code == cli.EXIT_API_ERROR
+    assert json.loads(stale.err)["error_id"] == "version-conflict"
+    rebound = (await iim("binding", "update", *t, bind["id"], "--data", '{"priority": 7}')).json()
+    assert rebound["priority"] == 7
+
+    for entity, row_id in (("binding", bind["id"]), ("policy", pol_id), ("device", dev_id),
+                           ("subscriber", sub["id"]), ("household", home["id"])):
+        gone = await iim(entity, "delete", "--tenant", str(live.tenant_a), row_id)
+        assert gone.code == 0, gone.err
+        again = await iim(entity, "show", "--tenant", str(live.tenant_a), row_id)
+        assert again.code == cli.EXIT_API_ERROR
+        assert "404 not-found" in again.err
+
+    audit = await iim("audit", "list", "--tenant", str(live.tenant_a), "--entity-id", dev_id)
+    lines = audit.out.splitlines()
+    assert lines[0].split() == ["ID", "AT", "ACTOR", "ACTION", "ENTITY", "ENTITY_ID"]
+    assert [ln.split()[3] for ln in lines[1:]] == ["device.delete", "device.update", "device.create"]
+    assert all(ln.split()[2] == "root@noc" for ln in lines[1:])
+    verified = (await iim("audit", "verify", "--tenant", str(live.tenant_a), "-o", "json")).json()
+    assert verified["intact"] is True
+
+
+async def test_consent_grant_list_revoke(iim: Any, live: Live) -> None:
+    t = ["--tenant", str(live.tenant_a)]
+    sub = (await iim("subscriber", "create", *t, "-o", "json", "--msisdn", _msisdn())).json()
+    granted = await iim("consent", "grant", *t, "-o", "json", "--subscriber-id", sub["id"], "--purpose",
+                        "announce_calls", "--evidence", '{"channel": "app", "version": "tos-3"}',
+                        token_ref="env:IIM_OP_TOKEN")
+    assert granted.code == 0, granted.err
+    consent = granted.json()
+    listed = await iim("consent", "list", *t, "--subscriber-id", sub["id"])
+    assert consent["id"] in listed.out
+    assert "announce_calls" in listed.out
+    revoked = await iim("consent", "revoke", *t, consent["id"], "-o", "json", token_ref="env:IIM_OP_TOKEN")
+    assert revoked.code == 0
+    assert revoked.json()["revoked_at"] is not None
+    shown = (await iim("consent", "show", *t, consent["id"], "-o", "json")).json()
+    assert shown["revoked_at"] == revoked.json()["revoked_at"]
+    assert shown["evidence"]["version"] == "tos-3"
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["consent", "delete", *t, consent["id"]])
+
+
+async def test_problems_are_printed_with_error_id_and_locations(iim: Any, live: Live) -> None:
+    t = ["--tenant", str(live.tenant_a)]
+    msisdn = _msisdn()
+    assert (await iim("subscriber", "create", *t, "--msisdn", msisdn)).code == 0
+    dup = await iim("subscriber", "create", *t, "--msisdn", msisdn)
+    assert dup.code == cli.EXIT_API_ERROR
+    assert dup.out == ""
+    assert dup.err.splitlines() == [
+        "error: 409 conflict: Conflict: subscriber already exists (subscriber_tenant_id_msisdn_key)",
+        "  body.msisdn: already taken in this tenant [unique]",
+    ]
+    other_tenant = await iim("subscriber", "create", "--tenant", str(live.tenant_b), "--msisdn", msisdn)
+    assert other_tenant.code == 0
+    bad = await iim("household", "create", *t, "--name", "H", "--time-zone", "Moscow/Kremlin", "-o", "json")
+    assert bad.code == cli.EXIT_API_ERROR
+    problem = json.loads(bad.err)
+    assert problem["error_id"] == "validation-failed"
+    assert problem["errors"][0]["loc"] == ["body", "time_zone"]
+    unknown = await iim("subscriber", "create", *t, "--data", '{"msisdn": "+79001234567", "colour": "red"}')
+    assert "body.colour: Extra inputs are not permitted [extra_forbidden]" in unknown.err
+    foreign = await iim("household", "list", "--tenant", str(live.tenant_b), token_ref="env:IIM_OP_TOKEN")
+    assert foreign.code == cli.EXIT_API_ERROR
+    assert foreign.err.startswith("error: 403 forbidden:")
+    bad_data = await iim("subscriber", "create", *t, "--data", "[1]")
+    assert bad_data.code == cli.EXIT_USAGE
+    assert "--data must be a JSON object" in bad_data.err
+
+
+async def test_bad_token_is_reported(iim: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IIM_WRONG_TOKEN", "guess")
+    denied = await iim("tenant", "list", token_ref="env:IIM_WRONG_TOKEN")
+    assert denied.code == cli.EXIT_API_ERROR
+    assert denied.err.startswith("error: 401 unauthenticated: Authentication required:")
+
+
+async def test_as_a_real_process(live: Live) -> None:
+    env = {"IIM_ADMIN_TOKEN": "op-a-secret", "IIM_ADMIN_API": live.url, "IIM_TENANT": str(live.tenant_a),
+           "PATH": "/usr/bin:/bin"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "iim.admin.cli", "subscriber", "create", "--msisdn", _msisdn(), "-o", "json",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 0, err.decode()
+    assert json.loads(out)["tenant_id"] == str(live.tenant_a)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "iim.admin.cli", "tenant", "create", "--name", "nope",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == cli.EXIT_API_ERROR
+    assert err.decode().startswith("error: 403 forbidden:")
+
+
+async def test_db_upgrade_migrates_an_empty_database(
+    pg_empty_db: PgDatabase, pg_cluster: PgCluster, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+) -> None:
+    # The login roles already have this session's password: hand the bootstrap the same one by reference,
+    # so it does not change cluster-wide passwords under the other tests.
+    monkeypatch.setenv("IIM_TEST_ROLE_PASSWORD", pg_cluster.role_password)
+    monkeypatch.setenv("IIM_DB_APP_PASSWORD_REF", "env:IIM_TEST_ROLE_PASSWORD")
+    monkeypatch.setenv("IIM_DB_CACHE_PASSWORD_REF", "env:IIM_TEST_ROLE_PASSWORD")
+    argv = ["db", "upgrade", "--database-url", pg_empty_db.admin_url, "--data-dir", str(tmp_path / "pg")]
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    out = capsys.readouterr().out
+    assert f"database {pg_empty_db.name} on the server at IIM_DATABASE_URL: migrations applied: 1, 2" in out
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    assert "migrations applied: none (up to date)" in capsys.readouterr().out
+    conn = await connect(pg_empty_db.admin_url, role=DbRole.OWNER)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM iim.tenant") == 0
+    finally:
+        await conn.close()

@@ -1,0 +1,476 @@
+"""The scenario worker end to end: intake -> pgqueuer jobs -> engine -> originate at the emulator -> IVR.
+
+Real PostgreSQL, the FreeSWITCH emulator over real sockets (inbound ESL for originate, our outbound
+server for the IVR it dials back). Scripted callees: who answers, what they press.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+import pytest_asyncio
+
+from fs_app.call import Call
+from fs_app.dialstring import DialSettings
+from fs_app.inbound import InboundClient, InboundSettings
+from fs_app.outbound import OutboundServer, OutboundSettings
+from fs_app.outreach.calls import AlertCallPlacer
+from fs_app.outreach.ivr import IvrRegistry, with_alert_calls
+from fs_app.testing import FreeSwitchEmulator, InboundServer, TargetBehaviour
+from iim.connectors.contract import ConnectorLookup
+from iim.core.metrics import REGISTRY
+from iim.scenarios import store
+from iim.scenarios.worker import IncidentWorker, WorkerSettings
+from iot_bridge.events import DeviceEvent, body_fingerprint
+from iot_bridge.intake import KnownDevice, accept_event
+from policy_cache import audit
+from policy_cache.db import Pool, tenant_tx
+from tests.alarm_rig import AlarmRig, build_rig
+
+GW = "sofia/gateway/ims/{}"
+_numbers = itertools.count(100)
+
+
+def numbers() -> dict[str, str]:
+    n = next(_numbers)
+    return {"owner": f"+7903{n:04d}001", "backup": f"+7903{n:04d}002", "security": f"+7903{n:04d}003"}
+
+
+@dataclass
+class Alarms:
+    rig: AlarmRig
+    pool: Pool
+    emu: FreeSwitchEmulator
+    inbound: InboundServer
+    worker: IncidentWorker
+
+    def script(self, number: str, behaviour: TargetBehaviour) -> None:
+        self.emu.targets[GW.format(number)] = behaviour
+
+    def calls_to(self, number: str) -> int:
+        return len(self.emu.originates_to(number))
+
+    async def raise_alarm(self, event_type: str = "smoke", device: str | None = None,
+                          opener: Any = None) -> UUID:
+        raw = self.rig.event(event_type, device=device)
+        event = DeviceEvent.model_validate(json.loads(raw))
+        async with tenant_tx(self.pool, self.rig.tenant_id) as conn:
+            row = await conn.fetchrow("SELECT id, household_id, type::text AS type FROM iim.device "
+                                      "WHERE external_id = $1", event.device_id)
+        assert row is not None
+        device_row = KnownDevice(self.rig.tenant_id, row["id"], row["household_id"], event.device_id, row["type"])
+        outcome = await accept_event(self.pool, device_row, event, fingerprint=body_fingerprint(raw),
+                                     channel="device", msg_id=None, opener=opener)
+        assert outcome.incident_id is not None
+        return outcome.incident_id
+
+    async def incident(self, incident_id: UUID) -> dict[str, Any]:
+        async with tenant_tx(self.pool, self.rig.tenant_id) as conn:
+            row = await conn.fetchrow("SELECT state::text AS state, step, reason FROM iim.incident WHERE id = $1",
+                                      incident_id)
+        assert row is not None
+        return dict(row)
+
+    async def settled(self, incident_id: UUID, timeout: float = 20.0) -> str:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            state = (await self.incident(incident_id))["state"]
+            if state not in ("open", "notifying"):
+                return str(state)
+            if asyncio.get_running_loop().time() > deadline:
+                actions = await self.rows("SELECT key, kind, destination, dispatched_at, outcome, detail "
+                                          "FROM iim.incident_action WHERE incident_id = $1 ORDER BY key", incident_id)
+                raise AssertionError(f"incident still {state}: {actions}")
+            await asyncio.sleep(0.05)
+
+    async def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        await audit.flush_pending(self.pool)  # audit lines are staged, then chained
+        async with tenant_tx(self.pool, self.rig.tenant_id) as conn:
+            return [dict(r) for r in await conn.fetch(sql, *args)]
+
+
+async def _route(call: Call) -> None:
+    await call.hangup("NORMAL_CLEARING")
+
+
+@contextlib.asynccontextmanager
+async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
+                     connectors: ConnectorLookup | None = None, speech: Any = None,
+                     time_scale: float = 0.01) -> AsyncIterator[Alarms]:
+    """A tenant, the emulator (callees scripted per number), our outbound server for the IVR, the worker."""
+    n = numbers()
+    rig = await build_rig(app_pool, tmp_path, owner=n["owner"], backup=n["backup"], security=n["security"])
+    emu = FreeSwitchEmulator(time_scale=time_scale, default_target=TargetBehaviour.no_answer())
+    inbound = await emu.start_inbound()
+    registry = IvrRegistry()
+    server = OutboundServer(with_alert_calls(registry, _route),
+                            OutboundSettings(port=0, exit_wait=0.5, hangup_complete_wait=0.5))
+    await server.start()
+    client = InboundClient(InboundSettings(port=inbound.port, command_timeout=2.0, backoff_initial=0.05,
+                                           backoff_max=0.2, events=("BACKGROUND_JOB",)))
+    await client.start()
+    await client.wait_connected(5)
+    placer = AlertCallPlacer(client, registry, socket_address=f"127.0.0.1:{server.port}",
+                             gateway_dial=DialSettings(phone_endpoint=GW.replace("{}", "{msisdn}")),
+                             answer_grace_s=2.0, connect_wait_s=0.3, api_timeout_s=0.5, prompt_s=1.0)
+    worker = IncidentWorker(app_pool, pg_db.app_url, placer, WorkerSettings(
+        heartbeat_timeout=timedelta(seconds=2), unreachable_retries=(0.3, 0.3)), connectors=connectors,
+        speech=speech)
+    await worker.start()
+    try:
+        yield Alarms(rig, app_pool, emu, inbound, worker)
+    finally:
+        await worker.stop()
+        await client.close()
+        await server.close(drain_timeout=1.0)
+        await emu.close()
+
+
+@pytest_asyncio.fixture
+async def alarms(app_pool: Pool, pg_db: Any, tmp_path: Path) -> AsyncIterator[Alarms]:
+    async with alarms_rig(app_pool, pg_db, tmp_path) as rig:
+        yield rig
+
+
+async def test_owner_presses_2_false_alarm_stops_everything(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=200, dtmf="2"))
+    incident = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(incident) == "false_alarm"
+    assert alarms.calls_to(rig.owner) == 1
+    assert alarms.calls_to(rig.backup) == 0
+    sms = await alarms.rows("SELECT msisdn, status FROM iim.sms_outbox WHERE incident_id = $1", incident)
+    assert sms == [{"msisdn": rig.owner, "status": "queued"}]  # smoke: call and SMS the owner at once
+    audit = [r["action"] for r in await alarms.rows(
+        "SELECT action FROM iim.audit_log WHERE entity = 'incident' AND entity_id = $1 ORDER BY id", str(incident))]
+    assert audit[0] == "incident.opened"
+    assert "incident.call" in audit
+    assert audit[-1] == "incident.false_alarm"
+
+
+async def test_nobody_answers_escalates_owner_backup_security_once_each(alarms: Alarms) -> None:
+    rig = alarms.rig
+    incident = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(incident) == "exhausted"
+    order = sorted((o.monotonic, o.destination) for n in (rig.owner, rig.backup, rig.security)
+                    for o in alarms.emu.originates_to(n))
+    assert [d for _, d in order] == [rig.owner, rig.backup, rig.security]
+    calls = await alarms.rows("SELECT outcome FROM iim.incident_action WHERE incident_id = $1 AND kind = 'call'",
+                              incident)
+    assert sorted(c["outcome"] for c in calls) == ["no_answer"] * 3
+
+
+async def test_backup_confirms_with_1_acknowledged_and_on_acknowledge_runs(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.script(rig.owner, TargetBehaviour.busy())
+    alarms.script(rig.backup, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+    incident = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(incident) == "acknowledged"
+    assert alarms.calls_to(rig.security) == 0
+    await _eventually_rows(alarms, "SELECT 1 FROM iim.incident_action WHERE incident_id = $1 "
+                                   "AND starts_with(key, $2) AND outcome IS NOT NULL", incident, f"{incident}/ack/")
+
+
+async def _eventually_rows(alarms: Alarms, sql: str, *args: Any) -> list[dict[str, Any]]:
+    for _ in range(200):
+        rows = await alarms.rows(sql, *args)
+        if rows:
+            return rows
+        await asyncio.sleep(0.05)
+    raise AssertionError("no rows")
+
+
+async def test_destination_outside_allowed_prefixes_is_refused_audited_and_never_dialled(alarms: Alarms) -> None:
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+        await conn.execute("INSERT INTO iim.originate_limit (allowed_prefixes) VALUES ('{+44}')")
+    incident = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(incident) == "exhausted"
+    assert alarms.calls_to(rig.owner) == alarms.calls_to(rig.backup) == alarms.calls_to(rig.security) == 0
+    refused = await alarms.rows(
+        "SELECT detail->>'reason' AS reason FROM iim.audit_log WHERE action = 'originate.refused' "
+        "AND entity_id = $1", str(incident))
+    assert [r["reason"] for r in refused] == ["prefix_not_allowed"] * 3
+
+
+async def test_hourly_cap_refuses_alert_calls_beyond_it(alarms: Alarms) -> None:
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+        await conn.execute("INSERT INTO iim.originate_limit (max_per_hour) VALUES (1)")
+    incident = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(incident) == "exhausted"
+    assert alarms.calls_to(rig.owner) == 1
+    assert alarms.calls_to(rig.backup) == alarms.calls_to(rig.security) == 0
+    refused = await alarms.rows("SELECT detail->>'reason' AS reason FROM iim.audit_log "
+                                "WHERE action = 'originate.refused' AND entity_id = $1", str(incident))
+    assert [r["reason"] for r in refused] == ["hourly_cap"] * 2
+
+
+async def test_notification_without_a_connected_device_is_settled_with_the_decision_as_sms(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+    incident = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(incident) == "acknowledged"
+    notify = await alarms.rows("SELECT key, outcome, detail, started_at, finished_at FROM iim.incident_action "
+                               "WHERE incident_id = $1 AND kind = 'notify'", incident)
+    assert [(n["outcome"], n["detail"]) for n in notify] == [("sms_fallback", "no connected device")]
+    assert notify[0]["finished_at"] == notify[0]["started_at"]  # now() of one transaction: the decision's
+    texts = await alarms.rows("SELECT msisdn FROM iim.sms_outbox WHERE key = $1", f"{notify[0]['key']}/sms/0")
+    assert [t["msisdn"] for t in texts] == [rig.owner]
+
+
+async def test_concurrent_claims_never_exceed_the_concurrent_cap_nor_dial_an_action_twice(alarms: Alarms) -> None:
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+        incident = await conn.fetchval(
+            "INSERT INTO iim.incident (household_id, device_id, hazard, first_event_id) "
+            "VALUES ($1, $2, 'smoke', 'cap-race') RETURNING id", rig.household_id, rig.sensor_id)
+        for n in range(8):
+            await conn.execute(
+                "INSERT INTO iim.incident_action (key, incident_id, step, kind, destination, call_uuid) "
+                "VALUES ($1, $2, 0, 'call', $3, gen_random_uuid())", f"{incident}/0/0/{n}", incident, rig.owner)
+
+    async def claim(n: int) -> tuple[bool, int, int]:
+        async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+            return await store.claim_originate(conn, f"{incident}/0/0/{n % 8}", max_concurrent=3, max_per_hour=100)
+
+    results = await asyncio.gather(*(claim(n) for n in range(16)))  # every action claimed twice at once
+    claimed_keys = [n % 8 for n, (claimed, _, _) in enumerate(results) if claimed]
+    assert len(claimed_keys) == 3
+    assert len(set(claimed_keys)) == 3  # no action dispatched twice
+    window = await alarms.rows("SELECT sum(calls) AS calls FROM iim.originate_window")
+    assert window[0]["calls"] == 3
+
+
+async def _call_actions(alarms: Alarms, n: int) -> UUID:
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+        incident: UUID = await conn.fetchval(
+            "INSERT INTO iim.incident (household_id, device_id, hazard, first_event_id) "
+            "VALUES ($1, $2, 'smoke', 'caps') RETURNING id", rig.household_id, rig.sensor_id)
+        for k in range(n):
+            await conn.execute(
+                "INSERT INTO iim.incident_action (key, incident_id, step, kind, destination, call_uuid) "
+                "VALUES ($1, $2, 0, 'call', $3, gen_random_uuid())", f"{incident}/0/0/{k}", incident, rig.owner)
+    return incident
+
+
+async def test_a_settled_call_frees_its_place_under_the_concurrent_cap(alarms: Alarms) -> None:
+    incident = await _call_actions(alarms, 3)
+
+    async def claim(k: int) -> tuple[bool, int, int]:
+        async with tenant_tx(alarms.pool, alarms.rig.tenant_id) as conn:
+            return await store.claim_originate(conn, f"{incident}/0/0/{k}", max_concurrent=1, max_per_hour=100)
+
+    assert await claim(0) == (True, 0, 0)
+    assert await claim(1) == (False, 1, 1)  # the first call still rings
+    async with tenant_tx(alarms.pool, alarms.rig.tenant_id) as conn:
+        await store.record_outcome(conn, f"{incident}/0/0/0", "no_answer")
+    assert await claim(1) == (True, 0, 1)
+    async with tenant_tx(alarms.pool, alarms.rig.tenant_id) as conn:  # put back to be retried later
+        await conn.execute("UPDATE iim.incident_action SET dispatched_at = NULL WHERE key = $1", f"{incident}/0/0/1")
+    assert await claim(2) == (True, 0, 2)  # hourly count keeps both dispatches
+
+
+async def test_a_decision_far_below_the_caps_claims_its_calls_itself_and_near_them_leaves_them(alarms: Alarms
+                                                                                                 ) -> None:
+    rig = alarms.rig
+    incident = await _call_actions(alarms, 0)
+
+    async def persist(n: int, max_concurrent: int) -> dict[str, Any]:
+        action = {"key": f"{incident}/0/0/{n}", "incident_id": str(incident), "step": 0, "kind": "call",
+                  "destination": rig.owner, "spec": {}, "call_uuid": str(store.call_uuid_for(f"{incident}/{n}"))}
+        async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+            result: dict[str, Any] = await conn.fetchval(
+                "SELECT iim.persist_decision($1::jsonb)",
+                {"actions": [action], "claim": {"keys": [action["key"]], "max_concurrent": max_concurrent,
+                                                "max_per_hour": 1_000_000}})
+        return result
+
+    far = await persist(0, 10_000)
+    assert far["claims"] == [{"key": f"{incident}/0/0/0", "claimed": True}]
+    near = await persist(1, 10)  # within 4 x max_connections of the cap: claimed exactly after the commit
+    assert near["claims"] == [{"key": f"{incident}/0/0/1", "claimed": False}]
+    again = await persist(0, 10_000)  # the same key again writes nothing and claims nothing
+    assert again == {"inserted": [], "claims": []}
+    rows = await alarms.rows("SELECT key, dispatched_at IS NOT NULL AS dispatched FROM iim.incident_action "
+                             "WHERE incident_id = $1 ORDER BY key", incident)
+    assert [r["dispatched"] for r in rows] == [True, False]
+    window = await alarms.rows("SELECT sum(calls) AS calls FROM iim.originate_window")
+    assert window[0]["calls"] == 1
+
+
+async def test_the_first_call_is_claimed_with_the_event_and_placed_without_a_job(alarms: Alarms) -> None:
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+        await conn.execute("INSERT INTO iim.originate_limit (max_concurrent, max_per_hour) VALUES (10000, 1000000)")
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=300, dtmf="1"))
+    with_decision = REGISTRY.get_sample_value("iim_originate_claims_total", {"path": "decision"}) or 0.0
+    incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
+    assert REGISTRY.get_sample_value("iim_originate_claims_total", {"path": "decision"}) == with_decision + 1
+    calls = await alarms.rows("SELECT dispatched_at IS NOT NULL AS dispatched FROM iim.incident_action "
+                              "WHERE incident_id = $1 AND kind = 'call'", incident)
+    assert calls == [{"dispatched": True}]  # committed with the event itself
+    async with alarms.pool.acquire() as conn:
+        jobs = await conn.fetchval("SELECT count(*) FROM iim_jobs.pgqueuer WHERE convert_from(payload, 'UTF8') LIKE $1",
+                                   f"%{incident}%")
+    assert jobs == 0
+    assert await alarms.settled(incident) == "acknowledged"
+    assert alarms.calls_to(rig.owner) == 1
+
+
+async def test_a_call_still_ringing_at_the_group_deadline_is_hung_up_and_the_escalation_moves_on(
+        app_pool: Pool, pg_db: Any, tmp_path: Path) -> None:
+    # The same path moves an incident on when the worker that placed the call died while it rang.
+    async with alarms_rig(app_pool, pg_db, tmp_path, time_scale=1.0) as alarms:
+        rig = alarms.rig
+        alarms.script(rig.owner, TargetBehaviour.answer(after_ms=25_000))
+        alarms.script(rig.backup, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+        incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
+        deadline = asyncio.get_running_loop().time() + 5
+        while not alarms.calls_to(rig.owner):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+            await conn.execute("UPDATE iim.incident SET deadline = now() - interval '1 second' WHERE id = $1",
+                               incident)
+        assert await alarms.settled(incident, timeout=10) == "acknowledged"
+        assert alarms.calls_to(rig.owner) == alarms.calls_to(rig.backup) == 1
+        owner = await _eventually_rows(  # the hung-up call is settled too, never redialled
+            alarms, "SELECT outcome FROM iim.incident_action WHERE incident_id = $1 AND kind = 'call' "
+                    "AND destination = $2 AND outcome IS NOT NULL", incident, rig.owner)
+        assert owner[0]["outcome"] in ("no_answer", "failed")
+
+
+async def test_the_sweep_deletes_toll_fraud_counters_older_than_the_caps_window(alarms: Alarms) -> None:
+    async with tenant_tx(alarms.pool, alarms.rig.tenant_id) as conn:
+        await conn.execute("INSERT INTO iim.originate_window (minute, shard, calls) VALUES "
+                           "(date_trunc('minute', now()) - interval '3 hours', 0, 5), "
+                           "(date_trunc('minute', now()) - interval '30 minutes', 0, 2)")
+    alarms.worker.settings.window_prune_interval_s = 0.05
+    deadline = asyncio.get_running_loop().time() + 5
+    while len(await alarms.rows("SELECT 1 FROM iim.originate_window")) > 1:
+        assert asyncio.get_running_loop().time() < deadline, "old counters still there"
+        await asyncio.sleep(0.05)
+    assert await alarms.rows("SELECT calls FROM iim.originate_window") == [{"calls": 2}]  # the hourly cap reads it
+
+
+async def test_freeswitch_down_sends_sms_then_retries_the_call(alarms: Alarms) -> None:
+    rig = alarms.rig
+    await alarms.inbound.close()
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+    incident = await alarms.raise_alarm("smoke")
+    fallback = await _eventually_rows(
+        alarms, "SELECT msisdn, body FROM iim.sms_outbox WHERE incident_id = $1 AND key LIKE '%/unreachable/%'",
+        incident)
+    assert fallback[0]["msisdn"] == rig.owner
+    assert "could not call" in fallback[0]["body"]
+    alarms.inbound = await alarms.emu.start_inbound(port=alarms.inbound.port)
+    assert await alarms.settled(incident) == "acknowledged"
+    assert alarms.calls_to(rig.owner) == 1
+
+
+async def test_cleared_event_resolves_a_live_incident(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=5000))  # rings for a while (x0.01: 50 ms)
+    incident = await alarms.raise_alarm("smoke")
+    raw = rig.event("cleared")
+    event = DeviceEvent.model_validate(json.loads(raw))
+    device = KnownDevice(rig.tenant_id, rig.sensor_id, rig.household_id, rig.sensor, "sensor")
+    await accept_event(alarms.pool, device, event, fingerprint=body_fingerprint(raw), channel="device", msg_id=None)
+    assert await alarms.settled(incident) in ("resolved", "acknowledged")
+
+
+async def test_cleared_event_resolves_every_live_incident_of_the_device(alarms: Alarms) -> None:
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:  # both incidents stay live: a long wait first
+        await conn.execute(
+            "INSERT INTO iim.scenario (name, trigger, steps, enabled) VALUES ('wait first', $1, $2, true)",
+            {"event_types": ["smoke", "co"]}, [{"action": "wait", "seconds": 600}])
+    smoke = await alarms.raise_alarm("smoke")
+    co = await alarms.raise_alarm("co")  # the same device: its own incident
+    assert smoke != co
+    raw = rig.event("cleared")
+    event = DeviceEvent.model_validate(json.loads(raw))
+    device = KnownDevice(rig.tenant_id, rig.sensor_id, rig.household_id, rig.sensor, "sensor")
+    await accept_event(alarms.pool, device, event, fingerprint=body_fingerprint(raw), channel="device", msg_id=None)
+    assert await alarms.settled(smoke) == "resolved"
+    assert await alarms.settled(co) == "resolved"
+
+
+@pytest.mark.parametrize("hazard", ["smoke", "co"])
+async def test_each_hazard_gets_its_own_incident(alarms: Alarms, hazard: str) -> None:
+    device = alarms.rig.jws_sensor if hazard == "co" else None
+    alarms.script(alarms.rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="2"))
+    incident = await alarms.raise_alarm(hazard, device=device)
+    assert await alarms.settled(incident) == "false_alarm"
+
+
+
+async def test_intake_starts_the_incident_in_its_own_transaction(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=300, dtmf="2"))
+    incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
+    # Committed with the event: the first group's call and SMS exist as soon as the 202 could be sent.
+    actions = await alarms.rows("SELECT kind FROM iim.incident_action WHERE incident_id = $1 ORDER BY kind", incident)
+    assert [a["kind"] for a in actions] == ["call", "sms"]
+    assert await alarms.settled(incident) == "false_alarm"
+    assert alarms.calls_to(rig.owner) == 1
+
+
+async def test_a_failing_inline_start_still_accepts_the_event_and_the_worker_starts_it(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="2"))
+
+    async def broken(conn: Any, tenant: UUID, incident: UUID) -> None:
+        await conn.execute("SELECT 1")
+        raise RuntimeError("engine bug")
+
+    incident = await alarms.raise_alarm("smoke", opener=broken)
+    assert await alarms.settled(incident) == "false_alarm"
+    assert alarms.calls_to(rig.owner) == 1
+
+
+async def test_an_inline_start_failing_after_it_wrote_leaves_nothing_half_written(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="2"))
+
+    async def half(conn: Any, tenant: UUID, incident: UUID) -> None:
+        await conn.execute("UPDATE iim.incident SET reason = 'half-written' WHERE id = $1", incident)
+        raise RuntimeError("failed after writing")
+
+    incident = await alarms.raise_alarm("smoke", opener=half)
+    events = await alarms.rows("SELECT count(*) AS n FROM iim.device_event WHERE incident_id = $1", incident)
+    assert events == [{"n": 1}]  # the event itself was accepted once
+    assert await alarms.settled(incident) == "false_alarm"
+    assert (await alarms.incident(incident))["reason"] != "half-written"
+    assert alarms.calls_to(rig.owner) == 1
+
+
+async def test_ivr_prompt_is_rendered_by_our_tts_while_the_phone_rings(app_pool: Pool, pg_db: Any,
+                                                                       tmp_path: Path) -> None:
+    from fs_app.esl import Execute
+    from iim.tts.engine import EspeakTts
+
+    tts = EspeakTts(tmp_path / "tts")
+    async with alarms_rig(app_pool, pg_db, tmp_path, speech=tts, time_scale=0.1) as alarms:
+        alarms.emu.keep_results = True
+        rig = alarms.rig
+        alarms.script(rig.owner, TargetBehaviour.answer(after_ms=15_000, dtmf="2"))  # x0.1: rings 1.5 s
+        incident = await alarms.raise_alarm("smoke")
+        assert await alarms.settled(incident) == "false_alarm"
+        prompts = [c.arg or "" for r in alarms.emu.results for c in r.commands
+                   if isinstance(c, Execute) and c.app == "play_and_get_digits"]
+        assert prompts
+        assert str(tmp_path / "tts") in prompts[0]  # the WAV file, not FreeSWITCH's own say:
+    await tts.aclose()
