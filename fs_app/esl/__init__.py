@@ -1,4 +1,4 @@
-"""Sans-I/O FreeSWITCH Event Socket codec: bytes in, typed messages out, and back."""
+"""Sans-I/O FreeSWITCH Event Socket: the codec (bytes <-> typed messages) and the conversation (EslSession)."""
 
 from fs_app.esl._codec import EslCodec, parse_header_lines, parse_json_event, parse_plain_event
 from fs_app.esl._commands import (
@@ -52,9 +52,21 @@ from fs_app.esl._messages import (
     RudeRejection,
     UnknownMessage,
 )
+from fs_app.esl._session import (
+    CLOSED,
+    NEED_DATA,
+    EslSession,
+    ExecuteComplete,
+    JobDone,
+    Reply,
+    SessionEvent,
+    Token,
+)
 from fs_app.esl._urlcode import url_decode, url_encode
 
 __all__ = [
+    "CLOSED",
+    "NEED_DATA",
     "Api",
     "ApiResponse",
     "Auth",
@@ -72,16 +84,19 @@ __all__ = [
     "EslError",
     "EslInjectionError",
     "EslMessage",
+    "EslSession",
     "EslTimeout",
     "Event",
     "EventHeaders",
     "EventSubscribe",
     "Execute",
+    "ExecuteComplete",
     "Exit",
     "Filter",
     "FilterDelete",
     "GetVar",
     "HangupCmd",
+    "JobDone",
     "Linger",
     "LocalProtocolError",
     "Log",
@@ -94,9 +109,12 @@ __all__ = [
     "NoLog",
     "RawCommand",
     "RemoteProtocolError",
+    "Reply",
     "Resume",
     "RudeRejection",
     "SendEvent",
+    "SessionEvent",
+    "Token",
     "UnknownMessage",
     "interpret",
     "new_uuid",
