@@ -2,9 +2,10 @@
 
 A :class:`Call` is the handler's whole world: the channel data from ``connect``,
 commands that complete when FreeSWITCH says so, and the channel's events. It knows
-nothing about sockets; :mod:`fs_app.outbound` feeds it messages and gives it a
-``write`` callable. Replies are matched first-in first-out; ``execute`` completes on
-the CHANNEL_EXECUTE_COMPLETE whose ``Application-UUID`` is the ``Event-UUID`` we sent.
+nothing about sockets: :mod:`fs_app.outbound` hands it received bytes
+(:meth:`Call.receive_data`) and a ``write`` callable. Which reply answers which command
+and which CHANNEL_EXECUTE_COMPLETE finishes which ``execute`` is the
+:class:`~fs_app.esl.EslSession`'s business; the call only maps its tokens to futures.
 """
 
 from __future__ import annotations
@@ -19,17 +20,26 @@ from typing import Any
 
 from fs_app import metrics
 from fs_app.esl import (
+    CLOSED,
+    NEED_DATA,
     ApiResponse,
     ChannelData,
     Command,
     CommandReply,
+    DisconnectNotice,
     EslConnectionError,
     EslError,
+    EslSession,
     EslTimeout,
     Event,
     Execute,
+    ExecuteComplete,
     HangupCmd,
-    serialise,
+    JobDone,
+    MalformedEvent,
+    Reply,
+    RudeRejection,
+    Token,
 )
 
 log = logging.getLogger("iim.esl.call")
@@ -107,9 +117,13 @@ class _EventStream:
 
 
 def _expire(fut: asyncio.Future[object], cmd: Command, uuid: str) -> None:
+    _expire_reply(fut, type(cmd).__name__, uuid)
+
+
+def _expire_reply(fut: asyncio.Future[object], what: str, uuid: str) -> None:
     if not fut.done():
         metrics.ERRORS.labels("command_timeout").inc()
-        fut.set_exception(EslTimeout(f"no reply to {type(cmd).__name__} on call {uuid}"))
+        fut.set_exception(EslTimeout(f"no reply to {what} on call {uuid}"))
 
 
 def _expire_all(futures: list[asyncio.Future[Event]], uuid: str) -> None:
@@ -137,8 +151,9 @@ class Call:
     ) -> None:
         self._write = write
         self._loop = asyncio.get_running_loop()
-        self._replies: deque[tuple[asyncio.Future[object], str, float]] = deque()
-        self._executing: dict[str, asyncio.Future[Event]] = {}
+        self._session = EslSession("outbound")
+        self._replies: dict[Token, tuple[asyncio.Future[object], str, float]] = {}
+        self._executing: dict[Token, asyncio.Future[Event]] = {}
         self._events = _EventStream(event_queue_size)
         self._command_timeout = command_timeout
         self._hangup = self._loop.create_future()
@@ -202,21 +217,24 @@ class Call:
 
     def send_batch(self, cmds: Sequence[Command]) -> list[asyncio.Future[object]]:
         """Write several commands in one write; FreeSWITCH answers them in order."""
+        return [fut for _, fut in self._send_batch(cmds)]
+
+    def _send_batch(self, cmds: Sequence[Command]) -> list[tuple[Token, asyncio.Future[object]]]:
         if self._closed:
             raise CallGone(f"socket of call {self.uuid} is closed")
-        data = b"".join([serialise(cmd) for cmd in cmds])
+        data, tokens = self._session.send_many(cmds)
         now = time.monotonic()
-        futures: list[asyncio.Future[object]] = []
-        for cmd in cmds:
+        sent: list[tuple[Token, asyncio.Future[object]]] = []
+        for cmd, token in zip(cmds, tokens, strict=True):
             fut: asyncio.Future[object] = self._loop.create_future()
             fut.add_done_callback(retrieve_exception)
-            self._replies.append((fut, type(cmd).__name__.lower(), now))
-            futures.append(fut)
+            self._replies[token] = (fut, type(cmd).__name__.lower(), now)
+            sent.append((token, fut))
             if self.first_sendmsg_at is None and isinstance(cmd, Execute | HangupCmd):
                 self.first_sendmsg_at = now
                 metrics.TALLIES.call_setup.observe(now - self.accepted_at)
         self._write(data)
-        return futures
+        return sent
 
     async def send(self, cmd: Command, timeout: float | None = None) -> CommandReply | ApiResponse | ChannelData:
         fut = self.send_nowait(cmd)
@@ -247,19 +265,19 @@ class Call:
         """Run a dialplan application; returns its CHANNEL_EXECUTE_COMPLETE event."""
         if self._hangup_complete.done():
             raise CallGone(f"call {self.uuid} has hung up; not executing {app}")
-        cmd = Execute(app, arg, event_lock=event_lock)
+        [(token, reply)] = self._send_batch((Execute(app, arg, event_lock=event_lock),))
         done: asyncio.Future[Event] = self._loop.create_future()
-        self._executing[cmd.event_uuid] = done
+        self._executing[token] = done
         timer = None
         try:
-            await self.command(cmd)
+            await self._reply_of("Execute", reply, self._command_timeout)
             if timeout is not None:
                 timer = self._loop.call_later(timeout, _expire_all, [done], self.uuid)
             return await done
         finally:
             if timer is not None:
                 timer.cancel()
-            self._executing.pop(cmd.event_uuid, None)
+            self._forget(token)
 
     async def execute_many(
         self, apps: list[tuple[str, str | None]], *, timeout: float | None = DEFAULT_EXECUTE_TIMEOUT
@@ -272,13 +290,15 @@ class Call:
         if self._hangup_complete.done():
             raise CallGone(f"call {self.uuid} has hung up")
         cmds = [Execute(app, arg) for app, arg in apps]
-        done: list[asyncio.Future[Event]] = [self._loop.create_future() for _ in cmds]
-        for cmd, fut in zip(cmds, done, strict=True):
-            self._executing[cmd.event_uuid] = fut
+        sent = self._send_batch(cmds)
+        done: list[asyncio.Future[Event]] = []
+        for token, _ in sent:
+            fut: asyncio.Future[Event] = self._loop.create_future()
+            self._executing[token] = fut
+            done.append(fut)
         timer = None
         try:
-            replies = self.send_batch(list(cmds))
-            for cmd, reply_fut in zip(cmds, replies, strict=True):
+            for cmd, (_, reply_fut) in zip(cmds, sent, strict=True):
                 reply = await reply_fut
                 if not (isinstance(reply, CommandReply) and reply.ok):
                     text = reply.reply_text if isinstance(reply, CommandReply) else type(reply).__name__
@@ -289,8 +309,8 @@ class Call:
         finally:
             if timer is not None:
                 timer.cancel()
-            for cmd in cmds:
-                self._executing.pop(cmd.event_uuid, None)
+            for token, _ in sent:
+                self._forget(token)
 
     async def answer(self) -> Event:
         return await self.execute("answer")
@@ -343,15 +363,77 @@ class Call:
             return
         await self.command(HangupCmd(cause))
 
+    async def _reply_of(self, what: str, fut: asyncio.Future[object], timeout: float) -> CommandReply:
+        """Await one command's reply (with the command deadline); ``-ERR`` raises CommandFailed."""
+        timer = self._loop.call_later(timeout, _expire_reply, fut, what, self.uuid)
+        try:
+            reply = await fut
+        finally:
+            timer.cancel()
+        if not isinstance(reply, CommandReply):
+            raise CommandFailed(what, f"unexpected reply {type(reply).__name__}")
+        if not reply.ok:
+            raise CommandFailed(what, reply.reply_text)
+        return reply
+
+    def _forget(self, token: Token) -> None:
+        if self._executing.pop(token, None) is not None and not self._closed:
+            self._session.forget(token)
+
     # -- fed by the transport driver --------------------------------------------
-    def _on_reply(self, reply: CommandReply | ApiResponse | ChannelData) -> None:
-        if not self._replies:
-            metrics.ERRORS.labels("unexpected_reply").inc()
-            log.warning("reply with no command outstanding", extra={"call_id": self.uuid, "reply": repr(reply)[:200]})
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from FreeSWITCH; raises RemoteProtocolError (the driver then aborts the socket)."""
+        session = self._session
+        session.receive_data(data)
+        while (ev := session.next_event()) is not NEED_DATA:
+            if isinstance(ev, Event):
+                self._on_event(ev)
+            elif isinstance(ev, Reply):
+                self._on_reply(ev)
+            elif isinstance(ev, ExecuteComplete):
+                waiter = self._executing.get(ev.token)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(ev.event)
+                self._on_event(ev.event)
+            elif isinstance(ev, JobDone):
+                self._on_event(ev.event)
+            elif isinstance(ev, DisconnectNotice):
+                if ev.is_linger:
+                    self.lingering = True
+            elif isinstance(ev, MalformedEvent):
+                metrics.ERRORS.labels("malformed_event").inc()
+                log.warning("malformed event skipped: %s", ev.reason, extra={"call_id": self.uuid})
+            elif isinstance(ev, RudeRejection):
+                metrics.ERRORS.labels("rejected").inc()
+            elif ev is not CLOSED:
+                metrics.ERRORS.labels("unexpected_message").inc()
+            else:
+                return
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """The socket closed (or was aborted): everything outstanding fails with CallGone."""
+        if self._closed:
             return
-        fut, verb, sent_at = self._replies.popleft()
-        ok = reply.ok
-        metrics.count_reply(verb, ok, time.monotonic() - sent_at)
+        self._closed = True
+        err = CallGone(f"socket of call {self.uuid} closed" + (f": {exc}" if exc else ""))
+        replies, self._replies = self._replies, {}
+        for fut, _, _ in replies.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._fail_executing(err)
+        if not self._hangup.done():
+            self._hangup.set_result(None)
+        if not self._hangup_complete.done():
+            self._hangup_complete.set_result(None)
+        self._events.close()
+
+    def _on_reply(self, ev: Reply) -> None:
+        entry = self._replies.pop(ev.token, None)
+        if entry is None:
+            return
+        fut, verb, sent_at = entry
+        reply = ev.reply
+        metrics.count_reply(verb, reply.ok, time.monotonic() - sent_at)
         if isinstance(reply, ChannelData):
             self.channel = reply
             self.uuid = reply.unique_id
@@ -361,12 +443,7 @@ class Call:
     def _on_event(self, event: Event) -> None:
         name = event.name
         metrics.count_event(name)
-        if name == "CHANNEL_EXECUTE_COMPLETE":
-            app_uuid = event.headers.raw("Application-UUID")
-            waiter = self._executing.get(app_uuid) if app_uuid else None
-            if waiter is not None and not waiter.done():
-                waiter.set_result(event)
-        elif name == "CHANNEL_HANGUP":
+        if name == "CHANNEL_HANGUP":
             self.hangup_cause = event.get("Hangup-Cause")
             if not self._hangup.done():
                 self._hangup.set_result(None)
@@ -381,25 +458,6 @@ class Call:
         elif name == "CHANNEL_ANSWER":
             self.answered = True
         self._events.push(event)
-
-    def _on_linger(self) -> None:
-        self.lingering = True
-
-    def _on_closed(self, exc: BaseException | None) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        err = CallGone(f"socket of call {self.uuid} closed" + (f": {exc}" if exc else ""))
-        while self._replies:
-            fut, _, _ = self._replies.popleft()
-            if not fut.done():
-                fut.set_exception(err)
-        self._fail_executing(err)
-        if not self._hangup.done():
-            self._hangup.set_result(None)
-        if not self._hangup_complete.done():
-            self._hangup_complete.set_result(None)
-        self._events.close()
 
     def _fail_executing(self, err: Exception) -> None:
         for fut in self._executing.values():

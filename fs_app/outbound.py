@@ -1,7 +1,7 @@
 """Outbound Event Socket server: FreeSWITCH's ``socket`` app connects here per call.
 
-A thin asyncio driver over :class:`fs_app.esl.EslCodec`: the protocol object only
-feeds bytes to the codec and routes the messages to the connection's :class:`Call`.
+A thin asyncio driver: the protocol object hands received bytes to the connection's
+:class:`Call` (whose :class:`fs_app.esl.EslSession` reads them) and aborts on a protocol error.
 Each connection runs its handler in a task the server owns; a handler's failure is
 logged and counted and never touches another call. The per-call sequence is
 ``connect`` (+ ``linger`` + ``myevents``, pipelined), the handler, then ``exit``.
@@ -19,21 +19,15 @@ from typing import cast
 from fs_app import metrics
 from fs_app.call import Call, CallGone
 from fs_app.esl import (
-    ApiResponse,
     ChannelData,
-    CommandReply,
     Connect,
-    DisconnectNotice,
-    EslCodec,
     EslError,
-    Event,
     Exit,
     Filter,
     Linger,
-    MalformedEvent,
     MyEvents,
     RemoteProtocolError,
-    RudeRejection,
+    UnexpectedReply,
 )
 
 log = logging.getLogger("iim.esl.outbound")
@@ -70,13 +64,12 @@ def _handshake_expired(futures: list[asyncio.Future[object]]) -> None:
 
 
 class _CallProtocol(asyncio.Protocol):
-    """Bytes in -> codec -> call. No decisions are taken here."""
+    """Bytes in -> call. No decisions are taken here."""
 
-    __slots__ = ("_codec", "_on_connected", "call", "closed", "transport")
+    __slots__ = ("_on_connected", "call", "closed", "transport")
 
     def __init__(self, settings: OutboundSettings, on_connected: Callable[[_CallProtocol], None]) -> None:
         self._on_connected = on_connected
-        self._codec = EslCodec()
         self.transport: asyncio.Transport | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.call = Call(self._write, event_queue_size=settings.event_queue_size,
@@ -94,41 +87,25 @@ class _CallProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            messages = self._codec.feed(data)
+            self.call.receive_data(data)
         except RemoteProtocolError as exc:
-            metrics.ERRORS.labels("protocol").inc()
-            log.error("framing error from FreeSWITCH: %s", exc, extra={"call_id": self.call.uuid})
+            kind = "unexpected_reply" if isinstance(exc, UnexpectedReply) else "protocol"
+            metrics.ERRORS.labels(kind).inc()
+            log.error("protocol error from FreeSWITCH: %s", exc, extra={"call_id": self.call.uuid})
             self.abort(exc)
-            return
-        call = self.call
-        for msg in messages:
-            if isinstance(msg, Event):
-                call._on_event(msg)
-            elif isinstance(msg, CommandReply | ApiResponse | ChannelData):
-                call._on_reply(msg)
-            elif isinstance(msg, DisconnectNotice):
-                if msg.is_linger:
-                    call._on_linger()
-            elif isinstance(msg, MalformedEvent):
-                metrics.ERRORS.labels("malformed_event").inc()
-                log.warning("malformed event skipped: %s", msg.reason, extra={"call_id": call.uuid})
-            elif isinstance(msg, RudeRejection):
-                metrics.ERRORS.labels("rejected").inc()
-            else:
-                metrics.ERRORS.labels("unexpected_message").inc()
 
     def eof_received(self) -> bool:
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.call._on_closed(exc)
+        self.call.connection_lost(exc)
         if not self.closed.done():
             self.closed.set_result(None)
 
     def abort(self, exc: BaseException | None = None) -> None:
         if self.transport is not None:
             self.transport.abort()
-        self.call._on_closed(exc)
+        self.call.connection_lost(exc)
 
 
 class OutboundServer:

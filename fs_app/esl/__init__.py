@@ -37,6 +37,7 @@ from fs_app.esl._errors import (
     EslTimeout,
     LocalProtocolError,
     RemoteProtocolError,
+    UnexpectedReply,
 )
 from fs_app.esl._messages import (
     ApiResponse,
@@ -115,6 +116,7 @@ __all__ = [
     "SendEvent",
     "SessionEvent",
     "Token",
+    "UnexpectedReply",
     "UnknownMessage",
     "interpret",
     "new_uuid",

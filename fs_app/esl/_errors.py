@@ -4,6 +4,7 @@
     +-- LocalProtocolError      we asked for something illegal (bad command, injection)
     |   +-- EslInjectionError   a value would have smuggled CR/LF into the framing
     +-- RemoteProtocolError     the peer sent bytes that are not ESL
+    |   +-- UnexpectedReply     a reply arrived with no command outstanding (EslSession)
     +-- EslConnectionError      the transport went away (driver level)
         +-- EslTimeout          the peer did not answer in time
 """
@@ -37,6 +38,10 @@ class RemoteProtocolError(EslError):
     def __init__(self, *args: object) -> None:
         super().__init__(*args)
         self.messages = []
+
+
+class UnexpectedReply(RemoteProtocolError):
+    """A reply arrived with no command outstanding: the reply FIFO cannot be trusted any more."""
 
 
 class EslConnectionError(EslError):

@@ -12,20 +12,22 @@ bytes to :meth:`receive_data` and drain :meth:`next_event` until :data:`NEED_DAT
 No socket, no clock, no asyncio: deadlines are the driver's, and :meth:`forget` is how a
 driver that gave up tells the session. A protocol violation (a reply with nothing
 outstanding, a bad frame, the stream ending mid-frame) raises
-:class:`~fs_app.esl.RemoteProtocolError` from :meth:`next_event`, after the events that
-preceded it, and every later call raises it again: the FIFO cannot be trusted past it.
+:class:`~fs_app.esl.RemoteProtocolError` (:class:`~fs_app.esl.UnexpectedReply` for the
+first) from :meth:`next_event`, after the events that preceded it, and every later call
+raises it again: the FIFO cannot be trusted past it.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, NewType
 
 from fs_app.esl._codec import EslCodec
 from fs_app.esl._commands import BgApi, Command, Connect, Execute, RawCommand, serialise
-from fs_app.esl._errors import LocalProtocolError, RemoteProtocolError
+from fs_app.esl._errors import LocalProtocolError, RemoteProtocolError, UnexpectedReply
 from fs_app.esl._messages import (
     ApiResponse,
     AuthRequest,
@@ -155,7 +157,7 @@ class EslSession:
         data = serialise(cmd)  # raises LocalProtocolError before anything is registered
         return data, self.register(cmd)
 
-    def send_many(self, cmds: tuple[Command, ...] | list[Command]) -> tuple[bytes, list[Token]]:
+    def send_many(self, cmds: Sequence[Command]) -> tuple[bytes, list[Token]]:
         """Several commands for one write (FreeSWITCH answers them in order)."""
         data = b"".join([serialise(cmd) for cmd in cmds])
         return data, [self.register(cmd) for cmd in cmds]
@@ -238,7 +240,7 @@ class EslSession:
 
     def _reply(self, msg: CommandReply | ApiResponse | ChannelData) -> Reply:
         if not self._pending:
-            self._error = RemoteProtocolError(f"reply with no command outstanding: {msg!r:.200}")
+            self._error = UnexpectedReply(f"reply with no command outstanding: {msg!r:.200}")
             self._ready.clear()
             raise self._error
         token, settles, key = self._pending.popleft()
