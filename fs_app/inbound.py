@@ -3,8 +3,9 @@
 The connection is kept up by one task: connect, wait for ``auth/request``, ``auth``,
 subscribe (``event <format> ...`` and filters), then serve commands until the socket
 drops; reconnect with full-jitter exponential backoff and subscribe again. Commands
-issued while the node is down wait for it (bounded by their timeout). ``bgapi``
-resolves on the BACKGROUND_JOB carrying our ``Job-UUID``. :class:`InboundPool`
+issued while the node is down wait for it (bounded by their timeout). Which reply answers
+which command, and which BACKGROUND_JOB ends which ``bgapi``, is the
+:class:`~fs_app.esl.EslSession`'s business; the protocol maps its tokens to futures. :class:`InboundPool`
 spreads work over several FreeSWITCH nodes.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -20,6 +20,8 @@ from typing import Any, cast
 from fs_app import metrics
 from fs_app.call import CommandFailed, retrieve_exception
 from fs_app.esl import (
+    CLOSED,
+    NEED_DATA,
     Api,
     ApiResponse,
     Auth,
@@ -29,18 +31,22 @@ from fs_app.esl import (
     Command,
     CommandReply,
     DisconnectNotice,
-    EslCodec,
     EslConnectionError,
     EslError,
+    EslSession,
     EslTimeout,
     Event,
     EventSubscribe,
+    ExecuteComplete,
     Filter,
+    JobDone,
     MalformedEvent,
     RemoteProtocolError,
+    Reply,
     RudeRejection,
+    Token,
+    UnexpectedReply,
     new_uuid,
-    serialise,
 )
 from iim.core.retry import backoff_delay
 
@@ -89,13 +95,17 @@ class BackgroundJobResult:
 
 
 class _InboundProtocol(asyncio.Protocol):
-    def __init__(self, client: InboundClient) -> None:
+    """Bytes in -> :class:`EslSession` -> the future mapped to each token, events to ``on_event``."""
+
+    def __init__(self, node: str, on_event: EventListener) -> None:
         loop = asyncio.get_running_loop()
-        self._client = client
-        self._codec = EslCodec()
+        self._node = node
+        self._on_event = on_event
+        self._session = EslSession("inbound")
         self.transport: asyncio.Transport | None = None
         self.greeting: asyncio.Future[None] = loop.create_future()
-        self.replies: deque[asyncio.Future[CommandReply | ApiResponse]] = deque()
+        self.replies: dict[Token, asyncio.Future[CommandReply | ApiResponse]] = {}
+        self.jobs: dict[Token, asyncio.Future[Event]] = {}
         self.closed: asyncio.Future[None] = loop.create_future()
         self.closed.add_done_callback(retrieve_exception)
         self.greeting.add_done_callback(retrieve_exception)
@@ -105,45 +115,79 @@ class _InboundProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def send(self, cmd: Command) -> asyncio.Future[CommandReply | ApiResponse]:
+        """Write ``cmd``; the future resolves with its reply."""
+        return self._send(cmd)[1]
+
+    def send_job(self, cmd: BgApi) -> tuple[asyncio.Future[CommandReply | ApiResponse], asyncio.Future[Event]]:
+        """Write a ``bgapi``: the futures of its reply and of its BACKGROUND_JOB."""
+        token, reply = self._send(cmd)
+        done: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(retrieve_exception)
+        self.jobs[token] = done
+        return reply, done
+
+    def forget_job(self, fut: asyncio.Future[Event]) -> None:
+        """The caller stopped waiting for this job (timeout, cancellation)."""
+        for token, job in self.jobs.items():
+            if job is fut:
+                del self.jobs[token]
+                if not self.closed.done():
+                    self._session.forget(token)
+                return
+
+    def _send(self, cmd: Command) -> tuple[Token, asyncio.Future[CommandReply | ApiResponse]]:
         if self.transport is None or self.transport.is_closing():
             raise EslConnectionError("inbound connection is closing")
+        data, token = self._session.send(cmd)
         fut: asyncio.Future[CommandReply | ApiResponse] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(retrieve_exception)
-        self.replies.append(fut)
-        self.transport.write(serialise(cmd))
-        return fut
+        self.replies[token] = fut
+        self.transport.write(data)
+        return token, fut
 
     def data_received(self, data: bytes) -> None:
+        session = self._session
+        session.receive_data(data)
         try:
-            messages = self._codec.feed(data)
+            while (ev := session.next_event()) is not NEED_DATA:
+                if isinstance(ev, Event):
+                    self._on_event(ev)
+                elif isinstance(ev, Reply):
+                    fut = self.replies.pop(ev.token, None)
+                    reply = ev.reply
+                    if fut is None or fut.done():
+                        continue
+                    if isinstance(reply, ChannelData):  # only an outbound connect is answered so
+                        fut.set_exception(CommandFailed("command", "unexpected channel data"))
+                    else:
+                        fut.set_result(reply)
+                elif isinstance(ev, JobDone):
+                    job = self.jobs.pop(ev.token, None)
+                    if job is not None and not job.done():
+                        job.set_result(ev.event)
+                    self._on_event(ev.event)
+                elif isinstance(ev, ExecuteComplete):
+                    self._on_event(ev.event)
+                elif isinstance(ev, AuthRequest):
+                    if not self.greeting.done():
+                        self.greeting.set_result(None)
+                elif isinstance(ev, RudeRejection):
+                    metrics.ERRORS.labels("rejected").inc()
+                    self.abort(EslConnectionError(f"{self._node} refused us: {ev.body.strip()}"))
+                    return
+                elif isinstance(ev, MalformedEvent):
+                    metrics.ERRORS.labels("malformed_event").inc()
+                elif ev is CLOSED:
+                    return
+                elif not isinstance(ev, DisconnectNotice):
+                    metrics.ERRORS.labels("unexpected_message").inc()
         except RemoteProtocolError as exc:
-            metrics.ERRORS.labels("protocol").inc()
-            log.error("framing error from %s: %s", self._client.settings.node, exc)
+            metrics.ERRORS.labels("unexpected_reply" if isinstance(exc, UnexpectedReply) else "protocol").inc()
+            log.error("protocol error from %s: %s", self._node, exc)
             self.abort(exc)
-            return
-        for msg in messages:
-            if isinstance(msg, Event):
-                self._client._on_event(msg)
-            elif isinstance(msg, CommandReply | ApiResponse):
-                if self.replies:
-                    fut = self.replies.popleft()
-                    if not fut.done():
-                        fut.set_result(msg)
-                else:
-                    metrics.ERRORS.labels("unexpected_reply").inc()
-            elif isinstance(msg, AuthRequest):
-                if not self.greeting.done():
-                    self.greeting.set_result(None)
-            elif isinstance(msg, RudeRejection):
-                metrics.ERRORS.labels("rejected").inc()
-                self.abort(EslConnectionError(f"{self._client.settings.node} refused us: {msg.body.strip()}"))
-            elif isinstance(msg, MalformedEvent):
-                metrics.ERRORS.labels("malformed_event").inc()
-            elif not isinstance(msg, DisconnectNotice | ChannelData):
-                metrics.ERRORS.labels("unexpected_message").inc()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(EslConnectionError(f"connection to {self._client.settings.node} lost" + (f": {exc}" if exc else "")))
+        self._fail(EslConnectionError(f"connection to {self._node} lost" + (f": {exc}" if exc else "")))
 
     def abort(self, exc: BaseException) -> None:
         if self.transport is not None:
@@ -151,11 +195,16 @@ class _InboundProtocol(asyncio.Protocol):
         self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
-        waiting: list[asyncio.Future[Any]] = [self.greeting, *self.replies]
+        waiting: list[asyncio.Future[Any]] = [self.greeting, *self.replies.values()]
         for fut in waiting:
             if not fut.done():
                 fut.set_exception(exc)
         self.replies.clear()
+        jobs_lost = EslConnectionError(f"connection to {self._node} lost; job outcome unknown")
+        for job in self.jobs.values():
+            if not job.done():
+                job.set_exception(jobs_lost)
+        self.jobs.clear()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -167,7 +216,6 @@ class InboundClient:
         self.settings = settings
         self._proto: _InboundProtocol | None = None
         self._connected = asyncio.Event()
-        self._jobs: dict[str, asyncio.Future[Event]] = {}
         self._listeners: list[EventListener] = []
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -209,12 +257,16 @@ class InboundClient:
         timeout = self.settings.command_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(timeout):
-                await self._connected.wait()
-                assert self._proto is not None
-                return await self._proto.send(cmd)
+                return await (await self._connection()).send(cmd)
         except TimeoutError:
             metrics.ERRORS.labels("command_timeout").inc()
             raise EslTimeout(f"{type(cmd).__name__} to {self.settings.node} timed out after {timeout} s") from None
+
+    async def _connection(self) -> _InboundProtocol:
+        """The connected protocol, once there is one (the caller bounds the wait)."""
+        await self._connected.wait()
+        assert self._proto is not None
+        return self._proto
 
     async def command(self, cmd: Command, timeout: float | None = None) -> CommandReply:
         reply = await self._send(cmd, timeout)
@@ -240,28 +292,36 @@ class InboundClient:
         ``origination_uuid`` so they can find the call afterwards.
         """
         job_uuid = job_uuid or new_uuid()
-        done: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
-        self._jobs[job_uuid] = done
+        command_timeout = self.settings.command_timeout
+        proto: _InboundProtocol | None = None
+        done: asyncio.Future[Event] | None = None
         try:
-            await self.command(BgApi(command, job_uuid))
+            try:
+                async with asyncio.timeout(command_timeout):
+                    proto = await self._connection()
+                    reply_fut, done = proto.send_job(BgApi(command, job_uuid))
+                    reply = await reply_fut
+            except TimeoutError:
+                metrics.ERRORS.labels("command_timeout").inc()
+                raise EslTimeout(f"BgApi to {self.settings.node} timed out after {command_timeout} s") from None
+            if not isinstance(reply, CommandReply):
+                raise CommandFailed("BgApi", "unexpected api/response")
+            if not reply.ok:
+                raise CommandFailed("BgApi", reply.reply_text)
             event = await asyncio.wait_for(done, timeout)
         except TimeoutError:
             metrics.count_command("bgapi", "timeout")
             raise EslTimeout(f"bgapi {command.split(' ', 1)[0]} job {job_uuid} did not report in {timeout} s") from None
         finally:
-            self._jobs.pop(job_uuid, None)
+            if proto is not None and done is not None:
+                proto.forget_job(done)
         result = BackgroundJobResult(job_uuid, event.body or "", event)
         metrics.count_command("bgapi", "ok" if result.ok else "err")
         return result
 
     # -- connection keeping --------------------------------------------------------
-    def _on_event(self, event: Event) -> None:
+    def _dispatch(self, event: Event) -> None:
         metrics.count_event(event.name)
-        if event.name == "BACKGROUND_JOB":
-            job = event.job_uuid
-            waiter = self._jobs.get(job) if job else None
-            if waiter is not None and not waiter.done():
-                waiter.set_result(event)
         for listener in self._listeners:
             try:
                 listener(event)
@@ -273,7 +333,7 @@ class InboundClient:
         s = self.settings
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(s.connect_timeout):
-            _, proto = await loop.create_connection(lambda: _InboundProtocol(self), s.host, s.port)
+            _, proto = await loop.create_connection(lambda: _InboundProtocol(s.node, self._dispatch), s.host, s.port)
             await proto.greeting
             auth = await proto.send(Auth(s.password))
             if not (isinstance(auth, CommandReply) and auth.ok):
@@ -310,7 +370,6 @@ class InboundClient:
                 await proto.closed
                 self._connected.clear()
                 metrics.INBOUND_CONNECTED.labels(node).set(0)
-                self._fail_jobs(EslConnectionError(f"connection to {node} lost; job outcome unknown"))
                 log.warning("lost FreeSWITCH %s", node)
             if self._is_closing():
                 break
@@ -320,11 +379,6 @@ class InboundClient:
 
     def _is_closing(self) -> bool:
         return self._closing
-
-    def _fail_jobs(self, exc: Exception) -> None:
-        for fut in self._jobs.values():
-            if not fut.done():
-                fut.set_exception(exc)
 
 
 class InboundPool:
