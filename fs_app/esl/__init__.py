@@ -62,6 +62,7 @@ from fs_app.esl._session import (
     Reply,
     SessionEvent,
     Token,
+    message_of,
 )
 from fs_app.esl._urlcode import url_decode, url_encode
 
@@ -119,6 +120,7 @@ __all__ = [
     "UnexpectedReply",
     "UnknownMessage",
     "interpret",
+    "message_of",
     "new_uuid",
     "parse_header_lines",
     "parse_json_event",

@@ -104,6 +104,16 @@ Passthrough = Event | AuthRequest | DisconnectNotice | RudeRejection | LogData |
 
 SessionEvent = Reply | ExecuteComplete | JobDone | Passthrough | Literal[_Marker.NEED_DATA, _Marker.CLOSED]
 
+
+def message_of(ev: Reply | ExecuteComplete | JobDone | Passthrough) -> EslMessage:
+    """The codec's message inside a session event (for peers that log what arrived)."""
+    if isinstance(ev, Reply):
+        return ev.reply
+    if isinstance(ev, ExecuteComplete | JobDone):
+        return ev.event
+    return ev
+
+
 # What a reply settles besides itself: nothing, an execute's completion or a bgapi's job.
 _PLAIN: Final = 0
 _EXECUTE: Final = 1

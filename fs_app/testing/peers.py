@@ -1,8 +1,11 @@
 """Application-side helpers for tests that talk to the emulator.
 
-:class:`EslPeer` is a minimal ESL client (the application's end of one socket) built on
-:class:`fs_app.esl.EslCodec`: it records every chunk and message it receives so a
-test can assert on framing, and offers ``expect``/``command`` helpers.
+:class:`EslPeer` is a minimal ESL client (the application's end of one socket) driven by
+:class:`fs_app.esl.EslSession`, the state machine IIM's own drivers use: it records every
+chunk and message it receives so a test can assert on framing, and offers
+``expect``/``command`` helpers; ``command`` returns the reply the session matched to the
+command. Raw bytes a test writes are read back as FreeSWITCH reads them
+(:class:`fs_app.esl.CommandDecoder`) so the session knows what will be answered.
 :class:`AppServer` accepts outbound-socket connections from the emulator and runs a
 handler coroutine per connection.
 """
@@ -15,13 +18,20 @@ from collections.abc import Awaitable, Callable
 from typing import Self, TypeVar, overload
 
 from fs_app.esl import (
+    CLOSED,
+    NEED_DATA,
     ApiResponse,
+    ChannelData,
     Command,
+    CommandDecoder,
     CommandReply,
-    EslCodec,
     EslMessage,
+    EslSession,
     Event,
-    serialise,
+    Reply,
+    SessionEvent,
+    Token,
+    message_of,
 )
 
 M = TypeVar("M")
@@ -29,16 +39,20 @@ Predicate = Callable[[EslMessage], bool]
 
 
 class EslPeer:
-    """The application's side of one ESL connection."""
+    """The application's side of one ESL connection (``outbound``: FreeSWITCH dialled us)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, timeout: float = 5.0) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, timeout: float = 5.0,
+        outbound: bool = False,
+    ) -> None:
         self.reader = reader
         self.writer = writer
         self.timeout = timeout
-        self.codec = EslCodec()
+        self.session = EslSession("outbound" if outbound else "inbound")
+        self._sent = CommandDecoder()  # our raw bytes as FreeSWITCH reads them
         self.chunks: list[bytes] = []
         self.messages: list[EslMessage] = []
-        self._pending: list[EslMessage] = []
+        self._pending: list[SessionEvent] = []
         self.eof = False
         self.reset = False
         self.closed = False
@@ -58,16 +72,18 @@ class EslPeer:
             self.reset = True
             self.eof = True
             return
-        if not data:
-            self.eof = True
-            return
-        self.chunks.append(data)
-        for msg in self.codec.feed(data):
-            self.messages.append(msg)
-            self._pending.append(msg)
+        if data:
+            self.chunks.append(data)
+        session = self.session
+        session.receive_data(data)  # b"" is the end of the stream
+        while (ev := session.next_event()) is not NEED_DATA:
+            if ev is CLOSED:
+                self.eof = True
+                return
+            self.messages.append(message_of(ev))
+            self._pending.append(ev)
 
-    async def next(self, timeout: float | None = None) -> EslMessage:
-        """The next message not yet consumed; TimeoutError / EOFError otherwise."""
+    async def _next_event(self, timeout: float | None) -> SessionEvent:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout if timeout is not None else self.timeout)
         while not self._pending:
@@ -78,6 +94,13 @@ class EslPeer:
                 raise TimeoutError("no message")
             await self._read_more(remaining)
         return self._pending.pop(0)
+
+    async def next(self, timeout: float | None = None) -> EslMessage:
+        """The next message not yet consumed; TimeoutError / EOFError otherwise."""
+        ev = await self._next_event(timeout)
+        assert ev is not NEED_DATA
+        assert ev is not CLOSED
+        return message_of(ev)
 
     @overload
     async def expect(self, pred: Predicate, timeout: float | None = None) -> EslMessage: ...
@@ -103,15 +126,29 @@ class EslPeer:
         assert isinstance(msg, Event)
         return msg
 
-    def send(self, data: bytes | Command) -> None:
-        self.writer.write(data if isinstance(data, bytes) else serialise(data))
+    def send(self, data: bytes | Command) -> list[Token]:
+        """Write a command (or raw bytes); the tokens of the commands FreeSWITCH will read in it."""
+        if isinstance(data, bytes):
+            tokens = [self.session.register(cmd) for cmd in self._sent.feed(data)]
+        else:
+            data, token = self.session.send(data)
+            tokens = [token]
+        self.writer.write(data)
+        return tokens
 
     async def command(self, data: bytes | Command, timeout: float | None = None) -> CommandReply | ApiResponse:
-        """Send a command and return its reply (events arriving meanwhile stay in ``messages``)."""
-        self.send(data)
-        msg = await self.expect(lambda m: isinstance(m, (CommandReply, ApiResponse)), timeout)
-        assert isinstance(msg, (CommandReply, ApiResponse))
-        return msg
+        """Send a command and return its reply (messages arriving before it are consumed; all stay in
+        ``messages``)."""
+        tokens = self.send(data)
+        if not tokens:
+            raise ValueError(f"no complete command in {data!r}")
+        while True:
+            ev = await self._next_event(timeout)
+            if isinstance(ev, Reply) and ev.token == tokens[-1]:
+                reply = ev.reply
+                if isinstance(reply, ChannelData):
+                    raise TypeError(f"expected command/reply or api/response, got {reply!r}")
+                return reply
 
     async def reply(self, data: bytes | Command, timeout: float | None = None) -> CommandReply:
         """Send a command that answers with ``command/reply``."""
@@ -168,7 +205,7 @@ class AppServer:
         return self.port
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = EslPeer(reader, writer, timeout=self.timeout)
+        peer = EslPeer(reader, writer, timeout=self.timeout, outbound=True)
         self.peers.append(peer)
         try:
             await self.handler(peer)

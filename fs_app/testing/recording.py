@@ -3,8 +3,8 @@
 A recording is a list of socket reads/writes. :func:`app_script` turns the
 application's side of one connection into steps: *after the n-th FreeSWITCH message
 with this signature arrived (and the recorded think time), write these bytes*.
-:class:`ReplayApp` plays such a script against a live emulator (or FreeSWITCH) and
-keeps every chunk it reads, so the two ``fs>app`` streams can be compared message by
+:class:`ReplayApp` plays such a script against a live emulator (or FreeSWITCH), on the
+:class:`~fs_app.esl.EslSession` IIM's drivers use, and keeps every chunk it reads, so the two ``fs>app`` streams can be compared message by
 message: kind, Event-Name, Application, Reply-Text, header order, framing.
 """
 
@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fs_app.esl import (
+    CLOSED,
+    NEED_DATA,
     ApiResponse,
     AuthRequest,
     ChannelData,
@@ -28,10 +30,14 @@ from fs_app.esl import (
     DisconnectNotice,
     EslCodec,
     EslMessage,
+    EslSession,
     Event,
     LogData,
+    RemoteProtocolError,
     RudeRejection,
+    message_of,
 )
+from fs_app.esl._session import Role
 
 Signature = tuple[str, ...]
 
@@ -138,6 +144,7 @@ class ReplayApp:
     """
 
     steps: list[ScriptStep]
+    role: Role | None = None  # None: outbound if the script writes before FreeSWITCH says anything
     delay_scale: float = 0.0
     max_delay: float = 0.05
     step_timeout: float = 10.0
@@ -164,22 +171,29 @@ class ReplayApp:
         return b"".join(self.received)
 
     async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        codec = EslCodec()
+        role = self.role or ("outbound" if self.steps and self.steps[0].after is None else "inbound")
+        session = EslSession(role)
         seen: dict[Signature, int] = {}
         arrived = asyncio.Event()
 
         async def read() -> None:
-            while True:
+            while not self.eof:
                 data = await reader.read(65536)
-                if not data:
+                if data:
+                    self.received.append(data)
+                session.receive_data(data)  # b"" is the end of the stream
+                try:
+                    while (ev := session.next_event()) is not NEED_DATA:
+                        if ev is CLOSED:
+                            self.eof = True
+                            break
+                        msg = message_of(ev)
+                        self.messages.append(msg)
+                        sig = signature(msg)
+                        seen[sig] = seen.get(sig, 0) + 1
+                except RemoteProtocolError as exc:
+                    self.error = f"protocol error: {exc}"
                     self.eof = True
-                    arrived.set()
-                    return
-                self.received.append(data)
-                for msg in codec.feed(data):
-                    self.messages.append(msg)
-                    sig = signature(msg)
-                    seen[sig] = seen.get(sig, 0) + 1
                 arrived.set()
                 self._notify().set()
 
@@ -189,7 +203,7 @@ class ReplayApp:
                 if step.after is not None:
                     while seen.get(step.after, 0) < step.count:
                         if self.eof:
-                            self.error = f"EOF while waiting for {step.after} x{step.count}"
+                            self.error = self.error or f"EOF while waiting for {step.after} x{step.count}"
                             return
                         arrived.clear()
                         try:
@@ -203,6 +217,9 @@ class ReplayApp:
                 if step.close:
                     writer.close()
                     return
+                if not self.eof:  # after FreeSWITCH closed, a write only ends in the void
+                    for cmd in step.commands:
+                        session.register(cmd)
                 writer.write(step.data)
                 await writer.drain()
             try:
