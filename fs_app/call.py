@@ -116,10 +116,6 @@ class _EventStream:
         return self._items.popleft()
 
 
-def _expire(fut: asyncio.Future[object], cmd: Command, uuid: str) -> None:
-    _expire_reply(fut, type(cmd).__name__, uuid)
-
-
 def _expire_reply(fut: asyncio.Future[object], what: str, uuid: str) -> None:
     if not fut.done():
         metrics.ERRORS.labels("command_timeout").inc()
@@ -240,7 +236,8 @@ class Call:
         fut = self.send_nowait(cmd)
         # A timer handle instead of asyncio.wait_for: this runs several times per call.
         timer = self._loop.call_later(
-            timeout if timeout is not None else self._command_timeout, _expire, fut, cmd, self.uuid,
+            timeout if timeout is not None else self._command_timeout, _expire_reply, fut, type(cmd).__name__,
+            self.uuid,
         )
         try:
             reply = await fut
@@ -251,12 +248,8 @@ class Call:
 
     async def command(self, cmd: Command, timeout: float | None = None) -> CommandReply:
         """Send a command that answers with command/reply; ``-ERR`` raises CommandFailed."""
-        reply = await self.send(cmd, timeout)
-        if not isinstance(reply, CommandReply):
-            raise CommandFailed(type(cmd).__name__, f"unexpected reply {type(reply).__name__}")
-        if not reply.ok:
-            raise CommandFailed(type(cmd).__name__, reply.reply_text)
-        return reply
+        fut = self.send_nowait(cmd)
+        return await self._reply_of(type(cmd).__name__, fut, self._command_timeout if timeout is None else timeout)
 
     async def execute(
         self, app: str, arg: str | None = None, *, timeout: float | None = DEFAULT_EXECUTE_TIMEOUT,
