@@ -141,3 +141,36 @@ def test_backoff_grows_exponentially_within_jitter_bounds_and_caps() -> None:
         delays = [backoff_delay(attempt, 0.5, 30.0, rng=rng) for _ in range(200)]
         assert all(full / 2 <= d <= full for d in delays)
         assert max(delays) - min(delays) > full / 4  # really jittered
+
+
+async def test_another_clients_background_job_reaches_listeners_and_settles_nothing() -> None:
+    # FreeSWITCH sends every BACKGROUND_JOB to every subscriber: for the other client it is just an event.
+    from fs_app.esl import Event
+    from fs_app.testing import FreeSwitchEmulator
+
+    emu = FreeSwitchEmulator(time_scale=0.01, write_recordings=False)
+    server = await emu.start_inbound()
+    settings = {"host": "127.0.0.1", "port": server.port, "command_timeout": 2.0, "events": ("BACKGROUND_JOB",)}
+    mine, other = InboundClient(InboundSettings(**settings)), InboundClient(InboundSettings(**settings))  # type: ignore[arg-type]
+    seen: list[Event] = []
+    other.add_listener(seen.append)
+    try:
+        await mine.start()
+        await other.start()
+        await mine.wait_connected(2)
+        await other.wait_connected(2)
+        result = await mine.bgapi("status", job_uuid="job-of-mine", timeout=2)
+        assert result.ok
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        assert [e.job_uuid for e in seen] == ["job-of-mine"]
+        assert other.connected
+        assert other.connects == 1
+        assert (await other.api("status")).ok  # its own reply FIFO is intact
+    finally:
+        await mine.close()
+        await other.close()
+        await server.close()
+        await emu.close()

@@ -141,6 +141,29 @@ async def test_garbled_frame_aborts_the_connection_and_is_counted(outbound_serve
     assert _sample("iim_esl_errors_total", kind="protocol") == before + 1
 
 
+async def test_a_reply_to_no_command_aborts_the_connection_and_is_counted(outbound_server) -> None:
+    # Past a reply nobody asked for, every later reply would be given to the wrong command.
+    before = _sample("iim_esl_errors_total", kind="unexpected_reply")
+    gone: list[BaseException] = []
+
+    async def handler(call: Call) -> None:
+        try:
+            await call.wait_hangup(timeout=5)
+            await call.execute("playback", "x.wav")
+        except CallGone as exc:
+            gone.append(exc)
+            raise
+
+    server = await outbound_server(handler)
+    peer = await RawSwitch.dial(server)
+    await peer.handshake()
+    peer.writer.write(peer.ok_reply)
+    assert await peer.closed_by_server()
+    await _idle(server)
+    assert len(gone) == 1
+    assert _sample("iim_esl_errors_total", kind="unexpected_reply") == before + 1
+
+
 async def test_hangup_complete_mid_playback_fails_the_command_promptly(outbound_server) -> None:
     errors: list[BaseException] = []
 
