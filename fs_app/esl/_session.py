@@ -23,7 +23,7 @@ import enum
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, NewType
+from typing import Final, Literal, NewType, TypeVar
 
 from fs_app.esl._codec import EslCodec
 from fs_app.esl._commands import BgApi, Command, Connect, Execute, RawCommand, serialise
@@ -103,6 +103,22 @@ Passthrough = Event | AuthRequest | DisconnectNotice | RudeRejection | LogData |
 """Messages that answer no command; :meth:`EslSession.next_event` returns them as the codec made them."""
 
 SessionEvent = Reply | ExecuteComplete | JobDone | Passthrough | Literal[_Marker.NEED_DATA, _Marker.CLOSED]
+
+
+# Built without the frozen dataclasses' slow ``__init__``: one of these per command on the hot path.
+_new_object = object.__new__
+_set_token = Reply.__dict__["token"].__set__
+_set_reply = Reply.__dict__["reply"].__set__
+_SET_COMPLETION = {cls: (cls.__dict__["token"].__set__, cls.__dict__["event"].__set__) for cls in (ExecuteComplete, JobDone)}
+_C = TypeVar("_C", ExecuteComplete, JobDone)
+
+
+def _completion(cls: type[_C], token: Token, event: Event) -> _C:
+    done: _C = _new_object(cls)
+    set_token, set_event = _SET_COMPLETION[cls]
+    set_token(done, token)
+    set_event(done, event)
+    return done
 
 
 def message_of(ev: Reply | ExecuteComplete | JobDone | Passthrough) -> EslMessage:
@@ -228,6 +244,8 @@ class EslSession:
         """The next event, :data:`NEED_DATA` or :data:`CLOSED`; raises RemoteProtocolError on a violation."""
         ready = self._ready
         if not ready:
+            if self._error is None and not self._eof:
+                return NEED_DATA
             return self._idle()
         msg = ready.popleft()
         if isinstance(msg, Event):
@@ -237,12 +255,12 @@ class EslSession:
                     app_uuid = msg.headers.raw("Application-UUID")
                     token = self._executing.pop(app_uuid, None) if app_uuid else None
                     if token is not None:
-                        return ExecuteComplete(token, msg)
+                        return _completion(ExecuteComplete, token, msg)
             elif name == "BACKGROUND_JOB" and self._jobs:
                 job = msg.get("Job-UUID")
                 token = self._jobs.pop(job, None) if job else None
                 if token is not None:
-                    return JobDone(token, msg)
+                    return _completion(JobDone, token, msg)
             return msg
         if isinstance(msg, CommandReply | ApiResponse | ChannelData):
             return self._reply(msg)
@@ -263,7 +281,10 @@ class EslSession:
                     del self._jobs[key]
             elif not key and isinstance(msg, CommandReply) and msg.job_uuid:
                 self._jobs[msg.job_uuid] = token  # FreeSWITCH chose the Job-UUID
-        return Reply(token, msg)
+        reply = _new_object(Reply)
+        _set_token(reply, token)
+        _set_reply(reply, msg)
+        return reply
 
     def _idle(self) -> Literal[_Marker.NEED_DATA, _Marker.CLOSED]:
         if self._error is not None:
