@@ -34,10 +34,10 @@ from fs_app.esl import (
     Event,
     LogData,
     RemoteProtocolError,
+    Role,
     RudeRejection,
     message_of,
 )
-from fs_app.esl._session import Role
 
 Signature = tuple[str, ...]
 
