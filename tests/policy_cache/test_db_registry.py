@@ -1,4 +1,4 @@
-"""The repository: typed CRUD per entity, one audit row per change (without secrets), typed errors."""
+"""The registry: spec-driven CRUD per entity, one audit row per change (without secrets), typed errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 from pydantic import ValidationError
 
-from policy_cache import audit, repository
+from policy_cache import audit, registry
 from policy_cache.db import Connection, Pool, tenant_tx
 from policy_cache.errors import Conflict, InvalidData, InvalidReference, NotFound, VersionConflict
 from policy_cache.models import (
@@ -65,13 +65,13 @@ async def test_tenant_lifecycle(app_pool: Pool) -> None:
         entry = await _last_audit(conn)
         assert (entry.action, entry.entity, entry.entity_id) == ("tenant.create", "tenant", str(tid))
         assert entry.detail == {"after": {"id": str(tid), "name": "first name"}}
-        renamed = await repository.update_tenant(conn, tid, TenantUpdate(name="second name"), actor=ACTOR)
+        renamed = await registry.update(conn, registry.TENANT, tid, TenantUpdate(name="second name"), actor=ACTOR)
         assert renamed.name == "second name"
         assert (await _last_audit(conn)).detail == {"changed": {"name": {"from": "first name", "to": "second name"}}}
-        assert [t.id for t in await repository.list_tenants(conn)] == [tid]
-        await repository.delete_tenant(conn, tid, actor=ACTOR)
+        assert [t.id for t in await registry.list_rows(conn, registry.TENANT)] == [tid]
+        await registry.delete(conn, registry.TENANT, tid, actor=ACTOR)
         with pytest.raises(NotFound):
-            await repository.get_tenant(conn, tid)
+            await registry.get(conn, registry.TENANT, tid)
         # The audit log outlives the tenant.
         assert (await _last_audit(conn)).action == "tenant.delete"
         assert await audit.verify_chain(conn, tid) is None
@@ -93,60 +93,60 @@ async def test_every_change_writes_exactly_one_audit_row(app_pool: Pool, tenant:
             return result
 
         kw: dict[str, Any] = {"actor": ACTOR, "correlation": {"request_id": "r-1"}}
-        brand = await step("brand.create", repository.create_brand(conn, BrandCreate(name="brand"), **kw))
-        region = await step("region.create", repository.create_region(conn, RegionCreate(name="north"), **kw))
-        home = await step("household.create", repository.create_household(
-            conn, HouseholdCreate(name="home", time_zone="Europe/Moscow", brand_id=brand.id, region_id=region.id),
+        brand = await step("brand.create", registry.create(conn, registry.BRAND, BrandCreate(name="brand"), **kw))
+        region = await step("region.create", registry.create(conn, registry.REGION, RegionCreate(name="north"), **kw))
+        home = await step("household.create", registry.create(
+            conn, registry.HOUSEHOLD, HouseholdCreate(name="home", time_zone="Europe/Moscow", brand_id=brand.id, region_id=region.id),
             **kw))
-        await step("household.update", repository.update_household(
-            conn, home.id, HouseholdUpdate(name="home 2"), **kw))
-        away = await step("household.presence", repository.set_presence(conn, home.id, PresenceState.AWAY, **kw))
+        await step("household.update", registry.update(
+            conn, registry.HOUSEHOLD, home.id, HouseholdUpdate(name="home 2"), **kw))
+        away = await step("household.presence", registry.set_presence(conn, home.id, PresenceState.AWAY, **kw))
         assert away.presence is PresenceState.AWAY
         assert away.presence_changed_at >= home.presence_changed_at
-        sub = await step("subscriber.create", repository.create_subscriber(
-            conn, SubscriberCreate(msisdn="+79001112233", sip_aor="sip:+79001112233@ims.example"), **kw))
-        await step("subscriber.update", repository.update_subscriber(
-            conn, sub.id, SubscriberUpdate(display_name="Ann"), **kw))
-        cred = await step("credential_ref.create", repository.create_credential_ref(
-            conn, CredentialRefCreate(name="oem-token", kind=CredentialKind.OAUTH_TOKEN, ref="vault:iim/oem#token"),
+        sub = await step("subscriber.create", registry.create(
+            conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79001112233", sip_aor="sip:+79001112233@ims.example"), **kw))
+        await step("subscriber.update", registry.update(
+            conn, registry.SUBSCRIBER, sub.id, SubscriberUpdate(display_name="Ann"), **kw))
+        cred = await step("credential_ref.create", registry.create(
+            conn, registry.CREDENTIAL_REF, CredentialRefCreate(name="oem-token", kind=CredentialKind.OAUTH_TOKEN, ref="vault:iim/oem#token"),
             **kw))
-        await step("credential_ref.update", repository.update_credential_ref(
-            conn, cred.id, CredentialRefUpdate(ref="env:OEM_TOKEN"), **kw))
-        dev = await step("device.create", repository.create_device(
-            conn, DeviceCreate(household_id=home.id, name="speaker", type=DeviceType.SPEAKER, vendor="acme",
+        await step("credential_ref.update", registry.update(
+            conn, registry.CREDENTIAL_REF, cred.id, CredentialRefUpdate(ref="env:OEM_TOKEN"), **kw))
+        dev = await step("device.create", registry.create(
+            conn, registry.DEVICE, DeviceCreate(household_id=home.id, name="speaker", type=DeviceType.SPEAKER, vendor="acme",
                                capabilities=frozenset({DeviceCapability.SIP, DeviceCapability.TTS}),
                                sip_uri="sip:spk@iim.local", credential_ref_id=cred.id), **kw))
         assert dev.capabilities == frozenset({DeviceCapability.SIP, DeviceCapability.TTS})
-        await step("device.update", repository.update_device(conn, dev.id, DeviceUpdate(name="speaker 2"), **kw))
-        online = await step("device.status", repository.set_device_status(conn, dev.id, DeviceStatus.ONLINE, **kw))
+        await step("device.update", registry.update(conn, registry.DEVICE, dev.id, DeviceUpdate(name="speaker 2"), **kw))
+        online = await step("device.status", registry.set_device_status(conn, dev.id, DeviceStatus.ONLINE, **kw))
         assert online.status is DeviceStatus.ONLINE
         assert online.status_changed_at >= dev.status_changed_at
-        bnd = await step("binding.create", repository.create_binding(
-            conn, BindingCreate(subscriber_id=sub.id, household_id=home.id, role=BindingRole.OWNER), **kw))
-        await step("binding.update", repository.update_binding(conn, bnd.id, BindingUpdate(priority=5), **kw))
-        consent = await step("consent.create", repository.grant_consent(
-            conn, ConsentCreate(subscriber_id=sub.id, purpose=ConsentPurpose.ANNOUNCE_CALLS,
+        bnd = await step("binding.create", registry.create(
+            conn, registry.BINDING, BindingCreate(subscriber_id=sub.id, household_id=home.id, role=BindingRole.OWNER), **kw))
+        await step("binding.update", registry.update(conn, registry.BINDING, bnd.id, BindingUpdate(priority=5), **kw))
+        consent = await step("consent.create", registry.create(
+            conn, registry.CONSENT, ConsentCreate(subscriber_id=sub.id, purpose=ConsentPurpose.ANNOUNCE_CALLS,
                                 scope={"callers": "all"}, evidence={"channel": "app", "ip": "198.51.100.7"}), **kw))
-        revoked = await step("consent.revoke", repository.revoke_consent(conn, consent.id, **kw))
+        revoked = await step("consent.revoke", registry.revoke(conn, registry.CONSENT, consent.id, **kw))
         assert revoked.revoked_at is not None
-        policy = await step("policy.create", repository.create_policy(
-            conn, PolicyCreate(household_id=home.id, ring_mode=RingMode.SIMULTANEOUS, quiet_start=time(23),
+        policy = await step("policy.create", registry.create(
+            conn, registry.POLICY, PolicyCreate(household_id=home.id, ring_mode=RingMode.SIMULTANEOUS, quiet_start=time(23),
                                quiet_end=time(7)), **kw))
-        await step("policy.update", repository.update_policy(conn, policy.id, PolicyUpdate(dnd=True), **kw))
-        await step("policy.delete", repository.delete_policy(conn, policy.id, **kw))
-        await step("binding.delete", repository.delete_binding(conn, bnd.id, **kw))
-        await step("device.delete", repository.delete_device(conn, dev.id, **kw))
-        await step("credential_ref.delete", repository.delete_credential_ref(conn, cred.id, **kw))
-        await step("subscriber.delete", repository.delete_subscriber(conn, sub.id, **kw))
-        await step("household.delete", repository.delete_household(conn, home.id, **kw))
-        await step("region.delete", repository.delete_region(conn, region.id, **kw))
-        await step("brand.delete", repository.delete_brand(conn, brand.id, **kw))
+        await step("policy.update", registry.update(conn, registry.POLICY, policy.id, PolicyUpdate(dnd=True), **kw))
+        await step("policy.delete", registry.delete(conn, registry.POLICY, policy.id, **kw))
+        await step("binding.delete", registry.delete(conn, registry.BINDING, bnd.id, **kw))
+        await step("device.delete", registry.delete(conn, registry.DEVICE, dev.id, **kw))
+        await step("credential_ref.delete", registry.delete(conn, registry.CREDENTIAL_REF, cred.id, **kw))
+        await step("subscriber.delete", registry.delete(conn, registry.SUBSCRIBER, sub.id, **kw))
+        await step("household.delete", registry.delete(conn, registry.HOUSEHOLD, home.id, **kw))
+        await step("region.delete", registry.delete(conn, registry.REGION, region.id, **kw))
+        await step("brand.delete", registry.delete(conn, registry.BRAND, brand.id, **kw))
 
         # No-op updates and repeated revocations write nothing.
         before = await _audit_count(conn)
-        again = await repository.create_subscriber(conn, SubscriberCreate(msisdn="+79001112299"), actor=ACTOR)
-        await repository.update_subscriber(conn, again.id, SubscriberUpdate(), actor=ACTOR)
-        await repository.update_subscriber(conn, again.id, SubscriberUpdate(msisdn="+79001112299"), actor=ACTOR)
+        again = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79001112299"), actor=ACTOR)
+        await registry.update(conn, registry.SUBSCRIBER, again.id, SubscriberUpdate(), actor=ACTOR)
+        await registry.update(conn, registry.SUBSCRIBER, again.id, SubscriberUpdate(msisdn="+79001112299"), actor=ACTOR)
         assert await _audit_count(conn) == before + 1
         assert await audit.verify_chain(conn, tenant) is None
 
@@ -159,9 +159,9 @@ async def test_every_change_writes_exactly_one_audit_row(app_pool: Pool, tenant:
 
 async def test_secret_looking_fields_are_redacted_in_audit(app_pool: Pool, tenant: UUID) -> None:
     async with tenant_tx(app_pool, tenant) as conn:
-        sub = await repository.create_subscriber(conn, SubscriberCreate(msisdn="+79001112244"), actor=ACTOR)
-        await repository.grant_consent(
-            conn, ConsentCreate(subscriber_id=sub.id, purpose=ConsentPurpose.READ_SMS,
+        sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79001112244"), actor=ACTOR)
+        await registry.create(
+            conn, registry.CONSENT, ConsentCreate(subscriber_id=sub.id, purpose=ConsentPurpose.READ_SMS,
                                 scope={"api_key": "k-123", "nested": {"password": "p-456"}, "ok": 1},
                                 evidence={"channel": "app"}), actor=ACTOR)
         entry = await _last_audit(conn)
@@ -174,60 +174,60 @@ async def test_secret_looking_fields_are_redacted_in_audit(app_pool: Pool, tenan
 async def test_typed_errors(app_pool: Pool, tenant: UUID) -> None:
     other = await create_tenant(app_pool, "other")
     async with tenant_tx(app_pool, other) as conn:
-        foreign_home = await repository.create_household(
-            conn, HouseholdCreate(name="theirs", time_zone="UTC"), actor=ACTOR)
+        foreign_home = await registry.create(
+            conn, registry.HOUSEHOLD, HouseholdCreate(name="theirs", time_zone="UTC"), actor=ACTOR)
     async with tenant_tx(app_pool, tenant) as conn:
-        sub = await repository.create_subscriber(conn, SubscriberCreate(msisdn="+79002223344"), actor=ACTOR)
+        sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79002223344"), actor=ACTOR)
     async with tenant_tx(app_pool, tenant) as conn:
         with pytest.raises(Conflict) as conflict:
-            await repository.create_subscriber(conn, SubscriberCreate(msisdn="+79002223344"), actor=ACTOR)
+            await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79002223344"), actor=ACTOR)
         assert conflict.value.entity == "subscriber"
         assert conflict.value.constraint == "subscriber_tenant_id_msisdn_key"
     async with tenant_tx(app_pool, tenant) as conn:
         with pytest.raises(InvalidReference):  # another tenant's household does not exist here
-            await repository.create_binding(
-                conn, BindingCreate(subscriber_id=sub.id, household_id=foreign_home.id, role=BindingRole.OWNER),
+            await registry.create(
+                conn, registry.BINDING, BindingCreate(subscriber_id=sub.id, household_id=foreign_home.id, role=BindingRole.OWNER),
                 actor=ACTOR)
     async with tenant_tx(app_pool, tenant) as conn:
         with pytest.raises(NotFound):
-            await repository.get_household(conn, foreign_home.id)
+            await registry.get(conn, registry.HOUSEHOLD, foreign_home.id)
         with pytest.raises(NotFound):
-            await repository.delete_subscriber(conn, uuid4(), actor=ACTOR)
+            await registry.delete(conn, registry.SUBSCRIBER, uuid4(), actor=ACTOR)
         # A CHECK constraint in the database (bypassing model validation on purpose).
         with pytest.raises(InvalidData):
-            await repository.create_household(
-                conn, HouseholdCreate.model_construct(name="x", time_zone="MSK", brand_id=None, region_id=None,
+            await registry.create(
+                conn, registry.HOUSEHOLD, HouseholdCreate.model_construct(name="x", time_zone="MSK", brand_id=None, region_id=None,
                                                       presence=PresenceState.UNKNOWN, external_id=None),
                 actor=ACTOR)
     async with tenant_tx(app_pool, tenant) as conn:
-        home = await repository.create_household(conn, HouseholdCreate(name="h", time_zone="UTC"), actor=ACTOR)
-        cred = await repository.create_credential_ref(
-            conn, CredentialRefCreate(name="c", kind=CredentialKind.API_KEY, ref="env:KEY"), actor=ACTOR)
-        await repository.create_device(
-            conn, DeviceCreate(household_id=home.id, name="d", type=DeviceType.HUB, credential_ref_id=cred.id),
+        home = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(name="h", time_zone="UTC"), actor=ACTOR)
+        cred = await registry.create(
+            conn, registry.CREDENTIAL_REF, CredentialRefCreate(name="c", kind=CredentialKind.API_KEY, ref="env:KEY"), actor=ACTOR)
+        await registry.create(
+            conn, registry.DEVICE, DeviceCreate(household_id=home.id, name="d", type=DeviceType.HUB, credential_ref_id=cred.id),
             actor=ACTOR)
         with pytest.raises(InvalidReference):  # still used by a device
-            await repository.delete_credential_ref(conn, cred.id, actor=ACTOR)
+            await registry.delete(conn, registry.CREDENTIAL_REF, cred.id, actor=ACTOR)
 
 
 async def test_consent_rules(app_pool: Pool, tenant: UUID) -> None:
     async with tenant_tx(app_pool, tenant) as conn:
-        sub = await repository.create_subscriber(conn, SubscriberCreate(msisdn="+79003334455"), actor=ACTOR)
+        sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79003334455"), actor=ACTOR)
         grant = ConsentCreate(subscriber_id=sub.id, purpose=ConsentPurpose.ANNOUNCE_CALLS,
                               expires_at=datetime.now(UTC) + timedelta(days=30), evidence={"channel": "ivr"})
-        first = await repository.grant_consent(conn, grant, actor=ACTOR)
+        first = await registry.create(conn, registry.CONSENT, grant, actor=ACTOR)
         assert first.is_active(datetime.now(UTC))
     async with tenant_tx(app_pool, tenant) as conn:
         with pytest.raises(Conflict):  # one unrevoked consent per purpose
-            await repository.grant_consent(conn, grant, actor=ACTOR)
+            await registry.create(conn, registry.CONSENT, grant, actor=ACTOR)
     # (a database error aborts its transaction: each expected failure gets its own)
     async with tenant_tx(app_pool, tenant) as conn:
-        revoked = await repository.revoke_consent(conn, first.id, actor=ACTOR)
+        revoked = await registry.revoke(conn, registry.CONSENT, first.id, actor=ACTOR)
         count = await _audit_count(conn)
-        assert await repository.revoke_consent(conn, first.id, actor=ACTOR) == revoked  # idempotent, no audit
+        assert await registry.revoke(conn, registry.CONSENT, first.id, actor=ACTOR) == revoked  # idempotent, no audit
         assert await _audit_count(conn) == count
-        second = await repository.grant_consent(conn, grant, actor=ACTOR)  # allowed again after revocation
-        listed = await repository.list_consents(conn, subscriber_id=sub.id)
+        second = await registry.create(conn, registry.CONSENT, grant, actor=ACTOR)  # allowed again after revocation
+        listed = await registry.list_rows(conn, registry.CONSENT, subscriber_id=sub.id)
         assert {c.id for c in listed} == {first.id, second.id}
     async with tenant_tx(app_pool, tenant) as conn:
         # The service cannot delete consent evidence.
@@ -237,37 +237,37 @@ async def test_consent_rules(app_pool: Pool, tenant: UUID) -> None:
 
 async def test_policy_versioning(app_pool: Pool, tenant: UUID) -> None:
     async with tenant_tx(app_pool, tenant) as conn:
-        sub = await repository.create_subscriber(conn, SubscriberCreate(msisdn="+79004445566"), actor=ACTOR)
-        policy = await repository.create_policy(conn, PolicyCreate(subscriber_id=sub.id,
+        sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79004445566"), actor=ACTOR)
+        policy = await registry.create(conn, registry.POLICY, PolicyCreate(subscriber_id=sub.id,
                                                                    blocked_callers=["+79990001122"]), actor=ACTOR)
         assert policy.version == 1
-        assert await repository.get_policy_for(conn, subscriber_id=sub.id) == policy
-        updated = await repository.update_policy(conn, policy.id, PolicyUpdate(ring_mode=RingMode.HOME_ONLY),
+        assert await registry.get_policy_for(conn, subscriber_id=sub.id) == policy
+        updated = await registry.update(conn, registry.POLICY, policy.id, PolicyUpdate(ring_mode=RingMode.HOME_ONLY),
                                                  expected_version=1, actor=ACTOR)
         assert updated.version == 2
-        unchanged = await repository.update_policy(conn, policy.id, PolicyUpdate(ring_mode=RingMode.HOME_ONLY),
+        unchanged = await registry.update(conn, registry.POLICY, policy.id, PolicyUpdate(ring_mode=RingMode.HOME_ONLY),
                                                    actor=ACTOR)
         assert unchanged.version == 2  # no effective change, no bump
         with pytest.raises(VersionConflict):
-            await repository.update_policy(conn, policy.id, PolicyUpdate(dnd=True), expected_version=1, actor=ACTOR)
+            await registry.update(conn, registry.POLICY, policy.id, PolicyUpdate(dnd=True), expected_version=1, actor=ACTOR)
     async with tenant_tx(app_pool, tenant) as conn:
         with pytest.raises(Conflict):  # one policy per subscriber
-            await repository.create_policy(conn, PolicyCreate(subscriber_id=sub.id), actor=ACTOR)
+            await registry.create(conn, registry.POLICY, PolicyCreate(subscriber_id=sub.id), actor=ACTOR)
     async with tenant_tx(app_pool, tenant) as conn:
         with pytest.raises(InvalidData):  # the quiet-hours pair is checked by the database as well
-            await repository.update_policy(conn, policy.id, PolicyUpdate(quiet_start=time(22)), actor=ACTOR)
+            await registry.update(conn, registry.POLICY, policy.id, PolicyUpdate(quiet_start=time(22)), actor=ACTOR)
 
 
 async def test_lists_are_keyset_paginated(app_pool: Pool, tenant: UUID) -> None:
     async with tenant_tx(app_pool, tenant) as conn:
         for i in range(5):
-            await repository.create_subscriber(conn, SubscriberCreate(msisdn=f"+7900555000{i}"), actor=ACTOR)
-        page1 = await repository.list_subscribers(conn, limit=3)
-        page2 = await repository.list_subscribers(conn, limit=3, after=page1[-1].id)
+            await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=f"+7900555000{i}"), actor=ACTOR)
+        page1 = await registry.list_rows(conn, registry.SUBSCRIBER, limit=3)
+        page2 = await registry.list_rows(conn, registry.SUBSCRIBER, limit=3, after=page1[-1].id)
         ids = [s.id for s in page1 + page2]
         assert len(ids) == len(set(ids)) >= 5
         assert ids == sorted(ids)
-        found = await repository.get_subscriber_by_msisdn(conn, "+79005550003")
+        found = await registry.get_subscriber_by_msisdn(conn, "+79005550003")
         assert found.msisdn == "+79005550003"
 
 
