@@ -235,6 +235,27 @@ async def test_consent_rules(app_pool: Pool, tenant: UUID) -> None:
             await conn.execute("DELETE FROM iim.consent WHERE id = $1", first.id)
 
 
+async def test_the_crud_refuses_what_a_spec_does_not_allow(app_pool: Pool, tenant: UUID) -> None:
+    """Before any SQL: consents are neither deleted nor edited, brands have no version, households are
+    not revoked, and a list filters only on columns of the table."""
+    async with tenant_tx(app_pool, tenant) as conn:
+        brand = await registry.create(conn, registry.BRAND, BrandCreate(name="b"), actor=ACTOR)
+        count = await _audit_count(conn)
+        with pytest.raises(TypeError, match="consent rows are not deleted"):
+            await registry.delete(conn, registry.CONSENT, uuid4(), actor=ACTOR)
+        with pytest.raises(TypeError, match="brand rows are not updated"):
+            await registry.update(conn, registry.BRAND, brand.id, None, actor=ACTOR)
+        with pytest.raises(TypeError, match="household rows have no version"):
+            await registry.update(conn, registry.HOUSEHOLD, uuid4(), HouseholdUpdate(name="x"), actor=ACTOR,
+                                  expected_version=1)
+        with pytest.raises(TypeError, match="household rows are not revoked"):
+            await registry.revoke(conn, registry.HOUSEHOLD, uuid4(), actor=ACTOR)
+        with pytest.raises(ValueError, match="brand has no column 'nmae'"):
+            await registry.list_rows(conn, registry.BRAND, nmae="b")
+        assert await _audit_count(conn) == count
+        assert await registry.get(conn, registry.BRAND, brand.id) == brand
+
+
 async def test_policy_versioning(app_pool: Pool, tenant: UUID) -> None:
     async with tenant_tx(app_pool, tenant) as conn:
         sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79004445566"), actor=ACTOR)
@@ -308,3 +329,14 @@ def test_models_are_strict() -> None:
         ' "quiet_start": "23:00", "quiet_end": "07:00"}')
     assert parsed.ring_mode is RingMode.PHONE_THEN_HOME
     assert HouseholdCreate(name="h", time_zone="America/Argentina/Buenos_Aires").time_zone.endswith("Aires")
+
+
+@pytest.mark.parametrize("spec", registry.TABLES, ids=lambda t: t.name)
+async def test_each_spec_describes_its_migrated_table(admin_conn: Connection, spec: Any) -> None:
+    """A column added by a migration but not to the record model (or the reverse) fails here."""
+    columns = {r[0] for r in await admin_conn.fetch(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = 'iim' AND table_name = $1",
+        spec.name)}
+    assert set(spec.record.model_fields) == columns
+    assert set(spec.create.model_fields) <= columns
+    assert spec.update is None or set(spec.update.model_fields) <= columns
