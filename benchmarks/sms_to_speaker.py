@@ -148,7 +148,7 @@ async def _household(pool: Pool) -> Any:
             name="flat", time_zone="Europe/Moscow", presence=PresenceState.HOME), **kw)
         sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=OWNER), **kw)
         await registry.create(conn, registry.BINDING, BindingCreate(subscriber_id=sub.id, household_id=hh.id,
-                                                            role=BindingRole.OWNER), **kw)
+                                                                    role=BindingRole.OWNER), **kw)
         await registry.create(conn, registry.DEVICE, DeviceCreate(
             household_id=hh.id, name="Kitchen speaker", type=DeviceType.SPEAKER,
             capabilities=frozenset({DeviceCapability.TTS, DeviceCapability.CLOUD_ANNOUNCE}),

@@ -101,7 +101,7 @@ async def build_rig(pool: Pool, tmp: Path, *, name: str = "alarm", tenant_id: UU
     async with tenant_tx(pool, tenant_id) as conn:
         await registry.create(conn, registry.TENANT, TenantCreate(name=name), actor="test")
         hh = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(name="Flat 12", time_zone="Europe/Moscow",
-                                                                     presence=PresenceState.AWAY), actor="test")
+                                                                             presence=PresenceState.AWAY), actor="test")
         hmac_ref = await registry.create(conn, registry.CREDENTIAL_REF, CredentialRefCreate(
             name="sensor-hmac", kind=CredentialKind.WEBHOOK_SECRET, ref=f"file:{secret_file}"), actor="test")
         jws_ref = await registry.create(conn, registry.CREDENTIAL_REF, CredentialRefCreate(
@@ -126,8 +126,10 @@ async def build_rig(pool: Pool, tmp: Path, *, name: str = "alarm", tenant_id: UU
         for msisdn, role, prio in ((owner, BindingRole.OWNER, 10), (backup, BindingRole.BACKUP_CONTACT, 20),
                                    (security, BindingRole.SECURITY_SERVICE, 30)):
             sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=msisdn), actor="test")
-            await registry.create(conn, registry.BINDING, BindingCreate(subscriber_id=sub.id, household_id=hh.id, role=role,
-                                                                priority=prio), actor="test")
+            await registry.create(
+                conn, registry.BINDING,
+                BindingCreate(subscriber_id=sub.id, household_id=hh.id, role=role,
+                              priority=prio), actor="test")
     return AlarmRig(tenant_id=tenant_id, household_id=hh.id, sensor_id=sensor.id, sensor=f"smoke-{suffix}",
                     jws_sensor=f"co-{suffix}", doorphone=f"door-{suffix}", hub=f"hub-{suffix}", owner=owner,
                     backup=backup, security=security, secret=secret, secret_file=secret_file, jws_private=private)

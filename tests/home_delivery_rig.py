@@ -291,10 +291,10 @@ async def build_home(
     suffix = msisdn[-7:]
     async with tenant_tx(pool, tenant) as conn:
         hh = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(name=f"flat {suffix}", time_zone=time_zone,
-                                                                     presence=presence), **kw)
+                                                                             presence=presence), **kw)
         sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=msisdn), **kw)
         await registry.create(conn, registry.BINDING, BindingCreate(subscriber_id=sub.id, household_id=hh.id,
-                                                            role=BindingRole.OWNER), **kw)
+                                                                    role=BindingRole.OWNER), **kw)
         if speaker:
             caps = {DeviceCapability.TTS} | ({DeviceCapability.CLOUD_ANNOUNCE} if announce_speaker else set())
             devices["speaker"] = (await registry.create(conn, registry.DEVICE, DeviceCreate(

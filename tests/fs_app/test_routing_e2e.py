@@ -71,8 +71,9 @@ async def _subscriber(pool: Pool, tenant: UUID, n: int, **policy: Any) -> Line:
     speakers = [f"spk{n}a@iim.local", f"spk{n}b@iim.local"]
     async with tenant_tx(pool, tenant) as tx:
         kw: dict[str, Any] = {"actor": "test"}
-        home = await registry.create(tx, registry.HOUSEHOLD, HouseholdCreate(name=f"home {n}", time_zone="Europe/Berlin"),
-                                                 **kw)
+        home = await registry.create(
+            tx, registry.HOUSEHOLD, HouseholdCreate(name=f"home {n}", time_zone="Europe/Berlin"),
+            **kw)
         sub = await registry.create(tx, registry.SUBSCRIBER, SubscriberCreate(msisdn=msisdn), **kw)
         for i, aor in enumerate(speakers):
             await registry.create(tx, registry.DEVICE, DeviceCreate(
@@ -80,9 +81,11 @@ async def _subscriber(pool: Pool, tenant: UUID, n: int, **policy: Any) -> Line:
                 capabilities=frozenset({DeviceCapability.SIP}), sip_uri=f"sip:{aor}",
                 status=DeviceStatus.OFFLINE if offline and i == 1 else DeviceStatus.ONLINE), **kw)
         await registry.create(tx, registry.BINDING, BindingCreate(subscriber_id=sub.id, household_id=home.id,
-                                                          role=BindingRole.OWNER), **kw)
-        await registry.create(tx, registry.CONSENT, ConsentCreate(subscriber_id=sub.id, purpose=ConsentPurpose.ANNOUNCE_CALLS,
-                                                         evidence={"channel": "test"}), **kw)
+                                                                  role=BindingRole.OWNER), **kw)
+        await registry.create(
+            tx, registry.CONSENT,
+            ConsentCreate(subscriber_id=sub.id, purpose=ConsentPurpose.ANNOUNCE_CALLS,
+                          evidence={"channel": "test"}), **kw)
         await registry.create(tx, registry.POLICY, PolicyCreate(subscriber_id=sub.id, **policy), **kw)
     return Line(msisdn, speakers)
 

@@ -56,11 +56,11 @@ async def _world(pool: Pool, n: int) -> World:
     tenant = await create_tenant(pool, f"changes {n}")
     async with tenant_tx(pool, tenant) as c:
         home = (await registry.create(c, registry.HOUSEHOLD, HouseholdCreate(name="home", time_zone="Europe/Moscow"),
-                                                  actor=A)).id
+                                      actor=A)).id
         other = (await registry.create(c, registry.HOUSEHOLD, HouseholdCreate(name="other", time_zone="Asia/Omsk"),
-                                                   actor=A)).id
-        subs = [(await registry.create(c, registry.SUBSCRIBER, SubscriberCreate(msisdn=f"+7920{n:03d}000{i}"), actor=A)).id
-                for i in range(4)]
+                                       actor=A)).id
+        subs = [(await registry.create(c, registry.SUBSCRIBER, SubscriberCreate(msisdn=f"+7920{n:03d}000{i}"),
+                                       actor=A)).id for i in range(4)]
         living = (await registry.create(c, registry.DEVICE, DeviceCreate(
             household_id=home, name="living", type=DeviceType.SPEAKER, sip_uri=f"sip:living{n}@iim.local",
             capabilities=frozenset({DeviceCapability.SIP}), status=DeviceStatus.ONLINE), actor=A)).id
@@ -70,13 +70,15 @@ async def _world(pool: Pool, n: int) -> World:
         other_speaker = (await registry.create(c, registry.DEVICE, DeviceCreate(
             household_id=other, name="o", type=DeviceType.SPEAKER, sip_uri=f"sip:o{n}@iim.local"), actor=A)).id
         await registry.create(c, registry.BINDING, BindingCreate(subscriber_id=subs[0], household_id=home,
-                                                         role=BindingRole.OWNER, priority=0), actor=A)
-        await registry.create(c, registry.BINDING, BindingCreate(subscriber_id=subs[1], household_id=home, device_id=kitchen,
-                                                         role=BindingRole.MEMBER, priority=1), actor=A)
+                                                                 role=BindingRole.OWNER, priority=0), actor=A)
+        await registry.create(
+            c, registry.BINDING,
+            BindingCreate(subscriber_id=subs[1], household_id=home, device_id=kitchen,
+                          role=BindingRole.MEMBER, priority=1), actor=A)
         await registry.create(c, registry.BINDING, BindingCreate(subscriber_id=subs[2], household_id=home,
-                                                         role=BindingRole.BACKUP_CONTACT, priority=10), actor=A)
+                                                                 role=BindingRole.BACKUP_CONTACT, priority=10), actor=A)
         await registry.create(c, registry.BINDING, BindingCreate(subscriber_id=subs[3], household_id=other,
-                                                         role=BindingRole.OWNER), actor=A)
+                                                                 role=BindingRole.OWNER), actor=A)
     return World(tenant, home, other, subs[0], subs[1], subs[2], subs[3], living, kitchen, other_speaker)
 
 
@@ -143,12 +145,14 @@ async def test_affected_subscribers_per_change(app_pool: Pool, admin_conn: Conne
     assert await affected(lambda c: registry.create(
         c, registry.POLICY, PolicyCreate(subscriber_id=w.neighbour), actor=A)) == {w.neighbour}
     assert await affected(lambda c: registry.create(
-        c, registry.CONSENT, ConsentCreate(subscriber_id=w.owner, purpose=ConsentPurpose.ANNOUNCE_CALLS, evidence={"t": 1}),
+        c, registry.CONSENT,
+        ConsentCreate(subscriber_id=w.owner, purpose=ConsentPurpose.ANNOUNCE_CALLS, evidence={"t": 1}),
         actor=A)) == {w.owner}
     assert await affected(lambda c: registry.delete(c, registry.DEVICE, w.other_speaker, actor=A)) == {w.neighbour}
     # A new binding changes the household's contacts: everyone in it.
     assert await affected(lambda c: registry.create(
-        c, registry.BINDING, BindingCreate(subscriber_id=w.neighbour, household_id=w.home, role=BindingRole.SECURITY_SERVICE),
+        c, registry.BINDING,
+        BindingCreate(subscriber_id=w.neighbour, household_id=w.home, role=BindingRole.SECURITY_SERVICE),
         actor=A)) == {w.owner, w.member, w.backup, w.neighbour}
     # Deleting a household cascades: every binding's subscriber is recorded.
     assert await affected(lambda c: registry.delete(c, registry.HOUSEHOLD, w.home, actor=A)) >= {
@@ -234,9 +238,12 @@ async def test_load_routing_rows(cache_conn: Connection, app_pool: Pool, world: 
         home_policy = await registry.create(c, registry.POLICY, PolicyCreate(
             household_id=w.home, ring_mode=RingMode.SIMULTANEOUS, quiet_start=time(23), quiet_end=time(7, 30),
             blocked_callers=["+79991112233"], fallback=FallbackAction.MISSED_CALL_SMS), actor=A)
-        await registry.create(c, registry.POLICY, PolicyCreate(subscriber_id=w.member, ring_mode=RingMode.HOME_ONLY), actor=A)
-        await registry.create(c, registry.CONSENT, ConsentCreate(subscriber_id=w.owner, purpose=ConsentPurpose.ANNOUNCE_CALLS,
-                                                        scope={"rooms": ["living"]}, evidence={"x": 1}), actor=A)
+        await registry.create(
+            c, registry.POLICY, PolicyCreate(subscriber_id=w.member, ring_mode=RingMode.HOME_ONLY), actor=A)
+        await registry.create(
+            c, registry.CONSENT,
+            ConsentCreate(subscriber_id=w.owner, purpose=ConsentPurpose.ANNOUNCE_CALLS,
+                          scope={"rooms": ["living"]}, evidence={"x": 1}), actor=A)
         await registry.set_presence(c, w.home, PresenceState.HOME, actor=A)
 
     stream = load_routing_rows(cache_conn)

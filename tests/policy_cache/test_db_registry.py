@@ -96,7 +96,8 @@ async def test_every_change_writes_exactly_one_audit_row(app_pool: Pool, tenant:
         brand = await step("brand.create", registry.create(conn, registry.BRAND, BrandCreate(name="brand"), **kw))
         region = await step("region.create", registry.create(conn, registry.REGION, RegionCreate(name="north"), **kw))
         home = await step("household.create", registry.create(
-            conn, registry.HOUSEHOLD, HouseholdCreate(name="home", time_zone="Europe/Moscow", brand_id=brand.id, region_id=region.id),
+            conn, registry.HOUSEHOLD,
+            HouseholdCreate(name="home", time_zone="Europe/Moscow", brand_id=brand.id, region_id=region.id),
             **kw))
         await step("household.update", registry.update(
             conn, registry.HOUSEHOLD, home.id, HouseholdUpdate(name="home 2"), **kw))
@@ -104,34 +105,41 @@ async def test_every_change_writes_exactly_one_audit_row(app_pool: Pool, tenant:
         assert away.presence is PresenceState.AWAY
         assert away.presence_changed_at >= home.presence_changed_at
         sub = await step("subscriber.create", registry.create(
-            conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79001112233", sip_aor="sip:+79001112233@ims.example"), **kw))
+            conn, registry.SUBSCRIBER,
+            SubscriberCreate(msisdn="+79001112233", sip_aor="sip:+79001112233@ims.example"), **kw))
         await step("subscriber.update", registry.update(
             conn, registry.SUBSCRIBER, sub.id, SubscriberUpdate(display_name="Ann"), **kw))
         cred = await step("credential_ref.create", registry.create(
-            conn, registry.CREDENTIAL_REF, CredentialRefCreate(name="oem-token", kind=CredentialKind.OAUTH_TOKEN, ref="vault:iim/oem#token"),
+            conn, registry.CREDENTIAL_REF,
+            CredentialRefCreate(name="oem-token", kind=CredentialKind.OAUTH_TOKEN, ref="vault:iim/oem#token"),
             **kw))
         await step("credential_ref.update", registry.update(
             conn, registry.CREDENTIAL_REF, cred.id, CredentialRefUpdate(ref="env:OEM_TOKEN"), **kw))
         dev = await step("device.create", registry.create(
-            conn, registry.DEVICE, DeviceCreate(household_id=home.id, name="speaker", type=DeviceType.SPEAKER, vendor="acme",
-                               capabilities=frozenset({DeviceCapability.SIP, DeviceCapability.TTS}),
-                               sip_uri="sip:spk@iim.local", credential_ref_id=cred.id), **kw))
+            conn, registry.DEVICE,
+            DeviceCreate(household_id=home.id, name="speaker", type=DeviceType.SPEAKER, vendor="acme",
+                         capabilities=frozenset({DeviceCapability.SIP, DeviceCapability.TTS}),
+                         sip_uri="sip:spk@iim.local", credential_ref_id=cred.id), **kw))
         assert dev.capabilities == frozenset({DeviceCapability.SIP, DeviceCapability.TTS})
-        await step("device.update", registry.update(conn, registry.DEVICE, dev.id, DeviceUpdate(name="speaker 2"), **kw))
+        await step("device.update", registry.update(
+            conn, registry.DEVICE, dev.id, DeviceUpdate(name="speaker 2"), **kw))
         online = await step("device.status", registry.set_device_status(conn, dev.id, DeviceStatus.ONLINE, **kw))
         assert online.status is DeviceStatus.ONLINE
         assert online.status_changed_at >= dev.status_changed_at
         bnd = await step("binding.create", registry.create(
-            conn, registry.BINDING, BindingCreate(subscriber_id=sub.id, household_id=home.id, role=BindingRole.OWNER), **kw))
+            conn, registry.BINDING,
+            BindingCreate(subscriber_id=sub.id, household_id=home.id, role=BindingRole.OWNER), **kw))
         await step("binding.update", registry.update(conn, registry.BINDING, bnd.id, BindingUpdate(priority=5), **kw))
         consent = await step("consent.create", registry.create(
-            conn, registry.CONSENT, ConsentCreate(subscriber_id=sub.id, purpose=ConsentPurpose.ANNOUNCE_CALLS,
-                                scope={"callers": "all"}, evidence={"channel": "app", "ip": "198.51.100.7"}), **kw))
+            conn, registry.CONSENT,
+            ConsentCreate(subscriber_id=sub.id, purpose=ConsentPurpose.ANNOUNCE_CALLS,
+                          scope={"callers": "all"}, evidence={"channel": "app", "ip": "198.51.100.7"}), **kw))
         revoked = await step("consent.revoke", registry.revoke(conn, registry.CONSENT, consent.id, **kw))
         assert revoked.revoked_at is not None
         policy = await step("policy.create", registry.create(
-            conn, registry.POLICY, PolicyCreate(household_id=home.id, ring_mode=RingMode.SIMULTANEOUS, quiet_start=time(23),
-                               quiet_end=time(7)), **kw))
+            conn, registry.POLICY,
+            PolicyCreate(household_id=home.id, ring_mode=RingMode.SIMULTANEOUS, quiet_start=time(23),
+                         quiet_end=time(7)), **kw))
         await step("policy.update", registry.update(conn, registry.POLICY, policy.id, PolicyUpdate(dnd=True), **kw))
         await step("policy.delete", registry.delete(conn, registry.POLICY, policy.id, **kw))
         await step("binding.delete", registry.delete(conn, registry.BINDING, bnd.id, **kw))
@@ -161,9 +169,10 @@ async def test_secret_looking_fields_are_redacted_in_audit(app_pool: Pool, tenan
     async with tenant_tx(app_pool, tenant) as conn:
         sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79001112244"), actor=ACTOR)
         await registry.create(
-            conn, registry.CONSENT, ConsentCreate(subscriber_id=sub.id, purpose=ConsentPurpose.READ_SMS,
-                                scope={"api_key": "k-123", "nested": {"password": "p-456"}, "ok": 1},
-                                evidence={"channel": "app"}), actor=ACTOR)
+            conn, registry.CONSENT,
+            ConsentCreate(subscriber_id=sub.id, purpose=ConsentPurpose.READ_SMS,
+                          scope={"api_key": "k-123", "nested": {"password": "p-456"}, "ok": 1},
+                          evidence={"channel": "app"}), actor=ACTOR)
         entry = await _last_audit(conn)
     text = json.dumps(entry.detail)
     assert "k-123" not in text
@@ -186,7 +195,8 @@ async def test_typed_errors(app_pool: Pool, tenant: UUID) -> None:
     async with tenant_tx(app_pool, tenant) as conn:
         with pytest.raises(InvalidReference):  # another tenant's household does not exist here
             await registry.create(
-                conn, registry.BINDING, BindingCreate(subscriber_id=sub.id, household_id=foreign_home.id, role=BindingRole.OWNER),
+                conn, registry.BINDING,
+                BindingCreate(subscriber_id=sub.id, household_id=foreign_home.id, role=BindingRole.OWNER),
                 actor=ACTOR)
     async with tenant_tx(app_pool, tenant) as conn:
         with pytest.raises(NotFound):
@@ -196,15 +206,18 @@ async def test_typed_errors(app_pool: Pool, tenant: UUID) -> None:
         # A CHECK constraint in the database (bypassing model validation on purpose).
         with pytest.raises(InvalidData):
             await registry.create(
-                conn, registry.HOUSEHOLD, HouseholdCreate.model_construct(name="x", time_zone="MSK", brand_id=None, region_id=None,
-                                                      presence=PresenceState.UNKNOWN, external_id=None),
+                conn, registry.HOUSEHOLD,
+                HouseholdCreate.model_construct(name="x", time_zone="MSK", brand_id=None, region_id=None,
+                                                presence=PresenceState.UNKNOWN, external_id=None),
                 actor=ACTOR)
     async with tenant_tx(app_pool, tenant) as conn:
         home = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(name="h", time_zone="UTC"), actor=ACTOR)
         cred = await registry.create(
-            conn, registry.CREDENTIAL_REF, CredentialRefCreate(name="c", kind=CredentialKind.API_KEY, ref="env:KEY"), actor=ACTOR)
+            conn, registry.CREDENTIAL_REF,
+            CredentialRefCreate(name="c", kind=CredentialKind.API_KEY, ref="env:KEY"), actor=ACTOR)
         await registry.create(
-            conn, registry.DEVICE, DeviceCreate(household_id=home.id, name="d", type=DeviceType.HUB, credential_ref_id=cred.id),
+            conn, registry.DEVICE,
+            DeviceCreate(household_id=home.id, name="d", type=DeviceType.HUB, credential_ref_id=cred.id),
             actor=ACTOR)
         with pytest.raises(InvalidReference):  # still used by a device
             await registry.delete(conn, registry.CREDENTIAL_REF, cred.id, actor=ACTOR)
@@ -259,18 +272,19 @@ async def test_the_crud_refuses_what_a_spec_does_not_allow(app_pool: Pool, tenan
 async def test_policy_versioning(app_pool: Pool, tenant: UUID) -> None:
     async with tenant_tx(app_pool, tenant) as conn:
         sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79004445566"), actor=ACTOR)
-        policy = await registry.create(conn, registry.POLICY, PolicyCreate(subscriber_id=sub.id,
-                                                                   blocked_callers=["+79990001122"]), actor=ACTOR)
+        policy = await registry.create(
+            conn, registry.POLICY, PolicyCreate(subscriber_id=sub.id, blocked_callers=["+79990001122"]), actor=ACTOR)
         assert policy.version == 1
         assert await registry.get_policy_for(conn, subscriber_id=sub.id) == policy
         updated = await registry.update(conn, registry.POLICY, policy.id, PolicyUpdate(ring_mode=RingMode.HOME_ONLY),
-                                                 expected_version=1, actor=ACTOR)
+                                        expected_version=1, actor=ACTOR)
         assert updated.version == 2
         unchanged = await registry.update(conn, registry.POLICY, policy.id, PolicyUpdate(ring_mode=RingMode.HOME_ONLY),
-                                                   actor=ACTOR)
+                                          actor=ACTOR)
         assert unchanged.version == 2  # no effective change, no bump
         with pytest.raises(VersionConflict):
-            await registry.update(conn, registry.POLICY, policy.id, PolicyUpdate(dnd=True), expected_version=1, actor=ACTOR)
+            await registry.update(
+                conn, registry.POLICY, policy.id, PolicyUpdate(dnd=True), expected_version=1, actor=ACTOR)
     async with tenant_tx(app_pool, tenant) as conn:
         with pytest.raises(Conflict):  # one policy per subscriber
             await registry.create(conn, registry.POLICY, PolicyCreate(subscriber_id=sub.id), actor=ACTOR)

@@ -19,7 +19,7 @@ async def _tenant_with_subscriber(pool: Pool, msisdn: str) -> tuple[UUID, UUID, 
     async with tenant_tx(pool, tid) as conn:
         sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=msisdn), actor="test")
         home = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(name="home", time_zone="Europe/Moscow"),
-                                                 actor="test")
+                                     actor="test")
     return tid, sub.id, home.id
 
 
@@ -123,7 +123,8 @@ async def test_tenant_cannot_write_another_tenants_rows(
             await conn.execute("UPDATE iim.subscriber SET tenant_id = $1", b_tid)
     async with tenant_tx(app_pool, a_tid) as conn:
         with pytest.raises(NotFound):
-            await registry.update(conn, registry.SUBSCRIBER, b_sub, SubscriberUpdate(display_name="pwned"), actor="evil")
+            await registry.update(
+                conn, registry.SUBSCRIBER, b_sub, SubscriberUpdate(display_name="pwned"), actor="evil")
         with pytest.raises(NotFound):
             await registry.delete(conn, registry.HOUSEHOLD, b_home, actor="evil")
     async with tenant_tx(app_pool, b_tid) as conn:
@@ -170,8 +171,10 @@ async def test_bridge_device_lookup_scopes_itself_and_leaves_no_tenant_behind(
     (a_tid, _, a_home), (b_tid, _, b_home) = two_tenants
     for tid, home in ((a_tid, a_home), (b_tid, b_home)):
         async with tenant_tx(app_pool, tid) as conn:
-            await registry.create(conn, registry.DEVICE, DeviceCreate(household_id=home, name="smoke", type=DeviceType.SENSOR,
-                                                              external_id="same-id"), actor="test")
+            await registry.create(
+                conn, registry.DEVICE,
+                DeviceCreate(household_id=home, name="smoke", type=DeviceType.SENSOR,
+                             external_id="same-id"), actor="test")
     lookup = "SELECT id, household_id FROM iim.event_device($1, 'same-id')"
     async with app_pool.acquire() as conn:
         row = await conn.fetchrow(lookup, b_tid)

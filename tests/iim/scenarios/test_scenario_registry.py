@@ -101,7 +101,7 @@ def _definition(template: str, **changes: Any) -> dict[str, Any]:
 async def _household(live: Live, name: str = "Flat 7") -> UUID:
     async with tenant_tx(live.pool, live.tenant) as conn:
         home = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(name=name, time_zone="Europe/Moscow"),
-                                                 actor=ACTOR)
+                                     actor=ACTOR)
     return home.id
 
 
@@ -297,8 +297,10 @@ async def test_cli_scenario_crud(iim: Any, tmp_path: Path) -> None:
 async def test_cli_installs_templates_and_simulates_with_the_households_contacts(iim: Any, live: Live) -> None:
     owner, backup = _msisdn(), _msisdn()
     async with tenant_tx(live.pool, live.tenant) as conn:
-        home = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(name="Dacha", time_zone="Asia/Novosibirsk",
-                                                                       presence=PresenceState.AWAY), actor=ACTOR)
+        home = await registry.create(
+            conn, registry.HOUSEHOLD,
+            HouseholdCreate(name="Dacha", time_zone="Asia/Novosibirsk",
+                            presence=PresenceState.AWAY), actor=ACTOR)
         sensor = await registry.create(conn, registry.DEVICE, DeviceCreate(
             household_id=home.id, name="Hall smoke", type=DeviceType.SENSOR, status=DeviceStatus.ONLINE), actor=ACTOR)
         await registry.create(conn, registry.DEVICE, DeviceCreate(
@@ -307,7 +309,7 @@ async def test_cli_installs_templates_and_simulates_with_the_households_contacts
         for msisdn, role, priority in ((owner, BindingRole.OWNER, 0), (backup, BindingRole.BACKUP_CONTACT, 5)):
             sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=msisdn), actor=ACTOR)
             await registry.create(conn, registry.BINDING, BindingCreate(subscriber_id=sub.id, household_id=home.id,
-                                                                role=role, priority=priority), actor=ACTOR)
+                                                                        role=role, priority=priority), actor=ACTOR)
 
     installed = await iim("scenario", "templates", "install", "--household", str(home.id), "-o", "json")
     assert installed.code == 0, installed.err
