@@ -330,12 +330,12 @@ def _add_body_options(parser: argparse.ArgumentParser, model: type[BaseModel], *
 
 def _register_resource(sub: Any, res: Resource) -> Any:
     """The resource's commands; returns its ``ACTION`` sub-parsers (for extra, resource-specific ones)."""
-    command = res.name.replace("_", "-")
+    command = res.table.command
     top = sub.add_parser(command, help=f"manage {res.plural.replace('-', ' ')} of a tenant",
                          description=res.description)
     actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
     common = _common(tenant_scoped=True)
-    label = res.name.replace("_", " ")
+    label = res.table.label
 
     p = actions.add_parser(res.create_verb, parents=[common], help=f"{res.create_verb} a {label}")
     _add_body_options(p, res.create_model, update=False)

@@ -62,9 +62,9 @@ def _tenant_routes() -> list[Route]:
 
 
 def _resource_routes(res: Resource) -> list[Route]:
-    one = PathParam("id", f"the {res.name.replace('_', ' ')}'s id")
+    one = PathParam("id", f"the {res.table.label}'s id")
     base = f"/tenants/{{tenant_id}}/{res.plural}"
-    label = res.name.replace("_", " ")
+    label = res.table.label
     routes = [
         Route("GET", base, views.list_view(res), _camel("list", res.plural), f"List {res.plural}", res.plural,
               Access.READ, path_params=(TENANT_ID,), query_model=res.list_query, response_model=res.page_model,
