@@ -13,11 +13,11 @@ import pytest
 import uvloop
 
 from fs_app.outbound import CallHandler, OutboundServer, OutboundSettings
+from tests.esl_fixtures import TRANSCRIPTS
 
 # Tests run on uvloop, the loop `iim serve` runs on (its transports are not asyncio's classes).
 asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
-TRANSCRIPTS = Path(__file__).resolve().parents[1].parent / "shared" / "esl-transcripts"
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -30,9 +30,7 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def transcript_dir() -> Path:
-    """The recorded sessions (../shared/esl-transcripts), skipping tests when absent."""
-    if not TRANSCRIPTS.is_dir():
-        pytest.skip("recorded FreeSWITCH sessions (../shared/esl-transcripts) are not present")
+    """The recorded FreeSWITCH sessions (test data in the repository: tests/data/esl-transcripts)."""
     return TRANSCRIPTS
 
 
