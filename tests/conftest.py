@@ -13,11 +13,17 @@ import pytest
 import uvloop
 
 from fs_app.outbound import CallHandler, OutboundServer, OutboundSettings
+from tests import run_guard
 from tests.esl_fixtures import TRANSCRIPTS
 
 # Tests run on uvloop, the loop `iim serve` runs on (its transports are not asyncio's classes).
 asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A killed run must not leave PostgreSQL or peers running: a watchdog process stops them."""
+    run_guard.start()
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
