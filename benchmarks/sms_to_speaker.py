@@ -250,7 +250,7 @@ async def main(messages: int, warmup: int, via: str) -> dict[str, object]:
         "messages": len(latencies),
         "via": via,
         "outcomes": outcomes,
-        "tts": f"iim.tts.engine.EspeakTts ({shutil.which('espeak-ng')}): {stats.renders} render(s), {stats.hits} hits",
+        "tts": f"iim.tts.engine.EspeakTts (libespeak-ng from espeakng-loader): {stats.renders} render(s), {stats.hits} hits",
         "target_p99_ms": 100,
         "machine": machine(),
     }

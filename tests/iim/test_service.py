@@ -35,8 +35,8 @@ async def urls(pg_db: PgDatabase, app_pool: Pool) -> DatabaseUrls:
     return DatabaseUrls(pg_db.app_url, pg_db.cache_url)
 
 
-async def test_service_routes_a_call_and_reports_it_on_metrics_and_health(urls: DatabaseUrls) -> None:
-    service = Service(Settings(esl_port=0, http_port=0), database=urls)
+async def test_service_routes_a_call_and_reports_it_on_metrics_and_health(urls: DatabaseUrls, tmp_path: Path) -> None:
+    service = Service(Settings(esl_port=0, http_port=0, bridge_port=0, data_dir=str(tmp_path / "pg")), database=urls)
     await service.start()
     try:
         result = await replay_call("o02_bridge_answered_callee_hangs_up", "127.0.0.1", service.outbound.port)
@@ -66,10 +66,11 @@ async def test_service_routes_a_call_and_reports_it_on_metrics_and_health(urls: 
         await service.stop()
 
 
-async def test_what_the_service_builds_at_start_is_out_of_the_collectors_scans(urls: DatabaseUrls) -> None:
+async def test_what_the_service_builds_at_start_is_out_of_the_collectors_scans(
+        urls: DatabaseUrls, tmp_path: Path) -> None:
     """A full collection on the call path must not rescan the routes, pools and caches built at start."""
     gc.unfreeze()
-    service = Service(Settings(esl_port=0, http_port=0), database=urls)
+    service = Service(Settings(esl_port=0, http_port=0, bridge_port=0, data_dir=str(tmp_path / "pg")), database=urls)
     await service.start()
     try:
         tracked = {id(o) for o in gc.get_objects()}
@@ -80,11 +81,11 @@ async def test_what_the_service_builds_at_start_is_out_of_the_collectors_scans(u
         await service.stop()
 
 
-async def test_health_is_degraded_while_a_freeswitch_node_is_unreachable(urls: DatabaseUrls) -> None:
+async def test_health_is_degraded_while_a_freeswitch_node_is_unreachable(urls: DatabaseUrls, tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         dead_port = probe.getsockname()[1]
-    settings = Settings(esl_port=0, http_port=0,
+    settings = Settings(esl_port=0, http_port=0, bridge_port=0, data_dir=str(tmp_path / "pg"),
                         fs_nodes=[{"host": "127.0.0.1", "port": dead_port, "name": "fs1"}])  # type: ignore[list-item]
     service = Service(settings, database=urls)
     await service.start()
@@ -131,8 +132,9 @@ def test_iim_serve_starts_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
-    env = {**os.environ, "IIM_ESL_PORT": str(ports[0]), "IIM_HTTP_PORT": str(ports[1]),
-           "IIM_POLICY_ROUTING": "false"}
+    # Free ports and a data directory of its own: an `iim serve` may be running beside the tests.
+    env = {**os.environ, "IIM_ESL_PORT": str(ports[0]), "IIM_HTTP_PORT": str(ports[1]), "IIM_BRIDGE_PORT": "0",
+           "IIM_DATA_DIR": str(tmp_path / "pg"), "IIM_POLICY_ROUTING": "false"}
     proc = subprocess.Popen([sys.executable, "-m", "iim", "serve"], cwd=ROOT, env=env,
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -42,6 +42,7 @@ def _start_iim(pg_db: Any, fs_port: int, esl_port: int, log: Path) -> subprocess
         "IIM_APP_DATABASE_URL": pg_db.app_url, "IIM_CACHE_DATABASE_URL": pg_db.cache_url,
         "IIM_FS_NODES": json.dumps([{"host": "127.0.0.1", "port": fs_port}]),
         "IIM_ESL_PORT": str(esl_port), "IIM_HTTP_PORT": "0", "IIM_BRIDGE_ENABLED": "false",
+        "IIM_DATA_DIR": str(log.parent / "iim-data" / "pg"),  # not the checkout's .iim-data of an `iim serve`
         "IIM_JOB_HEARTBEAT_TIMEOUT_S": "2", "IIM_LOG_LEVEL": "INFO", "IIM_DRAIN_TIMEOUT": "1",
     }
     with log.open("ab") as out:  # the child keeps its own descriptor
