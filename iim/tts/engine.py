@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Protocol
 from uuid import uuid4
 
+from iim.core.lifecycle import AsyncResource
+
 __all__ = [
     "ESPEAK_RATE", "VOICES", "AudioStore", "EspeakTts", "RenderedAudio", "TtsStatistics", "TtsUnavailable",
     "detect_voice", "resample_pcm16",
@@ -208,7 +210,7 @@ def _wav_duration(path: Path, rate: int) -> float:
     return frames / rate
 
 
-class EspeakTts:
+class EspeakTts(AsyncResource):
     """Renders text to cached WAV files with espeak-ng; also the :class:`AudioStore` behind audio URLs.
 
     Args:

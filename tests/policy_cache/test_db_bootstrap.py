@@ -94,8 +94,7 @@ async def test_embedded_bootstrap_from_a_fresh_data_dir(scratch: Path, monkeypat
         assert again.demo == db.demo
         assert again.app_url == db.app_url
     finally:
-        if db.embedded is not None:
-            db.embedded.stop()
+        await db.aclose()
     # The server stopped; a restart from the same directory keeps the data.
     restarted = await bootstrap(data_dir=data, demo=False)
     try:
@@ -106,7 +105,7 @@ async def test_embedded_bootstrap_from_a_fresh_data_dir(scratch: Path, monkeypat
             await conn.close()
     finally:
         assert restarted.embedded is not None
-        restarted.embedded.stop()
+        await restarted.aclose()
 
 
 async def test_bootstrap_on_an_external_server(pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch,
