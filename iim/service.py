@@ -246,12 +246,13 @@ class Service:
             db = await stack.enter_async_context(
                 await bootstrap(database_url=s.database_url, data_dir=s.data_dir, demo=s.demo_data))
             urls = DatabaseUrls(db.app_url, db.cache_url)
-        pool = await connect_pool(urls.app_url, role=DbRole.APP, min_size=s.db_pool_size, max_size=s.db_pool_size)
-        stack.push_async_callback(pool.close)
+        # asyncpg's pools are async context managers already (closed on exit).
+        pool = await stack.enter_async_context(
+            await connect_pool(urls.app_url, role=DbRole.APP, min_size=s.db_pool_size, max_size=s.db_pool_size))
         await stack.enter_async_context(AuditFlusher(pool))
         # Read-only, all tenants: for admins listing tenants (RLS hides them from the app role).
-        directory_pool = await connect_pool(urls.cache_url, role=DbRole.CACHE, min_size=1, max_size=2)
-        stack.push_async_callback(directory_pool.close)
+        directory_pool = await stack.enter_async_context(
+            await connect_pool(urls.cache_url, role=DbRole.CACHE, min_size=1, max_size=2))
         store = await stack.enter_async_context(PgPolicyStore(urls.cache_url))
         cache = PolicyCache(store)
         stack.push_async_callback(cache.aclose)
@@ -306,14 +307,14 @@ class Service:
                 socket_address=s.alert_socket_address or f"{s.esl_host}:{self.outbound.port}",
                 gateway_dial=DialSettings(phone_endpoint=s.alert_gateway_endpoint.replace("{destination}",
                                                                                          "{msisdn}")))
-        worker = await stack.enter_async_context(IncidentWorker(
+        worker = IncidentWorker(
             policy.pool, policy.app_url, placer,
             WorkerSettings(caller_id_number=s.alert_caller_id,
                            heartbeat_timeout=timedelta(seconds=s.job_heartbeat_timeout_s)),
-            connectors=policy.connectors, speech=policy.tts if s.alert_prompt_tts == "iim" else None))
+            connectors=policy.connectors, speech=policy.tts if s.alert_prompt_tts == "iim" else None)
         self._worker = worker
-        stack.callback(setattr, self, "_worker", None)
-        return worker
+        stack.callback(setattr, self, "_worker", None)  # once the worker has stopped (the stack unwinds LIFO)
+        return await stack.enter_async_context(worker)
 
     async def _start_bridge(self, stack: AsyncExitStack, policy: PolicyParts, worker: IncidentWorker | None) -> int:
         """The HTTPS device bridge, with the speech vendor clouds fetch and their action callbacks."""

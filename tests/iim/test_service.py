@@ -191,7 +191,8 @@ async def _fail_to_start(settings: Settings, urls: DatabaseUrls, expected: type[
         _ = service.running
 
 
-@pytest.mark.parametrize("stage", ["database unreachable", "bad bridge TLS file", "HTTP port taken"])
+@pytest.mark.parametrize("stage", ["ESL port taken", "database unreachable", "bad bridge TLS file",
+                                   "HTTP port taken"])
 async def test_a_start_failing_at_any_stage_unwinds_exactly_what_started(
         stage: str, urls: DatabaseUrls, pg_db: PgDatabase, admin_conn: Connection, tmp_path: Path,
         lifecycle: list[tuple[str, str]]) -> None:
@@ -207,8 +208,9 @@ async def test_a_start_failing_at_any_stage_unwinds_exactly_what_started(
                                                "bridge_tls_key_file": str(tmp_path / "missing-key.pem")})
         await _fail_to_start(settings, urls, OSError)
     else:
+        taken = ports[0] if stage == "ESL port taken" else ports[1]
         with socket.socket() as holder:
-            holder.bind(("127.0.0.1", ports[1]))
+            holder.bind(("127.0.0.1", taken))
             holder.listen()
             await _fail_to_start(settings, urls, OSError)
     await _assert_nothing_left(tasks_before, ports, admin_conn, pg_db.name, backends_before)

@@ -108,6 +108,20 @@ async def test_embedded_bootstrap_from_a_fresh_data_dir(scratch: Path, monkeypat
         await restarted.aclose()
 
 
+async def test_a_bootstrap_failing_after_starting_the_embedded_server_stops_it(
+        scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IIM_DATABASE_URL", raising=False)
+    data = scratch / ".iim-data" / "pg"
+    secrets_file = scratch / ".iim-data" / "db-secrets.json"
+    secrets_file.parent.mkdir(parents=True)
+    secrets_file.write_text("{}")
+    secrets_file.chmod(0o644)  # refused, but only once the server is up (the file is read after start)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        await bootstrap(data_dir=data)
+    assert (data / "PG_VERSION").exists()  # the server was initialised and started ...
+    assert not (data / "postmaster.pid").exists()  # ... and stopped again
+
+
 async def test_bootstrap_on_an_external_server(pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch,
                                                scratch: Path) -> None:
     name = f"iim_bs_{uuid4().hex[:8]}"
