@@ -289,6 +289,33 @@ def test_iim_serve_starts_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             proc.stderr.close()
 
 
+def test_iim_serve_with_every_part_stops_cleanly_on_sigterm(urls: DatabaseUrls, tmp_path: Path) -> None:
+    """The whole stack (policy, worker, bridge, HTTP) under `iim serve`: SIGTERM unwinds it and exits 0."""
+    ports = [_free_port() for _ in range(3)]
+    env = {**os.environ, "IIM_ESL_PORT": str(ports[0]), "IIM_HTTP_PORT": str(ports[1]),
+           "IIM_BRIDGE_PORT": str(ports[2]), "IIM_DATA_DIR": str(tmp_path / "pg"),
+           "IIM_APP_DATABASE_URL": urls.app_url, "IIM_CACHE_DATABASE_URL": urls.cache_url}
+    proc = subprocess.Popen([sys.executable, "-m", "iim", "serve"], cwd=ROOT, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        lines = []
+        while not lines or lines[-1]["msg"] != "IIM serving":
+            line = proc.stderr.readline()
+            assert line, f"iim serve exited before serving: {lines}"
+            lines.append(json.loads(line))
+        assert lines[-1]["bridge"] == f"https://127.0.0.1:{ports[2]}"
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        rest = [json.loads(line)["msg"] for line in proc.stderr.read().splitlines() if line.startswith("{")]
+        assert "stopping: draining calls" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
 async def test_tests_run_on_uvloop_like_the_service() -> None:
     import uvloop
 
