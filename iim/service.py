@@ -182,6 +182,7 @@ class Service:
         policy = await self._start_policy(stack) if s.policy_routing else None
         if policy is not None:
             self._call_handler = policy.router
+            stack.callback(setattr, self, "_call_handler", self._passthrough)
         for client in self.inbound:
             if policy is not None:
                 client.add_listener(registration_listener(policy.cache.set_device_online))
