@@ -5,7 +5,7 @@ calls are routed by the new version?
 
 The cache is loaded with N synthetic subscribers (seeded once into .bench-data/) and follows
 changes as in production (LISTEN iim_policy + change sequence). Each change flips ``dnd`` on a
-household policy through the repository (app role, RLS, audit row, change_log trigger, NOTIFY);
+household policy through the registry (app role, RLS, audit row, change_log trigger, NOTIFY);
 the clock starts when COMMIT returns and stops when the cache has swapped in the snapshot of a
 member of that household (the cache's ``on_applied`` hook, checked with ``lookup``).
 The last line is one JSON object.
@@ -21,7 +21,7 @@ import time
 import asyncpg
 
 from benchmarks._bench_db import bench_database, machine
-from policy_cache import repository
+from policy_cache import registry
 from policy_cache.cache import PolicyCache
 from policy_cache.db import DbRole, connect_pool, tenant_tx
 from policy_cache.models import PolicyUpdate
@@ -69,7 +69,7 @@ async def main(subscribers: int, changes: int, gap_ms: float) -> dict[str, objec
             fut: asyncio.Future[float] = loop.create_future()
             waiting[subscriber_id] = fut
             async with tenant_tx(pool, row["tenant_id"]) as tx:
-                await repository.update_policy(tx, row["policy_id"], PolicyUpdate(dnd=want), actor="bench")
+                await registry.update(tx, registry.POLICY, row["policy_id"], PolicyUpdate(dnd=want), actor="bench")
             committed = time.perf_counter()
             served = await asyncio.wait_for(fut, 30)
             snapshot = cache.lookup(row["msisdn"])

@@ -45,7 +45,7 @@ from iim.logs import configure
 from iim.sms.outbox import RECEIPTS, RETRIES, BackoffPolicy, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
 from iim.sms.smsc_sim import SmscProcess, read_log
-from policy_cache import repository
+from policy_cache import registry
 from policy_cache.bootstrap import bootstrap
 from policy_cache.db import DbRole, Pool, connect_pool, tenant_tx
 from policy_cache.models import TenantCreate
@@ -58,7 +58,7 @@ async def _tenants(pool: Pool, count: int) -> list[UUID]:
     for n in range(count):
         tid = uuid4()
         async with tenant_tx(pool, tid) as conn:
-            await repository.create_tenant(conn, TenantCreate(name=f"sms-bench-{n}"), actor="bench")
+            await registry.create(conn, registry.TENANT, TenantCreate(name=f"sms-bench-{n}"), actor="bench")
         out.append(tid)
     return out
 

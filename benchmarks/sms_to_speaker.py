@@ -57,7 +57,7 @@ from iim.sms.smpp import SmppSettings, SmppTransport
 from iim.sms.smsc_sim import SmscProcess
 from iim.tts.engine import EspeakTts
 from iim.tts.urls import AudioUrlSigner
-from policy_cache import repository
+from policy_cache import registry
 from policy_cache.bootstrap import bootstrap
 from policy_cache.db import DbRole, Pool, connect_pool, tenant_tx
 from policy_cache.models import (
@@ -143,17 +143,17 @@ async def _household(pool: Pool) -> Any:
     tenant = uuid4()
     kw: dict[str, Any] = {"actor": "bench"}
     async with tenant_tx(pool, tenant) as conn:
-        await repository.create_tenant(conn, TenantCreate(name="bench"), **kw)
-        hh = await repository.create_household(conn, HouseholdCreate(
+        await registry.create(conn, registry.TENANT, TenantCreate(name="bench"), **kw)
+        hh = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(
             name="flat", time_zone="Europe/Moscow", presence=PresenceState.HOME), **kw)
-        sub = await repository.create_subscriber(conn, SubscriberCreate(msisdn=OWNER), **kw)
-        await repository.create_binding(conn, BindingCreate(subscriber_id=sub.id, household_id=hh.id,
-                                                            role=BindingRole.OWNER), **kw)
-        await repository.create_device(conn, DeviceCreate(
+        sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=OWNER), **kw)
+        await registry.create(conn, registry.BINDING, BindingCreate(subscriber_id=sub.id, household_id=hh.id,
+                                                                    role=BindingRole.OWNER), **kw)
+        await registry.create(conn, registry.DEVICE, DeviceCreate(
             household_id=hh.id, name="Kitchen speaker", type=DeviceType.SPEAKER,
             capabilities=frozenset({DeviceCapability.TTS, DeviceCapability.CLOUD_ANNOUNCE}),
             connector="webhook", connector_ref="kitchen-1", status=DeviceStatus.ONLINE), **kw)
-        await repository.grant_consent(conn, ConsentCreate(
+        await registry.create(conn, registry.CONSENT, ConsentCreate(
             subscriber_id=sub.id, purpose=ConsentPurpose.READ_SMS, scope={"allowed_senders": ["+7916"]},
             evidence={"channel": "bench"}), **kw)
     return tenant

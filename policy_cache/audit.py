@@ -49,7 +49,7 @@ async def append(
 ) -> int:
     """Append one audit row in the caller's transaction (inside ``tenant_tx`` for ``tenant_id``).
 
-    Returns the row id. ``detail`` must hold no secrets (the repository passes summaries only).
+    Returns the row id. ``detail`` must hold no secrets (the registry passes summaries only).
     """
     row_id = await conn.fetchval(
         "SELECT iim.audit_append($1, $2, $3, $4, $5, $6, $7)",

@@ -39,7 +39,7 @@ from uuid import UUID
 import asyncpg
 
 from iim.core.secrets import resolve_secret
-from policy_cache import migrate, repository
+from policy_cache import migrate, registry
 from policy_cache.db import Connection, DbRole, connect, tenant_tx
 from policy_cache.models import (
     BindingCreate,
@@ -376,47 +376,58 @@ async def load_demo(conn: Connection, *, tenant_id: UUID = DEMO_TENANT_ID, actor
         if await tx.fetchval("SELECT EXISTS (SELECT 1 FROM iim.tenant WHERE id = $1)", tenant_id):
             return await _find_demo(tx, tenant_id)
         kw: _Audit = {"actor": actor, "correlation": {"source": "bootstrap"}}
-        await repository.create_tenant(tx, TenantCreate(name="Demo operator"), **kw)
-        home = await repository.create_household(
-            tx, HouseholdCreate(name="Demo home", time_zone="Europe/Moscow", presence=PresenceState.HOME), **kw)
-        owner = await repository.create_subscriber(
-            tx, SubscriberCreate(msisdn="+79001234567", sip_aor="sip:+79001234567@iim.local",
-                                 display_name="Demo owner", internal_id="demo-owner"), **kw)
-        backup = await repository.create_subscriber(
-            tx, SubscriberCreate(msisdn="+79007654321", display_name="Demo backup contact",
-                                 internal_id="demo-backup"), **kw)
-        webhook = await repository.create_credential_ref(
-            tx, CredentialRefCreate(name="demo-webhook", kind=CredentialKind.WEBHOOK_SECRET,
-                                    ref="env:IIM_DEMO_WEBHOOK_SECRET",
-                                    description="HMAC secret of the demo OEM webhook connector"), **kw)
-        sip_speaker = await repository.create_device(
-            tx, DeviceCreate(household_id=home.id, name="Living room speaker", type=DeviceType.SPEAKER,
-                             vendor="generic-sip", capabilities=frozenset({DeviceCapability.SIP,
-                                                                           DeviceCapability.TTS}),
-                             sip_uri="sip:speaker-1@iim.local", status=DeviceStatus.ONLINE), **kw)
-        cloud_speaker = await repository.create_device(
-            tx, DeviceCreate(household_id=home.id, name="Kitchen speaker", type=DeviceType.SPEAKER,
-                             vendor="demo-cloud", capabilities=frozenset({DeviceCapability.CLOUD_ANNOUNCE,
-                                                                          DeviceCapability.TTS}),
-                             connector="webhook", connector_ref="kitchen-speaker-1", credential_ref_id=webhook.id,
-                             status=DeviceStatus.ONLINE), **kw)
-        sensor = await repository.create_device(
-            tx, DeviceCreate(household_id=home.id, name="Hall smoke sensor", type=DeviceType.SENSOR,
-                             vendor="demo-cloud", connector="webhook", connector_ref="smoke-sensor-1",
-                             credential_ref_id=webhook.id, status=DeviceStatus.ONLINE), **kw)
-        await repository.create_binding(
-            tx, BindingCreate(subscriber_id=owner.id, household_id=home.id, role=BindingRole.OWNER, priority=0),
+        await registry.create(tx, registry.TENANT, TenantCreate(name="Demo operator"), **kw)
+        home = await registry.create(
+            tx, registry.HOUSEHOLD,
+            HouseholdCreate(name="Demo home", time_zone="Europe/Moscow", presence=PresenceState.HOME), **kw)
+        owner = await registry.create(
+            tx, registry.SUBSCRIBER,
+            SubscriberCreate(msisdn="+79001234567", sip_aor="sip:+79001234567@iim.local",
+                             display_name="Demo owner", internal_id="demo-owner"), **kw)
+        backup = await registry.create(
+            tx, registry.SUBSCRIBER,
+            SubscriberCreate(msisdn="+79007654321", display_name="Demo backup contact",
+                             internal_id="demo-backup"), **kw)
+        webhook = await registry.create(
+            tx, registry.CREDENTIAL_REF,
+            CredentialRefCreate(name="demo-webhook", kind=CredentialKind.WEBHOOK_SECRET,
+                                ref="env:IIM_DEMO_WEBHOOK_SECRET",
+                                description="HMAC secret of the demo OEM webhook connector"), **kw)
+        sip_speaker = await registry.create(
+            tx, registry.DEVICE,
+            DeviceCreate(household_id=home.id, name="Living room speaker", type=DeviceType.SPEAKER,
+                         vendor="generic-sip", capabilities=frozenset({DeviceCapability.SIP,
+                                                                       DeviceCapability.TTS}),
+                         sip_uri="sip:speaker-1@iim.local", status=DeviceStatus.ONLINE), **kw)
+        cloud_speaker = await registry.create(
+            tx, registry.DEVICE,
+            DeviceCreate(household_id=home.id, name="Kitchen speaker", type=DeviceType.SPEAKER,
+                         vendor="demo-cloud", capabilities=frozenset({DeviceCapability.CLOUD_ANNOUNCE,
+                                                                      DeviceCapability.TTS}),
+                         connector="webhook", connector_ref="kitchen-speaker-1", credential_ref_id=webhook.id,
+                         status=DeviceStatus.ONLINE), **kw)
+        sensor = await registry.create(
+            tx, registry.DEVICE,
+            DeviceCreate(household_id=home.id, name="Hall smoke sensor", type=DeviceType.SENSOR,
+                         vendor="demo-cloud", connector="webhook", connector_ref="smoke-sensor-1",
+                         credential_ref_id=webhook.id, status=DeviceStatus.ONLINE), **kw)
+        await registry.create(
+            tx, registry.BINDING,
+            BindingCreate(subscriber_id=owner.id, household_id=home.id, role=BindingRole.OWNER, priority=0),
             **kw)
-        await repository.create_binding(
-            tx, BindingCreate(subscriber_id=backup.id, household_id=home.id, role=BindingRole.BACKUP_CONTACT,
-                              priority=10), **kw)
-        await repository.grant_consent(
-            tx, ConsentCreate(subscriber_id=owner.id, purpose=ConsentPurpose.ANNOUNCE_CALLS,
-                              evidence={"channel": "bootstrap", "note": "demo data, not a real consent"}), **kw)
-        policy = await repository.create_policy(
-            tx, PolicyCreate(household_id=home.id, ring_mode=RingMode.SIMULTANEOUS, phone_timeout_s=20,
-                             home_timeout_s=20, quiet_start=time(23, 0), quiet_end=time(7, 0),
-                             fallback=FallbackAction.VOICEMAIL), **kw)
+        await registry.create(
+            tx, registry.BINDING,
+            BindingCreate(subscriber_id=backup.id, household_id=home.id, role=BindingRole.BACKUP_CONTACT,
+                          priority=10), **kw)
+        await registry.create(
+            tx, registry.CONSENT,
+            ConsentCreate(subscriber_id=owner.id, purpose=ConsentPurpose.ANNOUNCE_CALLS,
+                          evidence={"channel": "bootstrap", "note": "demo data, not a real consent"}), **kw)
+        policy = await registry.create(
+            tx, registry.POLICY,
+            PolicyCreate(household_id=home.id, ring_mode=RingMode.SIMULTANEOUS, phone_timeout_s=20,
+                         home_timeout_s=20, quiet_start=time(23, 0), quiet_end=time(7, 0),
+                         fallback=FallbackAction.VOICEMAIL), **kw)
         log.info("loaded the demo tenant %s", tenant_id)
         return Demo(tenant_id, home.id, owner.id, backup.id, sip_speaker.id, cloud_speaker.id, sensor.id,
                     policy.id)

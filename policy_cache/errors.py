@@ -9,7 +9,7 @@ Hierarchy::
      +-- DatabaseRoleError             a DSN logs in as the wrong role (superuser/BYPASSRLS for the app ...)
      +-- TenantScopeError              tenant_tx misuse (nested transaction, not a UUID ...)
      +-- ChangeLogTruncatedError       the cache's watermark is older than the retained change log
-     +-- RepositoryError               one repository call failed; .entity names the entity
+     +-- RepositoryError               one registry call failed; .entity names the entity
           +-- NotFound                 no such row in this tenant (another tenant's row is "not found" too)
           +-- Conflict                 unique key taken (asyncpg.UniqueViolationError)
           |    +-- VersionConflict     optimistic-concurrency check failed (policy.version)
@@ -63,7 +63,7 @@ class ChangeLogTruncatedError(PolicyStoreError):
 
 
 class RepositoryError(PolicyStoreError):
-    """A repository call failed for a reason the caller can act on."""
+    """A registry call failed for a reason the caller can act on."""
 
     def __init__(self, message: str, *, entity: str, constraint: str | None = None) -> None:
         super().__init__(message)

@@ -1,4 +1,4 @@
-"""Pydantic v2 models of the registry at the API/repository boundary.
+"""Pydantic v2 models of the registry at the API/registry boundary.
 
 Per entity: ``XCreate`` (strict input: what a caller may set), ``XUpdate`` (strict, every field optional;
 only fields explicitly set are written - ``None`` clears a nullable column) and ``X`` (a stored row, as
@@ -511,7 +511,7 @@ class CredentialRef(_Row):
 # -- scenario -------------------------------------------------------------------------------------------
 #
 # The definition columns are JSON here; their meaning and validation are iim.scenarios.model.Scenario (which
-# imports this module's enums, hence no typed fields here). The repository refuses a definition that
+# imports this module's enums, hence no typed fields here). The scenario registry refuses a definition that
 # does not validate, and the admin API validates its bodies with the typed models.
 
 class ScenarioCreate(_Input):

@@ -21,16 +21,11 @@ import asyncpg
 from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.lifecycle import AsyncResource
 from policy_cache.cache import PolicyStoreUnavailable
+from policy_cache.changes import change_watermark, changes_since
 from policy_cache.db import Connection, DbRole, connect
 from policy_cache.errors import ChangeLogTruncatedError
+from policy_cache.loader import RoutingDevice, RoutingRow, load_routing_rows
 from policy_cache.models import ConsentPurpose, DeviceCapability, DeviceStatus
-from policy_cache.repository import (
-    RoutingDevice,
-    RoutingRow,
-    change_watermark,
-    changes_since,
-    load_routing_rows,
-)
 from policy_cache.snapshot import RoutingSnapshot, SpeakerDevice, callers, compile_snapshot
 
 CHANNEL = "iim_policy"
@@ -57,7 +52,7 @@ def snapshot_from_row(row: RoutingRow, now: datetime, shared: dict[object, objec
 
     ``shared`` lives for one load: a household's devices and id string are compiled once and shared
     by the snapshots of all its members (keyed by the identity of the row objects, which the
-    repository already shares between members).
+    loader already shares between members).
     """
     bindings = row.bindings
     primary = bindings[0] if bindings else None

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from iot_bridge.signing import sign_jws, sign_webhook
-from policy_cache import repository
+from policy_cache import registry
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import (
     BindingCreate,
@@ -99,35 +99,37 @@ async def build_rig(pool: Pool, tmp: Path, *, name: str = "alarm", tenant_id: UU
                                                            serialization.PublicFormat.SubjectPublicKeyInfo))
     suffix = tenant_id.hex[:6]
     async with tenant_tx(pool, tenant_id) as conn:
-        await repository.create_tenant(conn, TenantCreate(name=name), actor="test")
-        hh = await repository.create_household(conn, HouseholdCreate(name="Flat 12", time_zone="Europe/Moscow",
-                                                                     presence=PresenceState.AWAY), actor="test")
-        hmac_ref = await repository.create_credential_ref(conn, CredentialRefCreate(
+        await registry.create(conn, registry.TENANT, TenantCreate(name=name), actor="test")
+        hh = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(name="Flat 12", time_zone="Europe/Moscow",
+                                                                             presence=PresenceState.AWAY), actor="test")
+        hmac_ref = await registry.create(conn, registry.CREDENTIAL_REF, CredentialRefCreate(
             name="sensor-hmac", kind=CredentialKind.WEBHOOK_SECRET, ref=f"file:{secret_file}"), actor="test")
-        jws_ref = await repository.create_credential_ref(conn, CredentialRefCreate(
+        jws_ref = await registry.create(conn, registry.CREDENTIAL_REF, CredentialRefCreate(
             name="sensor-jws", kind=CredentialKind.SIGNING_KEY, ref=f"file:{pem_file}"), actor="test")
-        sensor = await repository.create_device(conn, DeviceCreate(
+        sensor = await registry.create(conn, registry.DEVICE, DeviceCreate(
             household_id=hh.id, name="Kitchen smoke sensor", type=DeviceType.SENSOR, external_id=f"smoke-{suffix}",
             credential_ref_id=hmac_ref.id, status=DeviceStatus.ONLINE), actor="test")
-        await repository.create_device(conn, DeviceCreate(
+        await registry.create(conn, registry.DEVICE, DeviceCreate(
             household_id=hh.id, name="Hall CO sensor", type=DeviceType.SENSOR, external_id=f"co-{suffix}",
             credential_ref_id=jws_ref.id, status=DeviceStatus.ONLINE), actor="test")
-        await repository.create_device(conn, DeviceCreate(
+        await registry.create(conn, registry.DEVICE, DeviceCreate(
             household_id=hh.id, name="Front door", type=DeviceType.DOORPHONE, external_id=f"door-{suffix}",
             credential_ref_id=hmac_ref.id, sip_uri=f"sip:door-{suffix}@iim.local",
             capabilities=frozenset({DeviceCapability.SIP}), status=DeviceStatus.ONLINE), actor="test")
-        await repository.create_device(conn, DeviceCreate(
+        await registry.create(conn, registry.DEVICE, DeviceCreate(
             household_id=hh.id, name="Hub", type=DeviceType.HUB, external_id=f"hub-{suffix}",
             credential_ref_id=hmac_ref.id, status=DeviceStatus.ONLINE), actor="test")
-        await repository.create_device(conn, DeviceCreate(
+        await registry.create(conn, registry.DEVICE, DeviceCreate(
             household_id=hh.id, name="Kitchen speaker", type=DeviceType.SPEAKER,
             sip_uri=f"sip:speaker-{suffix}@iim.local", capabilities=frozenset({DeviceCapability.SIP}),
             status=DeviceStatus.ONLINE), actor="test")
         for msisdn, role, prio in ((owner, BindingRole.OWNER, 10), (backup, BindingRole.BACKUP_CONTACT, 20),
                                    (security, BindingRole.SECURITY_SERVICE, 30)):
-            sub = await repository.create_subscriber(conn, SubscriberCreate(msisdn=msisdn), actor="test")
-            await repository.create_binding(conn, BindingCreate(subscriber_id=sub.id, household_id=hh.id, role=role,
-                                                                priority=prio), actor="test")
+            sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=msisdn), actor="test")
+            await registry.create(
+                conn, registry.BINDING,
+                BindingCreate(subscriber_id=sub.id, household_id=hh.id, role=role,
+                              priority=prio), actor="test")
     return AlarmRig(tenant_id=tenant_id, household_id=hh.id, sensor_id=sensor.id, sensor=f"smoke-{suffix}",
                     jws_sensor=f"co-{suffix}", doorphone=f"door-{suffix}", hub=f"hub-{suffix}", owner=owner,
                     backup=backup, security=security, secret=secret, secret_file=secret_file, jws_private=private)

@@ -33,7 +33,7 @@ from iim.connectors.contract import (
     UserActionRequest,
     UserActionResult,
 )
-from policy_cache import repository
+from policy_cache import registry
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import (
     BindingCreate,
@@ -260,7 +260,7 @@ class Home:
 async def create_tenant(pool: Pool, name: str = "home") -> UUID:
     tenant = uuid4()
     async with tenant_tx(pool, tenant) as conn:
-        await repository.create_tenant(conn, TenantCreate(name=name), actor="test")
+        await registry.create(conn, registry.TENANT, TenantCreate(name=name), actor="test")
     return tenant
 
 
@@ -290,37 +290,37 @@ async def build_home(
     devices: dict[str, UUID] = {}
     suffix = msisdn[-7:]
     async with tenant_tx(pool, tenant) as conn:
-        hh = await repository.create_household(conn, HouseholdCreate(name=f"flat {suffix}", time_zone=time_zone,
-                                                                     presence=presence), **kw)
-        sub = await repository.create_subscriber(conn, SubscriberCreate(msisdn=msisdn), **kw)
-        await repository.create_binding(conn, BindingCreate(subscriber_id=sub.id, household_id=hh.id,
-                                                            role=BindingRole.OWNER), **kw)
+        hh = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(name=f"flat {suffix}", time_zone=time_zone,
+                                                                             presence=presence), **kw)
+        sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=msisdn), **kw)
+        await registry.create(conn, registry.BINDING, BindingCreate(subscriber_id=sub.id, household_id=hh.id,
+                                                                    role=BindingRole.OWNER), **kw)
         if speaker:
             caps = {DeviceCapability.TTS} | ({DeviceCapability.CLOUD_ANNOUNCE} if announce_speaker else set())
-            devices["speaker"] = (await repository.create_device(conn, DeviceCreate(
+            devices["speaker"] = (await registry.create(conn, registry.DEVICE, DeviceCreate(
                 household_id=hh.id, name="Kitchen speaker", type=DeviceType.SPEAKER, capabilities=frozenset(caps),
                 connector="webhook", connector_ref=speaker_ref or f"spk-{suffix}", status=DeviceStatus.ONLINE),
                 **kw)).id
         if display:
-            devices["display"] = (await repository.create_device(conn, DeviceCreate(
+            devices["display"] = (await registry.create(conn, registry.DEVICE, DeviceCreate(
                 household_id=hh.id, name="Hall panel", type=DeviceType.HUB,
                 capabilities=frozenset({DeviceCapability.DISPLAY}), connector="webhook",
                 connector_ref=f"panel-{suffix}", status=DeviceStatus.ONLINE), **kw)).id
         if sip_speaker:
-            devices["sip"] = (await repository.create_device(conn, DeviceCreate(
+            devices["sip"] = (await registry.create(conn, registry.DEVICE, DeviceCreate(
                 household_id=hh.id, name="SIP speaker", type=DeviceType.SPEAKER,
                 capabilities=frozenset({DeviceCapability.SIP, DeviceCapability.TTS}),
                 sip_uri=f"sip:sip-{suffix}@iim.local", status=DeviceStatus.ONLINE), **kw)).id
         consent_id = None
         if consent_scope is not None:
-            consent = await repository.grant_consent(conn, ConsentCreate(
+            consent = await registry.create(conn, registry.CONSENT, ConsentCreate(
                 subscriber_id=sub.id, purpose=ConsentPurpose.READ_SMS, scope=dict(consent_scope),
                 expires_at=consent_expires, evidence={"channel": "test"}), **kw)
             consent_id = consent.id
         if announce_consent:
-            await repository.grant_consent(conn, ConsentCreate(
+            await registry.create(conn, registry.CONSENT, ConsentCreate(
                 subscriber_id=sub.id, purpose=ConsentPurpose.ANNOUNCE_CALLS, evidence={"channel": "test"}), **kw)
-        await repository.create_policy(conn, PolicyCreate(
+        await registry.create(conn, registry.POLICY, PolicyCreate(
             subscriber_id=sub.id, quiet_start=quiet[0] if quiet else None, quiet_end=quiet[1] if quiet else None,
             dnd=dnd, blocked_callers=blocked or [], ring_mode=ring_mode, fallback=fallback), **kw)
     return Home(tenant, hh.id, sub.id, msisdn, devices, consent_id)

@@ -28,7 +28,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from policy_cache import migrate, repository
+from policy_cache import migrate, registry
 from policy_cache.bootstrap import EmbeddedPostgres, scram_verifier, start_embedded, with_url
 from policy_cache.db import Connection, DbRole, Pool, connect, connect_pool, tenant_tx
 from policy_cache.models import TenantCreate
@@ -192,5 +192,5 @@ async def create_tenant(pool: Pool, name: str = "tenant", *, tenant_id: UUID | N
     """A new tenant created through the app role; returns its id."""
     tid = tenant_id or uuid4()
     async with tenant_tx(pool, tid) as conn:
-        await repository.create_tenant(conn, TenantCreate(name=name), actor="test")
+        await registry.create(conn, registry.TENANT, TenantCreate(name=name), actor="test")
     return tid

@@ -12,7 +12,7 @@ Module map (one responsibility each):
 * ``auth``      -- bearer tokens (stored as SHA-256 hashes) mapped to an actor, a role and a tenant.
 * ``settings``  -- ``IIM_ADMIN_*`` settings (token table reference, body and page limits).
 * ``bodies``    -- size-limited, strict JSON request bodies and query strings, validated by pydantic.
-* ``resources`` -- the registry collections as data: models, list filters, repository calls.
+* ``resources`` -- the registry collections, generated from ``policy_cache.registry``'s table specs.
 * ``service``   -- tenant-scoped transactions and the store-error -> problem mapping.
 * ``views``     -- request handlers: validate, call the service, shape the response.
 * ``routing``   -- the ``Route`` description shared by the app and the OpenAPI generator.

@@ -11,8 +11,9 @@ Wire into the ``iim`` parser with ``register_subcommands(subparsers)``. Commands
     iim token      new|hash                          (offline: make a token and its table entry)
     iim db         upgrade                           (offline: migrate the database via the bootstrap)
 
-Field options are generated from the same pydantic models the API validates with, so the CLI
-cannot drift from the API: ``iim subscriber create --tenant T --msisdn +79001234567``. Values of
+The registry commands are made from the registry's table specs (``policy_cache.registry.TABLES``, through
+``iim.admin.resources``) and their field options from the same pydantic models the API validates with, so
+the CLI cannot drift from the API: ``iim subscriber create --tenant T --msisdn +79001234567``. Values of
 list fields are given as several words (``--capabilities sip tts``), object fields as JSON, and
 ``--data JSON`` (or ``@file``, or ``-`` for stdin) supplies a whole body; ``update --unset FIELD``
 sends ``null``. Output is a readable table (default) or ``--output json``.
@@ -47,7 +48,8 @@ from iim.scenarios.model import ContactRole, Scenario
 from iim.scenarios.simulate import format_timeline, simulate, synthetic_facts, timeline_json
 from iim.scenarios.templates import TEMPLATES
 from iot_bridge.event_types import EventType
-from policy_cache.models import DeviceStatus, DeviceType, PresenceState, TenantCreate, TenantUpdate
+from policy_cache.models import DeviceStatus, DeviceType, PresenceState
+from policy_cache.registry import TENANT
 
 __all__ = ["register_subcommands", "main"]
 
@@ -328,12 +330,12 @@ def _add_body_options(parser: argparse.ArgumentParser, model: type[BaseModel], *
 
 def _register_resource(sub: Any, res: Resource) -> Any:
     """The resource's commands; returns its ``ACTION`` sub-parsers (for extra, resource-specific ones)."""
-    command = res.name.replace("_", "-")
+    command = res.table.command
     top = sub.add_parser(command, help=f"manage {res.plural.replace('-', ' ')} of a tenant",
                          description=res.description)
     actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
     common = _common(tenant_scoped=True)
-    label = res.name.replace("_", " ")
+    label = res.table.label
 
     p = actions.add_parser(res.create_verb, parents=[common], help=f"{res.create_verb} a {label}")
     _add_body_options(p, res.create_model, update=False)
@@ -349,7 +351,7 @@ def _register_resource(sub: Any, res: Resource) -> Any:
     p.add_argument("id", type=_id)
     p.set_defaults(func=_run(lambda a, c: c.request("GET", f"{_tenant_path(a)}/{res.plural}/{a.id}")))
 
-    if res.update is not None and res.update_model is not None:
+    if res.update_model is not None:
         p = actions.add_parser("update", parents=[common], help=f"change a {label} (only the fields given)")
         p.add_argument("id", type=_id)
         _add_body_options(p, res.update_model, update=True)
@@ -360,12 +362,12 @@ def _register_resource(sub: Any, res: Resource) -> Any:
             query={"expected_version": a.expected_version} if getattr(a, "expected_version", None) else None,
         )))
 
-    if res.delete is not None:
+    if res.deletable:
         p = actions.add_parser("delete", parents=[common], help=f"delete a {label}")
         p.add_argument("id", type=_id)
         p.set_defaults(func=_run(lambda a, c: _deleted(c, f"{_tenant_path(a)}/{res.plural}/{a.id}", label, a.id)))
 
-    if res.revoke is not None:
+    if res.revocable:
         p = actions.add_parser("revoke", parents=[common], help=f"revoke a {label} (the record is kept)")
         p.add_argument("id", type=_id)
         p.set_defaults(func=_run(lambda a, c: c.request("POST", f"{_tenant_path(a)}/{res.plural}/{a.id}/revoke")))
@@ -381,10 +383,10 @@ def _register_tenant(sub: Any) -> None:
     top = sub.add_parser("tenant", help="manage tenants (admin token for changes)")
     actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
     common = _common(tenant_scoped=False)
-    columns = ("id", "name", "created_at")
+    columns = TENANT.columns
 
     p = actions.add_parser("create", parents=[common], help="create a tenant")
-    _add_body_options(p, TenantCreate, update=False)
+    _add_body_options(p, TENANT.create, update=False)
     p.set_defaults(func=_run(lambda a, c: c.request("POST", "/v1/tenants", body=model_body(a)), columns))
 
     p = actions.add_parser("list", parents=[common], help="list tenants")
@@ -397,7 +399,8 @@ def _register_tenant(sub: Any) -> None:
 
     p = actions.add_parser("update", parents=[common], help="change a tenant")
     p.add_argument("id", type=_id)
-    _add_body_options(p, TenantUpdate, update=True)
+    assert TENANT.update is not None
+    _add_body_options(p, TENANT.update, update=True)
     p.set_defaults(func=_run(lambda a, c: c.request("PATCH", f"/v1/tenants/{a.id}", body=model_body(a))))
 
     p = actions.add_parser("delete", parents=[common], help="delete a tenant and its whole registry")

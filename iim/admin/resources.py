@@ -1,16 +1,18 @@
-"""The registry resources the admin API and CLI expose, as data: models, filters and repository calls.
+"""The registry collections the admin API and CLI expose, generated from the registry's table specs.
 
-One :class:`Resource` per tenant-scoped collection (``/v1/tenants/{tenant_id}/<plural>``). The
-models are the repository's own (:mod:`policy_cache.models`); the calls are thin adapters onto
-:mod:`policy_cache.repository`, which writes the audit row of every change in the same transaction.
+One :class:`Resource` per tenant-scoped table of :data:`policy_cache.registry.TABLES`
+(``/v1/tenants/{tenant_id}/<plural>``): its models are the spec's (:mod:`policy_cache.models`), its list
+query is made from the spec's filters, its operations are the generic CRUD of :mod:`policy_cache.registry`
+(which writes the audit row of every change in the same transaction). Scenarios differ in one way: their
+bodies are typed by :mod:`iim.scenarios.model` and written through :mod:`iim.scenarios.registry`.
 Tenants themselves are not a :class:`Resource` (they have their own routes and rules).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_type_hints
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
@@ -31,17 +33,12 @@ from iim.scenarios.model import (
     check_steps,
 )
 from policy_cache import models as m
-from policy_cache import repository as repo
+from policy_cache import registry
 from policy_cache.db import Connection
-from policy_cache.errors import NotFound
+from policy_cache.registry import TableSpec
 
 Correlation = dict[str, str]
-Creator = Callable[[Connection, Any, str, Correlation], Awaitable[BaseModel]]
-Getter = Callable[[Connection, UUID], Awaitable[BaseModel]]
-Lister = Callable[[Connection, Any], Awaitable[Sequence[BaseModel]]]
-Updater = Callable[[Connection, UUID, Any, Any, str, Correlation], Awaitable[BaseModel]]
-Deleter = Callable[[Connection, UUID, str, Correlation], Awaitable[None]]
-Revoker = Callable[[Connection, UUID, str, Correlation], Awaitable[BaseModel]]
+AnySpec = TableSpec[Any, Any, Any]
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
@@ -56,45 +53,38 @@ class ListQuery(BaseModel):
     after: UUID | None = Field(default=None, description="return rows with an id greater than this one")
 
 
-class DeviceQuery(ListQuery):
-    household_id: UUID | None = Field(default=None, description="only devices of this household")
-
-
-class SubscriberQuery(ListQuery):
-    msisdn: m.Msisdn | None = Field(default=None, description="only the subscriber with this E.164 number")
-
-
-class BindingQuery(ListQuery):
-    subscriber_id: UUID | None = Field(default=None, description="only bindings of this subscriber")
-    household_id: UUID | None = Field(default=None, description="only bindings to this household")
-
-
-class ConsentQuery(ListQuery):
-    subscriber_id: UUID | None = Field(default=None, description="only consents of this subscriber")
-    purpose: m.ConsentPurpose | None = Field(default=None, description="only consents for this purpose")
-
-
-class PolicyUpdateQuery(BaseModel):
+class NoQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    expected_version: int | None = Field(
-        default=None, ge=1, description="apply only if the policy is still at this version (else 409)"
+
+def _camel(name: str) -> str:
+    return "".join(p.title() for p in name.split("_"))
+
+
+def list_query(spec: AnySpec) -> type[ListQuery]:
+    """Pagination plus one optional query parameter per filter of the spec (``DeviceQuery``), each typed
+    like the create model's field of that name."""
+    if not spec.filters:
+        return ListQuery
+    hints = get_type_hints(spec.create, include_extras=True)
+    fields: dict[str, Any] = {
+        f.column: (hints[f.column] | None, Field(default=None, description=f.description)) for f in spec.filters
+    }
+    model: type[ListQuery] = create_model(f"{_camel(spec.name)}Query", __base__=ListQuery, **fields)
+    return model
+
+
+def update_query(spec: AnySpec) -> type[BaseModel]:
+    """``?expected_version=`` for a versioned table (``PolicyUpdateQuery``); none otherwise."""
+    if not spec.versioned:
+        return NoQuery
+    model: type[BaseModel] = create_model(
+        f"{_camel(spec.name)}UpdateQuery",
+        __config__=ConfigDict(extra="forbid", frozen=True),
+        expected_version=(int | None, Field(
+            default=None, ge=1, description=f"apply only if the {spec.label} is still at this version (else 409)")),
     )
-
-
-class ScenarioQuery(ListQuery):
-    household_id: UUID | None = Field(default=None, description="only scenarios of this household")
-    subscriber_id: UUID | None = Field(default=None, description="only scenarios of this subscriber")
-    name: str | None = Field(default=None, min_length=1, max_length=200, description="only the scenario so named")
-    enabled: bool | None = Field(default=None, description="only enabled (true) or disabled (false) scenarios")
-
-
-class ScenarioUpdateQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    expected_version: int | None = Field(
-        default=None, ge=1, description="apply only if the scenario is still at this version (else 409)"
-    )
+    return model
 
 
 AnyStep = CallStep | SmsStep | NotifyStep | RecordStep | WaitStep
@@ -165,7 +155,7 @@ class ScenarioUpdateBody(BaseModel):
 
 
 def _stored(body: BaseModel, fields: set[str]) -> dict[str, Any]:
-    """The body's fields as the repository stores them: ids as UUIDs, the definition as JSON values."""
+    """The body's fields as the registry stores them: ids as UUIDs, the definition as JSON values."""
     out: dict[str, Any] = {}
     for name in fields:
         value = getattr(body, name)
@@ -175,34 +165,98 @@ def _stored(body: BaseModel, fields: set[str]) -> dict[str, Any]:
     return out
 
 
-class NoQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Resource:
-    """One tenant-scoped collection and the operations it supports."""
+    """One tenant-scoped collection and the operations it supports, as its table spec says."""
 
-    name: str  # singular, as in the audit log's ``entity`` and the CLI command: "household"
-    plural: str  # path segment and OpenAPI tag: "households"
-    read_model: type[BaseModel]
-    create_model: type[BaseModel]
+    table: AnySpec
     list_query: type[ListQuery]
-    create: Creator
-    get: Getter
-    list: Lister
-    update_model: type[BaseModel] | None = None
-    update_query: type[BaseModel] = NoQuery
-    update: Updater | None = None
-    delete: Deleter | None = None
-    revoke: Revoker | None = None
-    create_verb: str = "create"  # "grant" for consents (CLI sub-command and OpenAPI summary)
-    columns: tuple[str, ...] = ("id",)  # the CLI's table view
-    description: str = ""
+    update_query: type[BaseModel]
+    create_model: type[BaseModel]  # the request body of create (and the CLI's create options)
+    update_model: type[BaseModel] | None  # the request body of update; None: rows are not edited
+
+    @classmethod
+    def of(cls, spec: AnySpec) -> Resource:
+        return cls(spec, list_query(spec), update_query(spec), spec.create, spec.update)
+
+    @property
+    def name(self) -> str:
+        """Singular, as in the audit log's ``entity``: ``credential_ref``."""
+        return self.table.name
+
+    @property
+    def plural(self) -> str:
+        """Path segment and OpenAPI tag: ``credential-refs``."""
+        return self.table.plural
+
+    @property
+    def read_model(self) -> type[BaseModel]:
+        return self.table.record
 
     @property
     def page_model(self) -> type[BaseModel]:
         return page_model(self.read_model)
+
+    @property
+    def create_verb(self) -> str:
+        return self.table.create_verb
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.table.columns
+
+    @property
+    def description(self) -> str:
+        return self.table.description
+
+    @property
+    def updatable(self) -> bool:
+        return self.update_model is not None
+
+    @property
+    def deletable(self) -> bool:
+        return self.table.deletable
+
+    @property
+    def revocable(self) -> bool:
+        return self.table.revoked_at is not None
+
+    async def create(self, conn: Connection, data: BaseModel, actor: str, correlation: Correlation) -> BaseModel:
+        return await registry.create(conn, self.table, data, actor=actor, correlation=correlation)
+
+    async def get(self, conn: Connection, row_id: UUID) -> BaseModel:
+        return await registry.get(conn, self.table, row_id)
+
+    async def list(self, conn: Connection, query: ListQuery) -> Sequence[BaseModel]:
+        filters = {f.column: getattr(query, f.column) for f in self.table.filters}
+        return await registry.list_rows(conn, self.table, limit=query.limit, after=query.after, **filters)
+
+    async def update(self, conn: Connection, row_id: UUID, data: BaseModel, query: BaseModel, actor: str,
+                     correlation: Correlation) -> BaseModel:
+        return await registry.update(conn, self.table, row_id, data, actor=actor, correlation=correlation,
+                                     expected_version=getattr(query, "expected_version", None))
+
+    async def delete(self, conn: Connection, row_id: UUID, actor: str, correlation: Correlation) -> None:
+        await registry.delete(conn, self.table, row_id, actor=actor, correlation=correlation)
+
+    async def revoke(self, conn: Connection, row_id: UUID, actor: str, correlation: Correlation) -> BaseModel:
+        return await registry.revoke(conn, self.table, row_id, actor=actor, correlation=correlation)
+
+
+class ScenarioResource(Resource):
+    """Scenario bodies are typed by :mod:`iim.scenarios.model` (a bad definition is a 422 with the location
+    of each error) and stored through :mod:`iim.scenarios.registry`, which validates what results."""
+
+    async def create(self, conn: Connection, data: BaseModel, actor: str, correlation: Correlation) -> BaseModel:
+        assert isinstance(data, ScenarioCreateBody)
+        return await scenario_registry.create_scenario(conn, data.to_create(), actor=actor, correlation=correlation)
+
+    async def update(self, conn: Connection, row_id: UUID, data: BaseModel, query: BaseModel, actor: str,
+                     correlation: Correlation) -> BaseModel:
+        assert isinstance(data, ScenarioUpdateBody)
+        return await scenario_registry.update_scenario(
+            conn, row_id, data.to_update(), actor=actor, correlation=correlation,
+            expected_version=getattr(query, "expected_version", None))
 
 
 _PAGES: dict[type[BaseModel], type[BaseModel]] = {}
@@ -222,161 +276,12 @@ def page_model(item: type[BaseModel]) -> type[BaseModel]:
     return found
 
 
-RESOURCES: tuple[Resource, ...] = (
-    Resource(
-        name="brand", plural="brands", read_model=m.Brand, create_model=m.BrandCreate, list_query=ListQuery,
-        create=lambda c, d, a, k: repo.create_brand(c, d, actor=a, correlation=k),
-        get=lambda c, i: _get_by_list(repo.list_brands, c, i, "brand"),
-        list=lambda c, q: repo.list_brands(c, limit=q.limit, after=q.after),
-        delete=lambda c, i, a, k: repo.delete_brand(c, i, actor=a, correlation=k),
-        columns=("id", "name"),
-        description="Brands of the tenant (operator -> brand/region -> household).",
-    ),
-    Resource(
-        name="region", plural="regions", read_model=m.Region, create_model=m.RegionCreate,
-        list_query=ListQuery,
-        create=lambda c, d, a, k: repo.create_region(c, d, actor=a, correlation=k),
-        get=lambda c, i: _get_by_list(repo.list_regions, c, i, "region"),
-        list=lambda c, q: repo.list_regions(c, limit=q.limit, after=q.after),
-        delete=lambda c, i, a, k: repo.delete_region(c, i, actor=a, correlation=k),
-        columns=("id", "name"),
-        description="Regions of the tenant.",
-    ),
-    Resource(
-        name="household", plural="households", read_model=m.Household, create_model=m.HouseholdCreate,
-        list_query=ListQuery,
-        create=lambda c, d, a, k: repo.create_household(c, d, actor=a, correlation=k),
-        get=repo.get_household,
-        list=lambda c, q: repo.list_households(c, limit=q.limit, after=q.after),
-        update_model=m.HouseholdUpdate,
-        update=lambda c, i, d, q, a, k: repo.update_household(c, i, d, actor=a, correlation=k),
-        delete=lambda c, i, a, k: repo.delete_household(c, i, actor=a, correlation=k),
-        columns=("id", "name", "time_zone", "presence", "external_id"),
-        description="Households (homes/locations); deleting one deletes its devices, bindings and policy.",
-    ),
-    Resource(
-        name="subscriber", plural="subscribers", read_model=m.Subscriber, create_model=m.SubscriberCreate,
-        list_query=SubscriberQuery,
-        create=lambda c, d, a, k: repo.create_subscriber(c, d, actor=a, correlation=k),
-        get=repo.get_subscriber,
-        list=lambda c, q: _list_subscribers(c, q),
-        update_model=m.SubscriberUpdate,
-        update=lambda c, i, d, q, a, k: repo.update_subscriber(c, i, d, actor=a, correlation=k),
-        delete=lambda c, i, a, k: repo.delete_subscriber(c, i, actor=a, correlation=k),
-        columns=("id", "msisdn", "sip_aor", "display_name", "external_id"),
-        description="Subscribers (MSISDN unique per tenant); deleting one deletes its bindings, consents, policy.",
-    ),
-    Resource(
-        name="device", plural="devices", read_model=m.Device, create_model=m.DeviceCreate,
-        list_query=DeviceQuery,
-        create=lambda c, d, a, k: repo.create_device(c, d, actor=a, correlation=k),
-        get=repo.get_device,
-        list=lambda c, q: repo.list_devices(c, household_id=q.household_id, limit=q.limit, after=q.after),
-        update_model=m.DeviceUpdate,
-        update=lambda c, i, d, q, a, k: repo.update_device(c, i, d, actor=a, correlation=k),
-        delete=lambda c, i, a, k: repo.delete_device(c, i, actor=a, correlation=k),
-        columns=("id", "household_id", "name", "type", "status", "enabled"),
-        description="Devices of a household (speakers, hubs, sensors, wearables, doorphones).",
-    ),
-    Resource(
-        name="binding", plural="bindings", read_model=m.Binding, create_model=m.BindingCreate,
-        list_query=BindingQuery,
-        create=lambda c, d, a, k: repo.create_binding(c, d, actor=a, correlation=k),
-        get=repo.get_binding,
-        list=lambda c, q: repo.list_bindings(
-            c, subscriber_id=q.subscriber_id, household_id=q.household_id, limit=q.limit, after=q.after
-        ),
-        update_model=m.BindingUpdate,
-        update=lambda c, i, d, q, a, k: repo.update_binding(c, i, d, actor=a, correlation=k),
-        delete=lambda c, i, a, k: repo.delete_binding(c, i, actor=a, correlation=k),
-        columns=("id", "subscriber_id", "household_id", "device_id", "role", "priority"),
-        description="Subscriber <-> household (<-> device) bindings.",
-    ),
-    Resource(
-        name="consent", plural="consents", read_model=m.Consent, create_model=m.ConsentCreate,
-        list_query=ConsentQuery,
-        create=lambda c, d, a, k: repo.grant_consent(c, d, actor=a, correlation=k),
-        get=repo.get_consent,
-        list=lambda c, q: repo.list_consents(
-            c, subscriber_id=q.subscriber_id, purpose=q.purpose, limit=q.limit, after=q.after
-        ),
-        revoke=lambda c, i, a, k: repo.revoke_consent(c, i, actor=a, correlation=k),
-        create_verb="grant",
-        columns=("id", "subscriber_id", "purpose", "granted_at", "expires_at", "revoked_at"),
-        description="Consents are granted and revoked (revoked_at is set), never edited or deleted.",
-    ),
-    Resource(
-        name="policy", plural="policies", read_model=m.Policy, create_model=m.PolicyCreate,
-        list_query=ListQuery,
-        create=lambda c, d, a, k: repo.create_policy(c, d, actor=a, correlation=k),
-        get=repo.get_policy,
-        list=lambda c, q: repo.list_policies(c, limit=q.limit, after=q.after),
-        update_model=m.PolicyUpdate,
-        update_query=PolicyUpdateQuery,
-        update=lambda c, i, d, q, a, k: repo.update_policy(
-            c, i, d, actor=a, expected_version=q.expected_version, correlation=k
-        ),
-        delete=lambda c, i, a, k: repo.delete_policy(c, i, actor=a, correlation=k),
-        columns=("id", "subscriber_id", "household_id", "ring_mode", "dnd", "version"),
-        description="Routing policies of a subscriber (override) or a household (default for its members).",
-    ),
-    Resource(
-        name="scenario", plural="scenarios", read_model=m.ScenarioRecord, create_model=ScenarioCreateBody,
-        list_query=ScenarioQuery,
-        create=lambda c, d, a, k: scenario_registry.create_scenario(c, d.to_create(), actor=a, correlation=k),
-        get=scenario_registry.get_scenario,
-        list=lambda c, q: scenario_registry.list_scenarios(
-            c, household_id=q.household_id, subscriber_id=q.subscriber_id, name=q.name, enabled=q.enabled,
-            limit=q.limit, after=q.after
-        ),
-        update_model=ScenarioUpdateBody,
-        update_query=ScenarioUpdateQuery,
-        update=lambda c, i, d, q, a, k: scenario_registry.update_scenario(
-            c, i, d.to_update(), actor=a, expected_version=q.expected_version, correlation=k
-        ),
-        delete=lambda c, i, a, k: scenario_registry.delete_scenario(c, i, actor=a, correlation=k),
-        columns=("id", "name", "household_id", "subscriber_id", "enabled", "version"),
-        description="Escalation scenarios for device incidents: trigger, conditions, steps (see iim.scenarios.model); "
-                    "also: iim scenario simulate | templates.",
-    ),
-    Resource(
-        name="credential_ref", plural="credential-refs", read_model=m.CredentialRef,
-        create_model=m.CredentialRefCreate, list_query=ListQuery,
-        create=lambda c, d, a, k: repo.create_credential_ref(c, d, actor=a, correlation=k),
-        get=repo.get_credential_ref,
-        list=lambda c, q: repo.list_credential_refs(c, limit=q.limit, after=q.after),
-        update_model=m.CredentialRefUpdate,
-        update=lambda c, i, d, q, a, k: repo.update_credential_ref(c, i, d, actor=a, correlation=k),
-        delete=lambda c, i, a, k: repo.delete_credential_ref(c, i, actor=a, correlation=k),
-        columns=("id", "name", "kind", "ref", "rotated_at"),
-        description="References into the secret store (env:, file:, vault:, kms:); never the secret itself.",
-    ),
-)
+def _resource(spec: AnySpec) -> Resource:
+    if spec is registry.SCENARIO:
+        return ScenarioResource(spec, list_query(spec), update_query(spec), ScenarioCreateBody, ScenarioUpdateBody)
+    return Resource.of(spec)
+
+
+RESOURCES: tuple[Resource, ...] = tuple(_resource(spec) for spec in registry.TABLES if spec is not registry.TENANT)
 
 BY_NAME: dict[str, Resource] = {r.name: r for r in RESOURCES}
-
-
-async def _list_subscribers(conn: Connection, query: SubscriberQuery) -> Sequence[BaseModel]:
-    if query.msisdn is None:
-        return await repo.list_subscribers(conn, limit=query.limit, after=query.after)
-    try:
-        found = await repo.get_subscriber_by_msisdn(conn, query.msisdn)
-    except NotFound:
-        return []
-    return [found] if query.after is None or found.id > query.after else []
-
-
-async def _get_by_list(
-    lister: Callable[..., Awaitable[Sequence[Any]]], conn: Connection, row_id: UUID, entity: str
-) -> BaseModel:
-    """Brands and regions have no ``get_*`` in the repository: the row after ``row_id - 1`` is the row."""
-    rows = await lister(conn, limit=1, after=_predecessor(row_id))
-    if rows and rows[0].id == row_id:
-        found: BaseModel = rows[0]
-        return found
-    raise NotFound(f"{entity} {row_id} not found", entity=entity)
-
-
-def _predecessor(value: UUID) -> UUID | None:
-    n = value.int
-    return None if n == 0 else UUID(int=n - 1)

@@ -1,4 +1,5 @@
-"""The admin API's route table (paths relative to the ``/v1`` prefix), built from ``resources``."""
+"""The admin API's route table (paths relative to the ``/v1`` prefix), built from ``resources`` (the registry's
+table specs)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from iim.admin.problems import (
 from iim.admin.resources import RESOURCES, ListQuery, NoQuery, Resource, page_model
 from iim.admin.routing import Access, PathParam, Route
 from iim.admin.service import AuditPage, AuditQuery, ChainStatus
-from policy_cache.models import Tenant, TenantCreate, TenantUpdate
+from policy_cache.registry import TENANT
 
 TENANT_ID = PathParam("tenant_id", "the tenant's id")
 
@@ -36,17 +37,17 @@ def _camel(*words: str) -> str:
 def _tenant_routes() -> list[Route]:
     return [
         Route("GET", "/tenants", views.list_tenants, "listTenants", "List tenants (all, or the token's own)",
-              "tenants", Access.READ, query_model=ListQuery, response_model=page_model(Tenant),
+              "tenants", Access.READ, query_model=ListQuery, response_model=page_model(TENANT.record),
               errors=(InvalidParameter,)),
         Route("POST", "/tenants", views.create_tenant, "createTenant", "Create a tenant (admin)", "tenants",
-              Access.ADMIN, request_model=TenantCreate, response_model=Tenant, response_status=201,
+              Access.ADMIN, request_model=TENANT.create, response_model=TENANT.record, response_status=201,
               response_description="Created", errors=_BODY_ERRORS),
         Route("GET", "/tenants/{tenant_id}", views.get_tenant, "getTenant", "Show a tenant", "tenants",
-              Access.READ, path_params=(TENANT_ID,), query_model=NoQuery, response_model=Tenant,
+              Access.READ, path_params=(TENANT_ID,), query_model=NoQuery, response_model=TENANT.record,
               errors=(NotFound, InvalidParameter)),
         Route("PATCH", "/tenants/{tenant_id}", views.update_tenant, "updateTenant", "Change a tenant (admin)",
-              "tenants", Access.ADMIN, path_params=(TENANT_ID,), request_model=TenantUpdate,
-              response_model=Tenant, errors=(NotFound, *_BODY_ERRORS)),
+              "tenants", Access.ADMIN, path_params=(TENANT_ID,), request_model=TENANT.update,
+              response_model=TENANT.record, errors=(NotFound, *_BODY_ERRORS)),
         Route("DELETE", "/tenants/{tenant_id}", views.delete_tenant, "deleteTenant",
               "Delete a tenant and its whole registry (admin; the audit log is kept)", "tenants", Access.ADMIN,
               path_params=(TENANT_ID,), response_status=204, response_description="Deleted",
@@ -61,9 +62,9 @@ def _tenant_routes() -> list[Route]:
 
 
 def _resource_routes(res: Resource) -> list[Route]:
-    one = PathParam("id", f"the {res.name.replace('_', ' ')}'s id")
+    one = PathParam("id", f"the {res.table.label}'s id")
     base = f"/tenants/{{tenant_id}}/{res.plural}"
-    label = res.name.replace("_", " ")
+    label = res.table.label
     routes = [
         Route("GET", base, views.list_view(res), _camel("list", res.plural), f"List {res.plural}", res.plural,
               Access.READ, path_params=(TENANT_ID,), query_model=res.list_query, response_model=res.page_model,
@@ -76,7 +77,7 @@ def _resource_routes(res: Resource) -> list[Route]:
               res.plural, Access.READ, path_params=(TENANT_ID, one), query_model=NoQuery,
               response_model=res.read_model, errors=(NotFound, InvalidParameter)),
     ]
-    if res.update is not None and res.update_model is not None:
+    if res.update_model is not None:
         errors: tuple[type[ApiError], ...] = (NotFound, Conflict, InvalidReference, *_BODY_ERRORS)
         if res.update_query is not NoQuery:
             errors = (*errors, VersionConflict)
@@ -86,13 +87,13 @@ def _resource_routes(res: Resource) -> list[Route]:
             path_params=(TENANT_ID, one), query_model=res.update_query, request_model=res.update_model,
             response_model=res.read_model, errors=errors,
         ))
-    if res.delete is not None:
+    if res.deletable:
         routes.append(Route(
             "DELETE", base + "/{id}", views.delete_view(res), _camel("delete", res.name), f"Delete a {label}",
             res.plural, Access.WRITE, path_params=(TENANT_ID, one), query_model=NoQuery, response_status=204,
             response_description="Deleted", errors=(NotFound, StillReferenced, InvalidParameter),
         ))
-    if res.revoke is not None:
+    if res.revocable:
         routes.append(Route(
             "POST", base + "/{id}/revoke", views.revoke_view(res), _camel("revoke", res.name),
             f"Revoke a {label} (sets revoked_at; the row is kept; idempotent)", res.plural, Access.WRITE,

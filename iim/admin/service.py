@@ -2,7 +2,7 @@
 
 Handlers never touch SQL or asyncpg: they call :class:`RegistryService`, which opens a
 :func:`policy_cache.db.tenant_tx` (read-only for reads), checks that the tenant exists, calls
-the repository (which audits every change in the same transaction, with the actor passed here)
+the registry's CRUD (which audits every change in the same transaction, with the actor passed here)
 and maps the store's errors to API problems at this one boundary::
 
     policy_cache.errors.NotFound            -> NotFound            404 not-found
@@ -29,9 +29,8 @@ from iim.admin import problems
 from iim.admin.problems import FieldError
 from iim.admin.resources import Correlation, ListQuery, Resource
 from iim.core.errors import STORE_UNAVAILABLE
-from policy_cache import audit
+from policy_cache import audit, registry
 from policy_cache import errors as store
-from policy_cache import repository as repo
 from policy_cache.db import Connection, Pool, tenant_tx
 from policy_cache.models import Tenant, TenantCreate, TenantUpdate
 
@@ -146,7 +145,7 @@ class RegistryService:
 
     async def _require_tenant(self, conn: Connection, tenant_id: UUID) -> Tenant:
         try:
-            return await repo.get_tenant(conn, tenant_id)
+            return await registry.get(conn, registry.TENANT, tenant_id)
         except store.NotFound as exc:
             raise problems.NotFound(f"tenant {tenant_id} not found") from exc
 
@@ -158,18 +157,18 @@ class RegistryService:
         with map_store_errors():
             async with self._pool(self._directory_pool).acquire() as proxy:
                 conn = cast(Connection, proxy)
-                return await repo.list_tenants(conn, limit=query.limit, after=query.after)
+                return await registry.list_rows(conn, registry.TENANT, limit=query.limit, after=query.after)
 
     async def list_own_tenant(self, tenant_id: UUID, query: ListQuery) -> list[Tenant]:
         if query.after is not None and tenant_id <= query.after:
             return []
         async with self._tx(tenant_id, write=False) as conn:
-            return await repo.list_tenants(conn, limit=1)
+            return await registry.list_rows(conn, registry.TENANT, limit=1)
 
     async def create_tenant(self, data: TenantCreate, actor: str, correlation: Correlation) -> Tenant:
         new_id = uuid4()
         async with self._tx(new_id, write=True) as conn:
-            return await repo.create_tenant(conn, data, actor=actor, correlation=correlation)
+            return await registry.create(conn, registry.TENANT, data, actor=actor, correlation=correlation)
 
     async def get_tenant(self, tenant_id: UUID) -> Tenant:
         async with self._tx(tenant_id, write=False) as conn:
@@ -178,12 +177,12 @@ class RegistryService:
     async def update_tenant(self, tenant_id: UUID, data: TenantUpdate, actor: str, correlation: Correlation) -> Tenant:
         async with self._tx(tenant_id, write=True) as conn:
             await self._require_tenant(conn, tenant_id)
-            return await repo.update_tenant(conn, tenant_id, data, actor=actor, correlation=correlation)
+            return await registry.update(conn, registry.TENANT, tenant_id, data, actor=actor, correlation=correlation)
 
     async def delete_tenant(self, tenant_id: UUID, actor: str, correlation: Correlation) -> None:
         async with self._tx(tenant_id, write=True, deleting=True) as conn:
             await self._require_tenant(conn, tenant_id)
-            await repo.delete_tenant(conn, tenant_id, actor=actor, correlation=correlation)
+            await registry.delete(conn, registry.TENANT, tenant_id, actor=actor, correlation=correlation)
 
     # -- tenant-scoped resources --------------------------------------------------------------------
 
@@ -208,7 +207,7 @@ class RegistryService:
         self, res: Resource, tenant_id: UUID, row_id: UUID, data: BaseModel, query: BaseModel, actor: str,
         correlation: Correlation,
     ) -> BaseModel:
-        assert res.update is not None
+        assert res.updatable
         async with self._tx(tenant_id, write=True) as conn:
             await self._require_tenant(conn, tenant_id)
             return await res.update(conn, row_id, data, query, actor, correlation)
@@ -216,7 +215,7 @@ class RegistryService:
     async def delete(
         self, res: Resource, tenant_id: UUID, row_id: UUID, actor: str, correlation: Correlation
     ) -> None:
-        assert res.delete is not None
+        assert res.deletable
         async with self._tx(tenant_id, write=True, deleting=True) as conn:
             await self._require_tenant(conn, tenant_id)
             await res.delete(conn, row_id, actor, correlation)
@@ -224,7 +223,7 @@ class RegistryService:
     async def revoke(
         self, res: Resource, tenant_id: UUID, row_id: UUID, actor: str, correlation: Correlation
     ) -> BaseModel:
-        assert res.revoke is not None
+        assert res.revocable
         async with self._tx(tenant_id, write=True) as conn:
             await self._require_tenant(conn, tenant_id)
             return await res.revoke(conn, row_id, actor, correlation)

@@ -11,7 +11,6 @@ timestamp against ``now`` (bounded on both sides).
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import re
@@ -78,7 +77,7 @@ def decode_secret(text: str) -> bytes:
     body = text.strip().removeprefix("whsec_")
     try:
         secret = base64.b64decode(body, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or non-ASCII text
         raise ValueError("webhook secret is not base64") from None
     if len(secret) < _MIN_SECRET:
         raise ValueError(f"webhook secret must be at least {_MIN_SECRET} bytes, got {len(secret)}")
@@ -127,7 +126,7 @@ def _v1_signatures(header: str) -> list[bytes]:
             continue
         try:
             digest = base64.b64decode(value, validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, and ValueError for a non-ASCII header value ("v1,é")
             raise MalformedSignature("v1 signature is not base64") from None
         if len(digest) != hashlib.sha256().digest_size:
             raise MalformedSignature("v1 signature has the wrong length")

@@ -320,7 +320,7 @@ def select_scenario(scenarios: Sequence[Scenario], facts: IncidentFacts, now: da
     """The first enabled scenario whose trigger and conditions match, in the order given.
 
     The order is the priority: pass the household's own scenarios first, then the tenant-wide ones
-    (``policy_cache.repository.scenarios_for_household`` returns them so).
+    (``iim.scenarios.registry.scenarios_for_household`` returns them so).
     """
     for scenario in scenarios:
         if not mismatches(scenario, facts, now):

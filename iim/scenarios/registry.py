@@ -1,7 +1,8 @@
 """The scenario registry: rows of ``iim.scenario``, each validated as a runnable :class:`Scenario` on write.
 
-The generic CRUD (audit row per change, SQLSTATE mapping) is the registry's (``policy_cache.repository``);
-this module adds what only scenarios have: their definition must validate before it is stored.
+The table and its generic CRUD (audit row per change, SQLSTATE mapping) are the registry's
+(:data:`policy_cache.registry.SCENARIO`); this module adds what only scenarios have: their definition must
+validate before it is stored, and the household's candidates are selected in priority order.
 """
 
 from __future__ import annotations
@@ -13,27 +14,16 @@ from uuid import UUID
 from pydantic import ValidationError
 
 from iim.scenarios.model import Scenario as ScenarioDefinition
+from policy_cache import registry
 from policy_cache.db import Connection
 from policy_cache.errors import InvalidData, NotFound
 from policy_cache.models import ScenarioCreate, ScenarioRecord, ScenarioUpdate
-from policy_cache.repository import (
-    Correlation,
-    _delete,
-    _errors,
-    _get,
-    _insert,
-    _list,
-    _Table,
-    _update,
-    _values,
-)
+from policy_cache.registry import SCENARIO, Correlation
 
 __all__ = [
     "create_scenario", "delete_scenario", "get_scenario", "get_scenario_by_name", "list_scenarios",
     "scenarios_for_household", "update_scenario",
 ]
-
-_SCENARIO = _Table("scenario", ScenarioRecord, versioned=True)
 
 _DEFINITION = ("name", "trigger", "conditions", "steps", "on_acknowledge", "enabled")
 
@@ -52,29 +42,26 @@ def _check_definition(values: Mapping[str, Any]) -> None:
 async def create_scenario(conn: Connection, data: ScenarioCreate, *, actor: str,
                           correlation: Correlation = None) -> ScenarioRecord:
     """:class:`InvalidData` when the definition does not validate as a :class:`iim.scenarios.model.Scenario`."""
-    values = _values(data, only_set=False)
-    _check_definition(values)
-    row = await _insert(conn, _SCENARIO, values, actor=actor, correlation=correlation)
-    return ScenarioRecord.model_validate(dict(row))
+    _check_definition(registry.row_values(data, only_set=False))
+    return await registry.create(conn, SCENARIO, data, actor=actor, correlation=correlation)
 
 
 async def get_scenario(conn: Connection, scenario_id: UUID) -> ScenarioRecord:
-    return ScenarioRecord.model_validate(dict(await _get(conn, _SCENARIO, scenario_id)))
+    return await registry.get(conn, SCENARIO, scenario_id)
 
 
 async def get_scenario_by_name(conn: Connection, name: str) -> ScenarioRecord:
-    rows = await _list(conn, _SCENARIO, {"name": name}, limit=1, after=None)
+    rows = await registry.list_rows(conn, SCENARIO, name=name, limit=1)
     if not rows:
         raise NotFound(f"scenario {name!r} not found", entity="scenario")
-    return ScenarioRecord.model_validate(dict(rows[0]))
+    return rows[0]
 
 
 async def list_scenarios(conn: Connection, *, household_id: UUID | None = None, subscriber_id: UUID | None = None,
                          name: str | None = None, enabled: bool | None = None, limit: int = 100,
                          after: UUID | None = None) -> list[ScenarioRecord]:
-    rows = await _list(conn, _SCENARIO, {"household_id": household_id, "subscriber_id": subscriber_id,
-                                         "name": name, "enabled": enabled}, limit=limit, after=after)
-    return [ScenarioRecord.model_validate(dict(r)) for r in rows]
+    return await registry.list_rows(conn, SCENARIO, household_id=household_id, subscriber_id=subscriber_id,
+                                    name=name, enabled=enabled, limit=limit, after=after)
 
 
 async def scenarios_for_household(conn: Connection, household_id: UUID, *,
@@ -82,7 +69,7 @@ async def scenarios_for_household(conn: Connection, household_id: UUID, *,
     """The scenarios that may answer an event of the household, in priority order for
     ``iim.scenarios.engine.select_scenario``: the household's own, then the tenant-wide ones (no household,
     no subscriber); by name within each."""
-    with _errors("scenario"):
+    with registry.store_errors(SCENARIO):
         rows = await conn.fetch(
             """SELECT * FROM iim.scenario
                 WHERE (household_id = $1 OR (household_id IS NULL AND subscriber_id IS NULL))
@@ -98,15 +85,14 @@ async def update_scenario(conn: Connection, scenario_id: UUID, data: ScenarioUpd
 
     ``expected_version`` makes it conditional (:class:`VersionConflict`); the database bumps ``version``.
     """
-    values = _values(data, only_set=True)
+    values = registry.row_values(data, only_set=True)
     if set(values) & set(_DEFINITION):
-        current = dict(await _get(conn, _SCENARIO, scenario_id, lock=True))
-        _check_definition({**current, **values})
-    row = await _update(conn, _SCENARIO, scenario_id, values, actor=actor, correlation=correlation,
-                        expected_version=expected_version)
-    return ScenarioRecord.model_validate(dict(row))
+        current = await registry.get(conn, SCENARIO, scenario_id, lock=True)
+        _check_definition({**current.model_dump(), **values})
+    return await registry.update(conn, SCENARIO, scenario_id, data, actor=actor, correlation=correlation,
+                                 expected_version=expected_version)
 
 
 async def delete_scenario(conn: Connection, scenario_id: UUID, *, actor: str,
                           correlation: Correlation = None) -> None:
-    await _delete(conn, _SCENARIO, scenario_id, actor=actor, correlation=correlation)
+    await registry.delete(conn, SCENARIO, scenario_id, actor=actor, correlation=correlation)

@@ -146,6 +146,16 @@ class SmppSettings:
     #: incomplete concatenated MO are dropped after this
     mo_reassembly_ttl: float = 300.0
 
+    def __post_init__(self) -> None:
+        """SMPP 3.4's bind fields are C-octet strings of fixed maximum size (4.1.1): refuse a longer value here,
+        as a configuration error naming the field, instead of a crash inside the SMPP library at start."""
+        for name, most in (("system_id", 15), ("password", 8), ("system_type", 12)):
+            value: str = getattr(self, name)
+            if len(value.encode("ascii", "replace")) > most:
+                raise ValueError(f"SMPP {name} is longer than SMPP 3.4 allows ({most} characters)")
+            if not value.isascii():
+                raise ValueError(f"SMPP {name} must be ASCII (SMPP 3.4 C-octet string)")
+
 
 def _address(addr: str) -> tuple[int, int, str]:
     """(TON, NPI, digits/text) for an SMPP address field."""

@@ -22,7 +22,7 @@ from fs_app.passthrough import make_passthrough_handler
 from fs_app.router import PolicyRouter
 from fs_app.testing import CallResult, CallSpec, FreeSwitchEmulator, TargetBehaviour
 from iim.call_audit import CallDecisionAudit
-from policy_cache import audit, repository
+from policy_cache import audit, registry
 from policy_cache.cache import PolicyCache
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import (
@@ -71,19 +71,22 @@ async def _subscriber(pool: Pool, tenant: UUID, n: int, **policy: Any) -> Line:
     speakers = [f"spk{n}a@iim.local", f"spk{n}b@iim.local"]
     async with tenant_tx(pool, tenant) as tx:
         kw: dict[str, Any] = {"actor": "test"}
-        home = await repository.create_household(tx, HouseholdCreate(name=f"home {n}", time_zone="Europe/Berlin"),
-                                                 **kw)
-        sub = await repository.create_subscriber(tx, SubscriberCreate(msisdn=msisdn), **kw)
+        home = await registry.create(
+            tx, registry.HOUSEHOLD, HouseholdCreate(name=f"home {n}", time_zone="Europe/Berlin"),
+            **kw)
+        sub = await registry.create(tx, registry.SUBSCRIBER, SubscriberCreate(msisdn=msisdn), **kw)
         for i, aor in enumerate(speakers):
-            await repository.create_device(tx, DeviceCreate(
+            await registry.create(tx, registry.DEVICE, DeviceCreate(
                 household_id=home.id, name=f"speaker {aor}", type=DeviceType.SPEAKER,
                 capabilities=frozenset({DeviceCapability.SIP}), sip_uri=f"sip:{aor}",
                 status=DeviceStatus.OFFLINE if offline and i == 1 else DeviceStatus.ONLINE), **kw)
-        await repository.create_binding(tx, BindingCreate(subscriber_id=sub.id, household_id=home.id,
-                                                          role=BindingRole.OWNER), **kw)
-        await repository.grant_consent(tx, ConsentCreate(subscriber_id=sub.id, purpose=ConsentPurpose.ANNOUNCE_CALLS,
-                                                         evidence={"channel": "test"}), **kw)
-        await repository.create_policy(tx, PolicyCreate(subscriber_id=sub.id, **policy), **kw)
+        await registry.create(tx, registry.BINDING, BindingCreate(subscriber_id=sub.id, household_id=home.id,
+                                                                  role=BindingRole.OWNER), **kw)
+        await registry.create(
+            tx, registry.CONSENT,
+            ConsentCreate(subscriber_id=sub.id, purpose=ConsentPurpose.ANNOUNCE_CALLS,
+                          evidence={"channel": "test"}), **kw)
+        await registry.create(tx, registry.POLICY, PolicyCreate(subscriber_id=sub.id, **policy), **kw)
     return Line(msisdn, speakers)
 
 
@@ -122,7 +125,7 @@ class Rig:
 async def rig(pg_db: PgDatabase, app_pool: Pool, lines_spec: dict[str, dict[str, Any]]) -> AsyncIterator[Rig]:
     tenant = uuid4()
     async with tenant_tx(app_pool, tenant) as tx:
-        await repository.create_tenant(tx, TenantCreate(name="e2e"), actor="test")
+        await registry.create(tx, registry.TENANT, TenantCreate(name="e2e"), actor="test")
     base = next(_RIG_NUMBERS) * 20  # numbers unique across the module's rigs (the cache indexes all tenants)
     lines = {name: await _subscriber(app_pool, tenant, base + i, **dict(spec))
              for i, (name, spec) in enumerate(lines_spec.items())}
@@ -301,7 +304,7 @@ async def test_postgresql_stopped_mid_run_keeps_routing_and_resyncs_after_restar
         pool = await connect_pool(db.app_url, role=DbRole.APP, min_size=1, max_size=1)
         try:
             async with tenant_tx(pool, db.demo.tenant_id) as tx:
-                await repository.set_device_status(tx, db.demo.sip_speaker_id, DeviceStatus.OFFLINE, actor="test")
+                await registry.set_device_status(tx, db.demo.sip_speaker_id, DeviceStatus.OFFLINE, actor="test")
         finally:
             await pool.close()
         await eventually(lambda: cache.status().listener_up, timeout=30)

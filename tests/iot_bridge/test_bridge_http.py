@@ -257,14 +257,14 @@ async def test_rate_limit_per_device_answers_429_with_retry_after(
 
 async def test_cloud_webhook_batch_is_verified_with_the_sources_key(
         bridge: BridgeClient, rig: AlarmRig, app_pool: Pool, tmp_path: Path) -> None:
-    from policy_cache import repository
+    from policy_cache import registry
     from policy_cache.models import CredentialKind, CredentialRefCreate
 
     source_secret = new_secret()
     path = tmp_path / "acme.whsec"
     path.write_text(secret_text(source_secret))
     async with tenant_tx(app_pool, rig.tenant_id) as conn:
-        await repository.create_credential_ref(conn, CredentialRefCreate(
+        await registry.create(conn, registry.CREDENTIAL_REF, CredentialRefCreate(
             name="webhook:acme-cloud", kind=CredentialKind.WEBHOOK_SECRET, ref=f"file:{path}"), actor="test")
     events = [json.loads(rig.event("smoke")), json.loads(rig.event("doorbell", device=rig.doorphone))]
     body = json.dumps({"source": "acme-cloud", "events": events}).encode()

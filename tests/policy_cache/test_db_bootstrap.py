@@ -17,9 +17,9 @@ import pytest
 from policy_cache import audit
 from policy_cache.bootstrap import DEMO_TENANT_ID, Database, bootstrap, load_demo
 from policy_cache.db import Connection, DbRole, Pool, connect, tenant_tx
+from policy_cache.loader import load_routing_rows
 from policy_cache.migrate import available_migrations
 from policy_cache.models import BindingRole, ConsentPurpose, DeviceStatus, RingMode
-from policy_cache.repository import load_routing_rows
 from tests.pg import PgCluster, with_url
 
 

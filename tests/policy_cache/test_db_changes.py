@@ -10,9 +10,11 @@ from uuid import UUID
 import asyncpg
 import pytest
 
-from policy_cache import repository
+from policy_cache import registry
+from policy_cache.changes import change_watermark, changes_since
 from policy_cache.db import Connection, DbRole, Pool, connect, tenant_tx
 from policy_cache.errors import ChangeLogTruncatedError, TenantScopeError
+from policy_cache.loader import RoutingRow, load_routing_rows
 from policy_cache.models import (
     BindingCreate,
     BindingRole,
@@ -30,7 +32,6 @@ from policy_cache.models import (
     RingMode,
     SubscriberCreate,
 )
-from policy_cache.repository import RoutingRow, change_watermark, changes_since, load_routing_rows
 from policy_cache.seed import seed_synthetic, tenant_uuid
 from tests.pg import PgDatabase, create_tenant
 
@@ -54,28 +55,30 @@ class World:
 async def _world(pool: Pool, n: int) -> World:
     tenant = await create_tenant(pool, f"changes {n}")
     async with tenant_tx(pool, tenant) as c:
-        home = (await repository.create_household(c, HouseholdCreate(name="home", time_zone="Europe/Moscow"),
-                                                  actor=A)).id
-        other = (await repository.create_household(c, HouseholdCreate(name="other", time_zone="Asia/Omsk"),
-                                                   actor=A)).id
-        subs = [(await repository.create_subscriber(c, SubscriberCreate(msisdn=f"+7920{n:03d}000{i}"), actor=A)).id
-                for i in range(4)]
-        living = (await repository.create_device(c, DeviceCreate(
+        home = (await registry.create(c, registry.HOUSEHOLD, HouseholdCreate(name="home", time_zone="Europe/Moscow"),
+                                      actor=A)).id
+        other = (await registry.create(c, registry.HOUSEHOLD, HouseholdCreate(name="other", time_zone="Asia/Omsk"),
+                                       actor=A)).id
+        subs = [(await registry.create(c, registry.SUBSCRIBER, SubscriberCreate(msisdn=f"+7920{n:03d}000{i}"),
+                                       actor=A)).id for i in range(4)]
+        living = (await registry.create(c, registry.DEVICE, DeviceCreate(
             household_id=home, name="living", type=DeviceType.SPEAKER, sip_uri=f"sip:living{n}@iim.local",
             capabilities=frozenset({DeviceCapability.SIP}), status=DeviceStatus.ONLINE), actor=A)).id
-        kitchen = (await repository.create_device(c, DeviceCreate(
+        kitchen = (await registry.create(c, registry.DEVICE, DeviceCreate(
             household_id=home, name="kitchen", type=DeviceType.SPEAKER, connector="webhook",
             connector_ref=f"k{n}", capabilities=frozenset({DeviceCapability.CLOUD_ANNOUNCE})), actor=A)).id
-        other_speaker = (await repository.create_device(c, DeviceCreate(
+        other_speaker = (await registry.create(c, registry.DEVICE, DeviceCreate(
             household_id=other, name="o", type=DeviceType.SPEAKER, sip_uri=f"sip:o{n}@iim.local"), actor=A)).id
-        await repository.create_binding(c, BindingCreate(subscriber_id=subs[0], household_id=home,
-                                                         role=BindingRole.OWNER, priority=0), actor=A)
-        await repository.create_binding(c, BindingCreate(subscriber_id=subs[1], household_id=home, device_id=kitchen,
-                                                         role=BindingRole.MEMBER, priority=1), actor=A)
-        await repository.create_binding(c, BindingCreate(subscriber_id=subs[2], household_id=home,
-                                                         role=BindingRole.BACKUP_CONTACT, priority=10), actor=A)
-        await repository.create_binding(c, BindingCreate(subscriber_id=subs[3], household_id=other,
-                                                         role=BindingRole.OWNER), actor=A)
+        await registry.create(c, registry.BINDING, BindingCreate(subscriber_id=subs[0], household_id=home,
+                                                                 role=BindingRole.OWNER, priority=0), actor=A)
+        await registry.create(
+            c, registry.BINDING,
+            BindingCreate(subscriber_id=subs[1], household_id=home, device_id=kitchen,
+                          role=BindingRole.MEMBER, priority=1), actor=A)
+        await registry.create(c, registry.BINDING, BindingCreate(subscriber_id=subs[2], household_id=home,
+                                                                 role=BindingRole.BACKUP_CONTACT, priority=10), actor=A)
+        await registry.create(c, registry.BINDING, BindingCreate(subscriber_id=subs[3], household_id=other,
+                                                                 role=BindingRole.OWNER), actor=A)
     return World(tenant, home, other, subs[0], subs[1], subs[2], subs[3], living, kitchen, other_speaker)
 
 
@@ -98,19 +101,19 @@ async def _seq(admin: Connection) -> int:
 async def test_one_seq_per_committed_change(app_pool: Pool, admin_conn: Connection, world: World) -> None:
     base = await _seq(admin_conn)
     async with tenant_tx(app_pool, world.tenant) as c:
-        await repository.set_device_status(c, world.living, DeviceStatus.OFFLINE, actor=A)
+        await registry.set_device_status(c, world.living, DeviceStatus.OFFLINE, actor=A)
     async with tenant_tx(app_pool, world.tenant) as c:
-        await repository.set_device_status(c, world.living, DeviceStatus.OFFLINE, actor=A)  # no-op: no row
+        await registry.set_device_status(c, world.living, DeviceStatus.OFFLINE, actor=A)  # no-op: no row
 
     async def rolled_back() -> None:
         async with tenant_tx(app_pool, world.tenant) as c:
-            await repository.set_presence(c, world.home, PresenceState.AWAY, actor=A)
+            await registry.set_presence(c, world.home, PresenceState.AWAY, actor=A)
             raise RuntimeError("rolled back")
 
     with pytest.raises(RuntimeError):
         await rolled_back()
     async with tenant_tx(app_pool, world.tenant) as c:
-        await repository.set_presence(c, world.home, PresenceState.HOME, actor=A)
+        await registry.set_presence(c, world.home, PresenceState.HOME, actor=A)
     rows = await _changes(admin_conn, base)
     assert [(r["entity"], r["op"]) for r in rows] == [("device", "UPDATE"), ("household", "UPDATE")]
     assert rows[0]["seq"] < rows[1]["seq"]
@@ -130,27 +133,29 @@ async def test_affected_subscribers_per_change(app_pool: Pool, admin_conn: Conne
 
     # A device covered by household-wide bindings: the owner and the backup contact, not the member
     # bound to the kitchen speaker only.
-    assert await affected(lambda c: repository.set_device_status(c, w.living, DeviceStatus.OFFLINE, actor=A)) == {
+    assert await affected(lambda c: registry.set_device_status(c, w.living, DeviceStatus.OFFLINE, actor=A)) == {
         w.owner, w.backup}
-    assert await affected(lambda c: repository.set_device_status(c, w.kitchen, DeviceStatus.ONLINE, actor=A)) == {
+    assert await affected(lambda c: registry.set_device_status(c, w.kitchen, DeviceStatus.ONLINE, actor=A)) == {
         w.owner, w.member, w.backup}
-    assert await affected(lambda c: repository.set_presence(c, w.home, PresenceState.AWAY, actor=A)) == {
+    assert await affected(lambda c: registry.set_presence(c, w.home, PresenceState.AWAY, actor=A)) == {
         w.owner, w.member, w.backup}
-    assert await affected(lambda c: repository.create_policy(
-        c, PolicyCreate(household_id=w.home, ring_mode=RingMode.SIMULTANEOUS), actor=A)) == {
+    assert await affected(lambda c: registry.create(
+        c, registry.POLICY, PolicyCreate(household_id=w.home, ring_mode=RingMode.SIMULTANEOUS), actor=A)) == {
         w.owner, w.member, w.backup}
-    assert await affected(lambda c: repository.create_policy(
-        c, PolicyCreate(subscriber_id=w.neighbour), actor=A)) == {w.neighbour}
-    assert await affected(lambda c: repository.grant_consent(
-        c, ConsentCreate(subscriber_id=w.owner, purpose=ConsentPurpose.ANNOUNCE_CALLS, evidence={"t": 1}),
+    assert await affected(lambda c: registry.create(
+        c, registry.POLICY, PolicyCreate(subscriber_id=w.neighbour), actor=A)) == {w.neighbour}
+    assert await affected(lambda c: registry.create(
+        c, registry.CONSENT,
+        ConsentCreate(subscriber_id=w.owner, purpose=ConsentPurpose.ANNOUNCE_CALLS, evidence={"t": 1}),
         actor=A)) == {w.owner}
-    assert await affected(lambda c: repository.delete_device(c, w.other_speaker, actor=A)) == {w.neighbour}
+    assert await affected(lambda c: registry.delete(c, registry.DEVICE, w.other_speaker, actor=A)) == {w.neighbour}
     # A new binding changes the household's contacts: everyone in it.
-    assert await affected(lambda c: repository.create_binding(
-        c, BindingCreate(subscriber_id=w.neighbour, household_id=w.home, role=BindingRole.SECURITY_SERVICE),
+    assert await affected(lambda c: registry.create(
+        c, registry.BINDING,
+        BindingCreate(subscriber_id=w.neighbour, household_id=w.home, role=BindingRole.SECURITY_SERVICE),
         actor=A)) == {w.owner, w.member, w.backup, w.neighbour}
     # Deleting a household cascades: every binding's subscriber is recorded.
-    assert await affected(lambda c: repository.delete_household(c, w.home, actor=A)) >= {
+    assert await affected(lambda c: registry.delete(c, registry.HOUSEHOLD, w.home, actor=A)) >= {
         w.owner, w.member, w.backup, w.neighbour}
 
 
@@ -161,7 +166,7 @@ async def test_notify_carries_the_seq(pg_db: PgDatabase, app_pool: Pool, admin_c
     try:
         await listener.add_listener("iim_policy", lambda *args: got.put_nowait(args[3]))
         async with tenant_tx(app_pool, world.tenant) as c:
-            await repository.set_device_status(c, world.kitchen, DeviceStatus.OFFLINE, actor=A)
+            await registry.set_device_status(c, world.kitchen, DeviceStatus.OFFLINE, actor=A)
             await asyncio.sleep(0.05)
             assert got.empty()  # delivered on commit only
         payload = await asyncio.wait_for(got.get(), 5)
@@ -174,8 +179,8 @@ async def test_changes_since(cache_conn: Connection, app_pool: Pool, world: Worl
     start = await change_watermark(cache_conn)
     assert await changes_since(cache_conn, start) == ([], start)
     async with tenant_tx(app_pool, world.tenant) as c:
-        await repository.set_presence(c, world.other_home, PresenceState.HOME, actor=A)
-        await repository.create_policy(c, PolicyCreate(subscriber_id=world.member), actor=A)
+        await registry.set_presence(c, world.other_home, PresenceState.HOME, actor=A)
+        await registry.create(c, registry.POLICY, PolicyCreate(subscriber_id=world.member), actor=A)
     ids, seq = await changes_since(cache_conn, start)
     assert sorted(ids) == sorted([world.neighbour, world.member])
     assert seq == start + 2 or seq > start
@@ -198,7 +203,7 @@ async def test_a_reader_never_skips_a_slow_writers_lower_seq(
         await slow.execute("SELECT set_config('app.tenant', $1, true)", str(world.tenant))
         await slow.execute("UPDATE iim.device SET status = 'offline' WHERE id = $1", world.other_speaker)  # lower seq
         async with tenant_tx(app_pool, world.tenant) as c:  # higher seq, committed first
-            await repository.set_presence(c, world.home, PresenceState.AWAY, actor=A)
+            await registry.set_presence(c, world.home, PresenceState.AWAY, actor=A)
         reader = asyncio.create_task(changes_since(cache_conn, start))
         await asyncio.sleep(0.3)
         assert not reader.done()  # waits for the in-flight writer instead of jumping past its seq
@@ -215,7 +220,7 @@ async def test_pruned_change_log_asks_for_a_full_reload(cache_conn: Connection, 
                                                         app_pool: Pool, world: World) -> None:
     old = await change_watermark(cache_conn)
     async with tenant_tx(app_pool, world.tenant) as c:
-        await repository.set_presence(c, world.home, PresenceState.AWAY, actor=A)
+        await registry.set_presence(c, world.home, PresenceState.AWAY, actor=A)
     await admin_conn.execute("SELECT iim.prune_change_log('-1 hour'::interval)")  # prune everything
     with pytest.raises(ChangeLogTruncatedError):
         await changes_since(cache_conn, old - 1 if old else -1)
@@ -230,13 +235,16 @@ def _by_sub(rows: list[RoutingRow]) -> dict[UUID, RoutingRow]:
 async def test_load_routing_rows(cache_conn: Connection, app_pool: Pool, world: World) -> None:
     w = world
     async with tenant_tx(app_pool, w.tenant) as c:
-        home_policy = await repository.create_policy(c, PolicyCreate(
+        home_policy = await registry.create(c, registry.POLICY, PolicyCreate(
             household_id=w.home, ring_mode=RingMode.SIMULTANEOUS, quiet_start=time(23), quiet_end=time(7, 30),
             blocked_callers=["+79991112233"], fallback=FallbackAction.MISSED_CALL_SMS), actor=A)
-        await repository.create_policy(c, PolicyCreate(subscriber_id=w.member, ring_mode=RingMode.HOME_ONLY), actor=A)
-        await repository.grant_consent(c, ConsentCreate(subscriber_id=w.owner, purpose=ConsentPurpose.ANNOUNCE_CALLS,
-                                                        scope={"rooms": ["living"]}, evidence={"x": 1}), actor=A)
-        await repository.set_presence(c, w.home, PresenceState.HOME, actor=A)
+        await registry.create(
+            c, registry.POLICY, PolicyCreate(subscriber_id=w.member, ring_mode=RingMode.HOME_ONLY), actor=A)
+        await registry.create(
+            c, registry.CONSENT,
+            ConsentCreate(subscriber_id=w.owner, purpose=ConsentPurpose.ANNOUNCE_CALLS,
+                          scope={"rooms": ["living"]}, evidence={"x": 1}), actor=A)
+        await registry.set_presence(c, w.home, PresenceState.HOME, actor=A)
 
     stream = load_routing_rows(cache_conn)
     rows = [row async for row in stream]
@@ -281,8 +289,8 @@ async def test_incremental_load_follows_changes(cache_conn: Connection, app_pool
     w = world
     start = await change_watermark(cache_conn)
     async with tenant_tx(app_pool, w.tenant) as c:
-        await repository.set_device_status(c, w.living, DeviceStatus.OFFLINE, actor=A)
-        await repository.delete_subscriber(c, w.neighbour, actor=A)
+        await registry.set_device_status(c, w.living, DeviceStatus.OFFLINE, actor=A)
+        await registry.delete(c, registry.SUBSCRIBER, w.neighbour, actor=A)
     stream = load_routing_rows(cache_conn, since_seq=start)
     rows = _by_sub([r async for r in stream])
     assert stream.affected == {w.owner, w.backup, w.neighbour}
@@ -301,10 +309,10 @@ async def test_incremental_load_follows_changes(cache_conn: Connection, app_pool
 
 async def test_policy_update_reaches_the_cache_rows(cache_conn: Connection, app_pool: Pool, world: World) -> None:
     async with tenant_tx(app_pool, world.tenant) as c:
-        policy = await repository.create_policy(c, PolicyCreate(household_id=world.home), actor=A)
+        policy = await registry.create(c, registry.POLICY, PolicyCreate(household_id=world.home), actor=A)
     start = await change_watermark(cache_conn)
     async with tenant_tx(app_pool, world.tenant) as c:
-        await repository.update_policy(c, policy.id, PolicyUpdate(dnd=True), expected_version=1, actor=A)
+        await registry.update(c, registry.POLICY, policy.id, PolicyUpdate(dnd=True), expected_version=1, actor=A)
     stream = load_routing_rows(cache_conn, since_seq=start)
     rows = [r async for r in stream]
     assert {r.subscriber_id for r in rows} == {world.owner, world.member, world.backup}

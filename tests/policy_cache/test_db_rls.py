@@ -7,7 +7,7 @@ from uuid import UUID, uuid4
 import asyncpg
 import pytest
 
-from policy_cache import repository
+from policy_cache import registry
 from policy_cache.db import Connection, DbRole, Pool, connect, connect_pool, savepoint, tenant_tx
 from policy_cache.errors import DatabaseRoleError, NotFound, TenantIsolationError, TenantScopeError
 from policy_cache.models import DeviceCreate, DeviceType, HouseholdCreate, SubscriberCreate, SubscriberUpdate
@@ -17,9 +17,9 @@ from tests.pg import PgDatabase, create_tenant
 async def _tenant_with_subscriber(pool: Pool, msisdn: str) -> tuple[UUID, UUID, UUID]:
     tid = await create_tenant(pool, f"tenant {msisdn}")
     async with tenant_tx(pool, tid) as conn:
-        sub = await repository.create_subscriber(conn, SubscriberCreate(msisdn=msisdn), actor="test")
-        home = await repository.create_household(conn, HouseholdCreate(name="home", time_zone="Europe/Moscow"),
-                                                 actor="test")
+        sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=msisdn), actor="test")
+        home = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(name="home", time_zone="Europe/Moscow"),
+                                     actor="test")
     return tid, sub.id, home.id
 
 
@@ -102,7 +102,7 @@ async def test_tenant_sees_only_its_rows(app_pool: Pool, two_tenants: tuple[tupl
         assert [r["id"] for r in await conn.fetch("SELECT id FROM iim.tenant")] == [a_tid]
         assert await conn.fetchval("SELECT count(*) FROM iim.audit_log WHERE tenant_id = $1", b_tid) == 0
         with pytest.raises(NotFound):
-            await repository.get_subscriber(conn, b_sub)
+            await registry.get(conn, registry.SUBSCRIBER, b_sub)
 
 
 async def test_tenant_cannot_write_another_tenants_rows(
@@ -123,13 +123,14 @@ async def test_tenant_cannot_write_another_tenants_rows(
             await conn.execute("UPDATE iim.subscriber SET tenant_id = $1", b_tid)
     async with tenant_tx(app_pool, a_tid) as conn:
         with pytest.raises(NotFound):
-            await repository.update_subscriber(conn, b_sub, SubscriberUpdate(display_name="pwned"), actor="evil")
+            await registry.update(
+                conn, registry.SUBSCRIBER, b_sub, SubscriberUpdate(display_name="pwned"), actor="evil")
         with pytest.raises(NotFound):
-            await repository.delete_household(conn, b_home, actor="evil")
+            await registry.delete(conn, registry.HOUSEHOLD, b_home, actor="evil")
     async with tenant_tx(app_pool, b_tid) as conn:
-        sub = await repository.get_subscriber(conn, b_sub)
+        sub = await registry.get(conn, registry.SUBSCRIBER, b_sub)
         assert sub.display_name is None
-        await repository.get_household(conn, b_home)
+        await registry.get(conn, registry.HOUSEHOLD, b_home)
 
 
 async def test_cross_tenant_references_are_impossible(
@@ -143,10 +144,10 @@ async def test_cross_tenant_references_are_impossible(
                 "INSERT INTO iim.binding (subscriber_id, household_id, role) VALUES ($1, $2, 'owner')", a_sub, b_home)
 
 
-async def test_repository_write_without_tenant_is_a_typed_error(app_pool: Pool) -> None:
+async def test_registry_write_without_tenant_is_a_typed_error(app_pool: Pool) -> None:
     async with app_pool.acquire() as conn, conn.transaction():
         with pytest.raises(TenantIsolationError):
-            await repository.create_subscriber(conn, SubscriberCreate(msisdn="+79990000004"), actor="test")
+            await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79990000004"), actor="test")
 
 
 async def test_tenant_setting_does_not_outlive_the_transaction(app_pool: Pool, two_tenants: tuple[tuple[UUID, ...], ...]
@@ -170,8 +171,10 @@ async def test_bridge_device_lookup_scopes_itself_and_leaves_no_tenant_behind(
     (a_tid, _, a_home), (b_tid, _, b_home) = two_tenants
     for tid, home in ((a_tid, a_home), (b_tid, b_home)):
         async with tenant_tx(app_pool, tid) as conn:
-            await repository.create_device(conn, DeviceCreate(household_id=home, name="smoke", type=DeviceType.SENSOR,
-                                                              external_id="same-id"), actor="test")
+            await registry.create(
+                conn, registry.DEVICE,
+                DeviceCreate(household_id=home, name="smoke", type=DeviceType.SENSOR,
+                             external_id="same-id"), actor="test")
     lookup = "SELECT id, household_id FROM iim.event_device($1, 'same-id')"
     async with app_pool.acquire() as conn:
         row = await conn.fetchrow(lookup, b_tid)
@@ -227,14 +230,14 @@ async def test_rollback_discards_the_tenant_and_the_rows(app_pool: Pool, two_ten
 
     async def failing() -> None:
         async with tenant_tx(app_pool, a_tid) as conn:
-            await repository.create_subscriber(conn, SubscriberCreate(msisdn="+79990000005"), actor="test")
+            await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79990000005"), actor="test")
             raise Boom
 
     with pytest.raises(Boom):
         await failing()
     async with tenant_tx(app_pool, a_tid) as conn:
         with pytest.raises(NotFound):
-            await repository.get_subscriber_by_msisdn(conn, "+79990000005")
+            await registry.get_subscriber_by_msisdn(conn, "+79990000005")
 
 
 async def test_cache_role_reads_all_tenants_and_writes_nothing(

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from fs_app.routing import CallFacts, decide
-from policy_cache import repository
+from policy_cache import registry
 from policy_cache.bootstrap import Demo, load_demo
 from policy_cache.cache import PolicyCache
 from policy_cache.db import Pool, tenant_tx
@@ -48,7 +48,7 @@ async def cache(proxy: TcpFaultProxy, demo: Demo) -> AsyncIterator[PolicyCache]:
 
 async def _set_ring_mode(pool: Pool, demo: Demo, mode: RingMode) -> None:
     async with tenant_tx(pool, demo.tenant_id) as tx:
-        await repository.update_policy(tx, demo.policy_id, PolicyUpdate(ring_mode=mode), actor="test")
+        await registry.update(tx, registry.POLICY, demo.policy_id, PolicyUpdate(ring_mode=mode), actor="test")
 
 
 async def test_full_load_compiles_every_subscriber_of_the_demo_tenant(cache: PolicyCache, demo: Demo) -> None:

@@ -86,7 +86,7 @@ async def api(pg_db: PgDatabase) -> AsyncIterator[Api]:
     try:
         api = Api(str(server.make_url("")).rstrip("/"), session, tenant_a, tenant_b, pg_db)
         # The API picks a new tenant's id, but the operator tokens must name theirs up front: these two
-        # are made through the repository (tenant CRUD through the API is tested below).
+        # are made through the registry (tenant CRUD through the API is tested below).
         await create_tenant(app_pool, "Operator A", tenant_id=tenant_a)
         await create_tenant(app_pool, "Operator B", tenant_id=tenant_b)
         yield api

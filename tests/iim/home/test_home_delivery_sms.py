@@ -19,7 +19,7 @@ import pytest
 
 from iim.core.metrics import REGISTRY
 from iim.home.sms_readout import SmsReadoutService, text_digest
-from policy_cache import audit, repository
+from policy_cache import audit, registry
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import PresenceState
 from tests.home_delivery_rig import (
@@ -195,7 +195,7 @@ async def test_revoked_consent_reads_nothing(rig: Rig, body: str, caplog: pytest
     home = await build_home(rig.pool, tenant, new_msisdn(), consent_scope=ALLOW)
     assert home.consent_id is not None
     async with tenant_tx(rig.pool, tenant) as conn:
-        await repository.revoke_consent(conn, home.consent_id, actor="test")
+        await registry.revoke(conn, registry.CONSENT, home.consent_id, actor="test")
     mo = rig.mo(home, body)
     assert await rig.service.handle(tenant, mo) == "nothing"
     [row] = await audit_rows(rig.pool, tenant, mo.sms_id)

@@ -22,7 +22,7 @@ from iim.connectors.contract import ConnectorContext
 from iim.connectors.registry import ConnectorRegistry
 from iim.connectors.webhook import WebhookConnector
 from iim.core.secrets import resolve_secret
-from policy_cache import repository
+from policy_cache import registry
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import DeviceCapability, DeviceCreate, DeviceStatus, DeviceType
 from tests.connector_peer import SIGNING_SECRET_TEXT, STATIC_TOKEN, StepClock, VendorPeer, serve
@@ -67,7 +67,7 @@ async def alarms(app_pool: Pool, pg_db: Any, tmp_path: Path,
                  connectors: ConnectorRegistry) -> AsyncIterator[Alarms]:
     async with alarms_rig(app_pool, pg_db, tmp_path, connectors=connectors) as rig:
         async with tenant_tx(app_pool, rig.rig.tenant_id) as conn:
-            await repository.create_device(conn, DeviceCreate(
+            await registry.create(conn, registry.DEVICE, DeviceCreate(
                 household_id=rig.rig.household_id, name="Cloud speaker", type=DeviceType.SPEAKER,
                 connector="acme", connector_ref="kitchen-speaker-9",
                 capabilities=frozenset({DeviceCapability.CLOUD_ANNOUNCE}), status=DeviceStatus.ONLINE), actor="test")

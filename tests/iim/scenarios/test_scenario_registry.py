@@ -25,7 +25,7 @@ from iim.http import create_app as create_root_app
 from iim.scenarios import registry as scenario_registry
 from iim.scenarios.model import Scenario
 from iim.scenarios.templates import TEMPLATES
-from policy_cache import audit, repository
+from policy_cache import audit, registry
 from policy_cache.db import DbRole, Pool, connect_pool, tenant_tx
 from policy_cache.errors import InvalidData, NotFound, VersionConflict
 from policy_cache.models import (
@@ -100,8 +100,8 @@ def _definition(template: str, **changes: Any) -> dict[str, Any]:
 
 async def _household(live: Live, name: str = "Flat 7") -> UUID:
     async with tenant_tx(live.pool, live.tenant) as conn:
-        home = await repository.create_household(conn, HouseholdCreate(name=name, time_zone="Europe/Moscow"),
-                                                 actor=ACTOR)
+        home = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(name=name, time_zone="Europe/Moscow"),
+                                     actor=ACTOR)
     return home.id
 
 
@@ -168,7 +168,7 @@ async def test_scenarios_for_a_household_come_own_first_then_tenant_wide(live: L
     home, other = await _household(live, "Own"), await _household(live, "Other")
     steps: list[dict[str, JsonValue]] = [{"action": "call", "to": "owner"}]
     async with tenant_tx(live.pool, live.tenant) as conn:
-        sub = await repository.create_subscriber(conn, SubscriberCreate(msisdn=_msisdn()), actor=ACTOR)
+        sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=_msisdn()), actor=ACTOR)
         for name, household, subscriber, enabled in (
             ("z-own", home, None, True), ("b-own-off", home, None, False), ("a-wide", None, None, True),
             ("c-other", other, None, True), ("d-subscriber", None, sub.id, True),
@@ -297,17 +297,19 @@ async def test_cli_scenario_crud(iim: Any, tmp_path: Path) -> None:
 async def test_cli_installs_templates_and_simulates_with_the_households_contacts(iim: Any, live: Live) -> None:
     owner, backup = _msisdn(), _msisdn()
     async with tenant_tx(live.pool, live.tenant) as conn:
-        home = await repository.create_household(conn, HouseholdCreate(name="Dacha", time_zone="Asia/Novosibirsk",
-                                                                       presence=PresenceState.AWAY), actor=ACTOR)
-        sensor = await repository.create_device(conn, DeviceCreate(
+        home = await registry.create(
+            conn, registry.HOUSEHOLD,
+            HouseholdCreate(name="Dacha", time_zone="Asia/Novosibirsk",
+                            presence=PresenceState.AWAY), actor=ACTOR)
+        sensor = await registry.create(conn, registry.DEVICE, DeviceCreate(
             household_id=home.id, name="Hall smoke", type=DeviceType.SENSOR, status=DeviceStatus.ONLINE), actor=ACTOR)
-        await repository.create_device(conn, DeviceCreate(
+        await registry.create(conn, registry.DEVICE, DeviceCreate(
             household_id=home.id, name="Speaker", type=DeviceType.SPEAKER, sip_uri="sip:dacha-spk@iim.local",
             capabilities=frozenset({DeviceCapability.SIP})), actor=ACTOR)
         for msisdn, role, priority in ((owner, BindingRole.OWNER, 0), (backup, BindingRole.BACKUP_CONTACT, 5)):
-            sub = await repository.create_subscriber(conn, SubscriberCreate(msisdn=msisdn), actor=ACTOR)
-            await repository.create_binding(conn, BindingCreate(subscriber_id=sub.id, household_id=home.id,
-                                                                role=role, priority=priority), actor=ACTOR)
+            sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=msisdn), actor=ACTOR)
+            await registry.create(conn, registry.BINDING, BindingCreate(subscriber_id=sub.id, household_id=home.id,
+                                                                        role=role, priority=priority), actor=ACTOR)
 
     installed = await iim("scenario", "templates", "install", "--household", str(home.id), "-o", "json")
     assert installed.code == 0, installed.err

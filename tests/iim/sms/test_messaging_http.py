@@ -32,7 +32,7 @@ from iim.sms.transport import (
     Throttled,
     TransportDown,
 )
-from policy_cache import repository
+from policy_cache import registry
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import SubscriberCreate
 from tests.alarm_rig import new_secret, secret_text
@@ -178,7 +178,7 @@ async def test_outbox_over_http_sends_applies_receipts_and_stores_mo_once(
         secret_ref: tuple[str, bytes]) -> None:
     tenant = await create_tenant(app_pool)
     async with tenant_tx(app_pool, tenant) as conn:
-        await repository.create_subscriber(conn, SubscriberCreate(msisdn="+79001239999"), actor="test")
+        await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79001239999"), actor="test")
         rid = await enqueue_sms(conn, key="http-1", msisdn="+79001239999", body="Smoke alarm")
     mos: list[tuple[UUID, InboundSms]] = []
 

@@ -20,7 +20,7 @@ from iim.core.metrics import REGISTRY
 from iim.sms.outbox import BackoffPolicy, InboundSms, OutboxRow, SmsSender, enqueue_sms
 from iim.sms.smpp import SmppSettings, SmppTransport
 from iim.sms.smsc_sim import SmscProcess
-from policy_cache import repository
+from policy_cache import registry
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import SubscriberCreate
 from tests.pg import create_tenant
@@ -222,7 +222,7 @@ async def test_mo_is_stored_once_even_if_redelivered_and_reaches_the_hook(app_po
     tenant = await create_tenant(app_pool)
     owner = number()
     async with tenant_tx(app_pool, tenant) as conn:
-        sub = await repository.create_subscriber(conn, SubscriberCreate(msisdn=owner), actor="test")
+        sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=owner), actor="test")
     hooks = Hooks()
     async with sender(app_pool, smsc, hooks):
         for _ in range(2):  # the SMSC redelivers (our ack was "lost")
@@ -295,9 +295,9 @@ async def test_cross_tenant_entry_points_are_for_the_app_role_only(admin_conn: A
     shared, own = number(), number()
     for tenant in (a, b):
         async with tenant_tx(app_pool, tenant) as conn:
-            await repository.create_subscriber(conn, SubscriberCreate(msisdn=shared), actor="test")
+            await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=shared), actor="test")
     async with tenant_tx(app_pool, b) as conn:
-        await repository.create_subscriber(conn, SubscriberCreate(msisdn=own), actor="test")
+        await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=own), actor="test")
         await conn.execute("""INSERT INTO iim.sms_inbound (sms_id, content_hash, transport, source, destination, body)
                               VALUES ('x:1', repeat('a', 64), 'smpp', '+79160000000', $1, 'private')""", own)
     assert await app_pool.fetchval("SELECT iim.subscriber_tenant($1)", own) == b
