@@ -233,14 +233,13 @@ async def main(messages: int, warmup: int, via: str) -> dict[str, object]:
     finally:
         await control.close()
         if sender is not None:
-            await sender.stop()
+            await sender.aclose()
         if smsc is not None:
-            await smsc.stop()
+            await smsc.aclose()
         await connector.unload()
         await pool.close()
         await runner.cleanup()
-        if db.embedded is not None:
-            db.embedded.stop()
+        await db.aclose()
         shutil.rmtree(tmp, ignore_errors=True)
     latencies.sort()
     return {

@@ -21,6 +21,7 @@ from prometheus_client import Counter, Gauge
 
 from fs_app.routing import CallFacts, RoutingDecision
 from iim.core import metrics
+from iim.core.lifecycle import AsyncResource
 from iim.core.retry import backoff_delay
 from policy_cache.cache import PolicyStoreUnavailable
 from policy_cache.db import Pool, tenant_tx
@@ -43,7 +44,7 @@ class _Row:
     args: tuple[Any, ...]
 
 
-class CallDecisionAudit:
+class CallDecisionAudit(AsyncResource):
     """``record`` is the router's decision sink; ``run`` is the writer task."""
 
     def __init__(self, pool: Pool, *, max_buffer: int = 100_000, batch: int = 500, interval: float = 0.2) -> None:
@@ -81,7 +82,7 @@ class CallDecisionAudit:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self.run(), name="call-audit")
 
-    async def close(self, flush_timeout: float = 5.0) -> None:
+    async def aclose(self, flush_timeout: float = 5.0) -> None:
         if self._task is not None:
             self._task.cancel()
             try:

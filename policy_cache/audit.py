@@ -24,6 +24,7 @@ from uuid import UUID
 
 import asyncpg
 
+from iim.core.lifecycle import AsyncResource
 from policy_cache.db import Connection, Pool
 from policy_cache.models import AuditEntry
 
@@ -172,7 +173,7 @@ async def flush_pending(pool: Pool, *, batch: int = 1000) -> int:
             return moved
 
 
-class AuditFlusher:
+class AuditFlusher(AsyncResource):
     """Chains staged audit lines every ``interval`` seconds (and drains them at stop)."""
 
     def __init__(self, pool: Pool, *, interval: float = 0.1, batch: int = 1000) -> None:
@@ -193,10 +194,11 @@ class AuditFlusher:
                 log.warning("audit flush failed (%s); retrying", type(exc).__name__)
             await asyncio.sleep(self._interval)
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
             await flush_pending(self._pool, batch=self._batch)

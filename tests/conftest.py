@@ -81,7 +81,7 @@ async def outbound_server() -> AsyncIterator[OutboundServerFactory]:
 
     yield start
     for server in servers:
-        await server.close(drain_timeout=2.0)
+        await server.aclose(drain_timeout=2.0)
 
 
 class OutboundServerFactory:

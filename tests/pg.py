@@ -109,7 +109,7 @@ def _start_cluster() -> PgCluster:
 def _stop_cluster() -> None:
     cluster, _State.cluster = _State.cluster, None
     if cluster is not None and cluster.embedded is not None:
-        cluster.embedded.stop()
+        run_sync(cluster.embedded.aclose())
     if _State.tmpdir is not None:
         shutil.rmtree(_State.tmpdir, ignore_errors=True)
         _State.tmpdir = None

@@ -472,8 +472,7 @@ def _db_upgrade(args: argparse.Namespace) -> int:
         sys.stdout.write(f"database {db.database} on {where}: migrations applied: {applied}\n")
         if db.demo is not None:
             sys.stdout.write(f"demo tenant loaded: {db.demo.tenant_id}\n")
-        if db.embedded is not None:
-            db.embedded.stop()
+        await db.aclose()
         return EXIT_OK
 
     try:

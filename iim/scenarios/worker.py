@@ -36,6 +36,7 @@ from fs_app.outreach.calls import AlertCall, AlertCallPlacer, CallOutcome, CallO
 from fs_app.outreach.guard import OriginateLimits, check_destination
 from iim.connectors.contract import Connector, ConnectorError, ConnectorLookup, Notification
 from iim.core.errors import STORE_UNAVAILABLE
+from iim.core.lifecycle import AsyncResource
 from iim.core.metrics import REGISTRY
 from iim.scenarios import store
 from iim.scenarios.engine import (
@@ -149,7 +150,7 @@ def _ids(job: pgq_models.Job) -> dict[str, str]:
     return payload
 
 
-class IncidentWorker:
+class IncidentWorker(AsyncResource):
     def __init__(self, pool: Pool, app_url: str, placer: AlertCallPlacer | None,
                  settings: WorkerSettings | None = None, *, connectors: ConnectorLookup | None = None,
                  speech: PromptRenderer | None = None) -> None:
@@ -188,24 +189,27 @@ class IncidentWorker:
         return DatabaseRetryEntrypointExecutor(params, max_attempts=20, initial_delay=timedelta(seconds=1),
                                                max_delay=timedelta(seconds=60))
 
-    async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+    async def aclose(self) -> None:
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+                await sweeper
         if self._inline:
             _, pending = await asyncio.wait(set(self._inline), timeout=10)
             for task in pending:
                 task.cancel()
         if self._qm is not None:
             self._qm.shutdown.set()
-        if self._task is not None:
+        runner, self._task = self._task, None
+        if runner is not None:
             try:
-                await asyncio.wait_for(self._task, timeout=10)
+                await asyncio.wait_for(runner, timeout=10)
             except TimeoutError:
-                self._task.cancel()
-        if self._conn is not None:
-            await self._conn.close()
+                runner.cancel()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
 
     # ------------------------------------------------------------------ SMS receipts
     async def sms_undelivered(self, tenant_id: UUID, sms_key: str, incident_id: UUID | None) -> None:

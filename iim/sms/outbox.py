@@ -47,6 +47,7 @@ import asyncpg
 from prometheus_client import Counter, Gauge, Histogram
 
 from iim.core.errors import STORE_UNAVAILABLE
+from iim.core.lifecycle import AsyncResource
 from iim.core.metrics import REGISTRY
 from iim.core.retry import backoff_delay
 from iim.sms.transport import (
@@ -208,10 +209,10 @@ RETURNING id
 """
 
 
-class SmsSender:
+class SmsSender(AsyncResource):
     """Sends the outbox through one transport and takes its receipts and MO.
 
-    ``start()`` binds the transport's inbound handlers and starts it; ``stop()`` stops claiming, lets
+    ``start()`` binds the transport's inbound handlers and starts it; ``aclose()`` stops claiming, lets
     in-flight submits finish (up to ``stop_timeout``), writes their outcomes and stops the transport.
     """
 
@@ -275,23 +276,25 @@ class SmsSender:
                        asyncio.create_task(self._receipt_loop(), name="sms-receipts"),
                        asyncio.create_task(self._depth_loop(), name="sms-depth")]
 
-    async def stop(self) -> None:
-        if self._claimer is not None:
-            self._claimer.cancel()
-            await asyncio.gather(self._claimer, return_exceptions=True)
+    async def aclose(self) -> None:
+        claimer, self._claimer = self._claimer, None
+        if claimer is not None:
+            claimer.cancel()
+            await asyncio.gather(claimer, return_exceptions=True)
         if self._inflight:
             _, late = await asyncio.wait(set(self._inflight), timeout=self.stop_timeout)
             for task in late:  # their rows stay 'sending' until the lease expires
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        for task in self._tasks:  # a write cut short puts its outcomes back; the last flush below writes them
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:  # a write cut short puts its outcomes back; the last flush below writes them
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(*_DB_ERRORS):
             await self._flush()
         with contextlib.suppress(*_DB_ERRORS):
             await self._drain_receipts()
-        await self.transport.stop()
+        await self.transport.aclose()
         if self._hooks:
             await asyncio.wait(set(self._hooks), timeout=self.stop_timeout)
 

@@ -40,6 +40,7 @@ from uuid import uuid4
 import numpy
 import soxr
 
+from iim.core.lifecycle import AsyncResource
 from iim.tts import espeak
 
 __all__ = [
@@ -164,7 +165,7 @@ def _wav_duration(path: Path, rate: int) -> float:
     return frames / rate
 
 
-class EspeakTts:
+class EspeakTts(AsyncResource):
     """Renders text to cached WAV files with libespeak-ng; also the :class:`AudioStore` behind audio URLs.
 
     Args:

@@ -101,10 +101,10 @@ async def rig(pg_db: PgDatabase, app_pool: Pool) -> AsyncIterator[Rig]:
     await server.start()
     emu = FreeSwitchEmulator(default_target=TargetBehaviour.answer(after_ms=0, hangup_after_ms=0), time_scale=0.01)
     yield Rig(app_pool, tenant, homes, cloud, server, emu, outcomes)
-    await server.close(drain_timeout=2)
+    await server.aclose(drain_timeout=2)
     await emu.close()
-    await cache.close()
-    await store.close()
+    await cache.aclose()
+    await store.aclose()
     await connector.unload()
     await cloud.stop()
 

@@ -71,7 +71,7 @@ async def sender(pool: Pool, smsc: SmscProcess, hooks: Hooks | None = None,
     try:
         yield s
     finally:
-        await s.stop()
+        await s.aclose()
 
 
 async def enqueue(pool: Pool, tenant_id: UUID, key: str, msisdn: str, body: str, **kw: Any) -> UUID:
@@ -276,7 +276,7 @@ async def test_smsc_killed_and_restarted_loses_nothing_and_delivers_each_once(
                               timeout=15)
             assert s.inflight == 0
     finally:
-        await own.stop()
+        await own.aclose()
     submits = Counter(r.ref for r in own.records())
     delivered = Counter(r.ref for r in own.records() if not r.dup)
     assert set(delivered) == {str(rid) for _, rid in ids}  # nothing lost
