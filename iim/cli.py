@@ -12,6 +12,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from iim import logs
+from iim.core.errors import ConfigError
 from iim.settings import Settings
 
 log = logging.getLogger("iim.service")
@@ -35,7 +36,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             overrides[name] = value
     settings = Settings().model_copy(update=overrides)
     logs.configure(settings.log_level)
-    _run_loop(serve(settings))
+    try:
+        for node in settings.fs_nodes:  # refused before anything starts
+            node.password()
+        _run_loop(serve(settings))
+    except ConfigError as exc:
+        sys.stderr.write(f"iim: configuration refused: {exc}\n")
+        return 2
     return 0
 
 

@@ -94,7 +94,9 @@ async def test_what_the_service_builds_at_start_is_out_of_the_collectors_scans(u
         assert id(policy.router) not in tracked  # built after the policy cache froze its load
 
 
-async def test_health_is_degraded_while_a_freeswitch_node_is_unreachable(urls: DatabaseUrls, tmp_path: Path) -> None:
+async def test_health_is_degraded_while_a_freeswitch_node_is_unreachable(
+        urls: DatabaseUrls, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IIM_FS_PASSWORD", "test-esl-secret")
     dead_port = _free_port()
     settings = _settings(tmp_path, fs_nodes=[{"host": "127.0.0.1", "port": dead_port, "name": "fs1"}])
     async with Service(settings, database=urls) as service, aiohttp.ClientSession() as http, http.get(
