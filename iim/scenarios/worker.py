@@ -217,8 +217,7 @@ class IncidentWorker:
             incident = await store.load_incident(conn, incident_id, full=False)
             if incident is None or incident.state in TERMINAL:
                 return
-            await conn.execute("UPDATE iim.incident_action SET outcome = 'undelivered', finished_at = now() "
-                               "WHERE key = $1 AND kind = 'sms'", sms_key)
+            await store.mark_sms_undelivered(conn, sms_key)
             await store.audit(conn, tenant_id, "sms-receipt", "incident.sms_undelivered", incident_id,
                               {"key": sms_key}, event_id=incident.first_event_id)
         await self.tick(tenant_id, incident_id, reason="sms_undelivered")
@@ -295,10 +294,7 @@ class IncidentWorker:
         if reason == "cleared":
             await store.write_outcomes(conn, outcomes, audit_lines)
             progress = on_cleared(incident.progress)
-            await conn.execute(
-                """UPDATE iim.incident SET state = $2::iim.incident_state, reason = 'cleared by the device',
-                          updated_at = now(), closed_at = now(), deadline = NULL WHERE id = $1""",
-                incident_id, progress.state.value)
+            await store.clear_incident(conn, incident_id, progress.state)
             await store.audit(conn, tenant_id, "scenario-engine", f"incident.{progress.state.value}",
                               incident_id, {"reason": "the device reported the hazard cleared"},
                               event_id=incident.first_event_id)
@@ -348,9 +344,7 @@ class IncidentWorker:
         after = _AfterCommit()
         scenario = self._choose(await store.load_scenarios(conn, incident.household_id), incident, now)
         if scenario is None:
-            await conn.execute(
-                """UPDATE iim.incident SET state = 'exhausted', reason = $2, updated_at = now(),
-                          closed_at = now() WHERE id = $1""", incident.id, "no scenario matches")
+            await store.exhaust_incident(conn, incident.id, "no scenario matches")
             await store.audit(conn, tenant_id, "scenario-engine", "incident.exhausted", incident.id,
                               {"reason": "no scenario matches this event"}, event_id=incident.first_event_id)
             INCIDENTS.labels("exhausted").inc()
@@ -590,10 +584,7 @@ class IncidentWorker:
     async def _message(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
                        action: store.ActionRow) -> None:
         if action.kind == "sms" and action.destination:
-            text = action.spec.get("text") or store.alarm_text(incident)
-            await conn.execute(
-                """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
-                   ON CONFLICT (tenant_id, key) DO NOTHING""", action.key, action.destination, text[:1600], incident.id)
+            await store.queue_action_sms(conn, incident, action)
             outcome, detail = "queued", "queued in the SMS outbox"
         else:
             outcome, detail = "skipped", "no notification connector is configured for this household"
@@ -709,22 +700,12 @@ class IncidentWorker:
         """FreeSWITCH is down: text the person now, and retry the call while the step is still current.
 
         True when the retries are spent (the engine judges the call as unreachable now)."""
-        retries = await conn.fetchval(
-            "SELECT count(*) FROM iim.sms_outbox WHERE starts_with(key, $1)", f"{key}/unreachable/")
+        retries = await store.unreachable_retries(conn, key)
         if call.destination.startswith("+"):
-            await conn.execute(
-                """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
-                   ON CONFLICT (tenant_id, key) DO NOTHING""",
-                f"{key}/unreachable/{retries}", call.destination,
-                f"IIM alarm: {incident.facts.event_type.value} at {incident.facts.household_name}. "
-                "We could not call you; we will try again.", incident.id)
+            await store.text_unreachable(conn, incident, key, retries, call.destination)
         delays = self.settings.unreachable_retries
         if retries < len(delays):
-            await conn.execute("UPDATE iim.incident_action SET dispatched_at = NULL WHERE key = $1", key)
-            payload = json.dumps({"tenant": str(tenant_id), "incident": str(incident.id), "key": key}).encode()
-            await jobs.queries_for(conn).enqueue(
-                IncidentJobs.ACTION, payload, priority=20, execute_after=timedelta(seconds=delays[retries]),
-                dedupe_key=f"act:{key}:retry:{retries}", on_conflict="skip")
+            await store.retry_call(conn, tenant_id, incident.id, key, retries, delays[retries])
             detail = f"switch unreachable; SMS sent, call retry {retries + 1} in {delays[retries]:.0f} s"
             spent = False
         else:
