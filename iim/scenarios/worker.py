@@ -273,11 +273,11 @@ class IncidentWorker:
             after = await self._tick_in(conn, tenant_id, incident, reason=reason)
         await self._follow(after)
 
-    async def _hang_up_all(self, ringing: list[store.ActionRow]) -> None:
+    async def _hang_up(self, ringing: list[store.ActionRow]) -> None:
         """The group is decided: calls of it still ringing are hung up (the doorphone rang phone and home)."""
         for action in ringing:
-            if action.call_uuid is not None:
-                await self._hang_up(action.call_uuid)
+            if action.call_uuid is not None and self.placer is not None:
+                await self.placer.hang_up(str(action.call_uuid))
 
     async def _tick_in(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow | None, *,
                        reason: str, outcomes: Sequence[store.OutcomeWrite] = (),
@@ -342,7 +342,7 @@ class IncidentWorker:
     async def _begin(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
                      now: datetime) -> _AfterCommit:
         after = _AfterCommit()
-        scenario = self._choose(await store.load_scenarios(conn, incident.household_id), incident, now)
+        scenario = _choose(await store.load_scenarios(conn, incident.household_id), incident, now)
         if scenario is None:
             await store.exhaust_incident(conn, incident.id, "no scenario matches")
             await store.audit(conn, tenant_id, "scenario-engine", "incident.exhausted", incident.id,
@@ -375,12 +375,12 @@ class IncidentWorker:
             claim = store.CallClaim(limits.max_concurrent, limits.max_per_hour, refused)
         persisted = await store.persist_advance(conn, tenant_id, incident, decision, scenario=scenario, now=now,
                                                 outcomes=outcomes, audit_lines=audit_lines, claim=claim)
-        self._count_settled(persisted.settled)
+        _count_settled(persisted.settled)
         INCIDENTS.labels(decision.progress.state.value).inc()
         if claim is None:
             return
         for key in persisted.refused:
-            self._refused(incident, "call" if isinstance(calls[key], PlaceCall) else "record", claim.refused[key][0])
+            _refused(incident, "call" if isinstance(calls[key], PlaceCall) else "record", claim.refused[key][0])
         if persisted.refused:
             after.retick.append((tenant_id, incident.id))  # the engine moves on at once
         ORIGINATE_CLAIMS.labels("decision").inc(len(persisted.claimed))
@@ -391,21 +391,14 @@ class IncidentWorker:
                                   destination=action.destination, call_uuid=store.call_uuid_for(key),
                                   dispatched_at=now, outcome=None, spec=store.action_spec(action))
             meanings = dict((row.spec.get("ivr") or {}).get("digits", {}))
-            placed = _Placement(tenant_id, incident, key, kind, self._alert_call(tenant_id, incident, row), meanings,
+            placed = _Placement(tenant_id, incident, key, kind, _alert_call(self.settings, tenant_id, incident, row), meanings,
                                 None if key in persisted.claimed else limits)
             after.calls.append(placed)
-
-    @staticmethod
-    def _refused(incident: store.IncidentRow, kind: str, reason: str) -> None:
-        ORIGINATE_REFUSED.labels(reason).inc()
-        ACTIONS.labels(kind, "refused").inc()
-        log.warning("alert call refused: %s", reason,
-                    extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
 
     async def _follow(self, after: _AfterCommit) -> None:
         """After a decision's commit: hang up what it decided, place the calls it claimed, judge again the
         incidents whose calls were refused."""
-        await self._hang_up_all(after.ringing)
+        await self._hang_up(after.ringing)
         for placement in after.calls:
             self._spawn(self._place_claimed(placement))
         for tenant_id, incident_id in after.retick:
@@ -427,7 +420,7 @@ class IncidentWorker:
                                             in_flight=in_flight, last_hour=last_hour)
                 if refusal is None:  # under the caps yet not claimed: dispatched elsewhere
                     return
-                self._refused(p.incident, p.kind, refusal.reason)
+                _refused(p.incident, p.kind, refusal.reason)
                 async with tenant_tx(self.pool, p.tenant_id) as conn:
                     await store.write_outcomes(
                         conn, [store.OutcomeWrite(p.key, ActionOutcome.REFUSED.value, refusal.detail)],
@@ -447,16 +440,6 @@ class IncidentWorker:
         self._inline.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("alert call follow-up failed", exc_info=task.exception())
-
-    @staticmethod
-    def _count_settled(settled: list[tuple[str, str]]) -> None:
-        for kind, outcome in settled:
-            ACTIONS.labels(kind, outcome).inc()
-
-    def _choose(self, scenarios: list[Scenario], incident: store.IncidentRow, now: datetime) -> Scenario | None:
-        """The tenant's own scenarios first; the shipped templates are the default for the rest."""
-        return (select_scenario(scenarios, incident.facts, now)
-                or select_scenario(list(TEMPLATES.values()), incident.facts, now))
 
     # ------------------------------------------------------------------ actions
     async def _action_job(self, job: pgq_models.Job) -> None:
@@ -614,33 +597,14 @@ class IncidentWorker:
                                 extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
                     return None
         if refusal is not None:
-            self._refused(incident, action.kind, refusal.reason)
+            _refused(incident, action.kind, refusal.reason)
             await store.write_outcomes(
                 conn, [store.OutcomeWrite(action.key, ActionOutcome.REFUSED.value, refusal.detail)],
                 [store.audit_line("toll-fraud-guard", "originate.refused", incident.id,
                                   {"key": action.key, "reason": refusal.reason, "detail": refusal.detail},
                                   event_id=incident.first_event_id)])
             return None
-        return self._alert_call(tenant_id, incident, action)
-
-    def _alert_call(self, tenant_id: UUID, incident: store.IncidentRow, action: store.ActionRow) -> AlertCall:
-        assert action.call_uuid is not None
-        spec = action.spec
-        variables = {"iim_tenant_id": str(tenant_id), "iim_incident_id": str(incident.id),
-                     "iim_action_key": action.key.replace("/", "-"),
-                     "iim_event_id": incident.first_event_id,
-                     "tts_engine": self.settings.tts_engine, "tts_voice": self.settings.tts_voice}
-        common: dict[str, Any] = {
-            "call_uuid": str(action.call_uuid), "destination": action.destination or "",
-            "caller_id_number": self.settings.caller_id_number, "caller_id_name": self.settings.caller_id_name,
-            "prompt": _say(spec.get("prompt_text")), "variables": variables}
-        if action.kind == "record":
-            return AlertCall(ring_s=30, record_s=int(spec.get("max_s", 60)),
-                             record_path=f"/var/lib/freeswitch/recordings/iim/{action.call_uuid}.wav", **common)
-        ivr = spec.get("ivr") or {}
-        return AlertCall(ring_s=int(spec.get("ring_s", 30)), digits="".join(sorted(ivr.get("digits", {}))),
-                         tries=int(ivr.get("tries", 1)), digit_timeout_s=int(ivr.get("digit_timeout_s", 5)),
-                         **common)
+        return _alert_call(self.settings, tenant_id, incident, action)
 
     async def _speak_while_ringing(self, call: AlertCall) -> None:
         """Render the prompt with our TTS while the phone rings and give the IVR the WAV file; when speech
@@ -658,10 +622,6 @@ class IncidentWorker:
             return
         if not self.placer.use_prompt(call.call_uuid, str(rendered.path)):
             log.info("prompt rendered after the answer; FreeSWITCH spoke it", extra={"call_id": call.call_uuid})
-
-    async def _hang_up(self, call_uuid: UUID) -> None:
-        if self.placer is not None:
-            await self.placer.hang_up(str(call_uuid))
 
     async def _place(self, call: AlertCall) -> CallOutcome:
         if self.placer is None:
@@ -763,6 +723,46 @@ class IncidentWorker:
                           {"key": action.key, "outcome": outcome.value, "detail": detail},
                           event_id=incident.first_event_id, call_uuid=action.call_uuid)
         ACTIONS.labels(action.kind, outcome.value).inc()
+
+
+def _refused(incident: store.IncidentRow, kind: str, reason: str) -> None:
+    ORIGINATE_REFUSED.labels(reason).inc()
+    ACTIONS.labels(kind, "refused").inc()
+    log.warning("alert call refused: %s", reason,
+                extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
+
+
+def _count_settled(settled: list[tuple[str, str]]) -> None:
+    for kind, outcome in settled:
+        ACTIONS.labels(kind, outcome).inc()
+
+
+def _choose(scenarios: list[Scenario], incident: store.IncidentRow, now: datetime) -> Scenario | None:
+    """The tenant's own scenarios first; the shipped templates are the default for the rest."""
+    return (select_scenario(scenarios, incident.facts, now)
+            or select_scenario(list(TEMPLATES.values()), incident.facts, now))
+
+
+def _alert_call(settings: WorkerSettings, tenant_id: UUID, incident: store.IncidentRow, action: store.ActionRow
+                ) -> AlertCall:
+    """The call an alert action places, as its spec says (a recording or an IVR), tagged for its incident."""
+    assert action.call_uuid is not None
+    spec = action.spec
+    variables = {"iim_tenant_id": str(tenant_id), "iim_incident_id": str(incident.id),
+                 "iim_action_key": action.key.replace("/", "-"),
+                 "iim_event_id": incident.first_event_id,
+                 "tts_engine": settings.tts_engine, "tts_voice": settings.tts_voice}
+    common: dict[str, Any] = {
+        "call_uuid": str(action.call_uuid), "destination": action.destination or "",
+        "caller_id_number": settings.caller_id_number, "caller_id_name": settings.caller_id_name,
+        "prompt": _say(spec.get("prompt_text")), "variables": variables}
+    if action.kind == "record":
+        return AlertCall(ring_s=30, record_s=int(spec.get("max_s", 60)),
+                         record_path=f"/var/lib/freeswitch/recordings/iim/{action.call_uuid}.wav", **common)
+    ivr = spec.get("ivr") or {}
+    return AlertCall(ring_s=int(spec.get("ring_s", 30)), digits="".join(sorted(ivr.get("digits", {}))),
+                     tries=int(ivr.get("tries", 1)), digit_timeout_s=int(ivr.get("digit_timeout_s", 5)),
+                     **common)
 
 
 def _say(text: str | None) -> str | None:
