@@ -1,9 +1,10 @@
 """Every statement on the SMS tables (``iim.sms_outbox``, ``iim.sms_inbound``): the outbox's one writer.
 
 Whoever queues an SMS calls :func:`enqueue_sms` (or :func:`enqueue_many`) with a connection in its own tenant
-transaction, so the SMS commits with whatever caused it. The one other writer is the database's
-``iim.persist_decision`` (``policy_cache/functions/``), which queues a scenario decision's SMS in the decision's
-own statement: the alarm path pays no round trip for them.
+transaction, so the SMS commits with whatever caused it. Besides, only the database writes the outbox (its
+functions are in ``policy_cache/functions/``): ``iim.write_action`` queues a scenario decision's SMS inside
+``iim.persist_decision``'s one statement (the alarm path pays no round trip for them), and ``iim.sms_claim``
+claims due rows for :func:`claim_due`.
 """
 
 from __future__ import annotations
