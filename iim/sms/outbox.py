@@ -165,6 +165,7 @@ def _db_failure(what: str, exc: BaseException, delay: float) -> None:
     else:
         log.error("%s failed (%s: a SQL error, not an outage); retry in %.1f s", what, exc, delay, exc_info=exc)
 
+
 class SmsSender:
     """Sends the outbox through one transport and takes its receipts and MO.
 

@@ -32,7 +32,6 @@ async def test_enqueue_many_queues_each_key_once_and_the_first_body_wins(app_poo
 async def test_enqueue_many_commits_with_the_callers_transaction(app_pool: Pool) -> None:
     tenant = await create_tenant(app_pool)
 
-
     async def queue_then_fail() -> None:
         async with tenant_tx(app_pool, tenant) as conn:
             await store.enqueue_many(conn, [store.QueuedSms("gone/sms/0", "+79001112233", "never sent")])
