@@ -480,7 +480,6 @@ async def sms_fallback_numbers(conn: Connection, household_id: UUID) -> list[str
     return [r["msisdn"] for r in rows]
 
 
-
 async def mark_sms_undelivered(conn: Connection, key: str) -> None:
     """The SMSC did not deliver the SMS action ``key``: its outcome becomes ``undelivered``."""
     await conn.execute("UPDATE iim.incident_action SET outcome = 'undelivered', finished_at = now() "
