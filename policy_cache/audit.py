@@ -27,8 +27,8 @@ import asyncpg
 from policy_cache.db import Connection, Pool
 from policy_cache.models import AuditEntry
 
-__all__ = ["GENESIS_HASH", "AuditFlusher", "append", "append_many", "canonical_json", "chain_head", "entries", "flush_pending",
-           "stage", "verify_chain"]
+__all__ = ["GENESIS_HASH", "AuditFlusher", "append", "append_many", "canonical_json", "chain_head", "entries",
+           "flush_pending", "stage", "verify_chain"]
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """Real stand-ins for the home-delivery tests: a vendor cloud (aiohttp server), a small HTTP connector that
-talks to it, a renderer writing real WAV files, an HMAC URL signer and a household builder (SMS go through the service's own
-``iim.home.outbox_sink``). Nothing here mocks another package: each is a working implementation of a protocol."""
+talks to it, a renderer writing real WAV files, an HMAC URL signer and a household builder (SMS go through the
+service's own ``iim.home.outbox_sink``). Nothing here mocks another package: each is a working implementation of a
+protocol."""
 
 from __future__ import annotations
 

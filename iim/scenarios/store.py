@@ -1,9 +1,9 @@
 """PostgreSQL side of incidents: read the facts a decision needs, persist the decision, record outcomes.
 
 Each function runs inside the caller's tenant-scoped transaction (``claim_originate_now``, ``due_incidents``
-and ``prune_originate_windows`` excepted). Persisting an ``Advance`` writes the incident's new progress and deadline, one
-``incident_action`` row per action (its idempotency key) with its SMS rows, the claim of its calls or the
-jobs that will perform the rest, and its audit lines together, in one statement
+and ``prune_originate_windows`` excepted). Persisting an ``Advance`` writes the incident's new progress and
+deadline, one ``incident_action`` row per action (its idempotency key) with its SMS rows, the claim of its calls
+or the jobs that will perform the rest, and its audit lines together, in one statement
 (``iim.persist_decision``), so a crash leaves either all or none. Every statement of the scenario worker is
 here; the SMS it queues outside a decision go through ``iim.sms.store``, the outbox's one writer.
 """

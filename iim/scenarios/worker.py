@@ -391,7 +391,8 @@ class IncidentWorker:
                                   destination=action.destination, call_uuid=store.call_uuid_for(key),
                                   dispatched_at=now, outcome=None, spec=store.action_spec(action))
             meanings = dict((row.spec.get("ivr") or {}).get("digits", {}))
-            placed = _Placement(tenant_id, incident, key, kind, _alert_call(self.settings, tenant_id, incident, row), meanings,
+            alert = _alert_call(self.settings, tenant_id, incident, row)
+            placed = _Placement(tenant_id, incident, key, kind, alert, meanings,
                                 None if key in persisted.claimed else limits)
             after.calls.append(placed)
 

@@ -177,6 +177,6 @@ async def store_mo(conn: Connection, mo: MoSms, digest: str, *, dedup_window: fl
         digest, dedup_window)
     if seen:
         return None
-    row = await conn.fetchrow(_INSERT_MO, f"h:{digest}:{int(time.time() * 1000)}", digest, mo.transport, source, mo.destination,
-                              mo.body, mo.received_at)
+    row = await conn.fetchrow(_INSERT_MO, f"h:{digest}:{int(time.time() * 1000)}", digest, mo.transport, source,
+                              mo.destination, mo.body, mo.received_at)
     return row
