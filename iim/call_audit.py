@@ -23,6 +23,7 @@ from fs_app.routing import CallFacts, RoutingDecision
 from iim.core import metrics
 from iim.core.lifecycle import AsyncResource
 from iim.core.retry import backoff_delay
+from policy_cache import audit as audit_log
 from policy_cache.cache import PolicyStoreUnavailable
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.store import unavailable_as_store_error
@@ -34,8 +35,6 @@ AUDIT_QUEUED = Gauge("iim_call_audit_queued", "Call decisions waiting to be writ
 AUDIT_WRITTEN = Counter("iim_call_audit_written", "Call decisions written to the audit log", registry=metrics.REGISTRY)
 AUDIT_DROPPED = Counter("iim_call_audit_dropped", "Call decisions dropped: buffer full during an outage",
                         registry=metrics.REGISTRY)
-
-_SQL = "SELECT iim.audit_append($1, $2, $3, $4, $5, $6, $7)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +124,7 @@ class CallDecisionAudit(AsyncResource):
                 with unavailable_as_store_error():
                     for tenant, rows in by_tenant.items():
                         async with tenant_tx(self._pool, tenant) as conn:
-                            await conn.executemany(_SQL, rows)
+                            await audit_log.append_many(conn, rows)
                         done.add(tenant)
                         written += len(rows)
                         AUDIT_WRITTEN.inc(len(rows))

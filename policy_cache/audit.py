@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -28,8 +28,8 @@ from iim.core.lifecycle import AsyncResource
 from policy_cache.db import Connection, Pool
 from policy_cache.models import AuditEntry
 
-__all__ = ["GENESIS_HASH", "AuditFlusher", "append", "canonical_json", "chain_head", "entries", "flush_pending",
-           "stage", "verify_chain"]
+__all__ = ["GENESIS_HASH", "AuditFlusher", "append", "append_many", "canonical_json", "chain_head", "entries",
+           "flush_pending", "stage", "verify_chain"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,14 @@ async def append(
         dict(detail or {}), dict(correlation or {}),
     )
     return int(row_id)
+
+
+async def append_many(
+    conn: Connection, rows: Sequence[tuple[UUID, str, str, str, str | None, Mapping[str, Any], Mapping[str, Any]]],
+) -> None:
+    """:func:`append` for many rows of the caller's tenant, pipelined: each row is (tenant_id, actor, action,
+    entity, entity_id, detail, correlation)."""
+    await conn.executemany("SELECT iim.audit_append($1, $2, $3, $4, $5, $6, $7)", rows)
 
 
 def _js(value: str) -> str:

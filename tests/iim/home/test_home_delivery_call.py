@@ -22,6 +22,7 @@ from fs_app.router import PolicyRouter
 from fs_app.routing import Announcement, CallFacts, RoutingDecision
 from fs_app.testing import CallResult, CallSpec, FreeSwitchEmulator, TargetBehaviour
 from iim.home.cloud_call import CloudAnnouncer, cloud_call_step
+from iim.home.outbox_sink import OutboxSmsSink
 from policy_cache.cache import PolicyCache
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import FallbackAction, RingMode
@@ -30,7 +31,6 @@ from tests.home_delivery_rig import (
     Connectors,
     Home,
     HttpConnector,
-    OutboxSmsSink,
     VendorCloud,
     build_home,
     create_tenant,

@@ -19,7 +19,8 @@ from aiohttp import web
 
 from iim.core.signing import sign_webhook, verify_webhook
 from iim.sms.http_smsc import HttpSmscSettings, HttpSmscTransport
-from iim.sms.outbox import BackoffPolicy, InboundSms, SmsSender, enqueue_sms
+from iim.sms.outbox import BackoffPolicy, InboundSms, SmsSender
+from iim.sms.store import enqueue_sms
 from iim.sms.transport import (
     MoSms,
     OutboundSms,

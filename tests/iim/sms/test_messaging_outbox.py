@@ -17,9 +17,10 @@ from uuid import UUID
 import pytest
 
 from iim.core.metrics import REGISTRY
-from iim.sms.outbox import BackoffPolicy, InboundSms, OutboxRow, SmsSender, enqueue_sms
+from iim.sms.outbox import BackoffPolicy, InboundSms, OutboxRow, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
 from iim.sms.smsc_sim import SmscProcess
+from iim.sms.store import enqueue_sms
 from policy_cache import registry
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import SubscriberCreate
