@@ -34,6 +34,7 @@ from prometheus_client import Counter, Histogram
 
 from fs_app.outreach.calls import AlertCall, AlertCallPlacer, CallOutcome, CallOutcomeKind
 from fs_app.outreach.guard import OriginateLimits, check_destination
+from fs_app.outreach.prompts import GENERIC_ALARM_PROMPT, speakable
 from iim.connectors.contract import Connector, ConnectorError, ConnectorLookup, Notification
 from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.lifecycle import AsyncResource
@@ -369,6 +370,7 @@ class IncidentWorker(AsyncResource):
                   else self.settings.default_limits)
         claim: store.CallClaim | None = None
         calls = {a.key: a for a in decision.actions if isinstance(a, PlaceCall | RecordMessage)}
+        built: dict[str, AlertCall] = {}
         if self.placer is not None and incident.bound is not None and calls:
             refused: dict[str, tuple[str, str]] = {}
             for key, action in calls.items():
@@ -376,6 +378,18 @@ class IncidentWorker(AsyncResource):
                                             in_flight=0, last_hour=0)
                 if refusal is not None:
                     refused[key] = (refusal.reason, refusal.detail)
+                    continue
+                # Built before the claim: a call that cannot be built is refused with the others, in this
+                # transaction, and the incident moves on; it never aborts the decision.
+                row = store.ActionRow(key=key, incident_id=incident.id, step=action.step,
+                                      kind="call" if isinstance(action, PlaceCall) else "record",
+                                      destination=action.destination, call_uuid=store.call_uuid_for(key),
+                                      dispatched_at=now, outcome=None, spec=store.action_spec(action))
+                alert = _safe_alert_call(self.settings, tenant_id, incident, row)
+                if isinstance(alert, AlertCall):
+                    built[key] = alert
+                else:
+                    refused[key] = ("invalid_call", alert)
             claim = store.CallClaim(limits.max_concurrent, limits.max_per_hour, refused)
         persisted = await store.persist_advance(conn, tenant_id, incident, decision, scenario=scenario, now=now,
                                                 outcomes=outcomes, audit_lines=audit_lines, claim=claim)
@@ -391,12 +405,8 @@ class IncidentWorker(AsyncResource):
         for key in [*persisted.claimed, *persisted.deferred]:
             action = calls[key]
             kind = "call" if isinstance(action, PlaceCall) else "record"
-            row = store.ActionRow(key=key, incident_id=incident.id, step=action.step, kind=kind,
-                                  destination=action.destination, call_uuid=store.call_uuid_for(key),
-                                  dispatched_at=now, outcome=None, spec=store.action_spec(action))
-            meanings = dict((row.spec.get("ivr") or {}).get("digits", {}))
-            alert = _alert_call(self.settings, tenant_id, incident, row)
-            placed = _Placement(tenant_id, incident, key, kind, alert, meanings,
+            meanings = dict((store.action_spec(action).get("ivr") or {}).get("digits", {}))
+            placed = _Placement(tenant_id, incident, key, kind, built[key], meanings,
                                 None if key in persisted.claimed else limits)
             after.calls.append(placed)
 
@@ -585,6 +595,15 @@ class IncidentWorker(AsyncResource):
                         action: store.ActionRow) -> AlertCall | None:
         """Guard, then mark dispatched (committed with this transaction) and build the call."""
         destination = action.destination or ""
+        alert = _safe_alert_call(self.settings, tenant_id, incident, action)
+        if not isinstance(alert, AlertCall):  # this action fails; the incident moves on
+            _refused(incident, action.kind, "invalid_call")
+            await store.write_outcomes(
+                conn, [store.OutcomeWrite(action.key, ActionOutcome.REFUSED.value, alert)],
+                [store.audit_line("scenario-engine", "originate.refused", incident.id,
+                                  {"key": action.key, "reason": "invalid_call", "detail": alert},
+                                  event_id=incident.first_event_id)])
+            return None
         limits_row, bound = await store.originate_facts(conn, incident.household_id)
         limits = (OriginateLimits(*limits_row) if limits_row is not None else self.settings.default_limits)
         # Shape, binding and prefix first (no lock); the caps are checked and claimed in one locked step.
@@ -609,7 +628,7 @@ class IncidentWorker(AsyncResource):
                                   {"key": action.key, "reason": refusal.reason, "detail": refusal.detail},
                                   event_id=incident.first_event_id)])
             return None
-        return _alert_call(self.settings, tenant_id, incident, action)
+        return alert
 
     async def _speak_while_ringing(self, call: AlertCall) -> None:
         """Render the prompt with our TTS while the phone rings and give the IVR the WAV file; when speech
@@ -748,8 +767,8 @@ def _choose(scenarios: list[Scenario], incident: store.IncidentRow, now: datetim
             or select_scenario(list(TEMPLATES.values()), incident.facts, now))
 
 
-def _alert_call(settings: WorkerSettings, tenant_id: UUID, incident: store.IncidentRow, action: store.ActionRow
-                ) -> AlertCall:
+def _alert_call(settings: WorkerSettings, tenant_id: UUID, incident: store.IncidentRow, action: store.ActionRow,
+                *, prompt_text: str | None = None) -> AlertCall:
     """The call an alert action places, as its spec says (a recording or an IVR), tagged for its incident."""
     assert action.call_uuid is not None
     spec = action.spec
@@ -760,7 +779,7 @@ def _alert_call(settings: WorkerSettings, tenant_id: UUID, incident: store.Incid
     common: dict[str, Any] = {
         "call_uuid": str(action.call_uuid), "destination": action.destination or "",
         "caller_id_number": settings.caller_id_number, "caller_id_name": settings.caller_id_name,
-        "prompt": _say(spec.get("prompt_text")), "variables": variables}
+        "prompt": _say(prompt_text or spec.get("prompt_text")), "variables": variables}
     if action.kind == "record":
         return AlertCall(ring_s=30, record_s=int(spec.get("max_s", 60)),
                          record_path=f"/var/lib/freeswitch/recordings/iim/{action.call_uuid}.wav", **common)
@@ -770,11 +789,27 @@ def _alert_call(settings: WorkerSettings, tenant_id: UUID, incident: store.Incid
                      **common)
 
 
+def _safe_alert_call(settings: WorkerSettings, tenant_id: UUID, incident: store.IncidentRow,
+                     action: store.ActionRow) -> AlertCall | str:
+    """The action's call; with the generic prompt if its own cannot be played; else why it cannot be built
+    (then only this action fails: user text must never stop an alarm)."""
+    try:
+        return _alert_call(settings, tenant_id, incident, action)
+    except ValueError as exc:
+        log.error("alert call not built as specified (%s); trying the generic prompt", exc,
+                  extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
+    try:
+        return _alert_call(settings, tenant_id, incident, action, prompt_text=GENERIC_ALARM_PROMPT)
+    except ValueError as exc:
+        return f"the call cannot be built: {exc}"[:300]
+
+
 def _say(text: str | None) -> str | None:
-    """A FreeSWITCH TTS playable (``say:`` with the channel's tts_engine); CR/LF never reach the switch."""
+    """A FreeSWITCH TTS playable (``say:`` with the channel's tts_engine): the text rendered to a speakable
+    form (:func:`speakable`; no ``${``, controls or separators reach the switch), or the generic prompt."""
     if not text:
         return None
-    return "say:" + " ".join(text.split())
+    return "say:" + (speakable(text) or GENERIC_ALARM_PROMPT)
 
 
 def _engine_outcome(call: AlertCall, outcome: CallOutcome, meanings: dict[str, str]) -> ActionOutcome:
