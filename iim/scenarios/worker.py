@@ -521,7 +521,7 @@ class IncidentWorker(AsyncResource):
         self._placing.add(call.call_uuid)
         try:
             placing = asyncio.create_task(self._place(call))
-            if self.speech is not None and call.prompt:
+            if self.speech is not None and self.placer is not None and call.prompt:
                 await self._speak_while_ringing(call)
             outcome = await placing
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +45,35 @@ async def test_a_call_that_cannot_be_built_fails_alone_and_the_incident_moves_on
             "SELECT detail->>'reason' AS reason FROM iim.audit_log WHERE action = 'originate.refused' "
             "AND entity_id = $1", str(incident))
         assert [r["reason"] for r in refused] == ["invalid_call"] * 3
+
+
+async def test_without_a_freeswitch_node_an_alarm_is_unreachable_and_texted_not_a_crash(
+        app_pool: Pool, pg_db: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No ``IIM_FS_NODES``: every call is unreachable at once (SMS instead), never an AssertionError."""
+    from datetime import timedelta
+
+    from iim.scenarios.worker import IncidentWorker, WorkerSettings
+    from tests.alarm_rig import build_rig
+    from tests.iim.scenarios.test_scenario_worker import Alarms, numbers
+
+    class Speech:
+        async def render(self, text: str) -> Any:
+            raise AssertionError("no switch to speak through: nothing is rendered")
+
+    n = numbers()
+    rig = await build_rig(app_pool, tmp_path, owner=n["owner"], backup=n["backup"], security=n["security"])
+    worker = IncidentWorker(app_pool, pg_db.app_url, None, WorkerSettings(
+        heartbeat_timeout=timedelta(seconds=2), unreachable_retries=(0.1,)), speech=Speech())
+    async with worker:
+        alarms = Alarms(rig, app_pool, None, None, worker)  # type: ignore[arg-type]
+        incident = await alarms.raise_alarm("smoke")
+        for _ in range(200):
+            calls = await alarms.rows(
+                "SELECT outcome FROM iim.incident_action WHERE incident_id = $1 AND kind = 'call'", incident)
+            if calls and all(c["outcome"] is not None for c in calls):
+                break
+            await asyncio.sleep(0.05)
+        assert {c["outcome"] for c in calls} == {"unreachable"}
+        texted = await alarms.rows("SELECT DISTINCT msisdn FROM iim.sms_outbox WHERE incident_id = $1", incident)
+        assert rig.owner in {t["msisdn"] for t in texted}
+    assert "AssertionError" not in caplog.text
