@@ -76,7 +76,7 @@ async def serve(port: int, subscribers: int) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
-    await server.close(drain_timeout=2)
+    await server.aclose(drain_timeout=2)
 
 
 def main() -> None:

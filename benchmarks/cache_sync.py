@@ -80,10 +80,9 @@ async def main(subscribers: int, changes: int, gap_ms: float) -> dict[str, objec
             await asyncio.sleep(gap_ms / 1000)
     finally:
         await pool.close()
-        await cache.close()
-        await store.close()
-        if db.embedded is not None:
-            db.embedded.stop()
+        await cache.aclose()
+        await store.aclose()
+        await db.aclose()
     latencies.sort()
 
     def pct(q: float) -> float:

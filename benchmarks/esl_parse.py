@@ -3,7 +3,7 @@
     python -m benchmarks.esl_parse [--events N] [--repeats R] [--no-peers]
 
 Workload: ~2.5 KB ``text/event-plain`` CHANNEL_* frames made from the real FreeSWITCH
-1.10.12 recordings (../shared/esl-transcripts): every distinct recorded CHANNEL_* event,
+1.10.12 recordings (tests/data/esl-transcripts): every distinct recorded CHANNEL_* event,
 cut after its last whole header line that fits in 2.5 KB (so Event-Name, the standard
 headers, Channel-*, Unique-ID, Caller-* and the first variables survive), reframed with a
 correct Content-Length and repeated in recorded order to N events. The byte stream is fed
@@ -43,7 +43,7 @@ from typing import Any
 from fs_app.esl import EslCodec, Event
 
 ROOT = Path(__file__).resolve().parents[1]
-TRANSCRIPTS = ROOT.parent / "shared" / "esl-transcripts"
+TRANSCRIPTS = ROOT / "tests" / "data" / "esl-transcripts"
 PEER_SCRIPT = Path(__file__).resolve().parent / "_peers" / "peer_parse.py"
 PEER_PACKAGES = ("genesis==2026.10.18", "greenswitch==0.0.19")
 CHUNK = 64 * 1024

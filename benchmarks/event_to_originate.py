@@ -52,6 +52,7 @@ from iim.core.signing import sign_webhook
 from policy_cache.bootstrap import Database, bootstrap, with_url
 
 ROOT = Path(__file__).resolve().parents[1]
+ESL_PASSWORD = "bench-esl-secret"  # noqa: S105 - the emulator's Event Socket password, for this run
 
 
 def _free_port() -> int:
@@ -180,7 +181,7 @@ def _start_iim(db: Any, fs_port: int, esl_port: int, bridge_port: int, http_port
                log: Path) -> subprocess.Popen[bytes]:
     env = os.environ | {
         "IIM_APP_DATABASE_URL": db.app_url, "IIM_CACHE_DATABASE_URL": db.cache_url,
-        "IIM_FS_NODES": json.dumps([{"host": "127.0.0.1", "port": fs_port}]),
+        "IIM_FS_NODES": json.dumps([{"host": "127.0.0.1", "port": fs_port}]), "IIM_FS_PASSWORD": ESL_PASSWORD,
         "IIM_ESL_PORT": str(esl_port), "IIM_HTTP_PORT": str(http_port), "IIM_BRIDGE_PORT": str(bridge_port),
         "IIM_BRIDGE_SOURCE_RATE": "100000", "IIM_BRIDGE_SOURCE_BURST": "100000",
         "IIM_BRIDGE_TENANT_RATE": "100000", "IIM_BRIDGE_TENANT_BURST": "100000",
@@ -254,7 +255,7 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
             all_arrived.set()
 
     emu.originate_listeners.append(on_originate)
-    inbound = await emu.start_inbound()
+    inbound = await emu.start_inbound(password=ESL_PASSWORD)
     esl_port, bridge_port, http_port = _free_port(), _free_port(), _free_port()
     log = DATA / "e2o-iim.log"
     proc = _start_iim(db, inbound.port, esl_port, bridge_port, http_port, log)

@@ -44,9 +44,8 @@ async def main(subscribers: int, samples: int) -> dict[str, object]:
     load_s = time.perf_counter() - started
     gc.collect()
     rss_after = rss_bytes()
-    await store.close()
-    if db.embedded is not None:
-        db.embedded.stop()
+    await store.aclose()
+    await db.aclose()
 
     loaded = len(cache)
     rng = random.Random(42)

@@ -157,18 +157,17 @@ async def main(messages: int, tenants: int, long_share: float, receipts: bool, d
         receipts_sent += (await smsc.stats())["receipts_sent"]
         got = Counter({s.labels["state"]: int(s.value) for m in RECEIPTS.collect() for s in m.samples
                        if s.name.endswith("_total")})
-        await sender.stop()
+        await sender.aclose()
         sender = None
         final = await _status(admin)
         outbox = await admin.fetch("SELECT id, segments, smsc_message_ids FROM iim.sms_outbox")
     finally:
         if sender is not None:
-            await sender.stop()
-        await smsc.stop()
+            await sender.aclose()
+        await smsc.aclose()
         await pool.close()
         await admin.close()
-        if db.embedded is not None:
-            db.embedded.stop()
+        await db.aclose()
     records = read_log(smsc.log_path)
     shutil.rmtree(tmp, ignore_errors=True)
     submits = Counter((r["ref"], r["seq"]) for r in records)

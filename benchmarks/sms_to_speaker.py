@@ -233,14 +233,13 @@ async def main(messages: int, warmup: int, via: str) -> dict[str, object]:
     finally:
         await control.close()
         if sender is not None:
-            await sender.stop()
+            await sender.aclose()
         if smsc is not None:
-            await smsc.stop()
+            await smsc.aclose()
         await connector.unload()
         await pool.close()
         await runner.cleanup()
-        if db.embedded is not None:
-            db.embedded.stop()
+        await db.aclose()
         shutil.rmtree(tmp, ignore_errors=True)
     latencies.sort()
     return {
@@ -250,7 +249,7 @@ async def main(messages: int, warmup: int, via: str) -> dict[str, object]:
         "messages": len(latencies),
         "via": via,
         "outcomes": outcomes,
-        "tts": f"iim.tts.engine.EspeakTts ({shutil.which('espeak-ng')}): {stats.renders} render(s), {stats.hits} hits",
+        "tts": f"iim.tts.engine.EspeakTts (libespeak-ng from espeakng-loader): {stats.renders} render(s), {stats.hits} hits",
         "target_p99_ms": 100,
         "machine": machine(),
     }

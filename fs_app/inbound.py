@@ -48,6 +48,7 @@ from fs_app.esl import (
     UnexpectedReply,
     new_uuid,
 )
+from iim.core.lifecycle import AsyncResource
 from iim.core.retry import backoff_delay
 
 log = logging.getLogger("iim.esl.inbound")
@@ -209,7 +210,7 @@ class _InboundProtocol(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-class InboundClient:
+class InboundClient(AsyncResource):
     """One FreeSWITCH node's inbound socket, kept connected and subscribed."""
 
     def __init__(self, settings: InboundSettings) -> None:
@@ -240,7 +241,7 @@ class InboundClient:
         except TimeoutError:
             raise EslTimeout(f"FreeSWITCH {self.settings.node} not connected") from None
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         self._closing = True
         if self._proto is not None:
             self._proto.abort(EslConnectionError("client closed"))
@@ -381,7 +382,7 @@ class InboundClient:
         return self._closing
 
 
-class InboundPool:
+class InboundPool(AsyncResource):
     """Several FreeSWITCH nodes; work goes to the next connected one (round robin)."""
 
     def __init__(self, clients: Sequence[InboundClient]) -> None:
@@ -394,9 +395,9 @@ class InboundPool:
         for client in self.clients:
             await client.start()
 
-    async def close(self) -> None:
-        for client in self.clients:
-            await client.close()
+    async def aclose(self) -> None:
+        for client in reversed(self.clients):
+            await client.aclose()
 
     async def pick(self, timeout: float = 5.0) -> InboundClient:
         """The next connected node, waiting up to ``timeout`` for any to come up."""

@@ -29,6 +29,7 @@ from fs_app.esl import (
     RemoteProtocolError,
     UnexpectedReply,
 )
+from iim.core.lifecycle import AsyncResource
 
 log = logging.getLogger("iim.esl.outbound")
 
@@ -108,7 +109,7 @@ class _CallProtocol(asyncio.Protocol):
         self.call.connection_lost(exc)
 
 
-class OutboundServer:
+class OutboundServer(AsyncResource):
     """Accepts FreeSWITCH's per-call connections and runs ``handler`` for each call.
 
     ``fallback`` runs when the handler fails while the channel is still up, so a bug
@@ -231,7 +232,7 @@ class OutboundServer:
         if not done:
             metrics.ERRORS.labels("exit_timeout").inc()
 
-    async def close(self, drain_timeout: float = 10.0) -> None:
+    async def aclose(self, drain_timeout: float = 10.0) -> None:
         """Stop accepting, let calls in progress finish (up to ``drain_timeout``), then cut the rest."""
         self._closing = True
         if self._server is not None:

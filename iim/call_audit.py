@@ -21,7 +21,9 @@ from prometheus_client import Counter, Gauge
 
 from fs_app.routing import CallFacts, RoutingDecision
 from iim.core import metrics
+from iim.core.lifecycle import AsyncResource
 from iim.core.retry import backoff_delay
+from policy_cache import audit as audit_log
 from policy_cache.cache import PolicyStoreUnavailable
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.store import unavailable_as_store_error
@@ -34,8 +36,6 @@ AUDIT_WRITTEN = Counter("iim_call_audit_written", "Call decisions written to the
 AUDIT_DROPPED = Counter("iim_call_audit_dropped", "Call decisions dropped: buffer full during an outage",
                         registry=metrics.REGISTRY)
 
-_SQL = "SELECT iim.audit_append($1, $2, $3, $4, $5, $6, $7)"
-
 
 @dataclass(frozen=True, slots=True)
 class _Row:
@@ -43,7 +43,7 @@ class _Row:
     args: tuple[Any, ...]
 
 
-class CallDecisionAudit:
+class CallDecisionAudit(AsyncResource):
     """``record`` is the router's decision sink; ``run`` is the writer task."""
 
     def __init__(self, pool: Pool, *, max_buffer: int = 100_000, batch: int = 500, interval: float = 0.2) -> None:
@@ -81,7 +81,7 @@ class CallDecisionAudit:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self.run(), name="call-audit")
 
-    async def close(self, flush_timeout: float = 5.0) -> None:
+    async def aclose(self, flush_timeout: float = 5.0) -> None:
         if self._task is not None:
             self._task.cancel()
             try:
@@ -124,7 +124,7 @@ class CallDecisionAudit:
                 with unavailable_as_store_error():
                     for tenant, rows in by_tenant.items():
                         async with tenant_tx(self._pool, tenant) as conn:
-                            await conn.executemany(_SQL, rows)
+                            await audit_log.append_many(conn, rows)
                         done.add(tenant)
                         written += len(rows)
                         AUDIT_WRITTEN.inc(len(rows))

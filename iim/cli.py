@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
+import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from iim import logs
+from iim.core.errors import ConfigError
 from iim.settings import Settings
+
+log = logging.getLogger("iim.service")
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -30,10 +36,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
             overrides[name] = value
     settings = Settings().model_copy(update=overrides)
     logs.configure(settings.log_level)
-    from iim.service import run
-
-    _run_loop(run(settings))
+    try:
+        for node in settings.fs_nodes:  # refused before anything starts
+            node.password()
+        _run_loop(serve(settings))
+    except ConfigError as exc:
+        sys.stderr.write(f"iim: configuration refused: {exc}\n")
+        return 2
     return 0
+
+
+async def serve(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM; leaving the ``async with`` drains calls and flushes queues."""
+    from iim.service import Service
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with Service(settings):
+        await stop.wait()
+        log.info("stopping: draining calls")
 
 
 def cmd_explain_call(args: argparse.Namespace) -> int:
@@ -50,13 +74,8 @@ async def _explain_call(args: argparse.Namespace, settings: Settings) -> int:
 
     db = await bootstrap(database_url=args.database_url or settings.database_url, data_dir=settings.data_dir,
                          demo=settings.demo_data)
-    store = PgPolicyStore(db.cache_url)
-    try:
+    async with db, PgPolicyStore(db.cache_url) as store:
         snapshot = await find_snapshot(store, args.to)
-    finally:
-        await store.close()
-        if db.embedded is not None:
-            db.embedded.stop()
     if snapshot is None:
         print(f"{args.to} is not a subscriber: the call goes to the dialled number unchanged (passthrough)")
         return 0

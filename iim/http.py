@@ -1,13 +1,15 @@
-"""Operator HTTP surface of the service: ``/metrics`` (Prometheus) and ``/health``."""
+"""Operator HTTP surface of the service: ``/metrics`` (Prometheus) and ``/health``; serving an aiohttp app."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from iim.core import metrics
+from iim.core.lifecycle import AsyncResource
 
 HealthProbe = Callable[[], dict[str, object]]
 HEALTH_PROBES = web.AppKey("health_probes", list[HealthProbe])
@@ -38,3 +40,33 @@ def create_app(probes: list[HealthProbe]) -> web.Application:
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/health", health_view)
     return app
+
+
+class HttpSite(AsyncResource):
+    """One aiohttp app served on ``host:port`` from ``start`` to ``aclose`` (the HTTP surface, the device bridge).
+
+    ``port`` is the bound port once started (``0`` asks the kernel for a free one). A start that fails
+    (port taken, bad TLS context) leaves no runner or socket behind.
+    """
+
+    def __init__(self, app: web.Application, host: str, port: int, *,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self._ssl_context = ssl_context
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._ssl_context)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
+
+    async def aclose(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()

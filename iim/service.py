@@ -1,18 +1,25 @@
-"""The running IIM process: policy store and cache, call routing, FreeSWITCH links, HTTP surface."""
+"""The running IIM process: policy store and cache, call routing, FreeSWITCH links, HTTP surface.
+
+Every long-lived part is an async context manager entered on one ``AsyncExitStack``, in the order the
+parts need each other; the service's own background tasks belong to a ``TaskSupervisor`` on the same
+stack. So stopping is the reverse of starting, and a start that fails at any stage unwinds exactly what
+had started.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import secrets
-import signal
 import ssl
 from collections.abc import Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 from uuid import UUID
 
 from aiohttp import web
@@ -21,23 +28,25 @@ from prometheus_client import Histogram
 from fs_app.call import Call
 from fs_app.dialstring import DialSettings
 from fs_app.inbound import InboundClient, InboundPool, InboundSettings
-from fs_app.outbound import OutboundServer, OutboundSettings
+from fs_app.outbound import CallHandler, OutboundServer, OutboundSettings
 from fs_app.outreach.calls import AlertCallPlacer
 from fs_app.outreach.ivr import IvrRegistry, with_alert_calls
 from fs_app.passthrough import make_passthrough_handler
 from fs_app.registrations import REGISTRATION_EVENTS, registration_listener
 from fs_app.router import PolicyRouter
 from iim.admin.api import create_registry_app, mount_registry
+from iim.admin.routing import Access, Route
 from iim.admin.settings import AdminSettings
 from iim.call_audit import CallDecisionAudit
-from iim.connectors.http import CALLBACK_PREFIX, connector_callback_app, connector_health_routes
+from iim.connectors.http import CALLBACK_PREFIX, connector_callback_app, connector_list_view
 from iim.connectors.registry import ConnectorRegistry, default_context
+from iim.core.lifecycle import TaskSupervisor
 from iim.core.metrics import REGISTRY
 from iim.core.secrets import resolve_secret
 from iim.home.cloud_call import CloudAnnouncer, cloud_call_step
 from iim.home.outbox_sink import OutboxSmsSink
 from iim.home.sms_readout import SmsReadoutService
-from iim.http import HealthProbe, create_app
+from iim.http import HealthProbe, HttpSite, create_app
 from iim.scenarios.worker import IncidentWorker, WorkerSettings
 from iim.settings import Settings
 from iim.sms.outbox import OutboxRow, SmsSender
@@ -67,8 +76,32 @@ class DatabaseUrls:
     cache_url: str
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyParts:
+    """The policy side, up: its pools, the cache the router reads, and what the home side shares."""
+
+    app_url: str
+    pool: Pool
+    directory_pool: Pool
+    cache: PolicyCache
+    router: PolicyRouter
+    connectors: ConnectorRegistry
+    tts: EspeakTts
+    audio_urls: AudioUrlSigner
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """What exists only once the service has started: the bound ports and the policy side (when enabled)."""
+
+    http_port: int
+    bridge_port: int | None
+    policy: PolicyParts | None
+    worker: IncidentWorker | None
+
+
 class Service:
-    """Owns every long-lived resource; ``start`` brings them up, ``stop`` drains them.
+    """Owns every long-lived resource: ``async with Service(settings) as service`` runs it.
 
     ``database`` skips the bootstrap (tests, or an operator who runs migrations separately).
     """
@@ -76,76 +109,106 @@ class Service:
     def __init__(self, settings: Settings, *, database: DatabaseUrls | None = None) -> None:
         self.settings = settings
         self._database = database
-        self.embedded: object | None = None
-        self.pool: Pool | None = None
-        self.directory_pool: Pool | None = None
-        self.store: PgPolicyStore | None = None
-        self.cache: PolicyCache | None = None
-        self._app_url: str | None = None
-        self.audit_flusher: AuditFlusher | None = None
-        self.connectors: ConnectorRegistry | None = None
-        self.tts: EspeakTts | None = None
-        self.audio_urls: AudioUrlSigner | None = None
-        self.readout: SmsReadoutService | None = None
-        self.sms_sender: SmsSender | None = None
-        self.audit: CallDecisionAudit | None = None
-        passthrough = make_passthrough_handler(settings.passthrough_endpoint)
-        self._passthrough = passthrough
+        self._passthrough = make_passthrough_handler(settings.passthrough_endpoint)
+        # Calls go to the dialled number until the policy router is up.
+        self._call_handler: CallHandler = self._passthrough
+        # Set while the scenario worker runs: orphaned alert calls and undelivered SMS go to it.
+        self._worker: IncidentWorker | None = None
         # Alert calls placed by the scenario worker come back here for their IVR; every other call is routed.
         self.ivr = IvrRegistry(max_pending=10_000)
         self.outbound = OutboundServer(
             with_alert_calls(self.ivr, self._route, on_orphan=self._orphan_call),
             OutboundSettings(host=settings.esl_host, port=settings.esl_port, linger=settings.esl_linger),
-            fallback=passthrough,
+            fallback=self._passthrough,
         )
-        self.router: PolicyRouter | None = None
         events = tuple(dict.fromkeys(("BACKGROUND_JOB", *REGISTRATION_EVENTS)))
         self.inbound = [
             InboundClient(InboundSettings(host=n.host, port=n.port, password=n.password(), name=n.name,
                                           events=events))
             for n in settings.fs_nodes
         ]
-        self._runner: web.AppRunner | None = None
-        self.http_port: int | None = None
-        self.worker: IncidentWorker | None = None
-        self._lag_watch: asyncio.Task[None] | None = None
-        self._bridge_runner: web.AppRunner | None = None
-        self.bridge_port: int | None = None
+        self._stack: AsyncExitStack | None = None
+        self._running: Running | None = None
+
+    @property
+    def running(self) -> Running:
+        if self._running is None:
+            raise RuntimeError("the service is not running")
+        return self._running
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Start every part in order; if one fails, what already started is stopped before the error is raised."""
+        if self._stack is not None:
+            raise RuntimeError("the service is already running")
+        async with AsyncExitStack() as stack:
+            running = await self._start(stack)
+            self._stack = stack.pop_all()
+        self._running = running
+        # Everything built so far lives as long as the process: out of the collector's sight, a full
+        # collection on the call path scans only what calls and alarms allocate.
+        gc.collect()
+        gc.freeze()
+        log.info(
+            "IIM serving",
+            extra={"esl": f"{self.settings.esl_host}:{self.outbound.port}",
+                   "http": f"{self.settings.http_host}:{running.http_port}",
+                   "bridge": f"https://{self.settings.bridge_host}:{running.bridge_port}"
+                   if running.bridge_port else None,
+                   "policy_cache": running.policy.cache.status().subscribers if running.policy else None},
+        )
+
+    async def aclose(self) -> None:
+        """Stop in the reverse order of start: calls drain and queues flush while what they need is still up."""
+        stack, self._stack = self._stack, None
+        self._running = None
+        if stack is not None:
+            await stack.aclose()
+
+    async def _start(self, stack: AsyncExitStack) -> Running:
+        s = self.settings
+        tasks = await stack.enter_async_context(TaskSupervisor())
+        tasks.spawn(self._watch_loop_lag(), name="loop-lag")
+        # Calls are answered (passthrough) from the first second.
+        stack.push_async_callback(self.outbound.aclose, s.drain_timeout)
+        await self.outbound.start()
+        policy = await self._start_policy(stack) if s.policy_routing else None
+        if policy is not None:
+            self._call_handler = policy.router
+            stack.callback(setattr, self, "_call_handler", self._passthrough)
+        for client in self.inbound:
+            if policy is not None:
+                client.add_listener(registration_listener(policy.cache.set_device_online))
+            await stack.enter_async_context(client)
+        # Stopping drains calls here, before the parts calls use (router, audit, connectors, SMS) stop.
+        stack.push_async_callback(self.outbound.aclose, s.drain_timeout)
+        root = self._http_app(policy)
+        worker = await self._start_worker(stack, policy) if policy is not None and s.scenario_worker else None
+        bridge_port = await self._start_bridge(stack, policy, worker) if policy is not None and s.bridge_enabled \
+            else None
+        http = await stack.enter_async_context(HttpSite(root, s.http_host, s.http_port))
+        return Running(http_port=http.port, bridge_port=bridge_port, policy=policy, worker=worker)
 
     async def _orphan_call(self, variables: Mapping[str, str]) -> None:
         """An answered alert call whose worker died: the scenario worker settles it and moves on."""
-        if self.worker is not None:
-            await self.worker.orphan_call(variables)
+        if self._worker is not None:
+            await self._worker.orphan_call(variables)
 
     async def _route(self, call: Call) -> None:
         """Calls go through the policy router once the store is up, else to the dialled number."""
-        handler = self.router or self._passthrough
-        await handler(call)
-
-    def _app_pool(self) -> Pool:
-        if self.pool is None:
-            raise LookupError("policy store not connected")
-        return self.pool
-
-    def _directory_pool(self) -> Pool:
-        if self.directory_pool is None:
-            raise LookupError("policy store not connected")
-        return self.directory_pool
+        await self._call_handler(call)
 
     def _esl_health(self) -> dict[str, object]:
         nodes = {c.settings.node: c.connected for c in self.inbound}
         status = "ok" if all(nodes.values()) else "degraded"
         return {"status": status, "active_calls": self.outbound.active_calls, "freeswitch_nodes": nodes}
-
-    def _policy_health(self) -> dict[str, object]:
-        if not self.settings.policy_routing:
-            return {}
-        if self.cache is None:
-            return {"status": "degraded", "policy_cache": {"ready": False, "detail": "policy store not connected"}}
-        report = self.cache.health()
-        if report["status"] == "down":
-            report["status"] = "degraded"  # calls still go to the dialled number
-        return report
 
     async def _watch_loop_lag(self) -> None:
         """How late the event loop runs a 100 ms timer: every call, event and job waits that long too."""
@@ -158,173 +221,128 @@ class Service:
             if lag > 0.5:
                 log.warning("event loop lagged %.0f ms", lag * 1e3)
 
-    async def start(self) -> None:
-        self._lag_watch = asyncio.create_task(self._watch_loop_lag(), name="loop-lag")
-        await self.outbound.start()  # calls are answered (passthrough) from the first second
-        if self.settings.policy_routing:
-            await self._start_policy()
-        for client in self.inbound:
-            if self.cache is not None:
-                client.add_listener(registration_listener(self.cache.set_device_online))
-            await client.start()
-        probes: list[HealthProbe] = [self._esl_health, self._policy_health]
+    def _http_app(self, policy: PolicyParts | None) -> web.Application:
+        """``/metrics``, ``/health`` and, with policy routing, the registry API under ``/v1``."""
+        probes: list[HealthProbe] = [self._esl_health]
+        if policy is not None:
+            probes.append(_policy_health(policy.cache))
         root = create_app(probes)
-        if self.settings.policy_routing:
-            registry_app = create_registry_app(self._app_pool, AdminSettings(), directory_pool=self._directory_pool)
-            if self.connectors is not None:
-                registry_app.add_routes(connector_health_routes(self.connectors))
+        if policy is not None:
+            connectors = Route("GET", "/connectors", connector_list_view(policy.connectors), "listConnectors",
+                               "Configured connectors: capabilities and health", "connectors", Access.READ)
+            registry_app = create_registry_app(lambda: policy.pool, AdminSettings(),
+                                               directory_pool=lambda: policy.directory_pool,
+                                               extra_routes=(connectors,))
             mount_registry(root, registry_app)
-        if self.settings.policy_routing and self.pool is not None:
-            await self._start_alarms(self.pool)
-        self._runner = web.AppRunner(root, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        self.http_port = sockets[0].getsockname()[1] if sockets else self.settings.http_port
-        # Everything built so far lives as long as the process: out of the collector's sight, a full
-        # collection on the call path scans only what calls and alarms allocate.
-        gc.collect()
-        gc.freeze()
-        log.info(
-            "IIM serving",
-            extra={"esl": f"{self.settings.esl_host}:{self.outbound.port}",
-                   "http": f"{self.settings.http_host}:{self.http_port}",
-                   "bridge": f"https://{self.settings.bridge_host}:{self.bridge_port}" if self.bridge_port else None,
-                   "policy_cache": self.cache.status().subscribers if self.cache else None},
-        )
+        return root
 
-    async def _start_policy(self) -> None:
+    async def _start_policy(self, stack: AsyncExitStack) -> PolicyParts:
+        s = self.settings
         urls = self._database
-        if urls is None and self.settings.app_database_url:
-            urls = DatabaseUrls(self.settings.app_database_url,
-                                self.settings.cache_database_url or self.settings.app_database_url)
+        if urls is None and s.app_database_url:
+            urls = DatabaseUrls(s.app_database_url, s.cache_database_url or s.app_database_url)
         if urls is None:
             from policy_cache.bootstrap import bootstrap
 
-            db = await bootstrap(database_url=self.settings.database_url, data_dir=self.settings.data_dir,
-                                 demo=self.settings.demo_data)
-            self.embedded = db.embedded
+            db = await stack.enter_async_context(
+                await bootstrap(database_url=s.database_url, data_dir=s.data_dir, demo=s.demo_data))
             urls = DatabaseUrls(db.app_url, db.cache_url)
-        self._app_url = urls.app_url
-        size = self.settings.db_pool_size
-        self.pool = await connect_pool(urls.app_url, role=DbRole.APP, min_size=size, max_size=size)
-        self.audit_flusher = AuditFlusher(self.pool)
-        await self.audit_flusher.start()
+        # asyncpg's pools are async context managers already (closed on exit).
+        pool = await stack.enter_async_context(
+            await connect_pool(urls.app_url, role=DbRole.APP, min_size=s.db_pool_size, max_size=s.db_pool_size))
+        await stack.enter_async_context(AuditFlusher(pool))
         # Read-only, all tenants: for admins listing tenants (RLS hides them from the app role).
-        self.directory_pool = await connect_pool(urls.cache_url, role=DbRole.CACHE, min_size=1, max_size=2)
-        self.store = PgPolicyStore(urls.cache_url)
-        self.cache = PolicyCache(self.store)
+        directory_pool = await stack.enter_async_context(
+            await connect_pool(urls.cache_url, role=DbRole.CACHE, min_size=1, max_size=2))
+        store = await stack.enter_async_context(PgPolicyStore(urls.cache_url))
+        cache = PolicyCache(store)
+        stack.push_async_callback(cache.aclose)
         try:
-            await self.cache.start(timeout=self.settings.cache_load_timeout)
+            await cache.start(timeout=s.cache_load_timeout)
         except TimeoutError:
-            log.error("policy cache not loaded in %s s: routing by dialled number until it is",
-                      self.settings.cache_load_timeout)
-        self.audit = CallDecisionAudit(self.pool)
-        await self.audit.start()
-        await self._start_home(self.pool)
-        dial = DialSettings(phone_endpoint=self.settings.passthrough_endpoint.replace("{destination}", "{msisdn}"),
-                            voicemail_domain=self.settings.sip_domain)
-        assert self.connectors is not None
-        announce = cloud_call_step(CloudAnnouncer(self.connectors), dial, OutboxSmsSink(self.pool))
-        self.router = PolicyRouter(self.cache, self._passthrough, dial=dial, record_decision=self.audit.record,
-                                   announce=announce)
+            log.error("policy cache not loaded in %s s: routing by dialled number until it is", s.cache_load_timeout)
+        audit = await stack.enter_async_context(CallDecisionAudit(pool))
+        connectors, tts, audio_urls = await self._start_home(stack, pool)
+        dial = DialSettings(phone_endpoint=s.passthrough_endpoint.replace("{destination}", "{msisdn}"),
+                            voicemail_domain=s.sip_domain)
+        announce = cloud_call_step(CloudAnnouncer(connectors), dial, OutboxSmsSink(pool))
+        router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record, announce=announce)
+        return PolicyParts(app_url=urls.app_url, pool=pool, directory_pool=directory_pool, cache=cache, router=router,
+                           connectors=connectors, tts=tts, audio_urls=audio_urls)
 
-    async def _start_home(self, pool: Pool) -> None:
+    async def _start_home(self, stack: AsyncExitStack, pool: Pool) -> tuple[ConnectorRegistry, EspeakTts,
+                                                                              AudioUrlSigner]:
         """The telecom -> home side: connectors, speech, SMS (read aloud under consent, escalation texts)."""
         s = self.settings
         public = s.public_base_url or f"https://{s.bridge_host}:{s.bridge_port}"
-        self.connectors = ConnectorRegistry(default_context(callback_base_url=public))
-        await self.connectors.load(s.connectors)
-        self.tts = EspeakTts(Path(s.data_dir).parent / "tts-cache")
+        connectors = await stack.enter_async_context(ConnectorRegistry(default_context(callback_base_url=public)))
+        await connectors.load(s.connectors)
+        tts = await stack.enter_async_context(EspeakTts(Path(s.data_dir).parent / "tts-cache"))
         secret = (resolve_secret(s.audio_url_secret_ref).encode() if s.audio_url_secret_ref
                   else secrets.token_bytes(32))
-        self.audio_urls = AudioUrlSigner(secret, public, ttl_s=600)
+        audio_urls = AudioUrlSigner(secret, public, ttl_s=600)
         hash_key = resolve_secret(s.sms_hash_key_ref).encode() if s.sms_hash_key_ref else None
-        self.readout = SmsReadoutService(pool, self.tts, self.audio_urls, self.connectors, OutboxSmsSink(pool),
-                                         hash_key=hash_key)
+        readout = SmsReadoutService(pool, tts, audio_urls, connectors, OutboxSmsSink(pool), hash_key=hash_key)
         if s.smpp_host:
             transport = SmppTransport(SmppSettings(host=s.smpp_host, port=s.smpp_port, system_id=s.smpp_system_id,
                                                    password=resolve_secret(s.smpp_password_ref, default=""),
                                                    source_addr=s.smpp_source_addr))
-            self.sms_sender = SmsSender(pool, transport, on_mo=self.readout.on_mo, on_undelivered=self._undelivered)
-            await self.sms_sender.start()
+            # The sender owns its transport: it starts it and closes it after the last receipts are written.
+            await stack.enter_async_context(
+                SmsSender(pool, transport, on_mo=readout.on_mo, on_undelivered=self._undelivered))
         else:
             log.warning("no SMSC configured (IIM_SMPP_HOST): SMS stay queued in the outbox")
+        return connectors, tts, audio_urls
 
     async def _undelivered(self, tenant_id: UUID, row: OutboxRow) -> None:
-        if self.worker is not None:
-            await self.worker.sms_undelivered(tenant_id, row.key, row.incident_id)
+        if self._worker is not None:
+            await self._worker.sms_undelivered(tenant_id, row.key, row.incident_id)
 
-    async def _start_alarms(self, pool: Pool) -> None:
-        """The home -> telecom half: the HTTPS device bridge and the scenario worker."""
+    async def _start_worker(self, stack: AsyncExitStack, policy: PolicyParts) -> IncidentWorker:
+        """The home -> telecom half: incidents, their alert calls and SMS."""
         s = self.settings
-        if s.scenario_worker:
-            placer = None
-            if self.inbound:
-                placer = AlertCallPlacer(
-                    InboundPool(self.inbound), self.ivr,
-                    socket_address=s.alert_socket_address or f"{s.esl_host}:{self.outbound.port}",
-                    gateway_dial=DialSettings(phone_endpoint=s.alert_gateway_endpoint.replace("{destination}",
-                                                                                             "{msisdn}")))
-            app_url = self._app_url
-            assert app_url is not None
-            self.worker = IncidentWorker(pool, app_url, placer, WorkerSettings(
-                caller_id_number=s.alert_caller_id,
-                heartbeat_timeout=timedelta(seconds=s.job_heartbeat_timeout_s)), connectors=self.connectors,
-                speech=self.tts if s.alert_prompt_tts == "iim" else None)
-            await self.worker.start()
-        if s.bridge_enabled:
-            context, cas = await asyncio.to_thread(_bridge_tls, s)
-            config = BridgeConfig(require_client_cert=s.bridge_require_client_cert, rate_limits=RateLimitSettings(
-                device_rate=s.bridge_device_rate, device_burst=s.bridge_device_burst,
-                source_rate=s.bridge_source_rate, source_burst=s.bridge_source_burst,
-                tenant_rate=s.bridge_tenant_rate, tenant_burst=s.bridge_tenant_burst))
-            app = create_bridge_app(pool, config, cas=cas if s.bridge_client_cas else None,
-                                    opener=self.worker.begin_in if self.worker is not None else None)
-            if self.audio_urls is not None and self.tts is not None:
-                app.add_routes(audio_routes(self.audio_urls, self.tts))  # speech the vendor clouds fetch
-            if self.connectors is not None:
-                app.add_subapp(CALLBACK_PREFIX, connector_callback_app(self.connectors))
-            self._bridge_runner = web.AppRunner(app, access_log=None)
-            await self._bridge_runner.setup()
-            site = web.TCPSite(self._bridge_runner, s.bridge_host, s.bridge_port, ssl_context=context)
-            await site.start()
-            sockets = getattr(site._server, "sockets", None) or []
-            self.bridge_port = sockets[0].getsockname()[1] if sockets else s.bridge_port
+        placer = None
+        if self.inbound:
+            placer = AlertCallPlacer(
+                InboundPool(self.inbound), self.ivr,
+                socket_address=s.alert_socket_address or f"{s.esl_host}:{self.outbound.port}",
+                gateway_dial=DialSettings(phone_endpoint=s.alert_gateway_endpoint.replace("{destination}",
+                                                                                         "{msisdn}")))
+        worker = IncidentWorker(
+            policy.pool, policy.app_url, placer,
+            WorkerSettings(caller_id_number=s.alert_caller_id,
+                           heartbeat_timeout=timedelta(seconds=s.job_heartbeat_timeout_s)),
+            connectors=policy.connectors, speech=policy.tts if s.alert_prompt_tts == "iim" else None)
+        self._worker = worker
+        stack.callback(setattr, self, "_worker", None)  # once the worker has stopped (the stack unwinds LIFO)
+        return await stack.enter_async_context(worker)
 
-    async def stop(self) -> None:
-        if self._lag_watch is not None:
-            self._lag_watch.cancel()
-        if self._bridge_runner is not None:
-            await self._bridge_runner.cleanup()
-        if self.worker is not None:
-            await self.worker.stop()
-        if self.sms_sender is not None:
-            await self.sms_sender.stop()
-        if self.connectors is not None:
-            await self.connectors.unload_all()
-        if self.tts is not None:
-            await self.tts.aclose()
-        await self.outbound.close(self.settings.drain_timeout)
-        for client in self.inbound:
-            await client.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self.audit is not None:
-            await self.audit.close()
-        if self.audit_flusher is not None:
-            await self.audit_flusher.close()
-        if self.cache is not None:
-            await self.cache.close()
-        if self.store is not None:
-            await self.store.close()
-        for pool in (self.pool, self.directory_pool):
-            if pool is not None:
-                await pool.close()
-        stop = getattr(self.embedded, "stop", None)
-        if stop is not None:
-            await asyncio.to_thread(stop)
+    async def _start_bridge(self, stack: AsyncExitStack, policy: PolicyParts, worker: IncidentWorker | None) -> int:
+        """The HTTPS device bridge, with the speech vendor clouds fetch and their action callbacks."""
+        s = self.settings
+        context, cas = await asyncio.to_thread(_bridge_tls, s)
+        config = BridgeConfig(require_client_cert=s.bridge_require_client_cert, rate_limits=RateLimitSettings(
+            device_rate=s.bridge_device_rate, device_burst=s.bridge_device_burst,
+            source_rate=s.bridge_source_rate, source_burst=s.bridge_source_burst,
+            tenant_rate=s.bridge_tenant_rate, tenant_burst=s.bridge_tenant_burst))
+        app = create_bridge_app(policy.pool, config, cas=cas if s.bridge_client_cas else None,
+                                opener=worker.begin_in if worker is not None else None)
+        app.add_routes(audio_routes(policy.audio_urls, policy.tts))  # speech the vendor clouds fetch
+        app.add_subapp(CALLBACK_PREFIX, connector_callback_app(policy.connectors))
+        site = await stack.enter_async_context(HttpSite(app, s.bridge_host, s.bridge_port, ssl_context=context))
+        return site.port
+
+
+def _policy_health(cache: PolicyCache) -> HealthProbe:
+    """The cache's health for ``/health``: an unloaded cache degrades the service (calls go to the dialled number)."""
+
+    def probe() -> dict[str, object]:
+        report = cache.health()
+        if report["status"] == "down":
+            report["status"] = "degraded"  # calls still go to the dialled number
+        return report
+
+    return probe
 
 
 def _bridge_tls(s: Settings) -> tuple[ssl.SSLContext, TenantCaRegistry]:
@@ -340,19 +358,3 @@ def _bridge_tls(s: Settings) -> tuple[ssl.SSLContext, TenantCaRegistry]:
     context = server_context(cert, key, client_ca_files=[Path(f) for f in s.bridge_client_cas.values()],
                              require_client_cert=s.bridge_require_client_cert)
     return context, cas
-
-
-async def run(settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM, then drain calls and stop."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    service = Service(settings)
-    try:
-        await service.start()
-        await stop.wait()
-        log.info("stopping: draining calls")
-    finally:
-        await service.stop()

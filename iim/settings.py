@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from iim.core.errors import ConfigError
 from iim.core.secrets import resolve_secret
 
 
@@ -23,7 +24,18 @@ class FreeSwitchNode(BaseSettings):
     name: str = ""
 
     def password(self) -> str:
-        return resolve_secret(self.password_ref, default="ClueCon")
+        """The resolved Event Socket password; :class:`ConfigError` when it is unset, empty or FreeSWITCH's
+        well-known default (an ESL port answering to ``ClueCon`` lets anyone originate calls)."""
+        where = self.name or f"{self.host}:{self.port}"
+        try:
+            value = resolve_secret(self.password_ref)
+        except LookupError:
+            raise ConfigError(f"FreeSWITCH node {where}: {self.password_ref} is not set "
+                              "(refusing to start without the Event Socket password)") from None
+        if value in ("", "ClueCon"):
+            raise ConfigError(f"FreeSWITCH node {where}: {self.password_ref} is empty or FreeSWITCH's default "
+                              "password (refusing to start with it)")
+        return value
 
 
 class Settings(BaseSettings):

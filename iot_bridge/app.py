@@ -1,15 +1,17 @@
 """The HTTPS device bridge: ``POST /v1/events`` (devices, hubs) and ``POST /v1/webhooks/{source}`` (clouds).
 
-Order of checks, cheapest and least revealing first: size -> tenant -> client certificate -> rate limits
--> key lookup -> signature over the raw bytes -> strict JSON and schema -> identity binding -> durable
-intake. Nothing is parsed before the signature is checked, a refusal never writes anything, and every
-refusal is a problem+json answer with a stable ``error_id``, a metric and a JSON log line.
+Order of checks, cheapest and least revealing first: size -> tenant -> client certificate -> the sender
+address's rate limit -> key lookup -> signature over the raw bytes -> strict JSON and schema -> the device's
+(per hazard) and tenant's rate limits -> identity binding -> durable intake. Nothing is parsed before the
+signature is checked, and no bucket of a device or tenant is charged for a request that is not theirs. Every
+authentication failure gets the same answer, whether the device exists or not (the reason goes to the log).
+A refusal never writes anything, and every refusal is a problem+json answer with a stable ``error_id``, a
+metric and a JSON log line.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 import ssl
@@ -23,6 +25,7 @@ from uuid import UUID
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
+from iim.core import strict_json
 from iim.core.metrics import REGISTRY
 from iot_bridge import signing
 from iot_bridge.directory import DeviceDirectory, DeviceKeys
@@ -36,7 +39,7 @@ from iot_bridge.events import (
     parse_webhook,
 )
 from iot_bridge.intake import IncidentOpener, IntakeOutcome, StoreDown, accept_event
-from iot_bridge.ratelimit import RateLimits, RateLimitSettings
+from iot_bridge.ratelimit import RateLimited, RateLimits, RateLimitSettings
 from iot_bridge.tls import ClientCertError, ClientIdentity, TenantCaRegistry
 from policy_cache.db import Pool
 
@@ -54,14 +57,23 @@ PROBLEM = "application/problem+json"
 TENANT_HEADER = "IIM-Tenant"
 DEVICE_HEADER = "IIM-Device"
 MAX_BODY = 64 * 1024
+_MAX_JWS_HEADER = 1024  # base64url characters; the verifier refuses longer headers too
+
+
+#: The one answer to every authentication failure: unknown device, no key, malformed or wrong signature,
+#: stale timestamp. A different answer for a known device would tell an attacker which devices exist.
+NOT_AUTHENTICATED = "the event could not be authenticated"
 
 
 class BridgeRefusal(Exception):
-    """A request refused with ``status`` and a stable ``error_id``; ``retry_after`` adds the header."""
+    """A request refused with ``status`` and a stable ``error_id``; ``retry_after`` adds the header.
+    ``reason`` (logged, never sent) says more than ``detail`` where the answer must not."""
 
     def __init__(self, status: int, error_id: str, detail: str, *, retry_after: int | None = None,
-                 event_id: str | None = None, errors: list[dict[str, Any]] | None = None) -> None:
+                 event_id: str | None = None, errors: list[dict[str, Any]] | None = None,
+                 reason: str | None = None) -> None:
         super().__init__(detail)
+        self.reason = reason or detail
         self.errors = errors
         self.status = status
         self.error_id = error_id
@@ -121,8 +133,17 @@ class Bridge:
             raise BridgeRefusal(403, "identity-mismatch", "the client certificate belongs to another tenant")
         return tenant
 
-    def rate_limit(self, tenant: UUID, device: str, source: str) -> None:
-        limited = self.limits.check(tenant=str(tenant), device=device, source=source, now=time.monotonic())
+    def rate_limit_source(self, source: str) -> None:
+        """Before authentication: the sender address's own bucket only."""
+        self._refuse_if(self.limits.check_source(source, time.monotonic()))
+
+    def rate_limit_sender(self, tenant: UUID, device: str, hazard: str) -> None:
+        """After authentication: the device's bucket for this hazard, and the tenant's."""
+        self._refuse_if(self.limits.check_sender(tenant=str(tenant), device=device, hazard=hazard,
+                                                 now=time.monotonic()))
+
+    @staticmethod
+    def _refuse_if(limited: RateLimited | None) -> None:
         if limited is not None:
             raise BridgeRefusal(429, "rate-limited", f"too many requests ({limited.scope})",
                                 retry_after=max(1, limited.retry_after_s))
@@ -136,7 +157,7 @@ class Bridge:
             raise StoreDown(str(exc)) from exc
         if keys is None or not (keys.hmac_secrets or keys.jws_keys):
             # Same answer as a bad signature: the endpoint is no oracle for which devices exist.
-            raise BridgeRefusal(401, "signature-invalid", "the event could not be authenticated")
+            raise BridgeRefusal(401, "signature-invalid", NOT_AUTHENTICATED, reason="unknown device or no key")
         return keys
 
     async def bind_identity(self, identity: ClientIdentity | None, keys: DeviceKeys) -> None:
@@ -183,7 +204,7 @@ def _verify_device_body(bridge: Bridge, request: web.Request, raw: bytes, keys: 
         verified = signing.verify_webhook(request.headers, raw, keys.hmac_secrets, now=now,
                                           tolerance_s=bridge.config.tolerance_s)
     except signing.SignatureError as exc:
-        raise BridgeRefusal(401, "signature-invalid", exc.reason) from exc
+        raise BridgeRefusal(401, "signature-invalid", NOT_AUTHENTICATED, reason=exc.reason) from exc
     return raw, verified.msg_id
 
 
@@ -206,15 +227,18 @@ def _is_jose(request: web.Request) -> bool:
 
 
 def _jws_device(raw: bytes) -> str:
-    """The ``kid`` of a compact JWS, read before verification only to find the key to verify with."""
+    """The ``kid`` of a compact JWS, read before verification only to find the key to verify with (strictly:
+    bounded size and depth, as the verifier reads it, so no header can cost more than a small parse)."""
     head, _, _ = raw.partition(b".")
+    if len(head) > _MAX_JWS_HEADER:
+        raise BridgeRefusal(401, "signature-invalid", NOT_AUTHENTICATED, reason="JWS header too long")
     try:
-        header = json.loads(base64.urlsafe_b64decode(head + b"=" * (-len(head) % 4)))
-        kid = header["kid"] if isinstance(header, dict) else None
-    except (ValueError, KeyError, binascii.Error) as exc:
-        raise BridgeRefusal(401, "signature-invalid", "the JWS header is malformed") from exc
+        header = strict_json.loads(base64.urlsafe_b64decode(head + b"=" * (-len(head) % 4)), max_depth=2)
+    except (ValueError, strict_json.BadJson) as exc:  # binascii.Error is a ValueError
+        raise BridgeRefusal(401, "signature-invalid", NOT_AUTHENTICATED, reason="malformed JWS header") from exc
+    kid = header.get("kid") if isinstance(header, dict) else None
     if not isinstance(kid, str) or not 0 < len(kid) <= 128:
-        raise BridgeRefusal(401, "signature-invalid", "the JWS header names no key (kid)")
+        raise BridgeRefusal(401, "signature-invalid", NOT_AUTHENTICATED, reason="the JWS header names no key")
     return kid
 
 
@@ -236,7 +260,7 @@ async def post_event(request: web.Request) -> web.Response:
             device = identity.external_id
         else:
             raise BridgeRefusal(400, "device-required", f"the {DEVICE_HEADER} header is required")
-    bridge.rate_limit(tenant, device, request.remote or "")
+    bridge.rate_limit_source(request.remote or "")
     keys = await bridge.device_keys(tenant, device)
     now = bridge.config.clock()
     event_raw, msg_id = _verify_device_body(bridge, request, raw, keys, now)
@@ -245,6 +269,7 @@ async def post_event(request: web.Request) -> web.Response:
         event = parse_event(event_raw)
     except EventRejected as exc:
         raise _rejected(exc) from exc
+    bridge.rate_limit_sender(tenant, keys.device.external_id, hazard=event.type)
     outcome = await bridge.accept(keys, event, fingerprint=body_fingerprint(event_raw), channel="device",
                                   msg_id=msg_id)
     INTAKE_SECONDS.observe(time.perf_counter() - started)
@@ -259,24 +284,28 @@ async def post_webhook(request: web.Request) -> web.Response:
     identity = bridge.client_identity(request)
     tenant = bridge.tenant_of(request, identity)
     raw = await request.read()
-    bridge.rate_limit(tenant, f"webhook:{source}", request.remote or "")
+    bridge.rate_limit_source(request.remote or "")
     keys = await bridge.directory.source(tenant, source)
     if keys is None or not keys.hmac_secrets:
-        raise BridgeRefusal(401, "signature-invalid", "the webhook could not be authenticated")
+        raise BridgeRefusal(401, "signature-invalid", NOT_AUTHENTICATED, reason="unknown source or no key")
     try:
         verified = signing.verify_webhook(request.headers, raw, keys.hmac_secrets, now=bridge.config.clock(),
                                           tolerance_s=bridge.config.tolerance_s)
     except signing.SignatureError as exc:
-        raise BridgeRefusal(401, "signature-invalid", exc.reason) from exc
+        raise BridgeRefusal(401, "signature-invalid", NOT_AUTHENTICATED, reason=exc.reason) from exc
     try:
         batch: CloudWebhook = parse_webhook(raw)
     except EventRejected as exc:
         raise _rejected(exc) from exc
-    # Every device is checked before anything is written: a bad batch writes nothing.
+    if batch.source != source:
+        raise BridgeRefusal(422, "source-mismatch", "the batch names another source than its URL")
+    bridge.rate_limit_sender(tenant, f"webhook:{source}", hazard="batch")
+    # Every device is checked before anything is written: a bad batch writes nothing. A source's key speaks
+    # only for the devices served by that source (a direct device has its own key and no connector).
     devices: list[DeviceKeys] = []
     for event in batch.events:
         found = await bridge.directory.device(tenant, event.device_id)
-        if found is None or (found.connector is not None and found.connector != source):
+        if found is None or found.connector != source:
             raise BridgeRefusal(422, "unknown-device", f"device {event.device_id!r} is not served by {source!r}",
                                 event_id=event.event_id)
         devices.append(found)
@@ -304,7 +333,7 @@ async def problem_middleware(request: web.Request,
         return await handler(request)
     except BridgeRefusal as exc:
         EVENTS.labels("refused", exc.error_id).inc()
-        log.warning("event refused: %s", exc.detail,
+        log.warning("event refused: %s", exc.reason,
                     extra={"event_id": exc.event_id, "reason": exc.error_id, "status": exc.status,
                            "source": request.remote})
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None

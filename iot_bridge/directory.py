@@ -17,6 +17,7 @@ from uuid import UUID
 from cachetools import TTLCache
 
 from iim.core.secrets import resolve_secret
+from iot_bridge import store
 from iot_bridge.intake import KnownDevice
 from iot_bridge.signing import decode_secret, load_public_key
 from policy_cache.db import Pool, tenant_tx
@@ -26,11 +27,6 @@ __all__ = ["DeviceDirectory", "DeviceKeys", "SourceKeys"]
 log = logging.getLogger(__name__)
 
 _PEM_RE = re.compile(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.DOTALL)
-
-# One statement, no transaction: the function scopes itself to the tenant (migration 0010).
-_DEVICE = "SELECT id, household_id, external_id, type, enabled, connector, kind, ref FROM iim.event_device($1, $2)"
-_SOURCE = "SELECT kind::text AS kind, ref FROM iim.credential_ref WHERE name = $1"
-_GATEWAY = "SELECT household_id FROM iim.device WHERE external_id = $1 AND type = 'hub' AND enabled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +80,7 @@ class DeviceDirectory:
         key = (tenant_id, external_id)
         if key in self._devices:
             return self._devices[key]
-        row = await self._pool.fetchrow(_DEVICE, tenant_id, external_id)
+        row = await store.event_device(self._pool, tenant_id, external_id)
         found = None
         if row is not None and row["enabled"]:
             hmac_secrets, jws_keys = _secrets(row["kind"], row["ref"])
@@ -98,7 +94,7 @@ class DeviceDirectory:
         if key in self._sources:
             return self._sources[key]
         async with tenant_tx(self._pool, tenant_id, readonly=True) as conn:
-            row = await conn.fetchrow(_SOURCE, f"webhook:{source}")
+            row = await store.credential_ref(conn, f"webhook:{source}")
         found = None
         if row is not None and row["kind"] == "webhook_secret":
             found = SourceKeys(source, _secrets(row["kind"], row["ref"])[0])
@@ -108,5 +104,4 @@ class DeviceDirectory:
     async def gateway_household(self, tenant_id: UUID, gateway_id: str) -> UUID | None:
         """The household of a hub that identified itself with a client certificate."""
         async with tenant_tx(self._pool, tenant_id, readonly=True) as conn:
-            household: UUID | None = await conn.fetchval(_GATEWAY, gateway_id)
-        return household
+            return await store.gateway_household(conn, gateway_id)

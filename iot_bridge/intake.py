@@ -19,6 +19,7 @@ from uuid import UUID
 import asyncpg
 
 from iim.core.errors import STORE_UNAVAILABLE
+from iot_bridge import store
 from iot_bridge.event_types import HAZARDS, EventType
 from iot_bridge.events import DeviceEvent
 from policy_cache import jobs
@@ -64,12 +65,6 @@ class IntakeOutcome:
     opened: bool = False
 
 
-# The replay check, the incident opened or joined (or the live ones a "cleared" names), the ledger row with
-# its answer and the audit line, in one statement: migration 0012.
-_INTAKE = """SELECT seen_fingerprint, response, incident_id, opened, live
-               FROM iim.intake_event($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12)"""
-
-
 #: Starts a just-opened incident inside the intake transaction (the scenario worker's ``begin_in``); returns
 #: what to run once the transaction has committed (the calls it claimed), or None.
 IncidentOpener = Callable[[Connection, UUID, UUID], Awaitable[Callable[[], None] | None]]
@@ -112,10 +107,13 @@ async def _accept(pool: Pool, device: KnownDevice, event: DeviceEvent, *, finger
     hazard = event.type.value if event.type in HAZARDS else None
     after_commit: Callable[[], None] | None = None
     async with tenant_tx(pool, device.tenant_id) as conn:
-        row = await conn.fetchrow(_INTAKE, event.event_id, device.id, device.household_id, hazard,
-                                  event.type is EventType.CLEARED, event.type.value, event.occurred_at, fingerprint,
-                                  event.payload, channel, msg_id, f"device:{device.external_id}")
-        assert row is not None
+        # The replay check, the incident opened or joined (or the live ones a "cleared" names), the ledger row
+        # with its answer and the audit line, in one statement.
+        row = await store.intake_event(
+            conn, event_id=event.event_id, device_id=device.id, household_id=device.household_id, hazard=hazard,
+            cleared=event.type is EventType.CLEARED, event_type=event.type.value, occurred_at=event.occurred_at,
+            fingerprint=fingerprint, payload=event.payload, channel=channel, msg_id=msg_id,
+            actor=f"device:{device.external_id}")
         if row["seen_fingerprint"] is not None:
             if row["seen_fingerprint"] != fingerprint:
                 return IntakeOutcome("conflict", {"event_id": event.event_id,

@@ -102,7 +102,18 @@ class RateLimits:
 
     def check(self, *, tenant: str, device: str, source: str, now: float) -> RateLimited | None:
         """``None`` (and one token taken in each scope) when allowed; else the scope with the longest wait."""
-        keys: dict[Scope, str] = {"device": f"{tenant}\x00{device}", "source": source, "tenant": tenant}
+        return self._charge({"device": f"{tenant}\x00{device}", "source": source, "tenant": tenant}, now)
+
+    def check_source(self, source: str, now: float) -> RateLimited | None:
+        """Before authentication: only the sender's own address pays, so nobody can drain another's bucket."""
+        return self._charge({"source": source}, now)
+
+    def check_sender(self, *, tenant: str, device: str, hazard: str, now: float) -> RateLimited | None:
+        """After the signature verified: the device's bucket for this hazard (a smoke burst never delays a CO
+        alarm of the same device) and the tenant's."""
+        return self._charge({"device": f"{tenant}\x00{device}\x00{hazard}", "tenant": tenant}, now)
+
+    def _charge(self, keys: dict[Scope, str], now: float) -> RateLimited | None:
         worst: tuple[float, Scope] | None = None
         for scope, key in keys.items():
             wait = self._limiters[scope].wait(key, now)

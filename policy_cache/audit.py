@@ -17,18 +17,19 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 
+from iim.core.lifecycle import AsyncResource
 from policy_cache.db import Connection, Pool
 from policy_cache.models import AuditEntry
 
-__all__ = ["GENESIS_HASH", "AuditFlusher", "append", "canonical_json", "chain_head", "entries", "flush_pending",
-           "stage", "verify_chain"]
+__all__ = ["GENESIS_HASH", "AuditFlusher", "append", "append_many", "canonical_json", "chain_head", "entries",
+           "flush_pending", "stage", "verify_chain"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,14 @@ async def append(
         dict(detail or {}), dict(correlation or {}),
     )
     return int(row_id)
+
+
+async def append_many(
+    conn: Connection, rows: Sequence[tuple[UUID, str, str, str, str | None, Mapping[str, Any], Mapping[str, Any]]],
+) -> None:
+    """:func:`append` for many rows of the caller's tenant, pipelined: each row is (tenant_id, actor, action,
+    entity, entity_id, detail, correlation)."""
+    await conn.executemany("SELECT iim.audit_append($1, $2, $3, $4, $5, $6, $7)", rows)
 
 
 def _js(value: str) -> str:
@@ -172,7 +181,7 @@ async def flush_pending(pool: Pool, *, batch: int = 1000) -> int:
             return moved
 
 
-class AuditFlusher:
+class AuditFlusher(AsyncResource):
     """Chains staged audit lines every ``interval`` seconds (and drains them at stop)."""
 
     def __init__(self, pool: Pool, *, interval: float = 0.1, batch: int = 1000) -> None:
@@ -193,10 +202,11 @@ class AuditFlusher:
                 log.warning("audit flush failed (%s); retrying", type(exc).__name__)
             await asyncio.sleep(self._interval)
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
             await flush_pending(self._pool, batch=self._batch)

@@ -31,7 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import time
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
+from types import TracebackType
+from typing import TYPE_CHECKING, Self, TypedDict
 from urllib.parse import quote, urlsplit, urlunsplit
 from uuid import UUID
 
@@ -149,7 +150,7 @@ def _database_of(url: str) -> str:
 
 @dataclass
 class EmbeddedPostgres:
-    """A running embedded server. ``stop()`` stops it (also done at interpreter exit)."""
+    """A running embedded server. ``aclose()`` stops it (also done at interpreter exit)."""
 
     data_dir: Path
     socket_dir: Path
@@ -159,8 +160,9 @@ class EmbeddedPostgres:
         auth = quote(user, safe="") + (":" + quote(password, safe="") if password else "")
         return f"postgresql://{auth}@/{quote(database, safe='')}?host={quote(str(self.socket_dir))}"
 
-    def stop(self) -> None:
-        self.server.cleanup()
+    async def aclose(self) -> None:
+        """Stop the server (pg_ctl blocks: off the event loop)."""
+        await asyncio.to_thread(self.server.cleanup)
 
 
 def start_embedded(data_dir: Path | str = DEFAULT_DATA_DIR, *, delete_on_exit: bool = False) -> EmbeddedPostgres:
@@ -255,7 +257,10 @@ class Demo:
 
 @dataclass(frozen=True, slots=True)
 class Database:
-    """Where the policy store lives. The URLs contain passwords: they are left out of ``repr``."""
+    """Where the policy store lives. The URLs contain passwords: they are left out of ``repr``.
+
+    ``async with await bootstrap(...) as db`` stops the embedded server (if one was started) on exit.
+    """
 
     admin_url: str = field(repr=False)
     app_url: str = field(repr=False)
@@ -264,6 +269,17 @@ class Database:
     embedded: EmbeddedPostgres | None
     applied: tuple[int, ...]
     demo: Demo | None
+
+    async def aclose(self) -> None:
+        if self.embedded is not None:
+            await self.embedded.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
 
 
 async def bootstrap(
@@ -288,6 +304,18 @@ async def bootstrap(
     embedded: EmbeddedPostgres | None = None
     if url is None:
         embedded = await asyncio.to_thread(start_embedded, data_path)
+    try:
+        return await _prepare(url, embedded, data_path, database, secrets_path, demo)
+    except BaseException:
+        if embedded is not None:  # a failed bootstrap leaves no server running
+            await embedded.aclose()
+        raise
+
+
+async def _prepare(url: str | None, embedded: EmbeddedPostgres | None, data_path: Path, database: str,
+                   secrets_path: Path, demo: bool) -> Database:
+    """Everything :func:`bootstrap` does once the server is up."""
+    if embedded is not None:
         superuser_password = _load_secrets(secrets_path, ["postgres"])["postgres"]
         await _secure_embedded(embedded, superuser_password)
         admin_url = embedded.url(database, password=superuser_password)
@@ -296,6 +324,7 @@ async def bootstrap(
                 f"the embedded server in {data_path} does not accept the superuser password kept in "
                 f"{secrets_path} (was that file replaced?); restore it, or remove both to start afresh")
     else:
+        assert url is not None
         admin_url = url
         database = _database_of(url)
     await _ensure_database(admin_url)

@@ -23,6 +23,7 @@ from typing import Protocol
 from prometheus_client import Counter, Gauge, Histogram
 
 from iim.core import metrics
+from iim.core.lifecycle import AsyncResource
 from iim.core.retry import backoff_delay
 from policy_cache.errors import ChangeLogTruncatedError
 from policy_cache.snapshot import RoutingSnapshot
@@ -57,7 +58,7 @@ class ChangeFeed(Protocol):
 
     async def wait(self) -> None: ...
 
-    async def close(self) -> None: ...
+    async def aclose(self) -> None: ...
 
 
 class PolicyStore(Protocol):
@@ -86,7 +87,7 @@ class CacheStatus:
     staleness_s: float
 
 
-class PolicyCache:
+class PolicyCache(AsyncResource):
     """Snapshots by number and AoR, kept in step with PostgreSQL by change sequence."""
 
     def __init__(
@@ -162,7 +163,7 @@ class PolicyCache:
         if wait_loaded:
             await asyncio.wait_for(self._ready.wait(), timeout)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
             try:
@@ -202,7 +203,7 @@ class PolicyCache:
             finally:
                 if feed is not None:
                     try:
-                        await feed.close()
+                        await feed.aclose()
                     except (PolicyStoreUnavailable, OSError):
                         pass
             attempt += 1

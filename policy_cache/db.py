@@ -149,6 +149,8 @@ async def connect_pool(
 ) -> Pool:
     """A pool whose every connection is role-checked and has the json codecs.
 
+    The pool is an async context manager (``async with await connect_pool(...) as pool``): closed on exit.
+
     Released connections are not reset (see :func:`_keep_session`): tenant state is transaction-local
     anyway (:func:`tenant_tx`), so nothing tenant-specific survives a release.
     """

@@ -19,6 +19,7 @@ from uuid import UUID
 import asyncpg
 
 from iim.core.errors import STORE_UNAVAILABLE
+from iim.core.lifecycle import AsyncResource
 from policy_cache.cache import PolicyStoreUnavailable
 from policy_cache.changes import change_watermark, changes_since
 from policy_cache.db import Connection, DbRole, connect
@@ -165,7 +166,7 @@ class _ListenFeed:
         if self._lost or self._conn.is_closed():
             raise PolicyStoreUnavailable("change listener connection lost")
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if not self._conn.is_closed():
             self._conn.terminate()
 
@@ -213,7 +214,7 @@ LEFT JOIN iim.consent c ON c.tenant_id = s.tenant_id AND c.subscriber_id = s.id
 _BATCH = 20_000
 
 
-class PgPolicyStore:
+class PgPolicyStore(AsyncResource):
     """The cache's view of PostgreSQL (``iim_cache`` role DSN)."""
 
     def __init__(self, dsn: str, *, connect_timeout: float = 5.0, command_timeout: float = 30.0) -> None:
@@ -231,7 +232,7 @@ class PgPolicyStore:
             self._conn = conn
         return conn
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._conn is not None and not self._conn.is_closed():
             await self._conn.close()
         self._conn = None

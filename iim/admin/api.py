@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from aiohttp import web
 
@@ -113,6 +113,7 @@ def create_registry_app(
     *,
     directory_pool: PoolProvider | None = None,
     tokens: TokenTable | None = None,
+    extra_routes: Sequence[Route] = (),
 ) -> web.Application:
     """The registry admin API as an aiohttp sub-application (routes relative to ``settings.prefix``).
 
@@ -123,6 +124,7 @@ def create_registry_app(
         directory_pool: returns an ``iim_cache`` pool, used only to list every tenant for admin and
             unscoped viewer tokens.
         tokens: the token table; by default loaded from ``settings.tokens_ref`` (unset: every request 401).
+        extra_routes: routes of other rooms served under the same prefix and tokens (``/connectors``).
 
     Raises:
         iim.admin.auth.TokenConfigError: the token table reference does not resolve or is invalid.
@@ -131,7 +133,7 @@ def create_registry_app(
     table = tokens if tokens is not None else TokenTable.load(settings.tokens_ref)
     if len(table) == 0:
         log.warning("admin API: no tokens configured (IIM_ADMIN_TOKENS_REF); every request will be refused")
-    routes = build_routes()
+    routes = (*build_routes(), *extra_routes)
     app = web.Application(middlewares=[problem_middleware])
     app[SERVICE] = RegistryService(pool_provider, directory_pool)
     app[SETTINGS] = settings

@@ -56,6 +56,8 @@ __all__ = ["register_subcommands", "main"]
 DEFAULT_API = "http://127.0.0.1:8088"
 DEFAULT_TOKEN_REF = "env:IIM_ADMIN_TOKEN"  # noqa: S105 - where the token is, not a token
 EXIT_OK, EXIT_API_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+#: ``iim audit verify`` found the tenant's hash chain broken (scripts and monitoring test for this code).
+EXIT_CHAIN_BROKEN = 4
 
 Command = Callable[[argparse.Namespace], int]
 _FIELD = "field_"
@@ -244,7 +246,9 @@ def _client(args: argparse.Namespace) -> ApiClient:
         raise CliError(str(exc), EXIT_USAGE) from exc
 
 
-def _run(action: Callable[[argparse.Namespace, ApiClient], Any], columns: Sequence[str] = ("id",)) -> Command:
+def _run(action: Callable[[argparse.Namespace, ApiClient], Any], columns: Sequence[str] = ("id",),
+         verdict: Callable[[Any], int] | None = None) -> Command:
+    """A command that calls the API, prints the result and exits 0 (or what ``verdict`` says of the result)."""
     def command(args: argparse.Namespace) -> int:
         out, err = sys.stdout, sys.stderr
         try:
@@ -259,7 +263,7 @@ def _run(action: Callable[[argparse.Namespace, ApiClient], Any], columns: Sequen
             err.write(f"error: {exc}\n")
             return exc.code
         _print_result(args, result, columns, out)
-        return EXIT_OK
+        return EXIT_OK if verdict is None else verdict(result)
 
     return command
 
@@ -417,8 +421,20 @@ def _register_audit(sub: Any) -> None:
     add_model_options(p, AuditQuery, required=False)
     p.set_defaults(func=_run(lambda a, c: c.request("GET", f"{_tenant_path(a)}/audit", query=_query(a)),
                              ("id", "at", "actor", "action", "entity", "entity_id")))
-    p = actions.add_parser("verify", parents=[common], help="recompute the hash chain")
-    p.set_defaults(func=_run(lambda a, c: c.request("GET", f"{_tenant_path(a)}/audit/verify")))
+    p = actions.add_parser("verify", parents=[common],
+                           help=f"recompute the hash chain (exit {EXIT_CHAIN_BROKEN} when it is broken)")
+    p.set_defaults(func=_run(lambda a, c: c.request("GET", f"{_tenant_path(a)}/audit/verify"),
+                             verdict=_chain_verdict))
+
+
+def _chain_verdict(status: Any) -> int:
+    """``audit verify`` fails (exit 4, a line on stderr) when the chain is broken: a cron job or a monitoring
+    check must not read ``intact: false`` in a successful run as good news."""
+    if isinstance(status, dict) and status.get("intact") is True:
+        return EXIT_OK
+    broken_at = status.get("first_broken_id") if isinstance(status, dict) else None
+    sys.stderr.write(f"error: the audit chain is broken at row {broken_at}\n")
+    return EXIT_CHAIN_BROKEN
 
 
 # -- offline commands --------------------------------------------------------------------------------------
@@ -472,8 +488,7 @@ def _db_upgrade(args: argparse.Namespace) -> int:
         sys.stdout.write(f"database {db.database} on {where}: migrations applied: {applied}\n")
         if db.demo is not None:
             sys.stdout.write(f"demo tenant loaded: {db.demo.tenant_id}\n")
-        if db.embedded is not None:
-            db.embedded.stop()
+        await db.aclose()
         return EXIT_OK
 
     try:

@@ -4,6 +4,6 @@
 * ``registry`` -- entry-point discovery (``iim.connectors``), config validation, paired setup/unload.
 * ``webhook``  -- the universal webhook/REST connector (signing, OAuth2, retries, circuit breaker).
 * ``breaker``  -- the circuit breaker, pure bookkeeping.
-* ``http``     -- ``GET /v1/connectors`` and the vendors' user-action callback sub-app.
+* ``http``     -- the ``GET /v1/connectors`` handler and the vendors' user-action callback sub-app.
 * ``metrics``  -- ``iim_connector_up``, ``iim_connector_requests``, ``iim_connector_breaker_state``.
 """

@@ -1,11 +1,11 @@
 """HTTP surface of the connectors: the health listing (admin API) and the vendors' answer callbacks.
 
 Two separate pieces because they sit behind different authentication: ``GET /v1/connectors`` is for
-operators (mount the routes inside the admin API, behind its bearer tokens), while the callback route is
-called by vendor clouds and authenticated by their Standard Webhooks signature (mount the sub-app outside
-the admin API's auth middleware)::
+operators (a route of the admin API, at ``/connectors`` under its ``/v1`` prefix, behind its bearer
+tokens), while the callback route is called by vendor clouds and authenticated by their Standard Webhooks
+signature (mount the sub-app outside the admin API's auth middleware)::
 
-    admin_app.add_routes(connector_health_routes(registry))
+    Route("GET", "/connectors", connector_list_view(registry), ...)   # one of the admin API's routes
     public_app.add_subapp(CALLBACK_PREFIX, connector_callback_app(registry))
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -20,7 +21,7 @@ from aiohttp import web
 from iim.connectors.contract import ActionCallbackReceiver, CallbackRejected, ConnectorUnavailable
 from iim.connectors.registry import ConnectorRegistry
 
-__all__ = ["CALLBACK_PREFIX", "REGISTRY_KEY", "connector_callback_app", "connector_health_routes"]
+__all__ = ["CALLBACK_PREFIX", "REGISTRY_KEY", "connector_callback_app", "connector_list_view"]
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,17 @@ def _problem(request: web.Request, status: int, error_id: str, detail: str) -> w
     return web.Response(text=json.dumps(body), status=status, content_type=_PROBLEM)
 
 
-def connector_health_routes(registry: ConnectorRegistry) -> list[web.RouteDef]:
-    """``GET /v1/connectors``: every configured connector with its capabilities and health."""
+def connector_list_view(registry: ConnectorRegistry) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The handler of ``GET /v1/connectors``: every configured connector with its capabilities and health.
+
+    A bare handler, not a route: where it is mounted decides its path and who may call it (the admin API).
+    """
 
     async def list_connectors(request: web.Request) -> web.Response:
         statuses = [status.as_json() for status in registry.statuses()]
         return web.json_response({"connectors": statuses}, headers={"Cache-Control": "no-store"})
 
-    return [web.get("/v1/connectors", list_connectors, allow_head=False)]
+    return list_connectors
 
 
 async def _action_callback(request: web.Request) -> web.Response:

@@ -8,7 +8,7 @@ use the ``webhook`` plugin)::
     registry = ConnectorRegistry(default_context(callback_base_url="https://iim.example.net"))
     await registry.load([{"name": "acme", "plugin": "webhook", "config": {...}}])
     ...
-    await registry.unload_all()
+    await registry.aclose()
 
 Like Home Assistant's ``async_setup_entry`` / ``async_unload_entry``, only a connector whose ``setup()``
 succeeded is unloaded, in the reverse order of setup. One plugin failing (unknown plugin, import error,
@@ -43,6 +43,7 @@ from iim.connectors.contract import (
     ConnectorUnavailable,
     HasBreakerState,
 )
+from iim.core.lifecycle import AsyncResource
 from iim.core.secrets import resolve_secret
 
 __all__ = [
@@ -154,7 +155,7 @@ class _Slot:
     failed_at: datetime | None = field(default=None)
 
 
-class ConnectorRegistry:
+class ConnectorRegistry(AsyncResource):
     """Loads, holds and unloads the configured connectors.
 
     Args:
@@ -195,10 +196,10 @@ class ConnectorRegistry:
         Raises:
             ConnectorConfigError: the list itself is malformed (an entry without ``name``/``plugin``,
                 a bad or duplicate name): that is IIM's own configuration, not one plugin's.
-            RuntimeError: already loaded (call :meth:`unload_all` first).
+            RuntimeError: already loaded (call :meth:`aclose` first).
         """
         if self._loaded:
-            raise RuntimeError("connectors are already loaded; unload_all() first")
+            raise RuntimeError("connectors are already loaded; aclose() first")
         entries = self._parse_entries(configs)
         self._loaded = True
         for entry in entries:
@@ -209,7 +210,7 @@ class ConnectorRegistry:
         log.info("connectors loaded: %d ready, %d failed", len(ready), len(self._slots) - len(ready),
                  extra={"ready": ready})
 
-    async def unload_all(self) -> None:
+    async def aclose(self) -> None:
         """Unload every connector that was set up, last set up first; one failing unload does not stop the rest."""
         for name in reversed(self._setup_order):
             slot = self._slots[name]
@@ -230,12 +231,12 @@ class ConnectorRegistry:
     @contextlib.asynccontextmanager
     async def loaded(self, configs: Iterable[Mapping[str, Any] | ConnectorEntry]) -> AsyncIterator[
             ConnectorRegistry]:
-        """``load`` on entry, ``unload_all`` on exit (for an aiohttp ``cleanup_ctx`` or a service's ``async with``)."""
+        """``load`` on entry, ``aclose`` on exit (for an aiohttp ``cleanup_ctx`` or a service's ``async with``)."""
         await self.load(configs)
         try:
             yield self
         finally:
-            await self.unload_all()
+            await self.aclose()
 
     def _parse_entries(self, configs: Iterable[Mapping[str, Any] | ConnectorEntry]) -> list[ConnectorEntry]:
         entries: list[ConnectorEntry] = []

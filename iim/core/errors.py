@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncpg
 
-__all__ = ["STORE_UNAVAILABLE"]
+__all__ = ["STORE_UNAVAILABLE", "ConfigError"]
 
 #: Catch these for "retry later / answer 503"; let every other ``PostgresError`` surface.
 STORE_UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -22,3 +22,7 @@ STORE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.TooManyConnectionsError,  # 53300
     asyncpg.exceptions.ReadOnlySQLTransactionError,  # a standby after failover
 )
+
+
+class ConfigError(ValueError):
+    """A setting the service refuses to start with; the message names the setting, never a secret's value."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from iim.sms.outbox import enqueue_sms
+from iim.sms.store import enqueue_sms
 from policy_cache.db import Pool, tenant_tx
 
 __all__ = ["OutboxSmsSink"]

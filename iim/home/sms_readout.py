@@ -16,7 +16,7 @@
    under which consent.
 
 The SMS body goes nowhere but the connectors and TTS of a permitted delivery: logs carry ``sms_id``,
-audit rows carry hashes.
+audit rows carry hashes. The statements (facts, claim, audit rows) are :mod:`iim.home.store`'s.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID
 
-import asyncpg
-
 from iim.connectors.contract import (
     Capability,
     Connector,
@@ -44,25 +42,18 @@ from iim.connectors.contract import (
     Notification,
     TtsDelivery,
 )
-from iim.home import metrics
+from iim.home import metrics, store
 from iim.home.ports import ConnectorLookup, MoMessage, RenderedSpeech, SmsSink, SpeechRenderer, UrlSigner
 from iim.home.sms_policy import (
     DEFAULT_MAX_AGE,
     DEFAULT_TEMPLATE,
-    READ_SMS,
-    ConsentFacts,
-    DeviceFacts,
-    HouseholdFacts,
-    PolicyFacts,
-    SmsFacts,
     SmsReadout,
     Target,
     decide_sms_readout,
-    normalise_number,
 )
-from policy_cache.db import Connection, Pool, tenant_tx
+from policy_cache.db import Pool, tenant_tx
 
-__all__ = ["ACTOR", "Delivery", "SmsReadoutService", "load_sms_facts", "text_digest"]
+__all__ = ["ACTOR", "Delivery", "SmsReadoutService", "text_digest"]
 
 log = logging.getLogger("iim.home.sms")
 
@@ -73,9 +64,6 @@ NOT_READ = "sms.not_read"
 READ_ALOUD = "sms.read_aloud"
 SHOWN = "sms.shown"
 FAILED = "sms.delivery_failed"
-# pg_advisory_xact_lock(ns, hashtext(tenant:sms_id)): "IIMS", apart from the migrations' "IIMM" namespace,
-# so it never meets the audit chain's locks in another order.
-_CLAIM_NS = 1229540691
 
 DeliveryKind = Literal["tts", "text"]
 DeliveryResult = Literal["delivered", "unavailable", "failed", "timeout", "no_connector"]
@@ -97,91 +85,6 @@ def text_digest(key: bytes, text: str) -> str:
     """A keyed hash of what was said: proves a given text was read without letting anyone guess short ones
     (a plain sha256 of a 6-digit code is reversed in a second)."""
     return "hmac-sha256:" + hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
-
-
-_SUBSCRIBER_SQL = "SELECT id FROM iim.subscriber WHERE msisdn = $1"
-_BINDINGS_SQL = """
-SELECT b.household_id, b.device_id, h.time_zone, h.presence::text AS presence
-FROM iim.binding b JOIN iim.household h ON h.tenant_id = b.tenant_id AND h.id = b.household_id
-WHERE b.subscriber_id = $1 AND b.role IN ('owner', 'member')
-ORDER BY b.role <> 'owner', b.priority, b.household_id
-"""
-_DEVICES_SQL = """
-SELECT id, household_id, name, capabilities::text[] AS capabilities, connector, connector_ref, sip_uri,
-       status::text AS status, enabled
-FROM iim.device WHERE household_id = ANY($1::uuid[]) ORDER BY id
-"""
-_POLICIES_SQL = """
-SELECT subscriber_id, household_id, quiet_start, quiet_end, dnd, blocked_callers
-FROM iim.policy WHERE subscriber_id = $1 OR household_id = ANY($2::uuid[])
-"""
-# The newest unrevoked consent if there is one, else the newest revoked (to say "revoked", not "none").
-_CONSENT_SQL = """
-SELECT id, tenant_id, subscriber_id, purpose::text AS purpose, expires_at, revoked_at, scope
-FROM iim.consent WHERE subscriber_id = $1 AND purpose = $2::iim.consent_purpose
-ORDER BY revoked_at IS NULL DESC, granted_at DESC LIMIT 1
-"""
-
-
-def _policy(row: asyncpg.Record) -> PolicyFacts:
-    return PolicyFacts(row["quiet_start"], row["quiet_end"], bool(row["dnd"]),
-                       frozenset(row["blocked_callers"] or ()))
-
-
-async def load_sms_facts(conn: Connection, tenant_id: UUID, mo: MoMessage) -> SmsFacts:
-    """The decision's facts from the registry, inside the caller's tenant transaction (RLS applies)."""
-    tenant = str(tenant_id)
-    destination = normalise_number(mo.destination)
-    subscriber_id = await conn.fetchval(_SUBSCRIBER_SQL, destination)
-    received = mo.received_at if mo.received_at.tzinfo is not None else mo.received_at.replace(tzinfo=UTC)
-    if subscriber_id is None:
-        return SmsFacts(tenant, str(mo.sms_id), mo.source, None, received_at=received, body=mo.body)
-    bindings = await conn.fetch(_BINDINGS_SQL, subscriber_id)
-    homes: dict[UUID, tuple[str, str]] = {}
-    whole: set[UUID] = set()
-    single: dict[UUID, set[UUID]] = {}
-    for b in bindings:
-        homes.setdefault(b["household_id"], (b["time_zone"], b["presence"]))
-        if b["device_id"] is None:
-            whole.add(b["household_id"])
-        else:
-            single.setdefault(b["household_id"], set()).add(b["device_id"])
-    ids = list(homes)
-    devices: dict[UUID, list[DeviceFacts]] = {h: [] for h in ids}
-    for d in await conn.fetch(_DEVICES_SQL, ids) if ids else ():
-        hh = d["household_id"]
-        if hh not in whole and d["id"] not in single.get(hh, set()):
-            continue  # bound to some devices of this household only
-        devices[hh].append(DeviceFacts(
-            device_id=str(d["id"]), name=d["name"], capabilities=frozenset(d["capabilities"]),
-            connector=d["connector"], connector_ref=d["connector_ref"], sip_uri=d["sip_uri"],
-            online=d["status"] != "offline", enabled=d["enabled"]))
-    subscriber_policy: PolicyFacts | None = None
-    household_policy: dict[UUID, PolicyFacts] = {}
-    for p in await conn.fetch(_POLICIES_SQL, subscriber_id, ids):
-        if p["subscriber_id"] is not None:
-            subscriber_policy = _policy(p)
-        else:
-            household_policy[p["household_id"]] = _policy(p)
-    consent_row = await conn.fetchrow(_CONSENT_SQL, subscriber_id, READ_SMS)
-    consent = None
-    if consent_row is not None:
-        scope = consent_row["scope"]
-        consent = ConsentFacts(
-            consent_id=str(consent_row["id"]), tenant_id=str(consent_row["tenant_id"]),
-            subscriber_id=str(consent_row["subscriber_id"]), purpose=consent_row["purpose"],
-            expires_at=consent_row["expires_at"], revoked_at=consent_row["revoked_at"],
-            scope=scope if isinstance(scope, dict) else {})
-    households = tuple(
-        HouseholdFacts(str(h), zone, presence, tuple(devices[h]), household_policy.get(h))
-        for h, (zone, presence) in homes.items())
-    return SmsFacts(tenant, str(mo.sms_id), mo.source, str(subscriber_id), households=households, consent=consent,
-                    subscriber_policy=subscriber_policy, received_at=received, body=mo.body)
-
-
-async def _audit(conn: Connection, tenant: UUID, action: str, sms_id: str, detail: dict[str, Any]) -> None:
-    await conn.execute("SELECT iim.audit_append($1, $2, $3, 'sms', $4, $5, $6)",
-                       tenant, ACTOR, action, sms_id, detail, {"sms_id": sms_id})
 
 
 class SmsReadoutService:
@@ -260,7 +163,7 @@ class SmsReadoutService:
                    else "shown" if any(d.result == "delivered" for d in deliveries) else "failed")
         async with tenant_tx(self._pool, tenant) as conn:
             for d in deliveries:
-                await _audit(conn, tenant, self._action(d), sms_id, self._detail(readout, d))
+                await store.audit_sms(conn, tenant, ACTOR, self._action(d), sms_id, self._detail(readout, d))
         metrics.SMS_READOUTS.labels(outcome).inc()
         metrics.SMS_SECONDS.observe(time.perf_counter() - started)
         log.info("MO SMS delivered in the home" if outcome != "failed" else
@@ -272,21 +175,17 @@ class SmsReadoutService:
     async def _claim(self, tenant: UUID, mo: MoMessage, sms_id: str) -> SmsReadout | None:
         """Decide and write the first audit row, once per sms_id; ``None`` if it was handled before."""
         async with tenant_tx(self._pool, tenant) as conn:
-            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _CLAIM_NS, f"{tenant}:{sms_id}")
-            seen = await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM iim.audit_log WHERE tenant_id = $1 AND entity = 'sms' "
-                "AND entity_id = $2 AND action = ANY($3::text[]))", tenant, sms_id, [CLAIMED, NOT_READ])
-            if seen:
+            if not await store.claim_sms(conn, tenant, sms_id, [CLAIMED, NOT_READ]):
                 return None
-            facts = await load_sms_facts(conn, tenant, mo)
+            facts = await store.load_sms_facts(conn, tenant, mo)
             readout = decide_sms_readout(facts, self._clock(), template=self._template, max_age=self._max_age)
             if readout.nothing:
-                await _audit(conn, tenant, NOT_READ, sms_id, {
+                await store.audit_sms(conn, tenant, ACTOR, NOT_READ, sms_id, {
                     "consent_id": readout.consent_id, "codes": list(readout.codes),
                     "reasons": list(readout.reasons)})
             else:
                 assert readout.text is not None
-                await _audit(conn, tenant, CLAIMED, sms_id, {
+                await store.audit_sms(conn, tenant, ACTOR, CLAIMED, sms_id, {
                     "consent_id": readout.consent_id, "text_hash": text_digest(self._hash_key, readout.text),
                     "read_aloud": [t.device_id for t in readout.read_aloud],
                     "show_text": [t.device_id for t in readout.show_text],

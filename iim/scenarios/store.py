@@ -1,10 +1,11 @@
 """PostgreSQL side of incidents: read the facts a decision needs, persist the decision, record outcomes.
 
-Each function runs inside the caller's tenant-scoped transaction (``claim_originate_now`` and
-``due_incidents`` excepted). Persisting an ``Advance`` writes the incident's new progress and deadline, one
-``incident_action`` row per action (its idempotency key) with its SMS rows, the claim of its calls or the
-jobs that will perform the rest, and its audit lines together, in one statement
-(``iim.persist_decision``), so a crash leaves either all or none.
+Each function runs inside the caller's tenant-scoped transaction (``claim_originate_now``, ``due_incidents``
+and ``prune_originate_windows`` excepted). Persisting an ``Advance`` writes the incident's new progress and
+deadline, one ``incident_action`` row per action (its idempotency key) with its SMS rows, the claim of its calls
+or the jobs that will perform the rest, and its audit lines together, in one statement
+(``iim.persist_decision``), so a crash leaves either all or none. Every statement of the scenario worker is
+here; the SMS it queues outside a decision go through ``iim.sms.store``, the outbox's one writer.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -32,6 +33,7 @@ from iim.scenarios.engine import (
     SendSms,
 )
 from iim.scenarios.model import ContactRole, Scenario
+from iim.sms import store as sms_store
 from iot_bridge.event_types import EventType
 from iot_bridge.intake import IncidentJobs
 from policy_cache import audit as audit_log
@@ -43,7 +45,8 @@ __all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_inc
            "load_scenarios", "persist_advance", "record_outcome", "write_outcomes", "OutcomeWrite", "CallClaim",
            "Persisted", "originate_facts", "claim_originate", "claim_originate_now", "notification_targets",
            "sms_fallback_numbers", "notify_by_sms", "alarm_text", "NotificationTarget", "due_incidents",
-           "prune_originate_windows", "audit", "audit_line", "action_spec"]
+           "prune_originate_windows", "audit", "audit_line", "action_spec", "clear_incident", "exhaust_incident",
+           "mark_sms_undelivered", "queue_action_sms", "retry_call", "text_unreachable", "unreachable_retries"]
 
 #: Namespace for deterministic call UUIDs: the same action key always dials with the same origination_uuid.
 _CALL_NS = uuid.UUID("6f1c3f0e-2a4b-4a57-9d0e-1b5c9a7e0c11")
@@ -370,10 +373,8 @@ async def notify_by_sms(conn: Connection, tenant_id: UUID, incident: IncidentRow
     (one outbox row each) and record the outcome on its action; returns it (``sms_fallback`` or ``skipped``)."""
     outcome, texts, line = _notify_fallback(incident, key, text, detail,
                                             await sms_fallback_numbers(conn, incident.household_id))
-    await conn.executemany(
-        """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
-           ON CONFLICT (tenant_id, key) DO NOTHING""",
-        [(t["key"], t["msisdn"], t["body"], incident.id) for t in texts])
+    await sms_store.enqueue_many(conn, [sms_store.QueuedSms(t["key"], t["msisdn"], t["body"], incident.id)
+                                        for t in texts])
     await write_outcomes(conn, [OutcomeWrite(key, outcome, detail)], [line])
     return outcome
 
@@ -479,3 +480,53 @@ async def sms_fallback_numbers(conn: Connection, household_id: UUID) -> list[str
     rows = await conn.fetch(_FALLBACK_NUMBERS.format(household="$1"), household_id)
     return [r["msisdn"] for r in rows]
 
+
+async def mark_sms_undelivered(conn: Connection, key: str) -> None:
+    """The SMSC did not deliver the SMS action ``key``: its outcome becomes ``undelivered``."""
+    await conn.execute("UPDATE iim.incident_action SET outcome = 'undelivered', finished_at = now() "
+                       "WHERE key = $1 AND kind = 'sms'", key)
+
+
+async def clear_incident(conn: Connection, incident_id: UUID, state: IncidentState) -> None:
+    """Close the incident in ``state`` because its device reported the hazard cleared."""
+    await conn.execute(
+        """UPDATE iim.incident SET state = $2::iim.incident_state, reason = 'cleared by the device',
+                  updated_at = now(), closed_at = now(), deadline = NULL WHERE id = $1""",
+        incident_id, state.value)
+
+
+async def exhaust_incident(conn: Connection, incident_id: UUID, reason: str) -> None:
+    """Close the incident as ``exhausted`` (nothing more will be tried) for ``reason``."""
+    await conn.execute(
+        """UPDATE iim.incident SET state = 'exhausted', reason = $2, updated_at = now(),
+                  closed_at = now() WHERE id = $1""", incident_id, reason)
+
+
+async def queue_action_sms(conn: Connection, incident: IncidentRow, action: ActionRow) -> None:
+    """Queue the SMS action ``action`` (its text, else the alarm's) in the outbox under its key."""
+    assert action.destination is not None
+    text = action.spec.get("text") or alarm_text(incident)
+    await sms_store.enqueue_many(conn, [sms_store.QueuedSms(action.key, action.destination, text[:1600],
+                                                            incident.id)])
+
+
+async def unreachable_retries(conn: Connection, key: str) -> int:
+    """How often the call ``key`` found the switch unreachable (counted by the SMS each time sent)."""
+    return await sms_store.count_keyed(conn, f"{key}/unreachable/")
+
+
+async def text_unreachable(conn: Connection, incident: IncidentRow, key: str, retry: int, msisdn: str) -> None:
+    """Tell ``msisdn`` by SMS that the call ``key`` could not be placed (its ``retry``-th time) and will be
+    tried again."""
+    body = (f"IIM alarm: {incident.facts.event_type.value} at {incident.facts.household_name}. "
+            "We could not call you; we will try again.")
+    await sms_store.enqueue_many(conn, [sms_store.QueuedSms(f"{key}/unreachable/{retry}", msisdn, body, incident.id)])
+
+
+async def retry_call(conn: Connection, tenant_id: UUID, incident_id: UUID, key: str, retry: int, delay: float) -> None:
+    """Undispatch the call ``key`` and queue its ``retry``-th attempt as an action job due in ``delay`` s."""
+    await conn.execute("UPDATE iim.incident_action SET dispatched_at = NULL WHERE key = $1", key)
+    payload = json.dumps({"tenant": str(tenant_id), "incident": str(incident_id), "key": key}).encode()
+    await jobs.queries_for(conn).enqueue(
+        IncidentJobs.ACTION, payload, priority=20, execute_after=timedelta(seconds=delay),
+        dedupe_key=f"act:{key}:retry:{retry}", on_conflict="skip")

@@ -34,8 +34,10 @@ from prometheus_client import Counter, Histogram
 
 from fs_app.outreach.calls import AlertCall, AlertCallPlacer, CallOutcome, CallOutcomeKind
 from fs_app.outreach.guard import OriginateLimits, check_destination
+from fs_app.outreach.prompts import GENERIC_ALARM_PROMPT, speakable
 from iim.connectors.contract import Connector, ConnectorError, ConnectorLookup, Notification
 from iim.core.errors import STORE_UNAVAILABLE
+from iim.core.lifecycle import AsyncResource
 from iim.core.metrics import REGISTRY
 from iim.scenarios import store
 from iim.scenarios.engine import (
@@ -149,7 +151,7 @@ def _ids(job: pgq_models.Job) -> dict[str, str]:
     return payload
 
 
-class IncidentWorker:
+class IncidentWorker(AsyncResource):
     def __init__(self, pool: Pool, app_url: str, placer: AlertCallPlacer | None,
                  settings: WorkerSettings | None = None, *, connectors: ConnectorLookup | None = None,
                  speech: PromptRenderer | None = None) -> None:
@@ -188,24 +190,27 @@ class IncidentWorker:
         return DatabaseRetryEntrypointExecutor(params, max_attempts=20, initial_delay=timedelta(seconds=1),
                                                max_delay=timedelta(seconds=60))
 
-    async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+    async def aclose(self) -> None:
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+                await sweeper
         if self._inline:
             _, pending = await asyncio.wait(set(self._inline), timeout=10)
             for task in pending:
                 task.cancel()
         if self._qm is not None:
             self._qm.shutdown.set()
-        if self._task is not None:
+        runner, self._task = self._task, None
+        if runner is not None:
             try:
-                await asyncio.wait_for(self._task, timeout=10)
+                await asyncio.wait_for(runner, timeout=10)
             except TimeoutError:
-                self._task.cancel()
-        if self._conn is not None:
-            await self._conn.close()
+                runner.cancel()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
 
     # ------------------------------------------------------------------ SMS receipts
     async def sms_undelivered(self, tenant_id: UUID, sms_key: str, incident_id: UUID | None) -> None:
@@ -217,8 +222,7 @@ class IncidentWorker:
             incident = await store.load_incident(conn, incident_id, full=False)
             if incident is None or incident.state in TERMINAL:
                 return
-            await conn.execute("UPDATE iim.incident_action SET outcome = 'undelivered', finished_at = now() "
-                               "WHERE key = $1 AND kind = 'sms'", sms_key)
+            await store.mark_sms_undelivered(conn, sms_key)
             await store.audit(conn, tenant_id, "sms-receipt", "incident.sms_undelivered", incident_id,
                               {"key": sms_key}, event_id=incident.first_event_id)
         await self.tick(tenant_id, incident_id, reason="sms_undelivered")
@@ -274,11 +278,11 @@ class IncidentWorker:
             after = await self._tick_in(conn, tenant_id, incident, reason=reason)
         await self._follow(after)
 
-    async def _hang_up_all(self, ringing: list[store.ActionRow]) -> None:
+    async def _hang_up(self, ringing: list[store.ActionRow]) -> None:
         """The group is decided: calls of it still ringing are hung up (the doorphone rang phone and home)."""
         for action in ringing:
-            if action.call_uuid is not None:
-                await self._hang_up(action.call_uuid)
+            if action.call_uuid is not None and self.placer is not None:
+                await self.placer.hang_up(str(action.call_uuid))
 
     async def _tick_in(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow | None, *,
                        reason: str, outcomes: Sequence[store.OutcomeWrite] = (),
@@ -295,10 +299,7 @@ class IncidentWorker:
         if reason == "cleared":
             await store.write_outcomes(conn, outcomes, audit_lines)
             progress = on_cleared(incident.progress)
-            await conn.execute(
-                """UPDATE iim.incident SET state = $2::iim.incident_state, reason = 'cleared by the device',
-                          updated_at = now(), closed_at = now(), deadline = NULL WHERE id = $1""",
-                incident_id, progress.state.value)
+            await store.clear_incident(conn, incident_id, progress.state)
             await store.audit(conn, tenant_id, "scenario-engine", f"incident.{progress.state.value}",
                               incident_id, {"reason": "the device reported the hazard cleared"},
                               event_id=incident.first_event_id)
@@ -346,11 +347,9 @@ class IncidentWorker:
     async def _begin(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
                      now: datetime) -> _AfterCommit:
         after = _AfterCommit()
-        scenario = self._choose(await store.load_scenarios(conn, incident.household_id), incident, now)
+        scenario = _choose(await store.load_scenarios(conn, incident.household_id), incident, now)
         if scenario is None:
-            await conn.execute(
-                """UPDATE iim.incident SET state = 'exhausted', reason = $2, updated_at = now(),
-                          closed_at = now() WHERE id = $1""", incident.id, "no scenario matches")
+            await store.exhaust_incident(conn, incident.id, "no scenario matches")
             await store.audit(conn, tenant_id, "scenario-engine", "incident.exhausted", incident.id,
                               {"reason": "no scenario matches this event"}, event_id=incident.first_event_id)
             INCIDENTS.labels("exhausted").inc()
@@ -371,6 +370,7 @@ class IncidentWorker:
                   else self.settings.default_limits)
         claim: store.CallClaim | None = None
         calls = {a.key: a for a in decision.actions if isinstance(a, PlaceCall | RecordMessage)}
+        built: dict[str, AlertCall] = {}
         if self.placer is not None and incident.bound is not None and calls:
             refused: dict[str, tuple[str, str]] = {}
             for key, action in calls.items():
@@ -378,40 +378,42 @@ class IncidentWorker:
                                             in_flight=0, last_hour=0)
                 if refusal is not None:
                     refused[key] = (refusal.reason, refusal.detail)
+                    continue
+                # Built before the claim: a call that cannot be built is refused with the others, in this
+                # transaction, and the incident moves on; it never aborts the decision.
+                row = store.ActionRow(key=key, incident_id=incident.id, step=action.step,
+                                      kind="call" if isinstance(action, PlaceCall) else "record",
+                                      destination=action.destination, call_uuid=store.call_uuid_for(key),
+                                      dispatched_at=now, outcome=None, spec=store.action_spec(action))
+                alert = _safe_alert_call(self.settings, tenant_id, incident, row)
+                if isinstance(alert, AlertCall):
+                    built[key] = alert
+                else:
+                    refused[key] = ("invalid_call", alert)
             claim = store.CallClaim(limits.max_concurrent, limits.max_per_hour, refused)
         persisted = await store.persist_advance(conn, tenant_id, incident, decision, scenario=scenario, now=now,
                                                 outcomes=outcomes, audit_lines=audit_lines, claim=claim)
-        self._count_settled(persisted.settled)
+        _count_settled(persisted.settled)
         INCIDENTS.labels(decision.progress.state.value).inc()
         if claim is None:
             return
         for key in persisted.refused:
-            self._refused(incident, "call" if isinstance(calls[key], PlaceCall) else "record", claim.refused[key][0])
+            _refused(incident, "call" if isinstance(calls[key], PlaceCall) else "record", claim.refused[key][0])
         if persisted.refused:
             after.retick.append((tenant_id, incident.id))  # the engine moves on at once
         ORIGINATE_CLAIMS.labels("decision").inc(len(persisted.claimed))
         for key in [*persisted.claimed, *persisted.deferred]:
             action = calls[key]
             kind = "call" if isinstance(action, PlaceCall) else "record"
-            row = store.ActionRow(key=key, incident_id=incident.id, step=action.step, kind=kind,
-                                  destination=action.destination, call_uuid=store.call_uuid_for(key),
-                                  dispatched_at=now, outcome=None, spec=store.action_spec(action))
-            meanings = dict((row.spec.get("ivr") or {}).get("digits", {}))
-            placed = _Placement(tenant_id, incident, key, kind, self._alert_call(tenant_id, incident, row), meanings,
+            meanings = dict((store.action_spec(action).get("ivr") or {}).get("digits", {}))
+            placed = _Placement(tenant_id, incident, key, kind, built[key], meanings,
                                 None if key in persisted.claimed else limits)
             after.calls.append(placed)
-
-    @staticmethod
-    def _refused(incident: store.IncidentRow, kind: str, reason: str) -> None:
-        ORIGINATE_REFUSED.labels(reason).inc()
-        ACTIONS.labels(kind, "refused").inc()
-        log.warning("alert call refused: %s", reason,
-                    extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
 
     async def _follow(self, after: _AfterCommit) -> None:
         """After a decision's commit: hang up what it decided, place the calls it claimed, judge again the
         incidents whose calls were refused."""
-        await self._hang_up_all(after.ringing)
+        await self._hang_up(after.ringing)
         for placement in after.calls:
             self._spawn(self._place_claimed(placement))
         for tenant_id, incident_id in after.retick:
@@ -433,7 +435,7 @@ class IncidentWorker:
                                             in_flight=in_flight, last_hour=last_hour)
                 if refusal is None:  # under the caps yet not claimed: dispatched elsewhere
                     return
-                self._refused(p.incident, p.kind, refusal.reason)
+                _refused(p.incident, p.kind, refusal.reason)
                 async with tenant_tx(self.pool, p.tenant_id) as conn:
                     await store.write_outcomes(
                         conn, [store.OutcomeWrite(p.key, ActionOutcome.REFUSED.value, refusal.detail)],
@@ -453,16 +455,6 @@ class IncidentWorker:
         self._inline.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("alert call follow-up failed", exc_info=task.exception())
-
-    @staticmethod
-    def _count_settled(settled: list[tuple[str, str]]) -> None:
-        for kind, outcome in settled:
-            ACTIONS.labels(kind, outcome).inc()
-
-    def _choose(self, scenarios: list[Scenario], incident: store.IncidentRow, now: datetime) -> Scenario | None:
-        """The tenant's own scenarios first; the shipped templates are the default for the rest."""
-        return (select_scenario(scenarios, incident.facts, now)
-                or select_scenario(list(TEMPLATES.values()), incident.facts, now))
 
     # ------------------------------------------------------------------ actions
     async def _action_job(self, job: pgq_models.Job) -> None:
@@ -529,7 +521,7 @@ class IncidentWorker:
         self._placing.add(call.call_uuid)
         try:
             placing = asyncio.create_task(self._place(call))
-            if self.speech is not None and call.prompt:
+            if self.speech is not None and self.placer is not None and call.prompt:
                 await self._speak_while_ringing(call)
             outcome = await placing
         finally:
@@ -590,10 +582,7 @@ class IncidentWorker:
     async def _message(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
                        action: store.ActionRow) -> None:
         if action.kind == "sms" and action.destination:
-            text = action.spec.get("text") or store.alarm_text(incident)
-            await conn.execute(
-                """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
-                   ON CONFLICT (tenant_id, key) DO NOTHING""", action.key, action.destination, text[:1600], incident.id)
+            await store.queue_action_sms(conn, incident, action)
             outcome, detail = "queued", "queued in the SMS outbox"
         else:
             outcome, detail = "skipped", "no notification connector is configured for this household"
@@ -606,6 +595,15 @@ class IncidentWorker:
                         action: store.ActionRow) -> AlertCall | None:
         """Guard, then mark dispatched (committed with this transaction) and build the call."""
         destination = action.destination or ""
+        alert = _safe_alert_call(self.settings, tenant_id, incident, action)
+        if not isinstance(alert, AlertCall):  # this action fails; the incident moves on
+            _refused(incident, action.kind, "invalid_call")
+            await store.write_outcomes(
+                conn, [store.OutcomeWrite(action.key, ActionOutcome.REFUSED.value, alert)],
+                [store.audit_line("scenario-engine", "originate.refused", incident.id,
+                                  {"key": action.key, "reason": "invalid_call", "detail": alert},
+                                  event_id=incident.first_event_id)])
+            return None
         limits_row, bound = await store.originate_facts(conn, incident.household_id)
         limits = (OriginateLimits(*limits_row) if limits_row is not None else self.settings.default_limits)
         # Shape, binding and prefix first (no lock); the caps are checked and claimed in one locked step.
@@ -623,33 +621,14 @@ class IncidentWorker:
                                 extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
                     return None
         if refusal is not None:
-            self._refused(incident, action.kind, refusal.reason)
+            _refused(incident, action.kind, refusal.reason)
             await store.write_outcomes(
                 conn, [store.OutcomeWrite(action.key, ActionOutcome.REFUSED.value, refusal.detail)],
                 [store.audit_line("toll-fraud-guard", "originate.refused", incident.id,
                                   {"key": action.key, "reason": refusal.reason, "detail": refusal.detail},
                                   event_id=incident.first_event_id)])
             return None
-        return self._alert_call(tenant_id, incident, action)
-
-    def _alert_call(self, tenant_id: UUID, incident: store.IncidentRow, action: store.ActionRow) -> AlertCall:
-        assert action.call_uuid is not None
-        spec = action.spec
-        variables = {"iim_tenant_id": str(tenant_id), "iim_incident_id": str(incident.id),
-                     "iim_action_key": action.key.replace("/", "-"),
-                     "iim_event_id": incident.first_event_id,
-                     "tts_engine": self.settings.tts_engine, "tts_voice": self.settings.tts_voice}
-        common: dict[str, Any] = {
-            "call_uuid": str(action.call_uuid), "destination": action.destination or "",
-            "caller_id_number": self.settings.caller_id_number, "caller_id_name": self.settings.caller_id_name,
-            "prompt": _say(spec.get("prompt_text")), "variables": variables}
-        if action.kind == "record":
-            return AlertCall(ring_s=30, record_s=int(spec.get("max_s", 60)),
-                             record_path=f"/var/lib/freeswitch/recordings/iim/{action.call_uuid}.wav", **common)
-        ivr = spec.get("ivr") or {}
-        return AlertCall(ring_s=int(spec.get("ring_s", 30)), digits="".join(sorted(ivr.get("digits", {}))),
-                         tries=int(ivr.get("tries", 1)), digit_timeout_s=int(ivr.get("digit_timeout_s", 5)),
-                         **common)
+        return alert
 
     async def _speak_while_ringing(self, call: AlertCall) -> None:
         """Render the prompt with our TTS while the phone rings and give the IVR the WAV file; when speech
@@ -667,10 +646,6 @@ class IncidentWorker:
             return
         if not self.placer.use_prompt(call.call_uuid, str(rendered.path)):
             log.info("prompt rendered after the answer; FreeSWITCH spoke it", extra={"call_id": call.call_uuid})
-
-    async def _hang_up(self, call_uuid: UUID) -> None:
-        if self.placer is not None:
-            await self.placer.hang_up(str(call_uuid))
 
     async def _place(self, call: AlertCall) -> CallOutcome:
         if self.placer is None:
@@ -709,22 +684,12 @@ class IncidentWorker:
         """FreeSWITCH is down: text the person now, and retry the call while the step is still current.
 
         True when the retries are spent (the engine judges the call as unreachable now)."""
-        retries = await conn.fetchval(
-            "SELECT count(*) FROM iim.sms_outbox WHERE starts_with(key, $1)", f"{key}/unreachable/")
+        retries = await store.unreachable_retries(conn, key)
         if call.destination.startswith("+"):
-            await conn.execute(
-                """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
-                   ON CONFLICT (tenant_id, key) DO NOTHING""",
-                f"{key}/unreachable/{retries}", call.destination,
-                f"IIM alarm: {incident.facts.event_type.value} at {incident.facts.household_name}. "
-                "We could not call you; we will try again.", incident.id)
+            await store.text_unreachable(conn, incident, key, retries, call.destination)
         delays = self.settings.unreachable_retries
         if retries < len(delays):
-            await conn.execute("UPDATE iim.incident_action SET dispatched_at = NULL WHERE key = $1", key)
-            payload = json.dumps({"tenant": str(tenant_id), "incident": str(incident.id), "key": key}).encode()
-            await jobs.queries_for(conn).enqueue(
-                IncidentJobs.ACTION, payload, priority=20, execute_after=timedelta(seconds=delays[retries]),
-                dedupe_key=f"act:{key}:retry:{retries}", on_conflict="skip")
+            await store.retry_call(conn, tenant_id, incident.id, key, retries, delays[retries])
             detail = f"switch unreachable; SMS sent, call retry {retries + 1} in {delays[retries]:.0f} s"
             spent = False
         else:
@@ -784,11 +749,67 @@ class IncidentWorker:
         ACTIONS.labels(action.kind, outcome.value).inc()
 
 
+def _refused(incident: store.IncidentRow, kind: str, reason: str) -> None:
+    ORIGINATE_REFUSED.labels(reason).inc()
+    ACTIONS.labels(kind, "refused").inc()
+    log.warning("alert call refused: %s", reason,
+                extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
+
+
+def _count_settled(settled: list[tuple[str, str]]) -> None:
+    for kind, outcome in settled:
+        ACTIONS.labels(kind, outcome).inc()
+
+
+def _choose(scenarios: list[Scenario], incident: store.IncidentRow, now: datetime) -> Scenario | None:
+    """The tenant's own scenarios first; the shipped templates are the default for the rest."""
+    return (select_scenario(scenarios, incident.facts, now)
+            or select_scenario(list(TEMPLATES.values()), incident.facts, now))
+
+
+def _alert_call(settings: WorkerSettings, tenant_id: UUID, incident: store.IncidentRow, action: store.ActionRow,
+                *, prompt_text: str | None = None) -> AlertCall:
+    """The call an alert action places, as its spec says (a recording or an IVR), tagged for its incident."""
+    assert action.call_uuid is not None
+    spec = action.spec
+    variables = {"iim_tenant_id": str(tenant_id), "iim_incident_id": str(incident.id),
+                 "iim_action_key": action.key.replace("/", "-"),
+                 "iim_event_id": incident.first_event_id,
+                 "tts_engine": settings.tts_engine, "tts_voice": settings.tts_voice}
+    common: dict[str, Any] = {
+        "call_uuid": str(action.call_uuid), "destination": action.destination or "",
+        "caller_id_number": settings.caller_id_number, "caller_id_name": settings.caller_id_name,
+        "prompt": _say(prompt_text or spec.get("prompt_text")), "variables": variables}
+    if action.kind == "record":
+        return AlertCall(ring_s=30, record_s=int(spec.get("max_s", 60)),
+                         record_path=f"/var/lib/freeswitch/recordings/iim/{action.call_uuid}.wav", **common)
+    ivr = spec.get("ivr") or {}
+    return AlertCall(ring_s=int(spec.get("ring_s", 30)), digits="".join(sorted(ivr.get("digits", {}))),
+                     tries=int(ivr.get("tries", 1)), digit_timeout_s=int(ivr.get("digit_timeout_s", 5)),
+                     **common)
+
+
+def _safe_alert_call(settings: WorkerSettings, tenant_id: UUID, incident: store.IncidentRow,
+                     action: store.ActionRow) -> AlertCall | str:
+    """The action's call; with the generic prompt if its own cannot be played; else why it cannot be built
+    (then only this action fails: user text must never stop an alarm)."""
+    try:
+        return _alert_call(settings, tenant_id, incident, action)
+    except ValueError as exc:
+        log.error("alert call not built as specified (%s); trying the generic prompt", exc,
+                  extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
+    try:
+        return _alert_call(settings, tenant_id, incident, action, prompt_text=GENERIC_ALARM_PROMPT)
+    except ValueError as exc:
+        return f"the call cannot be built: {exc}"[:300]
+
+
 def _say(text: str | None) -> str | None:
-    """A FreeSWITCH TTS playable (``say:`` with the channel's tts_engine); CR/LF never reach the switch."""
+    """A FreeSWITCH TTS playable (``say:`` with the channel's tts_engine): the text rendered to a speakable
+    form (:func:`speakable`; no ``${``, controls or separators reach the switch), or the generic prompt."""
     if not text:
         return None
-    return "say:" + " ".join(text.split())
+    return "say:" + (speakable(text) or GENERIC_ALARM_PROMPT)
 
 
 def _engine_outcome(call: AlertCall, outcome: CallOutcome, meanings: dict[str, str]) -> ActionOutcome:

@@ -4,6 +4,7 @@
 * ``transport`` - the ``SmsTransport`` protocol, its typed failures, ``MoSms`` and ``Receipt``.
 * ``smpp``      - the SMPP transceiver transport on aiosmpplib.
 * ``http_smsc`` - the HTTP SMSC transport (signed JSON both ways).
-* ``outbox``    - ``enqueue_sms`` and ``SmsSender``: claim, submit, retry, receipts, MO, metrics.
+* ``store``     - every statement on the SMS tables: ``enqueue_sms`` (the outbox's one writer), the sender's.
+* ``outbox``    - ``SmsSender``: claim, submit, retry, receipts, MO, metrics.
 * ``smsc_sim``  - an SMSC simulator on smpp34 for tests and benchmarks (not on the production path).
 """

@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from iim.core.lifecycle import AsyncResource
 from iim.core.secrets import resolve_secret
 from iim.core.signing import SignatureError, decode_secret, sign_webhook, verify_webhook
 from iim.sms.transport import (
@@ -68,7 +69,7 @@ class HttpSmscSettings:
     tolerance_s: int = 300
 
 
-class HttpSmscTransport:
+class HttpSmscTransport(AsyncResource):
     """:class:`iim.sms.transport.SmsTransport` over an HTTP SMSC API."""
 
     def __init__(self, settings: HttpSmscSettings) -> None:
@@ -102,7 +103,7 @@ class HttpSmscTransport:
             timeout=aiohttp.ClientTimeout(total=self.settings.timeout),
             connector=aiohttp.TCPConnector(limit=self.settings.max_connections))
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
         session, self._session = self._session, None
         if session is not None:
             await session.close()

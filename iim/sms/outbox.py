@@ -1,6 +1,7 @@
-"""The SMS outbox: enqueue inside the caller's transaction, send from PostgreSQL, apply receipts, store MO.
+"""The SMS outbox's sender: send from PostgreSQL, apply receipts, store MO (its statements: ``iim.sms.store``).
 
-Durability lives in ``iim.sms_outbox`` / ``iim.sms_inbound``; transports keep nothing across a restart.
+Durability lives in ``iim.sms_outbox`` / ``iim.sms_inbound``; transports keep nothing across a restart. SMS are
+queued with ``iim.sms.store.enqueue_sms`` inside the caller's transaction.
 
 Sending (:class:`SmsSender`): one loop claims due rows of every tenant through ``iim.sms_claim`` (status
 ``sending``, attempts + 1, a lease in ``next_attempt_at``), submits them concurrently (bounded), and a
@@ -47,8 +48,10 @@ import asyncpg
 from prometheus_client import Counter, Gauge, Histogram
 
 from iim.core.errors import STORE_UNAVAILABLE
+from iim.core.lifecycle import AsyncResource
 from iim.core.metrics import REGISTRY
 from iim.core.retry import backoff_delay
+from iim.sms import store
 from iim.sms.transport import (
     MoSms,
     OutboundSms,
@@ -61,11 +64,10 @@ from iim.sms.transport import (
     Throttled,
     TransportDown,
 )
-from policy_cache.db import Connection, Pool, tenant_tx
+from policy_cache.db import Pool, tenant_tx
 
 __all__ = [
-    "BackoffPolicy", "InboundSms", "MoHook", "OutboxRow", "SmsSender", "UndeliveredHook", "enqueue_sms",
-    "mark_mo_handled",
+    "BackoffPolicy", "InboundSms", "MoHook", "OutboxRow", "SmsSender", "UndeliveredHook",
 ]
 
 log = logging.getLogger("iim.messaging.outbox")
@@ -78,8 +80,6 @@ QUEUE_DEPTH = Gauge("iim_sms_queue_depth", "Outbox rows queued or being sent (al
 SUBMIT_SECONDS = Histogram("iim_sms_submit_seconds", "Submit to SMSC answer (all parts)",
                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10), registry=REGISTRY)
 
-# Advisory-lock namespace "IIMS" (the migrations, change sequence and audit chains use "IIMM").
-_MO_LOCK_NS = 1229540691
 _SEP = chr(31)
 
 
@@ -135,30 +135,6 @@ UndeliveredHook = Callable[[UUID, OutboxRow], Awaitable[None]]
 MoHook = Callable[[UUID, InboundSms], Awaitable[None]]
 
 
-async def enqueue_sms(conn: Connection, *, key: str, msisdn: str, body: str, flash: bool = False,
-                      incident_id: UUID | None = None, source: str | None = None) -> UUID:
-    """Queue an SMS in the caller's tenant transaction (``tenant_tx``); the same ``key`` returns the first
-    row's id and changes nothing (first write wins), so a retried caller never sends twice."""
-    row_id: UUID | None = await conn.fetchval(
-        """INSERT INTO iim.sms_outbox (key, msisdn, body, flash, incident_id, source)
-           VALUES ($1, $2, $3, $4, $5, $6)
-           ON CONFLICT (tenant_id, key) DO NOTHING RETURNING id""",
-        key, msisdn, body, flash, incident_id, source)
-    if row_id is None:
-        row_id = await conn.fetchval("SELECT id FROM iim.sms_outbox WHERE key = $1", key)
-    if row_id is None:  # pragma: no cover - the conflicting row is visible in this tenant
-        raise LookupError(f"sms_outbox key {key!r} conflicted but is not visible")
-    return row_id
-
-
-async def mark_mo_handled(conn: Connection, inbound_id: UUID) -> bool:
-    """Mark an MO as acted upon (in the caller's tenant transaction); False if it was already."""
-    done: UUID | None = await conn.fetchval(
-        "UPDATE iim.sms_inbound SET handled_at = now() WHERE id = $1 AND handled_at IS NULL RETURNING id",
-        inbound_id)
-    return done is not None
-
-
 @dataclass(slots=True)
 class _Outcome:
     tenant_id: UUID
@@ -190,28 +166,11 @@ def _db_failure(what: str, exc: BaseException, delay: float) -> None:
     else:
         log.error("%s failed (%s: a SQL error, not an outage); retry in %.1f s", what, exc, delay, exc_info=exc)
 
-# One row at a time by primary key (pipelined with fetchmany, one transaction per tenant): a single
-# UPDATE ... FROM unnest(...) lets the planner misjudge how many rows are 'sending' (the statistics of a
-# queue table are always stale) and pick a nested loop that is quadratic in the batch.
-_UPDATE_OUTCOME = """
-UPDATE iim.sms_outbox SET
-    status = $3,
-    transport = CASE WHEN $4::text IS NULL THEN transport ELSE $8 END,
-    smsc_message_ids = CASE WHEN $4::text IS NULL THEN smsc_message_ids ELSE string_to_array($4, chr(31), '') END,
-    segments = coalesce($5::int, segments),
-    next_attempt_at = CASE WHEN $3 = 'queued' THEN now() + make_interval(secs => $6) ELSE next_attempt_at END,
-    sent_at = CASE WHEN $3 = 'sent' THEN now() ELSE sent_at END,
-    last_error = $7,
-    updated_at = now()
-WHERE id = $1 AND attempts = $2 AND status = 'sending'
-RETURNING id
-"""
 
-
-class SmsSender:
+class SmsSender(AsyncResource):
     """Sends the outbox through one transport and takes its receipts and MO.
 
-    ``start()`` binds the transport's inbound handlers and starts it; ``stop()`` stops claiming, lets
+    ``start()`` binds the transport's inbound handlers and starts it; ``aclose()`` stops claiming, lets
     in-flight submits finish (up to ``stop_timeout``), writes their outcomes and stops the transport.
     """
 
@@ -275,23 +234,25 @@ class SmsSender:
                        asyncio.create_task(self._receipt_loop(), name="sms-receipts"),
                        asyncio.create_task(self._depth_loop(), name="sms-depth")]
 
-    async def stop(self) -> None:
-        if self._claimer is not None:
-            self._claimer.cancel()
-            await asyncio.gather(self._claimer, return_exceptions=True)
+    async def aclose(self) -> None:
+        claimer, self._claimer = self._claimer, None
+        if claimer is not None:
+            claimer.cancel()
+            await asyncio.gather(claimer, return_exceptions=True)
         if self._inflight:
             _, late = await asyncio.wait(set(self._inflight), timeout=self.stop_timeout)
             for task in late:  # their rows stay 'sending' until the lease expires
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        for task in self._tasks:  # a write cut short puts its outcomes back; the last flush below writes them
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:  # a write cut short puts its outcomes back; the last flush below writes them
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(*_DB_ERRORS):
             await self._flush()
         with contextlib.suppress(*_DB_ERRORS):
             await self._drain_receipts()
-        await self.transport.stop()
+        await self.transport.aclose()
         if self._hooks:
             await asyncio.wait(set(self._hooks), timeout=self.stop_timeout)
 
@@ -322,8 +283,7 @@ class SmsSender:
                 await self._slot_free.wait()
                 continue
             try:
-                rows = await self.pool.fetch("SELECT * FROM iim.sms_claim($1, $2)", min(self.batch, free),
-                                             timedelta(seconds=self.lease))
+                rows = await store.claim_due(self.pool, min(self.batch, free), timedelta(seconds=self.lease))
                 failures = 0
             except _DB_ERRORS as exc:
                 failures += 1
@@ -429,12 +389,10 @@ class SmsSender:
         try:
             for tenant_id, items in by_tenant.items():
                 async with tenant_tx(self.pool, tenant_id) as conn:
-                    updated = await conn.fetchmany(_UPDATE_OUTCOME, [
-                        (o.id, o.attempts, o.status, o.ids, o.segments, o.delay, o.error, self.transport.name)
-                        for o in items])
+                    done = await store.write_outcomes(conn, self.transport.name, [
+                        (o.id, o.attempts, o.status, o.ids, o.segments, o.delay, o.error) for o in items])
                 del pending[tenant_id]
-                if len(updated) != len(items):
-                    done = {r["id"] for r in updated}
+                if len(done) != len(items):
                     for o in items:
                         if o.id not in done:
                             log.warning("sms outcome not written: the row was claimed again (lease expired)",
@@ -447,7 +405,7 @@ class SmsSender:
     async def _depth_loop(self) -> None:
         while True:
             with contextlib.suppress(*_DB_ERRORS):
-                QUEUE_DEPTH.set(await self.pool.fetchval("SELECT iim.sms_queue_depth()"))
+                QUEUE_DEPTH.set(await store.queue_depth(self.pool))
             await asyncio.sleep(self.depth_interval)
 
     # --- receipts ------------------------------------------------------------------------------------------
@@ -506,8 +464,7 @@ class SmsSender:
         per_tenant: dict[UUID, list[tuple[UUID, Receipt]]] = {}
         for transport, group in by_transport.items():
             ids = list({p.receipt.message_id for p in group})
-            found = await self.pool.fetch("SELECT * FROM iim.sms_find_by_smsc_id($1, $2)", transport, ids)
-            where = {r["smsc_id"]: (r["tenant_id"], r["id"]) for r in found}
+            where = await store.find_by_smsc_id(self.pool, transport, ids)
             for p in group:
                 hit = where.get(p.receipt.message_id)
                 if hit is None:
@@ -526,11 +483,7 @@ class SmsSender:
     async def _apply_tenant_receipts(self, tenant_id: UUID, receipts: list[tuple[UUID, Receipt]]) -> list[OutboxRow]:
         undelivered: list[OutboxRow] = []
         async with tenant_tx(self.pool, tenant_id) as conn:
-            rows = await conn.fetch(
-                """SELECT id, key, msisdn, status, attempts, incident_id, segments, smsc_message_ids, delivered_ids,
-                          receipt_state, receipt_error, last_error
-                   FROM iim.sms_outbox WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE""",
-                list({rid for rid, _ in receipts}))
+            rows = await store.lock_for_receipts(conn, list({rid for rid, _ in receipts}))
             state = {r["id"]: dict(r) for r in rows}
             changed: set[UUID] = set()
             newly_failed: set[UUID] = set()
@@ -543,14 +496,7 @@ class SmsSender:
                     if cur["status"] == "undelivered" and cur.get("_became_undelivered"):
                         newly_failed.add(row_id)
             if changed:
-                await conn.executemany(
-                    """UPDATE iim.sms_outbox SET status = $2, delivered_ids = $3, receipt_state = $4,
-                              receipt_error = $5, delivered_at = CASE WHEN $2 = 'delivered' THEN now()
-                                                                      ELSE delivered_at END,
-                              updated_at = now()
-                       WHERE id = $1""",
-                    [(rid, state[rid]["status"], state[rid]["delivered_ids"], state[rid]["receipt_state"],
-                      state[rid]["receipt_error"]) for rid in sorted(changed)])
+                await store.write_receipts(conn, [state[rid] for rid in sorted(changed)])
         for rid in sorted(newly_failed):
             cur = state[rid]
             undelivered.append(OutboxRow(
@@ -564,7 +510,7 @@ class SmsSender:
 
     async def _mo_in(self, mo: MoSms) -> None:
         """Store the MO (before the transport acknowledges it), then hand it to ``on_mo``."""
-        tenant_id: UUID | None = await self.pool.fetchval("SELECT iim.subscriber_tenant($1)", mo.destination)
+        tenant_id = await store.subscriber_tenant(self.pool, mo.destination)
         if tenant_id is None:
             MO.labels("unknown_destination").inc()
             log.warning("MO for a number of no (or several) tenants dropped",
@@ -572,7 +518,7 @@ class SmsSender:
             return
         digest = hashlib.sha256(_SEP.join((mo.transport, mo.source, mo.destination, mo.body)).encode()).hexdigest()
         async with tenant_tx(self.pool, tenant_id) as conn:
-            row = await self._store_mo(conn, mo, digest)
+            row = await store.store_mo(conn, mo, digest, dedup_window=self.mo_dedup_window)
         if row is None:
             MO.labels("duplicate").inc()
             log.info("MO redelivered; stored once", extra={"tenant_id": str(tenant_id), "content_hash": digest[:16]})
@@ -584,30 +530,6 @@ class SmsSender:
         log.info("MO stored", extra={"sms_id": inbound.sms_id, "tenant_id": str(tenant_id), "inbound_id": str(inbound.id)})
         if self.on_mo is not None:
             self._spawn_hook(self.on_mo(tenant_id, inbound), "on_mo", inbound.sms_id)
-
-    async def _store_mo(self, conn: Connection, mo: MoSms, digest: str) -> asyncpg.Record | None:
-        insert = """INSERT INTO iim.sms_inbound (sms_id, content_hash, transport, source, destination, subscriber_id,
-                                                 body, received_at)
-                    VALUES ($1, $2, $3, $4, $5, (SELECT id FROM iim.subscriber WHERE msisdn = $5), $6, $7)
-                    ON CONFLICT (tenant_id, sms_id) DO NOTHING
-                    RETURNING id, sms_id, subscriber_id, received_at"""
-        source = mo.source[:32] or "unknown"
-        if mo.sms_id:
-            row: asyncpg.Record | None = await conn.fetchrow(
-                insert, f"{mo.transport}:{mo.sms_id}"[:200], digest, mo.transport, source, mo.destination,
-                mo.body, mo.received_at)
-            return row
-        # No id from the SMSC: the same content within the window is a redelivery. The lock serialises two
-        # copies arriving at once (on two connections) so that exactly one is stored.
-        await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _MO_LOCK_NS, digest)
-        seen = await conn.fetchval(
-            "SELECT 1 FROM iim.sms_inbound WHERE content_hash = $1 AND received_at > now() - make_interval(secs => $2)",
-            digest, self.mo_dedup_window)
-        if seen:
-            return None
-        row = await conn.fetchrow(insert, f"h:{digest}:{int(time.time() * 1000)}", digest, mo.transport, source,
-                                  mo.destination, mo.body, mo.received_at)
-        return row
 
     def _spawn_hook(self, coro: Awaitable[None], name: str, sms_id: str) -> None:
         async def run() -> None:

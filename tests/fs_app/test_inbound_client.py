@@ -49,7 +49,7 @@ async def test_authenticates_subscribes_and_runs_api(switch: RecordedInboundSwit
         assert switch.commands[1] == EventSubscribe(
             "plain", ("CHANNEL_CREATE", "CHANNEL_ANSWER", "CHANNEL_HANGUP_COMPLETE", "BACKGROUND_JOB"))
     finally:
-        await client.close()
+        await client.aclose()
 
 
 async def test_bgapi_resolves_on_its_background_job(switch: RecordedInboundSwitch) -> None:
@@ -62,7 +62,7 @@ async def test_bgapi_resolves_on_its_background_job(switch: RecordedInboundSwitc
         assert result.body.startswith("UP ")
         assert result.event.get("Job-Command") == "status"
     finally:
-        await client.close()
+        await client.aclose()
 
 
 async def test_wrong_password_is_reported_and_retried_with_backoff(switch: RecordedInboundSwitch) -> None:
@@ -80,7 +80,7 @@ async def test_wrong_password_is_reported_and_retried_with_backoff(switch: Recor
         with pytest.raises(EslTimeout):
             await client.api("status", timeout=0.1)
     finally:
-        await client.close()
+        await client.aclose()
 
 
 async def test_reconnects_and_subscribes_again_after_the_node_drops(switch: RecordedInboundSwitch) -> None:
@@ -101,7 +101,7 @@ async def test_reconnects_and_subscribes_again_after_the_node_drops(switch: Reco
         assert len(subscriptions) == 2
         assert client.connects == 2
     finally:
-        await client.close()
+        await client.aclose()
 
 
 async def test_job_in_flight_when_the_node_drops_fails_with_unknown_outcome(switch: RecordedInboundSwitch) -> None:
@@ -116,7 +116,7 @@ async def test_job_in_flight_when_the_node_drops_fails_with_unknown_outcome(swit
         with pytest.raises(EslConnectionError):
             await job
     finally:
-        await client.close()
+        await client.aclose()
 
 
 async def test_pool_sends_work_to_a_connected_node(switch: RecordedInboundSwitch) -> None:
@@ -132,7 +132,7 @@ async def test_pool_sends_work_to_a_connected_node(switch: RecordedInboundSwitch
             assert chosen is up
         assert (await pool.api("status")).ok
     finally:
-        await pool.close()
+        await pool.aclose()
 
 
 def test_backoff_grows_exponentially_within_jitter_bounds_and_caps() -> None:

@@ -250,7 +250,7 @@ async def test_shutdown_waits_for_calls_in_progress(outbound_server) -> None:
     server = await outbound_server(handler)
     replay = asyncio.create_task(replay_call(O2, "127.0.0.1", server.port))
     await asyncio.sleep(0.1)
-    await server.close(drain_timeout=3.0)
+    await server.aclose(drain_timeout=3.0)
     assert finished == [True]
     await replay
 

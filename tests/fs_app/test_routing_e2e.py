@@ -148,11 +148,11 @@ async def rig(pg_db: PgDatabase, app_pool: Pool, lines_spec: dict[str, dict[str,
             user, _, domain = aor.partition("@")
             emu.register_user(user, domain)
     yield Rig(server, cache, proxy, clock_, lines, tenant, call_audit, emu)
-    await server.close(drain_timeout=2)
+    await server.aclose(drain_timeout=2)
     await emu.close()
-    await call_audit.close()
-    await cache.close()
-    await store.close()
+    await call_audit.aclose()
+    await cache.aclose()
+    await store.aclose()
     await proxy.close()
 
 
@@ -295,7 +295,7 @@ async def test_postgresql_stopped_mid_run_keeps_routing_and_resyncs_after_restar
     emu.register_user("speaker-1", "iim.local")
     spec = CallSpec(destination="79001234567", caller_id_number="79160000000")
     try:
-        await asyncio.to_thread(db.embedded.stop)
+        await db.embedded.aclose()
         await eventually(lambda: not cache.status().listener_up, timeout=30)
         for _ in range(3):
             result = await emu.place_call("127.0.0.1", server.port, spec)
@@ -317,8 +317,8 @@ async def test_postgresql_stopped_mid_run_keeps_routing_and_resyncs_after_restar
         result = await emu.place_call("127.0.0.1", server.port, spec)
         assert _groups(_bridge(result)) == [["sofia/gateway/ims/+79001234567"]]
     finally:
-        await server.close(drain_timeout=2)
+        await server.aclose(drain_timeout=2)
         await emu.close()
-        await cache.close()
-        await store.close()
-        await asyncio.to_thread(db.embedded.stop)
+        await cache.aclose()
+        await store.aclose()
+        await db.embedded.aclose()

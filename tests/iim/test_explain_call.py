@@ -27,7 +27,7 @@ async def store(pg_db: PgDatabase, app_pool: Pool) -> AsyncIterator[PgPolicyStor
         await load_demo(conn)
     s = PgPolicyStore(pg_db.cache_url)
     yield s
-    await s.close()
+    await s.aclose()
 
 
 async def test_explains_quiet_hours_in_the_subscribers_local_time(store: PgPolicyStore) -> None:

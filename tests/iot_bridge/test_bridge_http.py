@@ -258,7 +258,7 @@ async def test_rate_limit_per_device_answers_429_with_retry_after(
 async def test_cloud_webhook_batch_is_verified_with_the_sources_key(
         bridge: BridgeClient, rig: AlarmRig, app_pool: Pool, tmp_path: Path) -> None:
     from policy_cache import registry
-    from policy_cache.models import CredentialKind, CredentialRefCreate
+    from policy_cache.models import CredentialKind, CredentialRefCreate, DeviceCreate, DeviceType
 
     source_secret = new_secret()
     path = tmp_path / "acme.whsec"
@@ -266,14 +266,19 @@ async def test_cloud_webhook_batch_is_verified_with_the_sources_key(
     async with tenant_tx(app_pool, rig.tenant_id) as conn:
         await registry.create(conn, registry.CREDENTIAL_REF, CredentialRefCreate(
             name="webhook:acme-cloud", kind=CredentialKind.WEBHOOK_SECRET, ref=f"file:{path}"), actor="test")
-    events = [json.loads(rig.event("smoke")), json.loads(rig.event("doorbell", device=rig.doorphone))]
+        for external_id, kind in (("acme-smoke-1", DeviceType.SENSOR), ("acme-door-1", DeviceType.DOORPHONE)):
+            await registry.create(conn, registry.DEVICE, DeviceCreate(
+                household_id=rig.household_id, name=external_id, type=kind, external_id=external_id,
+                connector="acme-cloud", connector_ref=f"acme:{external_id}"), actor="test")
+    events = [json.loads(rig.event("smoke", device="acme-smoke-1")),
+              json.loads(rig.event("doorbell", device="acme-door-1"))]
     body = json.dumps({"source": "acme-cloud", "events": events}).encode()
     headers = rig.signed_headers(body, secret=source_secret)
     status, _, answer = await bridge.post("/v1/webhooks/acme-cloud", body, headers)
     assert status == 202, answer
     assert [r["action"] for r in answer["results"]] == ["opened", "opened"]
     # A batch naming an unknown device writes nothing at all.
-    bad = json.dumps({"source": "acme-cloud", "events": [json.loads(rig.event("smoke")),
+    bad = json.dumps({"source": "acme-cloud", "events": [json.loads(rig.event("smoke", device="acme-smoke-1")),
                                                           json.loads(rig.event("smoke", device="nope"))]}).encode()
     before = await _incidents(app_pool, rig.tenant_id)
     status, _, problem = await bridge.post("/v1/webhooks/acme-cloud", bad, rig.signed_headers(bad, secret=source_secret))

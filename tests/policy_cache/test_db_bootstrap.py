@@ -94,8 +94,7 @@ async def test_embedded_bootstrap_from_a_fresh_data_dir(scratch: Path, monkeypat
         assert again.demo == db.demo
         assert again.app_url == db.app_url
     finally:
-        if db.embedded is not None:
-            db.embedded.stop()
+        await db.aclose()
     # The server stopped; a restart from the same directory keeps the data.
     restarted = await bootstrap(data_dir=data, demo=False)
     try:
@@ -106,7 +105,21 @@ async def test_embedded_bootstrap_from_a_fresh_data_dir(scratch: Path, monkeypat
             await conn.close()
     finally:
         assert restarted.embedded is not None
-        restarted.embedded.stop()
+        await restarted.aclose()
+
+
+async def test_a_bootstrap_failing_after_starting_the_embedded_server_stops_it(
+        scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IIM_DATABASE_URL", raising=False)
+    data = scratch / ".iim-data" / "pg"
+    secrets_file = scratch / ".iim-data" / "db-secrets.json"
+    secrets_file.parent.mkdir(parents=True)
+    secrets_file.write_text("{}")
+    secrets_file.chmod(0o644)  # refused, but only once the server is up (the file is read after start)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        await bootstrap(data_dir=data)
+    assert (data / "PG_VERSION").exists()  # the server was initialised and started ...
+    assert not (data / "postmaster.pid").exists()  # ... and stopped again
 
 
 async def test_bootstrap_on_an_external_server(pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch,

@@ -42,8 +42,8 @@ async def cache(proxy: TcpFaultProxy, demo: Demo) -> AsyncIterator[PolicyCache]:
     c = PolicyCache(store, resync_interval=5.0)
     await c.start(timeout=10)
     yield c
-    await c.close()
-    await store.close()
+    await c.aclose()
+    await store.aclose()
 
 
 async def _set_ring_mode(pool: Pool, demo: Demo, mode: RingMode) -> None:
@@ -120,6 +120,6 @@ async def test_full_load_and_incremental_reload_compile_identical_snapshots(
         full, _ = await store.load_all()
         again = await store.load_subscribers([s.subscriber_id for s in full])
     finally:
-        await store.close()
+        await store.aclose()
     assert len(full) >= 2
     assert {s.subscriber_id: s for s in full} == {s.subscriber_id: s for s in again}

@@ -276,8 +276,8 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     rig = Rig(emu, inbound, server, client, registry, placer, fallthrough, results)
     client.add_listener(rig.events.append)
     yield rig
-    await client.close()
-    await server.close(drain_timeout=2.0)
+    await client.aclose()
+    await server.aclose(drain_timeout=2.0)
     await rig.emu.close()  # the test may have replaced (restarted) the emulator
     await emu.close()
     assert not [e for e in emu.errors if "background task failed" in e], emu.errors
@@ -464,8 +464,8 @@ async def test_switch_down_is_unreachable() -> None:
             assert time.monotonic() - started < 2
         assert len(registry) == 0
     finally:
-        await client.close()
-        await pool.close()
+        await client.aclose()
+        await pool.aclose()
 
 
 async def test_emulator_restarted_mid_call(rig: Rig) -> None:

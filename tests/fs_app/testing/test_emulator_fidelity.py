@@ -18,7 +18,6 @@ import asyncio
 import difflib
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -34,9 +33,7 @@ from fs_app.testing.recording import (
     signature,
     stream,
 )
-
-TRANSCRIPTS = Path("/work/shared/esl-transcripts")
-pytestmark = pytest.mark.skipif(not TRANSCRIPTS.is_dir(), reason="recordings not available")
+from tests.esl_fixtures import TRANSCRIPTS
 
 CALLEE = "sofia/external/callee@127.0.0.1:5090"
 BUSY = "sofia/external/busy@127.0.0.1:5091"

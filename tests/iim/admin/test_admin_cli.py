@@ -256,3 +256,27 @@ async def test_db_upgrade_migrates_an_empty_database(
         assert await conn.fetchval("SELECT count(*) FROM iim.tenant") == 0
     finally:
         await conn.close()
+
+
+async def test_audit_verify_exits_4_when_the_chain_is_broken(iim: Any, pg_db: PgDatabase) -> None:
+    import asyncpg
+
+    made = (await iim("tenant", "create", "--name", "Chain", "-o", "json")).json()
+    tenant = made["id"]
+    sub = await iim("subscriber", "create", "--tenant", tenant, "-o", "json", "--msisdn", _msisdn())
+    assert sub.code == 0, sub.err
+    intact = await iim("audit", "verify", "--tenant", tenant)
+    assert (intact.code, intact.err) == (0, "")
+    # A superuser can switch the append-only triggers off; the chain still tells.
+    admin = await asyncpg.connect(pg_db.admin_url)
+    try:
+        async with admin.transaction():
+            await admin.execute("SET LOCAL session_replication_role = replica")
+            first = await admin.fetchval("SELECT min(id) FROM iim.audit_log WHERE tenant_id = $1", UUID(tenant))
+            await admin.execute("UPDATE iim.audit_log SET actor = 'mallory' WHERE id = $1", first)
+    finally:
+        await admin.close()
+    for output in ("table", "json"):
+        broken = await iim("audit", "verify", "--tenant", tenant, "-o", output)
+        assert broken.code == cli.EXIT_CHAIN_BROKEN == 4
+        assert broken.err == f"error: the audit chain is broken at row {first}\n"

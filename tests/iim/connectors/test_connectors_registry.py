@@ -25,7 +25,7 @@ from iim.connectors.contract import (
     UserActionRequest,
     UserActionResult,
 )
-from iim.connectors.http import connector_health_routes
+from iim.connectors.http import connector_list_view
 from iim.connectors.registry import (
     ENTRY_POINT_GROUP,
     ConnectorConfigError,
@@ -99,7 +99,7 @@ async def registry() -> AsyncIterator[ConnectorRegistry]:
     reg = ConnectorRegistry(default_context(), factories={"recording": Recording, "bare": bare_factory,
                                                          "webhook": WebhookConnector}, setup_timeout_s=0.2)
     yield reg
-    await reg.unload_all()
+    await reg.aclose()
 
 
 def _webhook(**overrides: Any) -> dict[str, Any]:
@@ -130,7 +130,7 @@ async def test_a_registry_without_given_factories_loads_plugins_from_entry_point
         assert [name for name, _ in reg.ready(Capability.SEND_NOTIFICATION)] == ["acme"]
         assert reg.ready(Capability.DELIVER_TTS) == []
     finally:
-        await reg.unload_all()
+        await reg.aclose()
 
 
 async def test_a_plugin_that_fails_to_import_fails_only_its_connectors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -148,7 +148,7 @@ async def test_a_plugin_that_fails_to_import_fails_only_its_connectors(monkeypat
         assert "failed to import: ModuleNotFoundError" in (reg.error("b") or "")
         assert reg.error("w") is None
     finally:
-        await reg.unload_all()
+        await reg.aclose()
 
 
 async def test_bad_config_is_refused_with_a_clear_error_and_the_plugin_is_not_built(
@@ -211,10 +211,10 @@ async def test_unload_pairs_with_setup_in_reverse_order_and_survives_a_failing_u
         {"name": "c", "plugin": "recording", "config": {"fail_unload": True}},
         {"name": "d", "plugin": "recording"},
     ])
-    await registry.unload_all()
+    await registry.aclose()
     assert Recording.journal == ["setup a", "setup b", "setup c", "setup d", "unload d", "unload c", "unload a"]
     assert list(registry) == []
-    await registry.load([{"name": "a", "plugin": "recording"}])  # loadable again after unload_all
+    await registry.load([{"name": "a", "plugin": "recording"}])  # loadable again after aclose
     with pytest.raises(RuntimeError, match="already loaded"):
         await registry.load([])
 
@@ -249,7 +249,7 @@ async def test_health_listing_and_gauges(registry: ConnectorRegistry) -> None:
         {"name": "listed-bad", "plugin": "recording", "config": {"fail_setup": True}},
     ])
     app = web.Application()
-    app.add_routes(connector_health_routes(registry))
+    app.router.add_get("/v1/connectors", connector_list_view(registry))
     runner, url = await serve(app)
     try:
         async with aiohttp.ClientSession() as session, session.get(url + "/v1/connectors") as resp:

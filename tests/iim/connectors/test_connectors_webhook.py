@@ -319,7 +319,7 @@ async def iim_callbacks(peer: VendorPeer, clock: StepClock) -> AsyncIterator[tup
     connector = registry.get("acme")
     assert isinstance(connector, WebhookConnector)
     yield connector, url
-    await registry.unload_all()
+    await registry.aclose()
     await runner.cleanup()
 
 

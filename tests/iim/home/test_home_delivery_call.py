@@ -22,6 +22,7 @@ from fs_app.router import PolicyRouter
 from fs_app.routing import Announcement, CallFacts, RoutingDecision
 from fs_app.testing import CallResult, CallSpec, FreeSwitchEmulator, TargetBehaviour
 from iim.home.cloud_call import CloudAnnouncer, cloud_call_step
+from iim.home.outbox_sink import OutboxSmsSink
 from policy_cache.cache import PolicyCache
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import FallbackAction, RingMode
@@ -30,7 +31,6 @@ from tests.home_delivery_rig import (
     Connectors,
     Home,
     HttpConnector,
-    OutboxSmsSink,
     VendorCloud,
     build_home,
     create_tenant,
@@ -101,10 +101,10 @@ async def rig(pg_db: PgDatabase, app_pool: Pool) -> AsyncIterator[Rig]:
     await server.start()
     emu = FreeSwitchEmulator(default_target=TargetBehaviour.answer(after_ms=0, hangup_after_ms=0), time_scale=0.01)
     yield Rig(app_pool, tenant, homes, cloud, server, emu, outcomes)
-    await server.close(drain_timeout=2)
+    await server.aclose(drain_timeout=2)
     await emu.close()
-    await cache.close()
-    await store.close()
+    await cache.aclose()
+    await store.aclose()
     await connector.unload()
     await cloud.stop()
 

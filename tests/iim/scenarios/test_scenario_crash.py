@@ -29,6 +29,7 @@ from policy_cache.db import Pool, tenant_tx
 from tests.alarm_rig import build_rig
 
 GW = "sofia/gateway/ims/{}"
+ESL_PASSWORD = "crash-test-esl-secret"
 
 
 def _free_port() -> int:
@@ -40,8 +41,9 @@ def _free_port() -> int:
 def _start_iim(pg_db: Any, fs_port: int, esl_port: int, log: Path) -> subprocess.Popen[bytes]:
     env = os.environ | {
         "IIM_APP_DATABASE_URL": pg_db.app_url, "IIM_CACHE_DATABASE_URL": pg_db.cache_url,
-        "IIM_FS_NODES": json.dumps([{"host": "127.0.0.1", "port": fs_port}]),
+        "IIM_FS_NODES": json.dumps([{"host": "127.0.0.1", "port": fs_port}]), "IIM_FS_PASSWORD": ESL_PASSWORD,
         "IIM_ESL_PORT": str(esl_port), "IIM_HTTP_PORT": "0", "IIM_BRIDGE_ENABLED": "false",
+        "IIM_DATA_DIR": str(log.parent / "iim-data" / "pg"),  # not the checkout's .iim-data of an `iim serve`
         "IIM_JOB_HEARTBEAT_TIMEOUT_S": "2", "IIM_LOG_LEVEL": "INFO", "IIM_DRAIN_TIMEOUT": "1",
     }
     with log.open("ab") as out:  # the child keeps its own descriptor
@@ -73,7 +75,7 @@ async def test_worker_sigkilled_while_the_owner_rings_resumes_without_calling_tw
     emu = FreeSwitchEmulator(default_target=TargetBehaviour.no_answer())
     emu.targets[GW.format(rig.owner)] = TargetBehaviour.answer(after_ms=6000, dtmf="1")
     emu.targets[GW.format(rig.backup)] = TargetBehaviour.answer(after_ms=300, dtmf="1")
-    inbound = await emu.start_inbound()
+    inbound = await emu.start_inbound(password=ESL_PASSWORD)
     esl_port = _free_port()
     log = tmp_path / "iim.log"
     first = _start_iim(pg_db, inbound.port, esl_port, log)

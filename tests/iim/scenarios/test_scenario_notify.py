@@ -59,7 +59,7 @@ async def connectors(vendor: VendorPeer) -> AsyncIterator[ConnectorRegistry]:
         "auth": {"kind": "bearer", "token_ref": "env:ACME_TOKEN"}, "signing_secret_ref": "env:ACME_SIGNING",
         "request_timeout_s": 0.3, "retry": {"attempts": 2, "backoff_base_s": 0.05, "backoff_max_s": 0.1}}}])
     yield registry
-    await registry.unload_all()
+    await registry.aclose()
 
 
 @pytest_asyncio.fixture

@@ -130,9 +130,9 @@ async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
     try:
         yield Alarms(rig, app_pool, emu, inbound, worker)
     finally:
-        await worker.stop()
-        await client.close()
-        await server.close(drain_timeout=1.0)
+        await worker.aclose()
+        await client.aclose()
+        await server.aclose(drain_timeout=1.0)
         await emu.close()
 
 

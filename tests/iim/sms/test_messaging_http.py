@@ -19,7 +19,8 @@ from aiohttp import web
 
 from iim.core.signing import sign_webhook, verify_webhook
 from iim.sms.http_smsc import HttpSmscSettings, HttpSmscTransport
-from iim.sms.outbox import BackoffPolicy, InboundSms, SmsSender, enqueue_sms
+from iim.sms.outbox import BackoffPolicy, InboundSms, SmsSender
+from iim.sms.store import enqueue_sms
 from iim.sms.transport import (
     MoSms,
     OutboundSms,
@@ -93,7 +94,7 @@ async def transport(smsc: tuple[FakeSmsc, str], secret_ref: tuple[str, bytes]) -
     t = HttpSmscTransport(HttpSmscSettings(url=smsc[1], secret_ref=secret_ref[0], source_addr="IIM"))
     await t.start()
     yield t
-    await t.stop()
+    await t.aclose()
 
 
 def signed(body: dict[str, Any], secret: bytes, *, msg_id: str | None = None) -> tuple[bytes, dict[str, str]]:
@@ -138,7 +139,7 @@ async def test_an_unreachable_smsc_is_transport_down(secret_ref: tuple[str, byte
         with pytest.raises(TransportDown):
             await t.submit(OutboundSms(uuid4(), "+79001234567", "x"))
     finally:
-        await t.stop()
+        await t.aclose()
 
 
 async def test_callbacks_are_verified_before_they_reach_the_handlers(transport: HttpSmscTransport,
@@ -205,7 +206,7 @@ async def test_outbox_over_http_sends_applies_receipts_and_stores_mo_once(
         await _wait_status(app_pool, tenant, rid, "delivered")
     finally:
         await runner.cleanup()
-        await sender.stop()
+        await sender.aclose()
     async with tenant_tx(app_pool, tenant) as conn:
         inbound = await conn.fetch("SELECT sms_id, body FROM iim.sms_inbound")
     assert [tuple(r) for r in inbound] == [("http:mo-77", "OK, coming")]

@@ -17,9 +17,10 @@ from uuid import UUID
 import pytest
 
 from iim.core.metrics import REGISTRY
-from iim.sms.outbox import BackoffPolicy, InboundSms, OutboxRow, SmsSender, enqueue_sms
+from iim.sms.outbox import BackoffPolicy, InboundSms, OutboxRow, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
 from iim.sms.smsc_sim import SmscProcess
+from iim.sms.store import enqueue_sms
 from policy_cache import registry
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import SubscriberCreate
@@ -71,7 +72,7 @@ async def sender(pool: Pool, smsc: SmscProcess, hooks: Hooks | None = None,
     try:
         yield s
     finally:
-        await s.stop()
+        await s.aclose()
 
 
 async def enqueue(pool: Pool, tenant_id: UUID, key: str, msisdn: str, body: str, **kw: Any) -> UUID:
@@ -276,7 +277,7 @@ async def test_smsc_killed_and_restarted_loses_nothing_and_delivers_each_once(
                               timeout=15)
             assert s.inflight == 0
     finally:
-        await own.stop()
+        await own.aclose()
     submits = Counter(r.ref for r in own.records())
     delivered = Counter(r.ref for r in own.records() if not r.dup)
     assert set(delivered) == {str(rid) for _, rid in ids}  # nothing lost

@@ -72,7 +72,7 @@ async def link(smsc: SmscProcess) -> AsyncIterator[tuple[SmppTransport, Inbox]]:
     await transport.start()
     await transport.wait_bound()
     yield transport, inbox
-    await transport.stop()
+    await transport.aclose()
 
 
 def _records(smsc: SmscProcess, ref: str) -> list[tuple[int, int, bytes, int]]:
@@ -209,8 +209,8 @@ async def test_killed_smsc_fails_in_flight_submits_and_the_transport_rebinds(tmp
         await transport.wait_bound(5)
         assert (await transport.submit(OutboundSms(uuid4(), "+79001234567", "back"))).segments == 1
     finally:
-        await transport.stop()
-        await own.stop()
+        await transport.aclose()
+        await own.aclose()
 
 
 def test_receipt_text_parser_keeps_fields_and_tolerates_formats() -> None:

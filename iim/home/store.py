@@ -1,0 +1,126 @@
+"""Every statement of home deliveries: the facts an MO read-aloud is decided on, its claim and its audit rows.
+
+All run inside the caller's tenant transaction, so row-level security scopes every read to the tenant.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from iim.home.ports import MoMessage
+from iim.home.sms_policy import (
+    READ_SMS,
+    ConsentFacts,
+    DeviceFacts,
+    HouseholdFacts,
+    PolicyFacts,
+    SmsFacts,
+    normalise_number,
+)
+from policy_cache.db import Connection
+
+__all__ = ["audit_sms", "claim_sms", "load_sms_facts"]
+
+# pg_advisory_xact_lock(ns, hashtext(tenant:sms_id)): "IIMS", apart from the migrations' "IIMM" namespace,
+# so it never meets the audit chain's locks in another order.
+_CLAIM_NS = 1229540691
+
+_SUBSCRIBER_SQL = "SELECT id FROM iim.subscriber WHERE msisdn = $1"
+_BINDINGS_SQL = """
+SELECT b.household_id, b.device_id, h.time_zone, h.presence::text AS presence
+FROM iim.binding b JOIN iim.household h ON h.tenant_id = b.tenant_id AND h.id = b.household_id
+WHERE b.subscriber_id = $1 AND b.role IN ('owner', 'member')
+ORDER BY b.role <> 'owner', b.priority, b.household_id
+"""
+_DEVICES_SQL = """
+SELECT id, household_id, name, capabilities::text[] AS capabilities, connector, connector_ref, sip_uri,
+       status::text AS status, enabled
+FROM iim.device WHERE household_id = ANY($1::uuid[]) ORDER BY id
+"""
+_POLICIES_SQL = """
+SELECT subscriber_id, household_id, quiet_start, quiet_end, dnd, blocked_callers
+FROM iim.policy WHERE subscriber_id = $1 OR household_id = ANY($2::uuid[])
+"""
+# The newest unrevoked consent if there is one, else the newest revoked (to say "revoked", not "none").
+_CONSENT_SQL = """
+SELECT id, tenant_id, subscriber_id, purpose::text AS purpose, expires_at, revoked_at, scope
+FROM iim.consent WHERE subscriber_id = $1 AND purpose = $2::iim.consent_purpose
+ORDER BY revoked_at IS NULL DESC, granted_at DESC LIMIT 1
+"""
+
+
+def _policy(row: asyncpg.Record) -> PolicyFacts:
+    return PolicyFacts(row["quiet_start"], row["quiet_end"], bool(row["dnd"]),
+                       frozenset(row["blocked_callers"] or ()))
+
+
+async def load_sms_facts(conn: Connection, tenant_id: UUID, mo: MoMessage) -> SmsFacts:
+    """The decision's facts from the registry, inside the caller's tenant transaction (RLS applies)."""
+    tenant = str(tenant_id)
+    destination = normalise_number(mo.destination)
+    subscriber_id = await conn.fetchval(_SUBSCRIBER_SQL, destination)
+    received = mo.received_at if mo.received_at.tzinfo is not None else mo.received_at.replace(tzinfo=UTC)
+    if subscriber_id is None:
+        return SmsFacts(tenant, str(mo.sms_id), mo.source, None, received_at=received, body=mo.body)
+    bindings = await conn.fetch(_BINDINGS_SQL, subscriber_id)
+    homes: dict[UUID, tuple[str, str]] = {}
+    whole: set[UUID] = set()
+    single: dict[UUID, set[UUID]] = {}
+    for b in bindings:
+        homes.setdefault(b["household_id"], (b["time_zone"], b["presence"]))
+        if b["device_id"] is None:
+            whole.add(b["household_id"])
+        else:
+            single.setdefault(b["household_id"], set()).add(b["device_id"])
+    ids = list(homes)
+    devices: dict[UUID, list[DeviceFacts]] = {h: [] for h in ids}
+    for d in await conn.fetch(_DEVICES_SQL, ids) if ids else ():
+        hh = d["household_id"]
+        if hh not in whole and d["id"] not in single.get(hh, set()):
+            continue  # bound to some devices of this household only
+        devices[hh].append(DeviceFacts(
+            device_id=str(d["id"]), name=d["name"], capabilities=frozenset(d["capabilities"]),
+            connector=d["connector"], connector_ref=d["connector_ref"], sip_uri=d["sip_uri"],
+            online=d["status"] != "offline", enabled=d["enabled"]))
+    subscriber_policy: PolicyFacts | None = None
+    household_policy: dict[UUID, PolicyFacts] = {}
+    for p in await conn.fetch(_POLICIES_SQL, subscriber_id, ids):
+        if p["subscriber_id"] is not None:
+            subscriber_policy = _policy(p)
+        else:
+            household_policy[p["household_id"]] = _policy(p)
+    consent_row = await conn.fetchrow(_CONSENT_SQL, subscriber_id, READ_SMS)
+    consent = None
+    if consent_row is not None:
+        scope = consent_row["scope"]
+        consent = ConsentFacts(
+            consent_id=str(consent_row["id"]), tenant_id=str(consent_row["tenant_id"]),
+            subscriber_id=str(consent_row["subscriber_id"]), purpose=consent_row["purpose"],
+            expires_at=consent_row["expires_at"], revoked_at=consent_row["revoked_at"],
+            scope=scope if isinstance(scope, dict) else {})
+    households = tuple(
+        HouseholdFacts(str(h), zone, presence, tuple(devices[h]), household_policy.get(h))
+        for h, (zone, presence) in homes.items())
+    return SmsFacts(tenant, str(mo.sms_id), mo.source, str(subscriber_id), households=households, consent=consent,
+                    subscriber_policy=subscriber_policy, received_at=received, body=mo.body)
+
+
+async def claim_sms(conn: Connection, tenant: UUID, sms_id: str, first_actions: list[str]) -> bool:
+    """Lock the MO ``sms_id`` for this transaction; False when one of ``first_actions`` is already in its
+    audit trail (it was handled before)."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _CLAIM_NS, f"{tenant}:{sms_id}")
+    seen = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM iim.audit_log WHERE tenant_id = $1 AND entity = 'sms' "
+        "AND entity_id = $2 AND action = ANY($3::text[]))", tenant, sms_id, first_actions)
+    return not seen
+
+
+async def audit_sms(conn: Connection, tenant: UUID, actor: str, action: str, sms_id: str,
+                    detail: dict[str, Any]) -> None:
+    """Append an audit row about the MO ``sms_id`` (correlated by it)."""
+    await conn.execute("SELECT iim.audit_append($1, $2, $3, 'sms', $4, $5, $6)",
+                       tenant, actor, action, sms_id, detail, {"sms_id": sms_id})

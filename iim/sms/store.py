@@ -1,0 +1,182 @@
+"""Every statement on the SMS tables (``iim.sms_outbox``, ``iim.sms_inbound``): the outbox's one writer.
+
+Whoever queues an SMS calls :func:`enqueue_sms` (or :func:`enqueue_many`) with a connection in its own tenant
+transaction, so the SMS commits with whatever caused it. Besides, only the database writes the outbox (its
+functions are in ``policy_cache/functions/``): ``iim.write_action`` queues a scenario decision's SMS inside
+``iim.persist_decision``'s one statement (the alarm path pays no round trip for them), and ``iim.sms_claim``
+claims due rows for :func:`claim_due`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from iim.sms.transport import MoSms
+from policy_cache.db import Connection, Pool
+
+__all__ = [
+    "QueuedSms", "claim_due", "count_keyed", "enqueue_many", "enqueue_sms", "find_by_smsc_id", "lock_for_receipts",
+    "mark_mo_handled", "queue_depth", "store_mo", "subscriber_tenant", "write_outcomes", "write_receipts",
+]
+
+# Advisory-lock namespace "IIMS" (the migrations, change sequence and audit chains use "IIMM").
+_MO_LOCK_NS = 1229540691
+
+_ENQUEUE = """INSERT INTO iim.sms_outbox (key, msisdn, body, flash, incident_id, source)
+              VALUES ($1, $2, $3, $4, $5, $6)
+              ON CONFLICT (tenant_id, key) DO NOTHING RETURNING id"""
+_ENQUEUE_MANY = """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (tenant_id, key) DO NOTHING"""
+
+# One row at a time by primary key (pipelined with fetchmany, one transaction per tenant): a single
+# UPDATE ... FROM unnest(...) lets the planner misjudge how many rows are 'sending' (the statistics of a
+# queue table are always stale) and pick a nested loop that is quadratic in the batch.
+_UPDATE_OUTCOME = """
+UPDATE iim.sms_outbox SET
+    status = $3,
+    transport = CASE WHEN $4::text IS NULL THEN transport ELSE $8 END,
+    smsc_message_ids = CASE WHEN $4::text IS NULL THEN smsc_message_ids ELSE string_to_array($4, chr(31), '') END,
+    segments = coalesce($5::int, segments),
+    next_attempt_at = CASE WHEN $3 = 'queued' THEN now() + make_interval(secs => $6) ELSE next_attempt_at END,
+    sent_at = CASE WHEN $3 = 'sent' THEN now() ELSE sent_at END,
+    last_error = $7,
+    updated_at = now()
+WHERE id = $1 AND attempts = $2 AND status = 'sending'
+RETURNING id
+"""
+
+_RECEIPT_ROWS = """SELECT id, key, msisdn, status, attempts, incident_id, segments, smsc_message_ids, delivered_ids,
+                          receipt_state, receipt_error, last_error
+                   FROM iim.sms_outbox WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE"""
+_UPDATE_RECEIPT = """UPDATE iim.sms_outbox SET status = $2, delivered_ids = $3, receipt_state = $4,
+                            receipt_error = $5, delivered_at = CASE WHEN $2 = 'delivered' THEN now()
+                                                                    ELSE delivered_at END,
+                            updated_at = now()
+                     WHERE id = $1"""
+
+_INSERT_MO = """INSERT INTO iim.sms_inbound (sms_id, content_hash, transport, source, destination, subscriber_id,
+                                             body, received_at)
+                VALUES ($1, $2, $3, $4, $5, (SELECT id FROM iim.subscriber WHERE msisdn = $5), $6, $7)
+                ON CONFLICT (tenant_id, sms_id) DO NOTHING
+                RETURNING id, sms_id, subscriber_id, received_at"""
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedSms:
+    """An SMS to queue with others (:func:`enqueue_many`)."""
+
+    key: str
+    msisdn: str
+    body: str
+    incident_id: UUID | None = None
+
+
+async def enqueue_sms(conn: Connection, *, key: str, msisdn: str, body: str, flash: bool = False,
+                      incident_id: UUID | None = None, source: str | None = None) -> UUID:
+    """Queue an SMS in the caller's tenant transaction (``tenant_tx``); the same ``key`` returns the first
+    row's id and changes nothing (first write wins), so a retried caller never sends twice."""
+    row_id: UUID | None = await conn.fetchval(_ENQUEUE, key, msisdn, body, flash, incident_id, source)
+    if row_id is None:
+        row_id = await conn.fetchval("SELECT id FROM iim.sms_outbox WHERE key = $1", key)
+    if row_id is None:  # pragma: no cover - the conflicting row is visible in this tenant
+        raise LookupError(f"sms_outbox key {key!r} conflicted but is not visible")
+    return row_id
+
+
+async def enqueue_many(conn: Connection, messages: Sequence[QueuedSms]) -> None:
+    """:func:`enqueue_sms` for several SMS at once, without their ids: one statement for one SMS, one
+    pipelined batch for more; keys already queued change nothing."""
+    if len(messages) == 1:
+        m = messages[0]
+        await conn.execute(_ENQUEUE_MANY, m.key, m.msisdn, m.body, m.incident_id)
+    elif messages:
+        await conn.executemany(_ENQUEUE_MANY, [(m.key, m.msisdn, m.body, m.incident_id) for m in messages])
+
+
+async def count_keyed(conn: Connection, prefix: str) -> int:
+    """How many SMS of the caller's tenant have a key starting with ``prefix``."""
+    return int(await conn.fetchval("SELECT count(*) FROM iim.sms_outbox WHERE starts_with(key, $1)", prefix))
+
+
+async def mark_mo_handled(conn: Connection, inbound_id: UUID) -> bool:
+    """Mark an MO as acted upon (in the caller's tenant transaction); False if it was already."""
+    done: UUID | None = await conn.fetchval(
+        "UPDATE iim.sms_inbound SET handled_at = now() WHERE id = $1 AND handled_at IS NULL RETURNING id",
+        inbound_id)
+    return done is not None
+
+
+# --- the sender's statements ---------------------------------------------------------------------------------
+
+async def claim_due(pool: Pool, limit: int, lease: timedelta) -> list[asyncpg.Record]:
+    """Claim up to ``limit`` due rows of every tenant (``iim.sms_claim``: status ``sending`` for ``lease``)."""
+    rows: list[asyncpg.Record] = await pool.fetch("SELECT * FROM iim.sms_claim($1, $2)", limit, lease)
+    return rows
+
+
+async def write_outcomes(conn: Connection, transport: str,
+                         outcomes: Sequence[tuple[UUID, int, str, str | None, int | None, float, str | None]]
+                         ) -> set[UUID]:
+    """Write submit outcomes of one tenant's claimed rows, each (id, attempts, status, part ids joined by
+    chr(31) or None, segments, retry delay, error); returns the ids written (a row claimed again since,
+    its lease expired, is not)."""
+    updated = await conn.fetchmany(_UPDATE_OUTCOME, [(*o, transport) for o in outcomes])
+    return {r["id"] for r in updated}
+
+
+async def queue_depth(pool: Pool) -> int:
+    """Rows queued or being sent, all tenants."""
+    return int(await pool.fetchval("SELECT iim.sms_queue_depth()"))
+
+
+async def find_by_smsc_id(pool: Pool, transport: str, ids: list[str]) -> dict[str, tuple[UUID, UUID]]:
+    """The rows (tenant, id) that ``transport``'s SMSC message ids belong to, across tenants."""
+    found = await pool.fetch("SELECT * FROM iim.sms_find_by_smsc_id($1, $2)", transport, ids)
+    return {r["smsc_id"]: (r["tenant_id"], r["id"]) for r in found}
+
+
+async def lock_for_receipts(conn: Connection, ids: list[UUID]) -> list[asyncpg.Record]:
+    """The rows receipts are about, locked in id order, with what applying a receipt reads."""
+    rows: list[asyncpg.Record] = await conn.fetch(_RECEIPT_ROWS, ids)
+    return rows
+
+
+async def write_receipts(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Write the receipt state of rows locked by :func:`lock_for_receipts` (dicts of their changed columns)."""
+    await conn.executemany(_UPDATE_RECEIPT, [(r["id"], r["status"], r["delivered_ids"], r["receipt_state"],
+                                              r["receipt_error"]) for r in rows])
+
+
+async def subscriber_tenant(pool: Pool, msisdn: str) -> UUID | None:
+    """The tenant of the subscriber with this number (None: none, or several tenants have it)."""
+    tenant_id: UUID | None = await pool.fetchval("SELECT iim.subscriber_tenant($1)", msisdn)
+    return tenant_id
+
+
+async def store_mo(conn: Connection, mo: MoSms, digest: str, *, dedup_window: float) -> asyncpg.Record | None:
+    """Store an MO in the caller's tenant transaction; None when it is a redelivery (same SMSC id, or without
+    one the same content within ``dedup_window`` seconds)."""
+    source = mo.source[:32] or "unknown"
+    if mo.sms_id:
+        row: asyncpg.Record | None = await conn.fetchrow(
+            _INSERT_MO, f"{mo.transport}:{mo.sms_id}"[:200], digest, mo.transport, source, mo.destination,
+            mo.body, mo.received_at)
+        return row
+    # No id from the SMSC: the same content within the window is a redelivery. The lock serialises two
+    # copies arriving at once (on two connections) so that exactly one is stored.
+    await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _MO_LOCK_NS, digest)
+    seen = await conn.fetchval(
+        "SELECT 1 FROM iim.sms_inbound WHERE content_hash = $1 AND received_at > now() - make_interval(secs => $2)",
+        digest, dedup_window)
+    if seen:
+        return None
+    row = await conn.fetchrow(_INSERT_MO, f"h:{digest}:{int(time.time() * 1000)}", digest, mo.transport, source,
+                              mo.destination, mo.body, mo.received_at)
+    return row

@@ -1,0 +1,83 @@
+"""The lifecycle shape every long-lived part shares: ``async with`` starts, ``aclose`` stops, failures unwind."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from iim.core.lifecycle import AsyncResource, TaskSupervisor
+
+
+class _Listener(AsyncResource):
+    """A part that opens a server socket and then fails (or not) to finish starting."""
+
+    def __init__(self, fail_after_listening: bool) -> None:
+        self.fail_after_listening = fail_after_listening
+        self.server: asyncio.Server | None = None
+        self.closes = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        if self.fail_after_listening:
+            raise ValueError("bad configuration found after listening")
+
+    async def aclose(self) -> None:
+        self.closes += 1
+        server, self.server = self.server, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+
+
+async def test_a_part_whose_start_fails_is_closed_before_the_error_reaches_the_caller() -> None:
+    part = _Listener(fail_after_listening=True)
+    leaked = None
+    try:
+        with pytest.raises(ValueError, match="after listening"):
+            async with part:
+                pytest.fail("the body must not run")
+        leaked = part.server
+        assert leaked is None
+        assert part.closes == 1
+    finally:
+        if leaked is not None:  # keep a failure of this test from hanging the loop's teardown
+            leaked.close()
+
+
+async def test_leaving_the_block_closes_the_part_once_even_when_the_body_fails() -> None:
+    part = _Listener(fail_after_listening=False)
+    seen: list[asyncio.Server | None] = []
+
+    async def body() -> None:
+        async with part as entered:
+            seen.append(entered.server)
+            raise KeyError("body failed")
+
+    with pytest.raises(KeyError):
+        await body()
+    assert seen[0] is not None  # it was listening inside the block
+    assert part.server is None
+    assert part.closes == 1
+
+
+async def test_the_supervisor_cancels_and_awaits_every_task_on_aclose() -> None:
+    before = asyncio.all_tasks()
+    async with TaskSupervisor() as tasks:
+        forever = tasks.spawn(asyncio.sleep(3600), name="forever")
+        await asyncio.sleep(0)
+    assert forever.cancelled()
+    assert asyncio.all_tasks() == before
+
+
+async def test_a_supervised_task_that_dies_is_logged_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    async def broken() -> None:
+        raise RuntimeError("boom")
+
+    async with TaskSupervisor() as tasks:
+        task = tasks.spawn(broken(), name="broken-watch")
+        with caplog.at_level(logging.ERROR, logger="iim.lifecycle"):
+            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.sleep(0)  # done callbacks run on the next loop iteration
+    assert [r.getMessage() for r in caplog.records] == ["background task broken-watch died"]
