@@ -170,7 +170,7 @@ async def test_another_clients_background_job_reaches_listeners_and_settles_noth
         assert other.connects == 1
         assert (await other.api("status")).ok  # its own reply FIFO is intact
     finally:
-        await mine.close()
-        await other.close()
+        await mine.aclose()
+        await other.aclose()
         await server.close()
         await emu.close()
