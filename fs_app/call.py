@@ -20,8 +20,6 @@ from typing import Any
 
 from fs_app import metrics
 from fs_app.esl import (
-    CLOSED,
-    NEED_DATA,
     ApiResponse,
     ChannelData,
     Command,
@@ -377,8 +375,7 @@ class Call:
     def receive_data(self, data: bytes) -> None:
         """Bytes from FreeSWITCH; raises RemoteProtocolError (the driver then aborts the socket)."""
         session = self._session
-        session.receive_data(data)
-        while (ev := session.next_event()) is not NEED_DATA:
+        for ev in session.receive_events(data):
             if isinstance(ev, Event):
                 self._on_event(ev)
             elif isinstance(ev, Reply):
@@ -398,10 +395,10 @@ class Call:
                 log.warning("malformed event skipped: %s", ev.reason, extra={"call_id": self.uuid})
             elif isinstance(ev, RudeRejection):
                 metrics.ERRORS.labels("rejected").inc()
-            elif ev is not CLOSED:
-                metrics.ERRORS.labels("unexpected_message").inc()
             else:
-                return
+                metrics.ERRORS.labels("unexpected_message").inc()
+        if session.error is not None:
+            raise session.error
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """The socket closed (or was aborted): everything outstanding fails with CallGone."""

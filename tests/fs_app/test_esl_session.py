@@ -405,3 +405,42 @@ def test_arbitrary_bytes_give_events_or_the_sessions_own_errors(
                 raise AssertionError("next_event never asked for more data")
     except RemoteProtocolError:
         pass  # the only error bytes can cause: never a hang, a crash or another type
+
+
+def _run_batched(name: str, conn: str, pieces: list[bytes]) -> list[tuple[Any, ...]]:
+    """As :func:`_run`, through :meth:`EslSession.receive_events` (the drivers' hot path)."""
+    session = _session_for(name, conn)
+    out: list[tuple[Any, ...]] = []
+    for piece in pieces:
+        out.extend(_summary(ev) for ev in session.receive_events(piece))
+        if session.error is not None:
+            out.append(("error", type(session.error).__name__))
+            return out
+    session.receive_data(b"")
+    try:
+        out.extend(_summary(ev) for ev in drain(session))
+    except RemoteProtocolError as exc:
+        out.append(("error", type(exc).__name__))
+    return out
+
+
+@pytest.mark.skipif(not streams(), reason="recorded sessions are not present")
+@PROPERTY
+@given(data=st.data())
+def test_receiving_events_in_batches_gives_what_next_event_gives(data: st.DataObject) -> None:
+    conversations = _conversations()
+    name, conn = conversations[data.draw(st.integers(0, len(conversations) - 1), label="conversation")]
+    whole = b"".join(chunks(name, conn))
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(whole) - 1)), max_size=40), label="cuts"))
+    pieces = [whole[a:b] for a, b in itertools.pairwise([0, *cuts, len(whole)]) if b > a]
+    assert _run_batched(name, conn, pieces) == _expected(name, conn)
+
+
+def test_a_batch_stops_at_a_violation_after_the_events_before_it() -> None:
+    session = EslSession("inbound")
+    session.send(MyEvents())
+    events = session.receive_events(OK + OK + event("HEARTBEAT"))
+    assert [type(ev).__name__ for ev in events] == ["Reply"]
+    assert isinstance(session.error, UnexpectedReply)
+    with pytest.raises(UnexpectedReply):
+        session.next_event()
