@@ -370,7 +370,7 @@ class IncidentWorker(AsyncResource):
                   else self.settings.default_limits)
         claim: store.CallClaim | None = None
         calls = {a.key: a for a in decision.actions if isinstance(a, PlaceCall | RecordMessage)}
-        built: dict[str, AlertCall] = {}
+        built: dict[str, tuple[AlertCall, dict[str, str]]] = {}  # key -> the call and its digits' meanings
         if self.placer is not None and incident.bound is not None and calls:
             refused: dict[str, tuple[str, str]] = {}
             for key, action in calls.items():
@@ -387,7 +387,7 @@ class IncidentWorker(AsyncResource):
                                       dispatched_at=now, outcome=None, spec=store.action_spec(action))
                 alert = _safe_alert_call(self.settings, tenant_id, incident, row)
                 if isinstance(alert, AlertCall):
-                    built[key] = alert
+                    built[key] = (alert, dict((row.spec.get("ivr") or {}).get("digits", {})))
                 else:
                     refused[key] = ("invalid_call", alert)
             claim = store.CallClaim(limits.max_concurrent, limits.max_per_hour, refused)
@@ -405,8 +405,8 @@ class IncidentWorker(AsyncResource):
         for key in [*persisted.claimed, *persisted.deferred]:
             action = calls[key]
             kind = "call" if isinstance(action, PlaceCall) else "record"
-            meanings = dict((store.action_spec(action).get("ivr") or {}).get("digits", {}))
-            placed = _Placement(tenant_id, incident, key, kind, built[key], meanings,
+            alert, meanings = built[key]
+            placed = _Placement(tenant_id, incident, key, kind, alert, meanings,
                                 None if key in persisted.claimed else limits)
             after.calls.append(placed)
 
