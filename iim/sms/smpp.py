@@ -66,6 +66,7 @@ from aiosmpplib.codec import find_codec_info  # type: ignore[import-untyped]
 
 from iim.core.errors import ConfigError
 from iim.core.lifecycle import AsyncResource
+from iim.core.retry import backoff_delay
 from iim.sms.segments import decode_part, encode_sms
 from iim.sms.transport import (
     MoHandler,
@@ -334,8 +335,8 @@ class _Backoff(AbstractRetryTimer):  # type: ignore[misc]
         self._attempt = 0
 
     def next_delay(self) -> float:
-        cap = min(self._high, self._low * (2 ** min(self._attempt, 16)))
-        return random.uniform(self._low, max(self._low, cap))
+        """Uniform between the floor and the kernel's exponential ceiling for this attempt."""
+        return random.uniform(self._low, backoff_delay(self._attempt + 1, self._low, self._high, jitter=0))
 
 
 class _ForwardHandler(logging.Handler):
