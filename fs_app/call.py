@@ -353,6 +353,10 @@ class Call:
         if self._hangup.done() or self._closed:
             return
         await self.command(HangupCmd(cause))
+        # The switch reports CHANNEL_HANGUP after the command's reply, often after IIM has let the socket go:
+        # the cause IIM gave is the call's cause (the call-ended log line and metrics must not say null).
+        if self.hangup_cause is None:
+            self.hangup_cause = cause
 
     async def _reply_of(self, what: str, fut: asyncio.Future[object], timeout: float) -> CommandReply:
         """Await one command's reply (with the command deadline); ``-ERR`` raises CommandFailed."""

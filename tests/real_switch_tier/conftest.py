@@ -1,13 +1,20 @@
-"""The real-switch tier: one FreeSWITCH per module, with the project's configuration on free ports."""
+"""The real-switch tier: one FreeSWITCH per module with the project's configuration on free ports, the IMS
+core played by SIPp on a port reserved for the module, and ``iim serve`` as a real process."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.real_switch import RealSwitch, running_switch
+from tests.pg import PgDatabase
+from tests.real_switch import RealSwitch, free_port, require_freeswitch, running_switch
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -16,7 +23,74 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.real_switch)
 
 
+@dataclass(frozen=True)
+class Ports:
+    core: int
+    iim_primary: int
+    iim_secondary: int
+
+
 @pytest.fixture(scope="module")
-def real_switch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealSwitch]:
-    with running_switch(tmp_path_factory.mktemp("freeswitch")) as switch:
+def ports() -> Ports:
+    return Ports(core=free_port(), iim_primary=free_port(), iim_secondary=free_port())
+
+
+@pytest.fixture(scope="module")
+def real_switch(tmp_path_factory: pytest.TempPathFactory, ports: Ports) -> Iterator[RealSwitch]:
+    require_freeswitch()
+    with running_switch(tmp_path_factory.mktemp("freeswitch"),
+                        IIM_FS_IMS_PROXY=f"127.0.0.1:{ports.core}",
+                        IIM_FS_SOCKET_PRIMARY=f"127.0.0.1:{ports.iim_primary}",
+                        IIM_FS_SOCKET_SECONDARY=f"127.0.0.1:{ports.iim_secondary}") as switch:
         yield switch
+
+
+@dataclass
+class Iim:
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_iim(switch: RealSwitch, db: PgDatabase, esl_port: int, workdir: Path) -> Iim:
+    """``iim serve`` against the real switch: its outbound server where the dialplan's socket points, its
+    inbound client on the switch's Event Socket, the module's database with the demo tenant."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / f"iim-{esl_port}.log"
+    env = os.environ | {
+        "IIM_DATABASE_URL": db.admin_url, "IIM_FS_PASSWORD": switch.password,
+        "IIM_FS_NODES": f'[{{"host": "127.0.0.1", "port": {switch.esl_port}}}]',
+        "IIM_ESL_PORT": str(esl_port), "IIM_HTTP_PORT": "0", "IIM_BRIDGE_ENABLED": "false",
+        "IIM_ALERT_SOCKET_ADDRESS": f"127.0.0.1:{esl_port}", "IIM_DATA_DIR": str(workdir / "unused-pg"),
+        "IIM_LOG_LEVEL": "INFO", "IIM_DRAIN_TIMEOUT": "1",
+    }
+    with log.open("ab") as out:
+        process = subprocess.Popen([sys.executable, "-m", "iim", "serve"], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    iim = Iim(process, log)
+    deadline = time.monotonic() + 60
+    while "IIM serving" not in iim.log_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"iim serve did not start:\n{iim.log_text()[-4000:]}")
+        time.sleep(0.1)
+    return iim
+
+
+def stop_iim(iim: Iim) -> None:
+    iim.process.terminate()
+    try:
+        iim.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        iim.process.kill()
+        iim.process.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def iim(real_switch: RealSwitch, pg_db: PgDatabase, ports: Ports,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Iim]:
+    served = start_iim(real_switch, pg_db, ports.iim_primary, tmp_path_factory.mktemp("iim"))
+    yield served
+    stop_iim(served)
