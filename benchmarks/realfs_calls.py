@@ -1,0 +1,258 @@
+"""Calls through a real FreeSWITCH 1.10.12 into ``iim serve``, beside a static bridge and a minimal app.
+
+    python -m benchmarks.realfs_calls [--rate 50] [--calls 1500] [--rounds 2]
+
+One switch runs the repository's ``freeswitch-conf/`` and ``dialplan/`` (``benchmarks._realfs``) with the
+session limits raised for load (``IIM_FS_MAX_SESSIONS``, ``IIM_FS_SESSIONS_PER_SECOND``). SIPp plays the
+caller (``sip-tests/scenarios/caller.xml``, 300 ms of talk) and the IMS core (built-in ``uas``, answers at
+once). Three ways to route the same calls, measured on the same switch in the same run, in rounds whose
+order alternates (static, reference, IIM, then the reverse) so drift hits all three alike:
+
+- **static**: a benchmark-only dialplan extension bridges ``static<number>`` to the core itself (no Event
+  Socket): the switch's own floor;
+- **reference**: the subscriber dialplan hands the call to ``benchmarks._thin_outbound_app`` (stdlib, one
+  bridge) on IIM's socket address;
+- **IIM**: the same dialplan hands it to ``iim serve`` (embedded PostgreSQL, demo data; numbers without a
+  policy, so IIM looks the callee up in its cache, decides and bridges through the core).
+
+Setup latency is SIPp's INVITE -> 200 OK per call. "added" is a path's percentile minus the static
+path's in the same round. CPU per call is from ``/proc/<pid>/stat`` (user + system) over the phase: the
+switch's, and the app's (for IIM including its PostgreSQL: the postmaster and every backend). The last line
+is one JSON object; rounds are averaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks._bench_db import machine
+from benchmarks._realfs import ROOT, RealSwitch, free_port, freeswitch_home
+
+SCENARIO = ROOT / "sip-tests" / "scenarios" / "caller.xml"
+NUMBER = "79100000005"  # in the subscriber plan, no policy in the demo data
+
+STATIC_EXTENSION = """<include>
+  <!-- benchmarks.realfs_calls only: the static path, no Event Socket. -->
+  <extension name="bench_static">
+    <condition field="destination_number" expression="^static([0-9]+)$">
+      <action application="set" data="hangup_after_bridge=true"/>
+      <action application="bridge" data="sofia/gateway/ims/$1"/>
+    </condition>
+  </extension>
+</include>
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(root: int) -> list[int]:
+    """``root`` and every process below it (PostgreSQL backends come and go, so read this at each sample)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _tree_cpu(root: int) -> float:
+    return sum(_cpu_seconds(pid) for pid in _descendants(root))
+
+
+def _postmasters(data_dir: Path) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmdline and cmdline[0].endswith(b"postgres") and str(data_dir).encode() in b" ".join(cmdline):
+                found.append(int(entry))
+    return found
+
+
+@dataclass
+class Phase:
+    path: str
+    p50_ms: float
+    p99_ms: float
+    failed: int
+    calls: int
+    app_cpu_ms_per_call: float
+    fs_cpu_ms_per_call: float
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _run_calls(work: Path, switch: RealSwitch, number: str, rate: float, calls: int) -> tuple[list[float], int]:
+    """SIPp places ``calls`` calls at ``rate``; returns the setup times (ms) and the number failed."""
+    run_dir = Path(tempfile.mkdtemp(dir=work))
+    argv = ["sipp", "-sf", str(SCENARIO), "-i", "127.0.0.1", "-p", str(free_port()), "-mi", "127.0.0.1",
+            "-mp", str(free_port()), "-s", number, "-m", str(calls), "-r", str(rate), "-l", str(int(rate * 10)),
+            "-d", "300", "-key", "caller", "79160000000", "-key", "extra", "X-Bench: 1", "-trace_rtt",
+            "-rtt_freq", "1", "-trace_logs", "-log_file", str(run_dir / "final.log"), "-nostdin",
+            "-timeout", f"{int(calls / rate) + 60}s", f"127.0.0.1:{switch.external_sip_port}"]
+    subprocess.run(argv, cwd=run_dir, capture_output=True, check=False)
+    setups: list[float] = []
+    for rtt in run_dir.glob("*_rtt.csv"):
+        with rtt.open() as fh:
+            for row in csv.reader(fh, delimiter=";"):
+                if len(row) >= 3 and row[2].strip() == "setup":
+                    setups.append(float(row[1]))
+    finals = (run_dir / "final.log").read_text() if (run_dir / "final.log").exists() else ""
+    answered = finals.count("FINAL 200 ")
+    return setups, calls - answered
+
+
+def _phase(path: str, work: Path, switch: RealSwitch, number: str, rate: float, calls: int,
+           app_pids: list[int]) -> Phase:
+    assert switch.process is not None
+    fs_before = _cpu_seconds(switch.process.pid)
+    app_before = sum(_tree_cpu(pid) for pid in app_pids)
+    setups, failed = _run_calls(work, switch, number, rate, calls)
+    time.sleep(1.0)  # let the last hangups settle into the CPU figures
+    fs_cpu = _cpu_seconds(switch.process.pid) - fs_before
+    app_cpu = sum(_tree_cpu(pid) for pid in app_pids) - app_before
+    return Phase(path, _percentile(setups, 0.5) if setups else float("nan"),
+                 _percentile(setups, 0.99) if setups else float("nan"), failed, calls,
+                 app_cpu * 1000 / calls, fs_cpu * 1000 / calls)
+
+
+def _wait_line(process: subprocess.Popen[bytes], log: Path, needle: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while needle not in log.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{needle!r} never appeared:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.1)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument("--calls", type=int, default=1500)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    home = freeswitch_home()
+    if home is None or shutil.which("sipp") is None:
+        print(json.dumps({"error": "needs FreeSWITCH (../shared/freeswitch/install) and sipp (sip-tester)"}))
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="realfs-calls-"))
+    core_port, app_port = free_port(), free_port()
+    switch = RealSwitch(home=home, base=work / "fs")
+    switch.render({"IIM_FS_IMS_PROXY": f"127.0.0.1:{core_port}", "IIM_FS_SOCKET_PRIMARY": f"127.0.0.1:{app_port}",
+                   "IIM_FS_SOCKET_SECONDARY": f"127.0.0.1:{free_port()}", "IIM_FS_MAX_SESSIONS": "20000",
+                   "IIM_FS_SESSIONS_PER_SECOND": "1000"})
+    (switch.base / "conf" / "dialplan" / "public" / "40_bench_static.xml").write_text(STATIC_EXTENSION)
+    core = subprocess.Popen(["sipp", "-sn", "uas", "-aa", "-i", "127.0.0.1", "-p", str(core_port), "-mi",
+                             "127.0.0.1", "-mp", str(free_port()), "-nostdin"], cwd=work,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    iim_log = work / "iim.log"
+    iim_env = os.environ | {
+        "IIM_ESL_PORT": str(app_port), "IIM_HTTP_PORT": "0", "IIM_BRIDGE_ENABLED": "false",
+        "IIM_DATA_DIR": str(work / "pg"), "IIM_FS_PASSWORD": switch.password,
+        "IIM_FS_NODES": json.dumps([{"host": "127.0.0.1", "port": 0}]), "IIM_LOG_LEVEL": "INFO",
+    }
+    phases: list[Phase] = []
+    try:
+        switch.start()
+        iim_env["IIM_FS_NODES"] = json.dumps([{"host": "127.0.0.1", "port": switch.esl_port}])
+        for round_no in range(args.rounds):
+            order = ["static", "reference", "iim"]
+            for path in order if round_no % 2 == 0 else order[::-1]:
+                if path == "static":
+                    phases.append(_phase(path, work, switch, "static" + NUMBER, args.rate, args.calls, []))
+                elif path == "reference":
+                    log = work / f"thin-{round_no}.log"
+                    with log.open("wb") as out:
+                        thin = subprocess.Popen([sys.executable, "-m", "benchmarks._thin_outbound_app", "--port",
+                                                 str(app_port)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+                    try:
+                        _wait_line(thin, log, "READY")
+                        phases.append(_phase(path, work, switch, NUMBER, args.rate, args.calls, [thin.pid]))
+                    finally:
+                        _stop(thin)
+                else:
+                    with iim_log.open("ab") as out:
+                        iim = subprocess.Popen([sys.executable, "-m", "iim", "serve"], cwd=work, env=iim_env,
+                                               stdout=out, stderr=subprocess.STDOUT)
+                    try:
+                        _wait_line(iim, iim_log, "IIM serving")
+                        pids = [iim.pid, *_postmasters(work / "pg")]
+                        phases.append(_phase(path, work, switch, NUMBER, args.rate, args.calls, pids))
+                    finally:
+                        _stop(iim)
+                print(json.dumps(phases[-1].__dict__), flush=True)
+    finally:
+        switch.stop()
+        core.terminate()
+        core.wait()
+    by_path: dict[str, list[Phase]] = {}
+    for phase in phases:
+        by_path.setdefault(phase.path, []).append(phase)
+
+    def mean(path: str, attr: str) -> float:
+        return round(statistics.fmean(float(getattr(p, attr)) for p in by_path[path]), 2)
+
+    result = {
+        "rate": args.rate, "calls": args.calls * args.rounds, "failed": sum(p.failed for p in by_path["iim"]),
+        "ref_failed": sum(p.failed for p in by_path["reference"]),
+        "static_failed": sum(p.failed for p in by_path["static"]),
+        "added_p50_ms": round(mean("iim", "p50_ms") - mean("static", "p50_ms"), 2),
+        "added_p99_ms": round(mean("iim", "p99_ms") - mean("static", "p99_ms"), 2),
+        "ref_added_p50_ms": round(mean("reference", "p50_ms") - mean("static", "p50_ms"), 2),
+        "ref_added_p99_ms": round(mean("reference", "p99_ms") - mean("static", "p99_ms"), 2),
+        "app_cpu_ms_per_call": mean("iim", "app_cpu_ms_per_call"),
+        "ref_app_cpu_ms_per_call": mean("reference", "app_cpu_ms_per_call"),
+        "fs_cpu_ms_per_call": mean("iim", "fs_cpu_ms_per_call"),
+        "ref_fs_cpu_ms_per_call": mean("reference", "fs_cpu_ms_per_call"),
+        "static_fs_cpu_ms_per_call": mean("static", "fs_cpu_ms_per_call"),
+        "machine": machine(),
+    }
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
