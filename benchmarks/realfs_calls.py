@@ -113,7 +113,7 @@ class Phase:
 
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _run_calls(work: Path, switch: RealSwitch, number: str, rate: float, calls: int) -> tuple[list[float], int]:
