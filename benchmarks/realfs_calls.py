@@ -187,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     core = subprocess.Popen(["sipp", "-sn", "uas", "-aa", "-i", "127.0.0.1", "-p", str(core_port), "-mi",
                              "127.0.0.1", "-mp", str(free_port()), "-nostdin"], cwd=work,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    iim_log = work / "iim.log"
     iim_env = os.environ | {
         "IIM_ESL_PORT": str(app_port), "IIM_HTTP_PORT": "0", "IIM_BRIDGE_ENABLED": "false",
         "IIM_DATA_DIR": str(work / "pg"), "IIM_FS_PASSWORD": switch.password,
@@ -213,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                     finally:
                         _stop(thin)
                 else:
-                    with iim_log.open("ab") as out:
+                    iim_log = work / f"iim-{round_no}.log"
+                    with iim_log.open("wb") as out:
                         iim = subprocess.Popen([sys.executable, "-m", "iim", "serve"], cwd=work, env=iim_env,
                                                stdout=out, stderr=subprocess.STDOUT)
                     try:
