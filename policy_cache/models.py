@@ -41,6 +41,8 @@ __all__ = [
     "Policy", "PolicyCreate", "PolicyUpdate",
     "CredentialRef", "CredentialRefCreate", "CredentialRefUpdate",
     "ScenarioRecord", "ScenarioCreate", "ScenarioUpdate",
+    "OriginateLimit", "OriginateLimitCreate", "OriginateLimitUpdate", "OriginateAllow", "OriginateAllowCreate",
+    "CountryCode", "DialPrefix",
     "AuditEntry",
 ]
 
@@ -136,6 +138,9 @@ def _check_zone(value: str) -> str:
 
 
 Msisdn = Annotated[str, StringConstraints(pattern=E164_PATTERN)]
+# The same patterns are CHECK constraints in migration 0019 (iim.originate_limit, iim.originate_allow).
+CountryCode = Annotated[str, StringConstraints(pattern=r"^\+[1-9][0-9]{0,5}$")]
+DialPrefix = Annotated[str, StringConstraints(pattern=r"^\+[0-9]{1,15}$")]
 SipUri = Annotated[str, StringConstraints(pattern=SIP_URI_PATTERN, max_length=300)]
 IanaZone = Annotated[str, AfterValidator(_check_zone)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
@@ -553,6 +558,59 @@ class ScenarioRecord(_Row):
     on_acknowledge: list[JsonObject]
     enabled: bool
     version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+# -- originate limits and allow-list (anti-toll-fraud) --------------------------------------------------
+#
+# What the alert-call guard (fs_app.outreach.guard) reads: one limits row per tenant (none: the service's
+# defaults) and any number of allow-list entries. Special ranges (premium, satellite ...) are shipped data,
+# not rows: only an allow-list entry inside one admits it.
+
+class OriginateLimitCreate(_Input):
+    """The tenant's caps and numbering plan (one row per tenant; deleting it restores the defaults)."""
+
+    max_concurrent: int = Field(default=10, ge=0, le=10000,
+                                description="alert calls ringing at once; more wait for a place (queued)")
+    max_per_hour: int = Field(default=200, ge=0, le=1_000_000,
+                              description="alert calls placed per hour; more wait for a place (queued)")
+    country_codes: list[CountryCode] | None = Field(
+        default=None, max_length=20,
+        description="numbers admitted by default (country codes such as +7, or national prefixes such as "
+                    "+79); premium and other special ranges never; null: the service's default plan")
+
+
+class OriginateLimitUpdate(_Input):
+    max_concurrent: int | None = Field(default=None, ge=0, le=10000)
+    max_per_hour: int | None = Field(default=None, ge=0, le=1_000_000)
+    country_codes: list[CountryCode] | None = Field(default=None, max_length=20)
+
+
+class OriginateLimit(_Row):
+    tenant_id: UUID
+    id: UUID
+    max_concurrent: int
+    max_per_hour: int
+    country_codes: list[str] | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class OriginateAllowCreate(_Input):
+    """A number or prefix alert calls may reach besides the plan; inside a special range (``+7809``) it
+    admits that much of the range."""
+
+    prefix: DialPrefix = Field(description="an E.164 number or a prefix of one (+ and 1-15 digits)")
+    note: Annotated[str, StringConstraints(max_length=500)] | None = Field(
+        default=None, description="why it is allowed (ticket, customer)")
+
+
+class OriginateAllow(_Row):
+    tenant_id: UUID
+    id: UUID
+    prefix: str
+    note: str | None
     created_at: datetime
     updated_at: datetime
 

@@ -4,7 +4,9 @@ Wire into the ``iim`` parser with ``register_subcommands(subparsers)``. Commands
 
     iim tenant     create|list|show|update|delete
     iim household  create|list|show|update|delete   --tenant T   (also: subscriber, device, binding,
-    iim consent    grant|list|show|revoke            --tenant T    policy, brand, region, credential-ref)
+    iim consent    grant|list|show|revoke            --tenant T    policy, brand, region, credential-ref,
+                                                                   originate-limit: caps and numbering plan)
+    iim originate-allow  create|list|show|delete     --tenant T   (the alert-call allow-list)
     iim audit      list|verify                       --tenant T
     iim scenario   simulate|templates list|show|install  (besides create|list|show|update|delete; simulate
                                                      and templates list|show need no API)

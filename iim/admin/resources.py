@@ -17,6 +17,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
+from fs_app.outreach.guard import OriginateLimits, limits_from, number_refusal
+from iim.admin.problems import FieldError, ValidationFailed
 from iim.scenarios import registry as scenario_registry
 from iim.scenarios.model import (
     MAX_STEPS,
@@ -259,6 +261,33 @@ class ScenarioResource(Resource):
             expected_version=getattr(query, "expected_version", None))
 
 
+class SubscriberResource(Resource):
+    """A subscriber's number is a contact alert calls may dial: one the tenant's numbering plan refuses
+    (another country, a premium or satellite range) is a 422 here rather than a call refused at 3 a.m."""
+
+    async def create(self, conn: Connection, data: BaseModel, actor: str, correlation: Correlation) -> BaseModel:
+        await _check_number(conn, getattr(data, "msisdn", None))
+        return await super().create(conn, data, actor, correlation)
+
+    async def update(self, conn: Connection, row_id: UUID, data: BaseModel, query: BaseModel, actor: str,
+                     correlation: Correlation) -> BaseModel:
+        await _check_number(conn, getattr(data, "msisdn", None))
+        return await super().update(conn, row_id, data, query, actor, correlation)
+
+
+async def _check_number(conn: Connection, number: str | None) -> None:
+    if number is None:
+        return
+    row, allowed = await registry.get_originate_plan(conn, number)
+    stored = (None, None, None, allowed) if row is None else (
+        row.max_concurrent, row.max_per_hour, row.country_codes, allowed)
+    refusal = number_refusal(number, limits_from(stored, OriginateLimits()))
+    if refusal is not None:
+        raise ValidationFailed(
+            f"msisdn: {refusal.detail} (see originate-limits and originate-allows)",
+            errors=[FieldError(loc=["body", "msisdn"], msg=refusal.detail, type=refusal.reason)])
+
+
 _PAGES: dict[type[BaseModel], type[BaseModel]] = {}
 
 
@@ -279,6 +308,8 @@ def page_model(item: type[BaseModel]) -> type[BaseModel]:
 def _resource(spec: AnySpec) -> Resource:
     if spec is registry.SCENARIO:
         return ScenarioResource(spec, list_query(spec), update_query(spec), ScenarioCreateBody, ScenarioUpdateBody)
+    if spec is registry.SUBSCRIBER:
+        return SubscriberResource(spec, list_query(spec), update_query(spec), spec.create, spec.update)
     return Resource.of(spec)
 
 

@@ -46,7 +46,8 @@ __all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_inc
            "Persisted", "originate_facts", "claim_originate", "claim_originate_now", "notification_targets",
            "sms_fallback_numbers", "notify_by_sms", "alarm_text", "NotificationTarget", "due_incidents",
            "prune_originate_windows", "audit", "audit_line", "action_spec", "clear_incident", "exhaust_incident",
-           "mark_sms_undelivered", "queue_action_sms", "retry_call", "text_unreachable", "unreachable_retries"]
+           "mark_sms_undelivered", "queue_action_sms", "retry_call", "text_unreachable", "unreachable_retries",
+           "LimitsRow", "call_waited_s", "queue_capped_call"]
 
 #: Namespace for deterministic call UUIDs: the same action key always dials with the same origination_uuid.
 _CALL_NS = uuid.UUID("6f1c3f0e-2a4b-4a57-9d0e-1b5c9a7e0c11")
@@ -84,8 +85,9 @@ _FACTS = """,
           FROM iim.incident_action a
          WHERE a.incident_id = i.id AND starts_with(a.key, i.id::text || '/' || i.step || '/' || i.attempt || '/')
        ) AS group_actions,
-       (SELECT json_build_array(l.max_concurrent, l.max_per_hour, l.allowed_prefixes) FROM iim.originate_limit l
+       (SELECT json_build_array(l.max_concurrent, l.max_per_hour, l.country_codes) FROM iim.originate_limit l
        ) AS originate_limits,
+       {allowed} AS originate_allowed,
        {bound} AS bound"""
 # Who gets the text when the smart home cannot be told: the owners and members of the household.
 _FALLBACK_NUMBERS = """SELECT DISTINCT s.msisdn FROM iim.binding b
@@ -98,12 +100,23 @@ _BOUND = """ARRAY(SELECT s.msisdn FROM iim.binding b
                UNION
                SELECT d.sip_uri FROM iim.device d
                 WHERE d.household_id = {household} AND d.sip_uri IS NOT NULL AND d.enabled)"""
-_ORIGINATE_FACTS = """SELECT l.max_concurrent, l.max_per_hour, l.allowed_prefixes, {bound} AS bound
+# The tenant's allow-list entries that admit one of the household's numbers (a tenant may list many).
+_ALLOWED = """ARRAY(SELECT DISTINCT a.prefix FROM iim.originate_allow a
+                   JOIN iim.binding b ON b.household_id = {household}
+                   JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
+                  WHERE starts_with(s.msisdn, a.prefix))"""
+_ORIGINATE_FACTS = """SELECT l.max_concurrent, l.max_per_hour, l.country_codes,
+                             {allowed} AS allowed, {bound} AS bound
                         FROM (SELECT 1) AS one LEFT JOIN iim.originate_limit l ON true"""
-_ORIGINATE_FACTS = _ORIGINATE_FACTS.format(bound=_BOUND.format(household="$1"))
+_ORIGINATE_FACTS = _ORIGINATE_FACTS.format(bound=_BOUND.format(household="$1"), allowed=_ALLOWED.format(household="$1"))
 _INCIDENT_LIGHT = _INCIDENT.format(extra="")
 _INCIDENT_FULL = _INCIDENT.format(extra=_FACTS.format(fallback=_FALLBACK_NUMBERS.format(household="i.household_id"),
-                                                      bound=_BOUND.format(household="i.household_id")))
+                                                      bound=_BOUND.format(household="i.household_id"),
+                                                      allowed=_ALLOWED.format(household="i.household_id")))
+
+#: A tenant's stored originate limits: max concurrent, max per hour, country codes (None: not set, the
+#: service's defaults) and the allow-list entries that matter here (:func:`fs_app.outreach.guard.limits_from`).
+LimitsRow = tuple[int | None, int | None, tuple[str, ...] | None, tuple[str, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,9 +144,8 @@ class IncidentRow:
     sms_fallback: tuple[str, ...] | None = None
     #: the actions of the current group (``full`` only)
     group: tuple[ActionRow, ...] | None = None
-    #: the tenant's originate limits (max concurrent, max per hour, allowed prefixes; None: the defaults) and
-    #: what its alert calls may reach (``full`` only)
-    originate_limits: tuple[int, int, tuple[str, ...]] | None = None
+    #: the tenant's originate limits (:data:`LimitsRow`) and what its alert calls may reach (``full`` only)
+    originate_limits: LimitsRow | None = None
     bound: frozenset[str] | None = None
 
 
@@ -168,15 +180,14 @@ async def load_incident(conn: Connection, incident_id: UUID, *, full: bool = Tru
     targets: tuple[NotificationTarget, ...] | None = None
     fallback: tuple[str, ...] | None = None
     group: tuple[ActionRow, ...] | None = None
-    limits: tuple[int, int, tuple[str, ...]] | None = None
+    limits: LimitsRow | None = None
     bound: frozenset[str] | None = None
     if full:
         targets = tuple(NotificationTarget(str(t["id"]), t["connector"], t["ref"]) for t in row["notify_targets"])
         fallback = tuple(row["sms_fallback"])
         group = tuple(_group_action(row["id"], a) for a in row["group_actions"])
-        if row["originate_limits"] is not None:
-            most, hourly, prefixes = row["originate_limits"]
-            limits = (int(most), int(hourly), tuple(prefixes))
+        most, hourly, plan = row["originate_limits"] or (None, None, None)
+        limits = (most, hourly, None if plan is None else tuple(plan), tuple(row["originate_allowed"]))
         bound = frozenset(row["bound"])
         contacts = tuple(
             Contact(role=ContactRole(c["role"]), msisdn=c["msisdn"], subscriber_id=str(c["id"]),
@@ -435,14 +446,13 @@ async def record_outcome(conn: Connection, key: str, outcome: str, detail: str =
         "AND outcome IS NULL", key, outcome, detail[:500])
 
 
-async def originate_facts(conn: Connection, household_id: UUID) -> tuple[tuple[int, int, tuple[str, ...]] | None,
-                                                                      frozenset[str]]:
-    """The tenant's originate limits (None: no row, use the defaults) and every number and SIP URI an alert
-    for this household may reach (its bound contacts and devices), in one round trip."""
+async def originate_facts(conn: Connection, household_id: UUID) -> tuple[LimitsRow, frozenset[str]]:
+    """The tenant's originate limits (:data:`LimitsRow`) and every number and SIP URI an alert for this
+    household may reach (its bound contacts and devices), in one round trip."""
     row = await conn.fetchrow(_ORIGINATE_FACTS, household_id)
     assert row is not None
-    limits = (None if row["max_concurrent"] is None
-              else (int(row["max_concurrent"]), int(row["max_per_hour"]), tuple(row["allowed_prefixes"])))
+    plan = row["country_codes"]
+    limits = (row["max_concurrent"], row["max_per_hour"], None if plan is None else tuple(plan), tuple(row["allowed"]))
     return limits, frozenset(row["bound"])
 
 
@@ -530,3 +540,25 @@ async def retry_call(conn: Connection, tenant_id: UUID, incident_id: UUID, key: 
     await jobs.queries_for(conn).enqueue(
         IncidentJobs.ACTION, payload, priority=20, execute_after=timedelta(seconds=delay),
         dedupe_key=f"act:{key}:retry:{retry}", on_conflict="skip")
+
+
+async def call_waited_s(conn: Connection, key: str) -> float:
+    """Seconds since the call ``key`` was decided (how long it has waited for a place under the caps)."""
+    waited = await conn.fetchval("SELECT extract(epoch FROM now() - started_at) FROM iim.incident_action "
+                                 "WHERE key = $1", key)
+    return float(waited or 0.0)
+
+
+async def queue_capped_call(conn: Connection, tenant_id: UUID, incident_id: UUID, key: str, *, delay: float,
+                            hold_s: float, waits: int) -> None:
+    """A cap keeps the undispatched call ``key`` from its place: try it again as an action job due in
+    ``delay`` s, and keep the incident's deadline at least ``hold_s`` s away so its group is not judged
+    (and its call given up) while the call waits. ``waits``: this is the call's n-th wait."""
+    await conn.execute(
+        """UPDATE iim.incident SET deadline = greatest(deadline, now() + make_interval(secs => $2))
+            WHERE id = $1 AND deadline IS NOT NULL AND state IN ('open', 'notifying')""", incident_id, hold_s)
+    payload = json.dumps({"tenant": str(tenant_id), "incident": str(incident_id), "key": key,
+                          "waits": waits}).encode()
+    await jobs.queries_for(conn).enqueue(
+        IncidentJobs.ACTION, payload, priority=20, execute_after=timedelta(seconds=delay),
+        dedupe_key=f"act:{key}:wait:{waits}", on_conflict="skip")

@@ -8,8 +8,8 @@ so nobody is dialled twice: a worker that dies while its call rings leaves the c
 deadline (or, if the callee answers, to whichever process the call's IVR reaches, which settles it at
 once). Two job kinds remain: ``incident.tick`` (the intake's fallback, "cleared" events) and
 ``incident.action`` (notifications through a connector, calls retried after FreeSWITCH was unreachable,
-calls of a worker without a switch); a resumed action job that finds its call dispatched asks the switch
-(``uuid_exists``) and never redials.
+calls of a worker without a switch, calls a toll-fraud cap keeps waiting for a place); a resumed action job
+that finds its call dispatched asks the switch (``uuid_exists``) and never redials.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pgqueuer.types import Channel
 from prometheus_client import Counter, Histogram
 
 from fs_app.outreach.calls import AlertCall, AlertCallPlacer, CallOutcome, CallOutcomeKind
-from fs_app.outreach.guard import OriginateLimits, check_destination
+from fs_app.outreach.guard import OriginateLimits, Refusal, Wait, check_caps, destination_refusal, limits_from
 from fs_app.outreach.prompts import GENERIC_ALARM_PROMPT, speakable
 from iim.connectors.contract import Connector, ConnectorError, ConnectorLookup, Notification
 from iim.core.errors import STORE_UNAVAILABLE
@@ -41,6 +41,7 @@ from iim.core.lifecycle import AsyncResource
 from iim.core.metrics import REGISTRY
 from iim.scenarios import store
 from iim.scenarios.engine import (
+    CALL_SLACK_S,
     TERMINAL,
     ActionOutcome,
     Advance,
@@ -75,6 +76,8 @@ ORIGINATE_REFUSED = Counter("iim_originate_refused", "Alert calls refused by the
 ORIGINATE_CLAIMS = Counter("iim_originate_claims", "Alert calls claimed under the toll-fraud caps, by where: with "
                            "the decision (far below the caps), after_commit (near them, exact), job (retries)",
                            ["path"], registry=REGISTRY)
+ORIGINATE_QUEUED = Counter("iim_originate_queued", "Alert calls a toll-fraud cap kept waiting (queued and tried "
+                           "again, not refused), by cap", ["reason"], registry=REGISTRY)
 ORPHANED_CALLS = Counter("iim_alert_calls_orphaned", "Answered alert calls whose worker had died, settled here",
                          registry=REGISTRY)
 
@@ -366,16 +369,14 @@ class IncidentWorker(AsyncResource):
         under the tenant's caps in this transaction (near the caps: right after it, exactly), and ``after``
         places them once it commits: no job hop. A worker that dies before placing one leaves no job behind:
         the group's deadline moves the incident on, as for a call whose worker died while it rang."""
-        limits = (OriginateLimits(*incident.originate_limits) if incident.originate_limits is not None
-                  else self.settings.default_limits)
+        limits = limits_from(incident.originate_limits, self.settings.default_limits)
         claim: store.CallClaim | None = None
         calls = {a.key: a for a in decision.actions if isinstance(a, PlaceCall | RecordMessage)}
         built: dict[str, tuple[AlertCall, dict[str, str]]] = {}  # key -> the call and its digits' meanings
         if self.placer is not None and incident.bound is not None and calls:
             refused: dict[str, tuple[str, str]] = {}
             for key, action in calls.items():
-                refusal = check_destination(action.destination or "", bound=incident.bound, limits=limits,
-                                            in_flight=0, last_hour=0)
+                refusal = destination_refusal(action.destination or "", bound=incident.bound, limits=limits)
                 if refusal is not None:
                     refused[key] = (refusal.reason, refusal.detail)
                     continue
@@ -430,11 +431,15 @@ class IncidentWorker(AsyncResource):
             if claimed:
                 ORIGINATE_CLAIMS.labels("after_commit").inc()
             else:
-                # Binding and prefix passed with the decision; only the caps can refuse it now.
-                refusal = check_destination(p.call.destination, bound=frozenset({p.call.destination}), limits=limits,
-                                            in_flight=in_flight, last_hour=last_hour)
-                if refusal is None:  # under the caps yet not claimed: dispatched elsewhere
+                # Binding and plan passed with the decision; only the caps keep it now: it waits (queued).
+                verdict = check_caps(limits, in_flight=in_flight, last_hour=last_hour)
+                if verdict is None:  # under the caps yet not claimed: dispatched elsewhere
                     return
+                if isinstance(verdict, Wait):
+                    async with tenant_tx(self.pool, p.tenant_id) as conn:
+                        await self._queue(conn, p.tenant_id, p.incident, p.key, p.call, verdict, waits=0)
+                    return
+                refusal = verdict
                 _refused(p.incident, p.kind, refusal.reason)
                 async with tenant_tx(self.pool, p.tenant_id) as conn:
                     await store.write_outcomes(
@@ -460,14 +465,15 @@ class IncidentWorker(AsyncResource):
     async def _action_job(self, job: pgq_models.Job) -> None:
         ids = _ids(job)
         try:
-            await self.perform(UUID(ids["tenant"]), UUID(ids["incident"]), ids["key"])
+            await self.perform(UUID(ids["tenant"]), UUID(ids["incident"]), ids["key"], waits=int(ids.get("waits", 0)))
         except Exception:
             log.exception("incident action failed (attempt %d); will retry", job.attempts,
                           extra={"incident_id": ids.get("incident"), "action_key": ids.get("key")})
             raise
 
-    async def perform(self, tenant_id: UUID, incident_id: UUID, key: str) -> None:
+    async def perform(self, tenant_id: UUID, incident_id: UUID, key: str, *, waits: int = 0) -> None:
         """Perform one action by its key, then let the engine judge the outcome (a tick, run right here).
+        ``waits``: how often a cap already kept this call waiting.
 
         If this worker dies after recording an outcome and before that tick, the job runs again: it finds
         the outcome recorded and only ticks. (The deadline sweep is the last resort.)
@@ -503,9 +509,10 @@ class IncidentWorker(AsyncResource):
                 await self._resume_call(conn, tenant_id, incident, action)
                 tick_after = True
             else:
-                call = await self._dispatch(conn, tenant_id, incident, action)
+                dispatched = await self._dispatch(conn, tenant_id, incident, action, waits=waits)
+                call = dispatched if isinstance(dispatched, AlertCall) else None
                 meanings = dict((action.spec.get("ivr") or {}).get("digits", {}))
-                tick_after = call is None  # refused: the engine moves on now
+                tick_after = dispatched is None  # refused: the engine moves on now (a queued call waits)
         if notify is not None:
             await self._notify(tenant_id, *notify)
             tick_after = key.split("/")[1] != "ack"
@@ -592,8 +599,9 @@ class IncidentWorker(AsyncResource):
         ACTIONS.labels(action.kind, outcome).inc()
 
     async def _dispatch(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
-                        action: store.ActionRow) -> AlertCall | None:
-        """Guard, then mark dispatched (committed with this transaction) and build the call."""
+                        action: store.ActionRow, *, waits: int = 0) -> AlertCall | Wait | None:
+        """Guard, then mark dispatched (committed with this transaction) and build the call; a :class:`Wait`
+        when a cap keeps it (queued again), None when it is refused or was dispatched elsewhere."""
         destination = action.destination or ""
         alert = _safe_alert_call(self.settings, tenant_id, incident, action)
         if not isinstance(alert, AlertCall):  # this action fails; the incident moves on
@@ -605,21 +613,25 @@ class IncidentWorker(AsyncResource):
                                   event_id=incident.first_event_id)])
             return None
         limits_row, bound = await store.originate_facts(conn, incident.household_id)
-        limits = (OriginateLimits(*limits_row) if limits_row is not None else self.settings.default_limits)
-        # Shape, binding and prefix first (no lock); the caps are checked and claimed in one locked step.
-        refusal = check_destination(destination, bound=bound, limits=limits, in_flight=0, last_hour=0)
+        limits = limits_from(limits_row, self.settings.default_limits)
+        # Shape, binding and plan first (no lock); the caps are checked and claimed in one locked step.
+        refusal: Refusal | None = destination_refusal(destination, bound=bound, limits=limits)
         if refusal is None:
             claimed, in_flight, last_hour = await store.claim_originate(
                 conn, action.key, max_concurrent=limits.max_concurrent, max_per_hour=limits.max_per_hour)
             if claimed:
                 ORIGINATE_CLAIMS.labels("job").inc()
             else:
-                refusal = check_destination(destination, bound=bound, limits=limits, in_flight=in_flight,
-                                            last_hour=last_hour)
-                if refusal is None:  # under the caps yet not claimed: another worker dispatched it
+                verdict = check_caps(limits, in_flight=in_flight, last_hour=last_hour,
+                                     waited_s=await store.call_waited_s(conn, action.key))
+                if verdict is None:  # under the caps yet not claimed: another worker dispatched it
                     log.warning("alert call already dispatched elsewhere; not dialled again",
                                 extra={"event_id": incident.first_event_id, "incident_id": str(incident.id)})
                     return None
+                if isinstance(verdict, Wait):
+                    await self._queue(conn, tenant_id, incident, action.key, alert, verdict, waits=waits)
+                    return verdict
+                refusal = verdict
         if refusal is not None:
             _refused(incident, action.kind, refusal.reason)
             await store.write_outcomes(
@@ -629,6 +641,26 @@ class IncidentWorker(AsyncResource):
                                   event_id=incident.first_event_id)])
             return None
         return alert
+
+    async def _queue(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow, key: str,
+                     call: AlertCall, wait: Wait, *, waits: int) -> None:
+        """A cap keeps the call from its place: try it again shortly (an action job) and hold the group's
+        deadline meanwhile; the first time, tell the operator (warning, metric, audit line)."""
+        hold_s = (wait.retry_after_s + call.ring_s + call.record_s + call.tries * (call.digit_timeout_s + 10)
+                  + CALL_SLACK_S)
+        await store.queue_capped_call(conn, tenant_id, incident.id, key, delay=wait.retry_after_s, hold_s=hold_s,
+                                      waits=waits + 1)
+        extra = {"event_id": incident.first_event_id, "incident_id": str(incident.id)}
+        if waits:
+            log.info("alert call still waiting: %s (%s); retry in %.1f s", wait.reason, wait.detail,
+                     wait.retry_after_s, extra=extra)
+            return
+        ORIGINATE_QUEUED.labels(wait.reason).inc()
+        log.warning("alert call queued by the toll-fraud guard: %s (%s); retry in %.1f s", wait.reason,
+                    wait.detail, wait.retry_after_s, extra=extra)
+        await store.audit(conn, tenant_id, "toll-fraud-guard", "originate.queued", incident.id,
+                          {"key": key, "reason": wait.reason, "detail": wait.detail,
+                           "retry_in_s": round(wait.retry_after_s, 1)}, event_id=incident.first_event_id)
 
     async def _speak_while_ringing(self, call: AlertCall) -> None:
         """Render the prompt with our TTS while the phone rings and give the IVR the WAV file; when speech

@@ -20,6 +20,7 @@ from policy_cache.registry.crud import (
     update,
 )
 from policy_cache.registry.operations import (
+    get_originate_plan,
     get_policy_for,
     get_subscriber_by_msisdn,
     set_device_status,
@@ -33,6 +34,8 @@ from policy_cache.registry.tables import (
     CREDENTIAL_REF,
     DEVICE,
     HOUSEHOLD,
+    ORIGINATE_ALLOW,
+    ORIGINATE_LIMIT,
     POLICY,
     REGION,
     SCENARIO,
@@ -46,7 +49,7 @@ from policy_cache.registry.tables import (
 __all__ = [
     "TableSpec", "Filter", "TABLES", "BY_NAME",
     "TENANT", "BRAND", "REGION", "HOUSEHOLD", "SUBSCRIBER", "DEVICE", "BINDING", "CONSENT", "POLICY", "SCENARIO",
-    "CREDENTIAL_REF",
+    "CREDENTIAL_REF", "ORIGINATE_LIMIT", "ORIGINATE_ALLOW",
     "Correlation", "create", "get", "list_rows", "update", "revoke", "delete", "row_values", "store_errors",
-    "get_policy_for", "get_subscriber_by_msisdn", "set_device_status", "set_presence",
+    "get_originate_plan", "get_policy_for", "get_subscriber_by_msisdn", "set_device_status", "set_presence",
 ]

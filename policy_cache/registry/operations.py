@@ -1,5 +1,6 @@
 """What only some registry entities have, on top of the generic CRUD: state changes with their own audit
-action (presence, device status) and lookups by something other than the id."""
+action (presence, device status) and lookups by something other than the id (a subscriber by number, the
+originate plan that applies to a number)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ from policy_cache.models import (
     DeviceUpdate,
     Household,
     HouseholdUpdate,
+    OriginateLimit,
     Policy,
     PresenceState,
     Subscriber,
 )
 from policy_cache.registry import crud
 from policy_cache.registry.crud import Correlation
-from policy_cache.registry.tables import DEVICE, HOUSEHOLD, POLICY, SUBSCRIBER
+from policy_cache.registry.tables import DEVICE, HOUSEHOLD, ORIGINATE_LIMIT, POLICY, SUBSCRIBER
 
-__all__ = ["get_policy_for", "get_subscriber_by_msisdn", "set_device_status", "set_presence"]
+__all__ = ["get_originate_plan", "get_policy_for", "get_subscriber_by_msisdn", "set_device_status", "set_presence"]
 
 
 async def set_presence(conn: Connection, household_id: UUID, presence: PresenceState, *, actor: str,
@@ -54,3 +56,13 @@ async def get_policy_for(conn: Connection, *, subscriber_id: UUID | None = None,
         raise ValueError("pass exactly one of subscriber_id / household_id")
     rows = await crud.list_rows(conn, POLICY, subscriber_id=subscriber_id, household_id=household_id, limit=1)
     return rows[0] if rows else None
+
+
+async def get_originate_plan(conn: Connection, number: str) -> tuple[OriginateLimit | None, list[str]]:
+    """The tenant's originate limits row (None: the service's defaults) and the allow-list entries that are
+    prefixes of ``number`` (the only ones that can admit it), for ``fs_app.outreach.guard.number_refusal``."""
+    rows = await crud.list_rows(conn, ORIGINATE_LIMIT, limit=1)
+    with crud.store_errors(ORIGINATE_LIMIT):
+        allowed = await conn.fetch("SELECT prefix FROM iim.originate_allow WHERE starts_with($1, prefix) "
+                                   "ORDER BY prefix", number)
+    return (rows[0] if rows else None), [r["prefix"] for r in allowed]

@@ -19,7 +19,7 @@ from policy_cache import models as m
 __all__ = [
     "TableSpec", "Filter", "TABLES", "BY_NAME",
     "TENANT", "BRAND", "REGION", "HOUSEHOLD", "SUBSCRIBER", "DEVICE", "BINDING", "CONSENT", "POLICY",
-    "SCENARIO", "CREDENTIAL_REF",
+    "SCENARIO", "CREDENTIAL_REF", "ORIGINATE_LIMIT", "ORIGINATE_ALLOW",
 ]
 
 R = TypeVar("R", bound=BaseModel)
@@ -151,8 +151,22 @@ CREDENTIAL_REF: TableSpec[m.CredentialRef, m.CredentialRefCreate, m.CredentialRe
     description="References into the secret store (env:, file:, vault:, kms:); never the secret itself.",
 )
 
+ORIGINATE_LIMIT: TableSpec[m.OriginateLimit, m.OriginateLimitCreate, m.OriginateLimitUpdate] = TableSpec(
+    "originate_limit", "originate-limits", m.OriginateLimit, m.OriginateLimitCreate, m.OriginateLimitUpdate,
+    columns=("id", "max_concurrent", "max_per_hour", "country_codes", "updated_at"),
+    description="The tenant's alert-call caps and numbering plan (one row; none or deleted: the defaults). "
+                "Calls over a cap wait for a place; numbers outside the plan are refused.",
+)
+ORIGINATE_ALLOW: TableSpec[m.OriginateAllow, m.OriginateAllowCreate, None] = TableSpec(
+    "originate_allow", "originate-allows", m.OriginateAllow, m.OriginateAllowCreate,
+    columns=("id", "prefix", "note", "created_at"),
+    description="Allow-list of alert-call numbers/prefixes beyond the plan; only an entry inside a premium or "
+                "other special range (+7809...) admits it.",
+)
+
 #: Every registry table, in the order the API documents and the CLI lists them (the tenant first).
 TABLES: tuple[TableSpec[Any, Any, Any], ...] = (
     TENANT, BRAND, REGION, HOUSEHOLD, SUBSCRIBER, DEVICE, BINDING, CONSENT, POLICY, SCENARIO, CREDENTIAL_REF,
+    ORIGINATE_LIMIT, ORIGINATE_ALLOW,
 )
 BY_NAME: dict[str, TableSpec[Any, Any, Any]] = {t.name: t for t in TABLES}

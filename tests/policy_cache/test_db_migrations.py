@@ -111,6 +111,28 @@ async def test_calls_counted_before_0012_are_settled_unless_still_ringing(pg_emp
         await conn.close()
 
 
+async def test_0019_keeps_an_old_prefix_restriction_as_the_allow_list_and_gives_the_rest_the_default_plan(
+    pg_empty_db: PgDatabase
+) -> None:
+    """Before 0019 ``allowed_prefixes`` restricted calls when set and admitted any number when empty."""
+    shipped = migrate.available_migrations()
+    conn = await asyncpg.connect(pg_empty_db.admin_url)  # a superuser: row-level security does not apply
+    try:
+        await migrate.upgrade(conn, migrations=[m for m in shipped if m.version < 19])
+        restricted, _ = await _tenant_with_household(conn, "restricted")
+        open_, _ = await _tenant_with_household(conn, "open")
+        await conn.execute("INSERT INTO iim.originate_limit (tenant_id, max_concurrent, allowed_prefixes) "
+                           "VALUES ($1, 3, '{+44,+7}'), ($2, 4, '{}')", restricted, open_)
+        await migrate.upgrade(conn)
+        rows = await conn.fetch("SELECT tenant_id, max_concurrent, country_codes FROM iim.originate_limit")
+        assert {r["tenant_id"]: (r["max_concurrent"], r["country_codes"]) for r in rows} == {
+            restricted: (3, []), open_: (4, None)}  # None: the service's default plan
+        allowed = await conn.fetch("SELECT tenant_id, prefix FROM iim.originate_allow ORDER BY prefix")
+        assert [(r["tenant_id"], r["prefix"]) for r in allowed] == [(restricted, "+44"), (restricted, "+7")]
+    finally:
+        await conn.close()
+
+
 async def test_devices_sharing_an_external_id_stop_0013_with_the_id_named(pg_empty_db: PgDatabase) -> None:
     shipped = migrate.available_migrations()
     conn = await asyncpg.connect(pg_empty_db.admin_url)  # a superuser: row-level security does not apply

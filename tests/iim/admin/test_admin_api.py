@@ -208,6 +208,9 @@ CRUD = [
      {"dnd": True, "phone_timeout_s": 45}),
     ("credential-refs", lambda f: {"name": f"cred-{uuid4().hex[:6]}", "kind": "api_key", "ref": "env:OEM_KEY"},
      {"ref": "vault:kv/oem#key", "description": "rotated"}),
+    ("originate-limits", lambda f: {"max_concurrent": 2, "max_per_hour": 50, "country_codes": ["+7", "+375"]},
+     {"max_concurrent": 5, "country_codes": None}),
+    ("originate-allows", lambda f: {"prefix": "+44" + str(uuid4().int)[:8], "note": "UK office, ticket 12"}, None),
 ]
 
 
@@ -603,3 +606,67 @@ async def test_owned_pools_follow_the_app_lifecycle(api: Api) -> None:
         await server.close()
     with pytest.raises(LookupError):
         pools.directory()
+
+
+# -- toll fraud: the numbering plan, caps and allow-list (issue 14, item 7) ------------------------------------
+
+async def _refused_number(api: Api, method: str, path: str, number: str, reason: str) -> None:
+    status, body, resp = await api.call(method, path, "op-b", body={"msisdn": number})
+    _assert_problem(status, body, resp, 422, "validation-failed")
+    assert [(e["loc"], e["type"]) for e in body["errors"]] == [(["body", "msisdn"], reason)]
+    assert number in body["detail"]
+
+
+async def test_a_contact_number_outside_the_tenants_plan_is_a_422_until_the_allow_list_admits_it(api: Api) -> None:
+    """Issue 14 item 7: the admin API accepted premium numbers as contacts."""
+    subs = api.t(api.tenant_b, "/subscribers")
+    for number in ("+78091234567", "+78031234567", "+882161234567", "+19005551234", "+8707612345678"):
+        await _refused_number(api, "POST", subs, number, "special_range")
+    await _refused_number(api, "POST", subs, "+447700900123", "outside_plan")
+    ok = await _create(api, "subscribers", {"msisdn": "+79035550101"}, tenant=api.tenant_b, token="op-b")
+    await _refused_number(api, "PATCH", f"{subs}/{ok['id']}", "+78091234567", "special_range")
+
+    broad = await _create(api, "originate-allows", {"prefix": "+7"}, tenant=api.tenant_b, token="op-b")
+    uk = await _create(api, "originate-allows", {"prefix": "+44", "note": "UK office"}, tenant=api.tenant_b,
+                       token="op-b")
+    await _create(api, "subscribers", {"msisdn": "+447700900123"}, tenant=api.tenant_b, token="op-b")
+    await _refused_number(api, "POST", subs, "+449012345678", "special_range")  # UK premium: not by +44
+    await _refused_number(api, "POST", subs, "+78091234567", "special_range")  # nor +7809 by +7
+    one = await _create(api, "originate-allows", {"prefix": "+78091234567", "note": "hotline"},
+                        tenant=api.tenant_b, token="op-b")
+    await _create(api, "subscribers", {"msisdn": "+78091234567"}, tenant=api.tenant_b, token="op-b")
+
+    # The plan replaces the default (+7): a Belarus-only tenant, its allow-list still on top.
+    limits = await _create(api, "originate-limits", {"country_codes": ["+375"], "max_concurrent": 3},
+                           tenant=api.tenant_b, token="op-b")
+    await _create(api, "subscribers", {"msisdn": "+375291234567"}, tenant=api.tenant_b, token="op-b")
+    for entry in (broad, uk, one):
+        status, _, _ = await api.call("DELETE", api.t(api.tenant_b, f"/originate-allows/{entry['id']}"), "op-b")
+        assert status == 204
+    await _refused_number(api, "POST", subs, "+79035550102", "outside_plan")
+    status, _, _ = await api.call("DELETE", api.t(api.tenant_b, f"/originate-limits/{limits['id']}"), "op-b")
+    assert status == 204
+    await _create(api, "subscribers", {"msisdn": "+79035550102"}, tenant=api.tenant_b, token="op-b")
+
+
+async def test_caps_and_allow_list_changes_are_audited_with_the_actor(api: Api) -> None:
+    limits = await _create(api, "originate-limits", {"max_concurrent": 1}, tenant=api.tenant_b, token="op-b")
+    path = api.t(api.tenant_b, f"/originate-limits/{limits['id']}")
+    assert limits["country_codes"] is None  # the service's default plan
+    status, changed, _ = await api.call("PATCH", path, "op-b", body={"max_per_hour": 20})
+    assert (status, changed["max_per_hour"], changed["max_concurrent"]) == (200, 20, 1)
+    status, body, resp = await api.call("POST", api.t(api.tenant_b, "/originate-limits"), "op-b", body={})
+    _assert_problem(status, body, resp, 409, "conflict")  # one row per tenant
+    status, body, resp = await api.call("PATCH", path, "op-b", body={"country_codes": ["7"]})
+    _assert_problem(status, body, resp, 422, "validation-failed")
+    status, body, resp = await api.call("PATCH", path, "op-b", body={"max_concurrent": -1})
+    _assert_problem(status, body, resp, 422, "validation-failed")
+    status, body, resp = await api.call("POST", api.t(api.tenant_b, "/originate-allows"), "op-b",
+                                        body={"prefix": "+7 809"})
+    _assert_problem(status, body, resp, 422, "validation-failed")
+    rows = await _audit(api, api.tenant_b, limits["id"])
+    assert [(r["action"], r["actor"]) for r in rows] == [
+        ("originate_limit.update", "bob@tenant-b"), ("originate_limit.create", "bob@tenant-b")]
+    assert rows[0]["detail"]["changed"] == {"max_per_hour": {"from": 200, "to": 20}}
+    status, _, _ = await api.call("DELETE", path, "op-b")
+    assert status == 204

@@ -280,3 +280,25 @@ async def test_audit_verify_exits_4_when_the_chain_is_broken(iim: Any, pg_db: Pg
         broken = await iim("audit", "verify", "--tenant", tenant, "-o", output)
         assert broken.code == cli.EXIT_CHAIN_BROKEN == 4
         assert broken.err == f"error: the audit chain is broken at row {first}\n"
+
+
+async def test_operators_set_caps_plan_and_allow_list_from_the_cli_and_a_premium_contact_is_refused(
+    iim: Any, live: Live
+) -> None:
+    """Issue 14 item 7: caps were settable only by SQL, and premium numbers were accepted as contacts."""
+    t = ["--tenant", str(live.tenant_b), "-o", "json"]
+    refused = await iim("subscriber", "create", *t, "--msisdn", "+78091234567")
+    assert refused.code == cli.EXIT_API_ERROR
+    assert json.loads(refused.err)["errors"][0]["type"] == "special_range"
+    limits = await iim("originate-limit", "create", *t, "--max-concurrent", "1", "--country-codes", "+7", "+375")
+    assert limits.code == 0, limits.err
+    assert limits.json()["country_codes"] == ["+7", "+375"]
+    raised = await iim("originate-limit", "update", *t, limits.json()["id"], "--max-per-hour", "30")
+    assert (raised.code, raised.json()["max_per_hour"]) == (0, 30), raised.err
+    allowed = await iim("originate-allow", "create", *t, "--prefix", "+78091234567", "--note", "hotline")
+    assert allowed.code == 0, allowed.err
+    accepted = await iim("subscriber", "create", *t, "--msisdn", "+78091234567")
+    assert accepted.code == 0, accepted.err
+    audit = (await iim("audit", "list", *t, "--entity", "originate_limit")).json()
+    assert [(r["action"], r["actor"]) for r in audit["items"]] == [
+        ("originate_limit.update", "root@noc"), ("originate_limit.create", "root@noc")]

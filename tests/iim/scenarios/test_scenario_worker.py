@@ -25,6 +25,7 @@ from fs_app.dialstring import DialSettings
 from fs_app.inbound import InboundClient, InboundSettings
 from fs_app.outbound import OutboundServer, OutboundSettings
 from fs_app.outreach.calls import AlertCallPlacer
+from fs_app.outreach.guard import OriginateLimits
 from fs_app.outreach.ivr import IvrRegistry, with_alert_calls
 from fs_app.testing import FreeSwitchEmulator, InboundServer, TargetBehaviour
 from iim.connectors.contract import ConnectorLookup
@@ -106,7 +107,7 @@ async def _route(call: Call) -> None:
 @contextlib.asynccontextmanager
 async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
                      connectors: ConnectorLookup | None = None, speech: Any = None,
-                     time_scale: float = 0.01) -> AsyncIterator[Alarms]:
+                     time_scale: float = 0.01, limits: OriginateLimits | None = None) -> AsyncIterator[Alarms]:
     """A tenant, the emulator (callees scripted per number), our outbound server for the IVR, the worker."""
     n = numbers()
     rig = await build_rig(app_pool, tmp_path, owner=n["owner"], backup=n["backup"], security=n["security"])
@@ -124,8 +125,8 @@ async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
                              gateway_dial=DialSettings(phone_endpoint=GW.replace("{}", "{msisdn}")),
                              answer_grace_s=2.0, connect_wait_s=0.3, api_timeout_s=0.5, prompt_s=1.0)
     worker = IncidentWorker(app_pool, pg_db.app_url, placer, WorkerSettings(
-        heartbeat_timeout=timedelta(seconds=2), unreachable_retries=(0.3, 0.3)), connectors=connectors,
-        speech=speech)
+        heartbeat_timeout=timedelta(seconds=2), unreachable_retries=(0.3, 0.3),
+        default_limits=limits or OriginateLimits()), connectors=connectors, speech=speech)
     await worker.start()
     try:
         yield Alarms(rig, app_pool, emu, inbound, worker)
@@ -190,30 +191,103 @@ async def _eventually_rows(alarms: Alarms, sql: str, *args: Any) -> list[dict[st
     raise AssertionError("no rows")
 
 
-async def test_destination_outside_allowed_prefixes_is_refused_audited_and_never_dialled(alarms: Alarms) -> None:
+async def test_numbers_outside_the_tenants_plan_are_refused_audited_and_never_dialled(alarms: Alarms) -> None:
     rig = alarms.rig
     async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
-        await conn.execute("INSERT INTO iim.originate_limit (allowed_prefixes) VALUES ('{+44}')")
+        await conn.execute("INSERT INTO iim.originate_limit (country_codes) VALUES ('{+44}')")
     incident = await alarms.raise_alarm("smoke")
     assert await alarms.settled(incident) == "exhausted"
     assert alarms.calls_to(rig.owner) == alarms.calls_to(rig.backup) == alarms.calls_to(rig.security) == 0
     refused = await alarms.rows(
         "SELECT detail->>'reason' AS reason FROM iim.audit_log WHERE action = 'originate.refused' "
         "AND entity_id = $1", str(incident))
-    assert [r["reason"] for r in refused] == ["prefix_not_allowed"] * 3
+    assert [r["reason"] for r in refused] == ["outside_plan"] * 3
 
 
-async def test_hourly_cap_refuses_alert_calls_beyond_it(alarms: Alarms) -> None:
+async def _rebind(alarms: Alarms, old: str, new: str) -> None:
+    """A contact's number changed behind the admin API's back (SQL, a seed, an old row)."""
+    async with tenant_tx(alarms.pool, alarms.rig.tenant_id) as conn:
+        await conn.execute("UPDATE iim.subscriber SET msisdn = $2 WHERE msisdn = $1", old, new)
+
+
+async def test_an_alarm_to_a_premium_number_is_refused_while_the_normal_contacts_are_called(alarms: Alarms) -> None:
+    """Issue 14 item 7: with no allow-list at all, +7809 (Russian premium rate) was dialled."""
+    rig = alarms.rig
+    premium = "+78095550" + rig.backup[-3:]
+    await _rebind(alarms, rig.backup, premium)
+    alarms.script(rig.security, TargetBehaviour.answer(after_ms=100))
+    incident = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(incident) == "acknowledged"  # the security service took the call
+    assert alarms.calls_to(premium) == 0
+    assert alarms.calls_to(rig.owner) == alarms.calls_to(rig.security) == 1
+    refused = await alarms.rows(
+        "SELECT detail->>'reason' AS reason, detail->>'detail' AS detail FROM iim.audit_log "
+        "WHERE action = 'originate.refused' AND entity_id = $1", str(incident))
+    assert [r["reason"] for r in refused] == ["special_range"]
+    assert "+7809" in refused[0]["detail"]
+
+
+async def test_an_allow_list_entry_inside_a_premium_range_admits_that_number(alarms: Alarms) -> None:
+    rig = alarms.rig
+    premium = "+78095551" + rig.backup[-3:]
+    await _rebind(alarms, rig.backup, premium)
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+        await conn.execute("INSERT INTO iim.originate_allow (prefix, note) VALUES ('+7', 'too broad'), ($1, 'ok')",
+                           premium)
+    alarms.script(premium, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+    incident = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(incident) == "acknowledged"
+    assert alarms.calls_to(premium) == 1
+
+
+async def test_the_hourly_cap_queues_calls_beyond_it_and_refuses_them_only_after_the_longest_wait(
+    app_pool: Pool, pg_db: Any, tmp_path: Path
+) -> None:
+    async with alarms_rig(app_pool, pg_db, tmp_path, limits=OriginateLimits(max_wait_s=2.0)) as alarms:
+        rig = alarms.rig
+        async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+            await conn.execute("INSERT INTO iim.originate_limit (max_per_hour) VALUES (1)")
+        incident = await alarms.raise_alarm("smoke")
+        assert await alarms.settled(incident) == "exhausted"
+        assert alarms.calls_to(rig.owner) == 1
+        assert alarms.calls_to(rig.backup) == alarms.calls_to(rig.security) == 0
+        lines = await alarms.rows("SELECT action, detail->>'reason' AS reason, detail->>'detail' AS detail "
+                                  "FROM iim.audit_log WHERE action LIKE 'originate.%' AND entity_id = $1 "
+                                  "ORDER BY id", str(incident))
+        assert [(r["action"], r["reason"]) for r in lines] == [
+            ("originate.queued", "hourly_cap"), ("originate.refused", "hourly_cap")] * 2
+        assert all("waited" in r["detail"] for r in lines if r["action"] == "originate.refused")
+
+
+@pytest.mark.timeout(60)
+async def test_three_simultaneous_alarms_under_a_concurrency_cap_of_one_all_get_their_calls_one_after_another(
+    alarms: Alarms
+) -> None:
+    """Issue 14 item 7: two of three simultaneous alarms ended "exhausted" with zero calls."""
     rig = alarms.rig
     async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
-        await conn.execute("INSERT INTO iim.originate_limit (max_per_hour) VALUES (1)")
-    incident = await alarms.raise_alarm("smoke")
-    assert await alarms.settled(incident) == "exhausted"
-    assert alarms.calls_to(rig.owner) == 1
-    assert alarms.calls_to(rig.backup) == alarms.calls_to(rig.security) == 0
-    refused = await alarms.rows("SELECT detail->>'reason' AS reason FROM iim.audit_log "
-                                "WHERE action = 'originate.refused' AND entity_id = $1", str(incident))
-    assert [r["reason"] for r in refused] == ["hourly_cap"] * 2
+        await conn.execute("INSERT INTO iim.originate_limit (max_concurrent) VALUES (1)")
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=300, dtmf="1"))
+    queued_before = REGISTRY.get_sample_value("iim_originate_queued_total", {"reason": "concurrent_cap"}) or 0.0
+    incidents = await asyncio.gather(
+        alarms.raise_alarm("smoke", opener=alarms.worker.begin_in),
+        alarms.raise_alarm("co", opener=alarms.worker.begin_in),
+        alarms.raise_alarm("smoke", device=rig.jws_sensor, opener=alarms.worker.begin_in))
+    assert len(set(incidents)) == 3
+    assert [await alarms.settled(i, timeout=40) for i in incidents] == ["acknowledged"] * 3
+    assert alarms.calls_to(rig.owner) == 3
+    calls = await alarms.rows("SELECT dispatched_at, finished_at FROM iim.incident_action "
+                              "WHERE incident_id = ANY($1::uuid[]) AND kind = 'call' ORDER BY dispatched_at",
+                              list(incidents))
+    assert len(calls) == 3
+    for earlier, later in itertools.pairwise(calls):  # one after another: never two at once
+        assert earlier["finished_at"] <= later["dispatched_at"]
+    lines = await alarms.rows("SELECT action FROM iim.audit_log WHERE action LIKE 'originate.%' "
+                              "AND entity_id = ANY($1::text[])", [str(i) for i in incidents])
+    assert {r["action"] for r in lines} == {"originate.queued"}  # told, never refused
+    assert 1 <= len(lines) <= 2  # once per waiting call, however often it looked again
+    assert REGISTRY.get_sample_value("iim_originate_queued_total", {"reason": "concurrent_cap"}) == (
+        queued_before + len(lines))
 
 
 async def test_notification_without_a_connected_device_is_settled_with_the_decision_as_sms(alarms: Alarms) -> None:
