@@ -289,7 +289,8 @@ class Service:
                                                    source_addr=s.smpp_source_addr))
             # The sender owns its transport: it starts it and closes it after the last receipts are written.
             await stack.enter_async_context(
-                SmsSender(pool, transport, on_mo=readout.on_mo, on_undelivered=self._undelivered))
+                SmsSender(pool, transport, on_mo=readout.on_mo, on_undelivered=self._undelivered,
+                          mo_body_retention=s.sms_body_retention_s))
         else:
             log.warning("no SMSC configured (IIM_SMPP_HOST): SMS stay queued in the outbox")
         return connectors, tts, audio_urls

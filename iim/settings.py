@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     smpp_system_id: str = "iim"
     smpp_password_ref: str = Field(default="env:IIM_SMPP_PASSWORD", description="env:VAR or file:/path")
     smpp_source_addr: str = "IIM"
+    # Bodies of incoming SMS that may be read out are forgotten this long after they arrived (metadata stays).
+    sms_body_retention_s: float = Field(default=86400.0, ge=60)
     # Smart-home connectors, JSON: [{"name": "acme", "plugin": "webhook", "config": {...}}] (secrets by ref).
     connectors: list[dict[str, object]] = Field(default_factory=list)
     # Where vendor clouds reach IIM (signed audio URLs, user-action callbacks); default: the device bridge.
