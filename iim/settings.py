@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     public_base_url: str | None = None
     audio_url_secret_ref: str | None = Field(default=None, description="unset: a random key per process")
     sms_hash_key_ref: str | None = Field(default=None, description="key for audit hashes of read-aloud SMS")
+    # Audit chain heads signed outside the database (Ed25519, PEM or 32-byte seed by reference) and published
+    # to a JSON-lines file, the log and GET /v1/audit/head; unset: not published (a warning at start).
+    audit_head_key_ref: str | None = Field(default=None, description="env:VAR or file:/path of the signing key")
+    audit_heads_file: str | None = None
+    audit_head_interval_s: float = Field(default=300.0, ge=1)
 
     @field_validator("passthrough_endpoint")
     @classmethod

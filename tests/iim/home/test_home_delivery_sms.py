@@ -342,5 +342,7 @@ async def test_a_declined_readout_forgets_the_stored_body_at_once(rig: Rig, body
     async with tenant_tx(rig.pool, tenant) as conn:
         kept = await conn.fetchrow("SELECT body_length, handled_at, body_purged_at FROM iim.sms_inbound "
                                    "WHERE sms_id = $1", row["sms_id"])
-    assert kept is not None and kept["body_length"] == len(body)
-    assert kept["handled_at"] is not None and kept["body_purged_at"] is not None
+    assert kept is not None
+    assert kept["body_length"] == len(body)
+    assert kept["handled_at"] is not None
+    assert kept["body_purged_at"] is not None
