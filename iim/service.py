@@ -185,6 +185,8 @@ class Service:
         await self.outbound.start()
         policy = await self._start_policy(stack) if s.policy_routing else None
         if policy is not None:
+            tasks.spawn(_watch_speech(policy.tts), name="tts-check")
+        if policy is not None:
             self._call_handler = policy.router
             stack.callback(setattr, self, "_call_handler", self._passthrough)
         for client in self.inbound:
@@ -230,6 +232,7 @@ class Service:
         probes: list[HealthProbe] = [self._esl_health]
         if policy is not None:
             probes.append(_policy_health(policy.cache))
+            probes.append(policy.tts.health)  # degraded while speech fails: alert calls play the generic prompt
         root = create_app(probes)
         if policy is not None:
             connectors = Route("GET", "/connectors", connector_list_view(policy.connectors), "listConnectors",
@@ -355,6 +358,14 @@ class Service:
         app.add_subapp(CALLBACK_PREFIX, connector_callback_app(policy.connectors))
         site = await stack.enter_async_context(HttpSite(app, s.bridge_host, s.bridge_port, ssl_context=context))
         return site.port
+
+
+async def _watch_speech(tts: EspeakTts, interval: float = 60.0) -> None:
+    """Probe speech at start and every ``interval``: ``/health`` says ``degraded`` while it fails, also when no
+    call has needed it yet, and ``ok`` again once it works."""
+    while True:
+        await tts.check()
+        await asyncio.sleep(interval)
 
 
 def _policy_health(cache: PolicyCache) -> HealthProbe:

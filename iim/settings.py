@@ -91,7 +91,9 @@ class Settings(BaseSettings):
     alert_gateway_endpoint: str = "sofia/gateway/ims/{destination}"
     job_heartbeat_timeout_s: float = Field(default=30.0, gt=0)
     # Who speaks alert-call prompts: "iim" renders them with espeak-ng while the phone rings (the WAV must be
-    # readable by FreeSWITCH: same host or a shared directory), "freeswitch" leaves `say:` to its TTS module.
+    # readable by FreeSWITCH: same host or a shared directory; until then, or if it fails, the callee hears the
+    # generic prompt and the private text never reaches the switch), "freeswitch" leaves `say:` to its TTS
+    # module (the text is then sent to the switch).
     alert_prompt_tts: Literal["iim", "freeswitch"] = "iim"
     # SMS: an SMPP account at the SMSC (unset: SMS stay queued in the outbox until one is configured).
     smpp_host: str | None = None
