@@ -5,7 +5,7 @@ Wire into the ``iim`` parser with ``register_subcommands(subparsers)``. Commands
     iim tenant     create|list|show|update|delete
     iim household  create|list|show|update|delete   --tenant T   (also: subscriber, device, binding,
     iim consent    grant|list|show|revoke            --tenant T    policy, brand, region, credential-ref)
-    iim audit      list|verify                       --tenant T
+    iim audit      list|verify [--heads FILE]        --tenant T
     iim scenario   simulate|templates list|show|install  (besides create|list|show|update|delete; simulate
                                                      and templates list|show need no API)
     iim token      new|hash                          (offline: make a token and its table entry)
