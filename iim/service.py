@@ -37,9 +37,11 @@ from fs_app.router import PolicyRouter
 from iim.admin.api import create_registry_app, mount_registry
 from iim.admin.routing import Access, Route
 from iim.admin.settings import AdminSettings
+from iim.admin.views import audit_heads_view
 from iim.call_audit import CallDecisionAudit
 from iim.connectors.http import CALLBACK_PREFIX, connector_callback_app, connector_list_view
 from iim.connectors.registry import ConnectorRegistry, default_context
+from iim.core.errors import ConfigError
 from iim.core.lifecycle import TaskSupervisor
 from iim.core.metrics import REGISTRY
 from iim.core.secrets import resolve_secret
@@ -58,6 +60,7 @@ from iot_bridge.ratelimit import RateLimitSettings
 from iot_bridge.server_cert import ensure_self_signed
 from iot_bridge.tls import TenantCaRegistry, server_context
 from policy_cache.audit import AuditFlusher
+from policy_cache.audit_heads import AuditHeadPublisher, load_private_key
 from policy_cache.cache import PolicyCache
 from policy_cache.db import DbRole, Pool, connect_pool
 from policy_cache.store import PgPolicyStore
@@ -88,6 +91,7 @@ class PolicyParts:
     connectors: ConnectorRegistry
     tts: EspeakTts
     audio_urls: AudioUrlSigner
+    audit_heads: AuditHeadPublisher | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +185,8 @@ class Service:
         await self.outbound.start()
         policy = await self._start_policy(stack) if s.policy_routing else None
         if policy is not None:
+            tasks.spawn(_watch_speech(policy.tts), name="tts-check")
+        if policy is not None:
             self._call_handler = policy.router
             stack.callback(setattr, self, "_call_handler", self._passthrough)
         for client in self.inbound:
@@ -226,13 +232,19 @@ class Service:
         probes: list[HealthProbe] = [self._esl_health]
         if policy is not None:
             probes.append(_policy_health(policy.cache))
+            probes.append(policy.tts.health)  # degraded while speech fails: alert calls play the generic prompt
         root = create_app(probes)
         if policy is not None:
             connectors = Route("GET", "/connectors", connector_list_view(policy.connectors), "listConnectors",
                                "Configured connectors: capabilities and health", "connectors", Access.READ)
+            extra = [connectors]
+            if policy.audit_heads is not None:
+                extra.append(Route("GET", "/audit/head", audit_heads_view(policy.audit_heads.latest), "getAuditHeads",
+                                   "The signed audit chain heads last published (a tenant token: its own)",
+                                   "audit", Access.READ))
             registry_app = create_registry_app(lambda: policy.pool, AdminSettings(),
                                                directory_pool=lambda: policy.directory_pool,
-                                               extra_routes=(connectors,))
+                                               extra_routes=tuple(extra))
             mount_registry(root, registry_app)
         return root
 
@@ -250,6 +262,10 @@ class Service:
         # asyncpg's pools are async context managers already (closed on exit).
         pool = await stack.enter_async_context(
             await connect_pool(urls.app_url, role=DbRole.APP, min_size=s.db_pool_size, max_size=s.db_pool_size))
+        # Entered before the flusher, so closed after it: the heads signed at stop include the last lines.
+        heads = await stack.enter_async_context(self._audit_heads(pool)) if s.audit_head_key_ref else None
+        if heads is None:
+            log.warning("audit chain heads are not signed nor published (IIM_AUDIT_HEAD_KEY_REF unset)")
         await stack.enter_async_context(AuditFlusher(pool))
         # Read-only, all tenants: for admins listing tenants (RLS hides them from the app role).
         directory_pool = await stack.enter_async_context(
@@ -268,7 +284,17 @@ class Service:
         announce = cloud_call_step(CloudAnnouncer(connectors), dial, OutboxSmsSink(pool))
         router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record, announce=announce)
         return PolicyParts(app_url=urls.app_url, pool=pool, directory_pool=directory_pool, cache=cache, router=router,
-                           connectors=connectors, tts=tts, audio_urls=audio_urls)
+                           connectors=connectors, tts=tts, audio_urls=audio_urls, audit_heads=heads)
+
+    def _audit_heads(self, pool: Pool) -> AuditHeadPublisher:
+        s = self.settings
+        assert s.audit_head_key_ref is not None
+        try:
+            key = load_private_key(s.audit_head_key_ref)
+        except (LookupError, ValueError) as exc:
+            raise ConfigError(f"audit head signing key: {exc}") from None
+        heads_file = Path(s.audit_heads_file) if s.audit_heads_file else Path(s.data_dir).parent / "audit-heads.jsonl"
+        return AuditHeadPublisher(pool, key, heads_file=heads_file, interval=s.audit_head_interval_s)
 
     async def _start_home(self, stack: AsyncExitStack, pool: Pool) -> tuple[ConnectorRegistry, EspeakTts,
                                                                               AudioUrlSigner]:
@@ -289,7 +315,8 @@ class Service:
                                                    source_addr=s.smpp_source_addr))
             # The sender owns its transport: it starts it and closes it after the last receipts are written.
             await stack.enter_async_context(
-                SmsSender(pool, transport, on_mo=readout.on_mo, on_undelivered=self._undelivered))
+                SmsSender(pool, transport, on_mo=readout.on_mo, on_undelivered=self._undelivered,
+                          mo_body_retention=s.sms_body_retention_s))
         else:
             log.warning("no SMSC configured (IIM_SMPP_HOST): SMS stay queued in the outbox")
         return connectors, tts, audio_urls
@@ -331,6 +358,14 @@ class Service:
         app.add_subapp(CALLBACK_PREFIX, connector_callback_app(policy.connectors))
         site = await stack.enter_async_context(HttpSite(app, s.bridge_host, s.bridge_port, ssl_context=context))
         return site.port
+
+
+async def _watch_speech(tts: EspeakTts, interval: float = 60.0) -> None:
+    """Probe speech at start and every ``interval``: ``/health`` says ``degraded`` while it fails, also when no
+    call has needed it yet, and ``ok`` again once it works."""
+    while True:
+        await tts.check()
+        await asyncio.sleep(interval)
 
 
 def _policy_health(cache: PolicyCache) -> HealthProbe:

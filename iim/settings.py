@@ -91,7 +91,9 @@ class Settings(BaseSettings):
     alert_gateway_endpoint: str = "sofia/gateway/ims/{destination}"
     job_heartbeat_timeout_s: float = Field(default=30.0, gt=0)
     # Who speaks alert-call prompts: "iim" renders them with espeak-ng while the phone rings (the WAV must be
-    # readable by FreeSWITCH: same host or a shared directory), "freeswitch" leaves `say:` to its TTS module.
+    # readable by FreeSWITCH: same host or a shared directory; until then, or if it fails, the callee hears the
+    # generic prompt and the private text never reaches the switch), "freeswitch" leaves `say:` to its TTS
+    # module (the text is then sent to the switch).
     alert_prompt_tts: Literal["iim", "freeswitch"] = "iim"
     # SMS: an SMPP account at the SMSC (unset: SMS stay queued in the outbox until one is configured).
     smpp_host: str | None = None
@@ -99,12 +101,19 @@ class Settings(BaseSettings):
     smpp_system_id: str = "iim"
     smpp_password_ref: str = Field(default="env:IIM_SMPP_PASSWORD", description="env:VAR or file:/path")
     smpp_source_addr: str = "IIM"
+    # Bodies of incoming SMS that may be read out are forgotten this long after they arrived (metadata stays).
+    sms_body_retention_s: float = Field(default=86400.0, ge=60)
     # Smart-home connectors, JSON: [{"name": "acme", "plugin": "webhook", "config": {...}}] (secrets by ref).
     connectors: list[dict[str, object]] = Field(default_factory=list)
     # Where vendor clouds reach IIM (signed audio URLs, user-action callbacks); default: the device bridge.
     public_base_url: str | None = None
     audio_url_secret_ref: str | None = Field(default=None, description="unset: a random key per process")
     sms_hash_key_ref: str | None = Field(default=None, description="key for audit hashes of read-aloud SMS")
+    # Audit chain heads signed outside the database (Ed25519, PEM or 32-byte seed by reference) and published
+    # to a JSON-lines file, the log and GET /v1/audit/head; unset: not published (a warning at start).
+    audit_head_key_ref: str | None = Field(default=None, description="env:VAR or file:/path of the signing key")
+    audit_heads_file: str | None = None
+    audit_head_interval_s: float = Field(default=300.0, ge=1)
 
     @field_validator("passthrough_endpoint")
     @classmethod

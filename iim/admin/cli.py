@@ -7,7 +7,7 @@ Wire into the ``iim`` parser with ``register_subcommands(subparsers)``. Commands
     iim consent    grant|list|show|revoke            --tenant T    policy, brand, region, credential-ref,
                                                                    originate-limit: caps and numbering plan)
     iim originate-allow  create|list|show|delete     --tenant T   (the alert-call allow-list)
-    iim audit      list|verify                       --tenant T
+    iim audit      list|verify [--heads FILE]        --tenant T
     iim scenario   simulate|templates list|show|install  (besides create|list|show|update|delete; simulate
                                                      and templates list|show need no API)
     iim token      new|hash                          (offline: make a token and its table entry)
@@ -425,17 +425,79 @@ def _register_audit(sub: Any) -> None:
                              ("id", "at", "actor", "action", "entity", "entity_id")))
     p = actions.add_parser("verify", parents=[common],
                            help=f"recompute the hash chain (exit {EXIT_CHAIN_BROKEN} when it is broken)")
-    p.set_defaults(func=_run(lambda a, c: c.request("GET", f"{_tenant_path(a)}/audit/verify"),
-                             verdict=_chain_verdict))
+    p.add_argument("--heads", metavar="FILE",
+                   help="signed chain heads the service published (IIM_AUDIT_HEADS_FILE): each of this tenant's "
+                        "must be validly signed and still on the chain")
+    p.add_argument("--public-key", metavar="KEY|file:PATH|env:VAR",
+                   help="the heads' Ed25519 public key (PEM, or 32 bytes hex/base64); default: the key named in "
+                        "the file, which must be one key throughout")
+    p.set_defaults(func=_run(_verify_audit, ("intact", "first_broken_id", "head_id", "heads_checked",
+                                             "heads_off_chain", "bad_signatures"), verdict=_chain_verdict))
+
+
+#: Published heads sent per request (each is ~100 bytes of JSON; the API's body limit is 64 KiB).
+_HEADS_PER_REQUEST = 400
+
+
+def _verify_audit(args: argparse.Namespace, client: ApiClient) -> Any:
+    """``audit verify``: the chain recomputed by the API; with ``--heads``, the signatures checked here (the
+    key is the verifier's, not the server's word) and every published head of the tenant sent to be found on
+    the chain."""
+    path = f"{_tenant_path(args)}/audit/verify"
+    if not args.heads:
+        return client.request("GET", path)
+    from pathlib import Path
+
+    from policy_cache import audit_heads
+
+    tenant = path.split("/")[3]
+    try:
+        lines = [h for h in audit_heads.read_heads(Path(args.heads)) if str(h.get("tenant_id")) == tenant]
+        key = audit_heads.load_public_key(_public_key_text(args.public_key, lines))
+    except (OSError, ValueError, LookupError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    bad = audit_heads.check_signatures(lines, key)
+    signed = [h for h in lines if not any(b.seq == h.get("seq") for b in bad)]
+    heads = [{"seq": h["seq"], "hash": h["hash"]} for h in signed]
+    status: dict[str, Any] = client.request("GET", path)
+    off_chain: set[int] = set()
+    for start in range(0, len(heads), _HEADS_PER_REQUEST):
+        part = client.request("POST", path, body={"heads": heads[start:start + _HEADS_PER_REQUEST]})
+        off_chain.update(part.get("heads_off_chain", []))
+    status.update(heads_checked=len(heads), heads_off_chain=sorted(off_chain),
+                  bad_signatures=[b.seq for b in bad], key_id=audit_heads.key_id(key))
+    status["intact"] = bool(status.get("intact")) and not off_chain and not bad
+    return status
+
+
+def _public_key_text(given: str | None, lines: Sequence[Mapping[str, Any]]) -> str:
+    if given:
+        return resolve_secret(given) if given.startswith(("file:", "env:")) else given
+    keys = {str(h.get("public_key")) for h in lines}
+    if len(keys) > 1:
+        raise ValueError("the heads file names several keys: give the right one with --public-key")
+    if not keys:
+        raise ValueError("the heads file holds no head of this tenant")
+    return keys.pop()
 
 
 def _chain_verdict(status: Any) -> int:
-    """``audit verify`` fails (exit 4, a line on stderr) when the chain is broken: a cron job or a monitoring
-    check must not read ``intact: false`` in a successful run as good news."""
+    """``audit verify`` fails (exit 4, a line on stderr) when the chain is broken, a published head is no longer
+    on it, or a head's signature does not hold: a cron job or a monitoring check must not read ``intact: false``
+    in a successful run as good news."""
     if isinstance(status, dict) and status.get("intact") is True:
         return EXIT_OK
-    broken_at = status.get("first_broken_id") if isinstance(status, dict) else None
-    sys.stderr.write(f"error: the audit chain is broken at row {broken_at}\n")
+    if not isinstance(status, dict):
+        status = {}
+    if status.get("first_broken_id") is not None:
+        sys.stderr.write(f"error: the audit chain is broken at row {status.get('first_broken_id')}\n")
+    if status.get("heads_off_chain"):
+        sys.stderr.write("error: published chain heads are no longer on the chain (re-hashed or truncated): "
+                         f"seq {', '.join(map(str, status['heads_off_chain']))}\n")
+    if status.get("bad_signatures"):
+        sys.stderr.write(f"error: {len(status['bad_signatures'])} published head(s) carry no valid signature\n")
+    if not any(status.get(k) for k in ("first_broken_id", "heads_off_chain", "bad_signatures")):
+        sys.stderr.write("error: the audit chain is broken\n")
     return EXIT_CHAIN_BROKEN
 
 

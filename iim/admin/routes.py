@@ -19,7 +19,7 @@ from iim.admin.problems import (
 )
 from iim.admin.resources import RESOURCES, ListQuery, NoQuery, Resource, page_model
 from iim.admin.routing import Access, PathParam, Route
-from iim.admin.service import AuditPage, AuditQuery, ChainStatus
+from iim.admin.service import AuditPage, AuditQuery, ChainStatus, HeadsToVerify
 from policy_cache.registry import TENANT
 
 TENANT_ID = PathParam("tenant_id", "the tenant's id")
@@ -58,6 +58,10 @@ def _tenant_routes() -> list[Route]:
         Route("GET", "/tenants/{tenant_id}/audit/verify", views.verify_audit, "verifyAudit",
               "Recompute the tenant's audit hash chain", "audit", Access.READ, path_params=(TENANT_ID,),
               query_model=NoQuery, response_model=ChainStatus, errors=(InvalidParameter,)),
+        Route("POST", "/tenants/{tenant_id}/audit/verify", views.verify_audit_heads, "verifyAuditHeads",
+              "Recompute the tenant's audit hash chain and check heads published earlier are still on it",
+              "audit", Access.READ, path_params=(TENANT_ID,), request_model=HeadsToVerify,
+              response_model=ChainStatus, errors=_BODY_ERRORS),
     ]
 
 

@@ -29,7 +29,7 @@ from iim.admin import problems
 from iim.admin.problems import FieldError
 from iim.admin.resources import Correlation, ListQuery, Resource
 from iim.core.errors import STORE_UNAVAILABLE
-from policy_cache import audit, registry
+from policy_cache import audit, audit_heads, registry
 from policy_cache import errors as store
 from policy_cache.db import Connection, Pool, tenant_tx
 from policy_cache.models import Tenant, TenantCreate, TenantUpdate
@@ -71,6 +71,21 @@ class AuditPage(BaseModel):
     items: list[AuditRecord] = Field(description="newest first")
 
 
+class PublishedHead(BaseModel):
+    """A chain head published earlier (``iim audit verify --heads``): its row id and hash then."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seq: int = Field(ge=1, description="the head row's id")
+    hash: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="its row_hash (hex) when it was published")
+
+
+class HeadsToVerify(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    heads: list[PublishedHead] = Field(default_factory=list, max_length=1000)
+
+
 class ChainStatus(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -78,6 +93,9 @@ class ChainStatus(BaseModel):
     first_broken_id: int | None = None
     head_id: int | None = None
     head_hash: str | None = None
+    heads_checked: int = Field(default=0, description="published heads checked against the chain")
+    heads_off_chain: list[int] = Field(
+        default_factory=list, description="seqs of published heads no longer on the chain (re-hashed or truncated)")
 
 
 
@@ -242,13 +260,18 @@ class RegistryService:
             for r in rows
         ])
 
-    async def verify_audit(self, tenant_id: UUID) -> ChainStatus:
+    async def verify_audit(self, tenant_id: UUID, heads: Sequence[PublishedHead] = ()) -> ChainStatus:
+        """Recompute the chain and, given heads published earlier, check that each is still on it: an intact
+        chain that lost a published head was re-hashed (or cut) at or before it."""
         async with self._tx(tenant_id, write=False) as conn:
             broken = await audit.verify_chain(conn, tenant_id)
             head = await audit.chain_head(conn, tenant_id)
+            off_chain = await audit_heads.check_heads(conn, tenant_id, [(h.seq, h.hash) for h in heads])
         return ChainStatus(
-            intact=broken is None,
+            intact=broken is None and not off_chain,
             first_broken_id=broken,
             head_id=None if head is None else head[0],
             head_hash=None if head is None else head[1].hex(),
+            heads_checked=len(heads),
+            heads_off_chain=off_chain,
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -20,7 +20,7 @@ from iim.admin.bodies import parse_body, parse_query
 from iim.admin.problems import MalformedRequest, NotFound
 from iim.admin.resources import ListQuery, NoQuery, Resource, page_model
 from iim.admin.routing import Handler
-from iim.admin.service import AuditQuery, RegistryService
+from iim.admin.service import AuditQuery, HeadsToVerify, RegistryService
 from iim.admin.settings import AdminSettings
 from policy_cache.models import Tenant, TenantCreate, TenantUpdate
 
@@ -131,6 +131,24 @@ async def verify_audit(request: web.Request) -> web.Response:
     service = request.config_dict[SERVICE]
     parse_query(request, NoQuery)
     return json_response(await service.verify_audit(path_uuid(request, "tenant_id")))
+
+
+async def verify_audit_heads(request: web.Request) -> web.Response:
+    """The chain recomputed, and each head published earlier checked to be still on it."""
+    service, settings = request.config_dict[SERVICE], request.config_dict[SETTINGS]
+    body = await parse_body(request, HeadsToVerify, settings.max_body_bytes)
+    return json_response(await service.verify_audit(path_uuid(request, "tenant_id"), body.heads))
+
+
+def audit_heads_view(latest: Callable[[UUID | None], list[dict[str, Any]]]) -> Handler:
+    """``GET /v1/audit/head``: the signed chain heads this process published last (a tenant-bound token sees
+    its tenant's only). A bare handler: the service mounts it when it signs heads."""
+
+    async def handler(request: web.Request) -> web.Response:
+        principal = request[PRINCIPAL]
+        return json_response({"heads": latest(principal.tenant)})
+
+    return handler
 
 
 # -- tenant-scoped resources ------------------------------------------------------------------------------

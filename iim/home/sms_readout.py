@@ -51,6 +51,7 @@ from iim.home.sms_policy import (
     Target,
     decide_sms_readout,
 )
+from iim.sms import store as sms_store
 from policy_cache.db import Pool, tenant_tx
 
 __all__ = ["ACTOR", "Delivery", "SmsReadoutService", "text_digest"]
@@ -183,6 +184,7 @@ class SmsReadoutService:
                 await store.audit_sms(conn, tenant, ACTOR, NOT_READ, sms_id, {
                     "consent_id": readout.consent_id, "codes": list(readout.codes),
                     "reasons": list(readout.reasons)})
+                await sms_store.forget_mo_body(conn, sms_id)  # not read out: no reason to keep it
             else:
                 assert readout.text is not None
                 await store.audit_sms(conn, tenant, ACTOR, CLAIMED, sms_id, {

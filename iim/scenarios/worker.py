@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -78,6 +79,10 @@ ORIGINATE_CLAIMS = Counter("iim_originate_claims", "Alert calls claimed under th
                            ["path"], registry=REGISTRY)
 ORIGINATE_QUEUED = Counter("iim_originate_queued", "Alert calls a toll-fraud cap kept waiting (queued and tried "
                            "again, not refused), by cap", ["reason"], registry=REGISTRY)
+PROMPT_FALLBACKS = Counter("iim_alert_prompt_fallbacks", "Alert calls that played the generic prompt instead of "
+                           "their own, by why: unavailable (speech failed), refused (text it cannot say), late "
+                           "(answered before the render), no_generic (not even the generic one)", ["reason"],
+                           registry=REGISTRY)
 ORPHANED_CALLS = Counter("iim_alert_calls_orphaned", "Answered alert calls whose worker had died, settled here",
                          registry=REGISTRY)
 
@@ -116,9 +121,12 @@ class RenderedPrompt(Protocol):
 
 
 class PromptRenderer(Protocol):
-    """Speech for IVR prompts (``iim.tts.engine.EspeakTts``)."""
+    """Speech for IVR prompts (``iim.tts.engine.EspeakTts``): the call's own text, and the generic prompt with
+    the IVR's instructions that plays until (or instead of) it."""
 
     async def render(self, text: str, *, voice: str | None = None) -> RenderedPrompt: ...
+
+    async def generic(self, meanings: Mapping[str, str], *, record: bool = False) -> RenderedPrompt: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,9 +535,12 @@ class IncidentWorker(AsyncResource):
         outcome is kept and written again while PostgreSQL is away (a job instead fails and is retried)."""
         self._placing.add(call.call_uuid)
         try:
-            placing = asyncio.create_task(self._place(call))
+            text = None
             if self.speech is not None and self.placer is not None and call.prompt:
-                await self._speak_while_ringing(call)
+                call, text = await self._generic_first(call, meanings)
+            placing = asyncio.create_task(self._place(call))
+            if text is not None:
+                await self._speak_while_ringing(tenant_id, incident_id, key, call, text)
             outcome = await placing
         finally:
             self._placing.discard(call.call_uuid)
@@ -662,22 +673,51 @@ class IncidentWorker(AsyncResource):
                           {"key": key, "reason": wait.reason, "detail": wait.detail,
                            "retry_in_s": round(wait.retry_after_s, 1)}, event_id=incident.first_event_id)
 
-    async def _speak_while_ringing(self, call: AlertCall) -> None:
-        """Render the prompt with our TTS while the phone rings and give the IVR the WAV file; when speech
-        is unavailable or late the call keeps FreeSWITCH's own ``say:`` of the same text (and the group's
-        SMS carries it in writing)."""
+    async def _generic_first(self, call: AlertCall, meanings: Mapping[str, str]) -> tuple[AlertCall, str | None]:
+        """The call as it is placed when our TTS speaks: with the generic prompt (the IVR's instructions, no
+        name), whatever its own text becomes; and that text, to render while it rings. The private text is
+        never handed to the switch, so no render failure or timing can leak it through FreeSWITCH's ``say:``."""
+        assert self.speech is not None
+        text = (call.prompt or "").removeprefix("say:") or None
+        try:
+            fallback: str | None = str((await self.speech.generic(meanings, record=call.record_s > 0)).path)
+        except (OSError, ValueError) as exc:  # the cache directory cannot be written
+            log.error("generic prompt unavailable (%s); the call plays no prompt", exc,
+                      extra={"call_id": call.call_uuid})
+            fallback = None
+        return dataclasses.replace(call, prompt=fallback), text
+
+    async def _speak_while_ringing(self, tenant_id: UUID, incident_id: UUID, key: str, call: AlertCall,
+                                   text: str) -> None:
+        """Render the call's own prompt with our TTS while the phone rings and give the IVR the WAV file; when
+        speech fails or is late the callee hears the generic prompt it was placed with, and the incident gets
+        a ``degraded: prompt`` note (the group's SMS carries the details in writing)."""
         assert self.speech is not None
         assert self.placer is not None
-        assert call.prompt is not None
-        text = call.prompt.removeprefix("say:")
+        reason: str | None = None
+        why = ""
         try:
             rendered = await self.speech.render(text)
-        except (TtsUnavailable, ValueError) as exc:  # down, timed out, or text it cannot say
-            log.warning("prompt not rendered (%s); FreeSWITCH speaks it", type(exc).__name__,
-                        extra={"call_id": call.call_uuid})
+        except TtsUnavailable as exc:  # down, timed out, voice refused
+            reason, why = "unavailable", str(exc)
+        except ValueError as exc:  # a text it cannot say (too long, nothing speakable)
+            reason, why = "refused", str(exc)
+        else:
+            if not self.placer.use_prompt(call.call_uuid, str(rendered.path)):
+                reason, why = "late", "the call was answered before its prompt was rendered"
+        if reason is not None and call.prompt is None:
+            reason, why = "no_generic", "neither its own nor the generic prompt could be played"
+        if reason is None:
             return
-        if not self.placer.use_prompt(call.call_uuid, str(rendered.path)):
-            log.info("prompt rendered after the answer; FreeSWITCH spoke it", extra={"call_id": call.call_uuid})
+        PROMPT_FALLBACKS.labels(reason).inc()
+        log.warning("alert call plays the generic prompt (%s: %s)", reason, why, extra={"call_id": call.call_uuid})
+        try:
+            async with tenant_tx(self.pool, tenant_id) as conn:
+                await store.audit(conn, tenant_id, "scenario-engine", "incident.degraded", incident_id,
+                                  {"degraded": "prompt", "key": key, "reason": reason, "detail": why[:200]},
+                                  event_id=call.variables.get("iim_event_id"), call_uuid=UUID(call.call_uuid))
+        except STORE_UNAVAILABLE as exc:  # the call goes on; only the note is lost
+            log.warning("degraded-prompt note not written (%s)", type(exc).__name__, extra={"call_id": call.call_uuid})
 
     async def _place(self, call: AlertCall) -> CallOutcome:
         if self.placer is None:
@@ -838,7 +878,9 @@ def _safe_alert_call(settings: WorkerSettings, tenant_id: UUID, incident: store.
 
 def _say(text: str | None) -> str | None:
     """A FreeSWITCH TTS playable (``say:`` with the channel's tts_engine): the text rendered to a speakable
-    form (:func:`speakable`; no ``${``, controls or separators reach the switch), or the generic prompt."""
+    form (:func:`speakable`; no ``${``, controls or separators reach the switch), or the generic prompt. With
+    our own TTS (``IIM_ALERT_PROMPT_TTS=iim``) it never leaves the process: :meth:`IncidentWorker._generic_first`
+    places the call with the generic WAV and renders this text while it rings."""
     if not text:
         return None
     return "say:" + (speakable(text) or GENERIC_ALARM_PROMPT)

@@ -28,7 +28,11 @@ dies is lost (the row stays ``sent``). ``on_undelivered(tenant_id, row)`` runs o
 MO: stored in ``iim.sms_inbound`` before the SMSC is acknowledged, deduplicated by the SMSC's id or, without
 one, by a content hash within ``mo_dedup_window``; then ``on_mo(tenant_id, mo)`` runs (in its own task, so
 a slow consumer does not hold up the SMPP session). Hooks are best effort after commit: a consumer that must
-not miss anything also reads the tables (``handled_at IS NULL``, ``status = 'undelivered'``).
+not miss anything also reads the tables (``handled_at IS NULL``, ``status = 'undelivered'``). A body is kept
+only while it may be needed: it is stored only when the destination's subscriber holds a live ``read_sms``
+consent (the hook gets it in memory either way), a declined read-out forgets it at once
+(:func:`iim.sms.store.forget_mo_body`), and the rest are forgotten ``mo_body_retention`` seconds (24 h)
+after they arrived; sender, time, length and content hash stay.
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ SENT = Counter("iim_sms_sent", "SMS submit outcomes, by result", ["result"], reg
 RETRIES = Counter("iim_sms_retries", "SMS put back in the queue, by reason", ["reason"], registry=REGISTRY)
 RECEIPTS = Counter("iim_sms_receipts", "Delivery receipts, by state", ["state"], registry=REGISTRY)
 MO = Counter("iim_sms_mo", "Mobile-originated SMS, by result", ["result"], registry=REGISTRY)
+MO_BODIES_PURGED = Counter("iim_sms_mo_bodies_purged", "Stored MO bodies forgotten after their retention",
+                           registry=REGISTRY)
 QUEUE_DEPTH = Gauge("iim_sms_queue_depth", "Outbox rows queued or being sent (all tenants)", registry=REGISTRY)
 SUBMIT_SECONDS = Histogram("iim_sms_submit_seconds", "Submit to SMSC answer (all parts)",
                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10), registry=REGISTRY)
@@ -192,6 +198,8 @@ class SmsSender(AsyncResource):
         receipt_match_window: float = 120.0,
         depth_interval: float = 5.0,
         stop_timeout: float = 15.0,
+        mo_body_retention: float = 86400.0,
+        purge_interval: float = 300.0,
     ) -> None:
         if not 1 <= batch <= 10000:
             raise ValueError("batch must be 1..10000")
@@ -210,6 +218,8 @@ class SmsSender(AsyncResource):
         self.receipt_match_window = receipt_match_window
         self.depth_interval = depth_interval
         self.stop_timeout = stop_timeout
+        self.mo_body_retention = mo_body_retention
+        self.purge_interval = purge_interval
         self._inflight: set[asyncio.Task[None]] = set()
         self._hooks: set[asyncio.Task[None]] = set()
         self._outcomes: list[_Outcome] = []
@@ -232,7 +242,8 @@ class SmsSender(AsyncResource):
         self._claimer = asyncio.create_task(self._claim_loop(), name="sms-claim")
         self._tasks = [asyncio.create_task(self._flush_loop(), name="sms-flush"),
                        asyncio.create_task(self._receipt_loop(), name="sms-receipts"),
-                       asyncio.create_task(self._depth_loop(), name="sms-depth")]
+                       asyncio.create_task(self._depth_loop(), name="sms-depth"),
+                       asyncio.create_task(self._purge_loop(), name="sms-mo-purge")]
 
     async def aclose(self) -> None:
         claimer, self._claimer = self._claimer, None
@@ -407,6 +418,20 @@ class SmsSender(AsyncResource):
             with contextlib.suppress(*_DB_ERRORS):
                 QUEUE_DEPTH.set(await store.queue_depth(self.pool))
             await asyncio.sleep(self.depth_interval)
+
+    async def _purge_loop(self) -> None:
+        """Forget MO bodies older than ``mo_body_retention`` (every tenant), now and every ``purge_interval``:
+        a read-out body is needed for minutes, not kept for ever. A failed round is retried next time."""
+        while True:
+            try:
+                while (purged := await store.purge_mo_bodies(self.pool, self.mo_body_retention)) >= 1000:
+                    MO_BODIES_PURGED.inc(purged)
+                MO_BODIES_PURGED.inc(purged)
+                if purged:
+                    log.info("MO bodies past their retention forgotten", extra={"purged": purged})
+            except _DB_ERRORS as exc:
+                _db_failure("MO body purge", exc, self.purge_interval)
+            await asyncio.sleep(self.purge_interval)
 
     # --- receipts ------------------------------------------------------------------------------------------
 

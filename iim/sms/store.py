@@ -22,8 +22,9 @@ from iim.sms.transport import MoSms
 from policy_cache.db import Connection, Pool
 
 __all__ = [
-    "QueuedSms", "claim_due", "count_keyed", "enqueue_many", "enqueue_sms", "find_by_smsc_id", "lock_for_receipts",
-    "mark_mo_handled", "queue_depth", "store_mo", "subscriber_tenant", "write_outcomes", "write_receipts",
+    "QueuedSms", "claim_due", "count_keyed", "enqueue_many", "enqueue_sms", "find_by_smsc_id", "forget_mo_body",
+    "lock_for_receipts", "mark_mo_handled", "purge_mo_bodies", "queue_depth", "store_mo", "subscriber_tenant",
+    "write_outcomes", "write_receipts",
 ]
 
 # Advisory-lock namespace "IIMS" (the migrations, change sequence and audit chains use "IIMM").
@@ -61,9 +62,18 @@ _UPDATE_RECEIPT = """UPDATE iim.sms_outbox SET status = $2, delivered_ids = $3, 
                             updated_at = now()
                      WHERE id = $1"""
 
+# The body is written only when the destination's subscriber may have SMS read out (a live read_sms
+# consent); otherwise NULL from the start: a message nobody consented to have read is never stored in clear.
 _INSERT_MO = """INSERT INTO iim.sms_inbound (sms_id, content_hash, transport, source, destination, subscriber_id,
-                                             body, received_at)
-                VALUES ($1, $2, $3, $4, $5, (SELECT id FROM iim.subscriber WHERE msisdn = $5), $6, $7)
+                                             body, body_length, received_at)
+                VALUES ($1, $2, $3, $4, $5, (SELECT id FROM iim.subscriber WHERE msisdn = $5),
+                        CASE WHEN EXISTS (
+                            SELECT 1 FROM iim.consent c
+                              JOIN iim.subscriber s ON s.tenant_id = c.tenant_id AND s.id = c.subscriber_id
+                             WHERE s.msisdn = $5 AND c.purpose = 'read_sms' AND c.revoked_at IS NULL
+                               AND (c.expires_at IS NULL OR c.expires_at > now()))
+                        THEN $6::text END,
+                        length($6::text), $7)
                 ON CONFLICT (tenant_id, sms_id) DO NOTHING
                 RETURNING id, sms_id, subscriber_id, received_at"""
 
@@ -111,6 +121,22 @@ async def mark_mo_handled(conn: Connection, inbound_id: UUID) -> bool:
         "UPDATE iim.sms_inbound SET handled_at = now() WHERE id = $1 AND handled_at IS NULL RETURNING id",
         inbound_id)
     return done is not None
+
+
+async def forget_mo_body(conn: Connection, sms_id: str) -> bool:
+    """Forget the stored body of the MO ``sms_id`` now (in the caller's tenant transaction): it will not be
+    read out. Its metadata stays. False when no body was stored (or it is gone already)."""
+    gone: UUID | None = await conn.fetchval(
+        "UPDATE iim.sms_inbound SET body = NULL, body_purged_at = now(), handled_at = coalesce(handled_at, now()) "
+        "WHERE sms_id = $1 AND body IS NOT NULL RETURNING id", sms_id)
+    return gone is not None
+
+
+async def purge_mo_bodies(pool: Pool, retention_s: float, *, limit: int = 1000) -> int:
+    """Forget the bodies of MO received more than ``retention_s`` ago, every tenant (``iim.sms_purge_bodies``);
+    the number forgotten (at most ``limit``)."""
+    return int(await pool.fetchval("SELECT iim.sms_purge_bodies(make_interval(secs => $1), $2)",
+                                   float(retention_s), limit))
 
 
 # --- the sender's statements ---------------------------------------------------------------------------------

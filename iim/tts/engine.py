@@ -31,7 +31,7 @@ import unicodedata
 import wave
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -41,7 +41,7 @@ import numpy
 import soxr
 
 from iim.core.lifecycle import AsyncResource
-from iim.tts import espeak
+from iim.tts import espeak, generic
 
 __all__ = [
     "ESPEAK_RATE", "VOICES", "AudioStore", "EspeakTts", "RenderedAudio", "TtsStatistics", "TtsUnavailable",
@@ -176,10 +176,15 @@ class EspeakTts(AsyncResource):
         library: a libespeak-ng other than the ``espeakng-loader`` wheel's (``None``: the wheel's).
         max_text_chars: longer texts are refused (``ValueError``): an SMS, not a book.
         words_per_minute: espeak's speed; its default (175) when ``None``.
+        voices: the espeak-ng voice of each of our languages (``{"en-us": "en-gb"}``); VOICES otherwise.
+
+    ``health()`` says ``degraded`` while speech fails (the last synthesis, or the last :meth:`check`, failed):
+    alert calls then play the generic prompt (:meth:`generic`, from shipped recordings) instead.
     """
 
     def __init__(self, cache_dir: Path, *, sample_rate: int = 16000, max_cache_bytes: int = 64 << 20,
-                 timeout_s: float = 10.0, library: str | None = None, max_text_chars: int = 2000, words_per_minute: int | None = None) -> None:
+                 timeout_s: float = 10.0, library: str | None = None, max_text_chars: int = 2000,
+                 words_per_minute: int | None = None, voices: Mapping[str, str] | None = None) -> None:
         if sample_rate not in (8000, 16000, ESPEAK_RATE):
             raise ValueError(f"sample_rate must be 8000, 16000 or {ESPEAK_RATE}")
         if words_per_minute is not None and not 80 <= words_per_minute <= 450:
@@ -192,6 +197,9 @@ class EspeakTts(AsyncResource):
         self.library = library
         self.max_text_chars = max_text_chars
         self.words_per_minute = words_per_minute
+        self.voices = {**VOICES, **(voices or {})}
+        #: why the last synthesis failed, and since when (monotonic); None while speech works
+        self._failure: tuple[str, float] | None = None
         self._index: OrderedDict[str, _Entry] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[float]] = {}
         self._renders = self._hits = self._shared = self._evictions = 0
@@ -242,6 +250,65 @@ class EspeakTts(AsyncResource):
         duration = await asyncio.shield(task)
         return RenderedAudio(self._path(key), key, name, duration, cached=joined)
 
+    async def generic(self, meanings: Mapping[str, str], *, record: bool = False) -> RenderedAudio:
+        """The generic alert prompt for an IVR whose digits mean ``meanings`` (or a recording's), as a cached WAV
+        at the configured rate: put together from the shipped recordings (:mod:`iim.tts.generic`), so it works
+        with libespeak-ng gone. Raises OSError only if the cache directory cannot be written."""
+        stems = generic.generic_segments(meanings, record=record)
+        key = hashlib.sha256(f"generic\x00{self.sample_rate}\x00{','.join(stems)}".encode()).hexdigest()
+        entry = self._lookup(key)
+        if entry is not None:
+            return RenderedAudio(self._path(key), key, "generic", entry.duration_s, cached=True)
+        out = self.cache_dir / f".tmp-{key}-{uuid4().hex[:8]}.wav"
+        try:
+            await asyncio.to_thread(self._write_generic, stems, out)
+            duration = self._commit(key, out)
+        except TtsUnavailable as exc:  # pragma: no cover - the shipped phrases are checked by the tests
+            raise OSError(f"generic prompt: {exc}") from None
+        finally:
+            out.unlink(missing_ok=True)
+        return RenderedAudio(self._path(key), key, "generic", duration, cached=False)
+
+    def _write_generic(self, stems: Sequence[str], out: Path) -> None:
+        samples = resample_pcm16(generic.load_segments(stems), generic.SEGMENT_RATE, self.sample_rate)
+        _write_pcm16(out, samples, self.sample_rate)
+
+    async def check(self) -> bool:
+        """Synthesise a short probe (not cached) to learn whether speech works now; ``health()`` follows."""
+        stop = threading.Event()
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._probe, stop), self.timeout_s + _ABORT_GRACE_S)
+        except TimeoutError:
+            stop.set()
+            self._failed("espeak-ng did not finish the probe in time")
+        except TtsUnavailable as exc:
+            self._failed(str(exc))
+        else:
+            self._failure = None
+        return self._failure is None
+
+    def _probe(self, stop: threading.Event) -> None:
+        try:
+            espeak.synthesize("ok", self.voices["en-us"], deadline=time.monotonic() + self.timeout_s, stop=stop,
+                              library=self.library)
+        except espeak.EspeakError as exc:
+            raise TtsUnavailable(str(exc)) from None
+
+    def health(self) -> dict[str, object]:
+        """For ``/health``: ``degraded`` while speech fails (alert calls fall back to the generic prompt)."""
+        if self._failure is None:
+            return {"status": "ok", "tts": {"status": "ok"}}
+        reason, since = self._failure
+        return {"status": "degraded", "tts": {"status": "degraded", "error": reason,
+                                              "failing_for_s": round(time.monotonic() - since, 1)}}
+
+    def _failed(self, reason: str) -> None:
+        if self._failure is None:
+            log.warning("speech failing: %s", reason)
+            self._failure = (reason, time.monotonic())
+        else:
+            self._failure = (reason, self._failure[1])
+
     def path_for(self, key: str) -> Path | None:
         """The cached file of ``key`` (hex only: nothing else ever becomes a path), or ``None``."""
         if not _KEY.fullmatch(key):
@@ -280,10 +347,14 @@ class EspeakTts(AsyncResource):
             # The thread stops itself at timeout_s (the synthesis is aborted from its callback); the grace
             # only bounds this wait should the library hang where it cannot notice.
             await asyncio.wait_for(asyncio.shield(job), self.timeout_s + _ABORT_GRACE_S)
-            return self._commit(key, out)
+            duration = self._commit(key, out)
         except TimeoutError:
             stop.set()
+            self._failed(f"espeak-ng did not finish within {self.timeout_s:g} s")
             raise TtsUnavailable(f"espeak-ng did not finish within {self.timeout_s:g} s") from None
+        except TtsUnavailable as exc:
+            self._failed(str(exc))
+            raise
         except asyncio.CancelledError:
             stop.set()
             with contextlib.suppress(TtsUnavailable, OSError):
@@ -291,12 +362,14 @@ class EspeakTts(AsyncResource):
             raise
         finally:
             out.unlink(missing_ok=True)
+        self._failure = None
+        return duration
 
     def _render_file(self, text: str, voice: str, out: Path, stop: threading.Event) -> None:
         """In a worker thread: synthesise, resample to the configured rate, write the WAV to ``out``."""
         deadline = time.monotonic() + self.timeout_s
         try:
-            speech = espeak.synthesize(text, VOICES[voice], deadline=deadline, stop=stop, library=self.library,
+            speech = espeak.synthesize(text, self.voices[voice], deadline=deadline, stop=stop, library=self.library,
                                        words_per_minute=self.words_per_minute)
         except espeak.EspeakTimeout:
             raise TtsUnavailable(f"espeak-ng did not finish within {self.timeout_s:g} s") from None

@@ -1,4 +1,4 @@
--- iim.audit_append: its current definition, last set by migration 0004_audit_log.sql.
+-- iim.audit_append: its current definition, last set by migration 0020_audit_heads_and_bounded_writers.sql.
 CREATE OR REPLACE FUNCTION iim.audit_append(
     p_tenant uuid, p_actor text, p_action text, p_entity text, p_entity_id text,
     p_detail jsonb DEFAULT '{}', p_correlation jsonb DEFAULT '{}'
@@ -16,6 +16,10 @@ BEGIN
     IF p_tenant IS NULL OR p_tenant IS DISTINCT FROM NULLIF(current_setting('app.tenant', true), '')::uuid THEN
         RAISE EXCEPTION 'audit_append: tenant % is not the transaction''s tenant', p_tenant
             USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF p_actor IS NULL OR p_actor ~ '[[:cntrl:]]' OR p_actor <> btrim(p_actor) THEN
+        RAISE EXCEPTION 'audit_append: malformed actor (control characters or surrounding blanks)'
+            USING ERRCODE = 'check_violation';
     END IF;
     -- Same lock order as the change-log triggers (change sequence first, then the tenant chain): no deadlock.
     PERFORM pg_advisory_xact_lock_shared(1229540685, 1);

@@ -127,6 +127,41 @@ async def test_connectors_are_listed_at_the_documented_path_to_token_holders_onl
     assert [c["name"] for c in listing["connectors"]] == ["ghost"]  # the configured one, failed to load
 
 
+async def test_signed_audit_heads_are_published_to_the_file_the_log_and_the_api(
+        urls: DatabaseUrls, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from policy_cache.audit_heads import read_heads, verify_head_signature
+
+    table = {hashlib.sha256(b"viewer-token").hexdigest(): {"actor": "noc", "role": "viewer"}}
+    monkeypatch.setenv("IIM_TEST_ADMIN_TOKENS", json.dumps(table))
+    monkeypatch.setenv("IIM_ADMIN_TOKENS_REF", "env:IIM_TEST_ADMIN_TOKENS")
+    key = Ed25519PrivateKey.generate()
+    monkeypatch.setenv("IIM_TEST_AUDIT_KEY", key.private_bytes_raw().hex())
+    heads = tmp_path / "heads.jsonl"
+    settings = _settings(tmp_path, audit_head_key_ref="env:IIM_TEST_AUDIT_KEY", audit_heads_file=str(heads))
+    async with Service(settings, database=urls) as service, aiohttp.ClientSession() as http:
+        base = f"http://127.0.0.1:{service.running.http_port}"
+        async with http.get(f"{base}/v1/audit/head", headers={"Authorization": "Bearer viewer-token"}) as resp:
+            assert resp.status == 200
+            served = (await resp.json())["heads"]
+        async with http.get(f"{base}/v1/audit/head") as resp:
+            assert resp.status == 401
+    assert served  # the demo data's tenants have chains
+    assert all(verify_head_signature(line, key.public_key()) for line in served)
+    written = read_heads(heads)
+    assert {(h["tenant_id"], h["seq"]) for h in served} <= {(h["tenant_id"], h["seq"]) for h in written}
+
+
+def test_an_unusable_audit_head_key_refuses_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from iim.core.errors import ConfigError
+
+    monkeypatch.setenv("IIM_TEST_AUDIT_KEY", "not a key")
+    service = Service(_settings(tmp_path, audit_head_key_ref="env:IIM_TEST_AUDIT_KEY"))
+    with pytest.raises(ConfigError, match="audit head signing key"):
+        service._audit_heads(None)  # type: ignore[arg-type]
+
+
 # -- lifecycle: a start that fails at any stage leaves nothing behind; stopping is the reverse of starting --
 
 _PARTS = (OutboundServer, InboundClient, AuditFlusher, PgPolicyStore, PolicyCache, CallDecisionAudit,

@@ -302,3 +302,40 @@ async def test_operators_set_caps_plan_and_allow_list_from_the_cli_and_a_premium
     audit = (await iim("audit", "list", *t, "--entity", "originate_limit")).json()
     assert [(r["action"], r["actor"]) for r in audit["items"]] == [
         ("originate_limit.update", "root@noc"), ("originate_limit.create", "root@noc")]
+
+
+async def test_audit_verify_against_published_heads_exits_4_after_a_superuser_rehash(
+        iim: Any, pg_db: PgDatabase, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from policy_cache.audit_heads import AuditHeadPublisher, key_id
+    from tests.audit_rehash import rehash_from
+
+    made = (await iim("tenant", "create", "--name", "Heads", "-o", "json")).json()
+    tenant = made["id"]
+    for _ in range(3):
+        assert (await iim("subscriber", "create", "--tenant", tenant, "--msisdn", _msisdn())).code == 0
+    key = Ed25519PrivateKey.generate()
+    heads = tmp_path / "heads.jsonl"
+    pool = await connect_pool(pg_db.app_url, role=DbRole.APP, min_size=1, max_size=2)
+    try:
+        async with AuditHeadPublisher(pool, key, heads_file=heads, interval=3600):
+            pass  # signs the heads at start (and at stop, had they moved)
+    finally:
+        await pool.close()
+    good = await iim("audit", "verify", "--tenant", tenant, "--heads", str(heads), "-o", "json")
+    assert (good.code, good.err) == (0, ""), good.err
+    assert good.json()["heads_checked"] == 1
+    assert good.json()["key_id"] == key_id(key.public_key())
+    wrong = Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()
+    pinned = await iim("audit", "verify", "--tenant", tenant, "--heads", str(heads), "--public-key", wrong)
+    assert pinned.code == cli.EXIT_CHAIN_BROKEN
+    assert "carry no valid signature" in pinned.err
+
+    first = (await iim("audit", "list", "--tenant", tenant, "-o", "json")).json()["items"][-1]["id"]
+    await rehash_from(pg_db.admin_url, UUID(tenant), first + 1)
+    blind = await iim("audit", "verify", "--tenant", tenant)
+    assert blind.code == 0  # the chain alone verifies after a complete re-hash ...
+    caught = await iim("audit", "verify", "--tenant", tenant, "--heads", str(heads))
+    assert caught.code == cli.EXIT_CHAIN_BROKEN  # ... the published head does not
+    assert "no longer on the chain" in caught.err

@@ -317,3 +317,32 @@ async def test_the_same_sms_id_in_two_tenants_is_two_messages(rig: Rig, body: st
         tenants.append(tenant)
         assert await rig.service.handle(tenant, rig.mo(home, body, sms_id="smsc-1")) == "read_aloud"
     assert len(rig.cloud.paths("/tts")) == 2
+
+
+async def _stored_body(pool: Pool, tenant: UUID, sms_id: str) -> str | None:
+    async with tenant_tx(pool, tenant) as conn:
+        value: str | None = await conn.fetchval("SELECT body FROM iim.sms_inbound WHERE sms_id = $1", sms_id)
+    return value
+
+
+async def test_a_declined_readout_forgets_the_stored_body_at_once(rig: Rig, body: str) -> None:
+    from iim.sms import store as sms_store
+    from iim.sms.transport import MoSms
+
+    tenant = await create_tenant(rig.pool)
+    home = await build_home(rig.pool, tenant, new_msisdn(), consent_scope=ALLOW)  # consented, but not this sender
+    incoming = MoSms("smpp", "+79031112233", home.msisdn, body, rig.clock.now, sms_id=uuid4().hex[:12])
+    async with tenant_tx(rig.pool, tenant) as conn:
+        row = await sms_store.store_mo(conn, incoming, "a" * 64, dedup_window=300)
+    assert row is not None
+    assert await _stored_body(rig.pool, tenant, row["sms_id"]) == body  # a live consent: kept to be read
+    mo = Mo(row["sms_id"], "79031112233", home.msisdn.removeprefix("+"), body, rig.clock.now)
+    assert await rig.service.handle(tenant, mo) == "nothing"
+    assert await _stored_body(rig.pool, tenant, row["sms_id"]) is None
+    async with tenant_tx(rig.pool, tenant) as conn:
+        kept = await conn.fetchrow("SELECT body_length, handled_at, body_purged_at FROM iim.sms_inbound "
+                                   "WHERE sms_id = $1", row["sms_id"])
+    assert kept is not None
+    assert kept["body_length"] == len(body)
+    assert kept["handled_at"] is not None
+    assert kept["body_purged_at"] is not None

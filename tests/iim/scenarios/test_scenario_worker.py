@@ -548,3 +548,78 @@ async def test_ivr_prompt_is_rendered_by_our_tts_while_the_phone_rings(app_pool:
         assert prompts
         assert str(tmp_path / "tts") in prompts[0]  # the WAV file, not FreeSWITCH's own say:
     await tts.aclose()
+
+
+# -- the prompt when speech fails: the generic one, with the IVR's instructions, and nothing private --------
+
+@pytest.fixture
+def switch_heard(monkeypatch: pytest.MonkeyPatch) -> bytearray:
+    """Every byte the emulated FreeSWITCH received, on every connection (inbound ESL and the IVR's socket)."""
+    from fs_app.testing.listener import EslListener
+
+    heard = bytearray()
+    received = EslListener.data_received
+
+    def recording(self: EslListener, data: bytes) -> None:
+        heard.extend(data)
+        received(self, data)
+
+    monkeypatch.setattr(EslListener, "data_received", recording)
+    return heard
+
+
+def _played(alarms: Alarms) -> list[str]:
+    from fs_app.esl import Execute
+    from fs_app.testing.apps import separate_args
+
+    return [separate_args(c.arg or "")[5] for r in alarms.emu.results for c in r.commands
+            if isinstance(c, Execute) and c.app == "play_and_get_digits"]
+
+
+async def _speech_failed_and_the_callee_confirmed(app_pool: Pool, pg_db: Any, tmp_path: Path, tts: Any,
+                                                  heard: bytearray) -> None:
+    from iim.tts import generic
+
+    async with alarms_rig(app_pool, pg_db, tmp_path, speech=tts, time_scale=0.1) as alarms:
+        alarms.emu.keep_results = True
+        rig = alarms.rig
+        alarms.script(rig.owner, TargetBehaviour.answer(after_ms=5_000, dtmf="1"))  # x0.1: rings 0.5 s
+        before = REGISTRY.get_sample_value("iim_alert_prompt_fallbacks_total", {"reason": "unavailable"}) or 0
+        incident = await alarms.raise_alarm("smoke")
+        assert await alarms.settled(incident) == "acknowledged"  # the callee knew to press 1
+        [prompt] = _played(alarms)
+        notes = await alarms.rows("SELECT detail FROM iim.audit_log WHERE entity_id = $1 AND action = "
+                                  "'incident.degraded'", str(incident))
+    assert (REGISTRY.get_sample_value("iim_alert_prompt_fallbacks_total", {"reason": "unavailable"}) or 0) > before
+    # The generic prompt, put together from the shipped phrases: "... press 1 to confirm the alarm, press 2 ...".
+    expected = await tts.generic({"1": "acknowledge", "2": "false_alarm"})
+    assert prompt == str(expected.path)
+    assert expected.duration_s > 10  # every instruction, in both languages
+    assert generic.generic_segments({"1": "acknowledge", "2": "false_alarm"})[1:3] == [
+        "press-1-ru", "meaning-acknowledge-ru"]
+    assert [n["detail"]["degraded"] for n in notes] == ["prompt"]
+    assert notes[0]["detail"]["reason"] == "unavailable"
+    # Nothing private reached the switch, on any connection, in any command.
+    for private in ("Flat 12", "Kitchen smoke sensor", "say:", "Alarm: "):
+        assert private.encode() not in heard
+    assert b"play_and_get_digits" in heard  # the recording saw the IVR's commands
+
+
+async def test_with_speech_gone_the_callee_hears_the_generic_prompt_and_the_switch_no_private_text(
+        app_pool: Pool, pg_db: Any, tmp_path: Path, switch_heard: bytearray) -> None:
+    from iim.tts.engine import EspeakTts
+
+    tts = EspeakTts(tmp_path / "tts", library=str(tmp_path / "libespeak-ng-removed.so"))  # the library is gone
+    await _speech_failed_and_the_callee_confirmed(app_pool, pg_db, tmp_path, tts, switch_heard)
+    assert tts.health()["status"] == "degraded"
+    await tts.aclose()
+
+
+async def test_when_the_engine_cannot_say_the_prompts_text_the_callee_hears_the_generic_prompt(
+        app_pool: Pool, pg_db: Any, tmp_path: Path, switch_heard: bytearray) -> None:
+    from iim.tts.engine import EspeakTts
+
+    tts = EspeakTts(tmp_path / "tts", voices={"en-us": "no-such-voice"})  # alive (Russian), the English text fails
+    assert await tts.render("Дым на кухне")
+    await _speech_failed_and_the_callee_confirmed(app_pool, pg_db, tmp_path, tts, switch_heard)
+    await tts.aclose()

@@ -208,8 +208,8 @@ async def test_outbox_over_http_sends_applies_receipts_and_stores_mo_once(
         await runner.cleanup()
         await sender.aclose()
     async with tenant_tx(app_pool, tenant) as conn:
-        inbound = await conn.fetch("SELECT sms_id, body FROM iim.sms_inbound")
-    assert [tuple(r) for r in inbound] == [("http:mo-77", "OK, coming")]
+        inbound = await conn.fetch("SELECT sms_id, body, body_length FROM iim.sms_inbound")
+    assert [tuple(r) for r in inbound] == [("http:mo-77", None, 10)]  # no read_sms consent: body not kept
     assert [(t, m.body) for t, m in mos] == [(tenant, "OK, coming")]
 
 

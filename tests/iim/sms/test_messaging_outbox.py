@@ -23,7 +23,7 @@ from iim.sms.smsc_sim import SmscProcess
 from iim.sms.store import enqueue_sms
 from policy_cache import registry
 from policy_cache.db import Pool, tenant_tx
-from policy_cache.models import SubscriberCreate
+from policy_cache.models import ConsentCreate, ConsentPurpose, SubscriberCreate
 from tests.pg import create_tenant
 
 ESME_RTHROTTLED = 0x58
@@ -235,11 +235,59 @@ async def test_mo_is_stored_once_even_if_redelivered_and_reaches_the_hook(app_po
         stored = await conn.fetch("SELECT * FROM iim.sms_inbound")
     assert len(stored) == 1
     mo = stored[0]
-    assert (mo["source"], mo["destination"], mo["body"], mo["subscriber_id"]) == (
-        "+79167770000", owner, "Call me back", sub.id)
+    assert (mo["source"], mo["destination"], mo["subscriber_id"]) == ("+79167770000", owner, sub.id)
     assert mo["handled_at"] is None
     [(hook_tenant, inbound)] = hooks.mo
     assert (hook_tenant, inbound.id, inbound.body) == (tenant, mo["id"], "Call me back")
+
+
+async def test_mo_body_without_a_read_sms_consent_is_never_stored_only_its_metadata(
+        app_pool: Pool, smsc: SmscProcess) -> None:
+    tenant = await create_tenant(app_pool)
+    owner = number()
+    async with tenant_tx(app_pool, tenant) as conn:
+        await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=owner), actor="test")
+    hooks = Hooks()
+    async with sender(app_pool, smsc, hooks):
+        assert await smsc.deliver(destination=owner[1:], source="79167770000", text="Private: 123456") == 0
+        await settle(lambda: _true(len(hooks.mo) == 1))
+    async with tenant_tx(app_pool, tenant) as conn:
+        [mo] = await conn.fetch("SELECT * FROM iim.sms_inbound")
+    assert mo["body"] is None
+    assert (mo["source"], mo["body_length"], len(mo["content_hash"])) == ("+79167770000", 15, 64)
+    assert hooks.mo[0][1].body == "Private: 123456"  # the hook still decides (and audits the refusal)
+
+
+async def test_consented_mo_body_is_kept_for_the_retention_then_purged_by_the_sender(
+        app_pool: Pool, smsc: SmscProcess) -> None:
+    tenant = await create_tenant(app_pool)
+    owner = number()
+    async with tenant_tx(app_pool, tenant) as conn:
+        sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=owner), actor="test")
+        await registry.create(conn, registry.CONSENT, ConsentCreate(
+            subscriber_id=sub.id, purpose=ConsentPurpose.READ_SMS, scope={"allowed_senders": ["*"]}, evidence={"channel": "test"}),
+            actor="test")
+    hooks = Hooks()
+
+    async def body() -> str | None:
+        async with tenant_tx(app_pool, tenant) as conn:
+            value: str | None = await conn.fetchval("SELECT body FROM iim.sms_inbound")
+        return value
+
+    async with sender(app_pool, smsc, hooks, mo_body_retention=1.0, purge_interval=0.1):
+        assert await smsc.deliver(destination=owner[1:], source="79167770000", text="Read me out") == 0
+        await settle(lambda: _true(len(hooks.mo) == 1))
+        assert await body() == "Read me out"  # kept while it may be read out
+        await settle(lambda: _is_none(body()), timeout=5)
+    async with tenant_tx(app_pool, tenant) as conn:
+        [mo] = await conn.fetch("SELECT * FROM iim.sms_inbound")
+    assert mo["body_purged_at"] is not None
+    assert (mo["source"], mo["body_length"], mo["subscriber_id"]) == ("+79167770000", 11, sub.id)
+    assert (REGISTRY.get_sample_value("iim_sms_mo_bodies_purged_total") or 0) >= 1
+
+
+async def _is_none(value: Awaitable[object]) -> bool:
+    return await value is None
 
 
 async def test_rows_left_sending_by_a_crashed_sender_are_claimed_again_after_their_lease(
@@ -299,8 +347,9 @@ async def test_cross_tenant_entry_points_are_for_the_app_role_only(admin_conn: A
             await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=shared), actor="test")
     async with tenant_tx(app_pool, b) as conn:
         await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=own), actor="test")
-        await conn.execute("""INSERT INTO iim.sms_inbound (sms_id, content_hash, transport, source, destination, body)
-                              VALUES ('x:1', repeat('a', 64), 'smpp', '+79160000000', $1, 'private')""", own)
+        await conn.execute("""INSERT INTO iim.sms_inbound (sms_id, content_hash, transport, source, destination, body,
+                                                          body_length)
+                              VALUES ('x:1', repeat('a', 64), 'smpp', '+79160000000', $1, 'private', 7)""", own)
     assert await app_pool.fetchval("SELECT iim.subscriber_tenant($1)", own) == b
     assert await app_pool.fetchval("SELECT iim.subscriber_tenant($1)", shared) is None  # ambiguous: no guess
     assert await app_pool.fetchval("SELECT iim.subscriber_tenant('+79999999999')") is None
