@@ -9,12 +9,11 @@ claims due rows for :func:`claim_due`.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import asyncpg
 
@@ -203,6 +202,7 @@ async def store_mo(conn: Connection, mo: MoSms, digest: str, *, dedup_window: fl
         digest, dedup_window)
     if seen:
         return None
-    row = await conn.fetchrow(_INSERT_MO, f"h:{digest}:{int(time.time() * 1000)}", digest, mo.transport, source,
+    # A fresh id, not derived from the content: the digest must not outlive the dedup window in the table.
+    row = await conn.fetchrow(_INSERT_MO, f"h:{uuid4().hex}", digest, mo.transport, source,
                               mo.destination, mo.body, mo.received_at)
     return row

@@ -7,10 +7,11 @@ CREATE OR REPLACE FUNCTION iim.sms_purge_bodies(p_retention interval, p_limit in
     SET search_path = pg_catalog
 AS $fn$
     WITH gone AS (
-        UPDATE iim.sms_inbound s SET body = NULL, body_purged_at = now()
+        UPDATE iim.sms_inbound s SET body = NULL, content_hash = NULL,
+                                     body_purged_at = coalesce(s.body_purged_at, now())
          WHERE (s.tenant_id, s.id) IN (
                SELECT q.tenant_id, q.id FROM iim.sms_inbound q
-                WHERE q.body IS NOT NULL AND q.received_at < now() - greatest(p_retention, interval '0')
+                WHERE q.content_hash IS NOT NULL AND q.received_at < now() - greatest(p_retention, interval '0')
                 ORDER BY q.received_at
                 LIMIT least(greatest(p_limit, 1), 10000)
                 FOR UPDATE SKIP LOCKED)

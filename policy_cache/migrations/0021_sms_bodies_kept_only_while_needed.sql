@@ -8,7 +8,10 @@
 --  * a body the read-out policy declined is forgotten in the transaction that records the refusal;
 --  * every other body is purged after the retention (IIM_SMS_BODY_RETENTION_S, default 24 h) by the
 --    sender's periodic iim.sms_purge_bodies;
---  * what stays is metadata: sender, destination, time, body_length, content_hash, and when the body went.
+--  * what stays is metadata: sender, destination, time, body_length, and when the body went. The
+--    content_hash (sha256 of transport, sender, destination and body, kept to recognise a redelivered MO
+--    within the dedup window) goes with the body: unkeyed, it would give a short body such as a 6-digit
+--    code back to anyone who can read the table, by brute force.
 -- Cross-tenant, so the purge is a narrow definer function owned by iim_sweeper, like iim.prune_originate_windows.
 
 SET LOCAL ROLE iim_owner;
@@ -19,10 +22,11 @@ UPDATE iim.sms_inbound SET body_length = length(body);
 ALTER TABLE iim.sms_inbound ALTER COLUMN body_length SET NOT NULL;
 ALTER TABLE iim.sms_inbound ADD CONSTRAINT sms_inbound_body_length_check CHECK (body_length BETWEEN 0 AND 40000);
 ALTER TABLE iim.sms_inbound ADD COLUMN body_purged_at timestamptz;
-CREATE INDEX sms_inbound_body_kept_idx ON iim.sms_inbound (received_at) WHERE body IS NOT NULL;
+ALTER TABLE iim.sms_inbound ALTER COLUMN content_hash DROP NOT NULL;
+CREATE INDEX sms_inbound_body_kept_idx ON iim.sms_inbound (received_at) WHERE content_hash IS NOT NULL;
 
 RESET ROLE;
-GRANT SELECT, UPDATE (body, body_purged_at) ON iim.sms_inbound TO iim_sweeper;
+GRANT SELECT, UPDATE (body, content_hash, body_purged_at) ON iim.sms_inbound TO iim_sweeper;
 CREATE POLICY sweeper_purge ON iim.sms_inbound AS PERMISSIVE FOR ALL TO iim_sweeper USING (true) WITH CHECK (true);
 SET LOCAL ROLE iim_owner;
 
@@ -31,10 +35,11 @@ CREATE FUNCTION iim.sms_purge_bodies(p_retention interval, p_limit integer) RETU
     SET search_path = pg_catalog
 AS $fn$
     WITH gone AS (
-        UPDATE iim.sms_inbound s SET body = NULL, body_purged_at = now()
+        UPDATE iim.sms_inbound s SET body = NULL, content_hash = NULL,
+                                     body_purged_at = coalesce(s.body_purged_at, now())
          WHERE (s.tenant_id, s.id) IN (
                SELECT q.tenant_id, q.id FROM iim.sms_inbound q
-                WHERE q.body IS NOT NULL AND q.received_at < now() - greatest(p_retention, interval '0')
+                WHERE q.content_hash IS NOT NULL AND q.received_at < now() - greatest(p_retention, interval '0')
                 ORDER BY q.received_at
                 LIMIT least(greatest(p_limit, 1), 10000)
                 FOR UPDATE SKIP LOCKED)

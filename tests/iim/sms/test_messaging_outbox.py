@@ -282,8 +282,32 @@ async def test_consented_mo_body_is_kept_for_the_retention_then_purged_by_the_se
     async with tenant_tx(app_pool, tenant) as conn:
         [mo] = await conn.fetch("SELECT * FROM iim.sms_inbound")
     assert mo["body_purged_at"] is not None
+    assert mo["content_hash"] is None  # unkeyed, it would give a short body back by brute force
     assert (mo["source"], mo["body_length"], mo["subscriber_id"]) == ("+79167770000", 11, sub.id)
     assert (REGISTRY.get_sample_value("iim_sms_mo_bodies_purged_total") or 0) >= 1
+
+
+async def test_the_content_hash_of_an_mo_never_stored_goes_after_the_retention_too(
+        app_pool: Pool, smsc: SmscProcess) -> None:
+    """A 6-digit code's sha256 is a lookup away from the code: no hash outlives the body's retention."""
+    tenant = await create_tenant(app_pool)
+    owner = number()
+    async with tenant_tx(app_pool, tenant) as conn:
+        await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=owner), actor="test")
+    hooks = Hooks()
+
+    async def content_hash() -> str | None:
+        async with tenant_tx(app_pool, tenant) as conn:
+            value: str | None = await conn.fetchval("SELECT content_hash FROM iim.sms_inbound")
+        return value
+
+    async with sender(app_pool, smsc, hooks, mo_body_retention=1.0, purge_interval=0.1):
+        assert await smsc.deliver(destination=owner[1:], source="79167770001", text="482913") == 0
+        await settle(lambda: _true(len(hooks.mo) == 1))
+        await settle(lambda: _is_none(content_hash()), timeout=5)
+    async with tenant_tx(app_pool, tenant) as conn:
+        [mo] = await conn.fetch("SELECT sms_id, body FROM iim.sms_inbound")
+    assert mo["body"] is None
 
 
 async def _is_none(value: Awaitable[object]) -> bool:
