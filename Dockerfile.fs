@@ -56,6 +56,7 @@ RUN --mount=type=secret,id=signalwire_token,required=true \
         freeswitch-mod-hash \
         freeswitch-mod-dialplan-xml \
         freeswitch-mod-sndfile \
+        freeswitch-mod-http-cache \
         freeswitch-mod-tone-stream \
         freeswitch-mod-opus \
         freeswitch-mod-say-en \

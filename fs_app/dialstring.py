@@ -23,9 +23,15 @@ class DialSettings:
     phone_endpoint: str = "sofia/gateway/ims/{msisdn}"
     speaker_endpoint: str = "user/{aor}"
     confirm_key: str = "1"
-    confirm_prompt: str = "ivr/ivr-accept_reject_voicemail.wav"
-    voicemail_profile: str = "default"
-    voicemail_domain: str = "iim.local"
+    # Prompts are IIM's own audio, fetched over HTTP and cached by the switch (mod_http_cache): FreeSWITCH has no
+    # sound package here, and IIM may run on another host. The service points these at its HTTP site.
+    confirm_prompt: str = "http_cache://http://127.0.0.1:8088/v1/prompts/confirm-call.wav"
+    voicemail_prompt: str = "http_cache://http://127.0.0.1:8088/v1/prompts/leave-message.wav"
+    # The operator's voicemail platform as a dial string ("sofia/gateway/ims/vm{msisdn}"); unset: the switch
+    # records the message itself (mod_voicemail is not loaded, and would need sound files nobody ships).
+    voicemail_endpoint: str | None = None
+    # Where the switch writes recorded messages: its own recordings directory unless configured.
+    recordings_dir: str = "${recordings_dir}"
 
 
 def _leg_target(leg: Leg, settings: DialSettings) -> str:

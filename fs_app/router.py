@@ -17,6 +17,7 @@ from typing import Protocol
 from fs_app import metrics
 from fs_app.call import Call, bridge_result
 from fs_app.dialstring import DialSettings, bridge_dial_string
+from fs_app.messages import take_message
 from fs_app.outbound import CallHandler
 from fs_app.passthrough import relay_cause
 from fs_app.routing import CallFacts, RoutingDecision, decide
@@ -62,7 +63,6 @@ class PolicyRouter:
         record_decision: DecisionSink = _no_sink,
         missed_call: MissedCallNotifier | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        recordings_dir: str = "/var/lib/freeswitch/recordings/iim",
         announce: AnnouncementStep | None = None,
     ) -> None:
         self._source = source
@@ -71,7 +71,6 @@ class PolicyRouter:
         self._record = record_decision
         self._missed_call = missed_call
         self._clock = clock
-        self._recordings = recordings_dir
         self._announce = announce
         self._routes = {name: metrics.CALLS_ROUTED.labels(name) for name in
                         ("policy", "reject", "fallback", "unknown_callee", "cache_not_ready", "decision_error")}
@@ -107,7 +106,8 @@ class PolicyRouter:
             cause = result.hangup_cause
         await self._fallback(call, decision, snapshot, facts)
         if not call.hung_up:
-            await call.hangup(relay_cause(cause) if cause else "NORMAL_CLEARING")
+            # A caller who left a message was answered: end it normally, not with the failed leg's cause.
+            await call.hangup(relay_cause(cause) if cause and not call.answered else "NORMAL_CLEARING")
 
     def _decide(self, facts: CallFacts) -> tuple[RoutingDecision | None, str, RoutingSnapshot | None]:
         if not self._source.ready:
@@ -128,14 +128,7 @@ class PolicyRouter:
         self, call: Call, decision: RoutingDecision, snapshot: RoutingSnapshot, facts: CallFacts
     ) -> None:
         """Nobody answered (or DND): voicemail, a recorded message, or a missed-call SMS."""
-        if decision.fallback == "voicemail" and not call.hung_up:
-            await call.execute(
-                "voicemail", f"{self._dial.voicemail_profile} {self._dial.voicemail_domain} {snapshot.msisdn}",
-                timeout=None,
-            )
-        elif decision.fallback == "record_message" and not call.hung_up:
-            await call.answer()
-            await call.playback("voicemail/vm-record_message.wav")
-            await call.execute("record", f"{self._recordings}/{call.uuid}.wav 120 200 3", timeout=None)
+        if decision.fallback in ("voicemail", "record_message") and not call.hung_up:
+            await take_message(call, self._dial, snapshot.msisdn, voicemail=decision.fallback == "voicemail")
         if decision.fallback in ("missed_call_sms", "voicemail", "record_message") and self._missed_call:
             await self._missed_call(snapshot, facts)

@@ -79,8 +79,7 @@ async def _explain_call(args: argparse.Namespace, settings: Settings) -> int:
     if snapshot is None:
         print(f"{args.to} is not a subscriber: the call goes to the dialled number unchanged (passthrough)")
         return 0
-    dial = DialSettings(phone_endpoint=settings.passthrough_endpoint.replace("{destination}", "{msisdn}"),
-                        voicemail_domain=settings.sip_domain)
+    dial = DialSettings(phone_endpoint=settings.passthrough_endpoint.replace("{destination}", "{msisdn}"))
     _, report = explain(snapshot, args.to, args.caller, args.at, dial)
     print(render(report, as_json=args.json))
     return 0

@@ -54,7 +54,7 @@ from iim.settings import Settings
 from iim.sms.outbox import OutboxRow, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
 from iim.tts.engine import EspeakTts
-from iim.tts.urls import AudioUrlSigner, audio_routes
+from iim.tts.urls import AudioUrlSigner, audio_routes, prompt_routes, prompt_url
 from iot_bridge.app import BridgeConfig, create_bridge_app
 from iot_bridge.ratelimit import RateLimitSettings
 from iot_bridge.server_cert import ensure_self_signed
@@ -235,6 +235,7 @@ class Service:
             probes.append(policy.tts.health)  # degraded while speech fails: alert calls play the generic prompt
         root = create_app(probes)
         if policy is not None:
+            root.add_routes(prompt_routes(policy.tts))  # what FreeSWITCH plays for IIM (mod_http_cache)
             connectors = Route("GET", "/connectors", connector_list_view(policy.connectors), "listConnectors",
                                "Configured connectors: capabilities and health", "connectors", Access.READ)
             extra = [connectors]
@@ -279,8 +280,10 @@ class Service:
             log.error("policy cache not loaded in %s s: routing by dialled number until it is", s.cache_load_timeout)
         audit = await stack.enter_async_context(CallDecisionAudit(pool))
         connectors, tts, audio_urls = await self._start_home(stack, pool)
+        audio_base = s.switch_audio_base_url or f"http://{s.http_host}:{s.http_port}"
         dial = DialSettings(phone_endpoint=s.passthrough_endpoint.replace("{destination}", "{msisdn}"),
-                            voicemail_domain=s.sip_domain)
+                            confirm_prompt=prompt_url(audio_base, "confirm-call"),
+                            voicemail_prompt=prompt_url(audio_base, "leave-message"))
         announce = cloud_call_step(CloudAnnouncer(connectors), dial, OutboxSmsSink(pool))
         router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record, announce=announce)
         return PolicyParts(app_url=urls.app_url, pool=pool, directory_pool=directory_pool, cache=cache, router=router,

@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     connectors: list[dict[str, object]] = Field(default_factory=list)
     # Where vendor clouds reach IIM (signed audio URLs, user-action callbacks); default: the device bridge.
     public_base_url: str | None = None
+    # Where FreeSWITCH fetches the prompts IIM owns (GET /v1/prompts/NAME.wav on the HTTP site, through
+    # mod_http_cache); default http://IIM_HTTP_HOST:IIM_HTTP_PORT. Set it when the switch is on another host.
+    switch_audio_base_url: str | None = None
     audio_url_secret_ref: str | None = Field(default=None, description="unset: a random key per process")
     sms_hash_key_ref: str | None = Field(default=None, description="key for audit hashes of read-aloud SMS")
     # Audit chain heads signed outside the database (Ed25519, PEM or 32-byte seed by reference) and published

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import socket
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,21 @@ def call(workdir: Path, target_port: int, number: str, *, caller: str = "7916000
                       done.stdout[-3000:] + done.stderr[-3000:])
 
 
+def _wait_bound(port: int, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Until SIPp holds its UDP port: a call placed before would meet ICMP unreachable (a 503 at once)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"sipp exited with {process.returncode} before listening on {port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                return
+        time.sleep(0.02)
+    raise RuntimeError(f"sipp did not listen on {port} within {timeout} s")
+
+
 @contextlib.contextmanager
 def core(workdir: Path, port: int, scenario: str = "core_answer.xml", *, answer_ms: int = 200) -> Iterator[int]:
     """The IMS core (where the switch's ``ims`` gateway points) as a SIPp callee on ``port``; yields it."""
@@ -64,6 +81,7 @@ def core(workdir: Path, port: int, scenario: str = "core_answer.xml", *, answer_
         process = subprocess.Popen(argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT)
     try:
+        _wait_bound(port, process)
         yield port
     finally:
         process.send_signal(signal.SIGTERM)

@@ -32,6 +32,7 @@ from uuid import UUID
 
 from fs_app.call import Call, bridge_result
 from fs_app.dialstring import DialSettings, bridge_dial_string
+from fs_app.messages import take_message
 from fs_app.passthrough import relay_cause
 from fs_app.routing import Announcement, CallFacts, Leg, RoutingDecision
 from iim.connectors.contract import Connector, ConnectorError, ConnectorUnavailable, UserActionRequest
@@ -180,16 +181,13 @@ async def _announce_unless_hung_up(call: Call, announcer: CloudAnnouncer, facts:
 
 
 async def _fallback(call: Call, decision: RoutingDecision, phone: Leg | None, dial_settings: DialSettings,
-                    sms_sink: SmsSink | None, recordings_dir: str, caller: str | None) -> str:
+                    sms_sink: SmsSink | None, caller: str | None) -> str:
     """The decision's no-answer action (as the router runs it), then the missed-call SMS."""
     what = decision.fallback
     if what == "voicemail" and phone is not None and not call.hung_up:
-        await call.execute("voicemail", f"{dial_settings.voicemail_profile} {dial_settings.voicemail_domain} "
-                                        f"{phone.target}", timeout=None)
+        await take_message(call, dial_settings, phone.target, voicemail=True)
     elif what == "record_message" and not call.hung_up:
-        await call.answer()
-        await call.playback("voicemail/vm-record_message.wav")
-        await call.execute("record", f"{recordings_dir}/{call.uuid}.wav 120 200 3", timeout=None)
+        await take_message(call, dial_settings, phone.target if phone else "", voicemail=False)
     if what != "none" and phone is not None and sms_sink is not None and decision.tenant_id:
         text = f"Missed call from {caller or 'an unknown number'}: nobody took it at home."
         try:
@@ -207,8 +205,6 @@ async def run_cloud_announcement(
     announcer: CloudAnnouncer,
     dial_settings: DialSettings,
     sms_sink: SmsSink | None,
-    *,
-    recordings_dir: str = "/var/lib/freeswitch/recordings/iim",
 ) -> str:
     """Announce ``call`` on the decision's cloud speakers and act on the answer; returns what happened,
     ``"<announcement result>:<action>"`` (e.g. ``accept:phone``, ``decline:missed_call_sms:sms``,
@@ -216,14 +212,14 @@ async def run_cloud_announcement(
     facts = CallFacts(call.destination_number or "", call.caller_id_number, call.uuid)
     phones = [leg for leg in decision.legs if leg.kind == "phone"]
     phone = phones[0] if phones else None
-    outcome_text = await _run(call, decision, announcer, dial_settings, sms_sink, recordings_dir, facts, phone)
+    outcome_text = await _run(call, decision, announcer, dial_settings, sms_sink, facts, phone)
     metrics.CLOUD_CALLS.labels(outcome_text.split(":", 1)[0]).inc()
     log.info("cloud-announced call handled", extra={"call_id": call.uuid, "outcome": outcome_text})
     return outcome_text
 
 
 async def _run(call: Call, decision: RoutingDecision, announcer: CloudAnnouncer, dial_settings: DialSettings,
-               sms_sink: SmsSink | None, recordings_dir: str, facts: CallFacts, phone: Leg | None) -> str:
+               sms_sink: SmsSink | None, facts: CallFacts, phone: Leg | None) -> str:
     await call.execute("ring_ready")
     outcome = await _announce_unless_hung_up(call, announcer, facts, decision)
     if outcome is None:
@@ -252,21 +248,19 @@ async def _run(call: Call, decision: RoutingDecision, announcer: CloudAnnouncer,
         action = "phone_no_answer:"
     if call.hung_up:
         return f"{outcome.result}:{action}caller_hung_up"
-    done = await _fallback(call, decision, phone, dial_settings, sms_sink, recordings_dir, facts.caller)
+    done = await _fallback(call, decision, phone, dial_settings, sms_sink, facts.caller)
     if not call.hung_up:
-        await call.hangup(relay_cause(cause) if cause else "NORMAL_CLEARING")
+        await call.hangup(relay_cause(cause) if cause and not call.answered else "NORMAL_CLEARING")
     return f"{outcome.result}:{action}{done}"
 
 
 CloudCallStep = Callable[[Call, RoutingDecision], Awaitable[str]]
 
 
-def cloud_call_step(announcer: CloudAnnouncer, dial_settings: DialSettings, sms_sink: SmsSink | None, *,
-                    recordings_dir: str = "/var/lib/freeswitch/recordings/iim") -> CloudCallStep:
+def cloud_call_step(announcer: CloudAnnouncer, dial_settings: DialSettings, sms_sink: SmsSink | None) -> CloudCallStep:
     """What ``PolicyRouter(announce=...)`` takes: the step bound to its collaborators."""
 
     async def step(call: Call, decision: RoutingDecision) -> str:
-        return await run_cloud_announcement(call, decision, announcer, dial_settings, sms_sink,
-                                            recordings_dir=recordings_dir)
+        return await run_cloud_announcement(call, decision, announcer, dial_settings, sms_sink)
 
     return step

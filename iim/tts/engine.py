@@ -31,7 +31,7 @@ import unicodedata
 import wave
 from array import array
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -256,21 +256,31 @@ class EspeakTts(AsyncResource):
         with libespeak-ng gone. Raises OSError only if the cache directory cannot be written."""
         stems = generic.generic_segments(meanings, record=record)
         key = hashlib.sha256(f"generic\x00{self.sample_rate}\x00{','.join(stems)}".encode()).hexdigest()
+        return await self._shipped(key, lambda: generic.load_segments(stems))
+
+    async def system(self, name: str) -> RenderedAudio:
+        """A prompt the switch plays for IIM (:data:`iim.tts.generic.SYSTEM_PROMPTS`: a forked call's confirmation,
+        the voicemail greeting) as a cached WAV, from the shipped recordings; KeyError for an unknown name."""
+        stems = generic.SYSTEM_PROMPTS[name]
+        key = hashlib.sha256(f"system\x00{self.sample_rate}\x00{name}\x00{','.join(stems)}".encode()).hexdigest()
+        return await self._shipped(key, lambda: generic.system_segments(name))
+
+    async def _shipped(self, key: str, segments: Callable[[], array[int]]) -> RenderedAudio:
         entry = self._lookup(key)
         if entry is not None:
             return RenderedAudio(self._path(key), key, "generic", entry.duration_s, cached=True)
         out = self.cache_dir / f".tmp-{key}-{uuid4().hex[:8]}.wav"
         try:
-            await asyncio.to_thread(self._write_generic, stems, out)
+            await asyncio.to_thread(self._write_shipped, segments, out)
             duration = self._commit(key, out)
         except TtsUnavailable as exc:  # pragma: no cover - the shipped phrases are checked by the tests
-            raise OSError(f"generic prompt: {exc}") from None
+            raise OSError(f"shipped prompt: {exc}") from None
         finally:
             out.unlink(missing_ok=True)
         return RenderedAudio(self._path(key), key, "generic", duration, cached=False)
 
-    def _write_generic(self, stems: Sequence[str], out: Path) -> None:
-        samples = resample_pcm16(generic.load_segments(stems), generic.SEGMENT_RATE, self.sample_rate)
+    def _write_shipped(self, segments: Callable[[], array[int]], out: Path) -> None:
+        samples = resample_pcm16(segments(), generic.SEGMENT_RATE, self.sample_rate)
         _write_pcm16(out, samples, self.sample_rate)
 
     async def check(self) -> bool:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy
 
-__all__ = ["PHRASES", "SEGMENT_RATE", "generic_segments", "load_segments"]
+__all__ = ["PHRASES", "SEGMENT_RATE", "SYSTEM_PROMPTS", "generic_segments", "load_segments", "system_segments"]
 
 #: The rate the shipped phrases are recorded at (telephony narrowband).
 SEGMENT_RATE = 8000
@@ -54,6 +54,11 @@ PHRASES: dict[str, tuple[str, str]] = {
     "meaning-escalate-en": ("en-us", "if you need help."),
     "meaning-resolved-ru": ("ru", "если всё в порядке."),
     "meaning-resolved-en": ("en-us", "if everything is fine."),
+    # The switch's own prompts (:data:`SYSTEM_PROMPTS`): a forked call's confirmation, the voicemail greeting.
+    "call-ru": ("ru", "Вам звонят. Нажмите один, чтобы ответить."),
+    "call-en": ("en-us", "You have a call. Press 1 to answer."),
+    "unavailable-ru": ("ru", "Абонент не может ответить."),
+    "unavailable-en": ("en-us", "The person you are calling cannot answer."),
     **{f"press-{_KEY_NAMES.get(k, k)}-ru": ("ru", f"Нажмите {name},") for k, name in _RU_KEYS.items()},
     **{f"press-{_KEY_NAMES.get(k, k)}-en": ("en-us", f"Press {_EN_KEYS.get(k, k)}") for k in _RU_KEYS},
 }
@@ -76,6 +81,35 @@ def generic_segments(meanings: Mapping[str, str], *, record: bool = False) -> li
             if meaning in PHRASES:
                 parts.append(meaning)
     return parts
+
+
+#: A beep after "leave a message after the tone": (frequency Hz, duration in samples at SEGMENT_RATE).
+_TONE = (1000, SEGMENT_RATE * 2 // 5)
+
+#: Prompts the switch plays on IIM's behalf, by name (served at ``/v1/prompts/{name}.wav``): no private
+#: text, the same for every call, so FreeSWITCH may cache them (mod_http_cache). ``tone`` is the beep.
+SYSTEM_PROMPTS: dict[str, tuple[str, ...]] = {
+    # A forked call answered on the mobile: the callee presses 1 before the leg is bridged (group_confirm).
+    "confirm-call": ("call-ru", "call-en"),
+    # Nobody answered: the caller may leave a message (recorded by the switch after the tone).
+    "leave-message": ("unavailable-ru", "record-ru", "unavailable-en", "record-en", "tone"),
+}
+
+
+def system_segments(name: str) -> array[int]:
+    """A system prompt's samples at SEGMENT_RATE; KeyError for a name that is not one."""
+    out = array("h")
+    for stem in SYSTEM_PROMPTS[name]:
+        if out:
+            out.extend(array("h", bytes(2 * _GAP)))
+        out.extend(_tone() if stem == "tone" else _read(stem))
+    return out
+
+
+def _tone() -> array[int]:
+    frequency, length = _TONE
+    t = numpy.arange(length) / SEGMENT_RATE
+    return array("h", (numpy.sin(2 * numpy.pi * frequency * t) * 8000).astype(numpy.int16).tobytes())
 
 
 def _mulaw_decode(data: bytes) -> array[int]:
@@ -122,8 +156,9 @@ def _trim(samples: array[int], threshold: int = 200) -> array[int]:
     return samples[max(0, loud[0] - pad):loud[-1] + pad]
 
 
-def build(directory: Path) -> None:
-    """Render every phrase with the in-process espeak-ng at 8 kHz into ``directory`` (run at dev time)."""
+def build(directory: Path, stems: Sequence[str] = ()) -> None:
+    """Render every phrase (or only ``stems``) with the in-process espeak-ng at 8 kHz into ``directory`` (run at
+    dev time)."""
     import time
 
     from iim.tts import espeak
@@ -131,6 +166,8 @@ def build(directory: Path) -> None:
 
     directory.mkdir(parents=True, exist_ok=True)
     for stem, (voice, text) in PHRASES.items():
+        if stems and stem not in stems:
+            continue
         speech = espeak.synthesize(text, voice, deadline=time.monotonic() + 30, words_per_minute=150)
         samples = _trim(resample_pcm16(speech.samples, speech.rate, SEGMENT_RATE))
         if sys.byteorder == "big":
@@ -141,9 +178,10 @@ def build(directory: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m iim.tts.generic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--build", action="store_true", help="render the shipped phrases again with espeak-ng")
+    parser.add_argument("stems", nargs="*", help="only these phrases (default: all)")
     args = parser.parse_args(argv)
     if args.build:
-        build(Path(__file__).with_name("prompts"))
+        build(Path(__file__).with_name("prompts"), args.stems)
     return 0
 
 

@@ -16,15 +16,18 @@ import hmac
 import re
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from aiohttp import web
 from yarl import URL
 
-from iim.tts.engine import AudioStore
+from iim.tts.engine import AudioStore, RenderedAudio
 
-__all__ = ["AUDIO_ROUTE", "AudioUrlSigner", "audio_routes"]
+__all__ = ["AUDIO_ROUTE", "PROMPT_ROUTE", "AudioUrlSigner", "SystemPrompts", "audio_routes", "prompt_routes",
+           "prompt_url"]
 
 AUDIO_ROUTE = "/v1/audio/{key:[0-9a-f]{64}}.wav"
+PROMPT_ROUTE = "/v1/prompts/{name:[a-z-]{1,40}}.wav"
 _KEY = re.compile(r"[0-9a-f]{64}")
 _EXP = re.compile(r"[0-9]{1,12}")
 _SIG = re.compile(r"[A-Za-z0-9_-]{43}")
@@ -100,3 +103,30 @@ def audio_routes(signer: AudioUrlSigner, store: AudioStore) -> list[web.RouteDef
             "Cache-Control": f"private, max-age={signer.seconds_left(query['exp'])}"})
 
     return [web.get(AUDIO_ROUTE, get_audio)]
+
+
+class SystemPrompts(Protocol):
+    """Where :func:`prompt_routes` gets a system prompt's file (``EspeakTts.system``)."""
+
+    async def system(self, name: str) -> RenderedAudio: ...
+
+
+def prompt_url(base_url: str, name: str) -> str:
+    """What FreeSWITCH plays for the system prompt ``name``: fetched over HTTP from IIM and cached by
+    mod_http_cache, so the switch needs no sound package and may run on another host."""
+    return f"http_cache://{base_url.rstrip('/')}/v1/prompts/{name}.wav"
+
+
+def prompt_routes(prompts: SystemPrompts) -> list[web.RouteDef]:
+    """``GET /v1/prompts/{name}.wav``: a system prompt (no private text, the same for every call), cacheable."""
+
+    async def get_prompt(request: web.Request) -> web.StreamResponse:
+        try:
+            made = await prompts.system(request.match_info["name"])
+        except KeyError:
+            raise web.HTTPNotFound(text="no such prompt") from None
+        return web.FileResponse(made.path, headers={
+            "Content-Type": "audio/wav", "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "public, max-age=86400"})
+
+    return [web.get(PROMPT_ROUTE, get_prompt)]

@@ -62,7 +62,7 @@ def start_iim(switch: RealSwitch, db: PgDatabase, esl_port: int, workdir: Path) 
     env = os.environ | {
         "IIM_DATABASE_URL": db.admin_url, "IIM_FS_PASSWORD": switch.password,
         "IIM_FS_NODES": f'[{{"host": "127.0.0.1", "port": {switch.esl_port}}}]',
-        "IIM_ESL_PORT": str(esl_port), "IIM_HTTP_PORT": "0", "IIM_BRIDGE_ENABLED": "false",
+        "IIM_ESL_PORT": str(esl_port), "IIM_HTTP_PORT": str(free_port()), "IIM_BRIDGE_ENABLED": "false",
         "IIM_ALERT_SOCKET_ADDRESS": f"127.0.0.1:{esl_port}", "IIM_DATA_DIR": str(workdir / "unused-pg"),
         "IIM_LOG_LEVEL": "INFO", "IIM_DRAIN_TIMEOUT": "1",
     }
@@ -89,7 +89,12 @@ def stop_iim(iim: Iim) -> None:
 
 
 @pytest.fixture(scope="module")
-def iim(real_switch: RealSwitch, pg_db: PgDatabase, ports: Ports,
+def households(pg_db: PgDatabase) -> None:
+    """Registry rows a module needs before IIM loads its cache (a module overrides this fixture)."""
+
+
+@pytest.fixture(scope="module")
+def iim(real_switch: RealSwitch, pg_db: PgDatabase, ports: Ports, households: None,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Iim]:
     served = start_iim(real_switch, pg_db, ports.iim_primary, tmp_path_factory.mktemp("iim"))
     yield served

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -86,7 +86,7 @@ async def rig(pg_db: PgDatabase, app_pool: Pool) -> AsyncIterator[Rig]:
     await cache.start(timeout=10)
     dial = DialSettings()
     announcer = CloudAnnouncer(Connectors(webhook=connector), timeout_s=TIMEOUT_S, grace_s=0.2)
-    step = cloud_call_step(announcer, dial, OutboxSmsSink(app_pool), recordings_dir="/tmp/iim-test-rec")
+    step = cloud_call_step(announcer, replace(dial, recordings_dir="/tmp/iim-test-rec"), OutboxSmsSink(app_pool))
     outcomes: list[str] = []
 
     async def recording_step(call: Call, decision: RoutingDecision) -> str:

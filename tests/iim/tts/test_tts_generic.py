@@ -81,3 +81,27 @@ async def test_a_voice_that_does_not_exist_fails_its_texts_and_degrades_health(t
     assert tts.health()["status"] == "degraded"
     await tts.render("Дым на кухне")  # the Russian voice still speaks: health recovers with it
     assert tts.health()["status"] == "ok"
+
+
+async def test_the_switchs_prompts_are_served_over_http_without_a_speech_engine(tmp_path: Path) -> None:
+    """The confirmation and voicemail prompts the switch plays come from IIM (no FreeSWITCH sound package)."""
+    from aiohttp import web
+
+    from iim.tts.urls import prompt_routes, prompt_url
+
+    tts = EspeakTts(tmp_path, library=MISSING)
+    app = web.Application()
+    app.add_routes(prompt_routes(tts))
+    async with TestClient(TestServer(app)) as client:
+        for name in generic.SYSTEM_PROMPTS:
+            resp = await client.get(f"/v1/prompts/{name}.wav")
+            assert resp.status == 200
+            assert resp.content_type == "audio/wav"
+            assert "public" in resp.headers["Cache-Control"]
+            assert (await resp.read())[:4] == b"RIFF"
+        assert (await client.get("/v1/prompts/no-such-prompt.wav")).status == 404
+        assert (await client.get("/v1/prompts/..%2Fetc.wav")).status == 404
+    assert prompt_url("http://10.0.0.5:8088/", "confirm-call") == (
+        "http_cache://http://10.0.0.5:8088/v1/prompts/confirm-call.wav")
+    leave = await tts.system("leave-message")
+    _assert_speech(leave.path, 16000, 8.0)
