@@ -1,2 +1,0 @@
--- 0018: reserved for a parallel branch (placeholder so that versions stay 1..N; drop it when merging).
-SELECT 1;
