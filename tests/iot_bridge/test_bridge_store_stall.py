@@ -1,5 +1,6 @@
-"""A stalled PostgreSQL (every process SIGSTOPped: connections stay open, nothing answers) costs a device a
-quick 503, not a hung request; ``/health`` says degraded; and the event the device retries is acted on once.
+"""A stalled PostgreSQL (every process SIGSTOPped: connections stay open, nothing answers) costs a device (or
+an operator on the admin API) a quick 503, not a hung request; ``/health`` says degraded; and the event the
+device retries is acted on once.
 
 A PostgreSQL of its own for this module (stopping the session's shared server would stall every other test).
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import time
@@ -20,6 +22,11 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from iim.admin.api import create_registry_app, mount_registry
+from iim.admin.auth import TokenTable, hash_token
+from iim.admin.settings import AdminSettings
+from iim.http import HttpSite
+from iim.http import create_app as create_root_app
 from iot_bridge.app import BridgeConfig, create_bridge_app
 from iot_bridge.ratelimit import RateLimitSettings
 from policy_cache.bootstrap import Database, bootstrap
@@ -86,6 +93,7 @@ class Rig:
     pool: Pool
     probe: DatabaseProbe
     stall: Stall
+    admin: str
 
 
 @pytest_asyncio.fixture
@@ -98,11 +106,16 @@ async def stalled_rig(own_db: tuple[Database, Path], tls_files: tuple[Path, Path
     alarms = await build_rig(pool, tmp_path)
     config = BridgeConfig(rate_limits=RateLimitSettings(device_rate=100, device_burst=100), store_deadline_s=1.5)
     runner, port = await _serve(create_bridge_app(pool, config), tls_files)
+    root = create_root_app([])
+    tokens = TokenTable.from_json(json.dumps({hash_token("t"): {"actor": "ops", "role": "admin"}}))
+    mount_registry(root, create_registry_app(lambda: pool, AdminSettings(store_deadline_s=1.5), tokens=tokens))
     stall = Stall(data_dir)
     try:
-        async with DatabaseProbe(pool, interval=0.25, timeout=0.5) as probe, aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=_client_ssl()), timeout=aiohttp.ClientTimeout(total=10)) as session:
-            yield Rig(BridgeClient(session, f"https://127.0.0.1:{port}"), alarms, pool, probe, stall)
+        async with DatabaseProbe(pool, interval=0.25, timeout=0.5) as probe, HttpSite(root, "127.0.0.1", 0) as admin, \
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=_client_ssl()),
+                                      timeout=aiohttp.ClientTimeout(total=10)) as session:
+            yield Rig(BridgeClient(session, f"https://127.0.0.1:{port}"), alarms, pool, probe, stall,
+                      f"http://127.0.0.1:{admin.port}")
     finally:
         stall.end()
         await runner.cleanup()
@@ -139,6 +152,13 @@ async def test_a_stalled_database_is_a_quick_503_and_the_retried_event_is_acted_
             assert int(headers["Retry-After"]) > 0
             assert elapsed < 2.5, elapsed
         await _until(lambda: stalled_rig.probe.health()["status"] == "degraded", 2.0)
+        started = time.monotonic()  # the admin API on the same pool: its own deadline, the same kind of answer
+        async with client.session.get(f"{stalled_rig.admin}/v1/tenants/{rig.tenant_id}/households",
+                                      headers={"Authorization": "Bearer t"}) as resp:
+            assert resp.status == 503, await resp.text()
+            assert (await resp.json(content_type=None))["error_id"] == "store-unavailable"
+            assert int(resp.headers["Retry-After"]) > 0
+        assert time.monotonic() - started < 2.5
         await asyncio.sleep(1.0)  # the stall goes on a while after the device was told 503
     await _until(lambda: stalled_rig.probe.health()["status"] == "ok", 5.0)
     # The device retries the same event: accepted (or, had its first COMMIT gone through, the first answer).
