@@ -38,6 +38,11 @@ KEYS_CHANNEL = "iim_bridge_keys"
 log = logging.getLogger(__name__)
 
 _PEM_RE = re.compile(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.DOTALL)
+#: What the registry can hold: an external id is 1..200 characters of text (no NUL: PostgreSQL text cannot
+#: hold it, and the query would fail instead of finding nothing); a source names the credential reference
+#: ``webhook:<source>``, whose names are checked by this pattern in the schema (migration 0002).
+_MAX_EXTERNAL_ID = 200
+_CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +130,9 @@ class DeviceDirectory:
                 cache.pop(key, None)
 
     async def device(self, tenant_id: UUID, external_id: str) -> DeviceKeys | None:
+        """The device posting as ``external_id`` (from a header or a JWS ``kid``: anything), or None."""
+        if not 0 < len(external_id) <= _MAX_EXTERNAL_ID or "\x00" in external_id:
+            return None  # no device can have that id
         key = (tenant_id, external_id)
         if key in self._devices:
             return self._devices[key]
@@ -140,6 +148,9 @@ class DeviceDirectory:
         return found
 
     async def source(self, tenant_id: UUID, source: str) -> SourceKeys | None:
+        """The cloud posting as ``source`` (a URL path segment: anything), or None."""
+        if not _CREDENTIAL_NAME.fullmatch(f"webhook:{source}"):
+            return None  # no credential reference can have that name
         key = (tenant_id, source)
         if key in self._sources:
             return self._sources[key]
