@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +66,15 @@ class _Group:
     last_event_id: str | None = None
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _actor(text: str) -> str:
+    """The chain takes actors of at most 200 characters without control characters or surrounding blanks; a
+    certificate's name or an external id is the sender's text, so it is made to fit, never refused."""
+    return _CONTROL.sub("?", text).strip()[:200].strip() or "unknown"
+
+
 class RefusalAudit(AsyncResource):
     """Aggregates and writes the bridge's audit lines (see the module's docstring for the limits)."""
 
@@ -102,7 +112,7 @@ class RefusalAudit(AsyncResource):
             group.repeats += 1
             group.last_event_id = event_id
             return
-        line = AuditLine(tenant_id, actor[:200], action, entity_id, {"source": key[2], **(detail or {})}, event_id)
+        line = AuditLine(tenant_id, _actor(actor), action, entity_id, {"source": key[2], **(detail or {})}, event_id)
         self._groups[key] = _Group(now, line)
         self._put(line)
 

@@ -83,3 +83,13 @@ async def test_a_flood_of_replays_is_one_line_and_then_one_count_per_window(
     assert summary["detail"]["repeats"] == 38  # 40 posts: one accepted, one replay written, 38 counted
     assert summary["detail"]["source"] == "127.0.0.1"
     assert json.dumps(summary["correlation"]) == json.dumps({"event_id": "ev-flooded"})
+
+
+def test_an_actor_from_the_senders_text_is_made_to_fit_the_chain() -> None:
+    from iot_bridge.refusals import _actor
+
+    assert _actor("device:smoke-1") == "device:smoke-1"
+    assert _actor(" device:\x00evil\n ") == "device:?evil?"
+    assert _actor("\t") == "?"
+    assert _actor("   ") == "unknown"
+    assert len(_actor("x" * 500)) == 200
