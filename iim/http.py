@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import ssl
 from collections.abc import Callable
+from http import HTTPStatus
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from iim.core import metrics
 from iim.core.lifecycle import AsyncResource
+
+log = logging.getLogger(__name__)
 
 HealthProbe = Callable[[], dict[str, object]]
 HEALTH_PROBES = web.AppKey("health_probes", list[HealthProbe])
@@ -42,6 +49,47 @@ def create_app(probes: list[HealthProbe]) -> web.Application:
     return app
 
 
+class _ProblemRequestHandler(RequestHandler):
+    """aiohttp answers what never reaches an app (a request it cannot parse: a line or header over 8 KiB, a bad
+    header token, a bad method) in text/plain, quoting the offending input, and logs a traceback for each.
+    Here those answers are problem+json like every other error of ours, with aiohttp's status and without a
+    byte of the input (which may be a secret, markup, or just large), logged in one line."""
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        log.info("request from %s refused before routing: %d %s", request.remote, status,
+                 type(exc).__name__ if exc is not None else "")
+        if request.writer.output_size > 0:  # some of a response is out already: the connection is broken
+            raise ConnectionError("response already started; cannot send the error")
+        status = status if 400 <= status <= 599 else 500
+        error_id = "malformed-request" if status < 500 else "internal-error"
+        detail = ("the request could not be parsed (request line or header too long or malformed)" if status < 500
+                  else "internal error")
+        body = {"type": f"urn:iim:problem:{error_id}", "title": HTTPStatus(status).phrase, "status": status,
+                "detail": detail, "error_id": error_id}
+        response = web.Response(status=status, body=json.dumps(body).encode(),
+                                content_type="application/problem+json")
+        response.force_close()
+        return response
+
+
+class _ProblemServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProblemAppRunner(web.AppRunner):
+    """An ``AppRunner`` whose connections answer their parse errors with :class:`_ProblemRequestHandler`.
+
+    aiohttp offers no hook for those answers (they bypass the app and its middlewares), so the server the
+    runner makes is given one method more (``__call__``, which makes each connection's handler)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _ProblemServer
+        return server
+
+
 class HttpSite(AsyncResource):
     """One aiohttp app served on ``host:port`` from ``start`` to ``aclose`` (the HTTP surface, the device bridge).
 
@@ -55,10 +103,10 @@ class HttpSite(AsyncResource):
         self.host = host
         self.port = port
         self._ssl_context = ssl_context
-        self._runner: web.AppRunner | None = None
+        self._runner: ProblemAppRunner | None = None
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = ProblemAppRunner(self.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._ssl_context)
         await site.start()

@@ -63,6 +63,7 @@ from policy_cache.audit import AuditFlusher
 from policy_cache.audit_heads import AuditHeadPublisher, load_private_key
 from policy_cache.cache import PolicyCache
 from policy_cache.db import DbRole, Pool, connect_pool
+from policy_cache.health import DatabaseProbe
 from policy_cache.store import PgPolicyStore
 
 log = logging.getLogger("iim.service")
@@ -91,6 +92,7 @@ class PolicyParts:
     connectors: ConnectorRegistry
     tts: EspeakTts
     audio_urls: AudioUrlSigner
+    database: DatabaseProbe
     audit_heads: AuditHeadPublisher | None = None
 
 
@@ -233,6 +235,7 @@ class Service:
         if policy is not None:
             probes.append(_policy_health(policy.cache))
             probes.append(policy.tts.health)  # degraded while speech fails: alert calls play the generic prompt
+            probes.append(policy.database.health)
         root = create_app(probes)
         if policy is not None:
             root.add_routes(prompt_routes(policy.tts))  # what FreeSWITCH plays for IIM (mod_http_cache)
@@ -262,7 +265,9 @@ class Service:
             urls = DatabaseUrls(db.app_url, db.cache_url)
         # asyncpg's pools are async context managers already (closed on exit).
         pool = await stack.enter_async_context(
-            await connect_pool(urls.app_url, role=DbRole.APP, min_size=s.db_pool_size, max_size=s.db_pool_size))
+            await connect_pool(urls.app_url, role=DbRole.APP, min_size=s.db_pool_size, max_size=s.db_pool_size,
+                               command_timeout=s.db_command_timeout_s, acquire_timeout=s.db_acquire_timeout_s))
+        database = await stack.enter_async_context(DatabaseProbe(pool))
         # Entered before the flusher, so closed after it: the heads signed at stop include the last lines.
         heads = await stack.enter_async_context(self._audit_heads(pool)) if s.audit_head_key_ref else None
         if heads is None:
@@ -270,7 +275,8 @@ class Service:
         await stack.enter_async_context(AuditFlusher(pool))
         # Read-only, all tenants: for admins listing tenants (RLS hides them from the app role).
         directory_pool = await stack.enter_async_context(
-            await connect_pool(urls.cache_url, role=DbRole.CACHE, min_size=1, max_size=2))
+            await connect_pool(urls.cache_url, role=DbRole.CACHE, min_size=1, max_size=2,
+                               command_timeout=s.db_command_timeout_s, acquire_timeout=s.db_acquire_timeout_s))
         store = await stack.enter_async_context(PgPolicyStore(urls.cache_url))
         cache = PolicyCache(store)
         stack.push_async_callback(cache.aclose)
@@ -287,7 +293,8 @@ class Service:
         announce = cloud_call_step(CloudAnnouncer(connectors), dial, OutboxSmsSink(pool))
         router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record, announce=announce)
         return PolicyParts(app_url=urls.app_url, pool=pool, directory_pool=directory_pool, cache=cache, router=router,
-                           connectors=connectors, tts=tts, audio_urls=audio_urls, audit_heads=heads)
+                           connectors=connectors, tts=tts, audio_urls=audio_urls, audit_heads=heads,
+                           database=database)
 
     def _audit_heads(self, pool: Pool) -> AuditHeadPublisher:
         s = self.settings
@@ -354,9 +361,10 @@ class Service:
         config = BridgeConfig(require_client_cert=s.bridge_require_client_cert, rate_limits=RateLimitSettings(
             device_rate=s.bridge_device_rate, device_burst=s.bridge_device_burst,
             source_rate=s.bridge_source_rate, source_burst=s.bridge_source_burst,
-            tenant_rate=s.bridge_tenant_rate, tenant_burst=s.bridge_tenant_burst))
+            tenant_rate=s.bridge_tenant_rate, tenant_burst=s.bridge_tenant_burst),
+            store_deadline_s=s.bridge_store_deadline_s)
         app = create_bridge_app(policy.pool, config, cas=cas if s.bridge_client_cas else None,
-                                opener=worker.begin_in if worker is not None else None)
+                                opener=worker.begin_in if worker is not None else None, keys_dsn=policy.app_url)
         app.add_routes(audio_routes(policy.audio_urls, policy.tts))  # speech the vendor clouds fetch
         app.add_subapp(CALLBACK_PREFIX, connector_callback_app(policy.connectors))
         site = await stack.enter_async_context(HttpSite(app, s.bridge_host, s.bridge_port, ssl_context=context))

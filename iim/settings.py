@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     # faster: each backend compiles its own plans and caches, and on a 2-core database host 16 of them
     # doubled the alarm path's p99 against 4-8 (BENCHMARKS.md). A few per database core.
     db_pool_size: int = Field(default=8, ge=2, le=500)
+    # Every wait for PostgreSQL has a deadline: per statement, and for a free pooled connection. A stalled
+    # server (not a lost one: its connections stay open) then turns into errors and 503s, not hung requests.
+    db_command_timeout_s: float = Field(default=30.0, gt=0)
+    db_acquire_timeout_s: float = Field(default=10.0, gt=0)
     data_dir: str = ".iim-data/pg"
     demo_data: bool = True
     cache_load_timeout: float = 60.0
@@ -77,6 +81,9 @@ class Settings(BaseSettings):
     # Per-tenant device CAs for mutual TLS: {"<tenant uuid>": "/path/ca.pem"}.
     bridge_client_cas: dict[str, str] = Field(default_factory=dict)
     bridge_require_client_cert: bool = False
+    # The longest a device request waits for PostgreSQL in all (key lookup and intake): past it, 503 with
+    # Retry-After (the device retries the same event_id; an event that was committed anyway is replayed).
+    bridge_store_deadline_s: float = Field(default=1.5, gt=0)
     # Rate limits (token buckets): per device, per source address, per tenant.
     bridge_device_rate: float = 1.0
     bridge_device_burst: int = 10

@@ -5,18 +5,27 @@ address's rate limit -> key lookup -> signature over the raw bytes -> strict JSO
 (per hazard) and tenant's rate limits -> identity binding -> durable intake. Nothing is parsed before the
 signature is checked, and no bucket of a device or tenant is charged for a request that is not theirs. Every
 authentication failure gets the same answer, whether the device exists or not (the reason goes to the log).
-A refusal never writes anything, and every refusal is a problem+json answer with a stable ``error_id``, a
-metric and a JSON log line.
+A refusal never writes an event, and every refusal is a problem+json answer with a stable ``error_id``, a
+metric and a JSON log line; replays and identity mismatches also reach the tenant's audit log, aggregated
+(:mod:`iot_bridge.refusals`).
+
+Every wait for PostgreSQL on a request (key lookups, the intake transaction) shares one deadline,
+``store_deadline_s``: past it the answer is 503 with ``Retry-After`` and the connection is dropped, so the
+transaction is rolled back unless its COMMIT had already been sent. In that one case the event may be written
+after the 503; the device's retry with the same event_id then gets the first answer (202, replayed), and the
+event is acted on once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,9 +35,10 @@ from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from iim.core import strict_json
+from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.metrics import REGISTRY
 from iot_bridge import signing
-from iot_bridge.directory import DeviceDirectory, DeviceKeys
+from iot_bridge.directory import DeviceDirectory, DeviceKeys, KeyChanges
 from iot_bridge.events import (
     CloudWebhook,
     DeviceEvent,
@@ -40,6 +50,7 @@ from iot_bridge.events import (
 )
 from iot_bridge.intake import IncidentOpener, IntakeOutcome, StoreDown, accept_event
 from iot_bridge.ratelimit import RateLimited, RateLimits, RateLimitSettings
+from iot_bridge.refusals import RefusalAudit
 from iot_bridge.tls import ClientCertError, ClientIdentity, TenantCaRegistry
 from policy_cache.db import Pool
 
@@ -71,8 +82,10 @@ class BridgeRefusal(Exception):
 
     def __init__(self, status: int, error_id: str, detail: str, *, retry_after: int | None = None,
                  event_id: str | None = None, errors: list[dict[str, Any]] | None = None,
-                 reason: str | None = None) -> None:
+                 reason: str | None = None, audit: tuple[UUID, str] | None = None) -> None:
         super().__init__(detail)
+        #: (tenant, actor) when the refusal goes to that tenant's audit log
+        self.audit = audit
         self.reason = reason or detail
         self.errors = errors
         self.status = status
@@ -89,17 +102,21 @@ class BridgeConfig:
     require_client_cert: bool = False
     rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
     store_retry_after_s: int = 5
+    #: the longest a request waits for PostgreSQL in all (lookups and intake) before its 503
+    store_deadline_s: float = 1.5
     clock: Callable[[], float] = time.time
 
 
 class Bridge:
     def __init__(self, pool: Pool, config: BridgeConfig, *, cas: TenantCaRegistry | None = None,
                  on_accepted: Callable[[IntakeOutcome], Awaitable[None]] | None = None,
-                 opener: IncidentOpener | None = None) -> None:
+                 opener: IncidentOpener | None = None, followed: bool = False) -> None:
         self.opener = opener
         self.pool = pool
         self.config = config
-        self.directory = DeviceDirectory(pool)
+        self.directory = DeviceDirectory(pool, followed=followed)
+        self.refusals = RefusalAudit(pool)
+        self.key_changes: KeyChanges | None = None
         self.limits = RateLimits(config.rate_limits)
         self.cas = cas
         self.on_accepted = on_accepted
@@ -130,7 +147,8 @@ class Bridge:
         except ValueError as exc:
             raise BridgeRefusal(400, "tenant-required", f"{TENANT_HEADER} is not a UUID") from exc
         if identity is not None and UUID(identity.tenant_id) != tenant:
-            raise BridgeRefusal(403, "identity-mismatch", "the client certificate belongs to another tenant")
+            raise BridgeRefusal(403, "identity-mismatch", "the client certificate belongs to another tenant",
+                                audit=(UUID(identity.tenant_id), f"{identity.kind}:{identity.external_id}"))
         return tenant
 
     def rate_limit_source(self, source: str) -> None:
@@ -148,13 +166,18 @@ class Bridge:
             raise BridgeRefusal(429, "rate-limited", f"too many requests ({limited.scope})",
                                 retry_after=max(1, limited.retry_after_s))
 
-    async def device_keys(self, tenant: UUID, device: str) -> DeviceKeys:
+    @asynccontextmanager
+    async def store_deadline(self) -> AsyncIterator[None]:
+        """The request's one deadline for PostgreSQL; past it, or with PostgreSQL away, :class:`StoreDown`."""
         try:
-            keys = await self.directory.device(tenant, device)
-        except StoreDown:
-            raise
-        except (OSError, TimeoutError) as exc:
-            raise StoreDown(str(exc)) from exc
+            async with asyncio.timeout(self.config.store_deadline_s):
+                yield
+        except STORE_UNAVAILABLE as exc:  # TimeoutError included: the deadline
+            raise StoreDown(f"{type(exc).__name__}: {exc}" if str(exc) else
+                            f"no answer from PostgreSQL within {self.config.store_deadline_s} s") from exc
+
+    async def device_keys(self, tenant: UUID, device: str) -> DeviceKeys:
+        keys = await self.directory.device(tenant, device)
         if keys is None or not (keys.hmac_secrets or keys.jws_keys):
             # Same answer as a bad signature: the endpoint is no oracle for which devices exist.
             raise BridgeRefusal(401, "signature-invalid", NOT_AUTHENTICATED, reason="unknown device or no key")
@@ -170,18 +193,25 @@ class Bridge:
             if household == keys.device.household_id:
                 return
         raise BridgeRefusal(403, "identity-mismatch",
-                            "the client certificate is not bound to this device or its household gateway")
+                            "the client certificate is not bound to this device or its household gateway",
+                            audit=(keys.device.tenant_id, f"{identity.kind}:{identity.external_id}"))
 
     # ------------------------------------------------------------------ intake
     async def accept(self, keys: DeviceKeys, event: DeviceEvent, *, fingerprint: str, channel: str,
-                     msg_id: str | None) -> IntakeOutcome:
+                     msg_id: str | None, source: str) -> IntakeOutcome:
+        actor = f"device:{keys.device.external_id}" if channel == "device" else channel
         if event.device_id != keys.device.external_id:
-            raise BridgeRefusal(403, "identity-mismatch", "the event names another device", event_id=event.event_id)
+            raise BridgeRefusal(403, "identity-mismatch", "the event names another device", event_id=event.event_id,
+                                audit=(keys.device.tenant_id, actor))
         outcome = await accept_event(self.pool, keys.device, event, fingerprint=fingerprint, channel=channel,
                                      msg_id=msg_id, opener=self.opener)
         if outcome.kind == "conflict":
             raise BridgeRefusal(422, "idempotency-conflict", "event_id was already used with another body",
-                                event_id=event.event_id)
+                                event_id=event.event_id, audit=(keys.device.tenant_id, actor))
+        if outcome.kind == "replayed":
+            self.refusals.record(keys.device.tenant_id, "event.replayed", source, actor=actor,
+                                 entity_id=str(keys.device.id), event_id=event.event_id,
+                                 detail={"channel": channel})
         EVENTS.labels(outcome.kind, outcome.body.get("action", "")).inc()
         log.info("event %s", outcome.kind, extra={"event_id": event.event_id, "tenant": str(keys.device.tenant_id),
                                                   "incident_id": outcome.body.get("incident_id"),
@@ -261,17 +291,18 @@ async def post_event(request: web.Request) -> web.Response:
         else:
             raise BridgeRefusal(400, "device-required", f"the {DEVICE_HEADER} header is required")
     bridge.rate_limit_source(request.remote or "")
-    keys = await bridge.device_keys(tenant, device)
-    now = bridge.config.clock()
-    event_raw, msg_id = _verify_device_body(bridge, request, raw, keys, now)
-    await bridge.bind_identity(identity, keys)
-    try:
-        event = parse_event(event_raw)
-    except EventRejected as exc:
-        raise _rejected(exc) from exc
-    bridge.rate_limit_sender(tenant, keys.device.external_id, hazard=event.type)
-    outcome = await bridge.accept(keys, event, fingerprint=body_fingerprint(event_raw), channel="device",
-                                  msg_id=msg_id)
+    async with bridge.store_deadline():
+        keys = await bridge.device_keys(tenant, device)
+        now = bridge.config.clock()
+        event_raw, msg_id = _verify_device_body(bridge, request, raw, keys, now)
+        await bridge.bind_identity(identity, keys)
+        try:
+            event = parse_event(event_raw)
+        except EventRejected as exc:
+            raise _rejected(exc) from exc
+        bridge.rate_limit_sender(tenant, keys.device.external_id, hazard=event.type)
+        outcome = await bridge.accept(keys, event, fingerprint=body_fingerprint(event_raw), channel="device",
+                                      msg_id=msg_id, source=request.remote or "")
     INTAKE_SECONDS.observe(time.perf_counter() - started)
     headers = {"Idempotent-Replayed": "true"} if outcome.kind == "replayed" else {}
     return web.json_response(outcome.body, status=202, headers=headers)
@@ -285,35 +316,37 @@ async def post_webhook(request: web.Request) -> web.Response:
     tenant = bridge.tenant_of(request, identity)
     raw = await request.read()
     bridge.rate_limit_source(request.remote or "")
-    keys = await bridge.directory.source(tenant, source)
-    if keys is None or not keys.hmac_secrets:
-        raise BridgeRefusal(401, "signature-invalid", NOT_AUTHENTICATED, reason="unknown source or no key")
-    try:
-        verified = signing.verify_webhook(request.headers, raw, keys.hmac_secrets, now=bridge.config.clock(),
-                                          tolerance_s=bridge.config.tolerance_s)
-    except signing.SignatureError as exc:
-        raise BridgeRefusal(401, "signature-invalid", NOT_AUTHENTICATED, reason=exc.reason) from exc
-    try:
-        batch: CloudWebhook = parse_webhook(raw)
-    except EventRejected as exc:
-        raise _rejected(exc) from exc
-    if batch.source != source:
-        raise BridgeRefusal(422, "source-mismatch", "the batch names another source than its URL")
-    bridge.rate_limit_sender(tenant, f"webhook:{source}", hazard="batch")
-    # Every device is checked before anything is written: a bad batch writes nothing. A source's key speaks
-    # only for the devices served by that source (a direct device has its own key and no connector).
-    devices: list[DeviceKeys] = []
-    for event in batch.events:
-        found = await bridge.directory.device(tenant, event.device_id)
-        if found is None or found.connector != source:
-            raise BridgeRefusal(422, "unknown-device", f"device {event.device_id!r} is not served by {source!r}",
-                                event_id=event.event_id)
-        devices.append(found)
-    results = []
-    for event, device_keys in zip(batch.events, devices, strict=True):
-        outcome = await bridge.accept(device_keys, event, fingerprint=event_fingerprint(event),
-                                      channel=f"webhook:{source}", msg_id=verified.msg_id)
-        results.append(outcome.body)
+    async with bridge.store_deadline():
+        keys = await bridge.directory.source(tenant, source)
+        if keys is None or not keys.hmac_secrets:
+            raise BridgeRefusal(401, "signature-invalid", NOT_AUTHENTICATED, reason="unknown source or no key")
+        try:
+            verified = signing.verify_webhook(request.headers, raw, keys.hmac_secrets, now=bridge.config.clock(),
+                                              tolerance_s=bridge.config.tolerance_s)
+        except signing.SignatureError as exc:
+            raise BridgeRefusal(401, "signature-invalid", NOT_AUTHENTICATED, reason=exc.reason) from exc
+        try:
+            batch: CloudWebhook = parse_webhook(raw)
+        except EventRejected as exc:
+            raise _rejected(exc) from exc
+        if batch.source != source:
+            raise BridgeRefusal(422, "source-mismatch", "the batch names another source than its URL")
+        bridge.rate_limit_sender(tenant, f"webhook:{source}", hazard="batch")
+        # Every device is checked before anything is written: a bad batch writes nothing. A source's key speaks
+        # only for the devices served by that source (a direct device has its own key and no connector).
+        devices: list[DeviceKeys] = []
+        for event in batch.events:
+            found = await bridge.directory.device(tenant, event.device_id)
+            if found is None or found.connector != source:
+                raise BridgeRefusal(422, "unknown-device", f"device {event.device_id!r} is not served by {source!r}",
+                                    event_id=event.event_id)
+            devices.append(found)
+        results = []
+        for event, device_keys in zip(batch.events, devices, strict=True):
+            outcome = await bridge.accept(device_keys, event, fingerprint=event_fingerprint(event),
+                                          channel=f"webhook:{source}", msg_id=verified.msg_id,
+                                          source=request.remote or "")
+            results.append(outcome.body)
     return web.json_response({"results": results}, status=202)
 
 
@@ -336,6 +369,11 @@ async def problem_middleware(request: web.Request,
         log.warning("event refused: %s", exc.reason,
                     extra={"event_id": exc.event_id, "reason": exc.error_id, "status": exc.status,
                            "source": request.remote})
+        if exc.audit is not None:
+            tenant, actor = exc.audit
+            request.app[BRIDGE_KEY].refusals.record(tenant, f"event.{exc.error_id}", request.remote or "",
+                                                    actor=actor, event_id=exc.event_id,
+                                                    detail={"status": exc.status, "reason": exc.reason})
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
         return _problem(request, exc.status, exc.error_id, exc.detail, headers, exc.errors)
     except StoreDown as exc:
@@ -360,12 +398,27 @@ async def problem_middleware(request: web.Request,
 
 def create_bridge_app(pool: Pool, config: BridgeConfig | None = None, *, cas: TenantCaRegistry | None = None,
                       on_accepted: Callable[[IntakeOutcome], Awaitable[None]] | None = None,
-                      opener: IncidentOpener | None = None) -> web.Application:
+                      opener: IncidentOpener | None = None, keys_dsn: str | None = None) -> web.Application:
     """The bridge's aiohttp app. ``opener`` (the scenario worker's ``begin_in``) starts new incidents inside
-    the intake transaction; without it a tick job does that a moment later."""
+    the intake transaction; without it a tick job does that a moment later. ``keys_dsn`` (an ``iim_app`` URL):
+    follow key and device changes there (``NOTIFY iim_bridge_keys``) so a revoked key or a disabled device is
+    refused at once; without it cached keys live for their time limit (30 s)."""
     config = config or BridgeConfig()
     app = web.Application(middlewares=[problem_middleware], client_max_size=config.max_body)
-    app[BRIDGE_KEY] = Bridge(pool, config, cas=cas, on_accepted=on_accepted, opener=opener)
+    bridge = app[BRIDGE_KEY] = Bridge(pool, config, cas=cas, on_accepted=on_accepted, opener=opener,
+                                      followed=keys_dsn is not None)
+    if keys_dsn is not None:
+        bridge.key_changes = KeyChanges(bridge.directory, keys_dsn)
+
+    async def run_alongside(_app: web.Application) -> AsyncIterator[None]:
+        async with bridge.refusals:
+            if bridge.key_changes is None:
+                yield
+                return
+            async with bridge.key_changes:
+                yield
+
+    app.cleanup_ctx.append(run_alongside)
     app.router.add_post("/v1/events", post_event)
     app.router.add_post("/v1/webhooks/{source}", post_webhook)
     from iot_bridge.openapi import openapi_view  # the document describes the routes registered above

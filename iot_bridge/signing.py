@@ -13,7 +13,7 @@ request into a 500). Both check in the same order, so that a sender without a ke
    Checking the clock last means nobody can probe our clock or tolerance without a valid key.
 
 Replay inside the tolerance window is not handled here: the intake ledger (``iim.device_event``, unique
-per tenant and ``event_id``, kept indefinitely) answers a replayed event with its first answer and acts no more.
+per device and ``event_id``, kept indefinitely) answers a replayed event with its first answer and acts no more.
 """
 
 from __future__ import annotations

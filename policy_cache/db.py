@@ -14,15 +14,16 @@ that would silently defeat isolation (a superuser or BYPASSRLS login used as the
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from enum import StrEnum
-from typing import TYPE_CHECKING, Literal, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 from uuid import UUID
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
+from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
 
 from policy_cache.errors import DatabaseRoleError, TenantScopeError
 
@@ -137,6 +138,45 @@ async def connect(
     return conn
 
 
+#: Defaults of :func:`connect_pool` (``IIM_DB_COMMAND_TIMEOUT_S``, ``IIM_DB_ACQUIRE_TIMEOUT_S``): generous for
+#: the slowest legitimate statement, yet finite, so a stalled server turns into errors, not hung tasks.
+COMMAND_TIMEOUT_S = 30.0
+ACQUIRE_TIMEOUT_S = 10.0
+
+_DEADLINE_PASSED = (asyncio.CancelledError, TimeoutError)
+
+
+class _AcquireContext(PoolAcquireContext):
+    """``pool.acquire()`` whose connection is dropped, not returned, when a deadline ends the block.
+
+    After a cancelled or timed-out statement asyncpg's release first waits for its cancel request to be
+    answered: on a stalled server (SIGSTOP, a hung disk, a partition) that is as long as the stall. A
+    terminated connection is released at once (the server rolls back whatever it had) and the pool opens a
+    new one when it is next needed.
+    """
+
+    __slots__ = ()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if isinstance(exc[1], _DEADLINE_PASSED) and self.connection is not None:
+            self.connection.terminate()
+        await super().__aexit__(*exc)
+
+
+class _BoundedPool(asyncpg.Pool):
+    """asyncpg's pool with a default acquire deadline (asyncpg's is none: a caller could wait for ever for a
+    connection that a stalled server holds) and :class:`_AcquireContext`."""
+
+    __slots__ = ("_acquire_timeout",)
+
+    def __init__(self, *args: Any, acquire_timeout: float | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._acquire_timeout = acquire_timeout
+
+    def acquire(self, *, timeout: float | None = None) -> PoolAcquireContext:
+        return _AcquireContext(self, self._acquire_timeout if timeout is None else timeout)
+
+
 async def connect_pool(
     dsn: str,
     *,
@@ -144,19 +184,25 @@ async def connect_pool(
     min_size: int = 1,
     max_size: int = 10,
     timeout: float = 10.0,
-    command_timeout: float | None = None,
+    command_timeout: float | None = COMMAND_TIMEOUT_S,
+    acquire_timeout: float | None = ACQUIRE_TIMEOUT_S,
     server_settings: dict[str, str] | None = None,
 ) -> Pool:
     """A pool whose every connection is role-checked and has the json codecs.
 
-    The pool is an async context manager (``async with await connect_pool(...) as pool``): closed on exit.
+    Every wait has a deadline: ``timeout`` to open a connection, ``command_timeout`` per statement (asyncpg
+    raises ``TimeoutError``, one of ``STORE_UNAVAILABLE``), ``acquire_timeout`` for a free connection; a
+    connection whose block ended by a deadline is dropped (:class:`_AcquireContext`). The pool is an async
+    context manager (``async with await connect_pool(...) as pool``): closed on exit.
 
     Released connections are not reset (see :func:`_keep_session`): tenant state is transaction-local
     anyway (:func:`tenant_tx`), so nothing tenant-specific survives a release.
     """
-    pool: Pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, timeout=timeout, command_timeout=command_timeout,
-        init=_RoleInit(role), server_settings=_server_settings(role, server_settings), reset=_keep_session)
+    pool: Pool = await _BoundedPool(
+        dsn, min_size=min_size, max_size=max_size, max_queries=50000, max_inactive_connection_lifetime=300.0,
+        timeout=timeout, command_timeout=command_timeout, acquire_timeout=acquire_timeout, init=_RoleInit(role),
+        server_settings=_server_settings(role, server_settings), reset=_keep_session,
+        connection_class=asyncpg.Connection, record_class=asyncpg.Record, loop=None)
     return pool
 
 
@@ -235,6 +281,11 @@ async def _block(conn: Connection, begin: str, undo: str, done: str) -> AsyncIte
     await conn.execute(begin)
     try:
         yield
+    except _DEADLINE_PASSED:
+        # A deadline passed (or the task was cancelled) mid-block: the connection may still be waiting for a
+        # stalled server, so it is dropped rather than rolled back; the server rolls back the transaction.
+        conn.terminate()
+        raise
     except BaseException:
         if not conn.is_closed() and conn.is_in_transaction():
             await conn.execute(undo)

@@ -135,7 +135,7 @@ def create_registry_app(
         log.warning("admin API: no tokens configured (IIM_ADMIN_TOKENS_REF); every request will be refused")
     routes = (*build_routes(), *extra_routes)
     app = web.Application(middlewares=[problem_middleware])
-    app[SERVICE] = RegistryService(pool_provider, directory_pool)
+    app[SERVICE] = RegistryService(pool_provider, directory_pool, deadline_s=settings.store_deadline_s)
     app[SETTINGS] = settings
     app[TOKENS] = table
     app[ROUTES] = routes

@@ -174,9 +174,14 @@ class InvalidReference(ApiError):
 
 
 class StoreUnavailable(ApiError):
+    """PostgreSQL away, or not answering within its deadlines: a client should retry (``Retry-After``)."""
+
     status = 503
     error_id = "store-unavailable"
     title = "Registry store unavailable"
+
+    def __init__(self, detail: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after_s)})
 
 
 class InternalError(ApiError):

@@ -17,6 +17,7 @@ and maps the store's errors to API problems at this one boundary::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -145,9 +146,11 @@ class RegistryService:
             without it, only principals bound to one tenant can list tenants.
     """
 
-    def __init__(self, app_pool: PoolProvider, directory_pool: PoolProvider | None = None) -> None:
+    def __init__(self, app_pool: PoolProvider, directory_pool: PoolProvider | None = None, *,
+                 deadline_s: float = 5.0) -> None:
         self._app_pool = app_pool
         self._directory_pool = directory_pool
+        self._deadline_s = deadline_s
 
     def _pool(self, provider: PoolProvider) -> Pool:
         try:
@@ -157,8 +160,11 @@ class RegistryService:
 
     @asynccontextmanager
     async def _tx(self, tenant_id: UUID, *, write: bool, deleting: bool = False) -> AsyncIterator[Connection]:
+        # One deadline for the whole transaction: a stalled database is a 503 (``TimeoutError`` is one of
+        # STORE_UNAVAILABLE), not a request that hangs as long as the stall.
         with map_store_errors(deleting=deleting):
-            async with tenant_tx(self._pool(self._app_pool), tenant_id, readonly=not write) as conn:
+            async with asyncio.timeout(self._deadline_s), tenant_tx(self._pool(self._app_pool), tenant_id,
+                                                                    readonly=not write) as conn:
                 yield conn
 
     async def _require_tenant(self, conn: Connection, tenant_id: UUID) -> Tenant:

@@ -16,3 +16,5 @@ class AdminSettings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_page_size: int = Field(default=1000, ge=1, le=10_000)
     prefix: str = Field(default="/v1", pattern=r"^/[a-z0-9]+$", description="where the API is mounted")
+    store_deadline_s: float = Field(default=5.0, gt=0,
+                                    description="the longest a request waits for PostgreSQL before its 503")

@@ -1,4 +1,4 @@
--- iim.intake_route: its current definition, last set by migration 0011_intake_route.sql.
+-- iim.intake_route: its current definition, last set by migration 0017_event_ids_per_device.sql.
 CREATE OR REPLACE FUNCTION iim.intake_route(p_event_id text, p_device uuid, p_household uuid, p_hazard text)
     RETURNS TABLE (seen_fingerprint text, seen_response jsonb, incident_id uuid, opened boolean)
     LANGUAGE plpgsql VOLATILE SECURITY INVOKER
@@ -6,7 +6,7 @@ CREATE OR REPLACE FUNCTION iim.intake_route(p_event_id text, p_device uuid, p_ho
 AS $fn$
 BEGIN
     SELECT e.fingerprint, e.response INTO seen_fingerprint, seen_response
-      FROM iim.device_event e WHERE e.event_id = p_event_id;
+      FROM iim.device_event e WHERE e.device_id = p_device AND e.event_id = p_event_id;
     opened := false;
     IF FOUND OR p_hazard IS NULL THEN
         RETURN NEXT;  -- a replay (the caller compares fingerprints), or an event that opens nothing

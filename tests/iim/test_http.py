@@ -38,3 +38,37 @@ async def test_a_site_whose_port_is_taken_fails_to_start_and_cleans_its_app_up()
         with pytest.raises(OSError):
             await HttpSite(app, "127.0.0.1", holder.getsockname()[1]).__aenter__()
     assert cleaned == [app]  # the runner set up before the bind failed was cleaned up, not leaked
+
+
+async def _raw_exchange(port: int, request: bytes) -> tuple[bytes, bytes]:
+    """Send bytes no HTTP client would; the answer's head and body."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /v1/events HTTP/1.1\r\nHost: x\r\nX-Evil: <script>" + b"A" * 16384 + b"\r\n\r\n",  # 16 KiB header
+    b"POST /v1/events HTTP/1.1\r\nHost: x\r\nX-Ev\x01il: <script>secret\r\n\r\n",  # a bad header token
+    b"GET /" + b"<script>" * 2000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a request line over 8 KiB
+])
+async def test_a_request_aiohttp_cannot_parse_is_answered_in_problem_json_without_echoing_it(
+        request_bytes: bytes) -> None:
+    import json
+
+    async with HttpSite(create_app([]), "127.0.0.1", 0) as site:
+        head, body = await _raw_exchange(site.port, request_bytes)
+    assert head.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")), head
+    assert b"Content-Type: application/problem+json" in head
+    problem = json.loads(body)
+    assert (problem["status"], problem["error_id"]) == (400, "malformed-request")
+    for echoed in (b"script", b"secret", b"AAAA"):
+        assert echoed not in body

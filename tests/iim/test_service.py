@@ -76,6 +76,7 @@ async def test_service_routes_a_call_and_reports_it_on_metrics_and_health(urls: 
         assert health["status"] == "ok"
         assert health["active_calls"] == 0
         assert health["policy_cache"]["ready"] is True
+        assert health["database"]["answering"] is True  # the bounded probe of PostgreSQL itself
         async with aiohttp.ClientSession() as http, http.get(
                 f"http://127.0.0.1:{http_port}/openapi.json") as resp:
             document = await resp.json()

@@ -100,3 +100,19 @@ async def test_a_cloud_sources_key_cannot_post_for_direct_devices_or_name_anothe
     status, _, problem = await strict_bridge.post("/v1/webhooks/acme-cloud", other,
                                                   rig.signed_headers(other, secret=source_secret))
     assert (status, problem["error_id"]) == (422, "source-mismatch")
+
+
+async def test_a_device_or_source_name_the_registry_cannot_hold_is_401_not_a_server_error(
+        strict_bridge: BridgeClient, rig: AlarmRig) -> None:
+    """Found by the fuzz: a JWS ``kid`` with a NUL (PostgreSQL text cannot hold one) failed the lookup's
+    query with a 500, and so did a webhook source spelled ``%00`` in the URL."""
+    event = json.loads(rig.event("co", device=rig.jws_sensor))
+    for kid in ("\x00", "co\x00x"):
+        token = rig.jws(event, kid=kid)
+        headers = {"Content-Type": "application/jose", "IIM-Tenant": str(rig.tenant_id)}
+        status, _, problem = await strict_bridge.post("/v1/events", token, headers)
+        assert (status, problem["error_id"]) == (401, "signature-invalid"), problem
+    body = json.dumps({"source": "x", "events": []}).encode()
+    for source in ("%00", "a%00b", "%E2%80%AE", "x" * 200):
+        status, _, problem = await strict_bridge.post(f"/v1/webhooks/{source}", body, rig.signed_headers(body))
+        assert (status, problem["error_id"]) == (401, "signature-invalid"), (source, problem)

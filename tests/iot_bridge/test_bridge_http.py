@@ -124,6 +124,35 @@ async def test_same_event_id_with_another_body_is_422(bridge: BridgeClient, rig:
     assert headers["Content-Type"].startswith("application/problem+json")
 
 
+async def test_two_devices_of_one_tenant_may_use_the_same_event_id_and_both_alarms_are_acted_on(
+        bridge: BridgeClient, rig: AlarmRig, app_pool: Pool) -> None:
+    """Event ids are the devices' own: another device's id must not turn a real alarm into a permanent 422."""
+    from policy_cache import registry
+    from policy_cache.models import DeviceCreate, DeviceType
+
+    async with tenant_tx(app_pool, rig.tenant_id) as conn:
+        sensor = await registry.get(conn, registry.DEVICE, rig.sensor_id)
+        await registry.create(conn, registry.DEVICE, DeviceCreate(
+            household_id=rig.household_id, name="Bedroom smoke sensor", type=DeviceType.SENSOR,
+            external_id="bedroom-smoke", credential_ref_id=sensor.credential_ref_id), actor="test")
+    jobs_before = await _jobs(app_pool)
+    answers = []
+    for device in (rig.sensor, "bedroom-smoke"):
+        body = rig.event("smoke", event_id="ev-0001", device=device)
+        status, headers, answer = await bridge.post("/v1/events", body, rig.signed_headers(body, device=device))
+        assert status == 202, answer
+        assert "Idempotent-Replayed" not in headers
+        answers.append(answer)
+    assert [a["action"] for a in answers] == ["opened", "opened"]
+    assert answers[0]["incident_id"] != answers[1]["incident_id"]
+    assert await _jobs(app_pool) == jobs_before + 2
+    # The same device with the same id is still a replay: the first answer, nothing more.
+    body = rig.event("smoke", event_id="ev-0001", device="bedroom-smoke")
+    status, headers, answer = await bridge.post("/v1/events", body, rig.signed_headers(body, device="bedroom-smoke"))
+    assert (status, headers.get("Idempotent-Replayed"), answer) == (202, "true", answers[1])
+    assert await _jobs(app_pool) == jobs_before + 2
+
+
 @pytest.mark.parametrize("skew", [-301, 301])
 async def test_timestamp_outside_300_s_either_way_is_401(bridge: BridgeClient, rig: AlarmRig, skew: int) -> None:
     body = rig.event("smoke")

@@ -166,10 +166,12 @@ async def test_an_events_device_is_found_through_an_index(admin_conn: Connection
 #: Lookups by key on the alarm path, and the primary key each must use however empty its table was when a
 #: pooled connection planned it (the foreign-key check of iim.incident is PostgreSQL's own RI query).
 KEY_LOOKUPS = {
-    "SELECT 1 FROM ONLY iim.incident x WHERE tenant_id = $1 AND id = $2 FOR KEY SHARE OF x": "incident_pkey",
-    "SELECT e.fingerprint FROM iim.device_event e WHERE e.tenant_id = $1 AND e.event_id = $2::text":
-        "device_event_pkey",
-    "SELECT a.outcome FROM iim.incident_action a WHERE a.tenant_id = $1 AND a.key = $2::text": "incident_action_pkey",
+    "SELECT 1 FROM ONLY iim.incident x WHERE tenant_id = $1 AND id = $2 FOR KEY SHARE OF x":
+        ("incident_pkey", "gen_random_uuid()"),
+    "SELECT e.fingerprint FROM iim.device_event e WHERE e.tenant_id = $1 AND e.device_id = $2 AND e.event_id = $3::text":
+        ("device_event_pkey", "gen_random_uuid(), 'k'"),
+    "SELECT a.outcome FROM iim.incident_action a WHERE a.tenant_id = $1 AND a.key = $2::text":
+        ("incident_action_pkey", "'k'"),
 }
 
 
@@ -183,10 +185,9 @@ async def test_lookups_by_key_planned_on_empty_tables_use_the_primary_keys(pg_em
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         await conn.execute("SET ROLE iim_app")
         await conn.execute(f"SELECT set_config('app.tenant', '{tenant}', false)")
-        for n, (sql, index) in enumerate(KEY_LOOKUPS.items()):
+        for n, (sql, (index, arguments)) in enumerate(KEY_LOOKUPS.items()):
             await conn.execute(f"PREPARE lookup{n} AS {sql}")
-            argument = "gen_random_uuid()" if "incident x" in sql else "'k'"
-            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE lookup{n}('{tenant}', {argument})"))
+            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE lookup{n}('{tenant}', {arguments})"))
             assert f"using {index} on" in plan, plan
     finally:
         await conn.close()

@@ -566,7 +566,7 @@ async def test_registry_leaves_the_service_routes_alone(api: Api) -> None:
     assert resp.headers["Cache-Control"] == "no-store"
 
 
-async def test_store_unavailable_is_503() -> None:
+async def test_store_unavailable_is_503_with_retry_after() -> None:
     def no_pool() -> Pool:
         raise LookupError("not connected")
 
@@ -581,6 +581,7 @@ async def test_store_unavailable_is_503() -> None:
         ) as resp:
             assert resp.status == 503
             assert (await resp.json(content_type=PROBLEM))["error_id"] == "store-unavailable"
+            assert int(resp.headers["Retry-After"]) > 0
     finally:
         await server.close()
 
