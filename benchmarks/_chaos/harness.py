@@ -104,6 +104,22 @@ class ChaosResult:
                 "statuses": self.statuses, "durations_s": self.durations, "report": str(self.workdir / "report.json")}
 
 
+class _Vendor(VendorPeer):
+    """The vendor cloud, noting the incidents whose notification it accepted (a 2xx, not a scripted 500)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delivered: set[str] = set()
+
+    async def _capability(self, request: web.Request) -> web.Response:
+        response = await super()._capability(request)
+        if 200 <= response.status < 300:
+            with contextlib.suppress(ValueError, AttributeError):
+                body = json.loads(await request.read())  # aiohttp keeps the body it read
+                self.delivered.add(str(body.get("correlation", {}).get("incident_id")))
+        return response
+
+
 class Cluster:
     """Every process and peer of the run; :meth:`aclose` stops them all whatever state they are in."""
 
@@ -113,7 +129,7 @@ class Cluster:
         self.pg = PgServer(workdir / "pg" / "data")
         self.switch = Switch(password=ESL_PASSWORD)
         self.smsc = SmscProcess(workdir / "smsc.jsonl")
-        self.vendor = VendorPeer()
+        self.vendor = _Vendor()
         self.vendor_runner: web.AppRunner | None = None
         self.instances: dict[str, IimInstance] = {}
         self.proxies: dict[str, FaultProxy] = {}
@@ -208,6 +224,7 @@ class FaultRunner:
         self.t0 = t0
         self.done: list[Fault] = []
         self._locks: dict[str, asyncio.Lock] = {}
+        self._fired_at: dict[int, float] = {}  # armed faults count from their trigger, not from arming
 
     async def run(self, planned: list[PlannedFault]) -> None:
         await asyncio.gather(*(self._one(p) for p in planned))
@@ -221,18 +238,19 @@ class FaultRunner:
             except Exception as exc:  # the run goes on; the fault's record says what went wrong
                 log.exception("fault %s failed", p.kind)
                 detail = f"injection failed: {exc!r}"
-            self.done.append(Fault(p.kind, p.target, start, time.time(), detail))
+            self.done.append(Fault(p.kind, p.target, self._fired_at.pop(id(p), start), time.time(), detail))
 
-    async def _armed(self, proxy: FaultProxy, when: str, action: Callable[[str], None]) -> str:
+    async def _armed(self, p: PlannedFault, proxy: FaultProxy, when: str, action: Callable[[str], None]) -> str:
         """Act on the proxy's next originate (within 10 s; else now, without one)."""
         fired = proxy.arm("before" if when == "before" else "after", action)
         try:
             uuid = await asyncio.wait_for(asyncio.shield(fired), 10.0)
         except TimeoutError:
-            proxy.disarm()
+            proxy.disarm(fired)
             action("")
-            return "no originate within 10 s: fired without one"
-        return f"call {uuid}"
+            uuid = ""
+        self._fired_at[id(p)] = time.time()
+        return f"call {uuid}" if uuid else "no originate within 10 s: fired without one"
 
     async def _inject(self, p: PlannedFault) -> str:
         c = self.c
@@ -250,7 +268,7 @@ class FaultRunner:
             proxy = c.proxies[f"esl-{p.target}"]
             detail = ""
             if p.kind == "esl_reset_after_originate":
-                detail = await self._armed(proxy, "after", lambda _uuid: proxy.cut()) + ", "
+                detail = await self._armed(p, proxy, "after", lambda _uuid: proxy.cut()) + ", "
             await proxy.hold_down(p.duration)
             return f"{detail}down {p.duration:.1f} s"
         if p.kind in ("kill", "kill_after_claim", "kill_after_send"):
@@ -260,7 +278,8 @@ class FaultRunner:
                 inst.kill()
             else:
                 when = "before" if p.kind == "kill_after_claim" else "after"
-                detail = await self._armed(c.proxies[f"esl-{p.target}"], when, lambda _uuid: inst.kill()) + ", "
+                detail = await self._armed(p, c.proxies[f"esl-{p.target}"], when,
+                                           lambda _uuid: inst.kill()) + ", "
             await inst.restart(p.duration)
             return f"{detail}down {p.duration:.1f} s"
         if p.kind == "tts_down":
@@ -373,12 +392,18 @@ _SMS = """SELECT id::text, key, incident_id::text, msisdn, status, last_error FR
            WHERE tenant_id = $1"""
 
 
-async def _live_incidents(admin_url: str, tenant: ChaosTenant) -> int:
+_PENDING = """SELECT (SELECT count(*) FROM iim.incident WHERE tenant_id = $1 AND state IN ('open', 'notifying'))
+                   + (SELECT count(*) FROM iim.sms_outbox WHERE tenant_id = $1 AND status IN ('queued', 'sending'))
+                   + (SELECT count(*) FROM iim.incident_action
+                       WHERE tenant_id = $1 AND kind = 'notify' AND outcome IS NULL)"""
+
+
+async def _pending_work(admin_url: str, tenant: ChaosTenant) -> int:
+    """Live incidents, SMS not yet handed to the SMSC, notifications not yet settled: the run drains them."""
     conn = await asyncpg.connect(admin_url, timeout=5)
     try:
-        live: int = await conn.fetchval("SELECT count(*) FROM iim.incident WHERE tenant_id = $1 "
-                                        "AND state IN ('open', 'notifying')", tenant.tenant)
-        return live
+        pending: int = await conn.fetchval(_PENDING, tenant.tenant)
+        return pending
     finally:
         await conn.close()
 
@@ -396,7 +421,7 @@ async def observe(cluster: Cluster, ops: list[Op], faults: list[Fault]) -> Obser
     at_smsc = {str(r.get("ref")) for r in read_log(cluster.smsc.log_path)}
     sms = [SmsRow(key=r["key"], incident_id=r["incident_id"], msisdn=r["msisdn"], status=r["status"],
                   last_error=r["last_error"], at_smsc=r["id"] in at_smsc) for r in sms_rows]
-    notified = frozenset(str(x.body.get("correlation", {}).get("incident_id")) for x in cluster.vendor.received)
+    notified = frozenset(cluster.vendor.delivered)
     return Observed(ops=ops, incidents=incidents, actions=actions, calls=cluster.switch.records(), sms=sms,
                     notified=notified, faults=faults)
 
@@ -436,12 +461,15 @@ async def run(cfg: ChaosConfig) -> ChaosResult:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=200)) as session:
-            await asyncio.gather(client.run(session, t0), faults.run(planned))
+        # A task group: should either side fail, the other is cancelled before the history closes.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=200)) as session, \
+                asyncio.TaskGroup() as group:
+            group.create_task(client.run(session, t0))
+            group.create_task(faults.run(planned))
         durations["load_and_faults"] = round(time.time() - t0, 1)
         drain_started = time.monotonic()
         tenant = cluster.tenant
-        await _until(lambda: _zero(_live_incidents(cluster.admin_url, tenant)), cfg.settle_s)
+        await _until(lambda: _zero(_pending_work(cluster.admin_url, tenant)), cfg.settle_s)
         durations["drain"] = round(time.monotonic() - drain_started, 1)
         observed = await observe(cluster, history.ops, faults.done)
         verdict = check(observed, now=time.time(), grace_s=cfg.overdue_s, t0=t0)

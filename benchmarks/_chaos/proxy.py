@@ -41,7 +41,7 @@ class FaultProxy:
         self.down = False
         self.originates: list[tuple[float, str]] = []
         self.on_originate: list[Callable[[str], None]] = []
-        self._trigger: Trigger | None = None
+        self._triggers: list[Trigger] = []
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -68,15 +68,19 @@ class FaultProxy:
             self.restore()
 
     def arm(self, when: Literal["before", "after"], action: Callable[[str], None]) -> asyncio.Future[str]:
-        """Run ``action(call uuid)`` at the next originate; the future resolves with that uuid."""
+        """Run ``action(call uuid)`` at the next originate no earlier trigger takes; the future resolves with
+        that uuid."""
         fired: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._trigger = Trigger(when, action, fired)
+        self._triggers.append(Trigger(when, action, fired))
         return fired
 
-    def disarm(self) -> None:
-        trigger, self._trigger = self._trigger, None
-        if trigger is not None and not trigger.fired.done():
-            trigger.fired.cancel()
+    def disarm(self, fired: asyncio.Future[str] | None = None) -> None:
+        """Forget the trigger of ``fired`` (every trigger when None)."""
+        keep = [t for t in self._triggers if fired is not None and t.fired is not fired]
+        for trigger in self._triggers:
+            if trigger not in keep and not trigger.fired.done():
+                trigger.fired.cancel()
+        self._triggers = keep
 
     async def close(self) -> None:
         self.disarm()
@@ -147,7 +151,7 @@ class FaultProxy:
             self.originates.append((loop.time(), uuid))
             for listener in self.on_originate:
                 listener(uuid)
-        trigger, self._trigger = self._trigger, None
+        trigger = self._triggers.pop(0) if self._triggers else None
         if trigger is not None and trigger.when == "before":
             _fire(trigger, uuids[0])
             return False
