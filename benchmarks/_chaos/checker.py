@@ -283,6 +283,8 @@ def _unreached(incident_id: str | None, incidents: dict[str, IncidentRow], actio
                 continue
             if a.dispatched_at is None and a.outcome is None and incident.state in TERMINAL_STATES:
                 continue  # the incident was over before this call was due
+            if a.outcome == "superseded" and any(state in a.detail for state in TERMINAL_STATES):
+                continue  # not placed: the incident had ended (not: it had moved on without this contact)
             out.append(f"{a.kind} {a.key} to {a.destination} never reached the switch "
                        f"(dispatched={a.dispatched_at is not None}, outcome={a.outcome}, detail={a.detail!r})")
         elif a.kind == "sms":
@@ -349,7 +351,7 @@ def _timeline(obs: Observed, origin: float, alarm: str | None, incident_id: str 
     return tuple(f"+{t - origin:8.2f} {text}" for t, text in lines)
 
 
-def verdict_json(v: Verdict, *, limit: int = 50) -> dict[str, Any]:
+def verdict_json(v: Verdict, *, limit: int = 500) -> dict[str, Any]:
     """The summary and up to ``limit`` violations of each kind, for the run's report file."""
     kinds: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for x in v.violations:

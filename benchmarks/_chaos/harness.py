@@ -32,6 +32,8 @@ import asyncpg
 from aiohttp import web
 
 from benchmarks._chaos.checker import (
+    SMS_REFUSED,
+    TERMINAL_STATES,
     ActionRow,
     Fault,
     IncidentRow,
@@ -392,20 +394,14 @@ _SMS = """SELECT id::text, key, incident_id::text, msisdn, status, last_error FR
            WHERE tenant_id = $1"""
 
 
-_PENDING = """SELECT (SELECT count(*) FROM iim.incident WHERE tenant_id = $1 AND state IN ('open', 'notifying'))
-                   + (SELECT count(*) FROM iim.sms_outbox WHERE tenant_id = $1 AND status IN ('queued', 'sending'))
-                   + (SELECT count(*) FROM iim.incident_action
-                       WHERE tenant_id = $1 AND kind = 'notify' AND outcome IS NULL)"""
-
-
-async def _pending_work(admin_url: str, tenant: ChaosTenant) -> int:
-    """Live incidents, SMS not yet handed to the SMSC, notifications not yet settled: the run drains them."""
-    conn = await asyncpg.connect(admin_url, timeout=5)
-    try:
-        pending: int = await conn.fetchval(_PENDING, tenant.tenant)
-        return pending
-    finally:
-        await conn.close()
+async def _settled(cluster: Cluster) -> bool:
+    """Nothing the checker looks at can still change: every incident has ended, every SMS is at the SMSC (or
+    refused), every notification reached the vendor or has an outcome."""
+    obs = await observe(cluster, [], [])
+    return (all(i.state in TERMINAL_STATES for i in obs.incidents)
+            and all(s.at_smsc or s.status in SMS_REFUSED for s in obs.sms)
+            and all(a.outcome is not None or a.incident_id in obs.notified
+                    for a in obs.actions if a.kind == "notify"))
 
 
 async def observe(cluster: Cluster, ops: list[Op], faults: list[Fault]) -> Observed:
@@ -468,8 +464,7 @@ async def run(cfg: ChaosConfig) -> ChaosResult:
             group.create_task(faults.run(planned))
         durations["load_and_faults"] = round(time.time() - t0, 1)
         drain_started = time.monotonic()
-        tenant = cluster.tenant
-        await _until(lambda: _zero(_pending_work(cluster.admin_url, tenant)), cfg.settle_s)
+        await _until(lambda: _settled(cluster), cfg.settle_s)
         durations["drain"] = round(time.monotonic() - drain_started, 1)
         observed = await observe(cluster, history.ops, faults.done)
         verdict = check(observed, now=time.time(), grace_s=cfg.overdue_s, t0=t0)
@@ -490,6 +485,3 @@ async def run(cfg: ChaosConfig) -> ChaosResult:
                                                     indent=1, default=str))
     return result
 
-
-async def _zero(count: Awaitable[int]) -> bool:
-    return await count == 0

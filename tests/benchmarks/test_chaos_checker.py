@@ -188,3 +188,12 @@ def test_an_answered_call_redialled_with_its_uuid_is_one_hang_up_and_one_duplica
                        hung_up_unheard=True)
     v = check(_clean(calls=[first, again]), now=T + 100, grace_s=10)
     assert (v.answered_hung_up, v.duplicate_calls) == (1, 1)
+
+
+def test_a_call_superseded_because_the_incident_ended_is_excused_but_not_one_the_incident_moved_past() -> None:
+    ended = _call_action(1, BACKUP, outcome="superseded", dispatched=False, detail="incident is acknowledged")
+    assert check(_clean(actions=[_call_action(), ended]), now=T + 100, grace_s=10).lost == 0
+    skipped = _call_action(1, BACKUP, outcome="superseded", dispatched=False, detail="incident is notifying")
+    v = check(_clean(actions=[_call_action(), skipped]), now=T + 100, grace_s=10)
+    assert v.lost == 1
+    assert "superseded" in v.by_kind("lost")[0].detail
