@@ -313,7 +313,8 @@ class Service:
         public = s.public_base_url or f"https://{s.bridge_host}:{s.bridge_port}"
         connectors = await stack.enter_async_context(ConnectorRegistry(default_context(callback_base_url=public)))
         await connectors.load(s.connectors)
-        tts = await stack.enter_async_context(EspeakTts(Path(s.data_dir).parent / "tts-cache"))
+        tts = await stack.enter_async_context(EspeakTts(Path(s.data_dir).parent / "tts-cache",
+                                                                library=s.tts_library))
         secret = (resolve_secret(s.audio_url_secret_ref).encode() if s.audio_url_secret_ref
                   else secrets.token_bytes(32))
         audio_urls = AudioUrlSigner(secret, public, ttl_s=600)

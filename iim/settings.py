@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     # generic prompt and the private text never reaches the switch), "freeswitch" leaves `say:` to its TTS
     # module (the text is then sent to the switch).
     alert_prompt_tts: Literal["iim", "freeswitch"] = "iim"
+    # Another libespeak-ng than the espeakng-loader wheel's (unset: the wheel's). A path that cannot be loaded
+    # leaves speech down (prompts fall back to FreeSWITCH's TTS): the fault-injection suite starts instances so.
+    tts_library: str | None = None
     # SMS: an SMPP account at the SMSC (unset: SMS stay queued in the outbox until one is configured).
     smpp_host: str | None = None
     smpp_port: int = Field(default=2775, ge=1, le=65535)

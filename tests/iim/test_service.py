@@ -358,3 +358,12 @@ async def test_tests_run_on_uvloop_like_the_service() -> None:
     import uvloop
 
     assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+
+
+async def test_speech_uses_the_configured_library_so_an_instance_can_run_with_speech_down(
+        urls: DatabaseUrls, tmp_path: Path) -> None:
+    """``IIM_TTS_LIBRARY`` (the fault-injection suite's "TTS down"): prompts then fall back to the switch's TTS."""
+    broken = str(tmp_path / "no-libespeak-ng-here.so")
+    async with Service(_settings(tmp_path, tts_library=broken, bridge_enabled=False), database=urls) as service:
+        assert service.running.policy is not None
+        assert service.running.policy.tts.library == broken
