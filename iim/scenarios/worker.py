@@ -38,7 +38,7 @@ from fs_app.outreach.guard import OriginateLimits, Refusal, Wait, check_caps, de
 from fs_app.outreach.prompts import GENERIC_ALARM_PROMPT, speakable
 from iim.connectors.contract import Connector, ConnectorError, ConnectorLookup, Notification
 from iim.core.errors import STORE_UNAVAILABLE
-from iim.core.lifecycle import AsyncResource
+from iim.core.lifecycle import AsyncResource, TaskSupervisor
 from iim.core.metrics import REGISTRY
 from iim.scenarios import store
 from iim.scenarios.engine import (
@@ -174,8 +174,9 @@ class IncidentWorker(AsyncResource):
         self.settings = settings or WorkerSettings()
         self._conn: Connection | None = None
         self._qm: QueueManager | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks = TaskSupervisor()
+        self._closing = False
+        self._jobs_stopped = asyncio.Event()
         #: calls placed straight after the decision that claimed them, and other after-commit work
         self._inline: set[asyncio.Task[None]] = set()
         #: call uuids this worker is placing now (an orphaned call is one no live worker places)
@@ -183,17 +184,43 @@ class IncidentWorker(AsyncResource):
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        self._conn = await connect(self.app_url, role=DbRole.APP)
+        # Both loops are supervised: PostgreSQL restarted under the job connection made pgqueuer's run raise,
+        # and an unsupervised task left every job queued until another IIM started.
+        self._tasks.supervise(self._run_jobs, name="incident-jobs", initial=0.2, ceiling=5.0,
+                              until=lambda: self._closing)
+        self._tasks.supervise(self._sweep_forever, name="incident-deadlines", initial=0.2, ceiling=5.0,
+                              until=lambda: self._closing)
+
+    async def _run_jobs(self) -> None:
+        """One pgqueuer QueueManager on a connection of its own (LISTEN and dequeues), for as long as that
+        connection lives; the supervisor starts a fresh one on a fresh connection after it dies."""
+        if self._closing:
+            return
+        conn = await connect(self.app_url, role=DbRole.APP)
         settings = jobs.job_settings()
-        self._qm = QueueManager(jobs.queries_for(self._conn), channel=Channel(settings.channel))
+        qm = QueueManager(jobs.queries_for(conn), channel=Channel(settings.channel))
         factory = self._retrying
-        self._qm.entrypoint(IncidentJobs.TICK, executor_factory=factory, on_failure="hold")(self._tick_job)
-        self._qm.entrypoint(IncidentJobs.ACTION, executor_factory=factory, on_failure="hold")(self._action_job)
-        self._task = asyncio.create_task(self._qm.run(
-            dequeue_timeout=timedelta(seconds=5), batch_size=self.settings.batch_size,
-            max_concurrent_tasks=self.settings.max_concurrent_jobs,
-            heartbeat_timeout=self.settings.heartbeat_timeout), name="incident-worker")
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="incident-deadlines")
+        qm.entrypoint(IncidentJobs.TICK, executor_factory=factory, on_failure="hold")(self._tick_job)
+        qm.entrypoint(IncidentJobs.ACTION, executor_factory=factory, on_failure="hold")(self._action_job)
+        # A lost connection stops the manager at once (rather than at its next dequeue, up to 5 s later).
+        conn.add_termination_listener(lambda _conn: qm.shutdown.set())
+        self._conn, self._qm = conn, qm
+        self._jobs_stopped.clear()
+        try:
+            await qm.run(dequeue_timeout=timedelta(seconds=5), batch_size=self.settings.batch_size,
+                         max_concurrent_tasks=self.settings.max_concurrent_jobs,
+                         heartbeat_timeout=self.settings.heartbeat_timeout)
+        finally:
+            self._conn = self._qm = None
+            try:
+                await asyncio.wait_for(conn.close(), 5)
+            except STORE_UNAVAILABLE:
+                conn.terminate()  # dead already, or too slow to close
+            except BaseException:
+                conn.terminate()
+                raise
+            finally:
+                self._jobs_stopped.set()
 
     @staticmethod
     def _retrying(params: EntrypointExecutorParameters) -> DatabaseRetryEntrypointExecutor:
@@ -202,26 +229,17 @@ class IncidentWorker(AsyncResource):
                                                max_delay=timedelta(seconds=60))
 
     async def aclose(self) -> None:
-        sweeper, self._sweeper = self._sweeper, None
-        if sweeper is not None:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+        self._closing = True
         if self._inline:
             _, pending = await asyncio.wait(set(self._inline), timeout=10)
             for task in pending:
                 task.cancel()
-        if self._qm is not None:
-            self._qm.shutdown.set()
-        runner, self._task = self._task, None
-        if runner is not None:
-            try:
-                await asyncio.wait_for(runner, timeout=10)
-            except TimeoutError:
-                runner.cancel()
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
+        qm = self._qm
+        if qm is not None:  # running jobs finish (up to 10 s) before the loops are cancelled
+            qm.shutdown.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._jobs_stopped.wait(), timeout=10)
+        await self._tasks.aclose()
 
     # ------------------------------------------------------------------ SMS receipts
     async def sms_undelivered(self, tenant_id: UUID, sms_key: str, incident_id: UUID | None) -> None:
