@@ -752,8 +752,9 @@ class IncidentWorker(AsyncResource):
                 return
             if outcome.kind is CallOutcomeKind.UNREACHABLE:
                 spent = await self._unreachable(conn, tenant_id, incident, key, call)
-                after = (await self._tick_in(conn, tenant_id, incident, reason="outcome") if spent
-                         else _AfterCommit())
+                # Judged with the outcome it records: the engine moves on now, not at the group's deadline.
+                after = (await self._tick_in(conn, tenant_id, incident, reason="outcome", outcomes=[spent])
+                         if spent is not None else _AfterCommit())
             else:
                 line = store.audit_line("scenario-engine", "incident.call", incident_id,
                                         {"key": key, "outcome": result.value, "digit": outcome.digit,
@@ -770,22 +771,21 @@ class IncidentWorker(AsyncResource):
         await self._follow(after)
 
     async def _unreachable(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow, key: str,
-                           call: AlertCall) -> bool:
+                           call: AlertCall) -> store.OutcomeWrite | None:
         """FreeSWITCH is down: text the person now, and retry the call while the step is still current.
 
-        True when the retries are spent (the engine judges the call as unreachable now)."""
+        When the retries are spent, the call's outcome (unreachable) to record with the engine's judgement."""
         retries = await store.unreachable_retries(conn, key)
         if call.destination.startswith("+"):
             await store.text_unreachable(conn, incident, key, retries, call.destination)
         delays = self.settings.unreachable_retries
+        spent = None
         if retries < len(delays):
             await store.retry_call(conn, tenant_id, incident.id, key, retries, delays[retries])
             detail = f"switch unreachable; SMS sent, call retry {retries + 1} in {delays[retries]:.0f} s"
-            spent = False
         else:
-            spent = True
-            await store.record_outcome(conn, key, ActionOutcome.UNREACHABLE.value, "switch unreachable; retries spent")
             detail = "switch unreachable; retries spent"
+            spent = store.OutcomeWrite(key, ActionOutcome.UNREACHABLE.value, detail)
         await store.audit(conn, tenant_id, "scenario-engine", "incident.call_unreachable", incident.id,
                           {"key": key, "detail": detail}, event_id=incident.first_event_id,
                           call_uuid=UUID(call.call_uuid))

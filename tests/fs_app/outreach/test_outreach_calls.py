@@ -39,6 +39,7 @@ from fs_app.outreach.ivr import IvrRegistry, IvrResult, RegistryFull, app_arg, w
 from fs_app.testing import CallSpec, FreeSwitchEmulator, InboundServer, TargetBehaviour
 from fs_app.testing.apps import separate_args
 from tests.conftest import eventually
+from tests.tcp_proxy import TcpFaultProxy
 
 MOBILE = "+79001234567"
 GW = "sofia/gateway/ims/{}"
@@ -531,3 +532,52 @@ async def test_fifty_concurrent_alert_calls(rig: Rig) -> None:
     await eventually(lambda: len(rig.results) == 30)
     assert {u for u, _ in rig.results} == {c.call_uuid for c, o in zip(calls, outcomes, strict=True)
                                           if o.kind is CallOutcomeKind.ANSWERED}
+
+
+async def test_link_lost_after_originate_and_never_back_is_unreachable_after_the_reconnect_deadline(
+        rig: Rig) -> None:
+    # The bounded decision: a switch that stays unreachable after the originate does not keep the call
+    # (and its incident) waiting; past the reconnect deadline the call counts as unreachable.
+    proxy = TcpFaultProxy(f"esl://127.0.0.1:{rig.inbound.port}")
+    await proxy.start()
+    client = client_for(proxy.port)
+    await client.start()
+    try:
+        await client.wait_connected(5)
+        placer = AlertCallPlacer(client, rig.registry, socket_address=f"127.0.0.1:{rig.server.port}",
+                                 connect_wait_s=0.3, api_timeout_s=0.3, reconnect_deadline_s=1.0, poll_s=0.1)
+        call = alert(ring_s=120)
+        placing = asyncio.create_task(placer.place(call))
+        await eventually(lambda: len(rig.emu.originates) == 1)
+        proxy.cut()
+        started = time.monotonic()
+        outcome = await asyncio.wait_for(placing, 5)
+        assert outcome.kind is CallOutcomeKind.UNREACHABLE, outcome
+        assert "switch unreachable for 1 s" in outcome.detail
+        assert time.monotonic() - started < 2.5
+    finally:
+        await client.aclose()
+        await proxy.close()
+
+
+async def test_inbound_client_reconnects_on_demand_rather_than_after_its_backoff() -> None:
+    emu = FreeSwitchEmulator(time_scale=SCALE)
+    inbound = await emu.start_inbound()
+    port = inbound.port
+    client = InboundClient(InboundSettings(port=port, command_timeout=2.0, backoff_initial=0.05,
+                                           backoff_max=30.0, events=("BACKGROUND_JOB",)))
+    await client.start()
+    try:
+        await client.wait_connected(5)
+        await emu.close()
+        await eventually(lambda: not client.connected)
+        await asyncio.sleep(1.5)  # several failed attempts: the backoff has grown past a second
+        emu = FreeSwitchEmulator(time_scale=SCALE)
+        await emu.start_inbound(port=port)
+        started = time.monotonic()
+        reply = await client.api("status", timeout=5)  # wakes the reconnect
+        assert reply.body.startswith("UP ")
+        assert time.monotonic() - started < 0.5
+    finally:
+        await client.aclose()
+        await emu.close()

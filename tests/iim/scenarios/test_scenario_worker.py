@@ -37,6 +37,7 @@ from iot_bridge.intake import KnownDevice, accept_event
 from policy_cache import audit
 from policy_cache.db import Pool, tenant_tx
 from tests.alarm_rig import AlarmRig, build_rig
+from tests.tcp_proxy import TcpFaultProxy
 
 GW = "sofia/gateway/ims/{}"
 _numbers = itertools.count(100)
@@ -54,6 +55,8 @@ class Alarms:
     emu: FreeSwitchEmulator
     inbound: InboundServer
     worker: IncidentWorker
+    #: between the worker's inbound ESL client and the emulator, with ``esl_proxy=True``
+    proxy: TcpFaultProxy | None = None
 
     def script(self, number: str, behaviour: TargetBehaviour) -> None:
         self.emu.targets[GW.format(number)] = behaviour
@@ -107,7 +110,8 @@ async def _route(call: Call) -> None:
 @contextlib.asynccontextmanager
 async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
                      connectors: ConnectorLookup | None = None, speech: Any = None,
-                     time_scale: float = 0.01, limits: OriginateLimits | None = None) -> AsyncIterator[Alarms]:
+                     time_scale: float = 0.01, limits: OriginateLimits | None = None,
+                     esl_proxy: bool = False) -> AsyncIterator[Alarms]:
     """A tenant, the emulator (callees scripted per number), our outbound server for the IVR, the worker."""
     n = numbers()
     rig = await build_rig(app_pool, tmp_path, owner=n["owner"], backup=n["backup"], security=n["security"])
@@ -117,22 +121,29 @@ async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
     server = OutboundServer(with_alert_calls(registry, _route),
                             OutboundSettings(port=0, exit_wait=0.5, hangup_complete_wait=0.5))
     await server.start()
-    client = InboundClient(InboundSettings(port=inbound.port, command_timeout=2.0, backoff_initial=0.05,
-                                           backoff_max=0.2, events=("BACKGROUND_JOB",)))
+    proxy = None
+    if esl_proxy:
+        proxy = TcpFaultProxy(f"esl://127.0.0.1:{inbound.port}")
+        await proxy.start()
+    client = InboundClient(InboundSettings(port=proxy.port if proxy else inbound.port, command_timeout=2.0,
+                                           backoff_initial=0.05, backoff_max=0.2, events=("BACKGROUND_JOB",)))
     await client.start()
     await client.wait_connected(5)
     placer = AlertCallPlacer(client, registry, socket_address=f"127.0.0.1:{server.port}",
                              gateway_dial=DialSettings(phone_endpoint=GW.replace("{}", "{msisdn}")),
-                             answer_grace_s=2.0, connect_wait_s=0.3, api_timeout_s=0.5, prompt_s=1.0)
+                             answer_grace_s=2.0, connect_wait_s=0.3, api_timeout_s=0.5, prompt_s=1.0,
+                             poll_s=0.2)
     worker = IncidentWorker(app_pool, pg_db.app_url, placer, WorkerSettings(
         heartbeat_timeout=timedelta(seconds=2), unreachable_retries=(0.3, 0.3),
         default_limits=limits or OriginateLimits()), connectors=connectors, speech=speech)
     await worker.start()
     try:
-        yield Alarms(rig, app_pool, emu, inbound, worker)
+        yield Alarms(rig, app_pool, emu, inbound, worker, proxy)
     finally:
         await worker.aclose()
         await client.aclose()
+        if proxy is not None:
+            await proxy.close()
         await server.aclose(drain_timeout=1.0)
         await emu.close()
 
@@ -623,3 +634,75 @@ async def test_when_the_engine_cannot_say_the_prompts_text_the_callee_hears_the_
     assert await tts.render("Дым на кухне")
     await _speech_failed_and_the_callee_confirmed(app_pool, pg_db, tmp_path, tts, switch_heard)
     await tts.aclose()
+async def test_esl_link_reset_right_after_originate_neither_redials_nor_hangs_up_the_answering_owner(
+        app_pool: Pool, pg_db: Any, tmp_path: Path) -> None:
+    # The control link drops 50 ms after the originate and stays down 6 s; the owner answers after 2 s
+    # (the call reaches our IVR over its own socket) and presses 1.
+    async with alarms_rig(app_pool, pg_db, tmp_path, time_scale=1.0, esl_proxy=True) as alarms:
+        rig = alarms.rig
+        assert alarms.proxy is not None
+        alarms.script(rig.owner, TargetBehaviour.answer(after_ms=2000, dtmf="1"))
+        incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
+        deadline = asyncio.get_running_loop().time() + 5
+        while not alarms.calls_to(rig.owner):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        alarms.proxy.cut()
+        await asyncio.sleep(6)
+        alarms.proxy.restore()
+        assert await alarms.settled(incident, timeout=20) == "acknowledged"
+        assert alarms.calls_to(rig.owner) == 1  # no second originate
+        assert alarms.calls_to(rig.backup) == 0
+        unreachable = await alarms.rows("SELECT key FROM iim.sms_outbox WHERE incident_id = $1 "
+                                        "AND key LIKE '%/unreachable/%'", incident)
+        assert unreachable == []  # no "could not call you"
+        owner = await alarms.rows("SELECT outcome FROM iim.incident_action WHERE incident_id = $1 AND kind = 'call'",
+                                  incident)
+        assert owner == [{"outcome": "acknowledge"}]
+
+
+async def test_esl_link_reset_while_the_owner_rings_unanswered_picks_up_the_outcome_after_reconnect(
+        app_pool: Pool, pg_db: Any, tmp_path: Path) -> None:
+    # Down 1 s right after the originate; the owner's phone rings out 3 s later: the BACKGROUND_JOB arrives
+    # on the reconnected link (its Job-UUID is the call's uuid) and the escalation moves on to the backup.
+    async with alarms_rig(app_pool, pg_db, tmp_path, time_scale=1.0, esl_proxy=True) as alarms:
+        rig = alarms.rig
+        assert alarms.proxy is not None
+        alarms.script(rig.owner, TargetBehaviour.reject("NO_ANSWER", after_ms=3000, ring=True))
+        alarms.script(rig.backup, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+        incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
+        deadline = asyncio.get_running_loop().time() + 5
+        while not alarms.calls_to(rig.owner):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        alarms.proxy.cut()
+        await asyncio.sleep(1)
+        alarms.proxy.restore()
+        assert await alarms.settled(incident, timeout=30) == "acknowledged"
+        assert alarms.calls_to(rig.owner) == 1
+        assert alarms.calls_to(rig.backup) == 1
+        owner = await alarms.rows("SELECT outcome FROM iim.incident_action WHERE incident_id = $1 AND kind = 'call' "
+                                  "AND destination = $2", incident, rig.owner)
+        assert owner == [{"outcome": "no_answer"}]
+        unreachable = await alarms.rows("SELECT key FROM iim.sms_outbox WHERE incident_id = $1 "
+                                        "AND key LIKE '%/unreachable/%'", incident)
+        assert unreachable == []
+
+
+async def test_a_switch_that_stays_down_makes_each_call_unreachable_with_sms_and_the_escalation_goes_on(
+        alarms: Alarms) -> None:
+    # The bounded decision for a configured but unreachable FreeSWITCH: nobody waits for it; every contact
+    # is texted, each call counts as unreachable once its retries are spent, and the chain runs to its end.
+    rig = alarms.rig
+    await alarms.inbound.close()
+    incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
+    assert await alarms.settled(incident, timeout=30) == "exhausted"
+    calls = await alarms.rows("SELECT destination, outcome FROM iim.incident_action WHERE incident_id = $1 "
+                              "AND kind = 'call' ORDER BY key", incident)
+    assert [c["outcome"] for c in calls] == ["unreachable"] * 3
+    texted = await alarms.rows("SELECT DISTINCT msisdn FROM iim.sms_outbox WHERE incident_id = $1 "
+                               "AND key LIKE '%/unreachable/%'", incident)
+    assert {t["msisdn"] for t in texted} == {rig.owner, rig.backup, rig.security}
+    assert alarms.emu.originates_to(rig.owner) == []
