@@ -308,8 +308,10 @@ class InboundClient(AsyncResource):
         metrics.count_command("api", "ok" if reply.ok else "err")
         return reply
 
-    async def bgapi(self, command: str, *, job_uuid: str | None = None, timeout: float = 120.0) -> BackgroundJobResult:
-        """Run ``command`` in the background and wait for its BACKGROUND_JOB.
+    async def bgapi(self, command: str, *, job_uuid: str | None = None, timeout: float = 120.0,
+                    on_accepted: Callable[[], None] | None = None) -> BackgroundJobResult:
+        """Run ``command`` in the background and wait for its BACKGROUND_JOB; ``on_accepted`` runs once the
+        switch accepted the job (its ``+OK Job-UUID`` reply), before the job's outcome.
 
         If the connection drops before the job reports, the outcome is unknown and
         :class:`EslConnectionError` is raised; callers that originate set
@@ -332,6 +334,8 @@ class InboundClient(AsyncResource):
                 raise CommandFailed("BgApi", "unexpected api/response")
             if not reply.ok:
                 raise CommandFailed("BgApi", reply.reply_text)
+            if on_accepted is not None:
+                on_accepted()
             try:
                 event = await asyncio.wait_for(done, timeout)
             except EslConnectionError as exc:
@@ -454,9 +458,10 @@ class InboundPool(AsyncResource):
                 raise EslConnectionError("no FreeSWITCH node is connected")
             await asyncio.sleep(0.05)
 
-    async def bgapi(self, command: str, *, job_uuid: str | None = None, timeout: float = 120.0) -> BackgroundJobResult:
+    async def bgapi(self, command: str, *, job_uuid: str | None = None, timeout: float = 120.0,
+                    on_accepted: Callable[[], None] | None = None) -> BackgroundJobResult:
         client = await self.pick()
-        return await client.bgapi(command, job_uuid=job_uuid, timeout=timeout)
+        return await client.bgapi(command, job_uuid=job_uuid, timeout=timeout, on_accepted=on_accepted)
 
     async def api(self, command: str, timeout: float | None = None) -> ApiResponse:
         client = await self.pick()

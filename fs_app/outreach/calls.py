@@ -219,7 +219,8 @@ def outcome_of_job(body: str) -> CallOutcome | None:
 class SwitchApi(Protocol):
     """What the placer needs from FreeSWITCH: an :class:`InboundPool`, an :class:`InboundClient`..."""
 
-    async def bgapi(self, command: str, *, job_uuid: str | None = ..., timeout: float = ...) -> BackgroundJobResult:
+    async def bgapi(self, command: str, *, job_uuid: str | None = ..., timeout: float = ...,
+                    on_accepted: Callable[[], None] | None = ...) -> BackgroundJobResult:
         ...
 
     async def api(self, command: str, timeout: float | None = ...) -> ApiResponse: ...
@@ -375,11 +376,14 @@ class AlertCallPlacer:
             await link.api(f"uuid_kill {call_uuid} NORMAL_CLEARING", self._api_timeout_s)
 
     # -- placing -----------------------------------------------------------------------
-    async def place(self, call: AlertCall) -> CallOutcome:
-        """Originate ``call`` and wait until it is known how it ended (never raises for the switch)."""
+    async def place(self, call: AlertCall, *, on_sent: Callable[[], None] | None = None) -> CallOutcome:
+        """Originate ``call`` and wait until it is known how it ended (never raises for the switch).
+
+        ``on_sent`` runs once the switch accepted the originate (the caller records that the call went out:
+        a call claimed but never sent is placed again after a crash, one sent is not)."""
         metrics.IN_FLIGHT.inc()
         try:
-            outcome = await self._place(call)
+            outcome = await self._place(call, on_sent)
         finally:
             metrics.IN_FLIGHT.dec()
         metrics.ORIGINATES.labels(outcome.kind.value).inc()
@@ -389,7 +393,34 @@ class AlertCallPlacer:
             "variables": dict(call.variables)})
         return outcome
 
-    async def _place(self, call: AlertCall) -> CallOutcome:
+    async def place_or_adopt(self, call: AlertCall, *, on_sent: Callable[[], None] | None = None) -> CallOutcome:
+        """A call claimed by a process that died before it was known to be sent: its ``origination_uuid`` is the
+        idempotency key. The switch has it -> adopt it (its IVR, its BACKGROUND_JOB, ``uuid_exists``); it has
+        not -> place it (the switch unreachable -> unreachable, as for any call)."""
+        if await self.call_exists(call.call_uuid) is not True:
+            return await self.place(call, on_sent=on_sent)
+        try:
+            ticket = self._ivr.expect(call)
+        except RegistryFull as exc:
+            return CallOutcome(CallOutcomeKind.REFUSED, None, None, detail=f"not adopted: {exc}")
+        if on_sent is not None:
+            on_sent()
+        metrics.IN_FLIGHT.inc()
+        try:
+            link = await self._link()
+            outcome = await self._follow(call, ticket, link, reason="adopted from a worker that died",
+                                         accepted=True, started=asyncio.get_running_loop().time())
+        except (EslError, OSError, TimeoutError) as exc:
+            outcome = CallOutcome(CallOutcomeKind.UNREACHABLE, None, None, detail=f"switch unreachable ({exc})")
+        finally:
+            metrics.IN_FLIGHT.dec()
+            self._ivr.discard(call.call_uuid)
+        metrics.ORIGINATES.labels(outcome.kind.value).inc()
+        log.info("adopted alert call %s", outcome.kind.value, extra={"call_id": call.call_uuid,
+                                                                     "detail": outcome.detail})
+        return outcome
+
+    async def _place(self, call: AlertCall, on_sent: Callable[[], None] | None) -> CallOutcome:
         try:
             command = originate_command(call, gateway_dial=self._dial, socket_address=self._socket_address)
             ticket = self._ivr.expect(call)  # before the originate: the socket may beat the job result
@@ -403,7 +434,8 @@ class AlertCallPlacer:
                 return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None,
                                    detail=f"switch unreachable ({type(exc).__name__}: {exc}); not placed")
             try:
-                job = await link.bgapi(command, job_uuid=call.call_uuid, timeout=call.ring_s + self._job_slack_s)
+                job = await link.bgapi(command, job_uuid=call.call_uuid, timeout=call.ring_s + self._job_slack_s,
+                                       on_accepted=on_sent)
             except (EslError, OSError, TimeoutError) as exc:
                 return await self._link_lost(call, ticket, exc, started, link)
             failed = outcome_of_job(job.body)

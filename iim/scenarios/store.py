@@ -38,7 +38,7 @@ from iot_bridge.event_types import EventType
 from iot_bridge.intake import IncidentJobs
 from policy_cache import audit as audit_log
 from policy_cache import jobs
-from policy_cache.db import Connection, Pool
+from policy_cache.db import Connection, Pool, tenant_tx
 from policy_cache.models import DeviceStatus, DeviceType, PresenceState
 
 __all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_incident",
@@ -422,6 +422,29 @@ async def audit(conn: Connection, tenant_id: UUID, actor: str, action: str, inci
 async def due_incidents(pool: Pool, limit: int) -> list[tuple[UUID, UUID]]:
     """(tenant, incident) of live incidents whose deadline has passed, oldest first, across tenants."""
     return [(r["tenant_id"], r["id"]) for r in await pool.fetch("SELECT * FROM iim.due_incidents($1)", limit)]
+
+
+async def unsent_calls(pool: Pool, older_s: float, limit: int) -> list[tuple[UUID, UUID, str]]:
+    """(tenant, incident, key) of calls claimed more than ``older_s`` ago and never sent, of live incidents,
+    across tenants: their process died between the claim and the originate."""
+    rows = await pool.fetch("SELECT * FROM iim.unsent_calls(make_interval(secs => $1), $2)", older_s, limit)
+    return [(r["tenant_id"], r["incident_id"], r["key"]) for r in rows]
+
+
+async def take_over_unsent(conn: Connection, key: str, older_s: float) -> bool:
+    """Claim an unsent call again for this worker (its lease, ``dispatched_at``, is renewed): True when no other
+    worker took it over or sent it meanwhile."""
+    taken = await conn.fetchval(
+        "UPDATE iim.incident_action SET dispatched_at = now() WHERE key = $1 AND dispatched_at IS NOT NULL "
+        "AND sent_at IS NULL AND finished_at IS NULL AND dispatched_at < now() - make_interval(secs => $2) "
+        "RETURNING true", key, older_s)
+    return bool(taken)
+
+
+async def mark_sent(pool: Pool, tenant_id: UUID, key: str) -> None:
+    """The switch accepted the call's originate: it is never placed again by a worker that takes over."""
+    async with tenant_tx(pool, tenant_id) as conn:
+        await conn.execute("UPDATE iim.incident_action SET sent_at = now() WHERE key = $1 AND sent_at IS NULL", key)
 
 
 async def prune_originate_windows(pool: Pool) -> int:

@@ -9,7 +9,9 @@ deadline (or, if the callee answers, to whichever process the call's IVR reaches
 once). Two job kinds remain: ``incident.tick`` (the intake's fallback, "cleared" events) and
 ``incident.action`` (notifications through a connector, calls retried after FreeSWITCH was unreachable,
 calls of a worker without a switch, calls a toll-fraud cap keeps waiting for a place); a resumed action job
-that finds its call dispatched asks the switch (``uuid_exists``) and never redials.
+that finds its call dispatched asks the switch (``uuid_exists``) and never redials. A call is marked sent once
+the switch accepted its originate; one claimed and never sent (its process killed in between) is taken over by
+the sweep of any worker and placed, or adopted when the switch already has its ``origination_uuid``.
 """
 
 from __future__ import annotations
@@ -105,6 +107,10 @@ class WorkerSettings:
     sweep_interval_s: float = 0.5
     #: how often the sweep deletes toll-fraud counters older than the caps' window
     window_prune_interval_s: float = 300.0
+    #: a call claimed this long ago and never sent (its process died in between) is placed by any worker
+    unsent_grace_s: float = 5.0
+    #: how often the sweep looks for such calls (and once at start)
+    unsent_interval_s: float = 2.0
     batch_size: int = 20
     #: FreeSWITCH unreachable: the call is retried after these delays (an SMS goes out at once)
     unreachable_retries: tuple[float, ...] = (2.0, 8.0, 30.0)
@@ -260,8 +266,11 @@ class IncidentWorker(AsyncResource):
     async def _sweep_forever(self) -> None:
         """Tick every live incident whose deadline passed. Several workers may sweep: a tick locks the
         incident and re-checks its deadline, so a second tick of the same incident does nothing."""
-        pruned_at = float("-inf")
+        pruned_at = reconciled_at = float("-inf")
         while True:
+            if time.monotonic() - reconciled_at >= self.settings.unsent_interval_s:
+                reconciled_at = time.monotonic()
+                await self._place_unsent()
             await asyncio.sleep(self.settings.sweep_interval_s)
             if time.monotonic() - pruned_at >= self.settings.window_prune_interval_s:
                 pruned_at = time.monotonic()
@@ -277,6 +286,47 @@ class IncidentWorker(AsyncResource):
                 except Exception:
                     # One incident's failure must not stop the others' deadlines; it is swept again next time.
                     log.exception("deadline tick failed", extra={"incident_id": str(incident_id)})
+
+    async def _place_unsent(self) -> None:
+        """Calls claimed but never sent (their process was killed in between) are placed, or adopted when the
+        switch has them, under the same origination_uuid: the owner is not skipped for the backup."""
+        if self.placer is None:
+            return
+        try:
+            unsent = await store.unsent_calls(self.pool, self.settings.unsent_grace_s, 100)
+        except STORE_UNAVAILABLE as exc:
+            log.warning("unsent calls not looked for: store unavailable (%s)", type(exc).__name__)
+            return
+        for tenant_id, incident_id, key in unsent:
+            if str(store.call_uuid_for(key)) in self._placing:
+                continue
+            try:
+                await self._take_over(tenant_id, incident_id, key)
+            except Exception:
+                log.exception("unsent call not taken over", extra={"incident_id": str(incident_id)})
+
+    async def _take_over(self, tenant_id: UUID, incident_id: UUID, key: str) -> None:
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            incident = await store.load_incident(conn, incident_id)
+            if incident is None or incident.state is not IncidentState.NOTIFYING or incident.group is None:
+                return
+            action = next((a for a in incident.group if a.key == key), None)
+            if action is None:  # a call of a group decided meanwhile: it is not placed any more
+                await store.record_outcome(conn, key, "superseded", "claimed, never sent; its group is decided")
+                return
+            if not await store.take_over_unsent(conn, key, self.settings.unsent_grace_s):
+                return  # another worker took it over, or it was sent meanwhile
+            alert = _safe_alert_call(self.settings, tenant_id, incident, action)
+            await store.audit(conn, tenant_id, "scenario-engine", "incident.call_taken_over", incident.id,
+                              {"key": key, "detail": "claimed by a worker that died before sending it"},
+                              event_id=incident.first_event_id, call_uuid=action.call_uuid)
+        if not isinstance(alert, AlertCall):
+            return  # the deadline settles it
+        meanings = dict((action.spec.get("ivr") or {}).get("digits", {}))
+        log.warning("alert call claimed but never sent: placing it now", extra={
+            "call_id": alert.call_uuid, "incident_id": str(incident_id), "event_id": incident.first_event_id})
+        self._spawn(self._run_call(tenant_id, incident_id, key, action.kind, alert, meanings, time.perf_counter(),
+                                   adopt=True))
 
     async def _prune_windows(self) -> None:
         """Housekeeping beside the sweep: its failure is logged and retried later, never stops deadlines."""
@@ -548,15 +598,17 @@ class IncidentWorker(AsyncResource):
             await self.tick(tenant_id, incident_id, reason="outcome")
 
     async def _run_call(self, tenant_id: UUID, incident_id: UUID, key: str, kind: str, call: AlertCall,
-                        meanings: dict[str, str], started: float, *, retry_store: bool = True) -> None:
-        """Place a dispatched call, then record its outcome and let the engine judge it. ``retry_store``: the
-        outcome is kept and written again while PostgreSQL is away (a job instead fails and is retried)."""
+                        meanings: dict[str, str], started: float, *, retry_store: bool = True,
+                        adopt: bool = False) -> None:
+        """Place a dispatched call (``adopt``: one a dead worker claimed, adopted if the switch has it), then
+        record its outcome and let the engine judge it. ``retry_store``: the outcome is kept and written again
+        while PostgreSQL is away (a job instead fails and is retried)."""
         self._placing.add(call.call_uuid)
         try:
             text = None
             if self.speech is not None and self.placer is not None and call.prompt:
                 call, text = await self._generic_first(call, meanings)
-            placing = asyncio.create_task(self._place(call))
+            placing = asyncio.create_task(self._place(call, tenant_id, key, adopt=adopt))
             if text is not None:
                 await self._speak_while_ringing(tenant_id, incident_id, key, call, text)
             outcome = await placing
@@ -737,10 +789,16 @@ class IncidentWorker(AsyncResource):
         except STORE_UNAVAILABLE as exc:  # the call goes on; only the note is lost
             log.warning("degraded-prompt note not written (%s)", type(exc).__name__, extra={"call_id": call.call_uuid})
 
-    async def _place(self, call: AlertCall) -> CallOutcome:
+    async def _place(self, call: AlertCall, tenant_id: UUID, key: str, *, adopt: bool = False) -> CallOutcome:
         if self.placer is None:
             return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None, detail="no FreeSWITCH node is configured")
-        return await self.placer.place(call)
+
+        def sent() -> None:  # off the call's path: the phone rings meanwhile
+            self._spawn(store.mark_sent(self.pool, tenant_id, key))
+
+        if adopt:
+            return await self.placer.place_or_adopt(call, on_sent=sent)
+        return await self.placer.place(call, on_sent=sent)
 
     async def _finish_call(self, tenant_id: UUID, incident_id: UUID, key: str, call: AlertCall,
                            outcome: CallOutcome, meanings: dict[str, str]) -> None:

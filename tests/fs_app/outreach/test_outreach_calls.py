@@ -581,3 +581,26 @@ async def test_inbound_client_reconnects_on_demand_rather_than_after_its_backoff
     finally:
         await client.aclose()
         await emu.close()
+
+
+async def test_a_call_the_switch_already_has_is_adopted_not_originated_again(rig: Rig) -> None:
+    # A worker sent the originate and died before recording it: the next one finds the call on the switch
+    # by its origination_uuid and takes its outcome from our IVR.
+    rig.script(MOBILE, TargetBehaviour.answer(after_ms=30_000, dtmf="1"))  # 300 ms at this time scale
+    call = alert()
+    command = originate_command(call, gateway_dial=DialSettings(),
+                                socket_address=f"127.0.0.1:{rig.server.port}")
+    sent = asyncio.create_task(rig.client.bgapi(command, job_uuid=new_uuid(), timeout=10))
+    await eventually(lambda: len(rig.emu.originates_to(MOBILE)) == 1)
+    outcome = await rig.placer.place_or_adopt(call)
+    assert outcome.kind is CallOutcomeKind.ANSWERED
+    assert outcome.digit == "1"
+    assert len(rig.emu.originates_to(MOBILE)) == 1  # never originated twice
+    sent.cancel()
+
+
+async def test_a_claimed_call_the_switch_does_not_have_is_placed(rig: Rig) -> None:
+    rig.script(MOBILE, TargetBehaviour.answer(after_ms=100, dtmf="2"))
+    outcome = await rig.placer.place_or_adopt(alert())
+    assert (outcome.kind, outcome.digit) == (CallOutcomeKind.ANSWERED, "2")
+    assert len(rig.emu.originates_to(MOBILE)) == 1

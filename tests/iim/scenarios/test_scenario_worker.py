@@ -706,3 +706,45 @@ async def test_a_switch_that_stays_down_makes_each_call_unreachable_with_sms_and
                                "AND key LIKE '%/unreachable/%'", incident)
     assert {t["msisdn"] for t in texted} == {rig.owner, rig.backup, rig.security}
     assert alarms.emu.originates_to(rig.owner) == []
+
+
+async def test_a_call_claimed_but_never_sent_before_a_crash_is_placed_once_by_the_next_worker(
+        alarms: Alarms, pg_db: Any) -> None:
+    # The claim commits with the event; the process that claimed it "dies" before sending (its after-commit
+    # callback never runs). Two workers look for such calls: the owner is called exactly once, not skipped.
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:  # far below the caps: claimed with the decision
+        await conn.execute("INSERT INTO iim.originate_limit (max_concurrent, max_per_hour) VALUES (10000, 1000000)")
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=300, dtmf="1"))
+    alarms.worker.settings.unsent_grace_s = 0.3
+    alarms.worker.settings.unsent_interval_s = 0.1
+
+    async def claim_and_die(conn: Any, tenant: UUID, incident: UUID) -> None:
+        await alarms.worker.begin_in(conn, tenant, incident)  # the calls are claimed; never placed here
+
+    second = IncidentWorker(alarms.pool, pg_db.app_url, alarms.worker.placer, WorkerSettings(
+        unsent_grace_s=0.3, unsent_interval_s=0.1))
+    async with second:
+        incident = await alarms.raise_alarm("smoke", opener=claim_and_die)
+        claimed = await alarms.rows("SELECT dispatched_at IS NOT NULL AS claimed FROM iim.incident_action "
+                                    "WHERE incident_id = $1 AND kind = 'call'", incident)
+        assert claimed == [{"claimed": True}]
+        assert await alarms.settled(incident) == "acknowledged"
+    assert alarms.calls_to(rig.owner) == 1
+    assert alarms.calls_to(rig.backup) == 0
+    sent = await alarms.rows("SELECT sent_at IS NOT NULL AS sent FROM iim.incident_action WHERE incident_id = $1 "
+                             "AND kind = 'call'", incident)
+    assert sent == [{"sent": True}]
+    taken = await alarms.rows("SELECT count(*) AS n FROM iim.audit_log WHERE action = 'incident.call_taken_over' "
+                              "AND entity_id = $1", str(incident))
+    assert taken == [{"n": 1}]
+
+
+async def test_a_call_sent_and_marked_sent_is_never_taken_over(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=1500, dtmf="1"))
+    alarms.worker.settings.unsent_grace_s = 0.1
+    alarms.worker.settings.unsent_interval_s = 0.05
+    incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
+    assert await alarms.settled(incident) == "acknowledged"
+    assert alarms.calls_to(rig.owner) == 1
