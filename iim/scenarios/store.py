@@ -28,6 +28,7 @@ from iim.scenarios.engine import (
     IncidentState,
     Notify,
     PlaceCall,
+    PriorChain,
     Progress,
     RecordMessage,
     SendSms,
@@ -526,6 +527,30 @@ async def clear_incident(conn: Connection, incident_id: UUID, state: IncidentSta
         """UPDATE iim.incident SET state = $2::iim.incident_state, reason = 'cleared by the device',
                   updated_at = now(), closed_at = now(), deadline = NULL WHERE id = $1""",
         incident_id, state.value)
+
+
+async def prior_chain(conn: Connection, incident_id: UUID) -> PriorChain | None:
+    """The last ended incident of the same device and hazard as ``incident_id`` (for the re-arm rule)."""
+    row = await conn.fetchrow(
+        """SELECT p.state::text AS state, p.closed_at,
+                  EXISTS (SELECT 1 FROM iim.device_event e
+                           WHERE e.tenant_id = p.tenant_id AND e.device_id = p.device_id AND e.type = 'cleared'
+                             AND e.received_at > p.closed_at) AS cleared_since
+             FROM iim.incident i
+             JOIN LATERAL (SELECT * FROM iim.incident p
+                            WHERE p.tenant_id = i.tenant_id AND p.device_id = i.device_id AND p.hazard = i.hazard
+                              AND p.closed_at IS NOT NULL AND p.id <> i.id
+                            ORDER BY p.closed_at DESC LIMIT 1) p ON true
+            WHERE i.id = $1""", incident_id)
+    if row is None:
+        return None
+    return PriorChain(IncidentState(row["state"]), row["closed_at"], bool(row["cleared_since"]))
+
+
+async def hold_incident(conn: Connection, incident_id: UUID, until: datetime, reason: str) -> None:
+    """Keep the incident open with no actions until ``until`` (the re-arm cool-down), then it is judged again."""
+    await conn.execute("UPDATE iim.incident SET deadline = $2, reason = $3, updated_at = now() WHERE id = $1",
+                       incident_id, until, reason)
 
 
 async def exhaust_incident(conn: Connection, incident_id: UUID, reason: str) -> None:

@@ -45,6 +45,7 @@ from iim.core.metrics import REGISTRY
 from iim.scenarios import store
 from iim.scenarios.engine import (
     CALL_SLACK_S,
+    REARM_COOL_DOWN,
     TERMINAL,
     ActionOutcome,
     Advance,
@@ -56,6 +57,7 @@ from iim.scenarios.engine import (
     current_actions,
     on_cleared,
     ready_to_advance,
+    rearm,
     select_scenario,
 )
 from iim.scenarios.model import Scenario
@@ -107,6 +109,8 @@ class WorkerSettings:
     sweep_interval_s: float = 0.5
     #: how often the sweep deletes toll-fraud counters older than the caps' window
     window_prune_interval_s: float = 300.0
+    #: after an exhausted chain, the same device and hazard alarming again is held this long (engine.rearm)
+    rearm_cool_down: timedelta = REARM_COOL_DOWN
     #: a call claimed this long ago and never sent (its process died in between) is placed by any worker
     unsent_grace_s: float = 5.0
     #: how often the sweep looks for such calls (and once at start)
@@ -426,6 +430,18 @@ class IncidentWorker(AsyncResource):
     async def _begin(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
                      now: datetime) -> _AfterCommit:
         after = _AfterCommit()
+        prior = await store.prior_chain(conn, incident.id)
+        held_until = rearm(prior, now, self.settings.rearm_cool_down)
+        if held_until is not None:
+            assert prior is not None
+            reason = (f"held until {held_until:%Y-%m-%d %H:%M:%S%z}: the last {incident.facts.event_type.value} "
+                      f"chain of this device ran out at {prior.closed_at:%H:%M:%S%z} with nobody acknowledging, and "
+                      "the device has not reported cleared since; a full chain starts after the cool-down")
+            await store.hold_incident(conn, incident.id, held_until, reason)
+            await store.audit(conn, tenant_id, "scenario-engine", "incident.held", incident.id,
+                              {"reason": reason, "until": held_until.isoformat()}, event_id=incident.first_event_id)
+            INCIDENTS.labels("held").inc()
+            return after
         scenario = _choose(await store.load_scenarios(conn, incident.household_id), incident, now)
         if scenario is None:
             await store.exhaust_incident(conn, incident.id, "no scenario matches")

@@ -35,3 +35,6 @@ GRANT SELECT ON iim.incident_action TO iim_sweeper;
 CREATE POLICY sweeper_read ON iim.incident_action AS PERMISSIVE FOR SELECT TO iim_sweeper USING (true);
 ALTER FUNCTION iim.unsent_calls(interval, integer) OWNER TO iim_sweeper;
 SET LOCAL ROLE iim_owner;
+
+-- ... and whether the device reported "cleared" since (the rule's other half).
+CREATE INDEX device_event_cleared_idx ON iim.device_event (tenant_id, device_id, received_at) WHERE type = 'cleared';

@@ -748,3 +748,47 @@ async def test_a_call_sent_and_marked_sent_is_never_taken_over(alarms: Alarms) -
     incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
     assert await alarms.settled(incident) == "acknowledged"
     assert alarms.calls_to(rig.owner) == 1
+
+
+async def test_a_persistent_alarm_does_not_call_everyone_again_until_cleared_or_the_cool_down(
+        alarms: Alarms) -> None:
+    rig = alarms.rig
+    first = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(first) == "exhausted"  # nobody answered: owner, backup, security once each
+    called = [alarms.calls_to(n) for n in (rig.owner, rig.backup, rig.security)]
+    assert called == [1, 1, 1]
+
+    again = await alarms.raise_alarm("smoke")  # the alarm persists: held, nobody is called again
+    deadline = asyncio.get_running_loop().time() + 10
+    while not (await alarms.incident(again))["reason"].startswith("held until"):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    assert (await alarms.incident(again))["state"] == "open"
+    assert [alarms.calls_to(n) for n in (rig.owner, rig.backup, rig.security)] == called
+    assert await alarms.rows("SELECT key FROM iim.incident_action WHERE incident_id = $1", again) == []
+
+    raw = rig.event("cleared")  # the device reports clear: the held incident is resolved ...
+    event = DeviceEvent.model_validate(json.loads(raw))
+    device = KnownDevice(rig.tenant_id, rig.sensor_id, rig.household_id, rig.sensor, "sensor")
+    await accept_event(alarms.pool, device, event, fingerprint=body_fingerprint(raw), channel="device", msg_id=None)
+    assert await alarms.settled(again) == "resolved"
+
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+    rearmed = await alarms.raise_alarm("smoke")  # ... and an alarm after it starts a full chain
+    assert await alarms.settled(rearmed) == "acknowledged"
+    assert alarms.calls_to(rig.owner) == 2
+
+
+async def test_a_held_alarm_starts_its_full_chain_when_the_cool_down_ends(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.worker.settings.rearm_cool_down = timedelta(seconds=2)
+    first = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(first) == "exhausted"
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+    again = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(again, timeout=20) == "acknowledged"
+    assert alarms.calls_to(rig.owner) == 2
+    reasons = [r["action"] for r in await alarms.rows(
+        "SELECT action FROM iim.audit_log WHERE entity_id = $1 ORDER BY id", str(again))]
+    assert "incident.held" in reasons
