@@ -61,3 +61,27 @@ async def test_jobs_queued_after_a_postgresql_restart_are_run_by_the_same_worker
                 assert await alarms.settled(incident, timeout=30) == "resolved"
         finally:
             await pool.close()
+
+
+async def test_a_deadline_passing_after_a_postgresql_restart_still_moves_the_incident_on(tmp_path: Path) -> None:
+    async with private_pg() as pg:
+        assert pg.db is not None
+        pool = await connect_pool(pg.db.app_url, role=DbRole.APP, min_size=1, max_size=4)
+        try:
+            async with alarms_rig(pool, pg.db, tmp_path) as alarms:
+                async with tenant_tx(alarms.pool, alarms.rig.tenant_id) as conn:
+                    await conn.execute(
+                        "INSERT INTO iim.scenario (name, trigger, steps, enabled) VALUES ('wait, then text', $1, $2, "
+                        "true)", {"event_types": ["smoke"]},
+                        [{"action": "wait", "seconds": 3}, {"action": "sms", "to": "owner", "text": "Smoke."}])
+                incident = await alarms.raise_alarm("smoke")
+                deadline = asyncio.get_running_loop().time() + 10
+                while "wait" not in (await alarms.incident(incident))["reason"]:
+                    assert asyncio.get_running_loop().time() < deadline
+                    await asyncio.sleep(0.05)
+                await pg.restart(down_s=1.0)  # the wait ends about when the server is back
+                assert await alarms.settled(incident, timeout=30) == "exhausted"  # the sweep ran the SMS step
+                sms = await alarms.rows("SELECT msisdn FROM iim.sms_outbox WHERE incident_id = $1", incident)
+                assert sms == [{"msisdn": alarms.rig.owner}]
+        finally:
+            await pool.close()
