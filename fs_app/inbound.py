@@ -391,6 +391,9 @@ class InboundClient(AsyncResource):
                 log.warning("FreeSWITCH %s unreachable: %s", node, self.last_error)
                 if proto is not None:
                     proto.abort(exc)
+            except Exception as exc:  # unforeseen: the node must still be retried, never given up for good
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("connecting to FreeSWITCH %s failed", node)
             else:
                 self._proto = proto
                 self.connects += 1
