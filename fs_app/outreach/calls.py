@@ -520,7 +520,8 @@ class AlertCallPlacer:
                                            detail=f"{reason}; ivr_not_connected: up on the switch, never reached us")
                 elif exists is False and not (ticket.arrived.done() or ticket.done() or job.done()):
                     uptime = await self._uptime_s(link)
-                    if accepted and uptime is not None and uptime > now - started: CallOutcome(CallOutcomeKind.FAILED, None, None,
+                    if accepted and uptime is not None and uptime > now - started:
+                        return CallOutcome(CallOutcomeKind.FAILED, None, None,
                                            detail=f"{reason}; the call ended while the link was down; not redialled")
                     return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None,
                                        detail=f"{reason}; the call is not on the switch (never got it, or restarted)")

@@ -604,3 +604,30 @@ async def test_a_claimed_call_the_switch_does_not_have_is_placed(rig: Rig) -> No
     outcome = await rig.placer.place_or_adopt(alert())
     assert (outcome.kind, outcome.digit) == (CallOutcomeKind.ANSWERED, "2")
     assert len(rig.emu.originates_to(MOBILE)) == 1
+
+
+async def test_a_call_that_ended_while_the_link_was_down_is_failed_and_never_redialled(rig: Rig) -> None:
+    # The switch accepted the originate and stayed up; the callee was busy while our link was cut, so the
+    # BACKGROUND_JOB went nowhere. After the reconnect the call is not on the switch: it ended unseen.
+    proxy = TcpFaultProxy(f"esl://127.0.0.1:{rig.inbound.port}")
+    await proxy.start()
+    client = client_for(proxy.port)
+    await client.start()
+    try:
+        await client.wait_connected(5)
+        placer = AlertCallPlacer(client, rig.registry, socket_address=f"127.0.0.1:{rig.server.port}",
+                                 connect_wait_s=0.3, api_timeout_s=0.3, poll_s=0.05)
+        rig.script(MOBILE, TargetBehaviour.busy(after_ms=20_000))  # 200 ms at this time scale
+        accepted = asyncio.Event()
+        placing = asyncio.create_task(placer.place(alert(), on_sent=accepted.set))
+        await asyncio.wait_for(accepted.wait(), 5)
+        proxy.cut()
+        await asyncio.sleep(0.6)
+        proxy.restore()
+        outcome = await asyncio.wait_for(placing, 5)
+        assert outcome.kind is CallOutcomeKind.FAILED, outcome
+        assert "ended while the link was down" in outcome.detail
+        assert len(rig.emu.originates_to(MOBILE)) == 1
+    finally:
+        await client.aclose()
+        await proxy.close()
