@@ -283,7 +283,7 @@ class AlertCallPlacer:
             client.add_listener(self._on_event)
 
     def _on_event(self, event: Event) -> None:
-        if event.name != "BACKGROUND_JOB" or not self._jobs:
+        if not self._jobs or event.name != "BACKGROUND_JOB":
             return
         fut = self._jobs.get(event.get("Job-UUID") or "")
         if fut is not None and not fut.done():
