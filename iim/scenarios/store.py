@@ -442,6 +442,11 @@ async def take_over_unsent(conn: Connection, key: str, older_s: float) -> bool:
     return bool(taken)
 
 
+async def was_sent(conn: Connection, key: str) -> bool:
+    """Did the switch accept the call ``key``'s originate (``sent_at``)?"""
+    return bool(await conn.fetchval("SELECT sent_at IS NOT NULL FROM iim.incident_action WHERE key = $1", key))
+
+
 async def mark_sent(pool: Pool, tenant_id: UUID, key: str) -> None:
     """The switch accepted the call's originate: it is never placed again by a worker that takes over."""
     async with tenant_tx(pool, tenant_id) as conn:

@@ -112,7 +112,7 @@ class WorkerSettings:
     #: after an exhausted chain, the same device and hazard alarming again is held this long (engine.rearm)
     rearm_cool_down: timedelta = REARM_COOL_DOWN
     #: a call claimed this long ago and never sent (its process died in between) is placed by any worker
-    unsent_grace_s: float = 5.0
+    unsent_grace_s: float = 15.0
     #: how often the sweep looks for such calls (and once at start)
     unsent_interval_s: float = 2.0
     batch_size: int = 20
@@ -572,6 +572,7 @@ class IncidentWorker(AsyncResource):
         """
         started = time.perf_counter()
         call: AlertCall | None = None
+        adopt = False
         meanings: dict[str, str] = {}
         kind = ""
         tick_after = False
@@ -597,6 +598,17 @@ class IncidentWorker(AsyncResource):
             elif message:
                 await self._message(conn, tenant_id, incident, action)
                 tick_after = not acknowledgement
+            elif action.dispatched_at is not None and self.placer is not None \
+                    and not await store.was_sent(conn, key):
+                # Its job was picked up again after its process died before the switch accepted the call:
+                # place it (adopt it, if the switch has its uuid after all) rather than fail it.
+                built = _safe_alert_call(self.settings, tenant_id, incident, action)
+                if isinstance(built, AlertCall):
+                    call, adopt = built, True
+                    meanings = dict((action.spec.get("ivr") or {}).get("digits", {}))
+                else:
+                    await self._resume_call(conn, tenant_id, incident, action)
+                    tick_after = True
             elif action.dispatched_at is not None:
                 await self._resume_call(conn, tenant_id, incident, action)
                 tick_after = True
@@ -609,7 +621,8 @@ class IncidentWorker(AsyncResource):
             await self._notify(tenant_id, *notify)
             tick_after = key.split("/")[1] != "ack"
         if call is not None:
-            await self._run_call(tenant_id, incident_id, key, kind, call, meanings, started, retry_store=False)
+            await self._run_call(tenant_id, incident_id, key, kind, call, meanings, started, retry_store=False,
+                                 adopt=adopt)
         if tick_after:
             await self.tick(tenant_id, incident_id, reason="outcome")
 

@@ -742,10 +742,13 @@ async def test_a_call_claimed_but_never_sent_before_a_crash_is_placed_once_by_th
 
 async def test_a_call_sent_and_marked_sent_is_never_taken_over(alarms: Alarms) -> None:
     rig = alarms.rig
-    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=1500, dtmf="1"))
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=20_000, dtmf="1"))  # rings 200 ms at this time scale
     alarms.worker.settings.unsent_grace_s = 0.1
     alarms.worker.settings.unsent_interval_s = 0.05
     incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
+    sent = await _eventually_rows(alarms, "SELECT 1 FROM iim.incident_action WHERE incident_id = $1 "
+                                          "AND kind = 'call' AND sent_at IS NOT NULL", incident)
+    assert sent == [{"?column?": 1}]  # recorded while the phone still rings
     assert await alarms.settled(incident) == "acknowledged"
     assert alarms.calls_to(rig.owner) == 1
 
