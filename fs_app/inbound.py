@@ -2,8 +2,12 @@
 
 The connection is kept up by one task: connect, wait for ``auth/request``, ``auth``,
 subscribe (``event <format> ...`` and filters), then serve commands until the socket
-drops; reconnect with full-jitter exponential backoff and subscribe again. Commands
-issued while the node is down wait for it (bounded by their timeout). Which reply answers
+drops; reconnect with jittered exponential backoff capped low (2 s: a switch that is back must be
+used at once, alert calls wait on it) and subscribe again. A command issued while the node is down
+wakes the reconnect at once (at most one attempt per ``backoff_initial``) and waits for it (bounded
+by its timeout). A ``bgapi`` whose job the switch accepted but whose BACKGROUND_JOB the link lost
+raises :class:`JobLost`: the job runs on, and its BACKGROUND_JOB reaches every subscribed connection
+(listeners added with :meth:`InboundClient.add_listener` see it after a reconnect). Which reply answers
 which command, and which BACKGROUND_JOB ends which ``bgapi``, is the
 :class:`~fs_app.esl.EslSession`'s business; the protocol maps its tokens to futures. :class:`InboundPool`
 spreads work over several FreeSWITCH nodes.
@@ -68,11 +72,21 @@ class InboundSettings:
     connect_timeout: float = 5.0
     command_timeout: float = 5.0
     backoff_initial: float = 0.5
-    backoff_max: float = 30.0
+    #: low on purpose: a 30 s ceiling kept alert calls "unreachable" for 18 s after FreeSWITCH was back
+    backoff_max: float = 2.0
 
     @property
     def node(self) -> str:
         return self.name or f"{self.host}:{self.port}"
+
+
+class JobLost(EslConnectionError):
+    """The switch accepted the ``bgapi`` (``+OK Job-UUID``), then the link dropped before its BACKGROUND_JOB:
+    the job is running or ran on the switch; only its report was lost."""
+
+    def __init__(self, message: str, job_uuid: str) -> None:
+        super().__init__(message)
+        self.job_uuid = job_uuid
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +234,8 @@ class InboundClient(AsyncResource):
         self._listeners: list[EventListener] = []
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        #: set by a command that finds the node down: reconnect now rather than after the backoff
+        self._wanted = asyncio.Event()
         self.connects = 0
         self.last_error: str | None = None
 
@@ -235,7 +251,13 @@ class InboundClient(AsyncResource):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._maintain(), name=f"esl-inbound-{self.settings.node}")
 
+    def want_connection(self) -> None:
+        """Someone waits for this node: if it is down, try to reconnect now rather than after the backoff."""
+        if not self._connected.is_set():
+            self._wanted.set()
+
     async def wait_connected(self, timeout: float | None = None) -> None:
+        self.want_connection()
         try:
             await asyncio.wait_for(self._connected.wait(), timeout)
         except TimeoutError:
@@ -265,6 +287,7 @@ class InboundClient(AsyncResource):
 
     async def _connection(self) -> _InboundProtocol:
         """The connected protocol, once there is one (the caller bounds the wait)."""
+        self.want_connection()
         await self._connected.wait()
         assert self._proto is not None
         return self._proto
@@ -285,8 +308,10 @@ class InboundClient(AsyncResource):
         metrics.count_command("api", "ok" if reply.ok else "err")
         return reply
 
-    async def bgapi(self, command: str, *, job_uuid: str | None = None, timeout: float = 120.0) -> BackgroundJobResult:
-        """Run ``command`` in the background and wait for its BACKGROUND_JOB.
+    async def bgapi(self, command: str, *, job_uuid: str | None = None, timeout: float = 120.0,
+                    on_accepted: Callable[[], None] | None = None) -> BackgroundJobResult:
+        """Run ``command`` in the background and wait for its BACKGROUND_JOB; ``on_accepted`` runs once the
+        switch accepted the job (its ``+OK Job-UUID`` reply), before the job's outcome.
 
         If the connection drops before the job reports, the outcome is unknown and
         :class:`EslConnectionError` is raised; callers that originate set
@@ -309,7 +334,12 @@ class InboundClient(AsyncResource):
                 raise CommandFailed("BgApi", "unexpected api/response")
             if not reply.ok:
                 raise CommandFailed("BgApi", reply.reply_text)
-            event = await asyncio.wait_for(done, timeout)
+            if on_accepted is not None:
+                on_accepted()
+            try:
+                event = await asyncio.wait_for(done, timeout)
+            except EslConnectionError as exc:
+                raise JobLost(f"{exc}; the switch accepted job {job_uuid}", job_uuid) from exc
         except TimeoutError:
             metrics.count_command("bgapi", "timeout")
             raise EslTimeout(f"bgapi {command.split(' ', 1)[0]} job {job_uuid} did not report in {timeout} s") from None
@@ -361,6 +391,9 @@ class InboundClient(AsyncResource):
                 log.warning("FreeSWITCH %s unreachable: %s", node, self.last_error)
                 if proto is not None:
                     proto.abort(exc)
+            except Exception as exc:  # unforeseen: the node must still be retried, never given up for good
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("connecting to FreeSWITCH %s failed", node)
             else:
                 self._proto = proto
                 self.connects += 1
@@ -376,7 +409,19 @@ class InboundClient(AsyncResource):
                 break
             attempt += 1
             metrics.INBOUND_RECONNECTS.labels(node).inc()
-            await asyncio.sleep(backoff_delay(attempt, self.settings.backoff_initial, self.settings.backoff_max))
+            await self._pause(backoff_delay(attempt, self.settings.backoff_initial, self.settings.backoff_max))
+
+    async def _pause(self, delay: float) -> None:
+        """Wait ``delay`` before the next attempt, or less when a command wants the node (never less than
+        ``backoff_initial``: commands arriving all the time must not turn into a connect storm)."""
+        self._wanted.clear()
+        loop = asyncio.get_running_loop()
+        earliest = loop.time() + min(delay, self.settings.backoff_initial)
+        try:
+            await asyncio.wait_for(self._wanted.wait(), delay)
+        except TimeoutError:
+            return
+        await asyncio.sleep(max(0.0, earliest - loop.time()))
 
     def _is_closing(self) -> bool:
         return self._closing
@@ -410,13 +455,16 @@ class InboundPool(AsyncResource):
                 if client.connected:
                     self._next = (self._next + i + 1) % n
                     return client
+            for client in self.clients:
+                client.want_connection()
             if loop.time() >= deadline:
                 raise EslConnectionError("no FreeSWITCH node is connected")
             await asyncio.sleep(0.05)
 
-    async def bgapi(self, command: str, *, job_uuid: str | None = None, timeout: float = 120.0) -> BackgroundJobResult:
+    async def bgapi(self, command: str, *, job_uuid: str | None = None, timeout: float = 120.0,
+                    on_accepted: Callable[[], None] | None = None) -> BackgroundJobResult:
         client = await self.pick()
-        return await client.bgapi(command, job_uuid=job_uuid, timeout=timeout)
+        return await client.bgapi(command, job_uuid=job_uuid, timeout=timeout, on_accepted=on_accepted)
 
     async def api(self, command: str, timeout: float | None = None) -> ApiResponse:
         client = await self.pick()

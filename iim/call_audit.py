@@ -110,6 +110,10 @@ class CallDecisionAudit(AsyncResource):
                 log.warning("call audit write failed (attempt %s), keeping %s rows: %s",
                             attempt, len(self._buffer), exc)
                 await asyncio.sleep(backoff_delay(attempt, 0.2, 10.0))
+            except Exception:
+                attempt += 1  # not an outage (a bug, an unforeseen error): logged, and the writer goes on
+                log.exception("call audit write failed (attempt %s), keeping %s rows", attempt, len(self._buffer))
+                await asyncio.sleep(backoff_delay(attempt, 0.2, 10.0))
 
     async def flush(self) -> int:
         """Write everything buffered now; rows stay buffered if the write fails."""

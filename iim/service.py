@@ -181,7 +181,7 @@ class Service:
     async def _start(self, stack: AsyncExitStack) -> Running:
         s = self.settings
         tasks = await stack.enter_async_context(TaskSupervisor())
-        tasks.spawn(self._watch_loop_lag(), name="loop-lag")
+        tasks.supervise(self._watch_loop_lag, name="loop-lag")
         # Calls are answered (passthrough) from the first second.
         stack.push_async_callback(self.outbound.aclose, s.drain_timeout)
         await self.outbound.start()

@@ -200,6 +200,8 @@ class AuditFlusher(AsyncResource):
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # Staged lines stay staged; the next round chains them.
                 log.warning("audit flush failed (%s); retrying", type(exc).__name__)
+            except Exception:
+                log.exception("audit flush failed; retrying")  # a bug must not stop the chaining for good
             await asyncio.sleep(self._interval)
 
     async def aclose(self) -> None:

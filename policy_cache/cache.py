@@ -200,6 +200,11 @@ class PolicyCache(AsyncResource):
                 continue
             except (PolicyStoreUnavailable, OSError, TimeoutError) as exc:
                 self._on_lost(exc)
+            except Exception as exc:
+                # Whatever else ends the feed (a server restarted mid-statement raises errors the map above does
+                # not name) must not stop the cache following changes for the process's life: reconnect too.
+                log.exception("policy cache feed failed; reconnecting")
+                self._on_lost(exc)
             finally:
                 if feed is not None:
                     try:

@@ -15,6 +15,7 @@ template are process-wide singletons: importing the fixtures in several places n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -36,8 +37,8 @@ from policy_cache.models import TenantCreate
 from tests import run_guard
 
 __all__ = [
-    "PgCluster", "PgDatabase", "admin_conn", "app_pool", "cache_conn", "create_tenant", "pg_cluster", "pg_db",
-    "pg_empty_db", "pg_template", "run_sync",
+    "PgCluster", "PgDatabase", "PrivatePg", "admin_conn", "app_pool", "cache_conn", "create_tenant", "pg_cluster",
+    "pg_db", "pg_empty_db", "pg_template", "private_pg", "run_sync",
 ]
 
 TEST_URL_ENV = "IIM_TEST_DATABASE_URL"
@@ -197,3 +198,52 @@ async def create_tenant(pool: Pool, name: str = "tenant", *, tenant_id: UUID | N
     async with tenant_tx(pool, tid) as conn:
         await registry.create(conn, registry.TENANT, TenantCreate(name=name), actor="test")
     return tid
+
+
+class PrivatePg:
+    """An embedded PostgreSQL of one test's own, migrated, that the test may stop and start again (a restart
+    of the shared server would cut every other module's connections). ``db`` keeps its URLs across restarts:
+    the server comes back on the same socket directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.server: EmbeddedPostgres | None = None
+        self.db: PgDatabase | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.to_thread(start_embedded, self.data_dir)
+
+    async def stop(self) -> None:
+        """Stop the server (``pg_ctl stop``: every client connection is cut)."""
+        server, self.server = self.server, None
+        if server is not None:
+            await server.aclose()
+
+    async def restart(self, down_s: float = 0.0) -> None:
+        await self.stop()
+        await asyncio.sleep(down_s)
+        await self.start()
+
+
+@contextlib.asynccontextmanager
+async def private_pg() -> AsyncIterator[PrivatePg]:
+    """A migrated database on a server of its own (stopped and deleted at the end, or by the run guard)."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="iim-test-pg-"))
+    run_guard.remove_on_exit(tmpdir)
+    pg = PrivatePg(tmpdir / "data")
+    try:
+        await pg.start()
+        assert pg.server is not None
+        url = pg.server.url()
+        await migrate.upgrade(url)
+        password = secrets.token_urlsafe(16)
+        verifier = scram_verifier(password)
+        await _admin_execute(url, f"ALTER ROLE iim_app PASSWORD '{verifier}'",
+                             f"ALTER ROLE iim_cache PASSWORD '{verifier}'")
+        cluster = PgCluster(admin_url=url, role_password=password, embedded=None)
+        pg.db = PgDatabase(name="postgres", admin_url=url, app_url=cluster.url("postgres", user="iim_app"),
+                           cache_url=cluster.url("postgres", user="iim_cache"))
+        yield pg
+    finally:
+        await pg.stop()
+        shutil.rmtree(tmpdir, ignore_errors=True)

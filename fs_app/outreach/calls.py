@@ -19,8 +19,8 @@ from types import MappingProxyType
 from typing import Protocol
 
 from fs_app.dialstring import DialSettings
-from fs_app.esl import ApiResponse, EslConnectionError, EslError, new_uuid
-from fs_app.inbound import BackgroundJobResult, InboundClient, InboundPool
+from fs_app.esl import ApiResponse, EslConnectionError, EslError, Event
+from fs_app.inbound import BackgroundJobResult, InboundClient, InboundPool, JobLost
 from fs_app.outreach import metrics
 from fs_app.outreach.guard import Refusal, destination_kind
 from fs_app.outreach.ivr import IvrRegistry, IvrResult, IvrTicket, RegistryFull
@@ -38,6 +38,8 @@ _CID_NAME = re.compile(r"[\w.\- ]{0,64}")
 _PATH = re.compile(r"[^\x00-\x20\x7f]{1,512}")
 # A playable (file, tone_stream://..., say:<text>): no controls; blanks are quoted by the IVR.
 _PLAYABLE = re.compile(r"[^\x00-\x1f\x7f]{1,1000}")
+_UPTIME = re.compile(r"UP (\d+) years?, (\d+) days?, (\d+) hours?, (\d+) minutes?, (\d+) seconds?, "
+                     r"(\d+) milliseconds?")
 _ENDPOINT = re.compile(r"[A-Za-z0-9_.~/@:+\-]{1,400}")
 _SOCKET_ADDRESS = re.compile(r"(?:[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}")
 # Variables that steer FreeSWITCH (hooks, origination, media, bridging) are not correlation data.
@@ -217,7 +219,8 @@ def outcome_of_job(body: str) -> CallOutcome | None:
 class SwitchApi(Protocol):
     """What the placer needs from FreeSWITCH: an :class:`InboundPool`, an :class:`InboundClient`..."""
 
-    async def bgapi(self, command: str, *, job_uuid: str | None = ..., timeout: float = ...) -> BackgroundJobResult:
+    async def bgapi(self, command: str, *, job_uuid: str | None = ..., timeout: float = ...,
+                    on_accepted: Callable[[], None] | None = ...) -> BackgroundJobResult:
         ...
 
     async def api(self, command: str, timeout: float | None = ...) -> ApiResponse: ...
@@ -235,6 +238,12 @@ class AlertCallPlacer:
         gateway_dial: endpoint templates (DialSettings) or a function destination -> endpoint.
         answer_grace_s: after ``+OK``, how long the socket connection may take to reach the IVR.
         prompt_s: how long a prompt may play (for the IVR's deadline).
+        reconnect_deadline_s: the link lost after the originate was sent, how long to wait for it to come
+            back and ask the switch what became of the call; past it the call counts as unreachable.
+        poll_s: while following such a call, how often the switch is asked (``uuid_exists``).
+
+    The originate's ``Job-UUID`` is the call's uuid, so its BACKGROUND_JOB is recognised on any connection
+    (after a reconnect, or by a placer that adopts a call another process sent).
     """
 
     def __init__(
@@ -250,6 +259,8 @@ class AlertCallPlacer:
         job_slack_s: float = 15.0,
         prompt_s: float = 15.0,
         ivr_slack_s: float = 15.0,
+        reconnect_deadline_s: float = 10.0,
+        poll_s: float = 1.0,
     ) -> None:
         _check(_SOCKET_ADDRESS.fullmatch(socket_address) is not None,
                f"socket_address must be host:port, not {socket_address!r:.60}")
@@ -263,6 +274,20 @@ class AlertCallPlacer:
         self._job_slack_s = job_slack_s
         self._prompt_s = prompt_s
         self._ivr_slack_s = ivr_slack_s
+        self._reconnect_deadline_s = reconnect_deadline_s
+        self._poll_s = poll_s
+        #: Job-UUID -> the BACKGROUND_JOB awaited by a call being followed after its link was lost
+        self._jobs: dict[str, asyncio.Future[Event]] = {}
+        clients = pool.clients if isinstance(pool, InboundPool) else [pool] if isinstance(pool, InboundClient) else []
+        for client in clients:
+            client.add_listener(self._on_event)
+
+    def _on_event(self, event: Event) -> None:
+        if not self._jobs or event.name != "BACKGROUND_JOB":
+            return
+        fut = self._jobs.get(event.get("Job-UUID") or "")
+        if fut is not None and not fut.done():
+            fut.set_result(event)
 
     def ivr_deadline_s(self, call: AlertCall) -> float:
         """How long the IVR of an answered call may take before we give up on its result."""
@@ -281,9 +306,13 @@ class AlertCallPlacer:
             await pool.wait_connected(self._connect_wait_s)
         return pool
 
-    async def call_exists(self, call_uuid: str) -> bool | None:
-        """Is the call up on the switch (``uuid_exists``)? None when the switch cannot be asked."""
+    async def call_exists(self, call_uuid: str, *, wait: bool = True) -> bool | None:
+        """Is the call up on the switch (``uuid_exists``)? None when the switch cannot be asked (``wait``
+        False: none when no node is connected right now, without waiting for one)."""
         _check(_UUID.fullmatch(call_uuid) is not None, f"not a call uuid: {call_uuid!r:.60}")
+        if not wait and not self._connected_now():
+            self._want_link()
+            return None
         try:
             link = await self._link()
             reply = await link.api(f"uuid_exists {call_uuid}", self._api_timeout_s)
@@ -291,6 +320,45 @@ class AlertCallPlacer:
             return None
         answer = reply.body.strip()
         return True if answer == "true" else False if answer == "false" else None
+
+    async def _exists_on(self, link: SwitchApi, call_uuid: str) -> bool | None:
+        """``uuid_exists`` on the node that got the originate, without waiting for it to reconnect."""
+        if isinstance(link, InboundClient) and not link.connected:
+            link.want_connection()
+            return None
+        try:
+            reply = await link.api(f"uuid_exists {call_uuid}", self._api_timeout_s)
+        except (EslError, OSError, TimeoutError):
+            return None
+        answer = reply.body.strip()
+        return True if answer == "true" else False if answer == "false" else None
+
+    async def _uptime_s(self, link: SwitchApi) -> float | None:
+        """How long the switch has been up (``status``); None when it cannot be asked or read."""
+        try:
+            reply = await link.api("status", self._api_timeout_s)
+        except (EslError, OSError, TimeoutError):
+            return None
+        found = _UPTIME.search(reply.body)
+        if found is None:
+            return None
+        years, days, hours, minutes, seconds, millis = (int(g) for g in found.groups())
+        return (((years * 365 + days) * 24 + hours) * 60 + minutes) * 60 + seconds + millis / 1000
+
+    def _connected_now(self) -> bool:
+        pool = self._pool
+        if isinstance(pool, InboundPool):
+            return any(c.connected for c in pool.clients)
+        if isinstance(pool, InboundClient):
+            return pool.connected
+        return True
+
+    def _want_link(self) -> None:
+        """Wake the reconnect of a node that is down (a call is waiting to ask it something)."""
+        pool = self._pool
+        for client in pool.clients if isinstance(pool, InboundPool) else [pool] if isinstance(pool, InboundClient) \
+                else []:
+            client.want_connection()
 
     def use_prompt(self, call_uuid: str, prompt: str) -> bool:
         """Play ``prompt`` instead of the placed one if the call has not been answered yet."""
@@ -308,11 +376,14 @@ class AlertCallPlacer:
             await link.api(f"uuid_kill {call_uuid} NORMAL_CLEARING", self._api_timeout_s)
 
     # -- placing -----------------------------------------------------------------------
-    async def place(self, call: AlertCall) -> CallOutcome:
-        """Originate ``call`` and wait until it is known how it ended (never raises for the switch)."""
+    async def place(self, call: AlertCall, *, on_sent: Callable[[], None] | None = None) -> CallOutcome:
+        """Originate ``call`` and wait until it is known how it ended (never raises for the switch).
+
+        ``on_sent`` runs once the switch accepted the originate (the caller records that the call went out:
+        a call claimed but never sent is placed again after a crash, one sent is not)."""
         metrics.IN_FLIGHT.inc()
         try:
-            outcome = await self._place(call)
+            outcome = await self._place(call, on_sent)
         finally:
             metrics.IN_FLIGHT.dec()
         metrics.ORIGINATES.labels(outcome.kind.value).inc()
@@ -322,18 +393,51 @@ class AlertCallPlacer:
             "variables": dict(call.variables)})
         return outcome
 
-    async def _place(self, call: AlertCall) -> CallOutcome:
+    async def place_or_adopt(self, call: AlertCall, *, on_sent: Callable[[], None] | None = None) -> CallOutcome:
+        """A call claimed by a process that died before it was known to be sent: its ``origination_uuid`` is the
+        idempotency key. The switch has it -> adopt it (its IVR, its BACKGROUND_JOB, ``uuid_exists``); it has
+        not -> place it (the switch unreachable -> unreachable, as for any call)."""
+        if await self.call_exists(call.call_uuid) is not True:
+            return await self.place(call, on_sent=on_sent)
+        try:
+            ticket = self._ivr.expect(call)
+        except RegistryFull as exc:
+            return CallOutcome(CallOutcomeKind.REFUSED, None, None, detail=f"not adopted: {exc}")
+        if on_sent is not None:
+            on_sent()
+        metrics.IN_FLIGHT.inc()
+        try:
+            link = await self._link()
+            outcome = await self._follow(call, ticket, link, reason="adopted from a worker that died",
+                                         accepted=True, started=asyncio.get_running_loop().time())
+        except (EslError, OSError, TimeoutError) as exc:
+            outcome = CallOutcome(CallOutcomeKind.UNREACHABLE, None, None, detail=f"switch unreachable ({exc})")
+        finally:
+            metrics.IN_FLIGHT.dec()
+            self._ivr.discard(call.call_uuid)
+        metrics.ORIGINATES.labels(outcome.kind.value).inc()
+        log.info("adopted alert call %s", outcome.kind.value, extra={"call_id": call.call_uuid,
+                                                                     "detail": outcome.detail})
+        return outcome
+
+    async def _place(self, call: AlertCall, on_sent: Callable[[], None] | None) -> CallOutcome:
         try:
             command = originate_command(call, gateway_dial=self._dial, socket_address=self._socket_address)
             ticket = self._ivr.expect(call)  # before the originate: the socket may beat the job result
         except (ValueError, RegistryFull) as exc:
             return CallOutcome(CallOutcomeKind.REFUSED, None, None, detail=f"not placed: {exc}")
+        started = asyncio.get_running_loop().time()
         try:
             try:
                 link = await self._link()
-                job = await link.bgapi(command, job_uuid=new_uuid(), timeout=call.ring_s + self._job_slack_s)
+            except (EslError, OSError, TimeoutError) as exc:  # nothing was sent
+                return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None,
+                                   detail=f"switch unreachable ({type(exc).__name__}: {exc}); not placed")
+            try:
+                job = await link.bgapi(command, job_uuid=call.call_uuid, timeout=call.ring_s + self._job_slack_s,
+                                       on_accepted=on_sent)
             except (EslError, OSError, TimeoutError) as exc:
-                return await self._link_lost(call, ticket, exc)
+                return await self._link_lost(call, ticket, exc, started, link)
             failed = outcome_of_job(job.body)
             if failed is not None:
                 return failed
@@ -366,18 +470,68 @@ class AlertCallPlacer:
                                detail="ivr_not_connected: the switch did not reach our socket")
         return await self._await_ivr(call, ticket)
 
-    async def _link_lost(self, call: AlertCall, ticket: IvrTicket, exc: BaseException) -> CallOutcome:
-        """The originate's result never came (switch down, link lost, timeout): find out what we can."""
+    async def _link_lost(self, call: AlertCall, ticket: IvrTicket, exc: BaseException, started: float,
+                         link: SwitchApi) -> CallOutcome:
+        """The originate's result never came (link lost, switch down, timeout): find out what became of the
+        call before deciding. An answered call reaches our IVR over its own socket whatever the control link
+        does, so it is never hung up or redialled because that link blinked."""
         reason = f"{type(exc).__name__}: {exc}"
         if ticket.arrived.done() or ticket.done():
             return await self._await_ivr(call, ticket)  # answered: our IVR has the call
         if not isinstance(exc, EslConnectionError | OSError | TimeoutError):
             # The switch answered the bgapi itself with -ERR: nothing was dialled.
             return CallOutcome(CallOutcomeKind.FAILED, None, None, detail=reason)
-        exists = await self.call_exists(call.call_uuid)
-        if exists and await self._arrival(ticket, call.ring_s + self._answer_grace_s):
-            return await self._await_ivr(call, ticket)  # it rang on and was answered after all
-        if exists:
-            await self._kill(call.call_uuid)
-        state = {True: "never reached our IVR", False: "not on the switch", None: "switch unreachable"}[exists]
-        return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None, detail=f"{reason}; call {state}")
+        return await self._follow(call, ticket, link, reason=reason, accepted=isinstance(exc, JobLost),
+                                  started=started)
+
+    async def _follow(self, call: AlertCall, ticket: IvrTicket, link: SwitchApi, *, reason: str, accepted: bool,
+                      started: float) -> CallOutcome:
+        """Follow a call sent to the switch whose BACKGROUND_JOB we may never see, until its outcome is known.
+
+        Watched at once: the call reaching our IVR (answered), its BACKGROUND_JOB (``Job-UUID`` = the call's
+        uuid) on a reconnected link, and the switch's own answer to ``uuid_exists`` every ``poll_s``:
+
+        * on the switch: it rings or is up; wait on (no hang-up, no redial) until its ring time and IVR
+          deadline have passed, then end it as an answered call that never reached the IVR;
+        * not on the switch: with the originate ``accepted`` by a switch up since before it, the call ended
+          while we could not see it (failed, never redialled); else the switch never got it or restarted
+          meanwhile and lost it (unreachable: the caller texts the person and retries);
+        * no link for ``reconnect_deadline_s``: unreachable (the caller texts the person and retries).
+        """
+        loop = asyncio.get_running_loop()
+        job: asyncio.Future[Event] = loop.create_future()
+        self._jobs[call.call_uuid] = job
+        link_deadline = loop.time() + self._reconnect_deadline_s
+        up_deadline = started + call.ring_s + self._answer_grace_s + self.ivr_deadline_s(call)
+        try:
+            while True:
+                if ticket.arrived.done() or ticket.done():
+                    return await self._await_ivr(call, ticket)
+                if job.done():
+                    failed = outcome_of_job(job.result().body or "")
+                    return failed if failed is not None else await self._answered(call, ticket)
+                exists = await self._exists_on(link, call.call_uuid)
+                now = loop.time()
+                if exists is True:
+                    link_deadline = now + self._reconnect_deadline_s
+                    if now >= up_deadline:
+                        await self._kill(call.call_uuid)
+                        return CallOutcome(CallOutcomeKind.ANSWERED, None, None,
+                                           detail=f"{reason}; ivr_not_connected: up on the switch, never reached us")
+                elif exists is False and not (ticket.arrived.done() or ticket.done() or job.done()):
+                    uptime = await self._uptime_s(link)
+                    if accepted and uptime is not None and uptime > now - started:
+                        return CallOutcome(CallOutcomeKind.FAILED, None, None,
+                                           detail=f"{reason}; the call ended while the link was down; not redialled")
+                    return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None,
+                                       detail=f"{reason}; the call is not on the switch (never got it, or restarted)")
+                elif exists is None and now >= link_deadline:
+                    return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None,
+                                       detail=f"{reason}; switch unreachable for {self._reconnect_deadline_s:.0f} s")
+                await asyncio.wait((ticket.arrived, ticket.result, job), timeout=self._poll_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if self._jobs.get(call.call_uuid) is job:
+                del self._jobs[call.call_uuid]
+            if not job.done():
+                job.cancel()

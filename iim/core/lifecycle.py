@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, Self
+
+from prometheus_client import Counter
+
+from iim.core.metrics import REGISTRY
+from iim.core.retry import backoff_delay
 
 __all__ = ["AsyncResource", "TaskSupervisor"]
 
 log = logging.getLogger("iim.lifecycle")
+
+TASK_RESTARTS = Counter("iim_task_restarts", "Supervised background tasks started again after they died or ended, "
+                        "by task", ["task"], registry=REGISTRY)
 
 
 class AsyncResource:
@@ -64,6 +72,15 @@ class TaskSupervisor(AsyncResource):
         task.add_done_callback(self._done)
         return task
 
+    def supervise(self, factory: Callable[[], Coroutine[Any, Any, None]], *, name: str, initial: float = 0.5,
+                  ceiling: float = 5.0, healthy_after: float = 60.0,
+                  until: Callable[[], bool] | None = None) -> asyncio.Task[None]:
+        """Keep ``factory()`` running until the owner stops: when it raises or returns, a fresh one starts after
+        a jittered backoff (``initial`` doubling up to ``ceiling``; back to ``initial`` once a run lasted
+        ``healthy_after`` s); ``until()`` true when it ends: the owner is stopping, no restart. Why: a loop that dies on an error nobody foresaw (PostgreSQL restarted under a
+        connection it held) must not silently stop jobs, deadlines or change feeds for the process's life."""
+        return self.spawn(_restarting(factory, name, initial, ceiling, healthy_after, until), name=name)
+
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
@@ -74,3 +91,26 @@ class TaskSupervisor(AsyncResource):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _restarting(factory: Callable[[], Coroutine[Any, Any, None]], name: str, initial: float, ceiling: float,
+                      healthy_after: float, until: Callable[[], bool] | None) -> None:
+    loop = asyncio.get_running_loop()
+    attempt = 0
+    while True:
+        started = loop.time()
+        try:
+            await factory()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if until is not None and until():
+                return
+            log.exception("background task %s died; starting it again", name)
+        else:
+            if until is not None and until():
+                return
+            log.warning("background task %s ended; starting it again", name)
+        attempt = 1 if loop.time() - started >= healthy_after else attempt + 1
+        TASK_RESTARTS.labels(name).inc()
+        await asyncio.sleep(backoff_delay(attempt, initial, ceiling))

@@ -40,6 +40,14 @@ Judging a group (only outcomes keyed by the current actions' keys count; a missi
 
 A group whose steps all yield nothing (a role without contacts, no home device, no device SIP URI) is
 skipped within the same call, with a note. Past the last group the incident is exhausted.
+
+Re-arming (:func:`rearm`): a persistent alarm must not call everyone again each time a chain runs out. When
+the last ended incident of the same device and hazard was exhausted (nobody acknowledged) less than
+``cool_down`` (:data:`REARM_COOL_DOWN`, 30 min) ago and the device has not reported ``cleared`` since, a new
+incident of that device and hazard is held (open, no actions) until the cool-down ends, then starts its full
+chain; a ``cleared`` meanwhile resolves it. A device that reports cleared and then alarms again, or alarms
+after the cool-down, starts a full chain at once. An incident that ended any other way (acknowledged,
+false alarm, resolved) never holds the next one.
 """
 
 from __future__ import annotations
@@ -73,7 +81,7 @@ __all__ = [
     "IncidentState", "TERMINAL", "Contact", "IncidentFacts", "Progress",
     "PlaceCall", "SendSms", "Notify", "RecordMessage", "Action", "ActionOutcome", "Advance",
     "select_scenario", "mismatches", "begin", "advance", "settle", "current_actions", "ready_to_advance",
-    "on_repeat_event", "on_cleared", "groups", "deadline_for",
+    "on_repeat_event", "on_cleared", "groups", "deadline_for", "PriorChain", "rearm", "REARM_COOL_DOWN",
     "DEFAULT_CALL_MESSAGE", "EVENT_LABELS", "CALL_SLACK_S", "ANSWER_S", "TTS_CHARS_PER_S",
 ]
 
@@ -85,6 +93,8 @@ CALL_SLACK_S = 15
 ANSWER_S = 5
 TTS_CHARS_PER_S = 12
 SMS_MAX_CHARS = 1600  # iim.sms_outbox.body
+#: After an exhausted chain, how long the same device and hazard alarming again is held instead of re-calling
+REARM_COOL_DOWN = timedelta(minutes=30)
 
 EVENT_LABELS: Mapping[EventType, str] = {
     EventType.SMOKE: "smoke", EventType.CO: "carbon monoxide", EventType.DOORBELL: "doorbell",
@@ -644,3 +654,25 @@ def on_cleared(progress: Progress) -> Progress:
     if progress.state in TERMINAL:
         return progress
     return Progress(IncidentState.RESOLVED, progress.step, progress.attempt)
+
+
+# -- re-arming --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class PriorChain:
+    """The last ended incident of the same device and hazard, as :func:`rearm` needs it."""
+
+    state: IncidentState
+    closed_at: datetime
+    #: the device reported ``cleared`` after that incident ended
+    cleared_since: bool
+
+
+def rearm(prior: PriorChain | None, now: datetime, cool_down: timedelta = REARM_COOL_DOWN) -> datetime | None:
+    """When a new incident of a device and hazard may start its full chain: None = now; else hold it (open,
+    no actions) until the returned time. See the module doc for the rule."""
+    now = _aware(now)
+    if prior is None or prior.state is not IncidentState.EXHAUSTED or prior.cleared_since:
+        return None
+    until = prior.closed_at + cool_down
+    return until if now < until else None

@@ -28,6 +28,7 @@ from iim.scenarios.engine import (
     IncidentState,
     Notify,
     PlaceCall,
+    PriorChain,
     Progress,
     RecordMessage,
     SendSms,
@@ -38,7 +39,7 @@ from iot_bridge.event_types import EventType
 from iot_bridge.intake import IncidentJobs
 from policy_cache import audit as audit_log
 from policy_cache import jobs
-from policy_cache.db import Connection, Pool
+from policy_cache.db import Connection, Pool, tenant_tx
 from policy_cache.models import DeviceStatus, DeviceType, PresenceState
 
 __all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_incident",
@@ -424,6 +425,34 @@ async def due_incidents(pool: Pool, limit: int) -> list[tuple[UUID, UUID]]:
     return [(r["tenant_id"], r["id"]) for r in await pool.fetch("SELECT * FROM iim.due_incidents($1)", limit)]
 
 
+async def unsent_calls(pool: Pool, older_s: float, limit: int) -> list[tuple[UUID, UUID, str]]:
+    """(tenant, incident, key) of calls claimed more than ``older_s`` ago and never sent, of live incidents,
+    across tenants: their process died between the claim and the originate."""
+    rows = await pool.fetch("SELECT * FROM iim.unsent_calls(make_interval(secs => $1), $2)", older_s, limit)
+    return [(r["tenant_id"], r["incident_id"], r["key"]) for r in rows]
+
+
+async def take_over_unsent(conn: Connection, key: str, older_s: float) -> bool:
+    """Claim an unsent call again for this worker (its lease, ``dispatched_at``, is renewed): True when no other
+    worker took it over or sent it meanwhile."""
+    taken = await conn.fetchval(
+        "UPDATE iim.incident_action SET dispatched_at = now() WHERE key = $1 AND dispatched_at IS NOT NULL "
+        "AND sent_at IS NULL AND finished_at IS NULL AND dispatched_at < now() - make_interval(secs => $2) "
+        "RETURNING true", key, older_s)
+    return bool(taken)
+
+
+async def was_sent(conn: Connection, key: str) -> bool:
+    """Did the switch accept the call ``key``'s originate (``sent_at``)?"""
+    return bool(await conn.fetchval("SELECT sent_at IS NOT NULL FROM iim.incident_action WHERE key = $1", key))
+
+
+async def mark_sent(pool: Pool, tenant_id: UUID, key: str) -> None:
+    """The switch accepted the call's originate: it is never placed again by a worker that takes over."""
+    async with tenant_tx(pool, tenant_id) as conn:
+        await conn.execute("UPDATE iim.incident_action SET sent_at = now() WHERE key = $1 AND sent_at IS NULL", key)
+
+
 async def prune_originate_windows(pool: Pool) -> int:
     """Delete the toll-fraud counters no cap reads any more (older than two hours), across tenants."""
     return int(await pool.fetchval("SELECT iim.prune_originate_windows()"))
@@ -503,6 +532,30 @@ async def clear_incident(conn: Connection, incident_id: UUID, state: IncidentSta
         """UPDATE iim.incident SET state = $2::iim.incident_state, reason = 'cleared by the device',
                   updated_at = now(), closed_at = now(), deadline = NULL WHERE id = $1""",
         incident_id, state.value)
+
+
+async def prior_chain(conn: Connection, incident_id: UUID) -> PriorChain | None:
+    """The last ended incident of the same device and hazard as ``incident_id`` (for the re-arm rule)."""
+    row = await conn.fetchrow(
+        """SELECT p.state::text AS state, p.closed_at,
+                  EXISTS (SELECT 1 FROM iim.device_event e
+                           WHERE e.tenant_id = p.tenant_id AND e.device_id = p.device_id AND e.type = 'cleared'
+                             AND e.received_at > p.closed_at) AS cleared_since
+             FROM iim.incident i
+             JOIN LATERAL (SELECT * FROM iim.incident p
+                            WHERE p.tenant_id = i.tenant_id AND p.device_id = i.device_id AND p.hazard = i.hazard
+                              AND p.closed_at IS NOT NULL AND p.id <> i.id
+                            ORDER BY p.closed_at DESC LIMIT 1) p ON true
+            WHERE i.id = $1""", incident_id)
+    if row is None:
+        return None
+    return PriorChain(IncidentState(row["state"]), row["closed_at"], bool(row["cleared_since"]))
+
+
+async def hold_incident(conn: Connection, incident_id: UUID, until: datetime, reason: str) -> None:
+    """Keep the incident open with no actions until ``until`` (the re-arm cool-down), then it is judged again."""
+    await conn.execute("UPDATE iim.incident SET deadline = $2, reason = $3, updated_at = now() WHERE id = $1",
+                       incident_id, until, reason)
 
 
 async def exhaust_incident(conn: Connection, incident_id: UUID, reason: str) -> None:

@@ -9,7 +9,9 @@ deadline (or, if the callee answers, to whichever process the call's IVR reaches
 once). Two job kinds remain: ``incident.tick`` (the intake's fallback, "cleared" events) and
 ``incident.action`` (notifications through a connector, calls retried after FreeSWITCH was unreachable,
 calls of a worker without a switch, calls a toll-fraud cap keeps waiting for a place); a resumed action job
-that finds its call dispatched asks the switch (``uuid_exists``) and never redials.
+that finds its call dispatched asks the switch (``uuid_exists``) and never redials. A call is marked sent once
+the switch accepted its originate; one claimed and never sent (its process killed in between) is taken over by
+the sweep of any worker and placed, or adopted when the switch already has its ``origination_uuid``.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ from fs_app.outreach.guard import OriginateLimits, Refusal, Wait, check_caps, de
 from fs_app.outreach.prompts import GENERIC_ALARM_PROMPT, speakable
 from iim.connectors.contract import Connector, ConnectorError, ConnectorLookup, Notification
 from iim.core.errors import STORE_UNAVAILABLE
-from iim.core.lifecycle import AsyncResource
+from iim.core.lifecycle import AsyncResource, TaskSupervisor
 from iim.core.metrics import REGISTRY
 from iim.scenarios import store
 from iim.scenarios.engine import (
     CALL_SLACK_S,
+    REARM_COOL_DOWN,
     TERMINAL,
     ActionOutcome,
     Advance,
@@ -54,6 +57,7 @@ from iim.scenarios.engine import (
     current_actions,
     on_cleared,
     ready_to_advance,
+    rearm,
     select_scenario,
 )
 from iim.scenarios.model import Scenario
@@ -105,6 +109,12 @@ class WorkerSettings:
     sweep_interval_s: float = 0.5
     #: how often the sweep deletes toll-fraud counters older than the caps' window
     window_prune_interval_s: float = 300.0
+    #: after an exhausted chain, the same device and hazard alarming again is held this long (engine.rearm)
+    rearm_cool_down: timedelta = REARM_COOL_DOWN
+    #: a call claimed this long ago and never sent (its process died in between) is placed by any worker
+    unsent_grace_s: float = 15.0
+    #: how often the sweep looks for such calls (and once at start)
+    unsent_interval_s: float = 2.0
     batch_size: int = 20
     #: FreeSWITCH unreachable: the call is retried after these delays (an SMS goes out at once)
     unreachable_retries: tuple[float, ...] = (2.0, 8.0, 30.0)
@@ -174,8 +184,9 @@ class IncidentWorker(AsyncResource):
         self.settings = settings or WorkerSettings()
         self._conn: Connection | None = None
         self._qm: QueueManager | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks = TaskSupervisor()
+        self._closing = False
+        self._jobs_stopped = asyncio.Event()
         #: calls placed straight after the decision that claimed them, and other after-commit work
         self._inline: set[asyncio.Task[None]] = set()
         #: call uuids this worker is placing now (an orphaned call is one no live worker places)
@@ -183,17 +194,43 @@ class IncidentWorker(AsyncResource):
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        self._conn = await connect(self.app_url, role=DbRole.APP)
+        # Both loops are supervised: PostgreSQL restarted under the job connection made pgqueuer's run raise,
+        # and an unsupervised task left every job queued until another IIM started.
+        self._tasks.supervise(self._run_jobs, name="incident-jobs", initial=0.2, ceiling=5.0,
+                              until=lambda: self._closing)
+        self._tasks.supervise(self._sweep_forever, name="incident-deadlines", initial=0.2, ceiling=5.0,
+                              until=lambda: self._closing)
+
+    async def _run_jobs(self) -> None:
+        """One pgqueuer QueueManager on a connection of its own (LISTEN and dequeues), for as long as that
+        connection lives; the supervisor starts a fresh one on a fresh connection after it dies."""
+        if self._closing:
+            return
+        conn = await connect(self.app_url, role=DbRole.APP)
         settings = jobs.job_settings()
-        self._qm = QueueManager(jobs.queries_for(self._conn), channel=Channel(settings.channel))
+        qm = QueueManager(jobs.queries_for(conn), channel=Channel(settings.channel))
         factory = self._retrying
-        self._qm.entrypoint(IncidentJobs.TICK, executor_factory=factory, on_failure="hold")(self._tick_job)
-        self._qm.entrypoint(IncidentJobs.ACTION, executor_factory=factory, on_failure="hold")(self._action_job)
-        self._task = asyncio.create_task(self._qm.run(
-            dequeue_timeout=timedelta(seconds=5), batch_size=self.settings.batch_size,
-            max_concurrent_tasks=self.settings.max_concurrent_jobs,
-            heartbeat_timeout=self.settings.heartbeat_timeout), name="incident-worker")
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="incident-deadlines")
+        qm.entrypoint(IncidentJobs.TICK, executor_factory=factory, on_failure="hold")(self._tick_job)
+        qm.entrypoint(IncidentJobs.ACTION, executor_factory=factory, on_failure="hold")(self._action_job)
+        # A lost connection stops the manager at once (rather than at its next dequeue, up to 5 s later).
+        conn.add_termination_listener(lambda _conn: qm.shutdown.set())
+        self._conn, self._qm = conn, qm
+        self._jobs_stopped.clear()
+        try:
+            await qm.run(dequeue_timeout=timedelta(seconds=5), batch_size=self.settings.batch_size,
+                         max_concurrent_tasks=self.settings.max_concurrent_jobs,
+                         heartbeat_timeout=self.settings.heartbeat_timeout)
+        finally:
+            self._conn = self._qm = None
+            try:
+                await asyncio.wait_for(conn.close(), 5)
+            except STORE_UNAVAILABLE:
+                conn.terminate()  # dead already, or too slow to close
+            except BaseException:
+                conn.terminate()
+                raise
+            finally:
+                self._jobs_stopped.set()
 
     @staticmethod
     def _retrying(params: EntrypointExecutorParameters) -> DatabaseRetryEntrypointExecutor:
@@ -202,26 +239,17 @@ class IncidentWorker(AsyncResource):
                                                max_delay=timedelta(seconds=60))
 
     async def aclose(self) -> None:
-        sweeper, self._sweeper = self._sweeper, None
-        if sweeper is not None:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+        self._closing = True
         if self._inline:
             _, pending = await asyncio.wait(set(self._inline), timeout=10)
             for task in pending:
                 task.cancel()
-        if self._qm is not None:
-            self._qm.shutdown.set()
-        runner, self._task = self._task, None
-        if runner is not None:
-            try:
-                await asyncio.wait_for(runner, timeout=10)
-            except TimeoutError:
-                runner.cancel()
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
+        qm = self._qm
+        if qm is not None:  # running jobs finish (up to 10 s) before the loops are cancelled
+            qm.shutdown.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._jobs_stopped.wait(), timeout=10)
+        await self._tasks.aclose()
 
     # ------------------------------------------------------------------ SMS receipts
     async def sms_undelivered(self, tenant_id: UUID, sms_key: str, incident_id: UUID | None) -> None:
@@ -242,8 +270,11 @@ class IncidentWorker(AsyncResource):
     async def _sweep_forever(self) -> None:
         """Tick every live incident whose deadline passed. Several workers may sweep: a tick locks the
         incident and re-checks its deadline, so a second tick of the same incident does nothing."""
-        pruned_at = float("-inf")
+        pruned_at = reconciled_at = float("-inf")
         while True:
+            if time.monotonic() - reconciled_at >= self.settings.unsent_interval_s:
+                reconciled_at = time.monotonic()
+                await self._place_unsent()
             await asyncio.sleep(self.settings.sweep_interval_s)
             if time.monotonic() - pruned_at >= self.settings.window_prune_interval_s:
                 pruned_at = time.monotonic()
@@ -259,6 +290,47 @@ class IncidentWorker(AsyncResource):
                 except Exception:
                     # One incident's failure must not stop the others' deadlines; it is swept again next time.
                     log.exception("deadline tick failed", extra={"incident_id": str(incident_id)})
+
+    async def _place_unsent(self) -> None:
+        """Calls claimed but never sent (their process was killed in between) are placed, or adopted when the
+        switch has them, under the same origination_uuid: the owner is not skipped for the backup."""
+        if self.placer is None:
+            return
+        try:
+            unsent = await store.unsent_calls(self.pool, self.settings.unsent_grace_s, 100)
+        except STORE_UNAVAILABLE as exc:
+            log.warning("unsent calls not looked for: store unavailable (%s)", type(exc).__name__)
+            return
+        for tenant_id, incident_id, key in unsent:
+            if str(store.call_uuid_for(key)) in self._placing:
+                continue
+            try:
+                await self._take_over(tenant_id, incident_id, key)
+            except Exception:
+                log.exception("unsent call not taken over", extra={"incident_id": str(incident_id)})
+
+    async def _take_over(self, tenant_id: UUID, incident_id: UUID, key: str) -> None:
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            incident = await store.load_incident(conn, incident_id)
+            if incident is None or incident.state is not IncidentState.NOTIFYING or incident.group is None:
+                return
+            action = next((a for a in incident.group if a.key == key), None)
+            if action is None:  # a call of a group decided meanwhile: it is not placed any more
+                await store.record_outcome(conn, key, "superseded", "claimed, never sent; its group is decided")
+                return
+            if not await store.take_over_unsent(conn, key, self.settings.unsent_grace_s):
+                return  # another worker took it over, or it was sent meanwhile
+            alert = _safe_alert_call(self.settings, tenant_id, incident, action)
+            await store.audit(conn, tenant_id, "scenario-engine", "incident.call_taken_over", incident.id,
+                              {"key": key, "detail": "claimed by a worker that died before sending it"},
+                              event_id=incident.first_event_id, call_uuid=action.call_uuid)
+        if not isinstance(alert, AlertCall):
+            return  # the deadline settles it
+        meanings = dict((action.spec.get("ivr") or {}).get("digits", {}))
+        log.warning("alert call claimed but never sent: placing it now", extra={
+            "call_id": alert.call_uuid, "incident_id": str(incident_id), "event_id": incident.first_event_id})
+        self._spawn(self._run_call(tenant_id, incident_id, key, action.kind, alert, meanings, time.perf_counter(),
+                                   adopt=True))
 
     async def _prune_windows(self) -> None:
         """Housekeeping beside the sweep: its failure is logged and retried later, never stops deadlines."""
@@ -358,6 +430,18 @@ class IncidentWorker(AsyncResource):
     async def _begin(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
                      now: datetime) -> _AfterCommit:
         after = _AfterCommit()
+        prior = await store.prior_chain(conn, incident.id)
+        held_until = rearm(prior, now, self.settings.rearm_cool_down)
+        if held_until is not None:
+            assert prior is not None
+            reason = (f"held until {held_until:%Y-%m-%d %H:%M:%S%z}: the last {incident.facts.event_type.value} "
+                      f"chain of this device ran out at {prior.closed_at:%H:%M:%S%z} with nobody acknowledging, and "
+                      "the device has not reported cleared since; a full chain starts after the cool-down")
+            await store.hold_incident(conn, incident.id, held_until, reason)
+            await store.audit(conn, tenant_id, "scenario-engine", "incident.held", incident.id,
+                              {"reason": reason, "until": held_until.isoformat()}, event_id=incident.first_event_id)
+            INCIDENTS.labels("held").inc()
+            return after
         scenario = _choose(await store.load_scenarios(conn, incident.household_id), incident, now)
         if scenario is None:
             await store.exhaust_incident(conn, incident.id, "no scenario matches")
@@ -488,6 +572,7 @@ class IncidentWorker(AsyncResource):
         """
         started = time.perf_counter()
         call: AlertCall | None = None
+        adopt = False
         meanings: dict[str, str] = {}
         kind = ""
         tick_after = False
@@ -513,6 +598,17 @@ class IncidentWorker(AsyncResource):
             elif message:
                 await self._message(conn, tenant_id, incident, action)
                 tick_after = not acknowledgement
+            elif action.dispatched_at is not None and self.placer is not None \
+                    and not await store.was_sent(conn, key):
+                # Its job was picked up again after its process died before the switch accepted the call:
+                # place it (adopt it, if the switch has its uuid after all) rather than fail it.
+                built = _safe_alert_call(self.settings, tenant_id, incident, action)
+                if isinstance(built, AlertCall):
+                    call, adopt = built, True
+                    meanings = dict((action.spec.get("ivr") or {}).get("digits", {}))
+                else:
+                    await self._resume_call(conn, tenant_id, incident, action)
+                    tick_after = True
             elif action.dispatched_at is not None:
                 await self._resume_call(conn, tenant_id, incident, action)
                 tick_after = True
@@ -525,20 +621,23 @@ class IncidentWorker(AsyncResource):
             await self._notify(tenant_id, *notify)
             tick_after = key.split("/")[1] != "ack"
         if call is not None:
-            await self._run_call(tenant_id, incident_id, key, kind, call, meanings, started, retry_store=False)
+            await self._run_call(tenant_id, incident_id, key, kind, call, meanings, started, retry_store=False,
+                                 adopt=adopt)
         if tick_after:
             await self.tick(tenant_id, incident_id, reason="outcome")
 
     async def _run_call(self, tenant_id: UUID, incident_id: UUID, key: str, kind: str, call: AlertCall,
-                        meanings: dict[str, str], started: float, *, retry_store: bool = True) -> None:
-        """Place a dispatched call, then record its outcome and let the engine judge it. ``retry_store``: the
-        outcome is kept and written again while PostgreSQL is away (a job instead fails and is retried)."""
+                        meanings: dict[str, str], started: float, *, retry_store: bool = True,
+                        adopt: bool = False) -> None:
+        """Place a dispatched call (``adopt``: one a dead worker claimed, adopted if the switch has it), then
+        record its outcome and let the engine judge it. ``retry_store``: the outcome is kept and written again
+        while PostgreSQL is away (a job instead fails and is retried)."""
         self._placing.add(call.call_uuid)
         try:
             text = None
             if self.speech is not None and self.placer is not None and call.prompt:
                 call, text = await self._generic_first(call, meanings)
-            placing = asyncio.create_task(self._place(call))
+            placing = asyncio.create_task(self._place(call, tenant_id, key, adopt=adopt))
             if text is not None:
                 await self._speak_while_ringing(tenant_id, incident_id, key, call, text)
             outcome = await placing
@@ -719,10 +818,16 @@ class IncidentWorker(AsyncResource):
         except STORE_UNAVAILABLE as exc:  # the call goes on; only the note is lost
             log.warning("degraded-prompt note not written (%s)", type(exc).__name__, extra={"call_id": call.call_uuid})
 
-    async def _place(self, call: AlertCall) -> CallOutcome:
+    async def _place(self, call: AlertCall, tenant_id: UUID, key: str, *, adopt: bool = False) -> CallOutcome:
         if self.placer is None:
             return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None, detail="no FreeSWITCH node is configured")
-        return await self.placer.place(call)
+
+        def sent() -> None:  # off the call's path: the phone rings meanwhile
+            self._spawn(store.mark_sent(self.pool, tenant_id, key))
+
+        if adopt:
+            return await self.placer.place_or_adopt(call, on_sent=sent)
+        return await self.placer.place(call, on_sent=sent)
 
     async def _finish_call(self, tenant_id: UUID, incident_id: UUID, key: str, call: AlertCall,
                            outcome: CallOutcome, meanings: dict[str, str]) -> None:
@@ -734,8 +839,9 @@ class IncidentWorker(AsyncResource):
                 return
             if outcome.kind is CallOutcomeKind.UNREACHABLE:
                 spent = await self._unreachable(conn, tenant_id, incident, key, call)
-                after = (await self._tick_in(conn, tenant_id, incident, reason="outcome") if spent
-                         else _AfterCommit())
+                # Judged with the outcome it records: the engine moves on now, not at the group's deadline.
+                after = (await self._tick_in(conn, tenant_id, incident, reason="outcome", outcomes=[spent])
+                         if spent is not None else _AfterCommit())
             else:
                 line = store.audit_line("scenario-engine", "incident.call", incident_id,
                                         {"key": key, "outcome": result.value, "digit": outcome.digit,
@@ -752,22 +858,21 @@ class IncidentWorker(AsyncResource):
         await self._follow(after)
 
     async def _unreachable(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow, key: str,
-                           call: AlertCall) -> bool:
+                           call: AlertCall) -> store.OutcomeWrite | None:
         """FreeSWITCH is down: text the person now, and retry the call while the step is still current.
 
-        True when the retries are spent (the engine judges the call as unreachable now)."""
+        When the retries are spent, the call's outcome (unreachable) to record with the engine's judgement."""
         retries = await store.unreachable_retries(conn, key)
         if call.destination.startswith("+"):
             await store.text_unreachable(conn, incident, key, retries, call.destination)
         delays = self.settings.unreachable_retries
+        spent = None
         if retries < len(delays):
             await store.retry_call(conn, tenant_id, incident.id, key, retries, delays[retries])
             detail = f"switch unreachable; SMS sent, call retry {retries + 1} in {delays[retries]:.0f} s"
-            spent = False
         else:
-            spent = True
-            await store.record_outcome(conn, key, ActionOutcome.UNREACHABLE.value, "switch unreachable; retries spent")
             detail = "switch unreachable; retries spent"
+            spent = store.OutcomeWrite(key, ActionOutcome.UNREACHABLE.value, detail)
         await store.audit(conn, tenant_id, "scenario-engine", "incident.call_unreachable", incident.id,
                           {"key": key, "detail": detail}, event_id=incident.first_event_id,
                           call_uuid=UUID(call.call_uuid))

@@ -52,7 +52,7 @@ import asyncpg
 from prometheus_client import Counter, Gauge, Histogram
 
 from iim.core.errors import STORE_UNAVAILABLE
-from iim.core.lifecycle import AsyncResource
+from iim.core.lifecycle import AsyncResource, TaskSupervisor
 from iim.core.metrics import REGISTRY
 from iim.core.retry import backoff_delay
 from iim.sms import store
@@ -239,11 +239,13 @@ class SmsSender(AsyncResource):
     async def start(self) -> None:
         self.transport.bind_inbound(self._mo_in, self._receipt_in)
         await self.transport.start()
-        self._claimer = asyncio.create_task(self._claim_loop(), name="sms-claim")
-        self._tasks = [asyncio.create_task(self._flush_loop(), name="sms-flush"),
-                       asyncio.create_task(self._receipt_loop(), name="sms-receipts"),
-                       asyncio.create_task(self._depth_loop(), name="sms-depth"),
-                       asyncio.create_task(self._purge_loop(), name="sms-mo-purge")]
+        # Supervised: a loop that dies on an error nobody foresaw is started again, never left dead.
+        loops = TaskSupervisor()
+        self._claimer = loops.supervise(self._claim_loop, name="sms-claim")
+        self._tasks = [loops.supervise(self._flush_loop, name="sms-flush"),
+                       loops.supervise(self._receipt_loop, name="sms-receipts"),
+                       loops.supervise(self._depth_loop, name="sms-depth"),
+                       loops.supervise(self._purge_loop, name="sms-mo-purge")]
 
     async def aclose(self) -> None:
         claimer, self._claimer = self._claimer, None

@@ -9,14 +9,15 @@ from datetime import UTC, datetime
 import pytest
 
 from fs_app.routing import CallFacts, decide
+from iim.core.errors import STORE_UNAVAILABLE
 from policy_cache import registry
 from policy_cache.bootstrap import Demo, load_demo
 from policy_cache.cache import PolicyCache
-from policy_cache.db import Pool, tenant_tx
+from policy_cache.db import DbRole, Pool, connect_pool, tenant_tx
 from policy_cache.models import PolicyUpdate, RingMode
 from policy_cache.store import PgPolicyStore
 from tests.conftest import eventually
-from tests.pg import PgDatabase
+from tests.pg import PgDatabase, private_pg
 from tests.tcp_proxy import TcpFaultProxy
 
 OWNER = "+79001234567"
@@ -123,3 +124,30 @@ async def test_full_load_and_incremental_reload_compile_identical_snapshots(
         await store.aclose()
     assert len(full) >= 2
     assert {s.subscriber_id: s for s in full} == {s.subscriber_id: s for s in again}
+
+
+async def test_a_change_after_a_postgresql_restart_reaches_the_cache() -> None:
+    async with private_pg() as pg:
+        assert pg.db is not None
+        pool = await connect_pool(pg.db.app_url, role=DbRole.APP, min_size=1, max_size=2)
+        store = PgPolicyStore(pg.db.cache_url, connect_timeout=1.0)
+        cache = PolicyCache(store, resync_interval=5.0)
+        try:
+            async with pool.acquire() as conn:
+                demo = await load_demo(conn)
+            await cache.start(timeout=10)
+            await pg.restart(down_s=1.0)  # the feed's connection dies with the server
+            deadline = asyncio.get_running_loop().time() + 15
+            while True:  # the pool's connections died with the server; a fresh one commits the change
+                try:
+                    await _set_ring_mode(pool, demo, RingMode.HOME_THEN_PHONE)
+                    break
+                except STORE_UNAVAILABLE:
+                    assert asyncio.get_running_loop().time() < deadline
+                    await asyncio.sleep(0.2)
+            await eventually(lambda: cache.lookup(OWNER).ring_mode == "home_then_phone", timeout=15)  # type: ignore[union-attr]
+            assert cache.health()["status"] == "ok"
+        finally:
+            await cache.aclose()
+            await store.aclose()
+            await pool.close()

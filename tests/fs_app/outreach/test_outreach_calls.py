@@ -39,6 +39,7 @@ from fs_app.outreach.ivr import IvrRegistry, IvrResult, RegistryFull, app_arg, w
 from fs_app.testing import CallSpec, FreeSwitchEmulator, InboundServer, TargetBehaviour
 from fs_app.testing.apps import separate_args
 from tests.conftest import eventually
+from tests.tcp_proxy import TcpFaultProxy
 
 MOBILE = "+79001234567"
 GW = "sofia/gateway/ims/{}"
@@ -531,3 +532,102 @@ async def test_fifty_concurrent_alert_calls(rig: Rig) -> None:
     await eventually(lambda: len(rig.results) == 30)
     assert {u for u, _ in rig.results} == {c.call_uuid for c, o in zip(calls, outcomes, strict=True)
                                           if o.kind is CallOutcomeKind.ANSWERED}
+
+
+async def test_link_lost_after_originate_and_never_back_is_unreachable_after_the_reconnect_deadline(
+        rig: Rig) -> None:
+    # The bounded decision: a switch that stays unreachable after the originate does not keep the call
+    # (and its incident) waiting; past the reconnect deadline the call counts as unreachable.
+    proxy = TcpFaultProxy(f"esl://127.0.0.1:{rig.inbound.port}")
+    await proxy.start()
+    client = client_for(proxy.port)
+    await client.start()
+    try:
+        await client.wait_connected(5)
+        placer = AlertCallPlacer(client, rig.registry, socket_address=f"127.0.0.1:{rig.server.port}",
+                                 connect_wait_s=0.3, api_timeout_s=0.3, reconnect_deadline_s=1.0, poll_s=0.1)
+        call = alert(ring_s=120)
+        placing = asyncio.create_task(placer.place(call))
+        await eventually(lambda: len(rig.emu.originates) == 1)
+        proxy.cut()
+        started = time.monotonic()
+        outcome = await asyncio.wait_for(placing, 5)
+        assert outcome.kind is CallOutcomeKind.UNREACHABLE, outcome
+        assert "switch unreachable for 1 s" in outcome.detail
+        assert time.monotonic() - started < 2.5
+    finally:
+        await client.aclose()
+        await proxy.close()
+
+
+async def test_inbound_client_reconnects_on_demand_rather_than_after_its_backoff() -> None:
+    emu = FreeSwitchEmulator(time_scale=SCALE)
+    inbound = await emu.start_inbound()
+    port = inbound.port
+    client = InboundClient(InboundSettings(port=port, command_timeout=2.0, backoff_initial=0.05,
+                                           backoff_max=30.0, events=("BACKGROUND_JOB",)))
+    await client.start()
+    try:
+        await client.wait_connected(5)
+        await emu.close()
+        await eventually(lambda: not client.connected)
+        await asyncio.sleep(1.5)  # several failed attempts: the backoff has grown past a second
+        emu = FreeSwitchEmulator(time_scale=SCALE)
+        await emu.start_inbound(port=port)
+        started = time.monotonic()
+        reply = await client.api("status", timeout=5)  # wakes the reconnect
+        assert reply.body.startswith("UP ")
+        assert time.monotonic() - started < 0.5
+    finally:
+        await client.aclose()
+        await emu.close()
+
+
+async def test_a_call_the_switch_already_has_is_adopted_not_originated_again(rig: Rig) -> None:
+    # A worker sent the originate and died before recording it: the next one finds the call on the switch
+    # by its origination_uuid and takes its outcome from our IVR.
+    rig.script(MOBILE, TargetBehaviour.answer(after_ms=30_000, dtmf="1"))  # 300 ms at this time scale
+    call = alert()
+    command = originate_command(call, gateway_dial=DialSettings(),
+                                socket_address=f"127.0.0.1:{rig.server.port}")
+    sent = asyncio.create_task(rig.client.bgapi(command, job_uuid=new_uuid(), timeout=10))
+    await eventually(lambda: len(rig.emu.originates_to(MOBILE)) == 1)
+    outcome = await rig.placer.place_or_adopt(call)
+    assert outcome.kind is CallOutcomeKind.ANSWERED
+    assert outcome.digit == "1"
+    assert len(rig.emu.originates_to(MOBILE)) == 1  # never originated twice
+    sent.cancel()
+
+
+async def test_a_claimed_call_the_switch_does_not_have_is_placed(rig: Rig) -> None:
+    rig.script(MOBILE, TargetBehaviour.answer(after_ms=100, dtmf="2"))
+    outcome = await rig.placer.place_or_adopt(alert())
+    assert (outcome.kind, outcome.digit) == (CallOutcomeKind.ANSWERED, "2")
+    assert len(rig.emu.originates_to(MOBILE)) == 1
+
+
+async def test_a_call_that_ended_while_the_link_was_down_is_failed_and_never_redialled(rig: Rig) -> None:
+    # The switch accepted the originate and stayed up; the callee was busy while our link was cut, so the
+    # BACKGROUND_JOB went nowhere. After the reconnect the call is not on the switch: it ended unseen.
+    proxy = TcpFaultProxy(f"esl://127.0.0.1:{rig.inbound.port}")
+    await proxy.start()
+    client = client_for(proxy.port)
+    await client.start()
+    try:
+        await client.wait_connected(5)
+        placer = AlertCallPlacer(client, rig.registry, socket_address=f"127.0.0.1:{rig.server.port}",
+                                 connect_wait_s=0.3, api_timeout_s=0.3, poll_s=0.05)
+        rig.script(MOBILE, TargetBehaviour.busy(after_ms=20_000))  # 200 ms at this time scale
+        accepted = asyncio.Event()
+        placing = asyncio.create_task(placer.place(alert(), on_sent=accepted.set))
+        await asyncio.wait_for(accepted.wait(), 5)
+        proxy.cut()
+        await asyncio.sleep(0.6)
+        proxy.restore()
+        outcome = await asyncio.wait_for(placing, 5)
+        assert outcome.kind is CallOutcomeKind.FAILED, outcome
+        assert "ended while the link was down" in outcome.detail
+        assert len(rig.emu.originates_to(MOBILE)) == 1
+    finally:
+        await client.aclose()
+        await proxy.close()

@@ -81,3 +81,38 @@ async def test_a_supervised_task_that_dies_is_logged_at_once(caplog: pytest.LogC
             await asyncio.gather(task, return_exceptions=True)
             await asyncio.sleep(0)  # done callbacks run on the next loop iteration
     assert [r.getMessage() for r in caplog.records] == ["background task broken-watch died"]
+
+
+async def test_a_supervised_task_that_dies_is_started_again_and_stops_with_its_owner() -> None:
+    runs: list[int] = []
+    running = asyncio.Event()
+
+    async def flaky() -> None:
+        runs.append(len(runs))
+        if len(runs) < 3:
+            raise ConnectionResetError("the server went away")
+        running.set()
+        await asyncio.Event().wait()
+
+    supervisor = TaskSupervisor()
+    async with supervisor:
+        supervisor.supervise(flaky, name="flaky", initial=0.01, ceiling=0.02)
+        await asyncio.wait_for(running.wait(), 5)
+    assert runs == [0, 1, 2]
+    assert not supervisor._tasks  # cancelled and awaited with its owner
+
+
+async def test_a_supervised_task_ending_while_its_owner_stops_is_not_started_again() -> None:
+    runs: list[int] = []
+    stopping = False
+
+    async def once() -> None:
+        runs.append(1)
+
+    supervisor = TaskSupervisor()
+    task = supervisor.supervise(once, name="once", initial=0.01, until=lambda: stopping)
+    await asyncio.sleep(0.05)
+    assert len(runs) >= 2  # ended on its own: started again
+    stopping = True
+    await asyncio.wait_for(task, 1)  # ends quietly once the owner says it stops
+    await supervisor.aclose()

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from iim import cli as iim_cli
 from iim.scenarios.engine import (
+    REARM_COOL_DOWN,
     TERMINAL,
     ActionOutcome,
     Advance,
@@ -23,6 +24,7 @@ from iim.scenarios.engine import (
     IncidentState,
     Notify,
     PlaceCall,
+    PriorChain,
     Progress,
     RecordMessage,
     SendSms,
@@ -35,6 +37,7 @@ from iim.scenarios.engine import (
     on_cleared,
     on_repeat_event,
     ready_to_advance,
+    rearm,
     select_scenario,
     settle,
 )
@@ -535,3 +538,33 @@ def test_cli_lists_and_shows_templates(capsys: pytest.CaptureFixture[str]) -> No
     assert [ln.split()[0] for ln in listed[1:]] == list(TEMPLATES)
     assert iim_cli.main(["scenario", "templates", "show", "doorphone"]) == 0
     assert Scenario.model_validate_json(capsys.readouterr().out) == TEMPLATES["doorphone"]
+
+
+# -- re-arming ---------------------------------------------------------------------------------------------
+
+_ENDED = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
+
+
+def test_a_new_alarm_with_no_earlier_chain_starts_at_once() -> None:
+    assert rearm(None, _ENDED) is None
+
+
+def test_a_persistent_alarm_within_the_cool_down_after_an_exhausted_chain_is_held_until_it_ends() -> None:
+    prior = PriorChain(IncidentState.EXHAUSTED, _ENDED, cleared_since=False)
+    assert rearm(prior, _ENDED + timedelta(minutes=5)) == _ENDED + REARM_COOL_DOWN
+    assert rearm(prior, _ENDED + timedelta(seconds=1), timedelta(minutes=10)) == _ENDED + timedelta(minutes=10)
+
+
+def test_an_alarm_after_the_cool_down_starts_a_full_chain() -> None:
+    prior = PriorChain(IncidentState.EXHAUSTED, _ENDED, cleared_since=False)
+    assert rearm(prior, _ENDED + REARM_COOL_DOWN) is None
+
+
+def test_an_alarm_after_the_device_reported_cleared_starts_a_full_chain() -> None:
+    prior = PriorChain(IncidentState.EXHAUSTED, _ENDED, cleared_since=True)
+    assert rearm(prior, _ENDED + timedelta(minutes=1)) is None
+
+
+@pytest.mark.parametrize("state", [IncidentState.ACKNOWLEDGED, IncidentState.FALSE_ALARM, IncidentState.RESOLVED])
+def test_a_chain_that_ended_with_a_person_or_a_clear_never_holds_the_next(state: IncidentState) -> None:
+    assert rearm(PriorChain(state, _ENDED, cleared_since=False), _ENDED + timedelta(minutes=1)) is None

@@ -37,6 +37,7 @@ from iot_bridge.intake import KnownDevice, accept_event
 from policy_cache import audit
 from policy_cache.db import Pool, tenant_tx
 from tests.alarm_rig import AlarmRig, build_rig
+from tests.tcp_proxy import TcpFaultProxy
 
 GW = "sofia/gateway/ims/{}"
 _numbers = itertools.count(100)
@@ -54,6 +55,8 @@ class Alarms:
     emu: FreeSwitchEmulator
     inbound: InboundServer
     worker: IncidentWorker
+    #: between the worker's inbound ESL client and the emulator, with ``esl_proxy=True``
+    proxy: TcpFaultProxy | None = None
 
     def script(self, number: str, behaviour: TargetBehaviour) -> None:
         self.emu.targets[GW.format(number)] = behaviour
@@ -107,7 +110,8 @@ async def _route(call: Call) -> None:
 @contextlib.asynccontextmanager
 async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
                      connectors: ConnectorLookup | None = None, speech: Any = None,
-                     time_scale: float = 0.01, limits: OriginateLimits | None = None) -> AsyncIterator[Alarms]:
+                     time_scale: float = 0.01, limits: OriginateLimits | None = None,
+                     esl_proxy: bool = False) -> AsyncIterator[Alarms]:
     """A tenant, the emulator (callees scripted per number), our outbound server for the IVR, the worker."""
     n = numbers()
     rig = await build_rig(app_pool, tmp_path, owner=n["owner"], backup=n["backup"], security=n["security"])
@@ -117,22 +121,29 @@ async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
     server = OutboundServer(with_alert_calls(registry, _route),
                             OutboundSettings(port=0, exit_wait=0.5, hangup_complete_wait=0.5))
     await server.start()
-    client = InboundClient(InboundSettings(port=inbound.port, command_timeout=2.0, backoff_initial=0.05,
-                                           backoff_max=0.2, events=("BACKGROUND_JOB",)))
+    proxy = None
+    if esl_proxy:
+        proxy = TcpFaultProxy(f"esl://127.0.0.1:{inbound.port}")
+        await proxy.start()
+    client = InboundClient(InboundSettings(port=proxy.port if proxy else inbound.port, command_timeout=2.0,
+                                           backoff_initial=0.05, backoff_max=0.2, events=("BACKGROUND_JOB",)))
     await client.start()
     await client.wait_connected(5)
     placer = AlertCallPlacer(client, registry, socket_address=f"127.0.0.1:{server.port}",
                              gateway_dial=DialSettings(phone_endpoint=GW.replace("{}", "{msisdn}")),
-                             answer_grace_s=2.0, connect_wait_s=0.3, api_timeout_s=0.5, prompt_s=1.0)
+                             answer_grace_s=2.0, connect_wait_s=0.3, api_timeout_s=0.5, prompt_s=1.0,
+                             poll_s=0.2)
     worker = IncidentWorker(app_pool, pg_db.app_url, placer, WorkerSettings(
         heartbeat_timeout=timedelta(seconds=2), unreachable_retries=(0.3, 0.3),
         default_limits=limits or OriginateLimits()), connectors=connectors, speech=speech)
     await worker.start()
     try:
-        yield Alarms(rig, app_pool, emu, inbound, worker)
+        yield Alarms(rig, app_pool, emu, inbound, worker, proxy)
     finally:
         await worker.aclose()
         await client.aclose()
+        if proxy is not None:
+            await proxy.close()
         await server.aclose(drain_timeout=1.0)
         await emu.close()
 
@@ -623,3 +634,164 @@ async def test_when_the_engine_cannot_say_the_prompts_text_the_callee_hears_the_
     assert await tts.render("Дым на кухне")
     await _speech_failed_and_the_callee_confirmed(app_pool, pg_db, tmp_path, tts, switch_heard)
     await tts.aclose()
+async def test_esl_link_reset_right_after_originate_neither_redials_nor_hangs_up_the_answering_owner(
+        app_pool: Pool, pg_db: Any, tmp_path: Path) -> None:
+    # The control link drops 50 ms after the originate and stays down 6 s; the owner answers after 2 s
+    # (the call reaches our IVR over its own socket) and presses 1.
+    async with alarms_rig(app_pool, pg_db, tmp_path, time_scale=1.0, esl_proxy=True) as alarms:
+        rig = alarms.rig
+        assert alarms.proxy is not None
+        alarms.script(rig.owner, TargetBehaviour.answer(after_ms=2000, dtmf="1"))
+        incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
+        deadline = asyncio.get_running_loop().time() + 5
+        while not alarms.calls_to(rig.owner):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        alarms.proxy.cut()
+        await asyncio.sleep(6)
+        alarms.proxy.restore()
+        assert await alarms.settled(incident, timeout=20) == "acknowledged"
+        assert alarms.calls_to(rig.owner) == 1  # no second originate
+        assert alarms.calls_to(rig.backup) == 0
+        unreachable = await alarms.rows("SELECT key FROM iim.sms_outbox WHERE incident_id = $1 "
+                                        "AND key LIKE '%/unreachable/%'", incident)
+        assert unreachable == []  # no "could not call you"
+        owner = await alarms.rows("SELECT outcome FROM iim.incident_action WHERE incident_id = $1 AND kind = 'call'",
+                                  incident)
+        assert owner == [{"outcome": "acknowledge"}]
+
+
+async def test_esl_link_reset_while_the_owner_rings_unanswered_picks_up_the_outcome_after_reconnect(
+        app_pool: Pool, pg_db: Any, tmp_path: Path) -> None:
+    # Down 1 s right after the originate; the owner's phone rings out 3 s later: the BACKGROUND_JOB arrives
+    # on the reconnected link (its Job-UUID is the call's uuid) and the escalation moves on to the backup.
+    async with alarms_rig(app_pool, pg_db, tmp_path, time_scale=1.0, esl_proxy=True) as alarms:
+        rig = alarms.rig
+        assert alarms.proxy is not None
+        alarms.script(rig.owner, TargetBehaviour.reject("NO_ANSWER", after_ms=3000, ring=True))
+        alarms.script(rig.backup, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+        incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
+        deadline = asyncio.get_running_loop().time() + 5
+        while not alarms.calls_to(rig.owner):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        alarms.proxy.cut()
+        await asyncio.sleep(1)
+        alarms.proxy.restore()
+        assert await alarms.settled(incident, timeout=30) == "acknowledged"
+        assert alarms.calls_to(rig.owner) == 1
+        assert alarms.calls_to(rig.backup) == 1
+        owner = await alarms.rows("SELECT outcome FROM iim.incident_action WHERE incident_id = $1 AND kind = 'call' "
+                                  "AND destination = $2", incident, rig.owner)
+        assert owner == [{"outcome": "no_answer"}]
+        unreachable = await alarms.rows("SELECT key FROM iim.sms_outbox WHERE incident_id = $1 "
+                                        "AND key LIKE '%/unreachable/%'", incident)
+        assert unreachable == []
+
+
+async def test_a_switch_that_stays_down_makes_each_call_unreachable_with_sms_and_the_escalation_goes_on(
+        alarms: Alarms) -> None:
+    # The bounded decision for a configured but unreachable FreeSWITCH: nobody waits for it; every contact
+    # is texted, each call counts as unreachable once its retries are spent, and the chain runs to its end.
+    rig = alarms.rig
+    await alarms.inbound.close()
+    incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
+    assert await alarms.settled(incident, timeout=30) == "exhausted"
+    calls = await alarms.rows("SELECT destination, outcome FROM iim.incident_action WHERE incident_id = $1 "
+                              "AND kind = 'call' ORDER BY key", incident)
+    assert [c["outcome"] for c in calls] == ["unreachable"] * 3
+    texted = await alarms.rows("SELECT DISTINCT msisdn FROM iim.sms_outbox WHERE incident_id = $1 "
+                               "AND key LIKE '%/unreachable/%'", incident)
+    assert {t["msisdn"] for t in texted} == {rig.owner, rig.backup, rig.security}
+    assert alarms.emu.originates_to(rig.owner) == []
+
+
+async def test_a_call_claimed_but_never_sent_before_a_crash_is_placed_once_by_the_next_worker(
+        alarms: Alarms, pg_db: Any) -> None:
+    # The claim commits with the event; the process that claimed it "dies" before sending (its after-commit
+    # callback never runs). Two workers look for such calls: the owner is called exactly once, not skipped.
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:  # far below the caps: claimed with the decision
+        await conn.execute("INSERT INTO iim.originate_limit (max_concurrent, max_per_hour) VALUES (10000, 1000000)")
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=300, dtmf="1"))
+    alarms.worker.settings.unsent_grace_s = 0.3
+    alarms.worker.settings.unsent_interval_s = 0.1
+
+    async def claim_and_die(conn: Any, tenant: UUID, incident: UUID) -> None:
+        await alarms.worker.begin_in(conn, tenant, incident)  # the calls are claimed; never placed here
+
+    second = IncidentWorker(alarms.pool, pg_db.app_url, alarms.worker.placer, WorkerSettings(
+        unsent_grace_s=0.3, unsent_interval_s=0.1))
+    async with second:
+        incident = await alarms.raise_alarm("smoke", opener=claim_and_die)
+        claimed = await alarms.rows("SELECT dispatched_at IS NOT NULL AS claimed FROM iim.incident_action "
+                                    "WHERE incident_id = $1 AND kind = 'call'", incident)
+        assert claimed == [{"claimed": True}]
+        assert await alarms.settled(incident) == "acknowledged"
+    assert alarms.calls_to(rig.owner) == 1
+    assert alarms.calls_to(rig.backup) == 0
+    sent = await alarms.rows("SELECT sent_at IS NOT NULL AS sent FROM iim.incident_action WHERE incident_id = $1 "
+                             "AND kind = 'call'", incident)
+    assert sent == [{"sent": True}]
+    taken = await alarms.rows("SELECT count(*) AS n FROM iim.audit_log WHERE action = 'incident.call_taken_over' "
+                              "AND entity_id = $1", str(incident))
+    assert taken == [{"n": 1}]
+
+
+async def test_a_call_sent_and_marked_sent_is_never_taken_over(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=20_000, dtmf="1"))  # rings 200 ms at this time scale
+    alarms.worker.settings.unsent_grace_s = 0.1
+    alarms.worker.settings.unsent_interval_s = 0.05
+    incident = await alarms.raise_alarm("smoke", opener=alarms.worker.begin_in)
+    sent = await _eventually_rows(alarms, "SELECT 1 FROM iim.incident_action WHERE incident_id = $1 "
+                                          "AND kind = 'call' AND sent_at IS NOT NULL", incident)
+    assert sent == [{"?column?": 1}]  # recorded while the phone still rings
+    assert await alarms.settled(incident) == "acknowledged"
+    assert alarms.calls_to(rig.owner) == 1
+
+
+async def test_a_persistent_alarm_does_not_call_everyone_again_until_cleared_or_the_cool_down(
+        alarms: Alarms) -> None:
+    rig = alarms.rig
+    first = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(first) == "exhausted"  # nobody answered: owner, backup, security once each
+    called = [alarms.calls_to(n) for n in (rig.owner, rig.backup, rig.security)]
+    assert called == [1, 1, 1]
+
+    again = await alarms.raise_alarm("smoke")  # the alarm persists: held, nobody is called again
+    deadline = asyncio.get_running_loop().time() + 10
+    while not (await alarms.incident(again))["reason"].startswith("held until"):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    assert (await alarms.incident(again))["state"] == "open"
+    assert [alarms.calls_to(n) for n in (rig.owner, rig.backup, rig.security)] == called
+    assert await alarms.rows("SELECT key FROM iim.incident_action WHERE incident_id = $1", again) == []
+
+    raw = rig.event("cleared")  # the device reports clear: the held incident is resolved ...
+    event = DeviceEvent.model_validate(json.loads(raw))
+    device = KnownDevice(rig.tenant_id, rig.sensor_id, rig.household_id, rig.sensor, "sensor")
+    await accept_event(alarms.pool, device, event, fingerprint=body_fingerprint(raw), channel="device", msg_id=None)
+    assert await alarms.settled(again) == "resolved"
+
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+    rearmed = await alarms.raise_alarm("smoke")  # ... and an alarm after it starts a full chain
+    assert await alarms.settled(rearmed) == "acknowledged"
+    assert alarms.calls_to(rig.owner) == 2
+
+
+async def test_a_held_alarm_starts_its_full_chain_when_the_cool_down_ends(alarms: Alarms) -> None:
+    rig = alarms.rig
+    alarms.worker.settings.rearm_cool_down = timedelta(seconds=2)
+    first = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(first) == "exhausted"
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+    again = await alarms.raise_alarm("smoke")
+    assert await alarms.settled(again, timeout=20) == "acknowledged"
+    assert alarms.calls_to(rig.owner) == 2
+    reasons = [r["action"] for r in await alarms.rows(
+        "SELECT action FROM iim.audit_log WHERE entity_id = $1 ORDER BY id", str(again))]
+    assert "incident.held" in reasons

@@ -16,15 +16,16 @@ from uuid import UUID
 
 import pytest
 
+from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.metrics import REGISTRY
 from iim.sms.outbox import BackoffPolicy, InboundSms, OutboxRow, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
 from iim.sms.smsc_sim import SmscProcess
 from iim.sms.store import enqueue_sms
 from policy_cache import registry
-from policy_cache.db import Pool, tenant_tx
+from policy_cache.db import DbRole, Pool, connect_pool, tenant_tx
 from policy_cache.models import ConsentCreate, ConsentPurpose, SubscriberCreate
-from tests.pg import create_tenant
+from tests.pg import create_tenant, private_pg
 
 ESME_RTHROTTLED = 0x58
 ESME_RMSGQFUL = 0x14
@@ -379,3 +380,26 @@ async def test_cross_tenant_entry_points_are_for_the_app_role_only(admin_conn: A
     assert await app_pool.fetchval("SELECT iim.subscriber_tenant('+79999999999')") is None
     async with tenant_tx(app_pool, a) as conn:  # RLS: tenant a sees none of b's MO
         assert await conn.fetchval("SELECT count(*) FROM iim.sms_inbound") == 0
+
+
+async def test_sms_queued_after_a_postgresql_restart_are_sent_by_the_same_sender(smsc: SmscProcess) -> None:
+    async with private_pg() as pg:
+        assert pg.db is not None
+        pool = await connect_pool(pg.db.app_url, role=DbRole.APP, min_size=1, max_size=4)
+        try:
+            tenant = await create_tenant(pool)
+            async with sender(pool, smsc):
+                before = await enqueue(pool, tenant, "before-restart", number(), "Before the restart")
+                await settled(pool, tenant, before, states=("sent",))
+                await pg.restart(down_s=1.0)
+                deadline = asyncio.get_running_loop().time() + 15
+                while True:  # the pool's connections died with the server
+                    try:
+                        after = await enqueue(pool, tenant, "after-restart", number(), "After the restart")
+                        break
+                    except STORE_UNAVAILABLE:
+                        assert asyncio.get_running_loop().time() < deadline
+                        await asyncio.sleep(0.2)
+                await settled(pool, tenant, after, states=("sent",), timeout=20)
+        finally:
+            await pool.close()
