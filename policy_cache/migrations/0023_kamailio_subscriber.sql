@@ -2,7 +2,8 @@
 --
 -- A device gets sip_ha1 = md5(user:domain:password) in hex, user and domain being those of its sip_uri (the
 -- digest realm is the domain). The clear password is never stored; HA1 is still password-equivalent for that
--- realm, so iim_cache (which reads devices for routing) loses sight of the column and the audit redacts it.
+-- realm, so iim_cache (which reads devices for routing) loses sight of the column; the API, the CLI and the
+-- audit never show it (the record model excludes it from output).
 --
 -- iim_kamailio: a login role that can read the view kamailio.subscriber (username, domain, ha1: the columns
 -- Kamailio's auth_db expects) and nothing else that matters. The view is security_invoker, so the role's own

@@ -43,7 +43,7 @@ U = TypeVar("U", bound=BaseModel | None)
 AnySpec = TableSpec[Any, Any, Any]
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
-_SECRET_KEY = re.compile(r"(pass(word|wd)?|secret|token|api[_-]?key|private[_-]?key|credential|authorization|ha1)$",
+_SECRET_KEY = re.compile(r"(pass(word|wd)?|secret|token|api[_-]?key|private[_-]?key|credential|authorization)$",
                          re.IGNORECASE)
 _AUDIT_SKIP = frozenset({"tenant_id", "created_at", "updated_at"})
 

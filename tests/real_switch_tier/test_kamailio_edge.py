@@ -3,9 +3,12 @@ of ``kamailio/kamailio.cfg`` one test each, a trunk call reaching IIM, and a flo
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests import sip_client, sipp
@@ -124,3 +127,30 @@ def test_a_register_flood_bans_its_source_while_another_speaker_keeps_calling(
                            auth=(CALLER.user, CALLER.password))
     assert result.finals == [200], (result.output, edge.log_text()[-3000:])
     assert len(_call_ended(iim, before + 1)) == before + 1
+
+
+async def _register_over_wss(port: int, user: str, password: str) -> list[sip_client.Response]:
+    """REGISTER over ``wss://127.0.0.1:port`` (subprotocol ``sip``, RFC 7118), answering the challenge."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the test's self-signed certificate
+    answers: list[sip_client.Response] = []
+    async with aiohttp.ClientSession() as session, session.ws_connect(
+            f"wss://127.0.0.1:{port}/", protocols=("sip",), ssl=context, timeout=aiohttp.ClientWSTimeout(ws_close=5),
+            ) as ws:
+        request = sip_client.register(user, DOMAIN, f"sip:{user}@df7jal23ls0d.invalid;transport=ws")
+        for _ in range(2):
+            await ws.send_str(request.encode("WSS", "df7jal23ls0d.invalid").decode())
+            message = await asyncio.wait_for(ws.receive(), 5)
+            assert message.type == aiohttp.WSMsgType.TEXT, message
+            answers.append(sip_client.parse_response(message.data.encode()))
+            if answers[-1].code != 401:
+                break
+            request = sip_client.authorize(request, answers[-1], user, password)
+    return answers
+
+
+def test_a_webrtc_speaker_registers_over_wss(edge: KamailioEdge) -> None:
+    answers = asyncio.run(_register_over_wss(edge.wss_port, SPEAKER.user, SPEAKER.password))
+    assert [a.code for a in answers] == [401, 200], (answers, edge.log_text()[-3000:])
+    assert "transport=ws" in (answers[-1].header("Contact") or "")
