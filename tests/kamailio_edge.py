@@ -41,11 +41,15 @@ START_TIMEOUT_S = 20.0
 DOMAIN = "iim.test"
 
 
+MODULES = ("websocket.so", "tls.so", "db_postgres.so")
+
+
 def require_kamailio() -> str:
     binary = shutil.which("kamailio") or ("/usr/sbin/kamailio" if Path("/usr/sbin/kamailio").is_file() else None)
-    if binary is None:
-        skip_or_fail("no kamailio installed (apt-get install kamailio kamailio-websocket-modules "
-                     "kamailio-tls-modules kamailio-postgres-modules)")
+    found = {module.name for module in Path("/usr/lib").glob("*/kamailio/modules/*.so")}
+    if binary is None or not set(MODULES) <= found:
+        skip_or_fail("no kamailio with its websocket, tls and postgres modules (apt-get install kamailio "
+                     "kamailio-websocket-modules kamailio-tls-modules kamailio-postgres-modules)")
     assert binary is not None
     return binary
 
