@@ -4,6 +4,7 @@ of ``kamailio/kamailio.cfg`` one test each, a trunk call reaching IIM, and a flo
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,3 +155,26 @@ def test_a_webrtc_speaker_registers_over_wss(edge: KamailioEdge) -> None:
     answers = asyncio.run(_register_over_wss(edge.wss_port, SPEAKER.user, SPEAKER.password))
     assert [a.code for a in answers] == [401, 200], (answers, edge.log_text()[-3000:])
     assert "transport=ws" in (answers[-1].header("Contact") or "")
+
+
+def test_an_invite_burst_bans_its_source(edge: KamailioEdge) -> None:
+    target = _target(edge)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.6", 0))
+        port = sock.getsockname()[1]
+        for _ in range(60):  # INVITE_LIMIT is 40 here; each would be challenged
+            request = sip_client.invite(f"sip:{UNKNOWN_SUBSCRIBER}@127.0.0.1:{edge.sip_port}",
+                                        f"sip:{CALLER.user}@{DOMAIN}", f"sip:{CALLER.user}@127.0.0.6:{port}")
+            sock.sendto(request.encode("UDP", f"127.0.0.6:{port}"), target)
+    assert wait_until(lambda: "INVITE rate from 127.0.0.6" in edge.log_text(), 10)
+    probe = sip_client.options(f"sip:127.0.0.1:{edge.sip_port}")
+    assert sip_client.Udp("127.0.0.6").request(probe, target, 1.0) is None
+
+
+def test_repeated_authentication_failures_ban_their_source(edge: KamailioEdge) -> None:
+    udp = sip_client.Udp("127.0.0.9")
+    for _ in range(11):  # AUTH_FAIL_LIMIT is 10
+        udp.register(_target(edge), SPEAKER.user, "guess", DOMAIN, timeout=1.0)
+    challenge, _ = udp.register(_target(edge), SPEAKER.user, SPEAKER.password, DOMAIN, timeout=1.0)
+    assert challenge is None
+    assert "authentication failures from 127.0.0.9" in edge.log_text()

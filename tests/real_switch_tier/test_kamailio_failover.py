@@ -4,12 +4,13 @@ killed the calls go to the other (the first call that still picks the dead node 
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests import sipp
+from tests import sip_client, sipp
 from tests.kamailio_edge import KamailioEdge, running_edge, tcp_bridge_to, wait_until
 from tests.pg import PgCluster, PgDatabase
 from tests.real_switch import RealSwitch, running_switch
@@ -77,3 +78,14 @@ def test_one_node_killed_then_calls_go_to_the_other(edge: KamailioEdge, real_swi
     assert wait_until(lambda: _flags(edge).get(second_switch.external_sip_port, "").startswith("I"), 10), \
         edge.rpc("dispatcher.list")
     assert _flags(edge)[real_switch.external_sip_port].startswith("A")
+
+
+def test_pike_bans_a_source_sending_faster_than_its_density(edge: KamailioEdge) -> None:
+    probe = sip_client.options(f"sip:127.0.0.1:{edge.sip_port}")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.8", 0))
+        via = f"127.0.0.8:{sock.getsockname()[1]}"
+        for _ in range(300):  # the shipped PIKE_DENSITY: 40 requests per 2 s
+            sock.sendto(probe.encode("UDP", via), ("127.0.0.1", edge.sip_port))
+    assert wait_until(lambda: "pike: flood from 127.0.0.8" in edge.log_text(), 10)
+    assert sip_client.Udp("127.0.0.8").request(probe, ("127.0.0.1", edge.sip_port), 1.0) is None
