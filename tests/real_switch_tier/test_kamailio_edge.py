@@ -178,3 +178,11 @@ def test_repeated_authentication_failures_ban_their_source(edge: KamailioEdge) -
     challenge, _ = udp.register(_target(edge), SPEAKER.user, SPEAKER.password, DOMAIN, timeout=1.0)
     assert challenge is None
     assert "authentication failures from 127.0.0.9" in edge.log_text()
+
+
+def test_sipp_registers_a_speaker_and_is_refused_with_a_wrong_password(edge: KamailioEdge, tmp_path: Path) -> None:
+    good = sipp.call(tmp_path, edge.sip_port, SPEAKER.user, source="127.0.0.10", scenario="register_auth.xml",
+                     domain=DOMAIN, auth=(SPEAKER.user, SPEAKER.password), timeout_s=10)
+    wrong = sipp.call(tmp_path, edge.sip_port, SPEAKER.user, source="127.0.0.10", scenario="register_auth.xml",
+                      domain=DOMAIN, auth=(SPEAKER.user, "wrong"), timeout_s=10)
+    assert (good.finals, wrong.finals) == ([200], [403]), (good.output, wrong.output)
