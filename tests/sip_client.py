@@ -134,10 +134,11 @@ class Udp:
             return None
 
     def register(self, target: tuple[str, int], user: str, password: str, domain: str, *,
-                 to_user: str | None = None, user_agent: str = "iim-test",
+                 to_user: str | None = None, user_agent: str = "iim-test", contact: str | None = None,
                  timeout: float = 3.0) -> tuple[Response | None, Response | None]:
         """REGISTER, then answer its challenge: (the challenge, the final answer to the authorised request)."""
-        first = register(user, domain, f"sip:{user}@{self.host}:5060", to_user=to_user, user_agent=user_agent)
+        first = register(user, domain, contact or f"sip:{user}@{self.host}:5060", to_user=to_user,
+                         user_agent=user_agent)
         challenge = self.request(first, target, timeout)
         if challenge is None or challenge.code not in (401, 407):
             return challenge, None

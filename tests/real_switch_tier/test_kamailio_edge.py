@@ -15,7 +15,7 @@ import pytest
 from tests import sip_client, sipp
 from tests.kamailio_edge import DOMAIN, KamailioEdge, running_edge, tcp_bridge_to, wait_until
 from tests.pg import PgCluster, PgDatabase
-from tests.real_switch import RealSwitch
+from tests.real_switch import RealSwitch, free_port
 from tests.real_switch_tier.conftest import Iim, Ports
 from tests.real_switch_tier.kamailio_fixtures import CALLER, SPEAKER, kamailio_db_url, provision_speakers
 from tests.real_switch_tier.test_real_calls import UNKNOWN_SUBSCRIBER, _call_ended
@@ -186,3 +186,19 @@ def test_sipp_registers_a_speaker_and_is_refused_with_a_wrong_password(edge: Kam
     wrong = sipp.call(tmp_path, edge.sip_port, SPEAKER.user, source="127.0.0.10", scenario="register_auth.xml",
                       domain=DOMAIN, auth=(SPEAKER.user, "wrong"), timeout_s=10)
     assert (good.finals, wrong.finals) == ([200], [403]), (good.output, wrong.output)
+
+
+def test_freeswitch_reaches_a_registered_speaker_through_the_edge(
+        edge: KamailioEdge, real_switch: RealSwitch, tmp_path: Path) -> None:
+    speaker_port = free_port()
+    # (registered from 127.0.0.4: 127.0.0.1 is the test's trunk, which may not register)
+    _, final = sip_client.Udp("127.0.0.4").register(_target(edge), SPEAKER.user, SPEAKER.password, DOMAIN,
+                                                    contact=f"sip:{SPEAKER.user}@127.0.0.1:{speaker_port}")
+    assert _code(final) == 200, final
+    with sipp.core(tmp_path, speaker_port, "core_answer.xml"):  # the speaker answers
+        answered = real_switch.api(
+            f"originate sofia/external/{SPEAKER.user}@127.0.0.1:{edge.sip_port} &park", timeout=15)
+        assert answered.startswith("+OK"), (answered, edge.log_text()[-2000:])
+        real_switch.api(f"uuid_kill {answered.split()[1]}")
+    unknown = real_switch.api(f"originate sofia/external/nobody@127.0.0.1:{edge.sip_port} &park", timeout=15)
+    assert unknown.startswith("-ERR UNALLOCATED_NUMBER"), unknown  # the edge's 404
