@@ -202,3 +202,9 @@ def test_freeswitch_reaches_a_registered_speaker_through_the_edge(
         real_switch.api(f"uuid_kill {answered.split()[1]}")
     unknown = real_switch.api(f"originate sofia/external/nobody@127.0.0.1:{edge.sip_port} &park", timeout=15)
     assert unknown.startswith("-ERR UNALLOCATED_NUMBER"), unknown  # the edge's 404
+
+
+def test_the_shipped_configuration_runs_without_errors(edge: KamailioEdge) -> None:
+    problems = [line for line in edge.log_text().splitlines()
+                if any(level in line for level in (" ERROR: ", " CRITICAL: ", " ALERT: ", " BUG: "))]
+    assert problems == []
