@@ -143,6 +143,9 @@ CountryCode = Annotated[str, StringConstraints(pattern=r"^\+[1-9][0-9]{0,5}$")]
 DialPrefix = Annotated[str, StringConstraints(pattern=r"^\+[0-9]{1,15}$")]
 SipUri = Annotated[str, StringConstraints(pattern=SIP_URI_PATTERN, max_length=300)]
 IanaZone = Annotated[str, AfterValidator(_check_zone)]
+#: md5(user:domain:password) in lower-case hex, user and domain from the device's sip_uri: what the SIP edge
+#: (kamailio/) checks digests against; the clear password never reaches IIM
+SipHa1 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 Ident = Annotated[str, StringConstraints(min_length=1, max_length=200)]
@@ -294,6 +297,7 @@ class DeviceCreate(_DeviceEndpoint):
     external_id: Ident | None = None
     capabilities: frozenset[DeviceCapability] = frozenset()
     sip_uri: SipUri | None = None
+    sip_ha1: SipHa1 | None = None
     credential_ref_id: UUID | None = None
     status: DeviceStatus = DeviceStatus.UNKNOWN
     enabled: bool = True
@@ -308,6 +312,7 @@ class DeviceUpdate(_DeviceEndpoint):
     external_id: Ident | None = None
     capabilities: frozenset[DeviceCapability] | None = None
     sip_uri: SipUri | None = None
+    sip_ha1: SipHa1 | None = None
     credential_ref_id: UUID | None = None
     status: DeviceStatus | None = None
     enabled: bool | None = None
@@ -324,6 +329,8 @@ class Device(_Row):
     external_id: str | None
     capabilities: frozenset[DeviceCapability]
     sip_uri: str | None
+    #: stored, never shown: the API, the CLI and reprs leave it out (it is password-equivalent for its realm)
+    sip_ha1: str | None = Field(default=None, exclude=True, repr=False)
     connector: str | None
     connector_ref: str | None
     credential_ref_id: UUID | None
