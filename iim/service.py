@@ -30,7 +30,7 @@ from fs_app.dialstring import DialSettings
 from fs_app.inbound import InboundClient, InboundPool, InboundSettings
 from fs_app.outbound import CallHandler, OutboundServer, OutboundSettings
 from fs_app.outreach.calls import AlertCallPlacer
-from fs_app.outreach.ivr import IvrRegistry, with_alert_calls
+from fs_app.outreach.ivr import Adoption, IvrRegistry, with_alert_calls
 from fs_app.passthrough import make_passthrough_handler
 from fs_app.registrations import REGISTRATION_EVENTS, registration_listener
 from fs_app.router import PolicyRouter
@@ -204,10 +204,11 @@ class Service:
         http = await stack.enter_async_context(HttpSite(root, s.http_host, s.http_port))
         return Running(http_port=http.port, bridge_port=bridge_port, policy=policy, worker=worker)
 
-    async def _orphan_call(self, variables: Mapping[str, str]) -> None:
-        """An answered alert call whose worker died: the scenario worker settles it and moves on."""
+    async def _orphan_call(self, variables: Mapping[str, str]) -> Adoption | None:
+        """An answered alert call whose worker died: the scenario worker adopts it (its IVR runs here)."""
         if self._worker is not None:
-            await self._worker.orphan_call(variables)
+            return await self._worker.orphan_call(variables)
+        return None
 
     async def _route(self, call: Call) -> None:
         """Calls go through the policy router once the store is up, else to the dialled number."""

@@ -237,8 +237,21 @@ async def _run_hook(hook: ResultHook, uuid: str, result: IvrResult) -> None:
         log.exception("alert result hook failed", extra={"call_id": uuid})
 
 
-#: Called with an orphaned alert call's ``iim_*`` channel variables (``iim_tenant_id``, ``iim_action_key``...).
-OrphanHook = Callable[[Mapping[str, str]], Awaitable[None]]
+@dataclass(frozen=True)
+class Adoption:
+    """An answered alert call whose placer died, taken on here: run ``call``'s IVR, then hand ``done`` the result
+    (the worker records it as the dead worker would have)."""
+
+    call: AlertCall
+    done: Callable[[IvrResult], Awaitable[None]]
+
+
+#: Called with an orphaned alert call's ``iim_*`` channel variables (``iim_tenant_id``, ``iim_action_key``...);
+#: returns how to run it here, or None when it is not ours to run (settled meanwhile, unknown): then it is hung up.
+OrphanHook = Callable[[Mapping[str, str]], Awaitable[Adoption | None]]
+#: How long the callee may wait in silence while the orphan's incident is looked up (the database may be
+#: restarting at the same moment: a fault seldom comes alone).
+ORPHAN_LOOKUP_S = 10.0
 
 
 def _alert_variables(call: Call) -> dict[str, str]:
@@ -246,11 +259,19 @@ def _alert_variables(call: Call) -> dict[str, str]:
     return {name: value for name in names if (value := call.variable(name))}
 
 
-async def _run_orphan_hook(hook: OrphanHook, uuid: str, variables: Mapping[str, str]) -> None:
+async def _adopt(hook: OrphanHook, uuid: str, variables: Mapping[str, str]) -> Adoption | None:
     try:
-        await hook(variables)
+        return await asyncio.wait_for(hook(variables), ORPHAN_LOOKUP_S)
     except Exception:  # the deadline sweep still moves the incident on
-        log.exception("orphaned alert call hook failed", extra={"call_id": uuid})
+        log.exception("orphaned alert call not adopted", extra={"call_id": uuid})
+        return None
+
+
+async def _run_adopted(adoption: Adoption, uuid: str, result: IvrResult) -> None:
+    try:
+        await adoption.done(result)
+    except Exception:  # the deadline sweep still moves the incident on
+        log.exception("adopted alert call's result not recorded", extra={"call_id": uuid})
 
 
 def with_alert_calls(
@@ -269,8 +290,8 @@ def with_alert_calls(
     placer gave up) is hung up, never routed: its destination is the callee, so routing
     it would ring them again. ``on_result`` gets every result, also when the placer is
     gone, so the worker can persist it; ``on_orphan`` gets the channel variables of an
-    answered alert call nobody here placed (its worker died), so the escalation need not
-    wait for the call's deadline.
+    answered alert call nobody here placed (its worker died) and may adopt it: its IVR runs
+    here and the result goes to the adoption, so the person who answered is heard.
     """
 
     async def handle(call: Call) -> None:
@@ -283,15 +304,22 @@ def with_alert_calls(
         if alert is None and origination_uuid and origination_uuid != uuid:
             uuid, alert = origination_uuid, registry.claim(origination_uuid)
         if alert is None:
-            metrics.IVR_RESULTS.labels("unknown_call").inc()
-            log.warning("alert call not registered (restart or abandoned); hanging up", extra={"call_id": call.uuid})
-            orphan = None
-            if on_orphan is not None:
-                orphan = asyncio.create_task(_run_orphan_hook(on_orphan, call.uuid, _alert_variables(call)))
+            # Answered, but the worker that placed it is gone (killed, restarted, or it gave up on a blinking
+            # link): the person is on the line, so run the call's IVR here rather than hang up on them.
+            adoption = await _adopt(on_orphan, call.uuid, _alert_variables(call)) if on_orphan is not None else None
+            if adoption is None:
+                metrics.IVR_RESULTS.labels("unknown_call").inc()
+                log.warning("alert call not registered and not adoptable; hanging up", extra={"call_id": call.uuid})
+                await _goodbye(call, goodbye_prompt)
+                await _hang_up(call)
+                return
+            log.info("adopted an answered alert call whose worker is gone", extra={"call_id": call.uuid})
+            result = await run_alert_ivr(call, adoption.call, invalid_prompt=invalid_prompt)
+            metrics.IVR_RESULTS.labels(result.detail).inc()
+            recording = asyncio.create_task(_run_adopted(adoption, call.uuid, result))
             await _goodbye(call, goodbye_prompt)
             await _hang_up(call)
-            if orphan is not None:
-                await orphan
+            await recording
             return
         result = await run_alert_ivr(call, alert, invalid_prompt=invalid_prompt)
         metrics.IVR_RESULTS.labels(result.detail).inc()

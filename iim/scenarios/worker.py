@@ -37,6 +37,7 @@ from prometheus_client import Counter, Histogram
 
 from fs_app.outreach.calls import AlertCall, AlertCallPlacer, CallOutcome, CallOutcomeKind
 from fs_app.outreach.guard import OriginateLimits, Refusal, Wait, check_caps, destination_refusal, limits_from
+from fs_app.outreach.ivr import Adoption, IvrResult
 from fs_app.outreach.prompts import GENERIC_ALARM_PROMPT, speakable
 from iim.connectors.contract import Connector, ConnectorError, ConnectorLookup, Notification
 from iim.core.errors import STORE_UNAVAILABLE
@@ -87,7 +88,7 @@ PROMPT_FALLBACKS = Counter("iim_alert_prompt_fallbacks", "Alert calls that playe
                            "their own, by why: unavailable (speech failed), refused (text it cannot say), late "
                            "(answered before the render), no_generic (not even the generic one)", ["reason"],
                            registry=REGISTRY)
-ORPHANED_CALLS = Counter("iim_alert_calls_orphaned", "Answered alert calls whose worker had died, settled here",
+ORPHANED_CALLS = Counter("iim_alert_calls_orphaned", "Answered alert calls whose worker had died, adopted here",
                          registry=REGISTRY)
 
 _REACHED_BY_CALL = {
@@ -879,34 +880,71 @@ class IncidentWorker(AsyncResource):
         ACTIONS.labels("call", "unreachable").inc()
         return spent
 
-    async def orphan_call(self, variables: Mapping[str, str]) -> None:
+    async def orphan_call(self, variables: Mapping[str, str]) -> Adoption | None:
         """An alert call was answered and reached this process, but no worker here placed it: the worker that
-        did has died. Record it as the resumed job would (never redialled) and judge the incident now, rather
-        than at the group's deadline."""
+        did has died (or gave up on it). The person is on the line: adopt the call, so its IVR runs here with
+        the generic prompt (the instructions, no private text) and its result is recorded as the placer would
+        have; never redialled. None when it is not a call of a live step (settled meanwhile): hung up."""
         try:
             tenant_id = UUID(variables["iim_tenant_id"])
             incident_id = UUID(variables["iim_incident_id"])
             flat = variables["iim_action_key"]
         except (KeyError, ValueError):
-            return  # placed by an IIM that did not say its tenant: the deadline decides
+            return None  # placed by an IIM that did not say its tenant: the deadline decides
         key = f"{flat[:36]}/{flat[37:].replace('-', '/')}"
         if not key.startswith(f"{incident_id}/") or str(store.call_uuid_for(key)) in self._placing:
-            return
+            return None
+        # The database may be restarting too (a fault seldom comes alone): retry briefly, the callee waits.
+        for delay in (0.25, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, None):
+            try:
+                found = await self._adoptable(tenant_id, incident_id, key)
+            except STORE_UNAVAILABLE as exc:
+                if delay is None:
+                    raise
+                log.warning("adopting an answered alert call: store unavailable (%s); retrying", type(exc).__name__,
+                            extra={"incident_id": str(incident_id)})
+                await asyncio.sleep(delay)
+                continue
+            break
+        if found is None:
+            return None
+        alert, action = found
+        meanings = dict((action.spec.get("ivr") or {}).get("digits", {}))
+        if self.speech is not None and alert.prompt:
+            alert, _ = await self._generic_first(alert, meanings)
+        ORPHANED_CALLS.inc()
+
+        async def done(result: IvrResult) -> None:
+            outcome = CallOutcome(CallOutcomeKind.ANSWERED, result.hangup_cause, result.digit, result.recorded,
+                                  result.detail)
+            for delay in (*self.settings.store_retry_delays, None):
+                try:
+                    await self._finish_call(tenant_id, incident_id, key, alert, outcome, meanings)
+                except STORE_UNAVAILABLE:
+                    if delay is None:
+                        raise
+                    await asyncio.sleep(delay)
+                else:
+                    return
+
+        return Adoption(alert, done)
+
+    async def _adoptable(self, tenant_id: UUID, incident_id: UUID,
+                         key: str) -> tuple[AlertCall, store.ActionRow] | None:
+        """The call of a live step that ``key`` names, audited as adopted; None when it is settled or unknown."""
         async with tenant_tx(self.pool, tenant_id) as conn:
             incident = await store.load_incident(conn, incident_id)
             group = {a.key: a for a in (incident.group or ())} if incident is not None else {}
             action = group.get(key)
             if incident is None or action is None or action.outcome is not None or action.dispatched_at is None:
-                return  # settled meanwhile, or a call of an earlier group
-            outcome, detail = ActionOutcome.NO_INPUT, "worker restarted during the call; not redialled"
-            line = store.audit_line("scenario-engine", "incident.call_resumed", incident.id,
-                                    {"key": key, "outcome": outcome.value, "detail": detail},
-                                    event_id=incident.first_event_id, call_uuid=action.call_uuid)
-            after = await self._tick_in(conn, tenant_id, incident, reason="outcome",
-                                        outcomes=[store.OutcomeWrite(key, outcome.value, detail)], audit_lines=[line])
-        ACTIONS.labels(action.kind, outcome.value).inc()
-        ORPHANED_CALLS.inc()
-        await self._follow(after)
+                return None  # settled meanwhile, or a call of an earlier group
+            alert = _safe_alert_call(self.settings, tenant_id, incident, action)
+            if not isinstance(alert, AlertCall):
+                return None
+            await store.audit(conn, tenant_id, "scenario-engine", "incident.call_adopted", incident.id,
+                              {"key": key, "detail": "answered after its worker was gone; IVR run here"},
+                              event_id=incident.first_event_id, call_uuid=action.call_uuid)
+        return alert, action
 
     async def _resume_call(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
                            action: store.ActionRow) -> None:

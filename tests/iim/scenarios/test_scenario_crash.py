@@ -68,7 +68,7 @@ async def _state(pool: Pool, tenant: UUID, incident: UUID) -> str:
         return str(await conn.fetchval("SELECT state::text FROM iim.incident WHERE id = $1", incident))
 
 
-async def test_worker_sigkilled_while_the_owner_rings_resumes_without_calling_twice(
+async def test_an_answered_call_whose_worker_was_sigkilled_is_adopted_and_the_owner_heard(
         app_pool: Pool, pg_db: Any, tmp_path: Path) -> None:
     rig = await build_rig(app_pool, tmp_path, owner="+79004440001", backup="+79004440002",
                           security="+79004440003")
@@ -105,20 +105,21 @@ async def test_worker_sigkilled_while_the_owner_rings_resumes_without_calling_tw
             await asyncio.sleep(0.1)
         assert state == "acknowledged"
         assert len(emu.originates_to(rig.owner)) == 1  # dispatched once, never redialled
-        assert len(emu.originates_to(rig.backup)) == 1
+        # The owner who answered and pressed 1 was heard by the surviving IIM: nobody else is woken up.
+        assert emu.originates_to(rig.backup) == []
         await audit.flush_pending(app_pool)
         async with tenant_tx(app_pool, rig.tenant_id) as conn:
             resumed = await conn.fetchval(
-                "SELECT count(*) FROM iim.audit_log WHERE action = 'incident.call_resumed' AND entity_id = $1",
+                "SELECT count(*) FROM iim.audit_log WHERE action = 'incident.call_adopted' AND entity_id = $1",
                 str(incident))
             sms = await conn.fetchval("SELECT count(*) FROM iim.sms_outbox WHERE incident_id = $1", incident)
             actions = [dict(r) for r in await conn.fetch(
                 "SELECT key, kind, destination, outcome, detail FROM iim.incident_action WHERE incident_id = $1 "
                 "ORDER BY key", incident)]
         assert resumed == 1
-        # Owner and backup each once (the smoke template texts with every call), and the "help is on the way"
-        # notification as a text to the owner (this household has no smart-home connector).
-        assert sms == 3, "\n".join(map(str, actions))
+        # The owner once (the smoke template texts with every call), and the "help is on the way" notification
+        # as a text to the owner (this household has no smart-home connector).
+        assert sms == 2, "\n".join(map(str, actions))
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
