@@ -32,8 +32,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from benchmarks._realfs import ROOT
 from tests import sip_client
-from tests.real_switch import ROOT, free_port, skip_or_fail
+from tests.real_switch import free_port, skip_or_fail
 from tests.tcp_proxy import TcpFaultProxy
 
 CONFIG = ROOT / "kamailio" / "kamailio.cfg"
