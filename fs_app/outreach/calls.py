@@ -175,6 +175,14 @@ def originate_command(call: AlertCall, *, gateway_dial: GatewayDial, socket_addr
     return command
 
 
+def originate_variables(arg: str) -> dict[str, str]:
+    """The ``{name=value,...}`` block of an originate's arguments (as :func:`originate_command` writes it)."""
+    if not arg.startswith("{") or "}" not in arg:
+        return {}
+    pairs = (item.partition("=") for item in arg[1:arg.index("}")].split(","))
+    return {name: value for name, eq, value in pairs if eq}
+
+
 class CallOutcomeKind(StrEnum):
     ANSWERED = "answered"
     NO_ANSWER = "no_answer"
@@ -278,14 +286,28 @@ class AlertCallPlacer:
         self._poll_s = poll_s
         #: Job-UUID -> the BACKGROUND_JOB awaited by a call being followed after its link was lost
         self._jobs: dict[str, asyncio.Future[Event]] = {}
+        self._seen: Callable[[Mapping[str, str]], None] | None = None
         clients = pool.clients if isinstance(pool, InboundPool) else [pool] if isinstance(pool, InboundClient) else []
         for client in clients:
             client.add_listener(self._on_event)
 
+    def watch_originates(self, seen: Callable[[Mapping[str, str]], None]) -> None:
+        """Call ``seen`` with the ``iim_*`` variables of every alert call the switch reports done (its
+        BACKGROUND_JOB) that this placer is not placing: every IIM's link sees every job, so a call whose placer
+        died is still known to have reached the switch."""
+        self._seen = seen
+
     def _on_event(self, event: Event) -> None:
-        if not self._jobs or event.name != "BACKGROUND_JOB":
+        if event.name != "BACKGROUND_JOB":
             return
-        fut = self._jobs.get(event.get("Job-UUID") or "")
+        job = event.get("Job-UUID") or ""
+        if self._seen is not None and event.get("Job-Command") == "originate" and self._ivr.lookup(job) is None:
+            variables = originate_variables(event.get("Job-Command-Arg") or "")
+            if "iim_action_key" in variables:
+                self._seen(variables)
+        if not self._jobs:
+            return
+        fut = self._jobs.get(job)
         if fut is not None and not fut.done():
             fut.set_result(event)
 

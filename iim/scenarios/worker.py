@@ -182,6 +182,8 @@ class IncidentWorker(AsyncResource):
         self.pool = pool
         self.app_url = app_url
         self.placer = placer
+        if placer is not None:
+            placer.watch_originates(self._witnessed)
         self.settings = settings or WorkerSettings()
         self._conn: Connection | None = None
         self._qm: QueueManager | None = None
@@ -928,6 +930,24 @@ class IncidentWorker(AsyncResource):
                     return
 
         return Adoption(alert, done)
+
+    def _witnessed(self, variables: Mapping[str, str]) -> None:
+        """The switch reported an alert call of another process (its placer may have died before it recorded
+        the call as sent): record it as sent, so a take-over never dials it again."""
+        try:
+            tenant_id = UUID(variables["iim_tenant_id"])
+            flat = variables["iim_action_key"]
+        except (KeyError, ValueError):
+            return
+        key = f"{flat[:36]}/{flat[37:].replace('-', '/')}"
+        if str(store.call_uuid_for(key)) not in self._placing:
+            self._spawn(self._mark_witnessed(tenant_id, key))
+
+    async def _mark_witnessed(self, tenant_id: UUID, key: str) -> None:
+        try:
+            await store.mark_sent(self.pool, tenant_id, key)
+        except STORE_UNAVAILABLE as exc:  # the take-over then asks the switch (uuid_exists) instead
+            log.warning("a call seen on the switch not recorded as sent: store unavailable (%s)", type(exc).__name__)
 
     async def _adoptable(self, tenant_id: UUID, incident_id: UUID,
                          key: str) -> tuple[AlertCall, store.ActionRow] | None:

@@ -24,14 +24,14 @@ from fs_app.call import Call
 from fs_app.dialstring import DialSettings
 from fs_app.inbound import InboundClient, InboundSettings
 from fs_app.outbound import OutboundServer, OutboundSettings
-from fs_app.outreach.calls import AlertCallPlacer
+from fs_app.outreach.calls import AlertCall, AlertCallPlacer, originate_command
 from fs_app.outreach.guard import OriginateLimits
 from fs_app.outreach.ivr import IvrRegistry, with_alert_calls
 from fs_app.testing import FreeSwitchEmulator, InboundServer, TargetBehaviour
 from iim.connectors.contract import ConnectorLookup
 from iim.core.metrics import REGISTRY
 from iim.scenarios import store
-from iim.scenarios.worker import IncidentWorker, WorkerSettings
+from iim.scenarios.worker import IncidentWorker, WorkerSettings, _safe_alert_call
 from iot_bridge.events import DeviceEvent, body_fingerprint
 from iot_bridge.intake import KnownDevice, accept_event
 from policy_cache import audit
@@ -738,6 +738,42 @@ async def test_a_call_claimed_but_never_sent_before_a_crash_is_placed_once_by_th
     taken = await alarms.rows("SELECT count(*) AS n FROM iim.audit_log WHERE action = 'incident.call_taken_over' "
                               "AND entity_id = $1", str(incident))
     assert taken == [{"n": 1}]
+
+
+async def test_a_claimed_call_the_switch_reported_to_another_iim_is_never_dialled_again(alarms: Alarms) -> None:
+    # The worker that claimed the call sent it and died before it recorded "sent": the switch rang the owner,
+    # nobody answered, and the originate's BACKGROUND_JOB went to every IIM's link. The take-over must not ring
+    # the owner a second time for the same step (the chaos run's duplicate calls).
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+        await conn.execute("INSERT INTO iim.originate_limit (max_concurrent, max_per_hour) VALUES (10000, 1000000)")
+    alarms.script(rig.owner, TargetBehaviour.no_answer())
+    alarms.worker.settings.unsent_grace_s = 1.0
+    alarms.worker.settings.unsent_interval_s = 0.1
+
+    async def claim_and_die(conn: Any, tenant: UUID, incident: UUID) -> None:
+        await alarms.worker.begin_in(conn, tenant, incident)  # claimed; this process never sends it
+
+    incident = await alarms.raise_alarm("smoke", opener=claim_and_die)
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+        row = await store.load_incident(conn, incident)
+        assert row is not None
+        assert row.group is not None
+        [action] = [a for a in row.group if a.kind == "call"]
+    alert = _safe_alert_call(alarms.worker.settings, rig.tenant_id, row, action)
+    assert isinstance(alert, AlertCall)
+    dead = InboundClient(InboundSettings(port=alarms.inbound.port, command_timeout=2.0, events=("BACKGROUND_JOB",)))
+    async with dead:  # the dead worker's own link: its originate went out before it died
+        await dead.wait_connected(5)
+        command = originate_command(alert, gateway_dial=DialSettings(phone_endpoint=GW.replace("{}", "{msisdn}")),
+                                    socket_address="127.0.0.1:9")
+        job = await dead.bgapi(command, job_uuid=alert.call_uuid, timeout=30)
+    assert not job.ok  # nobody answered
+    sent = await _eventually_rows(alarms, "SELECT 1 FROM iim.incident_action WHERE incident_id = $1 "
+                                          "AND kind = 'call' AND sent_at IS NOT NULL", incident)
+    assert sent == [{"?column?": 1}]  # witnessed by this process's link
+    await asyncio.sleep(2.0)  # past the take-over grace
+    assert alarms.calls_to(rig.owner) == 1
 
 
 async def test_a_call_sent_and_marked_sent_is_never_taken_over(alarms: Alarms) -> None:
