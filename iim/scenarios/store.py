@@ -442,6 +442,24 @@ async def take_over_unsent(conn: Connection, key: str, older_s: float) -> bool:
     return bool(taken)
 
 
+async def hold_for_unsent(conn: Connection, incident_id: UUID, hold_s: float) -> bool:
+    """At its deadline, a group with a call claimed but never sent (its process died between claim and
+    originate) is not judged yet: the deadline moves ``hold_s`` ahead so the take-over places the call first
+    (otherwise the step passes and that contact is never called). True when it was held."""
+    held = await conn.fetchval(
+        """UPDATE iim.incident i SET deadline = now() + make_interval(secs => $2)
+            WHERE i.id = $1 AND i.state IN ('open', 'notifying')
+              AND EXISTS (SELECT 1 FROM iim.incident_action a
+                           WHERE a.tenant_id = i.tenant_id AND a.incident_id = i.id
+                             AND starts_with(a.key, i.id::text || '/' || i.step || '/' || i.attempt || '/')
+                             AND a.kind IN ('call', 'record') AND a.dispatched_at IS NOT NULL
+                             AND a.sent_at IS NULL AND a.finished_at IS NULL
+                             -- bounded: a call no process manages to send does not hold the step for ever
+                             AND a.started_at > now() - interval '5 minutes')
+        RETURNING true""", incident_id, hold_s)
+    return bool(held)
+
+
 async def was_sent(conn: Connection, key: str) -> bool:
     """Did the switch accept the call ``key``'s originate (``sent_at``)?"""
     return bool(await conn.fetchval("SELECT sent_at IS NOT NULL FROM iim.incident_action WHERE key = $1", key))

@@ -360,6 +360,11 @@ class IncidentWorker(AsyncResource):
 
     async def tick(self, tenant_id: UUID, incident_id: UUID, *, reason: str = "") -> None:
         async with tenant_tx(self.pool, tenant_id) as conn:
+            if reason == "deadline" and await store.hold_for_unsent(conn, incident_id,
+                                                                    self.settings.unsent_grace_s + 5):
+                # A call of this step was claimed and never sent: the take-over places it before the step
+                # is judged, or that contact would never be called.
+                return
             incident = await store.load_incident(conn, incident_id)
             after = await self._tick_in(conn, tenant_id, incident, reason=reason)
         await self._follow(after)

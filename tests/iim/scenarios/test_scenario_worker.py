@@ -776,6 +776,29 @@ async def test_a_claimed_call_the_switch_reported_to_another_iim_is_never_dialle
     assert alarms.calls_to(rig.owner) == 1
 
 
+async def test_a_step_whose_call_was_claimed_but_never_sent_is_not_judged_before_the_call_is_placed(
+        alarms: Alarms) -> None:
+    # The chaos run's lost alarms: the process died between claim and originate, the step's deadline came
+    # before the take-over, and the engine moved on to the backup: the owner was never called.
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+        await conn.execute("INSERT INTO iim.originate_limit (max_concurrent, max_per_hour) VALUES (10000, 1000000)")
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=300, dtmf="1"))
+    alarms.worker.settings.unsent_grace_s = 1.5
+    alarms.worker.settings.unsent_interval_s = 0.1
+
+    async def claim_and_die(conn: Any, tenant: UUID, incident: UUID) -> None:
+        await alarms.worker.begin_in(conn, tenant, incident)  # claimed; this process never sends it
+
+    incident = await alarms.raise_alarm("smoke", opener=claim_and_die)
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:  # the step's deadline comes before the take-over
+        await conn.execute("UPDATE iim.incident SET deadline = now() WHERE id = $1", incident)
+    await alarms.worker.tick(rig.tenant_id, incident, reason="deadline")
+    assert await alarms.settled(incident) == "acknowledged"
+    assert alarms.calls_to(rig.owner) == 1
+    assert alarms.calls_to(rig.backup) == 0
+
+
 async def test_a_call_sent_and_marked_sent_is_never_taken_over(alarms: Alarms) -> None:
     rig = alarms.rig
     alarms.script(rig.owner, TargetBehaviour.answer(after_ms=20_000, dtmf="1"))  # rings 200 ms at this time scale
