@@ -252,11 +252,23 @@ OrphanHook = Callable[[Mapping[str, str]], Awaitable[Adoption | None]]
 #: How long the callee may wait in silence while the orphan's incident is looked up (the database may be
 #: restarting at the same moment: a fault seldom comes alone).
 ORPHAN_LOOKUP_S = 10.0
+#: How long an alert call's socket waits for its placer to register it before it counts as orphaned.
+CLAIM_WAIT_S = 0.5
 
 
 def _alert_variables(call: Call) -> dict[str, str]:
     names = ("iim_tenant_id", "iim_incident_id", "iim_action_key", "iim_event_id", "origination_uuid")
     return {name: value for name in names if (value := call.variable(name))}
+
+
+async def _claim_soon(registry: IvrRegistry, uuid: str, wait_s: float) -> tuple[str, AlertCall | None]:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        alert = registry.claim(uuid)
+        if alert is not None:
+            return uuid, alert
+    return uuid, None
 
 
 async def _adopt(hook: OrphanHook, uuid: str, variables: Mapping[str, str]) -> Adoption | None:
@@ -303,6 +315,10 @@ def with_alert_calls(
         origination_uuid = call.variable("origination_uuid")
         if alert is None and origination_uuid and origination_uuid != uuid:
             uuid, alert = origination_uuid, registry.claim(origination_uuid)
+        if alert is None:
+            # A worker taking over the call may register it a moment after the switch connects (it asks the
+            # switch whether the call exists first): give it that moment before treating the call as orphaned.
+            uuid, alert = await _claim_soon(registry, uuid, CLAIM_WAIT_S)
         if alert is None:
             # Answered, but the worker that placed it is gone (killed, restarted, or it gave up on a blinking
             # link): the person is on the line, so run the call's IVR here rather than hang up on them.

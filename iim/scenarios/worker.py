@@ -831,7 +831,7 @@ class IncidentWorker(AsyncResource):
             return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None, detail="no FreeSWITCH node is configured")
 
         def sent() -> None:  # off the call's path: the phone rings meanwhile
-            self._spawn(store.mark_sent(self.pool, tenant_id, key))
+            self._spawn(self._mark_sent(tenant_id, key))
 
         if adopt:
             return await self.placer.place_or_adopt(call, on_sent=sent)
@@ -946,13 +946,22 @@ class IncidentWorker(AsyncResource):
             return
         key = f"{flat[:36]}/{flat[37:].replace('-', '/')}"
         if str(store.call_uuid_for(key)) not in self._placing:
-            self._spawn(self._mark_witnessed(tenant_id, key))
+            self._spawn(self._mark_sent(tenant_id, key))
 
-    async def _mark_witnessed(self, tenant_id: UUID, key: str) -> None:
-        try:
-            await store.mark_sent(self.pool, tenant_id, key)
-        except STORE_UNAVAILABLE as exc:  # the take-over then asks the switch (uuid_exists) instead
-            log.warning("a call seen on the switch not recorded as sent: store unavailable (%s)", type(exc).__name__)
+    async def _mark_sent(self, tenant_id: UUID, key: str) -> None:
+        """Record that the switch took the call, retrying while PostgreSQL is away (it often is when a process
+        dies): a mark that never lands lets a take-over dial the callee a second time for the same step."""
+        for delay in (*self.settings.store_retry_delays, None):
+            try:
+                await store.mark_sent(self.pool, tenant_id, key)
+            except STORE_UNAVAILABLE as exc:
+                if delay is None:  # the take-over then asks the switch (uuid_exists) instead
+                    log.warning("a call the switch took not recorded as sent: store unavailable (%s)",
+                                type(exc).__name__)
+                    return
+                await asyncio.sleep(delay)
+            else:
+                return
 
     async def _adoptable(self, tenant_id: UUID, incident_id: UUID,
                          key: str) -> tuple[AlertCall, store.ActionRow] | None:
