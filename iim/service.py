@@ -123,7 +123,7 @@ class Service:
         # Alert calls placed by the scenario worker come back here for their IVR; every other call is routed.
         self.ivr = IvrRegistry(max_pending=10_000)
         self.outbound = OutboundServer(
-            with_alert_calls(self.ivr, self._route, on_orphan=self._orphan_call),
+            with_alert_calls(self.ivr, self._route, on_orphan=self._orphan_call, pending=self._placing_call),
             OutboundSettings(host=settings.esl_host, port=settings.esl_port, linger=settings.esl_linger),
             fallback=self._passthrough,
         )
@@ -209,6 +209,9 @@ class Service:
         if self._worker is not None:
             return await self._worker.orphan_call(variables)
         return None
+
+    def _placing_call(self, call_uuid: str) -> bool:
+        return self._worker is not None and self._worker.placing(call_uuid)
 
     async def _route(self, call: Call) -> None:
         """Calls go through the policy router once the store is up, else to the dialled number."""

@@ -662,7 +662,18 @@ class IncidentWorker(AsyncResource):
                             type(exc).__name__, delay, extra={"call_id": call.call_uuid})
                 await asyncio.sleep(delay)
             else:
+                self._forget(call.call_uuid, outcome)
                 return
+
+    def placing(self, call_uuid: str) -> bool:
+        """Is a worker here placing (or about to take over) this call? Its socket then waits to be claimed."""
+        return call_uuid in self._placing
+
+    def _forget(self, call_uuid: str, outcome: CallOutcome) -> None:
+        """The outcome is recorded: the switch's note that it took the call is no longer needed (unreachable
+        calls are retried, and a retry asks the switch again)."""
+        if self.placer is not None and outcome.kind is not CallOutcomeKind.UNREACHABLE:
+            self._spawn(self.placer.forget(call_uuid))
 
     async def _notify(self, tenant_id: UUID, incident: store.IncidentRow, action: store.ActionRow,
                       targets: list[store.NotificationTarget]) -> None:
@@ -932,6 +943,7 @@ class IncidentWorker(AsyncResource):
                         raise
                     await asyncio.sleep(delay)
                 else:
+                    self._forget(alert.call_uuid, outcome)
                     return
 
         return Adoption(alert, done)
