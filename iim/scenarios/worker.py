@@ -623,6 +623,9 @@ class IncidentWorker(AsyncResource):
             else:
                 dispatched = await self._dispatch(conn, tenant_id, incident, action, waits=waits)
                 call = dispatched if isinstance(dispatched, AlertCall) else None
+                # A job's call may be the retry of one counted unreachable that the switch took after all (its
+                # answer lost with the link, a take-over that could not ask): the switch is asked first.
+                adopt = call is not None
                 meanings = dict((action.spec.get("ivr") or {}).get("digits", {}))
                 tick_after = dispatched is None  # refused: the engine moves on now (a queued call waits)
         if notify is not None:
