@@ -104,7 +104,7 @@ def to_e164(number: str, plan: NumberingPlan = DEFAULT_PLAN) -> str:
     have a plan length, foreign ones only E.164's. Exactly one reading is the answer; none is an error, and
     so are two (``81012345678`` in Russia: ``+12345678`` or ``+71012345678``?): a number is never guessed.
     """
-    if not isinstance(number, str) or len(number) > _MAX_INPUT or not _TYPED.fullmatch(number.strip()):
+    if len(number) > _MAX_INPUT or not _TYPED.fullmatch(number.strip()):
         raise NotANumber("not a phone number: digits, a leading +, blanks and - . ( ) / only, at most 40")
     digits = number.strip().translate(_SEPARATORS)
     if digits.startswith("+"):
