@@ -661,7 +661,7 @@ class NumberingPlanCreate(_PlanChecks):
     international_prefixes: list[_Digits] = Field(
         default_factory=lambda: ["00"], min_length=1, max_length=4,
         description="dialled before a country code instead of +: 810 and 00 in Russia")
-    national_lengths: list[Annotated[int, Field(ge=4, le=14)]] = Field(
+    national_lengths: list[Annotated[int, Field(ge=6, le=14)]] = Field(
         default_factory=lambda: [10], min_length=1, max_length=12,
         description="digits of a national significant number (after the country code)")
 
@@ -670,7 +670,7 @@ class NumberingPlanUpdate(_PlanChecks):
     country_code: Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,2}$")] | None = None
     trunk_prefix: Annotated[str, StringConstraints(pattern=r"^[0-9]{0,3}$")] | None = None
     international_prefixes: list[_Digits] | None = Field(default=None, min_length=1, max_length=4)
-    national_lengths: list[Annotated[int, Field(ge=4, le=14)]] | None = Field(default=None, min_length=1,
+    national_lengths: list[Annotated[int, Field(ge=6, le=14)]] | None = Field(default=None, min_length=1,
                                                                               max_length=12)
 
 

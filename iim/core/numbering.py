@@ -63,8 +63,8 @@ class NumberingPlan:
                 re.fullmatch(r"[0-9]{2,4}", p) for p in self.international_prefixes):
             raise PlanError("international prefixes: 1 to 4 of 2-4 digits each")
         if not self.national_lengths or not all(
-                4 <= n <= 15 - len(self.country_code) for n in self.national_lengths):
-            raise PlanError(f"national lengths: at least one, each 4 to {15 - len(self.country_code)} digits")
+                6 <= n <= 15 - len(self.country_code) for n in self.national_lengths):
+            raise PlanError(f"national lengths: at least one, each 6 to {15 - len(self.country_code)} digits")
         if self.trunk_prefix and self.trunk_prefix in self.international_prefixes:
             raise PlanError("the trunk prefix cannot also be an international prefix")
 

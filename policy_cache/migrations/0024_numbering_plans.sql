@@ -20,7 +20,7 @@ CREATE TABLE iim.numbering_plan (
     national_lengths        integer[]   NOT NULL DEFAULT '{10}'
                                         CHECK (cardinality(national_lengths) BETWEEN 1 AND 12
                                                AND array_position(national_lengths, NULL) IS NULL
-                                               AND 4 <= ALL (national_lengths)),
+                                               AND 6 <= ALL (national_lengths)),
     created_at              timestamptz NOT NULL DEFAULT now(),
     updated_at              timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT numbering_plan_trunk_not_international CHECK (NOT trunk_prefix = ANY (international_prefixes)),
