@@ -21,7 +21,7 @@ import asyncpg
 
 from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.lifecycle import AsyncResource
-from iim.core.numbering import NumberingPlan, PlanError
+from iim.core.numbering import DEFAULT_PLAN, NumberingPlan, PlanError, try_e164
 from policy_cache.cache import PolicyStoreUnavailable
 from policy_cache.changes import change_watermark, changes_since
 from policy_cache.db import Connection, DbRole, connect
@@ -361,14 +361,20 @@ class PgPolicyStore(AsyncResource):
         return plans
 
     async def find_subscriber_ids(self, number: str) -> list[str]:
-        """Subscribers (of any tenant) with this MSISDN (with or without ``+``) or SIP AoR."""
+        """Subscribers (of any tenant) with this MSISDN (with or without ``+``, or in a form the subscriber's
+        tenant's numbering plan reads, as the cache finds them) or SIP AoR."""
         digits = number.removeprefix("+")
+        plans = await self.load_plans()
+        readings = {plan: try_e164(number, plan) for plan in {DEFAULT_PLAN, *plans.values()}}
+        exact = [number, "+" + digits, digits, "sip:" + number.removeprefix("sip:")]
         conn = await self._connection()
         with unavailable_as_store_error():
             rows = await conn.fetch(
-                "SELECT id FROM iim.subscriber WHERE msisdn = ANY($1::text[]) OR sip_aor = ANY($1::text[])",
-                [number, "+" + digits, digits, "sip:" + number.removeprefix("sip:")])
-        return [str(r["id"]) for r in rows]
+                "SELECT id, tenant_id, msisdn FROM iim.subscriber "
+                "WHERE msisdn = ANY($1::text[]) OR sip_aor = ANY($1::text[])",
+                [*exact, *{r for r in readings.values() if r is not None}])
+        return [str(r["id"]) for r in rows
+                if r["msisdn"] in exact or readings[plans.get(str(r["tenant_id"]), DEFAULT_PLAN)] == r["msisdn"]]
 
     async def listen(self) -> _ListenFeed:
         with unavailable_as_store_error():

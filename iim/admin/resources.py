@@ -305,6 +305,48 @@ class SubscriberResource(Resource):
         return await registry.list_rows(conn, self.table, limit=query.limit, after=query.after, msisdn=e164)
 
 
+_CALLERS = ("allowed_callers", "blocked_callers")
+
+
+class PolicyCreateBody(m.PolicyCreate):
+    allowed_callers: list[m.PhoneNumber] = Field(
+        default_factory=list,
+        description="callers DND and quiet hours do not stop: any form the tenant's numbering plan reads; "
+                    "stored as E.164")
+    blocked_callers: list[m.PhoneNumber] = Field(
+        default_factory=list, description="callers refused: as allowed_callers")
+
+
+class PolicyUpdateBody(m.PolicyUpdate):
+    allowed_callers: list[m.PhoneNumber] | None = None
+    blocked_callers: list[m.PhoneNumber] | None = None
+
+
+class PolicyResource(Resource):
+    """A policy's caller lists are numbers people type: read under the tenant's numbering plan and stored in
+    E.164, which is how IIM compares the caller of a call (read under the same plan)."""
+
+    async def create(self, conn: Connection, data: BaseModel, actor: str, correlation: Correlation) -> BaseModel:
+        assert isinstance(data, m.PolicyCreate)
+        fields = data.model_dump() | await _callers_in_e164(conn, data)
+        return await super().create(conn, m.PolicyCreate(**fields), actor, correlation)
+
+    async def update(self, conn: Connection, row_id: UUID, data: BaseModel, query: BaseModel, actor: str,
+                     correlation: Correlation) -> BaseModel:
+        assert isinstance(data, m.PolicyUpdate)
+        fields = {name: getattr(data, name) for name in data.model_fields_set} | await _callers_in_e164(conn, data)
+        return await super().update(conn, row_id, m.PolicyUpdate(**fields), query, actor, correlation)
+
+
+async def _callers_in_e164(conn: Connection, data: BaseModel) -> dict[str, list[str]]:
+    lists = {name: getattr(data, name) for name in _CALLERS if getattr(data, name) is not None}
+    if not any(lists.values()):
+        return lists
+    plan = await registry.get_numbering_plan(conn)
+    return {name: list(dict.fromkeys(to_e164_or_422(n, plan, ["body", name, i]) for i, n in enumerate(numbers)))
+            for name, numbers in lists.items()}
+
+
 def to_e164_or_422(number: str, plan: NumberingPlan, loc: list[str | int]) -> str:
     """``number`` in E.164 under ``plan``; when the plan cannot read it, a 422 naming the body field (a 400
     for a query parameter)."""
@@ -350,6 +392,8 @@ def page_model(item: type[BaseModel]) -> type[BaseModel]:
 def _resource(spec: AnySpec) -> Resource:
     if spec is registry.SCENARIO:
         return ScenarioResource(spec, list_query(spec), update_query(spec), ScenarioCreateBody, ScenarioUpdateBody)
+    if spec is registry.POLICY:
+        return PolicyResource(spec, list_query(spec), update_query(spec), PolicyCreateBody, PolicyUpdateBody)
     if spec is registry.SUBSCRIBER:
         return SubscriberResource(spec, SubscriberQuery, update_query(spec), SubscriberCreateBody,
                                   SubscriberUpdateBody)

@@ -83,16 +83,35 @@ class NumberingPlan:
 DEFAULT_PLAN = NumberingPlan("7", "8", ("810", "00"), (10,))
 
 
-def _e164(digits: str, plan: NumberingPlan, form: str) -> str:
-    number = "+" + digits
-    if not E164.fullmatch(number):
-        raise NotANumber(f"{form}: an E.164 number has 7 to 15 digits and no leading 0 after the prefix")
-    nsn_length = len(digits) - len(plan.country_code)
-    if digits.startswith(plan.country_code) and nsn_length not in plan.national_lengths:
-        raise NotANumber(f"{form}: a +{plan.country_code} number has "
-                         f"{'/'.join(map(str, plan.national_lengths))} digits after the country code, "
-                         f"this one {nsn_length}")
-    return number
+def _e164_problem(digits: str, plan: NumberingPlan) -> str | None:
+    """Why ``+digits`` is not a number under ``plan`` (None: it is)."""
+    if not (7 <= len(digits) <= 15 and digits.isdigit() and digits[0] != "0"):  # E164, without a regex
+        return "an E.164 number has 7 to 15 digits and no leading 0 after the prefix"
+    if digits.startswith(plan.country_code) and len(digits) - len(plan.country_code) not in plan.national_lengths:
+        return (f"a +{plan.country_code} number has {'/'.join(map(str, plan.national_lengths))} digits after the "
+                f"country code, this one {len(digits) - len(plan.country_code)}")
+    return None
+
+
+def _readings(digits: str, plan: NumberingPlan) -> set[str]:
+    """Every E.164 number the digits (no ``+``) can stand for under ``plan``."""
+    readings: set[str] = set()
+    for prefix in plan.international_prefixes:
+        if digits.startswith(prefix) and _e164_problem(digits[len(prefix):], plan) is None:
+            readings.add("+" + digits[len(prefix):])
+    lengths = plan.national_lengths
+    if digits.startswith(plan.country_code):
+        cc_nsn = digits[len(plan.country_code):]
+        if len(cc_nsn) in lengths and cc_nsn[0] != "0":
+            readings.add("+" + digits)
+    if len(digits) in lengths and digits[0] != "0":  # a bare national number
+        readings.add("+" + plan.country_code + digits)
+    trunk = plan.trunk_prefix
+    if trunk and digits.startswith(trunk):
+        nsn = digits[len(trunk):]
+        if len(nsn) in lengths and nsn[0] != "0":
+            readings.add("+" + plan.country_code + nsn)
+    return readings
 
 
 def to_e164(number: str, plan: NumberingPlan = DEFAULT_PLAN) -> str:
@@ -108,37 +127,30 @@ def to_e164(number: str, plan: NumberingPlan = DEFAULT_PLAN) -> str:
         raise NotANumber("not a phone number: digits, a leading +, blanks and - . ( ) / only, at most 40")
     digits = number.strip().translate(_SEPARATORS)
     if digits.startswith("+"):
-        return _e164(digits[1:], plan, "international number")
+        problem = _e164_problem(digits[1:], plan)
+        if problem is not None:
+            raise NotANumber(f"international number: {problem}")
+        return digits
     if not digits:
         raise NotANumber("no digits")
-    readings: set[str] = set()
-    errors: list[str] = []
-    for prefix in plan.international_prefixes:
-        if digits.startswith(prefix):
-            try:
-                readings.add(_e164(digits[len(prefix):], plan, f"after the international prefix {prefix}"))
-            except NotANumber as exc:
-                errors.append(exc.reason)
-    national = [digits[len(plan.trunk_prefix):]] if plan.trunk_prefix and digits.startswith(plan.trunk_prefix) else []
-    if digits.startswith(plan.country_code):
-        cc_nsn = digits[len(plan.country_code):]
-        if len(cc_nsn) in plan.national_lengths and not cc_nsn.startswith("0"):
-            readings.add("+" + digits)
-    national.append(digits)  # a bare national number
-    for nsn in national:
-        if len(nsn) in plan.national_lengths and not nsn.startswith("0"):
-            readings.add("+" + plan.country_code + nsn)
+    readings = _readings(digits, plan)
     if len(readings) == 1:
         return readings.pop()
     if readings:
         raise NotANumber(f"ambiguous under the plan ({plan.describe()}): write it with +")
-    if len(errors) == 1:
-        raise NotANumber(errors[0])
+    problems = [f"after the international prefix {p}: {_e164_problem(digits[len(p):], plan)}"
+                for p in plan.international_prefixes if digits.startswith(p)]
+    if len(problems) == 1:
+        raise NotANumber(problems[0])
     raise NotANumber(f"not a number under the plan ({plan.describe()})")
 
 
 def try_e164(number: str, plan: NumberingPlan = DEFAULT_PLAN) -> str | None:
-    """:func:`to_e164`, or None where it raises: for the call path, where an odd number is just unknown."""
+    """:func:`to_e164`, or None where it raises: for the call path, where an odd number is just unknown.
+    Plain digits (what a switch sends) take a short way: no cleaning, no messages."""
+    if number.isdigit() and number.isascii() and len(number) <= _MAX_INPUT:
+        readings = _readings(number, plan)
+        return readings.pop() if len(readings) == 1 else None
     try:
         return to_e164(number, plan)
     except NotANumber:

@@ -307,8 +307,10 @@ async def test_list_filters(api: Api) -> None:
         ("devices", {"household_id": "nope", "name": "D", "type": "hub"}, ["body", "household_id"], "uuid_parsing"),
         ("bindings", {"subscriber_id": str(uuid4()), "household_id": str(uuid4()), "role": "member",
                       "priority": "5"}, ["body", "priority"], "int_type"),
-        ("policies", {"household_id": str(uuid4()), "allowed_callers": ["+7 900 123"]},
+        ("policies", {"household_id": str(uuid4()), "allowed_callers": ["+7 900 12x"]},
          ["body", "allowed_callers", 0], "string_pattern_mismatch"),
+        ("policies", {"household_id": str(uuid4()), "blocked_callers": ["+79001234567", "+7 900 123"]},
+         ["body", "blocked_callers", 1], "not_a_number"),
         ("consents", {"subscriber_id": str(uuid4()), "purpose": "read_sms", "evidence": {}},
          ["body", "evidence"], "too_short"),
     ],
@@ -728,3 +730,15 @@ async def test_a_tenant_with_a_uk_plan_types_uk_national_numbers_and_the_plan_ch
     assert [(r["action"], r["actor"]) for r in rows] == [
         ("numbering_plan.update", "root@noc"), ("numbering_plan.create", "root@noc")]
     assert rows[0]["detail"]["changed"] == {"national_lengths": {"from": [9, 10], "to": [10]}}
+
+
+async def test_caller_lists_typed_in_national_form_are_stored_in_e164(api: Api) -> None:
+    deps = await _fixtures(api)
+    policy = await _create(api, "policies", {
+        "subscriber_id": deps["subscriber_id"], "allowed_callers": ["8 (916) 000-00-01", "+79160000001"],
+        "blocked_callers": ["0079160000002"]})
+    assert (policy["allowed_callers"], policy["blocked_callers"]) == (["+79160000001"], ["+79160000002"])
+    status, changed, _ = await api.call("PATCH", api.t(api.tenant_a, f"/policies/{policy['id']}"),
+                                        body={"blocked_callers": ["89160000003"]})
+    assert (status, changed["blocked_callers"], changed["allowed_callers"]) == (200, ["+79160000003"],
+                                                                                 ["+79160000001"])

@@ -108,3 +108,13 @@ def test_the_trunk_form_of_a_russian_number_is_never_ambiguous(nsn: str) -> None
     if nsn.startswith("10"):
         return  # 8 10...: also 810 + a foreign number (no Russian area code starts with 1)
     assert to_e164("8" + nsn) == to_e164("+7" + nsn) == "+7" + nsn
+
+
+@given(st.sampled_from(PLANS), st.from_regex(r"[0-9]{1,22}", fullmatch=True))
+def test_the_call_paths_short_way_for_plain_digits_agrees_with_the_full_reading(plan: NumberingPlan,
+                                                                              digits: str) -> None:
+    try:
+        expected: str | None = to_e164(digits, plan)
+    except NotANumber:
+        expected = None
+    assert try_e164(digits, plan) == expected
