@@ -469,7 +469,7 @@ class IncidentWorker(AsyncResource):
         under the tenant's caps in this transaction (near the caps: right after it, exactly), and ``after``
         places them once it commits: no job hop. A worker that dies before placing one leaves no job behind:
         the group's deadline moves the incident on, as for a call whose worker died while it rang."""
-        limits = limits_from(incident.originate_limits, self.settings.default_limits)
+        limits = limits_from(incident.originate_limits, self.settings.default_limits, incident.numbering_plan)
         claim: store.CallClaim | None = None
         calls = {a.key: a for a in decision.actions if isinstance(a, PlaceCall | RecordMessage)}
         built: dict[str, tuple[AlertCall, dict[str, str]]] = {}  # key -> the call and its digits' meanings
@@ -744,8 +744,8 @@ class IncidentWorker(AsyncResource):
                                   {"key": action.key, "reason": "invalid_call", "detail": alert},
                                   event_id=incident.first_event_id)])
             return None
-        limits_row, bound = await store.originate_facts(conn, incident.household_id)
-        limits = limits_from(limits_row, self.settings.default_limits)
+        limits_row, bound, numbering = await store.originate_facts(conn, incident.household_id)
+        limits = limits_from(limits_row, self.settings.default_limits, numbering)
         # Shape, binding and plan first (no lock); the caps are checked and claimed in one locked step.
         refusal: Refusal | None = destination_refusal(destination, bound=bound, limits=limits)
         if refusal is None:
