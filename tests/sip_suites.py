@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
+import asyncpg
+
 from benchmarks._realfs import RealSwitch, free_port, freeswitch_home
 from policy_cache import registry
 from policy_cache.db import DbRole, Pool, connect_pool, tenant_tx
@@ -201,8 +203,6 @@ class Rig:
         """Rows read as the superuser (row-level security does not hide other tenants from the check)."""
 
         async def run() -> list[dict[str, Any]]:
-            import asyncpg
-
             conn = await asyncpg.connect(self.db.admin_url)
             try:
                 return [dict(row) for row in await conn.fetch(sql, *args)]
