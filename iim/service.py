@@ -46,6 +46,7 @@ from iim.core.lifecycle import TaskSupervisor
 from iim.core.metrics import REGISTRY
 from iim.core.secrets import resolve_secret
 from iim.home.cloud_call import CloudAnnouncer, cloud_call_step
+from iim.home.missed_call import missed_call_sms
 from iim.home.outbox_sink import OutboxSmsSink
 from iim.home.sms_readout import SmsReadoutService
 from iim.http import HealthProbe, HttpSite, create_app
@@ -294,8 +295,10 @@ class Service:
         dial = DialSettings(phone_endpoint=s.passthrough_endpoint.replace("{destination}", "{msisdn}"),
                             confirm_prompt=prompt_url(audio_base, "confirm-call"),
                             voicemail_prompt=prompt_url(audio_base, "leave-message"))
-        announce = cloud_call_step(CloudAnnouncer(connectors), dial, OutboxSmsSink(pool))
-        router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record, announce=announce)
+        sms = OutboxSmsSink(pool)
+        announce = cloud_call_step(CloudAnnouncer(connectors), dial, sms)
+        router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record, announce=announce,
+                              missed_call=missed_call_sms(sms))
         return PolicyParts(app_url=urls.app_url, pool=pool, directory_pool=directory_pool, cache=cache, router=router,
                            connectors=connectors, tts=tts, audio_urls=audio_urls, audit_heads=heads,
                            database=database)
