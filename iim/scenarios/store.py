@@ -625,9 +625,16 @@ async def text_unreachable(conn: Connection, incident: IncidentRow, key: str, re
     await sms_store.enqueue_many(conn, [sms_store.QueuedSms(f"{key}/unreachable/{retry}", msisdn, body, incident.id)])
 
 
-async def retry_call(conn: Connection, tenant_id: UUID, incident_id: UUID, key: str, retry: int, delay: float) -> None:
-    """Undispatch the call ``key`` and queue its ``retry``-th attempt as an action job due in ``delay`` s."""
+async def retry_call(conn: Connection, tenant_id: UUID, incident_id: UUID, key: str, retry: int, delay: float,
+                     *, hold_s: float = 0.0) -> None:
+    """Undispatch the call ``key`` and queue its ``retry``-th attempt as an action job due in ``delay`` s; the
+    incident's deadline is kept at least ``hold_s`` s away, so its group is not judged (and that contact
+    skipped) while the call waits for its retry."""
     await conn.execute("UPDATE iim.incident_action SET dispatched_at = NULL WHERE key = $1", key)
+    if hold_s > 0:
+        await conn.execute(
+            """UPDATE iim.incident SET deadline = greatest(deadline, now() + make_interval(secs => $2))
+                WHERE id = $1 AND deadline IS NOT NULL AND state IN ('open', 'notifying')""", incident_id, hold_s)
     payload = json.dumps({"tenant": str(tenant_id), "incident": str(incident_id), "key": key}).encode()
     await jobs.queries_for(conn).enqueue(
         IncidentJobs.ACTION, payload, priority=20, execute_after=timedelta(seconds=delay),

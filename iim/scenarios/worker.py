@@ -890,7 +890,10 @@ class IncidentWorker(AsyncResource):
         delays = self.settings.unreachable_retries
         spent = None
         if retries < len(delays):
-            await store.retry_call(conn, tenant_id, incident.id, key, retries, delays[retries])
+            # The group waits for the retry: a switch that blinked must not skip this contact for the next one.
+            hold_s = (delays[retries] + call.ring_s + call.record_s + call.tries * (call.digit_timeout_s + 10)
+                      + CALL_SLACK_S)
+            await store.retry_call(conn, tenant_id, incident.id, key, retries, delays[retries], hold_s=hold_s)
             detail = f"switch unreachable; SMS sent, call retry {retries + 1} in {delays[retries]:.0f} s"
         else:
             detail = "switch unreachable; retries spent"

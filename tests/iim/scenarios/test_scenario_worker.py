@@ -488,6 +488,22 @@ async def test_a_retried_call_the_switch_took_after_all_is_not_dialled_again(ala
     assert "ended while its placer was gone" in owner[0]["detail"]
 
 
+async def test_a_group_waits_for_its_unreachable_calls_retry_rather_than_skip_that_contact(alarms: Alarms) -> None:
+    # The switch blinked as the owner's call went out and the retry is due after the group's own deadline:
+    # the deadline moves past the retry, so the owner is called once the switch is back instead of being
+    # passed over for the backup (the chaos run's "lost" calls: retries superseded by the next step).
+    rig = alarms.rig
+    alarms.worker.settings.unreachable_retries = (120.0,)
+    await alarms.inbound.close()
+    incident = await alarms.raise_alarm("smoke")
+    await _eventually_rows(
+        alarms, "SELECT 1 FROM iim.sms_outbox WHERE incident_id = $1 AND key LIKE '%/unreachable/%'", incident)
+    held = await alarms.rows("SELECT deadline > now() + interval '119 seconds' AS held, step FROM iim.incident "
+                             "WHERE id = $1", incident)
+    assert held == [{"held": True, "step": 0}]
+    assert alarms.calls_to(rig.backup) == 0
+
+
 async def test_cleared_event_resolves_a_live_incident(alarms: Alarms) -> None:
     rig = alarms.rig
     alarms.script(rig.owner, TargetBehaviour.answer(after_ms=5000))  # rings for a while (x0.01: 50 ms)
