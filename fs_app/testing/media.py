@@ -104,3 +104,15 @@ async def played_ms(path: str, *, sounds_dir: Path | None, playback_ms: float | 
 async def lengths(paths: set[str], *, sounds_dir: Path | None, playback_ms: float | None) -> dict[str, float | None]:
     """:func:`played_ms` of each path."""
     return {path: await played_ms(path, sounds_dir=sounds_dir, playback_ms=playback_ms) for path in paths}
+
+
+def write_silent_wav(path: Path, ms: int = 500) -> Path:
+    """A prompt that exists: ``ms`` of 8 kHz 16-bit silence at ``path`` (tests give the emulator, or the real
+    switch, files to play)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes(b"\0\0" * (8 * ms))
+    return path
