@@ -195,7 +195,9 @@ async def app_park(session: Session, arg: str) -> str | None:
 
 async def media_length_ms(session: Session, arg: str) -> float | None:
     """How long ``arg`` plays (the emulator's ``playback_ms`` when set), or None when the switch cannot open it."""
-    return await played_ms(arg, sounds_dir=session.host.sounds_dir, playback_ms=session.host.playback_ms)
+    host = session.host
+    return await played_ms(arg, sounds_dir=host.sounds_dir, playback_ms=host.playback_ms,
+                           tts_engine=session.channel.get_var("tts_engine"), tts_engines=host.tts_engines)
 
 
 Played = Literal["played", "not_found", "hangup"]

@@ -70,6 +70,9 @@ class FreeSwitchEmulator:
             headers; see ``fs_app.testing.media``). Media that does not exist never plays (FILE NOT FOUND).
         sounds_dir: where relative file names are looked up (FreeSWITCH's sounds directory); None: nowhere, as
             on a switch without a sound package.
+        tts_engines: the TTS modules the switch has, for ``say:`` with the channel's ``tts_engine`` (the shipped
+            configuration loads none, so ``say:`` does not play: pass ``("flite",)`` to model a switch that
+            loads mod_flite, as ``IIM_ALERT_PROMPT_TTS=freeswitch`` needs).
         first_command_timeout_s: how long an outbound socket waits for the first command (FS: 25 s).
         park_delay_ms: delay between ``connect`` and CHANNEL_PARK when no sendmsg arrives first.
         write_recordings: ``record`` writes a WAV file without audio (header only) at its path.
@@ -98,6 +101,7 @@ class FreeSwitchEmulator:
         core_uuid: str | None = None,
         write_recordings: bool = False,
         sounds_dir: Path | None = None,
+        tts_engines: Iterable[str] = (),
     ) -> None:
         self.core = SwitchCore(hostname=hostname, ipv4=ipv4, ipv6=ipv6, core_uuid=core_uuid)
         self.targets: dict[str, TargetBehaviour] = dict(targets or {})
@@ -109,6 +113,7 @@ class FreeSwitchEmulator:
         self.time_scale = time_scale
         self.playback_ms = playback_ms
         self.sounds_dir = sounds_dir
+        self.tts_engines = frozenset(tts_engines)
         self.first_command_timeout_s = first_command_timeout_s
         self.park_delay_ms = park_delay_ms
         self.rng = random.Random(seed)

@@ -25,6 +25,8 @@ _SILENCE = re.compile(r"silence_stream://(-?[0-9]+)")
 UNKNOWN_LENGTH_MS = 1000.0
 #: the longest a measured file or tone plays in the emulator (a bounded model: tests stay fast)
 MAX_MEDIA_MS = 60_000.0
+#: how long a ``say:`` text plays per character, when the switch has the channel's TTS engine
+SPEECH_MS_PER_CHAR = 60.0
 #: how long the emulator tries to reach an ``http_cache://`` URL's server (mod_http_cache's connect timeout
 #: in ``freeswitch-conf/autoload_configs/http_cache.conf.xml`` is longer; loopback answers at once)
 URL_CONNECT_TIMEOUT_S = 1.0
@@ -75,16 +77,23 @@ async def url_reachable(url: str) -> bool:
     return True
 
 
-async def media_ms(path: str, *, sounds_dir: Path | None) -> float | None:
-    """How long ``path`` plays on the switch, or None when FreeSWITCH cannot open it (FILE NOT FOUND)."""
+async def media_ms(path: str, *, sounds_dir: Path | None, tts_engine: str | None = None,
+                   tts_engines: frozenset[str] = frozenset()) -> float | None:
+    """How long ``path`` plays on the switch, or None when FreeSWITCH cannot open it (FILE NOT FOUND).
+
+    ``say:<text>`` speaks with the channel's ``tts_engine``, which must be a loaded module (``tts_engines``;
+    the shipped configuration loads none: ``Invalid speech module``)."""
     streamed = stream_ms(path)
     if streamed is not None:
         return streamed
+    if path.startswith("say:"):
+        if tts_engine is None or tts_engine not in tts_engines:
+            return None
+        return min(MAX_MEDIA_MS, max(1, len(path) - 4) * SPEECH_MS_PER_CHAR)
     if path.startswith("http_cache://"):
         return UNKNOWN_LENGTH_MS if await url_reachable(path[len("http_cache://"):]) else None
-    if "://" in path or path.startswith("say:"):
-        # Another format module (say: needs a TTS engine; none is loaded), or one not in modules.conf.xml.
-        return None
+    if "://" in path:
+        return None  # a format module modules.conf.xml does not load
     local = Path(path)
     if not local.is_absolute():
         if sounds_dir is None:
@@ -93,9 +102,10 @@ async def media_ms(path: str, *, sounds_dir: Path | None) -> float | None:
     return file_ms(local)
 
 
-async def played_ms(path: str, *, sounds_dir: Path | None, playback_ms: float | None) -> float | None:
+async def played_ms(path: str, *, sounds_dir: Path | None, playback_ms: float | None, tts_engine: str | None = None,
+                    tts_engines: frozenset[str] = frozenset()) -> float | None:
     """:func:`media_ms` with the emulator's ``playback_ms`` (when set) as the length of media that exists."""
-    length = await media_ms(path, sounds_dir=sounds_dir)
+    length = await media_ms(path, sounds_dir=sounds_dir, tts_engine=tts_engine, tts_engines=tts_engines)
     if length is None or playback_ms is None:
         return length
     return playback_ms

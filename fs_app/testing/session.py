@@ -42,6 +42,7 @@ class SessionHost(Protocol):
     time_scale: float
     playback_ms: float | None
     sounds_dir: Path | None
+    tts_engines: frozenset[str]
 
     def target_for(self, endpoint: str) -> TargetBehaviour: ...
 
