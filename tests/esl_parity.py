@@ -30,6 +30,7 @@ from fs_app.esl import (
     Event,
     EventSubscribe,
     Execute,
+    HangupCmd,
     Linger,
     MyEvents,
 )
@@ -151,6 +152,50 @@ async def observe(esl_port: int, password: str, ep: Endpoints, files: Path) -> d
     finally:
         inbound.close()
     return results
+
+
+async def confirm_outcome(esl_port: int, password: str, callee: str, fork: str) -> str:
+    """Bridge a call to ``fork``: ``bridged`` once a leg won (then the call is hung up), else the bridge's
+    ``originate_disposition`` and the causes of its legs (``DISPOSITION CAUSE,CAUSE``)."""
+    done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def on_call(peer: EslPeer) -> None:
+        try:
+            peer.send(Connect())
+            await peer.expect(ChannelData)
+            await peer.reply(MyEvents())
+            await peer.reply(Linger())
+            await peer.reply(Execute(app="answer"))
+            await peer.reply(Execute(app="set", arg="continue_on_fail=true"))
+            await peer.reply(Execute(app="bridge", arg=fork))
+
+            def ended(m: object) -> bool:
+                return isinstance(m, Event) and (m.name == "CHANNEL_BRIDGE" or (
+                    m.name == "CHANNEL_EXECUTE_COMPLETE" and m.get("Application") == "bridge"))
+
+            event = await peer.expect(ended, timeout=STEP_TIMEOUT_S)
+            assert isinstance(event, Event)
+            if event.name == "CHANNEL_BRIDGE":
+                done.set_result("bridged")
+            else:
+                causes = ",".join(_causes(event.variable("originate_causes")) or [])
+                done.set_result(f"{event.variable('originate_disposition')} {causes}")
+            await peer.reply(HangupCmd())
+        except BaseException as exc:
+            if not done.done():
+                done.set_exception(exc)
+            raise
+
+    inbound = await EslPeer.connect("127.0.0.1", esl_port, timeout=STEP_TIMEOUT_S)
+    try:
+        assert isinstance(await inbound.next(), AuthRequest)
+        assert (await inbound.reply(Auth(password))).reply_text == "+OK accepted"
+        async with AppServer(on_call, timeout=STEP_TIMEOUT_S) as app:
+            await inbound.reply(BgApi(f"originate {{ignore_early_media=true}}{callee} "
+                                      f"&socket('127.0.0.1:{app.port} async full')", str(uuid.uuid4())))
+            return await asyncio.wait_for(done, STEP_TIMEOUT_S * 2)
+    finally:
+        inbound.close()
 
 
 def _record() -> None:  # pragma: no cover - run by hand against the real switch

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from fs_app.testing import FreeSwitchEmulator, TargetBehaviour
+from fs_app.testing.media import write_silent_wav
 from fs_app.testing.modules import APPLICATIONS
 from tests import sipp
-from tests.esl_parity import RECORDED, Endpoints, endpoints, observe
+from tests.esl_parity import RECORDED, Endpoints, confirm_outcome, endpoints, observe
 from tests.real_switch import RealSwitch, free_port, running_switch
 
 
@@ -46,3 +48,34 @@ async def test_the_real_switch_answers_the_parity_script_as_recorded(
 def test_the_emulator_knows_exactly_the_applications_of_the_configured_modules(switch: RealSwitch) -> None:
     rows = json.loads(switch.api("show application as json"))["rows"]
     assert {row["name"] for row in rows} == APPLICATIONS
+
+
+@pytest.fixture
+def confirming(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """The call's far end, and a fork leg that answers after a second and presses 1 (RFC 2833) 1.5 s later."""
+    ports = [free_port(), free_port()]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sipp.core(tmp_path / "a", ports[0], "core_answer.xml", answer_ms=100))
+        stack.enter_context(sipp.core(tmp_path / "d", ports[1], "core_answer_press_1.xml", answer_ms=1000))
+        yield f"sofia/external/callee@127.0.0.1:{ports[0]}", f"sofia/external/mobile@127.0.0.1:{ports[1]}"
+
+
+@pytest.mark.parametrize(("confirm", "outcome"), [
+    # A per-leg group_confirm_cancel_timeout is not read: the leg_timeout (from the start) ends the leg first.
+    ("group_confirm_cancel_timeout=1", "ALLOTTED_TIMEOUT ALLOTTED_TIMEOUT"),
+    # A per-leg group_confirm_timeout gives the callee that long from the answer: the key comes in time.
+    ("group_confirm_timeout=6", "bridged"),
+])
+async def test_a_late_confirming_leg_is_bridged_only_with_a_group_confirm_timeout_as_the_emulator_models(
+        switch: RealSwitch, confirming: tuple[str, str], tmp_path: Path, confirm: str, outcome: str) -> None:
+    callee, mobile = confirming
+    prompt = write_silent_wav(tmp_path / "confirm.wav", 300)
+    fork = f"{{ignore_early_media=true}}[leg_timeout=1,group_confirm_key=1,group_confirm_file={prompt},{confirm}]{mobile}"
+    assert await confirm_outcome(switch.esl_port, switch.password, callee, fork) == outcome, switch.log_text()[-3000:]
+    emu = FreeSwitchEmulator(time_scale=0.1, playback_ms=None, targets={
+        callee: TargetBehaviour.answer(after_ms=100), mobile: TargetBehaviour.answer(after_ms=1000, dtmf="1")})
+    server = await emu.start_inbound()
+    try:
+        assert await confirm_outcome(server.port, emu.password, callee, fork) == outcome
+    finally:
+        await emu.close()
