@@ -326,7 +326,8 @@ class Originate:
         cause = "NO_ANSWER"
         first_uuid = dial_vars.get("origination_uuid")
         emu = self.emu
-        media = await lengths(confirm_files(dial), sounds_dir=emu.sounds_dir, playback_ms=emu.playback_ms)
+        files = confirm_files(dial)
+        media = await lengths(files, sounds_dir=emu.sounds_dir, playback_ms=emu.playback_ms) if files else {}
         for group in groups:
             plan = plan_group(dial, group, emu.target_for, timeout_s=timeout, scale=emu.time_scale,
                               confirm_media=media)

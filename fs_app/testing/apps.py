@@ -452,7 +452,8 @@ class Bridge:
         host = self.session.host
         scale = host.time_scale
         cause = "NO_ANSWER"
-        media = await lengths(confirm_files(self.dial), sounds_dir=host.sounds_dir, playback_ms=host.playback_ms)
+        files = confirm_files(self.dial)
+        media = await lengths(files, sounds_dir=host.sounds_dir, playback_ms=host.playback_ms) if files else {}
         for group in self._groups():
             plan = plan_group(self.dial, group, host.target_for,  # type: ignore[arg-type]
                               timeout_s=self.timeout_s, scale=scale, confirm_media=media)

@@ -46,11 +46,12 @@ def stream_ms(path: str) -> float | None:
     return None
 
 
-def file_ms(path: Path) -> float | None:
-    """A local file's length: a WAV's from its header, others a nominal second; None when it cannot be opened."""
-    if not path.is_file() or not os.access(path, os.R_OK):
+def file_ms(path: Path, *, measure: bool = True) -> float | None:
+    """A local file's length: a WAV's from its header (``measure``), others a nominal second; None when it cannot
+    be opened."""
+    if not os.access(path, os.R_OK) or not path.is_file():
         return None
-    if path.suffix.lower() != ".wav":
+    if not measure or path.suffix.lower() != ".wav":
         return UNKNOWN_LENGTH_MS
     try:
         with wave.open(str(path), "rb") as wav:
@@ -78,7 +79,7 @@ async def url_reachable(url: str) -> bool:
 
 
 async def media_ms(path: str, *, sounds_dir: Path | None, tts_engine: str | None = None,
-                   tts_engines: frozenset[str] = frozenset()) -> float | None:
+                   tts_engines: frozenset[str] = frozenset(), measure: bool = True) -> float | None:
     """How long ``path`` plays on the switch, or None when FreeSWITCH cannot open it (FILE NOT FOUND).
 
     ``say:<text>`` speaks with the channel's ``tts_engine``, which must be a loaded module (``tts_engines``;
@@ -99,13 +100,14 @@ async def media_ms(path: str, *, sounds_dir: Path | None, tts_engine: str | None
         if sounds_dir is None:
             return None
         local = sounds_dir / local
-    return file_ms(local)
+    return file_ms(local, measure=measure)
 
 
 async def played_ms(path: str, *, sounds_dir: Path | None, playback_ms: float | None, tts_engine: str | None = None,
                     tts_engines: frozenset[str] = frozenset()) -> float | None:
     """:func:`media_ms` with the emulator's ``playback_ms`` (when set) as the length of media that exists."""
-    length = await media_ms(path, sounds_dir=sounds_dir, tts_engine=tts_engine, tts_engines=tts_engines)
+    length = await media_ms(path, sounds_dir=sounds_dir, tts_engine=tts_engine, tts_engines=tts_engines,
+                            measure=playback_ms is None)
     if length is None or playback_ms is None:
         return length
     return playback_ms
