@@ -27,9 +27,9 @@ UNKNOWN_LENGTH_MS = 1000.0
 MAX_MEDIA_MS = 60_000.0
 #: how long a ``say:`` text plays per character, when the switch has the channel's TTS engine
 SPEECH_MS_PER_CHAR = 60.0
-#: how long the emulator tries to reach an ``http_cache://`` URL's server (mod_http_cache's connect timeout
-#: in ``freeswitch-conf/autoload_configs/http_cache.conf.xml`` is longer; loopback answers at once)
-URL_CONNECT_TIMEOUT_S = 1.0
+#: how long the emulator tries to reach an ``http_cache://`` URL's server: mod_http_cache's ``connect-timeout``
+#: in ``freeswitch-conf/autoload_configs/http_cache.conf.xml`` (real seconds, not scaled: it is network time)
+URL_CONNECT_TIMEOUT_S = 2.0
 
 
 def stream_ms(path: str) -> float | None:
