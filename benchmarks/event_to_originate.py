@@ -242,7 +242,8 @@ async def run(rate: float, duration: float, drain: float, trace: Path | None = N
     secret_file.chmod(0o600)
     tenant = await _seed(db.admin_url, events + warm_events, secret_file)
 
-    emu = FreeSwitchEmulator(default_target=TargetBehaviour.answer(after_ms=0, dtmf="1"))
+    # The prompts are FreeSWITCH's say: (IIM_ALERT_PROMPT_TTS=freeswitch): a switch that loads mod_flite.
+    emu = FreeSwitchEmulator(default_target=TargetBehaviour.answer(after_ms=0, dtmf="1"), tts_engines=("flite",))
     arrived: dict[str, list[float]] = {}
     awaited: set[str] = set()
     all_arrived = asyncio.Event()

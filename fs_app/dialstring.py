@@ -23,6 +23,10 @@ class DialSettings:
     phone_endpoint: str = "sofia/gateway/ims/{msisdn}"
     speaker_endpoint: str = "user/{aor}"
     confirm_key: str = "1"
+    # How long a forked mobile has to press the key once it answered (the prompt, then 5 s, over again). Per leg,
+    # FreeSWITCH counts it from the answer; without it the leg's leg_timeout (from the start of ringing) cuts a late
+    # answer short, and a per-leg group_confirm_cancel_timeout is ignored (only the {..} one is read).
+    confirm_timeout_s: int = 15
     # Prompts are IIM's own audio, fetched over HTTP and cached by the switch (mod_http_cache): FreeSWITCH has no
     # sound package here, and IIM may run on another host. The service points these at its HTTP site.
     confirm_prompt: str = "http_cache://http://127.0.0.1:8088/v1/prompts/confirm-call.wav"
@@ -52,7 +56,7 @@ def _leg(leg: Leg, settings: DialSettings, *, forked: bool) -> str:
         variables += [
             f"group_confirm_key={settings.confirm_key}",
             f"group_confirm_file={settings.confirm_prompt}",
-            "group_confirm_cancel_timeout=1",
+            f"group_confirm_timeout={max(1, settings.confirm_timeout_s)}",
         ]
     if leg.device_id:
         variables.append(f"iim_device_id={leg.device_id}")

@@ -72,8 +72,10 @@ class Switch:
         return self._server.port
 
     async def start(self) -> None:
+        # IIM runs with IIM_ALERT_PROMPT_TTS=freeswitch here (and iim for the tts_down fault): a switch with mod_flite
+        # speaks the say: prompts; IIM's own WAVs are local files.
         self._emu = _Emulator(self._killed, default_target=self.default_target, password=self.password,
-                              first_command_timeout_s=10.0)
+                              first_command_timeout_s=10.0, tts_engines=("flite",))
         self._emu.originate_listeners.append(self._on_originate)
         self._emu.keep_results = True  # what IIM did on each answered call's outbound socket
         self._server = await self._emu.start_inbound(password=self.password)

@@ -41,8 +41,8 @@ class IvrResult:
     """What happened on the answered leg.
 
     ``detail`` (an addition to the four fields) says which way it ended: ``digit``,
-    ``no_input`` (the prompt timed out every try), ``invalid_input`` (only keys outside
-    ``digits``), ``hangup`` (the callee hung up first; ``hangup_cause`` is set),
+    ``no_input`` (the prompt timed out every try), ``invalid_input`` (a key outside
+    ``digits`` and never a valid one), ``prompt_failed`` (the switch could not play the prompt), ``hangup`` (the callee hung up first; ``hangup_cause`` is set),
     ``socket_lost`` (the switch dropped our socket), ``recorded`` / ``not_recorded``,
     ``played`` (prompt only, no IVR), ``error`` (an ESL error; see the logs), ``abandoned``
     (swept from the registry, never collected).
@@ -187,7 +187,15 @@ async def _collect_digit(call: Call, alert: AlertCall, invalid_prompt: str) -> I
         return _ended(call, "digit", digit=digit)
     if call.hangup_cause is not None:
         return _ended(call, "hangup")
-    return _ended(call, "invalid_input" if done.variable("read_result") == "failure" else "no_input")
+    # FreeSWITCH says read_result=failure for silence too (no key is "too few digits"); a key outside the regexp
+    # is kept in <var>_invalid. A prompt that could not be played leaves read_result unset (every try fails at
+    # once, without waiting for a key).
+    if done.variable(f"{DIGIT_VARIABLE}_invalid"):
+        return _ended(call, "invalid_input")
+    if done.variable("read_result") is None:
+        log.warning("alert prompt could not be played: %s", alert.prompt or NO_PROMPT, extra={"call_id": call.uuid})
+        return _ended(call, "prompt_failed")
+    return _ended(call, "no_input")
 
 
 async def _record(call: Call, alert: AlertCall) -> IvrResult:

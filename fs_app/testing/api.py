@@ -18,10 +18,12 @@ from fs_app.esl import Execute
 from fs_app.testing.channel import CallerProfile, Channel, now_us
 from fs_app.testing.core import new_uuid
 from fs_app.testing.dialstring import DialString, DialStringError, parse_dialstring
+from fs_app.testing.media import lengths
 from fs_app.testing.originate import (
     DEFAULT_ORIGINATE_TIMEOUT_S,
     GroupPlan,
     LegPlan,
+    confirm_files,
     endpoint_user,
     plan_group,
 )
@@ -323,8 +325,12 @@ class Originate:
             tuple(leg for b in dial.branches for leg in b.groups[0])]
         cause = "NO_ANSWER"
         first_uuid = dial_vars.get("origination_uuid")
+        emu = self.emu
+        files = confirm_files(dial)
+        media = await lengths(files, sounds_dir=emu.sounds_dir, playback_ms=emu.playback_ms) if files else {}
         for group in groups:
-            plan = plan_group(dial, group, self.emu.target_for, timeout_s=timeout, scale=self.emu.time_scale)
+            plan = plan_group(dial, group, emu.target_for, timeout_s=timeout, scale=emu.time_scale,
+                              confirm_media=media)
             for leg in plan.legs:
                 if leg.endpoint.startswith("error/"):
                     leg.creates_channel = False

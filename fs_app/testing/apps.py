@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Literal
 
 from fs_app.testing.channel import now_us
 from fs_app.testing.dialstring import DialString, DialStringError, parse_dialstring
+from fs_app.testing.media import lengths, played_ms
 from fs_app.testing.originate import (
     DEFAULT_ORIGINATE_TIMEOUT_S,
     GroupPlan,
     LegPlan,
     array_value,
+    confirm_files,
     originatee_profile,
     plan_group,
 )
@@ -32,10 +35,6 @@ from fs_app.testing.templates import (
     q850,
     random_tag,
 )
-
-_TONE_SEGMENT = re.compile(r"%\(([0-9]+),([0-9]+)")
-_LOOPS = re.compile(r"loops=(-?[0-9]+)")
-_SILENCE = re.compile(r"silence_stream://([0-9]+)")
 
 
 def separate_args(text: str) -> list[str]:
@@ -73,7 +72,8 @@ def separate_args(text: str) -> list[str]:
 
 
 async def app_unknown(session: Session, arg: str) -> str | None:
-    """Applications we do not model complete at once."""
+    """Applications the switch has but the emulator does not model complete at once (``execute`` of one the
+    switch does not have is refused before this: see ``fs_app.testing.modules``)."""
     return None
 
 
@@ -193,28 +193,31 @@ async def app_park(session: Session, arg: str) -> str | None:
     return None
 
 
-def media_duration_ms(session: Session, arg: str) -> float:
-    """How long a file plays: the emulator default, or computed for tone/silence streams."""
-    configured = session.host.playback_ms
-    if configured is not None:
-        return configured
-    if arg.startswith("tone_stream://"):
-        segment = sum(int(on) + int(off) for on, off in _TONE_SEGMENT.findall(arg)) or 1000
-        loops = _LOOPS.search(arg)
-        count = int(loops.group(1)) if loops else 1
-        return float(segment * (count if count > 0 else 1))
-    silence = _SILENCE.search(arg)
-    if silence:
-        return float(silence.group(1))
-    return 1000.0
+async def media_length_ms(session: Session, arg: str) -> float | None:
+    """How long ``arg`` plays (the emulator's ``playback_ms`` when set), or None when the switch cannot open it."""
+    host = session.host
+    return await played_ms(arg, sounds_dir=host.sounds_dir, playback_ms=host.playback_ms,
+                           tts_engine=session.channel.get_var("tts_engine"), tts_engines=host.tts_engines)
 
 
-async def play_file(session: Session, arg: str) -> bool:
-    """Play ``arg``; sets the playback_* variables. False if a hangup cut it short."""
+Played = Literal["played", "not_found", "hangup"]
+
+
+async def play_file(session: Session, arg: str) -> Played:
+    """Play ``arg`` as ``switch_ivr_play_file`` does; sets the playback_* variables when it opened.
+
+    A file that does not open is reported at once (``mod_sndfile Error Opening File``) and sets nothing.
+    """
     ch = session.channel
+    if not ch.up:
+        return "hangup"
     if not ch.answered and not ch.progress_media_us:
         ch.pre_answer(_media(session))
-    total_ms = media_duration_ms(session, arg)
+    total_ms = await media_length_ms(session, arg)
+    if total_ms is None:
+        ch.core.log(4, "mod_sndfile.c", "sndfile_file_open", 281, f"Error Opening File [{arg}] "
+                    "[System error : No such file or directory.]")
+        return "not_found"
     started = session.loop.time()
     ok = await session.wait(session.scaled(total_ms))
     if ok:
@@ -227,12 +230,16 @@ async def play_file(session: Session, arg: str) -> bool:
     ch.set_var("playback_seconds", str(int(played // 1000)))
     ch.set_var("playback_ms", str(int(played)))
     ch.set_var("playback_samples", str(samples))
-    return ok
+    return "played" if ok else "hangup"
+
+
+_PLAYBACK_RESPONSE: dict[Played, str] = {
+    "played": "FILE PLAYED", "not_found": "FILE NOT FOUND", "hangup": "PLAYBACK ERROR",
+}
 
 
 async def app_playback(session: Session, arg: str) -> str | None:
-    ok = await play_file(session, arg)
-    return "FILE PLAYED" if ok else "PLAYBACK ERROR"
+    return _PLAYBACK_RESPONSE[await play_file(session, arg)]
 
 
 def _fire_dtmf(session: Session, digit: str) -> None:
@@ -243,80 +250,124 @@ def _fire_dtmf(session: Session, digit: str) -> None:
     )
 
 
+ReadStatus = Literal["success", "timeout", "too_small", "failed", "hangup"]
+
+
 async def _collect(
-    session: Session, *, min_digits: int, max_digits: int, timeout_ms: float, terminators: str
-) -> str | None:
-    """Digits from the caller's script; None on hangup. Empty string on timeout."""
-    if terminators.lower() == "none":  # play_and_get_digits: no terminator, '#' is a digit
-        terminators = ""
+    session: Session, *, max_digits: int, timeout_ms: float, digit_timeout_ms: float, terminators: str
+) -> tuple[str, str, bool] | None:
+    """(digits, terminator used, timed out) from the caller's script; None on hangup.
+
+    The scripted keys are pressed at once; when none is left the caller is silent until the timeout
+    (``timeout`` before the first digit, ``digit_timeout`` after one), as ``switch_ivr_collect_digits_count``.
+    """
     digits = ""
     while len(digits) < max_digits:
         if not session.dtmf:
-            if not await session.wait(session.scaled(timeout_ms)):
+            if not await session.wait(session.scaled(digit_timeout_ms if digits else timeout_ms)):
                 return None
-            break
+            return digits, "", True
         digit = session.dtmf.popleft()
         _fire_dtmf(session, digit)
         if digit in terminators:
-            break
+            return digits, digit, False
         digits += digit
-    return digits
+    return digits, "", False
+
+
+async def ivr_read(
+    session: Session, *, min_digits: int, max_digits: int, prompt: str, var_name: str, timeout_ms: float,
+    terminators: str, digit_timeout_ms: float,
+) -> tuple[ReadStatus, str]:
+    """``switch_ivr_read``: clear read_result and the variable, play the prompt (a prompt that does not open
+    ends it at once, read_result unset), collect, then read_result success / timeout / failure."""
+    ch = session.channel
+    ch.set_var("read_result", None)
+    if var_name:
+        ch.set_var(var_name, None)
+    max_digits = max(max_digits, min_digits)
+    if prompt and prompt.lower() != "silence":
+        played = await play_file(session, prompt)
+        if played != "played":
+            return ("hangup" if played == "hangup" else "failed"), ""
+    collected = await _collect(session, max_digits=max_digits, timeout_ms=timeout_ms,
+                               digit_timeout_ms=digit_timeout_ms or timeout_ms, terminators=terminators)
+    if collected is None:
+        return "hangup", ""
+    digits, terminator, timed_out = collected
+    status: ReadStatus = "timeout" if timed_out else "success"
+    if terminator:
+        ch.set_var("read_terminator_used", terminator)
+    if min_digits and len(digits) < min_digits:
+        status = "too_small"
+    ch.set_var("read_result", {"success": "success", "timeout": "timeout"}.get(status, "failure"))
+    if var_name and digits:
+        ch.set_var(var_name, digits)
+    return status, digits
 
 
 async def app_play_and_get_digits(session: Session, arg: str) -> str | None:
-    """``min max tries timeout terminators file invalid_file var regexp [digit_timeout]``."""
+    """``min max tries timeout terminators file invalid_file var regexp [digit_timeout]``, as
+    ``switch_play_and_get_digits``: after every failed try (no input, too few digits, no regexp match, a prompt
+    that does not open) the invalid file is played, and the last try's read_result stays."""
     args = separate_args(arg)
     try:
         min_d, max_d, tries, timeout_ms = int(args[0]), int(args[1]), int(args[2]), float(args[3])
         terminators, prompt = args[4], args[5]
     except (IndexError, ValueError):
         return None
+    if terminators.lower() == "none":  # no terminator: '#' is a digit
+        terminators = ""
     invalid = args[6] if len(args) > 6 else ""
     var_name = args[7] if len(args) > 7 else ""
     regexp = args[8] if len(args) > 8 else ""
+    try:
+        digit_timeout_ms = float(args[9]) if len(args) > 9 else 0.0
+    except ValueError:
+        digit_timeout_ms = 0.0
     ch = session.channel
-    result = "failure"
-    for _ in range(max(1, tries)):
-        if not await play_file(session, prompt):
+    if regexp and var_name:
+        ch.set_var(f"{var_name}_invalid", None)
+    for _ in range(max(0, tries)):
+        if not ch.up:
             return None
-        digits = await _collect(session, min_digits=min_d, max_digits=max_d, timeout_ms=timeout_ms,
-                                terminators=terminators)
-        if digits is None:
+        status, digits = await ivr_read(session, min_digits=min_d, max_digits=max_d, prompt=prompt,
+                                        var_name=var_name, timeout_ms=timeout_ms, terminators=terminators,
+                                        digit_timeout_ms=digit_timeout_ms)
+        if status == "hangup":
             return None
-        if not digits:
-            result = "timeout"
-            continue
-        if len(digits) >= min_d and (not regexp or re.fullmatch(regexp, digits)):
-            ch.set_var("read_result", "success")
+        if status == "timeout" and len(digits) >= min_d:
+            status = "success"
+        if min_d == 0 and not digits and ch.get_var("read_terminator_used"):
+            return None
+        if status == "success" and digits:
+            if not regexp or re.search(regexp, digits):
+                session.digits_collected = digits
+                return None
             if var_name:
-                ch.set_var(var_name, digits)
-            session.digits_collected = digits
+                ch.set_var(var_name, None)
+                ch.set_var(f"{var_name}_invalid", digits)
+        if invalid and await play_file(session, invalid) == "hangup":
             return None
-        result = "failure"
-        if invalid and invalid != "silence_stream://250" and not await play_file(session, invalid):
-            return None
-    ch.set_var("read_result", result)
     return None
 
 
 async def app_read(session: Session, arg: str) -> str | None:
-    """``min max file var timeout terminators``."""
+    """``min max file var timeout terminators [digit_timeout]``."""
     args = separate_args(arg)
     try:
         min_d, max_d, prompt, var_name, timeout_ms = int(args[0]), int(args[1]), args[2], args[3], float(args[4])
     except (IndexError, ValueError):
         return None
     terminators = args[5] if len(args) > 5 else "#"
-    if not await play_file(session, prompt):
-        return None
-    digits = await _collect(session, min_digits=min_d, max_digits=max_d, timeout_ms=timeout_ms,
-                            terminators=terminators)
-    if digits is None:
-        return None
-    ch = session.channel
-    ch.set_var("read_result", "success" if len(digits) >= min_d and digits else "timeout")
-    if digits:
-        ch.set_var(var_name, digits)
+    try:
+        digit_timeout_ms = float(args[6]) if len(args) > 6 else 0.0
+    except ValueError:
+        digit_timeout_ms = 0.0
+    status, digits = await ivr_read(session, min_digits=min_d, max_digits=max_d, prompt=prompt, var_name=var_name,
+                                    timeout_ms=timeout_ms, terminators=terminators,
+                                    digit_timeout_ms=digit_timeout_ms)
+    if status in ("success", "timeout") and digits:
         session.digits_collected = digits
     return None
 
@@ -398,11 +449,14 @@ class Bridge:
         return [tuple(leg for branch in branches for leg in branch.groups[0])]
 
     async def run(self) -> str | None:
-        scale = self.session.host.time_scale
+        host = self.session.host
+        scale = host.time_scale
         cause = "NO_ANSWER"
+        files = confirm_files(self.dial)
+        media = await lengths(files, sounds_dir=host.sounds_dir, playback_ms=host.playback_ms) if files else {}
         for group in self._groups():
-            plan = plan_group(self.dial, group, self.session.host.target_for,  # type: ignore[arg-type]
-                              timeout_s=self.timeout_s, scale=scale)
+            plan = plan_group(self.dial, group, host.target_for,  # type: ignore[arg-type]
+                              timeout_s=self.timeout_s, scale=scale, confirm_media=media)
             self.legs.extend(p for p in plan.legs if p.creates_channel)
             t = 0.0
             for at, kind, leg in plan.events():

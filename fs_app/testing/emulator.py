@@ -66,7 +66,13 @@ class FreeSwitchEmulator:
         faults: default fault knobs for every connection (a CallSpec may override).
         time_scale: multiplies every scripted duration (callee delays, leg timeouts, playback,
             linger N, app timeouts); 0.01 runs a 3 s scenario in 30 ms.
-        playback_ms: how long ``playback`` plays; None computes it from tone/silence streams.
+        playback_ms: how long media that exists plays; None: its real length (tone/silence streams, WAV
+            headers; see ``fs_app.testing.media``). Media that does not exist never plays (FILE NOT FOUND).
+        sounds_dir: where relative file names are looked up (FreeSWITCH's sounds directory); None: nowhere, as
+            on a switch without a sound package.
+        tts_engines: the TTS modules the switch has, for ``say:`` with the channel's ``tts_engine`` (the shipped
+            configuration loads none, so ``say:`` does not play: pass ``("flite",)`` to model a switch that
+            loads mod_flite, as ``IIM_ALERT_PROMPT_TTS=freeswitch`` needs).
         first_command_timeout_s: how long an outbound socket waits for the first command (FS: 25 s).
         park_delay_ms: delay between ``connect`` and CHANNEL_PARK when no sendmsg arrives first.
         write_recordings: ``record`` writes a WAV file without audio (header only) at its path.
@@ -94,6 +100,8 @@ class FreeSwitchEmulator:
         seed: int | None = None,
         core_uuid: str | None = None,
         write_recordings: bool = False,
+        sounds_dir: Path | None = None,
+        tts_engines: Iterable[str] = (),
     ) -> None:
         self.core = SwitchCore(hostname=hostname, ipv4=ipv4, ipv6=ipv6, core_uuid=core_uuid)
         self.targets: dict[str, TargetBehaviour] = dict(targets or {})
@@ -104,6 +112,8 @@ class FreeSwitchEmulator:
         self.faults = faults
         self.time_scale = time_scale
         self.playback_ms = playback_ms
+        self.sounds_dir = sounds_dir
+        self.tts_engines = frozenset(tts_engines)
         self.first_command_timeout_s = first_command_timeout_s
         self.park_delay_ms = park_delay_ms
         self.rng = random.Random(seed)
@@ -122,6 +132,8 @@ class FreeSwitchEmulator:
         #: called with each originate as it arrives (benchmarks time them; the deque keeps only the last ones)
         self.originate_listeners: list[Callable[[OriginateRecord], None]] = []
         self.recordings: deque[RecordingRecord] = deque(maxlen=10_000)
+        #: (channel uuid, application) of every ``execute`` the switch refused as an Invalid Application
+        self.invalid_applications: deque[tuple[str, str]] = deque(maxlen=10_000)
         self.write_recordings = write_recordings
         self.keep_results = False
         self._session_ids = itertools.count(1)
@@ -163,6 +175,9 @@ class FreeSwitchEmulator:
                 out.setframerate(8000)
         except OSError as exc:
             self.note_error(f"record {record.path}: {exc}")
+
+    def note_invalid_application(self, uuid: str, app: str) -> None:
+        self.invalid_applications.append((uuid, app))
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

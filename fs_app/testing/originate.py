@@ -7,12 +7,15 @@ Every callee behaviour is scripted (:class:`TargetBehaviour`), so the outcome of
 * ``leg_timeout`` ends a ringing leg with ALLOTTED_TIMEOUT;
 * the group deadline (``originate_timeout``, else ``call_timeout``, else 60 s) ends it with
   NO_ANSWER; FreeSWITCH restarts that timer for every ``|`` group;
-* when nothing answers the group fails with the cause of the last leg to fail.
+* a leg with ``group_confirm_key`` that answers does not win yet: it hears ``group_confirm_file`` and wins
+  when its callee presses the key (see :func:`_confirm`);
+* when nothing answers the group fails with NO_ANSWER if its deadline ended it, else with the cause of
+  the first leg in dial order that had a channel (``switch_ivr_originate``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from fs_app.testing.channel import CallerProfile
@@ -21,6 +24,8 @@ from fs_app.testing.dialstring import DialLeg, DialString
 from fs_app.testing.spec import TargetBehaviour
 
 DEFAULT_ORIGINATE_TIMEOUT_S = 60.0
+#: the confirm files of a dial string: their lengths in ms, None for one that does not open
+ConfirmMedia = Mapping[str, float | None]
 
 
 @dataclass(slots=True)
@@ -84,6 +89,57 @@ def _seconds(value: str | None) -> float | None:
     return number if number > 0 else None
 
 
+def confirm_files(dial: DialString) -> set[str]:
+    """The ``group_confirm_file`` of every leg that must confirm (to look up before planning)."""
+    return {dial.leg_var(leg, "group_confirm_file") or "" for leg in dial.legs
+            if dial.leg_var(leg, "group_confirm_key")} - {""}
+
+
+def _true(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("true", "yes", "on", "1", "enabled", "active", "allow")
+
+
+def _confirm(plan: LegPlan, dial: DialString, media: ConfirmMedia, *, limit: float | None, deadline: float,
+             scale: float) -> None:
+    """An answered leg with ``group_confirm_key``: FreeSWITCH's collect thread plays ``group_confirm_file`` and
+    reads ``len(key)`` digits (``group_confirm_read_timeout``, 5 s) over and over until the callee presses the
+    key (the leg wins then) or the leg is hung up: at once with DESTINATION_OUT_OF_ORDER when the file does
+    not open, else by its time limit (ALLOTTED_TIMEOUT) or the originate deadline. The limit is ``leg_timeout``
+    from the start, or the leg's ``group_confirm_timeout`` from the answer (0: none), or none with
+    ``{group_confirm_cancel_timeout=true}``; a ``[group_confirm_cancel_timeout]`` on the leg changes nothing.
+    The callee presses its scripted keys (``TargetBehaviour.dtmf``) one try each, after the prompt; once they
+    run out it stays silent until the leg is hung up."""
+    leg = plan.leg
+    key = dial.leg_var(leg, "group_confirm_key") or ""
+    answered = plan.answer_at
+    if not key or answered is None:
+        return
+    file = dial.leg_var(leg, "group_confirm_file") or ""
+    prompt_ms: float | None = 0.0 if not file or file.lower() == "silence" else media.get(file)
+    if prompt_ms is None:
+        plan.answer_at, plan.fail_at, plan.fail_cause = None, answered, "DESTINATION_OUT_OF_ORDER"
+        return
+    own = dial.leg_var(leg, "group_confirm_timeout")
+    if own is not None and own.strip().isdigit():
+        limit = answered + int(own) * scale if int(own) > 0 else None
+    elif _true(dial.vars.get("group_confirm_cancel_timeout")):
+        limit = None
+    end = min(limit, deadline) if limit is not None else deadline
+    t = answered
+    keys = plan.target.dtmf
+    while keys and t <= end:
+        t += prompt_ms / 1000.0 * scale
+        pressed, keys = keys[:len(key)], keys[len(key):]
+        if pressed == key and t <= end:
+            plan.answer_at = t
+            return
+    plan.answer_at = None
+    if limit is not None and limit <= deadline:
+        plan.fail_at, plan.fail_cause = max(limit, answered), "ALLOTTED_TIMEOUT"
+    else:
+        plan.fail_at, plan.fail_cause = deadline, "NO_ANSWER"
+
+
 def plan_group(
     dial: DialString,
     legs: tuple[DialLeg, ...],
@@ -91,6 +147,7 @@ def plan_group(
     *,
     timeout_s: float,
     scale: float,
+    confirm_media: ConfirmMedia | None = None,
 ) -> GroupPlan:
     """Plan one simultaneous group. Times are seconds from the group's start, already scaled."""
     plans: list[LegPlan] = []
@@ -111,12 +168,13 @@ def plan_group(
             plan.ring_at = 0.0 if target.ring else None
             plan.fail_at, plan.fail_cause = delay, target.cause
         leg_timeout = _seconds(dial.leg_var(leg, "leg_timeout"))
-        if leg_timeout is not None and plan.creates_channel:
-            limit = leg_timeout * scale
-            if (plan.answer_at is None or plan.answer_at > limit) and (plan.fail_at is None or plan.fail_at > limit):
-                plan.answer_at, plan.fail_at, plan.fail_cause = None, limit, "ALLOTTED_TIMEOUT"
+        limit = leg_timeout * scale if leg_timeout is not None and plan.creates_channel else None
+        if limit is not None and (plan.answer_at is None or plan.answer_at > limit) and (
+                plan.fail_at is None or plan.fail_at > limit):
+            plan.answer_at, plan.fail_at, plan.fail_cause = None, limit, "ALLOTTED_TIMEOUT"
         if plan.answer_at is not None and plan.answer_at > deadline:
             plan.answer_at = None
+        _confirm(plan, dial, confirm_media or {}, limit=limit, deadline=deadline, scale=scale)
         if plan.answer_at is None and (plan.fail_at is None or plan.fail_at > deadline):
             plan.fail_at, plan.fail_cause = deadline, "NO_ANSWER"
         plans.append(plan)
@@ -134,10 +192,16 @@ def plan_group(
                 causes[plan.uuid] = "LOSE_RACE"
         return GroupPlan(plans, winner, end_at, "SUCCESS", causes)
     end_at = max(p.fail_at or 0.0 for p in plans)
-    last = max(plans, key=lambda p: p.fail_at or 0.0)
     for plan in plans:
         causes[plan.uuid] = plan.fail_cause or "NORMAL_CLEARING"
-    return GroupPlan(plans, None, end_at, last.fail_cause or "NORMAL_CLEARING", causes)
+    with_channel = [p for p in plans if p.creates_channel]
+    if any(p.fail_cause == "NO_ANSWER" and p.fail_at == deadline for p in with_channel):
+        cause = "NO_ANSWER"  # the deadline ended the originate (IDX_TIMEOUT)
+    elif with_channel:
+        cause = with_channel[0].fail_cause or "NORMAL_CLEARING"
+    else:
+        cause = max(plans, key=lambda p: p.fail_at or 0.0).fail_cause or "NORMAL_CLEARING"
+    return GroupPlan(plans, None, end_at, cause, causes)
 
 
 def originatee_profile(

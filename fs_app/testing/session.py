@@ -21,6 +21,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from fs_app.esl import Execute, LocalProtocolError, serialise
@@ -40,6 +41,8 @@ class SessionHost(Protocol):
     rng: random.Random
     time_scale: float
     playback_ms: float | None
+    sounds_dir: Path | None
+    tts_engines: frozenset[str]
 
     def target_for(self, endpoint: str) -> TargetBehaviour: ...
 
@@ -48,6 +51,8 @@ class SessionHost(Protocol):
     def unregister_session(self, session: Session) -> None: ...
 
     def note_recording(self, record: RecordingRecord) -> None: ...
+
+    def note_invalid_application(self, uuid: str, app: str) -> None: ...
 
 
 class SessionController(Protocol):
@@ -183,10 +188,19 @@ class Session:
     async def execute(self, cmd: Execute, *, private: bool = False) -> None:
         """Run one application: CHANNEL_EXECUTE, the app, CHANNEL_EXECUTE_COMPLETE."""
         from fs_app.testing.apps import APPS, app_unknown
+        from fs_app.testing.modules import APPLICATIONS
 
         ch = self.channel
         app = cmd.app
         arg = cmd.arg if cmd.arg else None
+        if app not in APPLICATIONS:
+            # switch_core_session_execute_application_get_flags: no application interface by that name. No
+            # CHANNEL_EXECUTE or EXECUTE_COMPLETE: the channel is hung up (an A-leg caller gets 502).
+            ch.core.log(3, "switch_core_session.c", "switch_core_session_execute_application_get_flags", 2766,
+                        f"Invalid Application {app}")
+            self.host.note_invalid_application(self.uuid, app)
+            self.hangup("DESTINATION_OUT_OF_ORDER")
+            return
         self.busy = True
         try:
             self.flush_ack()

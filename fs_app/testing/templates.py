@@ -73,18 +73,11 @@ def q850(cause: str) -> int:
 
 
 def dialstatus(cause: str) -> str:
-    """``DIALSTATUS`` for an originate result cause (switch_ivr_originate)."""
-    if cause == "SUCCESS":
-        return "SUCCESS"
-    if cause in ("USER_BUSY", "CALL_REJECTED"):
-        return "BUSY"
-    if cause in ("NO_ANSWER", "NO_USER_RESPONSE", "ALLOTTED_TIMEOUT", "PROGRESS_TIMEOUT"):
-        return "NOANSWER"
-    if cause == "ORIGINATOR_CANCEL":
-        return "CANCEL"
-    if cause in ("INVALID_NUMBER_FORMAT", "UNALLOCATED_NUMBER"):
-        return "INVALIDARGS"
-    return "CHANUNAVAIL"
+    """``DIALSTATUS`` for an originate result cause, as the end of ``switch_ivr_originate`` sets it."""
+    return {
+        "SUCCESS": "SUCCESS", "ORIGINATOR_CANCEL": "CANCEL", "USER_BUSY": "BUSY", "NO_ANSWER": "NOANSWER",
+        "DESTINATION_OUT_OF_ORDER": "INVALIDARGS", "INVALID_PROFILE": "INVALIDARGS", "CALL_REJECTED": "DONTCALL",
+    }.get(cause, cause)
 
 
 @dataclass(slots=True)

@@ -147,7 +147,7 @@ def test_fork_dial_string_confirms_the_mobile_leg_only() -> None:
     assert dial == (
         "{ignore_early_media=true,iim_policy_version=7,iim_call_id=c0ffee00-0000-4000-8000-000000000001}"
         "[leg_timeout=20,group_confirm_key=1,group_confirm_file=http_cache://http://127.0.0.1:8088/v1/prompts/confirm-call.wav,"
-        "group_confirm_cancel_timeout=1]sofia/gateway/ims/+4915112345678,"
+        "group_confirm_timeout=15]sofia/gateway/ims/+4915112345678,"
         "[leg_timeout=25,iim_device_id=dev-kitchen]user/kitchen@iim.local,"
         "[leg_timeout=25,iim_device_id=dev-living]user/living@iim.local"
     )

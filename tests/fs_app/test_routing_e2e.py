@@ -16,11 +16,13 @@ from uuid import UUID, uuid4
 
 import pytest
 
+from fs_app.dialstring import DialSettings
 from fs_app.esl import Execute, HangupCmd
 from fs_app.outbound import OutboundServer, OutboundSettings
 from fs_app.passthrough import make_passthrough_handler
 from fs_app.router import PolicyRouter
 from fs_app.testing import CallResult, CallSpec, FreeSwitchEmulator, TargetBehaviour
+from fs_app.testing.media import write_silent_wav
 from iim.call_audit import CallDecisionAudit
 from policy_cache import audit, registry
 from policy_cache.cache import PolicyCache
@@ -48,6 +50,7 @@ from tests.tcp_proxy import TcpFaultProxy
 NOON_BERLIN = datetime(2026, 6, 1, 10, 0, tzinfo=UTC)
 _RIG_NUMBERS = itertools.count(1)
 CALLER = "+4930111222"
+CONFIRM_PROMPT_MS = 2000
 
 
 @dataclass
@@ -122,7 +125,8 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(pg_db: PgDatabase, app_pool: Pool, lines_spec: dict[str, dict[str, Any]]) -> AsyncIterator[Rig]:
+async def rig(pg_db: PgDatabase, app_pool: Pool, lines_spec: dict[str, dict[str, Any]],
+              tmp_path: Path) -> AsyncIterator[Rig]:
     tenant = uuid4()
     async with tenant_tx(app_pool, tenant) as tx:
         await registry.create(tx, registry.TENANT, TenantCreate(name="e2e"), actor="test")
@@ -138,7 +142,9 @@ async def rig(pg_db: PgDatabase, app_pool: Pool, lines_spec: dict[str, dict[str,
     call_audit = CallDecisionAudit(app_pool, interval=0.05)
     await call_audit.start()
     passthrough = make_passthrough_handler("sofia/gateway/ims/{destination}")
-    router = PolicyRouter(cache, passthrough, record_decision=call_audit.record, clock=clock_)
+    # The confirmation a forked mobile hears: a file the switch can play (IIM serves it over HTTP in service).
+    dial = DialSettings(confirm_prompt=str(write_silent_wav(tmp_path / "confirm-call.wav", CONFIRM_PROMPT_MS)))
+    router = PolicyRouter(cache, passthrough, dial=dial, record_decision=call_audit.record, clock=clock_)
     server = OutboundServer(router, OutboundSettings(port=0, exit_wait=1.0, hangup_complete_wait=1.0),
                             fallback=passthrough)
     await server.start()
@@ -213,6 +219,33 @@ async def test_quiet_hours_follow_the_household_clock_across_dst(rig: Rig, utc: 
     legs = [leg for group in _groups(_bridge(await rig.call(target.msisdn))) for leg in group]
     assert (f"user/{target.speakers[0]}" in legs) is home_rings
     assert f"sofia/gateway/ims/{target.msisdn}" in legs
+
+
+async def _forked_call(rig: Rig, mobile: TargetBehaviour, speakers: TargetBehaviour) -> tuple[Line, CallResult]:
+    target = rig.lines["simultaneous"]
+    emu = FreeSwitchEmulator(default_target=speakers, time_scale=0.01, playback_ms=None)
+    emu.targets[f"sofia/gateway/ims/{target.msisdn}"] = mobile
+    for aor in target.speakers:
+        emu.register_user(*aor.split("@"))
+    try:
+        return target, await rig.call(target.msisdn, emu=emu)
+    finally:
+        await emu.close()
+
+
+async def test_a_forked_mobile_answering_late_in_its_ring_time_still_has_time_to_confirm(rig: Rig) -> None:
+    # Answered 1 s before its 20 s leg_timeout, the key comes after the 2 s prompt: the leg's own leg_timeout
+    # would hang it up first (FreeSWITCH ignores a per-leg group_confirm_cancel_timeout).
+    target, result = await _forked_call(rig, TargetBehaviour.answer(after_ms=19_000, hangup_after_ms=0, dtmf="1"),
+                                        TargetBehaviour.no_answer())
+    assert result.bridged_to == f"sofia/gateway/ims/{target.msisdn}"
+
+
+async def test_a_forked_mobile_that_answers_without_confirming_does_not_win(rig: Rig) -> None:
+    # Carrier voicemail picks up at once and presses nothing: the speakers go on ringing and one answers.
+    target, result = await _forked_call(rig, TargetBehaviour.answer(after_ms=0),
+                                        TargetBehaviour.answer(after_ms=5_000, hangup_after_ms=0))
+    assert result.bridged_to in {f"user/{aor}" for aor in target.speakers}
 
 
 async def test_dnd_goes_to_voicemail_without_ringing(rig: Rig) -> None:

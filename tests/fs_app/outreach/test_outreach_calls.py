@@ -38,6 +38,7 @@ from fs_app.outreach.guard import Refusal
 from fs_app.outreach.ivr import IvrRegistry, IvrResult, RegistryFull, app_arg, with_alert_calls
 from fs_app.testing import CallSpec, FreeSwitchEmulator, InboundServer, TargetBehaviour
 from fs_app.testing.apps import separate_args
+from fs_app.testing.media import write_silent_wav
 from tests.conftest import eventually
 from tests.tcp_proxy import TcpFaultProxy
 
@@ -253,7 +254,11 @@ def client_for(port: int) -> InboundClient:
 
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    emu = FreeSwitchEmulator(time_scale=SCALE, default_target=TargetBehaviour.no_answer(), write_recordings=True)
+    # The switch's sounds directory holds the prompt the calls play (it has no sound package of its own).
+    sounds = tmp_path / "sounds"
+    write_silent_wav(sounds / "ivr" / "ivr-alarm.wav")
+    emu = FreeSwitchEmulator(time_scale=SCALE, default_target=TargetBehaviour.no_answer(), write_recordings=True,
+                             sounds_dir=sounds)
     emu.keep_results = True
     inbound = await emu.start_inbound()
     registry = IvrRegistry()
@@ -333,14 +338,25 @@ async def test_invalid_key_then_valid_and_only_invalid(rig: Rig) -> None:
     assert (await rig.placer.place(alert(digits="1#"))).digit == "#"
 
 
-async def test_spoken_prompt_with_blanks_and_quotes(rig: Rig) -> None:
+async def test_prompt_with_blanks_and_quotes_reaches_the_switch_as_one_argument(rig: Rig) -> None:
+    assert rig.emu.sounds_dir is not None
+    write_silent_wav(rig.emu.sounds_dir / "alarm" / "it's real, press 1.wav")
     rig.script(MOBILE, TargetBehaviour.answer(dtmf="2"))
-    call = alert(prompt="say:Fire alarm at home! Press 1 if it's real, 2 if it's false.")
+    call = alert(prompt="alarm/it's real, press 1.wav")
     assert (await rig.placer.place(call)).digit == "2"
     await eventually(lambda: any(r.uuid == call.call_uuid and r.hangup_cause for r in rig.emu.results))
     socket_call = next(r for r in rig.emu.results if r.uuid == call.call_uuid)
     [pagd] = [c for c in socket_call.commands if isinstance(c, Execute) and c.app == "play_and_get_digits"]
     assert separate_args(pagd.arg or "")[5] == call.prompt
+
+
+async def test_a_spoken_prompt_fails_on_a_switch_without_a_tts_engine_and_says_so(rig: Rig) -> None:
+    # FreeSWITCH's say: needs a TTS module the shipped configuration does not load: the prompt fails at once,
+    # every try, and the key the callee would have pressed is never read.
+    rig.script(MOBILE, TargetBehaviour.answer(dtmf="2"))
+    call = alert(prompt="say:Fire alarm at home! Press 1 if it's real, 2 if it's false.")
+    outcome = await rig.placer.place(call)
+    assert (outcome.digit, outcome.detail) == (None, "prompt_failed")
 
 
 async def test_callee_hangs_up_during_the_prompt(rig: Rig) -> None:

@@ -264,10 +264,10 @@ async def test_filter_and_json_events() -> None:
     ("targets", "arg", "cause", "dialstatus"),
     [
         ({GW: TargetBehaviour.busy()}, GW, "USER_BUSY", "BUSY"),
-        ({GW: TargetBehaviour.no_answer()}, f"[leg_timeout=1]{GW}", "ALLOTTED_TIMEOUT", "NOANSWER"),
+        ({GW: TargetBehaviour.no_answer()}, f"[leg_timeout=1]{GW}", "ALLOTTED_TIMEOUT", "ALLOTTED_TIMEOUT"),
         ({GW: TargetBehaviour.no_answer()}, f"{{originate_timeout=1}}{GW}", "NO_ANSWER", "NOANSWER"),
-        ({GW: TargetBehaviour.unreachable()}, GW, "NORMAL_TEMPORARY_FAILURE", "CHANUNAVAIL"),
-        ({}, "user/1234", "USER_NOT_REGISTERED", "CHANUNAVAIL"),
+        ({GW: TargetBehaviour.unreachable()}, GW, "NORMAL_TEMPORARY_FAILURE", "NORMAL_TEMPORARY_FAILURE"),
+        ({}, "user/1234", "USER_NOT_REGISTERED", "USER_NOT_REGISTERED"),
     ],
 )
 async def test_bridge_failure_hangs_up_a_leg_before_execute_complete(
@@ -339,7 +339,7 @@ async def test_caller_bye_during_playback_and_hangup_after_bridge() -> None:
     async def app(peer: EslPeer) -> None:
         await start(peer)
         peer.send(Execute(app="answer", event_uuid="a"))
-        peer.send(Execute(app="playback", arg="/tmp/long.wav", event_uuid="p"))
+        peer.send(Execute(app="playback", arg="tone_stream://%(4000,0,440)", event_uuid="p"))
         done = await peer.expect_event("CHANNEL_EXECUTE_COMPLETE", app="playback")
         assert done.get("Application-Response") == "PLAYBACK ERROR"
         assert done.get("Hangup-Cause") == "NORMAL_CLEARING"
@@ -440,12 +440,12 @@ async def test_resume_is_recorded() -> None:
     assert result.resumed
 
 
-async def test_unknown_app_and_export_complete() -> None:
+async def test_an_application_the_switch_has_but_the_emulator_does_not_model_completes_at_once() -> None:
     async def app(peer: EslPeer) -> None:
         await start(peer)
         peer.send(Execute(app="export", arg="iim_tag=abc", event_uuid="e"))
-        peer.send(Execute(app="no_such_app", arg="x", event_uuid="u"))
-        done = await peer.expect_event("CHANNEL_EXECUTE_COMPLETE", app="no_such_app")
+        peer.send(Execute(app="log", arg="INFO hello", event_uuid="u"))
+        done = await peer.expect_event("CHANNEL_EXECUTE_COMPLETE", app="log")
         assert done.get("Application-Response") == "_none_"
         assert done.variable("iim_tag") == "abc"
         assert "iim_tag" in (done.variable("export_vars") or "")
@@ -454,6 +454,25 @@ async def test_unknown_app_and_export_complete() -> None:
 
     result, _ = await run_call(app)
     assert result.hangup_cause == "CALL_REJECTED"
+
+
+async def test_an_application_the_switch_does_not_have_hangs_the_call_up_without_executing() -> None:
+    async def app(peer: EslPeer) -> None:
+        await start(peer)
+        peer.send(Execute(app="answer", event_uuid="a"))
+        await peer.expect_event("CHANNEL_EXECUTE_COMPLETE", app="answer")
+        peer.send(Execute(app="voicemail", arg="default 127.0.0.1 1000", event_uuid="v"))
+        assert (await peer.expect(CommandReply)).reply_text == "+OK"
+        hangup = await peer.expect_event("CHANNEL_HANGUP")
+        assert hangup.get("Hangup-Cause") == "DESTINATION_OUT_OF_ORDER"
+        await finish(peer)
+        assert [e.get("Application") for e in peer.events("CHANNEL_EXECUTE")] == ["answer"]
+        assert [e.get("Application") for e in peer.events("CHANNEL_EXECUTE_COMPLETE")] == ["answer", "socket"]
+
+    emu = FreeSwitchEmulator(time_scale=0.05)
+    result, _ = await run_call(app, emu=emu)
+    assert result.hangup_cause == "DESTINATION_OUT_OF_ORDER"
+    assert [app for _, app in emu.invalid_applications] == ["voicemail"]
 
 
 async def test_connect_failure_is_reported() -> None:

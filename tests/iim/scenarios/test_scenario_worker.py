@@ -115,7 +115,10 @@ async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
     """A tenant, the emulator (callees scripted per number), our outbound server for the IVR, the worker."""
     n = numbers()
     rig = await build_rig(app_pool, tmp_path, owner=n["owner"], backup=n["backup"], security=n["security"])
-    emu = FreeSwitchEmulator(time_scale=time_scale, default_target=TargetBehaviour.no_answer())
+    # Without ``speech`` the worker leaves the prompt to FreeSWITCH's say: (IIM_ALERT_PROMPT_TTS=freeswitch), which
+    # plays only on a switch that loads a TTS module: this one loads mod_flite.
+    emu = FreeSwitchEmulator(time_scale=time_scale, default_target=TargetBehaviour.no_answer(),
+                             tts_engines=() if speech is not None else ("flite",))
     inbound = await emu.start_inbound()
     registry = IvrRegistry()
     server = OutboundServer(with_alert_calls(registry, _route),
