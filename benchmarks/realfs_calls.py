@@ -11,7 +11,7 @@ order alternates (static, reference, IIM, then the reverse) so drift hits all th
 - **static**: a benchmark-only dialplan extension bridges ``static<number>`` to the core itself (no Event
   Socket): the switch's own floor;
 - **reference**: the subscriber dialplan hands the call to ``benchmarks._thin_outbound_app`` (stdlib, one
-  bridge) on IIM's socket address;
+  bridge to the dial string IIM builds for the same callee) on IIM's socket address;
 - **IIM**: the same dialplan hands it to ``iim serve`` (embedded PostgreSQL, demo data; numbers without a
   policy, so IIM looks the callee up in its cache, decides and bridges through the core).
 
@@ -50,6 +50,9 @@ from benchmarks._realfs import ROOT, RealSwitch, free_port, freeswitch_home
 
 SCENARIO = ROOT / "sip-tests" / "scenarios" / "caller.xml"
 FIRST_NUMBER = 79101000000  # in the subscriber plan, no policy in the demo data; one number per call
+# The dial string IIM's passthrough builds for a callee without a policy (fs_app.passthrough.dial_string with
+# the default IIM_PASSTHROUGH_ENDPOINT): the reference app bridges to exactly the same endpoint.
+REFERENCE_DIAL = "{ignore_early_media=true}sofia/gateway/ims/{destination}"
 
 STATIC_EXTENSION = """<include>
   <!-- benchmarks.realfs_calls only: the static path, no Event Socket. -->
@@ -196,6 +199,54 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+PATHS = ("static", "reference", "iim")
+
+
+def summarise(phases: list[Phase], rate: float, warmup: int) -> dict[str, object]:
+    """The run's JSON line: rounds averaged, "added" against the static path; ``"error"`` when the run is unfit.
+
+    Unfit: a path failed a call (its warm-up included), lost a setup time (counted as failed), or placed a
+    different number of calls than another path.
+    """
+    by_path: dict[str, list[Phase]] = {path: [p for p in phases if p.path == path] for path in PATHS}
+    if not all(by_path.values()):
+        return {"rate": rate, "error": f"a path never ran: {[path for path, runs in by_path.items() if not runs]}"}
+
+    def mean(path: str, attr: str) -> float:
+        return round(statistics.fmean(float(getattr(p, attr)) for p in by_path[path]), 2)
+
+    def added_p99(path: str) -> list[float]:
+        return [round(p.p99_ms - s.p99_ms, 1) for p, s in zip(by_path[path], by_path["static"], strict=True)]
+
+    calls = {path: sum(p.calls for p in runs) for path, runs in by_path.items()}
+    result: dict[str, object] = {
+        "rate": rate, "calls": calls["iim"], "failed": sum(p.failed for p in by_path["iim"]),
+        "ref_failed": sum(p.failed for p in by_path["reference"]),
+        "static_failed": sum(p.failed for p in by_path["static"]),
+        "added_p50_ms": round(mean("iim", "p50_ms") - mean("static", "p50_ms"), 2),
+        "added_p99_ms": round(mean("iim", "p99_ms") - mean("static", "p99_ms"), 2),
+        "ref_added_p50_ms": round(mean("reference", "p50_ms") - mean("static", "p50_ms"), 2),
+        "ref_added_p99_ms": round(mean("reference", "p99_ms") - mean("static", "p99_ms"), 2),
+        "app_cpu_ms_per_call": mean("iim", "app_cpu_ms_per_call"),
+        "ref_app_cpu_ms_per_call": mean("reference", "app_cpu_ms_per_call"),
+        "fs_cpu_ms_per_call": mean("iim", "fs_cpu_ms_per_call"),
+        "ref_fs_cpu_ms_per_call": mean("reference", "fs_cpu_ms_per_call"),
+        "static_fs_cpu_ms_per_call": mean("static", "fs_cpu_ms_per_call"),
+        "added_p99_ms_rounds": added_p99("iim"), "ref_added_p99_ms_rounds": added_p99("reference"),
+        "warmup": warmup, "machine": machine(),
+    }
+    failures = {path: sum(p.failed + p.warmup_failed for p in runs) for path, runs in by_path.items()}
+    if any(failures.values()):
+        result["error"] = f"calls failed (warm-up included): {failures}; the figures compare unlike runs"
+    elif len(set(calls.values())) != 1:
+        result["error"] = f"the paths placed different numbers of calls: {calls}"
+    return result
+
+
+def _terminated(_signum: int, _frame: object) -> None:
+    raise SystemExit(143)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--rate", type=float, default=50.0)
@@ -235,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                     log = work / f"thin-{round_no}.log"
                     with log.open("wb") as out:
                         thin = subprocess.Popen([sys.executable, "-m", "benchmarks._thin_outbound_app", "--port",
-                                                 str(app_port)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+                                                 str(app_port), "--destination", REFERENCE_DIAL], cwd=ROOT,
+                                                stdout=out, stderr=subprocess.STDOUT)
                     try:
                         _wait_line(thin, log, "READY")
                         phases.append(_phase(path, work, switch, "", args.rate, args.calls, args.warmup,
@@ -258,35 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         switch.stop()
         core.terminate()
         core.wait()
-    by_path: dict[str, list[Phase]] = {}
-    for phase in phases:
-        by_path.setdefault(phase.path, []).append(phase)
-
-    def mean(path: str, attr: str) -> float:
-        return round(statistics.fmean(float(getattr(p, attr)) for p in by_path[path]), 2)
-
-    def added_p99(path: str) -> list[float]:
-        return [round(p.p99_ms - s.p99_ms, 1) for p, s in zip(by_path[path], by_path["static"], strict=True)]
-
-    result: dict[str, object] = {
-        "rate": args.rate, "calls": args.calls * args.rounds, "failed": sum(p.failed for p in by_path["iim"]),
-        "ref_failed": sum(p.failed for p in by_path["reference"]),
-        "static_failed": sum(p.failed for p in by_path["static"]),
-        "added_p50_ms": round(mean("iim", "p50_ms") - mean("static", "p50_ms"), 2),
-        "added_p99_ms": round(mean("iim", "p99_ms") - mean("static", "p99_ms"), 2),
-        "ref_added_p50_ms": round(mean("reference", "p50_ms") - mean("static", "p50_ms"), 2),
-        "ref_added_p99_ms": round(mean("reference", "p99_ms") - mean("static", "p99_ms"), 2),
-        "app_cpu_ms_per_call": mean("iim", "app_cpu_ms_per_call"),
-        "ref_app_cpu_ms_per_call": mean("reference", "app_cpu_ms_per_call"),
-        "fs_cpu_ms_per_call": mean("iim", "fs_cpu_ms_per_call"),
-        "ref_fs_cpu_ms_per_call": mean("reference", "fs_cpu_ms_per_call"),
-        "static_fs_cpu_ms_per_call": mean("static", "fs_cpu_ms_per_call"),
-        "added_p99_ms_rounds": added_p99("iim"), "ref_added_p99_ms_rounds": added_p99("reference"),
-        "warmup": args.warmup, "machine": machine(),
-    }
-    failures = {path: sum(p.failed + p.warmup_failed for p in runs) for path, runs in by_path.items()}
-    if any(failures.values()):
-        result["error"] = f"calls failed (warm-up included): {failures}; the figures compare unlike runs"
+    result = summarise(phases, args.rate, args.warmup)
     print(json.dumps(result))
     if "error" in result:
         print(f"realfs_calls: {result['error']}; switch and app logs kept in {work}", file=sys.stderr)
@@ -296,4 +320,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (a run stopped from outside) unwinds like an error: the switch, SIPp and the apps are stopped.
+    signal.signal(signal.SIGTERM, _terminated)
     sys.exit(main())
