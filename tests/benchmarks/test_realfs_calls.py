@@ -57,7 +57,8 @@ def test_a_short_run_through_the_real_switch_places_every_call_on_every_path(
     """Smoke: SIPp -> the real switch -> static bridge, reference app and ``iim serve``; no timing asserted."""
     require_freeswitch()
     require_sipp()
-    code = realfs_calls.main(["--rate", "5", "--calls", "10", "--rounds", "1", "--warmup", "2"])
+    code = realfs_calls.main(["--rate", "5", "--calls", "10", "--rounds", "1", "--warmup", "2",
+                              "--nice", "0"])
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
     assert code == 0, result
