@@ -25,6 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HOME = Path("/usr/local/freeswitch")
 START_TIMEOUT_S = 30.0
 PASSWORD = "RealSwitchTest-" + "0123456789abcdef"
+# The flags Dockerfile.fs's CMD runs FreeSWITCH with. ``-np`` above all: without it FreeSWITCH makes itself
+# realtime (SCHED_FIFO), and on a loaded box its session threads, each waking every millisecond until its
+# outbound socket answers ``connect``, starve IIM of the CPU it needs to answer: a run melts down.
+IMAGE_FLAGS = ("-nonat", "-nf", "-nc", "-np")
 
 
 def freeswitch_home() -> Path | None:
@@ -110,7 +114,7 @@ class RealSwitch:
         env.update(self.env)
         env["LD_LIBRARY_PATH"] = str(self.home / "lib")
         b = self.base
-        argv = [str(self.home / "bin" / "freeswitch"), "-nf", "-nonat", "-nc", "-base", str(self.home),
+        argv = [str(self.home / "bin" / "freeswitch"), *IMAGE_FLAGS, "-base", str(self.home),
                 "-conf", str(b / "conf"), "-log", str(b / "log"), "-run", str(b / "run"), "-db", str(b / "db"),
                 "-temp", str(b / "temp"), "-certs", str(b / "certs"), "-recordings", str(b / "recordings"),
                 "-storage", str(b / "storage"), "-cache", str(b / "cache"), "-sounds", str(b / "sounds")]

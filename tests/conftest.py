@@ -69,9 +69,8 @@ async def outbound_server() -> AsyncIterator[OutboundServerFactory]:
     servers: list[OutboundServer] = []
 
     async def start(handler: CallHandler, **settings: object) -> OutboundServer:
-        # Recorded sessions come from apps that used plain myevents: no server-side filter by default.
         opts: dict[str, object] = {"port": 0, "connect_timeout": 1.0, "command_timeout": 1.0,
-                                   "exit_wait": 0.5, "hangup_complete_wait": 0.5, "event_filter": None}
+                                   "exit_wait": 0.5, "hangup_complete_wait": 0.5}
         opts.update(settings)
         fallback = opts.pop("fallback", None)
         server = OutboundServer(handler, OutboundSettings(**opts), fallback=fallback)  # type: ignore[arg-type]

@@ -920,6 +920,17 @@ def test_capacity_is_raised_above_the_stock_limits() -> None:
     assert "load test" in raw.lower(), "switch.conf.xml explains how to raise the limits for load tests"
 
 
+def test_the_real_switch_tier_runs_freeswitch_with_the_images_flags() -> None:
+    """Tests and benchmarks run what the image runs; ``-np`` keeps FreeSWITCH off realtime scheduling."""
+    from benchmarks._realfs import IMAGE_FLAGS
+
+    cmd = re.search(r"^CMD \[(.*)\]$", (ROOT / "Dockerfile.fs").read_text(), re.MULTILINE)
+    assert cmd is not None
+    flags = [arg.strip().strip('"') for arg in cmd.group(1).split(",")][1:]
+    assert tuple(flags) == IMAGE_FLAGS
+    assert "-np" in IMAGE_FLAGS
+
+
 def test_environment_overrides_reach_the_configuration() -> None:
     environ = (
         ("IIM_FS_PASSWORD", "s3cret-from-the-vault-0123"),

@@ -11,7 +11,7 @@ import pytest
 
 from fs_app.call import Call, CallGone
 from fs_app.esl import Command, CommandDecoder, EslTimeout, Execute
-from fs_app.outbound import OutboundServer
+from fs_app.outbound import OutboundServer, OutboundSettings
 from fs_app.passthrough import make_passthrough_handler
 from iim.core import metrics
 from tests.recorded_switch import _kind, load_steps, replay_call
@@ -98,6 +98,26 @@ async def test_silent_peer_is_dropped_after_connect_timeout(outbound_server) -> 
     await _idle(server)
     assert handled == []
     assert _sample("iim_esl_errors_total", kind="connect_timeout") == before + 1
+
+
+async def test_a_call_asks_the_switch_for_connect_linger_and_myevents_then_its_application_and_no_filter() -> None:
+    """The shipped settings: a server-side ``filter`` would run on every channel event of the whole switch,
+    once per socket (it is tested before myevents' Unique-ID check) and recompile its regex each time."""
+
+    async def handler(call: Call) -> None:
+        await call.bridge("sofia/gateway/ims/" + (call.destination_number or ""))
+
+    server = OutboundServer(handler, OutboundSettings(port=0))
+    await server.start()
+    try:
+        peer = await RawSwitch.dial(server)
+        await peer.handshake()
+        assert [_kind(c) for c in await peer.expect(4)] == ["Connect", "Linger", "MyEvents", "execute:bridge"]
+        peer.writer.close()
+        await peer.writer.wait_closed()
+        await _idle(server)
+    finally:
+        await server.aclose(drain_timeout=1.0)
 
 
 async def test_peer_reset_mid_bridge_fails_only_that_call(outbound_server) -> None:

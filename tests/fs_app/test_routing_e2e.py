@@ -201,7 +201,8 @@ async def test_each_ring_mode_reaches_freeswitch_as_the_right_dial_string(
     events = [s.split()[1] for s in result.sent if s.startswith("event ")]
     assert "CHANNEL_EXECUTE_COMPLETE" in events
     assert "CHANNEL_HANGUP_COMPLETE" in events
-    assert not {"CHANNEL_PARK", "CHANNEL_EXECUTE", "CHANNEL_STATE", "CHANNEL_PROGRESS"} & set(events)  # filtered
+    # myevents alone, no server-side filter: the switch tests a filter on every channel event it fires
+    assert {"CHANNEL_PARK", "CHANNEL_EXECUTE", "CHANNEL_STATE"} <= set(events)
 
 
 @pytest.mark.parametrize(

@@ -170,3 +170,31 @@ async def test_concurrent_appends_keep_one_chain_per_tenant(app_pool: Pool) -> N
             entries = await audit.entries(conn, entity="test", limit=5)
             assert len(entries) == 5
             assert entries[0].id > entries[-1].id
+
+
+def test_the_flusher_backs_off_while_rounds_find_nothing_and_returns_to_its_interval_when_lines_come() -> None:
+    delays, delay = [], 0.1
+    for moved in (0, 0, 0, 0, 0, 3, 0):
+        delay = audit.next_flush_delay(delay, moved, 0.1, 1.0)
+        delays.append(delay)
+    assert delays == [0.2, 0.4, 0.8, 1.0, 1.0, 0.1, 0.2]
+
+
+async def test_the_flusher_chains_a_line_staged_after_a_quiet_spell(app_pool: Pool) -> None:
+    tenant = await create_tenant(app_pool, "quiet flusher")
+    await audit.flush_pending(app_pool)
+    async with audit.AuditFlusher(app_pool, interval=0.05, idle_interval=0.4):
+        await asyncio.sleep(1.0)  # several empty rounds: the flusher has backed off to its idle interval
+        async with tenant_tx(app_pool, tenant) as conn:
+            await audit.stage(conn, actor="user:q", action="staged.quiet", entity="test")
+
+        async def chained() -> bool:
+            async with tenant_tx(app_pool, tenant) as conn:
+                return bool(await conn.fetchval(
+                    "SELECT count(*) FROM iim.audit_log WHERE action = 'staged.quiet'"))
+
+        for _ in range(250):
+            if await chained():
+                break
+            await asyncio.sleep(0.02)
+        assert await chained()
