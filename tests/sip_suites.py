@@ -555,7 +555,29 @@ FAILOVER_SUITES = [
     Suite("iim_down_secondary_then_safe_bridge", "IIM down -> the secondary socket -> the safe bridge", iim_down),
 ]
 #: National (8XXXXXXXXXX) and international (+, 00/810) number formats: issue 15 item 4, the numbering plan.
-NUMBER_FORMAT_SUITES: list[Suite] = []
+def number_formats(rig: Rig, out: Outcome) -> None:
+    """One subscriber dialled in every form the default numbering plan reads (E.164, without ``+``, national
+    with the trunk prefix 8, international with 810): each call meets that subscriber's policy (one
+    ``call.routed`` line, route ``policy``) and is answered on the mobile."""
+    home = rig.home("phone_only")
+    work = rig.workdir / "suites" / out.suite
+    national = home.msisdn[1:]  # 7 9102220006 -> 9102220006
+    forms = {"E.164": f"+{home.msisdn}", "without +": home.msisdn, "national (8...)": f"8{national}",
+             "international prefix (810...)": f"810{home.msisdn}"}
+    for label, dialled in forms.items():
+        before = rig.last_routed_id(home)
+        with sipp.core(work, rig.ports.core, "core_answer.xml"):
+            result = sipp.call(work, rig.edge.sip_port, dialled, caller=CALLER)
+        out.check("SIP", f"{label} {dialled}: 200", result.finals == [200], result.output)
+        routed = eventually(lambda before=before: rig.routed(home, before))  # type: ignore[misc]
+        out.check("rows", f"{label}: routed by the subscriber's policy",
+                  [r["detail"]["route"] for r in routed] == ["policy"], routed)
+
+
+NUMBER_FORMAT_SUITES: list[Suite] = [
+    Suite("number_formats", "national and international number formats meet the subscriber's policy",
+          number_formats),
+]
 #: Alert call -> answer -> IVR -> DTMF ack / escalate / no input with the real digit timeout: issue 15 item 3.
 ALERT_CALL_SUITES: list[Suite] = []
 LOAD_SUITES = [Suite("load", "a load run at --rate for --calls calls: failed calls, setup-time percentiles", load)]
