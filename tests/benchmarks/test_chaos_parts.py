@@ -103,3 +103,26 @@ async def test_a_cut_path_refuses_connections_until_restored() -> None:
     finally:
         await proxy.close()
         server.close()
+
+
+async def test_commands_that_only_mention_originate_go_through_in_order() -> None:
+    # A chunk after an originate, or ``hash select/iim_originated/...``, was dropped by the proxy: the switch's
+    # replies then answered the wrong commands (the "unexpected api/response" of earlier chaos runs).
+    server, got = await _upstream()
+    proxy = FaultProxy("esl", [("127.0.0.1", server.sockets[0].getsockname()[1])], watch_originates=True)
+    await proxy.start()
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        sent = [ORIGINATE, b"api uuid_exists x\n\n", b"api hash select/iim_originated/x\n\n", b"api status\n\n"]
+        for chunk in sent:
+            writer.write(chunk)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        deadline = asyncio.get_running_loop().time() + 2
+        while b"".join(got) != b"".join(sent):
+            assert asyncio.get_running_loop().time() < deadline, b"".join(got)
+            await asyncio.sleep(0.02)
+        writer.close()
+    finally:
+        await proxy.close()
+        server.close()
