@@ -176,6 +176,7 @@ class WebRtcSpeaker:
         self.contact = f"sip:{user}@{self.instance}.invalid;transport=ws"
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._peers: list[Any] = []
+        self._listeners: list[asyncio.Task[None]] = []
 
     @contextlib.asynccontextmanager
     async def connected(self) -> AsyncIterator[WebRtcSpeaker]:
@@ -190,6 +191,8 @@ class WebRtcSpeaker:
                 finally:
                     for peer in self._peers:
                         await peer.close()
+                    for listener in self._listeners:
+                        listener.cancel()
                     self._ws = None
 
     @contextlib.asynccontextmanager
@@ -266,7 +269,7 @@ class WebRtcSpeaker:
         @peer.on("track")  # type: ignore[misc]
         def on_track(track: Any) -> None:
             if track.kind == "audio":
-                asyncio.ensure_future(listen(track))
+                self._listeners.append(asyncio.create_task(listen(track)))
 
         await peer.setRemoteDescription(RTCSessionDescription(sdp=with_explicit_direction(invite.body), type="offer"))
         await peer.setLocalDescription(await peer.createAnswer())
