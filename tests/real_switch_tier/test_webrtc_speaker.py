@@ -145,9 +145,9 @@ async def test_a_webrtc_speaker_added_by_the_api_takes_its_households_call_with_
         # The caller echoes the media it gets: the speaker's tone comes back only if it crossed the switch both ways.
         caller = asyncio.create_task(asyncio.to_thread(
             sipp.call, tmp_path, real_switch.external_sip_port, SUBSCRIBER, hold_ms=8000, rtp_echo=True,
-            timeout_s=40))
+            timeout_s=30))
         try:
-            call = await speaker.answer_call(timeout=20)
+            call = await speaker.answer_call(timeout=15)
             # Proof of a WebRTC offer: ICE, a DTLS fingerprint, secure AVPF.
             audio = next(line for line in call.offer.splitlines() if line.startswith("m=audio "))
             assert audio.split()[2].endswith("SAVPF"), call.offer  # RTP/SAVPF (FreeSWITCH's) or UDP/TLS/RTP/SAVPF
@@ -160,7 +160,7 @@ async def test_a_webrtc_speaker_added_by_the_api_takes_its_households_call_with_
                                if any(k in line for k in ("RTP", "rtp", "DTLS", "ICE", "SRTP", "codec", "Codec"))]
                 pytest.fail(f"no sound came back: {call.describe()}\n" + "\n".join(media_lines[-60:]))
             stats = await call.stats()
-            await speaker.answer_bye(timeout=30)
+            await speaker.answer_bye(timeout=20)
         finally:
             result = await caller
     assert result.finals == [200], result.output + real_switch.log_text()[-3000:]
