@@ -106,14 +106,17 @@ class PolicyRouter:
             dial = bridge_dial_string(decision, self._dial, call_uuid=call.uuid)
             # One write: the variables that let us walk the fallback chain, then the bridge.
             events = await call.execute_many(
-                [("multiset", f"continue_on_fail=true hangup_after_bridge=true {BRIDGE_IMPORT}"), ("bridge", dial)], timeout=None
+                [("multiset", f"continue_on_fail=true hangup_after_bridge=true {BRIDGE_IMPORT}"), ("bridge", dial)],
+                timeout=None,
             )
             result = bridge_result(events[-1])
             if result.answered:
-                device = self._answered_device(decision, result.device_id)
-                log.info("call answered", extra={"call_id": call.uuid, "device_id": device,
-                                                 "leg": "phone" if device is None else "speaker"})
-                self._record_answer(facts, decision, device)
+                if any(leg.kind == "speaker" for leg in decision.legs):
+                    # Who took it is a question only when the home rang too (one audit row, off the call path).
+                    device = self._answered_device(decision, result.device_id)
+                    log.debug("call answered", extra={"call_id": call.uuid, "device_id": device,
+                                                      "leg": "phone" if device is None else "speaker"})
+                    self._record_answer(facts, decision, device)
                 return
             if call.hung_up:
                 return
