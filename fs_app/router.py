@@ -51,6 +51,13 @@ def _no_answer_sink(_facts: CallFacts, _decision: RoutingDecision, _device_id: s
     return None
 
 
+def _answered_device(decision: RoutingDecision, imported: str | None) -> str | None:
+    """The imported device id if it is one of this decision's legs (the switch's word is not trusted blindly)."""
+    if imported is None:
+        return None
+    return imported if any(leg.device_id == imported for leg in decision.legs) else None
+
+
 def _cloud_only(decision: RoutingDecision) -> bool:
     """Speakers to announce through their cloud and none to ring over SIP: the announcement takes the call."""
     return (decision.action == "ring" and bool(decision.announcements)
@@ -113,7 +120,7 @@ class PolicyRouter:
             if result.answered:
                 if any(leg.kind == "speaker" for leg in decision.legs):
                     # Who took it is a question only when the home rang too (one audit row, off the call path).
-                    device = self._answered_device(decision, result.device_id)
+                    device = _answered_device(decision, result.device_id)
                     log.debug("call answered", extra={"call_id": call.uuid, "device_id": device,
                                                       "leg": "phone" if device is None else "speaker"})
                     self._record_answer(facts, decision, device)
@@ -125,13 +132,6 @@ class PolicyRouter:
         if not call.hung_up:
             # A caller who left a message was answered: end it normally, not with the failed leg's cause.
             await call.hangup(relay_cause(cause) if cause and not call.answered else "NORMAL_CLEARING")
-
-    @staticmethod
-    def _answered_device(decision: RoutingDecision, imported: str | None) -> str | None:
-        """The imported device id if it is one of this decision's legs (the switch's word is not trusted blindly)."""
-        if imported is None:
-            return None
-        return imported if any(leg.device_id == imported for leg in decision.legs) else None
 
     def _decide(self, facts: CallFacts) -> tuple[RoutingDecision | None, str, RoutingSnapshot | None]:
         if not self._source.ready:
