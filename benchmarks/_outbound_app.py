@@ -21,6 +21,7 @@ import uvloop
 from fs_app.outbound import OutboundServer, OutboundSettings
 from fs_app.passthrough import make_passthrough_handler
 from fs_app.router import PolicyRouter
+from iim.core.numbering import NumberingPlan
 from iim.logs import JsonFormatter
 from policy_cache.cache import ChangeFeed, PolicyCache
 from policy_cache.snapshot import RoutingSnapshot, SpeakerDevice, compile_snapshot
@@ -57,6 +58,9 @@ class _MemoryStore:
 
     async def changes_since(self, seq: int) -> tuple[set[str], int]:
         return set(), seq
+
+    async def load_plans(self) -> dict[str, NumberingPlan]:
+        return {}
 
     async def listen(self) -> ChangeFeed:
         raise NotImplementedError

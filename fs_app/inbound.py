@@ -129,6 +129,11 @@ class _InboundProtocol(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
         self.transport = cast(asyncio.Transport, transport)
 
+    @property
+    def usable(self) -> bool:
+        """Still connected: its transport open and not failed."""
+        return self.transport is not None and not self.transport.is_closing() and not self.closed.done()
+
     def send(self, cmd: Command) -> asyncio.Future[CommandReply | ApiResponse]:
         """Write ``cmd``; the future resolves with its reply."""
         return self._send(cmd)[1]
@@ -280,17 +285,38 @@ class InboundClient(AsyncResource):
         timeout = self.settings.command_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(timeout):
-                return await (await self._connection()).send(cmd)
+                proto = await self._connection()
+                reply = await proto.send(cmd)
         except TimeoutError:
             metrics.ERRORS.labels("command_timeout").inc()
             raise EslTimeout(f"{type(cmd).__name__} to {self.settings.node} timed out after {timeout} s") from None
+        if isinstance(cmd, Api):
+            if isinstance(reply, CommandReply) and not reply.reply_text.startswith("-ERR"):
+                raise self._desynchronised(proto, "api", f"command/reply {reply.reply_text[:60]!r}")
+        elif isinstance(reply, ApiResponse):
+            raise self._desynchronised(proto, type(cmd).__name__, "api/response")
+        return reply
 
     async def _connection(self) -> _InboundProtocol:
-        """The connected protocol, once there is one (the caller bounds the wait)."""
-        self.want_connection()
-        await self._connected.wait()
-        assert self._proto is not None
-        return self._proto
+        """The connected protocol, once there is one (the caller bounds the wait). A connection that just
+        died is not handed out while the keeper has not noticed yet: the caller waits for the next one."""
+        while True:
+            self.want_connection()
+            await self._connected.wait()
+            proto = self._proto
+            if proto is not None and proto.usable:
+                return proto
+            self._connected.clear()
+
+    def _desynchronised(self, proto: _InboundProtocol, cmd: str, got: str) -> EslConnectionError:
+        """A reply of the wrong kind: the switch and we no longer agree which reply answers which command, so
+        no later reply on this connection can be trusted. Drop it (the keeper reconnects) and report the
+        command's outcome as unknown, as for a lost link: never as the switch's refusal."""
+        metrics.ERRORS.labels("unexpected_reply").inc()
+        log.error("%s to %s answered by %s: replies out of step; reconnecting", cmd, self.settings.node, got)
+        exc = EslConnectionError(f"{cmd} to {self.settings.node} answered by {got}; connection reset")
+        proto.abort(exc)
+        return exc
 
     async def command(self, cmd: Command, timeout: float | None = None) -> CommandReply:
         reply = await self._send(cmd, timeout)
@@ -331,7 +357,7 @@ class InboundClient(AsyncResource):
                 metrics.ERRORS.labels("command_timeout").inc()
                 raise EslTimeout(f"BgApi to {self.settings.node} timed out after {command_timeout} s") from None
             if not isinstance(reply, CommandReply):
-                raise CommandFailed("BgApi", "unexpected api/response")
+                raise self._desynchronised(proto, "BgApi", "api/response")
             if not reply.ok:
                 raise CommandFailed("BgApi", reply.reply_text)
             if on_accepted is not None:

@@ -21,6 +21,7 @@ from fs_app.messages import take_message
 from fs_app.outbound import CallHandler
 from fs_app.passthrough import relay_cause
 from fs_app.routing import CallFacts, RoutingDecision, decide
+from iim.core.numbering import NumberingPlan, try_e164
 from policy_cache.snapshot import RoutingSnapshot
 
 log = logging.getLogger("iim.call.router")
@@ -33,6 +34,8 @@ class SnapshotSource(Protocol):
     def ready(self) -> bool: ...
 
     def lookup(self, number: str) -> RoutingSnapshot | None: ...
+
+    def plan_for(self, tenant_id: str) -> NumberingPlan: ...
 
 
 DecisionSink = Callable[[CallFacts, RoutingDecision | None, str], None]
@@ -92,7 +95,7 @@ class PolicyRouter:
 
     async def __call__(self, call: Call) -> None:
         facts = CallFacts(call.destination_number or "", call.caller_id_number, call.uuid)
-        decision, route, snapshot = self._decide(facts)
+        decision, route, snapshot, facts = self._decide(facts)
         self._routes[route].inc()
         self._record(facts, decision, route)
         if decision is None or snapshot is None:
@@ -133,20 +136,27 @@ class PolicyRouter:
             # A caller who left a message was answered: end it normally, not with the failed leg's cause.
             await call.hangup(relay_cause(cause) if cause and not call.answered else "NORMAL_CLEARING")
 
-    def _decide(self, facts: CallFacts) -> tuple[RoutingDecision | None, str, RoutingSnapshot | None]:
+    def _decide(self, facts: CallFacts
+                ) -> tuple[RoutingDecision | None, str, RoutingSnapshot | None, CallFacts]:
+        """The decision, its route label, the callee's snapshot and the facts it was made on: the callee found
+        by any form of its number (the cache reads them under the tenant's numbering plans), the numbers in
+        E.164 under the callee's tenant's plan, as the policy's caller lists are (``8916...`` is ``+7916...``)."""
         if not self._source.ready:
-            return None, "cache_not_ready", None
+            return None, "cache_not_ready", None, facts
         snapshot = self._source.lookup(facts.destination)
         if snapshot is None:
-            return None, "unknown_callee", None
+            return None, "unknown_callee", None, facts
+        plan = self._source.plan_for(snapshot.tenant_id)
+        caller = facts.caller and (facts.caller if facts.caller.startswith("+") else try_e164(facts.caller, plan))
+        facts = CallFacts(snapshot.msisdn, caller or facts.caller, facts.uuid)
         try:
             decision = decide(snapshot, facts, self._clock())
         except (ValueError, LookupError, ArithmeticError) as exc:
             metrics.ERRORS.labels("decision").inc()
             log.exception("routing decision failed", extra={"call_id": facts.uuid, "error": repr(exc)})
-            return None, "decision_error", None
+            return None, "decision_error", None, facts
         route = {"ring": "policy", "reject": "reject", "fallback": "fallback"}[decision.action]
-        return decision, route, snapshot
+        return decision, route, snapshot, facts
 
     async def _fallback(
         self, call: Call, decision: RoutingDecision, snapshot: RoutingSnapshot, facts: CallFacts

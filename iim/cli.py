@@ -68,6 +68,7 @@ def cmd_explain_call(args: argparse.Namespace) -> int:
 
 async def _explain_call(args: argparse.Namespace, settings: Settings) -> int:
     from fs_app.dialstring import DialSettings
+    from iim.core.numbering import DEFAULT_PLAN
     from iim.explain import explain, find_snapshot, render
     from policy_cache.bootstrap import bootstrap
     from policy_cache.store import PgPolicyStore
@@ -76,11 +77,12 @@ async def _explain_call(args: argparse.Namespace, settings: Settings) -> int:
                          demo=settings.demo_data)
     async with db, PgPolicyStore(db.cache_url) as store:
         snapshot = await find_snapshot(store, args.to)
+        plans = await store.load_plans()
     if snapshot is None:
         print(f"{args.to} is not a subscriber: the call goes to the dialled number unchanged (passthrough)")
         return 0
     dial = DialSettings(phone_endpoint=settings.passthrough_endpoint.replace("{destination}", "{msisdn}"))
-    _, report = explain(snapshot, args.to, args.caller, args.at, dial)
+    _, report = explain(snapshot, args.to, args.caller, args.at, dial, plans.get(snapshot.tenant_id, DEFAULT_PLAN))
     print(render(report, as_json=args.json))
     return 0
 

@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 
 from fs_app.dialstring import DialSettings, bridge_dial_string
 from fs_app.routing import CallFacts, RoutingDecision, decide
+from iim.core.numbering import DEFAULT_PLAN, NumberingPlan, try_e164
 from policy_cache.snapshot import RoutingSnapshot
 from policy_cache.store import PgPolicyStore
 
@@ -28,9 +29,13 @@ async def find_snapshot(store: PgPolicyStore, number: str) -> RoutingSnapshot | 
 
 
 def explain(snapshot: RoutingSnapshot, to: str, caller: str | None, at_text: str | None,
-            dial: DialSettings) -> tuple[RoutingDecision, dict[str, object]]:
+            dial: DialSettings, plan: NumberingPlan = DEFAULT_PLAN) -> tuple[RoutingDecision, dict[str, object]]:
+    """The decision for a call to ``snapshot``'s subscriber; the caller is read under ``plan`` (the
+    subscriber's tenant's numbering plan) as the router reads it."""
     at = parse_at(at_text, snapshot.time_zone)
-    decision = decide(snapshot, CallFacts(to, caller), at)
+    if caller and not caller.startswith("+"):
+        caller = try_e164(caller, plan) or caller
+    decision = decide(snapshot, CallFacts(snapshot.msisdn, caller), at)
     report: dict[str, object] = {
         "to": to, "from": caller,
         "at": at.isoformat(), "local_time": at.astimezone(ZoneInfo(snapshot.time_zone)).isoformat(),

@@ -46,6 +46,7 @@ from iim.core.lifecycle import TaskSupervisor
 from iim.core.metrics import REGISTRY
 from iim.core.secrets import resolve_secret
 from iim.home.cloud_call import CloudAnnouncer, cloud_call_step
+from iim.home.missed_call import missed_call_sms
 from iim.home.outbox_sink import OutboxSmsSink
 from iim.home.sms_readout import SmsReadoutService
 from iim.http import HealthProbe, HttpSite, create_app
@@ -123,7 +124,7 @@ class Service:
         # Alert calls placed by the scenario worker come back here for their IVR; every other call is routed.
         self.ivr = IvrRegistry(max_pending=10_000)
         self.outbound = OutboundServer(
-            with_alert_calls(self.ivr, self._route, on_orphan=self._orphan_call),
+            with_alert_calls(self.ivr, self._route, on_orphan=self._orphan_call, pending=self._placing_call),
             OutboundSettings(host=settings.esl_host, port=settings.esl_port, linger=settings.esl_linger),
             fallback=self._passthrough,
         )
@@ -210,6 +211,9 @@ class Service:
             return await self._worker.orphan_call(variables)
         return None
 
+    def _placing_call(self, call_uuid: str) -> bool:
+        return self._worker is not None and self._worker.placing(call_uuid)
+
     async def _route(self, call: Call) -> None:
         """Calls go through the policy router once the store is up, else to the dialled number."""
         await self._call_handler(call)
@@ -292,9 +296,10 @@ class Service:
                             speaker_endpoint=s.speaker_endpoint,
                             confirm_prompt=prompt_url(audio_base, "confirm-call"),
                             voicemail_prompt=prompt_url(audio_base, "leave-message"))
-        announce = cloud_call_step(CloudAnnouncer(connectors), dial, OutboxSmsSink(pool))
+        sms = OutboxSmsSink(pool)
+        announce = cloud_call_step(CloudAnnouncer(connectors), dial, sms)
         router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record,
-                              record_answer=audit.record_answer, announce=announce)
+                              record_answer=audit.record_answer, announce=announce, missed_call=missed_call_sms(sms))
         return PolicyParts(app_url=urls.app_url, pool=pool, directory_pool=directory_pool, cache=cache, router=router,
                            connectors=connectors, tts=tts, audio_urls=audio_urls, audit_heads=heads,
                            database=database)

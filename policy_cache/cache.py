@@ -24,6 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from iim.core import metrics
 from iim.core.lifecycle import AsyncResource
+from iim.core.numbering import DEFAULT_PLAN, NumberingPlan, try_e164
 from iim.core.retry import backoff_delay
 from policy_cache.errors import ChangeLogTruncatedError
 from policy_cache.snapshot import RoutingSnapshot
@@ -42,6 +43,10 @@ APPLIED = Counter("iim_policy_cache_changes", "Subscriber snapshots replaced or 
 SYNC_SECONDS = Histogram(
     "iim_policy_cache_sync_seconds", "Notification received to new snapshots served",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0), registry=metrics.REGISTRY,
+)
+AMBIGUOUS = Counter(
+    "iim_policy_cache_ambiguous_numbers", "Dialled numbers that name two subscribers under two numbering plans "
+    "(routed unchanged)", registry=metrics.REGISTRY,
 )
 DEVICE_STATUS = Counter(
     "iim_device_status_changes", "Device online/offline changes applied from registrations", ["status"],
@@ -69,6 +74,10 @@ class PolicyStore(Protocol):
     async def load_subscribers(self, subscriber_ids: Iterable[str]) -> list[RoutingSnapshot]: ...
 
     async def changes_since(self, seq: int) -> tuple[set[str], int]: ...
+
+    async def load_plans(self) -> dict[str, NumberingPlan]:
+        """Every tenant's own numbering plan (tenants without one are left out: the default plan)."""
+        ...
 
     async def listen(self) -> ChangeFeed: ...
 
@@ -104,6 +113,8 @@ class PolicyCache(AsyncResource):
         self._by_id: dict[str, RoutingSnapshot] = {}
         self._by_endpoint: dict[str, list[str]] = {}  # lists: a set costs 200+ bytes per device
         self._device_online: dict[str, bool] = {}
+        self._plans: dict[str, NumberingPlan] = {}
+        self._distinct_plans: tuple[NumberingPlan, ...] = (DEFAULT_PLAN,)
         self._seq = 0
         self._ready = asyncio.Event()
         self._listener_up = False
@@ -126,11 +137,39 @@ class PolicyCache(AsyncResource):
         return self._seq
 
     def lookup(self, number: str) -> RoutingSnapshot | None:
-        """The snapshot for a dialled number or SIP AoR, or None for an unknown callee."""
-        snapshot = self._by_number.get(number.removeprefix("+"))
-        if snapshot is None and "@" in number:
-            snapshot = self._by_aor.get(number.removeprefix("sip:"))
+        """The snapshot for a dialled number or SIP AoR, or None for an unknown callee.
+
+        ``+`` and digits is E.164. Other digits are read under every tenant's numbering plan (national,
+        international and without-``+`` forms) and match a subscriber only under the plan of the
+        subscriber's own tenant; the digits as E.164 without ``+`` also match. So a switch need not tell IIM
+        which plan a trunk speaks: there are a few distinct plans, so this is a few dictionary lookups
+        whatever the number of subscribers. Two readings naming two subscribers is no guess: None (the
+        call goes to the dialled number, as for an unknown callee) and a warning.
+        """
+        if "@" in number:
+            return self._by_number.get(number.removeprefix("+")) or self._by_aor.get(number.removeprefix("sip:"))
+        if number.startswith("+"):
+            return self._by_number.get(number[1:])
+        snapshot = self._by_number.get(number)
+        for plan in self._distinct_plans:
+            e164 = try_e164(number, plan)
+            if e164 is None:
+                continue
+            found = self._by_number.get(e164[1:])
+            if found is None or found is snapshot or self._plans.get(found.tenant_id, DEFAULT_PLAN) != plan:
+                continue
+            if snapshot is not None:
+                AMBIGUOUS.inc()
+                log.warning("dialled number names two subscribers under different numbering plans: "
+                            "routing it unchanged", extra={"subscribers": [snapshot.subscriber_id,
+                                                                           found.subscriber_id]})
+                return None
+            snapshot = found
         return snapshot
+
+    def plan_for(self, tenant_id: str) -> NumberingPlan:
+        """The tenant's numbering plan (the default when it has none)."""
+        return self._plans.get(tenant_id, DEFAULT_PLAN)
 
     def get(self, subscriber_id: str) -> RoutingSnapshot | None:
         return self._by_id.get(subscriber_id)
@@ -236,6 +275,7 @@ class PolicyCache(AsyncResource):
             gc.disable()
             try:
                 snapshots, seq = await self._store.load_all()
+                self._set_plans(await self._store.load_plans())
                 self._by_number, self._by_aor, self._by_id, self._by_endpoint = {}, {}, {}, {}
                 for snapshot in snapshots:
                     self._index(snapshot)
@@ -257,6 +297,8 @@ class PolicyCache(AsyncResource):
         async with self._lock:
             started = time.perf_counter()
             changed, seq = await self._store.changes_since(self._seq)
+            if seq > self._seq:
+                self._set_plans(await self._store.load_plans())  # a few rows; a plan change names no subscriber
             if not changed:
                 self._seq = max(self._seq, seq)
                 return 0
@@ -275,6 +317,10 @@ class PolicyCache(AsyncResource):
         if self.on_applied is not None:
             self.on_applied(changed)
         return len(changed)
+
+    def _set_plans(self, plans: dict[str, NumberingPlan]) -> None:
+        self._plans = plans
+        self._distinct_plans = tuple(dict.fromkeys((DEFAULT_PLAN, *plans.values())))
 
     def _index(self, snapshot: RoutingSnapshot) -> None:
         for device in snapshot.speakers:

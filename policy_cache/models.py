@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from iim.core.numbering import NumberingPlan, PlanError
+
 __all__ = [
     "E164_PATTERN", "SIP_URI_PATTERN", "CREDENTIAL_REF_PATTERN",
     "DeviceType", "DeviceCapability", "DeviceStatus", "PresenceState", "BindingRole", "ConsentPurpose",
@@ -43,6 +45,7 @@ __all__ = [
     "ScenarioRecord", "ScenarioCreate", "ScenarioUpdate",
     "OriginateLimit", "OriginateLimitCreate", "OriginateLimitUpdate", "OriginateAllow", "OriginateAllowCreate",
     "CountryCode", "DialPrefix",
+    "NumberingPlanRow", "NumberingPlanCreate", "NumberingPlanUpdate", "PhoneNumber",
     "AuditEntry",
 ]
 
@@ -138,6 +141,9 @@ def _check_zone(value: str) -> str:
 
 
 Msisdn = Annotated[str, StringConstraints(pattern=E164_PATTERN)]
+#: A number as people type it (``8 900 123-45-67``, ``+7 900 ...``, ``00 44 ...``): the admin API reads it
+#: under the tenant's numbering plan (iim.core.numbering) and stores E.164; anything else is a 422 there.
+PhoneNumber = Annotated[str, StringConstraints(pattern=r"^\+?[0-9 ().\-/]{1,40}$")]
 # The same patterns are CHECK constraints in migration 0019 (iim.originate_limit, iim.originate_allow).
 CountryCode = Annotated[str, StringConstraints(pattern=r"^\+[1-9][0-9]{0,5}$")]
 DialPrefix = Annotated[str, StringConstraints(pattern=r"^\+[0-9]{1,15}$")]
@@ -618,6 +624,63 @@ class OriginateAllow(_Row):
     id: UUID
     prefix: str
     note: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+# -- numbering plan -------------------------------------------------------------------------------------
+#
+# How the tenant's people and trunks write numbers (iim.core.numbering.NumberingPlan): one row per tenant;
+# none, or deleted: the service's default (Russia). The same checks are CHECK constraints in migration 0024.
+
+_Digits = Annotated[str, StringConstraints(pattern=r"^[0-9]{2,4}$")]
+
+
+class _PlanChecks(_Input):
+    @model_validator(mode="after")
+    def _applicable(self) -> Self:
+        values = self.model_dump(exclude_none=True)
+        if "country_code" not in values:
+            return self  # a partial update: the database checks the row it makes
+        try:
+            NumberingPlan(values["country_code"], values.get("trunk_prefix", ""),
+                          tuple(values.get("international_prefixes", ("00",))),
+                          tuple(values.get("national_lengths", (10,))))
+        except PlanError as exc:
+            raise ValueError(str(exc)) from exc
+        return self
+
+
+class NumberingPlanCreate(_PlanChecks):
+    """The tenant's numbering plan: how national and international forms map to E.164."""
+
+    country_code: Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,2}$")] = Field(
+        description="digits, no +: 7, 44, 49")
+    trunk_prefix: Annotated[str, StringConstraints(pattern=r"^[0-9]{0,3}$")] = Field(
+        default="", description="the national (trunk) prefix: 8 in Russia, 0 in the UK; empty: none")
+    international_prefixes: list[_Digits] = Field(
+        default_factory=lambda: ["00"], min_length=1, max_length=4,
+        description="dialled before a country code instead of +: 810 and 00 in Russia")
+    national_lengths: list[Annotated[int, Field(ge=6, le=14)]] = Field(
+        default_factory=lambda: [10], min_length=1, max_length=12,
+        description="digits of a national significant number (after the country code)")
+
+
+class NumberingPlanUpdate(_PlanChecks):
+    country_code: Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,2}$")] | None = None
+    trunk_prefix: Annotated[str, StringConstraints(pattern=r"^[0-9]{0,3}$")] | None = None
+    international_prefixes: list[_Digits] | None = Field(default=None, min_length=1, max_length=4)
+    national_lengths: list[Annotated[int, Field(ge=6, le=14)]] | None = Field(default=None, min_length=1,
+                                                                              max_length=12)
+
+
+class NumberingPlanRow(_Row):
+    tenant_id: UUID
+    id: UUID
+    country_code: str
+    trunk_prefix: str
+    international_prefixes: list[str]
+    national_lengths: list[int]
     created_at: datetime
     updated_at: datetime
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import UTC, datetime, time
@@ -20,6 +21,7 @@ import asyncpg
 
 from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.lifecycle import AsyncResource
+from iim.core.numbering import DEFAULT_PLAN, NumberingPlan, PlanError, try_e164
 from policy_cache.cache import PolicyStoreUnavailable
 from policy_cache.changes import change_watermark, changes_since
 from policy_cache.db import Connection, DbRole, connect
@@ -27,6 +29,8 @@ from policy_cache.errors import ChangeLogTruncatedError
 from policy_cache.loader import RoutingDevice, RoutingRow, load_routing_rows
 from policy_cache.models import ConsentPurpose, DeviceCapability, DeviceStatus
 from policy_cache.snapshot import RoutingSnapshot, SpeakerDevice, callers, compile_snapshot
+
+log = logging.getLogger("iim.policy_cache")
 
 CHANNEL = "iim_policy"
 
@@ -346,15 +350,34 @@ class PgPolicyStore(AsyncResource):
             changed, new_seq = await changes_since(conn, seq)
         return {str(u) for u in changed}, new_seq
 
+    async def load_plans(self) -> dict[str, NumberingPlan]:
+        conn = await self._connection()
+        with unavailable_as_store_error():
+            rows = await conn.fetch("SELECT tenant_id, country_code, trunk_prefix, international_prefixes, "
+                                    "national_lengths FROM iim.numbering_plan")
+        plans: dict[str, NumberingPlan] = {}
+        for r in rows:
+            try:
+                plans[str(r[0])] = NumberingPlan(r[1], r[2], tuple(r[3]), tuple(r[4]))
+            except PlanError:  # the table's CHECKs are the same rules: only a hand-made row gets here
+                log.exception("numbering plan of tenant %s cannot be applied: the default plan serves it", r[0])
+        return plans
+
     async def find_subscriber_ids(self, number: str) -> list[str]:
-        """Subscribers (of any tenant) with this MSISDN (with or without ``+``) or SIP AoR."""
+        """Subscribers (of any tenant) with this MSISDN (with or without ``+``, or in a form the subscriber's
+        tenant's numbering plan reads, as the cache finds them) or SIP AoR."""
         digits = number.removeprefix("+")
+        plans = await self.load_plans()
+        readings = {plan: try_e164(number, plan) for plan in {DEFAULT_PLAN, *plans.values()}}
+        exact = [number, "+" + digits, digits, "sip:" + number.removeprefix("sip:")]
         conn = await self._connection()
         with unavailable_as_store_error():
             rows = await conn.fetch(
-                "SELECT id FROM iim.subscriber WHERE msisdn = ANY($1::text[]) OR sip_aor = ANY($1::text[])",
-                [number, "+" + digits, digits, "sip:" + number.removeprefix("sip:")])
-        return [str(r["id"]) for r in rows]
+                "SELECT id, tenant_id, msisdn FROM iim.subscriber "
+                "WHERE msisdn = ANY($1::text[]) OR sip_aor = ANY($1::text[])",
+                [*exact, *{r for r in readings.values() if r is not None}])
+        return [str(r["id"]) for r in rows
+                if r["msisdn"] in exact or readings[plans.get(str(r["tenant_id"]), DEFAULT_PLAN)] == r["msisdn"]]
 
     async def listen(self) -> _ListenFeed:
         with unavailable_as_store_error():

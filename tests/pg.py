@@ -38,7 +38,7 @@ from tests import run_guard
 
 __all__ = [
     "PgCluster", "PgDatabase", "PrivatePg", "admin_conn", "app_pool", "cache_conn", "create_tenant", "pg_cluster",
-    "pg_db", "pg_empty_db", "pg_template", "private_pg", "run_sync",
+    "pg_db", "pg_empty_db", "pg_template", "private_pg", "run_sync", "standalone_database",
 ]
 
 TEST_URL_ENV = "IIM_TEST_DATABASE_URL"
@@ -168,6 +168,16 @@ def pg_empty_db(pg_cluster: PgCluster) -> Iterator[PgDatabase]:
     db = _fresh_database(pg_cluster, "template0")
     yield db
     _drop(pg_cluster, db.name)
+
+
+@contextlib.contextmanager
+def standalone_database() -> Iterator[tuple[PgCluster, PgDatabase]]:
+    """The server and a migrated database outside pytest (``sip-tests/run``); stopped and deleted after."""
+    cluster = _start_cluster()
+    try:
+        yield cluster, _fresh_database(cluster, run_sync(_build_template(cluster)))
+    finally:
+        _stop_cluster()
 
 
 @pytest_asyncio.fixture

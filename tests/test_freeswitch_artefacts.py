@@ -24,7 +24,11 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
+from iim.core.numbering import NumberingPlan, PlanError, try_e164
 from iim.settings import FreeSwitchNode, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -861,12 +865,49 @@ def test_subscriber_regex_accepts_numbers_and_refuses_the_rest() -> None:
     ]
     assert expressions == [model.asm.variables["iim_subscriber_regex"]]
     pattern = re.compile(expressions[0])
-    for number in ("+79161234567", "79161234567", "89161234567", "4915112345678", "+12025550123"):
+    for number in ("+79161234567", "79161234567", "89161234567", "4915112345678", "+12025550123",
+                   "0079161234567", "81079161234567", "02079460018", "00114412345678901234"[:19]):
         match = pattern.search(number)
         assert match is not None, number
         assert match.group(1) == number
-    for bad in ("", "1000", "+0123456789", "*21#", "7916123456789012", "sip:7916@evil", "iim"):
+    for bad in ("", "1000", "+0123456789", "*21#", "79161234567890123456", "+7916123456789012", "sip:7916@evil",
+                "iim", "8 900 1234567", "+7 900"):
         assert pattern.search(bad) is None, bad
+
+
+@functools.cache
+def _subscriber_pattern() -> re.Pattern[str]:
+    return re.compile(load(ROOT).asm.variables["iim_subscriber_regex"])
+
+
+_PLANS = st.builds(
+    NumberingPlan,
+    country_code=st.from_regex(r"[1-9][0-9]{0,2}", fullmatch=True),
+    trunk_prefix=st.from_regex(r"[0-9]{0,2}", fullmatch=True),
+    international_prefixes=st.lists(st.from_regex(r"[0-9]{2,4}", fullmatch=True), min_size=1, max_size=3,
+                                    unique=True).map(tuple),
+    national_lengths=st.lists(st.integers(6, 12), min_size=1, max_size=4, unique=True).map(tuple),
+).filter(lambda p: max(p.national_lengths) <= 15 - len(p.country_code)
+         and p.trunk_prefix not in p.international_prefixes)
+
+
+@given(data=st.data())
+@hypothesis_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+def test_the_subscriber_regex_admits_every_form_any_numbering_plan_reads(data: st.DataObject) -> None:
+    """Issue 15 item 4: whatever plan a tenant sets, the dialplan hands its national and international forms to
+    IIM (which reads them under that plan) rather than refusing them before IIM sees them."""
+    try:
+        plan = data.draw(_PLANS)
+    except PlanError:
+        return
+    length = data.draw(st.sampled_from(plan.national_lengths))
+    nsn = data.draw(st.from_regex(rf"[1-9][0-9]{{{length - 1}}}", fullmatch=True))
+    pattern = _subscriber_pattern()
+    e164 = "+" + plan.country_code + nsn
+    forms = [e164, e164[1:], nsn, plan.trunk_prefix + nsn, *(p + e164[1:] for p in plan.international_prefixes)]
+    for form in forms:
+        if try_e164(form, plan) is not None:
+            assert pattern.fullmatch(form), (form, plan)
 
 
 def test_capacity_is_raised_above_the_stock_limits() -> None:

@@ -27,6 +27,12 @@ from fs_app.outreach.ivr import IvrRegistry, IvrResult, IvrTicket, RegistryFull
 
 log = logging.getLogger("iim.outreach.calls")
 
+#: mod_hash realm where the switch itself notes every alert call it creates (``api_on_originate``): the
+#: switch's own memory of "I took this call", which outlives the call, the Event Socket link and the placer.
+#: A take-over asks it before placing a call whose placer died, so a call the switch once took is never
+#: dialled again. Entries go when the call's outcome is recorded (``forget``), or with the switch.
+ORIGINATED_REALM = "iim_originated"
+
 DTMF_KEYS = frozenset("0123456789*#ABCD")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _VAR_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -166,6 +172,8 @@ def originate_command(call: AlertCall, *, gateway_dial: GatewayDial, socket_addr
         ("originate_timeout", str(call.ring_s)),
         ("ignore_early_media", "true"),
         ("iim_alert", "1"),
+        # Run by the switch as it creates the leg, before anything rings (quoted: one originate argument).
+        ("api_on_originate", f"'hash insert/{ORIGINATED_REALM}/{call.call_uuid}/1'"),
         *call.variables.items(),
     ]
     block = ",".join(f"{k}={v}" for k, v in variables)
@@ -355,6 +363,32 @@ class AlertCallPlacer:
         answer = reply.body.strip()
         return True if answer == "true" else False if answer == "false" else None
 
+    async def _switch_took(self, link: SwitchApi, call_uuid: str) -> bool | None:
+        """Did the switch ever create this call (its ``api_on_originate`` note, :data:`ORIGINATED_REALM`)?
+        None when it cannot be asked. An empty ``hash select`` reaches us as ``-ERR no reply``."""
+        if isinstance(link, InboundClient) and not link.connected:
+            link.want_connection()
+            return None
+        try:
+            reply = await link.api(f"hash select/{ORIGINATED_REALM}/{call_uuid}", self._api_timeout_s)
+        except (EslError, OSError, TimeoutError):
+            return None
+        answer = reply.body.strip()
+        if answer.startswith("-ERR hash Command not found"):
+            # A switch without mod_hash keeps no notes: the call is unknown to it (placing it again risks a
+            # second call; not placing it risks none at all).
+            log.warning("the switch has no mod_hash: a taken-over call cannot be checked for an earlier dial")
+            return False
+        return True if answer == "1" else False if answer in ("", "-ERR no reply") else None
+
+    async def forget(self, call_uuid: str) -> None:
+        """Drop the switch's note of a call whose outcome is recorded (best effort: a note left behind is a few
+        bytes until the switch restarts)."""
+        _check(_UUID.fullmatch(call_uuid) is not None, f"not a call uuid: {call_uuid!r:.60}")
+        with contextlib.suppress(EslError, OSError, TimeoutError):
+            link = await self._link()
+            await link.api(f"hash delete/{ORIGINATED_REALM}/{call_uuid}", self._api_timeout_s)
+
     async def _uptime_s(self, link: SwitchApi) -> float | None:
         """How long the switch has been up (``status``); None when it cannot be asked or read."""
         try:
@@ -417,30 +451,62 @@ class AlertCallPlacer:
 
     async def place_or_adopt(self, call: AlertCall, *, on_sent: Callable[[], None] | None = None) -> CallOutcome:
         """A call claimed by a process that died before it was known to be sent: its ``origination_uuid`` is the
-        idempotency key. The switch has it -> adopt it (its IVR, its BACKGROUND_JOB, ``uuid_exists``); it has
-        not -> place it (the switch unreachable -> unreachable, as for any call)."""
-        if await self.call_exists(call.call_uuid) is not True:
-            return await self.place(call, on_sent=on_sent)
+        idempotency key, and the switch is asked what became of it before anything is dialled:
+
+        * up on the switch (``uuid_exists``): adopt it (its IVR, its BACKGROUND_JOB, ``uuid_exists``);
+        * not up, but the switch noted creating it (:data:`ORIGINATED_REALM`): it rang and ended while its
+          placer was gone: failed, never dialled again;
+        * unknown to the switch: place it;
+        * the switch cannot be asked: unreachable, nothing dialled (the caller texts the person and retries).
+
+        The call is registered for its IVR first, so its socket arriving while the switch is asked is ours."""
         try:
             ticket = self._ivr.expect(call)
         except RegistryFull as exc:
-            return CallOutcome(CallOutcomeKind.REFUSED, None, None, detail=f"not adopted: {exc}")
-        if on_sent is not None:
-            on_sent()
-        metrics.IN_FLIGHT.inc()
+            return CallOutcome(CallOutcomeKind.REFUSED, None, None, detail=f"not taken over: {exc}")
+        started = asyncio.get_running_loop().time()
         try:
-            link = await self._link()
-            outcome = await self._follow(call, ticket, link, reason="adopted from a worker that died",
-                                         accepted=True, started=asyncio.get_running_loop().time())
-        except (EslError, OSError, TimeoutError) as exc:
-            outcome = CallOutcome(CallOutcomeKind.UNREACHABLE, None, None, detail=f"switch unreachable ({exc})")
+            try:
+                link = await self._link()
+            except (EslError, OSError, TimeoutError) as exc:
+                return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None,
+                                   detail=f"switch unreachable ({type(exc).__name__}: {exc}); not taken over")
+            exists = await self._exists_on(link, call.call_uuid)
+            took = await self._switch_took(link, call.call_uuid) if exists is False else None
+            if ticket.arrived.done() or ticket.done() or exists:
+                if on_sent is not None:
+                    on_sent()
+                metrics.IN_FLIGHT.inc()
+                try:
+                    outcome = await self._follow(call, ticket, link, reason="adopted from a worker that died",
+                                                 accepted=True, started=started)
+                finally:
+                    metrics.IN_FLIGHT.dec()
+                metrics.ORIGINATES.labels(outcome.kind.value).inc()
+                log.info("adopted alert call %s", outcome.kind.value, extra={"call_id": call.call_uuid,
+                                                                             "detail": outcome.detail})
+                return outcome
+            if took:
+                if on_sent is not None:
+                    on_sent()
+                return CallOutcome(CallOutcomeKind.FAILED, None, None,
+                                   detail="the switch took the call and it ended while its placer was gone; "
+                                          "not redialled")
+            if took is None:
+                return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None,
+                                   detail="the switch could not be asked about the call; not taken over")
+            metrics.IN_FLIGHT.inc()
+            try:
+                outcome = await self._send(call, ticket, link, on_sent, started)
+            finally:
+                metrics.IN_FLIGHT.dec()
+            metrics.ORIGINATES.labels(outcome.kind.value).inc()
+            log.info("taken-over alert call %s", outcome.kind.value, extra={
+                "call_id": call.call_uuid, "outcome": outcome.kind.value, "hangup_cause": outcome.hangup_cause,
+                "digit": outcome.digit, "detail": outcome.detail})
+            return outcome
         finally:
-            metrics.IN_FLIGHT.dec()
             self._ivr.discard(call.call_uuid)
-        metrics.ORIGINATES.labels(outcome.kind.value).inc()
-        log.info("adopted alert call %s", outcome.kind.value, extra={"call_id": call.call_uuid,
-                                                                     "detail": outcome.detail})
-        return outcome
 
     async def _place(self, call: AlertCall, on_sent: Callable[[], None] | None) -> CallOutcome:
         try:
@@ -455,19 +521,29 @@ class AlertCallPlacer:
             except (EslError, OSError, TimeoutError) as exc:  # nothing was sent
                 return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None,
                                    detail=f"switch unreachable ({type(exc).__name__}: {exc}); not placed")
-            try:
-                job = await link.bgapi(command, job_uuid=call.call_uuid, timeout=call.ring_s + self._job_slack_s,
-                                       on_accepted=on_sent)
-            except (EslError, OSError, TimeoutError) as exc:
-                return await self._link_lost(call, ticket, exc, started, link)
-            failed = outcome_of_job(job.body)
-            if failed is not None:
-                return failed
-            if job.value and job.value != call.call_uuid:
-                log.warning("originate answered with another uuid %s", job.value, extra={"call_id": call.call_uuid})
-            return await self._answered(call, ticket)
+            return await self._send(call, ticket, link, on_sent, started, command)
         finally:
             self._ivr.discard(call.call_uuid)
+
+    async def _send(self, call: AlertCall, ticket: IvrTicket, link: SwitchApi, on_sent: Callable[[], None] | None,
+                    started: float, command: str | None = None) -> CallOutcome:
+        """The originate itself on ``link``, then the call followed to its outcome."""
+        if command is None:
+            try:
+                command = originate_command(call, gateway_dial=self._dial, socket_address=self._socket_address)
+            except ValueError as exc:
+                return CallOutcome(CallOutcomeKind.REFUSED, None, None, detail=f"not placed: {exc}")
+        try:
+            job = await link.bgapi(command, job_uuid=call.call_uuid, timeout=call.ring_s + self._job_slack_s,
+                                   on_accepted=on_sent)
+        except (EslError, OSError, TimeoutError) as exc:
+            return await self._link_lost(call, ticket, exc, started, link)
+        failed = outcome_of_job(job.body)
+        if failed is not None:
+            return failed
+        if job.value and job.value != call.call_uuid:
+            log.warning("originate answered with another uuid %s", job.value, extra={"call_id": call.call_uuid})
+        return await self._answered(call, ticket)
 
     async def _await_ivr(self, call: AlertCall, ticket: IvrTicket) -> CallOutcome:
         try:
@@ -541,8 +617,13 @@ class AlertCallPlacer:
                         return CallOutcome(CallOutcomeKind.ANSWERED, None, None,
                                            detail=f"{reason}; ivr_not_connected: up on the switch, never reached us")
                 elif exists is False and not (ticket.arrived.done() or ticket.done() or job.done()):
+                    took = await self._switch_took(link, call.call_uuid)
+                    if took:  # it rang and ended unseen (the switch's own note): never dialled again
+                        return CallOutcome(CallOutcomeKind.FAILED, None, None,
+                                           detail=f"{reason}; the call ended while the link was down; "
+                                                  "not redialled")
                     uptime = await self._uptime_s(link)
-                    if accepted and uptime is not None and uptime > now - started:
+                    if took is None and accepted and uptime is not None and uptime > now - started:
                         return CallOutcome(CallOutcomeKind.FAILED, None, None,
                                            detail=f"{reason}; the call ended while the link was down; not redialled")
                     return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None,

@@ -8,6 +8,9 @@ range (premium rate, satellite, international networks, a foreign country sharin
 ``special_ranges.tsv``) unless an allow-list entry lies inside that range. So ``+7`` in a plan or in the
 allow-list admits ``+7903...`` but not ``+7809...``; only ``+7809`` (or the number itself) does.
 
+A destination in a national or international form (``8 809 ...``, ``810 ...``) is read under the tenant's
+numbering plan (:mod:`iim.core.numbering`) first: ``88091234567`` is ``+78091234567`` and refused the same.
+
 Everything here is pure: the caller loads the plan and the counts and maps the verdict. A cap reached is
 not a refusal but a :class:`Wait` (the alarm's call is queued and tried again) until the call has waited
 ``max_wait_s``; only a number the rules exclude is a :class:`Refusal`. The counts live in PostgreSQL: the
@@ -19,17 +22,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from typing import Literal
 
+from iim.core.numbering import DEFAULT_PLAN, NumberingPlan, try_e164
 from iim.core.retry import backoff_delay
 
 __all__ = [
     "DEFAULT_COUNTRY_CODES", "OriginateLimits", "Refusal", "RefusalReason", "SpecialRange", "Wait", "WaitReason",
     "check_caps", "check_destination", "destination_kind", "destination_refusal", "limits_from", "number_refusal",
-    "parse_special_ranges", "special_range_of", "special_ranges",
+    "normalised_destination", "parse_special_ranges", "special_range_of", "special_ranges",
 ]
 
 E164 = re.compile(r"\+[0-9]{8,15}")
@@ -102,6 +106,8 @@ class OriginateLimits:
     #: a call kept from its place by a cap is tried again until it has waited this long (then refused)
     max_wait_s: float = DEFAULT_MAX_WAIT_S
     ranges: tuple[SpecialRange, ...] | None = field(default=None, repr=False)  # None: the shipped ranges
+    #: how the tenant's numbers are written: national forms of a destination are read under it
+    numbering: NumberingPlan = DEFAULT_PLAN
 
     def __post_init__(self) -> None:
         if self.max_concurrent < 0 or self.max_per_hour < 0 or self.max_wait_s < 0:
@@ -109,16 +115,18 @@ class OriginateLimits:
 
 
 def limits_from(row: tuple[int | None, int | None, Sequence[str] | None, Sequence[str]] | None,
-                defaults: OriginateLimits) -> OriginateLimits:
-    """A tenant's limits from its stored row (caps, plan; None: not set) and allow-list, over ``defaults``."""
+                defaults: OriginateLimits, numbering: NumberingPlan | None = None) -> OriginateLimits:
+    """A tenant's limits from its stored row (caps, plan; None: not set) and allow-list, over ``defaults``;
+    ``numbering`` is its numbering plan (None: the defaults')."""
+    numbering = defaults.numbering if numbering is None else numbering
     if row is None:
-        return defaults
+        return defaults if numbering == defaults.numbering else replace(defaults, numbering=numbering)
     max_concurrent, max_per_hour, country_codes, allowed = row
     return OriginateLimits(
         max_concurrent=defaults.max_concurrent if max_concurrent is None else max_concurrent,
         max_per_hour=defaults.max_per_hour if max_per_hour is None else max_per_hour,
         country_codes=defaults.country_codes if country_codes is None else tuple(country_codes),
-        allowed=tuple(allowed), max_wait_s=defaults.max_wait_s, ranges=defaults.ranges)
+        allowed=tuple(allowed), max_wait_s=defaults.max_wait_s, ranges=defaults.ranges, numbering=numbering)
 
 
 @dataclass(frozen=True)
@@ -153,12 +161,22 @@ def _shown(destination: object) -> str:
     return repr(destination)[:60]
 
 
+def normalised_destination(destination: str, limits: OriginateLimits) -> str:
+    """A number in any form the tenant's numbering plan reads, as E.164; anything else (a SIP URI, E.164
+    already, a number the plan cannot read) unchanged, for the rules to judge."""
+    if destination.startswith(("+", "sip:")) or len(destination) > _MAX_LEN:
+        return destination
+    return try_e164(destination, limits.numbering) or destination
+
+
 def number_refusal(number: str, limits: OriginateLimits) -> Refusal | None:
-    """None when the tenant's plan or allow-list admits the E.164 ``number``, else why not.
+    """None when the tenant's plan or allow-list admits ``number`` (E.164, or a form the tenant's numbering
+    plan reads), else why not.
 
     A special range is admitted only by an allow-list entry inside it (at least as long as the range);
     a plan's country code or a shorter entry never reaches into one.
     """
+    number = normalised_destination(number, limits)
     special = special_range_of(number, limits.ranges)
     if special is not None:
         if any(number.startswith(a) and special.matches(a) for a in limits.allowed):
@@ -175,7 +193,10 @@ def destination_refusal(destination: str, *, bound: frozenset[str], limits: Orig
     """The rules that do not change while a call waits: shape, binding, then the plan (numbers only).
 
     Order: the most specific problem first (a stranger's number is ``destination_not_bound`` even when it
-    is also a premium one)."""
+    is also a premium one). A national form is judged as the E.164 number it stands for; the caller dials
+    :func:`normalised_destination`."""
+    if isinstance(destination, str):
+        destination = normalised_destination(destination, limits)
     kind = destination_kind(destination)
     if kind is None:
         return Refusal("malformed_destination", f"not E.164 (+ and 8-15 digits) nor a sip: URI: {_shown(destination)}")

@@ -261,14 +261,19 @@ def _alert_variables(call: Call) -> dict[str, str]:
     return {name: value for name in names if (value := call.variable(name))}
 
 
-async def _claim_soon(registry: IvrRegistry, uuid: str, wait_s: float) -> tuple[str, AlertCall | None]:
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
+async def _claim_soon(registry: IvrRegistry, uuid: str, wait_s: float,
+                      pending: Callable[[str], bool] | None) -> tuple[str, AlertCall | None]:
+    """Claim ``uuid`` within ``wait_s``, or for as long as ``pending`` says a worker here is about to register
+    it (a take-over asking the switch first), bounded by :data:`ORPHAN_LOOKUP_S`."""
+    start = time.monotonic()
+    while True:
         await asyncio.sleep(0.02)
         alert = registry.claim(uuid)
         if alert is not None:
             return uuid, alert
-    return uuid, None
+        waited = time.monotonic() - start
+        if waited >= ORPHAN_LOOKUP_S or (waited >= wait_s and (pending is None or not pending(uuid))):
+            return uuid, None
 
 
 async def _adopt(hook: OrphanHook, uuid: str, variables: Mapping[str, str]) -> Adoption | None:
@@ -292,6 +297,7 @@ def with_alert_calls(
     *,
     on_result: ResultHook | None = None,
     on_orphan: OrphanHook | None = None,
+    pending: Callable[[str], bool] | None = None,
     invalid_prompt: str = NO_PROMPT,
     goodbye_prompt: str | None = None,
 ) -> CallHandler:
@@ -303,7 +309,9 @@ def with_alert_calls(
     it would ring them again. ``on_result`` gets every result, also when the placer is
     gone, so the worker can persist it; ``on_orphan`` gets the channel variables of an
     answered alert call nobody here placed (its worker died) and may adopt it: its IVR runs
-    here and the result goes to the adoption, so the person who answered is heard.
+    here and the result goes to the adoption, so the person who answered is heard. ``pending``
+    says whether a worker here is about to register a call (taking it over): its socket waits
+    for that registration rather than count as orphaned.
     """
 
     async def handle(call: Call) -> None:
@@ -318,7 +326,7 @@ def with_alert_calls(
         if alert is None:
             # A worker taking over the call may register it a moment after the switch connects (it asks the
             # switch whether the call exists first): give it that moment before treating the call as orphaned.
-            uuid, alert = await _claim_soon(registry, uuid, CLAIM_WAIT_S)
+            uuid, alert = await _claim_soon(registry, uuid, CLAIM_WAIT_S, pending)
         if alert is None:
             # Answered, but the worker that placed it is gone (killed, restarted, or it gave up on a blinking
             # link): the person is on the line, so run the call's IVR here rather than hang up on them.

@@ -165,6 +165,43 @@ def api_hupall(emu: FreeSwitchEmulator, arg: str | None, listener: EslListener |
     return f"+OK hangup all channels with cause {cause}\n"
 
 
+HASH_USAGE = "-ERR Usage: hash [insert|insert_ifempty|delete|delete_ifmatch]/<realm>/<key>/<val>\n"
+
+
+def api_hash(emu: FreeSwitchEmulator, arg: str | None, listener: EslListener | None) -> ApiResult:
+    """mod_hash's ``hash insert|insert_ifempty|select|delete|delete_ifmatch/<realm>/<key>[/<value>]`` (its
+    ``db`` realm: one table per switch, gone when it restarts). ``select`` of a missing key prints nothing,
+    which the Event Socket sends as ``-ERR no reply``."""
+    parts = (arg or "").split("/", 3)
+    if len(parts) < 3 or not parts[0]:
+        return HASH_USAGE
+    verb, key = parts[0].lower(), f"{parts[1]}_{parts[2]}"
+    value = parts[3] if len(parts) > 3 else None
+    table = emu.hash_db
+    if verb in ("insert", "insert_ifempty", "delete_ifmatch") and value is None:
+        return HASH_USAGE
+    if verb == "insert":
+        table[key] = value or ""
+        return "+OK\n"
+    if verb == "insert_ifempty":
+        if key in table:
+            return "-ERR key already exists\n"
+        table[key] = value or ""
+        return "+OK\n"
+    if verb == "delete":
+        return "+OK\n" if table.pop(key, None) is not None else "-ERR Not found\n"
+    if verb == "delete_ifmatch":
+        if key not in table:
+            return "-ERR Not found\n"
+        if table[key] != value:
+            return "-ERR Doesn't match\n"
+        del table[key]
+        return "+OK\n"
+    if verb == "select":
+        return table.get(key, "")
+    return HASH_USAGE
+
+
 def api_version(emu: FreeSwitchEmulator, arg: str | None, listener: EslListener | None) -> ApiResult:
     return VERSION + "\n"
 
@@ -388,6 +425,7 @@ class Originate:
         ch.set_state("CS_INIT")
         ch.fire("CHANNEL_STATE", with_vars=False)
         ch.fire("CHANNEL_CREATE")
+        _api_on_originate(emu, per_leg)
         ch.set_state("CS_ROUTING")
         ch.fire("CHANNEL_STATE", with_vars=False)
         ch.set_state("CS_CONSUME_MEDIA")
@@ -458,6 +496,17 @@ class Originate:
                                   park_first=False)
 
 
+def _api_on_originate(emu: FreeSwitchEmulator, variables: dict[str, str]) -> None:
+    """``api_on_originate*`` variables: each an API command (``name args``) run as the leg is created, as
+    switch_ivr_originate does (its output only logged). The emulator runs commands that answer at once."""
+    for name, value in variables.items():
+        if name.startswith("api_on_originate") and value:
+            command, _, args = value.strip("'").partition(" ")
+            result = emu.run_api(command, args or None)
+            if not isinstance(result, str) and asyncio.iscoroutine(result):
+                result.close()  # a command that takes time (originate): not one an originate hook runs here
+
+
 def _far_end_bye(session: Session) -> None:
     """The remote party of an originated leg hangs up (BYE)."""
     ch = session.channel
@@ -484,6 +533,7 @@ API_COMMANDS: dict[str, ApiFunc] = {
     "uuid_answer": api_uuid_answer,
     "hupall": api_hupall,
     "version": api_version,
+    "hash": api_hash,
     "hostname": api_hostname,
     "echo": api_echo,
     "global_getvar": api_global_getvar,

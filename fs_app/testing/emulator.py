@@ -117,6 +117,8 @@ class FreeSwitchEmulator:
         self.errors: list[str] = []
         self.results: list[CallResult] = []
         self.originates: deque[OriginateRecord] = deque(maxlen=10_000)
+        #: mod_hash's table (``hash insert/select/delete``): in memory, gone when the switch restarts
+        self.hash_db: dict[str, str] = {}
         #: called with each originate as it arrives (benchmarks time them; the deque keeps only the last ones)
         self.originate_listeners: list[Callable[[OriginateRecord], None]] = []
         self.recordings: deque[RecordingRecord] = deque(maxlen=10_000)

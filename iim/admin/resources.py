@@ -18,7 +18,8 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from fs_app.outreach.guard import OriginateLimits, limits_from, number_refusal
-from iim.admin.problems import FieldError, ValidationFailed
+from iim.admin.problems import FieldError, InvalidParameter, ValidationFailed
+from iim.core.numbering import NotANumber, NumberingPlan, to_e164
 from iim.scenarios import registry as scenario_registry
 from iim.scenarios.model import (
     MAX_STEPS,
@@ -261,31 +262,114 @@ class ScenarioResource(Resource):
             expected_version=getattr(query, "expected_version", None))
 
 
+class SubscriberCreateBody(m.SubscriberCreate):
+    msisdn: m.PhoneNumber = Field(
+        description="E.164, or a national or international form under the tenant's numbering plan "
+                    "(8 900 123-45-67, 00 7 900 ...); stored as E.164")
+
+
+class SubscriberUpdateBody(m.SubscriberUpdate):
+    msisdn: m.PhoneNumber | None = Field(
+        default=None, description="as on create: any form the tenant's numbering plan reads; stored as E.164")
+
+
+class SubscriberQuery(ListQuery):
+    msisdn: m.PhoneNumber | None = Field(
+        default=None, description="only the subscriber with this number (any form the tenant's plan reads)")
+
+
 class SubscriberResource(Resource):
-    """A subscriber's number is a contact alert calls may dial: one the tenant's numbering plan refuses
-    (another country, a premium or satellite range) is a 422 here rather than a call refused at 3 a.m."""
+    """A subscriber's number is typed by people: it is read under the tenant's numbering plan and stored in
+    E.164 (a number the plan cannot read is a 422). It is also a contact alert calls may dial: one the
+    tenant's originate plan refuses (another country, a premium or satellite range) is a 422 here rather
+    than a call refused at 3 a.m."""
 
     async def create(self, conn: Connection, data: BaseModel, actor: str, correlation: Correlation) -> BaseModel:
-        await _check_number(conn, getattr(data, "msisdn", None))
-        return await super().create(conn, data, actor, correlation)
+        assert isinstance(data, m.SubscriberCreate)
+        stored = m.SubscriberCreate(**(data.model_dump() | {"msisdn": await _stored_number(conn, data.msisdn)}))
+        return await super().create(conn, stored, actor, correlation)
 
     async def update(self, conn: Connection, row_id: UUID, data: BaseModel, query: BaseModel, actor: str,
                      correlation: Correlation) -> BaseModel:
-        await _check_number(conn, getattr(data, "msisdn", None))
-        return await super().update(conn, row_id, data, query, actor, correlation)
+        assert isinstance(data, m.SubscriberUpdate)
+        fields = {name: getattr(data, name) for name in data.model_fields_set}
+        if data.msisdn is not None:
+            fields["msisdn"] = await _stored_number(conn, data.msisdn)
+        return await super().update(conn, row_id, m.SubscriberUpdate(**fields), query, actor, correlation)
+
+    async def list(self, conn: Connection, query: ListQuery) -> Sequence[BaseModel]:
+        number = getattr(query, "msisdn", None)
+        if number is None:
+            return await super().list(conn, query)
+        e164 = to_e164_or_422(number, await registry.get_numbering_plan(conn), ["query", "msisdn"])
+        return await registry.list_rows(conn, self.table, limit=query.limit, after=query.after, msisdn=e164)
 
 
-async def _check_number(conn: Connection, number: str | None) -> None:
-    if number is None:
-        return
-    row, allowed = await registry.get_originate_plan(conn, number)
+_CALLERS = ("allowed_callers", "blocked_callers")
+
+
+class PolicyCreateBody(m.PolicyCreate):
+    allowed_callers: list[m.PhoneNumber] = Field(
+        default_factory=list,
+        description="callers DND and quiet hours do not stop: any form the tenant's numbering plan reads; "
+                    "stored as E.164")
+    blocked_callers: list[m.PhoneNumber] = Field(
+        default_factory=list, description="callers refused: as allowed_callers")
+
+
+class PolicyUpdateBody(m.PolicyUpdate):
+    allowed_callers: list[m.PhoneNumber] | None = None
+    blocked_callers: list[m.PhoneNumber] | None = None
+
+
+class PolicyResource(Resource):
+    """A policy's caller lists are numbers people type: read under the tenant's numbering plan and stored in
+    E.164, which is how IIM compares the caller of a call (read under the same plan)."""
+
+    async def create(self, conn: Connection, data: BaseModel, actor: str, correlation: Correlation) -> BaseModel:
+        assert isinstance(data, m.PolicyCreate)
+        fields = data.model_dump() | await _callers_in_e164(conn, data)
+        return await super().create(conn, m.PolicyCreate(**fields), actor, correlation)
+
+    async def update(self, conn: Connection, row_id: UUID, data: BaseModel, query: BaseModel, actor: str,
+                     correlation: Correlation) -> BaseModel:
+        assert isinstance(data, m.PolicyUpdate)
+        fields = {name: getattr(data, name) for name in data.model_fields_set} | await _callers_in_e164(conn, data)
+        return await super().update(conn, row_id, m.PolicyUpdate(**fields), query, actor, correlation)
+
+
+async def _callers_in_e164(conn: Connection, data: BaseModel) -> dict[str, list[str]]:
+    lists = {name: getattr(data, name) for name in _CALLERS if getattr(data, name) is not None}
+    if not any(lists.values()):
+        return lists
+    plan = await registry.get_numbering_plan(conn)
+    return {name: list(dict.fromkeys(to_e164_or_422(n, plan, ["body", name, i]) for i, n in enumerate(numbers)))
+            for name, numbers in lists.items()}
+
+
+def to_e164_or_422(number: str, plan: NumberingPlan, loc: list[str | int]) -> str:
+    """``number`` in E.164 under ``plan``; when the plan cannot read it, a 422 naming the body field (a 400
+    for a query parameter)."""
+    try:
+        return to_e164(number, plan)
+    except NotANumber as exc:
+        problem = InvalidParameter if loc[0] == "query" else ValidationFailed
+        raise problem(f"{loc[-1]}: {exc.reason}",
+                      errors=[FieldError(loc=loc, msg=exc.reason, type="not_a_number")]) from exc
+
+
+async def _stored_number(conn: Connection, number: str) -> str:
+    """The number as stored: E.164 under the tenant's numbering plan, admitted by its originate plan."""
+    e164 = to_e164_or_422(number, await registry.get_numbering_plan(conn), ["body", "msisdn"])
+    row, allowed = await registry.get_originate_plan(conn, e164)
     stored = (None, None, None, allowed) if row is None else (
         row.max_concurrent, row.max_per_hour, row.country_codes, allowed)
-    refusal = number_refusal(number, limits_from(stored, OriginateLimits()))
+    refusal = number_refusal(e164, limits_from(stored, OriginateLimits()))
     if refusal is not None:
         raise ValidationFailed(
             f"msisdn: {refusal.detail} (see originate-limits and originate-allows)",
             errors=[FieldError(loc=["body", "msisdn"], msg=refusal.detail, type=refusal.reason)])
+    return e164
 
 
 _PAGES: dict[type[BaseModel], type[BaseModel]] = {}
@@ -308,8 +392,11 @@ def page_model(item: type[BaseModel]) -> type[BaseModel]:
 def _resource(spec: AnySpec) -> Resource:
     if spec is registry.SCENARIO:
         return ScenarioResource(spec, list_query(spec), update_query(spec), ScenarioCreateBody, ScenarioUpdateBody)
+    if spec is registry.POLICY:
+        return PolicyResource(spec, list_query(spec), update_query(spec), PolicyCreateBody, PolicyUpdateBody)
     if spec is registry.SUBSCRIBER:
-        return SubscriberResource(spec, list_query(spec), update_query(spec), spec.create, spec.update)
+        return SubscriberResource(spec, SubscriberQuery, update_query(spec), SubscriberCreateBody,
+                                  SubscriberUpdateBody)
     return Resource.of(spec)
 
 

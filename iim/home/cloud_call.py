@@ -37,6 +37,7 @@ from fs_app.passthrough import relay_cause
 from fs_app.routing import Announcement, CallFacts, Leg, RoutingDecision
 from iim.connectors.contract import Connector, ConnectorError, ConnectorUnavailable, UserActionRequest
 from iim.home import metrics
+from iim.home.missed_call import missed_call_key, missed_call_text
 from iim.home.ports import ConnectorLookup, SmsSink
 
 __all__ = [
@@ -189,9 +190,9 @@ async def _fallback(call: Call, decision: RoutingDecision, phone: Leg | None, di
     elif what == "record_message" and not call.hung_up:
         await take_message(call, dial_settings, phone.target if phone else "", voicemail=False)
     if what != "none" and phone is not None and sms_sink is not None and decision.tenant_id:
-        text = f"Missed call from {caller or 'an unknown number'}: nobody took it at home."
         try:
-            await sms_sink.send(UUID(decision.tenant_id), phone.target, text, f"missed-call:{call.uuid}")
+            await sms_sink.send(UUID(decision.tenant_id), phone.target, missed_call_text(caller),
+                                missed_call_key(call.uuid))
         except Exception:  # a lost SMS must not drop the call's hangup; logged with its traceback
             log.exception("missed-call SMS not queued", extra={"call_id": call.uuid})
             return f"{what}:sms_failed"

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from iim.core.numbering import NumberingPlan
 from iim.scenarios import registry as scenario_registry
 from iim.scenarios.engine import (
     Action,
@@ -88,6 +89,7 @@ _FACTS = """,
        ) AS group_actions,
        (SELECT json_build_array(l.max_concurrent, l.max_per_hour, l.country_codes) FROM iim.originate_limit l
        ) AS originate_limits,
+       ({numbering}) AS numbering_plan,
        {allowed} AS originate_allowed,
        {bound} AS bound"""
 # Who gets the text when the smart home cannot be told: the owners and members of the household.
@@ -106,14 +108,19 @@ _ALLOWED = """ARRAY(SELECT DISTINCT a.prefix FROM iim.originate_allow a
                    JOIN iim.binding b ON b.household_id = {household}
                    JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
                   WHERE starts_with(s.msisdn, a.prefix))"""
+# The tenant's numbering plan (none: the default), read by the guard for destinations in national form.
+_NUMBERING = """SELECT json_build_array(p.country_code, p.trunk_prefix, p.international_prefixes,
+                                        p.national_lengths) FROM iim.numbering_plan p"""
 _ORIGINATE_FACTS = """SELECT l.max_concurrent, l.max_per_hour, l.country_codes,
-                             {allowed} AS allowed, {bound} AS bound
+                             {allowed} AS allowed, {bound} AS bound, ({numbering}) AS numbering_plan
                         FROM (SELECT 1) AS one LEFT JOIN iim.originate_limit l ON true"""
-_ORIGINATE_FACTS = _ORIGINATE_FACTS.format(bound=_BOUND.format(household="$1"), allowed=_ALLOWED.format(household="$1"))
+_ORIGINATE_FACTS = _ORIGINATE_FACTS.format(bound=_BOUND.format(household="$1"), allowed=_ALLOWED.format(household="$1"),
+                                           numbering=_NUMBERING)
 _INCIDENT_LIGHT = _INCIDENT.format(extra="")
 _INCIDENT_FULL = _INCIDENT.format(extra=_FACTS.format(fallback=_FALLBACK_NUMBERS.format(household="i.household_id"),
                                                       bound=_BOUND.format(household="i.household_id"),
-                                                      allowed=_ALLOWED.format(household="i.household_id")))
+                                                      allowed=_ALLOWED.format(household="i.household_id"),
+                                                      numbering=_NUMBERING))
 
 #: A tenant's stored originate limits: max concurrent, max per hour, country codes (None: not set, the
 #: service's defaults) and the allow-list entries that matter here (:func:`fs_app.outreach.guard.limits_from`).
@@ -148,6 +155,8 @@ class IncidentRow:
     #: the tenant's originate limits (:data:`LimitsRow`) and what its alert calls may reach (``full`` only)
     originate_limits: LimitsRow | None = None
     bound: frozenset[str] | None = None
+    #: the tenant's numbering plan (``full`` only; None: the default)
+    numbering_plan: NumberingPlan | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +192,7 @@ async def load_incident(conn: Connection, incident_id: UUID, *, full: bool = Tru
     group: tuple[ActionRow, ...] | None = None
     limits: LimitsRow | None = None
     bound: frozenset[str] | None = None
+    numbering: NumberingPlan | None = None
     if full:
         targets = tuple(NotificationTarget(str(t["id"]), t["connector"], t["ref"]) for t in row["notify_targets"])
         fallback = tuple(row["sms_fallback"])
@@ -190,6 +200,7 @@ async def load_incident(conn: Connection, incident_id: UUID, *, full: bool = Tru
         most, hourly, plan = row["originate_limits"] or (None, None, None)
         limits = (most, hourly, None if plan is None else tuple(plan), tuple(row["originate_allowed"]))
         bound = frozenset(row["bound"])
+        numbering = _numbering(row["numbering_plan"])
         contacts = tuple(
             Contact(role=ContactRole(c["role"]), msisdn=c["msisdn"], subscriber_id=str(c["id"]),
                     priority=c["priority"], name=c["name"])
@@ -207,7 +218,15 @@ async def load_incident(conn: Connection, incident_id: UUID, *, full: bool = Tru
                        scenario=scenario, deadline=row["deadline"], first_event_id=row["first_event_id"],
                        household_id=row["household_id"], device_id=row["device_id"], facts=facts,
                        notify_targets=targets, sms_fallback=fallback, group=group, originate_limits=limits,
-                       bound=bound)
+                       bound=bound, numbering_plan=numbering)
+
+
+def _numbering(row: list[Any] | None) -> NumberingPlan | None:
+    """The stored plan (its CHECKs are the plan's rules); None when the tenant has none."""
+    if row is None:
+        return None
+    code, trunk, international, lengths = row
+    return NumberingPlan(code, trunk, tuple(international), tuple(lengths))
 
 
 def _group_action(incident_id: UUID, a: dict[str, Any]) -> ActionRow:
@@ -493,14 +512,16 @@ async def record_outcome(conn: Connection, key: str, outcome: str, detail: str =
         "AND outcome IS NULL", key, outcome, detail[:500])
 
 
-async def originate_facts(conn: Connection, household_id: UUID) -> tuple[LimitsRow, frozenset[str]]:
-    """The tenant's originate limits (:data:`LimitsRow`) and every number and SIP URI an alert for this
-    household may reach (its bound contacts and devices), in one round trip."""
+async def originate_facts(conn: Connection, household_id: UUID
+                          ) -> tuple[LimitsRow, frozenset[str], NumberingPlan | None]:
+    """The tenant's originate limits (:data:`LimitsRow`), every number and SIP URI an alert for this
+    household may reach (its bound contacts and devices) and the tenant's numbering plan (None: the
+    default), in one round trip."""
     row = await conn.fetchrow(_ORIGINATE_FACTS, household_id)
     assert row is not None
     plan = row["country_codes"]
     limits = (row["max_concurrent"], row["max_per_hour"], None if plan is None else tuple(plan), tuple(row["allowed"]))
-    return limits, frozenset(row["bound"])
+    return limits, frozenset(row["bound"]), _numbering(row["numbering_plan"])
 
 
 async def claim_originate(conn: Connection, key: str, *, max_concurrent: int, max_per_hour: int

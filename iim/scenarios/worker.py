@@ -469,7 +469,7 @@ class IncidentWorker(AsyncResource):
         under the tenant's caps in this transaction (near the caps: right after it, exactly), and ``after``
         places them once it commits: no job hop. A worker that dies before placing one leaves no job behind:
         the group's deadline moves the incident on, as for a call whose worker died while it rang."""
-        limits = limits_from(incident.originate_limits, self.settings.default_limits)
+        limits = limits_from(incident.originate_limits, self.settings.default_limits, incident.numbering_plan)
         claim: store.CallClaim | None = None
         calls = {a.key: a for a in decision.actions if isinstance(a, PlaceCall | RecordMessage)}
         built: dict[str, tuple[AlertCall, dict[str, str]]] = {}  # key -> the call and its digits' meanings
@@ -623,6 +623,9 @@ class IncidentWorker(AsyncResource):
             else:
                 dispatched = await self._dispatch(conn, tenant_id, incident, action, waits=waits)
                 call = dispatched if isinstance(dispatched, AlertCall) else None
+                # A job's call may be the retry of one counted unreachable that the switch took after all (its
+                # answer lost with the link, a take-over that could not ask): the switch is asked first.
+                adopt = call is not None
                 meanings = dict((action.spec.get("ivr") or {}).get("digits", {}))
                 tick_after = dispatched is None  # refused: the engine moves on now (a queued call waits)
         if notify is not None:
@@ -662,7 +665,18 @@ class IncidentWorker(AsyncResource):
                             type(exc).__name__, delay, extra={"call_id": call.call_uuid})
                 await asyncio.sleep(delay)
             else:
+                self._forget(call.call_uuid, outcome)
                 return
+
+    def placing(self, call_uuid: str) -> bool:
+        """Is a worker here placing (or about to take over) this call? Its socket then waits to be claimed."""
+        return call_uuid in self._placing
+
+    def _forget(self, call_uuid: str, outcome: CallOutcome) -> None:
+        """The outcome is recorded: the switch's note that it took the call is no longer needed (unreachable
+        calls are retried, and a retry asks the switch again)."""
+        if self.placer is not None and outcome.kind is not CallOutcomeKind.UNREACHABLE:
+            self._spawn(self.placer.forget(call_uuid))
 
     async def _notify(self, tenant_id: UUID, incident: store.IncidentRow, action: store.ActionRow,
                       targets: list[store.NotificationTarget]) -> None:
@@ -730,8 +744,8 @@ class IncidentWorker(AsyncResource):
                                   {"key": action.key, "reason": "invalid_call", "detail": alert},
                                   event_id=incident.first_event_id)])
             return None
-        limits_row, bound = await store.originate_facts(conn, incident.household_id)
-        limits = limits_from(limits_row, self.settings.default_limits)
+        limits_row, bound, numbering = await store.originate_facts(conn, incident.household_id)
+        limits = limits_from(limits_row, self.settings.default_limits, numbering)
         # Shape, binding and plan first (no lock); the caps are checked and claimed in one locked step.
         refusal: Refusal | None = destination_refusal(destination, bound=bound, limits=limits)
         if refusal is None:
@@ -932,6 +946,7 @@ class IncidentWorker(AsyncResource):
                         raise
                     await asyncio.sleep(delay)
                 else:
+                    self._forget(alert.call_uuid, outcome)
                     return
 
         return Adoption(alert, done)

@@ -1,7 +1,8 @@
--- iim.tg_record_change: its current definition, last set by migration 0005_change_log.sql.
+-- iim.tg_record_change: its current definition, last set by migration 0024_numbering_plans.sql.
 --
--- One trigger function for the six tables. SECURITY DEFINER so the app cannot forge change_log rows
--- (it has no grant on the table). It runs as iim_owner, which RLS filters too (FORCE), so for its own
+-- One trigger function for the six routing tables and the numbering plans (0024: a plan change changes no
+-- snapshot; it is recorded with no subscribers and the cache re-reads the plans). SECURITY DEFINER so the
+-- app cannot forge change_log rows (it has no grant on the table). It runs as iim_owner, which RLS filters too (FORCE), so for its own
 -- reads/writes it scopes app.tenant to the changed row's tenant - a row the caller was just allowed to write
 -- (for the app role that is already the transaction's tenant) - and restores the caller's value after.
 -- This also records maintenance writes made by a superuser without a tenant.
@@ -61,6 +62,8 @@ BEGIN
                       || CASE WHEN OLD.subscriber_id IS NOT NULL THEN ARRAY[OLD.subscriber_id]
                               ELSE iim.household_subscribers(v_tenant, OLD.household_id) END;
         END IF;
+    ELSIF TG_TABLE_NAME = 'numbering_plan' THEN
+        v_subs := '{}';
     ELSE
         RAISE EXCEPTION 'tg_record_change: unexpected table %', TG_TABLE_NAME;
     END IF;

@@ -20,9 +20,11 @@ from policy_cache.registry.crud import (
     update,
 )
 from policy_cache.registry.operations import (
+    get_numbering_plan,
     get_originate_plan,
     get_policy_for,
     get_subscriber_by_msisdn,
+    plan_of,
     set_device_status,
     set_presence,
 )
@@ -34,6 +36,7 @@ from policy_cache.registry.tables import (
     CREDENTIAL_REF,
     DEVICE,
     HOUSEHOLD,
+    NUMBERING_PLAN,
     ORIGINATE_ALLOW,
     ORIGINATE_LIMIT,
     POLICY,
@@ -49,7 +52,8 @@ from policy_cache.registry.tables import (
 __all__ = [
     "TableSpec", "Filter", "TABLES", "BY_NAME",
     "TENANT", "BRAND", "REGION", "HOUSEHOLD", "SUBSCRIBER", "DEVICE", "BINDING", "CONSENT", "POLICY", "SCENARIO",
-    "CREDENTIAL_REF", "ORIGINATE_LIMIT", "ORIGINATE_ALLOW",
+    "CREDENTIAL_REF", "ORIGINATE_LIMIT", "ORIGINATE_ALLOW", "NUMBERING_PLAN",
     "Correlation", "create", "get", "list_rows", "update", "revoke", "delete", "row_values", "store_errors",
-    "get_originate_plan", "get_policy_for", "get_subscriber_by_msisdn", "set_device_status", "set_presence",
+    "get_numbering_plan", "get_originate_plan", "get_policy_for", "get_subscriber_by_msisdn", "plan_of",
+    "set_device_status", "set_presence",
 ]

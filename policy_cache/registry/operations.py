@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
+from iim.core.numbering import DEFAULT_PLAN, NumberingPlan
 from policy_cache.db import Connection
 from policy_cache.errors import NotFound
 from policy_cache.models import (
@@ -14,6 +15,7 @@ from policy_cache.models import (
     DeviceUpdate,
     Household,
     HouseholdUpdate,
+    NumberingPlanRow,
     OriginateLimit,
     Policy,
     PresenceState,
@@ -21,9 +23,16 @@ from policy_cache.models import (
 )
 from policy_cache.registry import crud
 from policy_cache.registry.crud import Correlation
-from policy_cache.registry.tables import DEVICE, HOUSEHOLD, ORIGINATE_LIMIT, POLICY, SUBSCRIBER
+from policy_cache.registry.tables import (
+    DEVICE,
+    HOUSEHOLD,
+    NUMBERING_PLAN,
+    ORIGINATE_LIMIT,
+    POLICY,
+    SUBSCRIBER,
+)
 
-__all__ = ["get_originate_plan", "get_policy_for", "get_subscriber_by_msisdn", "set_device_status", "set_presence"]
+__all__ = ["get_numbering_plan", "get_originate_plan", "plan_of", "get_policy_for", "get_subscriber_by_msisdn", "set_device_status", "set_presence"]
 
 
 async def set_presence(conn: Connection, household_id: UUID, presence: PresenceState, *, actor: str,
@@ -66,3 +75,17 @@ async def get_originate_plan(conn: Connection, number: str) -> tuple[OriginateLi
         allowed = await conn.fetch("SELECT prefix FROM iim.originate_allow WHERE starts_with($1, prefix) "
                                    "ORDER BY prefix", number)
     return (rows[0] if rows else None), [r["prefix"] for r in allowed]
+
+
+def plan_of(row: NumberingPlanRow | None) -> NumberingPlan:
+    """The plan a stored row describes; no row: the default plan."""
+    if row is None:
+        return DEFAULT_PLAN
+    return NumberingPlan(row.country_code, row.trunk_prefix, tuple(row.international_prefixes),
+                         tuple(row.national_lengths))
+
+
+async def get_numbering_plan(conn: Connection) -> NumberingPlan:
+    """The numbering plan of the transaction's tenant (its row, else the default plan)."""
+    rows = await crud.list_rows(conn, NUMBERING_PLAN, limit=1)
+    return plan_of(rows[0] if rows else None)

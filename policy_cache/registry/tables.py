@@ -19,7 +19,7 @@ from policy_cache import models as m
 __all__ = [
     "TableSpec", "Filter", "TABLES", "BY_NAME",
     "TENANT", "BRAND", "REGION", "HOUSEHOLD", "SUBSCRIBER", "DEVICE", "BINDING", "CONSENT", "POLICY",
-    "SCENARIO", "CREDENTIAL_REF", "ORIGINATE_LIMIT", "ORIGINATE_ALLOW",
+    "SCENARIO", "CREDENTIAL_REF", "ORIGINATE_LIMIT", "ORIGINATE_ALLOW", "NUMBERING_PLAN",
 ]
 
 R = TypeVar("R", bound=BaseModel)
@@ -163,10 +163,17 @@ ORIGINATE_ALLOW: TableSpec[m.OriginateAllow, m.OriginateAllowCreate, None] = Tab
     description="Allow-list of alert-call numbers/prefixes beyond the plan; only an entry inside a premium or "
                 "other special range (+7809...) admits it.",
 )
+NUMBERING_PLAN: TableSpec[m.NumberingPlanRow, m.NumberingPlanCreate, m.NumberingPlanUpdate] = TableSpec(
+    "numbering_plan", "numbering-plans", m.NumberingPlanRow, m.NumberingPlanCreate, m.NumberingPlanUpdate,
+    columns=("id", "country_code", "trunk_prefix", "international_prefixes", "national_lengths", "updated_at"),
+    description="How the tenant's numbers are dialled (country code, trunk and international prefixes, national "
+                "lengths; one row; none or deleted: Russia). National forms of numbers are read under it, "
+                "by calls, alert calls and this API alike.",
+)
 
 #: Every registry table, in the order the API documents and the CLI lists them (the tenant first).
 TABLES: tuple[TableSpec[Any, Any, Any], ...] = (
     TENANT, BRAND, REGION, HOUSEHOLD, SUBSCRIBER, DEVICE, BINDING, CONSENT, POLICY, SCENARIO, CREDENTIAL_REF,
-    ORIGINATE_LIMIT, ORIGINATE_ALLOW,
+    ORIGINATE_LIMIT, ORIGINATE_ALLOW, NUMBERING_PLAN,
 )
 BY_NAME: dict[str, TableSpec[Any, Any, Any]] = {t.name: t for t in TABLES}

@@ -174,3 +174,60 @@ async def test_another_clients_background_job_reaches_listeners_and_settles_noth
         await other.aclose()
         await server.close()
         await emu.close()
+
+
+class _OutOfStepSwitch:
+    """An Event Socket that authenticates, then answers every command with the other kind of reply (a bgapi
+    with an api/response, an api with ``+OK Job-UUID``): replies out of step with the commands."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.write(b"Content-Type: auth/request\n\n")
+        try:
+            while True:
+                command = await reader.readuntil(b"\n\n")
+                if command.startswith((b"auth", b"event")):
+                    writer.write(b"Content-Type: command/reply\nReply-Text: +OK accepted\n\n")
+                elif command.startswith(b"bgapi"):
+                    writer.write(b"Content-Type: api/response\nContent-Length: 5\n\n+OK\n\n")
+                else:
+                    writer.write(b"Content-Type: command/reply\nReply-Text: +OK Job-UUID: x\nJob-UUID: x\n\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+async def test_replies_out_of_step_reset_the_connection_and_leave_the_outcome_unknown() -> None:
+    # A bgapi answered by an api/response was reported as the switch refusing the originate: the placer then
+    # took the call as never dialled while it rang. The stream can no longer be trusted: reset it, and the
+    # outcome is unknown (asked of the switch later), never a refusal.
+    fs = _OutOfStepSwitch()
+    await fs.start()
+    client = InboundClient(InboundSettings(host="127.0.0.1", port=fs.port, command_timeout=1.0, backoff_initial=0.02,
+                                           backoff_max=0.1, events=("BACKGROUND_JOB",)))
+    await client.start()
+    try:
+        await client.wait_connected(2)
+        with pytest.raises(EslConnectionError, match="answered by api/response"):
+            await client.bgapi("originate {origination_uuid=x}user/1 &park()", job_uuid="x", timeout=2)
+        await client.wait_connected(2)
+        with pytest.raises(EslConnectionError, match="answered by command/reply"):
+            await client.api("uuid_exists x")
+        await client.wait_connected(2)
+        assert fs.connections >= 3  # each out-of-step reply cost its connection
+    finally:
+        await client.aclose()
+        await fs.close()

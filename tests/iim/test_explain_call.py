@@ -51,6 +51,14 @@ async def test_explains_a_daytime_fork_with_the_cloud_announcement(store: PgPoli
     assert json.loads(render(report, as_json=True))["action"] == "ring"
 
 
+@pytest.mark.parametrize("dialled", ["89001234567", "8 900 123-45-67", "0079001234567"])
+async def test_a_national_or_international_form_explains_the_same_subscriber(store: PgPolicyStore, dialled: str
+                                                                             ) -> None:
+    found = await find_snapshot(store, dialled)
+    assert found is not None
+    assert found == await find_snapshot(store, "+79001234567")
+
+
 async def test_unknown_number_is_not_a_subscriber(store: PgPolicyStore) -> None:
     assert await find_snapshot(store, "+10000000000") is None
 

@@ -20,6 +20,7 @@ import pytest
 
 from fs_app.inbound import InboundClient
 from fs_app.outbound import OutboundServer
+from fs_app.testing import CallSpec, FreeSwitchEmulator, TargetBehaviour
 from iim.call_audit import CallDecisionAudit
 from iim.connectors.registry import ConnectorRegistry
 from iim.core.secrets import resolve_secret
@@ -32,8 +33,10 @@ from iim.tts.engine import EspeakTts
 from policy_cache.audit import AuditFlusher
 from policy_cache.bootstrap import load_demo
 from policy_cache.cache import PolicyCache
-from policy_cache.db import Connection, Pool
+from policy_cache.db import Connection, Pool, tenant_tx
+from policy_cache.models import FallbackAction, RingMode
 from policy_cache.store import PgPolicyStore
+from tests.home_delivery_rig import build_home, create_tenant
 from tests.pg import PgDatabase
 from tests.recorded_switch import _kind, replay_call
 
@@ -367,3 +370,22 @@ async def test_speech_uses_the_configured_library_so_an_instance_can_run_with_sp
     async with Service(_settings(tmp_path, tts_library=broken, bridge_enabled=False), database=urls) as service:
         assert service.running.policy is not None
         assert service.running.policy.tts.library == broken
+
+
+async def test_a_call_nobody_answers_queues_the_missed_call_sms_its_policy_asks_for(
+        pg_db: PgDatabase, app_pool: Pool, tmp_path: Path) -> None:
+    """The service's router had no missed-call notifier: the SMS was never queued (sip-tests exposed it)."""
+    tenant = await create_tenant(app_pool, "missed-call")
+    await build_home(app_pool, tenant, "+79105550001", speaker=False, ring_mode=RingMode.PHONE_ONLY,
+                     fallback=FallbackAction.MISSED_CALL_SMS)
+    emu = FreeSwitchEmulator(default_target=TargetBehaviour.no_answer(), time_scale=0.01)
+    try:
+        async with Service(_settings(tmp_path), database=DatabaseUrls(pg_db.app_url, pg_db.cache_url)) as service:
+            result = await emu.place_call("127.0.0.1", service.outbound.port, CallSpec(
+                destination="79105550001", caller_id_number="+4930111222"))
+    finally:
+        await emu.close()
+    async with tenant_tx(app_pool, tenant) as conn:
+        queued = [dict(r) for r in await conn.fetch("SELECT key, msisdn, body FROM iim.sms_outbox")]
+    assert queued == [{"key": f"missed-call:{result.uuid}", "msisdn": "+79105550001",
+                       "body": "Missed call from +4930111222: nobody took it at home."}]

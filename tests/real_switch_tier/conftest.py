@@ -61,6 +61,8 @@ def start_iim(switch: RealSwitch, db: PgDatabase, esl_port: int, workdir: Path,
     overrides settings."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"iim-{esl_port}.log"
+    # The log is appended to: an IIM restarted on the same port must announce itself again.
+    served_before = log.read_text(errors="replace").count("IIM serving") if log.exists() else 0
     env = os.environ | {
         "IIM_DATABASE_URL": db.admin_url, "IIM_FS_PASSWORD": switch.password,
         "IIM_FS_NODES": f'[{{"host": "127.0.0.1", "port": {switch.esl_port}}}]',
@@ -73,7 +75,7 @@ def start_iim(switch: RealSwitch, db: PgDatabase, esl_port: int, workdir: Path,
                                    stderr=subprocess.STDOUT)
     iim = Iim(process, log)
     deadline = time.monotonic() + 60
-    while "IIM serving" not in iim.log_text():
+    while iim.log_text().count("IIM serving") <= served_before:
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise RuntimeError(f"iim serve did not start:\n{iim.log_text()[-4000:]}")

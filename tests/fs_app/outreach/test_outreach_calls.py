@@ -69,6 +69,7 @@ def test_originate_command_shape() -> None:
     assert cmd == (
         "originate {origination_uuid=33ac64a1-7e7f-4644-84ca-b6948f665156,origination_caller_id_number=74950000000,"
         "origination_caller_id_name='IIM Alarm',originate_timeout=30,ignore_early_media=true,iim_alert=1,"
+        "api_on_originate='hash insert/iim_originated/33ac64a1-7e7f-4644-84ca-b6948f665156/1',"
         "iim_incident_id=inc-1,iim_action_key=call-1}sofia/gateway/ims/+79001234567 "
         "&socket('127.0.0.1:8084 async full')"
     )
@@ -631,3 +632,100 @@ async def test_a_call_that_ended_while_the_link_was_down_is_failed_and_never_red
     finally:
         await client.aclose()
         await proxy.close()
+
+
+async def test_the_switch_notes_every_alert_call_it_creates(rig: Rig) -> None:
+    # ``api_on_originate`` in our originate: the switch's own note outlives the call and the link.
+    rig.script(MOBILE, TargetBehaviour.busy(after_ms=100))
+    call = alert()
+    outcome = await rig.placer.place(call)
+    assert outcome.kind is CallOutcomeKind.BUSY
+    reply = await rig.client.api(f"hash select/iim_originated/{call.call_uuid}")
+    assert reply.body == "1"
+    await rig.placer.forget(call.call_uuid)
+    reply = await rig.client.api(f"hash select/iim_originated/{call.call_uuid}")
+    assert reply.body == "-ERR no reply\n"
+
+
+async def test_a_claimed_call_the_switch_took_and_that_ended_is_failed_and_never_dialled_again(rig: Rig) -> None:
+    # A worker sent the originate and died before recording it; the callee was busy and the call is gone
+    # from the switch when the take-over comes. The switch's note says it was dialled: not again.
+    rig.script(MOBILE, TargetBehaviour.busy(after_ms=100))
+    call = alert()
+    command = originate_command(call, gateway_dial=DialSettings(), socket_address=f"127.0.0.1:{rig.server.port}")
+    job = await rig.client.bgapi(command, job_uuid=call.call_uuid, timeout=10)
+    assert job.body.startswith("-ERR USER_BUSY")
+    sent: list[bool] = []
+    outcome = await rig.placer.place_or_adopt(call, on_sent=lambda: sent.append(True))
+    assert outcome.kind is CallOutcomeKind.FAILED, outcome
+    assert "ended while its placer was gone" in outcome.detail
+    assert sent == [True]  # recorded as sent: no later take-over dials it either
+    assert len(rig.emu.originates_to(MOBILE)) == 1
+
+
+async def test_a_take_over_that_cannot_ask_the_switch_dials_nothing() -> None:
+    emu = FreeSwitchEmulator(time_scale=SCALE)
+    inbound = await emu.start_inbound()
+    client = client_for(inbound.port)
+    await client.start()
+    try:
+        await client.wait_connected(5)
+        registry = IvrRegistry()
+        placer = AlertCallPlacer(client, registry, socket_address="127.0.0.1:8084", connect_wait_s=0.2,
+                                 api_timeout_s=0.2)
+        emu_api = emu.run_api
+
+        def broken(name: str, arg: str | None, listener: Any = None, *, background: bool = False) -> Any:
+            if name == "hash":  # a switch whose hash table cannot answer
+                return "-ERR hash unavailable\n"
+            return emu_api(name, arg, listener, background=background)
+
+        emu.run_api = broken  # type: ignore[method-assign]
+        outcome = await placer.place_or_adopt(alert())
+        assert outcome.kind is CallOutcomeKind.UNREACHABLE, outcome
+        assert "could not be asked" in outcome.detail
+        assert emu.originates_to(MOBILE) == []
+    finally:
+        await client.aclose()
+        await emu.close()
+
+
+async def test_an_alert_socket_waits_while_a_worker_here_is_taking_the_call_over(rig: Rig) -> None:
+    # The take-over asks the switch before it registers the call; the socket of the call, answered
+    # meanwhile, waits for that registration instead of counting as orphaned and being hung up.
+    taking_over: set[str] = set()
+    server = OutboundServer(with_alert_calls(rig.registry, lambda call: call.hangup("NORMAL_CLEARING"),
+                                             pending=taking_over.__contains__),
+                            OutboundSettings(port=0, exit_wait=0.5, hangup_complete_wait=0.5))
+    await server.start()
+    try:
+        rig.script(MOBILE, TargetBehaviour.answer(after_ms=10, dtmf="1"))
+        call = alert()
+        taking_over.add(call.call_uuid)
+        command = originate_command(call, gateway_dial=DialSettings(), socket_address=f"127.0.0.1:{server.port}")
+        job = asyncio.create_task(rig.client.bgapi(command, job_uuid=call.call_uuid, timeout=10))
+        await asyncio.sleep(1.5)  # longer than an unclaimed socket waits on its own
+        ticket = rig.registry.expect(call)
+        taking_over.discard(call.call_uuid)
+        result = await asyncio.wait_for(asyncio.shield(ticket.result), 5)
+        assert result.digit == "1"
+        await job
+    finally:
+        await server.aclose(drain_timeout=2.0)
+
+
+async def test_a_switch_without_mod_hash_still_gets_claimed_calls_placed(rig: Rig) -> None:
+    # No note can be asked for (mod_hash not loaded): a claimed call the switch does not have is placed; a
+    # call never made is worse than one made twice.
+    emu_api = rig.emu.run_api
+
+    def without_hash(name: str, arg: str | None, listener: Any = None, *, background: bool = False) -> Any:
+        if name == "hash":
+            return "-ERR hash Command not found!\n"
+        return emu_api(name, arg, listener, background=background)
+
+    rig.emu.run_api = without_hash  # type: ignore[method-assign]
+    rig.script(MOBILE, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+    outcome = await rig.placer.place_or_adopt(alert())
+    assert (outcome.kind, outcome.digit) == (CallOutcomeKind.ANSWERED, "1")
+    assert len(rig.emu.originates_to(MOBILE)) == 1

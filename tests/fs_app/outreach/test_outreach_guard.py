@@ -14,11 +14,13 @@ from fs_app.outreach.guard import (
     check_destination,
     destination_kind,
     limits_from,
+    normalised_destination,
     number_refusal,
     parse_special_ranges,
     special_range_of,
     special_ranges,
 )
+from iim.core.numbering import NumberingPlan
 
 MOBILE = "+79001234567"
 SPEAKER = "sip:speaker-1@iim.local"
@@ -43,7 +45,9 @@ def check(destination: str, *, limits: OriginateLimits = RU_ONLY, in_flight: int
     ("+79007654321", {}, "destination_not_bound"),
     ("sip:speaker-2@iim.local", {}, "destination_not_bound"),
     ("sip:SPEAKER-1@iim.local", {}, "destination_not_bound"),  # exact match only
-    ("79001234567", {}, "malformed_destination"),  # no +
+    ("79001234567", {}, None),  # no +: E.164 without it, read under the tenant's numbering plan
+    ("89001234567", {}, None),  # the national form of MOBILE
+    ("8 900 123", {}, "malformed_destination"),  # no number under the plan
     ("+7900", {}, "malformed_destination"),  # 4 digits
     ("+1234567", {}, "malformed_destination"),  # 7 digits
     ("+1234567890123456", {}, "malformed_destination"),  # 16 digits
@@ -202,3 +206,28 @@ def test_a_cap_reached_asks_to_wait_a_short_growing_while_then_refuses_after_max
     hourly = check_caps(limits, in_flight=0, last_hour=100, waited_s=200)
     assert isinstance(hourly, Refusal)  # 200 s > max_wait_s
     assert check_caps(limits, in_flight=0, last_hour=99) is None
+
+
+UK_NUMBERING = NumberingPlan("44", "0", ("00",), (9, 10))
+
+
+@pytest.mark.parametrize("national", ["88091234567", "8 809 123-45-67", "81078091234567", "0078091234567"])
+def test_a_premium_number_in_national_form_is_refused_like_its_e164_form(national: str) -> None:
+    """Issue 15 item 4: the plan and premium checks saw only E.164, so 8 809 ... was not judged as +7 809 ..."""
+    bound = frozenset({"+78091234567"})
+    assert check(national, bound=bound) == check("+78091234567", bound=bound) == "special_range"
+    assert number_refusal(national, RU_ONLY) == number_refusal("+78091234567", RU_ONLY)
+    allowed = OriginateLimits(country_codes=("+7",), allowed=("+7809",))
+    assert check(national, bound=bound, limits=allowed) is None
+
+
+def test_national_forms_are_read_under_the_tenants_own_numbering_plan() -> None:
+    uk = OriginateLimits(country_codes=("+44",), numbering=UK_NUMBERING)
+    assert normalised_destination("09012345678", uk) == "+449012345678"
+    assert check("09012345678", limits=uk, bound=frozenset({"+449012345678"})) == "special_range"  # UK premium
+    assert check("020 7946 0018", limits=uk, bound=frozenset({"+442079460018"})) is None
+    assert check("89001234567", limits=uk) == "malformed_destination"  # a Russian national form means nothing
+    assert normalised_destination(SPEAKER, uk) == SPEAKER
+    assert limits_from(None, RU_ONLY, UK_NUMBERING).numbering == UK_NUMBERING
+    assert limits_from((1, 2, None, ()), RU_ONLY, UK_NUMBERING).numbering == UK_NUMBERING
+    assert limits_from(None, RU_ONLY) is RU_ONLY

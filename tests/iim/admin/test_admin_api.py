@@ -211,6 +211,9 @@ CRUD = [
     ("originate-limits", lambda f: {"max_concurrent": 2, "max_per_hour": 50, "country_codes": ["+7", "+375"]},
      {"max_concurrent": 5, "country_codes": None}),
     ("originate-allows", lambda f: {"prefix": "+44" + str(uuid4().int)[:8], "note": "UK office, ticket 12"}, None),
+    ("numbering-plans", lambda f: {"country_code": "7", "trunk_prefix": "8", "international_prefixes": ["810", "00"],
+                                   "national_lengths": [10]},
+     {"international_prefixes": ["00"]}),
 ]
 
 
@@ -295,7 +298,7 @@ async def test_list_filters(api: Api) -> None:
 @pytest.mark.parametrize(
     ("plural", "body", "loc", "err_type"),
     [
-        ("subscribers", {"msisdn": "89001234567"}, ["body", "msisdn"], "string_pattern_mismatch"),
+        ("subscribers", {"msisdn": "8 900 123-45-6x"}, ["body", "msisdn"], "string_pattern_mismatch"),
         ("subscribers", {"msisdn": "+79001234567", "colour": "red"}, ["body", "colour"], "extra_forbidden"),
         ("households", {"name": "H", "time_zone": "Mars/Olympus_Mons"}, ["body", "time_zone"], "value_error"),
         ("households", {"name": "H", "time_zone": "MSK"}, ["body", "time_zone"], "value_error"),
@@ -304,8 +307,10 @@ async def test_list_filters(api: Api) -> None:
         ("devices", {"household_id": "nope", "name": "D", "type": "hub"}, ["body", "household_id"], "uuid_parsing"),
         ("bindings", {"subscriber_id": str(uuid4()), "household_id": str(uuid4()), "role": "member",
                       "priority": "5"}, ["body", "priority"], "int_type"),
-        ("policies", {"household_id": str(uuid4()), "allowed_callers": ["+7 900 123"]},
+        ("policies", {"household_id": str(uuid4()), "allowed_callers": ["+7 900 12x"]},
          ["body", "allowed_callers", 0], "string_pattern_mismatch"),
+        ("policies", {"household_id": str(uuid4()), "blocked_callers": ["+79001234567", "+7 900 123"]},
+         ["body", "blocked_callers", 1], "not_a_number"),
         ("consents", {"subscriber_id": str(uuid4()), "purpose": "read_sms", "evidence": {}},
          ["body", "evidence"], "too_short"),
     ],
@@ -671,3 +676,69 @@ async def test_caps_and_allow_list_changes_are_audited_with_the_actor(api: Api) 
     assert rows[0]["detail"]["changed"] == {"max_per_hour": {"from": 200, "to": 20}}
     status, _, _ = await api.call("DELETE", path, "op-b")
     assert status == 204
+
+
+# -- numbering plans: numbers typed in national form (issue 15, item 4) -------------------------------------
+
+async def test_a_number_typed_in_national_form_is_stored_in_e164_under_the_default_plan(api: Api) -> None:
+    digits = str(uuid4().int)[:7]
+    subs = api.t(api.tenant_a, "/subscribers")
+    created = await _create(api, "subscribers", {"msisdn": f"8 (901) {digits[:3]}-{digits[3:5]}-{digits[5:]}"})
+    assert created["msisdn"] == f"+7901{digits}"
+    status, page, _ = await api.call("GET", subs, "view-a", params={"msisdn": f"8901{digits}"})
+    assert (status, [row["id"] for row in page["items"]]) == (200, [created["id"]])
+    status, changed, _ = await api.call("PATCH", f"{subs}/{created['id']}", body={"msisdn": f"810 7 902 {digits}"})
+    assert (status, changed["msisdn"]) == (200, f"+7902{digits}")
+
+
+async def test_a_number_the_plan_cannot_read_is_a_422_and_a_national_premium_one_is_refused_like_its_e164_form(
+        api: Api) -> None:
+    subs = api.t(api.tenant_a, "/subscribers")
+    for typed in ("12345", "8 900 123", "81012345678"):
+        status, body, resp = await api.call("POST", subs, "op-a", body={"msisdn": typed})
+        _assert_problem(status, body, resp, 422, "validation-failed")
+        assert [(e["loc"], e["type"]) for e in body["errors"]] == [(["body", "msisdn"], "not_a_number")]
+    for typed in ("8 809 123-45-67", "+7 809 123 45 67"):
+        status, body, resp = await api.call("POST", subs, "op-a", body={"msisdn": typed})
+        _assert_problem(status, body, resp, 422, "validation-failed")
+        assert [(e["loc"], e["type"]) for e in body["errors"]] == [(["body", "msisdn"], "special_range")]
+    status, body, resp = await api.call("GET", subs, "op-a", params={"msisdn": "12345"})
+    _assert_problem(status, body, resp, 400, "invalid-parameter")
+
+
+async def test_a_tenant_with_a_uk_plan_types_uk_national_numbers_and_the_plan_change_is_audited(api: Api) -> None:
+    tenant = UUID((await api.call("POST", "/v1/tenants", body={"name": "UK operator"}))[1]["id"])
+    await _create(api, "originate-limits", {"country_codes": ["+44"]}, tenant=tenant, token="admin")
+    plan = await _create(api, "numbering-plans", {"country_code": "44", "trunk_prefix": "0",
+                                                  "international_prefixes": ["00"], "national_lengths": [9, 10]},
+                         tenant=tenant, token="admin")
+    subs = api.t(tenant, "/subscribers")
+    created = await _create(api, "subscribers", {"msisdn": "020 7946 0018"}, tenant=tenant, token="admin")
+    assert created["msisdn"] == "+442079460018"
+    status, body, resp = await api.call("POST", subs, body={"msisdn": "8 900 123-45-67"})  # Russian national form
+    _assert_problem(status, body, resp, 422, "validation-failed")
+    assert "+44, trunk 0" in body["detail"]
+    path = api.t(tenant, f"/numbering-plans/{plan['id']}")
+    status, body, resp = await api.call("PATCH", path, body={"trunk_prefix": "00"})  # the international prefix
+    _assert_problem(status, body, resp, 422, "validation-failed")
+    status, body, resp = await api.call("POST", api.t(tenant, "/numbering-plans"), body={
+        "country_code": "44", "international_prefixes": ["0"]})
+    _assert_problem(status, body, resp, 422, "validation-failed")
+    status, changed, _ = await api.call("PATCH", path, body={"national_lengths": [10]})
+    assert (status, changed["national_lengths"]) == (200, [10])
+    rows = await _audit(api, tenant, plan["id"])
+    assert [(r["action"], r["actor"]) for r in rows] == [
+        ("numbering_plan.update", "root@noc"), ("numbering_plan.create", "root@noc")]
+    assert rows[0]["detail"]["changed"] == {"national_lengths": {"from": [9, 10], "to": [10]}}
+
+
+async def test_caller_lists_typed_in_national_form_are_stored_in_e164(api: Api) -> None:
+    deps = await _fixtures(api)
+    policy = await _create(api, "policies", {
+        "subscriber_id": deps["subscriber_id"], "allowed_callers": ["8 (916) 000-00-01", "+79160000001"],
+        "blocked_callers": ["0079160000002"]})
+    assert (policy["allowed_callers"], policy["blocked_callers"]) == (["+79160000001"], ["+79160000002"])
+    status, changed, _ = await api.call("PATCH", api.t(api.tenant_a, f"/policies/{policy['id']}"),
+                                        body={"blocked_callers": ["89160000003"]})
+    assert (status, changed["blocked_callers"], changed["allowed_callers"]) == (200, ["+79160000003"],
+                                                                                 ["+79160000001"])

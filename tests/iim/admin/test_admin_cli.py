@@ -339,3 +339,26 @@ async def test_audit_verify_against_published_heads_exits_4_after_a_superuser_re
     caught = await iim("audit", "verify", "--tenant", tenant, "--heads", str(heads))
     assert caught.code == cli.EXIT_CHAIN_BROKEN  # ... the published head does not
     assert "no longer on the chain" in caught.err
+
+
+async def test_operators_set_and_show_the_numbering_plan_from_the_cli_and_type_numbers_in_national_form(
+    iim: Any, live: Live
+) -> None:
+    """Issue 15 item 4: a number in national form was refused at the API and passed through unrouted on calls."""
+    t = ["--tenant", str(live.tenant_b), "-o", "json"]
+    plan = await iim("numbering-plan", "create", *t, "--country-code", "49", "--trunk-prefix", "0",
+                     "--international-prefixes", "00", "--national-lengths", "7", "8", "9", "10", "11")
+    assert plan.code == 0, plan.err
+    assert (plan.json()["country_code"], plan.json()["national_lengths"]) == ("49", [7, 8, 9, 10, 11])
+    shown = await iim("numbering-plan", "show", *t, plan.json()["id"])
+    assert shown.json() == plan.json()
+    await iim("originate-allow", "create", *t, "--prefix", "+49")
+    created = await iim("subscriber", "create", *t, "--msisdn", "030 1234567")
+    assert (created.code, created.json()["msisdn"]) == (0, "+49301234567"), created.err
+    munich = await iim("subscriber", "create", *t, "--msisdn", "89 0012345")  # a bare German national number
+    assert (munich.code, munich.json()["msisdn"]) == (0, "+49890012345"), munich.err
+    refused = await iim("subscriber", "create", *t, "--msisdn", "0 12345")
+    assert refused.code == cli.EXIT_API_ERROR
+    assert json.loads(refused.err)["errors"][0]["type"] == "not_a_number"
+    audit = (await iim("audit", "list", *t, "--entity", "numbering_plan")).json()
+    assert [(r["action"], r["actor"]) for r in audit["items"]] == [("numbering_plan.create", "root@noc")]

@@ -465,6 +465,29 @@ async def test_freeswitch_down_sends_sms_then_retries_the_call(alarms: Alarms) -
     assert alarms.calls_to(rig.owner) == 1
 
 
+async def test_a_retried_call_the_switch_took_after_all_is_not_dialled_again(alarms: Alarms) -> None:
+    # The first attempt counted as unreachable, yet the switch had taken the call (its answer lost with the
+    # link, or a take-over that could not ask): the switch's note of the uuid says so, and the retry asks it
+    # before dialling. Before, the retry was a fresh originate: the owner was called twice for one step.
+    rig = alarms.rig
+    await alarms.inbound.close()
+    alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+    alarms.script(rig.backup, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+    incident = await alarms.raise_alarm("smoke")
+    await _eventually_rows(
+        alarms, "SELECT 1 FROM iim.sms_outbox WHERE incident_id = $1 AND key LIKE '%/unreachable/%'", incident)
+    owner_call = str(store.call_uuid_for(f"{incident}/0/0/0"))
+    alarms.emu.hash_db[f"iim_originated_{owner_call}"] = "1"  # what api_on_originate leaves on the switch
+    alarms.inbound = await alarms.emu.start_inbound(port=alarms.inbound.port)
+    assert await alarms.settled(incident) == "acknowledged"
+    assert alarms.calls_to(rig.owner) == 0
+    assert alarms.calls_to(rig.backup) == 1
+    owner = await alarms.rows("SELECT outcome, detail FROM iim.incident_action WHERE incident_id = $1 "
+                              "AND kind = 'call' AND destination = $2", incident, rig.owner)
+    assert owner[0]["outcome"] == "failed"
+    assert "ended while its placer was gone" in owner[0]["detail"]
+
+
 async def test_cleared_event_resolves_a_live_incident(alarms: Alarms) -> None:
     rig = alarms.rig
     alarms.script(rig.owner, TargetBehaviour.answer(after_ms=5000))  # rings for a while (x0.01: 50 ms)
