@@ -47,20 +47,17 @@ _BROWSER_DTLS_CIPHERS = (b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SH
                          b"ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:ECDHE-RSA-AES256-SHA")
 
 
-_DTLS1_2 = 0xFEFD  # DTLS1_2_VERSION (pyOpenSSL has no name for it)
-
-
 @contextlib.contextmanager
 def browser_like_aiortc() -> Iterator[None]:
     """aiortc made to behave like a browser where it differs, for as long as the speaker is connected.
 
     * Host candidates: aioice leaves 127.0.0.1 out; the test speaker lives on loopback beside the switch (whose
       candidate ACL is the test's speakers network, 127.0.0.0/8), so it offers exactly that address.
-    * DTLS: the ClientHello offers RSA suites too (see ``_BROWSER_DTLS_CIPHERS``), and DTLS 1.2 at most: with the
-      OpenSSL 4 in pyOpenSSL's wheel offering 1.3, the handshake with FreeSWITCH 1.10.12 (OpenSSL 3) never
-      completes on aiortc's side while the switch thinks it has.
+    * DTLS: the ClientHello offers RSA suites too (see ``_BROWSER_DTLS_CIPHERS``).
     * FreeSWITCH's self-made DTLS certificate has serial number 0, which cryptography loads with a deprecation
-      warning (an error under this suite's warning filters) when aiortc checks the fingerprint."""
+      warning (an error under this suite's warning filters, which left aiortc's handshake task dead and the
+      connection "connecting" for ever) when aiortc checks the fingerprint.
+    * Audio packets carry no marker bit: aiortc sets it on every packet, and FreeSWITCH flushes each one."""
     import aioice.ice
     from aiortc import rtcrtpsender
     from aiortc.rtcdtlstransport import RTCCertificate
@@ -77,7 +74,6 @@ def browser_like_aiortc() -> Iterator[None]:
     def context(self: Any, srtp_profiles: Any) -> Any:
         ctx = original_context(self, srtp_profiles)
         ctx.set_cipher_list(_BROWSER_DTLS_CIPHERS)
-        ctx.set_max_proto_version(_DTLS1_2)
         return ctx
 
     aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
