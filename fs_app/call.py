@@ -66,13 +66,16 @@ class BridgeResult:
     disposition: str | None
     hangup_cause: str | None
     event: Event
+    device_id: str | None = None  # the device whose leg answered (imported from it), None for a phone
 
 
 def bridge_result(done: Event) -> BridgeResult:
-    """Read a bridge's CHANNEL_EXECUTE_COMPLETE: ``originate_disposition`` and the B-leg cause."""
+    """Read a bridge's CHANNEL_EXECUTE_COMPLETE: ``originate_disposition``, the B-leg cause, the answering device."""
     disposition = done.variable("originate_disposition")
     cause = done.variable("bridge_hangup_cause") or done.variable("last_bridge_hangup_cause")
-    return BridgeResult(disposition == "SUCCESS", disposition, cause or disposition, done)
+    answered = disposition == "SUCCESS"
+    return BridgeResult(answered, disposition, cause or disposition, done,
+                        done.variable("iim_device_id") if answered else None)
 
 
 class _EventStream:

@@ -21,6 +21,8 @@ class DialSettings:
     """Where legs go on this FreeSWITCH: the core gateway for mobiles, the directory for devices."""
 
     phone_endpoint: str = "sofia/gateway/ims/{msisdn}"
+    # ``{aor}`` (user@domain), ``{user}``, ``{domain}``: the switch's own directory by default; speakers registered
+    # on the Kamailio edge are reached through it, e.g. "sofia/external/{aor};fs_path=sip:EDGE:5060".
     speaker_endpoint: str = "user/{aor}"
     confirm_key: str = "1"
     # How long a forked mobile has to press the key once it answered (the prompt, then 5 s, over again). Per leg,
@@ -45,7 +47,8 @@ def _leg_target(leg: Leg, settings: DialSettings) -> str:
         return settings.phone_endpoint.format(msisdn=leg.target)
     if not _AOR.fullmatch(leg.target):
         raise ValueError(f"not a SIP AoR: {leg.target[:80]!r}")
-    return settings.speaker_endpoint.format(aor=leg.target)
+    user, _, domain = leg.target.partition("@")
+    return settings.speaker_endpoint.format(aor=leg.target, user=user, domain=domain)
 
 
 def _leg(leg: Leg, settings: DialSettings, *, forked: bool) -> str:
@@ -58,9 +61,18 @@ def _leg(leg: Leg, settings: DialSettings, *, forked: bool) -> str:
             f"group_confirm_file={settings.confirm_prompt}",
             f"group_confirm_timeout={max(1, settings.confirm_timeout_s)}",
         ]
+    if leg.webrtc:
+        # A browser or app over WSS takes only ICE + DTLS-SRTP (SAVPF); a plain SIP device would refuse that offer.
+        variables.append("media_webrtc=true")
     if leg.device_id:
+        # The caller's channel imports this from the leg that answers (BRIDGE_IMPORT): who took the call.
         variables.append(f"iim_device_id={leg.device_id}")
     return "[" + ",".join(variables) + "]" + _leg_target(leg, settings)
+
+
+#: Set on the caller's channel before the bridge: FreeSWITCH then copies these variables from the answering leg
+#: to it (``import`` is read from the caller, the values from the winner, on success only).
+BRIDGE_IMPORT = "import=iim_device_id"
 
 
 def bridge_dial_string(decision: RoutingDecision, settings: DialSettings, *, call_uuid: str = "") -> str:

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from fs_app import metrics
 from fs_app.call import Call, bridge_result
-from fs_app.dialstring import DialSettings, bridge_dial_string
+from fs_app.dialstring import BRIDGE_IMPORT, DialSettings, bridge_dial_string
 from fs_app.messages import take_message
 from fs_app.outbound import CallHandler
 from fs_app.passthrough import relay_cause
@@ -39,6 +39,8 @@ class SnapshotSource(Protocol):
 
 
 DecisionSink = Callable[[CallFacts, RoutingDecision | None, str], None]
+#: Who took a routed call: the answering device's id, None for the mobile (``CallDecisionAudit.record_answer``).
+AnswerSink = Callable[[CallFacts, RoutingDecision, str | None], None]
 MissedCallNotifier = Callable[[RoutingSnapshot, CallFacts], Awaitable[None]]
 #: Takes a call whose home is only cloud speakers (``iim.home.cloud_call.cloud_call_step``).
 AnnouncementStep = Callable[[Call, RoutingDecision], Awaitable[str]]
@@ -46,6 +48,17 @@ AnnouncementStep = Callable[[Call, RoutingDecision], Awaitable[str]]
 
 def _no_sink(_facts: CallFacts, _decision: RoutingDecision | None, _outcome: str) -> None:
     return None
+
+
+def _no_answer_sink(_facts: CallFacts, _decision: RoutingDecision, _device_id: str | None) -> None:
+    return None
+
+
+def _answered_device(decision: RoutingDecision, imported: str | None) -> str | None:
+    """The imported device id if it is one of this decision's legs (the switch's word is not trusted blindly)."""
+    if imported is None:
+        return None
+    return imported if any(leg.device_id == imported for leg in decision.legs) else None
 
 
 def _cloud_only(decision: RoutingDecision) -> bool:
@@ -64,6 +77,7 @@ class PolicyRouter:
         *,
         dial: DialSettings | None = None,
         record_decision: DecisionSink = _no_sink,
+        record_answer: AnswerSink = _no_answer_sink,
         missed_call: MissedCallNotifier | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         announce: AnnouncementStep | None = None,
@@ -72,6 +86,7 @@ class PolicyRouter:
         self._passthrough = passthrough
         self._dial = dial or DialSettings()
         self._record = record_decision
+        self._record_answer = record_answer
         self._missed_call = missed_call
         self._clock = clock
         self._announce = announce
@@ -101,10 +116,19 @@ class PolicyRouter:
             dial = bridge_dial_string(decision, self._dial, call_uuid=call.uuid)
             # One write: the variables that let us walk the fallback chain, then the bridge.
             events = await call.execute_many(
-                [("multiset", "continue_on_fail=true hangup_after_bridge=true"), ("bridge", dial)], timeout=None
+                [("multiset", f"continue_on_fail=true hangup_after_bridge=true {BRIDGE_IMPORT}"), ("bridge", dial)],
+                timeout=None,
             )
             result = bridge_result(events[-1])
-            if result.answered or call.hung_up:
+            if result.answered:
+                if any(leg.kind == "speaker" for leg in decision.legs):
+                    # Who took it is a question only when the home rang too (one audit row, off the call path).
+                    device = _answered_device(decision, result.device_id)
+                    log.debug("call answered", extra={"call_id": call.uuid, "device_id": device,
+                                                      "leg": "phone" if device is None else "speaker"})
+                    self._record_answer(facts, decision, device)
+                return
+            if call.hung_up:
                 return
             cause = result.hangup_cause
         await self._fallback(call, decision, snapshot, facts)

@@ -36,6 +36,7 @@ class Leg:
     target: str  # MSISDN for the phone, SIP AoR for a speaker
     timeout_s: int
     device_id: str | None = None
+    webrtc: bool = False  # a WebRTC-only speaker: the switch offers it ICE/DTLS-SRTP media
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +145,8 @@ def decide(snapshot: RoutingSnapshot, call: CallFacts, now: datetime) -> Routing
             if not device.online:
                 rules.append(f"device {device.name or device.device_id} is offline: skipped")
             elif device.sip:
-                home.append(Leg("speaker", device.endpoint, snapshot.home_timeout_s, device.device_id))
+                home.append(Leg("speaker", device.endpoint, snapshot.home_timeout_s, device.device_id,
+                                webrtc=device.webrtc))
             elif device.cloud_announce:
                 announcements.append(Announcement(device.device_id, device.endpoint))
                 rules.append(f"device {device.name or device.device_id} has no SIP: announce through its cloud")

@@ -65,10 +65,21 @@ class CallDecisionAudit(AsyncResource):
         }
         if decision.reject_cause:
             detail["reject_cause"] = decision.reject_cause
+        self._append(decision.tenant_id, "call.routed", decision.subscriber_id, detail, facts)
+
+    def record_answer(self, facts: CallFacts, decision: RoutingDecision, device_id: str | None) -> None:
+        """The router's answer sink: which leg took the call, the speaker's device id or the mobile."""
+        if decision.tenant_id is None:
+            return
+        detail: dict[str, Any] = {"leg": "phone" if device_id is None else "speaker", "device_id": device_id,
+                                  "policy_version": decision.policy_version}
+        self._append(decision.tenant_id, "call.answered", decision.subscriber_id, detail, facts)
+
+    def _append(self, tenant_id: str, action: str, subscriber_id: str | None, detail: dict[str, Any],
+                facts: CallFacts) -> None:
         correlation = {"call_id": facts.uuid}
-        row = _Row(UUID(decision.tenant_id), (
-            UUID(decision.tenant_id), "iim:router", "call.routed", "subscriber", decision.subscriber_id,
-            detail, correlation))
+        row = _Row(UUID(tenant_id), (
+            UUID(tenant_id), "iim:router", action, "subscriber", subscriber_id, detail, correlation))
         if len(self._buffer) >= self._max:
             self._buffer.popleft()
             AUDIT_DROPPED.inc()

@@ -293,12 +293,13 @@ class Service:
         connectors, tts, audio_urls = await self._start_home(stack, pool)
         audio_base = s.switch_audio_base_url or f"http://{s.http_host}:{s.http_port}"
         dial = DialSettings(phone_endpoint=s.passthrough_endpoint.replace("{destination}", "{msisdn}"),
+                            speaker_endpoint=s.speaker_endpoint,
                             confirm_prompt=prompt_url(audio_base, "confirm-call"),
                             voicemail_prompt=prompt_url(audio_base, "leave-message"))
         sms = OutboxSmsSink(pool)
         announce = cloud_call_step(CloudAnnouncer(connectors), dial, sms)
-        router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record, announce=announce,
-                              missed_call=missed_call_sms(sms))
+        router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record,
+                              record_answer=audit.record_answer, announce=announce, missed_call=missed_call_sms(sms))
         return PolicyParts(app_url=urls.app_url, pool=pool, directory_pool=directory_pool, cache=cache, router=router,
                            connectors=connectors, tts=tts, audio_urls=audio_urls, audit_heads=heads,
                            database=database)
@@ -352,7 +353,8 @@ class Service:
                 InboundPool(self.inbound), self.ivr,
                 socket_address=s.alert_socket_address or f"{s.esl_host}:{self.outbound.port}",
                 gateway_dial=DialSettings(phone_endpoint=s.alert_gateway_endpoint.replace("{destination}",
-                                                                                         "{msisdn}")))
+                                                                                         "{msisdn}"),
+                                          speaker_endpoint=s.speaker_endpoint))
         worker = IncidentWorker(
             policy.pool, policy.app_url, placer,
             WorkerSettings(caller_id_number=s.alert_caller_id,

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # Where a call goes before policy routing exists: its dialled number through the core gateway.
     passthrough_endpoint: str = "sofia/gateway/ims/{destination}"
+    # How a speaker leg is dialled: the switch's directory (``user/{aor}``), or through the Kamailio edge where
+    # speakers register (kamailio/README.md), e.g. "sofia/external/{aor};fs_path=sip:10.0.0.2:5060".
+    speaker_endpoint: str = "user/{aor}"
     fs_nodes: list[FreeSwitchNode] = Field(default_factory=list)
     drain_timeout: float = 10.0
     # Policy routing: PostgreSQL at IIM_DATABASE_URL (a superuser/owner URL used for migrations), or an
@@ -127,6 +130,19 @@ class Settings(BaseSettings):
     audit_head_key_ref: str | None = Field(default=None, description="env:VAR or file:/path of the signing key")
     audit_heads_file: str | None = None
     audit_head_interval_s: float = Field(default=300.0, ge=1)
+
+    @field_validator("speaker_endpoint")
+    @classmethod
+    def _has_speaker(cls, value: str) -> str:
+        if "{aor}" not in value and "{user}" not in value:
+            raise ValueError("speaker_endpoint must contain {aor} or {user}")
+        try:
+            value.format(aor="a@b", user="a", domain="b")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("speaker_endpoint may only use {aor}, {user} and {domain}") from None
+        if any(ch in ",|[]'\"\\" or ch.isspace() for ch in value):
+            raise ValueError("speaker_endpoint must not hold spaces, quotes or dial string separators")
+        return value
 
     @field_validator("passthrough_endpoint")
     @classmethod

@@ -33,6 +33,9 @@ class SpeakerDevice:
     cloud_announce: bool  # its vendor cloud can announce a call on it
     online: bool
     name: str = ""
+    # Speaks WebRTC only (a browser or an app over WSS): the switch must offer it ICE, DTLS-SRTP and AVPF, which a
+    # plain SIP device would refuse. A device that can do both is rung as plain SIP.
+    webrtc: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,6 +141,7 @@ def _speakers(devices: Iterable[RoutingDevice]) -> Iterator[SpeakerDevice]:
             # "unknown" rings: FreeSWITCH answers USER_NOT_REGISTERED at once if it is not there.
             online=device.status is not DeviceStatus.OFFLINE,
             name=device.vendor or "",
+            webrtc=sip and DeviceCapability.WEBRTC in caps and DeviceCapability.SIP not in caps,
         )
 
 
@@ -180,7 +181,8 @@ class _ListenFeed:
 _FULL_DEVICES = """
 SELECT d.tenant_id::text, d.household_id::text, d.id::text, d.sip_uri, d.connector || ':' || d.connector_ref,
        d.capabilities && '{sip,webrtc}'::iim.device_capability[],
-       'cloud_announce' = ANY(d.capabilities), d.status = 'offline', d.vendor
+       'cloud_announce' = ANY(d.capabilities), d.status = 'offline', d.vendor,
+       'webrtc' = ANY(d.capabilities) AND NOT 'sip' = ANY(d.capabilities)
 FROM iim.device d
 WHERE d.enabled AND d.capabilities && '{sip,webrtc,cloud_announce}'::iim.device_capability[]
 """
@@ -294,7 +296,8 @@ class PgPolicyStore(AsyncResource):
                     if endpoint is None:
                         continue  # cloud_announce without a connector: nothing can reach it
                     devices.setdefault((r[0], r[1]), []).append(
-                        SpeakerDevice(r[2], endpoint, sip, r[6] and r[4] is not None, not r[7], r[8] or ""))
+                        SpeakerDevice(r[2], endpoint, sip, r[6] and r[4] is not None, not r[7], r[8] or "",
+                                      sip and r[9]))
                 continue
             if by_household is None:
                 by_household = {k: tuple(sorted(v, key=_device_order)) for k, v in devices.items()}

@@ -1,7 +1,8 @@
 """A minimal SIP client for the Kamailio tests: requests are built and responses parsed without I/O (so the
 same REGISTER goes over UDP or a WebSocket), digest answers computed per RFC 2617 (qop=auth).
 
-Only what the tests need: REGISTER, OPTIONS, out-of-dialog INVITE; one response at a time."""
+Only what the tests need: REGISTER, OPTIONS, out-of-dialog INVITE; one response at a time; and, for a speaker
+that takes calls (tests/webrtc_speaker.py), incoming requests and the replies to them."""
 
 from __future__ import annotations
 
@@ -42,6 +43,64 @@ def parse_response(data: bytes) -> Response:
         name, _, value = line.partition(":")
         headers.append((name.strip(), value.strip()))
     return Response(int(code), reason, headers, text)
+
+
+@dataclass(frozen=True)
+class IncomingRequest:
+    """A request sent to us (INVITE, ACK, BYE): what a reply needs from it."""
+
+    method: str
+    uri: str
+    headers: list[tuple[str, str]]
+    body: str
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def all(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+
+def _split(text: str) -> tuple[str, list[tuple[str, str]], str]:
+    head, _, body = text.partition("\r\n\r\n")
+    lines = head.split("\r\n")
+    headers = []
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers.append((name.strip(), value.strip()))
+    return lines[0], headers, body
+
+
+def parse_message(data: bytes) -> Response | IncomingRequest:
+    """A response or a request, told apart by the start line."""
+    text = data.decode(errors="replace")
+    start, headers, body = _split(text)
+    if start.startswith("SIP/2.0 "):
+        return parse_response(data)
+    method, uri, _ = [*start.split(" ", 2), "", ""][:3]
+    return IncomingRequest(method, uri, headers, body)
+
+
+def reply(request: IncomingRequest, code: int, reason: str, *, to_tag: str | None = None,
+          contact: str | None = None, body: str = "", content_type: str = "application/sdp") -> bytes:
+    """A response to ``request`` (RFC 3261 8.2.6: Via, From, To, Call-ID, CSeq and Record-Route copied)."""
+    lines = [f"SIP/2.0 {code} {reason}"]
+    lines += [f"Via: {via}" for via in request.all("Via")]
+    lines += [f"Record-Route: {rr}" for rr in request.all("Record-Route")]
+    to = request.header("To") or ""
+    if to_tag and ";tag=" not in to:
+        to += f";tag={to_tag}"
+    lines += [f"From: {request.header('From')}", f"To: {to}", f"Call-ID: {request.header('Call-ID')}",
+              f"CSeq: {request.header('CSeq')}"]
+    if contact:
+        lines.append(f"Contact: <{contact}>")
+    if body:
+        lines.append(f"Content-Type: {content_type}")
+    lines.append(f"Content-Length: {len(body.encode())}")
+    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
 
 
 @dataclass

@@ -40,10 +40,11 @@ def _keys(keys: Mapping[str, str]) -> list[str]:
 def call(workdir: Path, target_port: int, number: str, *, caller: str = "79160000000", extra: str = "X-Test: 1",
          hold_ms: int = 300, calls: int = 1, rate: float = 1.0, timeout_s: int = 60,
          scenario: str = "caller.xml", source: str = "127.0.0.1", domain: str | None = None,
-         auth: tuple[str, str] | None = None) -> CallResult:
+         auth: tuple[str, str] | None = None, rtp_echo: bool = False) -> CallResult:
     """Place ``calls`` calls to ``number`` on 127.0.0.1:``target_port`` from ``source``; the caller's final codes.
 
-    ``caller_auth.xml`` takes ``domain`` (the From domain, the digest realm) and ``auth`` (user, password)."""
+    ``caller_auth.xml`` takes ``domain`` (the From domain, the digest realm) and ``auth`` (user, password).
+    ``rtp_echo``: the caller sends back every RTP packet it gets (the callee hears itself)."""
     sipp = require_sipp()
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"caller-{free_port()}.log"
@@ -52,7 +53,8 @@ def call(workdir: Path, target_port: int, number: str, *, caller: str = "7916000
     argv = [sipp, "-sf", str(SCENARIOS / scenario), "-i", source, "-p", str(free_port()),
             "-mi", source, "-mp", str(free_port()), "-s", number, "-m", str(calls), "-r", str(rate),
             "-timeout", f"{timeout_s}s", "-timeout_error", "-trace_logs", "-log_file", str(log), "-nostdin",
-            "-d", str(hold_ms), *_keys(keys), *credentials, f"127.0.0.1:{target_port}"]
+            "-d", str(hold_ms), *_keys(keys), *credentials, *(["-rtp_echo"] if rtp_echo else []),
+            f"127.0.0.1:{target_port}"]
     done = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=timeout_s + 15, check=False)
     text = log.read_text(errors="replace") if log.exists() else ""
     return CallResult([int(code) for code, _ in _FINAL.findall(text)], done.returncode,

@@ -547,6 +547,17 @@ class Bridge:
             self.session.hangup(cause)
         return None
 
+    def _import_from(self, leg: LegPlan) -> None:
+        """switch_process_import: the names in the caller's ``import`` are copied from the leg that answered
+        (its ``{}`` and ``[]`` variables), on success only."""
+        names = [name.strip() for name in (self.ch.get_var("import") or "").split(",") if name.strip()]
+        if not names:
+            return
+        peer = {**self.dial.vars, **leg.leg.vars}
+        for name in names:
+            if peer.get(name) is not None:
+                self.ch.set_var(name, peer[name])
+
     async def _answered(self, leg: LegPlan, plan: GroupPlan) -> str | None:
         session = self.session
         ch = self.ch
@@ -564,6 +575,7 @@ class Bridge:
         ch.set_var("DIALSTATUS", "SUCCESS")
         ch.set_var("originate_causes", self._causes_value())
         ch.set_var("signal_bond", leg.uuid)
+        self._import_from(leg)
         session.flush_ack()
         bridged = now_us()
         ch.bridged_us = bridged

@@ -176,3 +176,24 @@ def test_consent_that_expired_since_the_last_sync_keeps_the_home_silent() -> Non
     decision = decide(_snapshot(announce_consent_expires=NOON.timestamp() - 1), CALL, NOON)
     assert _targets(decision) == [["+4915112345678"]]
     assert "consent to announce calls has expired: home devices skipped" in decision.rules
+
+
+def test_a_webrtc_speaker_is_offered_webrtc_media_and_a_sip_one_plain_rtp() -> None:
+    snap = _snapshot(ring_mode="home_only", speakers=(
+        SpeakerDevice("dev-browser", "browser@iim.local", sip=True, cloud_announce=False, online=True, webrtc=True),
+        SpeakerDevice("dev-desk", "desk@iim.local", sip=True, cloud_announce=False, online=True)))
+    dial = bridge_dial_string(decide(snap, CALL, NOON), DialSettings())
+    assert dial == (
+        "{ignore_early_media=true,iim_policy_version=7}"
+        "[leg_timeout=25,media_webrtc=true,iim_device_id=dev-browser]user/browser@iim.local,"
+        "[leg_timeout=25,iim_device_id=dev-desk]user/desk@iim.local"
+    )
+
+
+def test_speakers_registered_on_the_edge_are_dialled_through_it() -> None:
+    dial = bridge_dial_string(decide(_snapshot(ring_mode="home_only"), CALL, NOON),
+                              DialSettings(speaker_endpoint="sofia/external/{aor};fs_path=sip:10.0.0.2:5060"))
+    assert "]sofia/external/kitchen@iim.local;fs_path=sip:10.0.0.2:5060," in dial
+    user_only = bridge_dial_string(decide(_snapshot(ring_mode="home_only"), CALL, NOON),
+                                   DialSettings(speaker_endpoint="sofia/external/{user}@10.0.0.2"))
+    assert user_only.endswith("]sofia/external/living@10.0.0.2")

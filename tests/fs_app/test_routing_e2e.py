@@ -70,6 +70,7 @@ class Clock:
 async def _subscriber(pool: Pool, tenant: UUID, n: int, **policy: Any) -> Line:
     """A household with one owner and two SIP speakers (the second registered offline when asked)."""
     offline = policy.pop("offline_speaker", False)
+    webrtc = policy.pop("webrtc_speaker", False)  # the first speaker speaks WebRTC only (a browser)
     msisdn = f"+49151{n:07d}"
     speakers = [f"spk{n}a@iim.local", f"spk{n}b@iim.local"]
     async with tenant_tx(pool, tenant) as tx:
@@ -81,7 +82,8 @@ async def _subscriber(pool: Pool, tenant: UUID, n: int, **policy: Any) -> Line:
         for i, aor in enumerate(speakers):
             await registry.create(tx, registry.DEVICE, DeviceCreate(
                 household_id=home.id, name=f"speaker {aor}", type=DeviceType.SPEAKER,
-                capabilities=frozenset({DeviceCapability.SIP}), sip_uri=f"sip:{aor}",
+                capabilities=frozenset({DeviceCapability.WEBRTC if webrtc and i == 0 else DeviceCapability.SIP}),
+                sip_uri=f"sip:{aor}",
                 status=DeviceStatus.OFFLINE if offline and i == 1 else DeviceStatus.ONLINE), **kw)
         await registry.create(tx, registry.BINDING, BindingCreate(subscriber_id=sub.id, household_id=home.id,
                                                                   role=BindingRole.OWNER), **kw)
@@ -105,6 +107,7 @@ def lines_spec() -> dict[str, dict[str, Any]]:
         "dnd": {"ring_mode": RingMode.SIMULTANEOUS, "dnd": True},
         "blocking": {"ring_mode": RingMode.SIMULTANEOUS, "blocked_callers": [CALLER]},
         "offline": {"ring_mode": RingMode.HOME_ONLY, "offline_speaker": True},
+        "webrtc": {"ring_mode": RingMode.HOME_ONLY, "webrtc_speaker": True},
     }
 
 
@@ -144,7 +147,8 @@ async def rig(pg_db: PgDatabase, app_pool: Pool, lines_spec: dict[str, dict[str,
     passthrough = make_passthrough_handler("sofia/gateway/ims/{destination}")
     # The confirmation a forked mobile hears: a file the switch can play (IIM serves it over HTTP in service).
     dial = DialSettings(confirm_prompt=str(write_silent_wav(tmp_path / "confirm-call.wav", CONFIRM_PROMPT_MS)))
-    router = PolicyRouter(cache, passthrough, dial=dial, record_decision=call_audit.record, clock=clock_)
+    router = PolicyRouter(cache, passthrough, dial=dial, record_decision=call_audit.record,
+                          record_answer=call_audit.record_answer, clock=clock_)
     server = OutboundServer(router, OutboundSettings(port=0, exit_wait=1.0, hangup_complete_wait=1.0),
                             fallback=passthrough)
     await server.start()
@@ -302,6 +306,43 @@ async def test_each_routed_call_leaves_one_audit_row_with_the_policy_version(rig
     assert len(rows) == 1
     assert rows[0]["detail"]["policy_version"] >= 1
     assert rows[0]["detail"]["groups"] == [[f"phone:{rig.lines['phone_only'].msisdn}"]]
+
+
+async def _answered(rig: Rig, app_pool: Pool, call_id: str) -> list[dict[str, Any]]:
+    """The call's ``call.answered`` rows, once the router has written them (after the bridge's completion, which
+    may come after the emulator's caller saw the call end)."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:
+        await rig.audit.flush()
+        async with tenant_tx(app_pool, rig.tenant) as tx:
+            rows = await tx.fetch("SELECT detail FROM iim.audit_log WHERE action = 'call.answered' "
+                                  "AND correlation->>'call_id' = $1", call_id)
+        if rows or asyncio.get_running_loop().time() > deadline:
+            return [dict(row["detail"]) for row in rows]
+        await asyncio.sleep(0.05)
+
+
+async def test_a_webrtc_only_speaker_is_offered_webrtc_media_and_the_device_that_answers_is_audited(
+        rig: Rig, app_pool: Pool) -> None:
+    line = rig.lines["webrtc"]
+    result = await rig.call(line.msisdn)
+    legs = {aor: variables for variables, aor in re.findall(r"\[([^\]]*)\]user/([^,|]+)", _bridge(result))}
+    assert "media_webrtc=true" in legs[line.speakers[0]].split(",")
+    assert "media_webrtc=true" not in legs[line.speakers[1]].split(",")
+    async with tenant_tx(app_pool, rig.tenant) as tx:
+        ids = {row["id"] for row in await tx.fetch(
+            "SELECT id::text AS id FROM iim.device WHERE sip_uri = ANY($1::text[])",
+            [f"sip:{aor}" for aor in line.speakers])}
+    answered = await _answered(rig, app_pool, result.uuid)
+    assert [row["leg"] for row in answered] == ["speaker"]
+    assert answered[0]["device_id"] in ids
+
+
+async def test_a_call_the_mobile_takes_before_the_home_rings_is_audited_as_answered_by_the_phone(
+        rig: Rig, app_pool: Pool) -> None:
+    result = await rig.call(rig.lines["phone_then_home"].msisdn)
+    assert [(row["leg"], row["device_id"]) for row in await _answered(rig, app_pool, result.uuid)] == [
+        ("phone", None)]
 
 
 async def test_postgresql_unreachable_calls_still_route_from_the_cache(rig: Rig) -> None:

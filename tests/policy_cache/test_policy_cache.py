@@ -14,7 +14,7 @@ from policy_cache import registry
 from policy_cache.bootstrap import Demo, load_demo
 from policy_cache.cache import PolicyCache
 from policy_cache.db import DbRole, Pool, connect_pool, tenant_tx
-from policy_cache.models import PolicyUpdate, RingMode
+from policy_cache.models import DeviceCapability, DeviceCreate, DeviceType, PolicyUpdate, RingMode
 from policy_cache.store import PgPolicyStore
 from tests.conftest import eventually
 from tests.pg import PgDatabase, private_pg
@@ -151,3 +151,25 @@ async def test_a_change_after_a_postgresql_restart_reaches_the_cache() -> None:
             await cache.aclose()
             await store.aclose()
             await pool.close()
+
+
+async def test_a_webrtc_only_device_compiles_as_webrtc_on_both_load_paths(
+    pg_db: PgDatabase, app_pool: Pool, demo: Demo
+) -> None:
+    """WebRTC-only devices get a WebRTC offer (ICE, DTLS-SRTP); one that also speaks plain SIP is rung as SIP."""
+    kinds = {"browser": {DeviceCapability.WEBRTC}, "desk": {DeviceCapability.SIP, DeviceCapability.WEBRTC}}
+    async with tenant_tx(app_pool, demo.tenant_id) as tx:
+        for user, caps in kinds.items():
+            await registry.create(tx, registry.DEVICE, DeviceCreate(
+                household_id=demo.household_id, name=user, type=DeviceType.SPEAKER, capabilities=frozenset(caps),
+                sip_uri=f"sip:{user}@iim.local"), actor="test")
+    store = PgPolicyStore(pg_db.cache_url)
+    try:
+        full, _ = await store.load_all()
+        again = await store.load_subscribers([s.subscriber_id for s in full])
+    finally:
+        await store.aclose()
+    for snapshots in (full, again):
+        owner = next(s for s in snapshots if s.msisdn == OWNER)
+        webrtc = {d.endpoint: d.webrtc for d in owner.speakers if d.sip}
+        assert webrtc == {"speaker-1@iim.local": False, "browser@iim.local": True, "desk@iim.local": False}

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +54,11 @@ class Iim:
         return self.log.read_text(errors="replace")
 
 
-def start_iim(switch: RealSwitch, db: PgDatabase, esl_port: int, workdir: Path) -> Iim:
+def start_iim(switch: RealSwitch, db: PgDatabase, esl_port: int, workdir: Path,
+              env: Mapping[str, str] | None = None) -> Iim:
     """``iim serve`` against the real switch: its outbound server where the dialplan's socket points, its
-    inbound client on the switch's Event Socket, the module's database with the demo tenant."""
+    inbound client on the switch's Event Socket, the module's database with the demo tenant; ``env`` adds or
+    overrides settings."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"iim-{esl_port}.log"
     # The log is appended to: an IIM restarted on the same port must announce itself again.
@@ -67,7 +69,7 @@ def start_iim(switch: RealSwitch, db: PgDatabase, esl_port: int, workdir: Path) 
         "IIM_ESL_PORT": str(esl_port), "IIM_HTTP_PORT": str(free_port()), "IIM_BRIDGE_ENABLED": "false",
         "IIM_ALERT_SOCKET_ADDRESS": f"127.0.0.1:{esl_port}", "IIM_DATA_DIR": str(workdir / "unused-pg"),
         "IIM_LOG_LEVEL": "INFO", "IIM_DRAIN_TIMEOUT": "1",
-    }
+    } | dict(env or {})
     with log.open("ab") as out:
         process = subprocess.Popen([sys.executable, "-m", "iim", "serve"], env=env, stdout=out,
                                    stderr=subprocess.STDOUT)

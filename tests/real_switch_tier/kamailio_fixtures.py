@@ -30,7 +30,7 @@ def kamailio_db_url(cluster: PgCluster, db: PgDatabase, tcp_port: int) -> str:
     return f"postgres://{userinfo}@127.0.0.1:{tcp_port}/{db.name}"
 
 
-async def _provision(cluster: PgCluster, db: PgDatabase, speakers: tuple[Speaker, ...]) -> UUID:
+async def _grant_edge_login(cluster: PgCluster, db: PgDatabase) -> None:
     import asyncpg
 
     admin = await asyncpg.connect(db.admin_url)
@@ -38,6 +38,15 @@ async def _provision(cluster: PgCluster, db: PgDatabase, speakers: tuple[Speaker
         await admin.execute(f"ALTER ROLE iim_kamailio PASSWORD '{scram_verifier(cluster.role_password)}'")
     finally:
         await admin.close()
+
+
+def grant_edge_login(cluster: PgCluster, db: PgDatabase) -> None:
+    """The edge's database role gets this run's password (an operator's ALTER ROLE ... PASSWORD)."""
+    run_sync(_grant_edge_login(cluster, db))
+
+
+async def _provision(cluster: PgCluster, db: PgDatabase, speakers: tuple[Speaker, ...]) -> UUID:
+    await _grant_edge_login(cluster, db)
     pool = await connect_pool(db.app_url, role=DbRole.APP, min_size=1, max_size=2)
     try:
         tenant = await create_tenant(pool, "kamailio-edge")
