@@ -55,6 +55,7 @@ from iim.settings import Settings
 from iim.sms.outbox import OutboxRow, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
 from iim.tts.engine import EspeakTts
+from iim.tts.switch_audio import SwitchAudio, switch_audio_routes
 from iim.tts.urls import AudioUrlSigner, audio_routes, prompt_routes, prompt_url
 from iot_bridge.app import BridgeConfig, create_bridge_app
 from iot_bridge.ratelimit import RateLimitSettings
@@ -93,6 +94,7 @@ class PolicyParts:
     connectors: ConnectorRegistry
     tts: EspeakTts
     audio_urls: AudioUrlSigner
+    switch_audio: SwitchAudio
     database: DatabaseProbe
     audit_heads: AuditHeadPublisher | None = None
 
@@ -244,6 +246,7 @@ class Service:
         root = create_app(probes)
         if policy is not None:
             root.add_routes(prompt_routes(policy.tts))  # what FreeSWITCH plays for IIM (mod_http_cache)
+            root.add_routes(switch_audio_routes(policy.switch_audio, policy.tts))  # alert calls' own prompts
             connectors = Route("GET", "/connectors", connector_list_view(policy.connectors), "listConnectors",
                                "Configured connectors: capabilities and health", "connectors", Access.READ)
             extra = [connectors]
@@ -300,9 +303,15 @@ class Service:
         announce = cloud_call_step(CloudAnnouncer(connectors), dial, sms)
         router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record,
                               record_answer=audit.record_answer, announce=announce, missed_call=missed_call_sms(sms))
+        switch_secret = (resolve_secret(s.switch_audio_secret_ref).encode() if s.switch_audio_secret_ref
+                         else secrets.token_bytes(32))
+        switch_audio = SwitchAudio(switch_secret, s.switch_audio_base_url)
+        if s.switch_audio_base_url is None:
+            log.info("alert prompts are handed to FreeSWITCH as local files (single-host mode: "
+                     "IIM_SWITCH_AUDIO_BASE_URL unset)")
         return PolicyParts(app_url=urls.app_url, pool=pool, directory_pool=directory_pool, cache=cache, router=router,
-                           connectors=connectors, tts=tts, audio_urls=audio_urls, audit_heads=heads,
-                           database=database)
+                           connectors=connectors, tts=tts, audio_urls=audio_urls, switch_audio=switch_audio,
+                           audit_heads=heads, database=database)
 
     def _audit_heads(self, pool: Pool) -> AuditHeadPublisher:
         s = self.settings
@@ -359,7 +368,8 @@ class Service:
             policy.pool, policy.app_url, placer,
             WorkerSettings(caller_id_number=s.alert_caller_id,
                            heartbeat_timeout=timedelta(seconds=s.job_heartbeat_timeout_s)),
-            connectors=policy.connectors, speech=policy.tts if s.alert_prompt_tts == "iim" else None)
+            connectors=policy.connectors, speech=policy.tts if s.alert_prompt_tts == "iim" else None,
+            prompt_location=policy.switch_audio.playable)
         self._worker = worker
         stack.callback(setattr, self, "_worker", None)  # once the worker has stopped (the stack unwinds LIFO)
         return await stack.enter_async_context(worker)

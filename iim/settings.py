@@ -100,10 +100,11 @@ class Settings(BaseSettings):
     alert_caller_id: str = "+70000000000"
     alert_gateway_endpoint: str = "sofia/gateway/ims/{destination}"
     job_heartbeat_timeout_s: float = Field(default=30.0, gt=0)
-    # Who speaks alert-call prompts: "iim" renders them with espeak-ng while the phone rings (the WAV must be
-    # readable by FreeSWITCH: same host or a shared directory; until then, or if it fails, the callee hears the
-    # generic prompt and the private text never reaches the switch), "freeswitch" leaves `say:` to its TTS
-    # module (the text is then sent to the switch).
+    # Who speaks alert-call prompts: "iim" renders them with espeak-ng while the phone rings and the switch
+    # fetches the WAV from IIM's HTTP site (IIM_SWITCH_AUDIO_BASE_URL; unset: the switch reads it from IIM's
+    # cache directory, same host only); until then, or if it fails, the callee hears the generic prompt and
+    # the private text never reaches the switch. "freeswitch" leaves `say:` to its TTS module (the text is
+    # then sent to the switch).
     alert_prompt_tts: Literal["iim", "freeswitch"] = "iim"
     # Another libespeak-ng than the espeakng-loader wheel's (unset: the wheel's). A path that cannot be loaded
     # leaves speech down (prompts fall back to FreeSWITCH's TTS): the fault-injection suite starts instances so.
@@ -120,9 +121,13 @@ class Settings(BaseSettings):
     connectors: list[dict[str, object]] = Field(default_factory=list)
     # Where vendor clouds reach IIM (signed audio URLs, user-action callbacks); default: the device bridge.
     public_base_url: str | None = None
-    # Where FreeSWITCH fetches the prompts IIM owns (GET /v1/prompts/NAME.wav on the HTTP site, through
-    # mod_http_cache); default http://IIM_HTTP_HOST:IIM_HTTP_PORT. Set it when the switch is on another host.
+    # Where FreeSWITCH reaches this IIM's HTTP site for the prompts IIM owns, through mod_http_cache: the
+    # system prompts (GET /v1/prompts/NAME.wav; default http://IIM_HTTP_HOST:IIM_HTTP_PORT) and each alert
+    # call's rendered prompt (signed GET /v1/audio/ID.wav). Unset is the single-host mode: alert prompts are
+    # handed to the switch as paths in IIM's cache directory. Set it whenever the switch runs elsewhere.
     switch_audio_base_url: str | None = None
+    # HMAC key of the switch's audio URLs (unset: a random key per process; the URLs live minutes).
+    switch_audio_secret_ref: str | None = Field(default=None, description="env:VAR or file:/path")
     audio_url_secret_ref: str | None = Field(default=None, description="unset: a random key per process")
     sms_hash_key_ref: str | None = Field(default=None, description="key for audit hashes of read-aloud SMS")
     # Audit chain heads signed outside the database (Ed25519, PEM or 32-byte seed by reference) and published

@@ -14,6 +14,8 @@ from typing import Literal
 
 from fs_app.testing.channel import now_us
 from fs_app.testing.dialstring import DialString, DialStringError, parse_dialstring
+from fs_app.testing.http_cache import PREFIX as HTTP_CACHE
+from fs_app.testing.http_cache import MediaNotFound
 from fs_app.testing.media import lengths, played_ms
 from fs_app.testing.originate import (
     DEFAULT_ORIGINATE_TIMEOUT_S,
@@ -213,7 +215,13 @@ async def play_file(session: Session, arg: str) -> Played:
         return "hangup"
     if not ch.answered and not ch.progress_media_us:
         ch.pre_answer(_media(session))
-    total_ms = await media_length_ms(session, arg)
+    total_ms: float | None = None
+    try:
+        if arg.startswith(HTTP_CACHE):  # downloaded as mod_http_cache does: a URL that does not download fails
+            await session.host.http_cache.open(arg)
+        total_ms = await media_length_ms(session, arg)
+    except MediaNotFound:
+        pass
     if total_ms is None:
         ch.core.log(4, "mod_sndfile.c", "sndfile_file_open", 281, f"Error Opening File [{arg}] "
                     "[System error : No such file or directory.]")

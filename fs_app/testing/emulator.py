@@ -24,6 +24,7 @@ from fs_app.testing.api import API_COMMANDS, ApiResult
 from fs_app.testing.channel import CallerProfile, Channel, now_us
 from fs_app.testing.core import SwitchCore, new_uuid
 from fs_app.testing.faults import NO_FAULTS, FaultConfig
+from fs_app.testing.http_cache import HttpCache
 from fs_app.testing.inbound import InboundServer
 from fs_app.testing.listener import EslListener
 from fs_app.testing.outbound import OutboundSocket, finalise_result, parse_socket_data
@@ -135,6 +136,8 @@ class FreeSwitchEmulator:
         #: (channel uuid, application) of every ``execute`` the switch refused as an Invalid Application
         self.invalid_applications: deque[tuple[str, str]] = deque(maxlen=10_000)
         self.write_recordings = write_recordings
+        #: ``http_cache://`` prompts, fetched over HTTP like mod_http_cache (``http_cache.fetched`` lists them)
+        self.http_cache = HttpCache()
         self.keep_results = False
         self._session_ids = itertools.count(1)
         self._prototypes: dict[tuple[object, ...], tuple[str, CallerProfile, Channel]] = {}

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 from fs_app.esl import Execute, LocalProtocolError, serialise
 from fs_app.testing.channel import Channel
 from fs_app.testing.core import SwitchCore, new_uuid
+from fs_app.testing.http_cache import HttpCache
 from fs_app.testing.spec import RecordingRecord, TargetBehaviour
 from fs_app.testing.templates import cdr_vars
 
@@ -43,6 +44,7 @@ class SessionHost(Protocol):
     playback_ms: float | None
     sounds_dir: Path | None
     tts_engines: frozenset[str]
+    http_cache: HttpCache
 
     def target_for(self, endpoint: str) -> TargetBehaviour: ...
 

@@ -130,6 +130,14 @@ class RenderedPrompt(Protocol):
     @property
     def path(self) -> Path: ...
 
+    @property
+    def key(self) -> str: ...
+
+
+#: What the switch is told to play for a rendered prompt (``iim.tts.switch_audio.SwitchAudio.playable``: a signed
+#: ``http_cache://`` URL to IIM's HTTP site, or the local path when IIM and FreeSWITCH share a host).
+PromptLocation = Callable[[RenderedPrompt], str]
+
 
 class PromptRenderer(Protocol):
     """Speech for IVR prompts (``iim.tts.engine.EspeakTts``): the call's own text, and the generic prompt with
@@ -176,9 +184,10 @@ def _ids(job: pgq_models.Job) -> dict[str, str]:
 class IncidentWorker(AsyncResource):
     def __init__(self, pool: Pool, app_url: str, placer: AlertCallPlacer | None,
                  settings: WorkerSettings | None = None, *, connectors: ConnectorLookup | None = None,
-                 speech: PromptRenderer | None = None) -> None:
+                 speech: PromptRenderer | None = None, prompt_location: PromptLocation | None = None) -> None:
         self.connectors = connectors
         self.speech = speech
+        self.prompt_location: PromptLocation = prompt_location or _local_path
         self.pool = pool
         self.app_url = app_url
         self.placer = placer
@@ -801,7 +810,8 @@ class IncidentWorker(AsyncResource):
         assert self.speech is not None
         text = (call.prompt or "").removeprefix("say:") or None
         try:
-            fallback: str | None = str((await self.speech.generic(meanings, record=call.record_s > 0)).path)
+            generic = await self.speech.generic(meanings, record=call.record_s > 0)
+            fallback: str | None = self.prompt_location(generic)
         except (OSError, ValueError) as exc:  # the cache directory cannot be written
             log.error("generic prompt unavailable (%s); the call plays no prompt", exc,
                       extra={"call_id": call.call_uuid})
@@ -810,7 +820,8 @@ class IncidentWorker(AsyncResource):
 
     async def _speak_while_ringing(self, tenant_id: UUID, incident_id: UUID, key: str, call: AlertCall,
                                    text: str) -> None:
-        """Render the call's own prompt with our TTS while the phone rings and give the IVR the WAV file; when
+        """Render the call's own prompt with our TTS while the phone rings and give the IVR the WAV (its URL on
+        IIM's HTTP site, or its path on a single host: :attr:`prompt_location`); when
         speech fails or is late the callee hears the generic prompt it was placed with, and the incident gets
         a ``degraded: prompt`` note (the group's SMS carries the details in writing)."""
         assert self.speech is not None
@@ -824,7 +835,7 @@ class IncidentWorker(AsyncResource):
         except ValueError as exc:  # a text it cannot say (too long, nothing speakable)
             reason, why = "refused", str(exc)
         else:
-            if not self.placer.use_prompt(call.call_uuid, str(rendered.path)):
+            if not self.placer.use_prompt(call.call_uuid, self.prompt_location(rendered)):
                 reason, why = "late", "the call was answered before its prompt was rendered"
         if reason is not None and call.prompt is None:
             reason, why = "no_generic", "neither its own nor the generic prompt could be played"
@@ -1014,6 +1025,11 @@ class IncidentWorker(AsyncResource):
                           {"key": action.key, "outcome": outcome.value, "detail": detail},
                           event_id=incident.first_event_id, call_uuid=action.call_uuid)
         ACTIONS.labels(action.kind, outcome.value).inc()
+
+
+def _local_path(rendered: RenderedPrompt) -> str:
+    """Single-host mode: the switch reads the file from IIM's cache directory."""
+    return str(rendered.path)
 
 
 def _refused(incident: store.IncidentRow, kind: str, reason: str) -> None:

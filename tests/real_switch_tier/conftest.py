@@ -4,6 +4,7 @@ core played by SIPp on a port reserved for the module, and ``iim serve`` as a re
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -49,31 +50,54 @@ def real_switch(tmp_path_factory: pytest.TempPathFactory, ports: Ports) -> Itera
 class Iim:
     process: subprocess.Popen[bytes]
     log: Path
+    http_port: int = 0
+    #: IIM's speech cache (rendered prompts); private to IIM when started with ``own_filesystem``
+    tts_cache: Path | None = None
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
 
-def start_iim(switch: RealSwitch, db: PgDatabase, esl_port: int, workdir: Path,
-              env: Mapping[str, str] | None = None) -> Iim:
+def can_hide_directories() -> bool:
+    """Can this machine start a process in a mount namespace of its own (root, or unprivileged namespaces)?"""
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True,
+                           check=False) if shutil.which("unshare") else None
+    return probe is not None and probe.returncode == 0
+
+
+def start_iim(switch: RealSwitch, db: PgDatabase, esl_port: int, workdir: Path, *,
+              env: Mapping[str, str] | None = None, own_filesystem: bool = False,
+              audio_over_http: bool = False) -> Iim:
     """``iim serve`` against the real switch: its outbound server where the dialplan's socket points, its
     inbound client on the switch's Event Socket, the module's database with the demo tenant; ``env`` adds or
-    overrides settings."""
+    overrides settings.
+
+    ``own_filesystem``: IIM's speech cache is a tmpfs in a mount namespace of IIM's own, which the switch
+    cannot see (as if IIM ran on another host); it needs :func:`can_hide_directories`. ``audio_over_http``:
+    ``IIM_SWITCH_AUDIO_BASE_URL`` is IIM's HTTP site (the switch fetches every prompt from it)."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"iim-{esl_port}.log"
     # The log is appended to: an IIM restarted on the same port must announce itself again.
     served_before = log.read_text(errors="replace").count("IIM serving") if log.exists() else 0
+    http_port = free_port()
+    data_dir = workdir / "unused-pg"
     env = os.environ | {
         "IIM_DATABASE_URL": db.admin_url, "IIM_FS_PASSWORD": switch.password,
         "IIM_FS_NODES": f'[{{"host": "127.0.0.1", "port": {switch.esl_port}}}]',
-        "IIM_ESL_PORT": str(esl_port), "IIM_HTTP_PORT": str(free_port()), "IIM_BRIDGE_ENABLED": "false",
-        "IIM_ALERT_SOCKET_ADDRESS": f"127.0.0.1:{esl_port}", "IIM_DATA_DIR": str(workdir / "unused-pg"),
+        "IIM_ESL_PORT": str(esl_port), "IIM_HTTP_PORT": str(http_port), "IIM_BRIDGE_ENABLED": "false",
+        "IIM_ALERT_SOCKET_ADDRESS": f"127.0.0.1:{esl_port}", "IIM_DATA_DIR": str(data_dir),
         "IIM_LOG_LEVEL": "INFO", "IIM_DRAIN_TIMEOUT": "1",
+        **({"IIM_SWITCH_AUDIO_BASE_URL": f"http://127.0.0.1:{http_port}"} if audio_over_http else {}),
     } | dict(env or {})
+    tts_cache = data_dir.parent / "tts-cache"  # where the service keeps it (next to its data dir)
+    argv = [sys.executable, "-m", "iim", "serve"]
+    if own_filesystem:
+        tts_cache.mkdir(parents=True, exist_ok=True)
+        argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                'mount -t tmpfs -o size=64m iim-tts "$0" && exec "$@"', str(tts_cache), *argv]
     with log.open("ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", "iim", "serve"], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT)
-    iim = Iim(process, log)
+        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    iim = Iim(process, log, http_port, tts_cache)
     deadline = time.monotonic() + 60
     while iim.log_text().count("IIM serving") <= served_before:
         if process.poll() is not None or time.monotonic() > deadline:

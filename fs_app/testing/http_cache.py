@@ -1,0 +1,69 @@
+"""``http_cache://`` playables as mod_http_cache 1.10.12 fetches them: over HTTP, with the project's timeouts.
+
+The real module downloads the URL after ``http_cache://`` (``http://`` or ``https://``) on first use, keys its
+cache by the whole URL (query string included), keeps the file for the response's ``Cache-Control: max-age``
+(``default-max-age`` without one) and fails the playback when the download fails (an HTTP error, a refused
+connection, ``connect-timeout``/``download-timeout`` in ``freeswitch-conf/autoload_configs/http_cache.conf.xml``):
+``playback`` then answers ``FILE NOT FOUND`` and ``play_and_get_digits`` fails the try at once, without waiting
+for a digit. So a broken prompt URL fails in the emulator as it does on the switch.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import aiohttp
+
+__all__ = ["PREFIX", "HttpCache", "MediaNotFound"]
+
+PREFIX = "http_cache://"
+_MAX_AGE = re.compile(r"max-age=([0-9]+)", re.IGNORECASE)
+
+
+class MediaNotFound(Exception):
+    """The file could not be opened (for ``http_cache://``: not downloaded): the playback fails at once."""
+
+
+class HttpCache:
+    """Downloads ``http_cache://`` URLs once per max-age, like mod_http_cache; ``fetched`` lists every download.
+
+    Args:
+        connect_timeout_s, download_timeout_s: as ``connect-timeout`` and ``download-timeout`` in the config.
+        default_max_age_s: ``default-max-age``: how long a response without ``max-age`` stays cached.
+        max_urls: ``max-urls``: the oldest entry goes first beyond it.
+    """
+
+    def __init__(self, *, connect_timeout_s: float = 2.0, download_timeout_s: float = 5.0,
+                 default_max_age_s: float = 86400.0, max_urls: int = 1000) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=download_timeout_s, connect=connect_timeout_s)
+        self.default_max_age_s = default_max_age_s
+        self.max_urls = max_urls
+        self._cached: dict[str, float] = {}  # URL -> expiry (monotonic)
+        self.fetched: list[str] = []
+        self.failed: list[str] = []
+
+    async def open(self, playable: str) -> None:
+        """Make ``playable`` (``http_cache://http://...``) playable: cached, or downloaded now; MediaNotFound."""
+        url = playable.removeprefix(PREFIX)
+        expires = self._cached.get(url)
+        if expires is not None and time.monotonic() < expires:
+            return
+        self._cached.pop(url, None)
+        if not url.startswith(("http://", "https://")):
+            raise MediaNotFound(playable)
+        try:
+            async with aiohttp.ClientSession(timeout=self._timeout) as client, client.get(url) as resp:
+                body = await resp.read()
+                status, cache_control = resp.status, resp.headers.get("Cache-Control", "")
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            self.failed.append(url)
+            raise MediaNotFound(playable) from None
+        if status >= 400 or not body:  # CURLOPT_FAILONERROR
+            self.failed.append(url)
+            raise MediaNotFound(playable)
+        age = _MAX_AGE.search(cache_control)
+        while len(self._cached) >= self.max_urls:
+            del self._cached[next(iter(self._cached))]
+        self._cached[url] = time.monotonic() + (float(age.group(1)) if age else self.default_max_age_s)
+        self.fetched.append(url)
