@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     # then sent to the switch).
     alert_prompt_tts: Literal["iim", "freeswitch"] = "iim"
     # Another libespeak-ng than the espeakng-loader wheel's (unset: the wheel's). A path that cannot be loaded
-    # leaves speech down (prompts fall back to FreeSWITCH's TTS): the fault-injection suite starts instances so.
+    # leaves speech down (alert calls play the generic prompt): the fault-injection suite starts instances so.
     tts_library: str | None = None
     # SMS: an SMPP account at the SMSC (unset: SMS stay queued in the outbox until one is configured).
     smpp_host: str | None = None

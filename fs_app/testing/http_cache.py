@@ -35,7 +35,7 @@ class HttpCache:
     """
 
     def __init__(self, *, connect_timeout_s: float = 2.0, download_timeout_s: float = 5.0,
-                 default_max_age_s: float = 86400.0, max_urls: int = 1000) -> None:
+                 default_max_age_s: float = 86400.0, max_urls: int = 500) -> None:
         self._timeout = aiohttp.ClientTimeout(total=download_timeout_s, connect=connect_timeout_s)
         self.default_max_age_s = default_max_age_s
         self.max_urls = max_urls

@@ -22,14 +22,15 @@ from policy_cache.models import ScenarioCreate
 from tests.alarm_rig import AlarmRig, build_rig
 from tests.pg import PgDatabase
 
-#: The owner's IVR: two tries of a short prompt, 3 s each to press a key; nobody pressing moves on to the
-#: next step, a text to the backup contact.
+#: The owner's IVR: two tries of a short prompt, 3 s each to press a key; 1 confirms, 2 asks for help (the next
+#: step at once), nobody pressing moves on too: the next step is a text to the backup contact.
 TRIES, DIGIT_TIMEOUT_S = 2, 3
 SCENARIO = {
     "name": "alarm-ivr", "trigger": {"event_types": ["smoke"]}, "enabled": True,
     "steps": [
         {"action": "call", "to": "owner", "ring_s": 20, "ivr": {
-            "prompt": "Smoke at {household}. Press 1 to confirm.", "digits": {"1": "acknowledge"},
+            "prompt": "Smoke at {household}. Press 1 to confirm, 2 for help.",
+            "digits": {"1": "acknowledge", "2": "escalate"},
             "tries": TRIES, "digit_timeout_s": DIGIT_TIMEOUT_S}},
         {"action": "sms", "to": "backup_contact", "text": "Smoke at {household}; the owner did not confirm."},
     ],

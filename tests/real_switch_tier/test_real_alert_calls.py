@@ -10,7 +10,6 @@ try, and the owner who pressed 1 was never heard.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -27,7 +26,8 @@ from tests.real_switch_tier import alert_rig
 from tests.real_switch_tier.conftest import Iim, Ports, can_hide_directories, start_iim, stop_iim
 
 OWNERS = {"ack": ("+79002220001", "+79002220002", "+79002220003"),
-          "silent": ("+79002220011", "+79002220012", "+79002220013")}
+          "silent": ("+79002220011", "+79002220012", "+79002220013"),
+          "help": ("+79002220021", "+79002220022", "+79002220023")}
 
 
 @pytest.fixture(scope="module")
@@ -52,24 +52,26 @@ async def pool(pg_db: PgDatabase) -> AsyncIterator[Pool]:
     await pool.close()
 
 
-def _assert_fetched_over_http(iim: Iim, switch: RealSwitch, served_before: float) -> list[str]:
+def _assert_fetched_over_http(iim: Iim, switch: RealSwitch) -> None:
+    """Every prompt the switch played was a URL on IIM's HTTP site that it downloaded (once: the same prompt
+    again is a cache hit) and IIM served; no path of IIM's host was ever handed to the switch."""
     log = switch.log_text()
-    played = alert_rig.prompts_played(log)
+    played = set(alert_rig.prompts_played(log))
     assert played, log[-4000:]
-    assert all(p.startswith(f"http_cache://http://127.0.0.1:{iim.http_port}/v1/audio/") for p in played), played
+    for prompt in played:
+        assert prompt.startswith(f"http_cache://http://127.0.0.1:{iim.http_port}/v1/audio/"), prompt
+        assert f"URL {prompt.removeprefix('http_cache://')} downloaded" in log, log[-4000:]
+    assert alert_rig.served_to_switch(iim.http_port) >= len(played), iim.log_text()[-3000:]
     assert iim.tts_cache is not None
-    assert str(iim.tts_cache) not in log  # no path of IIM's host ever handed to the switch
-    assert alert_rig.served_to_switch(iim.http_port) > served_before, iim.log_text()[-3000:]
+    assert str(iim.tts_cache) not in log
     assert "Error Opening File" not in log
     assert "Failure opening playback file" not in log
-    return played
 
 
 async def test_the_owner_pressing_1_on_the_prompt_fetched_from_iim_acknowledges_the_alarm(
         real_switch: RealSwitch, iim: Iim, ports: Ports, rigs: dict[str, AlarmRig], pool: Pool,
         tmp_path: Path) -> None:
     rig = rigs["ack"]
-    served_before = alert_rig.served_to_switch(iim.http_port)
     # Answers 2 s after ringing (the prompt is rendered by then), presses 1 while it plays.
     with sipp.core(tmp_path, ports.core, "core_answer_press_1.xml", answer_ms=2000):
         incident = await alert_rig.raise_alarm(pool, rig)
@@ -82,14 +84,13 @@ async def test_the_owner_pressing_1_on_the_prompt_fetched_from_iim_acknowledges_
     assert "incident.call" in audit
     assert audit[-1] == "incident.acknowledged"
     assert "incident.degraded" not in audit  # the owner heard the alarm's own prompt, not the generic one
-    _assert_fetched_over_http(iim, real_switch, served_before)
+    _assert_fetched_over_http(iim, real_switch)
 
 
 async def test_an_owner_who_presses_nothing_gets_every_try_in_full_then_the_backup_is_texted(
         real_switch: RealSwitch, iim: Iim, ports: Ports, rigs: dict[str, AlarmRig], pool: Pool,
         tmp_path: Path) -> None:
     rig = rigs["silent"]
-    served_before = alert_rig.served_to_switch(iim.http_port)
     with sipp.core(tmp_path, ports.core, "core_answer.xml", answer_ms=2000):
         started = time.monotonic()
         incident = await alert_rig.raise_alarm(pool, rig)
@@ -104,5 +105,19 @@ async def test_an_owner_who_presses_nothing_gets_every_try_in_full_then_the_back
     assert took >= alert_rig.TRIES * alert_rig.DIGIT_TIMEOUT_S, context
     assert rig.backup in done.sms_to, context  # the next step ran
     assert done.state == "exhausted", context
-    _assert_fetched_over_http(iim, real_switch, served_before)
-    await asyncio.sleep(0)
+    _assert_fetched_over_http(iim, real_switch)
+
+
+async def test_the_owner_pressing_2_for_help_escalates_to_the_next_step_at_once(
+        real_switch: RealSwitch, iim: Iim, ports: Ports, rigs: dict[str, AlarmRig], pool: Pool,
+        tmp_path: Path) -> None:
+    rig = rigs["help"]
+    with sipp.core(tmp_path, ports.core, "core_answer_press_2.xml", answer_ms=2000):
+        incident = await alert_rig.raise_alarm(pool, rig)
+        done = await alert_rig.settled(pool, rig, incident)
+    context = f"{done}\n{iim.log_text()[-3000:]}\n{real_switch.log_text()[-3000:]}"
+    [call] = [a for a in done.actions if a["kind"] == "call"]
+    assert (call["outcome"], call["detail"]) == ("escalate", "digit"), context
+    assert [a["kind"] for a in done.actions] == ["call", "sms"], context
+    assert rig.backup in done.sms_to, context
+    _assert_fetched_over_http(iim, real_switch)

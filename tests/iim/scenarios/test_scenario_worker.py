@@ -111,7 +111,7 @@ async def _route(call: Call) -> None:
 async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
                      connectors: ConnectorLookup | None = None, speech: Any = None,
                      time_scale: float = 0.01, limits: OriginateLimits | None = None,
-                     esl_proxy: bool = False) -> AsyncIterator[Alarms]:
+                     esl_proxy: bool = False, prompt_location: Any = None) -> AsyncIterator[Alarms]:
     """A tenant, the emulator (callees scripted per number), our outbound server for the IVR, the worker."""
     n = numbers()
     rig = await build_rig(app_pool, tmp_path, owner=n["owner"], backup=n["backup"], security=n["security"])
@@ -138,7 +138,8 @@ async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
                              poll_s=0.2)
     worker = IncidentWorker(app_pool, pg_db.app_url, placer, WorkerSettings(
         heartbeat_timeout=timedelta(seconds=2), unreachable_retries=(0.3, 0.3),
-        default_limits=limits or OriginateLimits()), connectors=connectors, speech=speech)
+        default_limits=limits or OriginateLimits()), connectors=connectors, speech=speech,
+        prompt_location=prompt_location)
     await worker.start()
     try:
         yield Alarms(rig, app_pool, emu, inbound, worker, proxy)
