@@ -303,9 +303,12 @@ class Service:
         announce = cloud_call_step(CloudAnnouncer(connectors), dial, sms)
         router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record,
                               record_answer=audit.record_answer, announce=announce, missed_call=missed_call_sms(sms))
-        switch_secret = (resolve_secret(s.switch_audio_secret_ref).encode() if s.switch_audio_secret_ref
-                         else secrets.token_bytes(32))
-        switch_audio = SwitchAudio(switch_secret, s.switch_audio_base_url)
+        try:
+            switch_secret = (resolve_secret(s.switch_audio_secret_ref).encode() if s.switch_audio_secret_ref
+                             else secrets.token_bytes(32))
+            switch_audio = SwitchAudio(switch_secret, s.switch_audio_base_url)
+        except (LookupError, ValueError) as exc:
+            raise ConfigError(f"switch audio URLs: {exc}") from None
         if s.switch_audio_base_url is None:
             log.info("alert prompts are handed to FreeSWITCH as local files (single-host mode: "
                      "IIM_SWITCH_AUDIO_BASE_URL unset)")

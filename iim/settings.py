@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
 
 from iim.core.errors import ConfigError
 from iim.core.secrets import resolve_secret
@@ -147,6 +148,17 @@ class Settings(BaseSettings):
             raise ValueError("speaker_endpoint may only use {aor}, {user} and {domain}") from None
         if any(ch in ",|[]'\"\\" or ch.isspace() for ch in value):
             raise ValueError("speaker_endpoint must not hold spaces, quotes or dial string separators")
+        return value
+
+    @field_validator("switch_audio_base_url")
+    @classmethod
+    def _switch_audio_url(cls, value: str | None) -> str | None:
+        """Refused at start, not at the first alarm: the switch could fetch no prompt from a malformed URL."""
+        if value is None:
+            return None
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host or url.query_string or url.fragment:
+            raise ValueError("switch_audio_base_url must be an absolute http(s) URL without query or fragment")
         return value
 
     @field_validator("passthrough_endpoint")

@@ -133,3 +133,14 @@ def test_a_weak_secret_or_a_base_url_with_a_query_is_refused() -> None:
         SwitchAudio(SECRET, "http://iim/?x=1")
     with pytest.raises(ValueError, match="base URL"):
         SwitchAudio(SECRET, "/v1")
+
+
+@pytest.mark.parametrize("value", ["iim.example.net:8088", "ftp://iim/", "http://iim:8088/?k=v", "http://iim/#x"])
+def test_a_malformed_switch_audio_base_url_is_refused_when_the_settings_load(value: str) -> None:
+    from pydantic import ValidationError
+
+    from iim.settings import Settings
+
+    with pytest.raises(ValidationError, match="switch_audio_base_url"):
+        Settings(switch_audio_base_url=value)
+    assert Settings(switch_audio_base_url="http://10.0.0.7:8088").switch_audio_base_url == "http://10.0.0.7:8088"
