@@ -63,6 +63,7 @@ from policy_cache.models import (
 from tests import sip_client, sipp
 from tests.kamailio_edge import KamailioEdge, ha1, running_edge, tcp_bridge_to, wait_until
 from tests.pg import PgCluster, PgDatabase, run_sync
+from tests.real_switch_tier import alert_rig
 from tests.real_switch_tier.conftest import Iim, Ports, start_iim, stop_iim
 from tests.real_switch_tier.kamailio_fixtures import kamailio_db_url, provision_speakers
 
@@ -268,7 +269,7 @@ def running_rig(workdir: Path, cluster: PgCluster, db: PgDatabase, *, load: Load
                                                 kamailio_db_url(cluster, db, bridge.port)))
         if not wait_until(lambda: "AP" in edge.rpc("dispatcher.list"), 15):
             raise RuntimeError(f"the edge never saw FreeSWITCH up:\n{edge.rpc('dispatcher.list')}")
-        iim = start_iim(switch, db, ports.iim_primary, workdir / "iim")
+        iim = start_iim(switch, db, ports.iim_primary, workdir / "iim", audio_over_http=True)
         rig = Rig(workdir, db, switch, edge, iim, ports, seeded,
                   {home.msisdn: free_port() for home in speakers}, load or Load())
         stack.callback(lambda: stop_iim(rig.iim))
@@ -442,7 +443,7 @@ def iim_down(rig: Rig, out: Outcome) -> None:
     stop_iim(rig.iim)
     try:
         before = rig.last_routed_id(home)
-        secondary = start_iim(rig.switch, rig.db, rig.ports.iim_secondary, work / "secondary")
+        secondary = start_iim(rig.switch, rig.db, rig.ports.iim_secondary, work / "secondary", audio_over_http=True)
         try:
             with sipp.core(work, rig.ports.core, "core_answer.xml"):
                 taken = sipp.call(work, rig.edge.sip_port, home.msisdn, caller=CALLER)
@@ -464,7 +465,63 @@ def iim_down(rig: Rig, out: Outcome) -> None:
                   rig.switch.log_text()[-2000:])
         out.check("rows", "no audit line without IIM", rig.routed(home, before) == [], rig.routed(home, before))
     finally:
-        rig.iim = start_iim(rig.switch, rig.db, rig.ports.iim_primary, rig.workdir / "iim")
+        rig.iim = start_iim(rig.switch, rig.db, rig.ports.iim_primary, rig.workdir / "iim", audio_over_http=True)
+
+
+# ---------------------------------------------------------------------------------------------- alert calls
+
+
+_alert_homes = iter(range(1, 1000))
+
+
+@dataclass(frozen=True)
+class AlertCall:
+    """An alarm at a household of its own whose scenario (``alert_rig.SCENARIO``) calls the owner's mobile (the
+    IMS core, played by SIPp ``core``) with an IVR, then texts the backup contact; what the incident, the call's
+    outcome and the switch's download of the prompt from IIM (``IIM_SWITCH_AUDIO_BASE_URL``) must show."""
+
+    core: str
+    state: str
+    outcome: str
+    detail: str
+    backup_texted: bool
+    every_try: bool = False  # the callee pressed nothing: every try's digit timeout ran before the next step
+
+    def __call__(self, rig: Rig, out: Outcome) -> None:
+        work = rig.workdir / "suites" / out.suite
+        n = next(_alert_homes)
+        owner, backup, security = (f"+7900225{n:03d}{role}" for role in "123")
+        home = run_sync(alert_rig.household(rig.db, work, owner, backup, security))
+
+        async def alarm() -> tuple[alert_rig.Incident, float]:
+            pool = await connect_pool(rig.db.app_url, role=DbRole.APP, min_size=1, max_size=2)
+            try:
+                started = time.monotonic()
+                incident = await alert_rig.raise_alarm(pool, home)
+                return await alert_rig.settled(pool, home, incident), time.monotonic() - started
+            finally:
+                await pool.close()
+
+        with sipp.core(work, rig.ports.core, self.core, answer_ms=2000):
+            done, took = run_sync(alarm())
+        log = rig.switch.log_text()
+        out.check("SIP", "the owner's mobile answered the alert call",
+                  f"Channel [sofia/external/{owner}] has been answered" in log, log[-2000:])
+        calls = [a for a in done.actions if a["kind"] == "call"]
+        out.check("rows", f"the call's outcome: {self.outcome} ({self.detail})",
+                  [(a["outcome"], a["detail"]) for a in calls] == [(self.outcome, self.detail)], done)
+        out.check("rows", f"the incident: {self.state}", done.state == self.state, done)
+        out.check("rows", "the backup contact texted" if self.backup_texted else "nobody else texted",
+                  (backup in done.sms_to) == self.backup_texted, done.sms_to)
+        if self.every_try:
+            floor = alert_rig.TRIES * alert_rig.DIGIT_TIMEOUT_S
+            out.check("rows", f"every try's digit timeout ran first (>= {floor} s)", took >= floor, f"{took:.1f} s")
+        url = f"http_cache://http://127.0.0.1:{rig.iim.http_port}/v1/audio/"
+        mine = [line for line in log.splitlines() if f"sofia/external/{owner} play_and_get_digits(" in line]
+        prompts = alert_rig.prompts_played("\n".join(mine))
+        out.check("rows", "the prompt was a URL on IIM's HTTP site the switch downloaded",
+                  bool(prompts) and all(p.startswith(url) and f"URL {p.removeprefix('http_cache://')} downloaded"
+                                        in log for p in prompts), prompts or log[-2000:])
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -579,7 +636,14 @@ NUMBER_FORMAT_SUITES: list[Suite] = [
           number_formats),
 ]
 #: Alert call -> answer -> IVR -> DTMF ack / escalate / no input with the real digit timeout: issue 15 item 3.
-ALERT_CALL_SUITES: list[Suite] = []
+ALERT_CALL_SUITES: list[Suite] = [
+    Suite("alert_call_acknowledged", "alert call -> answer -> IVR prompt from IIM over HTTP -> DTMF 1 acknowledges",
+          AlertCall("core_answer_press_1.xml", "acknowledged", "acknowledge", "digit", backup_texted=False)),
+    Suite("alert_call_escalated", "alert call -> answer -> DTMF 2 (help) escalates to the next step at once",
+          AlertCall("core_answer_press_2.xml", "exhausted", "escalate", "digit", backup_texted=True)),
+    Suite("alert_call_no_input", "alert call -> answer -> no key: every try's real digit timeout, then the next step",
+          AlertCall("core_answer.xml", "exhausted", "no_input", "no_input", backup_texted=True, every_try=True)),
+]
 LOAD_SUITES = [Suite("load", "a load run at --rate for --calls calls: failed calls, setup-time percentiles", load)]
 
 SUITES: list[Suite] = [*INBOUND_SUITES, *FAILOVER_SUITES, *NUMBER_FORMAT_SUITES, *ALERT_CALL_SUITES, *LOAD_SUITES]
