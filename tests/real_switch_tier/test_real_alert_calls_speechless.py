@@ -36,7 +36,7 @@ def iim(real_switch: RealSwitch, pg_db: PgDatabase, ports: Ports, rig: AlarmRig,
     workdir = tmp_path_factory.mktemp("iim")
     served = start_iim(real_switch, pg_db, ports.iim_primary, workdir, audio_over_http=True,
                        own_filesystem=can_hide_directories(),
-                       env_extra={"IIM_TTS_LIBRARY": str(workdir / "libespeak-ng-removed.so")})
+                       env={"IIM_TTS_LIBRARY": str(workdir / "libespeak-ng-removed.so")})
     yield served
     stop_iim(served)
 
