@@ -351,30 +351,28 @@ class AlertCallPlacer:
         answer = reply.body.strip()
         return True if answer == "true" else False if answer == "false" else None
 
-    async def _exists_on(self, link: SwitchApi, call_uuid: str) -> bool | None:
-        """``uuid_exists`` on the node that got the originate, without waiting for it to reconnect."""
+    async def _ask(self, link: SwitchApi, command: str) -> str | None:
+        """``command``'s answer from the node that got the originate (stripped), without waiting for it to
+        reconnect; None when it cannot be asked."""
         if isinstance(link, InboundClient) and not link.connected:
             link.want_connection()
             return None
         try:
-            reply = await link.api(f"uuid_exists {call_uuid}", self._api_timeout_s)
+            reply = await link.api(command, self._api_timeout_s)
         except (EslError, OSError, TimeoutError):
             return None
-        answer = reply.body.strip()
+        return reply.body.strip()
+
+    async def _exists_on(self, link: SwitchApi, call_uuid: str) -> bool | None:
+        """``uuid_exists`` on the node that got the originate."""
+        answer = await self._ask(link, f"uuid_exists {call_uuid}")
         return True if answer == "true" else False if answer == "false" else None
 
     async def _switch_took(self, link: SwitchApi, call_uuid: str) -> bool | None:
         """Did the switch ever create this call (its ``api_on_originate`` note, :data:`ORIGINATED_REALM`)?
         None when it cannot be asked. An empty ``hash select`` reaches us as ``-ERR no reply``."""
-        if isinstance(link, InboundClient) and not link.connected:
-            link.want_connection()
-            return None
-        try:
-            reply = await link.api(f"hash select/{ORIGINATED_REALM}/{call_uuid}", self._api_timeout_s)
-        except (EslError, OSError, TimeoutError):
-            return None
-        answer = reply.body.strip()
-        if answer.startswith("-ERR hash Command not found"):
+        answer = await self._ask(link, f"hash select/{ORIGINATED_REALM}/{call_uuid}")
+        if answer is not None and answer.startswith("-ERR hash Command not found"):
             # A switch without mod_hash keeps no notes: the call is unknown to it (placing it again risks a
             # second call; not placing it risks none at all).
             log.warning("the switch has no mod_hash: a taken-over call cannot be checked for an earlier dial")
