@@ -113,6 +113,18 @@ async def _run_step(peer: EslPeer, app: str, arg: str | None) -> dict[str, Any]:
     return seen
 
 
+async def _logged_in(esl_port: int, password: str) -> EslPeer:
+    """An inbound Event Socket connection past its ``auth``."""
+    inbound = await EslPeer.connect("127.0.0.1", esl_port, timeout=STEP_TIMEOUT_S)
+    try:
+        assert isinstance(await inbound.next(), AuthRequest)
+        assert (await inbound.reply(Auth(password))).reply_text == "+OK accepted"
+    except BaseException:
+        inbound.close()
+        raise
+    return inbound
+
+
 async def observe(esl_port: int, password: str, ep: Endpoints, files: Path) -> dict[str, Any]:
     """Run the script against the switch whose inbound Event Socket is on ``esl_port``."""
     script = steps(files, ep)
@@ -131,10 +143,8 @@ async def observe(esl_port: int, password: str, ep: Endpoints, files: Path) -> d
                 done.set_exception(exc)
             raise
 
-    inbound = await EslPeer.connect("127.0.0.1", esl_port, timeout=STEP_TIMEOUT_S)
+    inbound = await _logged_in(esl_port, password)
     try:
-        assert isinstance(await inbound.next(), AuthRequest)
-        assert (await inbound.reply(Auth(password))).reply_text == "+OK accepted"
         for command in UNKNOWN_API:
             results[f"api {command}"] = (await inbound.api(Api(command))).body
         await inbound.reply(EventSubscribe("plain", ("BACKGROUND_JOB",)))
@@ -186,10 +196,8 @@ async def confirm_outcome(esl_port: int, password: str, callee: str, fork: str) 
                 done.set_exception(exc)
             raise
 
-    inbound = await EslPeer.connect("127.0.0.1", esl_port, timeout=STEP_TIMEOUT_S)
+    inbound = await _logged_in(esl_port, password)
     try:
-        assert isinstance(await inbound.next(), AuthRequest)
-        assert (await inbound.reply(Auth(password))).reply_text == "+OK accepted"
         async with AppServer(on_call, timeout=STEP_TIMEOUT_S) as app:
             await inbound.reply(BgApi(f"originate {{ignore_early_media=true}}{callee} "
                                       f"&socket('127.0.0.1:{app.port} async full')", str(uuid.uuid4())))

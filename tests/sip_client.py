@@ -16,6 +16,12 @@ from dataclasses import dataclass, field
 _CHALLENGE_PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]+))')
 
 
+def _header(headers: list[tuple[str, str]], name: str) -> str | None:
+    """The first value of header ``name`` (case-insensitive), as SIP compares header names."""
+    wanted = name.lower()
+    return next((value for key, value in headers if key.lower() == wanted), None)
+
+
 @dataclass(frozen=True)
 class Response:
     code: int
@@ -24,10 +30,7 @@ class Response:
     raw: str
 
     def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
+        return _header(self.headers, name)
 
     def header_names(self) -> list[str]:
         return [key.lower() for key, _ in self.headers]
@@ -55,10 +58,7 @@ class IncomingRequest:
     body: str
 
     def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
+        return _header(self.headers, name)
 
     def all(self, name: str) -> list[str]:
         return [value for key, value in self.headers if key.lower() == name.lower()]
