@@ -89,14 +89,19 @@ class KeyCache:
     failing: bool = False
 
     def lookup(self, kid: str, now: float) -> Lookup:
+        """What to do for a token signed with ``kid``: use the key, fetch first, or refuse (401 / 503)."""
         may_fetch = self.attempted_at is None or now - self.attempted_at >= self.min_refetch_s
-        age = None if self.fetched_at is None else now - self.fetched_at
-        usable = age is not None and age < self.max_stale_s
+        if not may_fetch:
+            return self.settled(kid, now)
+        if kid in self.keys and self.fetched_at is not None and now - self.fetched_at < self.ttl_s:
+            return Lookup.FOUND
+        return Lookup.FETCH
+
+    def settled(self, kid: str, now: float) -> Lookup:
+        """The answer without fetching (again): the key if held and not too stale, else unknown or unavailable."""
+        usable = self.fetched_at is not None and now - self.fetched_at < self.max_stale_s
         if kid in self.keys and usable:
-            assert age is not None
-            return Lookup.FETCH if age >= self.ttl_s and may_fetch else Lookup.FOUND
-        if may_fetch:
-            return Lookup.FETCH
+            return Lookup.FOUND
         return Lookup.UNAVAILABLE if self.failing or not usable else Lookup.UNKNOWN
 
     def fetched(self, keys: Mapping[str, SigningKey], now: float) -> None:
@@ -183,7 +188,7 @@ class JwksClient(AsyncResource):
             async with self._lock:  # one fetch at a time; who waited looks again and usually finds the key
                 if self._cache.lookup(kid, self._now()) is Lookup.FETCH:
                     await self._refresh()
-                decision = self._cache.lookup(kid, self._now())
+                decision = self._cache.settled(kid, self._now())
         if decision is Lookup.FOUND:
             return self._cache.keys[kid]
         if decision is Lookup.UNAVAILABLE:

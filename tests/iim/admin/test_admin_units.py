@@ -15,7 +15,15 @@ from openapi_spec_validator import validate as validate_openapi
 
 from iim.admin import cli
 from iim.admin.api import ROUTES, create_registry_app
-from iim.admin.auth import BAD_TOKEN, Principal, Role, TokenConfigError, TokenTable, hash_token, principal_from_header
+from iim.admin.auth import (
+    BAD_TOKEN,
+    Principal,
+    Role,
+    TokenConfigError,
+    TokenTable,
+    hash_token,
+    principal_from_header,
+)
 from iim.admin.bodies import loads_strict
 from iim.admin.problems import ALL_ERRORS, Forbidden, MalformedRequest, Unauthenticated, problem_response
 from iim.admin.resources import RESOURCES
