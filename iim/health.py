@@ -78,8 +78,10 @@ def freeswitch(clients: Sequence[InboundClient]) -> Source:
     def read() -> Iterable[Observation]:
         for client in clients:
             node = client.settings.node
+            why = f"inbound ESL not connected ({client.last_error})" if client.last_error else \
+                "inbound ESL not connected"
             yield Observation(f"freeswitch/{node}", "freeswitch", "ok" if client.connected else "down",
-                              None if client.connected else "inbound ESL not connected")
+                              None if client.connected else why)
 
     return read
 
