@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     sms_body_retention_s: float = Field(default=86400.0, ge=60)
     # Smart-home connectors, JSON: [{"name": "acme", "plugin": "webhook", "config": {...}}] (secrets by ref).
     connectors: list[dict[str, object]] = Field(default_factory=list)
+    # Each ready connector's probe() runs this often, each within the timeout ("up" means checked).
+    connector_probe_interval_s: float = Field(default=30.0, gt=0, le=3600)
+    connector_probe_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    # /livez fails (503) once the event loop ran a timer this late within 10 s, or stopped measuring for this long.
+    livez_max_loop_lag_s: float = Field(default=5.0, gt=0, le=600)
     # Where vendor clouds reach IIM (signed audio URLs, user-action callbacks); default: the device bridge.
     public_base_url: str | None = None
     # Where FreeSWITCH reaches this IIM's HTTP site for the prompts IIM owns, through mod_http_cache: the
