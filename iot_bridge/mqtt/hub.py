@@ -129,9 +129,9 @@ def read_payload(payload: bytes, *, max_body: int) -> HubMessage:
             raise BridgeRefusal(400, "malformed-message", "a header line is not 'name: value'")
         name = match[1].lower()
         if name not in HEADER_NAMES:
-            raise BridgeRefusal(400, "malformed-message", f"unknown header {name!r}")
+            raise BridgeRefusal(400, "malformed-message", "a header is not one of " + ", ".join(sorted(HEADER_NAMES)))
         if name in headers:
-            raise BridgeRefusal(400, "malformed-message", f"header {name!r} repeated")
+            raise BridgeRefusal(400, "malformed-message", "a header is repeated")
         headers[name] = match[2]
     device = headers.pop("iim-device", None)
     if device is not None and not _ID.fullmatch(device):
