@@ -315,3 +315,21 @@ async def test_reconnects_after_the_broker_restarts(mqtt: MqttRig, tmp_path: Pat
     async with restarted():
         await ingress.wait_connected(20)
     await ingress.aclose()
+
+
+async def test_a_hub_the_registry_does_not_know_cannot_speak_for_a_household(mqtt: MqttRig) -> None:
+    """The broker lets any certificate of its CA publish under its own CN; IIM still binds that CN to a registered
+    hub of the device's household (as a gateway certificate on the HTTPS bridge)."""
+    ingress = await mqtt.ingress()
+    stranger = MqttHub(mqtt.broker.port, str(mqtt.broker.pki.ca_file),
+                       mqtt.broker.pki.client(f"{mqtt.a.tenant_id}/hub-unknown"), "stranger")
+    assert await stranger.connect()
+    mqtt.hubs.append(stranger)
+    own = f"iim/{mqtt.a.tenant_id}/hub-unknown"
+    assert await stranger.subscribe(f"{own}/ack") == [1]
+    body = mqtt.a.event("smoke")
+    await stranger.publish(f"{own}/events", hmac_payload(mqtt.a, body))
+    answer = (await stranger.next_message()).json()
+    assert (answer["code"], answer["error_id"]) == (403, "identity-mismatch")
+    assert await mqtt.rows(json.loads(body)["event_id"]) == 0
+    await ingress.aclose()
