@@ -192,6 +192,15 @@ class MqttIngress(AsyncResource):
         MESSAGES.labels(outcome.kind, "").inc()
         return route.topic("ack"), hub.ack(outcome, msg_id)
 
+    def internal_error(self, topic: str) -> tuple[str, bytes] | None:
+        """The answer to a message IIM failed on (a bug): 500, acknowledged, so it is not delivered forever."""
+        try:
+            route = hub.read_topic(self.config.prefix, topic)
+        except hub.BadTopic:
+            return None
+        failed = BridgeRefusal(500, "internal-error", "internal error; the event was not accepted")
+        return route.topic("ack"), hub.nack(failed, None)
+
     def _rate_limit(self, route: hub.Route) -> None:
         """Per hub, as the broker authenticated it (charged before the signature: the hub is already known)."""
         wait = self._limiter.take(f"{route.tenant}/{route.hub}", time.monotonic())
@@ -283,12 +292,17 @@ class _Link:
         return event
 
     async def _ping(self) -> None:
-        while True:
-            await asyncio.sleep(max(1.0, self.config.keepalive_s / 2))
-            await self.send(self.protocol.pingreq())
+        """A PINGREQ every half keep-alive; a failed one ends here (the reader's deadline then ends the link)."""
+        with contextlib.suppress(OSError, TimeoutError, MqttProtocolError):
+            while True:
+                await asyncio.sleep(max(1.0, self.config.keepalive_s / 2))
+                await self.send(self.protocol.pingreq())
 
     async def _admit(self, message: Publish) -> None:
         await self.slots.acquire()  # at max_in_flight the reader waits: the broker holds the rest
+        if self.stopped:  # stopping: left unacknowledged, the broker delivers it again later
+            self.slots.release()
+            return
         entry: list[int | bool] | None = None
         if message.qos == 1 and message.packet_id is not None:
             entry = [message.packet_id, False]
@@ -304,7 +318,7 @@ class _Link:
             except Exception:  # a bug, not the hub's fault: answered, acknowledged, counted (never a crash loop)
                 log.exception("MQTT message could not be handled")
                 MESSAGES.labels("refused", "internal-error").inc()
-                reply = None
+                reply = self.ingress.internal_error(message.topic)
             if reply is not None:
                 await self.publish(*reply)
             if entry is not None:
@@ -343,14 +357,13 @@ class _Link:
     async def stop(self) -> None:
         """Handlers cancelled (their transactions roll back, their messages stay unacknowledged), then a clean
         DISCONNECT when possible: the broker keeps the session and redelivers what was not acknowledged."""
-        if self.stopped:
-            return
+        first = not self.stopped
         self.stopped = True
         for task in list(self.handlers):
             task.cancel()
         await asyncio.gather(*self.handlers, return_exceptions=True)
         writer = self.writer
-        if writer is None:
+        if writer is None or not first:
             return
         with contextlib.suppress(OSError, TimeoutError, MqttProtocolError, ConnectionError):
             if not writer.is_closing():

@@ -333,3 +333,21 @@ async def test_a_hub_the_registry_does_not_know_cannot_speak_for_a_household(mqt
     assert (answer["code"], answer["error_id"]) == (403, "identity-mismatch")
     assert await mqtt.rows(json.loads(body)["event_id"]) == 0
     await ingress.aclose()
+
+
+async def test_event_is_held_while_the_store_is_unavailable_and_stored_once_it_is_back(mqtt: MqttRig) -> None:
+    ingress = await mqtt.ingress()
+    hub = await mqtt.hub(mqtt.a)
+    body = mqtt.a.event("smoke")
+    event_id = json.loads(body)["event_id"]
+    held = metric("held", "store-unavailable")
+    async with mqtt.admin.transaction():
+        await mqtt.admin.execute("LOCK TABLE iim.device_event IN ACCESS EXCLUSIVE MODE")
+        await hub.publish(topic(mqtt.a, "events"), hmac_payload(mqtt.a, body))
+        await eventually(lambda: metric("held", "store-unavailable") > held, timeout=20)
+        assert hub.pending() == 0  # no answer while nothing is stored
+    answer = await ack_for(hub, event_id)
+    assert answer["code"] == 202
+    assert answer["replayed"] is False
+    assert await mqtt.rows(event_id) == 1
+    await ingress.aclose()
