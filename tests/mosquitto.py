@@ -39,11 +39,9 @@ pattern read iim/%u/cmd
 
 def require_mosquitto() -> str:
     """The broker binary, or skip (fail under ``IIM_REQUIRE_REAL_SWITCH=1``)."""
-    found = os.environ.get("IIM_TEST_MOSQUITTO") or shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    if found is None:
+    found = os.environ.get("IIM_TEST_MOSQUITTO") or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(found).is_file():
         skip_or_fail("no mosquitto broker installed (Debian package mosquitto, or set IIM_TEST_MOSQUITTO)")
-    assert found is not None
     return found
 
 
