@@ -62,7 +62,8 @@ from iim.sms.smpp import SmppSettings, SmppTransport
 from iim.tts.engine import EspeakTts
 from iim.tts.switch_audio import SwitchAudio, switch_audio_routes
 from iim.tts.urls import AudioUrlSigner, audio_routes, prompt_routes, prompt_url
-from iot_bridge.app import BridgeConfig, create_bridge_app
+from iot_bridge.app import BRIDGE_KEY, BridgeConfig, create_bridge_app
+from iot_bridge.mqtt.ingress import MqttConfig, MqttIngress
 from iot_bridge.ratelimit import RateLimitSettings
 from iot_bridge.server_cert import ensure_self_signed
 from iot_bridge.tls import TenantCaRegistry, server_context
@@ -129,6 +130,8 @@ class Service:
         self._call_handler: CallHandler = self._passthrough
         # Set while the scenario worker runs: orphaned alert calls and undelivered SMS go to it.
         self._worker: IncidentWorker | None = None
+        #: the MQTT ingress for local hubs while it runs (IIM_MQTT_ENABLED)
+        self.mqtt: MqttIngress | None = None
         # Alert calls placed by the scenario worker come back here for their IVR; every other call is routed.
         self.ivr = IvrRegistry(max_pending=10_000)
         self.outbound = OutboundServer(
@@ -214,6 +217,8 @@ class Service:
         tasks.supervise(monitor.run, name="health-monitor")
         root = self._http_app(policy, monitor)
         worker = await self._start_worker(stack, policy) if policy is not None and s.scenario_worker else None
+        if s.mqtt_enabled and (policy is None or not s.bridge_enabled):
+            raise ConfigError("IIM_MQTT_ENABLED needs policy routing and the device bridge (IIM_BRIDGE_ENABLED)")
         bridge_port = await self._start_bridge(stack, policy, worker) if policy is not None and s.bridge_enabled \
             else None
         http = await stack.enter_async_context(HttpSite(root, s.http_host, s.http_port))
@@ -426,6 +431,9 @@ class Service:
         app.add_routes(audio_routes(policy.audio_urls, policy.tts))  # speech the vendor clouds fetch
         app.add_subapp(CALLBACK_PREFIX, connector_callback_app(policy.connectors))
         site = await stack.enter_async_context(HttpSite(app, s.bridge_host, s.bridge_port, ssl_context=context))
+        if s.mqtt_enabled:
+            self.mqtt = await stack.enter_async_context(MqttIngress(app[BRIDGE_KEY], _mqtt_config(s)))
+            stack.callback(setattr, self, "mqtt", None)
         return site.port
 
 
@@ -447,6 +455,16 @@ def _policy_health(cache: PolicyCache) -> HealthProbe:
         return report
 
     return probe
+
+
+def _mqtt_config(s: Settings) -> MqttConfig:
+    """The MQTT ingress's settings; IIM's client certificate is required (the broker knows IIM by it)."""
+    if not (s.mqtt_cert_file and s.mqtt_key_file):
+        raise ConfigError("IIM_MQTT_ENABLED needs IIM_MQTT_CERT_FILE and IIM_MQTT_KEY_FILE (IIM's client certificate)")
+    return MqttConfig(cert_file=Path(s.mqtt_cert_file), key_file=Path(s.mqtt_key_file),
+                      ca_file=Path(s.mqtt_ca_file) if s.mqtt_ca_file else None, host=s.mqtt_host, port=s.mqtt_port,
+                      client_id=s.mqtt_client_id, prefix=s.mqtt_topic_prefix, keepalive_s=s.mqtt_keepalive_s,
+                      hub_rate=s.mqtt_hub_rate, hub_burst=s.mqtt_hub_burst)
 
 
 def _bridge_tls(s: Settings) -> tuple[ssl.SSLContext, TenantCaRegistry]:

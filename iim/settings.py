@@ -95,6 +95,19 @@ class Settings(BaseSettings):
     bridge_source_burst: int = 200
     bridge_tenant_rate: float = 500.0
     bridge_tenant_burst: int = 2000
+    # MQTT ingress for local hubs (iot_bridge/mqtt): IIM subscribes to iim/+/+/events on a broker with its own
+    # client certificate; off by default. Needs the device bridge (same keys, limits, intake).
+    mqtt_enabled: bool = False
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = Field(default=8883, ge=1, le=65535)
+    mqtt_ca_file: str | None = None  # the broker's CA (unset: the system's)
+    mqtt_cert_file: str | None = None
+    mqtt_key_file: str | None = None
+    mqtt_client_id: str = Field(default="iim", pattern=r"^[A-Za-z0-9_.-]{1,23}$")
+    mqtt_topic_prefix: str = Field(default="iim", pattern=r"^[A-Za-z0-9_.-]{1,64}(/[A-Za-z0-9_.-]{1,64}){0,3}$")
+    mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
+    mqtt_hub_rate: float = Field(default=5.0, gt=0)
+    mqtt_hub_burst: int = Field(default=50, ge=1)
     # Scenario worker: where FreeSWITCH connects back for alert-call IVRs (this process's outbound server).
     scenario_worker: bool = True
     alert_socket_address: str | None = None
