@@ -34,6 +34,7 @@ from iim.admin.routing import Access, Handler, Route
 from iim.admin.service import PoolProvider, RegistryService
 from iim.admin.settings import AdminSettings
 from iim.admin.views import OPENAPI, PRINCIPAL, REQUEST_ID, SERVICE, SETTINGS, path_uuid, request_id
+from iim.core.traced_http import traced_requests
 from policy_cache.db import DbRole, Pool, connect_pool
 
 __all__ = ["OwnedPools", "TOKENS", "create_registry_app", "mount_registry"]
@@ -134,7 +135,8 @@ def create_registry_app(
     if len(table) == 0:
         log.warning("admin API: no tokens configured (IIM_ADMIN_TOKENS_REF); every request will be refused")
     routes = (*build_routes(), *extra_routes)
-    app = web.Application(middlewares=[problem_middleware])
+    # Outermost: a span per request (joined to the caller's W3C traceparent), with the status actually sent.
+    app = web.Application(middlewares=[traced_requests(), problem_middleware])
     app[SERVICE] = RegistryService(pool_provider, directory_pool, deadline_s=settings.store_deadline_s)
     app[SETTINGS] = settings
     app[TOKENS] = table
