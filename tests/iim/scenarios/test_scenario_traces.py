@@ -84,7 +84,8 @@ async def test_bridge_intake_decision_originate_and_call_events_form_one_tree_un
     request = spans.one("POST /v1/events")
     assert request.kind is SpanKind.SERVER
     assert f"{request.context.trace_id:032x}" == TRACE_ID  # joined the caller's trace
-    assert request.parent is not None and f"{request.parent.span_id:016x}" == CALLER[36:52]
+    assert request.parent is not None
+    assert f"{request.parent.span_id:016x}" == CALLER[36:52]
     assert (request.attributes or {})["http.response.status_code"] == 202
 
     intake = spans.one("bridge.intake")
