@@ -59,6 +59,7 @@ from iim.scenarios.worker import IncidentWorker, WorkerSettings
 from iim.settings import Settings
 from iim.sms.outbox import OutboxRow, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
+from iim.telemetry import Tracing
 from iim.tts.engine import EspeakTts
 from iim.tts.switch_audio import SwitchAudio, switch_audio_routes
 from iim.tts.urls import AudioUrlSigner, audio_routes, prompt_routes, prompt_url
@@ -194,6 +195,8 @@ class Service:
 
     async def _start(self, stack: AsyncExitStack) -> Running:
         s = self.settings
+        # First in, last out: spans of everything that stops are still flushed.
+        await stack.enter_async_context(Tracing(s.traces_exporter, endpoint=s.otlp_traces_endpoint))
         tasks = await stack.enter_async_context(TaskSupervisor())
         tasks.supervise(self._watch_loop_lag, name="loop-lag")
         # Calls are answered (passthrough) from the first second.

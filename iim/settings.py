@@ -154,6 +154,11 @@ class Settings(BaseSettings):
     audit_head_key_ref: str | None = Field(default=None, description="env:VAR or file:/path of the signing key")
     audit_heads_file: str | None = None
     audit_head_interval_s: float = Field(default=300.0, ge=1)
+    # Traces (OpenTelemetry; the SDK and exporter come with `pip install 'iim[otel]'`): "otlp", "console" or
+    # "none"; unset follows the standard OTEL_TRACES_EXPORTER, else "otlp" once OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    traces_exporter: Literal["otlp", "console", "none"] | None = None
+    # The OTLP/HTTP traces URL (unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or the SDK's http://localhost:4318).
+    otlp_traces_endpoint: str | None = None
 
     @field_validator("speaker_endpoint")
     @classmethod

@@ -1,5 +1,7 @@
 """The HTTPS device bridge: ``POST /v1/events`` (devices, hubs) and ``POST /v1/webhooks/{source}`` (clouds).
 
+A W3C ``traceparent`` header joins the request's span (and the incident's decision and calls) to the caller's trace.
+
 Order of checks, cheapest and least revealing first: size -> tenant -> client certificate -> the sender
 address's rate limit -> key lookup -> signature over the raw bytes -> strict JSON and schema -> the device's
 (per hazard) and tenant's rate limits -> identity binding -> durable intake. Nothing is parsed before the
@@ -37,6 +39,8 @@ from prometheus_client import Counter, Histogram
 from iim.core import strict_json
 from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.metrics import REGISTRY
+from iim.core.traced_http import traced_requests
+from iim.core.tracing import attrs, span
 from iot_bridge import signing
 from iot_bridge.directory import DeviceDirectory, DeviceKeys, KeyChanges
 from iot_bridge.events import (
@@ -203,8 +207,14 @@ class Bridge:
         if event.device_id != keys.device.external_id:
             raise BridgeRefusal(403, "identity-mismatch", "the event names another device", event_id=event.event_id,
                                 audit=(keys.device.tenant_id, actor))
-        outcome = await accept_event(self.pool, keys.device, event, fingerprint=fingerprint, channel=channel,
-                                     msg_id=msg_id, opener=self.opener)
+        with span("bridge.intake", attributes=attrs(tenant=str(keys.device.tenant_id), event_id=event.event_id,
+                                                     event_type=event.type.value, channel=channel)) as traced:
+            # The incident's first decision runs inside (the opener): a child of this span.
+            outcome = await accept_event(self.pool, keys.device, event, fingerprint=fingerprint, channel=channel,
+                                         msg_id=msg_id, opener=self.opener)
+            if traced.is_recording():
+                traced.set_attributes(attrs(outcome=outcome.kind, incident_id=str(outcome.incident_id)
+                                            if outcome.incident_id else None, opened=outcome.opened))
         if outcome.kind == "conflict":
             raise BridgeRefusal(422, "idempotency-conflict", "event_id was already used with another body",
                                 event_id=event.event_id, audit=(keys.device.tenant_id, actor))
@@ -424,7 +434,7 @@ def create_bridge_app(pool: Pool, config: BridgeConfig | None = None, *, cas: Te
     follow key and device changes there (``NOTIFY iim_bridge_keys``) so a revoked key or a disabled device is
     refused at once; without it cached keys live for their time limit (30 s)."""
     config = config or BridgeConfig()
-    app = web.Application(middlewares=[problem_middleware], client_max_size=config.max_body)
+    app = web.Application(middlewares=[traced_requests(), problem_middleware], client_max_size=config.max_body)
     bridge = app[BRIDGE_KEY] = Bridge(pool, config, cas=cas, on_accepted=on_accepted, opener=opener,
                                       followed=keys_dsn is not None)
     if keys_dsn is not None:

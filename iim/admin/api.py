@@ -37,6 +37,7 @@ from iim.admin.service import PoolProvider, RegistryService
 from iim.admin.settings import AdminSettings, OidcSettings
 from iim.admin.token_source import TokenSource
 from iim.admin.views import OPENAPI, PRINCIPAL, REQUEST_ID, SERVICE, SETTINGS, path_uuid, request_id
+from iim.core.traced_http import traced_requests
 from policy_cache.db import DbRole, Pool, connect_pool
 
 __all__ = ["AUTH", "OwnedPools", "create_registry_app", "mount_registry"]
@@ -152,7 +153,8 @@ def create_registry_app(
                     "will be refused")
     auth = Authenticator(source, verifier)
     routes = (*build_routes(), *extra_routes)
-    app = web.Application(middlewares=[problem_middleware])
+    # Outermost: a span per request (joined to the caller's W3C traceparent), with the status actually sent.
+    app = web.Application(middlewares=[traced_requests(), problem_middleware])
     app[SERVICE] = RegistryService(pool_provider, directory_pool, deadline_s=settings.store_deadline_s)
     app[SETTINGS] = settings
     app[AUTH] = auth

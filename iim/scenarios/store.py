@@ -242,15 +242,17 @@ async def load_scenarios(conn: Connection, household_id: UUID) -> list[Scenario]
     return [Scenario.from_record(r) for r in await scenario_registry.scenarios_for_household(conn, household_id)]
 
 
-def action_spec(action: Action) -> dict[str, Any]:
-    """The parameters of an action as stored with its key (the executor performs exactly these)."""
+def action_spec(action: Action, *, traceparent: str | None = None) -> dict[str, Any]:
+    """The parameters of an action as stored with its key (the executor performs exactly these); a call's with
+    the ``traceparent`` of the decision that made it, so whoever places it joins that trace."""
+    traced = {"traceparent": traceparent} if traceparent is not None else {}
     if isinstance(action, PlaceCall):
         return {"ring_s": action.ring_s, "prompt_text": action.prompt_text,
-                "ivr": action.ivr.model_dump(mode="json") if action.ivr is not None else None}
+                "ivr": action.ivr.model_dump(mode="json") if action.ivr is not None else None, **traced}
     if isinstance(action, SendSms):
         return {"text": action.text}
     if isinstance(action, RecordMessage):
-        return {"prompt_text": action.prompt_text, "max_s": action.max_s}
+        return {"prompt_text": action.prompt_text, "max_s": action.max_s, **traced}
     if isinstance(action, Notify):
         return {"text": action.text}
     raise TypeError(f"unknown action {action!r}")
@@ -303,7 +305,7 @@ class Persisted:
 async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentRow, advance: Advance, *,
                           scenario: Scenario | None, now: datetime, actor: str = "scenario-engine",
                           outcomes: Sequence[OutcomeWrite] = (), audit_lines: Sequence[dict[str, Any]] = (),
-                          claim: CallClaim | None = None) -> Persisted:
+                          claim: CallClaim | None = None, traceparent: str | None = None) -> Persisted:
     """Write the decision (and ``outcomes``/``audit_lines`` recorded before it) in one statement
     (``iim.persist_decision``). SMS are outbox rows written here; a notification nobody in the household can
     receive is settled here by text; calls are claimed here when ``claim`` is given, else each gets a job,
@@ -320,7 +322,7 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
     for action in advance.actions:
         kind, destination = _action_fields(action)
         row: dict[str, Any] = {"key": action.key, "incident_id": str(incident.id), "step": action.step, "kind": kind,
-                               "destination": destination, "spec": action_spec(action), "call_uuid": None}
+                               "destination": destination, "spec": action_spec(action, traceparent=traceparent), "call_uuid": None}
         if isinstance(action, SendSms):
             # An SMS is only a row in the outbox (the SMS sender delivers it): written with the decision, so it
             # cannot be lost between the decision and a job.

@@ -37,13 +37,22 @@ from prometheus_client import Counter, Histogram
 
 from fs_app.outreach import metrics as outreach_metrics
 from fs_app.outreach.calls import AlertCall, AlertCallPlacer, CallOutcome, CallOutcomeKind
-from fs_app.outreach.guard import OriginateLimits, Refusal, Wait, check_caps, destination_refusal, limits_from
+from fs_app.outreach.guard import (
+    OriginateLimits,
+    Refusal,
+    Wait,
+    check_caps,
+    destination_kind,
+    destination_refusal,
+    limits_from,
+)
 from fs_app.outreach.ivr import Adoption, IvrResult
 from fs_app.outreach.prompts import GENERIC_ALARM_PROMPT, speakable
 from iim.connectors.contract import Connector, ConnectorError, ConnectorLookup, Notification
 from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.lifecycle import AsyncResource, TaskSupervisor
 from iim.core.metrics import REGISTRY
+from iim.core.tracing import CHANNEL_VARIABLE, Span, SpanKind, attrs, context_from, span, traceparent_of
 from iim.scenarios import store
 from iim.scenarios.engine import (
     CALL_SLACK_S,
@@ -478,6 +487,19 @@ class IncidentWorker(AsyncResource):
         under the tenant's caps in this transaction (near the caps: right after it, exactly), and ``after``
         places them once it commits: no job hop. A worker that dies before placing one leaves no job behind:
         the group's deadline moves the incident on, as for a call whose worker died while it rang."""
+        progress = decision.progress
+        with span("scenario.decide", attributes=attrs(
+                tenant=str(tenant_id), incident_id=str(incident.id), event_id=incident.first_event_id,
+                state=progress.state.value, step=progress.step, attempt=progress.attempt,
+                actions=len(decision.actions))) as traced:
+            # Stored with each call's spec: the call joins this trace whoever places it (a take-over, a job).
+            await self._persist_in(conn, tenant_id, incident, decision, scenario, now, after, outcomes, audit_lines,
+                                   traceparent_of(traced))
+
+    async def _persist_in(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow, decision: Advance,
+                          scenario: Scenario | None, now: datetime, after: _AfterCommit,
+                          outcomes: Sequence[store.OutcomeWrite], audit_lines: Sequence[dict[str, Any]],
+                          traceparent: str | None) -> None:
         limits = limits_from(incident.originate_limits, self.settings.default_limits, incident.numbering_plan)
         claim: store.CallClaim | None = None
         calls = {a.key: a for a in decision.actions if isinstance(a, PlaceCall | RecordMessage)}
@@ -494,7 +516,8 @@ class IncidentWorker(AsyncResource):
                 row = store.ActionRow(key=key, incident_id=incident.id, step=action.step,
                                       kind="call" if isinstance(action, PlaceCall) else "record",
                                       destination=action.destination, call_uuid=store.call_uuid_for(key),
-                                      dispatched_at=now, outcome=None, spec=store.action_spec(action))
+                                      dispatched_at=now, outcome=None,
+                                      spec=store.action_spec(action, traceparent=traceparent))
                 alert = _safe_alert_call(self.settings, tenant_id, incident, row)
                 if isinstance(alert, AlertCall):
                     built[key] = (alert, dict((row.spec.get("ivr") or {}).get("digits", {})))
@@ -502,7 +525,8 @@ class IncidentWorker(AsyncResource):
                     refused[key] = ("invalid_call", alert)
             claim = store.CallClaim(limits.max_concurrent, limits.max_per_hour, refused)
         persisted = await store.persist_advance(conn, tenant_id, incident, decision, scenario=scenario, now=now,
-                                                outcomes=outcomes, audit_lines=audit_lines, claim=claim)
+                                                outcomes=outcomes, audit_lines=audit_lines, claim=claim,
+                                                traceparent=traceparent)
         _count_settled(persisted.settled)
         INCIDENTS.labels(decision.progress.state.value).inc()
         if claim is None:
@@ -652,6 +676,21 @@ class IncidentWorker(AsyncResource):
         """Place a dispatched call (``adopt``: one a dead worker claimed, adopted if the switch has it), then
         record its outcome and let the engine judge it. ``retry_store``: the outcome is kept and written again
         while PostgreSQL is away (a job instead fails and is retried)."""
+        # A child of the decision that claimed the call (its context stored with the call); the switch gets this
+        # span's context as a channel variable, and the call's events (answer, keys, hang-up) join it from there.
+        with span("alert_call.originate", parent=call.variables.get(CHANNEL_VARIABLE), kind=SpanKind.CLIENT,
+                  attributes=attrs(tenant=str(tenant_id), incident_id=str(incident_id), call_id=call.call_uuid,
+                                   event_id=call.variables.get("iim_event_id"), action_kind=kind, adopted=adopt,
+                                   destination_kind=destination_kind(call.destination))) as traced:
+            traceparent = traceparent_of(traced)
+            if traceparent is not None:
+                call = dataclasses.replace(call, variables={**call.variables, CHANNEL_VARIABLE: traceparent})
+            await self._run_call_in(tenant_id, incident_id, key, kind, call, meanings, started,
+                                    retry_store=retry_store, adopt=adopt, traced=traced)
+
+    async def _run_call_in(self, tenant_id: UUID, incident_id: UUID, key: str, kind: str, call: AlertCall,
+                           meanings: dict[str, str], started: float, *, retry_store: bool, adopt: bool,
+                           traced: Span) -> None:
         self._placing.add(call.call_uuid)
         try:
             text = None
@@ -664,6 +703,9 @@ class IncidentWorker(AsyncResource):
         finally:
             self._placing.discard(call.call_uuid)
         STEP_SECONDS.labels(kind).observe(time.perf_counter() - started)
+        if traced.is_recording():
+            traced.set_attributes(attrs(outcome=outcome.kind.value, hangup_cause=outcome.hangup_cause,
+                                        digit=outcome.digit, recorded=outcome.recorded))
         for delay in (*self.settings.store_retry_delays, None) if retry_store else (None,):
             try:
                 await self._finish_call(tenant_id, incident_id, key, call, outcome, meanings)
@@ -1059,6 +1101,9 @@ def _alert_call(settings: WorkerSettings, tenant_id: UUID, incident: store.Incid
                  "iim_action_key": action.key.replace("/", "-"),
                  "iim_event_id": incident.first_event_id,
                  "tts_engine": settings.tts_engine, "tts_voice": settings.tts_voice}
+    traceparent = spec.get("traceparent")
+    if isinstance(traceparent, str) and context_from(traceparent) is not None:  # a stored value, checked again
+        variables[CHANNEL_VARIABLE] = traceparent
     common: dict[str, Any] = {
         "call_uuid": str(action.call_uuid), "destination": action.destination or "",
         "caller_id_number": settings.caller_id_number, "caller_id_name": settings.caller_id_name,
