@@ -128,7 +128,7 @@ FROM iim.audit_log WHERE tenant_id = $1 ORDER BY id
 """
 
 
-def _row_text(tenant_id: UUID, row: Mapping[str, Any]) -> str | None:
+def _row_text(tenant_id: UUID, row: asyncpg.Record) -> str | None:
     """The canonical text a stored row hashes to; None when its detail no longer matches its digest (or is
     gone without being a tombstone)."""
     digest = row["detail_digest"]

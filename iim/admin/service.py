@@ -30,6 +30,7 @@ from iim.admin import problems
 from iim.admin.problems import FieldError
 from iim.admin.resources import Correlation, ListQuery, Resource
 from iim.core.errors import STORE_UNAVAILABLE
+from iim.privacy.erasure import ErasureReport, erase_subscriber
 from policy_cache import audit, audit_heads, registry
 from policy_cache import errors as store
 from policy_cache.db import Connection, Pool, tenant_tx
@@ -251,6 +252,15 @@ class RegistryService:
         async with self._tx(tenant_id, write=True) as conn:
             await self._require_tenant(conn, tenant_id)
             return await res.revoke(conn, row_id, actor, correlation)
+
+    # -- privacy ------------------------------------------------------------------------------------
+
+    async def erase_subscriber(self, tenant_id: UUID, subscriber_id: UUID, actor: str,
+                               correlation: Correlation) -> ErasureReport:
+        """Right to erasure (:mod:`iim.privacy.erasure`), in one transaction."""
+        async with self._tx(tenant_id, write=True) as conn:
+            await self._require_tenant(conn, tenant_id)
+            return await erase_subscriber(conn, tenant_id, subscriber_id, actor=actor, correlation=correlation)
 
     # -- audit --------------------------------------------------------------------------------------
 

@@ -151,6 +151,19 @@ def audit_heads_view(latest: Callable[[UUID | None], list[dict[str, Any]]]) -> H
     return handler
 
 
+# -- privacy ----------------------------------------------------------------------------------------------
+
+async def erase_subscriber(request: web.Request) -> web.Response:
+    """Right to erasure: the subscriber's personal content removed, the audit chain still verifiable."""
+    service = request.config_dict[SERVICE]
+    parse_query(request, NoQuery)
+    if (request.content_length or 0) > 0 or request.headers.get("Transfer-Encoding"):
+        raise MalformedRequest("erase takes no request body")
+    report = await service.erase_subscriber(path_uuid(request, "tenant_id"), path_uuid(request, "id"),
+                                            request[PRINCIPAL].actor, _correlation(request))
+    return json_response(report)
+
+
 # -- tenant-scoped resources ------------------------------------------------------------------------------
 
 def list_view(res: Resource) -> Handler:

@@ -153,7 +153,8 @@ async def test_a_tombstoned_detail_leaves_the_chain_verifiable(app_pool: Pool) -
                                 "ORDER BY id", ids)
     assert [audit.is_tombstone(r["detail"]) for r in rows] == [False, True, True, False]
     assert rows[1]["detail"]["tombstone"]["reason"] == "erasure"
-    assert rows[1]["detail_salt"] is None and rows[0]["detail_salt"] is not None
+    assert rows[1]["detail_salt"] is None
+    assert rows[0]["detail_salt"] is not None
 
 
 async def test_only_a_tombstone_gets_past_the_trigger_and_not_for_the_app_role(
