@@ -170,7 +170,8 @@ def list_view(res: Resource) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         service, settings = request.config_dict[SERVICE], request.config_dict[SETTINGS]
         query = _limit(settings, parse_query(request, res.list_query))
-        rows = await service.list(res, path_uuid(request, "tenant_id"), query)
+        rows = await service.list(res, path_uuid(request, "tenant_id"), query, request[PRINCIPAL].actor,
+                                  _correlation(request))
         return json_response(_page(rows, query, res.read_model))
 
     return handler
@@ -192,7 +193,8 @@ def get_view(res: Resource) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         service = request.config_dict[SERVICE]
         parse_query(request, NoQuery)
-        row = await service.get(res, path_uuid(request, "tenant_id"), path_uuid(request, "id"))
+        row = await service.get(res, path_uuid(request, "tenant_id"), path_uuid(request, "id"),
+                                request[PRINCIPAL].actor, _correlation(request))
         return json_response(row)
 
     return handler

@@ -170,3 +170,17 @@ async def test_erase_is_for_admins_only_and_an_unknown_subscriber_is_a_404(live:
     assert await _tables_holding(live.admin_url, person.secrets)  # nothing erased by the refused call
     code, _ = await iim("subscriber", "erase", str(uuid4()))
     assert code != 0
+
+
+async def test_admin_reads_of_subscribers_and_contacts_are_audited_with_the_actor(live: Live, iim: Any) -> None:
+    person = await _person(live, "Petr")
+    code, _ = await iim("subscriber", "show", str(person.id), token_ref="env:IIM_OP_TOKEN")
+    assert code == 0
+    code, _ = await iim("binding", "list", "--subscriber-id", str(person.id))
+    assert code == 0
+    await audit.flush_pending(live.pool)
+    async with tenant_tx(live.pool, live.tenant) as conn:
+        shown = await audit.entries(conn, entity="subscriber", entity_id=person.id, limit=1)
+        listed = await conn.fetch("SELECT actor, detail FROM iim.audit_log WHERE action = 'binding.read'")
+    assert (shown[0].action, shown[0].actor) == ("subscriber.read", "alice@tenant")
+    assert [(r["actor"], r["detail"]["listed"]) for r in listed] == [("root@noc", 1)]
