@@ -55,6 +55,8 @@ from iim.home.missed_call import missed_call_sms
 from iim.home.outbox_sink import OutboxSmsSink
 from iim.home.sms_readout import SmsReadoutService
 from iim.http import HealthProbe, HttpSite, create_app
+from iim.privacy.purger import RetentionPurger
+from iim.privacy.retention import RetentionDefaults
 from iim.scenarios.worker import IncidentWorker, WorkerSettings
 from iim.settings import Settings
 from iim.sms.outbox import OutboxRow, SmsSender
@@ -323,6 +325,9 @@ class Service:
         if heads is None:
             log.warning("audit chain heads are not signed nor published (IIM_AUDIT_HEAD_KEY_REF unset)")
         await stack.enter_async_context(AuditFlusher(pool))
+        await stack.enter_async_context(RetentionPurger(pool, RetentionDefaults(
+            sms_body_s=int(s.sms_body_retention_s), event_payload_s=s.retention_event_payload_s,
+            audit_detail_s=s.retention_audit_detail_s), interval_s=s.retention_purge_interval_s))
         # Read-only, all tenants: for admins listing tenants (RLS hides them from the app role).
         directory_pool = await stack.enter_async_context(
             await connect_pool(urls.cache_url, role=DbRole.CACHE, min_size=1, max_size=2,

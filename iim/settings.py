@@ -131,6 +131,11 @@ class Settings(BaseSettings):
     smpp_source_addr: str = "IIM"
     # Bodies of incoming SMS that may be read out are forgotten this long after they arrived (metadata stays).
     sms_body_retention_s: float = Field(default=86400.0, ge=60)
+    # Retention defaults for tenants without their own (iim retention-policy): device-event payloads and audit
+    # details; the purge runs every retention_purge_interval_s and audits what it purged.
+    retention_event_payload_s: int = Field(default=30 * 86400, ge=0)
+    retention_audit_detail_s: int = Field(default=365 * 86400, ge=86400)
+    retention_purge_interval_s: float = Field(default=3600.0, ge=1)
     # Smart-home connectors, JSON: [{"name": "acme", "plugin": "webhook", "config": {...}}] (secrets by ref).
     connectors: list[dict[str, object]] = Field(default_factory=list)
     # Each ready connector's probe() runs this often, each within the timeout ("up" means checked).

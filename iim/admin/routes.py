@@ -20,6 +20,7 @@ from iim.admin.problems import (
 from iim.admin.resources import RESOURCES, ListQuery, NoQuery, Resource, page_model
 from iim.admin.routing import Access, PathParam, Route
 from iim.admin.service import AuditPage, AuditQuery, ChainStatus, HeadsToVerify
+from iim.privacy.erasure import ErasureReport
 from policy_cache.registry import HOUSEHOLD, TENANT
 
 TENANT_ID = PathParam("tenant_id", "the tenant's id")
@@ -109,6 +110,17 @@ def _resource_routes(res: Resource) -> list[Route]:
     return routes
 
 
+def _privacy_routes() -> list[Route]:
+    return [
+        Route("POST", "/tenants/{tenant_id}/subscribers/{id}/erase", views.erase_subscriber, "eraseSubscriber",
+              "Erase a subscriber (admin): their incoming SMS, their devices' event payloads and the audit details "
+              "about them are removed (audit rows become tombstones: the chain still verifies), then the "
+              "subscriber", "subscribers", Access.ADMIN,
+              path_params=(TENANT_ID, PathParam("id", "the subscriber's id")), query_model=NoQuery,
+              response_model=ErasureReport, errors=(NotFound, MalformedRequest, InvalidParameter)),
+    ]
+
+
 def openapi_route(path: str, operation_id: str) -> Route:
     return Route("GET", path, views.openapi_view, operation_id, "This OpenAPI 3.1 document", "meta",
                  Access.PUBLIC, response_description="OpenAPI 3.1 document (JSON)")
@@ -119,5 +131,6 @@ def build_routes() -> tuple[Route, ...]:
     routes = _tenant_routes()
     for res in RESOURCES:
         routes.extend(_resource_routes(res))
+    routes.extend(_privacy_routes())
     routes.append(openapi_route("/openapi.json", "getOpenApi"))
     return tuple(routes)

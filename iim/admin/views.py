@@ -160,13 +160,27 @@ def audit_heads_view(latest: Callable[[UUID | None], list[dict[str, Any]]]) -> H
     return handler
 
 
+# -- privacy ----------------------------------------------------------------------------------------------
+
+async def erase_subscriber(request: web.Request) -> web.Response:
+    """Right to erasure: the subscriber's personal content removed, the audit chain still verifiable."""
+    service = request.config_dict[SERVICE]
+    parse_query(request, NoQuery)
+    if (request.content_length or 0) > 0 or request.headers.get("Transfer-Encoding"):
+        raise MalformedRequest("erase takes no request body")
+    report = await service.erase_subscriber(path_uuid(request, "tenant_id"), path_uuid(request, "id"),
+                                            request[PRINCIPAL].actor, _correlation(request))
+    return json_response(report)
+
+
 # -- tenant-scoped resources ------------------------------------------------------------------------------
 
 def list_view(res: Resource) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         service, settings = request.config_dict[SERVICE], request.config_dict[SETTINGS]
         query = _limit(settings, parse_query(request, res.list_query))
-        rows = await service.list(res, path_uuid(request, "tenant_id"), query)
+        rows = await service.list(res, path_uuid(request, "tenant_id"), query, request[PRINCIPAL].actor,
+                                  _correlation(request))
         return json_response(_page(rows, query, res.read_model))
 
     return handler
@@ -188,7 +202,8 @@ def get_view(res: Resource) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         service = request.config_dict[SERVICE]
         parse_query(request, NoQuery)
-        row = await service.get(res, path_uuid(request, "tenant_id"), path_uuid(request, "id"))
+        row = await service.get(res, path_uuid(request, "tenant_id"), path_uuid(request, "id"),
+                                request[PRINCIPAL].actor, _correlation(request))
         return json_response(row)
 
     return handler

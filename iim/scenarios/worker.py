@@ -54,6 +54,7 @@ from iim.core.lifecycle import AsyncResource, TaskSupervisor
 from iim.core.metrics import REGISTRY
 from iim.core.tracing import CHANNEL_VARIABLE, Span, SpanKind, attrs, context_from, span, traceparent_of
 from iim.scenarios import store
+from iim.scenarios.consent import refusal as consent_refusal
 from iim.scenarios.engine import (
     CALL_SLACK_S,
     REARM_COOL_DOWN,
@@ -97,6 +98,8 @@ PROMPT_FALLBACKS = Counter("iim_alert_prompt_fallbacks", "Alert calls that playe
                            "their own, by why: unavailable (speech failed), refused (text it cannot say), late "
                            "(answered before the render), no_generic (not even the generic one)", ["reason"],
                            registry=REGISTRY)
+CONSENT_REFUSED = Counter("iim_consent_refused", "Incident actions refused for want of consent, by purpose",
+                          ["purpose"], registry=REGISTRY)
 ORPHANED_CALLS = Counter("iim_alert_calls_orphaned", "Answered alert calls whose worker had died, adopted here",
                          registry=REGISTRY)
 
@@ -502,7 +505,9 @@ class IncidentWorker(AsyncResource):
                           traceparent: str | None) -> None:
         limits = limits_from(incident.originate_limits, self.settings.default_limits, incident.numbering_plan)
         claim: store.CallClaim | None = None
-        calls = {a.key: a for a in decision.actions if isinstance(a, PlaceCall | RecordMessage)}
+        no_consent = {a.key: r for a in decision.actions if (r := consent_refusal(a, incident.facts)) is not None}
+        calls = {a.key: a for a in decision.actions
+                 if isinstance(a, PlaceCall | RecordMessage) and a.key not in no_consent}
         built: dict[str, tuple[AlertCall, dict[str, str]]] = {}  # key -> the call and its digits' meanings
         if self.placer is not None and incident.bound is not None and calls:
             refused: dict[str, tuple[str, str]] = {}
@@ -526,14 +531,18 @@ class IncidentWorker(AsyncResource):
             claim = store.CallClaim(limits.max_concurrent, limits.max_per_hour, refused)
         persisted = await store.persist_advance(conn, tenant_id, incident, decision, scenario=scenario, now=now,
                                                 outcomes=outcomes, audit_lines=audit_lines, claim=claim,
-                                                traceparent=traceparent)
+                                                traceparent=traceparent, consent_refused=no_consent)
         _count_settled(persisted.settled)
         INCIDENTS.labels(decision.progress.state.value).inc()
+        for key in persisted.consent_refused:
+            CONSENT_REFUSED.labels(no_consent[key].purpose).inc()
+        if persisted.consent_refused and decision.deadline is not None:
+            after.retick.append((tenant_id, incident.id))  # the engine moves on at once
         if claim is None:
             return
         for key in persisted.refused:
             _refused(incident, "call" if isinstance(calls[key], PlaceCall) else "record", claim.refused[key][0])
-        if persisted.refused:
+        if persisted.refused and (tenant_id, incident.id) not in after.retick:
             after.retick.append((tenant_id, incident.id))  # the engine moves on at once
         ORIGINATE_CLAIMS.labels("decision").inc(len(persisted.claimed))
         for key in [*persisted.claimed, *persisted.deferred]:

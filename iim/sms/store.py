@@ -206,3 +206,10 @@ async def store_mo(conn: Connection, mo: MoSms, digest: str, *, dedup_window: fl
     row = await conn.fetchrow(_INSERT_MO, f"h:{uuid4().hex}", digest, mo.transport, source,
                               mo.destination, mo.body, mo.received_at)
     return row
+
+
+async def erase_inbound(conn: Connection, subscriber_id: UUID, msisdn: str) -> int:
+    """Delete the incoming SMS of a subscriber (also rows left without one, by their destination): erasure."""
+    result = await conn.execute("DELETE FROM iim.sms_inbound WHERE subscriber_id = $1 OR destination = $2",
+                                subscriber_id, msisdn)
+    return int(result.split()[-1])
