@@ -35,6 +35,7 @@ from fs_app.passthrough import make_passthrough_handler
 from fs_app.registrations import REGISTRATION_EVENTS, registration_listener
 from fs_app.router import PolicyRouter
 from iim.admin.api import create_registry_app, mount_registry
+from iim.admin.incidents import operator_routes
 from iim.admin.routing import Access, Route
 from iim.admin.settings import AdminSettings
 from iim.admin.views import audit_heads_view
@@ -50,6 +51,7 @@ from iim.home.missed_call import missed_call_sms
 from iim.home.outbox_sink import OutboxSmsSink
 from iim.home.sms_readout import SmsReadoutService
 from iim.http import HealthProbe, HttpSite, create_app
+from iim.scenarios.operator.desk import OperatorDesk
 from iim.scenarios.worker import IncidentWorker, WorkerSettings
 from iim.settings import Settings
 from iim.sms.outbox import OutboxRow, SmsSender
@@ -254,7 +256,12 @@ class Service:
                 extra.append(Route("GET", "/audit/head", audit_heads_view(policy.audit_heads.latest), "getAuditHeads",
                                    "The signed audit chain heads last published (a tenant token: its own)",
                                    "audit", Access.READ))
-            registry_app = create_registry_app(lambda: policy.pool, AdminSettings(),
+            admin_settings = AdminSettings()
+            # Incidents and tests: decisions and test calls go through this process's scenario worker.
+            desk = OperatorDesk(lambda: policy.pool, lambda: self._worker, policy.connectors,
+                                deadline_s=admin_settings.store_deadline_s)
+            extra.extend(operator_routes(desk))
+            registry_app = create_registry_app(lambda: policy.pool, admin_settings,
                                                directory_pool=lambda: policy.directory_pool,
                                                extra_routes=tuple(extra))
             mount_registry(root, registry_app)

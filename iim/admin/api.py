@@ -62,6 +62,8 @@ def _guard(route: Route) -> Handler:
             principal.require_admin()
         elif "tenant_id" in request.match_info:
             tenant_id = path_uuid(request, "tenant_id")
+            if route.foreign_tenant_not_found and not principal.can_read(tenant_id):
+                raise NotFound("no such row")
             if route.access is Access.WRITE:
                 principal.require_write(tenant_id)
             else:

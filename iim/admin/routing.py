@@ -51,3 +51,5 @@ class Route:
     response_status: int = 200
     response_description: str = "OK"
     errors: tuple[type[ApiError], ...] = field(default_factory=tuple)
+    #: a token that may not read the path's tenant gets 404 (no such row), not 403: for rows named by id
+    foreign_tenant_not_found: bool = False
