@@ -38,8 +38,8 @@ def _summary(row: Any) -> IncidentSummary:
     data = dict(row)
     deadline: datetime | None = data.pop("deadline")
     held = deadline is not None and deadline.year == 9999  # 'infinity' (asyncpg's datetime.max)
-    return IncidentSummary(**data, state=IncidentState(data.pop("state")), held=held,
-                           deadline=None if held else deadline)
+    data |= {"state": IncidentState(data["state"]), "held": held, "deadline": None if held else deadline}
+    return IncidentSummary(**data)
 
 
 async def list_incidents(conn: Connection, query: IncidentQuery, limit: int) -> list[IncidentSummary]:
