@@ -19,15 +19,22 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from fs_app.testing import TargetBehaviour
+from iim.admin import cli
 from iim.admin.api import create_registry_app, mount_registry
 from iim.admin.auth import TokenTable, hash_token
 from iim.admin.incidents import operator_routes
 from iim.admin.settings import AdminSettings
-from iim.connectors.contract import ConnectorLookup
+from iim.connectors.contract import ConnectorContext, ConnectorLookup
+from iim.connectors.registry import ConnectorRegistry
+from iim.connectors.webhook import WebhookConnector
 from iim.core.metrics import REGISTRY
+from iim.core.secrets import resolve_secret
 from iim.http import create_app as create_root_app
 from iim.scenarios.operator.desk import OperatorDesk
+from policy_cache import registry
 from policy_cache.db import Pool, tenant_tx
+from policy_cache.models import DeviceCapability, DeviceCreate, DeviceStatus, DeviceType
+from tests.connector_peer import SIGNING_SECRET_TEXT, STATIC_TOKEN, StepClock, VendorPeer, serve
 from tests.iim.scenarios.test_scenario_worker import Alarms, alarms_rig
 
 
@@ -118,10 +125,11 @@ async def test_operators_list_their_tenants_incidents_filtered_and_paginated(
         status, page = await desk.call("GET", desk.t("/incidents"))
         assert status == 200, page
         assert [i["id"] for i in page["items"]] == [str(co), str(smoke)]  # newest first
-        assert page["items"][0]["state"] == "false_alarm" and page["items"][0]["scenario"] == "smoke_co"
+        assert (page["items"][0]["state"], page["items"][0]["scenario"]) == ("false_alarm", "smoke_co")
 
         status, first = await desk.call("GET", desk.t("/incidents"), params={"limit": "1"})
-        assert [i["id"] for i in first["items"]] == [str(co)] and first["next_after"]
+        assert [i["id"] for i in first["items"]] == [str(co)]
+        assert first["next_after"]
         status, second = await desk.call("GET", desk.t("/incidents"),
                                          params={"limit": "1", "after": first["next_after"]})
         assert [i["id"] for i in second["items"]] == [str(smoke)]
@@ -159,9 +167,11 @@ async def test_the_timeline_shows_the_event_decisions_calls_sms_and_audit_in_tim
         assert calls == {rig.owner: "busy", rig.backup: "acknowledge"}
         assert {s["msisdn"] for s in shown["sms"]} == {rig.owner, rig.backup}
         actions = [a["action"] for a in shown["audit"]]
-        assert actions[0] == "incident.opened" and "incident.call" in actions and "incident.acknowledged" in actions
+        assert actions[0] == "incident.opened"
+        assert {"incident.call", "incident.acknowledged"} <= set(actions)
         kinds = [e["kind"] for e in shown["timeline"]]
-        assert kinds[0] == "event" and {"decision", "call", "sms"} <= set(kinds)
+        assert kinds[0] == "event"
+        assert {"decision", "call", "sms"} <= set(kinds)
         times = [e["at"] for e in shown["timeline"]]
         assert [datetime.fromisoformat(t) for t in times] == sorted(datetime.fromisoformat(t) for t in times)
         assert "payload" not in json.dumps(shown["events"])
@@ -179,7 +189,7 @@ async def test_another_tenants_incident_is_not_found_whichever_path_names_it(
             status, problem = await desk.call("POST", path + "/reopen", token="op-b",
                                               body={"reason": "x", "resume_calls": True})
             assert (status, problem["error_id"]) == (404, "not-found"), path
-        status, page = await desk.call("GET", desk.t("/incidents"), token="op-b")
+        status, _ = await desk.call("GET", desk.t("/incidents"), token="op-b")
         assert status == 404
         status, problem = await desk.call("GET", desk.t(f"/incidents/{uuid4()}"))
         assert (status, problem["error_id"]) == (404, "not-found")
@@ -203,7 +213,8 @@ async def test_closing_a_ringing_incident_stops_the_escalation_as_a_key_press_do
         status, closed = await desk.call("POST", desk.t(f"/incidents/{incident}/close"),
                                          body={"reason": "the owner burnt toast"})
         assert status == 200, closed
-        assert closed["state"] == "false_alarm" and closed["closed_at"]
+        assert closed["state"] == "false_alarm"
+        assert closed["closed_at"]
 
         async def hung_up() -> bool:  # the owner's ringing call is ended at once, not after its 30 s
             return await desk.outcome(incident, rig.owner) is not None
@@ -241,7 +252,7 @@ async def test_acknowledging_sends_the_on_acknowledge_messages_and_reopening_cal
         assert status == 200, held
         assert (held["state"], held["held"], held["deadline"], held["closed_at"]) == ("open", True, None, None)
         await asyncio.sleep(1.0)
-        assert desk.alarms.calls_to(rig.backup) == 0 and desk.alarms.calls_to(rig.owner) == 1
+        assert (desk.alarms.calls_to(rig.backup), desk.alarms.calls_to(rig.owner)) == (0, 1)
         status, problem = await desk.call("POST", desk.t(f"/incidents/{incident}/reopen"),
                                           body={"reason": "again", "resume_calls": True})
         assert (status, problem["error_id"]) == (409, "conflict")  # it is live
@@ -281,7 +292,7 @@ async def test_a_test_call_rings_through_the_alert_path_and_reports_the_key_pres
         assert await desk.alarms.rows("SELECT id FROM iim.incident") == []  # nobody else can be paged
         placed, finished = await desk.audit("test_call.placed"), await desk.audit("test_call.finished")
         assert [a["actor"] for a in placed + finished] == ["alice@tenant-a"] * 2
-        assert finished[0]["detail"]["outcome"] == "answered" and finished[0]["detail"]["confirmed"] is True
+        assert (finished[0]["detail"]["outcome"], finished[0]["detail"]["confirmed"]) == ("answered", True)
         assert finished[0]["correlation"]["call_id"] == result["call_id"]
         assert finished[0]["correlation"]["purpose"] == "test"
 
@@ -317,3 +328,94 @@ async def test_a_test_call_is_refused_by_the_guard_and_never_reaches_a_stranger(
         status, problem = await desk.call("POST", desk.t("/test-calls"),
                                           body={"household_id": "nope", "contact": rig.owner, "extra": 1})
         assert (status, problem["error_id"]) == (422, "validation-failed")
+
+
+async def test_a_test_notification_reaches_the_vendor_and_reports_its_answer(
+        app_pool: Pool, pg_db: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACME_TOKEN", STATIC_TOKEN)
+    monkeypatch.setenv("ACME_SIGNING", SIGNING_SECRET_TEXT)
+    vendor = VendorPeer()
+    runner, vendor.url = await serve(vendor.app())
+    context = ConnectorContext(resolve_secret=resolve_secret, http_session=aiohttp.ClientSession, clock=StepClock())
+    connectors = ConnectorRegistry(context, factories={"webhook": WebhookConnector})
+    await connectors.load([{"name": "acme", "plugin": "webhook", "config": {
+        "base_url": vendor.url, "paths": {"send_notification": "/notify"},
+        "auth": {"kind": "bearer", "token_ref": "env:ACME_TOKEN"}, "signing_secret_ref": "env:ACME_SIGNING",
+        "request_timeout_s": 0.3, "retry": {"attempts": 2, "backoff_base_s": 0.05, "backoff_max_s": 0.1}}}])
+    try:
+        async with desk_api(app_pool, pg_db, tmp_path, connectors=connectors) as desk:
+            async with tenant_tx(app_pool, desk.tenant) as conn:
+                speaker = await registry.create(conn, registry.DEVICE, DeviceCreate(
+                    household_id=desk.alarms.rig.household_id, name="Cloud speaker", type=DeviceType.SPEAKER,
+                    connector="acme", connector_ref="kitchen-speaker-9",
+                    capabilities=frozenset({DeviceCapability.CLOUD_ANNOUNCE}), status=DeviceStatus.ONLINE),
+                    actor="test")
+            status, sent = await desk.call("POST", desk.t("/test-notifications"),
+                                           body={"connector": "acme", "device_id": str(speaker.id), "text": "hello"})
+            assert status == 200, sent
+            assert (sent["delivered"], sent["vendor_message_id"], sent["error"]) == (True, "vendor-1", None)
+            assert (vendor.received[0].body["target"], vendor.received[0].body["text"]) == ("kitchen-speaker-9",
+                                                                                           "hello")
+            vendor.script("/notify", *[("status", 503)] * 4)
+            status, failed = await desk.call("POST", desk.t("/test-notifications"),
+                                             body={"connector": "acme", "device_id": str(speaker.id)})
+            assert status == 200, failed
+            assert failed["delivered"] is False
+            assert failed["error"].startswith("ConnectorUnavailable")
+            lines = await desk.audit("test_notify")
+            assert [(a["actor"], a["detail"]["delivered"]) for a in lines] == [("alice@tenant-a", True),
+                                                                               ("alice@tenant-a", False)]
+            for body in ({"connector": "other", "device_id": str(speaker.id)},
+                         {"connector": "acme", "device_id": str(uuid4())}):
+                status, problem = await desk.call("POST", desk.t("/test-notifications"), body=body)
+                assert (status, problem["error_id"]) == (422, "invalid-reference"), body
+    finally:
+        await connectors.aclose()
+        await vendor.close()
+        await runner.cleanup()
+
+
+async def test_the_cli_lists_shows_closes_reopens_and_places_a_test_call(
+        app_pool: Pool, pg_db: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    async with desk_api(app_pool, pg_db, tmp_path) as desk:
+        rig = desk.alarms.rig
+        monkeypatch.setenv("IIM_ADMIN_TOKEN", "op-a")
+        monkeypatch.setenv("IIM_TENANT", str(desk.tenant))
+
+        async def iim(*argv: str) -> tuple[int, str, str]:
+            capsys.readouterr()
+            code = await asyncio.to_thread(cli.main, [*argv, "--api", desk.base])
+            out = capsys.readouterr()
+            return code, out.out, out.err
+
+        desk.alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="2"))
+        incident = await desk.alarms.raise_alarm("smoke")
+        assert await desk.alarms.settled(incident) == "false_alarm"
+        await desk.alarms.rows("SELECT 1")  # chains the staged audit lines (the service's flusher does it)
+        code, out, _ = await iim("incident", "list", "--state", "false_alarm")
+        assert code == 0
+        assert str(incident) in out
+        code, out, _ = await iim("incident", "show", str(incident))
+        assert code == 0
+        assert "device event smoke" in out
+        assert "incident.false_alarm" in out
+        code, out, _ = await iim("incident", "reopen", str(incident), "--reason", "check", "--no-resume-calls",
+                                 "-o", "json")
+        assert code == 0
+        assert json.loads(out)["held"] is True
+        code, out, _ = await iim("incident", "close", str(incident), "--reason", "checked")
+        assert code == 0
+        code, _, err = await iim("incident", "acknowledge", str(incident))
+        assert code == 1
+        assert "conflict" in err
+
+        desk.alarms.script(rig.backup, TargetBehaviour.answer(after_ms=100, dtmf="1"))
+        code, out, err = await iim("test", "call", "--household", str(rig.household_id), "--contact", rig.backup)
+        assert code == 0, err
+        assert "confirmed" in err
+        desk.alarms.script(rig.security, TargetBehaviour.busy())
+        code, _, err = await iim("test", "call", "--household", str(rig.household_id), "--contact", rig.security)
+        assert code == cli.EXIT_TEST_FAILED
+        assert "test call: busy" in err
+        assert [a["actor"] for a in await desk.audit("incident.reopened")] == ["alice@tenant-a"]
