@@ -44,7 +44,7 @@ from iim.scenarios.operator.models import (
     TestNotifyResult,
 )
 from iim.scenarios.worker import IncidentWorker
-from policy_cache import audit
+from policy_cache import audit, registry
 from policy_cache import errors as store_errors
 from policy_cache.db import Connection, Pool, tenant_tx
 
@@ -101,6 +101,7 @@ class OperatorDesk:
 
     async def incidents(self, tenant_id: UUID, query: IncidentQuery, limit: int) -> list[IncidentSummary]:
         async with self._tx(tenant_id, write=False) as conn:
+            await registry.get(conn, registry.TENANT, tenant_id)  # an unknown tenant is a 404, as elsewhere
             return await store.list_incidents(conn, query, limit)
 
     async def incident(self, tenant_id: UUID, incident_id: UUID) -> IncidentSummary:

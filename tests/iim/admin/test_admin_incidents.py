@@ -193,6 +193,8 @@ async def test_another_tenants_incident_is_not_found_whichever_path_names_it(
         assert status == 404
         status, problem = await desk.call("GET", desk.t(f"/incidents/{uuid4()}"))
         assert (status, problem["error_id"]) == (404, "not-found")
+        status, problem = await desk.call("GET", desk.t("/incidents", uuid4()), token="admin")
+        assert (status, problem["error_id"]) == (404, "not-found")  # no such tenant
         status, problem = await desk.call("POST", desk.t(f"/incidents/{incident}/reopen"), token="view-a",
                                           body={"reason": "x", "resume_calls": True})
         assert (status, problem["error_id"]) == (403, "forbidden")  # a viewer of the tenant may not decide
