@@ -81,10 +81,10 @@ def _tokens(tenant: UUID, other: UUID) -> TokenTable:
 
 @asynccontextmanager
 async def desk_api(app_pool: Pool, pg_db: Any, tmp_path: Path, *, time_scale: float = 0.01,
-                   connectors: ConnectorLookup | None = None) -> AsyncIterator[Desk]:
+                   connectors: ConnectorLookup | None = None, worker_here: bool = True) -> AsyncIterator[Desk]:
     async with alarms_rig(app_pool, pg_db, tmp_path, time_scale=time_scale, connectors=connectors) as alarms:
         other = uuid4()
-        desk = OperatorDesk(lambda: app_pool, lambda: alarms.worker, connectors)
+        desk = OperatorDesk(lambda: app_pool, lambda: alarms.worker if worker_here else None, connectors)
         root = create_root_app([])
         mount_registry(root, create_registry_app(lambda: app_pool, AdminSettings(), tokens=_tokens(
             alarms.rig.tenant_id, other), extra_routes=operator_routes(desk)))
@@ -270,6 +270,25 @@ async def test_acknowledging_sends_the_on_acknowledge_messages_and_reopening_cal
         assert [(a["actor"], a["detail"]["resume_calls"]) for a in reopened] == [
             ("alice@tenant-a", False), ("alice@tenant-a", True)]
         await desk.call("POST", desk.t(f"/incidents/{incident}/close"), body={"reason": "done"})
+
+
+async def test_decisions_and_test_calls_are_503_where_no_scenario_worker_runs(
+        app_pool: Pool, pg_db: Any, tmp_path: Path) -> None:
+    async with desk_api(app_pool, pg_db, tmp_path, worker_here=False) as desk:
+        rig = desk.alarms.rig
+        desk.alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="2"))
+        incident = await desk.alarms.raise_alarm("smoke")
+        assert await desk.alarms.settled(incident) == "false_alarm"
+        status, shown = await desk.call("GET", desk.t(f"/incidents/{incident}"))
+        assert status == 200, shown  # reads need only the database
+        for path, body in ((f"/incidents/{incident}/reopen", {"reason": "x", "resume_calls": False}),
+                           ("/test-calls", {"household_id": str(rig.household_id), "contact": rig.owner})):
+            async with desk.session.post(desk.base + desk.t(path), json=body,
+                                         headers={"Authorization": "Bearer op-a"}) as resp:
+                problem = await resp.json(content_type=None)
+                assert (resp.status, problem["error_id"]) == (503, "service-unavailable"), path
+                assert resp.headers["Retry-After"]
+        assert (await desk.alarms.incident(incident))["state"] == "false_alarm"
 
 
 # -- tests --------------------------------------------------------------------------------------------------
