@@ -24,7 +24,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,7 +54,7 @@ from iot_bridge.refusals import RefusalAudit
 from iot_bridge.tls import ClientCertError, ClientIdentity, TenantCaRegistry
 from policy_cache.db import Pool
 
-__all__ = ["BridgeConfig", "BridgeRefusal", "EVENTS", "create_bridge_app"]
+__all__ = ["BRIDGE_KEY", "Bridge", "BridgeConfig", "BridgeRefusal", "EVENTS", "create_bridge_app"]
 
 log = logging.getLogger(__name__)
 
@@ -221,17 +221,55 @@ class Bridge:
         return outcome
 
 
+    async def device_event(self, tenant: UUID, device: str, raw: bytes, *, jose: bool, headers: Mapping[str, str],
+                           identity: ClientIdentity | None, source: str) -> IntakeOutcome:
+        """One device-signed event, whatever carried it (``POST /v1/events``, a hub's MQTT message): key lookup,
+        signature (compact JWS when ``jose``, else Standard Webhooks ``headers`` over ``raw``), identity binding,
+        strict parsing, the device's and tenant's rate limits and the durable intake, under one store deadline.
+
+        Raises:
+            BridgeRefusal: the event is refused (the status and error id say why).
+            StoreDown: PostgreSQL is away or past the deadline; nothing was committed (unless the COMMIT had
+                been sent: a retry then gets the first answer).
+        """
+        async with self.store_deadline():
+            keys = await self.device_keys(tenant, device)
+            event_raw, msg_id = _verify_device_body(self, jose, headers, raw, keys, self.config.clock())
+            await self.bind_identity(identity, keys)
+            try:
+                event = parse_event(event_raw)
+            except EventRejected as exc:
+                raise _rejected(exc) from exc
+            self.rate_limit_sender(tenant, keys.device.external_id, hazard=event.type)
+            return await self.accept(keys, event, fingerprint=body_fingerprint(event_raw), channel="device",
+                                     msg_id=msg_id, source=source)
+
+    def refused(self, exc: BridgeRefusal, source: str) -> None:
+        """Count and log a refusal; the ones that concern a tenant go to its audit log (aggregated)."""
+        EVENTS.labels("refused", exc.error_id).inc()
+        log.warning("event refused: %s", exc.reason,
+                    extra={"event_id": exc.event_id, "reason": exc.error_id, "status": exc.status, "source": source})
+        if exc.audit is not None:
+            tenant, actor = exc.audit
+            self.refusals.record(tenant, f"event.{exc.error_id}", source, actor=actor, event_id=exc.event_id,
+                                 detail={"status": exc.status, "reason": exc.reason})
+
+    def jws_device(self, raw: bytes) -> str:
+        """The device a compact JWS names (its ``kid``), read only to find the key to verify with."""
+        return _jws_device(raw)
+
+
 BRIDGE_KEY = web.AppKey("bridge", Bridge)
 
 
-def _verify_device_body(bridge: Bridge, request: web.Request, raw: bytes, keys: DeviceKeys,
+def _verify_device_body(bridge: Bridge, jose: bool, headers: Mapping[str, str], raw: bytes, keys: DeviceKeys,
                         now: float) -> tuple[bytes, str]:
     """Check the signature; return the event bytes and the message id."""
     try:
-        if _is_jose(request):
+        if jose:
             jws = _verify_jws_rotating(raw, keys, now, bridge.config.tolerance_s)
             return jws.event_raw, jws.msg_id
-        verified = signing.verify_webhook(request.headers, raw, keys.hmac_secrets, now=now,
+        verified = signing.verify_webhook(headers, raw, keys.hmac_secrets, now=now,
                                           tolerance_s=bridge.config.tolerance_s)
     except signing.SignatureError as exc:
         raise BridgeRefusal(401, "signature-invalid", NOT_AUTHENTICATED, reason=exc.reason) from exc
@@ -291,18 +329,8 @@ async def post_event(request: web.Request) -> web.Response:
         else:
             raise BridgeRefusal(400, "device-required", f"the {DEVICE_HEADER} header is required")
     bridge.rate_limit_source(request.remote or "")
-    async with bridge.store_deadline():
-        keys = await bridge.device_keys(tenant, device)
-        now = bridge.config.clock()
-        event_raw, msg_id = _verify_device_body(bridge, request, raw, keys, now)
-        await bridge.bind_identity(identity, keys)
-        try:
-            event = parse_event(event_raw)
-        except EventRejected as exc:
-            raise _rejected(exc) from exc
-        bridge.rate_limit_sender(tenant, keys.device.external_id, hazard=event.type)
-        outcome = await bridge.accept(keys, event, fingerprint=body_fingerprint(event_raw), channel="device",
-                                      msg_id=msg_id, source=request.remote or "")
+    outcome = await bridge.device_event(tenant, device, raw, jose=_is_jose(request), headers=request.headers,
+                                        identity=identity, source=request.remote or "")
     INTAKE_SECONDS.observe(time.perf_counter() - started)
     headers = {"Idempotent-Replayed": "true"} if outcome.kind == "replayed" else {}
     return web.json_response(outcome.body, status=202, headers=headers)
@@ -365,15 +393,7 @@ async def problem_middleware(request: web.Request,
     try:
         return await handler(request)
     except BridgeRefusal as exc:
-        EVENTS.labels("refused", exc.error_id).inc()
-        log.warning("event refused: %s", exc.reason,
-                    extra={"event_id": exc.event_id, "reason": exc.error_id, "status": exc.status,
-                           "source": request.remote})
-        if exc.audit is not None:
-            tenant, actor = exc.audit
-            request.app[BRIDGE_KEY].refusals.record(tenant, f"event.{exc.error_id}", request.remote or "",
-                                                    actor=actor, event_id=exc.event_id,
-                                                    detail={"status": exc.status, "reason": exc.reason})
+        request.app[BRIDGE_KEY].refused(exc, request.remote or "")
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
         return _problem(request, exc.status, exc.error_id, exc.detail, headers, exc.errors)
     except StoreDown as exc:

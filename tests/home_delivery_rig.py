@@ -160,6 +160,9 @@ class HttpConnector:
     def health(self) -> ConnectorHealth:
         return ConnectorHealth("up")
 
+    async def probe(self) -> ConnectorHealth:
+        return self.health()
+
 
 class Connectors:
     """Connector instances by name."""

@@ -208,6 +208,15 @@ class RegistryService:
             await self._require_tenant(conn, tenant_id)
             await registry.delete(conn, registry.TENANT, tenant_id, actor=actor, correlation=correlation)
 
+    async def household_scope(self, tenant_id: UUID, household_id: UUID) -> tuple[UUID | None, UUID | None]:
+        """The household's brand and region, for a grant scoped to one; ``(None, None)`` when there is none."""
+        async with self._tx(tenant_id, write=False) as conn:
+            try:
+                row = await registry.get(conn, registry.HOUSEHOLD, household_id)
+            except store.NotFound:
+                return None, None
+        return row.brand_id, row.region_id
+
     # -- tenant-scoped resources --------------------------------------------------------------------
 
     async def create(

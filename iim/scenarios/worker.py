@@ -35,6 +35,7 @@ from pgqueuer.domain import models as pgq_models
 from pgqueuer.types import Channel
 from prometheus_client import Counter, Histogram
 
+from fs_app.outreach import metrics as outreach_metrics
 from fs_app.outreach.calls import AlertCall, AlertCallPlacer, CallOutcome, CallOutcomeKind
 from fs_app.outreach.guard import OriginateLimits, Refusal, Wait, check_caps, destination_refusal, limits_from
 from fs_app.outreach.ivr import Adoption, IvrResult
@@ -81,8 +82,7 @@ ACTIONS = Counter("iim_incident_actions", "Incident actions performed, by kind a
                   registry=REGISTRY)
 STEP_SECONDS = Histogram("iim_incident_step_seconds", "From a decision to the action's outcome, by kind",
                          ["kind"], buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 120), registry=REGISTRY)
-ORIGINATE_REFUSED = Counter("iim_originate_refused", "Alert calls refused by the toll-fraud guard, by reason",
-                            ["reason"], registry=REGISTRY)
+ORIGINATE_REFUSED = outreach_metrics.REFUSALS  # one name per concept: iim_originate_refused
 ORIGINATE_CLAIMS = Counter("iim_originate_claims", "Alert calls claimed under the toll-fraud caps, by where: with "
                            "the decision (far below the caps), after_commit (near them, exact), job (retries)",
                            ["path"], registry=REGISTRY)
