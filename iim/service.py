@@ -38,6 +38,7 @@ from fs_app.registrations import REGISTRATION_EVENTS, registration_listener
 from fs_app.router import PolicyRouter
 from iim import health
 from iim.admin.api import create_registry_app, mount_registry
+from iim.admin.incidents import operator_routes
 from iim.admin.routing import Access, Route
 from iim.admin.settings import AdminSettings
 from iim.admin.views import audit_heads_view
@@ -57,6 +58,7 @@ from iim.home.sms_readout import SmsReadoutService
 from iim.http import HealthProbe, HttpSite, create_app
 from iim.privacy.purger import RetentionPurger
 from iim.privacy.retention import RetentionDefaults
+from iim.scenarios.operator.desk import OperatorDesk
 from iim.scenarios.worker import IncidentWorker, WorkerSettings
 from iim.settings import Settings
 from iim.sms.outbox import OutboxRow, SmsSender
@@ -298,7 +300,12 @@ class Service:
                 extra.append(Route("GET", "/audit/head", audit_heads_view(policy.audit_heads.latest), "getAuditHeads",
                                    "The signed audit chain heads last published (a tenant token: its own)",
                                    "audit", Access.READ))
-            registry_app = create_registry_app(lambda: policy.pool, AdminSettings(),
+            admin_settings = AdminSettings()
+            # Incidents and tests: decisions and test calls go through this process's scenario worker.
+            desk = OperatorDesk(lambda: policy.pool, lambda: self._worker, policy.connectors,
+                                deadline_s=admin_settings.store_deadline_s)
+            extra.extend(operator_routes(desk))
+            registry_app = create_registry_app(lambda: policy.pool, admin_settings,
                                                directory_pool=lambda: policy.directory_pool,
                                                extra_routes=tuple(extra))
             mount_registry(root, registry_app)

@@ -214,7 +214,7 @@ class CallOutcome:
 def refused_outcome(refusal: Refusal) -> CallOutcome:
     """The outcome for a destination :func:`fs_app.outreach.guard.check_destination` refused (counted)."""
     metrics.count_refusal(refusal.reason)
-    metrics.ORIGINATES.labels(CallOutcomeKind.REFUSED.value).inc()
+    metrics.ORIGINATES.labels(CallOutcomeKind.REFUSED.value, "alert").inc()
     return CallOutcome(CallOutcomeKind.REFUSED, None, None, detail=f"{refusal.reason}: {refusal.detail}")
 
 
@@ -440,7 +440,7 @@ class AlertCallPlacer:
             outcome = await self._place(call, on_sent)
         finally:
             metrics.IN_FLIGHT.dec()
-        metrics.ORIGINATES.labels(outcome.kind.value).inc()
+        metrics.ORIGINATES.labels(outcome.kind.value, metrics.purpose_of(call.variables)).inc()
         log.info("alert call %s", outcome.kind.value, extra={
             "call_id": call.call_uuid, "outcome": outcome.kind.value, "hangup_cause": outcome.hangup_cause,
             "digit": outcome.digit, "recorded": outcome.recorded, "detail": outcome.detail,
@@ -480,7 +480,7 @@ class AlertCallPlacer:
                                                  accepted=True, started=started)
                 finally:
                     metrics.IN_FLIGHT.dec()
-                metrics.ORIGINATES.labels(outcome.kind.value).inc()
+                metrics.ORIGINATES.labels(outcome.kind.value, metrics.purpose_of(call.variables)).inc()
                 log.info("adopted alert call %s", outcome.kind.value, extra={"call_id": call.call_uuid,
                                                                              "detail": outcome.detail})
                 return outcome
@@ -498,7 +498,7 @@ class AlertCallPlacer:
                 outcome = await self._send(call, ticket, link, on_sent, started)
             finally:
                 metrics.IN_FLIGHT.dec()
-            metrics.ORIGINATES.labels(outcome.kind.value).inc()
+            metrics.ORIGINATES.labels(outcome.kind.value, metrics.purpose_of(call.variables)).inc()
             log.info("taken-over alert call %s", outcome.kind.value, extra={
                 "call_id": call.call_uuid, "outcome": outcome.kind.value, "hangup_cause": outcome.hangup_cause,
                 "digit": outcome.digit, "detail": outcome.detail})

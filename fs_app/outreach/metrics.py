@@ -5,13 +5,15 @@ Label values are closed sets: outcome kinds, refusal reasons, IVR results.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import Counter, Gauge
 
 from iim.core.metrics import REGISTRY
 
 ORIGINATES = Counter(
     "iim_outreach_originates", "Alert calls placed, by outcome (answered, no_answer, busy, failed, unreachable, "
-    "refused)", ["result"], registry=REGISTRY,
+    "refused) and purpose (alert, or test: an operator's test call)", ["result", "purpose"], registry=REGISTRY,
 )
 #: The one count of alert calls the toll-fraud guard refused (the scenario worker counts here too).
 REFUSALS = Counter(
@@ -26,3 +28,8 @@ IN_FLIGHT = Gauge("iim_outreach_calls_in_flight", "Alert calls being placed or i
 
 def count_refusal(reason: str) -> None:
     REFUSALS.labels(reason).inc()
+
+
+def purpose_of(variables: Mapping[str, str]) -> str:
+    """``test`` for an operator's test call (channel variable ``iim_purpose=test``), else ``alert``."""
+    return "test" if variables.get("iim_purpose") == "test" else "alert"

@@ -66,6 +66,8 @@ def _guard(route: Route) -> Handler:
             principal.require_admin()
         elif "tenant_id" in request.match_info:
             tenant_id = path_uuid(request, "tenant_id")
+            if route.foreign_tenant_not_found and not principal.can_read(tenant_id):
+                raise NotFound("no such row")
             write = route.access is Access.WRITE
             tenant_wide = principal.can_write(tenant_id) if write else principal.can_read(tenant_id)
             if route.household_scoped and not tenant_wide and principal.can_reach_households(tenant_id):

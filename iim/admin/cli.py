@@ -8,6 +8,8 @@ Wire into the ``iim`` parser with ``register_subcommands(subparsers)``. Commands
                                                                    originate-limit: caps and numbering plan)
     iim originate-allow  create|list|show|delete     --tenant T   (the alert-call allow-list)
     iim audit      list|verify [--heads FILE]        --tenant T
+    iim incident   list|show|acknowledge|close|reopen --tenant T
+    iim test       call|notify                       --tenant T   (exit 5: not confirmed / not delivered)
     iim scenario   simulate|templates list|show|install  (besides create|list|show|update|delete; simulate
                                                      and templates list|show need no API)
     iim token      new|hash                          (offline: make a token and its table entry)
@@ -47,6 +49,7 @@ from iim.admin.service import AuditQuery
 from iim.core.secrets import resolve_secret
 from iim.scenarios.engine import ActionOutcome, Contact, mismatches
 from iim.scenarios.model import ContactRole, Scenario
+from iim.scenarios.operator.models import IncidentQuery
 from iim.scenarios.simulate import format_timeline, simulate, synthetic_facts, timeline_json
 from iim.scenarios.templates import TEMPLATES
 from iot_bridge.event_types import EventType
@@ -511,6 +514,128 @@ def _chain_verdict(status: Any) -> int:
     return EXIT_CHAIN_BROKEN
 
 
+# -- incidents and tests -----------------------------------------------------------------------------------
+
+#: ``iim test call|notify``: the API answered, but the test did not pass (not confirmed, not delivered).
+EXIT_TEST_FAILED = 5
+_INCIDENT_COLUMNS = ("id", "opened_at", "state", "hazard", "device_name", "step", "held", "reason")
+
+
+def _print_timeline(args: argparse.Namespace, shown: Any) -> int:
+    if args.output == "json":
+        sys.stdout.write(json.dumps(shown, indent=2, ensure_ascii=False) + "\n")
+        return EXIT_OK
+    render_record(shown["incident"], sys.stdout)
+    sys.stdout.write("\n")
+    # One line per entry, never cut: the summary is what an operator reads.
+    sys.stdout.writelines(f"{e['at']}  {e['kind']:<8}  {_cell(e['summary'], 500)}\n" for e in shown["timeline"])
+    return EXIT_OK
+
+
+def _register_incident(sub: Any) -> None:
+    top = sub.add_parser("incident", help="list, inspect, acknowledge, close and reopen incidents")
+    actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
+    common = _common(tenant_scoped=True)
+
+    p = actions.add_parser("list", parents=[common], help="the tenant's incidents, newest first")
+    _add_list_options(p, IncidentQuery)
+    p.set_defaults(func=_run(lambda a, c: _list_all(c, f"{_tenant_path(a)}/incidents", _query(a), a.all),
+                             _INCIDENT_COLUMNS))
+
+    p = actions.add_parser("show", parents=[common],
+                           help="an incident and its timeline (event, decisions, calls, SMS, audit lines)")
+    p.add_argument("id", type=_id)
+    p.set_defaults(func=_timeline_command)
+
+    p = actions.add_parser("acknowledge", parents=[common],
+                           help="acknowledge a live incident: the escalation stops as on a DTMF 1")
+    p.add_argument("id", type=_id)
+    p.add_argument("--note", default="", help="why (kept in the audit line)")
+    p.set_defaults(func=_run(lambda a, c: c.request("POST", f"{_tenant_path(a)}/incidents/{a.id}/acknowledge",
+                                                    body={"note": a.note})))
+
+    p = actions.add_parser("close", parents=[common],
+                           help="close a live incident as a false alarm: the escalation stops as on a DTMF 2")
+    p.add_argument("id", type=_id)
+    p.add_argument("--reason", required=True, help="why it is a false alarm (kept in the audit line)")
+    p.set_defaults(func=_run(lambda a, c: c.request("POST", f"{_tenant_path(a)}/incidents/{a.id}/close",
+                                                    body={"reason": a.reason})))
+
+    p = actions.add_parser("reopen", parents=[common], help="make an ended incident live again")
+    p.add_argument("id", type=_id)
+    p.add_argument("--reason", required=True, help="why (kept in the audit line)")
+    p.add_argument("--resume-calls", action=argparse.BooleanOptionalAction, required=True,
+                   help="--resume-calls: the chain goes on at once with its first group not yet tried; "
+                        "--no-resume-calls: open and held, nobody is called until an operator decides")
+    p.set_defaults(func=_run(lambda a, c: c.request("POST", f"{_tenant_path(a)}/incidents/{a.id}/reopen",
+                                                    body={"reason": a.reason, "resume_calls": a.resume_calls})))
+
+
+def _timeline_command(args: argparse.Namespace) -> int:
+    try:
+        shown = _client(args).request("GET", f"{_tenant_path(args)}/incidents/{args.id}")
+    except ApiProblem as exc:
+        _print_problem(args, exc, sys.stderr)
+        return EXIT_API_ERROR
+    except (ClientError, CliError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return exc.code if isinstance(exc, CliError) else EXIT_UNREACHABLE
+    return _print_timeline(args, shown)
+
+
+def _call_verdict(result: Any) -> int:
+    """One line on stderr saying how the test call went; exit 0 only when it was answered and 1 pressed."""
+    outcome = result.get("outcome") if isinstance(result, dict) else None
+    if outcome == "answered":
+        digit = result.get("digit")
+        line = "answered, pressed 1: confirmed" if result.get("confirmed") else \
+            f"answered, {'pressed ' + digit if digit else 'no key pressed'}: not confirmed"
+    elif outcome == "refused":
+        line = f"refused by the toll-fraud guard: {result.get('refusal_reason')} ({result.get('detail')})"
+    else:
+        line = f"{str(outcome).replace('_', ' ')} ({result.get('hangup_cause') or result.get('detail') or '-'})" \
+            if isinstance(result, dict) else "no answer from the API"
+    sys.stderr.write(f"test call: {line}\n")
+    return EXIT_OK if isinstance(result, dict) and result.get("confirmed") else EXIT_TEST_FAILED
+
+
+def _notify_verdict(result: Any) -> int:
+    delivered = isinstance(result, dict) and result.get("delivered") is True
+    if delivered:
+        sys.stderr.write(f"test notification: delivered (vendor id {result.get('vendor_message_id')})\n")
+        return EXIT_OK
+    sys.stderr.write(f"test notification: not delivered ({result.get('error') if isinstance(result, dict) else '-'})\n")
+    return EXIT_TEST_FAILED
+
+
+def _test_call(args: argparse.Namespace, _client_: ApiClient) -> Any:
+    # The API answers when the call has ended: ring time, the IVR's tries, and the switch's own slack.
+    client = _client(argparse.Namespace(**{**vars(args), "timeout": max(args.timeout, args.ring_s + 90.0)}))
+    return client.request("POST", f"{_tenant_path(args)}/test-calls",
+                          body={"household_id": args.household, "contact": args.contact, "ring_s": args.ring_s})
+
+
+def _register_test(sub: Any) -> None:
+    top = sub.add_parser("test", help="a test call or a test notification through the real alert paths")
+    actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
+    common = _common(tenant_scoped=True)
+    p = actions.add_parser(
+        "call", parents=[common], help=f"ring a household contact as an alert call would (exit 0 when answered and "
+                                       f"1 pressed, {EXIT_TEST_FAILED} otherwise)")
+    p.add_argument("--household", type=_id, required=True, help="the household")
+    p.add_argument("--contact", required=True, help="a contact bound to it: subscriber id or number")
+    p.add_argument("--ring-s", type=int, default=30, help="seconds to ring (5..120, default 30)")
+    p.set_defaults(func=_run(_test_call, verdict=_call_verdict))
+    p = actions.add_parser(
+        "notify", parents=[common], help=f"send a notification to a device through its connector (exit 0 when the "
+                                         f"vendor took it, {EXIT_TEST_FAILED} otherwise)")
+    p.add_argument("--connector", required=True, help="the connector's configured name")
+    p.add_argument("--device", type=_id, required=True, help="a device behind that connector")
+    p.add_argument("--text", default="IIM test notification", help="what it says")
+    p.set_defaults(func=_run(lambda a, c: c.request("POST", f"{_tenant_path(a)}/test-notifications", body={
+        "connector": a.connector, "device_id": a.device, "text": a.text}), verdict=_notify_verdict))
+
+
 # -- offline commands --------------------------------------------------------------------------------------
 
 def _token_new(args: argparse.Namespace) -> int:
@@ -834,6 +959,8 @@ def register_subcommands(subparsers: Any, *, include_db: bool = True) -> None:
         if res.name == "subscriber":
             _register_erase(actions, res)
     _register_audit(subparsers)
+    _register_incident(subparsers)
+    _register_test(subparsers)
     _register_token(subparsers)
     if include_db:
         _register_db(subparsers)

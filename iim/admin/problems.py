@@ -17,6 +17,7 @@ Hierarchy (every class is an :class:`ApiError`; ``status`` is the HTTP status se
     +-- ValidationFailed      422 validation-failed   pydantic errors, with their locations in ``errors``
     +-- InvalidReference      422 invalid-reference   a referenced row does not exist in this tenant
     +-- StoreUnavailable      503 store-unavailable   PostgreSQL cannot be reached
+    +-- ServiceUnavailable    503 service-unavailable what the request needs (scenario worker, switch) does not run
     +-- IdentityUnavailable   503 identity-unavailable the OIDC issuer's keys cannot be fetched (JWTs only)
     +-- InternalError         500 internal-error
 
@@ -185,6 +186,17 @@ class StoreUnavailable(ApiError):
         super().__init__(detail, headers={"Retry-After": str(retry_after_s)})
 
 
+class ServiceUnavailable(ApiError):
+    """A part the request needs (the scenario worker, a switch) does not run in this process: retry later."""
+
+    status = 503
+    error_id = "service-unavailable"
+    title = "Service unavailable"
+
+    def __init__(self, detail: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after_s)})
+
+
 class IdentityUnavailable(ApiError):
     """The OIDC issuer's keys cannot be fetched: a JWT cannot be checked now (static tokens still work)."""
 
@@ -204,7 +216,7 @@ class InternalError(ApiError):
 
 ALL_ERRORS: tuple[type[ApiError], ...] = (
     MalformedRequest, InvalidParameter, Unauthenticated, Forbidden, NotFound, MethodNotAllowed, Conflict,
-    VersionConflict, StillReferenced, PayloadTooLarge, UnsupportedMediaType, ValidationFailed, InvalidReference, StoreUnavailable, InternalError,
+    VersionConflict, StillReferenced, PayloadTooLarge, UnsupportedMediaType, ValidationFailed, InvalidReference, StoreUnavailable, ServiceUnavailable, InternalError,
     IdentityUnavailable,
 )
 

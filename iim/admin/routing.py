@@ -53,3 +53,5 @@ class Route:
     errors: tuple[type[ApiError], ...] = field(default_factory=tuple)
     #: The path's ``{id}`` is a household: a grant scoped to a brand/region may call it for its households.
     household_scoped: bool = False
+    #: a token that may not read the path's tenant gets 404 (no such row), not 403: for rows named by id
+    foreign_tenant_not_found: bool = False

@@ -83,7 +83,7 @@ __all__ = [
     "PlaceCall", "SendSms", "Notify", "RecordMessage", "Action", "ActionOutcome", "Advance",
     "select_scenario", "mismatches", "begin", "advance", "settle", "current_actions", "ready_to_advance",
     "on_repeat_event", "on_cleared", "groups", "deadline_for", "PriorChain", "rearm", "REARM_COOL_DOWN",
-    "DEFAULT_CALL_MESSAGE", "EVENT_LABELS", "CALL_SLACK_S", "ANSWER_S", "TTS_CHARS_PER_S",
+    "DEFAULT_CALL_MESSAGE", "EVENT_LABELS", "CALL_SLACK_S", "ANSWER_S", "TTS_CHARS_PER_S", "reopen",
 ]
 
 #: What a call without IVR or message says.
@@ -648,6 +648,21 @@ def ready_to_advance(progress: Progress, actions: Sequence[Action], outcomes: Ma
             final = False
     return final
 
+
+
+def reopen(scenario: Scenario, progress: Progress, *, step_tried: bool) -> Progress:
+    """Where an ended incident that an operator reopens resumes: open (nothing out) at the first group not yet
+    tried. ``step_tried``: the group at ``progress.step`` placed actions (it ended while that group ran, or in its
+    retry pause); then the chain resumes with the group after it, else with that group (it ended before the group
+    ran: before :func:`begin`, after a wait step). Groups already tried are not emitted again (their actions keep
+    their keys); past the last group the next :func:`advance` ends the incident exhausted. A live incident is
+    returned as it is."""
+    if progress.state not in TERMINAL:
+        return progress
+    step = min(progress.step, len(scenario.steps))
+    if step_tried:
+        step = next((first for first, _ in groups(scenario) if first > step), len(scenario.steps))
+    return Progress(IncidentState.OPEN, step, 0)
 
 # -- events on a live incident ----------------------------------------------------------------------------
 

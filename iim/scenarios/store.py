@@ -18,6 +18,8 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import asyncpg
+
 from iim.core.numbering import NumberingPlan
 from iim.scenarios import registry as scenario_registry
 from iim.scenarios.consent import ConsentRefusal
@@ -40,6 +42,7 @@ from iim.sms import store as sms_store
 from iot_bridge.event_types import EventType
 from iot_bridge.intake import IncidentJobs
 from policy_cache import audit as audit_log
+from policy_cache import errors as store_errors
 from policy_cache import jobs
 from policy_cache.db import Connection, Pool, tenant_tx
 from policy_cache.models import DeviceStatus, DeviceType, PresenceState
@@ -50,7 +53,7 @@ __all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_inc
            "sms_fallback_numbers", "notify_by_sms", "alarm_text", "NotificationTarget", "due_incidents",
            "prune_originate_windows", "audit", "audit_line", "action_spec", "clear_incident", "exhaust_incident",
            "mark_sms_undelivered", "queue_action_sms", "retry_call", "text_unreachable", "unreachable_retries",
-           "LimitsRow", "call_waited_s", "queue_capped_call"]
+           "LimitsRow", "call_waited_s", "queue_capped_call", "end_unbegun", "step_tried", "reopen_incident"]
 
 #: Namespace for deterministic call UUIDs: the same action key always dials with the same origination_uuid.
 _CALL_NS = uuid.UUID("6f1c3f0e-2a4b-4a57-9d0e-1b5c9a7e0c11")
@@ -686,3 +689,31 @@ async def queue_capped_call(conn: Connection, tenant_id: UUID, incident_id: UUID
     await jobs.queries_for(conn).enqueue(
         IncidentJobs.ACTION, payload, priority=20, execute_after=timedelta(seconds=delay),
         dedupe_key=f"act:{key}:wait:{waits}", on_conflict="skip")
+
+
+async def end_unbegun(conn: Connection, incident_id: UUID, state: IncidentState, reason: str) -> None:
+    """End an incident whose chain never started (held by the re-arm rule) in ``state`` for ``reason``."""
+    await conn.execute(
+        """UPDATE iim.incident SET state = $2::iim.incident_state, reason = $3, updated_at = now(),
+                  closed_at = now(), deadline = NULL WHERE id = $1""", incident_id, state.value, reason[:1000])
+
+
+async def step_tried(conn: Connection, incident_id: UUID, step: int) -> bool:
+    """Did the group at ``step`` place any action (whatever its attempt)?"""
+    return bool(await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM iim.incident_action WHERE incident_id = $1 AND step = $2)", incident_id, step))
+
+
+async def reopen_incident(conn: Connection, incident_id: UUID, progress: Progress, reason: str, *,
+                          held: bool) -> None:
+    """Make an ended incident live at ``progress``: due now, or ``held`` (a deadline never due). Raises
+    :class:`policy_cache.errors.Conflict` when its device has another live incident of that hazard."""
+    try:
+        await conn.execute(
+            """UPDATE iim.incident SET state = $2::iim.incident_state, step = $3, attempt = $4, reason = $5,
+                      deadline = CASE WHEN $6 THEN 'infinity'::timestamptz ELSE now() END, closed_at = NULL,
+                      updated_at = now() WHERE id = $1""",
+            incident_id, progress.state.value, progress.step, progress.attempt, reason[:1000], held)
+    except asyncpg.UniqueViolationError as exc:
+        raise store_errors.Conflict("the device has another live incident of this hazard: close that one first",
+                                    entity="incident", constraint=exc.constraint_name) from exc

@@ -63,6 +63,7 @@ from iim.scenarios.engine import (
     Advance,
     IncidentState,
     PlaceCall,
+    Progress,
     RecordMessage,
     advance,
     begin,
@@ -70,12 +71,15 @@ from iim.scenarios.engine import (
     on_cleared,
     ready_to_advance,
     rearm,
+    reopen,
     select_scenario,
+    settle,
 )
-from iim.scenarios.model import Scenario
+from iim.scenarios.model import IvrOutcome, Scenario
 from iim.scenarios.templates import TEMPLATES
 from iim.tts.engine import TtsUnavailable
 from iot_bridge.intake import IncidentJobs
+from policy_cache import errors as store_errors
 from policy_cache import jobs
 from policy_cache.db import Connection, DbRole, Pool, connect, tenant_tx
 
@@ -444,6 +448,104 @@ class IncidentWorker(AsyncResource):
         await self._persist(conn, tenant_id, incident, decision, None, now, after, outcomes, audit_lines)
         return after
 
+    # ------------------------------------------------------------------ operators
+    async def settle(self, tenant_id: UUID, incident_id: UUID, decision: IvrOutcome, *, actor: str, note: str = "",
+                     correlation: Mapping[str, str] | None = None) -> IncidentState:
+        """An operator's decision on a live incident (acknowledge, false alarm), taken by the rules of a key
+        press (:func:`engine.settle`): the same transition, ``on_acknowledge`` messages and hang-up of the
+        group's calls still ringing as a DTMF "1" or "2", written in one statement with the operator's audit
+        line. Returns the state reached. Raises :class:`policy_cache.errors.NotFound` (no such incident in this
+        tenant) or :class:`policy_cache.errors.Conflict` (it has already ended)."""
+        after = _AfterCommit()
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            incident = await store.load_incident(conn, incident_id)
+            if incident is None:
+                raise store_errors.NotFound(f"incident {incident_id} not found", entity="incident")
+            if incident.state in TERMINAL:
+                raise store_errors.Conflict(f"the incident has already ended ({incident.state})", entity="incident")
+            now = self.settings.clock()
+            line = store.audit_line(actor, "incident.operator_decision", incident_id,
+                                    {"decision": decision.value, "note": note}, event_id=incident.first_event_id)
+            line["correlation"].update(correlation or {})
+            if incident.scenario is None:  # not begun (held by the re-arm rule): nothing is out, nothing to judge
+                state = IncidentState.ACKNOWLEDGED if decision is IvrOutcome.ACKNOWLEDGE else IncidentState.FALSE_ALARM
+                reason = f"{state} (operator {actor}) before its chain started"
+                await store.end_unbegun(conn, incident_id, state, reason)
+                await store.write_outcomes(conn, (), [line, store.audit_line(
+                    actor, f"incident.{state.value}", incident_id, {"reason": reason},
+                    event_id=incident.first_event_id)])
+                INCIDENTS.labels(state.value).inc()
+                return state
+            if incident.state is IncidentState.NOTIFYING and incident.group is not None:
+                after.ringing = [a for a in incident.group if a.dispatched_at is not None and a.outcome is None
+                                 and a.call_uuid is not None]
+            advanced = settle(str(incident_id), incident.scenario, incident.facts, incident.progress, decision, now,
+                              by=f"operator {actor}")
+            await self._persist(conn, tenant_id, incident, advanced, None, now, after, audit_lines=[line],
+                                actor=actor)
+        self._spawn(self._follow(after))  # off the operator's request: hang-ups and on_acknowledge calls
+        return advanced.progress.state
+
+    async def reopen(self, tenant_id: UUID, incident_id: UUID, *, actor: str, note: str, resume_calls: bool,
+                     correlation: Mapping[str, str] | None = None) -> IncidentState:
+        """Make an ended incident live again (:func:`engine.reopen`). Only with ``resume_calls`` is anything
+        placed: the chain goes on at once with the first group not yet tried; otherwise the incident stays open
+        and held (no deadline is due) until an operator acknowledges or closes it. Returns the state it had
+        ended in. Raises :class:`policy_cache.errors.NotFound` (no such incident in this tenant) or
+        :class:`policy_cache.errors.Conflict` (it is live, or its device has another live incident of that
+        hazard)."""
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            incident = await store.load_incident(conn, incident_id)
+            if incident is None:
+                raise store_errors.NotFound(f"incident {incident_id} not found", entity="incident")
+            if incident.state not in TERMINAL:
+                raise store_errors.Conflict(f"the incident is live ({incident.state}): nothing to reopen",
+                                            entity="incident")
+            if incident.scenario is None:
+                progress = Progress(IncidentState.OPEN, 0, 0)
+            else:
+                tried = await store.step_tried(conn, incident_id, incident.progress.step)
+                progress = reopen(incident.scenario, incident.progress, step_tried=tried)
+            how = "calls resume" if resume_calls else "held: nobody is called until an operator decides"
+            reason = f"reopened by operator {actor} at step {progress.step}; {how}"
+            await store.reopen_incident(conn, incident_id, progress, reason, held=not resume_calls)
+            line = store.audit_line(actor, "incident.reopened", incident_id,
+                                    {"note": note, "resume_calls": resume_calls, "from_state": incident.state.value,
+                                     "step": progress.step}, event_id=incident.first_event_id)
+            line["correlation"].update(correlation or {})
+            await store.write_outcomes(conn, (), [line])
+        INCIDENTS.labels("reopened").inc()
+        if resume_calls:
+            await self.tick(tenant_id, incident_id, reason="reopened")
+        return incident.state
+
+    async def place_test_call(self, call: AlertCall, meanings: Mapping[str, str], text: str | None) -> CallOutcome:
+        """An operator's test call (``iim test call``): the alert call's originate and IVR (placed here, its
+        answer comes back to this process's outbound socket), the generic prompt first and ``text`` rendered
+        while it rings, as for an alarm. Nothing is written: the caller guards, audits and counts it."""
+        if self.placer is None:
+            return CallOutcome(CallOutcomeKind.UNREACHABLE, None, None, detail="no FreeSWITCH node is configured")
+        if self.speech is not None:
+            call, _ = await self._generic_first(call, meanings)
+        self._placing.add(call.call_uuid)
+        try:
+            placing = asyncio.create_task(self.placer.place(call))
+            if self.speech is not None and text:
+                await self._test_prompt(call, text)
+            return await placing
+        finally:
+            self._placing.discard(call.call_uuid)
+
+    async def _test_prompt(self, call: AlertCall, text: str) -> None:
+        assert self.speech is not None
+        assert self.placer is not None
+        try:
+            rendered = await self.speech.render(text)
+        except (TtsUnavailable, ValueError) as exc:
+            log.warning("test call plays the generic prompt (%s)", exc, extra={"call_id": call.call_uuid})
+            return
+        self.placer.use_prompt(call.call_uuid, self.prompt_location(rendered))
+
     async def begin_in(self, conn: Connection, tenant_id: UUID, incident_id: UUID) -> Callable[[], None] | None:
         """Start a just-opened incident inside the intake's transaction: its first calls are claimed with the
         event itself and placed as soon as it commits (the returned callback; None when there is nothing to
@@ -484,8 +586,8 @@ class IncidentWorker(AsyncResource):
 
     async def _persist(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow, decision: Advance,
                        scenario: Scenario | None, now: datetime, after: _AfterCommit,
-                       outcomes: Sequence[store.OutcomeWrite] = (), audit_lines: Sequence[dict[str, Any]] = ()
-                       ) -> None:
+                       outcomes: Sequence[store.OutcomeWrite] = (), audit_lines: Sequence[dict[str, Any]] = (),
+                       *, actor: str = "scenario-engine") -> None:
         """Write a decision. With a switch to call through, its calls pass the toll-fraud guard and are claimed
         under the tenant's caps in this transaction (near the caps: right after it, exactly), and ``after``
         places them once it commits: no job hop. A worker that dies before placing one leaves no job behind:
@@ -497,12 +599,12 @@ class IncidentWorker(AsyncResource):
                 actions=len(decision.actions))) as traced:
             # Stored with each call's spec: the call joins this trace whoever places it (a take-over, a job).
             await self._persist_in(conn, tenant_id, incident, decision, scenario, now, after, outcomes, audit_lines,
-                                   traceparent_of(traced))
+                                   traceparent_of(traced), actor)
 
     async def _persist_in(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow, decision: Advance,
                           scenario: Scenario | None, now: datetime, after: _AfterCommit,
                           outcomes: Sequence[store.OutcomeWrite], audit_lines: Sequence[dict[str, Any]],
-                          traceparent: str | None) -> None:
+                          traceparent: str | None, actor: str) -> None:
         limits = limits_from(incident.originate_limits, self.settings.default_limits, incident.numbering_plan)
         claim: store.CallClaim | None = None
         no_consent = {a.key: r for a in decision.actions if (r := consent_refusal(a, incident.facts)) is not None}
@@ -530,7 +632,7 @@ class IncidentWorker(AsyncResource):
                     refused[key] = ("invalid_call", alert)
             claim = store.CallClaim(limits.max_concurrent, limits.max_per_hour, refused)
         persisted = await store.persist_advance(conn, tenant_id, incident, decision, scenario=scenario, now=now,
-                                                outcomes=outcomes, audit_lines=audit_lines, claim=claim,
+                                                actor=actor, outcomes=outcomes, audit_lines=audit_lines, claim=claim,
                                                 traceparent=traceparent, consent_refused=no_consent)
         _count_settled(persisted.settled)
         INCIDENTS.labels(decision.progress.state.value).inc()
