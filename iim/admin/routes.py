@@ -4,6 +4,7 @@ table specs)."""
 from __future__ import annotations
 
 from iim.admin import views
+from iim.admin.presence import presence_routes
 from iim.admin.problems import (
     ApiError,
     Conflict,
@@ -119,5 +120,6 @@ def build_routes() -> tuple[Route, ...]:
     routes = _tenant_routes()
     for res in RESOURCES:
         routes.extend(_resource_routes(res))
+    routes.extend(presence_routes(TENANT_ID))
     routes.append(openapi_route("/openapi.json", "getOpenApi"))
     return tuple(routes)
