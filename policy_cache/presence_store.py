@@ -18,6 +18,8 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import asyncpg
+
 from policy_cache import audit
 from policy_cache.db import Connection
 from policy_cache.errors import NotFound
@@ -54,21 +56,20 @@ class ClaimWrite:
     changed: bool
 
 
+# The held word first, locked (what the audit line calls "previous"), then the write.
+_HELD = """
+SELECT state::text FROM iim.presence_claim
+WHERE household_id = $1 AND source = $2::iim.presence_source AND subject = $3 AND expires_at > now()
+FOR UPDATE
+"""
 _PUT = """
-WITH old AS (
-    SELECT state, expires_at > now() AS live FROM iim.presence_claim
-    WHERE household_id = $1 AND source = $2::iim.presence_source AND subject = $3
-    FOR UPDATE
-), put AS (
-    INSERT INTO iim.presence_claim AS c (household_id, source, subject, state, observed_at, expires_at, actor)
-    VALUES ($1, $2::iim.presence_source, $3, $4::iim.presence_state, now(), now() + make_interval(secs => $5), $6)
-    ON CONFLICT (tenant_id, household_id, source, subject) DO UPDATE
-        SET state = EXCLUDED.state, observed_at = EXCLUDED.observed_at, expires_at = EXCLUDED.expires_at,
-            actor = EXCLUDED.actor
-        WHERE NOT $7 OR c.state <> EXCLUDED.state OR c.expires_at < now() + make_interval(secs => $5 / 2)
-    RETURNING household_id, source::text, subject, state::text, observed_at, expires_at, actor
-)
-SELECT put.*, (SELECT state::text FROM old WHERE live) AS previous FROM put
+INSERT INTO iim.presence_claim AS c (household_id, source, subject, state, observed_at, expires_at, actor)
+VALUES ($1, $2::iim.presence_source, $3, $4::iim.presence_state, now(), now() + make_interval(secs => $5), $6)
+ON CONFLICT (tenant_id, household_id, source, subject) DO UPDATE
+    SET state = EXCLUDED.state, observed_at = EXCLUDED.observed_at, expires_at = EXCLUDED.expires_at,
+        actor = EXCLUDED.actor
+    WHERE NOT $7 OR c.state <> EXCLUDED.state OR c.expires_at < now() + make_interval(secs => $5 / 2)
+RETURNING household_id, source::text, subject, state::text, observed_at, expires_at, actor
 """
 _RELEASE = """
 DELETE FROM iim.presence_claim
@@ -102,7 +103,7 @@ WHERE d.enabled AND d.connector = $1 AND d.connector_ref = $2
 """
 
 
-def _stored(r: Mapping[str, Any]) -> StoredClaim:
+def _stored(r: asyncpg.Record) -> StoredClaim:
     return StoredClaim(r["household_id"], r["source"], r["subject"], r["state"], r["observed_at"], r["expires_at"],
                        r["actor"])
 
@@ -133,15 +134,16 @@ async def put_claim(conn: Connection, household_id: UUID, *, source: PresenceSou
     if not 0 < ttl_s <= MAX_TTL_S:
         raise ValueError(f"ttl_s must be in (0, {MAX_TTL_S}]")
     await _require_household(conn, household_id)
+    previous = await conn.fetchval(_HELD, household_id, source, subject)
     row = await conn.fetchrow(_PUT, household_id, source, subject, state, float(ttl_s), actor, coalesce)
     if row is None:  # coalesced: the live claim already covers it
         return ClaimWrite(None, changed=False)
     stored = _stored(row)
-    changed = row["previous"] != state
+    changed = previous != state
     if changed:
         await _audit(conn, chain_tenant, chained=chain_tenant is not None, actor=actor,
                      action="household.presence_claim", household_id=household_id,
-                     detail={"source": source, "subject": subject, "state": state, "previous": row["previous"],
+                     detail={"source": source, "subject": subject, "state": state, "previous": previous,
                              "expires_at": stored.expires_at.isoformat()}, correlation=correlation)
     return ClaimWrite(stored, changed)
 

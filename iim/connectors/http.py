@@ -39,7 +39,7 @@ REGISTRY_KEY = web.AppKey("connector_registry", ConnectorRegistry)
 #: Where a connector's presence report goes: ``sink(connector name, report)`` -> True when it was applied, False
 #: when its target names no household; raises :class:`PresenceUnavailable` when it cannot be taken now.
 PresenceSink = Callable[[str, PresenceReport], Awaitable[bool]]
-PRESENCE_KEY = web.AppKey("connector_presence_sink", PresenceSink)
+PRESENCE_KEY: web.AppKey[PresenceSink] = web.AppKey("connector_presence_sink")
 _PROBLEM = "application/problem+json"
 _MAX_CALLBACK_BODY = 64 * 1024
 
