@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from fs_app.esl import Event
 
@@ -18,10 +19,25 @@ log = logging.getLogger("iim.esl.registrations")
 REGISTRATION_EVENTS = ("CUSTOM", "sofia::register", "sofia::unregister", "sofia::expire")
 
 DeviceStatusSink = Callable[[str, bool], object]
+#: ``(aor, online, expires_s)``
+PresenceSink = Callable[[str, bool, float | None], object]
 
 
-def registration_aor(event: Event) -> tuple[str, bool] | None:
-    """``(aor, online)`` for a registration event, None for anything else."""
+@dataclass(frozen=True, slots=True)
+class RegistrationChange:
+    """One registration event: the AoR, whether it is registered now, and for how long (seconds; None: not said)."""
+
+    aor: str
+    online: bool
+    expires_s: float | None
+
+
+def registration_change(event: Event) -> RegistrationChange | None:
+    """The registration change an event reports, None for anything else.
+
+    ``sofia::register`` carries a relative ``expires`` (seconds); ``expires: 0`` is an unregister. ``unregister``
+    and ``expire`` end the registration (``expire``'s ``expires`` is an epoch, not a lifetime: not read).
+    """
     if event.name != "CUSTOM":
         return None
     subclass = event.subclass
@@ -35,9 +51,19 @@ def registration_aor(event: Event) -> tuple[str, bool] | None:
     host = event.get("from-host") or event.get("host") or event.get("realm")
     if not user or not host:
         return None
-    if subclass == "sofia::register" and (event.get("expires") or "1") == "0":
-        online = False
-    return f"{user}@{host}", online
+    expires: float | None = None
+    if subclass == "sofia::register":
+        raw = event.get("expires") or ""
+        expires = float(raw) if raw.isdigit() else None
+        if expires == 0:
+            online, expires = False, None
+    return RegistrationChange(f"{user}@{host}", online, expires)
+
+
+def registration_aor(event: Event) -> tuple[str, bool] | None:
+    """``(aor, online)`` for a registration event, None for anything else."""
+    found = registration_change(event)
+    return None if found is None else (found.aor, found.online)
 
 
 def registration_listener(sink: DeviceStatusSink) -> Callable[[Event], None]:
@@ -49,5 +75,17 @@ def registration_listener(sink: DeviceStatusSink) -> Callable[[Event], None]:
             aor, online = found
             log.debug("device %s", "registered" if online else "gone", extra={"aor": aor})
             sink(aor, online)
+
+    return on_event
+
+
+def presence_listener(sink: PresenceSink) -> Callable[[Event], None]:
+    """An inbound-client listener that hands every registration change, with its lifetime, to ``sink`` (live
+    presence: a phone or speaker registered at home says someone is home until its registration runs out)."""
+
+    def on_event(event: Event) -> None:
+        found = registration_change(event)
+        if found is not None:
+            sink(found.aor, found.online, found.expires_s)
 
     return on_event

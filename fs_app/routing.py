@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Literal
 from zoneinfo import ZoneInfo
 
+from policy_cache.presence import resolve_presence
 from policy_cache.snapshot import Fallback, RoutingSnapshot
 
 LegKind = Literal["phone", "speaker"]
@@ -147,9 +148,13 @@ def decide(snapshot: RoutingSnapshot, call: CallFacts, now: datetime) -> Routing
             f"quiet hours {_hhmm(snapshot.quiet_start_min)}-{_hhmm(snapshot.quiet_end_min)} "
             f"{snapshot.time_zone} are on: home devices skipped"
         )
-    if home_allowed and snapshot.home_only_when_present and snapshot.presence != "home":
-        home_allowed = False
-        rules.append(f"presence is {snapshot.presence}, home devices ring only when someone is home")
+    if home_allowed and snapshot.home_only_when_present:
+        presence = resolve_presence(snapshot.presence, snapshot.presence_claims, now.timestamp())
+        if presence.state != "home":
+            home_allowed = False
+            rules.append(f"{presence.describe()}: home devices ring only when someone is home")
+        elif presence.source != "registry":
+            rules.append(f"{presence.describe()}: home devices may ring")
 
     home: list[Leg] = []
     announcements: list[Announcement] = []

@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 from fs_app.dialstring import DialSettings, bridge_dial_string
 from fs_app.routing import CallFacts, RoutingDecision, decide
 from iim.core.numbering import DEFAULT_PLAN, NumberingPlan, try_e164
+from policy_cache.presence import resolve_presence
 from policy_cache.snapshot import RoutingSnapshot
 from policy_cache.store import PgPolicyStore
 
@@ -36,6 +37,7 @@ def explain(snapshot: RoutingSnapshot, to: str, caller: str | None, at_text: str
     if caller and not caller.startswith("+"):
         caller = try_e164(caller, plan) or caller
     decision = decide(snapshot, CallFacts(snapshot.msisdn, caller), at)
+    presence = resolve_presence(snapshot.presence, snapshot.presence_claims, at.timestamp())
     report: dict[str, object] = {
         "to": to, "from": caller,
         "at": at.isoformat(), "local_time": at.astimezone(ZoneInfo(snapshot.time_zone)).isoformat(),
@@ -48,6 +50,15 @@ def explain(snapshot: RoutingSnapshot, to: str, caller: str | None, at_text: str
         "fallback": decision.fallback,
         "reject_cause": decision.reject_cause,
         "rules": list(decision.rules),
+        "presence": {
+            "state": presence.state, "source": presence.source, "subject": presence.subject,
+            "until": None if presence.until is None else datetime.fromtimestamp(presence.until, UTC).isoformat(),
+            "baseline": snapshot.presence, "explanation": presence.describe(),
+            "claims": [{"source": c.source, "subject": c.subject, "state": c.state,
+                        "observed_at": datetime.fromtimestamp(c.observed_at, UTC).isoformat(),
+                        "expires_at": datetime.fromtimestamp(c.expires_at, UTC).isoformat(),
+                        "live": c.expires_at > at.timestamp()} for c in snapshot.presence_claims],
+        },
     }
     if decision.action == "ring":
         report["dial_string"] = bridge_dial_string(decision, dial)
@@ -63,6 +74,9 @@ def render(report: dict[str, object], *, as_json: bool) -> str:
         f"Subscriber {report['subscriber_id']} (tenant {report['tenant_id']}), policy v{report['policy_version']}",
         f"Decision: {report['action']}",
     ]
+    presence = report.get("presence")
+    if isinstance(presence, dict):
+        lines.insert(2, f"Presence: {presence['explanation']}")
     groups = report.get("groups") or []
     assert isinstance(groups, list)
     for i, group in enumerate(groups, 1):

@@ -34,7 +34,7 @@ from fs_app.outbound import CallHandler, OutboundServer, OutboundSettings
 from fs_app.outreach.calls import AlertCallPlacer
 from fs_app.outreach.ivr import Adoption, IvrRegistry, with_alert_calls
 from fs_app.passthrough import make_passthrough_handler
-from fs_app.registrations import REGISTRATION_EVENTS, registration_listener
+from fs_app.registrations import REGISTRATION_EVENTS, presence_listener, registration_listener
 from fs_app.router import PolicyRouter
 from iim import health
 from iim.admin.api import create_registry_app, mount_registry
@@ -43,7 +43,8 @@ from iim.admin.routing import Access, Route
 from iim.admin.settings import AdminSettings
 from iim.admin.views import audit_heads_view
 from iim.call_audit import CallDecisionAudit
-from iim.connectors.http import CALLBACK_PREFIX, connector_callback_app, connector_list_view
+from iim.connectors.contract import PresenceReport, PresenceUnavailable
+from iim.connectors.http import CALLBACK_PREFIX, PresenceSink, connector_callback_app, connector_list_view
 from iim.connectors.registry import ConnectorRegistry, default_context
 from iim.core.errors import ConfigError
 from iim.core.health import LagWindow, Readiness, readiness
@@ -77,6 +78,7 @@ from policy_cache.audit_heads import AuditHeadPublisher, load_private_key
 from policy_cache.cache import PolicyCache
 from policy_cache.db import DbRole, Pool, connect_pool
 from policy_cache.health import DatabaseProbe
+from policy_cache.presence_feed import PresenceFeed, PresenceStoreDown, ReportOutcome
 from policy_cache.store import PgPolicyStore
 
 log = logging.getLogger("iim.service")
@@ -109,6 +111,8 @@ class PolicyParts:
     database: DatabaseProbe
     audit_heads: AuditHeadPublisher | None = None
     smsc: SmppTransport | None = None
+    #: live presence from registrations and connectors (the app's word comes through the admin API)
+    presence: PresenceFeed | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +221,8 @@ class Service:
         for client in self.inbound:
             if policy is not None:
                 client.add_listener(registration_listener(policy.cache.set_device_online))
+                if policy.presence is not None:
+                    client.add_listener(presence_listener(policy.presence.registration))
             await stack.enter_async_context(client)
         # Stopping drains calls here, before the parts calls use (router, audit, connectors, SMS) stop.
         stack.push_async_callback(self.outbound.aclose, s.drain_timeout)
@@ -339,6 +345,7 @@ class Service:
         directory_pool = await stack.enter_async_context(
             await connect_pool(urls.cache_url, role=DbRole.CACHE, min_size=1, max_size=2,
                                command_timeout=s.db_command_timeout_s, acquire_timeout=s.db_acquire_timeout_s))
+        presence = await stack.enter_async_context(PresenceFeed(pool, directory_pool))
         store = await stack.enter_async_context(PgPolicyStore(urls.cache_url))
         cache = PolicyCache(store)
         stack.push_async_callback(cache.aclose)
@@ -368,7 +375,7 @@ class Service:
                      "IIM_SWITCH_AUDIO_BASE_URL unset)")
         return PolicyParts(app_url=urls.app_url, pool=pool, directory_pool=directory_pool, cache=cache, router=router,
                            connectors=connectors, tts=tts, audio_urls=audio_urls, switch_audio=switch_audio,
-                           audit_heads=heads, database=database, smsc=smsc)
+                           audit_heads=heads, database=database, smsc=smsc, presence=presence)
 
     def _audit_heads(self, pool: Pool) -> AuditHeadPublisher:
         s = self.settings
@@ -444,7 +451,8 @@ class Service:
         app = create_bridge_app(policy.pool, config, cas=cas if s.bridge_client_cas else None,
                                 opener=worker.begin_in if worker is not None else None, keys_dsn=policy.app_url)
         app.add_routes(audio_routes(policy.audio_urls, policy.tts))  # speech the vendor clouds fetch
-        app.add_subapp(CALLBACK_PREFIX, connector_callback_app(policy.connectors))
+        app.add_subapp(CALLBACK_PREFIX, connector_callback_app(
+            policy.connectors, presence=_presence_sink(policy.presence) if policy.presence is not None else None))
         site = await stack.enter_async_context(HttpSite(app, s.bridge_host, s.bridge_port, ssl_context=context))
         if s.mqtt_enabled:
             self.mqtt = await stack.enter_async_context(MqttIngress(app[BRIDGE_KEY], _mqtt_config(s)))
@@ -458,6 +466,20 @@ async def _watch_speech(tts: EspeakTts, interval: float = 60.0) -> None:
     while True:
         await tts.check()
         await asyncio.sleep(interval)
+
+
+def _presence_sink(feed: PresenceFeed) -> PresenceSink:
+    """Connectors' home/away reports into the presence feed (``POST /v1/connectors/{name}/presence``)."""
+
+    async def sink(connector: str, report: PresenceReport) -> bool:
+        try:
+            outcome = await feed.connector_report(connector, report.target, report.state, report.ttl_s,
+                                                  report.subject)
+        except PresenceStoreDown as exc:
+            raise PresenceUnavailable(str(exc)) from exc
+        return outcome is ReportOutcome.APPLIED
+
+    return sink
 
 
 def _policy_health(cache: PolicyCache) -> HealthProbe:

@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from policy_cache.presence import PresenceClaim
+
 RingMode = Literal["phone_only", "home_only", "simultaneous", "phone_then_home", "home_then_phone"]
 Fallback = Literal["voicemail", "record_message", "missed_call_sms", "none"]
 Presence = Literal["home", "away", "unknown"]
@@ -66,6 +68,8 @@ class RoutingSnapshot:
     #: a call_recording consent: without it the record_message fallback does not record
     recording_consent: bool = False
     recording_consent_expires: float | None = None  # epoch seconds
+    #: live sources' claims (policy_cache.presence), resolved at call time: they expire between syncs
+    presence_claims: tuple[PresenceClaim, ...] = ()
 
     def with_device_status(self, endpoint: str, online: bool) -> RoutingSnapshot:
         """A copy with one device's online state changed (registrations move fast, rows don't)."""

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, time
 from uuid import UUID
 
@@ -28,6 +29,8 @@ from policy_cache.db import Connection, DbRole, connect
 from policy_cache.errors import ChangeLogTruncatedError
 from policy_cache.loader import RoutingDevice, RoutingRow, load_routing_rows
 from policy_cache.models import ConsentPurpose, DeviceCapability, DeviceStatus
+from policy_cache.presence import PresenceClaim
+from policy_cache.presence_store import live_claims
 from policy_cache.snapshot import RoutingSnapshot, SpeakerDevice, callers, compile_snapshot
 
 log = logging.getLogger("iim.policy_cache")
@@ -222,6 +225,11 @@ LEFT JOIN iim.consent c ON c.tenant_id = s.tenant_id AND c.subscriber_id = s.id
 LEFT JOIN iim.consent cr ON cr.tenant_id = s.tenant_id AND cr.subscriber_id = s.id
      AND cr.purpose = 'call_recording' AND cr.revoked_at IS NULL AND (cr.expires_at IS NULL OR cr.expires_at > now())
 """
+_FULL_CLAIMS = """
+SELECT tenant_id::text, household_id::text, source::text, subject, state::text,
+       date_part('epoch', observed_at), date_part('epoch', expires_at)
+FROM iim.presence_claim WHERE expires_at > now()
+"""
 _BATCH = 20_000
 
 
@@ -279,7 +287,8 @@ class PgPolicyStore(AsyncResource):
     @staticmethod
     async def _read(conn: Connection, out: asyncio.Queue[tuple[str, list[asyncpg.Record]] | None]) -> None:
         try:
-            for kind, sql in (("devices", _FULL_DEVICES), ("subscribers", _FULL_SUBSCRIBERS)):
+            for kind, sql in (("claims", _FULL_CLAIMS), ("devices", _FULL_DEVICES),
+                              ("subscribers", _FULL_SUBSCRIBERS)):
                 cursor = await conn.cursor(sql)
                 while batch := await cursor.fetch(_BATCH):
                     await out.put((kind, batch))
@@ -292,8 +301,14 @@ class PgPolicyStore(AsyncResource):
         by_household: dict[tuple[str, str], tuple[SpeakerDevice, ...]] | None = None
         snapshots: list[RoutingSnapshot] = []
         tenants: dict[str, str] = {}
+        claims: dict[tuple[str, str], tuple[PresenceClaim, ...]] = {}
         while (item := await batches.get()) is not None:
             kind, batch = item
+            if kind == "claims":
+                for r in batch:
+                    key = (r[0], r[1])
+                    claims[key] = (*claims.get(key, ()), PresenceClaim(r[2], r[3], r[4], float(r[5]), float(r[6])))
+                continue
             if kind == "devices":
                 for r in batch:
                     sip = r[5] and r[3] is not None
@@ -308,12 +323,13 @@ class PgPolicyStore(AsyncResource):
                 by_household = {k: tuple(sorted(v, key=_device_order)) for k, v in devices.items()}
                 devices.clear()
             snapshot = self._snapshot
-            snapshots.extend([snapshot(r, by_household, tenants) for r in batch])
+            snapshots.extend([snapshot(r, by_household, tenants, claims) for r in batch])
         return snapshots
 
     @staticmethod
     def _snapshot(r: asyncpg.Record, by_household: dict[tuple[str, str], tuple[SpeakerDevice, ...]],
-                  tenants: dict[str, str]) -> RoutingSnapshot:
+                  tenants: dict[str, str], claims: dict[tuple[str, str], tuple[PresenceClaim, ...]]
+                  ) -> RoutingSnapshot:
         tenant = tenants.setdefault(r[0], r[0])
         household = r[4]
         speakers: tuple[SpeakerDevice, ...] = ()
@@ -340,6 +356,7 @@ class PgPolicyStore(AsyncResource):
             r[20], r[18] if ring_mode is not None else "none", speakers,
             r[19] if ring_mode is not None else 0, household, None if expires is None else expires.timestamp(),
             bool(r[22]), None if recording_expires is None else recording_expires.timestamp(),
+            claims.get((tenant, household), ()) if claims and household is not None else (),
         )
 
     async def load_subscribers(self, subscriber_ids: Iterable[str]) -> list[RoutingSnapshot]:
@@ -348,7 +365,11 @@ class PgPolicyStore(AsyncResource):
             return []
         conn = await self._connection()
         with unavailable_as_store_error():
-            return await self._compile(aiter(load_routing_rows(conn, subscriber_ids=ids)))
+            snapshots = await self._compile(aiter(load_routing_rows(conn, subscriber_ids=ids)))
+            households = {UUID(s.household_id) for s in snapshots if s.household_id is not None}
+            claims = await live_claims(conn, households) if households else {}
+        return [replace(s, presence_claims=found) if (found := claims.get((s.tenant_id, s.household_id or ""))) else s
+                for s in snapshots]
 
     async def changes_since(self, seq: int) -> tuple[set[str], int]:
         conn = await self._connection()

@@ -10,6 +10,7 @@ Wire into the ``iim`` parser with ``register_subcommands(subparsers)``. Commands
     iim audit      list|verify [--heads FILE]        --tenant T
     iim incident   list|show|acknowledge|close|reopen --tenant T
     iim test       call|notify                       --tenant T   (exit 5: not confirmed / not delivered)
+    iim presence   show|set|clear --household H      --tenant T   (live presence; set: the app's geofence word)
     iim scenario   simulate|templates list|show|install  (besides create|list|show|update|delete; simulate
                                                      and templates list|show need no API)
     iim token      new|hash                          (offline: make a token and its table entry)
@@ -446,6 +447,40 @@ def _register_audit(sub: Any) -> None:
                         "the file, which must be one key throughout")
     p.set_defaults(func=_run(_verify_audit, ("intact", "first_broken_id", "head_id", "heads_checked",
                                              "heads_off_chain", "bad_signatures"), verdict=_chain_verdict))
+
+
+def _register_presence(sub: Any) -> None:
+    """``iim presence show|set|clear``: the household's live presence, and the operator app's word (geofence)."""
+    top = sub.add_parser("presence", help="a household's live presence; the operator app's word (geofence)")
+    actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
+    common = _common(tenant_scoped=True)
+
+    def path(args: argparse.Namespace) -> str:
+        return f"{_tenant_path(args)}/households/{args.household}/presence"
+
+    columns = ("source", "subject", "state", "expires_at", "live", "actor")
+    p = actions.add_parser("show", parents=[common], help="presence now, what decided it, every claim")
+    p.add_argument("--household", type=_id, required=True, help="the household")
+    p.set_defaults(func=_run(lambda a, c: _presence_page(c.request("GET", path(a))), columns))
+    p = actions.add_parser("set", parents=[common], help="the app's word about one subject, with expiry "
+                                                          "(geofence enter: home, leave: away)")
+    p.add_argument("--household", type=_id, required=True, help="the household")
+    p.add_argument("--subject", required=True, help="who the word is about (a person of the household)")
+    p.add_argument("--state", required=True, choices=("home", "away"))
+    p.add_argument("--ttl", type=int, default=3600, help="seconds the word counts (60..86400, default 3600)")
+    p.set_defaults(func=_run(lambda a, c: _presence_page(c.request(
+        "PUT", path(a), body={"subject": a.subject, "state": a.state, "ttl_s": a.ttl})), columns))
+    p = actions.add_parser("clear", parents=[common], help="withdraw the app's word about one subject")
+    p.add_argument("--household", type=_id, required=True, help="the household")
+    p.add_argument("--subject", required=True, help="who the word was about")
+    p.set_defaults(func=_run(lambda a, c: _presence_page(c.request("DELETE", path(a),
+                                                                   query={"subject": a.subject})), columns))
+
+
+def _presence_page(view: Any) -> Any:
+    """The claims as the table, the resolved presence as its title line (JSON output: the whole view)."""
+    sys.stderr.write(f"{view['explanation']}\n")
+    return {**view, "items": view["claims"], "next_after": None}
 
 
 #: Published heads sent per request (each is ~100 bytes of JSON; the API's body limit is 64 KiB).
@@ -961,6 +996,7 @@ def register_subcommands(subparsers: Any, *, include_db: bool = True) -> None:
     _register_audit(subparsers)
     _register_incident(subparsers)
     _register_test(subparsers)
+    _register_presence(subparsers)
     _register_token(subparsers)
     if include_db:
         _register_db(subparsers)

@@ -4,6 +4,7 @@ table specs)."""
 from __future__ import annotations
 
 from iim.admin import views
+from iim.admin.presence import presence_routes
 from iim.admin.problems import (
     ApiError,
     Conflict,
@@ -132,5 +133,6 @@ def build_routes() -> tuple[Route, ...]:
     for res in RESOURCES:
         routes.extend(_resource_routes(res))
     routes.extend(_privacy_routes())
+    routes.extend(presence_routes(TENANT_ID))
     routes.append(openapi_route("/openapi.json", "getOpenApi"))
     return tuple(routes)

@@ -229,6 +229,14 @@ class RegistryService:
                 return None, None
         return row.brand_id, row.region_id
 
+    @asynccontextmanager
+    async def in_tenant(self, tenant_id: UUID, *, write: bool) -> AsyncIterator[Connection]:
+        """A transaction of an existing tenant, under the service's deadline and error mapping, for operations
+        kept in their own modules (``iim.admin.presence``)."""
+        async with self._tx(tenant_id, write=write) as conn:
+            await self._require_tenant(conn, tenant_id)
+            yield conn
+
     # -- tenant-scoped resources --------------------------------------------------------------------
 
     async def create(

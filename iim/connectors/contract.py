@@ -22,7 +22,7 @@ __all__ = [
     "Capability", "Connector", "ConnectorLookup", "ConnectorError", "ConnectorHealth", "ConnectorManifest", "ConnectorUnavailable",
     "Notification", "TtsDelivery", "UserActionRequest", "UserActionResult",
     "CALLBACK_PATH", "ActionCallbackReceiver", "CallbackRejected", "Clock", "ConnectorContext", "ConnectorFactory",
-    "HasBreakerState",
+    "HasBreakerState", "PresenceReceiver", "PresenceReport", "PresenceUnavailable", "PRESENCE_PATH",
 ]
 
 
@@ -196,6 +196,38 @@ class ActionCallbackReceiver(Protocol):
 
     def accept_action_callback(self, request_id: str, headers: Mapping[str, str], body: bytes) -> None:
         """Authenticate and apply one answer; raises :class:`CallbackRejected` (never anything else)."""
+        ...
+
+
+#: The route of vendors' home/away reports (see :func:`iim.connectors.http.connector_callback_app`).
+PRESENCE_PATH = "/v1/connectors/{name}/presence"
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceReport:
+    """A vendor's word that its home is occupied or empty.
+
+    ``target`` is the ``connector_ref`` of one of the household's devices at that vendor (how IIM finds the
+    household); ``subject`` the vendor's person or home it speaks about (default: the target); the word counts
+    for ``ttl_s`` seconds unless the vendor speaks again.
+    """
+
+    target: str
+    state: Literal["home", "away"]
+    ttl_s: int
+    subject: str | None = None
+
+
+class PresenceUnavailable(Exception):
+    """IIM cannot take a presence report now (its database is away): the vendor should retry later."""
+
+
+@runtime_checkable
+class PresenceReceiver(Protocol):
+    """A connector whose vendor reports home/away (``POST /v1/connectors/{name}/presence``)."""
+
+    def accept_presence_callback(self, headers: Mapping[str, str], body: bytes) -> PresenceReport:
+        """Authenticate and parse one report; raises :class:`CallbackRejected` (never anything else)."""
         ...
 
 

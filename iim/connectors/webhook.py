@@ -42,7 +42,15 @@ from urllib.parse import quote
 from uuid import uuid4
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from yarl import URL
 
 from iim.connectors import metrics
@@ -56,6 +64,7 @@ from iim.connectors.contract import (
     ConnectorManifest,
     ConnectorUnavailable,
     Notification,
+    PresenceReport,
     TtsDelivery,
     UserActionRequest,
     UserActionResult,
@@ -187,6 +196,9 @@ class WebhookConfig(_Strict):
     #: What ``probe()`` asks (``GET {base_url}{probe_path}``, 2xx expected); ``None``: ``GET {base_url}``,
     #: any answer below 500 (bar 401/403) counts.
     probe_path: str | None = None
+    #: Take the vendor's home/away reports (``POST /v1/connectors/{name}/presence``, signed like callbacks);
+    #: off by default: a vendor speaks for presence only when the operator says so.
+    accept_presence: bool = False
 
     @field_validator("probe_path")
     @classmethod
@@ -205,6 +217,17 @@ class WebhookConfig(_Strict):
         if not self.paths.offered():
             raise ValueError("paths must name at least one capability")
         return self
+
+
+class _PresenceBody(_Strict):
+    """A vendor's presence report: ``{"target": connector_ref, "state": "home"|"away", "ttl_s": 60..86400}``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    target: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+    state: Literal["home", "away"]
+    ttl_s: int = Field(ge=60, le=86_400)
+    subject: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
 
 
 MANIFEST = ConnectorManifest(
@@ -413,6 +436,26 @@ class WebhookConnector:
         if result is None:
             raise CallbackRejected(422, "bad-body", "the body must carry a choice")
         pending.future.set_result(result)
+
+    def accept_presence_callback(self, headers: Mapping[str, str], body: bytes) -> PresenceReport:
+        """A vendor's home/away report, signed with the connector's Standard Webhooks secret."""
+        if not self.config.accept_presence:
+            raise CallbackRejected(404, "presence-disabled", "this connector takes no presence reports")
+        if not self._signing:
+            raise CallbackRejected(401, "callbacks-disabled", "no signing secret configured for this connector")
+        try:
+            verify_webhook(headers, body, [secret.reveal() for secret in self._signing], now=self._clock.time(),
+                           tolerance_s=self.config.callback_tolerance_s)
+        except SignatureError as exc:
+            raise CallbackRejected(401, "bad-signature", exc.reason) from None
+        try:
+            doc = _PresenceBody.model_validate(strict_json.loads(body, max_depth=3))
+        except strict_json.BadJson as exc:
+            raise CallbackRejected(422, "bad-body", exc.reason) from None
+        except ValidationError as exc:
+            fields = ", ".join(".".join(str(p) for p in e["loc"]) or "body" for e in exc.errors())
+            raise CallbackRejected(422, "bad-body", f"invalid presence report: {fields}") from None
+        return PresenceReport(doc.target, doc.state, doc.ttl_s, doc.subject)
 
     # --- health --------------------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
--- iim.tg_record_change: its current definition, last set by migration 0024_numbering_plans.sql.
+-- iim.tg_record_change: its current definition, last set by migration 0026_live_presence.sql.
 --
--- One trigger function for the six routing tables and the numbering plans (0024: a plan change changes no
--- snapshot; it is recorded with no subscribers and the cache re-reads the plans). SECURITY DEFINER so the
+-- One trigger function for the six routing tables, the numbering plans (0024: a plan change changes no
+-- snapshot; it is recorded with no subscribers and the cache re-reads the plans) and the live presence claims
+-- (0026: every member of the claim's household). SECURITY DEFINER so the
 -- app cannot forge change_log rows (it has no grant on the table). It runs as iim_owner, which RLS filters too (FORCE), so for its own
 -- reads/writes it scopes app.tenant to the changed row's tenant - a row the caller was just allowed to write
 -- (for the app role that is already the transaction's tenant) - and restores the caller's value after.
@@ -64,6 +65,10 @@ BEGIN
         END IF;
     ELSIF TG_TABLE_NAME = 'numbering_plan' THEN
         v_subs := '{}';
+    ELSIF TG_TABLE_NAME = 'presence_claim' THEN
+        -- Every member of the household: presence is the household's.
+        v_subs := iim.household_subscribers(v_tenant, CASE TG_OP WHEN 'DELETE' THEN OLD.household_id
+                                                                 ELSE NEW.household_id END);
     ELSE
         RAISE EXCEPTION 'tg_record_change: unexpected table %', TG_TABLE_NAME;
     END IF;

@@ -284,9 +284,10 @@ async def test_tenant_id_leads_every_unique_key_and_foreign_key(admin_conn: Conn
     assert fks > 10
 
 
-async def test_change_log_triggers_cover_the_routing_tables_and_the_numbering_plans(admin_conn: Connection) -> None:
+async def test_change_log_triggers_cover_the_routing_tables_the_numbering_plans_and_presence(
+        admin_conn: Connection) -> None:
     tables = await admin_conn.fetch(
         """SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
            WHERE t.tgname = 'zz_change_log' AND NOT t.tgisinternal ORDER BY 1""")
     assert [r[0] for r in tables] == ["binding", "consent", "device", "household", "numbering_plan", "policy",
-                                      "subscriber"]
+                                      "presence_claim", "subscriber"]

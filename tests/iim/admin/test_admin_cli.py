@@ -362,3 +362,39 @@ async def test_operators_set_and_show_the_numbering_plan_from_the_cli_and_type_n
     assert json.loads(refused.err)["errors"][0]["type"] == "not_a_number"
     audit = (await iim("audit", "list", *t, "--entity", "numbering_plan")).json()
     assert [(r["action"], r["actor"]) for r in audit["items"]] == [("numbering_plan.create", "root@noc")]
+
+
+async def test_presence_the_operator_app_sets_and_clears_a_geofence_word_audited_with_the_actor(
+        iim: Any, live: Live) -> None:
+    tenant = str(live.tenant_a)
+    made = await iim("household", "create", "--tenant", tenant, "--name", "Geofenced", "--time-zone", "Europe/Moscow",
+                     "--presence", "away", "-o", "json")
+    assert made.code == 0, made.err
+    household = made.json()["id"]
+    set_home = await iim("presence", "set", "--tenant", tenant, "--household", household, "--subject", "anna",
+                         "--state", "home", "--ttl", "600", "-o", "json", token_ref="env:IIM_OP_TOKEN")
+    assert set_home.code == 0, set_home.err
+    view = set_home.json()
+    assert (view["presence"], view["source"], view["subject"], view["baseline"]) == ("home", "app", "anna", "away")
+    assert [(c["source"], c["state"], c["actor"], c["live"]) for c in view["claims"]] == [
+        ("app", "home", "alice@tenant-a", True)]
+    shown = await iim("presence", "show", "--tenant", tenant, "--household", household)
+    assert shown.code == 0
+    assert shown.err.startswith("presence home (operator app anna")
+    assert shown.out.startswith("SOURCE ")
+    too_long = await iim("presence", "set", "--tenant", tenant, "--household", household, "--subject", "anna",
+                         "--state", "away", "--ttl", "999999")
+    assert (too_long.code, too_long.err.split(":")[1].strip()) == (cli.EXIT_API_ERROR, "422 validation-failed")
+    other_tenant = await iim("presence", "set", "--tenant", str(live.tenant_b), "--household", household,
+                             "--subject", "anna", "--state", "away", token_ref="env:IIM_OP_TOKEN")
+    assert other_tenant.code == cli.EXIT_API_ERROR
+    assert "403" in other_tenant.err
+    nowhere = await iim("presence", "show", "--tenant", tenant, "--household", str(uuid4()))
+    assert (nowhere.code, "404" in nowhere.err) == (cli.EXIT_API_ERROR, True)
+    cleared = await iim("presence", "clear", "--tenant", tenant, "--household", household, "--subject", "anna",
+                        "-o", "json")
+    assert cleared.code == 0, cleared.err
+    assert (cleared.json()["presence"], cleared.json()["source"], cleared.json()["claims"]) == ("away", "registry", [])
+    audit = await iim("audit", "list", "--tenant", tenant, "--entity-id", household, "-o", "json")
+    lines = [(a["action"], a["actor"]) for a in audit.json()["items"]]
+    assert lines[:2] == [("household.presence_release", "root@noc"), ("household.presence_claim", "alice@tenant-a")]

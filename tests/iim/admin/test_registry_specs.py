@@ -24,7 +24,7 @@ from policy_cache.registry import TABLES, TENANT, TableSpec
 
 Spec = TableSpec[Any, Any, Any]
 #: Commands that are not registry entities.
-NOT_ENTITIES = {"audit", "token", "db", "incident", "test"}  # incident and test: the operator desk, not registry rows
+NOT_ENTITIES = {"audit", "token", "db", "incident", "test", "presence"}  # incident and test: the operator desk, not registry rows
 #: Options every command of an entity has besides its fields (connection, paging, body input).
 COMMON_DESTS = {"help", "api", "token_ref", "timeout", "output", "tenant", "data", "unset", "all", "id",
                 "expected_version"}
@@ -88,7 +88,10 @@ def test_the_api_and_the_cli_serve_exactly_the_specified_entities(openapi: dict[
     assert [r.name for r in RESOURCES] == [t.name for t in TABLES if t is not TENANT]
     assert set(_commands()) - NOT_ENTITIES == {t.command for t in TABLES}
     assert {t["name"] for t in openapi["tags"]} - {"audit", "meta"} == {t.plural for t in TABLES}
-    entity_paths = {p for p in openapi["paths"] if p.startswith("/v1/tenants") and "/audit" not in p}
+    entity_paths = {p for p in openapi["paths"]
+                    if p.startswith("/v1/tenants") and "/audit" not in p and not p.endswith("/presence")}
+    presence = openapi["paths"]["/v1/tenants/{tenant_id}/households/{id}/presence"]
+    assert set(presence) == {"get", "put", "delete"}
     assert entity_paths == {p for t in TABLES for p in _paths(t)} | {
         f"/v1/tenants/{{tenant_id}}/{t.plural}/{{id}}/revoke" for t in TABLES if t.revoked_at is not None} | {
         "/v1/tenants/{tenant_id}/subscribers/{id}/erase"}  # right to erasure (iim.privacy.erasure)

@@ -1,0 +1,195 @@
+"""Live presence claims in PostgreSQL (``iim.presence_claim``, migration 0025): writes, reads, and the lookups that
+tell a live source which household it speaks for.
+
+Writes run in the caller's tenant transaction and audit themselves in it (``household.presence_claim``,
+``household.presence_release``) with the actor: chained at once for the operator's API, staged for the
+high-rate sources (registrations, connectors). A claim that only extends a live one of the same state is an
+UPDATE without an audit line (a refresh is not a change); ``coalesce`` skips even the UPDATE while the live claim
+still covers half the new lifetime (registrations refresh every few minutes, and every write re-reads the
+household's snapshots). The lookups run on the cache role, which sees every tenant: one source (a switch, a
+vendor cloud) serves many tenants, and its word lands only where exactly one tenant owns the identity it names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from policy_cache import audit
+from policy_cache.db import Connection
+from policy_cache.errors import NotFound
+from policy_cache.models import PresenceState
+from policy_cache.presence import ClaimState, PresenceClaim, PresenceSource
+
+__all__ = ["ClaimWrite", "StoredClaim", "households_by_aor", "households_by_connector", "list_claims",
+           "live_claims", "put_claim", "release_claim"]
+
+#: A claim may not be promised for longer than a day: a source must keep speaking to keep counting.
+MAX_TTL_S = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class StoredClaim:
+    household_id: UUID
+    source: PresenceSource
+    subject: str
+    state: ClaimState
+    observed_at: datetime
+    expires_at: datetime
+    actor: str
+
+    def claim(self) -> PresenceClaim:
+        return PresenceClaim(self.source, self.subject, self.state, self.observed_at.timestamp(),
+                             self.expires_at.timestamp())
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimWrite:
+    """What a write did: ``changed`` when the household's word from this subject changed (audited)."""
+
+    stored: StoredClaim | None
+    changed: bool
+
+
+# The held word first, locked (what the audit line calls "previous"), then the write.
+_HELD = """
+SELECT state::text FROM iim.presence_claim
+WHERE household_id = $1 AND source = $2::iim.presence_source AND subject = $3 AND expires_at > now()
+FOR UPDATE
+"""
+_PUT = """
+INSERT INTO iim.presence_claim AS c (household_id, source, subject, state, observed_at, expires_at, actor)
+VALUES ($1, $2::iim.presence_source, $3, $4::iim.presence_state, now(), now() + make_interval(secs => $5), $6)
+ON CONFLICT (tenant_id, household_id, source, subject) DO UPDATE
+    SET state = EXCLUDED.state, observed_at = EXCLUDED.observed_at, expires_at = EXCLUDED.expires_at,
+        actor = EXCLUDED.actor
+    WHERE NOT $7 OR c.state <> EXCLUDED.state OR c.expires_at < now() + make_interval(secs => $5 / 2)
+RETURNING household_id, source::text, subject, state::text, observed_at, expires_at, actor
+"""
+_RELEASE = """
+DELETE FROM iim.presence_claim
+WHERE household_id = $1 AND source = $2::iim.presence_source AND subject = $3
+RETURNING household_id, source::text, subject, state::text, observed_at, expires_at, actor, expires_at > now() AS live
+"""
+_LIST = """
+SELECT household_id, source::text, subject, state::text, observed_at, expires_at, actor
+FROM iim.presence_claim WHERE household_id = $1 ORDER BY source, subject
+"""
+_LIVE = """
+SELECT tenant_id::text, household_id::text, source::text, subject, state::text,
+       date_part('epoch', observed_at), date_part('epoch', expires_at)
+FROM iim.presence_claim
+WHERE expires_at > now() AND ($1::uuid[] IS NULL OR household_id = ANY($1::uuid[]))
+"""
+# Whose phone or speaker is this AoR: enabled devices with that sip_uri, and owners/members whose own SIP AoR it is.
+_BY_AOR = """
+SELECT DISTINCT tenant_id, household_id FROM (
+    SELECT d.tenant_id, d.household_id FROM iim.device d
+    WHERE d.enabled AND d.sip_uri = ANY($1::text[])
+    UNION ALL
+    SELECT b.tenant_id, b.household_id FROM iim.subscriber s
+    JOIN iim.binding b ON b.tenant_id = s.tenant_id AND b.subscriber_id = s.id AND b.role IN ('owner', 'member')
+    WHERE s.sip_aor = ANY($1::text[])
+) found
+"""
+_BY_CONNECTOR = """
+SELECT DISTINCT d.tenant_id, d.household_id FROM iim.device d
+WHERE d.enabled AND d.connector = $1 AND d.connector_ref = $2
+"""
+
+
+def _stored(r: asyncpg.Record) -> StoredClaim:
+    return StoredClaim(r["household_id"], r["source"], r["subject"], r["state"], r["observed_at"], r["expires_at"],
+                       r["actor"])
+
+
+async def _require_household(conn: Connection, household_id: UUID) -> None:
+    if await conn.fetchval("SELECT 1 FROM iim.household WHERE id = $1", household_id) is None:
+        raise NotFound(f"household {household_id} not found", entity="household")
+
+
+async def _audit(conn: Connection, tenant_id: UUID | None, *, chained: bool, actor: str, action: str,
+                 household_id: UUID, detail: dict[str, Any], correlation: Mapping[str, Any] | None) -> None:
+    if chained and tenant_id is not None:
+        await audit.append(conn, tenant_id, actor=actor, action=action, entity="household", entity_id=household_id,
+                           detail=detail, correlation=correlation)
+    else:
+        await audit.stage(conn, actor=actor, action=action, entity="household", entity_id=household_id,
+                          detail=detail, correlation=correlation)
+
+
+async def put_claim(conn: Connection, household_id: UUID, *, source: PresenceSource, subject: str,
+                    state: ClaimState, ttl_s: float, actor: str, correlation: Mapping[str, Any] | None = None,
+                    chain_tenant: UUID | None = None, coalesce: bool = False) -> ClaimWrite:
+    """Set this source's word about ``subject`` for ``ttl_s`` seconds (in the caller's tenant transaction).
+
+    ``chain_tenant``: audit on the chain at once (the operator's API, last statement of its transaction);
+    otherwise the line is staged. Raises NotFound for a household the tenant does not have.
+    """
+    if not 0 < ttl_s <= MAX_TTL_S:
+        raise ValueError(f"ttl_s must be in (0, {MAX_TTL_S}]")
+    await _require_household(conn, household_id)
+    previous = await conn.fetchval(_HELD, household_id, source, subject)
+    row = await conn.fetchrow(_PUT, household_id, source, subject, state, float(ttl_s), actor, coalesce)
+    if row is None:  # coalesced: the live claim already covers it
+        return ClaimWrite(None, changed=False)
+    stored = _stored(row)
+    changed = previous != state
+    if changed:
+        await _audit(conn, chain_tenant, chained=chain_tenant is not None, actor=actor,
+                     action="household.presence_claim", household_id=household_id,
+                     detail={"source": source, "subject": subject, "state": state, "previous": previous,
+                             "expires_at": stored.expires_at.isoformat()}, correlation=correlation)
+    return ClaimWrite(stored, changed)
+
+
+async def release_claim(conn: Connection, household_id: UUID, *, source: PresenceSource, subject: str, actor: str,
+                        correlation: Mapping[str, Any] | None = None,
+                        chain_tenant: UUID | None = None) -> ClaimWrite:
+    """Withdraw this source's word about ``subject`` (a device unregistered); audited when it was still live."""
+    row = await conn.fetchrow(_RELEASE, household_id, source, subject)
+    if row is None:
+        return ClaimWrite(None, changed=False)
+    stored = _stored(row)
+    if row["live"]:
+        await _audit(conn, chain_tenant, chained=chain_tenant is not None, actor=actor,
+                     action="household.presence_release", household_id=household_id,
+                     detail={"source": source, "subject": subject, "state": stored.state}, correlation=correlation)
+    return ClaimWrite(stored, changed=bool(row["live"]))
+
+
+async def list_claims(conn: Connection, household_id: UUID) -> tuple[PresenceState, list[StoredClaim]]:
+    """The household's registry presence (the baseline) and every claim it has, expired ones included."""
+    baseline = await conn.fetchval("SELECT presence::text FROM iim.household WHERE id = $1", household_id)
+    if baseline is None:
+        raise NotFound(f"household {household_id} not found", entity="household")
+    rows = await conn.fetch(_LIST, household_id)
+    return PresenceState(baseline), [_stored(r) for r in rows]
+
+
+async def live_claims(conn: Connection, household_ids: Iterable[UUID] | None = None
+                      ) -> dict[tuple[str, str], tuple[PresenceClaim, ...]]:
+    """Unexpired claims by ``(tenant id, household id)`` as text (the snapshots' keys); all households, or these."""
+    ids = None if household_ids is None else list(household_ids)
+    found: dict[tuple[str, str], list[PresenceClaim]] = {}
+    for r in await conn.fetch(_LIVE, ids):
+        found.setdefault((r[0], r[1]), []).append(PresenceClaim(r[2], r[3], r[4], float(r[5]), float(r[6])))
+    return {key: tuple(claims) for key, claims in found.items()}
+
+
+async def households_by_aor(conn: Connection, aor: str) -> list[tuple[UUID, UUID]]:
+    """``(tenant, household)`` pairs with a device or an owner/member whose SIP AoR is ``aor`` (``user@host``)."""
+    bare = aor.removeprefix("sip:").removeprefix("sips:")
+    rows = await conn.fetch(_BY_AOR, [f"sip:{bare}", f"sips:{bare}"])
+    return [(r[0], r[1]) for r in rows]
+
+
+async def households_by_connector(conn: Connection, connector: str, target: str) -> list[tuple[UUID, UUID]]:
+    """``(tenant, household)`` pairs with an enabled device that ``connector`` knows as ``target``."""
+    rows = await conn.fetch(_BY_CONNECTOR, connector, target)
+    return [(r[0], r[1]) for r in rows]
