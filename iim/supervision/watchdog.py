@@ -119,29 +119,40 @@ class DeviceWatchdog(AsyncResource):
         return opened
 
     async def _mark(self, tenant_id: UUID, device_id: UUID, cutoff: datetime, now: datetime) -> UUID | None:
+        try:
+            return await self._mark_in_tx(tenant_id, device_id, cutoff, now, self.opener)
+        except STORE_UNAVAILABLE:
+            raise
+        except _StartFailed as failed:
+            # Nothing of it stays half-written: marked again without it, and a tick job decides.
+            log.error("starting the offline incident inline failed; queued for the worker",
+                      exc_info=failed.__cause__, extra={"device_id": str(device_id)})
+            return await self._mark_in_tx(tenant_id, device_id, cutoff, now, None)
+
+    async def _mark_in_tx(self, tenant_id: UUID, device_id: UUID, cutoff: datetime, now: datetime,
+                          opener: IncidentOpener | None) -> UUID | None:
         after: Callable[[], None] | None = None
         async with tenant_tx(self.pool, tenant_id) as conn:
             marked = await store.mark_silent(conn, device_id, cutoff=cutoff, now=now, actor=ACTOR)
             if marked is None:
                 return None  # heard meanwhile, or another instance marked it
             incident_id, opened = marked
-            MARKED_OFFLINE.inc()
-            log.info("device silent past its heartbeat interval: marked offline",
-                     extra={"device_id": str(device_id), "incident_id": str(incident_id)})
-            if not opened:
-                return None
-            if self.opener is not None:
+            if opened and opener is not None:
                 try:
-                    async with conn.transaction():  # a savepoint: a failed start leaves the marking standing
-                        after = await self.opener(conn, tenant_id, incident_id)
+                    after = await opener(conn, tenant_id, incident_id)
                 except STORE_UNAVAILABLE:
                     raise
-                except Exception:
-                    log.exception("starting the offline incident inline failed; queued for the worker",
-                                  extra={"incident_id": str(incident_id)})
-                    await enqueue_tick(conn, tenant_id, incident_id, reason="opened", dedupe=f"open:{incident_id}")
-            else:
+                except Exception as exc:  # any failure: the marking is taken again without the start
+                    raise _StartFailed from exc
+            elif opened:
                 await enqueue_tick(conn, tenant_id, incident_id, reason="opened", dedupe=f"open:{incident_id}")
+        MARKED_OFFLINE.inc()
+        log.info("device silent past its heartbeat interval: marked offline",
+                 extra={"device_id": str(device_id), "incident_id": str(incident_id)})
         if after is not None:
             after()
-        return incident_id
+        return incident_id if opened else None
+
+
+class _StartFailed(Exception):
+    """The worker's inline start of the incident failed (the transaction is rolled back)."""
