@@ -181,7 +181,8 @@ async def test_the_offline_incident_resolves_itself_when_the_device_is_heard_aga
     # Heard again counts from now: silent again later is a new incident.
     assert await sup.silent_for(INTERVAL_S) == []
     again = await sup.silent_for(INTERVAL_S + GRACE_S + 5)
-    assert len(again) == 1 and again[0] != incident
+    assert len(again) == 1
+    assert again[0] != incident
 
 
 async def test_a_device_without_an_interval_or_disabled_is_never_found_silent(sup: Supervised) -> None:
@@ -222,7 +223,8 @@ async def test_low_battery_opens_one_incident_repeats_open_nothing_and_battery_o
     await sup.state_becomes(incident, "resolved")
     assert len(await sup.incidents("battery_low")) == 1
     again = await sup.post("battery_low")  # a new low battery after it was fine: a new incident
-    assert again["action"] == "opened" and again["incident_id"] != str(incident)
+    assert again["action"] == "opened"
+    assert again["incident_id"] != str(incident)
 
 
 async def test_a_failed_self_test_is_its_own_incident_beside_a_low_battery_and_clears_on_a_passed_one(
