@@ -64,6 +64,7 @@ from iim.scenarios.worker import IncidentWorker, WorkerSettings
 from iim.settings import Settings
 from iim.sms.outbox import OutboxRow, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
+from iim.supervision.watchdog import DeviceWatchdog, WatchdogSettings
 from iim.telemetry import Tracing
 from iim.tts.engine import EspeakTts
 from iim.tts.switch_audio import SwitchAudio, switch_audio_routes
@@ -230,6 +231,11 @@ class Service:
         tasks.supervise(monitor.run, name="health-monitor")
         root = self._http_app(policy, monitor)
         worker = await self._start_worker(stack, policy) if policy is not None and s.scenario_worker else None
+        if worker is not None and policy is not None and s.supervision_enabled:
+            # Silent devices become incidents through this worker (its clock, its inline start).
+            await stack.enter_async_context(DeviceWatchdog(policy.pool, WatchdogSettings(
+                grace_s=s.supervision_grace_s, scan_interval_s=s.supervision_scan_interval_s,
+                clock=worker.settings.clock), opener=worker.begin_in))
         if s.mqtt_enabled and (policy is None or not s.bridge_enabled):
             raise ConfigError("IIM_MQTT_ENABLED needs policy routing and the device bridge (IIM_BRIDGE_ENABLED)")
         bridge_port = await self._start_bridge(stack, policy, worker) if policy is not None and s.bridge_enabled \

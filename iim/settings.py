@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     alert_caller_id: str = "+70000000000"
     alert_gateway_endpoint: str = "sofia/gateway/ims/{destination}"
     job_heartbeat_timeout_s: float = Field(default=30.0, gt=0)
+    # Device supervision (with the scenario worker): a device with a heartbeat interval heard nothing from for
+    # that long plus the grace is marked offline and opens its device_health incident; scanned this often.
+    supervision_enabled: bool = True
+    supervision_grace_s: float = Field(default=120.0, ge=0, le=86_400)
+    supervision_scan_interval_s: float = Field(default=15.0, gt=0, le=3600)
     # Who speaks alert-call prompts: "iim" renders them with espeak-ng while the phone rings and the switch
     # fetches the WAV from IIM's HTTP site (IIM_SWITCH_AUDIO_BASE_URL; unset: the switch reads it from IIM's
     # cache directory, same host only); until then, or if it fails, the callee hears the generic prompt and
