@@ -96,7 +96,7 @@ async def rig(pg_db: PgDatabase, app_pool: Pool) -> AsyncIterator[Rig]:
 
     passthrough = make_passthrough_handler("sofia/gateway/ims/{destination}")
     router = PolicyRouter(cache, passthrough, dial=dial, clock=lambda: NOON, announce=recording_step)
-    server = OutboundServer(router, OutboundSettings(port=0, exit_wait=1.0, hangup_complete_wait=1.0),
+    server = OutboundServer(router, OutboundSettings(port=0, exit_wait=1.0),
                             fallback=passthrough)
     await server.start()
     emu = FreeSwitchEmulator(default_target=TargetBehaviour.answer(after_ms=0, hangup_after_ms=0), time_scale=0.01)

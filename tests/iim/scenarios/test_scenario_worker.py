@@ -125,7 +125,7 @@ async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
     inbound = await emu.start_inbound()
     registry = IvrRegistry()
     server = OutboundServer(with_alert_calls(registry, _route),
-                            OutboundSettings(port=0, exit_wait=0.5, hangup_complete_wait=0.5))
+                            OutboundSettings(port=0, exit_wait=0.5))
     await server.start()
     proxy = None
     if esl_proxy:
