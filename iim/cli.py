@@ -105,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--database-url", help="PostgreSQL URL (default IIM_DATABASE_URL, else embedded)")
     explain.set_defaults(func=cmd_explain_call)
     from iim.admin.cli import register_subcommands
+    from iim.keys_cli import register_subcommands as register_key_commands
 
     register_subcommands(sub)
+    register_key_commands(sub)
     return parser
 
 
