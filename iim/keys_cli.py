@@ -73,8 +73,7 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
                                        acquire_timeout=settings.db_acquire_timeout_s) as pool,
                 await connect_pool(db.cache_url, role=DbRole.CACHE, min_size=1, max_size=1,
                                    command_timeout=settings.db_command_timeout_s) as cache_pool):
-        async with cache_pool.acquire() as conn:
-            every = await key_store.tenant_ids(conn)
+        every = await key_store.tenant_ids(cache_pool)
         tenants = every if (args.keys_command == "status" and not args.tenant) or getattr(
             args, "all_tenants", False) else list(args.tenant)
         unknown = [str(t) for t in tenants if t not in every]

@@ -51,9 +51,9 @@ async def rewrap(conn: Connection, key_id: int, old_master_key_id: str, wrapped:
     return done is not None
 
 
-async def tenant_ids(conn: Connection) -> list[UUID]:
-    """Every tenant (a connection that may see them all: the cache role or the owner)."""
-    return [r["id"] for r in await conn.fetch("SELECT id FROM iim.tenant ORDER BY id")]
+async def tenant_ids(pool: Pool) -> list[UUID]:
+    """Every tenant (a pool that may see them all: the cache role's)."""
+    return [r["id"] for r in await pool.fetch("SELECT id FROM iim.tenant ORDER BY id")]
 
 
 async def credential_ref_schemes(pool: Pool) -> dict[str, int]:
