@@ -100,7 +100,7 @@ class SecretResolvers:
         """The resolver for ``ref``'s scheme; :class:`UnresolvableReference` (saying what is installed) if none."""
         scheme, sep, where = ref.partition(":")
         if not sep or not scheme or not where:
-            raise UnresolvableReference("a secret reference is SCHEME:WHERE (env:NAME, file:/path, ...)")
+            raise UnresolvableReference("a secret reference names its scheme: SCHEME:WHERE (env:NAME, file:/path, ...)")
         resolver = self._by_scheme.get(scheme)
         if resolver is None:
             why = self._errors.get(scheme) or (
