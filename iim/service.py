@@ -337,7 +337,15 @@ class Service:
                               + ", ".join(f"{name}: ({schemes[name]} rows)" for name in missing)
                               + f" but no resolver for {', '.join(missing)} is installed "
                               f"(installed: {', '.join(sorted(default_resolvers().schemes))})")
-        return Keyring(pool, master, previous=previous, cache_size=s.data_key_cache_size)
+        keyring = Keyring(pool, master, previous=previous, cache_size=s.data_key_cache_size)
+        unknown = {m: n for m, n in (await key_store.data_key_masters(pool)).items() if m not in keyring.master_ids}
+        if unknown:
+            raise ConfigError(
+                "data keys in the database are wrapped by master key(s) "
+                + ", ".join(f"{m} ({n} keys)" for m, n in sorted(unknown.items()))
+                + f" but this instance has {', '.join(sorted(keyring.master_ids))}: give IIM_MASTER_KEY_REF (and "
+                "IIM_MASTER_KEY_PREVIOUS_REFS during a rotation) the master key the other instances use")
+        return keyring
 
     def _audit_heads(self, pool: Pool) -> AuditHeadPublisher:
         s = self.settings

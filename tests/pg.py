@@ -199,6 +199,8 @@ async def app_pool(pg_db: PgDatabase) -> AsyncIterator[Pool]:
 
 #: The tests' master key: one value for every test, so a tenant's data key made by one test opens in the next.
 TEST_MASTER_KEY = MasterKey.from_bytes(bytes(range(32)))
+#: The same key for an ``iim serve`` a test starts (every instance sharing a database needs the same master).
+TEST_MASTER_KEY_ENV = {"IIM_TEST_MASTER_KEY": bytes(range(32)).hex(), "IIM_MASTER_KEY_REF": "env:IIM_TEST_MASTER_KEY"}
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import asyncpg
 
 from policy_cache.db import Connection, Pool
 
-__all__ = ["active_key", "credential_ref_schemes", "insert_key", "key_by_id", "keys", "rewrap", "tenant_ids"]
+__all__ = ["active_key", "credential_ref_schemes", "data_key_masters", "insert_key", "key_by_id", "keys", "rewrap", "tenant_ids"]
 
 _COLUMNS = "key_id, wrapped, master_key_id, created_at, rewrapped_at"
 
@@ -60,3 +60,8 @@ async def credential_ref_schemes(pool: Pool) -> dict[str, int]:
     """How many registry credential references each scheme has, every tenant (``iim.credential_ref_schemes``:
     the schemes only, never a reference)."""
     return {r["scheme"]: int(r["refs"]) for r in await pool.fetch("SELECT * FROM iim.credential_ref_schemes()")}
+
+
+async def data_key_masters(pool: Pool) -> dict[str, int]:
+    """How many data keys (every tenant) each master key fingerprint wraps (``iim.data_key_masters``)."""
+    return {r["master_key_id"]: int(r["keys"]) for r in await pool.fetch("SELECT * FROM iim.data_key_masters()")}

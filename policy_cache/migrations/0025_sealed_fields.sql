@@ -118,3 +118,16 @@ AS $fn$
 $fn$;
 REVOKE ALL ON FUNCTION iim.credential_ref_schemes() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION iim.credential_ref_schemes() TO iim_app;
+
+-- The master keys every tenant's data keys are wrapped by (fingerprints and counts only): at start a service
+-- refuses a master configuration that cannot unwrap them (an extra instance given another key), instead of
+-- failing each SMS it claims.
+CREATE POLICY data_key_masters_read ON iim.tenant_data_key AS PERMISSIVE FOR SELECT TO iim_owner USING (true);
+CREATE FUNCTION iim.data_key_masters() RETURNS TABLE (master_key_id text, keys bigint)
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog
+AS $fn$
+    SELECT k.master_key_id, count(*) FROM iim.tenant_data_key k GROUP BY 1 ORDER BY 1
+$fn$;
+REVOKE ALL ON FUNCTION iim.data_key_masters() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION iim.data_key_masters() TO iim_app;

@@ -10,13 +10,15 @@ from typing import Any
 
 import pytest
 
+from iim.core.envelope import MasterKey
 from iim.core.errors import ConfigError
 from iim.core.secrets import SecretResolvers, set_default_resolvers
+from iim.keys.keyring import Keyring
 from iim.service import DatabaseUrls, Service
 from iim.settings import Settings, secret_references
 from policy_cache import registry
 from policy_cache.bootstrap import load_demo
-from policy_cache.db import Pool, tenant_tx
+from policy_cache.db import Connection, Pool, tenant_tx
 from policy_cache.models import CredentialKind, CredentialRefCreate
 from tests.pg import PgDatabase, create_tenant
 from tests.secret_plugin import VaultResolver
@@ -82,3 +84,18 @@ async def test_a_registry_reference_without_a_resolver_stops_the_start_instead_o
         assert SecretResolvers([VaultResolver()]).resolve("vault:kv/oem#token") == "t0k3n"
     async with tenant_tx(app_pool, tenant) as conn:
         await conn.execute("DELETE FROM iim.credential_ref WHERE name = 'oem-token'")
+
+
+async def test_an_instance_whose_master_cannot_unwrap_the_stored_data_keys_refuses_to_start(
+        tmp_path: Path, urls: DatabaseUrls, app_pool: Pool, admin_conn: Connection) -> None:
+    tenant = await create_tenant(app_pool)
+    other = Keyring(app_pool, MasterKey.from_bytes(b"\x05" * 32))  # the master the other instances use
+    async with tenant_tx(app_pool, tenant) as conn:
+        await other.active(conn, tenant)
+    try:
+        with pytest.raises(ConfigError, match=rf"wrapped by master key\(s\) {other.master.key_id} \(1 keys\) but "
+                                              r"this instance has [0-9a-f]{16}: give IIM_MASTER_KEY_REF"):
+            async with Service(_settings(tmp_path), database=urls):  # no reference: its own generated key
+                pass
+    finally:
+        await admin_conn.execute("DELETE FROM iim.tenant_data_key WHERE tenant_id = $1", tenant)
