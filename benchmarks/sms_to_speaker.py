@@ -123,6 +123,9 @@ class HttpConnector:
     def health(self) -> ConnectorHealth:
         return ConnectorHealth("up")
 
+    async def probe(self) -> ConnectorHealth:
+        return self.health()
+
 
 class Lookup:
     def __init__(self, connector: Connector) -> None:

@@ -425,11 +425,9 @@ class InboundClient(AsyncResource):
                 self.connects += 1
                 attempt = 0
                 self._connected.set()
-                metrics.INBOUND_CONNECTED.labels(node).set(1)
                 log.info("connected to FreeSWITCH %s", node)
                 await proto.closed
                 self._connected.clear()
-                metrics.INBOUND_CONNECTED.labels(node).set(0)
                 log.warning("lost FreeSWITCH %s", node)
             if self._is_closing():
                 break

@@ -22,9 +22,6 @@ ERRORS = Counter("iim_esl_errors", "ESL errors, by kind", ["kind"], registry=REG
 QUEUE_OVERFLOW = Counter(
     "iim_esl_queue_overflow", "Events dropped because a per-call or per-client queue was full", registry=REGISTRY
 )
-INBOUND_CONNECTED = Gauge(
-    "iim_esl_inbound_connected", "Inbound ESL connections up (1) or down (0), by node", ["node"], registry=REGISTRY
-)
 INBOUND_RECONNECTS = Counter(
     "iim_esl_inbound_reconnects", "Inbound ESL connection attempts after a loss, by node", ["node"], registry=REGISTRY
 )

@@ -22,6 +22,7 @@ from fs_app.outbound import CallHandler
 from fs_app.passthrough import relay_cause
 from fs_app.routing import CallFacts, RoutingDecision, decide
 from iim.core.numbering import NumberingPlan, try_e164
+from iim.core.tracing import Span, SpanKind, attrs, recording, start
 from policy_cache.snapshot import RoutingSnapshot
 
 log = logging.getLogger("iim.call.router")
@@ -94,8 +95,29 @@ class PolicyRouter:
                         ("policy", "reject", "fallback", "unknown_callee", "cache_not_ready", "decision_error")}
 
     async def __call__(self, call: Call) -> None:
+        # Spans: the call, its decision, its bridge (and fallback); ids and outcomes only, never the numbers. Not
+        # made current (the call path's way: no context switch); no-ops unless tracing is on.
+        traced = start("call.inbound", kind=SpanKind.SERVER, attributes=attrs(call_id=call.uuid) if recording()
+                       else None)
+        try:
+            await self._route(call, traced)
+        except BaseException as exc:
+            traced.record_exception(exc)
+            raise
+        finally:
+            traced.end()
+
+    async def _route(self, call: Call, traced: Span) -> None:
         facts = CallFacts(call.destination_number or "", call.caller_id_number, call.uuid)
+        decided = start("call.decide", parent=traced)
         decision, route, snapshot, facts = self._decide(facts)
+        if decided.is_recording():
+            decided.set_attributes(attrs(route=route, action=decision.action if decision else None,
+                                         policy_version=decision.policy_version if decision else None,
+                                         legs=len(decision.legs) if decision else None))
+            if snapshot is not None:
+                traced.set_attribute("iim.tenant", snapshot.tenant_id)
+        decided.end()
         self._routes[route].inc()
         self._record(facts, decision, route)
         if decision is None or snapshot is None:
@@ -114,12 +136,20 @@ class PolicyRouter:
         cause: str | None = None
         if decision.action == "ring":
             dial = bridge_dial_string(decision, self._dial, call_uuid=call.uuid)
-            # One write: the variables that let us walk the fallback chain, then the bridge.
-            events = await call.execute_many(
-                [("multiset", f"continue_on_fail=true hangup_after_bridge=true {BRIDGE_IMPORT}"), ("bridge", dial)],
-                timeout=None,
-            )
-            result = bridge_result(events[-1])
+            bridged = start("call.bridge", parent=traced)
+            try:
+                # One write: the variables that let us walk the fallback chain, then the bridge.
+                events = await call.execute_many(
+                    [("multiset", f"continue_on_fail=true hangup_after_bridge=true {BRIDGE_IMPORT}"),
+                     ("bridge", dial)],
+                    timeout=None,
+                )
+                result = bridge_result(events[-1])
+                if bridged.is_recording():
+                    bridged.set_attributes(attrs(legs=len(decision.legs), answered=result.answered,
+                                                 hangup_cause=result.hangup_cause))
+            finally:
+                bridged.end()
             if result.answered:
                 if any(leg.kind == "speaker" for leg in decision.legs):
                     # Who took it is a question only when the home rang too (one audit row, off the call path).
@@ -131,7 +161,12 @@ class PolicyRouter:
             if call.hung_up:
                 return
             cause = result.hangup_cause
-        await self._fallback(call, decision, snapshot, facts)
+        fallback = start("call.fallback", parent=traced,
+                         attributes=attrs(fallback=decision.fallback) if recording() else None)
+        try:
+            await self._fallback(call, decision, snapshot, facts)
+        finally:
+            fallback.end()
         if not call.hung_up:
             # A caller who left a message was answered: end it normally, not with the failed leg's cause.
             await call.hangup(relay_cause(cause) if cause and not call.answered else "NORMAL_CLEARING")

@@ -95,6 +95,18 @@ def _hhmm(minutes: int | None) -> str:
     return "--:--" if minutes is None else f"{minutes // 60:02d}:{minutes % 60:02d}"
 
 
+def _may_record(snapshot: RoutingSnapshot, now: datetime, rules: list[str]) -> Fallback:
+    """The fallback to take: ``record_message`` only under a live call_recording consent, else the caller is
+    offered nothing to record and the subscriber gets the missed-call SMS instead."""
+    if snapshot.fallback != "record_message":
+        return snapshot.fallback
+    expires = snapshot.recording_consent_expires
+    if snapshot.recording_consent and (expires is None or now.timestamp() < expires):
+        return snapshot.fallback
+    rules.append("no consent to record calls: record_message fallback replaced by missed_call_sms")
+    return "missed_call_sms"
+
+
 def decide(snapshot: RoutingSnapshot, call: CallFacts, now: datetime) -> RoutingDecision:
     """The routing of ``call`` to ``snapshot``'s subscriber at ``now`` (an aware datetime)."""
     if now.tzinfo is None:
@@ -115,9 +127,10 @@ def decide(snapshot: RoutingSnapshot, call: CallFacts, now: datetime) -> Routing
     if privileged:
         rules.append(f"caller {caller} is on the allowed list: DND and quiet hours do not apply")
 
+    fallback = _may_record(snapshot, now, rules)
     if snapshot.dnd and not privileged:
-        rules.append(f"do-not-disturb is on: no ringing, fallback {snapshot.fallback}")
-        return decision("fallback", fallback=snapshot.fallback)
+        rules.append(f"do-not-disturb is on: no ringing, fallback {fallback}")
+        return decision("fallback", fallback=fallback)
 
     phone = Leg("phone", snapshot.msisdn, snapshot.phone_timeout_s)
     home_allowed = snapshot.ring_mode != "phone_only"
@@ -168,6 +181,6 @@ def decide(snapshot: RoutingSnapshot, call: CallFacts, now: datetime) -> Routing
         groups = ((phone,), tuple(home))
     else:  # home_then_phone
         groups = (tuple(home), (phone,))
-    if snapshot.fallback != "none":
-        rules.append(f"no answer: {snapshot.fallback}")
-    return decision("ring", groups, snapshot.fallback, tuple(announcements))
+    if fallback != "none":
+        rules.append(f"no answer: {fallback}")
+    return decision("ring", groups, fallback, tuple(announcements))

@@ -87,6 +87,38 @@ async def _explain_call(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """``iim health``: the running service's ``/health``, one line per dependency; exit 0 ok, 1 not ok, 2 no
+    answer."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = args.url or f"http://{Settings().http_host}:{Settings().http_port}"
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=args.timeout) as resp:  # noqa: S310
+            doc = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:  # 503: still a health document
+        doc = json.loads(exc.read() or b"{}")
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"iim: no health answer from {url}: {exc}\n")
+        return 2
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n" if args.json else render_health(doc))
+    return 0 if doc.get("status") == "ok" else 1
+
+
+def render_health(doc: dict[str, Any]) -> str:
+    """The overall status, then a table: dependency, status, since, why."""
+    rows = [("DEPENDENCY", "STATUS", "SINCE", "REASON")]
+    for name, dep in sorted((doc.get("dependencies") or {}).items()):
+        rows.append((name, str(dep.get("status")), str(dep.get("since", "")), str(dep.get("reason") or "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"status: {doc.get('status')}"]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3]
+              for row in rows]
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iim", description="IoT Integration Module")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="print JSON")
     explain.add_argument("--database-url", help="PostgreSQL URL (default IIM_DATABASE_URL, else embedded)")
     explain.set_defaults(func=cmd_explain_call)
+    health = sub.add_parser("health", help="ask the running service's /health: each dependency, since when")
+    health.add_argument("--url", help="IIM's HTTP site (default http://IIM_HTTP_HOST:IIM_HTTP_PORT)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)")
+    health.add_argument("--json", action="store_true", help="print the JSON document")
+    health.set_defaults(func=cmd_health)
     from iim.admin.cli import register_subcommands
     from iim.keys_cli import register_subcommands as register_key_commands
 

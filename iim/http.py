@@ -1,4 +1,5 @@
-"""Operator HTTP surface of the service: ``/metrics`` (Prometheus) and ``/health``; serving an aiohttp app."""
+"""Operator HTTP surface of the service: ``/metrics`` (Prometheus), ``/health``, ``/readyz``, ``/livez``; serving an
+aiohttp app."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -14,6 +16,7 @@ from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from iim.core import metrics
+from iim.core.health import DependencyState, Readiness, overall
 from iim.core.lifecycle import AsyncResource
 
 log = logging.getLogger(__name__)
@@ -22,13 +25,29 @@ HealthProbe = Callable[[], dict[str, object]]
 HEALTH_PROBES = web.AppKey("health_probes", list[HealthProbe])
 
 
+class HealthSource(Protocol):
+    """What ``/health``, ``/readyz`` and ``/livez`` read (:class:`iim.health.HealthMonitor`)."""
+
+    def dependencies(self) -> list[DependencyState]: ...
+
+    def readiness(self) -> Readiness: ...
+
+    def liveness(self) -> str | None: ...
+
+
+HEALTH_SOURCE = web.AppKey("health_source", HealthSource)
+#: How long a load balancer should wait before asking ``/readyz`` again after a 503.
+READY_RETRY_AFTER_S = 5
+
+
 async def metrics_view(_request: web.Request) -> web.Response:
     body = generate_latest(metrics.REGISTRY)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def health_view(request: web.Request) -> web.Response:
-    """``ok``, ``degraded`` (still serving, e.g. from cache) -> 200; ``down`` -> 503."""
+    """``ok``, ``degraded`` (still serving, e.g. from cache) -> 200; ``down`` -> 503. ``dependencies``: each
+    dependency's ``ok|degraded|down`` with ``since`` (when it entered that state) and why."""
     rank = {"ok": 0, "degraded": 1, "down": 2}
     status = "ok"
     report: dict[str, object] = {}
@@ -38,14 +57,46 @@ async def health_view(request: web.Request) -> web.Response:
         if rank.get(part_status, 2) > rank[status]:
             status = part_status if part_status in rank else "down"
         report.update({k: v for k, v in part.items() if k != "status"})
-    return web.json_response({"status": status, **report}, status=503 if status == "down" else 200)
+    source = request.app.get(HEALTH_SOURCE)
+    if source is not None:
+        states = source.dependencies()
+        deps_status = overall(dep.observation.status for dep in states)
+        if rank[deps_status] > rank[status]:
+            status = deps_status
+        report["dependencies"] = {dep.observation.name: dep.as_json() for dep in states}
+    return web.json_response({"status": status, **report}, status=503 if status == "down" else 200,
+                             headers={"Cache-Control": "no-store"})
 
 
-def create_app(probes: list[HealthProbe]) -> web.Application:
+async def readyz_view(request: web.Request) -> web.Response:
+    """200 when IIM should get traffic, else 503 with the reasons and ``Retry-After``."""
+    source = request.app.get(HEALTH_SOURCE)
+    verdict = source.readiness() if source is not None else Readiness(True, ())
+    if verdict.ready:
+        return web.json_response({"status": "ready"}, headers={"Cache-Control": "no-store"})
+    return web.json_response({"status": "not_ready", "reasons": list(verdict.reasons)}, status=503,
+                             headers={"Cache-Control": "no-store", "Retry-After": str(READY_RETRY_AFTER_S)})
+
+
+async def livez_view(request: web.Request) -> web.Response:
+    """200 while the process runs and its event loop keeps time; 503 (restart me) when the loop stalled."""
+    source = request.app.get(HEALTH_SOURCE)
+    stalled = source.liveness() if source is not None else None
+    if stalled is None:
+        return web.json_response({"status": "alive"}, headers={"Cache-Control": "no-store"})
+    return web.json_response({"status": "stalled", "reason": stalled}, status=503,
+                             headers={"Cache-Control": "no-store"})
+
+
+def create_app(probes: list[HealthProbe], *, health: HealthSource | None = None) -> web.Application:
     app = web.Application()
     app[HEALTH_PROBES] = probes
+    if health is not None:
+        app[HEALTH_SOURCE] = health
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/health", health_view)
+    app.router.add_get("/readyz", readyz_view)
+    app.router.add_get("/livez", livez_view)
     return app
 
 

@@ -13,10 +13,12 @@ import gc
 import logging
 import secrets
 import ssl
+import time
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -34,6 +36,7 @@ from fs_app.outreach.ivr import Adoption, IvrRegistry, with_alert_calls
 from fs_app.passthrough import make_passthrough_handler
 from fs_app.registrations import REGISTRATION_EVENTS, registration_listener
 from fs_app.router import PolicyRouter
+from iim import health
 from iim.admin.api import create_registry_app, mount_registry
 from iim.admin.routing import Access, Route
 from iim.admin.settings import AdminSettings
@@ -42,9 +45,11 @@ from iim.call_audit import CallDecisionAudit
 from iim.connectors.http import CALLBACK_PREFIX, connector_callback_app, connector_list_view
 from iim.connectors.registry import ConnectorRegistry, default_context
 from iim.core.errors import ConfigError
+from iim.core.health import LagWindow, Readiness, readiness
 from iim.core.lifecycle import TaskSupervisor
 from iim.core.metrics import REGISTRY
 from iim.core.secrets import UnresolvableReference, default_resolvers, resolve_secret
+from iim.health import HealthMonitor, Source
 from iim.home.cloud_call import CloudAnnouncer, cloud_call_step
 from iim.home.missed_call import missed_call_sms
 from iim.home.outbox_sink import OutboxSmsSink
@@ -52,14 +57,18 @@ from iim.home.sms_readout import SmsReadoutService
 from iim.http import HealthProbe, HttpSite, create_app
 from iim.keys import store as key_store
 from iim.keys.keyring import Keyring, load_master_keys
+from iim.privacy.purger import RetentionPurger
+from iim.privacy.retention import RetentionDefaults
 from iim.scenarios.worker import IncidentWorker, WorkerSettings
 from iim.settings import Settings, secret_references
 from iim.sms.outbox import OutboxRow, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
+from iim.telemetry import Tracing
 from iim.tts.engine import EspeakTts
 from iim.tts.switch_audio import SwitchAudio, switch_audio_routes
 from iim.tts.urls import AudioUrlSigner, audio_routes, prompt_routes, prompt_url
-from iot_bridge.app import BridgeConfig, create_bridge_app
+from iot_bridge.app import BRIDGE_KEY, BridgeConfig, create_bridge_app
+from iot_bridge.mqtt.ingress import MqttConfig, MqttIngress
 from iot_bridge.ratelimit import RateLimitSettings
 from iot_bridge.server_cert import ensure_self_signed
 from iot_bridge.tls import TenantCaRegistry, server_context
@@ -100,6 +109,7 @@ class PolicyParts:
     database: DatabaseProbe
     keyring: Keyring
     audit_heads: AuditHeadPublisher | None = None
+    smsc: SmppTransport | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +136,8 @@ class Service:
         self._call_handler: CallHandler = self._passthrough
         # Set while the scenario worker runs: orphaned alert calls and undelivered SMS go to it.
         self._worker: IncidentWorker | None = None
+        #: the MQTT ingress for local hubs while it runs (IIM_MQTT_ENABLED)
+        self.mqtt: MqttIngress | None = None
         # Alert calls placed by the scenario worker come back here for their IVR; every other call is routed.
         self.ivr = IvrRegistry(max_pending=10_000)
         self.outbound = OutboundServer(
@@ -141,6 +153,8 @@ class Service:
         ]
         self._stack: AsyncExitStack | None = None
         self._running: Running | None = None
+        #: the loop-lag watcher's measurements, for /livez
+        self.loop_lag = LagWindow()
 
     @property
     def running(self) -> Running:
@@ -190,6 +204,8 @@ class Service:
             default_resolvers().check_all(secret_references(s))
         except UnresolvableReference as exc:
             raise ConfigError(f"secret references: {exc}") from None
+        # First in, last out: spans of everything that stops are still flushed.
+        await stack.enter_async_context(Tracing(s.traces_exporter, endpoint=s.otlp_traces_endpoint))
         tasks = await stack.enter_async_context(TaskSupervisor())
         tasks.supervise(self._watch_loop_lag, name="loop-lag")
         # Calls are answered (passthrough) from the first second.
@@ -198,6 +214,8 @@ class Service:
         policy = await self._start_policy(stack) if s.policy_routing else None
         if policy is not None:
             tasks.spawn(_watch_speech(policy.tts), name="tts-check")
+            tasks.supervise(partial(policy.connectors.run_probes, s.connector_probe_interval_s,
+                                    s.connector_probe_timeout_s), name="connector-probes")
         if policy is not None:
             self._call_handler = policy.router
             stack.callback(setattr, self, "_call_handler", self._passthrough)
@@ -207,8 +225,12 @@ class Service:
             await stack.enter_async_context(client)
         # Stopping drains calls here, before the parts calls use (router, audit, connectors, SMS) stop.
         stack.push_async_callback(self.outbound.aclose, s.drain_timeout)
-        root = self._http_app(policy)
+        monitor = self._health_monitor(policy)
+        tasks.supervise(monitor.run, name="health-monitor")
+        root = self._http_app(policy, monitor)
         worker = await self._start_worker(stack, policy) if policy is not None and s.scenario_worker else None
+        if s.mqtt_enabled and (policy is None or not s.bridge_enabled):
+            raise ConfigError("IIM_MQTT_ENABLED needs policy routing and the device bridge (IIM_BRIDGE_ENABLED)")
         bridge_port = await self._start_bridge(stack, policy, worker) if policy is not None and s.bridge_enabled \
             else None
         http = await stack.enter_async_context(HttpSite(root, s.http_host, s.http_port))
@@ -240,17 +262,39 @@ class Service:
             await asyncio.sleep(0.1)
             lag = max(0.0, loop.time() - expected)
             LOOP_LAG.observe(lag)
+            self.loop_lag.record(time.monotonic(), lag)
             if lag > 0.5:
                 log.warning("event loop lagged %.0f ms", lag * 1e3)
 
-    def _http_app(self, policy: PolicyParts | None) -> web.Application:
-        """``/metrics``, ``/health`` and, with policy routing, the registry API under ``/v1``."""
+    def _health_monitor(self, policy: PolicyParts | None) -> HealthMonitor:
+        """Every dependency ``/health`` details (PostgreSQL, each FreeSWITCH node, the SMSC, each connector,
+        speech) and what ``/readyz`` requires."""
+        sources: list[Source] = [health.freeswitch(self.inbound)]
+        if policy is not None:
+            sources[:0] = [health.database(policy.database)]
+            if policy.smsc is not None:
+                sources.append(health.smsc(policy.smsc))
+            sources += [health.connectors(policy.connectors), health.tts(policy.tts)]
+        alert_calls = policy is not None and self.settings.scenario_worker and bool(self.inbound)
+
+        def ready() -> Readiness:
+            answering = None if policy is None else bool(policy.database.health()["status"] == "ok")
+            return readiness(database_answering=answering,
+                             cache_loaded=None if policy is None else policy.cache.ready,
+                             alert_calls=alert_calls, nodes_connected=sum(c.connected for c in self.inbound))
+
+        return HealthMonitor(sources, ready, loop_lag=self.loop_lag,
+                             max_loop_lag_s=self.settings.livez_max_loop_lag_s)
+
+    def _http_app(self, policy: PolicyParts | None, monitor: HealthMonitor) -> web.Application:
+        """``/metrics``, ``/health``, ``/readyz``, ``/livez`` and, with policy routing, the registry API under
+        ``/v1``."""
         probes: list[HealthProbe] = [self._esl_health]
         if policy is not None:
             probes.append(_policy_health(policy.cache))
             probes.append(policy.tts.health)  # degraded while speech fails: alert calls play the generic prompt
             probes.append(policy.database.health)
-        root = create_app(probes)
+        root = create_app(probes, health=monitor)
         if policy is not None:
             root.add_routes(prompt_routes(policy.tts))  # what FreeSWITCH plays for IIM (mod_http_cache)
             root.add_routes(switch_audio_routes(policy.switch_audio, policy.tts))  # alert calls' own prompts
@@ -289,6 +333,9 @@ class Service:
         if heads is None:
             log.warning("audit chain heads are not signed nor published (IIM_AUDIT_HEAD_KEY_REF unset)")
         await stack.enter_async_context(AuditFlusher(pool))
+        await stack.enter_async_context(RetentionPurger(pool, RetentionDefaults(
+            sms_body_s=int(s.sms_body_retention_s), event_payload_s=s.retention_event_payload_s,
+            audit_detail_s=s.retention_audit_detail_s), interval_s=s.retention_purge_interval_s))
         # Read-only, all tenants: for admins listing tenants (RLS hides them from the app role).
         directory_pool = await stack.enter_async_context(
             await connect_pool(urls.cache_url, role=DbRole.CACHE, min_size=1, max_size=2,
@@ -301,7 +348,7 @@ class Service:
         except TimeoutError:
             log.error("policy cache not loaded in %s s: routing by dialled number until it is", s.cache_load_timeout)
         audit = await stack.enter_async_context(CallDecisionAudit(pool))
-        connectors, tts, audio_urls = await self._start_home(stack, pool, keyring)
+        connectors, tts, audio_urls, smsc = await self._start_home(stack, pool, keyring)
         audio_base = s.switch_audio_base_url or f"http://{s.http_host}:{s.http_port}"
         dial = DialSettings(phone_endpoint=s.passthrough_endpoint.replace("{destination}", "{msisdn}"),
                             speaker_endpoint=s.speaker_endpoint,
@@ -322,7 +369,7 @@ class Service:
                      "IIM_SWITCH_AUDIO_BASE_URL unset)")
         return PolicyParts(app_url=urls.app_url, pool=pool, directory_pool=directory_pool, cache=cache, router=router,
                            connectors=connectors, tts=tts, audio_urls=audio_urls, switch_audio=switch_audio,
-                           audit_heads=heads, database=database, keyring=keyring)
+                           audit_heads=heads, database=database, smsc=smsc, keyring=keyring)
 
     async def _keyring(self, pool: Pool) -> Keyring:
         """Tenants' data keys under the master key; the registry's secret references are checked here too (a
@@ -358,7 +405,7 @@ class Service:
         return AuditHeadPublisher(pool, key, heads_file=heads_file, interval=s.audit_head_interval_s)
 
     async def _start_home(self, stack: AsyncExitStack, pool: Pool, keyring: Keyring
-                          ) -> tuple[ConnectorRegistry, EspeakTts, AudioUrlSigner]:
+                          ) -> tuple[ConnectorRegistry, EspeakTts, AudioUrlSigner, SmppTransport | None]:
         """The telecom -> home side: connectors, speech, SMS (read aloud under consent, escalation texts)."""
         s = self.settings
         public = s.public_base_url or f"https://{s.bridge_host}:{s.bridge_port}"
@@ -372,6 +419,7 @@ class Service:
         hash_key = resolve_secret(s.sms_hash_key_ref).encode() if s.sms_hash_key_ref else None
         readout = SmsReadoutService(pool, tts, audio_urls, connectors, OutboxSmsSink(pool, keyring),
                                      hash_key=hash_key)
+        transport: SmppTransport | None = None
         if s.smpp_host:
             transport = SmppTransport(SmppSettings(host=s.smpp_host, port=s.smpp_port, system_id=s.smpp_system_id,
                                                    password=resolve_secret(s.smpp_password_ref, default=""),
@@ -382,7 +430,7 @@ class Service:
                           mo_body_retention=s.sms_body_retention_s))
         else:
             log.warning("no SMSC configured (IIM_SMPP_HOST): SMS stay queued in the outbox")
-        return connectors, tts, audio_urls
+        return connectors, tts, audio_urls, transport
 
     async def _undelivered(self, tenant_id: UUID, row: OutboxRow) -> None:
         if self._worker is not None:
@@ -423,6 +471,9 @@ class Service:
         app.add_routes(audio_routes(policy.audio_urls, policy.tts))  # speech the vendor clouds fetch
         app.add_subapp(CALLBACK_PREFIX, connector_callback_app(policy.connectors))
         site = await stack.enter_async_context(HttpSite(app, s.bridge_host, s.bridge_port, ssl_context=context))
+        if s.mqtt_enabled:
+            self.mqtt = await stack.enter_async_context(MqttIngress(app[BRIDGE_KEY], _mqtt_config(s)))
+            stack.callback(setattr, self, "mqtt", None)
         return site.port
 
 
@@ -444,6 +495,16 @@ def _policy_health(cache: PolicyCache) -> HealthProbe:
         return report
 
     return probe
+
+
+def _mqtt_config(s: Settings) -> MqttConfig:
+    """The MQTT ingress's settings; IIM's client certificate is required (the broker knows IIM by it)."""
+    if not (s.mqtt_cert_file and s.mqtt_key_file):
+        raise ConfigError("IIM_MQTT_ENABLED needs IIM_MQTT_CERT_FILE and IIM_MQTT_KEY_FILE (IIM's client certificate)")
+    return MqttConfig(cert_file=Path(s.mqtt_cert_file), key_file=Path(s.mqtt_key_file),
+                      ca_file=Path(s.mqtt_ca_file) if s.mqtt_ca_file else None, host=s.mqtt_host, port=s.mqtt_port,
+                      client_id=s.mqtt_client_id, prefix=s.mqtt_topic_prefix, keepalive_s=s.mqtt_keepalive_s,
+                      hub_rate=s.mqtt_hub_rate, hub_burst=s.mqtt_hub_burst)
 
 
 def _bridge_tls(s: Settings) -> tuple[ssl.SSLContext, TenantCaRegistry]:

@@ -95,6 +95,19 @@ class Settings(BaseSettings):
     bridge_source_burst: int = 200
     bridge_tenant_rate: float = 500.0
     bridge_tenant_burst: int = 2000
+    # MQTT ingress for local hubs (iot_bridge/mqtt): IIM subscribes to iim/+/+/events on a broker with its own
+    # client certificate; off by default. Needs the device bridge (same keys, limits, intake).
+    mqtt_enabled: bool = False
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = Field(default=8883, ge=1, le=65535)
+    mqtt_ca_file: str | None = None  # the broker's CA (unset: the system's)
+    mqtt_cert_file: str | None = None
+    mqtt_key_file: str | None = None
+    mqtt_client_id: str = Field(default="iim", pattern=r"^[A-Za-z0-9_.-]{1,23}$")
+    mqtt_topic_prefix: str = Field(default="iim", pattern=r"^[A-Za-z0-9_.-]{1,64}(/[A-Za-z0-9_.-]{1,64}){0,3}$")
+    mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
+    mqtt_hub_rate: float = Field(default=5.0, gt=0)
+    mqtt_hub_burst: int = Field(default=50, ge=1)
     # Scenario worker: where FreeSWITCH connects back for alert-call IVRs (this process's outbound server).
     scenario_worker: bool = True
     alert_socket_address: str | None = None
@@ -118,8 +131,18 @@ class Settings(BaseSettings):
     smpp_source_addr: str = "IIM"
     # Bodies of incoming SMS that may be read out are forgotten this long after they arrived (metadata stays).
     sms_body_retention_s: float = Field(default=86400.0, ge=60)
+    # Retention defaults for tenants without their own (iim retention-policy): device-event payloads and audit
+    # details; the purge runs every retention_purge_interval_s and audits what it purged.
+    retention_event_payload_s: int = Field(default=30 * 86400, ge=0)
+    retention_audit_detail_s: int = Field(default=365 * 86400, ge=86400)
+    retention_purge_interval_s: float = Field(default=3600.0, ge=1)
     # Smart-home connectors, JSON: [{"name": "acme", "plugin": "webhook", "config": {...}}] (secrets by ref).
     connectors: list[dict[str, object]] = Field(default_factory=list)
+    # Each ready connector's probe() runs this often, each within the timeout ("up" means checked).
+    connector_probe_interval_s: float = Field(default=30.0, gt=0, le=3600)
+    connector_probe_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    # /livez fails (503) once the event loop ran a timer this late within 10 s, or stopped measuring for this long.
+    livez_max_loop_lag_s: float = Field(default=5.0, gt=0, le=600)
     # Where vendor clouds reach IIM (signed audio URLs, user-action callbacks); default: the device bridge.
     public_base_url: str | None = None
     # Where FreeSWITCH reaches this IIM's HTTP site for the prompts IIM owns, through mod_http_cache: the
@@ -136,6 +159,11 @@ class Settings(BaseSettings):
     audit_head_key_ref: str | None = Field(default=None, description="env:VAR or file:/path of the signing key")
     audit_heads_file: str | None = None
     audit_head_interval_s: float = Field(default=300.0, ge=1)
+    # Traces (OpenTelemetry; the SDK and exporter come with `pip install 'iim[otel]'`): "otlp", "console" or
+    # "none"; unset follows the standard OTEL_TRACES_EXPORTER, else "otlp" once OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    traces_exporter: Literal["otlp", "console", "none"] | None = None
+    # The OTLP/HTTP traces URL (unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or the SDK's http://localhost:4318).
+    otlp_traces_endpoint: str | None = None
     # Envelope encryption of sensitive fields (SMS bodies): the master key wrapping every tenant's data key,
     # by reference (32 bytes, hex or base64); unset: generated once into <data_dir>/../master.key. During a
     # master rotation the old key goes into the JSON list of previous ones (still accepted for unwrapping).

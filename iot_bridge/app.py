@@ -1,5 +1,7 @@
 """The HTTPS device bridge: ``POST /v1/events`` (devices, hubs) and ``POST /v1/webhooks/{source}`` (clouds).
 
+A W3C ``traceparent`` header joins the request's span (and the incident's decision and calls) to the caller's trace.
+
 Order of checks, cheapest and least revealing first: size -> tenant -> client certificate -> the sender
 address's rate limit -> key lookup -> signature over the raw bytes -> strict JSON and schema -> the device's
 (per hazard) and tenant's rate limits -> identity binding -> durable intake. Nothing is parsed before the
@@ -24,7 +26,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +39,8 @@ from prometheus_client import Counter, Histogram
 from iim.core import strict_json
 from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.metrics import REGISTRY
+from iim.core.traced_http import traced_requests
+from iim.core.tracing import attrs, span
 from iot_bridge import signing
 from iot_bridge.directory import DeviceDirectory, DeviceKeys, KeyChanges
 from iot_bridge.events import (
@@ -54,7 +58,7 @@ from iot_bridge.refusals import RefusalAudit
 from iot_bridge.tls import ClientCertError, ClientIdentity, TenantCaRegistry
 from policy_cache.db import Pool
 
-__all__ = ["BridgeConfig", "BridgeRefusal", "EVENTS", "create_bridge_app"]
+__all__ = ["BRIDGE_KEY", "Bridge", "BridgeConfig", "BridgeRefusal", "EVENTS", "create_bridge_app"]
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +207,14 @@ class Bridge:
         if event.device_id != keys.device.external_id:
             raise BridgeRefusal(403, "identity-mismatch", "the event names another device", event_id=event.event_id,
                                 audit=(keys.device.tenant_id, actor))
-        outcome = await accept_event(self.pool, keys.device, event, fingerprint=fingerprint, channel=channel,
-                                     msg_id=msg_id, opener=self.opener)
+        with span("bridge.intake", attributes=attrs(tenant=str(keys.device.tenant_id), event_id=event.event_id,
+                                                     event_type=event.type.value, channel=channel)) as traced:
+            # The incident's first decision runs inside (the opener): a child of this span.
+            outcome = await accept_event(self.pool, keys.device, event, fingerprint=fingerprint, channel=channel,
+                                         msg_id=msg_id, opener=self.opener)
+            if traced.is_recording():
+                traced.set_attributes(attrs(outcome=outcome.kind, incident_id=str(outcome.incident_id)
+                                            if outcome.incident_id else None, opened=outcome.opened))
         if outcome.kind == "conflict":
             raise BridgeRefusal(422, "idempotency-conflict", "event_id was already used with another body",
                                 event_id=event.event_id, audit=(keys.device.tenant_id, actor))
@@ -221,17 +231,55 @@ class Bridge:
         return outcome
 
 
+    async def device_event(self, tenant: UUID, device: str, raw: bytes, *, jose: bool, headers: Mapping[str, str],
+                           identity: ClientIdentity | None, source: str) -> IntakeOutcome:
+        """One device-signed event, whatever carried it (``POST /v1/events``, a hub's MQTT message): key lookup,
+        signature (compact JWS when ``jose``, else Standard Webhooks ``headers`` over ``raw``), identity binding,
+        strict parsing, the device's and tenant's rate limits and the durable intake, under one store deadline.
+
+        Raises:
+            BridgeRefusal: the event is refused (the status and error id say why).
+            StoreDown: PostgreSQL is away or past the deadline; nothing was committed (unless the COMMIT had
+                been sent: a retry then gets the first answer).
+        """
+        async with self.store_deadline():
+            keys = await self.device_keys(tenant, device)
+            event_raw, msg_id = _verify_device_body(self, jose, headers, raw, keys, self.config.clock())
+            await self.bind_identity(identity, keys)
+            try:
+                event = parse_event(event_raw)
+            except EventRejected as exc:
+                raise _rejected(exc) from exc
+            self.rate_limit_sender(tenant, keys.device.external_id, hazard=event.type)
+            return await self.accept(keys, event, fingerprint=body_fingerprint(event_raw), channel="device",
+                                     msg_id=msg_id, source=source)
+
+    def refused(self, exc: BridgeRefusal, source: str) -> None:
+        """Count and log a refusal; the ones that concern a tenant go to its audit log (aggregated)."""
+        EVENTS.labels("refused", exc.error_id).inc()
+        log.warning("event refused: %s", exc.reason,
+                    extra={"event_id": exc.event_id, "reason": exc.error_id, "status": exc.status, "source": source})
+        if exc.audit is not None:
+            tenant, actor = exc.audit
+            self.refusals.record(tenant, f"event.{exc.error_id}", source, actor=actor, event_id=exc.event_id,
+                                 detail={"status": exc.status, "reason": exc.reason})
+
+    def jws_device(self, raw: bytes) -> str:
+        """The device a compact JWS names (its ``kid``), read only to find the key to verify with."""
+        return _jws_device(raw)
+
+
 BRIDGE_KEY = web.AppKey("bridge", Bridge)
 
 
-def _verify_device_body(bridge: Bridge, request: web.Request, raw: bytes, keys: DeviceKeys,
+def _verify_device_body(bridge: Bridge, jose: bool, headers: Mapping[str, str], raw: bytes, keys: DeviceKeys,
                         now: float) -> tuple[bytes, str]:
     """Check the signature; return the event bytes and the message id."""
     try:
-        if _is_jose(request):
+        if jose:
             jws = _verify_jws_rotating(raw, keys, now, bridge.config.tolerance_s)
             return jws.event_raw, jws.msg_id
-        verified = signing.verify_webhook(request.headers, raw, keys.hmac_secrets, now=now,
+        verified = signing.verify_webhook(headers, raw, keys.hmac_secrets, now=now,
                                           tolerance_s=bridge.config.tolerance_s)
     except signing.SignatureError as exc:
         raise BridgeRefusal(401, "signature-invalid", NOT_AUTHENTICATED, reason=exc.reason) from exc
@@ -291,18 +339,8 @@ async def post_event(request: web.Request) -> web.Response:
         else:
             raise BridgeRefusal(400, "device-required", f"the {DEVICE_HEADER} header is required")
     bridge.rate_limit_source(request.remote or "")
-    async with bridge.store_deadline():
-        keys = await bridge.device_keys(tenant, device)
-        now = bridge.config.clock()
-        event_raw, msg_id = _verify_device_body(bridge, request, raw, keys, now)
-        await bridge.bind_identity(identity, keys)
-        try:
-            event = parse_event(event_raw)
-        except EventRejected as exc:
-            raise _rejected(exc) from exc
-        bridge.rate_limit_sender(tenant, keys.device.external_id, hazard=event.type)
-        outcome = await bridge.accept(keys, event, fingerprint=body_fingerprint(event_raw), channel="device",
-                                      msg_id=msg_id, source=request.remote or "")
+    outcome = await bridge.device_event(tenant, device, raw, jose=_is_jose(request), headers=request.headers,
+                                        identity=identity, source=request.remote or "")
     INTAKE_SECONDS.observe(time.perf_counter() - started)
     headers = {"Idempotent-Replayed": "true"} if outcome.kind == "replayed" else {}
     return web.json_response(outcome.body, status=202, headers=headers)
@@ -365,15 +403,7 @@ async def problem_middleware(request: web.Request,
     try:
         return await handler(request)
     except BridgeRefusal as exc:
-        EVENTS.labels("refused", exc.error_id).inc()
-        log.warning("event refused: %s", exc.reason,
-                    extra={"event_id": exc.event_id, "reason": exc.error_id, "status": exc.status,
-                           "source": request.remote})
-        if exc.audit is not None:
-            tenant, actor = exc.audit
-            request.app[BRIDGE_KEY].refusals.record(tenant, f"event.{exc.error_id}", request.remote or "",
-                                                    actor=actor, event_id=exc.event_id,
-                                                    detail={"status": exc.status, "reason": exc.reason})
+        request.app[BRIDGE_KEY].refused(exc, request.remote or "")
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
         return _problem(request, exc.status, exc.error_id, exc.detail, headers, exc.errors)
     except StoreDown as exc:
@@ -404,7 +434,7 @@ def create_bridge_app(pool: Pool, config: BridgeConfig | None = None, *, cas: Te
     follow key and device changes there (``NOTIFY iim_bridge_keys``) so a revoked key or a disabled device is
     refused at once; without it cached keys live for their time limit (30 s)."""
     config = config or BridgeConfig()
-    app = web.Application(middlewares=[problem_middleware], client_max_size=config.max_body)
+    app = web.Application(middlewares=[traced_requests(), problem_middleware], client_max_size=config.max_body)
     bridge = app[BRIDGE_KEY] = Bridge(pool, config, cas=cas, on_accepted=on_accepted, opener=opener,
                                       followed=keys_dsn is not None)
     if keys_dsn is not None:

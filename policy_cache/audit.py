@@ -1,7 +1,10 @@
 """The tamper-evident audit log: append through the database function, verify independently in Python.
 
 Every row carries ``row_hash = sha256(prev_hash || canonical_json(row))``, chained per tenant from 32 zero
-bytes. Appends go through ``iim.audit_append`` (one implementation for every writer; it serialises the
+bytes. Rows chained since migration 0025 commit to their detail through a salted digest
+(``detail_sha256 = sha256(detail_salt || detail)`` in :func:`canonical_json_v2`), so a detail can become a
+tombstone (salt dropped, digest kept: :func:`tombstone`) and the row still verifies; older rows hash the
+detail itself. Appends go through ``iim.audit_append`` (one implementation for every writer; it serialises the
 tenant's chain with an advisory lock held to commit, so call it last in a transaction).
 :func:`verify_chain` rebuilds the canonical JSON here, from the stored columns, and reports the first row
 whose link or hash does not match: an edited row breaks at itself, a deleted or re-hashed row at its
@@ -28,8 +31,8 @@ from iim.core.lifecycle import AsyncResource
 from policy_cache.db import Connection, Pool
 from policy_cache.models import AuditEntry
 
-__all__ = ["GENESIS_HASH", "AuditFlusher", "append", "append_many", "canonical_json", "chain_head", "entries",
-           "flush_pending", "stage", "verify_chain"]
+__all__ = ["GENESIS_HASH", "AuditFlusher", "append", "append_many", "canonical_json", "canonical_json_v2",
+           "chain_head", "entries", "flush_pending", "is_tombstone", "stage", "tombstone", "verify_chain"]
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +95,58 @@ def canonical_json(
     )
 
 
+def canonical_json_v2(
+    *, tenant_id: UUID, id: int, at: datetime, actor: str, action: str, entity: str, entity_id: str | None,
+    detail_digest: bytes, correlation_text: str,
+) -> str:
+    """The hashed form of a row of the second form (mirror of ``iim.audit_canonical_v2``): the detail enters
+    through its salted digest, so it can be tombstoned without breaking the chain."""
+    stamp = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return (
+        '{"action":' + _js(action)
+        + ',"actor":' + _js(actor)
+        + ',"at":' + _js(stamp)
+        + ',"correlation":' + correlation_text
+        + ',"detail_sha256":' + _js(detail_digest.hex())
+        + ',"entity":' + _js(entity)
+        + ',"entity_id":' + ("null" if entity_id is None else _js(entity_id))
+        + ',"id":' + str(id)
+        + ',"tenant_id":' + _js(str(tenant_id))
+        + "}"
+    )
+
+
+def is_tombstone(detail: Mapping[str, Any]) -> bool:
+    """A detail replaced by retention or erasure: ``{"tombstone": {...}}`` and nothing else."""
+    return set(detail) == {"tombstone"} and isinstance(detail["tombstone"], dict)
+
+
 _VERIFY_SQL = """
 SELECT id, at, actor, action, entity, entity_id, detail::text AS detail_text,
-       correlation::text AS correlation_text, prev_hash, row_hash
+       correlation::text AS correlation_text, prev_hash, row_hash, detail_salt, detail_digest
 FROM iim.audit_log WHERE tenant_id = $1 ORDER BY id
 """
+
+
+def _row_text(tenant_id: UUID, row: asyncpg.Record) -> str | None:
+    """The canonical text a stored row hashes to; None when its detail no longer matches its digest (or is
+    gone without being a tombstone)."""
+    digest = row["detail_digest"]
+    if digest is None:
+        return canonical_json(
+            tenant_id=tenant_id, id=row["id"], at=row["at"], actor=row["actor"], action=row["action"],
+            entity=row["entity"], entity_id=row["entity_id"], detail_text=row["detail_text"],
+            correlation_text=row["correlation_text"])
+    salt = row["detail_salt"]
+    if salt is not None:
+        if hashlib.sha256(bytes(salt) + row["detail_text"].encode()).digest() != bytes(digest):
+            return None
+    elif not is_tombstone(json.loads(row["detail_text"])):
+        return None
+    return canonical_json_v2(
+        tenant_id=tenant_id, id=row["id"], at=row["at"], actor=row["actor"], action=row["action"],
+        entity=row["entity"], entity_id=row["entity_id"], detail_digest=bytes(digest),
+        correlation_text=row["correlation_text"])
 
 
 async def verify_chain(conn: Connection, tenant_id: UUID, *, prefetch: int = 1000) -> int | None:
@@ -117,16 +167,22 @@ async def _verify(conn: Connection, tenant_id: UUID, prefetch: int) -> int | Non
         prev = bytes(row["prev_hash"])
         if prev != expected_prev:
             return int(row["id"])
-        text = canonical_json(
-            tenant_id=tenant_id, id=row["id"], at=row["at"], actor=row["actor"], action=row["action"],
-            entity=row["entity"], entity_id=row["entity_id"], detail_text=row["detail_text"],
-            correlation_text=row["correlation_text"],
-        )
+        text = _row_text(tenant_id, row)
+        if text is None:
+            return int(row["id"])
         digest = hashlib.sha256(prev + text.encode()).digest()
         if digest != bytes(row["row_hash"]):
             return int(row["id"])
         expected_prev = digest
     return None
+
+
+async def tombstone(conn: Connection, tenant_id: UUID, ids: Sequence[int], *, reason: str) -> int:
+    """Replace the details of these rows of the tenant by tombstones (inside ``tenant_tx``); the chain still
+    verifies. Rows chained before migration 0025 are left as they are. Returns how many changed."""
+    if not ids:
+        return 0
+    return int(await conn.fetchval("SELECT iim.audit_tombstone($1, $2::bigint[], $3)", tenant_id, list(ids), reason))
 
 
 async def chain_head(conn: Connection, tenant_id: UUID) -> tuple[int, bytes] | None:

@@ -685,6 +685,41 @@ class NumberingPlanRow(_Row):
     updated_at: datetime
 
 
+# -- retention ------------------------------------------------------------------------------------------
+
+_TEN_YEARS_S = 315_360_000
+
+
+class RetentionPolicyCreate(_Input):
+    """How long the tenant's personal content is kept (one row per tenant; null or no row: the service's
+    defaults, ``IIM_RETENTION_*``). The purge replaces what is due by nothing (SMS bodies, event payloads) or
+    by a tombstone (audit details, so the hash chain still verifies)."""
+
+    sms_body_s: int | None = Field(default=None, ge=0, le=_TEN_YEARS_S,
+                                   description="seconds an incoming SMS body is kept (null: the default)")
+    event_payload_s: int | None = Field(default=None, ge=0, le=_TEN_YEARS_S,
+                                        description="seconds a device event's payload is kept (null: the default)")
+    audit_detail_s: int | None = Field(default=None, ge=86_400, le=_TEN_YEARS_S,
+                                       description="seconds an audit row's detail is kept, at least a day "
+                                                   "(null: the default)")
+
+
+class RetentionPolicyUpdate(_Input):
+    sms_body_s: int | None = Field(default=None, ge=0, le=_TEN_YEARS_S)
+    event_payload_s: int | None = Field(default=None, ge=0, le=_TEN_YEARS_S)
+    audit_detail_s: int | None = Field(default=None, ge=86_400, le=_TEN_YEARS_S)
+
+
+class RetentionPolicy(_Row):
+    tenant_id: UUID
+    id: UUID
+    sms_body_s: int | None
+    event_payload_s: int | None
+    audit_detail_s: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
 # -- audit ----------------------------------------------------------------------------------------------
 
 class AuditEntry(_Row):

@@ -63,6 +63,9 @@ class RoutingSnapshot:
     policy_version: int
     household_id: str | None = None
     announce_consent_expires: float | None = None  # epoch seconds; consent may run out between syncs
+    #: a call_recording consent: without it the record_message fallback does not record
+    recording_consent: bool = False
+    recording_consent_expires: float | None = None  # epoch seconds
 
     def with_device_status(self, endpoint: str, online: bool) -> RoutingSnapshot:
         """A copy with one device's online state changed (registrations move fast, rows don't)."""
@@ -111,6 +114,8 @@ def compile_snapshot(
     policy_version: int,
     household_id: str | None = None,
     announce_consent_expires: float | None = None,
+    recording_consent: bool = False,
+    recording_consent_expires: float | None = None,
 ) -> RoutingSnapshot:
     """Validate and intern one subscriber's rows into a snapshot."""
     if ring_mode not in RING_MODES:
@@ -139,4 +144,6 @@ def compile_snapshot(
         policy_version=policy_version,
         household_id=household_id,
         announce_consent_expires=announce_consent_expires,
+        recording_consent=recording_consent,
+        recording_consent_expires=recording_consent_expires,
     )

@@ -83,6 +83,7 @@ def snapshot_from_row(row: RoutingRow, now: datetime, shared: dict[object, objec
         assert isinstance(found, str)
         household_id = found
     consent = row.consent(ConsentPurpose.ANNOUNCE_CALLS, now) if row.consents else None
+    recording = row.consent(ConsentPurpose.CALL_RECORDING, now) if row.consents else None
     return compile_snapshot(
         subscriber_id=str(row.subscriber_id),
         tenant_id=str(row.tenant_id),
@@ -101,6 +102,8 @@ def snapshot_from_row(row: RoutingRow, now: datetime, shared: dict[object, objec
         home_only_when_present=policy.home_only_when_present if policy else False,
         announce_consent=consent is not None,
         announce_consent_expires=consent.expires_at.timestamp() if consent and consent.expires_at else None,
+        recording_consent=recording is not None,
+        recording_consent_expires=recording.expires_at.timestamp() if recording and recording.expires_at else None,
         fallback=policy.fallback.value if policy else "none",
         speakers=speakers,
         policy_version=policy.version if policy else 0,
@@ -208,7 +211,7 @@ SELECT s.tenant_id::text, s.id::text, s.msisdn, s.sip_aor, sb.households[1]::tex
        CASE WHEN sp.id IS NOT NULL THEN sp.allowed_callers ELSE hp.allowed_callers END,
        CASE WHEN sp.id IS NOT NULL THEN sp.blocked_callers ELSE hp.blocked_callers END,
        coalesce(sp.home_only_when_present, hp.home_only_when_present), coalesce(sp.fallback, hp.fallback)::text,
-       coalesce(sp.version, hp.version), c.id IS NOT NULL, c.expires_at
+       coalesce(sp.version, hp.version), c.id IS NOT NULL, c.expires_at, cr.id IS NOT NULL, cr.expires_at
 FROM iim.subscriber s
 LEFT JOIN sb ON sb.tenant_id = s.tenant_id AND sb.subscriber_id = s.id
 LEFT JOIN iim.household h ON h.tenant_id = s.tenant_id AND h.id = sb.households[1]
@@ -216,6 +219,8 @@ LEFT JOIN iim.policy sp ON sp.tenant_id = s.tenant_id AND sp.subscriber_id = s.i
 LEFT JOIN iim.policy hp ON hp.tenant_id = s.tenant_id AND hp.household_id = sb.households[1]
 LEFT JOIN iim.consent c ON c.tenant_id = s.tenant_id AND c.subscriber_id = s.id
      AND c.purpose = 'announce_calls' AND c.revoked_at IS NULL AND (c.expires_at IS NULL OR c.expires_at > now())
+LEFT JOIN iim.consent cr ON cr.tenant_id = s.tenant_id AND cr.subscriber_id = s.id
+     AND cr.purpose = 'call_recording' AND cr.revoked_at IS NULL AND (cr.expires_at IS NULL OR cr.expires_at > now())
 """
 _BATCH = 20_000
 
@@ -324,7 +329,7 @@ class PgPolicyStore(AsyncResource):
         ring_mode = r[9]
         aor = r[3]
         qs, qe = r[12], r[13]
-        expires = r[21]
+        expires, recording_expires = r[21], r[23]
         # Values come from PostgreSQL enums and CHECKs: built directly, without compile_snapshot's checks.
         return RoutingSnapshot(
             r[1], tenant, r[2], aor.removeprefix("sip:") if aor else None, _zone(r[7]),
@@ -334,6 +339,7 @@ class PgPolicyStore(AsyncResource):
             bool(r[14]), callers(r[15]), callers(r[16]), r[8] or "unknown", bool(r[17]),
             r[20], r[18] if ring_mode is not None else "none", speakers,
             r[19] if ring_mode is not None else 0, household, None if expires is None else expires.timestamp(),
+            bool(r[22]), None if recording_expires is None else recording_expires.timestamp(),
         )
 
     async def load_subscribers(self, subscriber_ids: Iterable[str]) -> list[RoutingSnapshot]:

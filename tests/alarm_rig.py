@@ -10,6 +10,7 @@ import base64
 import json
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import (
     BindingCreate,
     BindingRole,
+    ConsentCreate,
+    ConsentPurpose,
     CredentialKind,
     CredentialRefCreate,
     DeviceCapability,
@@ -75,6 +78,10 @@ class AlarmRig:
         return sign_jws(claims, key or self.jws_private, kid or self.jws_sensor)
 
 
+#: What a household consents to by default here: everything its scenarios may do (iim.scenarios.consent).
+SCENARIO_CONSENTS = (ConsentPurpose.HEALTH_EVENTS, ConsentPurpose.CALL_RECORDING, ConsentPurpose.EMERGENCY_ESCALATION)
+
+
 def new_secret() -> bytes:
     return secrets.token_bytes(32)
 
@@ -85,9 +92,10 @@ def secret_text(secret: bytes) -> str:
 
 async def build_rig(pool: Pool, tmp: Path, *, name: str = "alarm", tenant_id: UUID | None = None,
                     owner: str = "+79001110001", backup: str = "+79001110002",
-                    security: str = "+79001110003") -> AlarmRig:
+                    security: str = "+79001110003",
+                    consents: Sequence[ConsentPurpose] = SCENARIO_CONSENTS) -> AlarmRig:
     """Tenant, household (Europe/Moscow), owner/backup/security contacts, a smoke sensor (HMAC), a CO
-    sensor signing JWS, a doorphone, a hub and a SIP speaker."""
+    sensor signing JWS, a doorphone, a hub and a SIP speaker; the owner holds ``consents``."""
     tenant_id = tenant_id or uuid4()
     secret = new_secret()
     secret_file = tmp / f"{name}-{tenant_id.hex[:8]}.whsec"
@@ -130,6 +138,10 @@ async def build_rig(pool: Pool, tmp: Path, *, name: str = "alarm", tenant_id: UU
                 conn, registry.BINDING,
                 BindingCreate(subscriber_id=sub.id, household_id=hh.id, role=role,
                               priority=prio), actor="test")
+            if role is BindingRole.OWNER:  # the household consents to what its scenarios do
+                for purpose in consents:
+                    await registry.create(conn, registry.CONSENT, ConsentCreate(
+                        subscriber_id=sub.id, purpose=purpose, evidence={"channel": "test"}), actor="test")
     return AlarmRig(tenant_id=tenant_id, household_id=hh.id, sensor_id=sensor.id, sensor=f"smoke-{suffix}",
                     jws_sensor=f"co-{suffix}", doorphone=f"door-{suffix}", hub=f"hub-{suffix}", owner=owner,
                     backup=backup, security=security, secret=secret, secret_file=secret_file, jws_private=private)

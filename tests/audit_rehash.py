@@ -8,7 +8,7 @@ from uuid import UUID
 
 import asyncpg
 
-from policy_cache.audit import GENESIS_HASH, canonical_json
+from policy_cache.audit import GENESIS_HASH, canonical_json, canonical_json_v2
 
 
 async def rehash_from(admin_url: str, tenant: UUID, first: int, *, actor: str = "mallory") -> None:
@@ -23,12 +23,17 @@ async def rehash_from(admin_url: str, tenant: UUID, first: int, *, actor: str = 
                                        "ORDER BY id DESC LIMIT 1", tenant, first)
             prev = bytes(prev) if prev is not None else GENESIS_HASH
             rows = await conn.fetch("SELECT id, at, actor, action, entity, entity_id, detail::text AS d, "
-                                    "correlation::text AS c FROM iim.audit_log WHERE tenant_id = $1 AND id >= $2 "
+                                    "correlation::text AS c, detail_digest FROM iim.audit_log WHERE tenant_id = $1 AND id >= $2 "
                                     "ORDER BY id", tenant, first)
             for r in rows:
-                text = canonical_json(tenant_id=tenant, id=r["id"], at=r["at"], actor=r["actor"], action=r["action"],
-                                      entity=r["entity"], entity_id=r["entity_id"], detail_text=r["d"],
-                                      correlation_text=r["c"])
+                if r["detail_digest"] is not None:
+                    text = canonical_json_v2(tenant_id=tenant, id=r["id"], at=r["at"], actor=r["actor"],
+                                             action=r["action"], entity=r["entity"], entity_id=r["entity_id"],
+                                             detail_digest=bytes(r["detail_digest"]), correlation_text=r["c"])
+                else:
+                    text = canonical_json(tenant_id=tenant, id=r["id"], at=r["at"], actor=r["actor"],
+                                          action=r["action"], entity=r["entity"], entity_id=r["entity_id"],
+                                          detail_text=r["d"], correlation_text=r["c"])
                 digest = hashlib.sha256(prev + text.encode()).digest()
                 await conn.execute("UPDATE iim.audit_log SET prev_hash = $3, row_hash = $4 "
                                    "WHERE tenant_id = $1 AND id = $2", tenant, r["id"], prev, digest)

@@ -98,3 +98,4 @@ from tests.pg import (  # noqa: F401  (PostgreSQL fixtures shared by every test 
     pg_empty_db,
     pg_template,
 )
+from tests.tracing_rig import spans  # noqa: F401  (spans recorded in memory, for the tests that ask)

@@ -47,6 +47,8 @@ class VendorPeer:
     token_lifetime_s: int = 3600
     refuse_client: bool = False
     signature_failures: int = 0
+    #: paths of the health probes (``GET``) that arrived signed and authorised
+    probes: list[str] = field(default_factory=list)
     _scripts: dict[str, deque[tuple[Any, ...]]] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _session: aiohttp.ClientSession | None = None
@@ -71,6 +73,7 @@ class VendorPeer:
         app = web.Application()
         app.router.add_post("/oauth/token", self._token)
         app.router.add_post("/{tail:.*}", self._capability)
+        app.router.add_get("/{tail:.*}", self._probe)
         return app
 
     async def close(self) -> None:
@@ -129,6 +132,28 @@ class VendorPeer:
             task.add_done_callback(self._tasks.discard)
             return web.json_response({"status": "pending"}, status=202)
         return web.json_response({"id": f"vendor-{len(self.received)}"})
+
+    async def _probe(self, request: web.Request) -> web.Response:
+        """A health probe: signed like the capabilities (over an empty body) and authorised; scripted the same
+        way by path (("status", 503), ("sleep", 5.0), ("retry_after", "30"))."""
+        try:
+            verify_webhook(request.headers, b"", [SIGNING_SECRET], now=time.time())
+        except SignatureError:
+            self.signature_failures += 1
+            return web.json_response({"error": "bad signature"}, status=401)
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if token != STATIC_TOKEN and token not in self.valid_tokens:
+            return web.json_response({"error": "invalid_token"}, status=401)
+        self.probes.append(request.path)
+        queue = self._scripts.get(request.path)
+        behaviour = queue.popleft() if queue else ("ok",)
+        if behaviour[0] == "status":
+            return web.json_response({"error": "scripted"}, status=behaviour[1])
+        if behaviour[0] == "sleep":
+            await asyncio.sleep(behaviour[1])
+        if behaviour[0] == "retry_after":
+            return web.json_response({"error": "slow down"}, status=429, headers={"Retry-After": behaviour[1]})
+        return web.json_response({"status": "ok"})
 
     async def _call_back(self, url: str, request_id: str, choice: str, delay: float) -> None:
         await asyncio.sleep(delay)

@@ -160,6 +160,9 @@ class HttpConnector:
     def health(self) -> ConnectorHealth:
         return ConnectorHealth("up")
 
+    async def probe(self) -> ConnectorHealth:
+        return self.health()
+
 
 class Connectors:
     """Connector instances by name."""
@@ -309,6 +312,9 @@ async def build_home(
         if announce_consent:
             await registry.create(conn, registry.CONSENT, ConsentCreate(
                 subscriber_id=sub.id, purpose=ConsentPurpose.ANNOUNCE_CALLS, evidence={"channel": "test"}), **kw)
+        if fallback is FallbackAction.RECORD_MESSAGE:  # without it the message is not recorded
+            await registry.create(conn, registry.CONSENT, ConsentCreate(
+                subscriber_id=sub.id, purpose=ConsentPurpose.CALL_RECORDING, evidence={"channel": "test"}), **kw)
         await registry.create(conn, registry.POLICY, PolicyCreate(
             subscriber_id=sub.id, quiet_start=quiet[0] if quiet else None, quiet_end=quiet[1] if quiet else None,
             dnd=dnd, blocked_callers=blocked or [], ring_mode=ring_mode, fallback=fallback), **kw)

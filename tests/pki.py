@@ -157,3 +157,8 @@ def make_loopback_pki(directory: Path, *, tenant_ca_name: str = "Tenant A CA") -
     tenant_ca_file = directory / "tenant-ca.crt"
     tenant_ca_file.write_bytes(tenant_ca.cert_pem)
     return LoopbackPki(server_ca, tenant_ca, server, server_files, server_ca_file, tenant_ca_file)
+
+
+def make_named_client_cert(ca: Issued, common_name: str) -> Issued:
+    """A client certificate known by its CN alone (an MQTT broker's ``use_identity_as_username``)."""
+    return _leaf(ca, common_name, [], ExtendedKeyUsageOID.CLIENT_AUTH, None, None)

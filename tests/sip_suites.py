@@ -132,6 +132,10 @@ async def _create_home(pool: Pool, home: Home) -> Seeded:
         owner = await registry.create(tx, registry.SUBSCRIBER, SubscriberCreate(msisdn=f"+{home.msisdn}"), **kw)
         await registry.create(tx, registry.BINDING, BindingCreate(
             subscriber_id=owner.id, household_id=house.id, role=BindingRole.OWNER, priority=0), **kw)
+        if home.fallback is FallbackAction.RECORD_MESSAGE:  # without it the message is not recorded
+            await registry.create(tx, registry.CONSENT, ConsentCreate(
+                subscriber_id=owner.id, purpose=ConsentPurpose.CALL_RECORDING, evidence={"channel": "sip-tests"}),
+                **kw)
         if home.speaker:
             await registry.create(tx, registry.DEVICE, DeviceCreate(
                 household_id=house.id, name="Speaker", type=DeviceType.SPEAKER, vendor="generic-sip",

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +23,7 @@ from fs_app.call import Call, CallGone
 from fs_app.esl import EslError, Event
 from fs_app.outbound import CallHandler
 from fs_app.outreach import metrics
+from iim.core.tracing import CHANNEL_VARIABLE, AttributeValue, attrs, span
 
 if TYPE_CHECKING:
     from fs_app.outreach.calls import AlertCall
@@ -264,6 +265,36 @@ ORPHAN_LOOKUP_S = 10.0
 CLAIM_WAIT_S = 0.5
 
 
+def _correlation(call: Call) -> dict[str, AttributeValue]:
+    return attrs(call_id=call.uuid, tenant=call.variable("iim_tenant_id"), incident_id=call.variable("iim_incident_id"),
+                 event_id=call.variable("iim_event_id"))
+
+
+async def _run_traced(call: Call, alert: AlertCall, *, adopted: bool, invalid_prompt: str) -> IvrResult:
+    """The IVR, with the call's events as spans under the originate that placed it: its context comes back on the
+    channel (:data:`CHANNEL_VARIABLE`, read from the connect reply: no extra command), so they join its trace
+    also when another process placed it (an adopted call)."""
+    parent = call.variable(CHANNEL_VARIABLE)
+    common = _correlation(call)
+    with span("alert_call.answered", parent=parent, attributes={**common, **attrs(adopted=adopted)}):
+        pass
+    name = "alert_call.record" if alert.record_s > 0 else "alert_call.dtmf" if alert.digits else "alert_call.prompt"
+    with span(name, parent=parent, attributes=common) as traced:
+        result = await run_alert_ivr(call, alert, invalid_prompt=invalid_prompt)
+        if traced.is_recording():
+            traced.set_attributes(attrs(detail=result.detail, digit=result.digit, recorded=result.recorded))
+    return result
+
+
+@contextlib.contextmanager
+def _hangup_traced(call: Call, result: IvrResult) -> Iterator[None]:
+    with span("alert_call.hangup", parent=call.variable(CHANNEL_VARIABLE), attributes={
+            **_correlation(call), **attrs(by="callee" if result.detail == "hangup" else "iim")}) as traced:
+        yield
+        if traced.is_recording():
+            traced.set_attributes(attrs(hangup_cause=call.hangup_cause or result.hangup_cause))
+
+
 def _alert_variables(call: Call) -> dict[str, str]:
     names = ("iim_tenant_id", "iim_incident_id", "iim_action_key", "iim_event_id", "origination_uuid")
     return {name: value for name in names if (value := call.variable(name))}
@@ -346,22 +377,24 @@ def with_alert_calls(
                 await _hang_up(call)
                 return
             log.info("adopted an answered alert call whose worker is gone", extra={"call_id": call.uuid})
-            result = await run_alert_ivr(call, adoption.call, invalid_prompt=invalid_prompt)
+            result = await _run_traced(call, adoption.call, adopted=True, invalid_prompt=invalid_prompt)
             metrics.IVR_RESULTS.labels(result.detail).inc()
             recording = asyncio.create_task(_run_adopted(adoption, call.uuid, result))
-            await _goodbye(call, goodbye_prompt)
-            await _hang_up(call)
+            with _hangup_traced(call, result):
+                await _goodbye(call, goodbye_prompt)
+                await _hang_up(call)
             await recording
             return
-        result = await run_alert_ivr(call, alert, invalid_prompt=invalid_prompt)
+        result = await _run_traced(call, alert, adopted=False, invalid_prompt=invalid_prompt)
         metrics.IVR_RESULTS.labels(result.detail).inc()
         if not registry.resolve(uuid, result):
             log.info("alert result arrived after the placer gave up", extra={"call_id": uuid})
         hook = asyncio.create_task(_run_hook(on_result, uuid, result)) if on_result is not None else None
         log.info("alert IVR done", extra={"call_id": uuid, "digit": result.digit, "detail": result.detail,
                                            "hangup_cause": result.hangup_cause})
-        await _goodbye(call, goodbye_prompt)
-        await _hang_up(call)
+        with _hangup_traced(call, result):
+            await _goodbye(call, goodbye_prompt)
+            await _hang_up(call)
         if hook is not None:
             await hook
 

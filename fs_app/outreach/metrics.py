@@ -13,8 +13,10 @@ ORIGINATES = Counter(
     "iim_outreach_originates", "Alert calls placed, by outcome (answered, no_answer, busy, failed, unreachable, "
     "refused)", ["result"], registry=REGISTRY,
 )
+#: The one count of alert calls the toll-fraud guard refused (the scenario worker counts here too).
 REFUSALS = Counter(
-    "iim_outreach_refusals", "Alert calls not placed, by anti-toll-fraud reason", ["reason"], registry=REGISTRY,
+    "iim_originate_refused", "Alert calls refused by the toll-fraud guard, by reason", ["reason"],
+    registry=REGISTRY,
 )
 IVR_RESULTS = Counter(
     "iim_outreach_ivr", "Alert-call IVR sessions on the outbound socket, by result", ["result"], registry=REGISTRY,

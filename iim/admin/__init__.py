@@ -9,7 +9,11 @@ Entry points for wiring:
 Module map (one responsibility each):
 
 * ``problems``  -- RFC 9457 problem details with a stable ``error_id``; the error hierarchy.
-* ``auth``      -- bearer tokens (stored as SHA-256 hashes) mapped to an actor, a role and a tenant.
+* ``auth``      -- principals and their grants (role per tenant, brand/region); static bearer tokens (SHA-256).
+* ``token_source`` -- the static token table, read again when its file changes (a bad one is refused).
+* ``jwks``      -- the OIDC issuer's keys: discovery, fetch with a deadline, cache, rate-limited refetch.
+* ``oidc``      -- bearer JWTs verified (pyjwt) and their roles claim mapped to grants.
+* ``authn``     -- who is calling: static token first, then a JWT; one 401 for every failure.
 * ``settings``  -- ``IIM_ADMIN_*`` settings (token table reference, body and page limits).
 * ``bodies``    -- size-limited, strict JSON request bodies and query strings, validated by pydantic.
 * ``resources`` -- the registry collections, generated from ``policy_cache.registry``'s table specs.

@@ -18,7 +18,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from aiohttp import web
 
-from iim.admin.auth import TokenTable, principal_from_header
+from iim.admin.auth import TokenTable
+from iim.admin.authn import Authenticator
+from iim.admin.oidc import OidcVerifier
 from iim.admin.openapi import build_openapi
 from iim.admin.problems import (
     ApiError,
@@ -32,15 +34,17 @@ from iim.admin.problems import (
 from iim.admin.routes import build_routes, openapi_route
 from iim.admin.routing import Access, Handler, Route
 from iim.admin.service import PoolProvider, RegistryService
-from iim.admin.settings import AdminSettings
+from iim.admin.settings import AdminSettings, OidcSettings
+from iim.admin.token_source import TokenSource
 from iim.admin.views import OPENAPI, PRINCIPAL, REQUEST_ID, SERVICE, SETTINGS, path_uuid, request_id
+from iim.core.traced_http import traced_requests
 from policy_cache.db import DbRole, Pool, connect_pool
 
-__all__ = ["OwnedPools", "TOKENS", "create_registry_app", "mount_registry"]
+__all__ = ["AUTH", "OwnedPools", "create_registry_app", "mount_registry"]
 
 log = logging.getLogger("iim.admin")
 
-TOKENS = web.AppKey("admin_tokens", TokenTable)
+AUTH = web.AppKey("admin_auth", Authenticator)
 ROUTES = web.AppKey("admin_routes", tuple[Route, ...])
 
 _SECURITY_HEADERS = {
@@ -56,13 +60,20 @@ def _guard(route: Route) -> Handler:
     handler = route.handler
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        principal = principal_from_header(request.headers.get("Authorization"), request.app[TOKENS])
+        principal = await request.app[AUTH].principal(request.headers.get("Authorization"))
         request[PRINCIPAL] = principal
         if route.access is Access.ADMIN:
             principal.require_admin()
         elif "tenant_id" in request.match_info:
             tenant_id = path_uuid(request, "tenant_id")
-            if route.access is Access.WRITE:
+            write = route.access is Access.WRITE
+            tenant_wide = principal.can_write(tenant_id) if write else principal.can_read(tenant_id)
+            if route.household_scoped and not tenant_wide and principal.can_reach_households(tenant_id):
+                # A brand/region-scoped grant: allowed when this household is in its scope (a household that
+                # does not exist is in no scope: the same 403, no existence oracle).
+                brand, region = await request.app[SERVICE].household_scope(tenant_id, path_uuid(request, "id"))
+                principal.require_household(tenant_id, brand, region, write=write)
+            elif write:
                 principal.require_write(tenant_id)
             else:
                 principal.require_read(tenant_id)
@@ -114,6 +125,7 @@ def create_registry_app(
     directory_pool: PoolProvider | None = None,
     tokens: TokenTable | None = None,
     extra_routes: Sequence[Route] = (),
+    oidc: OidcSettings | None = None,
 ) -> web.Application:
     """The registry admin API as an aiohttp sub-application (routes relative to ``settings.prefix``).
 
@@ -123,21 +135,29 @@ def create_registry_app(
         settings: ``AdminSettings()`` (``IIM_ADMIN_*``) by default.
         directory_pool: returns an ``iim_cache`` pool, used only to list every tenant for admin and
             unscoped viewer tokens.
-        tokens: the token table; by default loaded from ``settings.tokens_ref`` (unset: every request 401).
+        tokens: a fixed token table; by default ``settings.tokens_ref``, read again when its file changes.
         extra_routes: routes of other rooms served under the same prefix and tokens (``/connectors``).
+        oidc: the OIDC issuer whose bearer JWTs are accepted too; by default ``OidcSettings()``
+            (``IIM_OIDC_*``; no issuer: static tokens only).
 
     Raises:
         iim.admin.auth.TokenConfigError: the token table reference does not resolve or is invalid.
     """
     settings = settings or AdminSettings()
-    table = tokens if tokens is not None else TokenTable.load(settings.tokens_ref)
-    if len(table) == 0:
-        log.warning("admin API: no tokens configured (IIM_ADMIN_TOKENS_REF); every request will be refused")
+    source = TokenSource.fixed(tokens) if tokens is not None else TokenSource(
+        settings.tokens_ref, check_interval_s=settings.tokens_check_interval_s)
+    oidc = oidc or OidcSettings()
+    verifier = OidcVerifier(oidc) if oidc.issuer is not None else None
+    if len(source.current()) == 0 and verifier is None:
+        log.warning("admin API: no tokens configured (IIM_ADMIN_TOKENS_REF, IIM_OIDC_ISSUER); every request "
+                    "will be refused")
+    auth = Authenticator(source, verifier)
     routes = (*build_routes(), *extra_routes)
-    app = web.Application(middlewares=[problem_middleware])
+    # Outermost: a span per request (joined to the caller's W3C traceparent), with the status actually sent.
+    app = web.Application(middlewares=[traced_requests(), problem_middleware])
     app[SERVICE] = RegistryService(pool_provider, directory_pool, deadline_s=settings.store_deadline_s)
     app[SETTINGS] = settings
-    app[TOKENS] = table
+    app[AUTH] = auth
     app[ROUTES] = routes
     root_openapi = openapi_route("/openapi.json", "getOpenApiAtRoot")
     document = build_openapi(
@@ -146,6 +166,12 @@ def create_registry_app(
                     "Errors are RFC 9457 problem details with a stable error_id.",
     )
     app[OPENAPI] = json.dumps(document).encode()
+
+    async def auth_ctx(_app: web.Application) -> AsyncIterator[None]:
+        async with auth:
+            yield
+
+    app.cleanup_ctx.append(auth_ctx)
     for route in routes:
         app.router.add_route(route.method, route.path, _guard(route), name=route.operation_id)
     return app

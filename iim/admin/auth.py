@@ -56,38 +56,93 @@ class TokenEntry(BaseModel):
         return self
 
 
+#: The one answer to every authentication failure, static token or JWT: no oracle on which check failed.
+BAD_TOKEN = "a valid Authorization: Bearer <token> header is required"  # noqa: S105 -- a message, not a secret
+
+
 class TokenConfigError(ValueError):
     """The token table cannot be read or is not valid; the message never contains a token."""
 
 
 @dataclass(frozen=True, slots=True)
+class Grant:
+    """One role in one scope: every tenant (``tenant`` None), one tenant, or one brand/region of a tenant."""
+
+    role: Role
+    tenant: UUID | None = None
+    brand: UUID | None = None
+    region: UUID | None = None
+
+    @property
+    def tenant_wide(self) -> bool:
+        return self.brand is None and self.region is None
+
+    def reads(self, tenant_id: UUID) -> bool:
+        return self.role is Role.ADMIN or self.tenant is None or self.tenant == tenant_id
+
+    def writes(self, tenant_id: UUID) -> bool:
+        return self.role is Role.ADMIN or (self.role is Role.OPERATOR and self.tenant == tenant_id)
+
+    def covers(self, brand: UUID | None, region: UUID | None) -> bool:
+        """Does this grant's brand/region scope hold a household of ``brand`` / ``region``?"""
+        return (self.brand is None or self.brand == brand) and (self.region is None or self.region == region)
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
-    """The authenticated caller of one request."""
+    """The authenticated caller of one request: who (written into audit rows) and what it may do.
+
+    Deny by default: an action is allowed only when one grant allows it; a grant scoped to a brand or a
+    region allows nothing tenant-wide, only households of its brand/region (:meth:`require_household`).
+    """
 
     actor: str
-    role: Role
-    tenant: UUID | None
+    grants: tuple[Grant, ...]
+
+    @classmethod
+    def single(cls, actor: str, role: Role, tenant: UUID | None = None) -> Principal:
+        return cls(actor, (Grant(role, tenant),))
+
+    def _describe(self) -> str:
+        roles = ", ".join(sorted({g.role.value for g in self.grants})) or "no role"
+        return f"{self.actor!r} ({roles})"
+
+    def visible_tenants(self) -> frozenset[UUID] | None:
+        """The tenants this caller may see at all; ``None``: every tenant."""
+        if any(g.tenant is None for g in self.grants):
+            return None
+        return frozenset(g.tenant for g in self.grants if g.tenant is not None)
 
     def can_read(self, tenant_id: UUID) -> bool:
-        return self.tenant is None or self.tenant == tenant_id
+        return any(g.tenant_wide and g.reads(tenant_id) for g in self.grants)
 
     def can_write(self, tenant_id: UUID) -> bool:
-        if self.role is Role.ADMIN:
-            return True
-        return self.role is Role.OPERATOR and self.tenant == tenant_id
+        return any(g.tenant_wide and g.writes(tenant_id) for g in self.grants)
+
+    def can_reach_households(self, tenant_id: UUID) -> bool:
+        """Some grant (tenant-wide or scoped) reaches households of this tenant."""
+        return any(g.reads(tenant_id) for g in self.grants)
+
+    def can_household(self, tenant_id: UUID, brand: UUID | None, region: UUID | None, *, write: bool) -> bool:
+        return any((g.writes(tenant_id) if write else g.reads(tenant_id)) and g.covers(brand, region)
+                   for g in self.grants)
 
     def require_read(self, tenant_id: UUID) -> None:
         if not self.can_read(tenant_id):
-            raise Forbidden(f"{self.role} token of {self.actor!r} may not read this tenant")
+            raise Forbidden(f"{self._describe()} may not read this tenant")
 
     def require_write(self, tenant_id: UUID) -> None:
         self.require_read(tenant_id)
         if not self.can_write(tenant_id):
-            raise Forbidden(f"{self.role} token of {self.actor!r} may not change this tenant's registry")
+            raise Forbidden(f"{self._describe()} may not change this tenant's registry")
+
+    def require_household(self, tenant_id: UUID, brand: UUID | None, region: UUID | None, *, write: bool) -> None:
+        if not self.can_household(tenant_id, brand, region, write=write):
+            raise Forbidden(f"{self._describe()} may not {'change' if write else 'read'} this household")
 
     def require_admin(self) -> None:
-        if self.role is not Role.ADMIN:
-            raise Forbidden(f"only an admin token may manage tenants ({self.actor!r} is {self.role})")
+        if not any(g.role is Role.ADMIN for g in self.grants):
+            raise Forbidden(f"only an admin may manage tenants ({self._describe()})")
 
 
 def hash_token(token: str) -> str:
@@ -151,18 +206,21 @@ class TokenTable:
                 found = entry
         if found is None:
             return None
-        return Principal(actor=found.actor, role=found.role, tenant=found.tenant)
+        return Principal.single(found.actor, found.role, found.tenant)
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header, or :class:`Unauthenticated` (:data:`BAD_TOKEN`)."""
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated(BAD_TOKEN)
+    return token
 
 
 def principal_from_header(authorization: str | None, table: TokenTable) -> Principal:
-    """Authenticate an ``Authorization: Bearer <token>`` header or raise :class:`Unauthenticated`."""
-    if not authorization:
-        raise Unauthenticated("an Authorization: Bearer <token> header is required")
-    scheme, _, token = authorization.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthenticated("the Authorization header must use the Bearer scheme")
-    principal = table.authenticate(token)
+    """Authenticate an ``Authorization: Bearer <token>`` header against ``table`` or raise :class:`Unauthenticated`."""
+    principal = table.authenticate(bearer_token(authorization))
     if principal is None:
-        raise Unauthenticated("the bearer token is not valid")
+        raise Unauthenticated(BAD_TOKEN)
     return principal

@@ -380,6 +380,16 @@ def _register_resource(sub: Any, res: Resource) -> Any:
     return actions
 
 
+def _register_erase(actions: Any, res: Resource) -> None:
+    p = actions.add_parser("erase", parents=[_common(tenant_scoped=True)],
+                           help="right to erasure (admin): remove the subscriber's personal content and the "
+                                "subscriber; the audit chain still verifies")
+    p.add_argument("id", type=_id)
+    p.set_defaults(func=_run(lambda a, c: c.request("POST", f"{_tenant_path(a)}/{res.plural}/{a.id}/erase"),
+                             ("subscriber_id", "sms_inbound_deleted", "event_payloads_erased",
+                              "audit_details_tombstoned")))
+
+
 def _deleted(client: ApiClient, path: str, label: str, row_id: str) -> dict[str, str]:
     client.request("DELETE", path)
     return {"deleted": label, "id": row_id}
@@ -821,6 +831,8 @@ def register_subcommands(subparsers: Any, *, include_db: bool = True) -> None:
         actions = _register_resource(subparsers, res)
         if res.name == "scenario":
             _register_scenario_tools(actions)
+        if res.name == "subscriber":
+            _register_erase(actions, res)
     _register_audit(subparsers)
     _register_token(subparsers)
     if include_db:

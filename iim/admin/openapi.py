@@ -19,6 +19,7 @@ from iim.admin.problems import (
     PROBLEM_CONTENT_TYPE,
     ApiError,
     Forbidden,
+    IdentityUnavailable,
     InternalError,
     Problem,
     StoreUnavailable,
@@ -125,7 +126,7 @@ def _operation(
     responses: dict[str, Any] = {str(route.response_status): success}
     errors: list[type[ApiError]] = list(route.errors)
     if route.access is not Access.PUBLIC:
-        errors += [Unauthenticated, Forbidden, StoreUnavailable]
+        errors += [Unauthenticated, Forbidden, StoreUnavailable, IdentityUnavailable]
         op["security"] = [{SECURITY_SCHEME: []}]
     else:
         op["security"] = []
@@ -167,7 +168,8 @@ def build_openapi(
                 SECURITY_SCHEME: {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "An admin API token; the server stores only its SHA-256.",
+                    "description": "An admin API token (the server stores only its SHA-256) or a JWT of the "
+                                   "configured OIDC issuer.",
                 }
             },
         },

@@ -17,6 +17,7 @@ Hierarchy (every class is an :class:`ApiError`; ``status`` is the HTTP status se
     +-- ValidationFailed      422 validation-failed   pydantic errors, with their locations in ``errors``
     +-- InvalidReference      422 invalid-reference   a referenced row does not exist in this tenant
     +-- StoreUnavailable      503 store-unavailable   PostgreSQL cannot be reached
+    +-- IdentityUnavailable   503 identity-unavailable the OIDC issuer's keys cannot be fetched (JWTs only)
     +-- InternalError         500 internal-error
 
 The ``error_id`` values are part of the API contract: clients and runbooks match on them, so
@@ -184,6 +185,17 @@ class StoreUnavailable(ApiError):
         super().__init__(detail, headers={"Retry-After": str(retry_after_s)})
 
 
+class IdentityUnavailable(ApiError):
+    """The OIDC issuer's keys cannot be fetched: a JWT cannot be checked now (static tokens still work)."""
+
+    status = 503
+    error_id = "identity-unavailable"
+    title = "Identity provider unavailable"
+
+    def __init__(self, detail: str, *, retry_after_s: int = 30) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after_s)})
+
+
 class InternalError(ApiError):
     status = 500
     error_id = "internal-error"
@@ -193,6 +205,7 @@ class InternalError(ApiError):
 ALL_ERRORS: tuple[type[ApiError], ...] = (
     MalformedRequest, InvalidParameter, Unauthenticated, Forbidden, NotFound, MethodNotAllowed, Conflict,
     VersionConflict, StillReferenced, PayloadTooLarge, UnsupportedMediaType, ValidationFailed, InvalidReference, StoreUnavailable, InternalError,
+    IdentityUnavailable,
 )
 
 

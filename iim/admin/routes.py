@@ -20,7 +20,8 @@ from iim.admin.problems import (
 from iim.admin.resources import RESOURCES, ListQuery, NoQuery, Resource, page_model
 from iim.admin.routing import Access, PathParam, Route
 from iim.admin.service import AuditPage, AuditQuery, ChainStatus, HeadsToVerify
-from policy_cache.registry import TENANT
+from iim.privacy.erasure import ErasureReport
+from policy_cache.registry import HOUSEHOLD, TENANT
 
 TENANT_ID = PathParam("tenant_id", "the tenant's id")
 
@@ -69,6 +70,7 @@ def _resource_routes(res: Resource) -> list[Route]:
     one = PathParam("id", f"the {res.table.label}'s id")
     base = f"/tenants/{{tenant_id}}/{res.plural}"
     label = res.table.label
+    scoped = res.table is HOUSEHOLD
     routes = [
         Route("GET", base, views.list_view(res), _camel("list", res.plural), f"List {res.plural}", res.plural,
               Access.READ, path_params=(TENANT_ID,), query_model=res.list_query, response_model=res.page_model,
@@ -79,7 +81,7 @@ def _resource_routes(res: Resource) -> list[Route]:
               response_description="Created", errors=(NotFound, Conflict, InvalidReference, *_BODY_ERRORS)),
         Route("GET", base + "/{id}", views.get_view(res), _camel("get", res.name), f"Show a {label}",
               res.plural, Access.READ, path_params=(TENANT_ID, one), query_model=NoQuery,
-              response_model=res.read_model, errors=(NotFound, InvalidParameter)),
+              response_model=res.read_model, errors=(NotFound, InvalidParameter), household_scoped=scoped),
     ]
     if res.update_model is not None:
         errors: tuple[type[ApiError], ...] = (NotFound, Conflict, InvalidReference, *_BODY_ERRORS)
@@ -89,13 +91,14 @@ def _resource_routes(res: Resource) -> list[Route]:
             "PATCH", base + "/{id}", views.update_view(res), _camel("update", res.name),
             f"Change a {label} (only the fields sent; null clears a nullable field)", res.plural, Access.WRITE,
             path_params=(TENANT_ID, one), query_model=res.update_query, request_model=res.update_model,
-            response_model=res.read_model, errors=errors,
+            response_model=res.read_model, errors=errors, household_scoped=scoped,
         ))
     if res.deletable:
         routes.append(Route(
             "DELETE", base + "/{id}", views.delete_view(res), _camel("delete", res.name), f"Delete a {label}",
             res.plural, Access.WRITE, path_params=(TENANT_ID, one), query_model=NoQuery, response_status=204,
             response_description="Deleted", errors=(NotFound, StillReferenced, InvalidParameter),
+            household_scoped=scoped,
         ))
     if res.revocable:
         routes.append(Route(
@@ -105,6 +108,17 @@ def _resource_routes(res: Resource) -> list[Route]:
             errors=(NotFound, MalformedRequest, InvalidParameter),
         ))
     return routes
+
+
+def _privacy_routes() -> list[Route]:
+    return [
+        Route("POST", "/tenants/{tenant_id}/subscribers/{id}/erase", views.erase_subscriber, "eraseSubscriber",
+              "Erase a subscriber (admin): their incoming SMS, their devices' event payloads and the audit details "
+              "about them are removed (audit rows become tombstones: the chain still verifies), then the "
+              "subscriber", "subscribers", Access.ADMIN,
+              path_params=(TENANT_ID, PathParam("id", "the subscriber's id")), query_model=NoQuery,
+              response_model=ErasureReport, errors=(NotFound, MalformedRequest, InvalidParameter)),
+    ]
 
 
 def openapi_route(path: str, operation_id: str) -> Route:
@@ -117,5 +131,6 @@ def build_routes() -> tuple[Route, ...]:
     routes = _tenant_routes()
     for res in RESOURCES:
         routes.extend(_resource_routes(res))
+    routes.extend(_privacy_routes())
     routes.append(openapi_route("/openapi.json", "getOpenApi"))
     return tuple(routes)

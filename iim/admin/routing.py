@@ -51,3 +51,5 @@ class Route:
     response_status: int = 200
     response_description: str = "OK"
     errors: tuple[type[ApiError], ...] = field(default_factory=tuple)
+    #: The path's ``{id}`` is a household: a grant scoped to a brand/region may call it for its households.
+    household_scoped: bool = False

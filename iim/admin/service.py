@@ -30,6 +30,7 @@ from iim.admin import problems
 from iim.admin.problems import FieldError
 from iim.admin.resources import Correlation, ListQuery, Resource
 from iim.core.errors import STORE_UNAVAILABLE
+from iim.privacy.erasure import ErasureReport, erase_subscriber
 from policy_cache import audit, audit_heads, registry
 from policy_cache import errors as store
 from policy_cache.db import Connection, Pool, tenant_tx
@@ -137,6 +138,17 @@ def map_store_errors(*, deleting: bool = False) -> Iterator[None]:
         raise problems.StoreUnavailable("the registry database cannot be reached; retry later") from exc
 
 
+#: Resources whose rows are personal data (numbers, names, a household's contacts, consents): every admin
+#: read of them is audited with the actor (``<entity>.read``), in the reading transaction.
+SENSITIVE_READS = frozenset({"subscriber", "binding", "consent"})
+
+
+async def _audit_read(conn: Connection, actor: str, entity: str, row_id: UUID | None,
+                      correlation: Correlation | None, detail: dict[str, Any]) -> None:
+    await audit.stage(conn, actor=actor or "unknown", action=f"{entity}.read", entity=entity, entity_id=row_id,
+                      detail=detail, correlation=correlation)
+
+
 class RegistryService:
     """Registry operations for the API, each in one tenant-scoped transaction.
 
@@ -208,6 +220,15 @@ class RegistryService:
             await self._require_tenant(conn, tenant_id)
             await registry.delete(conn, registry.TENANT, tenant_id, actor=actor, correlation=correlation)
 
+    async def household_scope(self, tenant_id: UUID, household_id: UUID) -> tuple[UUID | None, UUID | None]:
+        """The household's brand and region, for a grant scoped to one; ``(None, None)`` when there is none."""
+        async with self._tx(tenant_id, write=False) as conn:
+            try:
+                row = await registry.get(conn, registry.HOUSEHOLD, household_id)
+            except store.NotFound:
+                return None, None
+        return row.brand_id, row.region_id
+
     # -- tenant-scoped resources --------------------------------------------------------------------
 
     async def create(
@@ -217,15 +238,26 @@ class RegistryService:
             await self._require_tenant(conn, tenant_id)
             return await res.create(conn, data, actor, correlation)
 
-    async def list(self, res: Resource, tenant_id: UUID, query: ListQuery) -> Sequence[BaseModel]:
-        async with self._tx(tenant_id, write=False) as conn:
+    async def list(self, res: Resource, tenant_id: UUID, query: ListQuery, actor: str = "",
+                   correlation: Correlation | None = None) -> Sequence[BaseModel]:
+        sensitive = res.name in SENSITIVE_READS
+        async with self._tx(tenant_id, write=sensitive) as conn:
             await self._require_tenant(conn, tenant_id)
-            return await res.list(conn, query)
+            rows = await res.list(conn, query)
+            if sensitive:
+                await _audit_read(conn, actor, res.name, None, correlation, {
+                    "listed": len(rows), "query": query.model_dump(mode="json", exclude_none=True)})
+            return rows
 
-    async def get(self, res: Resource, tenant_id: UUID, row_id: UUID) -> BaseModel:
-        async with self._tx(tenant_id, write=False) as conn:
+    async def get(self, res: Resource, tenant_id: UUID, row_id: UUID, actor: str = "",
+                  correlation: Correlation | None = None) -> BaseModel:
+        sensitive = res.name in SENSITIVE_READS
+        async with self._tx(tenant_id, write=sensitive) as conn:
             await self._require_tenant(conn, tenant_id)
-            return await res.get(conn, row_id)
+            row = await res.get(conn, row_id)
+            if sensitive:
+                await _audit_read(conn, actor, res.name, row_id, correlation, {})
+            return row
 
     async def update(
         self, res: Resource, tenant_id: UUID, row_id: UUID, data: BaseModel, query: BaseModel, actor: str,
@@ -251,6 +283,15 @@ class RegistryService:
         async with self._tx(tenant_id, write=True) as conn:
             await self._require_tenant(conn, tenant_id)
             return await res.revoke(conn, row_id, actor, correlation)
+
+    # -- privacy ------------------------------------------------------------------------------------
+
+    async def erase_subscriber(self, tenant_id: UUID, subscriber_id: UUID, actor: str,
+                               correlation: Correlation) -> ErasureReport:
+        """Right to erasure (:mod:`iim.privacy.erasure`), in one transaction."""
+        async with self._tx(tenant_id, write=True) as conn:
+            await self._require_tenant(conn, tenant_id)
+            return await erase_subscriber(conn, tenant_id, subscriber_id, actor=actor, correlation=correlation)
 
     # -- audit --------------------------------------------------------------------------------------
 

@@ -84,11 +84,16 @@ async def openapi_view(request: web.Request) -> web.Response:
 async def list_tenants(request: web.Request) -> web.Response:
     service, settings = request.config_dict[SERVICE], request.config_dict[SETTINGS]
     principal = request[PRINCIPAL]
+    visible = principal.visible_tenants()
     query = _limit(settings, parse_query(request, ListQuery))
-    if principal.tenant is None:
+    if visible is None:
         rows = await service.list_all_tenants(query)
-    else:
-        rows = await service.list_own_tenant(principal.tenant, query)
+    else:  # the tenants it may read as a whole, in id order (a caller holds at most a few dozen grants)
+        rows = []
+        for tenant_id in sorted(t for t in visible if principal.can_read(t)):
+            if len(rows) >= query.limit:
+                break
+            rows.extend(await service.list_own_tenant(tenant_id, query))
     return json_response(_page(rows, query, Tenant))
 
 
@@ -146,9 +151,26 @@ def audit_heads_view(latest: Callable[[UUID | None], list[dict[str, Any]]]) -> H
 
     async def handler(request: web.Request) -> web.Response:
         principal = request[PRINCIPAL]
-        return json_response({"heads": latest(principal.tenant)})
+        visible = principal.visible_tenants()
+        if visible is None:
+            return json_response({"heads": latest(None)})
+        heads = [h for t in sorted(visible) if principal.can_read(t) for h in latest(t)]
+        return json_response({"heads": heads})
 
     return handler
+
+
+# -- privacy ----------------------------------------------------------------------------------------------
+
+async def erase_subscriber(request: web.Request) -> web.Response:
+    """Right to erasure: the subscriber's personal content removed, the audit chain still verifiable."""
+    service = request.config_dict[SERVICE]
+    parse_query(request, NoQuery)
+    if (request.content_length or 0) > 0 or request.headers.get("Transfer-Encoding"):
+        raise MalformedRequest("erase takes no request body")
+    report = await service.erase_subscriber(path_uuid(request, "tenant_id"), path_uuid(request, "id"),
+                                            request[PRINCIPAL].actor, _correlation(request))
+    return json_response(report)
 
 
 # -- tenant-scoped resources ------------------------------------------------------------------------------
@@ -157,7 +179,8 @@ def list_view(res: Resource) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         service, settings = request.config_dict[SERVICE], request.config_dict[SETTINGS]
         query = _limit(settings, parse_query(request, res.list_query))
-        rows = await service.list(res, path_uuid(request, "tenant_id"), query)
+        rows = await service.list(res, path_uuid(request, "tenant_id"), query, request[PRINCIPAL].actor,
+                                  _correlation(request))
         return json_response(_page(rows, query, res.read_model))
 
     return handler
@@ -179,7 +202,8 @@ def get_view(res: Resource) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         service = request.config_dict[SERVICE]
         parse_query(request, NoQuery)
-        row = await service.get(res, path_uuid(request, "tenant_id"), path_uuid(request, "id"))
+        row = await service.get(res, path_uuid(request, "tenant_id"), path_uuid(request, "id"),
+                                request[PRINCIPAL].actor, _correlation(request))
         return json_response(row)
 
     return handler

@@ -5,5 +5,6 @@
 * ``webhook``  -- the universal webhook/REST connector (signing, OAuth2, retries, circuit breaker).
 * ``breaker``  -- the circuit breaker, pure bookkeeping.
 * ``http``     -- the ``GET /v1/connectors`` handler and the vendors' user-action callback sub-app.
-* ``metrics``  -- ``iim_connector_up``, ``iim_connector_requests``, ``iim_connector_breaker_state``.
+* ``metrics``  -- ``iim_connector_requests``, ``iim_connector_breaker_state`` (up/down is ``/health``'s
+  ``iim_dependency_up``).
 """

@@ -29,14 +29,6 @@ class BreakerState(StrEnum):
     HALF_OPEN = "half_open"
     OPEN = "open"
 
-    @property
-    def gauge_value(self) -> int:
-        """0 closed, 1 half-open, 2 open: the ``iim_connector_breaker_state`` value, rising with trouble."""
-        return _GAUGE[self]
-
-
-_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
-
 
 class CircuitBreaker:
     """Consecutive-failure breaker with a single half-open probe.

@@ -3,7 +3,8 @@
 A connector is a plugin found through the ``iim.connectors`` entry-point group. It declares a manifest
 (name, capabilities, config schema) and is set up and unloaded in pairs. Callers never learn a vendor's
 protocol: they send notifications, ask a person to choose (answer a call? false alarm?), deliver
-rendered speech, and receive events; health says whether the cloud behind it can be relied on now.
+rendered speech, and receive events; health says whether the cloud behind it can be relied on now, and
+``probe()`` checks it: the registry probes every connector on an interval, so "up" always means "checked".
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class TtsDelivery:
 
 @dataclass(frozen=True, slots=True)
 class ConnectorHealth:
+    """``checked_at``: when the vendor last answered or failed to (a probe or a request); ``None`` until then,
+    and a connector never checked is never ``up``."""
+
     state: Literal["up", "degraded", "down"]
     last_error: str | None = None
     checked_at: datetime | None = None
@@ -109,6 +113,14 @@ class Connector(Protocol):
 
     def health(self) -> ConnectorHealth: ...
 
+    async def probe(self) -> ConnectorHealth:
+        """Ask the vendor now, with one cheap request, whether it works, and return the health that follows.
+
+        Called by the registry every probe interval under its own deadline (a probe still running then is
+        cancelled and counted as ``down``); raising counts as ``down`` too. No retries: the next probe is
+        the retry.
+        """
+        ...
 
 
 # --- what a plugin is given, and how it is made (the loader's side of the contract) ----------------------

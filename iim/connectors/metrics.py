@@ -1,8 +1,9 @@
 """Prometheus metrics of the smart-home connectors, in the process registry (``iim.core.metrics.REGISTRY``).
 
-``iim_connector_requests`` counts HTTP attempts as they happen. ``iim_connector_up`` and
-``iim_connector_breaker_state`` are read from the loaded connectors at scrape time, so an open circuit
-turning half-open after its cool-down shows without any request having to pass.
+``iim_connector_requests`` counts HTTP attempts as they happen. ``iim_connector_breaker_state`` is read from
+the loaded connectors at scrape time, so an open circuit turning half-open after its cool-down shows without
+any request having to pass; it is an enum as labels (Prometheus's convention): one sample per state, 1 for
+the current one. Whether a connector is up is ``/health``'s business (``iim_dependency_up``, checked by probes).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from prometheus_client.registry import Collector
 from iim.connectors.breaker import BreakerState
 from iim.core.metrics import REGISTRY
 
-__all__ = ["REQUESTS", "UP_VALUE", "watch"]
+__all__ = ["REQUESTS", "watch"]
 
 REQUESTS = Counter(
     "iim_connector_requests",
@@ -26,9 +27,6 @@ REQUESTS = Counter(
     "server_error, timeout, connection_error, circuit_open)",
     ["connector", "capability", "result"], registry=REGISTRY,
 )
-
-#: ``iim_connector_up`` values by health state.
-UP_VALUE = {"up": 1.0, "degraded": 0.5, "down": 0.0}
 
 
 class _Gauges(Protocol):
@@ -47,30 +45,26 @@ class _ConnectorCollector(Collector):
         self._sources.add(source)
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
-        yield from self._families()
+        yield self._family()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        up, breaker = self._families()
+        breaker = self._family()
         seen: set[str] = set()
         for source in list(self._sources):
-            for name, health, breaker_state in source.gauge_samples():
+            for name, _health, breaker_state in source.gauge_samples():
                 if name in seen:  # one registry per process in production; tests may hold several
                     continue
                 seen.add(name)
-                up.add_metric([name], UP_VALUE[health])
                 if breaker_state is not None:
-                    breaker.add_metric([name], BreakerState(breaker_state).gauge_value)
-        yield up
+                    for state in BreakerState:
+                        breaker.add_metric([name, state.value], 1.0 if state.value == breaker_state else 0.0)
         yield breaker
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
-        return (
-            GaugeMetricFamily("iim_connector_up", "Connector health: 1 up, 0.5 degraded, 0 down",
-                              labels=["connector"]),
-            GaugeMetricFamily("iim_connector_breaker_state",
-                              "Connector circuit breaker: 0 closed, 1 half-open, 2 open", labels=["connector"]),
-        )
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily("iim_connector_breaker_state",
+                                 "Connector circuit breaker: 1 for its current state (closed, half_open, open)",
+                                 labels=["connector", "state"])
 
 
 _COLLECTOR = _ConnectorCollector()

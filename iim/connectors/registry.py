@@ -13,8 +13,12 @@ use the ``webhook`` plugin)::
 Like Home Assistant's ``async_setup_entry`` / ``async_unload_entry``, only a connector whose ``setup()``
 succeeded is unloaded, in the reverse order of setup. One plugin failing (unknown plugin, import error,
 config refused, ``setup()`` raising or hanging) never stops the others: it is kept as a failed entry whose
-health is ``down`` with the reason in ``last_error``, so ``GET /v1/connectors`` and ``iim_connector_up`` say
-why it is missing. Calls go on without it (callers fall back to phone/SMS).
+health is ``down`` with the reason in ``last_error``, so ``GET /v1/connectors`` and ``/health`` say why it
+is missing. Calls go on without it (callers fall back to phone/SMS).
+
+:meth:`ConnectorRegistry.run_probes` (a supervised task of the service) calls every ready connector's
+``probe()`` on an interval, each under a deadline: a probe that hangs or raises makes the connector ``down``,
+and one never probed is at best ``degraded`` ("not checked yet"), whatever the plugin's ``health()`` says.
 """
 
 from __future__ import annotations
@@ -153,6 +157,9 @@ class _Slot:
     set_up: bool = False
     error: str | None = None
     failed_at: datetime | None = field(default=None)
+    probed: bool = False
+    probe_error: str | None = None
+    probed_at: datetime | None = None
 
 
 class ConnectorRegistry(AsyncResource):
@@ -343,6 +350,34 @@ class ConnectorRegistry(AsyncResource):
 
     # --- health --------------------------------------------------------------------------------------------
 
+    async def probe_all(self, timeout: float) -> None:
+        """Probe every ready connector at once, each within ``timeout`` s (a hung vendor holds nobody else)."""
+        slots = [slot for slot in self._slots.values() if slot.connector is not None and slot.set_up]
+        await asyncio.gather(*(self._probe(slot, timeout) for slot in slots))
+
+    async def run_probes(self, interval: float, timeout: float) -> None:
+        """Probe every ``interval`` s until cancelled (run it under a ``TaskSupervisor``)."""
+        while True:
+            await self.probe_all(timeout)
+            await asyncio.sleep(interval)
+
+    async def _probe(self, slot: _Slot, timeout: float) -> None:
+        connector = slot.connector
+        assert connector is not None
+        try:
+            async with asyncio.timeout(timeout):
+                await connector.probe()
+        except TimeoutError:
+            slot.probe_error = f"probe did not answer within {timeout:g} s"
+        except Exception as exc:  # noqa: BLE001 -- a plugin's probe bug reads as down, it must not stop probing
+            slot.probe_error = f"probe failed: {type(exc).__name__}: {exc}"
+        else:
+            slot.probe_error = None
+        slot.probed = True
+        slot.probed_at = datetime.fromtimestamp(self.context.clock.time(), UTC)
+        if slot.probe_error is not None:
+            log.warning("connector %s: %s", slot.entry.name, slot.probe_error)
+
     def statuses(self) -> list[ConnectorStatus]:
         """Name, capabilities and health of every configured connector, failed ones included."""
         return [self._status(slot) for slot in self._slots.values()]
@@ -360,6 +395,10 @@ class ConnectorRegistry(AsyncResource):
             except Exception as exc:  # noqa: BLE001 -- a broken health() reads as down, it must not break /v1
                 health = ConnectorHealth("down", f"health check failed: {type(exc).__name__}",
                                          datetime.fromtimestamp(self.context.clock.time(), UTC))
+            if slot.probe_error is not None:
+                health = ConnectorHealth("down", slot.probe_error, slot.probed_at)
+            elif not slot.probed and health.state == "up":  # "up" means checked
+                health = ConnectorHealth("degraded", "not checked yet", health.checked_at)
         else:
             health = ConnectorHealth("down", slot.error or "not set up", slot.failed_at)
         return ConnectorStatus(slot.entry.name, slot.entry.plugin, version, capabilities, health, breaker)

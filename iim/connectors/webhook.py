@@ -16,6 +16,11 @@ backoff and jitter on 5xx, timeouts and connection errors (a 4xx is final, excep
 lets one probe through after ``reset_timeout_s``. While open, calls fail at once with
 :class:`ConnectorUnavailable` and callers use their fallback (phone call, SMS).
 
+Health is checked, not assumed: ``probe()`` (the registry calls it on an interval) sends one signed,
+authorised ``GET {base_url}{probe_path}``: 2xx is up, 429 degraded, anything else down. Without a
+``probe_path`` it asks ``GET {base_url}`` and only needs the vendor's server to answer (below 500, not
+401/403). Until a probe or a request has reached the vendor, the connector is ``degraded``: "not checked yet".
+
 Secrets are resolved from references at ``setup()`` and kept in :class:`_Secret` holders that never print;
 errors and logs say what failed (status, exception type), never a header or token.
 """
@@ -179,6 +184,16 @@ class WebhookConfig(_Strict):
     #: Callbacks older or newer than this (by ``webhook-timestamp``) are refused.
     callback_tolerance_s: int = Field(default=300, ge=10, le=3600)
     max_response_bytes: int = Field(default=1 << 20, ge=1024, le=16 << 20)
+    #: What ``probe()`` asks (``GET {base_url}{probe_path}``, 2xx expected); ``None``: ``GET {base_url}``,
+    #: any answer below 500 (bar 401/403) counts.
+    probe_path: str | None = None
+
+    @field_validator("probe_path")
+    @classmethod
+    def _probe(cls, value: str | None) -> str | None:
+        if value is not None and (not _PATH.fullmatch(value) or "/../" in value + "/" or "//" in value):
+            raise ValueError("must be an absolute path such as /v1/health (no host, query or ..)")
+        return value
 
     @field_validator("base_url")
     @classmethod
@@ -271,6 +286,10 @@ class WebhookConnector:
         self._pending: dict[str, _Pending] = {}
         self._last_error: str | None = None
         self._last_failure_at: float | None = None
+        #: wall time the vendor last answered or failed to (a probe or a request); None: never checked
+        self._checked_at: float | None = None
+        #: the last probe's verdict when it was not "up" (cleared by a probe or request that succeeds)
+        self._probe_trouble: tuple[Literal["degraded", "down"], str] | None = None
 
     def __repr__(self) -> str:
         return (f"WebhookConnector(name={self.name!r}, base_url={self.config.base_url!r}, "
@@ -398,18 +417,63 @@ class WebhookConnector:
     # --- health --------------------------------------------------------------------------------------------
 
     def health(self) -> ConnectorHealth:
-        """down: not set up or circuit open; degraded: half-open or a failure in the last window; else up."""
-        checked = datetime.fromtimestamp(self._clock.time(), UTC)
+        """down: not set up, circuit open or the last probe failed; degraded: never checked, half-open, a
+        failure in the last window or a rate-limited probe; else up (checked, and working)."""
+        checked = None if self._checked_at is None else datetime.fromtimestamp(self._checked_at, UTC)
         if self._session is None:
             return ConnectorHealth("down", self._last_error or "not set up", checked)
         state = self._breaker.state
         if state is BreakerState.OPEN:
             return ConnectorHealth("down", self._last_error, checked)
+        if self._probe_trouble is not None and self._probe_trouble[0] == "down":
+            return ConnectorHealth("down", self._probe_trouble[1], checked)
+        if checked is None:
+            return ConnectorHealth("degraded", "not checked yet", None)
         recent = (self._last_failure_at is not None
                   and self._clock.monotonic() - self._last_failure_at < self.config.degraded_window_s)
-        if state is BreakerState.HALF_OPEN or recent:
-            return ConnectorHealth("degraded", self._last_error, checked)
+        if state is BreakerState.HALF_OPEN or recent or self._probe_trouble is not None:
+            reason = self._probe_trouble[1] if self._probe_trouble is not None else self._last_error
+            return ConnectorHealth("degraded", reason, checked)
         return ConnectorHealth("up", self._last_error, checked)
+
+    async def probe(self) -> ConnectorHealth:
+        """One signed, authorised ``GET`` to the vendor (no retries, past the breaker: a probe is how an open
+        circuit's cloud is seen to be back, but only real requests move the breaker)."""
+        session = self._session
+        if session is None or session.closed:
+            return self.health()
+        path = self.config.probe_path
+        url = self.config.base_url + (path or "")
+        msg_id = f"probe_{uuid4().hex}"
+        timestamp = int(self._clock.time())
+        headers = {"Accept": "application/json", "webhook-id": msg_id, "webhook-timestamp": str(timestamp)}
+        if self._signing:
+            headers["webhook-signature"] = sign_webhook(msg_id, timestamp, b"", self._signing[0].reveal())
+        trouble: tuple[Literal["degraded", "down"], str] | None
+        try:
+            token = await self._bearer_token(session)
+            if token is not None:
+                headers["Authorization"] = f"Bearer {token}"
+            async with session.get(url, headers=headers, timeout=self._timeout, allow_redirects=False) as resp:
+                await self._read_limited(resp)
+                status = resp.status
+        except _TokenRefused as exc:
+            trouble = ("down", f"probe: {exc}")
+        except (TimeoutError, aiohttp.ClientError, _TokenUnavailable) as exc:
+            reason = str(exc) if isinstance(exc, _TokenUnavailable) else type(exc).__name__
+            trouble = ("down", f"probe: {reason}")
+        else:
+            if status == 429:
+                trouble = ("degraded", "probe: HTTP 429")
+            elif (200 <= status < 300) or (path is None and status < 500 and status not in (401, 403)):
+                trouble = None
+            else:
+                trouble = ("down", f"probe: HTTP {status}")
+        self._checked_at = self._clock.time()
+        self._probe_trouble = trouble
+        if trouble is not None:
+            log.warning("connector %s: %s", self.name, trouble[1])
+        return self.health()
 
     def breaker_state(self) -> str:
         return self._breaker.state.value
@@ -442,6 +506,8 @@ class WebhookConnector:
                 self._breaker.record_success()  # the cloud answered; our credentials are the problem
                 self._count(capability, "unauthorized")
                 self._last_error = str(exc)
+                self._checked_at = self._clock.time()
+                self._probe_trouble = ("down", str(exc))  # nothing will work until the credentials are fixed
                 raise
             except (TimeoutError, aiohttp.ClientError, _TokenUnavailable) as exc:
                 result = "timeout" if isinstance(exc, TimeoutError) else "connection_error"
@@ -450,9 +516,11 @@ class WebhookConnector:
                 delay = self._backoff(attempt)
             else:
                 status = answer.status
+                self._checked_at = self._clock.time()
                 if 200 <= status < 300:
                     self._breaker.record_success()
                     self._count(capability, "ok")
+                    self._probe_trouble = None
                     return msg_id, _parse(answer.body)
                 if status == 401 and isinstance(self.config.auth, OAuth2ClientCredentials) and not refreshed:
                     # The token may have been revoked early: fetch a new one, once, without using an attempt.
@@ -561,6 +629,7 @@ class WebhookConnector:
     # --- bookkeeping ---------------------------------------------------------------------------------------
 
     def _failure(self, capability: Capability, result: str, reason: str) -> None:
+        self._checked_at = self._clock.time()
         self._breaker.record_failure()
         self._count(capability, result)
         self._last_error = reason

@@ -42,6 +42,7 @@ from iim.connectors.contract import (
     Notification,
     TtsDelivery,
 )
+from iim.core.tracing import SpanKind, attrs, span
 from iim.home import metrics, store
 from iim.home.ports import ConnectorLookup, MoMessage, RenderedSpeech, SmsSink, SpeechRenderer, UrlSigner
 from iim.home.sms_policy import (
@@ -136,6 +137,14 @@ class SmsReadoutService:
         await self.handle(tenant_id, mo)
 
     async def handle(self, tenant_id: UUID | str, mo: MoMessage) -> str:
+        """:meth:`_handle` in a span (a child of the MO's): ids and outcomes only, never the text or numbers."""
+        with span("sms.readout", attributes=attrs(tenant=str(tenant_id), sms_id=str(mo.sms_id))) as traced:
+            outcome = await self._handle(tenant_id, mo)
+            if traced.is_recording():
+                traced.set_attribute("iim.outcome", outcome)
+            return outcome
+
+    async def _handle(self, tenant_id: UUID | str, mo: MoMessage) -> str:
         """Handle one stored MO SMS; returns the outcome (read_aloud, shown, nothing, failed, duplicate).
 
         Raises only when PostgreSQL cannot be reached (asyncpg/OSError): then nothing was said and a
@@ -175,6 +184,15 @@ class SmsReadoutService:
 
     async def _claim(self, tenant: UUID, mo: MoMessage, sms_id: str) -> SmsReadout | None:
         """Decide and write the first audit row, once per sms_id; ``None`` if it was handled before."""
+        with span("sms.readout.decide") as traced:
+            readout = await self._claim_in(tenant, mo, sms_id)
+            if traced.is_recording():
+                traced.set_attributes(attrs(duplicate=readout is None) if readout is None else attrs(
+                    duplicate=False, consent_id=readout.consent_id, codes=list(readout.codes),
+                    read_aloud=len(readout.read_aloud), show_text=len(readout.show_text)))
+        return readout
+
+    async def _claim_in(self, tenant: UUID, mo: MoMessage, sms_id: str) -> SmsReadout | None:
         async with tenant_tx(self._pool, tenant) as conn:
             if not await store.claim_sms(conn, tenant, sms_id, [CLAIMED, NOT_READ]):
                 return None
@@ -209,7 +227,8 @@ class SmsReadoutService:
         url: str | None = None
         if readout.read_aloud:
             try:
-                audio = await self._render(readout.text)
+                with span("sms.readout.tts"):
+                    audio = await self._render(readout.text)
                 url = self._signer.sign(audio.key)
             except Exception as exc:  # noqa: BLE001 - any TTS failure means "show text instead" (spec 7.2)
                 metrics.TTS_FALLBACKS.inc()
@@ -259,6 +278,16 @@ class SmsReadoutService:
 
     async def _call(self, target: Target, kind: DeliveryKind, why: str, connector: Connector,
                     send: Callable[[], Awaitable[str]], sms_id: str) -> Delivery:
+        with span("sms.readout.deliver", kind=SpanKind.CLIENT, attributes=attrs(
+                sms_id=sms_id, device_id=target.device_id, connector=target.connector, delivery=kind,
+                why=why)) as traced:
+            delivery = await self._call_in(target, kind, why, connector, send, sms_id)
+            if traced.is_recording():
+                traced.set_attributes(attrs(result=delivery.result, error=delivery.error))
+            return delivery
+
+    async def _call_in(self, target: Target, kind: DeliveryKind, why: str, connector: Connector,
+                       send: Callable[[], Awaitable[str]], sms_id: str) -> Delivery:
         if connector.health().state == "down":
             return Delivery(target, kind, "unavailable", why, error="health_down")
         try:

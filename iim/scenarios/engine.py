@@ -35,7 +35,8 @@ Judging a group (only outcomes keyed by the current actions' keys count; a missi
   several decisions, the safer one wins: acknowledge > escalate > resolved > false_alarm;
 * ``escalate`` -> the next group now, without retries;
 * otherwise nobody was reached (no_answer, busy, failed, refused, unreachable, no_input, answered on an
-  IVR call without a valid key, or nothing): retry, else the next group;
+  IVR call without a valid key, or nothing): retry (unless every call of the group was refused: it would
+  be refused again), else the next group;
 * SMS, notification and recording outcomes never stop the escalation.
 
 A group whose steps all yield nothing (a role without contacts, no home device, no device SIP URI) is
@@ -123,6 +124,10 @@ class Contact:
     subscriber_id: str
     priority: int  # lower first
     name: str | None = None
+    #: the consent purposes this person holds now (``iim.consent``: unrevoked, unexpired)
+    consents: frozenset[str] = frozenset()
+    #: bound to the triggering device itself (the wearer of a wearable), not only to the household
+    device_bound: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +159,8 @@ class IncidentFacts:
             "device_status": self.device_status.value, "device_sip_uri": self.device_sip_uri,
             "household_name": self.household_name, "presence": self.presence.value, "time_zone": self.time_zone,
             "contacts": [{"role": c.role.value, "msisdn": c.msisdn, "subscriber_id": c.subscriber_id,
-                          "priority": c.priority, "name": c.name} for c in self.contacts],
+                          "priority": c.priority, "name": c.name, "consents": sorted(c.consents),
+                          "device_bound": c.device_bound} for c in self.contacts],
             "home_targets": list(self.home_targets),
             "occurred_at": None if self.occurred_at is None else self.occurred_at.isoformat(),
         }
@@ -169,7 +175,8 @@ class IncidentFacts:
             household_name=str(data["household_name"]), presence=PresenceState(data["presence"]),
             time_zone=str(data["time_zone"]),
             contacts=tuple(Contact(ContactRole(c["role"]), str(c["msisdn"]), str(c["subscriber_id"]),
-                                   int(c["priority"]), c.get("name")) for c in data.get("contacts", ())),
+                                   int(c["priority"]), c.get("name"), frozenset(c.get("consents", ())),
+                                   bool(c.get("device_bound", False))) for c in data.get("contacts", ())),
             home_targets=tuple(str(t) for t in data.get("home_targets", ())),
             occurred_at=None if occurred is None else datetime.fromisoformat(occurred),
         )
@@ -595,7 +602,10 @@ def advance(incident_id: str, scenario: Scenario, facts: IncidentFacts, progress
     summary = "; ".join(results) if results else "no call in this group"
     notes = [f"step {first}: nobody reached ({summary})"] if calls else []
     retries, delay = _group_budget(scenario, first)
-    if calls and attempt < retries:
+    # A refused call (consent, toll-fraud guard) would be refused again: only a group with a call that was
+    # placed is retried, so a refusal never holds the escalation back.
+    placed = any(outcomes.get(key) is not ActionOutcome.REFUSED for key in calls)
+    if calls and placed and attempt < retries:
         return Advance(Progress(IncidentState.OPEN, first, attempt + 1), (), now + timedelta(seconds=delay),
                        f"step {first}: nobody reached; retry {attempt + 1} of {retries} in {delay} s",
                        tuple(notes))

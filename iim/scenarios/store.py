@@ -22,6 +22,7 @@ from iim.core.envelope import DataKey
 from iim.core.numbering import NumberingPlan
 from iim.keys.keyring import Keyring
 from iim.scenarios import registry as scenario_registry
+from iim.scenarios.consent import ConsentRefusal
 from iim.scenarios.engine import (
     Action,
     ActionOutcome,
@@ -70,7 +71,12 @@ SELECT i.id, i.household_id, i.device_id, i.hazard, i.state::text AS state, i.sc
 # Contacts (by escalation priority) and the household's ringing speakers, in the same round trip.
 _FACTS = """,
        (SELECT coalesce(json_agg(json_build_object('role', b.role, 'priority', b.priority, 'msisdn', s.msisdn,
-                                                   'id', s.id, 'name', s.display_name)
+                                                   'id', s.id, 'name', s.display_name,
+                                                   'device_bound', b.device_id IS NOT NULL,
+                                                   'consents', ARRAY(
+                                                       SELECT c.purpose FROM iim.consent c
+                                                        WHERE c.subscriber_id = s.id AND c.revoked_at IS NULL
+                                                          AND (c.expires_at IS NULL OR c.expires_at > now())))
                                  ORDER BY b.priority, s.msisdn), '[]')
           FROM iim.binding b JOIN iim.subscriber s ON s.tenant_id = b.tenant_id AND s.id = b.subscriber_id
          WHERE b.household_id = i.household_id AND (b.device_id IS NULL OR b.device_id = i.device_id)) AS contacts,
@@ -205,7 +211,8 @@ async def load_incident(conn: Connection, incident_id: UUID, *, full: bool = Tru
         numbering = _numbering(row["numbering_plan"])
         contacts = tuple(
             Contact(role=ContactRole(c["role"]), msisdn=c["msisdn"], subscriber_id=str(c["id"]),
-                    priority=c["priority"], name=c["name"])
+                    priority=c["priority"], name=c["name"], consents=frozenset(c["consents"]),
+                    device_bound=c["device_bound"])
             for c in row["contacts"])
         home = tuple(row["home"])
     facts = IncidentFacts(
@@ -244,15 +251,17 @@ async def load_scenarios(conn: Connection, household_id: UUID) -> list[Scenario]
     return [Scenario.from_record(r) for r in await scenario_registry.scenarios_for_household(conn, household_id)]
 
 
-def action_spec(action: Action) -> dict[str, Any]:
-    """The parameters of an action as stored with its key (the executor performs exactly these)."""
+def action_spec(action: Action, *, traceparent: str | None = None) -> dict[str, Any]:
+    """The parameters of an action as stored with its key (the executor performs exactly these); a call's with
+    the ``traceparent`` of the decision that made it, so whoever places it joins that trace."""
+    traced = {"traceparent": traceparent} if traceparent is not None else {}
     if isinstance(action, PlaceCall):
         return {"ring_s": action.ring_s, "prompt_text": action.prompt_text,
-                "ivr": action.ivr.model_dump(mode="json") if action.ivr is not None else None}
+                "ivr": action.ivr.model_dump(mode="json") if action.ivr is not None else None, **traced}
     if isinstance(action, SendSms):
         return {"text": action.text}
     if isinstance(action, RecordMessage):
-        return {"prompt_text": action.prompt_text, "max_s": action.max_s}
+        return {"prompt_text": action.prompt_text, "max_s": action.max_s, **traced}
     if isinstance(action, Notify):
         return {"text": action.text}
     raise TypeError(f"unknown action {action!r}")
@@ -300,17 +309,23 @@ class Persisted:
     claimed: list[str]
     deferred: list[str]
     refused: list[str]
+    #: actions refused for want of consent, written now (outcome ``refused`` and a ``consent.refused`` line)
+    consent_refused: list[str] = field(default_factory=list)
 
 
 async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentRow, advance: Advance, *,
                           scenario: Scenario | None, now: datetime, actor: str = "scenario-engine",
                           keyring: Keyring, outcomes: Sequence[OutcomeWrite] = (),
-                          audit_lines: Sequence[dict[str, Any]] = (), claim: CallClaim | None = None) -> Persisted:
+                          audit_lines: Sequence[dict[str, Any]] = (), claim: CallClaim | None = None,
+                          traceparent: str | None = None,
+                          consent_refused: Mapping[str, ConsentRefusal] | None = None) -> Persisted:
     """Write the decision (and ``outcomes``/``audit_lines`` recorded before it) in one statement
     (``iim.persist_decision``). SMS are outbox rows written here; a notification nobody in the household can
     receive is settled here by text; calls are claimed here when ``claim`` is given, else each gets a job,
     like notifications through a connector. Keys already written (a resumed decision) write nothing more.
-    ``incident`` is fully loaded (its notification targets and fallback numbers decide how it notifies)."""
+    ``incident`` is fully loaded (its notification targets and fallback numbers decide how it notifies).
+    ``consent_refused`` actions (:mod:`iim.scenarios.consent`) are written failed (``refused``) with one audit
+    line each, and neither sent, queued nor claimed."""
     assert incident.notify_targets is not None, "a fully loaded incident"
     assert incident.sms_fallback is not None, "a fully loaded incident"
     state = advance.progress.state
@@ -322,8 +337,18 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
     for action in advance.actions:
         kind, destination = _action_fields(action)
         row: dict[str, Any] = {"key": action.key, "incident_id": str(incident.id), "step": action.step, "kind": kind,
-                               "destination": destination, "spec": action_spec(action), "call_uuid": None}
-        if isinstance(action, SendSms):
+                               "destination": destination, "spec": action_spec(action, traceparent=traceparent),
+                               "call_uuid": None}
+        no_consent = (consent_refused or {}).get(action.key)
+        if no_consent is not None:
+            if kind in ("call", "record"):
+                row["call_uuid"] = str(call_uuid_for(action.key))
+            row |= {"outcome": ActionOutcome.REFUSED.value, "detail": no_consent.detail,
+                    "audit": [audit_line("consent-guard", "consent.refused", incident.id,
+                                         {"key": action.key, "kind": kind, "purpose": no_consent.purpose,
+                                          "detail": no_consent.detail}, event_id=incident.first_event_id)]}
+            settling[action.key] = (kind, ActionOutcome.REFUSED.value)
+        elif isinstance(action, SendSms):
             # An SMS is only a row in the outbox (the SMS sender delivers it): written with the decision, so it
             # cannot be lost between the decision and a job.
             row |= {"outcome": "queued", "detail": "queued in the SMS outbox",
@@ -384,7 +409,8 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
     return Persisted(settled=[settling[k] for k in settling if k in inserted],
                      claimed=[c["key"] for c in claims if c["claimed"]],
                      deferred=[c["key"] for c in claims if not c["claimed"]],
-                     refused=[k for k in (claim.refused if claim is not None else {}) if k in inserted])
+                     refused=[k for k in (claim.refused if claim is not None else {}) if k in inserted],
+                     consent_refused=[k for k in (consent_refused or {}) if k in inserted])
 
 
 async def write_outcomes(conn: Connection, outcomes: Sequence[OutcomeWrite],

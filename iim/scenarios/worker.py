@@ -35,16 +35,27 @@ from pgqueuer.domain import models as pgq_models
 from pgqueuer.types import Channel
 from prometheus_client import Counter, Histogram
 
+from fs_app.outreach import metrics as outreach_metrics
 from fs_app.outreach.calls import AlertCall, AlertCallPlacer, CallOutcome, CallOutcomeKind
-from fs_app.outreach.guard import OriginateLimits, Refusal, Wait, check_caps, destination_refusal, limits_from
+from fs_app.outreach.guard import (
+    OriginateLimits,
+    Refusal,
+    Wait,
+    check_caps,
+    destination_kind,
+    destination_refusal,
+    limits_from,
+)
 from fs_app.outreach.ivr import Adoption, IvrResult
 from fs_app.outreach.prompts import GENERIC_ALARM_PROMPT, speakable
 from iim.connectors.contract import Connector, ConnectorError, ConnectorLookup, Notification
 from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.lifecycle import AsyncResource, TaskSupervisor
 from iim.core.metrics import REGISTRY
+from iim.core.tracing import CHANNEL_VARIABLE, Span, SpanKind, attrs, context_from, span, traceparent_of
 from iim.keys.keyring import Keyring
 from iim.scenarios import store
+from iim.scenarios.consent import refusal as consent_refusal
 from iim.scenarios.engine import (
     CALL_SLACK_S,
     REARM_COOL_DOWN,
@@ -78,8 +89,7 @@ ACTIONS = Counter("iim_incident_actions", "Incident actions performed, by kind a
                   registry=REGISTRY)
 STEP_SECONDS = Histogram("iim_incident_step_seconds", "From a decision to the action's outcome, by kind",
                          ["kind"], buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 120), registry=REGISTRY)
-ORIGINATE_REFUSED = Counter("iim_originate_refused", "Alert calls refused by the toll-fraud guard, by reason",
-                            ["reason"], registry=REGISTRY)
+ORIGINATE_REFUSED = outreach_metrics.REFUSALS  # one name per concept: iim_originate_refused
 ORIGINATE_CLAIMS = Counter("iim_originate_claims", "Alert calls claimed under the toll-fraud caps, by where: with "
                            "the decision (far below the caps), after_commit (near them, exact), job (retries)",
                            ["path"], registry=REGISTRY)
@@ -89,6 +99,8 @@ PROMPT_FALLBACKS = Counter("iim_alert_prompt_fallbacks", "Alert calls that playe
                            "their own, by why: unavailable (speech failed), refused (text it cannot say), late "
                            "(answered before the render), no_generic (not even the generic one)", ["reason"],
                            registry=REGISTRY)
+CONSENT_REFUSED = Counter("iim_consent_refused", "Incident actions refused for want of consent, by purpose",
+                          ["purpose"], registry=REGISTRY)
 ORPHANED_CALLS = Counter("iim_alert_calls_orphaned", "Answered alert calls whose worker had died, adopted here",
                          registry=REGISTRY)
 
@@ -481,9 +493,24 @@ class IncidentWorker(AsyncResource):
         under the tenant's caps in this transaction (near the caps: right after it, exactly), and ``after``
         places them once it commits: no job hop. A worker that dies before placing one leaves no job behind:
         the group's deadline moves the incident on, as for a call whose worker died while it rang."""
+        progress = decision.progress
+        with span("scenario.decide", attributes=attrs(
+                tenant=str(tenant_id), incident_id=str(incident.id), event_id=incident.first_event_id,
+                state=progress.state.value, step=progress.step, attempt=progress.attempt,
+                actions=len(decision.actions))) as traced:
+            # Stored with each call's spec: the call joins this trace whoever places it (a take-over, a job).
+            await self._persist_in(conn, tenant_id, incident, decision, scenario, now, after, outcomes, audit_lines,
+                                   traceparent_of(traced))
+
+    async def _persist_in(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow, decision: Advance,
+                          scenario: Scenario | None, now: datetime, after: _AfterCommit,
+                          outcomes: Sequence[store.OutcomeWrite], audit_lines: Sequence[dict[str, Any]],
+                          traceparent: str | None) -> None:
         limits = limits_from(incident.originate_limits, self.settings.default_limits, incident.numbering_plan)
         claim: store.CallClaim | None = None
-        calls = {a.key: a for a in decision.actions if isinstance(a, PlaceCall | RecordMessage)}
+        no_consent = {a.key: r for a in decision.actions if (r := consent_refusal(a, incident.facts)) is not None}
+        calls = {a.key: a for a in decision.actions
+                 if isinstance(a, PlaceCall | RecordMessage) and a.key not in no_consent}
         built: dict[str, tuple[AlertCall, dict[str, str]]] = {}  # key -> the call and its digits' meanings
         if self.placer is not None and incident.bound is not None and calls:
             refused: dict[str, tuple[str, str]] = {}
@@ -497,7 +524,8 @@ class IncidentWorker(AsyncResource):
                 row = store.ActionRow(key=key, incident_id=incident.id, step=action.step,
                                       kind="call" if isinstance(action, PlaceCall) else "record",
                                       destination=action.destination, call_uuid=store.call_uuid_for(key),
-                                      dispatched_at=now, outcome=None, spec=store.action_spec(action))
+                                      dispatched_at=now, outcome=None,
+                                      spec=store.action_spec(action, traceparent=traceparent))
                 alert = _safe_alert_call(self.settings, tenant_id, incident, row)
                 if isinstance(alert, AlertCall):
                     built[key] = (alert, dict((row.spec.get("ivr") or {}).get("digits", {})))
@@ -505,14 +533,19 @@ class IncidentWorker(AsyncResource):
                     refused[key] = ("invalid_call", alert)
             claim = store.CallClaim(limits.max_concurrent, limits.max_per_hour, refused)
         persisted = await store.persist_advance(conn, tenant_id, incident, decision, scenario=scenario, now=now,
-                                                keyring=self.keyring, outcomes=outcomes, audit_lines=audit_lines, claim=claim)
+                                                keyring=self.keyring, outcomes=outcomes, audit_lines=audit_lines,
+                                                claim=claim, traceparent=traceparent, consent_refused=no_consent)
         _count_settled(persisted.settled)
         INCIDENTS.labels(decision.progress.state.value).inc()
+        for key in persisted.consent_refused:
+            CONSENT_REFUSED.labels(no_consent[key].purpose).inc()
+        if persisted.consent_refused and decision.deadline is not None:
+            after.retick.append((tenant_id, incident.id))  # the engine moves on at once
         if claim is None:
             return
         for key in persisted.refused:
             _refused(incident, "call" if isinstance(calls[key], PlaceCall) else "record", claim.refused[key][0])
-        if persisted.refused:
+        if persisted.refused and (tenant_id, incident.id) not in after.retick:
             after.retick.append((tenant_id, incident.id))  # the engine moves on at once
         ORIGINATE_CLAIMS.labels("decision").inc(len(persisted.claimed))
         for key in [*persisted.claimed, *persisted.deferred]:
@@ -655,6 +688,21 @@ class IncidentWorker(AsyncResource):
         """Place a dispatched call (``adopt``: one a dead worker claimed, adopted if the switch has it), then
         record its outcome and let the engine judge it. ``retry_store``: the outcome is kept and written again
         while PostgreSQL is away (a job instead fails and is retried)."""
+        # A child of the decision that claimed the call (its context stored with the call); the switch gets this
+        # span's context as a channel variable, and the call's events (answer, keys, hang-up) join it from there.
+        with span("alert_call.originate", parent=call.variables.get(CHANNEL_VARIABLE), kind=SpanKind.CLIENT,
+                  attributes=attrs(tenant=str(tenant_id), incident_id=str(incident_id), call_id=call.call_uuid,
+                                   event_id=call.variables.get("iim_event_id"), action_kind=kind, adopted=adopt,
+                                   destination_kind=destination_kind(call.destination))) as traced:
+            traceparent = traceparent_of(traced)
+            if traceparent is not None:
+                call = dataclasses.replace(call, variables={**call.variables, CHANNEL_VARIABLE: traceparent})
+            await self._run_call_in(tenant_id, incident_id, key, kind, call, meanings, started,
+                                    retry_store=retry_store, adopt=adopt, traced=traced)
+
+    async def _run_call_in(self, tenant_id: UUID, incident_id: UUID, key: str, kind: str, call: AlertCall,
+                           meanings: dict[str, str], started: float, *, retry_store: bool, adopt: bool,
+                           traced: Span) -> None:
         self._placing.add(call.call_uuid)
         try:
             text = None
@@ -667,6 +715,9 @@ class IncidentWorker(AsyncResource):
         finally:
             self._placing.discard(call.call_uuid)
         STEP_SECONDS.labels(kind).observe(time.perf_counter() - started)
+        if traced.is_recording():
+            traced.set_attributes(attrs(outcome=outcome.kind.value, hangup_cause=outcome.hangup_cause,
+                                        digit=outcome.digit, recorded=outcome.recorded))
         for delay in (*self.settings.store_retry_delays, None) if retry_store else (None,):
             try:
                 await self._finish_call(tenant_id, incident_id, key, call, outcome, meanings)
@@ -1064,6 +1115,9 @@ def _alert_call(settings: WorkerSettings, tenant_id: UUID, incident: store.Incid
                  "iim_action_key": action.key.replace("/", "-"),
                  "iim_event_id": incident.first_event_id,
                  "tts_engine": settings.tts_engine, "tts_voice": settings.tts_voice}
+    traceparent = spec.get("traceparent")
+    if isinstance(traceparent, str) and context_from(traceparent) is not None:  # a stored value, checked again
+        variables[CHANNEL_VARIABLE] = traceparent
     common: dict[str, Any] = {
         "call_uuid": str(action.call_uuid), "destination": action.destination or "",
         "caller_id_number": settings.caller_id_number, "caller_id_name": settings.caller_id_name,

@@ -56,6 +56,7 @@ from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.lifecycle import AsyncResource, TaskSupervisor
 from iim.core.metrics import REGISTRY
 from iim.core.retry import backoff_delay
+from iim.core.tracing import Span, SpanKind, attrs, span
 from iim.keys.keyring import Keyring, KeyUnavailable
 from iim.sms import store
 from iim.sms.transport import (
@@ -559,13 +560,22 @@ class SmsSender(AsyncResource):
     # --- MO ------------------------------------------------------------------------------------------------
 
     async def _mo_in(self, mo: MoSms) -> None:
-        """Store the MO (before the transport acknowledges it), then hand it to ``on_mo``."""
+        """Store the MO (before the transport acknowledges it), then hand it to ``on_mo`` (in a task that inherits
+        this span: the readout is its child)."""
+        with span("sms.mo", kind=SpanKind.CONSUMER, attributes=attrs(transport=mo.transport)) as traced:
+            outcome = await self._store_mo(mo, traced)
+            if traced.is_recording():
+                traced.set_attribute("iim.outcome", outcome)
+
+    async def _store_mo(self, mo: MoSms, traced: Span) -> str:
         tenant_id = await store.subscriber_tenant(self.pool, mo.destination)
         if tenant_id is None:
             MO.labels("unknown_destination").inc()
             log.warning("MO for a number of no (or several) tenants dropped",
                         extra={"transport": mo.transport, "smsc_sms_id": mo.sms_id})
-            return
+            return "unknown_destination"
+        if traced.is_recording():
+            traced.set_attribute("iim.tenant", str(tenant_id))
         digest = hashlib.sha256(_SEP.join((mo.transport, mo.source, mo.destination, mo.body)).encode()).hexdigest()
         async with tenant_tx(self.pool, tenant_id) as conn:
             data_key = await self.keyring.active(conn, tenant_id)
@@ -573,14 +583,17 @@ class SmsSender(AsyncResource):
         if row is None:
             MO.labels("duplicate").inc()
             log.info("MO redelivered; stored once", extra={"tenant_id": str(tenant_id), "content_hash": digest[:16]})
-            return
+            return "duplicate"
         inbound = InboundSms(tenant_id=tenant_id, id=row["id"], sms_id=row["sms_id"], transport=mo.transport,
                              source=mo.source, destination=mo.destination, subscriber_id=row["subscriber_id"],
                              body=mo.body, received_at=row["received_at"])
         MO.labels("stored").inc()
         log.info("MO stored", extra={"sms_id": inbound.sms_id, "tenant_id": str(tenant_id), "inbound_id": str(inbound.id)})
+        if traced.is_recording():
+            traced.set_attribute("iim.sms_id", inbound.sms_id)
         if self.on_mo is not None:
             self._spawn_hook(self.on_mo(tenant_id, inbound), "on_mo", inbound.sms_id)
+        return "stored"
 
     def _spawn_hook(self, coro: Awaitable[None], name: str, sms_id: str) -> None:
         async def run() -> None:

@@ -23,8 +23,8 @@ from policy_cache.db import Connection, Pool
 
 __all__ = [
     "QueuedSms", "claim_due", "count_keyed", "enqueue_many", "enqueue_sms", "find_by_smsc_id", "forget_mo_body",
-    "lock_for_receipts", "mark_mo_handled", "purge_mo_bodies", "queue_depth", "reseal_bodies", "seal_body", "sealed_bodies",
-    "store_mo", "subscriber_tenant", "write_outcomes", "write_receipts", "OUTBOX", "INBOUND",
+    "lock_for_receipts", "mark_mo_handled", "purge_mo_bodies", "queue_depth", "reseal_bodies", "seal_body",
+    "sealed_bodies", "store_mo", "subscriber_tenant", "write_outcomes", "write_receipts", "OUTBOX", "INBOUND",
 ]
 
 # Where a body lives, for its associated data (iim.core.envelope.field_aad): the row is the table's unique key
@@ -255,3 +255,10 @@ async def reseal_bodies(conn: Connection, table: str, rows: Sequence[tuple[UUID,
     """Write re-sealed bodies, each ``(id, the key it was read with, sealed body, new key)``; a row changed
     meanwhile (purged, forgotten, re-sealed by another run) is left as it is."""
     await conn.executemany(_RESEAL[table], rows)
+
+
+async def erase_inbound(conn: Connection, subscriber_id: UUID, msisdn: str) -> int:
+    """Delete the incoming SMS of a subscriber (also rows left without one, by their destination): erasure."""
+    result = await conn.execute("DELETE FROM iim.sms_inbound WHERE subscriber_id = $1 OR destination = $2",
+                                subscriber_id, msisdn)
+    return int(result.split()[-1])

@@ -1,4 +1,4 @@
--- iim.credential_ref_schemes: its current definition, last set by migration 0025_sealed_fields.sql.
+-- iim.credential_ref_schemes: its current definition, last set by migration 0026_sealed_fields.sql.
 --
 -- The schemes of every tenant's credential references (no reference itself): at start the service refuses a
 -- scheme it has no resolver for (vault:, kms: ... are plug-ins), instead of failing when one is first needed.

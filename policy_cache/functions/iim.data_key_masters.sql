@@ -1,4 +1,4 @@
--- iim.data_key_masters: its current definition, last set by migration 0025_sealed_fields.sql.
+-- iim.data_key_masters: its current definition, last set by migration 0026_sealed_fields.sql.
 --
 -- The master keys every tenant's data keys are wrapped by (fingerprints and counts only): at start a service
 -- refuses a master configuration that cannot unwrap them (an extra instance given another key), instead of

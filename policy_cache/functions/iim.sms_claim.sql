@@ -1,4 +1,4 @@
--- iim.sms_claim: its current definition, last set by migration 0025_sealed_fields.sql.
+-- iim.sms_claim: its current definition, last set by migration 0026_sealed_fields.sql.
 --
 -- Claim up to p_limit due rows of any tenant: queued rows whose time has come and sending rows whose lease
 -- expired (their sender died between claim and update). Each claim is an attempt. SKIP LOCKED: several

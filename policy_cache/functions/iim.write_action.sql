@@ -1,4 +1,4 @@
--- iim.write_action: its current definition, last set by migration 0025_sealed_fields.sql.
+-- iim.write_action: its current definition, last set by migration 0026_sealed_fields.sql.
 --
 -- One action of a decision with its SMS rows and audit lines; nothing when its key exists (decided before,
 -- by a run that is being resumed). p_dispatched: claimed now, so marked dispatched as it is written.

@@ -41,6 +41,7 @@ from policy_cache.registry.tables import (
     ORIGINATE_LIMIT,
     POLICY,
     REGION,
+    RETENTION_POLICY,
     SCENARIO,
     SUBSCRIBER,
     TABLES,
@@ -52,7 +53,7 @@ from policy_cache.registry.tables import (
 __all__ = [
     "TableSpec", "Filter", "TABLES", "BY_NAME",
     "TENANT", "BRAND", "REGION", "HOUSEHOLD", "SUBSCRIBER", "DEVICE", "BINDING", "CONSENT", "POLICY", "SCENARIO",
-    "CREDENTIAL_REF", "ORIGINATE_LIMIT", "ORIGINATE_ALLOW", "NUMBERING_PLAN",
+    "CREDENTIAL_REF", "ORIGINATE_LIMIT", "ORIGINATE_ALLOW", "NUMBERING_PLAN", "RETENTION_POLICY",
     "Correlation", "create", "get", "list_rows", "update", "revoke", "delete", "row_values", "store_errors",
     "get_numbering_plan", "get_originate_plan", "get_policy_for", "get_subscriber_by_msisdn", "plan_of",
     "set_device_status", "set_presence",

@@ -171,9 +171,16 @@ NUMBERING_PLAN: TableSpec[m.NumberingPlanRow, m.NumberingPlanCreate, m.Numbering
                 "by calls, alert calls and this API alike.",
 )
 
+RETENTION_POLICY: TableSpec[m.RetentionPolicy, m.RetentionPolicyCreate, m.RetentionPolicyUpdate] = TableSpec(
+    "retention_policy", "retention-policies", m.RetentionPolicy, m.RetentionPolicyCreate, m.RetentionPolicyUpdate,
+    columns=("id", "sms_body_s", "event_payload_s", "audit_detail_s", "updated_at"),
+    description="How long the tenant keeps incoming SMS bodies, device-event payloads and audit details (one "
+                "row; null or none: the service's defaults); enforced by the retention purge.",
+)
+
 #: Every registry table, in the order the API documents and the CLI lists them (the tenant first).
 TABLES: tuple[TableSpec[Any, Any, Any], ...] = (
     TENANT, BRAND, REGION, HOUSEHOLD, SUBSCRIBER, DEVICE, BINDING, CONSENT, POLICY, SCENARIO, CREDENTIAL_REF,
-    ORIGINATE_LIMIT, ORIGINATE_ALLOW, NUMBERING_PLAN,
+    ORIGINATE_LIMIT, ORIGINATE_ALLOW, NUMBERING_PLAN, RETENTION_POLICY,
 )
 BY_NAME: dict[str, TableSpec[Any, Any, Any]] = {t.name: t for t in TABLES}

@@ -197,3 +197,14 @@ def test_speakers_registered_on_the_edge_are_dialled_through_it() -> None:
     user_only = bridge_dial_string(decide(_snapshot(ring_mode="home_only"), CALL, NOON),
                                    DialSettings(speaker_endpoint="sofia/external/{user}@10.0.0.2"))
     assert user_only.endswith("]sofia/external/living@10.0.0.2")
+
+
+def test_record_message_fallback_needs_a_call_recording_consent() -> None:
+    refused = decide(_snapshot(fallback="record_message", dnd=True), CALL, NOON)
+    assert refused.fallback == "missed_call_sms"
+    assert "no consent to record calls: record_message fallback replaced by missed_call_sms" in refused.rules
+    granted = decide(_snapshot(fallback="record_message", recording_consent=True), CALL, NOON)
+    assert granted.fallback == "record_message"
+    expired = _snapshot(fallback="record_message", recording_consent=True,
+                        recording_consent_expires=NOON.timestamp() - 1)
+    assert decide(expired, CALL, NOON).fallback == "missed_call_sms"

@@ -15,6 +15,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
+from opentelemetry.trace import SpanKind
 
 from fs_app.dialstring import DialSettings
 from fs_app.esl import Execute, HangupCmd
@@ -46,6 +47,7 @@ from policy_cache.store import PgPolicyStore
 from tests.conftest import eventually
 from tests.pg import PgDatabase
 from tests.tcp_proxy import TcpFaultProxy
+from tests.tracing_rig import Spans, is_child
 
 NOON_BERLIN = datetime(2026, 6, 1, 10, 0, tzinfo=UTC)
 _RIG_NUMBERS = itertools.count(1)
@@ -402,3 +404,44 @@ async def test_postgresql_stopped_mid_run_keeps_routing_and_resyncs_after_restar
         await cache.aclose()
         await store.aclose()
         await db.embedded.aclose()
+
+
+async def test_an_inbound_call_is_one_span_tree_call_decision_bridge_with_ids_and_no_numbers(
+        rig: Rig, spans: Spans) -> None:
+    target = rig.lines["home_only"]
+    result = await rig.call(target.msisdn)
+    assert result.bridged_to is not None
+    await eventually(lambda: bool(spans.named("call.inbound")))
+    call = spans.one("call.inbound")
+    assert call.kind is SpanKind.SERVER
+    assert call.parent is None
+    assert (call.attributes or {})["iim.tenant"] == str(rig.tenant)
+    call_id = (call.attributes or {})["iim.call_id"]
+    assert isinstance(call_id, str)
+    assert call_id
+    decide, bridge = spans.one("call.decide"), spans.one("call.bridge")
+    assert is_child(decide, call)
+    assert is_child(bridge, call)
+    assert (decide.attributes or {})["iim.route"] == "policy"
+    assert (decide.attributes or {})["iim.action"] == "ring"
+    assert (decide.attributes or {})["iim.legs"] == 2
+    assert (bridge.attributes or {})["iim.answered"] is True
+    assert not spans.named("call.fallback")
+    for span in spans.all():
+        for value in (span.attributes or {}).values():
+            assert target.msisdn.lstrip("+") not in str(value), span.name
+            assert CALLER.lstrip("+") not in str(value), span.name
+
+
+async def test_a_dnd_call_traces_its_fallback_and_an_unknown_callee_its_route(rig: Rig, spans: Spans) -> None:
+    await rig.call(rig.lines["dnd"].msisdn)
+    await eventually(lambda: bool(spans.named("call.inbound")))
+    fallback = spans.one("call.fallback")
+    assert is_child(fallback, spans.one("call.inbound"))
+    assert (fallback.attributes or {})["iim.fallback"] == "voicemail"
+    assert not spans.named("call.bridge")
+    spans.exporter.clear()
+    await rig.call("+19999999999")
+    await eventually(lambda: bool(spans.named("call.inbound")))
+    assert (spans.one("call.decide").attributes or {})["iim.route"] == "unknown_callee"
+    assert "iim.tenant" not in (spans.one("call.inbound").attributes or {})

@@ -50,14 +50,22 @@ async def test_python_canonical_form_matches_the_database(app_pool: Pool, admin_
     await _append_some(app_pool, tenant, len(TRICKY))
     rows = await admin_conn.fetch(
         """SELECT *, detail::text AS dt, correlation::text AS ct,
-                  iim.audit_canonical(tenant_id, id, at, actor, action, entity, entity_id, detail, correlation) AS db
+                  iim.audit_canonical(tenant_id, id, at, actor, action, entity, entity_id, detail, correlation) AS db,
+                  iim.audit_canonical_v2(tenant_id, id, at, actor, action, entity, entity_id, detail_digest,
+                                         correlation) AS db2
            FROM iim.audit_log WHERE tenant_id = $1 ORDER BY id""", tenant)
     for r in rows:
         mine = audit.canonical_json(tenant_id=tenant, id=r["id"], at=r["at"], actor=r["actor"], action=r["action"],
                                     entity=r["entity"], entity_id=r["entity_id"], detail_text=r["dt"],
                                     correlation_text=r["ct"])
         assert mine == r["db"]
-        assert hashlib.sha256(bytes(r["prev_hash"]) + mine.encode()).digest() == bytes(r["row_hash"])
+        # Rows chained since 0025 commit to the detail through its salted digest.
+        assert hashlib.sha256(bytes(r["detail_salt"]) + r["dt"].encode()).digest() == bytes(r["detail_digest"])
+        mine2 = audit.canonical_json_v2(tenant_id=tenant, id=r["id"], at=r["at"], actor=r["actor"],
+                                        action=r["action"], entity=r["entity"], entity_id=r["entity_id"],
+                                        detail_digest=bytes(r["detail_digest"]), correlation_text=r["ct"])
+        assert mine2 == r["db2"]
+        assert hashlib.sha256(bytes(r["prev_hash"]) + mine2.encode()).digest() == bytes(r["row_hash"])
 
 
 async def test_app_role_cannot_change_or_forge_audit_rows(app_pool: Pool) -> None:
@@ -123,11 +131,62 @@ async def test_tampering_by_a_superuser_breaks_the_chain_at_that_row(app_pool: P
     async with admin_conn.transaction():
         await admin_conn.execute("ALTER TABLE iim.audit_log DISABLE TRIGGER audit_log_no_update_delete")
         await admin_conn.execute(
-            """UPDATE iim.audit_log SET row_hash = sha256(prev_hash || convert_to(iim.audit_canonical(
-                   tenant_id, id, at, actor, action, entity, entity_id, detail, correlation), 'UTF8'))
+            """UPDATE iim.audit_log SET detail_digest = sha256(detail_salt || convert_to(detail::text, 'UTF8'))
+               WHERE tenant_id = $1 AND id = $2""", tenant, victim)
+        await admin_conn.execute(
+            """UPDATE iim.audit_log SET row_hash = sha256(prev_hash || convert_to(iim.audit_canonical_v2(
+                   tenant_id, id, at, actor, action, entity, entity_id, detail_digest, correlation), 'UTF8'))
                WHERE tenant_id = $1 AND id = $2""", tenant, victim)
         await admin_conn.execute("ALTER TABLE iim.audit_log ENABLE TRIGGER audit_log_no_update_delete")
     assert await verify() == successor
+
+
+async def test_a_tombstoned_detail_leaves_the_chain_verifiable(app_pool: Pool) -> None:
+    tenant = await create_tenant(app_pool, "tombstones")
+    ids = await _append_some(app_pool, tenant, 4)
+    async with tenant_tx(app_pool, tenant) as conn:
+        assert await audit.tombstone(conn, tenant, ids[1:3], reason="erasure") == 2
+        assert await audit.tombstone(conn, tenant, ids[1:3], reason="erasure") == 0  # already tombstones
+    async with tenant_tx(app_pool, tenant) as conn:
+        assert await audit.verify_chain(conn, tenant) is None
+        rows = await conn.fetch("SELECT id, detail, detail_salt FROM iim.audit_log WHERE id = ANY($1::bigint[]) "
+                                "ORDER BY id", ids)
+    assert [audit.is_tombstone(r["detail"]) for r in rows] == [False, True, True, False]
+    assert rows[1]["detail"]["tombstone"]["reason"] == "erasure"
+    assert rows[1]["detail_salt"] is None
+    assert rows[0]["detail_salt"] is not None
+
+
+async def test_only_a_tombstone_gets_past_the_trigger_and_not_for_the_app_role(
+        app_pool: Pool, admin_conn: Connection) -> None:
+    tenant = await create_tenant(app_pool, "tombstone rules")
+    ids = await _append_some(app_pool, tenant, 2)
+    async with tenant_tx(app_pool, tenant) as conn:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("UPDATE iim.audit_log SET detail = '{\"tombstone\": {}}', detail_salt = NULL "
+                               "WHERE id = $1", ids[0])
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):  # another column changes too
+        await admin_conn.execute("UPDATE iim.audit_log SET detail = '{\"tombstone\": {}}', detail_salt = NULL, "
+                                 "actor = 'mallory' WHERE tenant_id = $1 AND id = $2", tenant, ids[0])
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):  # the salt kept
+        await admin_conn.execute("UPDATE iim.audit_log SET detail = '{\"tombstone\": {}}' "
+                                 "WHERE tenant_id = $1 AND id = $2", tenant, ids[0])
+    other = await create_tenant(app_pool, "another tenant")
+    async with tenant_tx(app_pool, other) as conn:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="not the transaction's tenant"):
+            await audit.tombstone(conn, tenant, ids, reason="erasure")
+
+
+async def test_a_detail_changed_under_its_digest_breaks_the_chain_at_that_row(
+        app_pool: Pool, admin_conn: Connection) -> None:
+    tenant = await create_tenant(app_pool, "digest")
+    ids = await _append_some(app_pool, tenant, 3)
+    async with admin_conn.transaction():
+        await admin_conn.execute("SET LOCAL session_replication_role = replica")
+        await admin_conn.execute("UPDATE iim.audit_log SET detail = '{\"i\": 1}' WHERE tenant_id = $1 AND id = $2",
+                                 tenant, ids[1])
+    async with tenant_tx(app_pool, tenant) as conn:
+        assert await audit.verify_chain(conn, tenant) == ids[1]
 
 
 async def test_deleting_a_row_breaks_the_chain_at_the_next_one(app_pool: Pool, admin_conn: Connection) -> None:

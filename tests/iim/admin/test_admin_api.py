@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from opentelemetry.trace import SpanKind
 
 from iim.admin.api import OwnedPools, create_registry_app, mount_registry
 from iim.admin.auth import TokenTable, hash_token
@@ -24,6 +25,7 @@ from iim.admin.settings import AdminSettings
 from iim.http import create_app as create_root_app
 from policy_cache.db import DbRole, Pool, connect, connect_pool
 from tests.pg import PgDatabase, create_tenant
+from tests.tracing_rig import Spans
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -742,3 +744,37 @@ async def test_caller_lists_typed_in_national_form_are_stored_in_e164(api: Api) 
                                         body={"blocked_callers": ["89160000003"]})
     assert (status, changed["blocked_callers"], changed["allowed_callers"]) == (200, ["+79160000003"],
                                                                                  ["+79160000001"])
+
+
+async def test_a_request_with_a_traceparent_is_a_server_span_of_the_callers_trace_named_by_its_route(
+        api: Api, spans: Spans) -> None:
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    status, _, resp = await api.call("GET", api.t(api.tenant_a), "op-a", headers={"traceparent": caller})
+    assert status == 200
+    span = spans.one("GET /v1/tenants/{tenant_id}")
+    assert span.kind is SpanKind.SERVER
+    assert span.context is not None
+    assert f"{span.context.trace_id:032x}" == caller[3:35]
+    assert span.parent is not None
+    assert f"{span.parent.span_id:016x}" == caller[36:52]
+    attributes = span.attributes or {}
+    assert attributes["http.route"] == "/v1/tenants/{tenant_id}"
+    assert attributes["http.response.status_code"] == 200
+    assert attributes["iim.tenant"] == str(api.tenant_a)
+    assert attributes["iim.request_id"] == resp.headers["X-Request-ID"]
+
+
+@pytest.mark.parametrize("traceparent", ["00-zz", "00-" + "0" * 32 + "-" + "0" * 16 + "-01", "x" * 5000,
+                                         "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"])
+async def test_a_malformed_traceparent_starts_a_new_trace_and_is_no_error(api: Api, spans: Spans,
+                                                                         traceparent: str) -> None:
+    status, _, _ = await api.call("GET", api.t(api.tenant_a), "op-a", headers={"traceparent": traceparent})
+    assert status == 200
+    assert spans.one("GET /v1/tenants/{tenant_id}").parent is None
+
+
+async def test_a_refused_request_is_traced_with_its_status(api: Api, spans: Spans) -> None:
+    status, _, _ = await api.call("GET", api.t(api.tenant_b), "op-a")
+    assert status == 403
+    span = spans.one("GET /v1/tenants/{tenant_id}")
+    assert (span.attributes or {})["http.response.status_code"] == 403

@@ -15,7 +15,15 @@ from openapi_spec_validator import validate as validate_openapi
 
 from iim.admin import cli
 from iim.admin.api import ROUTES, create_registry_app
-from iim.admin.auth import Principal, Role, TokenConfigError, TokenTable, hash_token, principal_from_header
+from iim.admin.auth import (
+    BAD_TOKEN,
+    Principal,
+    Role,
+    TokenConfigError,
+    TokenTable,
+    hash_token,
+    principal_from_header,
+)
 from iim.admin.bodies import loads_strict
 from iim.admin.problems import ALL_ERRORS, Forbidden, MalformedRequest, Unauthenticated, problem_response
 from iim.admin.resources import RESOURCES
@@ -40,8 +48,8 @@ def test_token_table_maps_hash_to_principal() -> None:
         root={"actor": "root@noc", "role": "admin"},
         op={"actor": "op@a", "role": "operator", "tenant": str(TENANT)},
     )
-    assert table.authenticate("root") == Principal("root@noc", Role.ADMIN, None)
-    assert table.authenticate("op") == Principal("op@a", Role.OPERATOR, TENANT)
+    assert table.authenticate("root") == Principal.single("root@noc", Role.ADMIN, None)
+    assert table.authenticate("op") == Principal.single("op@a", Role.OPERATOR, TENANT)
     assert table.authenticate("nope") is None
     assert table.authenticate("") is None
 
@@ -85,7 +93,7 @@ def test_token_table_from_a_file_named_by_the_settings(tmp_path: Path, monkeypat
     monkeypatch.setenv("IIM_ADMIN_TOKENS_REF", f"file:{path}")
     settings = AdminSettings()
     assert settings.tokens_ref == f"file:{path}"
-    assert TokenTable.load(settings.tokens_ref).authenticate("s3cret") == Principal("file-op", Role.VIEWER, None)
+    assert TokenTable.load(settings.tokens_ref).authenticate("s3cret") == Principal.single("file-op", Role.VIEWER, None)
 
 
 @pytest.mark.parametrize("header", [None, "", "Basic abc", "Bearer", "Bearer   ", "Bearer wrong"])
@@ -94,14 +102,15 @@ def test_bad_authorization_headers_are_unauthenticated(header: str | None) -> No
     with pytest.raises(Unauthenticated) as info:
         principal_from_header(header, table)
     assert info.value.headers["WWW-Authenticate"].startswith("Bearer")
+    assert info.value.detail == BAD_TOKEN  # the same answer whatever was wrong
 
 
 def test_roles_and_tenants() -> None:
     other = uuid4()
-    admin = Principal("a", Role.ADMIN, None)
-    operator = Principal("o", Role.OPERATOR, TENANT)
-    viewer_all = Principal("v", Role.VIEWER, None)
-    viewer_one = Principal("w", Role.VIEWER, TENANT)
+    admin = Principal.single("a", Role.ADMIN, None)
+    operator = Principal.single("o", Role.OPERATOR, TENANT)
+    viewer_all = Principal.single("v", Role.VIEWER, None)
+    viewer_one = Principal.single("w", Role.VIEWER, TENANT)
     admin.require_admin()
     admin.require_write(other)
     operator.require_write(TENANT)
@@ -180,7 +189,8 @@ def test_openapi_lists_every_route_with_its_schemas(registry_app: object) -> Non
     assert documented - registered == {("get", "/openapi.json")}  # the alias mounted on the root app
     schemas = doc["components"]["schemas"]
     assert doc["components"]["securitySchemes"]["bearerAuth"] == {
-        "type": "http", "scheme": "bearer", "description": "An admin API token; the server stores only its SHA-256."}
+        "type": "http", "scheme": "bearer", "description": "An admin API token (the server stores only its SHA-256) or a JWT of the configured "
+                           "OIDC issuer."}
     assert "Problem" in schemas
     assert "error_id" in schemas["Problem"]["required"]
     for route in app[ROUTES]:  # type: ignore[index]
@@ -258,7 +268,7 @@ def test_cli_token_new_prints_the_hash_entry(capsys: pytest.CaptureFixture[str])
     printed = json.loads(capsys.readouterr().out)
     token = printed["token"]
     table = TokenTable.from_json(json.dumps(printed["table_entry"]))
-    assert table.authenticate(token) == Principal("ops@a", Role.OPERATOR, TENANT)
+    assert table.authenticate(token) == Principal.single("ops@a", Role.OPERATOR, TENANT)
     assert cli.main(["token", "new", "--actor", "ops@a", "--role", "operator"]) == cli.EXIT_USAGE
 
 

@@ -90,7 +90,8 @@ def test_the_api_and_the_cli_serve_exactly_the_specified_entities(openapi: dict[
     assert {t["name"] for t in openapi["tags"]} - {"audit", "meta"} == {t.plural for t in TABLES}
     entity_paths = {p for p in openapi["paths"] if p.startswith("/v1/tenants") and "/audit" not in p}
     assert entity_paths == {p for t in TABLES for p in _paths(t)} | {
-        f"/v1/tenants/{{tenant_id}}/{t.plural}/{{id}}/revoke" for t in TABLES if t.revoked_at is not None}
+        f"/v1/tenants/{{tenant_id}}/{t.plural}/{{id}}/revoke" for t in TABLES if t.revoked_at is not None} | {
+        "/v1/tenants/{tenant_id}/subscribers/{id}/erase"}  # right to erasure (iim.privacy.erasure)
 
 
 @pytest.mark.parametrize("spec", TABLES, ids=lambda t: t.name)
@@ -115,7 +116,7 @@ def test_cli_commands_take_the_specs_fields(spec: Spec) -> None:
     actions = _subparsers(_commands()[spec.command])
     expected = {spec.create_verb, "list", "show"} | ({"update"} if spec.update is not None else set()) | (
         {"delete"} if spec.deletable else set()) | ({"revoke"} if spec.revoked_at is not None else set())
-    assert set(actions) - {"simulate", "templates"} == expected
+    assert set(actions) - {"simulate", "templates", "erase"} == expected  # scenario tools, right to erasure
     assert _field_options(actions[spec.create_verb]) == _fields(spec.create)
     assert _other_options(actions[spec.create_verb]) == set()
     if spec.update is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
@@ -44,6 +45,8 @@ class RecordingConfig(BaseModel):
     fail_setup: bool = False
     hang_setup: bool = False
     fail_unload: bool = False
+    hang_probe: bool = False
+    fail_probe: bool = False
 
 
 class Recording:
@@ -79,6 +82,14 @@ class Recording:
 
     def health(self) -> ConnectorHealth:
         return ConnectorHealth("up")
+
+    async def probe(self) -> ConnectorHealth:
+        self.journal.append(f"probe {self.name}")
+        if self.config.hang_probe:
+            await asyncio.sleep(10)
+        if self.config.fail_probe:
+            raise RuntimeError("probe bug")
+        return self.health()
 
 
 def bare_factory(config: dict[str, Any], context: ConnectorContext) -> Connector:
@@ -170,7 +181,7 @@ async def test_bad_config_is_refused_with_a_clear_error_and_the_plugin_is_not_bu
     statuses = {s.name: s for s in registry.statuses()}
     assert statuses["bad"].health.state == "down"
     assert statuses["bad"].capabilities == ("deliver_tts", "request_user_action", "send_notification")
-    assert statuses["good"].health.state == "up"
+    assert statuses["good"].health.state == "degraded"  # loaded, not probed yet: never "up" unchecked
 
 
 async def test_a_factory_without_a_manifest_is_validated_after_construction(registry: ConnectorRegistry) -> None:
@@ -195,6 +206,7 @@ async def test_one_failing_setup_does_not_stop_the_others(registry: ConnectorReg
                                          "credential reference 'env:NOT_SET_ANYWHERE' does not resolve")
     assert registry.error("hangs") == "setup did not finish within 0.2 s"
     assert (registry.error("ghost") or "").startswith("no connector plugin 'nonexistent' (installed: bare, ")
+    await registry.probe_all(timeout=1.0)
     health = {s.name: s.health for s in registry.statuses()}
     assert {n: h.state for n, h in health.items()} == {
         "first": "up", "broken": "down", "nocreds": "down", "hangs": "down", "ghost": "down", "last": "up"}
@@ -261,11 +273,45 @@ async def test_health_listing_and_gauges(registry: ConnectorRegistry) -> None:
     assert ok["name"] == "listed-ok"
     assert ok["plugin"] == "webhook"
     assert ok["capabilities"] == ["send_notification"]
-    assert ok["health"]["state"] == "up"
+    # Nobody has used it and no probe has run: not "up" (up means checked).
+    assert ok["health"] == {"state": "degraded", "last_error": "not checked yet", "checked_at": None}
     assert ok["breaker"] == "closed"
     assert bad["health"] == {"state": "down", "last_error": "setup failed: RuntimeError: vendor said no",
                              "checked_at": bad["health"]["checked_at"]}
-    assert REGISTRY.get_sample_value("iim_connector_up", {"connector": "listed-ok"}) == 1.0
-    assert REGISTRY.get_sample_value("iim_connector_up", {"connector": "listed-bad"}) == 0.0
-    assert REGISTRY.get_sample_value("iim_connector_breaker_state", {"connector": "listed-ok"}) == 0.0
-    assert REGISTRY.get_sample_value("iim_connector_breaker_state", {"connector": "listed-bad"}) is None
+    breaker = "iim_connector_breaker_state"
+    assert REGISTRY.get_sample_value(breaker, {"connector": "listed-ok", "state": "closed"}) == 1.0
+    assert REGISTRY.get_sample_value(breaker, {"connector": "listed-ok", "state": "open"}) == 0.0
+    assert REGISTRY.get_sample_value(breaker, {"connector": "listed-bad", "state": "closed"}) is None
+    assert REGISTRY.get_sample_value("iim_connector_up", {"connector": "listed-ok"}) is None  # renamed away
+
+
+async def test_a_probe_that_hangs_past_its_deadline_or_raises_makes_the_connector_down(
+        registry: ConnectorRegistry) -> None:
+    await registry.load([{"name": "hangs", "plugin": "recording", "config": {"hang_probe": True}},
+                         {"name": "buggy", "plugin": "recording", "config": {"fail_probe": True}},
+                         {"name": "fine", "plugin": "recording"}])
+    # The plugin says "up", but nothing has checked it yet.
+    assert {s.name: s.health.state for s in registry.statuses()} == {
+        "hangs": "degraded", "buggy": "degraded", "fine": "degraded"}
+    await registry.probe_all(timeout=0.2)
+    health = {s.name: s.health for s in registry.statuses()}
+    assert (health["hangs"].state, health["hangs"].last_error) == ("down", "probe did not answer within 0.2 s")
+    assert (health["buggy"].state, health["buggy"].last_error) == ("down", "probe failed: RuntimeError: probe bug")
+    assert health["fine"].state == "up"
+    assert sorted(line for line in Recording.journal if line.startswith("probe")) == [
+        "probe buggy", "probe fine", "probe hangs"]
+
+
+async def test_probes_run_on_their_interval_until_cancelled(registry: ConnectorRegistry) -> None:
+    await registry.load([{"name": "fine", "plugin": "recording"}])
+    task = asyncio.create_task(registry.run_probes(interval=0.05, timeout=1.0))
+    try:
+        for _ in range(200):
+            if Recording.journal.count("probe fine") >= 3:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert Recording.journal.count("probe fine") >= 3

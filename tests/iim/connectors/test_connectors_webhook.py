@@ -426,3 +426,78 @@ def test_what_we_send_verifies_with_the_inbound_verifier() -> None:
     headers = {"webhook-id": "msg_1", "webhook-timestamp": "1700000000",
                "webhook-signature": sign_webhook("msg_1", 1700000000, body, SIGNING_SECRET)}
     assert verify_webhook(headers, body, [SIGNING_SECRET], now=1700000000).msg_id == "msg_1"
+
+
+# --- probes: "up" means checked ----------------------------------------------------------------------------
+
+
+async def test_a_connector_nobody_used_is_not_up_until_a_probe_checked_the_vendor(peer: VendorPeer,
+                                                                                   make: Make) -> None:
+    connector = await make("unused", probe_path="/health")
+    assert connector.health().state == "degraded"
+    assert connector.health().last_error == "not checked yet"
+    assert connector.health().checked_at is None
+    health = await connector.probe()
+    assert health.state == "up"
+    assert health.checked_at is not None
+    assert peer.probes == ["/health"]
+    assert peer.signature_failures == 0  # the probe is signed and authorised like every request
+
+
+async def test_a_probe_the_vendor_fails_makes_the_connector_down_until_one_succeeds(peer: VendorPeer,
+                                                                                     make: Make) -> None:
+    connector = await make("flaky", probe_path="/health")
+    assert (await connector.probe()).state == "up"
+    peer.script("/health", ("status", 503))
+    health = await connector.probe()
+    assert (health.state, health.last_error) == ("down", "probe: HTTP 503")
+    assert connector.breaker_state() == "closed"  # probes never move the breaker
+    assert (await connector.probe()).state == "up"
+
+
+async def test_a_rate_limited_probe_is_degraded(peer: VendorPeer, make: Make) -> None:
+    connector = await make("busy", probe_path="/health")
+    peer.script("/health", ("retry_after", "30"))
+    health = await connector.probe()
+    assert (health.state, health.last_error) == ("degraded", "probe: HTTP 429")
+
+
+async def test_a_probe_refused_for_our_credentials_is_down(peer: VendorPeer, make: Make,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACME_TOKEN", "a-revoked-token")
+    connector = await make("revoked", probe_path="/health")
+    health = await connector.probe()
+    assert (health.state, health.last_error) == ("down", "probe: HTTP 401")
+
+
+async def test_without_a_probe_path_the_vendor_answering_at_all_counts(peer: VendorPeer, make: Make,
+                                                                       clock: StepClock) -> None:
+    connector = await make("reachable")
+    assert (await connector.probe()).state == "up"
+    assert peer.probes == ["/"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    context = ConnectorContext(resolve_secret=resolve_secret, http_session=aiohttp.ClientSession, clock=clock,
+                               connector_name="gone")
+    gone = WebhookConnector(_config(peer, base_url=dead), context)
+    await gone.setup()
+    try:
+        health = await gone.probe()
+    finally:
+        await gone.unload()
+    assert (health.state, health.last_error) == ("down", "probe: ClientConnectorError")
+
+
+async def test_a_successful_request_after_a_failed_probe_brings_the_connector_back(peer: VendorPeer,
+                                                                                   make: Make) -> None:
+    connector = await make("recovers", probe_path="/health")
+    peer.script("/health", ("status", 500))
+    assert (await connector.probe()).state == "down"
+    await connector.send_notification(NOTE)
+    assert connector.health().state == "up"
+
+
+def test_a_probe_path_must_be_a_plain_path(peer: VendorPeer) -> None:
+    with pytest.raises(ValidationError, match="probe_path"):
+        WebhookConfig.model_validate(_config(peer, probe_path="https://elsewhere/health"))

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -37,7 +37,8 @@ from iot_bridge.events import DeviceEvent, body_fingerprint
 from iot_bridge.intake import KnownDevice, accept_event
 from policy_cache import audit
 from policy_cache.db import Pool, tenant_tx
-from tests.alarm_rig import AlarmRig, build_rig
+from policy_cache.models import ConsentPurpose
+from tests.alarm_rig import SCENARIO_CONSENTS, AlarmRig, build_rig
 from tests.pg import TEST_MASTER_KEY, opened
 from tests.tcp_proxy import TcpFaultProxy
 
@@ -113,10 +114,12 @@ async def _route(call: Call) -> None:
 async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
                      connectors: ConnectorLookup | None = None, speech: Any = None,
                      time_scale: float = 0.01, limits: OriginateLimits | None = None,
-                     esl_proxy: bool = False, prompt_location: Any = None) -> AsyncIterator[Alarms]:
+                     esl_proxy: bool = False, prompt_location: Any = None,
+                     consents: Sequence[ConsentPurpose] = SCENARIO_CONSENTS) -> AsyncIterator[Alarms]:
     """A tenant, the emulator (callees scripted per number), our outbound server for the IVR, the worker."""
     n = numbers()
-    rig = await build_rig(app_pool, tmp_path, owner=n["owner"], backup=n["backup"], security=n["security"])
+    rig = await build_rig(app_pool, tmp_path, owner=n["owner"], backup=n["backup"], security=n["security"],
+                          consents=consents)
     # Without ``speech`` the worker leaves the prompt to FreeSWITCH's say: (IIM_ALERT_PROMPT_TTS=freeswitch), which
     # plays only on a switch that loads a TTS module: this one loads mod_flite.
     emu = FreeSwitchEmulator(time_scale=time_scale, default_target=TargetBehaviour.no_answer(),

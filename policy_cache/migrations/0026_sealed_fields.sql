@@ -1,4 +1,4 @@
--- 0025 (assigned 0028; numbered 0025 here because the runner refuses gaps): sensitive fields sealed with a data key per tenant (envelope encryption).
+-- 0026 (assigned 0028; numbered 0026 here because the runner refuses gaps): sensitive fields sealed with a data key per tenant (envelope encryption).
 --
 -- SMS bodies (iim.sms_outbox.body, iim.sms_inbound.body) are stored sealed: AES-256-GCM under the tenant's data
 -- key, base64 text in the same column, bound to tenant, table, row key and column (so a ciphertext moved to

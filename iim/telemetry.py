@@ -1,0 +1,126 @@
+"""Where spans go: the OpenTelemetry SDK and an exporter, installed at start when tracing is configured.
+
+The SDK and the OTLP exporter are optional (``pip install 'iim[otel]'``): without them, or with no exporter
+configured, the API's no-op tracer stays in place and a span costs next to nothing. The exporter is chosen by
+``IIM_TRACES_EXPORTER`` (``otlp``, ``console``, ``none``), else by the standard ``OTEL_TRACES_EXPORTER``, else
+``otlp`` as soon as an ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` is set; ``OTEL_SDK_DISABLED=true`` turns it all
+off. Everything else is the SDK's own standard environment: ``OTEL_EXPORTER_OTLP_*`` (endpoint, headers,
+certificate, timeout), ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*``.
+Spans leave in batches from the SDK's own thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
+
+from opentelemetry import trace
+
+from iim.core import tracing
+from iim.core.lifecycle import AsyncResource
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+__all__ = ["Exporter", "Tracing", "chosen_exporter"]
+
+log = logging.getLogger("iim.telemetry")
+
+Exporter = Literal["otlp", "console", "none"]
+_EXPORTERS: tuple[Exporter, ...] = ("otlp", "console", "none")
+
+
+def chosen_exporter(setting: Exporter | None, env: Mapping[str, str]) -> Exporter:
+    """Which exporter the settings and the standard environment ask for (pure: see the module docstring)."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return "none"
+    if setting is not None:
+        return setting
+    standard = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if standard:
+        first = standard.split(",")[0].strip()
+        for known in _EXPORTERS:
+            if first == known:
+                return known
+        return "none"
+    if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return "otlp"
+    return "none"
+
+
+class Tracing(AsyncResource):
+    """Installs the SDK's tracer provider with the chosen exporter on start; flushes and stops it on close.
+
+    A provider installed before (an embedding application, a test) is left in place and used as it is.
+    """
+
+    def __init__(self, exporter: Exporter | None = None, *, endpoint: str | None = None,
+                 env: Mapping[str, str] | None = None, flush_timeout_s: float = 5.0) -> None:
+        self._env = os.environ if env is None else env
+        self.exporter = chosen_exporter(exporter, self._env)
+        self._endpoint = endpoint
+        self._flush_timeout_s = flush_timeout_s
+        self._provider: TracerProvider | None = None
+        self._borrowed = False
+
+    @property
+    def active(self) -> bool:
+        """Are IIM's spans recorded (by the provider installed here, or one installed before)?"""
+        return self._provider is not None or self._borrowed
+
+    async def start(self) -> None:
+        if self.exporter == "none":
+            return
+        try:
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        except ImportError:
+            log.warning("tracing asked for (%s) but the OpenTelemetry SDK is not installed: spans are not "
+                        "recorded (pip install 'iim[otel]')", self.exporter)
+            return
+        if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+            log.info("a tracer provider is installed already: IIM's spans go to it")
+            tracing.enable()
+            self._borrowed = True
+            return
+        exporter = self._exporter()
+        if exporter is None:
+            return
+        resource = Resource.create({} if self._env.get("OTEL_SERVICE_NAME") else {"service.name": "iim"})
+        provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        self._provider = provider
+        tracing.enable()
+        log.info("tracing: spans exported by %s", self.exporter)
+
+    def _exporter(self) -> SpanExporter | None:
+        if self.exporter == "console":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            return ConsoleSpanExporter()
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            log.warning("tracing asked for OTLP but opentelemetry-exporter-otlp-proto-http is not installed: "
+                        "spans are not recorded (pip install 'iim[otel]')")
+            return None
+        exporter: SpanExporter = OTLPSpanExporter(endpoint=self._endpoint) if self._endpoint else OTLPSpanExporter()
+        return exporter
+
+    async def aclose(self) -> None:
+        provider, self._provider = self._provider, None
+        if provider is not None or self._borrowed:
+            tracing.enable(False)
+        self._borrowed = False
+        if provider is None:
+            return
+        # The SDK blocks while it flushes (its exporter does HTTP): off the loop, and bounded.
+        timeout_ms = int(self._flush_timeout_s * 1000)
+        await asyncio.to_thread(provider.force_flush, timeout_ms)
+        await asyncio.to_thread(provider.shutdown)
