@@ -85,7 +85,7 @@ async def test_data_key_rotation_reseals_rows_in_batches_and_old_and_new_keys_st
     service = Keyring(app_pool, TEST_MASTER_KEY)  # a running service: its active key is cached
     for n in range(5):
         await _queue(app_pool, service, tenant, f"old/{n}", f"before rotation {n}")
-    # A row from before sealing existed: clear text, no key (written as migration 0025 found it).
+    # A row from before sealing existed: clear text, no key (written as the sealing migration found it).
     async with tenant_tx(app_pool, tenant) as conn:
         await conn.execute("INSERT INTO iim.sms_outbox (key, msisdn, body) VALUES ('legacy', '+79001112233', "
                            "'written in clear long ago')")
