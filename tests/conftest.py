@@ -92,6 +92,7 @@ from tests.pg import (  # noqa: F401  (PostgreSQL fixtures shared by every test 
     admin_conn,
     app_pool,
     cache_conn,
+    keyring,
     pg_cluster,
     pg_db,
     pg_empty_db,

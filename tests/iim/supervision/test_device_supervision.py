@@ -32,6 +32,7 @@ from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import DeviceUpdate
 from tests.iim.scenarios.test_scenario_worker import Alarms, alarms_rig
 from tests.iot_bridge.test_bridge_http import BridgeClient, _client_ssl, _serve
+from tests.pg import opened
 
 INTERVAL_S = 60
 GRACE_S = 30
@@ -98,11 +99,13 @@ class Supervised:
 
     async def sms_of(self, incident: UUID, timeout: float = 10.0) -> list[dict[str, Any]]:
         deadline = asyncio.get_running_loop().time() + timeout
-        while not (rows := await self.alarms.rows("SELECT msisdn, body FROM iim.sms_outbox WHERE incident_id = $1 "
-                                                  "ORDER BY created_at, body", incident)):
+        while not (rows := await self.alarms.rows(
+                "SELECT tenant_id, key, msisdn, body, body_key FROM iim.sms_outbox WHERE incident_id = $1 "
+                "ORDER BY created_at, key", incident)):
             assert asyncio.get_running_loop().time() < deadline, "no SMS for the incident"
             await asyncio.sleep(0.05)
-        return rows
+        # Bodies are sealed with the tenant's data key (migration 0028): read them as the sender does.
+        return [{"msisdn": r["msisdn"], "body": await opened(self.alarms.pool, r)} for r in rows]
 
 
 async def _supervise(pool: Pool, tenant: UUID, device: UUID, interval: int | None = INTERVAL_S) -> None:
