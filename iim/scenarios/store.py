@@ -121,6 +121,7 @@ _ORIGINATE_FACTS = """SELECT l.max_concurrent, l.max_per_hour, l.country_codes,
 _ORIGINATE_FACTS = _ORIGINATE_FACTS.format(bound=_BOUND.format(household="$1"), allowed=_ALLOWED.format(household="$1"),
                                            numbering=_NUMBERING)
 _INCIDENT_LIGHT = _INCIDENT.format(extra="")
+_LOCK_INCIDENT = "SELECT 1 FROM iim.incident WHERE id = $1 FOR UPDATE"
 _INCIDENT_FULL = _INCIDENT.format(extra=_FACTS.format(fallback=_FALLBACK_NUMBERS.format(household="i.household_id"),
                                                       bound=_BOUND.format(household="i.household_id"),
                                                       allowed=_ALLOWED.format(household="i.household_id"),
@@ -185,7 +186,14 @@ async def load_incident(conn: Connection, incident_id: UUID, *, full: bool = Tru
 
     ``full=False`` skips what only decisions need (contacts, home devices, the scenario): for executors that
     only check the incident's state before or after performing one action.
+
+    The full load locks the incident first and reads in a second statement: under READ COMMITTED a statement
+    that waited for the lock still reads with the snapshot it started with, so two outcomes of one group
+    arriving together each judged the group without the other's (committed meanwhile), neither advanced it,
+    and the incident sat until the group's deadline.
     """
+    if full:
+        await conn.execute(_LOCK_INCIDENT, incident_id)
     row = await conn.fetchrow(_INCIDENT_FULL if full else _INCIDENT_LIGHT, incident_id)
     if row is None:
         return None
