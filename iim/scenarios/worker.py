@@ -1110,9 +1110,13 @@ def _say(text: str | None) -> str | None:
 
 
 def _engine_outcome(call: AlertCall, outcome: CallOutcome, meanings: dict[str, str]) -> ActionOutcome:
-    """What the call means for the escalation: the IVR digit's meaning when one was pressed."""
+    """What the call means for the escalation: the IVR digit's meaning when one was pressed. A call bridged to a
+    device (a doorphone) counts only once the device was connected: an answerer who heard the prompt but never
+    reached the door (offline, or hung up first) has not taken the visitor, and the scenario goes on."""
     if outcome.kind is not CallOutcomeKind.ANSWERED:
         return _REACHED_BY_CALL[outcome.kind]
+    if call.bridge_to is not None and outcome.detail != "bridged":
+        return ActionOutcome.FAILED
     if call.record_s > 0:
         return ActionOutcome.RECORDED if outcome.recorded else ActionOutcome.ANSWERED
     if not call.digits:

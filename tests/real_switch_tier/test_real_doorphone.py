@@ -69,7 +69,8 @@ async def _home(db: PgDatabase, tmp: Path, name: str, owner: str, *, dtmf_open: 
 def homes(pg_db: PgDatabase, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Home]:
     tmp = tmp_path_factory.mktemp("door-rigs")
     return {"opens": run_sync(_home(pg_db, tmp, "door-opens", "+79002240001", dtmf_open=True)),
-            "plain": run_sync(_home(pg_db, tmp, "door-plain", "+79002240011", dtmf_open=False))}
+            "plain": run_sync(_home(pg_db, tmp, "door-plain", "+79002240011", dtmf_open=False)),
+            "offline": run_sync(_home(pg_db, tmp, "door-offline", "+79002240021", dtmf_open=False))}
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +172,7 @@ def _assert_the_visit_was_a_conversation(visit: Visit, home: Home) -> None:
     # The media path stayed up while the key was (or was not) passed: a missing key is not a dead bridge.
     assert visit.door_heard_owner_after_key >= HEARD_FRAMES, context
     assert visit.incident.state == "acknowledged", context
-    [owner_call] = [a for a in visit.incident.actions if a["destination"] == home.rig.owner]
+    [owner_call] = [a for a in visit.incident.actions if a["kind"] == "call" and a["destination"] == home.rig.owner]
     assert (owner_call["outcome"], owner_call["detail"]) == ("answered", "bridged"), context
     bridged = [line["detail"] for line in visit.incident.audit if line["action"] == "incident.call"
                and line["detail"].get("detail") == "bridged"]
@@ -194,3 +195,24 @@ async def test_a_door_that_does_not_open_on_a_key_never_gets_the_owners_key_but_
     visit = await _visit(real_switch, iim, ports, pool, home)
     _assert_the_visit_was_a_conversation(visit, home)
     assert visit.door_keys == "", f"{visit}\n{visit.context}"
+
+
+async def test_an_owner_who_answers_while_the_door_is_offline_has_not_taken_the_visitor(
+        real_switch: RealSwitch, iim: Iim, ports: Ports, doors: dict[str, Home], pool: Pool) -> None:
+    home = doors["offline"]  # provisioned on the switch, never registered: the bridge fails at once
+    async with SipPhone("127.0.0.1", ports.core, tone_hz=OWNER_HZ, answer_ms=1000, user="owner") as owner:
+        incident = await _ring_the_doorbell(pool, home)
+        try:
+            await owner.answered(timeout=30)
+            await owner.ended(timeout=30)  # the prompt, a failed bridge, the call ended by IIM
+        except TimeoutError:
+            pytest.fail(f"the owner's call did not end\n{iim.log_text()[-3000:]}\n{real_switch.log_text()[-4000:]}",
+                        pytrace=False)
+        done = await alert_rig.settled(pool, home.rig, incident)
+    context = f"{done}\n{iim.log_text()[-3000:]}\n{real_switch.log_text()[-4000:]}"
+    [owner_call] = [a for a in done.actions if a["kind"] == "call" and a["destination"] == home.rig.owner]
+    assert (owner_call["outcome"], owner_call["detail"]) == ("failed", "bridge_failed"), context
+    # Nobody took the visitor: the scenario went on (a message at the door, then the owner is told), not ended.
+    assert [a["kind"] for a in done.actions if a["kind"] == "record"] == ["record"], context
+    assert done.state == "exhausted", context
+    assert home.rig.owner in done.sms_to, context

@@ -223,3 +223,17 @@ async def test_a_door_that_does_not_open_by_key_never_gets_the_answerers_keys(al
                                "FROM iim.audit_log WHERE entity_id = $1 AND action = 'incident.call' "
                                "AND detail->>'outcome' = 'answered'", str(incident))
     assert line == {"detail": "bridged", "bridged_to": door}
+
+
+async def test_an_owner_who_answers_while_the_door_is_offline_has_not_taken_the_visitor(alarms: Alarms) -> None:
+    rig = alarms.rig
+    door = (await alarms.rows("SELECT sip_uri FROM iim.device WHERE external_id = $1", rig.doorphone))[0]["sip_uri"]
+    alarms.emu.targets[GW.format(rig.owner)] = TargetBehaviour.answer(after_ms=100)
+    alarms.emu.targets[_endpoint(door)] = TargetBehaviour.not_registered()
+    incident = await alarms.raise_alarm("doorbell", device=rig.doorphone)
+    assert await alarms.settled(incident) == "exhausted"  # nobody took the visitor: the whole chain ran
+    assert not alarms.emu.bridges
+    rows = await alarms.rows("SELECT kind, destination, outcome, detail FROM iim.incident_action "
+                             "WHERE incident_id = $1 ORDER BY key", incident)
+    assert {"kind": "call", "destination": rig.owner, "outcome": "failed", "detail": "bridge_failed"} in rows
+    assert [r["kind"] for r in rows if r["kind"] == "record"] == ["record"]  # the visitor was offered a message
