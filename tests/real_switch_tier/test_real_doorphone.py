@@ -8,6 +8,10 @@ hear the door's tone and the door the owner's, through FreeSWITCH's media path, 
 
 Keys: the owner presses 5 (RFC 4733) during the conversation. A door that opens on a key (``dtmf_open``) gets it
 as a telephone event on its leg; any other door does not (IIM sets ``bridge_filter_dtmf`` on the owner's leg).
+
+An offline door (provisioned, never registered): the owner hears the prompt, the bridge fails at once, and that
+answer does not count; the scenario goes on. Before, it acknowledged the incident: nobody talked to the visitor,
+and nobody offered them the message either.
 """
 
 from __future__ import annotations
