@@ -72,6 +72,8 @@ class DeviceCapability(StrEnum):
     CLOUD_ANNOUNCE = "cloud_announce"
     TTS = "tts"
     DISPLAY = "display"
+    #: a doorphone that opens on a DTMF key (RFC 2833) sent to its call: a call bridged to it passes keys through
+    DTMF_OPEN = "dtmf_open"
 
 
 class DeviceStatus(StrEnum):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -23,7 +24,7 @@ from fs_app.esl import ApiResponse, EslConnectionError, EslError, Event
 from fs_app.inbound import BackgroundJobResult, InboundClient, InboundPool, JobLost
 from fs_app.outreach import metrics
 from fs_app.outreach.guard import Refusal, destination_kind
-from fs_app.outreach.ivr import IvrRegistry, IvrResult, IvrTicket, RegistryFull
+from fs_app.outreach.ivr import BRIDGE_RING_S, IvrRegistry, IvrResult, IvrTicket, RegistryFull
 
 log = logging.getLogger("iim.outreach.calls")
 
@@ -90,6 +91,9 @@ class AlertCall:
 
     ``digits`` empty = no IVR (the prompt, if any, is played and the call ends);
     ``record_s`` > 0 = record a message to ``record_path`` instead of collecting a key.
+    ``bridge_to`` (a ``sip:`` URI: a doorphone) = once answered and the prompt played, connect the call to that
+    device; ``bridge_dtmf``: the answerer's keys reach it (it opens on one), else they are filtered out.
+    ``bridge_endpoint`` is the device's dial string, resolved by the placer (:meth:`AlertCallPlacer.prepared`).
     ``variables`` are correlation ids (``iim_incident_id``...) carried on the channel.
     Every field is validated here, so a constructed AlertCall is safe to originate.
     """
@@ -106,6 +110,9 @@ class AlertCall:
     record_s: int = 0
     record_path: str | None = None
     variables: Mapping[str, str] = field(default_factory=dict, hash=False)
+    bridge_to: str | None = None
+    bridge_dtmf: bool = False
+    bridge_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         _check(_is(_UUID, self.call_uuid),
@@ -130,6 +137,14 @@ class AlertCall:
             _check(self.digits == "", "record_s and digits exclude each other")
             _check(_is(_PATH, self.record_path) and "${" not in str(self.record_path),
                    f"record_s > 0 needs a record_path without blanks or controls: {self.record_path!r:.70}")
+        if self.bridge_to is not None:
+            _check(destination_kind(self.bridge_to) == "sip",
+                   f"bridge_to must be a sip: URI, not {self.bridge_to!r:.60}")
+            _check(self.digits == "" and self.record_s == 0, "a bridged call neither collects keys nor records")
+        _check(isinstance(self.bridge_dtmf, bool), "bridge_dtmf must be a bool")
+        _check(self.bridge_endpoint is None or (self.bridge_to is not None and _is(_ENDPOINT, self.bridge_endpoint)
+                                                and ":_:" not in self.bridge_endpoint),
+               f"bridge_endpoint must be one dial string for bridge_to: {self.bridge_endpoint!r:.70}")
         _validate_variables(self.variables)
         object.__setattr__(self, "variables", MappingProxyType(dict(self.variables)))
 
@@ -319,8 +334,18 @@ class AlertCallPlacer:
         if fut is not None and not fut.done():
             fut.set_result(event)
 
+    def prepared(self, call: AlertCall) -> AlertCall:
+        """``call`` with its bridge's dial string resolved (the device's endpoint, as the placer dials devices);
+        ValueError when it cannot be."""
+        if call.bridge_to is None or call.bridge_endpoint is not None:
+            return call
+        return dataclasses.replace(call, bridge_endpoint=_endpoint(call.bridge_to, self._dial))
+
     def ivr_deadline_s(self, call: AlertCall) -> float:
-        """How long the IVR of an answered call may take before we give up on its result."""
+        """How long the IVR of an answered call may take before we give up on its result (a bridged call's is
+        known once the device answers: :data:`fs_app.outreach.ivr.BRIDGE_RING_S`)."""
+        if call.bridge_to is not None:
+            return self._prompt_s + BRIDGE_RING_S + self._ivr_slack_s
         if call.record_s > 0:
             return self._prompt_s + call.record_s + self._ivr_slack_s
         if call.digits:
@@ -459,8 +484,9 @@ class AlertCallPlacer:
 
         The call is registered for its IVR first, so its socket arriving while the switch is asked is ours."""
         try:
+            call = self.prepared(call)
             ticket = self._ivr.expect(call)
-        except RegistryFull as exc:
+        except (ValueError, RegistryFull) as exc:
             return CallOutcome(CallOutcomeKind.REFUSED, None, None, detail=f"not taken over: {exc}")
         started = asyncio.get_running_loop().time()
         try:
@@ -508,6 +534,7 @@ class AlertCallPlacer:
 
     async def _place(self, call: AlertCall, on_sent: Callable[[], None] | None) -> CallOutcome:
         try:
+            call = self.prepared(call)
             command = originate_command(call, gateway_dial=self._dial, socket_address=self._socket_address)
             ticket = self._ivr.expect(call)  # before the originate: the socket may beat the job result
         except (ValueError, RegistryFull) as exc:

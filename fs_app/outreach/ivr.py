@@ -33,6 +33,10 @@ log = logging.getLogger("iim.outreach.ivr")
 ALERT_MARKER = "iim_alert"
 DIGIT_VARIABLE = "iim_alert_digit"
 NO_PROMPT = "silence_stream://250"
+#: How long the device of a bridged call (a doorphone: it answers at once when it works) may take to answer.
+BRIDGE_RING_S = 10
+#: The longest conversation through a bridge; then the call is ended (a forgotten handset must not hold it).
+BRIDGE_MAX_S = 600
 
 ResultHook = Callable[[str, "IvrResult"], Awaitable[None]]
 
@@ -45,7 +49,8 @@ class IvrResult:
     ``no_input`` (the prompt timed out every try), ``invalid_input`` (a key outside
     ``digits`` and never a valid one), ``prompt_failed`` (the switch could not play the prompt), ``hangup`` (the callee hung up first; ``hangup_cause`` is set),
     ``socket_lost`` (the switch dropped our socket), ``recorded`` / ``not_recorded``,
-    ``played`` (prompt only, no IVR), ``error`` (an ESL error; see the logs), ``abandoned``
+    ``played`` (prompt only, no IVR), ``bridged`` (connected to the call's device, e.g. a doorphone),
+    ``bridge_failed`` (the device did not answer), ``error`` (an ESL error; see the logs), ``abandoned``
     (swept from the registry, never collected).
     """
 
@@ -211,9 +216,58 @@ async def _record(call: Call, alert: AlertCall) -> IvrResult:
     return _ended(call, "recorded" if recorded else "not_recorded", recorded=recorded)
 
 
-async def run_alert_ivr(call: Call, alert: AlertCall, *, invalid_prompt: str = NO_PROMPT) -> IvrResult:
-    """Prompt and collect, or record; never raises for call-side failures."""
+async def _wait_bridged(call: Call) -> bool:
+    """True once the channel reports CHANNEL_BRIDGE (the device answered and media flows); False if the socket
+    closes first."""
+    async for event in call.events():
+        if event.name == "CHANNEL_BRIDGE":
+            return True
+    return False
+
+
+def bridge_dial(alert: AlertCall) -> str:
+    """The ``bridge`` argument: the device's endpoint (validated by :class:`AlertCall`) with its ring time and,
+    when it opens on a key, RFC 2833 DTMF on its leg."""
+    assert alert.bridge_endpoint is not None
+    dtmf = ",dtmf_type=rfc2833" if alert.bridge_dtmf else ""
+    return f"{{originate_timeout={BRIDGE_RING_S}{dtmf}}}{alert.bridge_endpoint}"
+
+
+async def _bridge(call: Call, alert: AlertCall, on_bridged: Callable[[IvrResult], None] | None) -> IvrResult:
+    """Play the prompt, then connect the answerer to the call's device for the conversation. ``on_bridged`` gets
+    the result as soon as the device answers (the escalation need not wait for the conversation to end). The
+    answerer's keys reach the device only when it opens on one (``bridge_dtmf``); else they are filtered out."""
+    if alert.prompt:
+        await call.playback(alert.prompt)
+    if call.hangup_cause is not None:
+        return _ended(call, "hangup")
+    if not alert.bridge_dtmf:
+        await call.set("bridge_filter_dtmf", "true")
+    bridging = asyncio.ensure_future(call.bridge(bridge_dial(alert), timeout=BRIDGE_RING_S + BRIDGE_MAX_S))
+    connected = asyncio.ensure_future(_wait_bridged(call))
     try:
+        await asyncio.wait((bridging, connected), return_when=asyncio.FIRST_COMPLETED)
+        if connected.done() and connected.result():
+            if on_bridged is not None:
+                on_bridged(_ended(call, "bridged"))
+            await bridging  # the conversation
+            return _ended(call, "bridged")
+        outcome = await bridging
+        return _ended(call, "bridged" if outcome.answered else "bridge_failed")
+    finally:
+        for task in (connected, bridging):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, EslError, OSError, TimeoutError):
+                    await task
+
+
+async def run_alert_ivr(call: Call, alert: AlertCall, *, invalid_prompt: str = NO_PROMPT,
+                        on_bridged: Callable[[IvrResult], None] | None = None) -> IvrResult:
+    """Prompt and collect, record, or bridge to the call's device; never raises for call-side failures."""
+    try:
+        if alert.bridge_endpoint is not None:
+            return await _bridge(call, alert, on_bridged)
         if alert.record_s > 0:
             return await _record(call, alert)
         if alert.digits:
@@ -270,7 +324,8 @@ def _correlation(call: Call) -> dict[str, AttributeValue]:
                  event_id=call.variable("iim_event_id"))
 
 
-async def _run_traced(call: Call, alert: AlertCall, *, adopted: bool, invalid_prompt: str) -> IvrResult:
+async def _run_traced(call: Call, alert: AlertCall, *, adopted: bool, invalid_prompt: str,
+                      on_bridged: Callable[[IvrResult], None] | None = None) -> IvrResult:
     """The IVR, with the call's events as spans under the originate that placed it: its context comes back on the
     channel (:data:`CHANNEL_VARIABLE`, read from the connect reply: no extra command), so they join its trace
     also when another process placed it (an adopted call)."""
@@ -280,7 +335,7 @@ async def _run_traced(call: Call, alert: AlertCall, *, adopted: bool, invalid_pr
         pass
     name = "alert_call.record" if alert.record_s > 0 else "alert_call.dtmf" if alert.digits else "alert_call.prompt"
     with span(name, parent=parent, attributes=common) as traced:
-        result = await run_alert_ivr(call, alert, invalid_prompt=invalid_prompt)
+        result = await run_alert_ivr(call, alert, invalid_prompt=invalid_prompt, on_bridged=on_bridged)
         if traced.is_recording():
             traced.set_attributes(attrs(detail=result.detail, digit=result.digit, recorded=result.recorded))
     return result
@@ -385,15 +440,21 @@ def with_alert_calls(
                 await _hang_up(call)
             await recording
             return
-        result = await _run_traced(call, alert, adopted=False, invalid_prompt=invalid_prompt)
+        claimed = uuid
+
+        def bridged(result: IvrResult) -> None:  # the placer learns it at once, not after the conversation
+            registry.resolve(claimed, result)
+
+        result = await _run_traced(call, alert, adopted=False, invalid_prompt=invalid_prompt, on_bridged=bridged)
         metrics.IVR_RESULTS.labels(result.detail).inc()
-        if not registry.resolve(uuid, result):
+        if not registry.resolve(uuid, result) and result.detail != "bridged":
             log.info("alert result arrived after the placer gave up", extra={"call_id": uuid})
         hook = asyncio.create_task(_run_hook(on_result, uuid, result)) if on_result is not None else None
         log.info("alert IVR done", extra={"call_id": uuid, "digit": result.digit, "detail": result.detail,
                                            "hangup_cause": result.hangup_cause})
         with _hangup_traced(call, result):
-            await _goodbye(call, goodbye_prompt)
+            if result.detail != "bridged":  # after a conversation, no announcement
+                await _goodbye(call, goodbye_prompt)
             await _hang_up(call)
         if hook is not None:
             await hook

@@ -21,13 +21,14 @@ from fs_app.testing.originate import (
     DEFAULT_ORIGINATE_TIMEOUT_S,
     GroupPlan,
     LegPlan,
+    _true,
     array_value,
     confirm_files,
     originatee_profile,
     plan_group,
 )
 from fs_app.testing.session import AppImpl, Session
-from fs_app.testing.spec import RecordingRecord
+from fs_app.testing.spec import BridgeRecord, RecordingRecord
 from fs_app.testing.templates import (
     SIP_FAILURE,
     ack_vars,
@@ -597,6 +598,13 @@ class Bridge:
         session.bridged_to = leg.endpoint
         bridge_ids = [("Bridge-A-Unique-ID", ch.uuid), ("Bridge-B-Unique-ID", leg.uuid)]
         ch.fire("CHANNEL_BRIDGE", pre_data=bridge_ids)
+        # The A-leg callee's keys left unread now cross the bridge (switch_ivr_bridge), unless the A-leg set
+        # bridge_filter_dtmf: then FreeSWITCH drops them.
+        keys = "".join(session.dtmf)
+        session.dtmf.clear()
+        filtered = _true(ch.get_var("bridge_filter_dtmf"))
+        session.host.note_bridge(BridgeRecord(ch.uuid, leg.uuid, leg.endpoint, {**self.dial.vars, **leg.leg.vars},
+                                              "" if filtered else keys, keys if filtered else ""))
         hang = leg.target.hangup_after_ms
         callee_hung_up = await session.wait(session.scaled(hang) if hang is not None else math.inf)
         ch.set_var("last_bridge_to", leg.uuid)

@@ -29,7 +29,15 @@ from fs_app.testing.inbound import InboundServer
 from fs_app.testing.listener import EslListener
 from fs_app.testing.outbound import OutboundSocket, finalise_result, parse_socket_data
 from fs_app.testing.session import Session
-from fs_app.testing.spec import CallResult, CallSpec, OriginateRecord, RecordingRecord, TargetBehaviour
+from fs_app.testing.spec import (
+    BridgeRecord,
+    CallResult,
+    CallSpec,
+    ExecutionRecord,
+    OriginateRecord,
+    RecordingRecord,
+    TargetBehaviour,
+)
 from fs_app.testing.templates import (
     SipCallerParams,
     expire_headers,
@@ -135,6 +143,10 @@ class FreeSwitchEmulator:
         self.recordings: deque[RecordingRecord] = deque(maxlen=10_000)
         #: (channel uuid, application) of every ``execute`` the switch refused as an Invalid Application
         self.invalid_applications: deque[tuple[str, str]] = deque(maxlen=10_000)
+        #: every application a channel ran, in order (the last 10 000)
+        self.executions: deque[ExecutionRecord] = deque(maxlen=10_000)
+        #: every ``bridge`` whose B-leg answered, with the keys that crossed it (the last 10 000)
+        self.bridges: deque[BridgeRecord] = deque(maxlen=10_000)
         self.write_recordings = write_recordings
         #: ``http_cache://`` prompts, fetched over HTTP like mod_http_cache (``http_cache.fetched`` lists them)
         self.http_cache = HttpCache()
@@ -181,6 +193,16 @@ class FreeSwitchEmulator:
 
     def note_invalid_application(self, uuid: str, app: str) -> None:
         self.invalid_applications.append((uuid, app))
+
+    def note_execution(self, record: ExecutionRecord) -> None:
+        self.executions.append(record)
+
+    def note_bridge(self, record: BridgeRecord) -> None:
+        self.bridges.append(record)
+
+    def executions_on(self, uuid: str) -> list[ExecutionRecord]:
+        """The applications channel ``uuid`` ran, in order."""
+        return [e for e in self.executions if e.uuid == uuid]
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -28,7 +28,7 @@ from fs_app.esl import Execute, LocalProtocolError, serialise
 from fs_app.testing.channel import Channel
 from fs_app.testing.core import SwitchCore, new_uuid
 from fs_app.testing.http_cache import HttpCache
-from fs_app.testing.spec import RecordingRecord, TargetBehaviour
+from fs_app.testing.spec import BridgeRecord, ExecutionRecord, RecordingRecord, TargetBehaviour
 from fs_app.testing.templates import cdr_vars
 
 if TYPE_CHECKING:
@@ -55,6 +55,10 @@ class SessionHost(Protocol):
     def note_recording(self, record: RecordingRecord) -> None: ...
 
     def note_invalid_application(self, uuid: str, app: str) -> None: ...
+
+    def note_execution(self, record: ExecutionRecord) -> None: ...
+
+    def note_bridge(self, record: BridgeRecord) -> None: ...
 
 
 class SessionController(Protocol):
@@ -203,6 +207,7 @@ class Session:
             self.host.note_invalid_application(self.uuid, app)
             self.hangup("DESTINATION_OUT_OF_ORDER")
             return
+        self.host.note_execution(ExecutionRecord(self.uuid, app, arg))
         self.busy = True
         try:
             self.flush_ack()

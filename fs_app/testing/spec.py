@@ -173,3 +173,26 @@ class RecordingRecord:
     path: str
     ms: int
     completion_cause: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionRecord:
+    """One application a channel ran (``execute``), in order: what a test reads to see what a caller heard."""
+
+    uuid: str
+    app: str
+    arg: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeRecord:
+    """A ``bridge`` whose B-leg answered: the legs, the B-leg's dial-string variables, and the A-leg callee's keys
+    pressed during the conversation that reached the B-leg (``dtmf_passed``, as RFC 2833 when the leg asked
+    ``dtmf_type=rfc2833``) or were held back by ``bridge_filter_dtmf`` (``dtmf_filtered``)."""
+
+    a_uuid: str
+    b_uuid: str
+    endpoint: str
+    leg_vars: dict[str, str]
+    dtmf_passed: str
+    dtmf_filtered: str

@@ -90,7 +90,8 @@ __all__ = [
 DEFAULT_CALL_MESSAGE = "Alarm: {event} at {household}, reported by {device} at {time}."
 #: Seconds added to a call group's deadline: originate, early media, the executor's own latency.
 CALL_SLACK_S = 15
-#: Seconds to answer a device before recording; TTS speed used to estimate how long a prompt plays.
+#: Seconds to answer a device before recording (or before a bridged call reaches it: a doorphone answers
+#: at once); TTS speed used to estimate how long a prompt plays.
 ANSWER_S = 5
 TTS_CHARS_PER_S = 12
 SMS_MAX_CHARS = 1600  # iim.sms_outbox.body
@@ -138,6 +139,8 @@ class IncidentFacts:
 
     ``home_targets``: SIP URIs of the household's devices that can ring (``to="home"``); the triggering
     device is never called. ``occurred_at``: the event's time for ``{time}`` (else ``now``).
+    ``device_dtmf_open``: the device (a doorphone) opens on a DTMF key sent to its call, so a call bridged
+    to it passes the answerer's keys through.
     """
 
     event_type: EventType
@@ -152,6 +155,7 @@ class IncidentFacts:
     contacts: tuple[Contact, ...]
     home_targets: tuple[str, ...]
     occurred_at: datetime | None = None
+    device_dtmf_open: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (for the incident row); :meth:`from_json` reads it back."""
@@ -165,6 +169,7 @@ class IncidentFacts:
                           "device_bound": c.device_bound} for c in self.contacts],
             "home_targets": list(self.home_targets),
             "occurred_at": None if self.occurred_at is None else self.occurred_at.isoformat(),
+            "device_dtmf_open": self.device_dtmf_open,
         }
 
     @classmethod
@@ -181,6 +186,7 @@ class IncidentFacts:
                                    bool(c.get("device_bound", False))) for c in data.get("contacts", ())),
             home_targets=tuple(str(t) for t in data.get("home_targets", ())),
             occurred_at=None if occurred is None else datetime.fromisoformat(occurred),
+            device_dtmf_open=bool(data.get("device_dtmf_open", False)),
         )
 
 
@@ -201,7 +207,8 @@ class PlaceCall:
     """Call ``destination`` (E.164, or a SIP URI for a home device).
 
     ``prompt_text``: what to say once answered (the IVR prompt with ``ivr``, else the alert message).
-    ``bridge_to``: connect the answered call to this device (a doorphone) instead of only speaking.
+    ``bridge_to``: connect the answered call to this device (a doorphone) after the prompt; ``bridge_dtmf``:
+    the answerer's keys reach that device (it opens the door on its key), else they are filtered out.
     """
 
     kind: ClassVar[Literal["call"]] = "call"
@@ -213,6 +220,7 @@ class PlaceCall:
     ring_s: int
     prompt_text: str | None
     bridge_to: str | None = None
+    bridge_dtmf: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,12 +443,14 @@ def _add_calls(b: _Builder, step: CallStep, index: int, facts: IncidentFacts, va
     else:
         prompt = render(step.message or DEFAULT_CALL_MESSAGE, values)
     bridge_to = facts.device_sip_uri if step.bridge else None
+    bridge_dtmf = bridge_to is not None and facts.device_dtmf_open
     if step.to == "home":
         targets = [t for t in dict.fromkeys(facts.home_targets) if t != facts.device_sip_uri]
         if not targets:
             b.notes.append(f"step {index}: call home: no home device can ring, skipped")
         for uri in targets:
-            b.actions.append(PlaceCall(b.key(), b.first, None, uri, step.ivr, step.ring_s, prompt, bridge_to))
+            b.actions.append(PlaceCall(b.key(), b.first, None, uri, step.ivr, step.ring_s, prompt, bridge_to,
+                                       bridge_dtmf))
         return
     role = ContactRole(step.to)
     contacts = _contacts(facts, role)
@@ -448,7 +458,7 @@ def _add_calls(b: _Builder, step: CallStep, index: int, facts: IncidentFacts, va
         b.notes.append(f"step {index}: call {role}: no contact with that role, skipped")
     for contact in contacts:
         b.actions.append(PlaceCall(b.key(), b.first, role, contact.msisdn, step.ivr, step.ring_s, prompt,
-                                   bridge_to))
+                                   bridge_to, bridge_dtmf))
 
 
 def _call_seconds(call: PlaceCall) -> int:
@@ -456,6 +466,8 @@ def _call_seconds(call: PlaceCall) -> int:
     if call.ivr is not None:
         prompt_s = math.ceil(len(call.prompt_text or "") / TTS_CHARS_PER_S)
         seconds += call.ivr.tries * (prompt_s + call.ivr.digit_timeout_s)
+    elif call.bridge_to is not None:  # answered = the prompt played and the device reached
+        seconds += math.ceil(len(call.prompt_text or "") / TTS_CHARS_PER_S) + ANSWER_S
     return seconds
 
 

@@ -232,7 +232,8 @@ def _detail(action: Action) -> str:
             keys = " ".join(f"{k}={v}" for k, v in sorted(action.ivr.digits.items()))
             parts.append(f"IVR [{keys}] x{action.ivr.tries}")
         if action.bridge_to:
-            parts.append(f"bridged to {action.bridge_to}")
+            keys = "the answerer's keys pass through" if action.bridge_dtmf else "keys filtered"
+            parts.append(f"bridged to {action.bridge_to} ({keys})")
         parts.append(f'says "{action.prompt_text}"')
         return ", ".join(parts)
     if isinstance(action, RecordMessage):
@@ -261,7 +262,7 @@ def _action_json(action: Action) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": action.kind, "key": action.key, "step": action.step}
     if isinstance(action, PlaceCall):
         out.update(role=action.role, destination=action.destination, ring_s=action.ring_s,
-                   prompt_text=action.prompt_text, bridge_to=action.bridge_to,
+                   prompt_text=action.prompt_text, bridge_to=action.bridge_to, bridge_dtmf=action.bridge_dtmf,
                    ivr=None if action.ivr is None else action.ivr.model_dump(mode="json"))
     elif isinstance(action, SendSms):
         out.update(role=action.role, msisdn=action.msisdn, text=action.text)

@@ -10,11 +10,13 @@ here; the SMS it queues outside a decision go through ``iim.sms.store``, the out
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
@@ -39,7 +41,7 @@ from iim.scenarios.engine import (
     RecordMessage,
     SendSms,
 )
-from iim.scenarios.model import ContactRole, Scenario
+from iim.scenarios.model import ContactRole, IvrCheck, Scenario
 from iim.sms import store as sms_store
 from iot_bridge.event_types import EventType
 from iot_bridge.intake import IncidentJobs
@@ -53,9 +55,10 @@ __all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_inc
            "load_scenarios", "persist_advance", "record_outcome", "write_outcomes", "OutcomeWrite", "CallClaim",
            "Persisted", "originate_facts", "claim_originate", "claim_originate_now", "notification_targets",
            "sms_fallback_numbers", "notify_by_sms", "alarm_text", "NotificationTarget", "due_incidents",
-           "prune_originate_windows", "audit", "audit_line", "action_spec", "clear_incident", "exhaust_incident",
-           "mark_sms_undelivered", "queue_action_sms", "retry_call", "text_unreachable", "unreachable_retries",
-           "LimitsRow", "call_waited_s", "queue_capped_call", "end_unbegun", "step_tried", "reopen_incident"]
+           "prune_originate_windows", "audit", "audit_line", "action_spec", "decode_action", "clear_incident",
+           "exhaust_incident", "mark_sms_undelivered", "queue_action_sms", "retry_call", "text_unreachable",
+           "unreachable_retries", "LimitsRow", "call_waited_s", "queue_capped_call", "end_unbegun", "step_tried",
+           "reopen_incident"]
 
 #: Namespace for deterministic call UUIDs: the same action key always dials with the same origination_uuid.
 _CALL_NS = uuid.UUID("6f1c3f0e-2a4b-4a57-9d0e-1b5c9a7e0c11")
@@ -64,7 +67,9 @@ _INCIDENT = """
 SELECT i.id, i.household_id, i.device_id, i.hazard, i.state::text AS state, i.scenario, i.step, i.attempt,
        i.deadline, i.first_event_id, i.opened_at,
        d.name AS device_name, d.type::text AS device_type, d.status::text AS device_status, d.sip_uri,
-       d.external_id AS device_external_id,
+       d.external_id AS device_external_id, 'dtmf_open' = ANY (d.capabilities) AS device_dtmf_open,
+       (SELECT e.occurred_at FROM iim.device_event e
+         WHERE e.tenant_id = i.tenant_id AND e.event_id = i.first_event_id) AS occurred_at,
        h.name AS household_name, h.presence::text AS presence, h.time_zone{extra}
   FROM iim.incident i
   JOIN iim.device d ON d.tenant_id = i.tenant_id AND d.id = i.device_id
@@ -128,6 +133,7 @@ _ORIGINATE_FACTS = """SELECT l.max_concurrent, l.max_per_hour, l.country_codes,
 _ORIGINATE_FACTS = _ORIGINATE_FACTS.format(bound=_BOUND.format(household="$1"), allowed=_ALLOWED.format(household="$1"),
                                            numbering=_NUMBERING)
 _INCIDENT_LIGHT = _INCIDENT.format(extra="")
+_LOCK_INCIDENT = "SELECT 1 FROM iim.incident WHERE id = $1 FOR UPDATE"
 _INCIDENT_FULL = _INCIDENT.format(extra=_FACTS.format(fallback=_FALLBACK_NUMBERS.format(household="i.household_id"),
                                                       bound=_BOUND.format(household="i.household_id"),
                                                       allowed=_ALLOWED.format(household="i.household_id"),
@@ -192,7 +198,14 @@ async def load_incident(conn: Connection, incident_id: UUID, *, full: bool = Tru
 
     ``full=False`` skips what only decisions need (contacts, home devices, the scenario): for executors that
     only check the incident's state before or after performing one action.
+
+    The full load locks the incident first and reads in a second statement: under READ COMMITTED a statement
+    that waited for the lock still reads with the snapshot it started with, so two outcomes of one group
+    arriving together each judged the group without the other's (committed meanwhile), neither advanced it,
+    and the incident sat until the group's deadline.
     """
+    if full:
+        await conn.execute(_LOCK_INCIDENT, incident_id)
     row = await conn.fetchrow(_INCIDENT_FULL if full else _INCIDENT_LIGHT, incident_id)
     if row is None:
         return None
@@ -223,7 +236,8 @@ async def load_incident(conn: Connection, incident_id: UUID, *, full: bool = Tru
         device_id=row["device_external_id"], device_name=row["device_name"],
         device_status=DeviceStatus(row["device_status"]), device_sip_uri=row["sip_uri"],
         household_name=row["household_name"], presence=PresenceState(row["presence"]),
-        time_zone=row["time_zone"], contacts=contacts, home_targets=home)
+        time_zone=row["time_zone"], contacts=contacts, home_targets=home, occurred_at=row["occurred_at"],
+        device_dtmf_open=bool(row["device_dtmf_open"]))
     scenario = Scenario.model_validate(row["scenario"]) if full and row["scenario"] else None
     state = IncidentState(row["state"])
     return IncidentRow(id=row["id"], state=state, progress=Progress(state, row["step"], row["attempt"]),
@@ -254,20 +268,66 @@ async def load_scenarios(conn: Connection, household_id: UUID) -> list[Scenario]
     return [Scenario.from_record(r) for r in await scenario_registry.scenarios_for_household(conn, household_id)]
 
 
+#: Action fields stored as columns of ``iim.incident_action`` (``msisdn`` is an SMS's ``destination``); every
+#: other field is in ``spec``.
+_COLUMNS = frozenset({"key", "step", "destination", "msisdn"})
+#: Stored with a call but not an action field: the decision's trace context, so whoever places it joins that trace.
+_META = frozenset({"traceparent"})
+_KINDS: Mapping[str, type[PlaceCall | SendSms | Notify | RecordMessage]] = {
+    "call": PlaceCall, "sms": SendSms, "notify": Notify, "record": RecordMessage}
+
+
+def _to_json(value: object) -> Any:
+    if value is None or isinstance(value, bool | int | str):
+        return value.value if isinstance(value, StrEnum) else value
+    if isinstance(value, IvrCheck):
+        return value.model_dump(mode="json")
+    raise TypeError(f"an action field of type {type(value).__name__} cannot be stored")
+
+
 def action_spec(action: Action, *, traceparent: str | None = None) -> dict[str, Any]:
-    """The parameters of an action as stored with its key (the executor performs exactly these); a call's with
-    the ``traceparent`` of the decision that made it, so whoever places it joins that trace."""
-    traced = {"traceparent": traceparent} if traceparent is not None else {}
-    if isinstance(action, PlaceCall):
-        return {"ring_s": action.ring_s, "prompt_text": action.prompt_text,
-                "ivr": action.ivr.model_dump(mode="json") if action.ivr is not None else None, **traced}
-    if isinstance(action, SendSms):
-        return {"text": action.text}
-    if isinstance(action, RecordMessage):
-        return {"prompt_text": action.prompt_text, "max_s": action.max_s, **traced}
-    if isinstance(action, Notify):
-        return {"text": action.text}
-    raise TypeError(f"unknown action {action!r}")
+    """Every field of the engine's action that is not a column, as stored with its key: the executor performs
+    the action :func:`decode_action` gives back, field for field (a field that cannot be stored raises). A call's
+    spec also keeps the ``traceparent`` of the decision that made it."""
+    if type(action) not in _KINDS.values():
+        raise TypeError(f"unknown action {action!r}")
+    spec = {f.name: _to_json(getattr(action, f.name)) for f in dataclasses.fields(action) if f.name not in _COLUMNS}
+    if traceparent is not None and isinstance(action, PlaceCall | RecordMessage):
+        spec["traceparent"] = traceparent
+    return spec
+
+
+def decode_action(row: ActionRow) -> Action:
+    """The engine's action that ``row`` stores (its columns and :func:`action_spec`). A spec field the engine's
+    action does not have, or one it needs and the row lacks, raises :class:`ValueError`: never half performed.
+    Rows written before a field existed get its default (a call's ``role``: None)."""
+    cls = _KINDS.get(row.kind)
+    if cls is None:
+        raise ValueError(f"action {row.key}: unknown kind {row.kind!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(row.spec) - names - _META)
+    if unknown:
+        raise ValueError(f"action {row.key}: fields the {row.kind} executor does not know: {', '.join(unknown)}")
+    values: dict[str, Any] = {"key": row.key, "step": row.step}
+    if "destination" in names:
+        values["destination"] = row.destination
+    if "msisdn" in names:
+        values["msisdn"] = row.destination
+    if cls is PlaceCall:
+        values["role"] = None
+    for name, raw in row.spec.items():
+        if name in _META:
+            continue
+        if name == "ivr":
+            values[name] = None if raw is None else IvrCheck.model_validate(raw)
+        elif name == "role":
+            values[name] = None if raw is None else ContactRole(raw)
+        else:
+            values[name] = raw
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ValueError(f"action {row.key}: {exc}") from None
 
 
 def _action_fields(action: Action) -> tuple[str, str | None]:

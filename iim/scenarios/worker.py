@@ -1036,7 +1036,8 @@ class IncidentWorker(AsyncResource):
             else:
                 line = store.audit_line("scenario-engine", "incident.call", incident_id,
                                         {"key": key, "outcome": result.value, "digit": outcome.digit,
-                                         "hangup_cause": outcome.hangup_cause},
+                                         "hangup_cause": outcome.hangup_cause, "detail": outcome.detail,
+                                         **({"bridged_to": call.bridge_to} if outcome.detail == "bridged" else {})},
                                         event_id=incident.first_event_id, call_uuid=UUID(call.call_uuid))
                 recorded = store.OutcomeWrite(key, result.value, outcome.detail or (outcome.hangup_cause or ""))
                 after = await self._tick_in(conn, tenant_id, incident, reason="outcome", outcomes=[recorded],
@@ -1103,6 +1104,11 @@ class IncidentWorker(AsyncResource):
         if found is None:
             return None
         alert, action = found
+        if self.placer is not None:
+            try:
+                alert = self.placer.prepared(alert)  # a doorphone bridge's dial string
+            except ValueError:
+                return None
         meanings = dict((action.spec.get("ivr") or {}).get("digits", {}))
         if self.speech is not None and alert.prompt:
             alert, _ = await self._generic_first(alert, meanings)
@@ -1211,27 +1217,33 @@ def _choose(scenarios: list[Scenario], incident: store.IncidentRow, now: datetim
 
 def _alert_call(settings: WorkerSettings, tenant_id: UUID, incident: store.IncidentRow, action: store.ActionRow,
                 *, prompt_text: str | None = None) -> AlertCall:
-    """The call an alert action places, as its spec says (a recording or an IVR), tagged for its incident."""
+    """The call the engine's action (:func:`store.decode_action`) places, field for field (a recording, an IVR, a
+    bridge to a doorphone), tagged for its incident. ValueError when it cannot be placed as decided."""
     assert action.call_uuid is not None
-    spec = action.spec
+    decided = store.decode_action(action)
+    if not isinstance(decided, PlaceCall | RecordMessage):
+        raise ValueError(  # noqa: TRY004 - callers treat every unbuildable call alike
+            f"action {action.key} is a {action.kind}, not a call")
     variables = {"iim_tenant_id": str(tenant_id), "iim_incident_id": str(incident.id),
                  "iim_action_key": action.key.replace("/", "-"),
                  "iim_event_id": incident.first_event_id,
                  "tts_engine": settings.tts_engine, "tts_voice": settings.tts_voice}
-    traceparent = spec.get("traceparent")
+    traceparent = action.spec.get("traceparent")
     if isinstance(traceparent, str) and context_from(traceparent) is not None:  # a stored value, checked again
         variables[CHANNEL_VARIABLE] = traceparent
     common: dict[str, Any] = {
         "call_uuid": str(action.call_uuid), "destination": action.destination or "",
         "caller_id_number": settings.caller_id_number, "caller_id_name": settings.caller_id_name,
-        "prompt": _say(prompt_text or spec.get("prompt_text")), "variables": variables}
-    if action.kind == "record":
-        return AlertCall(ring_s=30, record_s=int(spec.get("max_s", 60)),
+        "prompt": _say(prompt_text or decided.prompt_text), "variables": variables}
+    if isinstance(decided, RecordMessage):
+        return AlertCall(ring_s=30, record_s=decided.max_s,
                          record_path=f"/var/lib/freeswitch/recordings/iim/{action.call_uuid}.wav", **common)
-    ivr = spec.get("ivr") or {}
-    return AlertCall(ring_s=int(spec.get("ring_s", 30)), digits="".join(sorted(ivr.get("digits", {}))),
-                     tries=int(ivr.get("tries", 1)), digit_timeout_s=int(ivr.get("digit_timeout_s", 5)),
-                     **common)
+    ivr = decided.ivr
+    if ivr is None:
+        return AlertCall(ring_s=decided.ring_s, bridge_to=decided.bridge_to, bridge_dtmf=decided.bridge_dtmf,
+                         **common)
+    return AlertCall(ring_s=decided.ring_s, digits="".join(sorted(ivr.digits)), tries=ivr.tries,
+                     digit_timeout_s=ivr.digit_timeout_s, **common)
 
 
 def _safe_alert_call(settings: WorkerSettings, tenant_id: UUID, incident: store.IncidentRow,
@@ -1260,9 +1272,13 @@ def _say(text: str | None) -> str | None:
 
 
 def _engine_outcome(call: AlertCall, outcome: CallOutcome, meanings: dict[str, str]) -> ActionOutcome:
-    """What the call means for the escalation: the IVR digit's meaning when one was pressed."""
+    """What the call means for the escalation: the IVR digit's meaning when one was pressed. A call bridged to a
+    device (a doorphone) counts only once the device was connected: an answerer who heard the prompt but never
+    reached the door (offline, or hung up first) has not taken the visitor, and the scenario goes on."""
     if outcome.kind is not CallOutcomeKind.ANSWERED:
         return _REACHED_BY_CALL[outcome.kind]
+    if call.bridge_to is not None and outcome.detail != "bridged":
+        return ActionOutcome.FAILED
     if call.record_s > 0:
         return ActionOutcome.RECORDED if outcome.recorded else ActionOutcome.ANSWERED
     if not call.digits:

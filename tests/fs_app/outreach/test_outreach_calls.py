@@ -35,7 +35,7 @@ from fs_app.outreach.calls import (
     refused_outcome,
 )
 from fs_app.outreach.guard import Refusal
-from fs_app.outreach.ivr import IvrRegistry, IvrResult, RegistryFull, app_arg, with_alert_calls
+from fs_app.outreach.ivr import IvrRegistry, IvrResult, RegistryFull, app_arg, bridge_dial, with_alert_calls
 from fs_app.testing import CallSpec, FreeSwitchEmulator, InboundServer, TargetBehaviour
 from fs_app.testing.apps import separate_args
 from fs_app.testing.media import write_silent_wav
@@ -120,6 +120,12 @@ def test_originate_command_shape() -> None:
     {"record_s": 10, "digits": "", "record_path": None},
     {"record_s": 10, "digits": "", "record_path": "/tmp/a b.wav"},
     {"record_s": 10, "record_path": "/tmp/a.wav"},  # with digits
+    {"bridge_to": "+79001234568", "digits": ""},  # a bridge goes to a device's SIP URI only
+    {"bridge_to": "sip:door@flat.local"},  # with digits
+    {"bridge_to": "sip:door@flat.local", "digits": "", "bridge_endpoint": "user/door@flat.local,user/evil"},
+    {"bridge_to": "sip:door@flat.local", "digits": "", "bridge_endpoint": "user/a:_:sofia/gateway/x/+1"},
+    {"bridge_endpoint": "user/door@flat.local", "digits": ""},  # an endpoint without bridge_to
+    {"bridge_to": "sip:door@flat.local", "digits": "", "bridge_dtmf": "yes"},
 ])
 def test_malformed_alert_calls_are_refused(change: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -745,3 +751,15 @@ async def test_a_switch_without_mod_hash_still_gets_claimed_calls_placed(rig: Ri
     outcome = await rig.placer.place_or_adopt(alert())
     assert (outcome.kind, outcome.digit) == (CallOutcomeKind.ANSWERED, "1")
     assert len(rig.emu.originates_to(MOBILE)) == 1
+
+
+def test_the_placer_resolves_a_bridge_to_the_devices_endpoint() -> None:
+    async def resolve() -> AlertCall:
+        placer = AlertCallPlacer(InboundClient(InboundSettings(port=1)), IvrRegistry(), socket_address="127.0.0.1:1")
+        return placer.prepared(alert(bridge_to="sip:door@flat.local", digits=""))
+
+    call = asyncio.run(resolve())
+    assert call.bridge_endpoint == "user/door@flat.local"
+    assert bridge_dial(call) == "{originate_timeout=10}user/door@flat.local"
+    opens = replace(call, bridge_dtmf=True)
+    assert bridge_dial(opens) == "{originate_timeout=10,dtmf_type=rfc2833}user/door@flat.local"

@@ -902,3 +902,33 @@ async def test_a_held_alarm_starts_its_full_chain_when_the_cool_down_ends(alarms
     reasons = [r["action"] for r in await alarms.rows(
         "SELECT action FROM iim.audit_log WHERE entity_id = $1 ORDER BY id", str(again))]
     assert "incident.held" in reasons
+
+
+async def test_an_outcome_committed_while_the_incident_was_locked_is_seen_by_the_next_load(
+        app_pool: Pool, pg_db: Any, tmp_path: Path) -> None:
+    """Two outcomes of one group arriving together: the second judge must see the first (else neither advances
+    the group and the incident waits for its deadline)."""
+    async with alarms_rig(app_pool, pg_db, tmp_path, time_scale=1.0) as alarms:  # the owner rings for 30 s
+        rig = alarms.rig
+        incident = await alarms.raise_alarm("smoke")
+        key = f"{incident}/0/0/0"
+        for _ in range(200):
+            if await alarms.rows("SELECT 1 FROM iim.incident_action WHERE key = $1 AND dispatched_at IS NOT NULL",
+                                 key):
+                break
+            await asyncio.sleep(0.05)
+
+        async def load() -> store.IncidentRow | None:
+            async with tenant_tx(app_pool, rig.tenant_id) as conn:
+                return await store.load_incident(conn, incident)
+
+        async with tenant_tx(app_pool, rig.tenant_id) as first:
+            await store.load_incident(first, incident)  # holds the incident
+            await store.write_outcomes(first, [store.OutcomeWrite(key, "no_answer", "test")])
+            second = asyncio.create_task(load())
+            await asyncio.sleep(0.5)
+            assert not second.done()  # waiting for the lock
+        loaded = await second
+        assert loaded is not None
+        assert loaded.group is not None
+        assert {a.key: a.outcome for a in loaded.group}[key] == "no_answer"
