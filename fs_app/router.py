@@ -129,6 +129,9 @@ class PolicyRouter:
                     self._record_answer(facts, decision, device)
                 return
             if call.hung_up:
+                # The caller gave up while it rang: still a missed call (as a mobile shows one), so the
+                # notifier runs; nothing is recorded from a caller who has gone.
+                await self._fallback(call, decision, snapshot, facts)
                 return
             cause = result.hangup_cause
         await self._fallback(call, decision, snapshot, facts)

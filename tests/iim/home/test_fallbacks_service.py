@@ -1,0 +1,143 @@
+"""Fallbacks that deliver, through the running service (`iim serve`'s own assembly): real PostgreSQL, the
+FreeSWITCH emulator placing the calls, and each fallback's outcome read from IIM's rows (the SMS outbox).
+
+The forked paths: a household whose SIP speaker rings with the owner's mobile (together or in sequence),
+nobody answers, or the caller gives up while it rings -- a missed call either way."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from fs_app.esl import Execute
+from fs_app.testing import CallResult, CallSpec, FreeSwitchEmulator, TargetBehaviour
+from iim.service import DatabaseUrls, Service
+from iim.settings import Settings
+from policy_cache.db import Pool, tenant_tx
+from policy_cache.models import FallbackAction, RingMode
+from tests.home_delivery_rig import Home, build_home, create_tenant
+from tests.pg import PgDatabase
+
+CALLER = "+4930111222"
+_NUMBERS = itertools.count(1)
+
+
+def settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"esl_port": 0, "http_port": 0, "bridge_enabled": False, "scenario_worker": False,
+                              "data_dir": str(tmp_path / "pg")}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class Served:
+    pool: Pool
+    tenant: UUID
+    service: Service
+    emu: FreeSwitchEmulator
+
+    async def call(self, home: Home, **spec: Any) -> CallResult:
+        return await self.emu.place_call("127.0.0.1", self.service.outbound.port, CallSpec(
+            destination=home.msisdn.removeprefix("+"), caller_id_number=CALLER, **spec))
+
+    async def outbox(self) -> list[dict[str, Any]]:
+        async with tenant_tx(self.pool, self.tenant) as conn:
+            return [dict(r) for r in await conn.fetch("SELECT key, msisdn, body FROM iim.sms_outbox ORDER BY key")]
+
+    def ring_sip_speaker(self, home: Home, behaviour: TargetBehaviour) -> None:
+        user = f"sip-{home.msisdn[-7:]}"
+        self.emu.register_user(user, "iim.local")
+        self.emu.targets[f"user/{user}@iim.local"] = behaviour
+
+
+@pytest.fixture
+async def served(pg_db: PgDatabase, app_pool: Pool, tmp_path: Path) -> AsyncIterator[Served]:
+    tenant = await create_tenant(app_pool, "fallbacks")
+    emu = FreeSwitchEmulator(default_target=TargetBehaviour.no_answer(), time_scale=0.01)
+    try:
+        async with Service(settings(tmp_path), database=DatabaseUrls(pg_db.app_url, pg_db.cache_url)) as service:
+            yield Served(app_pool, tenant, service, emu)
+    finally:
+        await emu.close()
+
+
+async def forked_home(served: Served, ring_mode: RingMode,
+                      fallback: FallbackAction = FallbackAction.MISSED_CALL_SMS) -> Home:
+    home = await build_home(served.pool, served.tenant, f"+79106{next(_NUMBERS):06d}", speaker=False,
+                            sip_speaker=True, announce_consent=True, ring_mode=ring_mode, fallback=fallback)
+    await wait_routable(served, home)
+    return home
+
+
+async def wait_routable(served: Served, home: Home) -> None:
+    """The cache has the new subscriber (the change feed is asynchronous)."""
+    import asyncio
+
+    policy = served.service.running.policy
+    assert policy is not None
+    for _ in range(200):
+        if policy.cache.lookup(home.msisdn) is not None:
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"{home.msisdn} never reached the policy cache")
+
+
+def bridges(result: CallResult) -> list[str]:
+    return [c.arg or "" for c in result.commands if isinstance(c, Execute) and c.app == "bridge"]
+
+
+def missed(result: CallResult, home: Home) -> dict[str, str]:
+    return {"key": f"missed-call:{result.uuid}", "msisdn": home.msisdn,
+            "body": f"Missed call from {CALLER}: nobody took it at home."}
+
+
+@pytest.mark.parametrize("mode", [RingMode.SIMULTANEOUS, RingMode.HOME_THEN_PHONE, RingMode.PHONE_THEN_HOME])
+async def test_a_forked_call_nobody_answers_queues_the_missed_call_sms(served: Served, mode: RingMode) -> None:
+    home = await forked_home(served, mode)
+    served.ring_sip_speaker(home, TargetBehaviour.no_answer())
+    result = await served.call(home)
+    [dial] = bridges(result)
+    speaker = f"user/sip-{home.msisdn[-7:]}@iim.local"
+    assert speaker in dial and f"sofia/gateway/ims/{home.msisdn}" in dial
+    assert ("|" in dial) == (mode != RingMode.SIMULTANEOUS)  # in sequence, or together
+    assert result.bridged_to is None
+    assert await served.outbox() == [missed(result, home)]
+
+
+async def test_a_caller_who_gives_up_while_the_home_rings_gets_a_missed_call_sms(served: Served) -> None:
+    """A missed call is a missed call: the caller hanging up before anyone answered is what a phone shows."""
+    home = await forked_home(served, RingMode.SIMULTANEOUS)
+    served.ring_sip_speaker(home, TargetBehaviour.no_answer())
+    result = await served.call(home, caller_hangup_after_ms=5000)  # 50 ms: while both legs ring
+    assert len(bridges(result)) == 1
+    assert result.bridged_to is None
+    assert await served.outbox() == [missed(result, home)]
+
+
+async def test_a_caller_who_gives_up_leaves_no_message_but_is_still_reported(served: Served) -> None:
+    home = await forked_home(served, RingMode.SIMULTANEOUS, FallbackAction.RECORD_MESSAGE)
+    served.ring_sip_speaker(home, TargetBehaviour.no_answer())
+    result = await served.call(home, caller_hangup_after_ms=5000)
+    assert "record" not in [c.app for c in result.commands if isinstance(c, Execute)]
+    assert [s["key"] for s in await served.outbox()] == [f"missed-call:{result.uuid}"]
+
+
+async def test_an_answered_forked_call_sends_no_sms(served: Served) -> None:
+    home = await forked_home(served, RingMode.SIMULTANEOUS)
+    served.ring_sip_speaker(home, TargetBehaviour.answer(after_ms=100, hangup_after_ms=100))
+    result = await served.call(home)
+    assert result.bridged_to == f"user/sip-{home.msisdn[-7:]}@iim.local"
+    assert await served.outbox() == []
+
+
+async def test_a_call_without_fallback_sends_no_sms_even_when_the_caller_gives_up(served: Served) -> None:
+    home = await forked_home(served, RingMode.SIMULTANEOUS, FallbackAction.NONE)
+    served.ring_sip_speaker(home, TargetBehaviour.no_answer())
+    await served.call(home, caller_hangup_after_ms=5000)
+    assert await served.outbox() == []
