@@ -52,8 +52,10 @@ from iim.home.sms_readout import SmsReadoutService
 from iim.http import HealthProbe, HttpSite, create_app
 from iim.scenarios.worker import IncidentWorker, WorkerSettings
 from iim.settings import Settings
+from iim.sms.http_smsc import HttpSmscSettings, HttpSmscTransport
 from iim.sms.outbox import OutboxRow, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
+from iim.sms.transport import SmsTransport
 from iim.tts.engine import EspeakTts
 from iim.tts.switch_audio import SwitchAudio, switch_audio_routes
 from iim.tts.urls import AudioUrlSigner, audio_routes, prompt_routes, prompt_url
@@ -69,6 +71,9 @@ from policy_cache.health import DatabaseProbe
 from policy_cache.store import PgPolicyStore
 
 log = logging.getLogger("iim.service")
+
+#: Where an HTTP SMSC posts its signed receipts and MO (``receipts``, ``mo``): on the bridge, else the HTTP site.
+SMSC_CALLBACK_PREFIX = "/v1/smsc/http"
 
 LOOP_LAG = Histogram("iim_event_loop_lag_seconds", "How late the event loop ran a 100 ms timer",
                      buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=REGISTRY)
@@ -138,6 +143,8 @@ class Service:
         ]
         self._stack: AsyncExitStack | None = None
         self._running: Running | None = None
+        # The HTTP SMSC's callback routes, when that transport is the one configured.
+        self._smsc_callbacks: web.Application | None = None
 
     @property
     def running(self) -> Running:
@@ -258,6 +265,8 @@ class Service:
                                                directory_pool=lambda: policy.directory_pool,
                                                extra_routes=tuple(extra))
             mount_registry(root, registry_app)
+            if self._smsc_callbacks is not None and not self.settings.bridge_enabled:
+                root.add_subapp(SMSC_CALLBACK_PREFIX, self._smsc_callbacks)
         return root
 
     async def _start_policy(self, stack: AsyncExitStack) -> PolicyParts:
@@ -340,17 +349,36 @@ class Service:
         audio_urls = AudioUrlSigner(secret, public, ttl_s=600)
         hash_key = resolve_secret(s.sms_hash_key_ref).encode() if s.sms_hash_key_ref else None
         readout = SmsReadoutService(pool, tts, audio_urls, connectors, OutboxSmsSink(pool), hash_key=hash_key)
-        if s.smpp_host:
-            transport = SmppTransport(SmppSettings(host=s.smpp_host, port=s.smpp_port, system_id=s.smpp_system_id,
-                                                   password=resolve_secret(s.smpp_password_ref, default=""),
-                                                   source_addr=s.smpp_source_addr))
+        transport = self._sms_transport()
+        if transport is not None:
             # The sender owns its transport: it starts it and closes it after the last receipts are written.
             await stack.enter_async_context(
                 SmsSender(pool, transport, on_mo=readout.on_mo, on_undelivered=self._undelivered,
                           mo_body_retention=s.sms_body_retention_s))
         else:
-            log.warning("no SMSC configured (IIM_SMPP_HOST): SMS stay queued in the outbox")
+            log.warning("no SMSC configured (IIM_SMPP_HOST or IIM_HTTP_SMSC_URL): SMS stay queued in the outbox")
         return connectors, tts, audio_urls
+
+    def _sms_transport(self) -> SmsTransport | None:
+        """The one SMSC the settings name: SMPP (``IIM_SMPP_HOST``) or an HTTP SMSC API (``IIM_HTTP_SMSC_URL``)."""
+        s = self.settings
+        if s.smpp_host and s.http_smsc_url:
+            raise ConfigError("both IIM_SMPP_HOST and IIM_HTTP_SMSC_URL are set: configure one SMSC")
+        if s.smpp_host:
+            return SmppTransport(SmppSettings(host=s.smpp_host, port=s.smpp_port, system_id=s.smpp_system_id,
+                                              password=resolve_secret(s.smpp_password_ref, default=""),
+                                              source_addr=s.smpp_source_addr))
+        if s.http_smsc_url:
+            http = HttpSmscTransport(HttpSmscSettings(url=s.http_smsc_url, secret_ref=s.http_smsc_secret_ref,
+                                                      source_addr=s.http_smsc_source_addr,
+                                                      timeout=s.http_smsc_timeout_s))
+            try:
+                http.check_secret()
+            except (LookupError, ValueError) as exc:
+                raise ConfigError(f"HTTP SMSC secret: {exc}") from None
+            self._smsc_callbacks = http.web_app()
+            return http
+        return None
 
     async def _undelivered(self, tenant_id: UUID, row: OutboxRow) -> None:
         if self._worker is not None:
@@ -390,6 +418,8 @@ class Service:
                                 opener=worker.begin_in if worker is not None else None, keys_dsn=policy.app_url)
         app.add_routes(audio_routes(policy.audio_urls, policy.tts))  # speech the vendor clouds fetch
         app.add_subapp(CALLBACK_PREFIX, connector_callback_app(policy.connectors))
+        if self._smsc_callbacks is not None:
+            app.add_subapp(SMSC_CALLBACK_PREFIX, self._smsc_callbacks)
         site = await stack.enter_async_context(HttpSite(app, s.bridge_host, s.bridge_port, ssl_context=context))
         return site.port
 

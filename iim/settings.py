@@ -116,6 +116,13 @@ class Settings(BaseSettings):
     smpp_system_id: str = "iim"
     smpp_password_ref: str = Field(default="env:IIM_SMPP_PASSWORD", description="env:VAR or file:/path")
     smpp_source_addr: str = "IIM"
+    # Or an HTTP SMSC API (iim/sms/http_smsc.py): submits signed with the shared secret (whsec_..., by
+    # reference); its receipts and MO arrive signed at /v1/smsc/http/{receipts,mo} on the device bridge (on the
+    # HTTP site when the bridge is off). One SMSC: setting both this and IIM_SMPP_HOST refuses the start.
+    http_smsc_url: str | None = None
+    http_smsc_secret_ref: str = Field(default="env:IIM_HTTP_SMSC_SECRET", description="env:VAR or file:/path")
+    http_smsc_source_addr: str | None = "IIM"
+    http_smsc_timeout_s: float = Field(default=10.0, gt=0)
     # Bodies of incoming SMS that may be read out are forgotten this long after they arrived (metadata stays).
     sms_body_retention_s: float = Field(default=86400.0, ge=60)
     # Smart-home connectors, JSON: [{"name": "acme", "plugin": "webhook", "config": {...}}] (secrets by ref).
@@ -159,6 +166,16 @@ class Settings(BaseSettings):
         url = URL(value)
         if url.scheme not in ("http", "https") or not url.host or url.query_string or url.fragment:
             raise ValueError("switch_audio_base_url must be an absolute http(s) URL without query or fragment")
+        return value
+
+    @field_validator("http_smsc_url")
+    @classmethod
+    def _http_smsc_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host or url.fragment:
+            raise ValueError("http_smsc_url must be an absolute http(s) URL")
         return value
 
     @field_validator("passthrough_endpoint")

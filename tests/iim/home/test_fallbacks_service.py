@@ -141,3 +141,83 @@ async def test_a_call_without_fallback_sends_no_sms_even_when_the_caller_gives_u
     served.ring_sip_speaker(home, TargetBehaviour.no_answer())
     await served.call(home, caller_hangup_after_ms=5000)
     assert await served.outbox() == []
+
+
+# -- the HTTP SMSC, chosen by settings ----------------------------------------------------------------------
+
+async def _status(pool: Pool, tenant: UUID, key: str, wanted: str) -> None:
+    import asyncio
+
+    for _ in range(400):
+        async with tenant_tx(pool, tenant) as conn:
+            if await conn.fetchval("SELECT status::text FROM iim.sms_outbox WHERE key = $1", key) == wanted:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"SMS {key} never became {wanted}")
+
+
+async def test_iim_serve_sends_through_the_http_smsc_its_settings_name(
+        pg_db: PgDatabase, app_pool: Pool, tmp_path: Path) -> None:
+    import aiohttp
+    from aiohttp import web
+
+    from tests.alarm_rig import new_secret, secret_text
+    from tests.iim.sms.test_messaging_http import FakeSmsc, signed
+
+    secret = new_secret()
+    secret_file = tmp_path / "smsc.whsec"
+    secret_file.write_text(secret_text(secret))
+    secret_file.chmod(0o600)
+    smsc = FakeSmsc(secret)
+    app = web.Application()
+    app.router.add_post("/sms", smsc.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    tenant = await create_tenant(app_pool, "http-smsc")
+    home = await build_home(app_pool, tenant, "+79107770001", speaker=False, ring_mode=RingMode.PHONE_ONLY)
+    emu = FreeSwitchEmulator(default_target=TargetBehaviour.no_answer(), time_scale=0.01)
+    try:
+        config = settings(tmp_path, http_smsc_url=f"http://{host}:{port}/sms",
+                          http_smsc_secret_ref=f"file:{secret_file}", http_smsc_source_addr="HOME")
+        async with Service(config, database=DatabaseUrls(pg_db.app_url, pg_db.cache_url)) as service:
+            served = Served(app_pool, tenant, service, emu)
+            await wait_routable(served, home)
+            result = await served.call(home)
+            key = f"missed-call:{result.uuid}"
+            await _status(app_pool, tenant, key, "sent")
+            [request] = smsc.requests
+            assert request["body"]["to"] == home.msisdn
+            assert request["body"]["from"] == "HOME"
+            assert request["body"]["text"] == f"Missed call from {CALLER}: nobody took it at home."
+            base = f"http://127.0.0.1:{service.running.http_port}/v1/smsc/http"
+            async with aiohttp.ClientSession() as http:
+                raw, headers = signed({"message_id": "h-1", "state": "delivered"}, new_secret())
+                async with http.post(base + "/receipts", data=raw, headers=headers) as resp:
+                    assert resp.status == 401  # not signed with the SMSC's secret
+                raw, headers = signed({"message_id": "h-1", "state": "delivered"}, secret)
+                async with http.post(base + "/receipts", data=raw, headers=headers) as resp:
+                    assert resp.status == 200
+            await _status(app_pool, tenant, key, "delivered")
+    finally:
+        await emu.close()
+        await runner.cleanup()
+
+
+def test_two_smscs_refuse_the_start(tmp_path: Path) -> None:
+    from iim.core.errors import ConfigError
+
+    service = Service(settings(tmp_path, smpp_host="127.0.0.1", http_smsc_url="http://127.0.0.1:9/sms"))
+    with pytest.raises(ConfigError, match="one SMSC"):
+        service._sms_transport()
+
+
+def test_an_unusable_http_smsc_secret_refuses_the_start(tmp_path: Path) -> None:
+    from iim.core.errors import ConfigError
+
+    service = Service(settings(tmp_path, http_smsc_url="http://127.0.0.1:9/sms",
+                               http_smsc_secret_ref="env:IIM_TEST_NO_SUCH_SMSC_SECRET"))
+    with pytest.raises(ConfigError, match="HTTP SMSC secret"):
+        service._sms_transport()
