@@ -42,7 +42,7 @@ DecisionSink = Callable[[CallFacts, RoutingDecision | None, str], None]
 #: Who took a routed call: the answering device's id, None for the mobile (``CallDecisionAudit.record_answer``).
 AnswerSink = Callable[[CallFacts, RoutingDecision, str | None], None]
 MissedCallNotifier = Callable[[RoutingSnapshot, CallFacts], Awaitable[None]]
-#: Takes a call whose home is only cloud speakers (``iim.home.cloud_call.cloud_call_step``).
+#: Takes a call whose home has cloud speakers to announce on (``iim.home.cloud_call.cloud_call_step``).
 AnnouncementStep = Callable[[Call, RoutingDecision], Awaitable[str]]
 
 
@@ -61,10 +61,10 @@ def _answered_device(decision: RoutingDecision, imported: str | None) -> str | N
     return imported if any(leg.device_id == imported for leg in decision.legs) else None
 
 
-def _cloud_only(decision: RoutingDecision) -> bool:
-    """Speakers to announce through their cloud and none to ring over SIP: the announcement takes the call."""
-    return (decision.action == "ring" and bool(decision.announcements)
-            and all(leg.kind == "phone" for leg in decision.legs))
+def _announces(decision: RoutingDecision) -> bool:
+    """Speakers to announce through their cloud: the announcement step takes the call (it rings the SIP legs
+    and the mobile too, in the ring mode's order)."""
+    return decision.action == "ring" and bool(decision.announcements)
 
 
 class PolicyRouter:
@@ -107,7 +107,7 @@ class PolicyRouter:
         if decision.action == "reject":
             await call.hangup(decision.reject_cause or "CALL_REJECTED")
             return
-        if self._announce is not None and _cloud_only(decision):
+        if self._announce is not None and _announces(decision):
             outcome = await self._announce(call, decision)
             log.debug("cloud announcement", extra={"call_id": call.uuid, "outcome": outcome})
             return

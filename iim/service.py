@@ -309,7 +309,7 @@ class Service:
                             confirm_prompt=prompt_url(audio_base, "confirm-call"),
                             voicemail_prompt=prompt_url(audio_base, "leave-message"))
         sms = OutboxSmsSink(pool)
-        announce = cloud_call_step(CloudAnnouncer(connectors), dial, sms)
+        announce = cloud_call_step(CloudAnnouncer(connectors), dial, sms, on_answer=audit.record_answer)
         router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record,
                               record_answer=audit.record_answer, announce=announce, missed_call=missed_call_sms(sms))
         try:
