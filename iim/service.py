@@ -15,7 +15,7 @@ import secrets
 import ssl
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -48,6 +48,7 @@ from iim.core.secrets import resolve_secret
 from iim.home.cloud_call import CloudAnnouncer, cloud_call_step
 from iim.home.missed_call import missed_call_sms
 from iim.home.outbox_sink import OutboxSmsSink
+from iim.home.recorded_message import MessageLinks, RecordedMessages, message_routes
 from iim.home.sms_readout import SmsReadoutService
 from iim.http import HealthProbe, HttpSite, create_app
 from iim.scenarios.worker import IncidentWorker, WorkerSettings
@@ -145,6 +146,8 @@ class Service:
         self._running: Running | None = None
         # The HTTP SMSC's callback routes, when that transport is the one configured.
         self._smsc_callbacks: web.Application | None = None
+        # Messages callers left, when IIM keeps them (IIM_RECORDINGS_DIR).
+        self._messages: RecordedMessages | None = None
 
     @property
     def running(self) -> Running:
@@ -254,6 +257,8 @@ class Service:
         if policy is not None:
             root.add_routes(prompt_routes(policy.tts))  # what FreeSWITCH plays for IIM (mod_http_cache)
             root.add_routes(switch_audio_routes(policy.switch_audio, policy.tts))  # alert calls' own prompts
+            if self._messages is not None:
+                root.add_routes(message_routes(self._messages))  # messages callers left, by signed link
             connectors = Route("GET", "/connectors", connector_list_view(policy.connectors), "listConnectors",
                                "Configured connectors: capabilities and health", "connectors", Access.READ)
             extra = [connectors]
@@ -304,14 +309,18 @@ class Service:
         audit = await stack.enter_async_context(CallDecisionAudit(pool))
         connectors, tts, audio_urls = await self._start_home(stack, pool)
         audio_base = s.switch_audio_base_url or f"http://{s.http_host}:{s.http_port}"
+        sms = OutboxSmsSink(pool)
+        self._messages = self._recorded_messages(pool, sms)
         dial = DialSettings(phone_endpoint=s.passthrough_endpoint.replace("{destination}", "{msisdn}"),
                             speaker_endpoint=s.speaker_endpoint,
                             confirm_prompt=prompt_url(audio_base, "confirm-call"),
                             voicemail_prompt=prompt_url(audio_base, "leave-message"))
-        sms = OutboxSmsSink(pool)
+        if self._messages is not None:  # the switch records where IIM keeps the messages
+            dial = replace(dial, recordings_dir=str(self._messages.recordings_dir))
         announce = cloud_call_step(CloudAnnouncer(connectors), dial, sms, on_answer=audit.record_answer)
         router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record,
-                              record_answer=audit.record_answer, announce=announce, missed_call=missed_call_sms(sms))
+                              record_answer=audit.record_answer, announce=announce, missed_call=missed_call_sms(sms),
+                              message=self._messages)
         try:
             switch_secret = (resolve_secret(s.switch_audio_secret_ref).encode() if s.switch_audio_secret_ref
                              else secrets.token_bytes(32))
@@ -324,6 +333,23 @@ class Service:
         return PolicyParts(app_url=urls.app_url, pool=pool, directory_pool=directory_pool, cache=cache, router=router,
                            connectors=connectors, tts=tts, audio_urls=audio_urls, switch_audio=switch_audio,
                            audit_heads=heads, database=database)
+
+    def _recorded_messages(self, pool: Pool, sms: OutboxSmsSink) -> RecordedMessages | None:
+        """Messages callers leave, kept and announced with a signed link (only with ``IIM_RECORDINGS_DIR``)."""
+        s = self.settings
+        if not s.recordings_dir:
+            log.info("recorded messages stay on the switch (IIM_RECORDINGS_DIR unset): missed-call SMS only")
+            return None
+        directory = Path(s.recordings_dir).resolve()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            secret = (resolve_secret(s.message_link_secret_ref).encode() if s.message_link_secret_ref
+                      else secrets.token_bytes(32))
+            links = MessageLinks(secret, s.message_link_base_url or f"http://{s.http_host}:{s.http_port}",
+                                 ttl_s=s.message_link_ttl_s)
+        except (LookupError, ValueError, OSError) as exc:
+            raise ConfigError(f"recorded messages: {exc}") from None
+        return RecordedMessages(pool, directory, links, sms, retention=timedelta(seconds=s.recording_retention_s))
 
     def _audit_heads(self, pool: Pool) -> AuditHeadPublisher:
         s = self.settings

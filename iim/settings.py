@@ -134,6 +134,16 @@ class Settings(BaseSettings):
     # call's rendered prompt (signed GET /v1/audio/ID.wav). Unset is the single-host mode: alert prompts are
     # handed to the switch as paths in IIM's cache directory. Set it whenever the switch runs elsewhere.
     switch_audio_base_url: str | None = None
+    # Messages callers leave (the record_message fallback): the switch records into this directory and IIM keeps
+    # them there (one host, or a directory both mount); unset: the switch's own recordings directory, and the
+    # household gets the missed-call SMS only. Kept under the subscriber's call_recording consent for
+    # recording_retention_s, announced by SMS with a signed link (GET /v1/messages/...) valid message_link_ttl_s
+    # at message_link_base_url (default http://IIM_HTTP_HOST:IIM_HTTP_PORT).
+    recordings_dir: str | None = None
+    recording_retention_s: float = Field(default=30 * 86400.0, ge=60)
+    message_link_ttl_s: int = Field(default=7 * 86400, ge=60)
+    message_link_base_url: str | None = None
+    message_link_secret_ref: str | None = Field(default=None, description="unset: a random key per process")
     # HMAC key of the switch's audio URLs (unset: a random key per process; the URLs live minutes).
     switch_audio_secret_ref: str | None = Field(default=None, description="env:VAR or file:/path")
     audio_url_secret_ref: str | None = Field(default=None, description="unset: a random key per process")

@@ -32,7 +32,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 from fs_app.call import Call, bridge_result
@@ -209,8 +209,9 @@ async def _bridge(call: Call, dial: str) -> tuple[bool, str | None, str | None]:
 async def _wait_unless_hung_up(call: Call, asking: asyncio.Future[AnnounceOutcome]) -> AnnounceOutcome | None:
     """The announcement's outcome, or ``None`` when the caller hangs up first (the requests are then cancelled)."""
     hangup = asyncio.ensure_future(call.wait_hangup())
+    waiting: set[asyncio.Future[Any]] = {asking, hangup}
     try:
-        await asyncio.wait({asking, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     finally:
         hangup.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -384,9 +385,14 @@ async def _alongside(ctx: _Ctx, plan: CloudPlan) -> str:
             return f"accept:{taken_by}"
         action += taken_by
         cause = accept_cause or cause
-    if call.hung_up:
+    if _gone(call):  # the caller may leave while the accepted leg rings
         action += "caller_hung_up:"
     return await _finish(ctx, f"{outcome.result}:{action}", cause)
+
+
+def _gone(call: Call) -> bool:
+    """Whether the caller has hung up (read again after an await, not narrowed away by an earlier check)."""
+    return call.hung_up
 
 
 CloudCallStep = Callable[[Call, RoutingDecision], Awaitable[str]]

@@ -222,3 +222,102 @@ def test_an_unusable_http_smsc_secret_refuses_the_start(tmp_path: Path) -> None:
                                http_smsc_secret_ref="env:IIM_TEST_NO_SUCH_SMSC_SECRET"))
     with pytest.raises(ConfigError, match="HTTP SMSC secret"):
         service._sms_transport()
+
+
+# -- messages callers leave: kept under consent, announced with a signed link, served by IIM ------------------
+
+async def _grant_recording_consent(pool: Pool, home: Home) -> None:
+    from policy_cache import registry
+    from policy_cache.models import ConsentCreate, ConsentPurpose
+
+    async with tenant_tx(pool, home.tenant_id) as conn:
+        await registry.create(conn, registry.CONSENT, ConsentCreate(
+            subscriber_id=home.subscriber_id, purpose=ConsentPurpose.CALL_RECORDING,
+            evidence={"channel": "test"}), actor="test")
+
+
+@pytest.fixture
+async def recording(pg_db: PgDatabase, app_pool: Pool, tmp_path: Path) -> AsyncIterator[Served]:
+    tenant = await create_tenant(app_pool, "messages")
+    emu = FreeSwitchEmulator(default_target=TargetBehaviour.no_answer(), time_scale=0.01, write_recordings=True)
+    config = settings(tmp_path, recordings_dir=str(tmp_path / "messages"))
+    try:
+        async with Service(config, database=DatabaseUrls(pg_db.app_url, pg_db.cache_url)) as service:
+            yield Served(app_pool, tenant, service, emu)
+    finally:
+        await emu.close()
+
+
+async def _message_home(served: Served, *, consent: bool) -> Home:
+    home = await build_home(served.pool, served.tenant, f"+79108{next(_NUMBERS):06d}", speaker=False,
+                            ring_mode=RingMode.PHONE_ONLY, fallback=FallbackAction.RECORD_MESSAGE)
+    if consent:
+        await _grant_recording_consent(served.pool, home)
+    await wait_routable(served, home)
+    return home
+
+
+def _local(served: Served, link: str) -> str:
+    """The link as sent, pointed at the port this test's HTTP site got (the settings said port 0)."""
+    from yarl import URL
+
+    url = URL(link)
+    assert url.path_qs.startswith("/v1/messages/")
+    return f"http://127.0.0.1:{served.service.running.http_port}{url.path_qs}"
+
+
+async def test_a_message_left_is_kept_announced_with_a_signed_link_and_served(recording: Served,
+                                                                             tmp_path: Path) -> None:
+    import re
+
+    import aiohttp
+
+    served = recording
+    home = await _message_home(served, consent=True)
+    result = await served.call(home)
+    recorded = tmp_path / "messages" / f"iim-{result.uuid}.wav"
+    assert [r.path for r in served.emu.recordings] == [str(recorded)]  # the switch recorded where IIM keeps them
+    [sms] = await served.outbox()
+    assert sms["key"] == f"message:{result.uuid}"  # the message's SMS, instead of the plain missed-call one
+    assert sms["msisdn"] == home.msisdn
+    assert sms["body"].startswith(f"Missed call from {CALLER}: a message was left (120 s). Listen: http")
+    link = re.search(r"http://\S+", sms["body"])
+    assert link is not None
+    async with aiohttp.ClientSession() as http:
+        async with http.get(_local(served, link.group(0))) as resp:
+            assert resp.status == 200
+            assert resp.content_type == "audio/wav"
+            assert await resp.read() == recorded.read_bytes()
+        refusals = [link.group(0).replace("sig=", "sig=0") [:-1],  # a signature that does not match
+                    re.sub(r"exp=\d+", "exp=1", link.group(0)),  # expired (and no longer matching)
+                    re.sub(r"/v1/messages/[0-9a-f-]{36}/", f"/v1/messages/{UUID(int=1)}/", link.group(0)),
+                    re.sub(r"/([0-9a-f-]{36})\.wav", f"/{UUID(int=2)}.wav", link.group(0))]
+        bodies = set()
+        for refused in refusals:
+            async with http.get(_local(served, refused)) as resp:
+                assert resp.status == 404
+                bodies.add(await resp.text())
+        async with tenant_tx(served.pool, served.tenant) as conn:
+            await conn.execute("UPDATE iim.consent SET revoked_at = now() WHERE subscriber_id = $1",
+                               home.subscriber_id)
+        async with http.get(_local(served, link.group(0))) as resp:  # consent revoked since: not served
+            assert resp.status == 404
+            bodies.add(await resp.text())
+    assert len(bodies) == 1  # one 404 for every refusal
+    async with tenant_tx(served.pool, served.tenant) as conn:
+        [row] = await conn.fetch("SELECT call_uuid, caller, file_name, duration_ms, expires_at > now() + "
+                                 "interval '29 days' AS retained FROM iim.recorded_message")
+    assert dict(row) == {"call_uuid": result.uuid, "caller": CALLER, "file_name": recorded.name,
+                         "duration_ms": 120000, "retained": True}
+
+
+async def test_without_recording_consent_the_message_is_deleted_and_the_missed_call_sms_sent(
+        recording: Served, tmp_path: Path) -> None:
+    served = recording
+    home = await _message_home(served, consent=False)
+    result = await served.call(home)
+    assert len(served.emu.recordings) == 1
+    assert not (tmp_path / "messages" / f"iim-{result.uuid}.wav").exists()
+    assert await served.outbox() == [missed(result, home)]
+    async with tenant_tx(served.pool, served.tenant) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM iim.recorded_message") == 0
