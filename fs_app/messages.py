@@ -8,24 +8,46 @@ and the caller gets 502). Instead the operator's voicemail platform takes the ca
 
 from __future__ import annotations
 
-from fs_app.call import Call
+import contextlib
+from dataclasses import dataclass
+
+from fs_app.call import Call, CallGone
 from fs_app.dialstring import DialSettings
 
 #: Longest message, silence threshold and the silence (seconds) that ends it (``record`` arguments).
 MAX_MESSAGE_S, SILENCE_THRESHOLD, SILENCE_HITS_S = 120, 200, 3
 
 
-async def take_message(call: Call, settings: DialSettings, msisdn: str, *, voicemail: bool) -> str:
-    """Let the caller leave a message for ``msisdn``; returns where it went (``voicemail`` or a file path).
+@dataclass(frozen=True, slots=True)
+class MessageTaken:
+    """Where a message went: ``voicemail`` (the operator's platform) or the file the switch recorded, and how
+    long the recording is (``record_ms``; None when the switch did not say, e.g. the socket went first)."""
+
+    where: str
+    recorded_ms: int | None = None
+
+    @property
+    def recorded(self) -> bool:
+        return self.where != "voicemail"
+
+
+async def take_message(call: Call, settings: DialSettings, msisdn: str, *, voicemail: bool) -> MessageTaken:
+    """Let the caller leave a message for ``msisdn``.
 
     ``voicemail``: the caller reaches the subscriber's voicemail (the operator's platform when configured);
-    otherwise the message is recorded for the household.
+    otherwise the message is recorded for the household. A caller hanging up ends the recording: that is how
+    most messages end, not an error.
     """
     if voicemail and settings.voicemail_endpoint:
         await call.bridge(settings.voicemail_endpoint.format(msisdn=msisdn))
-        return "voicemail"
+        return MessageTaken("voicemail")
     path = f"{settings.recordings_dir}/iim-{call.uuid}.wav"
     await call.answer()
     await call.playback(settings.voicemail_prompt)
-    await call.execute("record", f"{path} {MAX_MESSAGE_S} {SILENCE_THRESHOLD} {SILENCE_HITS_S}", timeout=None)
-    return path
+    recorded_ms: int | None = None
+    with contextlib.suppress(CallGone):
+        done = await call.execute("record", f"{path} {MAX_MESSAGE_S} {SILENCE_THRESHOLD} {SILENCE_HITS_S}",
+                                  timeout=None)
+        ms = done.variable("record_ms")
+        recorded_ms = int(ms) if ms is not None and ms.isdigit() else None
+    return MessageTaken(path, recorded_ms)

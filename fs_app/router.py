@@ -17,7 +17,7 @@ from typing import Protocol
 from fs_app import metrics
 from fs_app.call import Call, bridge_result
 from fs_app.dialstring import BRIDGE_IMPORT, DialSettings, bridge_dial_string
-from fs_app.messages import take_message
+from fs_app.messages import MessageTaken, take_message
 from fs_app.outbound import CallHandler
 from fs_app.passthrough import relay_cause
 from fs_app.routing import CallFacts, RoutingDecision, decide
@@ -43,7 +43,10 @@ DecisionSink = Callable[[CallFacts, RoutingDecision | None, str], None]
 #: Who took a routed call: the answering device's id, None for the mobile (``CallDecisionAudit.record_answer``).
 AnswerSink = Callable[[CallFacts, RoutingDecision, str | None], None]
 MissedCallNotifier = Callable[[RoutingSnapshot, CallFacts], Awaitable[None]]
-#: Takes a call whose home is only cloud speakers (``iim.home.cloud_call.cloud_call_step``).
+#: Keeps and announces a message the caller left (``iim.home.recorded_message``); True when the household was told
+#: (then the missed-call SMS is not sent as well).
+MessageNotifier = Callable[[RoutingSnapshot, CallFacts, MessageTaken], Awaitable[bool]]
+#: Takes a call whose home has cloud speakers to announce on (``iim.home.cloud_call.cloud_call_step``).
 AnnouncementStep = Callable[[Call, RoutingDecision], Awaitable[str]]
 
 
@@ -62,10 +65,10 @@ def _answered_device(decision: RoutingDecision, imported: str | None) -> str | N
     return imported if any(leg.device_id == imported for leg in decision.legs) else None
 
 
-def _cloud_only(decision: RoutingDecision) -> bool:
-    """Speakers to announce through their cloud and none to ring over SIP: the announcement takes the call."""
-    return (decision.action == "ring" and bool(decision.announcements)
-            and all(leg.kind == "phone" for leg in decision.legs))
+def _announces(decision: RoutingDecision) -> bool:
+    """Speakers to announce through their cloud: the announcement step takes the call (it rings the SIP legs
+    and the mobile too, in the ring mode's order)."""
+    return decision.action == "ring" and bool(decision.announcements)
 
 
 class PolicyRouter:
@@ -80,6 +83,7 @@ class PolicyRouter:
         record_decision: DecisionSink = _no_sink,
         record_answer: AnswerSink = _no_answer_sink,
         missed_call: MissedCallNotifier | None = None,
+        message: MessageNotifier | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         announce: AnnouncementStep | None = None,
     ) -> None:
@@ -89,6 +93,7 @@ class PolicyRouter:
         self._record = record_decision
         self._record_answer = record_answer
         self._missed_call = missed_call
+        self._message = message
         self._clock = clock
         self._announce = announce
         self._routes = {name: metrics.CALLS_ROUTED.labels(name) for name in
@@ -129,7 +134,7 @@ class PolicyRouter:
         if decision.action == "reject":
             await call.hangup(decision.reject_cause or "CALL_REJECTED")
             return
-        if self._announce is not None and _cloud_only(decision):
+        if self._announce is not None and _announces(decision):
             outcome = await self._announce(call, decision)
             log.debug("cloud announcement", extra={"call_id": call.uuid, "outcome": outcome})
             return
@@ -159,6 +164,9 @@ class PolicyRouter:
                     self._record_answer(facts, decision, device)
                 return
             if call.hung_up:
+                # The caller gave up while it rang: still a missed call (as a mobile shows one), so the
+                # notifier runs; nothing is recorded from a caller who has gone.
+                await self._fallback(call, decision, snapshot, facts)
                 return
             cause = result.hangup_cause
         fallback = start("call.fallback", parent=traced,
@@ -197,7 +205,12 @@ class PolicyRouter:
         self, call: Call, decision: RoutingDecision, snapshot: RoutingSnapshot, facts: CallFacts
     ) -> None:
         """Nobody answered (or DND): voicemail, a recorded message, or a missed-call SMS."""
+        taken: MessageTaken | None = None
         if decision.fallback in ("voicemail", "record_message") and not call.hung_up:
-            await take_message(call, self._dial, snapshot.msisdn, voicemail=decision.fallback == "voicemail")
-        if decision.fallback in ("missed_call_sms", "voicemail", "record_message") and self._missed_call:
+            taken = await take_message(call, self._dial, snapshot.msisdn, voicemail=decision.fallback == "voicemail")
+        announced = False
+        if decision.fallback == "record_message" and taken is not None and taken.recorded and self._message:
+            announced = await self._message(snapshot, facts, taken)
+        if decision.fallback in ("missed_call_sms", "voicemail", "record_message") and self._missed_call \
+                and not announced:
             await self._missed_call(snapshot, facts)

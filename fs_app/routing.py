@@ -14,7 +14,7 @@ from typing import Literal
 from zoneinfo import ZoneInfo
 
 from policy_cache.presence import resolve_presence
-from policy_cache.snapshot import Fallback, RoutingSnapshot
+from policy_cache.snapshot import Fallback, RingMode, RoutingSnapshot
 
 LegKind = Literal["phone", "speaker"]
 Action = Literal["ring", "reject", "fallback"]
@@ -64,6 +64,8 @@ class RoutingDecision:
     subscriber_id: str | None = None
     tenant_id: str | None = None
     policy_version: int | None = None
+    ring_mode: RingMode | None = None  # the policy's, for the steps the dial string cannot hold (cloud announcements)
+    msisdn: str | None = None  # the subscriber's own number (E.164): where their missed-call SMS goes
 
     @property
     def legs(self) -> tuple[Leg, ...]:
@@ -118,7 +120,8 @@ def decide(snapshot: RoutingSnapshot, call: CallFacts, now: datetime) -> Routing
     def decision(action: Action, groups: tuple[tuple[Leg, ...], ...] = (), fallback: Fallback = "none",
                  announcements: tuple[Announcement, ...] = (), reject_cause: str | None = None) -> RoutingDecision:
         return RoutingDecision(action, groups, announcements, fallback, tuple(rules), reject_cause,
-                               snapshot.subscriber_id, snapshot.tenant_id, snapshot.policy_version)
+                               snapshot.subscriber_id, snapshot.tenant_id, snapshot.policy_version,
+                               snapshot.ring_mode, snapshot.msisdn)
 
     if caller and caller in snapshot.blocked_callers:
         rules.append(f"caller {caller} is blocked: reject")

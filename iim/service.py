@@ -16,7 +16,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -55,6 +55,7 @@ from iim.health import HealthMonitor, Source
 from iim.home.cloud_call import CloudAnnouncer, cloud_call_step
 from iim.home.missed_call import missed_call_sms
 from iim.home.outbox_sink import OutboxSmsSink
+from iim.home.recorded_message import MessageLinks, RecordedMessages, message_routes
 from iim.home.sms_readout import SmsReadoutService
 from iim.http import HealthProbe, HttpSite, create_app
 from iim.keys import store as key_store
@@ -64,8 +65,10 @@ from iim.privacy.retention import RetentionDefaults
 from iim.scenarios.operator.desk import OperatorDesk
 from iim.scenarios.worker import IncidentWorker, WorkerSettings
 from iim.settings import Settings, secret_references
+from iim.sms.http_smsc import HttpSmscSettings, HttpSmscTransport
 from iim.sms.outbox import OutboxRow, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
+from iim.sms.transport import SmsTransport
 from iim.supervision.watchdog import DeviceWatchdog, WatchdogSettings
 from iim.telemetry import Tracing
 from iim.tts.engine import EspeakTts
@@ -85,6 +88,9 @@ from policy_cache.presence_feed import PresenceFeed, PresenceStoreDown, ReportOu
 from policy_cache.store import PgPolicyStore
 
 log = logging.getLogger("iim.service")
+
+#: Where an HTTP SMSC posts its signed receipts and MO (``receipts``, ``mo``): on the bridge, else the HTTP site.
+SMSC_CALLBACK_PREFIX = "/v1/smsc/http"
 
 LOOP_LAG = Histogram("iim_event_loop_lag_seconds", "How late the event loop ran a 100 ms timer",
                      buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=REGISTRY)
@@ -114,7 +120,7 @@ class PolicyParts:
     database: DatabaseProbe
     keyring: Keyring
     audit_heads: AuditHeadPublisher | None = None
-    smsc: SmppTransport | None = None
+    smsc: SmsTransport | None = None
     #: live presence from registrations and connectors (the app's word comes through the admin API)
     presence: PresenceFeed | None = None
 
@@ -162,6 +168,10 @@ class Service:
         self._running: Running | None = None
         #: the loop-lag watcher's measurements, for /livez
         self.loop_lag = LagWindow()
+        # The HTTP SMSC's callback routes, when that transport is the one configured.
+        self._smsc_callbacks: web.Application | None = None
+        # Messages callers left, when IIM keeps them (IIM_RECORDINGS_DIR).
+        self._messages: RecordedMessages | None = None
 
     @property
     def running(self) -> Running:
@@ -312,6 +322,8 @@ class Service:
         if policy is not None:
             root.add_routes(prompt_routes(policy.tts))  # what FreeSWITCH plays for IIM (mod_http_cache)
             root.add_routes(switch_audio_routes(policy.switch_audio, policy.tts))  # alert calls' own prompts
+            if self._messages is not None:
+                root.add_routes(message_routes(self._messages))  # messages callers left, by signed link
             connectors = Route("GET", "/connectors", connector_list_view(policy.connectors), "listConnectors",
                                "Configured connectors: capabilities and health", "connectors", Access.READ)
             extra = [connectors]
@@ -328,6 +340,8 @@ class Service:
                                                directory_pool=lambda: policy.directory_pool,
                                                extra_routes=tuple(extra))
             mount_registry(root, registry_app)
+            if self._smsc_callbacks is not None and not self.settings.bridge_enabled:
+                root.add_subapp(SMSC_CALLBACK_PREFIX, self._smsc_callbacks)
         return root
 
     async def _start_policy(self, stack: AsyncExitStack) -> PolicyParts:
@@ -370,14 +384,18 @@ class Service:
         audit = await stack.enter_async_context(CallDecisionAudit(pool))
         connectors, tts, audio_urls, smsc = await self._start_home(stack, pool, keyring)
         audio_base = s.switch_audio_base_url or f"http://{s.http_host}:{s.http_port}"
+        sms = OutboxSmsSink(pool, keyring)
+        self._messages = self._recorded_messages(pool, sms)
         dial = DialSettings(phone_endpoint=s.passthrough_endpoint.replace("{destination}", "{msisdn}"),
                             speaker_endpoint=s.speaker_endpoint,
                             confirm_prompt=prompt_url(audio_base, "confirm-call"),
                             voicemail_prompt=prompt_url(audio_base, "leave-message"))
-        sms = OutboxSmsSink(pool, keyring)
-        announce = cloud_call_step(CloudAnnouncer(connectors), dial, sms)
+        if self._messages is not None:  # the switch records where IIM keeps the messages
+            dial = replace(dial, recordings_dir=str(self._messages.recordings_dir))
+        announce = cloud_call_step(CloudAnnouncer(connectors), dial, sms, on_answer=audit.record_answer)
         router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record,
-                              record_answer=audit.record_answer, announce=announce, missed_call=missed_call_sms(sms))
+                              record_answer=audit.record_answer, announce=announce, missed_call=missed_call_sms(sms),
+                              message=self._messages)
         try:
             switch_secret = (resolve_secret(s.switch_audio_secret_ref).encode() if s.switch_audio_secret_ref
                              else secrets.token_bytes(32))
@@ -414,6 +432,23 @@ class Service:
                 "IIM_MASTER_KEY_PREVIOUS_REFS during a rotation) the master key the other instances use")
         return keyring
 
+    def _recorded_messages(self, pool: Pool, sms: OutboxSmsSink) -> RecordedMessages | None:
+        """Messages callers leave, kept and announced with a signed link (only with ``IIM_RECORDINGS_DIR``)."""
+        s = self.settings
+        if not s.recordings_dir:
+            log.info("recorded messages stay on the switch (IIM_RECORDINGS_DIR unset): missed-call SMS only")
+            return None
+        directory = Path(s.recordings_dir).resolve()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            secret = (resolve_secret(s.message_link_secret_ref).encode() if s.message_link_secret_ref
+                      else secrets.token_bytes(32))
+            links = MessageLinks(secret, s.message_link_base_url or f"http://{s.http_host}:{s.http_port}",
+                                 ttl_s=s.message_link_ttl_s)
+        except (LookupError, ValueError, OSError) as exc:
+            raise ConfigError(f"recorded messages: {exc}") from None
+        return RecordedMessages(pool, directory, links, sms, retention=timedelta(seconds=s.recording_retention_s))
+
     def _audit_heads(self, pool: Pool) -> AuditHeadPublisher:
         s = self.settings
         assert s.audit_head_key_ref is not None
@@ -425,7 +460,7 @@ class Service:
         return AuditHeadPublisher(pool, key, heads_file=heads_file, interval=s.audit_head_interval_s)
 
     async def _start_home(self, stack: AsyncExitStack, pool: Pool, keyring: Keyring
-                          ) -> tuple[ConnectorRegistry, EspeakTts, AudioUrlSigner, SmppTransport | None]:
+                          ) -> tuple[ConnectorRegistry, EspeakTts, AudioUrlSigner, SmsTransport | None]:
         """The telecom -> home side: connectors, speech, SMS (read aloud under consent, escalation texts)."""
         s = self.settings
         public = s.public_base_url or f"https://{s.bridge_host}:{s.bridge_port}"
@@ -439,18 +474,36 @@ class Service:
         hash_key = resolve_secret(s.sms_hash_key_ref).encode() if s.sms_hash_key_ref else None
         readout = SmsReadoutService(pool, tts, audio_urls, connectors, OutboxSmsSink(pool, keyring),
                                      hash_key=hash_key)
-        transport: SmppTransport | None = None
-        if s.smpp_host:
-            transport = SmppTransport(SmppSettings(host=s.smpp_host, port=s.smpp_port, system_id=s.smpp_system_id,
-                                                   password=resolve_secret(s.smpp_password_ref, default=""),
-                                                   source_addr=s.smpp_source_addr))
+        transport = self._sms_transport()
+        if transport is not None:
             # The sender owns its transport: it starts it and closes it after the last receipts are written.
             await stack.enter_async_context(
                 SmsSender(pool, transport, keyring=keyring, on_mo=readout.on_mo, on_undelivered=self._undelivered,
                           mo_body_retention=s.sms_body_retention_s))
         else:
-            log.warning("no SMSC configured (IIM_SMPP_HOST): SMS stay queued in the outbox")
+            log.warning("no SMSC configured (IIM_SMPP_HOST or IIM_HTTP_SMSC_URL): SMS stay queued in the outbox")
         return connectors, tts, audio_urls, transport
+
+    def _sms_transport(self) -> SmsTransport | None:
+        """The one SMSC the settings name: SMPP (``IIM_SMPP_HOST``) or an HTTP SMSC API (``IIM_HTTP_SMSC_URL``)."""
+        s = self.settings
+        if s.smpp_host and s.http_smsc_url:
+            raise ConfigError("both IIM_SMPP_HOST and IIM_HTTP_SMSC_URL are set: configure one SMSC")
+        if s.smpp_host:
+            return SmppTransport(SmppSettings(host=s.smpp_host, port=s.smpp_port, system_id=s.smpp_system_id,
+                                              password=resolve_secret(s.smpp_password_ref, default=""),
+                                              source_addr=s.smpp_source_addr))
+        if s.http_smsc_url:
+            http = HttpSmscTransport(HttpSmscSettings(url=s.http_smsc_url, secret_ref=s.http_smsc_secret_ref,
+                                                      source_addr=s.http_smsc_source_addr,
+                                                      timeout=s.http_smsc_timeout_s))
+            try:
+                http.check_secret()
+            except (LookupError, ValueError) as exc:
+                raise ConfigError(f"HTTP SMSC secret: {exc}") from None
+            self._smsc_callbacks = http.web_app()
+            return http
+        return None
 
     async def _undelivered(self, tenant_id: UUID, row: OutboxRow) -> None:
         if self._worker is not None:
@@ -491,6 +544,8 @@ class Service:
         app.add_routes(audio_routes(policy.audio_urls, policy.tts))  # speech the vendor clouds fetch
         app.add_subapp(CALLBACK_PREFIX, connector_callback_app(
             policy.connectors, presence=_presence_sink(policy.presence) if policy.presence is not None else None))
+        if self._smsc_callbacks is not None:
+            app.add_subapp(SMSC_CALLBACK_PREFIX, self._smsc_callbacks)
         site = await stack.enter_async_context(HttpSite(app, s.bridge_host, s.bridge_port, ssl_context=context))
         if s.mqtt_enabled:
             self.mqtt = await stack.enter_async_context(MqttIngress(app[BRIDGE_KEY], _mqtt_config(s)))

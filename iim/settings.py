@@ -134,6 +134,13 @@ class Settings(BaseSettings):
     smpp_system_id: str = "iim"
     smpp_password_ref: str = Field(default="env:IIM_SMPP_PASSWORD", description="env:VAR or file:/path")
     smpp_source_addr: str = "IIM"
+    # Or an HTTP SMSC API (iim/sms/http_smsc.py): submits signed with the shared secret (whsec_..., by
+    # reference); its receipts and MO arrive signed at /v1/smsc/http/{receipts,mo} on the device bridge (on the
+    # HTTP site when the bridge is off). One SMSC: setting both this and IIM_SMPP_HOST refuses the start.
+    http_smsc_url: str | None = None
+    http_smsc_secret_ref: str = Field(default="env:IIM_HTTP_SMSC_SECRET", description="env:VAR or file:/path")
+    http_smsc_source_addr: str | None = "IIM"
+    http_smsc_timeout_s: float = Field(default=10.0, gt=0)
     # Bodies of incoming SMS that may be read out are forgotten this long after they arrived (metadata stays).
     sms_body_retention_s: float = Field(default=86400.0, ge=60)
     # Retention defaults for tenants without their own (iim retention-policy): device-event payloads and audit
@@ -155,6 +162,16 @@ class Settings(BaseSettings):
     # call's rendered prompt (signed GET /v1/audio/ID.wav). Unset is the single-host mode: alert prompts are
     # handed to the switch as paths in IIM's cache directory. Set it whenever the switch runs elsewhere.
     switch_audio_base_url: str | None = None
+    # Messages callers leave (the record_message fallback): the switch records into this directory and IIM keeps
+    # them there (one host, or a directory both mount); unset: the switch's own recordings directory, and the
+    # household gets the missed-call SMS only. Kept under the subscriber's call_recording consent for
+    # recording_retention_s, announced by SMS with a signed link (GET /v1/messages/...) valid message_link_ttl_s
+    # at message_link_base_url (default http://IIM_HTTP_HOST:IIM_HTTP_PORT).
+    recordings_dir: str | None = None
+    recording_retention_s: float = Field(default=30 * 86400.0, ge=60)
+    message_link_ttl_s: int = Field(default=7 * 86400, ge=60)
+    message_link_base_url: str | None = None
+    message_link_secret_ref: str | None = Field(default=None, description="unset: a random key per process")
     # HMAC key of the switch's audio URLs (unset: a random key per process; the URLs live minutes).
     switch_audio_secret_ref: str | None = Field(default=None, description="env:VAR or file:/path")
     audio_url_secret_ref: str | None = Field(default=None, description="unset: a random key per process")
@@ -198,6 +215,16 @@ class Settings(BaseSettings):
         url = URL(value)
         if url.scheme not in ("http", "https") or not url.host or url.query_string or url.fragment:
             raise ValueError("switch_audio_base_url must be an absolute http(s) URL without query or fragment")
+        return value
+
+    @field_validator("http_smsc_url")
+    @classmethod
+    def _http_smsc_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host or url.fragment:
+            raise ValueError("http_smsc_url must be an absolute http(s) URL")
         return value
 
     @field_validator("passthrough_endpoint")

@@ -266,6 +266,7 @@ async def build_home(
     consent_scope: Mapping[str, Any] | None = None,
     consent_expires: datetime | None = None,
     announce_consent: bool = False,
+    recording_consent: bool | None = None,
     speaker: bool = True,
     display: bool = False,
     sip_speaker: bool = False,
@@ -312,7 +313,8 @@ async def build_home(
         if announce_consent:
             await registry.create(conn, registry.CONSENT, ConsentCreate(
                 subscriber_id=sub.id, purpose=ConsentPurpose.ANNOUNCE_CALLS, evidence={"channel": "test"}), **kw)
-        if fallback is FallbackAction.RECORD_MESSAGE:  # without it the message is not recorded
+        if recording_consent or (recording_consent is None and fallback is FallbackAction.RECORD_MESSAGE):
+            # without it the message is not recorded (None: granted to a record_message home)
             await registry.create(conn, registry.CONSENT, ConsentCreate(
                 subscriber_id=sub.id, purpose=ConsentPurpose.CALL_RECORDING, evidence={"channel": "test"}), **kw)
         await registry.create(conn, registry.POLICY, PolicyCreate(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 __all__ = [
     "SignatureError", "MissingSignatureHeaders", "MalformedSignature", "TimestampOutOfRange",
     "SignatureMismatch", "UnknownKey", "VerifiedMessage",
-    "MSG_ID", "check_time", "decode_secret", "sign_webhook", "verify_webhook",
+    "MSG_ID", "check_time", "decode_secret", "link_signature", "link_signature_ok", "sign_webhook", "verify_webhook",
 ]
 
 #: A message id (``webhook-id``, a JWS ``jti``): what the intake ledger deduplicates on.
@@ -170,3 +170,16 @@ def verify_webhook(headers: Mapping[str, str], body: bytes, secrets: Sequence[by
             check_time(timestamp, now, tolerance_s)
             return VerifiedMessage(msg_id=msg_id, timestamp=timestamp, key_index=index)
     raise SignatureMismatch("no signature matches")
+
+
+# --- signed links (a URL that grants one thing until its expiry) -------------------------------------------
+
+def link_signature(secret: bytes, *parts: str) -> str:
+    """HMAC-SHA256 (hex) over ``parts`` joined by NUL: a label naming the link's kind and version first, then
+    what the link grants and its expiry, so a signature for one kind of link is never valid for another."""
+    return hmac.new(secret, "\x00".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+def link_signature_ok(secret: bytes, signature: str, *parts: str) -> bool:
+    """Whether ``signature`` is :func:`link_signature` of ``parts`` (constant time)."""
+    return hmac.compare_digest(link_signature(secret, *parts), signature)

@@ -5,7 +5,7 @@ All run inside the caller's tenant transaction, so row-level security scopes eve
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -23,7 +23,8 @@ from iim.home.sms_policy import (
 )
 from policy_cache.db import Connection
 
-__all__ = ["audit_sms", "claim_sms", "load_sms_facts"]
+__all__ = ["audit_sms", "claim_sms", "consent_in_force", "find_recorded_message", "load_sms_facts",
+           "store_recorded_message"]
 
 # pg_advisory_xact_lock(ns, hashtext(tenant:sms_id)): "IIMS", apart from the migrations' "IIMM" namespace,
 # so it never meets the audit chain's locks in another order.
@@ -124,3 +125,46 @@ async def audit_sms(conn: Connection, tenant: UUID, actor: str, action: str, sms
     """Append an audit row about the MO ``sms_id`` (correlated by it)."""
     await conn.execute("SELECT iim.audit_append($1, $2, $3, 'sms', $4, $5, $6)",
                        tenant, actor, action, sms_id, detail, {"sms_id": sms_id})
+
+
+# -- recorded messages (the record_message fallback) ------------------------------------------------------------
+
+_CONSENT_IN_FORCE_SQL = """
+SELECT EXISTS (SELECT 1 FROM iim.consent WHERE subscriber_id = $1 AND purpose = $2::iim.consent_purpose
+               AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $3))
+"""
+_STORE_MESSAGE_SQL = """
+INSERT INTO iim.recorded_message (call_uuid, subscriber_id, caller, file_name, duration_ms, expires_at)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (tenant_id, call_uuid) DO UPDATE SET call_uuid = EXCLUDED.call_uuid
+RETURNING id
+"""
+_FIND_MESSAGE_SQL = """
+SELECT m.file_name FROM iim.recorded_message m
+WHERE m.id = $1 AND m.expires_at > $2
+  AND EXISTS (SELECT 1 FROM iim.consent c WHERE c.subscriber_id = m.subscriber_id
+              AND c.purpose = 'call_recording' AND c.revoked_at IS NULL AND (c.expires_at IS NULL OR c.expires_at > $2))
+"""
+
+
+async def consent_in_force(conn: Connection, subscriber_id: UUID, purpose: str, now: datetime) -> bool:
+    """Whether the subscriber has an unrevoked, unexpired consent for ``purpose`` (the store boundary's check)."""
+    return bool(await conn.fetchval(_CONSENT_IN_FORCE_SQL, subscriber_id, purpose, now))
+
+
+async def store_recorded_message(conn: Connection, *, call_uuid: str, subscriber_id: UUID, caller: str | None,
+                                 file_name: str, duration_ms: int | None, expires_at: datetime,
+                                 now: datetime) -> UUID | None:
+    """Keep a message a caller left, under the subscriber's ``call_recording`` consent (None without it).
+    The same call stored twice is one row (its id)."""
+    if not await consent_in_force(conn, subscriber_id, "call_recording", now):
+        return None
+    message_id: UUID = await conn.fetchval(_STORE_MESSAGE_SQL, call_uuid, subscriber_id, caller, file_name,
+                                           duration_ms, expires_at)
+    return message_id
+
+
+async def find_recorded_message(conn: Connection, message_id: UUID, now: datetime) -> str | None:
+    """The file name of a message still kept (unexpired, consent still in force); None otherwise."""
+    name: str | None = await conn.fetchval(_FIND_MESSAGE_SQL, message_id, now)
+    return name

@@ -90,6 +90,10 @@ class HttpSmscTransport(AsyncResource):
     def bind_inbound(self, on_mo: MoHandler, on_receipt: ReceiptHandler) -> None:
         self._on_mo, self._on_receipt = on_mo, on_receipt
 
+    def check_secret(self) -> None:
+        """Resolve and decode the shared secret now (``LookupError``/``ValueError``): a start-up check."""
+        self._key()
+
     def _key(self) -> bytes:
         if self._secret is None:
             self._secret = decode_secret(resolve_secret(self.settings.secret_ref))

@@ -19,7 +19,6 @@ gets the file's local path, which only works when both share a file system.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import math
@@ -35,6 +34,7 @@ from prometheus_client import Counter
 from yarl import URL
 
 from iim.core.metrics import REGISTRY
+from iim.core.signing import link_signature
 from iim.tts.engine import AudioStore
 
 __all__ = ["SWITCH_AUDIO_ROUTE", "Playable", "SwitchAudio", "switch_audio_routes"]
@@ -100,7 +100,7 @@ class SwitchAudio:
         return f"SwitchAudio(base_url={self.base_url!r}, ttl_s={self.ttl_s})"
 
     def _mac(self, *parts: str) -> str:
-        return hmac.new(self._secret, "\x00".join(parts).encode(), hashlib.sha256).hexdigest()
+        return link_signature(self._secret, *parts)
 
     def playable(self, audio: Playable) -> str:
         """What the switch is told to play: the signed ``http_cache://`` URL, or the local path (single host)."""

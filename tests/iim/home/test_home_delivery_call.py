@@ -19,9 +19,9 @@ from fs_app.esl import Execute
 from fs_app.outbound import OutboundServer, OutboundSettings
 from fs_app.passthrough import make_passthrough_handler
 from fs_app.router import PolicyRouter
-from fs_app.routing import Announcement, CallFacts, RoutingDecision
+from fs_app.routing import Announcement, CallFacts, Leg, RoutingDecision
 from fs_app.testing import CallResult, CallSpec, FreeSwitchEmulator, TargetBehaviour
-from iim.home.cloud_call import CloudAnnouncer, cloud_call_step
+from iim.home.cloud_call import CloudAnnouncer, CloudPlan, cloud_call_step, cloud_plan
 from iim.home.outbox_sink import OutboxSmsSink
 from iim.keys.keyring import Keyring
 from policy_cache.cache import PolicyCache
@@ -71,14 +71,19 @@ class Rig:
 @pytest.fixture
 async def rig(pg_db: PgDatabase, app_pool: Pool, keyring: Keyring) -> AsyncIterator[Rig]:
     tenant = await create_tenant(app_pool, "cloud-calls")
-    base = next(_NUMBERS) * 10
+    base = next(_NUMBERS) * 100
     homes = {}
-    for i, (name, fallback) in enumerate([("main", FallbackAction.MISSED_CALL_SMS),
-                                          ("record", FallbackAction.RECORD_MESSAGE),
-                                          ("mixed", FallbackAction.MISSED_CALL_SMS)]):
+    for i, (name, fallback, mode) in enumerate([
+            ("main", FallbackAction.MISSED_CALL_SMS, RingMode.HOME_ONLY),
+            ("record", FallbackAction.RECORD_MESSAGE, RingMode.HOME_ONLY),
+            ("mixed", FallbackAction.MISSED_CALL_SMS, RingMode.HOME_ONLY),
+            ("together", FallbackAction.MISSED_CALL_SMS, RingMode.SIMULTANEOUS),
+            ("home_first", FallbackAction.MISSED_CALL_SMS, RingMode.HOME_THEN_PHONE),
+            ("phone_first", FallbackAction.MISSED_CALL_SMS, RingMode.PHONE_THEN_HOME),
+            ("mixed_together", FallbackAction.MISSED_CALL_SMS, RingMode.SIMULTANEOUS)]):
         homes[name] = await build_home(app_pool, tenant, f"+49152{base + i:07d}", announce_speaker=True,
-                                       announce_consent=True, ring_mode=RingMode.HOME_ONLY, fallback=fallback,
-                                       sip_speaker=name == "mixed")
+                                       announce_consent=True, ring_mode=mode, fallback=fallback,
+                                       sip_speaker=name.startswith("mixed"))
     cloud = VendorCloud()
     await cloud.start()
     connector = HttpConnector(cloud.url)
@@ -197,22 +202,122 @@ async def test_vendor_cloud_gone_the_phone_still_rings_and_answers(rig: Rig) -> 
     assert await rig.outbox() == []
 
 
-async def test_caller_hanging_up_cancels_the_announcement(rig: Rig) -> None:
+async def test_caller_hanging_up_cancels_the_announcement_and_is_a_missed_call(rig: Rig) -> None:
     rig.cloud.behaviour[rig.ref("main")] = "slow"
     result = await rig.call("main", caller_hangup_after_ms=5000)  # 50 ms at time_scale 0.01
     assert bridges(result) == []
-    assert rig.outcomes == ["caller_hung_up"]
+    assert rig.outcomes == ["caller_hung_up:missed_call_sms:sms"]
+    assert [s["key"] for s in await rig.outbox()] == [f"missed-call:{result.uuid}"]
+
+
+# -- the ring mode's order with cloud speakers in it -------------------------------------------------------
+
+def _sip(rig: Rig, home: str, behaviour: TargetBehaviour) -> str:
+    user = f"sip-{rig.homes[home].msisdn[-7:]}"
+    rig.emu.register_user(user, "iim.local")
+    rig.emu.targets[f"user/{user}@iim.local"] = behaviour
+    return f"user/{user}@iim.local"
+
+
+def _phone(rig: Rig, home: str, behaviour: TargetBehaviour | None = None) -> str:
+    target = f"sofia/gateway/ims/{rig.homes[home].msisdn}"
+    if behaviour is not None:
+        rig.emu.targets[target] = behaviour
+    return target
+
+
+async def test_a_home_with_sip_and_cloud_speakers_rings_the_sip_ones_and_announces_on_the_cloud_ones(
+        rig: Rig) -> None:
+    speaker = _sip(rig, "mixed", TargetBehaviour.no_answer())
+    rig.cloud.behaviour[rig.ref("mixed")] = "decline"
+    result = await rig.call("mixed")
+    [dial] = bridges(result)
+    assert dial.endswith(speaker)
+    [action] = rig.cloud.paths("/action")
+    assert action["target"] == rig.ref("mixed")
+    assert action["call_id"] == result.uuid
+    assert rig.outcomes == ["decline:rang_no_answer:missed_call_sms:sms"]
+    assert [s["msisdn"] for s in await rig.outbox()] == [rig.homes["mixed"].msisdn]  # home_only: no phone leg
+
+
+async def test_an_answered_sip_speaker_cancels_the_announcement(rig: Rig) -> None:
+    speaker = _sip(rig, "mixed", TargetBehaviour.answer(after_ms=0, hangup_after_ms=0))
+    rig.cloud.behaviour[rig.ref("mixed")] = "slow"
+    result = await rig.call("mixed")
+    assert result.bridged_to == speaker
+    assert rig.outcomes == ["rang:answered"]
     assert await rig.outbox() == []
 
 
-async def test_a_home_with_a_sip_speaker_forks_as_before_without_announcing(rig: Rig) -> None:
-    home = rig.homes["mixed"]
-    rig.emu.register_user(f"sip-{home.msisdn[-7:]}", "iim.local")
-    result = await rig.call("mixed")
+async def test_a_cloud_accept_while_the_sip_speaker_rings_takes_the_call_on_its_media_path(rig: Rig) -> None:
+    _sip(rig, "mixed_together", TargetBehaviour.no_answer())
+    _phone(rig, "mixed_together", TargetBehaviour.no_answer())
+    rig.cloud.behaviour[rig.ref("mixed_together")] = "media:hall-webrtc@iim.local"
+    rig.emu.register_user("hall-webrtc", "iim.local")
+    result = await rig.call("mixed_together")
+    first, second = bridges(result)
+    assert _phone(rig, "mixed_together") in first  # the mobile rang with the SIP speaker (simultaneous)
+    assert "user/hall-webrtc@iim.local" in second
+    assert result.bridged_to == "user/hall-webrtc@iim.local"
+    assert rig.outcomes == ["accept:speaker"]
+
+
+async def test_simultaneous_rings_the_mobile_at_once_while_the_home_is_asked(rig: Rig) -> None:
+    rig.cloud.behaviour[rig.ref("together")] = "slow"
+    result = await rig.call("together")
     [dial] = bridges(result)
-    assert dial.endswith(f"user/sip-{home.msisdn[-7:]}@iim.local")
-    assert rig.cloud.received == []
-    assert rig.outcomes == []
+    assert dial.endswith(_phone(rig, "together"))
+    assert result.bridged_to == _phone(rig, "together")
+    assert rig.outcomes == ["rang:answered"]
+
+
+@pytest.mark.parametrize("how", ["decline", "none"])
+async def test_simultaneous_nobody_home_and_the_mobile_unanswered_is_the_fallback(rig: Rig, how: str) -> None:
+    rig.cloud.behaviour[rig.ref("together")] = how
+    _phone(rig, "together", TargetBehaviour.no_answer())
+    result = await rig.call("together")
+    assert len(bridges(result)) == 1  # the mobile once, not again after the home said no
+    assert rig.outcomes == [f"{'timeout' if how == 'none' else how}:rang_no_answer:missed_call_sms:sms"]
+    assert len(await rig.outbox()) == 1
+
+
+@pytest.mark.parametrize("how", ["decline", "none"])
+async def test_home_then_phone_rings_the_mobile_after_a_decline_or_timeout(rig: Rig, how: str) -> None:
+    rig.cloud.behaviour[rig.ref("home_first")] = how
+    result = await rig.call("home_first")
+    [dial] = bridges(result)
+    assert dial.endswith(_phone(rig, "home_first"))
+    assert result.bridged_to == _phone(rig, "home_first")
+    assert rig.outcomes == [f"{'timeout' if how == 'none' else how}:phone"]
+    assert await rig.outbox() == []
+
+
+async def test_phone_then_home_asks_the_home_once_the_mobile_went_unanswered(rig: Rig) -> None:
+    _phone(rig, "phone_first", TargetBehaviour.busy())
+    rig.cloud.behaviour[rig.ref("phone_first")] = "media:den-webrtc@iim.local"
+    rig.emu.register_user("den-webrtc", "iim.local")
+    result = await rig.call("phone_first")
+    first, second = bridges(result)
+    assert first.endswith(_phone(rig, "phone_first"))
+    assert "user/den-webrtc@iim.local" in second
+    assert rig.outcomes == ["accept:speaker"]
+
+
+def test_the_cloud_plan_follows_the_ring_mode() -> None:
+    phone = Leg("phone", "+49152", 20)
+    sip = Leg("speaker", "a@b", 15, "d1")
+    cloud = (Announcement("d2", "webhook:x"),)
+
+    def plan(groups: tuple[tuple[Leg, ...], ...], mode: str) -> CloudPlan:
+        return cloud_plan(RoutingDecision("ring", groups, cloud, "none", (), ring_mode=mode))  # type: ignore[arg-type]
+
+    assert plan(((phone,),), "home_only") == CloudPlan("first")
+    assert plan(((phone,),), "home_then_phone") == CloudPlan("first", phone_after=True)
+    assert plan(((phone,),), "simultaneous") == CloudPlan("alongside", 0.0)
+    assert plan(((phone,),), "phone_then_home") == CloudPlan("alongside", 20.0)
+    assert plan(((phone, sip),), "simultaneous") == CloudPlan("alongside", 0.0)
+    assert plan(((sip,), (phone,)), "home_then_phone") == CloudPlan("alongside", 0.0)
+    assert plan(((phone,), (sip,)), "phone_then_home") == CloudPlan("alongside", 20.0)
 
 
 class _Lookup:
