@@ -10,7 +10,8 @@
     POST /tenants/{tenant_id}/test-notifications           notify a device through its connector
 
 A token that may not read the tenant gets 404 for an incident, as for an id of another tenant under its own
-(row-level security); every write is audited with the token's actor.
+(row-level security); every write, and every read of incidents (``incident.read``: a timeline names the
+household's contacts and their numbers), is audited with the token's actor.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def operator_routes(desk: OperatorDesk) -> tuple[Route, ...]:
         query = parse_query(request, IncidentQuery)
         limit = min(query.limit, settings.max_page_size)
         with _mapped():
-            items = await desk.incidents(path_uuid(request, "tenant_id"), query, limit)
+            items = await desk.incidents(path_uuid(request, "tenant_id"), query, limit,
+                                         actor=request[PRINCIPAL].actor, correlation=_correlation(request))
         last = items[-1] if len(items) >= limit else None
         return json_response(IncidentPage(items=items, next_after=encode_cursor(last.opened_at, last.id)
                                           if last is not None else None))
@@ -94,7 +96,9 @@ def operator_routes(desk: OperatorDesk) -> tuple[Route, ...]:
     async def show_incident(request: web.Request) -> web.Response:
         parse_query(request, NoQuery)
         with _mapped():
-            return json_response(await desk.timeline(path_uuid(request, "tenant_id"), path_uuid(request, "id")))
+            return json_response(await desk.timeline(path_uuid(request, "tenant_id"), path_uuid(request, "id"),
+                                                     actor=request[PRINCIPAL].actor,
+                                                     correlation=_correlation(request)))
 
     def decision(model: type[AcknowledgeBody | CloseBody], outcome: IvrOutcome) -> Handler:
         async def handler(request: web.Request) -> web.Response:
