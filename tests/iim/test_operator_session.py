@@ -22,9 +22,11 @@ from fs_app.testing import FreeSwitchEmulator, TargetBehaviour
 from iim.cli import main as iim_main
 from iim.service import DatabaseUrls, Service
 from iim.settings import Settings
-from policy_cache import audit
+from policy_cache import audit, registry
 from policy_cache.db import Pool, tenant_tx
+from policy_cache.models import DeviceCapability, DeviceCreate, DeviceStatus, DeviceType
 from tests.alarm_rig import AlarmRig, build_rig
+from tests.connector_peer import SIGNING_SECRET_TEXT, STATIC_TOKEN, VendorPeer, serve
 from tests.oidc_issuer import AUDIENCE, Issuer, running_issuer
 from tests.pg import PgDatabase
 
@@ -103,9 +105,10 @@ class Live:
 
 @asynccontextmanager
 async def live_service(pg_db: PgDatabase, app_pool: Pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                       numbers: tuple[str, str, str]) -> AsyncIterator[Live]:
+                       numbers: tuple[str, str, str], *, vendor: VendorPeer | None = None) -> AsyncIterator[Live]:
     """``iim serve`` as the Service object: OIDC issuer, one FreeSWITCH node (the emulator, in real time so an
-    unanswered alarm call rings its full 30 s), the device bridge, the scenario worker, PostgreSQL."""
+    unanswered alarm call rings its full 30 s), the device bridge, the scenario worker, PostgreSQL; with
+    ``vendor``, the connector ``acme`` to that vendor cloud (probed every 0.2 s)."""
     owner, backup, security = numbers
     rig = await build_rig(app_pool, tmp_path, name=f"session-{owner[-4:]}", owner=owner, backup=backup,
                           security=security)
@@ -117,8 +120,14 @@ async def live_service(pg_db: PgDatabase, app_pool: Pool, tmp_path: Path, monkey
             monkeypatch.setenv("IIM_OIDC_ISSUER", issuer.url)
             monkeypatch.setenv("IIM_OIDC_AUDIENCE", AUDIENCE)
             monkeypatch.delenv("IIM_ADMIN_TOKENS_REF", raising=False)  # the JWT is the only way in
+            connectors = [] if vendor is None else [{"name": "acme", "plugin": "webhook", "config": {
+                "base_url": vendor.url, "paths": {"send_notification": "/notify"}, "probe_path": "/health",
+                "auth": {"kind": "bearer", "token_ref": "env:ACME_TOKEN"}, "signing_secret_ref": "env:ACME_SIGNING"}}]
+            monkeypatch.setenv("ACME_TOKEN", STATIC_TOKEN)
+            monkeypatch.setenv("ACME_SIGNING", SIGNING_SECRET_TEXT)
             settings = Settings(esl_port=0, http_port=0, bridge_port=0, data_dir=str(tmp_path / "pg"),
-                                fs_nodes=[{"host": "127.0.0.1", "port": inbound.port, "name": "fs1"}])
+                                fs_nodes=[{"host": "127.0.0.1", "port": inbound.port, "name": "fs1"}],
+                                connectors=connectors, connector_probe_interval_s=0.2)
             async with Service(settings, database=DatabaseUrls(pg_db.app_url, pg_db.cache_url)) as service:
                 running = service.running
                 assert running.bridge_port is not None
@@ -197,12 +206,21 @@ async def test_an_operator_session_over_the_api_is_audited_step_by_step_with_the
         assert (status, verified["intact"]) == (200, True), verified
 
 
+@pytest.fixture
+async def vendor() -> AsyncIterator[VendorPeer]:
+    peer = VendorPeer()
+    runner, peer.url = await serve(peer.app())
+    yield peer
+    await peer.close()
+    await runner.cleanup()
+
+
 @pytest.mark.timeout(180)
 async def test_the_same_session_through_the_cli_with_the_jwt_as_the_token(
         pg_db: PgDatabase, app_pool: Pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], vendor: VendorPeer) -> None:
     async with live_service(pg_db, app_pool, tmp_path, monkeypatch,
-                            ("+79034450001", "+79034450002", "+79034450003")) as live:
+                            ("+79034450001", "+79034450002", "+79034450003"), vendor=vendor) as live:
         rig = live.rig
         monkeypatch.setenv("IIM_ADMIN_TOKEN", live.token())
         monkeypatch.setenv("IIM_ADMIN_API", live.api)
@@ -231,9 +249,29 @@ async def test_the_same_session_through_the_cli_with_the_jwt_as_the_token(
         assert code == 0, err
         assert json.loads(out)["state"] == "false_alarm"
 
+        # Connector status and a test notification through it.
+        async def probed() -> bool:  # "up" only once a probe has answered
+            _, listed = await live.call("GET", "/v1/connectors")
+            return bool(listed["connectors"][0]["health"]["state"] == "up")
+        await live.until("the connector probed", probed)
+        assert "/health" in vendor.probes
+        code, out, err = await iim("connector", "list")
+        assert code == 0, err
+        header, row = out.splitlines()[:2]
+        assert header.split()[:3] == ["NAME", "PLUGIN", "STATE"]
+        assert row.split()[:3] == ["acme", "webhook", "up"]
+        async with tenant_tx(app_pool, rig.tenant_id) as conn:
+            speaker = await registry.create(conn, registry.DEVICE, DeviceCreate(
+                household_id=rig.household_id, name="Cloud speaker", type=DeviceType.SPEAKER, connector="acme",
+                connector_ref="hall-speaker-1", capabilities=frozenset({DeviceCapability.CLOUD_ANNOUNCE}),
+                status=DeviceStatus.ONLINE), actor="test")
+        code, _, err = await iim("test", "notify", "--connector", "acme", "--device", str(speaker.id))
+        assert code == 0, err
+        assert [r.body["target"] for r in vendor.received] == ["hall-speaker-1"]
+
         steps = await live.audit_by(live.actor)
         assert [s["action"] for s in steps] == ["incident.read", "incident.read", "test_call.placed",
                                                 "test_call.finished", "incident.operator_decision",
-                                                "incident.false_alarm"]
+                                                "incident.false_alarm", "test_notify"]
         code, out, err = await iim("audit", "verify")
         assert code == 0, err
