@@ -50,9 +50,10 @@ class Live:
     def actor(self) -> str:
         return f"{self.sub} ({self.issuer.url})"
 
-    def token(self) -> str:
-        """The operator's bearer JWT: operator of this tenant only."""
-        return self.issuer.token(self.sub, [{"role": "operator", "tenant": str(self.rig.tenant_id)}])
+    def token(self, sub: str | None = None, **scope: str) -> str:
+        """The operator's bearer JWT: operator of this tenant only (``scope``: role, brand, region)."""
+        grant = {"role": "operator", "tenant": str(self.rig.tenant_id), **scope}
+        return self.issuer.token(sub or self.sub, [grant])
 
     def t(self, tail: str) -> str:
         return f"/v1/tenants/{self.rig.tenant_id}{tail}"
@@ -63,10 +64,10 @@ class Live:
     def calls_to(self, number: str) -> int:
         return len(self.emu.originates_to(number))
 
-    async def call(self, method: str, path: str, body: Any = None, *,
-                   params: dict[str, str] | None = None) -> tuple[int, Any]:
+    async def call(self, method: str, path: str, body: Any = None, *, params: dict[str, str] | None = None,
+                   token: str | None = None) -> tuple[int, Any]:
         async with self.http.request(method, self.api + path, json=body, params=params,
-                                     headers={"Authorization": f"Bearer {self.token()}"}) as resp:
+                                     headers={"Authorization": f"Bearer {token or self.token()}"}) as resp:
             text = await resp.text()
             return resp.status, json.loads(text) if text else None
 
@@ -275,3 +276,57 @@ async def test_the_same_session_through_the_cli_with_the_jwt_as_the_token(
                                                 "incident.false_alarm", "test_notify"]
         code, out, err = await iim("audit", "verify")
         assert code == 0, err
+
+
+@pytest.mark.timeout(180)
+async def test_a_brand_scoped_grant_reaches_the_incidents_of_its_brands_households_only(
+        pg_db: PgDatabase, app_pool: Pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with live_service(pg_db, app_pool, tmp_path, monkeypatch,
+                            ("+79034460001", "+79034460002", "+79034460003")) as live:
+        rig = live.rig
+        brands = {}
+        for name in ("North", "South"):
+            status, brand = await live.call("POST", live.t("/brands"), {"name": name})
+            assert status == 201, brand
+            brands[name] = brand["id"]
+        status, home = await live.call("PATCH", live.t(f"/households/{rig.household_id}"),
+                                       {"brand_id": brands["North"]})
+        assert status == 200, home
+        live.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="2"))
+        incident = await live.alarm("smoke")
+
+        async def settled() -> bool:
+            return await live.state(incident) == "false_alarm"
+        await live.until("the owner's false alarm", settled)
+
+        north = live.token("nina@north", brand=brands["North"])
+        by_household = {"household_id": str(rig.household_id)}
+        status, page = await live.call("GET", live.t("/incidents"), params=by_household, token=north)
+        assert status == 200, page
+        assert [i["id"] for i in page["items"]] == [str(incident)]
+        status, shown = await live.call("GET", live.t(f"/incidents/{incident}"), token=north)
+        assert (status, shown["incident"]["id"]) == (200, str(incident))
+        status, reopened = await live.call("POST", live.t(f"/incidents/{incident}/reopen"),
+                                           {"reason": "smoke again", "resume_calls": False}, token=north)
+        assert (status, reopened["held"]) == (200, True), reopened
+        viewer = live.issuer.token("vic@north", [{"role": "viewer", "tenant": str(rig.tenant_id),
+                                                  "brand": brands["North"]}])
+        status, problem = await live.call("POST", live.t(f"/incidents/{incident}/close"), {"reason": "x"},
+                                          token=viewer)
+        assert (status, problem["error_id"]) == (403, "forbidden")  # it may read this incident, not decide
+
+        # Another brand's grant, or a list that names no household of its brand: no such incident.
+        south = live.token("sam@south", brand=brands["South"])
+        for token, path, params in ((south, f"/incidents/{incident}", None),
+                                    (south, f"/incidents/{incident}/close", None),
+                                    (south, "/incidents", by_household), (north, "/incidents", None)):
+            method = "POST" if path.endswith("/close") else "GET"
+            status, problem = await live.call(method, live.t(path), {"reason": "x"} if method == "POST" else None,
+                                              params=params, token=token)
+            assert (status, problem["error_id"]) == (404, "not-found"), (path, params)
+        status, closed = await live.call("POST", live.t(f"/incidents/{incident}/close"), {"reason": "checked"},
+                                         token=north)
+        assert (status, closed["state"]) == (200, "false_alarm"), closed
+        decided = [s["detail"]["decision"] for s in await live.audit_by(f"nina@north ({live.issuer.url})")
+                   if s["action"] == "incident.operator_decision"]
+        assert decided == ["false_alarm"]

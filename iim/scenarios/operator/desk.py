@@ -110,6 +110,11 @@ class OperatorDesk:
                               correlation=dict(correlation))
             return items
 
+    async def incident_scope(self, tenant_id: UUID, incident_id: UUID) -> tuple[UUID | None, UUID | None] | None:
+        """The brand and region of the incident's household, for grants scoped to one (None: no such incident)."""
+        async with self._tx(tenant_id, write=False) as conn:
+            return await store.incident_scope(conn, incident_id)
+
     async def incident(self, tenant_id: UUID, incident_id: UUID) -> IncidentSummary:
         async with self._tx(tenant_id, write=False) as conn:
             return await _summary(conn, incident_id)
