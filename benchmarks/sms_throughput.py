@@ -41,6 +41,8 @@ import asyncpg
 import uvloop
 
 from benchmarks._bench_db import machine
+from iim.core.envelope import MasterKey
+from iim.keys.keyring import Keyring
 from iim.logs import configure
 from iim.sms.outbox import RECEIPTS, RETRIES, BackoffPolicy, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
@@ -115,7 +117,8 @@ async def main(messages: int, tenants: int, long_share: float, receipts: bool, d
         transport = SmppTransport(SmppSettings(host="127.0.0.1", port=smsc.port, system_id="iim",
                                                password="bench", window=128, response_timeout=5.0,  # noqa: S106
                                                reconnect_min=0.1, reconnect_max=1.0))
-        sender = SmsSender(pool, transport, batch=256, max_inflight=512, lease=60.0,
+        keyring = Keyring(pool, MasterKey.from_bytes(os.urandom(32)))  # the rows are queued in clear (legacy form)
+        sender = SmsSender(pool, transport, keyring=keyring, batch=256, max_inflight=512, lease=60.0,
                            retry=BackoffPolicy(base=0.5, factor=2.0, cap=5.0, jitter=0.5, max_attempts=20))
         retries_before = sum(s.value for m in RETRIES.collect() for s in m.samples if s.name.endswith("_total"))
         cpu_before = _cpu()

@@ -50,8 +50,10 @@ from iim.connectors.contract import (
     UserActionRequest,
     UserActionResult,
 )
+from iim.core.envelope import MasterKey
 from iim.home.ports import ConnectorLookup
 from iim.home.sms_readout import SmsReadoutService
+from iim.keys.keyring import Keyring
 from iim.sms.outbox import MoHook, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
 from iim.sms.smsc_sim import SmscProcess
@@ -212,7 +214,8 @@ async def main(messages: int, warmup: int, via: str) -> dict[str, object]:
             transport = SmppTransport(SmppSettings(host="127.0.0.1", port=smsc.port, system_id="iim",
                                                    password="bench"))  # noqa: S106 - the simulator's account
             # No content-hash window: the benchmark sends the same text on purpose (a TTS cache hit).
-            sender = SmsSender(pool, transport, on_mo=service.on_mo, mo_dedup_window=0.0)
+            sender = SmsSender(pool, transport, keyring=Keyring(pool, MasterKey.from_bytes(os.urandom(32))),
+                               on_mo=service.on_mo, mo_dedup_window=0.0)
             await sender.start()
             await transport.wait_bound()
         latencies: list[float] = []

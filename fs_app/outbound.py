@@ -42,7 +42,6 @@ class OutboundSettings:
     linger: bool = True
     connect_timeout: float = 5.0
     command_timeout: float = 5.0
-    hangup_complete_wait: float = 2.0
     exit_wait: float = 2.0
     event_queue_size: int = 1000
     backlog: int = 2048
@@ -213,13 +212,16 @@ class OutboundServer(AsyncResource):
             log.exception("fallback failed", extra={"call_id": call.uuid, "error": repr(exc)})
 
     async def _teardown(self, proto: _CallProtocol) -> None:
-        """Collect CHANNEL_HANGUP_COMPLETE when lingering, then ``exit`` and wait for FS to close."""
+        """End the session once the handler returned.
+
+        A channel that has hung up is closed at once (by ``_run``): once the handler returned nothing reads its
+        remaining events (CHANNEL_UNPARK, CHANNEL_STATE, CHANNEL_HANGUP_COMPLETE: ~35 KB a call), and having
+        FreeSWITCH serialise them, then answer an ``exit``, cost both sides CPU on every call (issue 15 item 5;
+        the channel is already hanging up, so closing cannot hand it back to the dialplan). A channel still up
+        gets ``exit`` (its dialplan goes on, e.g. to the safe bridge), and FreeSWITCH closes the socket.
+        """
         call = proto.call
-        if call.closed:
-            return
-        if self.settings.linger and call.hung_up:
-            await call.wait_hangup_complete(self.settings.hangup_complete_wait)
-        if proto.closed.done():
+        if call.closed or call.hung_up or proto.closed.done():
             return
         call.send_nowait(Exit())
         done, _ = await asyncio.wait((proto.closed,), timeout=self.settings.exit_wait)

@@ -142,8 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--json", action="store_true", help="print the JSON document")
     health.set_defaults(func=cmd_health)
     from iim.admin.cli import register_subcommands
+    from iim.keys_cli import register_subcommands as register_key_commands
 
     register_subcommands(sub)
+    register_key_commands(sub)
     return parser
 
 

@@ -50,20 +50,23 @@ from iim.core.errors import ConfigError
 from iim.core.health import LagWindow, Readiness, readiness
 from iim.core.lifecycle import TaskSupervisor
 from iim.core.metrics import REGISTRY
-from iim.core.secrets import resolve_secret
+from iim.core.secrets import UnresolvableReference, default_resolvers, resolve_secret
 from iim.health import HealthMonitor, Source
 from iim.home.cloud_call import CloudAnnouncer, cloud_call_step
 from iim.home.missed_call import missed_call_sms
 from iim.home.outbox_sink import OutboxSmsSink
 from iim.home.sms_readout import SmsReadoutService
 from iim.http import HealthProbe, HttpSite, create_app
+from iim.keys import store as key_store
+from iim.keys.keyring import Keyring, load_master_keys
 from iim.privacy.purger import RetentionPurger
 from iim.privacy.retention import RetentionDefaults
 from iim.scenarios.operator.desk import OperatorDesk
 from iim.scenarios.worker import IncidentWorker, WorkerSettings
-from iim.settings import Settings
+from iim.settings import Settings, secret_references
 from iim.sms.outbox import OutboxRow, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
+from iim.supervision.watchdog import DeviceWatchdog, WatchdogSettings
 from iim.telemetry import Tracing
 from iim.tts.engine import EspeakTts
 from iim.tts.switch_audio import SwitchAudio, switch_audio_routes
@@ -109,6 +112,7 @@ class PolicyParts:
     audio_urls: AudioUrlSigner
     switch_audio: SwitchAudio
     database: DatabaseProbe
+    keyring: Keyring
     audit_heads: AuditHeadPublisher | None = None
     smsc: SmppTransport | None = None
     #: live presence from registrations and connectors (the app's word comes through the admin API)
@@ -203,6 +207,10 @@ class Service:
 
     async def _start(self, stack: AsyncExitStack) -> Running:
         s = self.settings
+        try:  # before anything runs: a reference no installed resolver can read is refused, not left unresolved
+            default_resolvers().check_all(secret_references(s))
+        except UnresolvableReference as exc:
+            raise ConfigError(f"secret references: {exc}") from None
         # First in, last out: spans of everything that stops are still flushed.
         await stack.enter_async_context(Tracing(s.traces_exporter, endpoint=s.otlp_traces_endpoint))
         tasks = await stack.enter_async_context(TaskSupervisor())
@@ -230,6 +238,11 @@ class Service:
         tasks.supervise(monitor.run, name="health-monitor")
         root = self._http_app(policy, monitor)
         worker = await self._start_worker(stack, policy) if policy is not None and s.scenario_worker else None
+        if worker is not None and policy is not None and s.supervision_enabled:
+            # Silent devices become incidents through this worker (its clock, its inline start).
+            await stack.enter_async_context(DeviceWatchdog(policy.pool, WatchdogSettings(
+                grace_s=s.supervision_grace_s, scan_interval_s=s.supervision_scan_interval_s,
+                clock=worker.settings.clock), opener=worker.begin_in))
         if s.mqtt_enabled and (policy is None or not s.bridge_enabled):
             raise ConfigError("IIM_MQTT_ENABLED needs policy routing and the device bridge (IIM_BRIDGE_ENABLED)")
         bridge_port = await self._start_bridge(stack, policy, worker) if policy is not None and s.bridge_enabled \
@@ -333,6 +346,7 @@ class Service:
             await connect_pool(urls.app_url, role=DbRole.APP, min_size=s.db_pool_size, max_size=s.db_pool_size,
                                command_timeout=s.db_command_timeout_s, acquire_timeout=s.db_acquire_timeout_s))
         database = await stack.enter_async_context(DatabaseProbe(pool))
+        keyring = await self._keyring(pool)
         # Entered before the flusher, so closed after it: the heads signed at stop include the last lines.
         heads = await stack.enter_async_context(self._audit_heads(pool)) if s.audit_head_key_ref else None
         if heads is None:
@@ -354,13 +368,13 @@ class Service:
         except TimeoutError:
             log.error("policy cache not loaded in %s s: routing by dialled number until it is", s.cache_load_timeout)
         audit = await stack.enter_async_context(CallDecisionAudit(pool))
-        connectors, tts, audio_urls, smsc = await self._start_home(stack, pool)
+        connectors, tts, audio_urls, smsc = await self._start_home(stack, pool, keyring)
         audio_base = s.switch_audio_base_url or f"http://{s.http_host}:{s.http_port}"
         dial = DialSettings(phone_endpoint=s.passthrough_endpoint.replace("{destination}", "{msisdn}"),
                             speaker_endpoint=s.speaker_endpoint,
                             confirm_prompt=prompt_url(audio_base, "confirm-call"),
                             voicemail_prompt=prompt_url(audio_base, "leave-message"))
-        sms = OutboxSmsSink(pool)
+        sms = OutboxSmsSink(pool, keyring)
         announce = cloud_call_step(CloudAnnouncer(connectors), dial, sms)
         router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record,
                               record_answer=audit.record_answer, announce=announce, missed_call=missed_call_sms(sms))
@@ -375,7 +389,30 @@ class Service:
                      "IIM_SWITCH_AUDIO_BASE_URL unset)")
         return PolicyParts(app_url=urls.app_url, pool=pool, directory_pool=directory_pool, cache=cache, router=router,
                            connectors=connectors, tts=tts, audio_urls=audio_urls, switch_audio=switch_audio,
-                           audit_heads=heads, database=database, smsc=smsc, presence=presence)
+                           audit_heads=heads, database=database, smsc=smsc, presence=presence, keyring=keyring)
+
+    async def _keyring(self, pool: Pool) -> Keyring:
+        """Tenants' data keys under the master key; the registry's secret references are checked here too (a
+        ``vault:`` row without a vault resolver is refused at start, not when a device first signs with it)."""
+        s = self.settings
+        master, previous = load_master_keys(s.master_key_ref, s.master_key_previous_refs,
+                                            generated_file=Path(s.data_dir).parent / "master.key")
+        schemes = await key_store.credential_ref_schemes(pool)
+        missing = sorted(set(schemes) - default_resolvers().schemes)
+        if missing:
+            raise ConfigError("credential references in the registry use "
+                              + ", ".join(f"{name}: ({schemes[name]} rows)" for name in missing)
+                              + f" but no resolver for {', '.join(missing)} is installed "
+                              f"(installed: {', '.join(sorted(default_resolvers().schemes))})")
+        keyring = Keyring(pool, master, previous=previous, cache_size=s.data_key_cache_size)
+        unknown = {m: n for m, n in (await key_store.data_key_masters(pool)).items() if m not in keyring.master_ids}
+        if unknown:
+            raise ConfigError(
+                "data keys in the database are wrapped by master key(s) "
+                + ", ".join(f"{m} ({n} keys)" for m, n in sorted(unknown.items()))
+                + f" but this instance has {', '.join(sorted(keyring.master_ids))}: give IIM_MASTER_KEY_REF (and "
+                "IIM_MASTER_KEY_PREVIOUS_REFS during a rotation) the master key the other instances use")
+        return keyring
 
     def _audit_heads(self, pool: Pool) -> AuditHeadPublisher:
         s = self.settings
@@ -387,8 +424,8 @@ class Service:
         heads_file = Path(s.audit_heads_file) if s.audit_heads_file else Path(s.data_dir).parent / "audit-heads.jsonl"
         return AuditHeadPublisher(pool, key, heads_file=heads_file, interval=s.audit_head_interval_s)
 
-    async def _start_home(self, stack: AsyncExitStack, pool: Pool) -> tuple[ConnectorRegistry, EspeakTts,
-                                                                              AudioUrlSigner, SmppTransport | None]:
+    async def _start_home(self, stack: AsyncExitStack, pool: Pool, keyring: Keyring
+                          ) -> tuple[ConnectorRegistry, EspeakTts, AudioUrlSigner, SmppTransport | None]:
         """The telecom -> home side: connectors, speech, SMS (read aloud under consent, escalation texts)."""
         s = self.settings
         public = s.public_base_url or f"https://{s.bridge_host}:{s.bridge_port}"
@@ -400,7 +437,8 @@ class Service:
                   else secrets.token_bytes(32))
         audio_urls = AudioUrlSigner(secret, public, ttl_s=600)
         hash_key = resolve_secret(s.sms_hash_key_ref).encode() if s.sms_hash_key_ref else None
-        readout = SmsReadoutService(pool, tts, audio_urls, connectors, OutboxSmsSink(pool), hash_key=hash_key)
+        readout = SmsReadoutService(pool, tts, audio_urls, connectors, OutboxSmsSink(pool, keyring),
+                                     hash_key=hash_key)
         transport: SmppTransport | None = None
         if s.smpp_host:
             transport = SmppTransport(SmppSettings(host=s.smpp_host, port=s.smpp_port, system_id=s.smpp_system_id,
@@ -408,7 +446,7 @@ class Service:
                                                    source_addr=s.smpp_source_addr))
             # The sender owns its transport: it starts it and closes it after the last receipts are written.
             await stack.enter_async_context(
-                SmsSender(pool, transport, on_mo=readout.on_mo, on_undelivered=self._undelivered,
+                SmsSender(pool, transport, keyring=keyring, on_mo=readout.on_mo, on_undelivered=self._undelivered,
                           mo_body_retention=s.sms_body_retention_s))
         else:
             log.warning("no SMSC configured (IIM_SMPP_HOST): SMS stay queued in the outbox")
@@ -434,7 +472,7 @@ class Service:
             WorkerSettings(caller_id_number=s.alert_caller_id,
                            heartbeat_timeout=timedelta(seconds=s.job_heartbeat_timeout_s)),
             connectors=policy.connectors, speech=policy.tts if s.alert_prompt_tts == "iim" else None,
-            prompt_location=policy.switch_audio.playable)
+            prompt_location=policy.switch_audio.playable, keyring=policy.keyring)
         self._worker = worker
         stack.callback(setattr, self, "_worker", None)  # once the worker has stopped (the stack unwinds LIFO)
         return await stack.enter_async_context(worker)

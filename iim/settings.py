@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     alert_caller_id: str = "+70000000000"
     alert_gateway_endpoint: str = "sofia/gateway/ims/{destination}"
     job_heartbeat_timeout_s: float = Field(default=30.0, gt=0)
+    # Device supervision (with the scenario worker): a device with a heartbeat interval heard nothing from for
+    # that long plus the grace is marked offline and opens its device_health incident; scanned this often.
+    supervision_enabled: bool = True
+    supervision_grace_s: float = Field(default=120.0, ge=0, le=86_400)
+    supervision_scan_interval_s: float = Field(default=15.0, gt=0, le=3600)
     # Who speaks alert-call prompts: "iim" renders them with espeak-ng while the phone rings and the switch
     # fetches the WAV from IIM's HTTP site (IIM_SWITCH_AUDIO_BASE_URL; unset: the switch reads it from IIM's
     # cache directory, same host only); until then, or if it fails, the callee hears the generic prompt and
@@ -164,6 +169,12 @@ class Settings(BaseSettings):
     traces_exporter: Literal["otlp", "console", "none"] | None = None
     # The OTLP/HTTP traces URL (unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or the SDK's http://localhost:4318).
     otlp_traces_endpoint: str | None = None
+    # Envelope encryption of sensitive fields (SMS bodies): the master key wrapping every tenant's data key,
+    # by reference (32 bytes, hex or base64); unset: generated once into <data_dir>/../master.key. During a
+    # master rotation the old key goes into the JSON list of previous ones (still accepted for unwrapping).
+    master_key_ref: str | None = Field(default=None, description="env:VAR, file:/path or an installed scheme")
+    master_key_previous_refs: list[str] = Field(default_factory=list)
+    data_key_cache_size: int = Field(default=4096, ge=1)
 
     @field_validator("speaker_endpoint")
     @classmethod
@@ -195,3 +206,30 @@ class Settings(BaseSettings):
         if "{destination}" not in value:
             raise ValueError("passthrough_endpoint must contain {destination}")
         return value
+
+
+def secret_references(settings: Settings) -> list[tuple[str, str]]:
+    """Every secret reference the service will resolve, ``(setting, ref)``: checked at start, so one whose scheme
+    has no resolver is refused before anything runs (not the first time it is needed)."""
+    found: list[tuple[str, str]] = []
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if name.endswith("_ref") and isinstance(value, str):
+            found.append((f"IIM_{name.upper()}", value))
+    found.extend((f"IIM_MASTER_KEY_PREVIOUS_REFS[{i}]", ref) for i, ref in enumerate(settings.master_key_previous_refs))
+    found.extend((f"IIM_FS_NODES[{i}].password_ref", node.password_ref) for i, node in enumerate(settings.fs_nodes))
+
+    def walk(where: str, value: object) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and key.endswith("_ref") and isinstance(item, str):
+                    found.append((f"{where}.{key}", item))
+                else:
+                    walk(f"{where}.{key}", item)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(f"{where}[{i}]", item)
+
+    for i, connector in enumerate(settings.connectors):
+        walk(f"IIM_CONNECTORS[{i}]", connector)
+    return found

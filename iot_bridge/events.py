@@ -23,11 +23,12 @@ from pydantic import (
     JsonValue,
     StringConstraints,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from iim.core import strict_json
-from iot_bridge.event_types import EventType
+from iot_bridge.event_types import OWN_FINDINGS, EventType
 
 __all__ = [
     "ID_PATTERN", "MAX_EVENTS_PER_WEBHOOK", "MAX_PAYLOAD_KEYS", "MAX_PAYLOAD_STRING",
@@ -99,6 +100,14 @@ class DeviceEvent(BaseModel):
     occurred_at: OccurredAt
     payload: Payload = Field(default_factory=dict)
     severity: Literal["info", "warning", "critical"] | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _not_our_finding(cls, value: EventType) -> EventType:
+        """"offline" is what IIM concludes from a device's silence; a device saying so would be heard saying it."""
+        if value in OWN_FINDINGS:
+            raise ValueError(f"{value.value!r} is IIM's own finding (device supervision), not a device's event")
+        return value
 
 
 class CloudWebhook(BaseModel):

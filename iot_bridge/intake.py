@@ -20,12 +20,12 @@ import asyncpg
 
 from iim.core.errors import STORE_UNAVAILABLE
 from iot_bridge import store
-from iot_bridge.event_types import HAZARDS, EventType
+from iot_bridge.event_types import HAZARDS, HEALTH, HEALTH_CLEARS, EventType
 from iot_bridge.events import DeviceEvent
 from policy_cache import jobs
 from policy_cache.db import Connection, Pool, tenant_tx
 
-__all__ = ["IncidentJobs", "IncidentOpener", "IntakeOutcome", "KnownDevice", "StoreDown", "accept_event"]
+__all__ = ["IncidentJobs", "IncidentOpener", "IntakeOutcome", "KnownDevice", "StoreDown", "accept_event", "enqueue_tick"]
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +106,21 @@ async def _accept(pool: Pool, device: KnownDevice, event: DeviceEvent, *, finger
                   msg_id: str | None, opener: IncidentOpener | None) -> IntakeOutcome:
     hazard = event.type.value if event.type in HAZARDS else None
     after_commit: Callable[[], None] | None = None
+    actor = f"device:{device.external_id}"
     async with tenant_tx(pool, device.tenant_id) as conn:
+        # Heard: last seen now, "offline" cleared; a health condition opens its incident only when newly raised.
+        cleared = HEALTH_CLEARS.get(event.type)
+        raised, recovered = await store.device_heard(
+            conn, device.id, raise_=event.type.value if event.type in HEALTH else None,
+            clear=[cleared.value] if cleared is not None else [], actor=actor)
+        if raised:
+            hazard = event.type.value
         # The replay check, the incident opened or joined (or the live ones a "cleared" names), the ledger row
         # with its answer and the audit line, in one statement.
         row = await store.intake_event(
             conn, event_id=event.event_id, device_id=device.id, household_id=device.household_id, hazard=hazard,
             cleared=event.type is EventType.CLEARED, event_type=event.type.value, occurred_at=event.occurred_at,
-            fingerprint=fingerprint, payload=event.payload, channel=channel, msg_id=msg_id,
-            actor=f"device:{device.external_id}")
+            fingerprint=fingerprint, payload=event.payload, channel=channel, msg_id=msg_id, actor=actor)
         if row["seen_fingerprint"] is not None:
             if row["seen_fingerprint"] != fingerprint:
                 return IntakeOutcome("conflict", {"event_id": event.event_id,
@@ -122,8 +129,8 @@ async def _accept(pool: Pool, device: KnownDevice, event: DeviceEvent, *, finger
             incident = first.get("incident_id")
             return IntakeOutcome("replayed", first, UUID(incident) if incident else None)
         incident_id: UUID | None = row["incident_id"]
-        for live in row["live"] or ():
-            await _enqueue_tick(conn, device.tenant_id, live, reason="cleared", dedupe=f"clear:{event.event_id}:{live}")
+        for live in dict.fromkeys([*(row["live"] or ()), *recovered]):
+            await enqueue_tick(conn, device.tenant_id, live, reason="cleared", dedupe=f"clear:{event.event_id}:{live}")
         if row["opened"]:
             after_commit = await _start(conn, device, event, opener, incident_id)
         body: dict[str, Any] = row["response"]
@@ -143,12 +150,13 @@ async def _start(conn: Connection, device: KnownDevice, event: DeviceEvent, open
             raise
         except Exception as exc:  # any failure: the event is taken again without the decision
             raise _DecisionFailed(exc) from exc
-    await _enqueue_tick(conn, device.tenant_id, opened, reason="opened", dedupe=f"open:{opened}")
+    await enqueue_tick(conn, device.tenant_id, opened, reason="opened", dedupe=f"open:{opened}")
     return None
 
 
-async def _enqueue_tick(conn: Connection, tenant_id: UUID, incident_id: UUID, *, reason: str, dedupe: str,
-                        delay: timedelta | None = None) -> None:
+async def enqueue_tick(conn: Connection, tenant_id: UUID, incident_id: UUID, *, reason: str, dedupe: str,
+                       delay: timedelta | None = None) -> None:
+    """Queue the scenario worker's look at an incident, in the caller's transaction (once per ``dedupe``)."""
     payload = json.dumps({"tenant": str(tenant_id), "incident": str(incident_id), "reason": reason}).encode()
     await jobs.queries_for(conn).enqueue(IncidentJobs.TICK, payload, priority=10, execute_after=delay,
                                          dedupe_key=dedupe, on_conflict="skip")

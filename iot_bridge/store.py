@@ -14,11 +14,13 @@ import asyncpg
 
 from policy_cache.db import Connection, Pool
 
-__all__ = ["credential_ref", "event_device", "gateway_household", "intake_event"]
+__all__ = ["credential_ref", "device_heard", "event_device", "gateway_household", "intake_event"]
 
 _INTAKE = """SELECT seen_fingerprint, response, incident_id, opened, live
                FROM iim.intake_event($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12)"""
 # One statement, no transaction: the function scopes itself to the tenant (migration 0010).
+# The device was heard: last seen, due again, its health conditions raised or cleared (migration 0025).
+_HEARD = "SELECT raised, clear FROM iim.device_heard($1, $2, $3::text[], $4)"
 _DEVICE = "SELECT id, household_id, external_id, type, enabled, connector, kind, ref FROM iim.event_device($1, $2)"
 _SOURCE = "SELECT kind::text AS kind, ref FROM iim.credential_ref WHERE name = $1"
 _GATEWAY = "SELECT household_id FROM iim.device WHERE external_id = $1 AND type = 'hub' AND enabled"
@@ -34,6 +36,15 @@ async def intake_event(conn: Connection, *, event_id: str, device_id: UUID, hous
         channel, msg_id, actor)
     assert row is not None
     return row
+
+
+async def device_heard(conn: Connection, device_id: UUID, *, raise_: str | None, clear: list[str],
+                       actor: str) -> tuple[bool, list[UUID]]:
+    """Mark ``device_id`` heard in the caller's tenant transaction: whether ``raise_`` was newly raised (its
+    incident is to open), and the live incidents of the conditions it cleared ("offline" always)."""
+    row: asyncpg.Record | None = await conn.fetchrow(_HEARD, device_id, raise_, clear, actor)
+    assert row is not None
+    return bool(row["raised"]), list(row["clear"])
 
 
 async def event_device(pool: Pool, tenant_id: UUID, external_id: str) -> asyncpg.Record | None:

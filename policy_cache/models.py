@@ -152,6 +152,9 @@ IanaZone = Annotated[str, AfterValidator(_check_zone)]
 #: md5(user:domain:password) in lower-case hex, user and domain from the device's sip_uri: what the SIP edge
 #: (kamailio/) checks digests against; the clear password never reaches IIM
 SipHa1 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+#: how often a supervised device is heard at least (seconds); silent past it (plus the watchdog's grace) it is
+#: offline and that is an incident (iim.supervision); None: not supervised
+HeartbeatInterval = Annotated[int, Field(strict=True, ge=30, le=604_800)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 Ident = Annotated[str, StringConstraints(min_length=1, max_length=200)]
@@ -307,6 +310,7 @@ class DeviceCreate(_DeviceEndpoint):
     credential_ref_id: UUID | None = None
     status: DeviceStatus = DeviceStatus.UNKNOWN
     enabled: bool = True
+    heartbeat_interval_s: HeartbeatInterval | None = None
 
 
 class DeviceUpdate(_DeviceEndpoint):
@@ -322,6 +326,7 @@ class DeviceUpdate(_DeviceEndpoint):
     credential_ref_id: UUID | None = None
     status: DeviceStatus | None = None
     enabled: bool | None = None
+    heartbeat_interval_s: HeartbeatInterval | None = None
 
 
 class Device(_Row):
@@ -343,6 +348,7 @@ class Device(_Row):
     status: DeviceStatus
     status_changed_at: datetime
     enabled: bool
+    heartbeat_interval_s: int | None = None
     created_at: datetime
     updated_at: datetime
 

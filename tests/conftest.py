@@ -70,7 +70,7 @@ async def outbound_server() -> AsyncIterator[OutboundServerFactory]:
 
     async def start(handler: CallHandler, **settings: object) -> OutboundServer:
         opts: dict[str, object] = {"port": 0, "connect_timeout": 1.0, "command_timeout": 1.0,
-                                   "exit_wait": 0.5, "hangup_complete_wait": 0.5}
+                                   "exit_wait": 0.5}
         opts.update(settings)
         fallback = opts.pop("fallback", None)
         server = OutboundServer(handler, OutboundSettings(**opts), fallback=fallback)  # type: ignore[arg-type]
@@ -92,6 +92,7 @@ from tests.pg import (  # noqa: F401  (PostgreSQL fixtures shared by every test 
     admin_conn,
     app_pool,
     cache_conn,
+    keyring,
     pg_cluster,
     pg_db,
     pg_empty_db,

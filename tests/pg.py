@@ -30,6 +30,8 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from iim.core.envelope import MasterKey
+from iim.keys.keyring import Keyring
 from policy_cache import migrate, registry
 from policy_cache.bootstrap import EmbeddedPostgres, scram_verifier, start_embedded, with_url
 from policy_cache.db import Connection, DbRole, Pool, connect, connect_pool, tenant_tx
@@ -193,6 +195,34 @@ async def app_pool(pg_db: PgDatabase) -> AsyncIterator[Pool]:
     pool = await connect_pool(pg_db.app_url, role=DbRole.APP, min_size=1, max_size=4)
     yield pool
     await pool.close()
+
+
+#: The tests' master key: one value for every test, so a tenant's data key made by one test opens in the next.
+TEST_MASTER_KEY = MasterKey.from_bytes(bytes(range(32)))
+#: The same key for an ``iim serve`` a test starts (every instance sharing a database needs the same master).
+TEST_MASTER_KEY_ENV = {"IIM_TEST_MASTER_KEY": bytes(range(32)).hex(), "IIM_MASTER_KEY_REF": "env:IIM_TEST_MASTER_KEY"}
+
+
+@pytest.fixture
+def keyring(app_pool: Pool) -> Keyring:
+    """Tenants' data keys under :data:`TEST_MASTER_KEY` (the SMS store seals bodies with them)."""
+    return Keyring(app_pool, TEST_MASTER_KEY)
+
+
+async def opened(conn: Connection | Pool, row: Any, *, table: str = "sms_outbox") -> str | None:
+    """The clear text of a sealed SMS body as selected from ``table`` (the row needs ``tenant_id``, ``body``,
+    ``body_key`` and ``key`` -- ``sms_id`` for the inbound table): what the service would read."""
+    if row["body"] is None or row["body_key"] is None:
+        return row["body"]  # type: ignore[no-any-return]
+    sql = "SELECT wrapped, master_key_id FROM iim.tenant_data_key WHERE tenant_id = $1 AND key_id = $2"
+    if isinstance(conn, asyncpg.Pool):
+        async with tenant_tx(conn, row["tenant_id"], readonly=True) as tx:
+            wrapped = await tx.fetchrow(sql, row["tenant_id"], row["body_key"])
+    else:
+        wrapped = await conn.fetchrow(sql, row["tenant_id"], row["body_key"])
+    assert wrapped is not None, "the data key a sealed body names exists"
+    key = TEST_MASTER_KEY.unwrap(row["tenant_id"], row["body_key"], wrapped["wrapped"])
+    return key.open(table, row["key"] if table == "sms_outbox" else row["sms_id"], "body", row["body"])
 
 
 @pytest_asyncio.fixture

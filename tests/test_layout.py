@@ -22,8 +22,8 @@ IMPORT_ROOTS = ("fs_app", "policy_cache", "iot_bridge", "iim")
 FLOORS: dict[str, int] = {
     "iim.core": 0,
     "policy_cache": 1,
-    "fs_app": 2, "iot_bridge": 2, "iim.tts": 2,
-    "iim.connectors": 3, "iim.sms": 3,
+    "fs_app": 2, "iot_bridge": 2, "iim.tts": 2, "iim.keys": 2,
+    "iim.connectors": 3, "iim.sms": 3, "iim.supervision": 3,
     "iim.scenarios": 4, "iim.home": 4, "iim.privacy": 4,
     "iim.admin": 5,
     "iim": 6,

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import shutil
 import ssl
 import tempfile
@@ -172,6 +173,7 @@ class Cluster:
         os.environ["CHAOS_SMPP_PASSWORD"] = SMPP_PASSWORD
         os.environ["CHAOS_VENDOR_TOKEN"] = STATIC_TOKEN
         os.environ["CHAOS_VENDOR_SECRET"] = SIGNING_SECRET_TEXT
+        os.environ["CHAOS_MASTER_KEY"] = secrets.token_hex(32)  # both instances seal with the same tenants' keys
         connectors = [{"name": "chaos", "plugin": "webhook", "config": {
             "base_url": f"http://127.0.0.1:{self.proxies['vendor'].port}", "paths": {"send_notification": NOTIFY_PATH},
             "auth": {"kind": "bearer", "token_ref": "env:CHAOS_VENDOR_TOKEN"},
@@ -182,7 +184,7 @@ class Cluster:
             data.mkdir()
             env = {
                 "IIM_APP_DATABASE_URL": db.app_url, "IIM_CACHE_DATABASE_URL": db.cache_url,
-                "IIM_DATA_DIR": str(data / "pg"), "IIM_DB_POOL_SIZE": "4",
+                "IIM_DATA_DIR": str(data / "pg"), "IIM_DB_POOL_SIZE": "4", "IIM_MASTER_KEY_REF": "env:CHAOS_MASTER_KEY",
                 "IIM_FS_NODES": json.dumps([{"host": "127.0.0.1", "port": self.proxies[f"esl-{name}"].port}]),
                 "IIM_FS_PASSWORD": ESL_PASSWORD,
                 "IIM_ALERT_SOCKET_ADDRESS": f"127.0.0.1:{self.proxies[f'ivr-{name}'].port}",

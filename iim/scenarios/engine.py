@@ -101,6 +101,8 @@ EVENT_LABELS: Mapping[EventType, str] = {
     EventType.SMOKE: "smoke", EventType.CO: "carbon monoxide", EventType.DOORBELL: "doorbell",
     EventType.FALL: "fall", EventType.PULSE: "abnormal pulse", EventType.PANIC: "panic button",
     EventType.WATER_LEAK: "water leak", EventType.INTRUSION: "intrusion", EventType.TAMPER: "tampering",
+    EventType.OFFLINE: "no signal", EventType.BATTERY_LOW: "low battery",
+    EventType.SELF_TEST_FAILED: "self-test failure",
 }
 
 

@@ -20,7 +20,9 @@ from uuid import UUID
 
 import asyncpg
 
+from iim.core.envelope import DataKey
 from iim.core.numbering import NumberingPlan
+from iim.keys.keyring import Keyring
 from iim.scenarios import registry as scenario_registry
 from iim.scenarios.consent import ConsentRefusal
 from iim.scenarios.engine import (
@@ -316,8 +318,9 @@ class Persisted:
 
 async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentRow, advance: Advance, *,
                           scenario: Scenario | None, now: datetime, actor: str = "scenario-engine",
-                          outcomes: Sequence[OutcomeWrite] = (), audit_lines: Sequence[dict[str, Any]] = (),
-                          claim: CallClaim | None = None, traceparent: str | None = None,
+                          keyring: Keyring, outcomes: Sequence[OutcomeWrite] = (),
+                          audit_lines: Sequence[dict[str, Any]] = (), claim: CallClaim | None = None,
+                          traceparent: str | None = None,
                           consent_refused: Mapping[str, ConsentRefusal] | None = None) -> Persisted:
     """Write the decision (and ``outcomes``/``audit_lines`` recorded before it) in one statement
     (``iim.persist_decision``). SMS are outbox rows written here; a notification nobody in the household can
@@ -376,6 +379,11 @@ async def persist_advance(conn: Connection, tenant_id: UUID, incident: IncidentR
             else:
                 job_keys.append(action.key)
         rows.append(row)
+    if any(row.get("sms") for row in rows):
+        data_key = await keyring.active(conn, tenant_id)
+        for row in rows:
+            if row.get("sms"):
+                row["sms"] = _sealed(row["sms"], data_key)
     decision_audit = audit_line(actor, f"incident.{state.value}", incident.id, {
         "reason": advance.reason, "step": advance.progress.step, "attempt": advance.progress.attempt,
         "actions": [{"key": a.key, "kind": _action_fields(a)[0]} for a in advance.actions],
@@ -426,14 +434,21 @@ def alarm_text(incident: IncidentRow) -> str:
     return f"IIM alarm: {incident.facts.event_type.value}"
 
 
+def _sealed(texts: Sequence[dict[str, Any]], data_key: DataKey) -> list[dict[str, Any]]:
+    """Outbox rows for ``iim.write_action`` with their bodies sealed (and the key that sealed them)."""
+    return [{"key": t["key"], "msisdn": t["msisdn"], "body": sms_store.seal_body(data_key, t["key"], t["body"]),
+             "body_key": data_key.key_id} for t in texts]
+
+
 async def notify_by_sms(conn: Connection, tenant_id: UUID, incident: IncidentRow, key: str, text: str,
-                        detail: str) -> str:
+                        detail: str, *, keyring: Keyring) -> str:
     """Settle a notification the smart home did not take: text the household's owners and members instead
     (one outbox row each) and record the outcome on its action; returns it (``sms_fallback`` or ``skipped``)."""
     outcome, texts, line = _notify_fallback(incident, key, text, detail,
                                             await sms_fallback_numbers(conn, incident.household_id))
-    await sms_store.enqueue_many(conn, [sms_store.QueuedSms(t["key"], t["msisdn"], t["body"], incident.id)
-                                        for t in texts])
+    if texts:
+        await sms_store.enqueue_many(conn, [sms_store.QueuedSms(t["key"], t["msisdn"], t["body"], incident.id)
+                                            for t in texts], await keyring.active(conn, tenant_id))
     await write_outcomes(conn, [OutcomeWrite(key, outcome, detail)], [line])
     return outcome
 
@@ -632,12 +647,13 @@ async def exhaust_incident(conn: Connection, incident_id: UUID, reason: str) -> 
                   closed_at = now() WHERE id = $1""", incident_id, reason)
 
 
-async def queue_action_sms(conn: Connection, incident: IncidentRow, action: ActionRow) -> None:
+async def queue_action_sms(conn: Connection, tenant_id: UUID, incident: IncidentRow, action: ActionRow, *,
+                           keyring: Keyring) -> None:
     """Queue the SMS action ``action`` (its text, else the alarm's) in the outbox under its key."""
     assert action.destination is not None
     text = action.spec.get("text") or alarm_text(incident)
     await sms_store.enqueue_many(conn, [sms_store.QueuedSms(action.key, action.destination, text[:1600],
-                                                            incident.id)])
+                                                            incident.id)], await keyring.active(conn, tenant_id))
 
 
 async def unreachable_retries(conn: Connection, key: str) -> int:
@@ -645,12 +661,14 @@ async def unreachable_retries(conn: Connection, key: str) -> int:
     return await sms_store.count_keyed(conn, f"{key}/unreachable/")
 
 
-async def text_unreachable(conn: Connection, incident: IncidentRow, key: str, retry: int, msisdn: str) -> None:
+async def text_unreachable(conn: Connection, tenant_id: UUID, incident: IncidentRow, key: str, retry: int,
+                           msisdn: str, *, keyring: Keyring) -> None:
     """Tell ``msisdn`` by SMS that the call ``key`` could not be placed (its ``retry``-th time) and will be
     tried again."""
     body = (f"IIM alarm: {incident.facts.event_type.value} at {incident.facts.household_name}. "
             "We could not call you; we will try again.")
-    await sms_store.enqueue_many(conn, [sms_store.QueuedSms(f"{key}/unreachable/{retry}", msisdn, body, incident.id)])
+    await sms_store.enqueue_many(conn, [sms_store.QueuedSms(f"{key}/unreachable/{retry}", msisdn, body, incident.id)],
+                                 await keyring.active(conn, tenant_id))
 
 
 async def retry_call(conn: Connection, tenant_id: UUID, incident_id: UUID, key: str, retry: int, delay: float,

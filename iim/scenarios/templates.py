@@ -1,4 +1,5 @@
-"""Ready-made scenarios for the three device incidents of the spec (§3.3): smoke/CO, doorphone, wearable.
+"""Ready-made scenarios for the three device incidents of the spec (§3.3): smoke/CO, doorphone, wearable; and
+device health (a silent sensor, a low battery, a failed self-test: iim.supervision).
 
 They are complete, validated :class:`~iim.scenarios.model.Scenario` objects: ``iim scenario templates
 install --household ID`` stores them as rows of a household, and a worker may fall back on them when a
@@ -21,6 +22,7 @@ from iim.scenarios.model import (
     Scenario,
     SmsStep,
     Trigger,
+    WaitStep,
 )
 from iot_bridge.event_types import EventType
 from policy_cache.models import DeviceType
@@ -93,7 +95,25 @@ WEARABLE_FALL = Scenario(
     ],
 )
 
-TEMPLATES: Mapping[str, Scenario] = MappingProxyType({s.name: s for s in (SMOKE_CO, DOORPHONE, WEARABLE_FALL)})
+# Not an emergency: nobody is called (a household's own scenario may); the household is told at once, reminded a
+# day later while the condition lasts, and the incident resolves itself when the device is heard again or reports
+# its battery or self-test fine. The day's wait keeps the incident open, so a repeated report joins it.
+DEVICE_HEALTH = Scenario(
+    name="device_health",
+    trigger=Trigger(event_types=[EventType.OFFLINE, EventType.BATTERY_LOW, EventType.SELF_TEST_FAILED]),
+    steps=[
+        NotifyStep(action="notify", text="{device} at {household}: {event} since {time}. Please check it.",
+                   with_next=True),
+        SmsStep(action="sms", to=ContactRole.OWNER,
+                text="{household}: {device} reports {event} since {time}. Please check it; it protects your home."),
+        WaitStep(action="wait", seconds=86_400),
+        SmsStep(action="sms", to=ContactRole.OWNER,
+                text="Reminder - {household}: {device} still reports {event} (since {time}). Please check it."),
+    ],
+)
+
+TEMPLATES: Mapping[str, Scenario] = MappingProxyType({s.name: s for s in (SMOKE_CO, DOORPHONE, WEARABLE_FALL,
+                                                                          DEVICE_HEALTH)})
 
 
 def template(name: str) -> Scenario:

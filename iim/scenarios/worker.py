@@ -53,6 +53,7 @@ from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.lifecycle import AsyncResource, TaskSupervisor
 from iim.core.metrics import REGISTRY
 from iim.core.tracing import CHANNEL_VARIABLE, Span, SpanKind, attrs, context_from, span, traceparent_of
+from iim.keys.keyring import Keyring
 from iim.scenarios import store
 from iim.scenarios.consent import refusal as consent_refusal
 from iim.scenarios.engine import (
@@ -200,8 +201,10 @@ def _ids(job: pgq_models.Job) -> dict[str, str]:
 class IncidentWorker(AsyncResource):
     def __init__(self, pool: Pool, app_url: str, placer: AlertCallPlacer | None,
                  settings: WorkerSettings | None = None, *, connectors: ConnectorLookup | None = None,
-                 speech: PromptRenderer | None = None, prompt_location: PromptLocation | None = None) -> None:
+                 speech: PromptRenderer | None = None, prompt_location: PromptLocation | None = None,
+                 keyring: Keyring) -> None:
         self.connectors = connectors
+        self.keyring = keyring
         self.speech = speech
         self.prompt_location: PromptLocation = prompt_location or _local_path
         self.pool = pool
@@ -632,8 +635,9 @@ class IncidentWorker(AsyncResource):
                     refused[key] = ("invalid_call", alert)
             claim = store.CallClaim(limits.max_concurrent, limits.max_per_hour, refused)
         persisted = await store.persist_advance(conn, tenant_id, incident, decision, scenario=scenario, now=now,
-                                                actor=actor, outcomes=outcomes, audit_lines=audit_lines, claim=claim,
-                                                traceparent=traceparent, consent_refused=no_consent)
+                                                actor=actor, keyring=self.keyring, outcomes=outcomes,
+                                                audit_lines=audit_lines, claim=claim, traceparent=traceparent,
+                                                consent_refused=no_consent)
         _count_settled(persisted.settled)
         INCIDENTS.labels(decision.progress.state.value).inc()
         for key in persisted.consent_refused:
@@ -869,7 +873,8 @@ class IncidentWorker(AsyncResource):
                                   event_id=incident.first_event_id)
             else:
                 detail = ("smart home unreachable: " + "; ".join(errors)) if errors else "no connected device"
-                outcome = await store.notify_by_sms(conn, tenant_id, incident, action.key, text, detail)
+                outcome = await store.notify_by_sms(conn, tenant_id, incident, action.key, text, detail,
+                                                    keyring=self.keyring)
         ACTIONS.labels("notify", outcome).inc()
 
     def _connector(self, name: str) -> Connector | None:
@@ -883,7 +888,7 @@ class IncidentWorker(AsyncResource):
     async def _message(self, conn: Connection, tenant_id: UUID, incident: store.IncidentRow,
                        action: store.ActionRow) -> None:
         if action.kind == "sms" and action.destination:
-            await store.queue_action_sms(conn, incident, action)
+            await store.queue_action_sms(conn, tenant_id, incident, action, keyring=self.keyring)
             outcome, detail = "queued", "queued in the SMS outbox"
         else:
             outcome, detail = "skipped", "no notification connector is configured for this household"
@@ -1050,7 +1055,8 @@ class IncidentWorker(AsyncResource):
         When the retries are spent, the call's outcome (unreachable) to record with the engine's judgement."""
         retries = await store.unreachable_retries(conn, key)
         if call.destination.startswith("+"):
-            await store.text_unreachable(conn, incident, key, retries, call.destination)
+            await store.text_unreachable(conn, tenant_id, incident, key, retries, call.destination,
+                                         keyring=self.keyring)
         delays = self.settings.unreachable_retries
         spent = None
         if retries < len(delays):

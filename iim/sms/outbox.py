@@ -51,11 +51,13 @@ from uuid import UUID
 import asyncpg
 from prometheus_client import Counter, Gauge, Histogram
 
+from iim.core.envelope import CipherError
 from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.lifecycle import AsyncResource, TaskSupervisor
 from iim.core.metrics import REGISTRY
 from iim.core.retry import backoff_delay
 from iim.core.tracing import Span, SpanKind, attrs, span
+from iim.keys.keyring import Keyring, KeyUnavailable
 from iim.sms import store
 from iim.sms.transport import (
     MoSms,
@@ -186,6 +188,7 @@ class SmsSender(AsyncResource):
         pool: Pool,
         transport: SmsTransport,
         *,
+        keyring: Keyring,
         batch: int = 100,
         retry: BackoffPolicy = BackoffPolicy(),
         lease: float = 60.0,
@@ -206,6 +209,7 @@ class SmsSender(AsyncResource):
             raise ValueError("batch must be 1..10000")
         self.pool = pool
         self.transport = transport
+        self.keyring = keyring
         self.batch = batch
         self.retry = retry
         self.lease = lease
@@ -314,6 +318,14 @@ class SmsSender(AsyncResource):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 
+    async def _open_body(self, tenant_id: UUID, row: asyncpg.Record) -> str:
+        """The claimed row's body in clear (a row from before sealing is clear already)."""
+        body: str = row["body"]
+        if row["body_key"] is None:
+            return body
+        key = await self.keyring.key_in_tenant(tenant_id, row["body_key"])
+        return key.open(store.OUTBOX, row["key"], "body", body)
+
     def _submitted(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._slot_free.set()
@@ -323,9 +335,20 @@ class SmsSender(AsyncResource):
         row_id: UUID = row["id"]
         attempts: int = row["attempts"]
         done = {i: mid for i, mid in enumerate(row["smsc_message_ids"] or ()) if mid is not None}
-        msg = OutboundSms(reference=row_id, msisdn=row["msisdn"], body=row["body"], flash=row["flash"],
-                          source=row["source"], done_parts=done)
         extra = {"sms_id": str(row_id), "tenant_id": str(tenant_id), "attempt": attempts}
+        try:
+            body = await self._open_body(tenant_id, row)
+        except (KeyUnavailable, CipherError) as exc:  # no retry can help: the row is failed, and says why
+            SENT.labels("gave_up").inc()
+            log.error("sms body does not open: %s", exc, extra=extra)
+            self._record(_Outcome(tenant_id, row_id, attempts, "failed", None, None, 0.0,
+                                  "sealed body does not open (data key or master key missing)"))
+            return
+        except _DB_ERRORS as exc:  # the key could not be fetched now: the lease expires and the row is claimed again
+            _db_failure("sms data key", exc, self.lease)
+            return
+        msg = OutboundSms(reference=row_id, msisdn=row["msisdn"], body=body, flash=row["flash"],
+                          source=row["source"], done_parts=done)
         started = time.perf_counter()
         try:
             result = await self.transport.submit(msg)
@@ -555,7 +578,8 @@ class SmsSender(AsyncResource):
             traced.set_attribute("iim.tenant", str(tenant_id))
         digest = hashlib.sha256(_SEP.join((mo.transport, mo.source, mo.destination, mo.body)).encode()).hexdigest()
         async with tenant_tx(self.pool, tenant_id) as conn:
-            row = await store.store_mo(conn, mo, digest, dedup_window=self.mo_dedup_window)
+            data_key = await self.keyring.active(conn, tenant_id)
+            row = await store.store_mo(conn, mo, digest, dedup_window=self.mo_dedup_window, data_key=data_key)
         if row is None:
             MO.labels("duplicate").inc()
             log.info("MO redelivered; stored once", extra={"tenant_id": str(tenant_id), "content_hash": digest[:16]})

@@ -17,22 +17,28 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
+from iim.core.envelope import DataKey
 from iim.sms.transport import MoSms
 from policy_cache.db import Connection, Pool
 
 __all__ = [
     "QueuedSms", "claim_due", "count_keyed", "enqueue_many", "enqueue_sms", "find_by_smsc_id", "forget_mo_body",
-    "lock_for_receipts", "mark_mo_handled", "purge_mo_bodies", "queue_depth", "store_mo", "subscriber_tenant",
-    "write_outcomes", "write_receipts",
+    "lock_for_receipts", "mark_mo_handled", "purge_mo_bodies", "queue_depth", "reseal_bodies", "seal_body",
+    "sealed_bodies", "store_mo", "subscriber_tenant", "write_outcomes", "write_receipts", "OUTBOX", "INBOUND",
 ]
+
+# Where a body lives, for its associated data (iim.core.envelope.field_aad): the row is the table's unique key
+# within the tenant (the outbox's key, the MO's sms_id), known before the insert.
+OUTBOX, INBOUND = "sms_outbox", "sms_inbound"
+
 
 # Advisory-lock namespace "IIMS" (the migrations, change sequence and audit chains use "IIMM").
 _MO_LOCK_NS = 1229540691
 
-_ENQUEUE = """INSERT INTO iim.sms_outbox (key, msisdn, body, flash, incident_id, source)
-              VALUES ($1, $2, $3, $4, $5, $6)
+_ENQUEUE = """INSERT INTO iim.sms_outbox (key, msisdn, body, flash, incident_id, source, body_key)
+              VALUES ($1, $2, $3, $4, $5, $6, $7)
               ON CONFLICT (tenant_id, key) DO NOTHING RETURNING id"""
-_ENQUEUE_MANY = """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id) VALUES ($1, $2, $3, $4)
+_ENQUEUE_MANY = """INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id, body_key) VALUES ($1, $2, $3, $4, $5)
                    ON CONFLICT (tenant_id, key) DO NOTHING"""
 
 # One row at a time by primary key (pipelined with fetchmany, one transaction per tenant): a single
@@ -62,9 +68,10 @@ _UPDATE_RECEIPT = """UPDATE iim.sms_outbox SET status = $2, delivered_ids = $3, 
                      WHERE id = $1"""
 
 # The body is written only when the destination's subscriber may have SMS read out (a live read_sms
-# consent); otherwise NULL from the start: a message nobody consented to have read is never stored in clear.
+# consent); otherwise NULL from the start: a message nobody consented to have read is never stored. It comes
+# sealed ($6, with its key $8 and the clear length $9).
 _INSERT_MO = """INSERT INTO iim.sms_inbound (sms_id, content_hash, transport, source, destination, subscriber_id,
-                                             body, body_length, received_at)
+                                             body, body_key, body_length, received_at)
                 VALUES ($1, $2, $3, $4, $5, (SELECT id FROM iim.subscriber WHERE msisdn = $5),
                         CASE WHEN EXISTS (
                             SELECT 1 FROM iim.consent c
@@ -72,7 +79,7 @@ _INSERT_MO = """INSERT INTO iim.sms_inbound (sms_id, content_hash, transport, so
                              WHERE s.msisdn = $5 AND c.purpose = 'read_sms' AND c.revoked_at IS NULL
                                AND (c.expires_at IS NULL OR c.expires_at > now()))
                         THEN $6::text END,
-                        length($6::text), $7)
+                        $8, $9, $7)
                 ON CONFLICT (tenant_id, sms_id) DO NOTHING
                 RETURNING id, sms_id, subscriber_id, received_at"""
 
@@ -87,11 +94,18 @@ class QueuedSms:
     incident_id: UUID | None = None
 
 
-async def enqueue_sms(conn: Connection, *, key: str, msisdn: str, body: str, flash: bool = False,
+def seal_body(data_key: DataKey, key: str, body: str) -> str:
+    """An outbox body sealed with the tenant's data key for the row ``key`` (as the row stores it)."""
+    return data_key.seal(OUTBOX, key, "body", body)
+
+
+async def enqueue_sms(conn: Connection, *, key: str, msisdn: str, body: str, data_key: DataKey, flash: bool = False,
                       incident_id: UUID | None = None, source: str | None = None) -> UUID:
-    """Queue an SMS in the caller's tenant transaction (``tenant_tx``); the same ``key`` returns the first
-    row's id and changes nothing (first write wins), so a retried caller never sends twice."""
-    row_id: UUID | None = await conn.fetchval(_ENQUEUE, key, msisdn, body, flash, incident_id, source)
+    """Queue an SMS in the caller's tenant transaction (``tenant_tx``), its body sealed with ``data_key`` (the
+    tenant's active key); the same ``key`` returns the first row's id and changes nothing (first write wins),
+    so a retried caller never sends twice."""
+    row_id: UUID | None = await conn.fetchval(_ENQUEUE, key, msisdn, seal_body(data_key, key, body), flash,
+                                              incident_id, source, data_key.key_id)
     if row_id is None:
         row_id = await conn.fetchval("SELECT id FROM iim.sms_outbox WHERE key = $1", key)
     if row_id is None:  # pragma: no cover - the conflicting row is visible in this tenant
@@ -99,14 +113,14 @@ async def enqueue_sms(conn: Connection, *, key: str, msisdn: str, body: str, fla
     return row_id
 
 
-async def enqueue_many(conn: Connection, messages: Sequence[QueuedSms]) -> None:
+async def enqueue_many(conn: Connection, messages: Sequence[QueuedSms], data_key: DataKey) -> None:
     """:func:`enqueue_sms` for several SMS at once, without their ids: one statement for one SMS, one
     pipelined batch for more; keys already queued change nothing."""
-    if len(messages) == 1:
-        m = messages[0]
-        await conn.execute(_ENQUEUE_MANY, m.key, m.msisdn, m.body, m.incident_id)
-    elif messages:
-        await conn.executemany(_ENQUEUE_MANY, [(m.key, m.msisdn, m.body, m.incident_id) for m in messages])
+    rows = [(m.key, m.msisdn, seal_body(data_key, m.key, m.body), m.incident_id, data_key.key_id) for m in messages]
+    if len(rows) == 1:
+        await conn.execute(_ENQUEUE_MANY, *rows[0])
+    elif rows:
+        await conn.executemany(_ENQUEUE_MANY, rows)
 
 
 async def count_keyed(conn: Connection, prefix: str) -> int:
@@ -185,14 +199,16 @@ async def subscriber_tenant(pool: Pool, msisdn: str) -> UUID | None:
     return tenant_id
 
 
-async def store_mo(conn: Connection, mo: MoSms, digest: str, *, dedup_window: float) -> asyncpg.Record | None:
-    """Store an MO in the caller's tenant transaction; None when it is a redelivery (same SMSC id, or without
-    one the same content within ``dedup_window`` seconds)."""
+async def store_mo(conn: Connection, mo: MoSms, digest: str, *, dedup_window: float,
+                   data_key: DataKey) -> asyncpg.Record | None:
+    """Store an MO in the caller's tenant transaction, its body sealed with ``data_key``; None when it is a
+    redelivery (same SMSC id, or without one the same content within ``dedup_window`` seconds)."""
     source = mo.source[:32] or "unknown"
     if mo.sms_id:
+        sms_id = f"{mo.transport}:{mo.sms_id}"[:200]
         row: asyncpg.Record | None = await conn.fetchrow(
-            _INSERT_MO, f"{mo.transport}:{mo.sms_id}"[:200], digest, mo.transport, source, mo.destination,
-            mo.body, mo.received_at)
+            _INSERT_MO, sms_id, digest, mo.transport, source, mo.destination,
+            data_key.seal(INBOUND, sms_id, "body", mo.body), mo.received_at, data_key.key_id, len(mo.body))
         return row
     # No id from the SMSC: the same content within the window is a redelivery. The lock serialises two
     # copies arriving at once (on two connections) so that exactly one is stored.
@@ -203,9 +219,42 @@ async def store_mo(conn: Connection, mo: MoSms, digest: str, *, dedup_window: fl
     if seen:
         return None
     # A fresh id, not derived from the content: the digest must not outlive the dedup window in the table.
-    row = await conn.fetchrow(_INSERT_MO, f"h:{uuid4().hex}", digest, mo.transport, source,
-                              mo.destination, mo.body, mo.received_at)
+    sms_id = f"h:{uuid4().hex}"
+    row = await conn.fetchrow(_INSERT_MO, sms_id, digest, mo.transport, source, mo.destination,
+                              data_key.seal(INBOUND, sms_id, "body", mo.body), mo.received_at, data_key.key_id,
+                              len(mo.body))
     return row
+
+
+# --- key rotation: re-sealing bodies with a tenant's new data key ---------------------------------------------
+
+_SEALED = {
+    OUTBOX: """SELECT id, key AS row_key, body, body_key FROM iim.sms_outbox
+               WHERE body IS NOT NULL AND body_key IS DISTINCT FROM $1 AND id > $2 ORDER BY id LIMIT $3""",
+    INBOUND: """SELECT id, sms_id AS row_key, body, body_key FROM iim.sms_inbound
+                WHERE body IS NOT NULL AND body_key IS DISTINCT FROM $1 AND id > $2 ORDER BY id LIMIT $3""",
+}
+_RESEAL = {
+    OUTBOX: """UPDATE iim.sms_outbox SET body = $3, body_key = $4
+               WHERE id = $1 AND body_key IS NOT DISTINCT FROM $2 AND body IS NOT NULL""",
+    INBOUND: """UPDATE iim.sms_inbound SET body = $3, body_key = $4
+                WHERE id = $1 AND body_key IS NOT DISTINCT FROM $2 AND body IS NOT NULL""",
+}
+
+
+async def sealed_bodies(conn: Connection, table: str, *, not_key: int, after: UUID, limit: int
+                        ) -> list[asyncpg.Record]:
+    """Up to ``limit`` rows of ``table`` (:data:`OUTBOX` or :data:`INBOUND`) in the caller's tenant with a body
+    not sealed by ``not_key`` (older keys, or clear text from before sealing), after ``after`` in id order:
+    ``id, row_key, body, body_key``."""
+    rows: list[asyncpg.Record] = await conn.fetch(_SEALED[table], not_key, after, limit)
+    return rows
+
+
+async def reseal_bodies(conn: Connection, table: str, rows: Sequence[tuple[UUID, int | None, str, int]]) -> None:
+    """Write re-sealed bodies, each ``(id, the key it was read with, sealed body, new key)``; a row changed
+    meanwhile (purged, forgotten, re-sealed by another run) is left as it is."""
+    await conn.executemany(_RESEAL[table], rows)
 
 
 async def erase_inbound(conn: Connection, subscriber_id: UUID, msisdn: str) -> int:

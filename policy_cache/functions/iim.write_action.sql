@@ -1,4 +1,4 @@
--- iim.write_action: its current definition, last set by migration 0012_alarm_writes_in_one_statement.sql.
+-- iim.write_action: its current definition, last set by migration 0028_sealed_fields.sql.
 --
 -- One action of a decision with its SMS rows and audit lines; nothing when its key exists (decided before,
 -- by a run that is being resumed). p_dispatched: claimed now, so marked dispatched as it is written.
@@ -21,9 +21,10 @@ BEGIN
         RETURN false;
     END IF;
     IF jsonb_array_length(coalesce(a->'sms', '[]')) > 0 THEN
-        INSERT INTO iim.sms_outbox (key, msisdn, body, incident_id)
-        SELECT s.key, s.msisdn, left(s.body, 1600), v_incident
-          FROM jsonb_to_recordset(a->'sms') AS s(key text, msisdn text, body text)
+        INSERT INTO iim.sms_outbox (key, msisdn, body, body_key, incident_id)
+        SELECT s.key, s.msisdn, CASE WHEN s.body_key IS NULL THEN left(s.body, 1600) ELSE s.body END, s.body_key,
+               v_incident
+          FROM jsonb_to_recordset(a->'sms') AS s(key text, msisdn text, body text, body_key integer)
         ON CONFLICT (tenant_id, key) DO NOTHING;
     END IF;
     PERFORM iim.stage_audit(a->'audit');

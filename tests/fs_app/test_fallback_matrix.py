@@ -61,7 +61,7 @@ async def test_smsc_down_the_escalation_goes_on_by_voice_and_the_sms_follows(
     await smsc.kill()
     transport = SmppTransport(SmppSettings("127.0.0.1", smsc.port, "iim", "secret", response_timeout=2.0,
                                            reconnect_min=0.05, reconnect_max=0.3))
-    sender = SmsSender(app_pool, transport, retry=FAST, poll_interval=0.05, throttle_pause=0.05)
+    sender = SmsSender(app_pool, transport, keyring=alarms.worker.keyring, retry=FAST, poll_interval=0.05, throttle_pause=0.05)
     await sender.start()
     try:
         alarms.script(rig.owner, TargetBehaviour.no_answer())

@@ -151,7 +151,7 @@ async def rig(pg_db: PgDatabase, app_pool: Pool, lines_spec: dict[str, dict[str,
     dial = DialSettings(confirm_prompt=str(write_silent_wav(tmp_path / "confirm-call.wav", CONFIRM_PROMPT_MS)))
     router = PolicyRouter(cache, passthrough, dial=dial, record_decision=call_audit.record,
                           record_answer=call_audit.record_answer, clock=clock_)
-    server = OutboundServer(router, OutboundSettings(port=0, exit_wait=1.0, hangup_complete_wait=1.0),
+    server = OutboundServer(router, OutboundSettings(port=0, exit_wait=1.0),
                             fallback=passthrough)
     await server.start()
     emu = FreeSwitchEmulator(default_target=TargetBehaviour.answer(after_ms=0, hangup_after_ms=0), time_scale=0.01)

@@ -337,7 +337,7 @@ async def test_postgresql_down_is_503_with_retry_after_and_nothing_half_written(
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=_client_ssl())) as session:
             client = BridgeClient(session, f"https://127.0.0.1:{port}")
-            warm = rig.event("battery_low")
+            warm = rig.event("heartbeat")
             assert (await client.post("/v1/events", warm, rig.signed_headers(warm)))[0] == 202  # keys cached
             proxy.cut()
             body = rig.event("smoke", event_id="ev-during-outage")

@@ -138,7 +138,7 @@ async def _until(check: Any, seconds: float) -> float:
 async def test_a_stalled_database_is_a_quick_503_and_the_retried_event_is_acted_on_once(
         stalled_rig: Rig) -> None:
     rig, client = stalled_rig.alarms, stalled_rig.client
-    warm = rig.event("battery_low")
+    warm = rig.event("heartbeat")
     assert (await client.post("/v1/events", warm, rig.signed_headers(warm)))[0] == 202  # the keys are cached
     assert stalled_rig.probe.health()["status"] == "ok"
     smoke = rig.event("smoke", event_id="ev-during-stall")

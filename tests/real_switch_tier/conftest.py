@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pg import PgDatabase
+from tests.pg import TEST_MASTER_KEY_ENV, PgDatabase
 from tests.real_switch import RealSwitch, free_port, require_freeswitch, running_switch
 
 
@@ -86,7 +86,7 @@ def start_iim(switch: RealSwitch, db: PgDatabase, esl_port: int, workdir: Path, 
         "IIM_FS_NODES": f'[{{"host": "127.0.0.1", "port": {switch.esl_port}}}]',
         "IIM_ESL_PORT": str(esl_port), "IIM_HTTP_PORT": str(http_port), "IIM_BRIDGE_ENABLED": "false",
         "IIM_ALERT_SOCKET_ADDRESS": f"127.0.0.1:{esl_port}", "IIM_DATA_DIR": str(data_dir),
-        "IIM_LOG_LEVEL": "INFO", "IIM_DRAIN_TIMEOUT": "1",
+        "IIM_LOG_LEVEL": "INFO", "IIM_DRAIN_TIMEOUT": "1", **TEST_MASTER_KEY_ENV,
         **({"IIM_SWITCH_AUDIO_BASE_URL": f"http://127.0.0.1:{http_port}"} if audio_over_http else {}),
     } | dict(env or {})
     tts_cache = data_dir.parent / "tts-cache"  # where the service keeps it (next to its data dir)

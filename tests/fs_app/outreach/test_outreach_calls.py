@@ -273,7 +273,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         results.append((uuid, result))
 
     server = OutboundServer(with_alert_calls(registry, route, on_result=persist),
-                            OutboundSettings(port=0, exit_wait=0.5, hangup_complete_wait=0.5))
+                            OutboundSettings(port=0, exit_wait=0.5))
     await server.start()
     client = client_for(inbound.port)
     await client.start()
@@ -315,7 +315,7 @@ async def test_callee_presses_1(rig: Rig) -> None:
     await eventually(lambda: any(r.uuid == call.call_uuid and r.hangup_cause for r in rig.emu.results))
     socket_call = next(r for r in rig.emu.results if r.uuid == call.call_uuid)
     assert socket_call.hangup_cause == "NORMAL_CLEARING"
-    assert socket_call.disconnect == "linger-exit"
+    assert socket_call.disconnect == "app-closed"  # hung up: closed, no ``exit``
     pagd = [c for c in socket_call.commands if isinstance(c, Execute) and c.app == "play_and_get_digits"]
     assert [c.arg for c in pagd] == ["1 1 3 5000 none ivr/ivr-alarm.wav silence_stream://250 iim_alert_digit [12]"]
     assert rig.fallthrough == []
@@ -712,7 +712,7 @@ async def test_an_alert_socket_waits_while_a_worker_here_is_taking_the_call_over
     taking_over: set[str] = set()
     server = OutboundServer(with_alert_calls(rig.registry, lambda call: call.hangup("NORMAL_CLEARING"),
                                              pending=taking_over.__contains__),
-                            OutboundSettings(port=0, exit_wait=0.5, hangup_complete_wait=0.5))
+                            OutboundSettings(port=0, exit_wait=0.5))
     await server.start()
     try:
         rig.script(MOBILE, TargetBehaviour.answer(after_ms=10, dtmf="1"))

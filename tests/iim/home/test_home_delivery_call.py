@@ -23,6 +23,7 @@ from fs_app.routing import Announcement, CallFacts, RoutingDecision
 from fs_app.testing import CallResult, CallSpec, FreeSwitchEmulator, TargetBehaviour
 from iim.home.cloud_call import CloudAnnouncer, cloud_call_step
 from iim.home.outbox_sink import OutboxSmsSink
+from iim.keys.keyring import Keyring
 from policy_cache.cache import PolicyCache
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import FallbackAction, RingMode
@@ -35,7 +36,7 @@ from tests.home_delivery_rig import (
     build_home,
     create_tenant,
 )
-from tests.pg import PgDatabase
+from tests.pg import PgDatabase, opened
 
 CALLER = "+4930111222"
 NOON = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
@@ -63,11 +64,12 @@ class Rig:
 
     async def outbox(self) -> list[dict[str, Any]]:
         async with tenant_tx(self.pool, self.tenant) as conn:
-            return [dict(r) for r in await conn.fetch("SELECT key, msisdn, body FROM iim.sms_outbox ORDER BY key")]
+            rows = await conn.fetch("SELECT tenant_id, key, msisdn, body, body_key FROM iim.sms_outbox ORDER BY key")
+            return [dict(r) | {"body": await opened(conn, r)} for r in rows]
 
 
 @pytest.fixture
-async def rig(pg_db: PgDatabase, app_pool: Pool) -> AsyncIterator[Rig]:
+async def rig(pg_db: PgDatabase, app_pool: Pool, keyring: Keyring) -> AsyncIterator[Rig]:
     tenant = await create_tenant(app_pool, "cloud-calls")
     base = next(_NUMBERS) * 10
     homes = {}
@@ -86,7 +88,7 @@ async def rig(pg_db: PgDatabase, app_pool: Pool) -> AsyncIterator[Rig]:
     await cache.start(timeout=10)
     dial = DialSettings()
     announcer = CloudAnnouncer(Connectors(webhook=connector), timeout_s=TIMEOUT_S, grace_s=0.2)
-    step = cloud_call_step(announcer, replace(dial, recordings_dir="/tmp/iim-test-rec"), OutboxSmsSink(app_pool))
+    step = cloud_call_step(announcer, replace(dial, recordings_dir="/tmp/iim-test-rec"), OutboxSmsSink(app_pool, keyring))
     outcomes: list[str] = []
 
     async def recording_step(call: Call, decision: RoutingDecision) -> str:
@@ -96,7 +98,7 @@ async def rig(pg_db: PgDatabase, app_pool: Pool) -> AsyncIterator[Rig]:
 
     passthrough = make_passthrough_handler("sofia/gateway/ims/{destination}")
     router = PolicyRouter(cache, passthrough, dial=dial, clock=lambda: NOON, announce=recording_step)
-    server = OutboundServer(router, OutboundSettings(port=0, exit_wait=1.0, hangup_complete_wait=1.0),
+    server = OutboundServer(router, OutboundSettings(port=0, exit_wait=1.0),
                             fallback=passthrough)
     await server.start()
     emu = FreeSwitchEmulator(default_target=TargetBehaviour.answer(after_ms=0, hangup_after_ms=0), time_scale=0.01)

@@ -19,6 +19,7 @@ import pytest
 
 from iim.core.metrics import REGISTRY
 from iim.home.sms_readout import SmsReadoutService, text_digest
+from iim.keys.keyring import Keyring
 from policy_cache import audit, registry
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import PresenceState
@@ -35,6 +36,7 @@ from tests.home_delivery_rig import (
     build_home,
     create_tenant,
 )
+from tests.pg import opened
 
 SENDER = "+79161234567"
 _NUMBERS = itertools.count(1)
@@ -321,11 +323,13 @@ async def test_the_same_sms_id_in_two_tenants_is_two_messages(rig: Rig, body: st
 
 async def _stored_body(pool: Pool, tenant: UUID, sms_id: str) -> str | None:
     async with tenant_tx(pool, tenant) as conn:
-        value: str | None = await conn.fetchval("SELECT body FROM iim.sms_inbound WHERE sms_id = $1", sms_id)
-    return value
+        row = await conn.fetchrow("SELECT tenant_id, sms_id, body, body_key FROM iim.sms_inbound WHERE sms_id = $1",
+                                  sms_id)
+        assert row is not None
+        return await opened(conn, row, table="sms_inbound")
 
 
-async def test_a_declined_readout_forgets_the_stored_body_at_once(rig: Rig, body: str) -> None:
+async def test_a_declined_readout_forgets_the_stored_body_at_once(rig: Rig, body: str, keyring: Keyring) -> None:
     from iim.sms import store as sms_store
     from iim.sms.transport import MoSms
 
@@ -333,7 +337,8 @@ async def test_a_declined_readout_forgets_the_stored_body_at_once(rig: Rig, body
     home = await build_home(rig.pool, tenant, new_msisdn(), consent_scope=ALLOW)  # consented, but not this sender
     incoming = MoSms("smpp", "+79031112233", home.msisdn, body, rig.clock.now, sms_id=uuid4().hex[:12])
     async with tenant_tx(rig.pool, tenant) as conn:
-        row = await sms_store.store_mo(conn, incoming, "a" * 64, dedup_window=300)
+        row = await sms_store.store_mo(conn, incoming, "a" * 64, dedup_window=300,
+                                       data_key=await keyring.active(conn, tenant))
     assert row is not None
     assert await _stored_body(rig.pool, tenant, row["sms_id"]) == body  # a live consent: kept to be read
     mo = Mo(row["sms_id"], "79031112233", home.msisdn.removeprefix("+"), body, rig.clock.now)

@@ -19,6 +19,7 @@ from policy_cache import registry
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import ConsentPurpose, DeviceCreate, DeviceStatus, DeviceType, PresenceState
 from tests.iim.scenarios.test_scenario_worker import Alarms, alarms, alarms_rig
+from tests.pg import opened
 
 __all__ = ["alarms"]  # the default rig (every consent held) as a fixture here
 
@@ -105,9 +106,10 @@ async def test_without_call_recording_the_doorphone_does_not_record_and_the_rest
                                       "AND kind = 'record'", incident)
     assert records == [{"outcome": "refused"}]
     assert await _refusals(no_recording, incident) == [{"kind": "record", "purpose": "call_recording"}]
-    sms = await no_recording.rows("SELECT body FROM iim.sms_outbox WHERE incident_id = $1 AND msisdn = $2",
-                                  incident, rig.owner)
-    assert any(s["body"].startswith("Missed visitor") for s in sms)
+    sms = await no_recording.rows("SELECT tenant_id, key, body, body_key FROM iim.sms_outbox "
+                                  "WHERE incident_id = $1 AND msisdn = $2", incident, rig.owner)
+    texts = [await opened(no_recording.pool, s) or "" for s in sms]
+    assert any(text.startswith("Missed visitor") for text in texts)
 
 
 # -- the rule, pure ---------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from iot_bridge.intake import KnownDevice, accept_event
 from policy_cache import audit
 from policy_cache.db import Pool, tenant_tx
 from tests.alarm_rig import build_rig
+from tests.pg import TEST_MASTER_KEY_ENV
 
 GW = "sofia/gateway/ims/{}"
 ESL_PASSWORD = "crash-test-esl-secret"
@@ -45,6 +46,7 @@ def _start_iim(pg_db: Any, fs_port: int, esl_port: int, log: Path) -> subprocess
         "IIM_ESL_PORT": str(esl_port), "IIM_HTTP_PORT": "0", "IIM_BRIDGE_ENABLED": "false",
         "IIM_DATA_DIR": str(log.parent / "iim-data" / "pg"),  # not the checkout's .iim-data of an `iim serve`
         "IIM_JOB_HEARTBEAT_TIMEOUT_S": "2", "IIM_LOG_LEVEL": "INFO", "IIM_DRAIN_TIMEOUT": "1",
+        **TEST_MASTER_KEY_ENV,
     }
     with log.open("ab") as out:  # the child keeps its own descriptor
         return subprocess.Popen([sys.executable, "-m", "iim", "serve"], env=env, stdout=out,

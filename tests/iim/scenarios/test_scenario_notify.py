@@ -27,6 +27,7 @@ from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import DeviceCapability, DeviceCreate, DeviceStatus, DeviceType
 from tests.connector_peer import SIGNING_SECRET_TEXT, STATIC_TOKEN, StepClock, VendorPeer, serve
 from tests.iim.scenarios.test_scenario_worker import Alarms, alarms_rig
+from tests.pg import opened
 
 SCENARIO_STEPS = [
     {"action": "notify", "text": "Smoke at {household}: check the kitchen", "with_next": True},
@@ -112,9 +113,10 @@ async def test_smart_home_down_falls_back_to_sms_and_the_call_still_goes_out(
     assert await alarms.settled(incident) == "acknowledged"
     assert alarms.calls_to(rig.owner) == 1
     await _notified(alarms, incident)
-    sms = await alarms.rows("SELECT msisdn, body FROM iim.sms_outbox WHERE incident_id = $1", incident)
+    sms = await alarms.rows("SELECT tenant_id, key, msisdn, body, body_key FROM iim.sms_outbox WHERE incident_id = $1",
+                            incident)
     assert [s["msisdn"] for s in sms] == [rig.owner]
-    assert "Smoke at Flat 12" in sms[0]["body"]
+    assert "Smoke at Flat 12" in (await opened(alarms.pool, sms[0]) or "")
     audit = await alarms.rows("SELECT detail->>'outcome' AS outcome, detail->>'detail' AS detail FROM iim.audit_log "
                               "WHERE action = 'incident.notify' AND entity_id = $1", str(incident))
     assert audit[0]["outcome"] == "sms_fallback"

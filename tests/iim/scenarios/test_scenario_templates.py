@@ -46,12 +46,12 @@ def emitted(timeline: list[SimulatedStep]) -> list[tuple[int, str, str]]:
 
 
 def test_every_template_is_valid_and_survives_a_json_round_trip() -> None:
-    assert set(TEMPLATES) >= {"smoke_co", "doorphone", "wearable_fall"}
+    assert set(TEMPLATES) >= {"smoke_co", "doorphone", "wearable_fall", "device_health"}
     for name, sc in TEMPLATES.items():
         assert sc.name == name
         assert sc.enabled
         assert Scenario.model_validate_json(sc.model_dump_json()) == sc
-    with pytest.raises(KeyError, match="known: doorphone, smoke_co, wearable_fall"):
+    with pytest.raises(KeyError, match="known: device_health, doorphone, smoke_co, wearable_fall"):
         template("fire")
 
 
@@ -67,6 +67,21 @@ def test_templates_answer_only_their_own_events() -> None:
     assert chosen(EventType.FALL, DeviceType.WEARABLE) == ["wearable_fall"]
     assert chosen(EventType.PULSE, DeviceType.WEARABLE) == ["wearable_fall"]
     assert chosen(EventType.WATER_LEAK, DeviceType.SENSOR) == []
+    for health in (EventType.OFFLINE, EventType.BATTERY_LOW, EventType.SELF_TEST_FAILED):
+        assert chosen(health, DeviceType.SENSOR) == chosen(health, DeviceType.WEARABLE) == ["device_health"]
+    assert chosen(EventType.HEARTBEAT, DeviceType.SENSOR) == chosen(EventType.BATTERY_OK, DeviceType.SENSOR) == []
+
+
+# -- device health -----------------------------------------------------------------------------------------
+
+def test_device_health_at_night_tells_the_household_and_texts_the_owner_then_reminds_a_day_later_calling_nobody(
+) -> None:
+    sc = TEMPLATES["device_health"]
+    timeline = simulate(sc, synthetic_facts(sc, event=EventType.OFFLINE), START, {})
+    assert emitted(timeline) == [(0, "notify", "household"), (0, "sms", OWNER), (86_400, "sms", OWNER)]
+    first = next(a for a in timeline[0].actions if isinstance(a, SendSms))
+    assert "reports no signal since 03:00" in first.text
+    assert timeline[-1].state is IncidentState.EXHAUSTED
 
 
 # -- smoke / CO -------------------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ async def test_a_call_taken_over_by_another_worker_joins_the_trace_of_the_decisi
         await alarms.worker.begin_in(conn, tenant, incident)  # the call is claimed; this "process" dies here
 
     second = IncidentWorker(alarms.pool, pg_db.app_url, alarms.worker.placer, WorkerSettings(
-        unsent_grace_s=0.3, unsent_interval_s=0.1))
+        unsent_grace_s=0.3, unsent_interval_s=0.1), keyring=alarms.worker.keyring)
     async with second:
         incident = await alarms.raise_alarm("smoke", opener=claim_and_die)
         assert await alarms.settled(incident) == "acknowledged"

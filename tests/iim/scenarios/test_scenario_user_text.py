@@ -52,9 +52,11 @@ async def test_without_a_freeswitch_node_an_alarm_is_unreachable_and_texted_not_
     """No ``IIM_FS_NODES``: every call is unreachable at once (SMS instead), never an AssertionError."""
     from datetime import timedelta
 
+    from iim.keys.keyring import Keyring
     from iim.scenarios.worker import IncidentWorker, WorkerSettings
     from tests.alarm_rig import build_rig
     from tests.iim.scenarios.test_scenario_worker import Alarms, numbers
+    from tests.pg import TEST_MASTER_KEY
 
     class Speech:
         async def render(self, text: str) -> Any:
@@ -63,7 +65,8 @@ async def test_without_a_freeswitch_node_an_alarm_is_unreachable_and_texted_not_
     n = numbers()
     rig = await build_rig(app_pool, tmp_path, owner=n["owner"], backup=n["backup"], security=n["security"])
     worker = IncidentWorker(app_pool, pg_db.app_url, None, WorkerSettings(
-        heartbeat_timeout=timedelta(seconds=2), unreachable_retries=(0.1,)), speech=Speech())
+        heartbeat_timeout=timedelta(seconds=2), unreachable_retries=(0.1,)), speech=Speech(),
+        keyring=Keyring(app_pool, TEST_MASTER_KEY))
     async with worker:
         alarms = Alarms(rig, app_pool, None, None, worker)  # type: ignore[arg-type]
         incident = await alarms.raise_alarm("smoke")

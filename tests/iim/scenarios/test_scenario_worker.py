@@ -30,6 +30,7 @@ from fs_app.outreach.ivr import IvrRegistry, with_alert_calls
 from fs_app.testing import FreeSwitchEmulator, InboundServer, TargetBehaviour
 from iim.connectors.contract import ConnectorLookup
 from iim.core.metrics import REGISTRY
+from iim.keys.keyring import Keyring
 from iim.scenarios import store
 from iim.scenarios.worker import IncidentWorker, WorkerSettings, _safe_alert_call
 from iot_bridge.events import DeviceEvent, body_fingerprint
@@ -38,6 +39,7 @@ from policy_cache import audit
 from policy_cache.db import Pool, tenant_tx
 from policy_cache.models import ConsentPurpose
 from tests.alarm_rig import SCENARIO_CONSENTS, AlarmRig, build_rig
+from tests.pg import TEST_MASTER_KEY, opened
 from tests.tcp_proxy import TcpFaultProxy
 
 GW = "sofia/gateway/ims/{}"
@@ -125,7 +127,7 @@ async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
     inbound = await emu.start_inbound()
     registry = IvrRegistry()
     server = OutboundServer(with_alert_calls(registry, _route),
-                            OutboundSettings(port=0, exit_wait=0.5, hangup_complete_wait=0.5))
+                            OutboundSettings(port=0, exit_wait=0.5))
     await server.start()
     proxy = None
     if esl_proxy:
@@ -142,7 +144,7 @@ async def alarms_rig(app_pool: Pool, pg_db: Any, tmp_path: Path, *,
     worker = IncidentWorker(app_pool, pg_db.app_url, placer, WorkerSettings(
         heartbeat_timeout=timedelta(seconds=2), unreachable_retries=(0.3, 0.3),
         default_limits=limits or OriginateLimits()), connectors=connectors, speech=speech,
-        prompt_location=prompt_location)
+        prompt_location=prompt_location, keyring=Keyring(app_pool, TEST_MASTER_KEY))
     await worker.start()
     try:
         yield Alarms(rig, app_pool, emu, inbound, worker, proxy)
@@ -463,10 +465,10 @@ async def test_freeswitch_down_sends_sms_then_retries_the_call(alarms: Alarms) -
     alarms.script(rig.owner, TargetBehaviour.answer(after_ms=100, dtmf="1"))
     incident = await alarms.raise_alarm("smoke")
     fallback = await _eventually_rows(
-        alarms, "SELECT msisdn, body FROM iim.sms_outbox WHERE incident_id = $1 AND key LIKE '%/unreachable/%'",
-        incident)
+        alarms, "SELECT tenant_id, key, msisdn, body, body_key FROM iim.sms_outbox "
+                "WHERE incident_id = $1 AND key LIKE '%/unreachable/%'", incident)
     assert fallback[0]["msisdn"] == rig.owner
-    assert "could not call" in fallback[0]["body"]
+    assert "could not call" in (await opened(alarms.pool, fallback[0]) or "")
     alarms.inbound = await alarms.emu.start_inbound(port=alarms.inbound.port)
     assert await alarms.settled(incident) == "acknowledged"
     assert alarms.calls_to(rig.owner) == 1
@@ -769,7 +771,7 @@ async def test_a_call_claimed_but_never_sent_before_a_crash_is_placed_once_by_th
         await alarms.worker.begin_in(conn, tenant, incident)  # the calls are claimed; never placed here
 
     second = IncidentWorker(alarms.pool, pg_db.app_url, alarms.worker.placer, WorkerSettings(
-        unsent_grace_s=0.3, unsent_interval_s=0.1))
+        unsent_grace_s=0.3, unsent_interval_s=0.1), keyring=alarms.worker.keyring)
     async with second:
         incident = await alarms.raise_alarm("smoke", opener=claim_and_die)
         claimed = await alarms.rows("SELECT dispatched_at IS NOT NULL AS claimed FROM iim.incident_action "

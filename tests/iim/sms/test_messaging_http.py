@@ -18,6 +18,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from iim.core.signing import sign_webhook, verify_webhook
+from iim.keys.keyring import Keyring
 from iim.sms.http_smsc import HttpSmscSettings, HttpSmscTransport
 from iim.sms.outbox import BackoffPolicy, InboundSms, SmsSender
 from iim.sms.store import enqueue_sms
@@ -176,19 +177,20 @@ async def test_callbacks_are_verified_before_they_reach_the_handlers(transport: 
 
 async def test_outbox_over_http_sends_applies_receipts_and_stores_mo_once(
         app_pool: Pool, transport: HttpSmscTransport, smsc: tuple[FakeSmsc, str],
-        secret_ref: tuple[str, bytes]) -> None:
+        secret_ref: tuple[str, bytes], keyring: Keyring) -> None:
     tenant = await create_tenant(app_pool)
     async with tenant_tx(app_pool, tenant) as conn:
         await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79001239999"), actor="test")
-        rid = await enqueue_sms(conn, key="http-1", msisdn="+79001239999", body="Smoke alarm")
+        rid = await enqueue_sms(conn, key="http-1", msisdn="+79001239999", body="Smoke alarm",
+                                data_key=await keyring.active(conn, tenant))
     mos: list[tuple[UUID, InboundSms]] = []
 
     async def on_mo(tenant_id: UUID, mo: InboundSms) -> None:
         mos.append((tenant_id, mo))
 
     smsc[0].answers.append(429)  # throttled once, then accepted
-    sender = SmsSender(app_pool, transport, retry=BackoffPolicy(base=0.05, cap=0.2), poll_interval=0.05,
-                       throttle_pause=0.05, on_mo=on_mo)
+    sender = SmsSender(app_pool, transport, keyring=keyring, retry=BackoffPolicy(base=0.05, cap=0.2),
+                       poll_interval=0.05, throttle_pause=0.05, on_mo=on_mo)
     await sender.start()
     runner, base = await _serve(transport.web_app())
     try:

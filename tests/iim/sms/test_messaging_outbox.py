@@ -18,6 +18,7 @@ import pytest
 
 from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.metrics import REGISTRY
+from iim.keys.keyring import Keyring
 from iim.sms.outbox import BackoffPolicy, InboundSms, OutboxRow, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
 from iim.sms.smsc_sim import SmscProcess
@@ -25,7 +26,7 @@ from iim.sms.store import enqueue_sms
 from policy_cache import registry
 from policy_cache.db import DbRole, Pool, connect_pool, tenant_tx
 from policy_cache.models import ConsentCreate, ConsentPurpose, SubscriberCreate
-from tests.pg import create_tenant, private_pg
+from tests.pg import TEST_MASTER_KEY, create_tenant, opened, private_pg
 
 ESME_RTHROTTLED = 0x58
 ESME_RMSGQFUL = 0x14
@@ -67,7 +68,7 @@ async def sender(pool: Pool, smsc: SmscProcess, hooks: Hooks | None = None,
     opts: dict[str, Any] = {"retry": FAST, "poll_interval": 0.05, "lease": 30.0, "throttle_pause": 0.05,
                             "on_undelivered": hooks.on_undelivered, "on_mo": hooks.on_mo}
     opts.update(options)
-    s = SmsSender(pool, transport, **opts)
+    s = SmsSender(pool, transport, keyring=Keyring(pool, TEST_MASTER_KEY), **opts)
     await s.start()
     await transport.wait_bound()
     try:
@@ -78,7 +79,8 @@ async def sender(pool: Pool, smsc: SmscProcess, hooks: Hooks | None = None,
 
 async def enqueue(pool: Pool, tenant_id: UUID, key: str, msisdn: str, body: str, **kw: Any) -> UUID:
     async with tenant_tx(pool, tenant_id) as conn:
-        return await enqueue_sms(conn, key=key, msisdn=msisdn, body=body, **kw)
+        data_key = await Keyring(pool, TEST_MASTER_KEY).active(conn, tenant_id)
+        return await enqueue_sms(conn, key=key, msisdn=msisdn, body=body, data_key=data_key, **kw)
 
 
 async def row(pool: Pool, tenant_id: UUID, row_id: UUID) -> dict[str, Any]:
@@ -116,6 +118,7 @@ async def test_enqueue_is_idempotent_by_key(app_pool: Pool) -> None:
     again = await enqueue(app_pool, tenant, "incident-1/step-0/sms", "+79001112233", "Smoke, changed")
     assert first == again
     stored = await row(app_pool, tenant, first)
+    stored["body"] = await opened(app_pool, stored)
     assert (stored["body"], stored["status"], stored["attempts"], stored["flash"]) == ("Smoke!", "queued", 0, False)
 
 
@@ -272,8 +275,8 @@ async def test_consented_mo_body_is_kept_for_the_retention_then_purged_by_the_se
 
     async def body() -> str | None:
         async with tenant_tx(app_pool, tenant) as conn:
-            value: str | None = await conn.fetchval("SELECT body FROM iim.sms_inbound")
-        return value
+            row = await conn.fetchrow("SELECT tenant_id, sms_id, body, body_key FROM iim.sms_inbound")
+            return await opened(conn, row, table="sms_inbound")
 
     async with sender(app_pool, smsc, hooks, mo_body_retention=1.0, purge_interval=0.1):
         assert await smsc.deliver(destination=owner[1:], source="79167770000", text="Read me out") == 0
