@@ -28,7 +28,7 @@ from policy_cache.models import DeviceCapability, DeviceCreate, DeviceStatus, De
 from tests.alarm_rig import AlarmRig, build_rig
 from tests.connector_peer import SIGNING_SECRET_TEXT, STATIC_TOKEN, VendorPeer, serve
 from tests.oidc_issuer import AUDIENCE, Issuer, running_issuer
-from tests.pg import PgDatabase
+from tests.pg import TEST_MASTER_KEY_ENV, PgDatabase
 
 ESL_PASSWORD = "operator-session-esl-secret"
 GW = "sofia/gateway/ims/{}"
@@ -116,6 +116,8 @@ async def live_service(pg_db: PgDatabase, app_pool: Pool, tmp_path: Path, monkey
     emu = FreeSwitchEmulator(time_scale=1.0, default_target=TargetBehaviour.no_answer())
     inbound = await emu.start_inbound(password=ESL_PASSWORD)
     monkeypatch.setenv("IIM_FS_PASSWORD", ESL_PASSWORD)
+    for name, value in TEST_MASTER_KEY_ENV.items():  # the module's instances share one database: one master key
+        monkeypatch.setenv(name, value)
     try:
         async with running_issuer() as issuer:
             monkeypatch.setenv("IIM_OIDC_ISSUER", issuer.url)
