@@ -194,13 +194,16 @@ async def chain_head(conn: Connection, tenant_id: UUID) -> tuple[int, bytes] | N
 
 async def entries(
     conn: Connection, *, entity: str | None = None, entity_id: str | UUID | None = None, limit: int = 100,
+    exclude_actions: Sequence[str] = (),
 ) -> list[AuditEntry]:
-    """The newest audit rows of the transaction's tenant, optionally for one entity (newest first)."""
+    """The newest audit rows of the transaction's tenant, optionally for one entity (newest first), leaving out
+    ``exclude_actions`` (an incident's timeline leaves out who read it: reads must not crowd out its story)."""
     rows = await conn.fetch(
         """SELECT * FROM iim.audit_log
            WHERE ($1::text IS NULL OR entity = $1) AND ($2::text IS NULL OR entity_id = $2)
+             AND action <> ALL($4::text[])
            ORDER BY id DESC LIMIT $3""",
-        entity, None if entity_id is None else str(entity_id), limit,
+        entity, None if entity_id is None else str(entity_id), limit, list(exclude_actions),
     )
     return [AuditEntry.model_validate(dict(r)) for r in rows]
 

@@ -33,6 +33,7 @@ from iim.admin.problems import (
 )
 from iim.admin.routes import build_routes, openapi_route
 from iim.admin.routing import Access, Handler, Route
+from iim.admin.scopes import household_in_path
 from iim.admin.service import PoolProvider, RegistryService
 from iim.admin.settings import AdminSettings, OidcSettings
 from iim.admin.token_source import TokenSource
@@ -66,14 +67,21 @@ def _guard(route: Route) -> Handler:
             principal.require_admin()
         elif "tenant_id" in request.match_info:
             tenant_id = path_uuid(request, "tenant_id")
-            if route.foreign_tenant_not_found and not principal.can_read(tenant_id):
-                raise NotFound("no such row")
             write = route.access is Access.WRITE
             tenant_wide = principal.can_write(tenant_id) if write else principal.can_read(tenant_id)
-            if route.household_scoped and not tenant_wide and principal.can_reach_households(tenant_id):
-                # A brand/region-scoped grant: allowed when this household is in its scope (a household that
-                # does not exist is in no scope: the same 403, no existence oracle).
-                brand, region = await request.app[SERVICE].household_scope(tenant_id, path_uuid(request, "id"))
+            resolver = route.scope or (household_in_path if route.household_scoped else None)
+            scoped = resolver is not None and not tenant_wide and principal.can_reach_households(tenant_id)
+            if route.foreign_tenant_not_found and not principal.can_read(tenant_id) and not scoped:
+                raise NotFound("no such row")
+            if scoped:
+                # A brand/region-scoped grant: allowed when the request's household is in its scope (a household
+                # that does not exist, or a request naming none, is in no scope: the same answer, no oracle).
+                assert resolver is not None
+                found = await resolver(request, tenant_id)
+                brand, region = found if found is not None else (None, None)
+                if route.foreign_tenant_not_found and (
+                        found is None or not principal.can_household(tenant_id, brand, region, write=False)):
+                    raise NotFound("no such row")
                 principal.require_household(tenant_id, brand, region, write=write)
             elif write:
                 principal.require_write(tenant_id)

@@ -10,6 +10,7 @@ Wire into the ``iim`` parser with ``register_subcommands(subparsers)``. Commands
     iim audit      list|verify [--heads FILE]        --tenant T
     iim incident   list|show|acknowledge|close|reopen --tenant T
     iim test       call|notify                       --tenant T   (exit 5: not confirmed / not delivered)
+    iim connector  list                                           (connector status: capabilities and health)
     iim presence   show|set|clear --household H      --tenant T   (live presence; set: the app's geofence word)
     iim scenario   simulate|templates list|show|install  (besides create|list|show|update|delete; simulate
                                                      and templates list|show need no API)
@@ -671,6 +672,28 @@ def _register_test(sub: Any) -> None:
         "connector": a.connector, "device_id": a.device, "text": a.text}), verdict=_notify_verdict))
 
 
+# -- connectors --------------------------------------------------------------------------------------------
+
+_CONNECTOR_COLUMNS = ("name", "plugin", "state", "checked_at", "breaker", "capabilities", "last_error")
+
+
+def _connectors(args: argparse.Namespace, client: ApiClient) -> Any:
+    """``GET /v1/connectors``; for the table, one row per connector with its health flattened into it."""
+    listed = client.request("GET", "/v1/connectors")
+    if args.output == "json":
+        return listed
+    rows = [{**c, **(c.get("health") or {})} for c in listed.get("connectors", []) if isinstance(c, dict)]
+    return {"items": rows, "next_after": None}
+
+
+def _register_connector(sub: Any) -> None:
+    top = sub.add_parser("connector", help="the smart-home connectors this IIM runs: capabilities and health")
+    actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("list", parents=[_common(tenant_scoped=False)],
+                           help="every configured connector, its state (probed), last check and circuit breaker")
+    p.set_defaults(func=_run(_connectors, _CONNECTOR_COLUMNS))
+
+
 # -- offline commands --------------------------------------------------------------------------------------
 
 def _token_new(args: argparse.Namespace) -> int:
@@ -996,6 +1019,7 @@ def register_subcommands(subparsers: Any, *, include_db: bool = True) -> None:
     _register_audit(subparsers)
     _register_incident(subparsers)
     _register_test(subparsers)
+    _register_connector(subparsers)
     _register_presence(subparsers)
     _register_token(subparsers)
     if include_db:

@@ -9,8 +9,10 @@
     POST /tenants/{tenant_id}/test-calls                   ring a household contact through the alert path
     POST /tenants/{tenant_id}/test-notifications           notify a device through its connector
 
-A token that may not read the tenant gets 404 for an incident, as for an id of another tenant under its own
-(row-level security); every write is audited with the token's actor.
+A grant scoped to a brand or region reaches the incidents of its households (the list filtered by
+``household_id``). A token that may not read the tenant gets 404 for an incident, as for an id of another tenant under its own
+(row-level security); every write, and every read of incidents (``incident.read``: a timeline names the
+household's contacts and their numbers), is audited with the token's actor.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
+from uuid import UUID
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -37,6 +40,7 @@ from iim.admin.problems import (
 )
 from iim.admin.resources import NoQuery
 from iim.admin.routing import Access, Handler, PathParam, Route
+from iim.admin.scopes import household_in_query
 from iim.admin.service import map_store_errors
 from iim.admin.views import PRINCIPAL, REQUEST_ID, SETTINGS, json_response, path_uuid
 from iim.scenarios.model import IvrOutcome
@@ -86,7 +90,8 @@ def operator_routes(desk: OperatorDesk) -> tuple[Route, ...]:
         query = parse_query(request, IncidentQuery)
         limit = min(query.limit, settings.max_page_size)
         with _mapped():
-            items = await desk.incidents(path_uuid(request, "tenant_id"), query, limit)
+            items = await desk.incidents(path_uuid(request, "tenant_id"), query, limit,
+                                         actor=request[PRINCIPAL].actor, correlation=_correlation(request))
         last = items[-1] if len(items) >= limit else None
         return json_response(IncidentPage(items=items, next_after=encode_cursor(last.opened_at, last.id)
                                           if last is not None else None))
@@ -94,7 +99,9 @@ def operator_routes(desk: OperatorDesk) -> tuple[Route, ...]:
     async def show_incident(request: web.Request) -> web.Response:
         parse_query(request, NoQuery)
         with _mapped():
-            return json_response(await desk.timeline(path_uuid(request, "tenant_id"), path_uuid(request, "id")))
+            return json_response(await desk.timeline(path_uuid(request, "tenant_id"), path_uuid(request, "id"),
+                                                     actor=request[PRINCIPAL].actor,
+                                                     correlation=_correlation(request)))
 
     def decision(model: type[AcknowledgeBody | CloseBody], outcome: IvrOutcome) -> Handler:
         async def handler(request: web.Request) -> web.Response:
@@ -132,29 +139,34 @@ def operator_routes(desk: OperatorDesk) -> tuple[Route, ...]:
         return json_response(await desk.test_notify(path_uuid(request, "tenant_id"), body,
                                                     actor=request[PRINCIPAL].actor, correlation=_correlation(request)))
 
+    async def incident_in_path(request: web.Request, tenant_id: UUID) -> tuple[UUID | None, UUID | None] | None:
+        with _mapped():
+            return await desk.incident_scope(tenant_id, path_uuid(request, "id"))
+
     base = "/tenants/{tenant_id}/incidents"
     one = base + "/{id}"
     writes = (NotFound, Conflict, Forbidden, ServiceUnavailable, *_BODY)
     return (
         Route("GET", base, list_incidents, "listIncidents", "List the tenant's incidents, newest first", "incidents",
               Access.READ, path_params=(_TENANT,), query_model=IncidentQuery, response_model=IncidentPage,
-              errors=(NotFound, InvalidParameter), foreign_tenant_not_found=True),
+              errors=(NotFound, InvalidParameter), foreign_tenant_not_found=True, scope=household_in_query),
         Route("GET", one, show_incident, "getIncident",
               "An incident with its timeline: device events, decisions, calls and SMS with outcomes, audit lines",
               "incidents", Access.READ, path_params=(_TENANT, _INCIDENT), query_model=NoQuery,
-              response_model=IncidentTimeline, errors=(NotFound, InvalidParameter), foreign_tenant_not_found=True),
+              response_model=IncidentTimeline, errors=(NotFound, InvalidParameter), foreign_tenant_not_found=True,
+              scope=incident_in_path),
         Route("POST", one + "/acknowledge", decision(AcknowledgeBody, IvrOutcome.ACKNOWLEDGE), "acknowledgeIncident",
               "Acknowledge a live incident: the escalation stops as on a DTMF 1 (on_acknowledge messages go out)",
               "incidents", Access.WRITE, path_params=(_TENANT, _INCIDENT), request_model=AcknowledgeBody,
-              response_model=IncidentSummary, errors=writes, foreign_tenant_not_found=True),
+              response_model=IncidentSummary, errors=writes, foreign_tenant_not_found=True, scope=incident_in_path),
         Route("POST", one + "/close", decision(CloseBody, IvrOutcome.FALSE_ALARM), "closeIncident",
               "Close a live incident as a false alarm: the escalation stops as on a DTMF 2", "incidents",
               Access.WRITE, path_params=(_TENANT, _INCIDENT), request_model=CloseBody,
-              response_model=IncidentSummary, errors=writes, foreign_tenant_not_found=True),
+              response_model=IncidentSummary, errors=writes, foreign_tenant_not_found=True, scope=incident_in_path),
         Route("POST", one + "/reopen", reopen, "reopenIncident",
               "Reopen an ended incident: held (nobody called) unless resume_calls is true", "incidents",
               Access.WRITE, path_params=(_TENANT, _INCIDENT), request_model=ReopenBody,
-              response_model=IncidentSummary, errors=writes, foreign_tenant_not_found=True),
+              response_model=IncidentSummary, errors=writes, foreign_tenant_not_found=True, scope=incident_in_path),
         Route("POST", "/tenants/{tenant_id}/test-calls", test(TestCallBody, test_call), "placeTestCall",
               "Ring a household's contact through the alert call's guard, originate and IVR (no incident; waits "
               "for the outcome)", "tests", Access.WRITE, path_params=(_TENANT,), request_model=TestCallBody,

@@ -20,6 +20,7 @@ from iim.admin.problems import (
 )
 from iim.admin.resources import RESOURCES, ListQuery, NoQuery, Resource, page_model
 from iim.admin.routing import Access, PathParam, Route
+from iim.admin.scopes import brand_region_in_query, household_in_query
 from iim.admin.service import AuditPage, AuditQuery, ChainStatus, HeadsToVerify
 from iim.privacy.erasure import ErasureReport
 from policy_cache.registry import HOUSEHOLD, TENANT
@@ -72,10 +73,13 @@ def _resource_routes(res: Resource) -> list[Route]:
     base = f"/tenants/{{tenant_id}}/{res.plural}"
     label = res.table.label
     scoped = res.table is HOUSEHOLD
+    # A brand/region-scoped grant may list what its filters confine to its scope (iim.admin.scopes).
+    list_scope = brand_region_in_query if scoped else household_in_query if any(
+        f.column == "household_id" for f in res.table.filters) else None
     routes = [
         Route("GET", base, views.list_view(res), _camel("list", res.plural), f"List {res.plural}", res.plural,
               Access.READ, path_params=(TENANT_ID,), query_model=res.list_query, response_model=res.page_model,
-              errors=(NotFound, InvalidParameter)),
+              errors=(NotFound, InvalidParameter), scope=list_scope),
         Route("POST", base, views.create_view(res), _camel(res.create_verb, res.name),
               f"{res.create_verb.title()} a {label}", res.plural, Access.WRITE, path_params=(TENANT_ID,),
               request_model=res.create_model, response_model=res.read_model, response_status=201,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from uuid import UUID
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -17,6 +18,9 @@ from pydantic import BaseModel
 from iim.admin.problems import ApiError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: Where the household a request is about lies, ``(brand, region)``, for a grant scoped to a brand or region
+#: (``iim.admin.scopes``); ``None``: the request names no single household (no scoped grant may make it).
+ScopeResolver = Callable[[web.Request, UUID], Awaitable[tuple[UUID | None, UUID | None] | None]]
 
 
 class Access(enum.Enum):
@@ -53,5 +57,8 @@ class Route:
     errors: tuple[type[ApiError], ...] = field(default_factory=tuple)
     #: The path's ``{id}`` is a household: a grant scoped to a brand/region may call it for its households.
     household_scoped: bool = False
+    #: Another way to find the request's household (a query filter, an incident's household): a grant scoped to
+    #: a brand/region may call the route when that household is in its scope.
+    scope: ScopeResolver | None = None
     #: a token that may not read the path's tenant gets 404 (no such row), not 403: for rows named by id
     foreign_tenant_not_found: bool = False

@@ -100,6 +100,8 @@ REGION: TableSpec[m.Region, m.RegionCreate, None] = TableSpec(
 )
 HOUSEHOLD: TableSpec[m.Household, m.HouseholdCreate, m.HouseholdUpdate] = TableSpec(
     "household", "households", m.Household, m.HouseholdCreate, m.HouseholdUpdate,
+    filters=(Filter("brand_id", "only households of this brand"),
+             Filter("region_id", "only households of this region")),
     columns=("id", "name", "time_zone", "presence", "external_id"),
     description="Households (homes/locations); deleting one deletes its devices, bindings and policy.",
 )

@@ -99,19 +99,35 @@ class OperatorDesk:
 
     # -- incidents ------------------------------------------------------------------------------------
 
-    async def incidents(self, tenant_id: UUID, query: IncidentQuery, limit: int) -> list[IncidentSummary]:
-        async with self._tx(tenant_id, write=False) as conn:
+    async def incidents(self, tenant_id: UUID, query: IncidentQuery, limit: int, *, actor: str,
+                        correlation: Mapping[str, str]) -> list[IncidentSummary]:
+        """A page of incidents; the read is audited with the actor (``incident.read``), as reads of contacts are."""
+        async with self._tx(tenant_id, write=True) as conn:
             await registry.get(conn, registry.TENANT, tenant_id)  # an unknown tenant is a 404, as elsewhere
-            return await store.list_incidents(conn, query, limit)
+            items = await store.list_incidents(conn, query, limit)
+            await audit.stage(conn, actor=actor, action=store.READ_ACTION, entity="incident", entity_id=None,
+                              detail={"listed": len(items), "query": query.model_dump(mode="json", exclude_none=True)},
+                              correlation=dict(correlation))
+            return items
+
+    async def incident_scope(self, tenant_id: UUID, incident_id: UUID) -> tuple[UUID | None, UUID | None] | None:
+        """The brand and region of the incident's household, for grants scoped to one (None: no such incident)."""
+        async with self._tx(tenant_id, write=False) as conn:
+            return await store.incident_scope(conn, incident_id)
 
     async def incident(self, tenant_id: UUID, incident_id: UUID) -> IncidentSummary:
         async with self._tx(tenant_id, write=False) as conn:
             return await _summary(conn, incident_id)
 
-    async def timeline(self, tenant_id: UUID, incident_id: UUID) -> IncidentTimeline:
-        async with self._tx(tenant_id, write=False) as conn:
+    async def timeline(self, tenant_id: UUID, incident_id: UUID, *, actor: str,
+                       correlation: Mapping[str, str]) -> IncidentTimeline:
+        """The incident and its timeline, which names the household's contacts and their numbers: the read is
+        audited with the actor (``incident.read``; left out of the timeline itself)."""
+        async with self._tx(tenant_id, write=True) as conn:
             summary = await _summary(conn, incident_id)
             rows = await store.incident_rows(conn, incident_id)
+            await audit.stage(conn, actor=actor, action=store.READ_ACTION, entity="incident", entity_id=incident_id,
+                              detail={}, correlation=dict(correlation))
         return IncidentTimeline(incident=summary, events=rows.events, actions=rows.actions, sms=rows.sms,
                                 audit=rows.audit, timeline=timeline.merge(rows.events, rows.actions, rows.sms,
                                                                           rows.audit))

@@ -21,7 +21,7 @@ from iim.scenarios.operator.models import (
 from policy_cache import audit
 from policy_cache.db import Connection
 
-__all__ = ["list_incidents", "incident_summary", "incident_rows", "IncidentRows", "household_contact",
+__all__ = ["READ_ACTION", "list_incidents", "incident_summary", "incident_scope", "incident_rows", "IncidentRows", "household_contact",
            "notify_target", "TestClaim", "claim_test_originate", "settle_test_originate"]
 
 _SUMMARY = """
@@ -32,6 +32,8 @@ SELECT i.id, i.household_id, i.device_id, d.name AS device_name, i.hazard, i.sta
 
 #: The audit lines a timeline shows at most (an incident writes a few dozen).
 AUDIT_LIMIT = 1000
+#: The audit action of an operator's read of incidents (in the audit log, not in the incident's timeline).
+READ_ACTION = "incident.read"
 
 
 def _summary(row: Any) -> IncidentSummary:
@@ -56,6 +58,15 @@ async def list_incidents(conn: Connection, query: IncidentQuery, limit: int) -> 
         query.household_id, query.state.value if query.state is not None else None, query.since, query.until,
         after_at, after_id, limit)
     return [_summary(r) for r in rows]
+
+
+async def incident_scope(conn: Connection, incident_id: UUID) -> tuple[UUID | None, UUID | None] | None:
+    """The brand and region of the incident's household (None: no such incident)."""
+    row = await conn.fetchrow(
+        """SELECT h.brand_id, h.region_id FROM iim.incident i
+             JOIN iim.household h ON h.tenant_id = i.tenant_id AND h.id = i.household_id
+            WHERE i.id = $1""", incident_id)
+    return None if row is None else (row["brand_id"], row["region_id"])
 
 
 async def incident_summary(conn: Connection, incident_id: UUID) -> IncidentSummary | None:
@@ -83,7 +94,8 @@ async def incident_rows(conn: Connection, incident_id: UUID) -> IncidentRows:
     sms = await conn.fetch(
         """SELECT key, msisdn, status, attempts, created_at, updated_at, last_error FROM iim.sms_outbox
             WHERE incident_id = $1 ORDER BY created_at, key""", incident_id)
-    lines = await audit.entries(conn, entity="incident", entity_id=incident_id, limit=AUDIT_LIMIT)
+    lines = await audit.entries(conn, entity="incident", entity_id=incident_id, limit=AUDIT_LIMIT,
+                                exclude_actions=(READ_ACTION,))
     return IncidentRows(
         events=[EventEntry(**dict(r)) for r in events],
         actions=[ActionEntry(**dict(r)) for r in actions],

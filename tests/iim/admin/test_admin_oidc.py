@@ -189,3 +189,41 @@ async def test_static_token_file_is_reloaded_without_restart_and_a_bad_one_is_re
     rig.write_tokens({"boot": {"actor": "root@noc", "role": "admin"}})
     status, _, _ = await rig.call("GET", path, "later")
     assert status == 401  # revoked
+
+
+async def test_brand_scoped_grants_list_what_their_filters_confine_to_their_brand(rig: Rig) -> None:
+    base = f"/v1/tenants/{rig.tenant_a}"
+    brands = []
+    for name in ("East", "West"):
+        status, brand, _ = await rig.call("POST", f"{base}/brands", "boot", {"name": name})
+        assert status == 201, brand
+        brands.append(brand["id"])
+    east, west = brands
+    home_e = await _household(rig, rig.tenant_a, "boot", brand_id=east)
+    home_w = await _household(rig, rig.tenant_a, "boot", brand_id=west)
+    status, person, _ = await rig.call("POST", f"{base}/subscribers", "boot", {"msisdn": "+79035550101"})
+    assert status == 201, person
+    for home in (home_e, home_w):
+        status, body, _ = await rig.call("POST", f"{base}/devices", "boot",
+                                         {"household_id": home["id"], "name": "speaker", "type": "speaker"})
+        assert status == 201, body
+        status, body, _ = await rig.call("POST", f"{base}/bindings", "boot", {
+            "subscriber_id": person["id"], "household_id": home["id"], "role": "owner"})
+        assert status == 201, body
+    token = rig.operator(rig.tenant_a, sub="edna", brand=UUID(east))
+
+    status, page, _ = await rig.call("GET", f"{base}/households?brand_id={east}", token)
+    assert status == 200, page
+    assert [h["id"] for h in page["items"]] == [home_e["id"]]
+    for tail in (f"/devices?household_id={home_e['id']}", f"/bindings?household_id={home_e['id']}"):
+        status, page, _ = await rig.call("GET", base + tail, token)
+        assert status == 200, (tail, page)
+        assert {row["household_id"] for row in page["items"]} == {home_e["id"]}, tail
+
+    # What the filters do not confine to its brand is the same 403, whether the rows exist or not.
+    for tail in ("/households", f"/households?brand_id={west}", f"/households?brand_id={east}&brand_id={west}",
+                 "/households?brand_id=not-a-uuid", f"/households?region_id={uuid4()}", "/devices",
+                 f"/devices?household_id={home_w['id']}", f"/devices?household_id={uuid4()}",
+                 f"/bindings?household_id={home_w['id']}", f"/bindings?subscriber_id={person['id']}"):
+        status, body, _ = await rig.call("GET", base + tail, token)
+        assert (status, body["error_id"]) == (403, "forbidden"), tail
