@@ -67,3 +67,9 @@ END
 $fn$;
 REVOKE ALL ON FUNCTION iim.sia_account_lookup(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION iim.sia_account_lookup(text) TO iim_app;
+
+-- Events the receiver takes are recorded with channel 'sia' (beside 'device' and 'webhook:<source>').
+ALTER TABLE iim.device_event DROP CONSTRAINT device_event_channel_check;
+ALTER TABLE iim.device_event ADD CONSTRAINT device_event_channel_check
+    CHECK (channel ~ '^(device|sia|webhook:[A-Za-z0-9_.:-]{1,128})$') NOT VALID;
+ALTER TABLE iim.device_event VALIDATE CONSTRAINT device_event_channel_check;
