@@ -208,3 +208,12 @@ async def test_no_ack_while_the_store_is_unavailable(app_pool: Pool, tmp_path: P
     assert panel.read(reply).kind == "ACK"
     async with tenant_tx(app_pool, rig.tenant_id) as conn:
         assert await conn.fetchval("SELECT count(*) FROM iim.device_event WHERE channel = 'sia'") == 1
+
+
+async def test_an_account_number_two_tenants_hold_is_refused_not_guessed(sia: SiaRig, tmp_path: Path) -> None:
+    other = await build_rig(sia.pool, tmp_path, name="sia-other")
+    async with tenant_tx(sia.pool, other.tenant_id) as conn:
+        await registry.create(conn, registry.SIA_ACCOUNT, SiaAccountCreate(account=sia.plain.account,
+                                                                           device_id=other.sensor_id), actor="test")
+    assert (await sia.udp(sia.plain.frame("NFA01"))).kind == "DUH"
+    assert await sia.events() == []
