@@ -7,7 +7,8 @@ first decision as an event posted to ``POST /v1/events``. The ACK is sent only a
 
 - a duplicate (a panel repeating a frame it got no ACK for: same account, sequence and timestamp) is the same
   ``event_id``, so it is acknowledged again and stored once; without a timestamp (plain messages may omit it)
-  the sequence is taken as unique within ten minutes of arrival;
+  the sequence names one message within a ten-minute slot of the receiver's clock (a repeat that crosses a
+  slot's end is stored again, and joins the incident the first copy opened);
 - PostgreSQL away or past the bridge's store deadline, or the sender over its rate: no reply at all (the TCP
   connection is closed), so the panel repeats the frame later or turns to its backup receiver: an alarm is
   never acknowledged before it is stored;
@@ -60,14 +61,13 @@ class SiaReceiver:
     async def answer(self, item: codec.Frame | codec.FrameError, source: str) -> bytes | None:
         """The reply to one frame (or to the error reading it was); None: no reply (the sender repeats later)."""
         now = self.clock()
-        if isinstance(item, codec.FrameError):
-            return self._refuse(item, now, source)
         try:
-            self.bridge.rate_limit_source(source)
+            self.bridge.rate_limit_source(source)  # first: a flood of garbage is not answered (nor logged) either
         except BridgeRefusal:
             FRAMES.labels("none", "rate-limited").inc()
-            log.warning("SIA frame from %s dropped: over the sender's rate", source)
             return None
+        if isinstance(item, codec.FrameError):
+            return self._refuse(item, now, source)
         try:
             async with self.bridge.store_deadline():
                 account = await find_account(self.bridge.pool, item)
