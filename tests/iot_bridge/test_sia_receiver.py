@@ -217,3 +217,11 @@ async def test_an_account_number_two_tenants_hold_is_refused_not_guessed(sia: Si
                                                                            device_id=other.sensor_id), actor="test")
     assert (await sia.udp(sia.plain.frame("NFA01"))).kind == "DUH"
     assert await sia.events() == []
+
+
+async def test_a_restore_is_a_cleared_event_for_the_same_device(sia: SiaRig) -> None:
+    replies = await sia.tcp(sia.plain.frame("NFA01"), sia.plain.frame("NFR01"))
+    assert [r.kind for r in replies] == ["ACK", "ACK"]
+    assert [e["type"] for e in await sia.events()] == ["smoke", "cleared"]
+    ticks = await sia.rows("SELECT count(*) AS n FROM iim_jobs.pgqueuer WHERE dedupe_key LIKE 'clear:sia-%'")
+    assert ticks[0]["n"] == 1  # the live fire incident is queued to be resolved
