@@ -78,6 +78,8 @@ from iot_bridge.app import BRIDGE_KEY, BridgeConfig, create_bridge_app
 from iot_bridge.mqtt.ingress import MqttConfig, MqttIngress
 from iot_bridge.ratelimit import RateLimitSettings
 from iot_bridge.server_cert import ensure_self_signed
+from iot_bridge.sia.receiver import SiaReceiver
+from iot_bridge.sia.server import SiaServer, SiaServerConfig
 from iot_bridge.tls import TenantCaRegistry, server_context
 from policy_cache.audit import AuditFlusher
 from policy_cache.audit_heads import AuditHeadPublisher, load_private_key
@@ -151,6 +153,8 @@ class Service:
         self._worker: IncidentWorker | None = None
         #: the MQTT ingress for local hubs while it runs (IIM_MQTT_ENABLED)
         self.mqtt: MqttIngress | None = None
+        #: the SIA DC-09 alarm receiver while it runs (IIM_SIA_ENABLED)
+        self.sia: SiaServer | None = None
         # Alert calls placed by the scenario worker come back here for their IVR; every other call is routed.
         self.ivr = IvrRegistry(max_pending=10_000)
         self.outbound = OutboundServer(
@@ -255,6 +259,10 @@ class Service:
                 clock=worker.settings.clock), opener=worker.begin_in))
         if s.mqtt_enabled and (policy is None or not s.bridge_enabled):
             raise ConfigError("IIM_MQTT_ENABLED needs policy routing and the device bridge (IIM_BRIDGE_ENABLED)")
+        if s.sia_enabled and (policy is None or not s.bridge_enabled):
+            raise ConfigError("IIM_SIA_ENABLED needs policy routing and the device bridge (IIM_BRIDGE_ENABLED)")
+        if s.sia_enabled and not (s.sia_tcp or s.sia_udp):
+            raise ConfigError("IIM_SIA_ENABLED needs IIM_SIA_TCP or IIM_SIA_UDP")
         bridge_port = await self._start_bridge(stack, policy, worker) if policy is not None and s.bridge_enabled \
             else None
         http = await stack.enter_async_context(HttpSite(root, s.http_host, s.http_port))
@@ -550,6 +558,10 @@ class Service:
         if s.mqtt_enabled:
             self.mqtt = await stack.enter_async_context(MqttIngress(app[BRIDGE_KEY], _mqtt_config(s)))
             stack.callback(setattr, self, "mqtt", None)
+        if s.sia_enabled:
+            self.sia = await stack.enter_async_context(SiaServer(SiaReceiver(app[BRIDGE_KEY]), SiaServerConfig(
+                host=s.sia_host, port=s.sia_port, tcp=s.sia_tcp, udp=s.sia_udp, idle_timeout_s=s.sia_idle_timeout_s)))
+            stack.callback(setattr, self, "sia", None)
         return site.port
 
 

@@ -108,6 +108,14 @@ class Settings(BaseSettings):
     mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
     mqtt_hub_rate: float = Field(default=5.0, gt=0)
     mqtt_hub_burst: int = Field(default=50, ge=1)
+    # SIA DC-09 alarm receiver (iot_bridge/sia): professional alarm panels and telecare units over TCP and UDP
+    # on one port; accounts in the registry (iim sia-account). Off by default; needs the device bridge.
+    sia_enabled: bool = False
+    sia_host: str = "127.0.0.1"
+    sia_port: int = Field(default=12000, ge=0, le=65535)
+    sia_tcp: bool = True
+    sia_udp: bool = True
+    sia_idle_timeout_s: float = Field(default=120.0, gt=0)
     # Scenario worker: where FreeSWITCH connects back for alert-call IVRs (this process's outbound server).
     scenario_worker: bool = True
     alert_socket_address: str | None = None

@@ -46,6 +46,7 @@ __all__ = [
     "OriginateLimit", "OriginateLimitCreate", "OriginateLimitUpdate", "OriginateAllow", "OriginateAllowCreate",
     "CountryCode", "DialPrefix",
     "NumberingPlanRow", "NumberingPlanCreate", "NumberingPlanUpdate", "PhoneNumber",
+    "SiaAccount", "SiaAccountCreate", "SiaAccountUpdate",
     "AuditEntry",
 ]
 
@@ -724,6 +725,54 @@ class RetentionPolicy(_Row):
     sms_body_s: int | None
     event_payload_s: int | None
     audit_detail_s: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+# -- SIA DC-09 accounts ---------------------------------------------------------------------------------
+#
+# An alarm panel's account at IIM's DC-09 receiver (iot_bridge.sia): which device it speaks for and, by
+# reference, its AES key. The same checks are CHECK constraints in migration 0027.
+
+SiaHex = Annotated[str, StringConstraints(pattern=r"^[0-9A-Fa-f]{3,16}$", to_upper=True)]
+SiaPrefix = Annotated[str, StringConstraints(pattern=r"^[0-9A-Fa-f]{1,6}$", to_upper=True)]
+#: Where the account's AES key is: ``env:NAME`` or ``file:/path`` holding 32, 48 or 64 hex digits
+SiaKeyRef = Annotated[str, StringConstraints(pattern=r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:/\S+)$", max_length=500)]
+
+
+class SiaAccountCreate(_Input):
+    """A panel's account number (3-16 hex digits, unique in the tenant) for one device of a household."""
+
+    account: SiaHex = Field(description="the account number the panel sends (#acct), hex")
+    device_id: UUID = Field(description="the registry device the panel's events are for")
+    receiver: SiaPrefix | None = Field(default=None, description="the receiver number the panel must send "
+                                                                 "(R...); null: any")
+    line: SiaPrefix | None = Field(default=None, description="the line prefix the panel must send (L...); null: any")
+    key_ref: SiaKeyRef | None = Field(default=None, description="env:/file: reference to the AES-128/192/256 key "
+                                                                "(hex); null: plain messages only")
+    enabled: bool = True
+    description: Annotated[str, StringConstraints(max_length=500)] | None = None
+
+
+class SiaAccountUpdate(_Input):
+    device_id: UUID | None = None
+    receiver: SiaPrefix | None = None
+    line: SiaPrefix | None = None
+    key_ref: SiaKeyRef | None = None
+    enabled: bool | None = None
+    description: Annotated[str, StringConstraints(max_length=500)] | None = None
+
+
+class SiaAccount(_Row):
+    tenant_id: UUID
+    id: UUID
+    account: str
+    device_id: UUID
+    receiver: str | None
+    line: str | None
+    key_ref: str | None
+    enabled: bool
+    description: str | None
     created_at: datetime
     updated_at: datetime
 

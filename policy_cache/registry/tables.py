@@ -19,7 +19,8 @@ from policy_cache import models as m
 __all__ = [
     "TableSpec", "Filter", "TABLES", "BY_NAME",
     "TENANT", "BRAND", "REGION", "HOUSEHOLD", "SUBSCRIBER", "DEVICE", "BINDING", "CONSENT", "POLICY",
-    "SCENARIO", "CREDENTIAL_REF", "ORIGINATE_LIMIT", "ORIGINATE_ALLOW", "NUMBERING_PLAN",
+    "SCENARIO", "CREDENTIAL_REF", "ORIGINATE_LIMIT", "ORIGINATE_ALLOW", "NUMBERING_PLAN", "RETENTION_POLICY",
+    "SIA_ACCOUNT",
 ]
 
 R = TypeVar("R", bound=BaseModel)
@@ -180,9 +181,17 @@ RETENTION_POLICY: TableSpec[m.RetentionPolicy, m.RetentionPolicyCreate, m.Retent
                 "row; null or none: the service's defaults); enforced by the retention purge.",
 )
 
+SIA_ACCOUNT: TableSpec[m.SiaAccount, m.SiaAccountCreate, m.SiaAccountUpdate] = TableSpec(
+    "sia_account", "sia-accounts", m.SiaAccount, m.SiaAccountCreate, m.SiaAccountUpdate,
+    filters=(Filter("device_id", "only accounts of this device"),),
+    columns=("id", "account", "device_id", "receiver", "line", "enabled"),
+    description="Alarm panels' SIA DC-09 accounts: account number -> device, optional receiver/line, AES key "
+                "by reference (env:/file:).",
+)
+
 #: Every registry table, in the order the API documents and the CLI lists them (the tenant first).
 TABLES: tuple[TableSpec[Any, Any, Any], ...] = (
     TENANT, BRAND, REGION, HOUSEHOLD, SUBSCRIBER, DEVICE, BINDING, CONSENT, POLICY, SCENARIO, CREDENTIAL_REF,
-    ORIGINATE_LIMIT, ORIGINATE_ALLOW, NUMBERING_PLAN, RETENTION_POLICY,
+    ORIGINATE_LIMIT, ORIGINATE_ALLOW, NUMBERING_PLAN, RETENTION_POLICY, SIA_ACCOUNT,
 )
 BY_NAME: dict[str, TableSpec[Any, Any, Any]] = {t.name: t for t in TABLES}
