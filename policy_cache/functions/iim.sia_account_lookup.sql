@@ -1,4 +1,4 @@
--- iim.sia_account_lookup: its current definition, last set by migration 0027_sia_accounts.sql.
+-- iim.sia_account_lookup: its current definition, last set by migration 0031_sia_accounts.sql.
 CREATE OR REPLACE FUNCTION iim.sia_account_lookup(p_account text)
     RETURNS TABLE (tenant_id uuid, receiver text, line text, key_ref text, enabled boolean, device_id uuid,
                    household_id uuid, external_id text, type text, device_enabled boolean)

@@ -1,4 +1,4 @@
--- 0027: SIA DC-09 alarm-receiver accounts. A professional alarm panel or a telecare unit reports to IIM's
+-- 0031: SIA DC-09 alarm-receiver accounts. A professional alarm panel or a telecare unit reports to IIM's
 -- receiver under an account number; the account says which registry device (and so household) it speaks for,
 -- which receiver/line prefix it must use (when set) and, by reference (env:/file:), the AES key its messages
 -- are encrypted with (none: plain messages only, an encrypted one is refused, and the reverse).
