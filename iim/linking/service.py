@@ -410,7 +410,7 @@ class LinkingService:
             return None
         await enqueue_sms(conn, key=f"link-broken:{row.id}:{row.changed_at.timestamp():.0f}", msisdn=msisdn,
                           body=f"Your {row.connector} account is no longer linked to your home service. "
-                               "Please link it again in your app.", source="account-link")
+                               "Please link it again in your app.")
         return row.household_id, msisdn
 
     async def refresh_due(self, *, within_s: float | None = None) -> int:
