@@ -83,7 +83,8 @@ class Rig:
 
     async def link(self, scopes: list[str] | None = None) -> None:
         status, page, _ = await self.browse(await self.consent(await self.start(scopes)))
-        assert status == 200 and "Account linked" in page, page
+        assert status == 200, page
+        assert "Account linked" in page
 
     async def audit(self, action: str) -> list[dict[str, Any]]:
         await flush_pending(self.linking_pool)
@@ -159,19 +160,22 @@ def _notification() -> Notification:
 
 async def test_a_household_links_and_the_connector_then_calls_the_vendor_with_its_token(rig: Rig) -> None:
     url = await rig.start()
-    assert "code_challenge_method=S256" in url and "notify.send+voice.talk" in url.replace("%20", "+")
+    assert "code_challenge_method=S256" in url
+    assert "notify.send+voice.talk" in url.replace("%20", "+")
     connector = rig.connectors.get("webhook")
     with pytest.raises(NotLinked):  # nothing linked yet: the caller falls back to phone/SMS
         await connector.send_notification(_notification())
 
     status, page, headers = await rig.browse(await rig.consent(url))
-    assert status == 200 and "Account linked" in page
+    assert status == 200
+    assert "Account linked" in page
     assert headers["Cache-Control"] == "no-store"
 
     await connector.send_notification(_notification())
     await connector.deliver_tts(TtsDelivery(target=TARGET, audio_url="https://iim.example/a.wav", text="hi"))
     bearer = {r.headers["Authorization"].removeprefix("Bearer ") for r in rig.vendor.received}
-    assert len(bearer) == 1 and bearer <= rig.vendor.valid_tokens
+    assert len(bearer) == 1
+    assert bearer <= rig.vendor.valid_tokens
 
     status, link = await rig.api("GET", rig.links(), token="viewer")
     assert status == 200, link
@@ -186,7 +190,9 @@ async def test_tokens_and_verifiers_are_stored_sealed_and_states_only_hashed(rig
     url = await rig.start()
     state = URL(url).query["state"]
     row = await rig.admin_conn.fetchrow("SELECT state_digest, verifier_sealed FROM iim.link_state")
-    assert row is not None and state.encode() not in row["state_digest"] and len(row["state_digest"]) == 32
+    assert row is not None
+    assert state.encode() not in row["state_digest"]
+    assert len(row["state_digest"]) == 32
     await rig.browse(await rig.consent(url))
     link = await rig.admin_conn.fetchrow("SELECT access_token_sealed, refresh_token_sealed FROM iim.account_link")
     assert link is not None
@@ -208,7 +214,8 @@ async def test_an_expired_state_is_refused_like_an_unknown_one(rig: Rig) -> None
     await rig.admin_conn.execute("UPDATE iim.link_state SET created_at = now() - interval '2 hours', "
                                  "expires_at = now() - interval '1 hour'")
     status, page, _ = await rig.browse(back)
-    assert status == 400 and "not valid" in page
+    assert status == 400
+    assert "not valid" in page
     assert await rig.admin_conn.fetchval("SELECT count(*) FROM iim.account_link") == 0
     assert await rig.admin_conn.fetchval("SELECT count(*) FROM iim.link_state") == 0  # used up all the same
 
@@ -220,7 +227,8 @@ async def test_a_code_presented_with_another_linkings_state_fails_the_pkce_check
     code = attacker.split("code=")[1].split("&")[0]
     injected = victim.replace(victim.split("code=")[1].split("&")[0], code)
     status, page, _ = await rig.browse(injected)
-    assert status == 400 and "did not complete" in page
+    assert status == 400
+    assert "did not complete" in page
     assert await rig.admin_conn.fetchval("SELECT count(*) FROM iim.account_link") == 0
     failed = await rig.audit("account_link.failed")
     assert failed[-1]["detail"]["reason"] == "invalid_grant"
@@ -229,7 +237,8 @@ async def test_a_code_presented_with_another_linkings_state_fails_the_pkce_check
 async def test_a_household_that_declines_at_the_vendor_links_nothing_and_it_is_audited(rig: Rig) -> None:
     rig.auth.deny = True
     status, page, _ = await rig.browse(await rig.consent(await rig.start()))
-    assert status == 400 and "cancelled" in page
+    assert status == 400
+    assert "cancelled" in page
     declined = await rig.audit("account_link.declined")
     assert declined[0]["detail"]["error"] == "access_denied"
 
@@ -237,7 +246,8 @@ async def test_a_household_that_declines_at_the_vendor_links_nothing_and_it_is_a
 async def test_a_grant_wider_than_asked_is_refused_and_its_tokens_revoked(rig: Rig) -> None:
     rig.auth.grant_scope = "notify.send voice.talk admin.everything"
     status, page, _ = await rig.browse(await rig.consent(await rig.start()))
-    assert status == 400 and "more access" in page
+    assert status == 400
+    assert "more access" in page
     assert await rig.admin_conn.fetchval("SELECT count(*) FROM iim.account_link") == 0
     assert {hint for _, hint in rig.auth.revoked} == {"access_token", "refresh_token"}
     assert rig.vendor.valid_tokens == set()
@@ -245,7 +255,8 @@ async def test_a_grant_wider_than_asked_is_refused_and_its_tokens_revoked(rig: R
 
 async def test_scopes_wider_than_iims_three_cannot_even_be_asked_for(rig: Rig) -> None:
     status, problem = await rig.api("POST", rig.links(), body={"scopes": ["send_notifications", "admin"]})
-    assert status == 422 and problem["error_id"] == "validation-failed"
+    assert status == 422
+    assert problem["error_id"] == "validation-failed"
 
 
 async def test_the_granted_scope_is_checked_on_use(rig: Rig) -> None:
@@ -261,9 +272,11 @@ async def test_a_vendor_that_fails_the_exchange_is_a_503_and_a_reload_then_links
     back = await rig.consent(await rig.start())
     rig.auth.fail_token = 1
     status, _, headers = await rig.browse(back)
-    assert status == 503 and headers["Retry-After"]
+    assert status == 503
+    assert headers["Retry-After"]
     status, page, _ = await rig.browse(back)  # the state was not consumed
-    assert status == 200 and "Account linked" in page
+    assert status == 200
+    assert "Account linked" in page
 
 
 async def test_other_tenants_and_unknown_connectors_are_404(rig: Rig) -> None:
@@ -272,7 +285,8 @@ async def test_other_tenants_and_unknown_connectors_are_404(rig: Rig) -> None:
     status, problem = await rig.api("POST", rig.links(connector="nope"), body={"scopes": ["read_events"]})
     assert status == 404, problem
     status, problem = await rig.api("GET", rig.links())
-    assert status == 404 and problem["error_id"] == "not-found"
+    assert status == 404
+    assert problem["error_id"] == "not-found"
 
 
 # -- renewal, breakage, unlinking ---------------------------------------------------------------------------
@@ -284,13 +298,16 @@ async def test_tokens_are_renewed_before_expiry_with_refresh_token_rotation(rig:
     assert await rig.linking.refresh_due() == 1
     assert await rig.linking.refresh_due() == 1  # the rotated refresh token works in turn
     grants = [r for r in rig.auth.token_requests if r.get("grant_type") == "refresh_token"]
-    assert len(grants) == 2 and grants[0]["refresh_token"] in first_refresh
+    assert len(grants) == 2
+    assert grants[0]["refresh_token"] in first_refresh
     assert grants[1]["refresh_token"] not in first_refresh
     await rig.connectors.get("webhook").send_notification(_notification())
     used = rig.vendor.received[-1].headers["Authorization"].removeprefix("Bearer ")
-    assert used.startswith("at-") and used in rig.vendor.valid_tokens
-    status, link = await rig.api("GET", rig.links())
-    assert link["refreshed_at"] is not None and link["status"] == "active"
+    assert used.startswith("at-")
+    assert used in rig.vendor.valid_tokens
+    _status, link = await rig.api("GET", rig.links())
+    assert link["refreshed_at"] is not None
+    assert link["status"] == "active"
 
 
 async def test_invalid_grant_on_renewal_breaks_the_link_tells_the_owner_and_is_audited(rig: Rig) -> None:
@@ -299,16 +316,18 @@ async def test_invalid_grant_on_renewal_breaks_the_link_tells_the_owner_and_is_a
     rig.auth.kill_grants()  # the household withdrew consent at the vendor
     assert await rig.linking.refresh_due() == 1
     status, link = await rig.api("GET", rig.links())
+    assert status == 200
     assert (link["status"], link["reason"]) == ("broken", "the authorization server says invalid_grant")
     broken = await rig.audit("account_link.broken")
-    assert broken[0]["actor"] == "iim:link-refresher" and broken[0]["detail"]["owner_notified"] is True
+    assert broken[0]["actor"] == "iim:link-refresher"
+    assert broken[0]["detail"]["owner_notified"] is True
     sms = await rig.admin_conn.fetch("SELECT msisdn FROM iim.sms_outbox WHERE key LIKE 'link-broken:%'")
     assert [r["msisdn"] for r in sms] == ["+79001234567"]
     assert any(hint == "refresh_token" for _, hint in rig.auth.revoked)
     with pytest.raises(NotLinked):
         await rig.connectors.get("webhook").send_notification(_notification())
     await rig.link()  # linking again mends it
-    status, link = await rig.api("GET", rig.links())
+    _status, link = await rig.api("GET", rig.links())
     assert link["status"] == "active"
 
 
@@ -321,9 +340,11 @@ async def test_unlinking_revokes_at_the_vendor_forgets_the_tokens_and_is_audited
     assert (refresh, "refresh_token") in rig.auth.revoked
     assert rig.vendor.valid_tokens == set()
     row = await rig.admin_conn.fetchrow("SELECT access_token_sealed, refresh_token_sealed FROM iim.account_link")
-    assert row is not None and tuple(row) == (None, None)
+    assert row is not None
+    assert tuple(row) == (None, None)
     revoked = await rig.audit("account_link.revoked")
-    assert revoked[0]["actor"] == "alice@operator" and revoked[0]["detail"]["vendor_revoked"] is True
+    assert revoked[0]["actor"] == "alice@operator"
+    assert revoked[0]["detail"]["vendor_revoked"] is True
     with pytest.raises(NotLinked):
         await rig.connectors.get("webhook").send_notification(_notification())
 
