@@ -24,7 +24,7 @@ from policy_cache.registry import TABLES, TENANT, TableSpec
 
 Spec = TableSpec[Any, Any, Any]
 #: Commands that are not registry entities.
-NOT_ENTITIES = {"audit", "token", "db", "incident", "test", "presence"}  # incident and test: the operator desk, not registry rows
+NOT_ENTITIES = {"audit", "token", "db", "incident", "test", "presence", "link"}  # incident and test: the operator desk, not registry rows
 #: Options every command of an entity has besides its fields (connection, paging, body input).
 COMMON_DESTS = {"help", "api", "token_ref", "timeout", "output", "tenant", "data", "unset", "all", "id",
                 "expected_version"}

@@ -9,6 +9,7 @@ authorize redirect back to IIM. The demo household's kitchen speaker is the conn
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
+from iim.admin import cli
 from iim.admin.api import create_registry_app, mount_registry
 from iim.admin.auth import TokenTable, hash_token
 from iim.admin.links import link_routes
@@ -364,3 +366,31 @@ async def test_the_callback_answers_any_query_with_a_page_never_a_server_error(
         body = await resp.text()
         assert resp.status == 400, body
         assert body == invalid[1]  # one page for every failure: nothing echoed, nothing to tell states apart
+
+
+# -- the CLI ------------------------------------------------------------------------------------------------
+
+async def test_iim_link_start_status_revoke_from_the_cli(rig: Rig, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IIM_OP_TOKEN", "op")
+
+    async def iim(*argv: str) -> tuple[int, Any]:
+        capsys.readouterr()
+        code = await asyncio.to_thread(cli.main, [*argv, "--tenant", str(rig.tenant), "--household",
+                                                  str(rig.household), "--connector", "webhook", "-o", "json",
+                                                  "--api", rig.iim, "--token-ref", "env:IIM_OP_TOKEN"])
+        out = capsys.readouterr()
+        return code, json.loads(out.out) if code == 0 else out.err
+
+    code, started = await iim("link", "start", "--scope", "send_notifications", "--scope", "read_events")
+    assert code == 0, started
+    assert started["scopes"] == ["read_events", "send_notifications"]
+    status, page, _ = await rig.browse(await rig.consent(started["authorization_url"]))
+    assert status == 200, page
+    code, shown = await iim("link", "status")
+    assert (code, shown["status"], shown["actor"]) == (0, "active", "alice@operator")
+    code, revoked = await iim("link", "revoke")
+    assert (code, revoked["status"], revoked["vendor_revoked"]) == (0, "revoked", True)
+    with pytest.raises(SystemExit) as refused:  # argparse: not one of IIM's three scopes
+        await iim("link", "start", "--scope", "read_events", "--scope", "admin")
+    assert refused.value.code == 2
