@@ -333,7 +333,10 @@ class LinkingService:
             raise NotLinked(f"{connector}: the household's link does not grant {scope}")
         assert row.access_expires_at is not None
         if row.access_expires_at <= datetime.now(UTC):
-            renewed = await self.refresh(tenant_id, row.id)
+            try:
+                renewed = await self.refresh(tenant_id, row.id)
+            except LinkingUnavailable as exc:
+                raise ConnectorUnavailable(f"{connector}: the expired token cannot be renewed now ({exc})") from exc
             if renewed is None or renewed.access_token_sealed is None:
                 raise NotLinked(f"{connector}: the household's access token has expired and was not renewed")
             row = renewed
@@ -349,30 +352,26 @@ class LinkingService:
         """Renew one link's access token now (rotating the refresh token when the vendor does). A dead grant
         (``invalid_grant``) or a widened one breaks the link; a vendor that is away leaves it to the next try.
         Returns the link as it is afterwards (``None``: locked by another renewal, or gone)."""
-        notify: tuple[UUID, str] | None = None
-        try:
-            async with self._tx(tenant_id, extra_s=30.0) as conn:
-                row = await store.lock_link(conn, link_id, skip_locked=skip_locked)
-                if row is None or row.status != "active":
-                    return row
-                try:
-                    config = self.config(row.connector)
-                except NotLinkable:
-                    log.warning("account link %s: connector %s is not loaded; not renewed", row.id, row.connector)
-                    return row
-                outcome = await self._renew(conn, tenant_id, config, row)
-                if isinstance(outcome, store.LinkRow):
-                    return outcome
-                broken = await store.mark_link(conn, row.id, status="broken", reason=outcome.detail, actor=REFRESHER)
-                notify = await self._tell_household(conn, row)
-                await audit.append(conn, tenant_id, actor=REFRESHER, action="account_link.broken",
-                                   entity="household", entity_id=row.household_id,
-                                   detail={"connector": row.connector, "reason": outcome.kind,
-                                           "owner_notified": notify is not None})
-                return broken
-        finally:
-            if notify is not None:
-                log.info("account link broken; the owner of household %s is told by SMS", notify[0])
+        async with self._tx(tenant_id, extra_s=30.0) as conn:
+            row = await store.lock_link(conn, link_id, skip_locked=skip_locked)
+            if row is None or row.status != "active":
+                return row
+            try:
+                config = self.config(row.connector)
+            except NotLinkable:
+                log.warning("account link %s: connector %s is not loaded; not renewed", row.id, row.connector)
+                return row
+            outcome = await self._renew(conn, tenant_id, config, row)
+            if isinstance(outcome, store.LinkRow):
+                return outcome
+            broken = await store.mark_link(conn, row.id, status="broken", reason=outcome.detail, actor=REFRESHER)
+            notify = await self._tell_household(conn, row)
+            log.warning("account link %s broken (%s); owner told: %s", row.id, outcome.kind, notify is not None)
+            await audit.append(conn, tenant_id, actor=REFRESHER, action="account_link.broken",
+                               entity="household", entity_id=row.household_id,
+                               detail={"connector": row.connector, "reason": outcome.kind,
+                                       "owner_notified": notify is not None})
+            return broken
 
     async def _renew(self, conn: Connection, tenant_id: UUID, config: AccountLinking,
                      row: store.LinkRow) -> store.LinkRow | flow.TokenFailure:
@@ -403,7 +402,7 @@ class LinkingService:
                                                               "rotated": result.refresh_token is not None})
         return updated if updated is not None else row
 
-    async def _tell_household(self, conn: Connection, row: store.LinkRow) -> tuple[UUID, str] | None:
+    async def _tell_household(self, conn: Connection, row: store.LinkRow) -> UUID | None:
         """The owner's SMS (the normal outbox path): the vendor account must be linked again."""
         msisdn = await store.owner_msisdn(conn, row.household_id)
         if msisdn is None:
@@ -411,11 +410,11 @@ class LinkingService:
         await enqueue_sms(conn, key=f"link-broken:{row.id}:{row.changed_at.timestamp():.0f}", msisdn=msisdn,
                           body=f"Your {row.connector} account is no longer linked to your home service. "
                                "Please link it again in your app.")
-        return row.household_id, msisdn
+        return row.household_id
 
     async def refresh_due(self, *, within_s: float | None = None) -> int:
         """Renew every link, of any tenant, whose access token expires within its connector's ``refresh_before_s``
-        (or ``within_s``); the number renewed or broken."""
+        (or ``within_s``); the number of links looked at (renewed, broken, or left for the next try)."""
         horizon = within_s if within_s is not None else self._horizon_s()
         try:
             async with asyncio.timeout(self._deadline_s), self._app_pool().acquire() as proxy:
