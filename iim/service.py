@@ -39,6 +39,7 @@ from fs_app.router import PolicyRouter
 from iim import health
 from iim.admin.api import create_registry_app, mount_registry
 from iim.admin.incidents import operator_routes
+from iim.admin.links import link_routes
 from iim.admin.routing import Access, Route
 from iim.admin.settings import AdminSettings
 from iim.admin.views import audit_heads_view
@@ -60,6 +61,9 @@ from iim.home.sms_readout import SmsReadoutService
 from iim.http import HealthProbe, HttpSite, create_app
 from iim.keys import store as key_store
 from iim.keys.keyring import Keyring, load_master_keys
+from iim.linking.http import callback_routes
+from iim.linking.sealing import AesGcmSealer
+from iim.linking.service import LinkingService
 from iim.privacy.purger import RetentionPurger
 from iim.privacy.retention import RetentionDefaults
 from iim.scenarios.operator.desk import OperatorDesk
@@ -125,6 +129,8 @@ class PolicyParts:
     smsc: SmsTransport | None = None
     #: live presence from registrations and connectors (the app's word comes through the admin API)
     presence: PresenceFeed | None = None
+    #: households' account links at cloud connectors (IIM_LINK_TOKEN_KEY_REF set)
+    linking: LinkingService | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +182,8 @@ class Service:
         self._smsc_callbacks: web.Application | None = None
         # Messages callers left, when IIM keeps them (IIM_RECORDINGS_DIR).
         self._messages: RecordedMessages | None = None
+        #: the connector registry, once loaded, for account linking (which starts before it)
+        self._link_connectors: list[ConnectorRegistry] = []
 
     @property
     def running(self) -> Running:
@@ -237,6 +245,9 @@ class Service:
             tasks.spawn(_watch_speech(policy.tts), name="tts-check")
             tasks.supervise(partial(policy.connectors.run_probes, s.connector_probe_interval_s,
                                     s.connector_probe_timeout_s), name="connector-probes")
+            if policy.linking is not None:
+                tasks.supervise(partial(policy.linking.run_refresher, s.link_refresh_interval_s),
+                                name="link-refresher")
         if policy is not None:
             self._call_handler = policy.router
             stack.callback(setattr, self, "_call_handler", self._passthrough)
@@ -328,6 +339,8 @@ class Service:
             probes.append(policy.database.health)
         root = create_app(probes, health=monitor)
         if policy is not None:
+            if policy.linking is not None:
+                callback_routes(root, policy.linking)  # the vendors send households back here (OAuth2)
             root.add_routes(prompt_routes(policy.tts))  # what FreeSWITCH plays for IIM (mod_http_cache)
             root.add_routes(switch_audio_routes(policy.switch_audio, policy.tts))  # alert calls' own prompts
             if self._messages is not None:
@@ -344,6 +357,7 @@ class Service:
             desk = OperatorDesk(lambda: policy.pool, lambda: self._worker, policy.connectors,
                                 deadline_s=admin_settings.store_deadline_s)
             extra.extend(operator_routes(desk))
+            extra.extend(link_routes(lambda: policy.linking))
             registry_app = create_registry_app(lambda: policy.pool, admin_settings,
                                                directory_pool=lambda: policy.directory_pool,
                                                extra_routes=tuple(extra))
@@ -390,7 +404,8 @@ class Service:
         except TimeoutError:
             log.error("policy cache not loaded in %s s: routing by dialled number until it is", s.cache_load_timeout)
         audit = await stack.enter_async_context(CallDecisionAudit(pool))
-        connectors, tts, audio_urls, smsc = await self._start_home(stack, pool, keyring)
+        linking = await self._start_linking(stack, pool, directory_pool, keyring)
+        connectors, tts, audio_urls, smsc = await self._start_home(stack, pool, keyring, linking)
         audio_base = s.switch_audio_base_url or f"http://{s.http_host}:{s.http_port}"
         sms = OutboxSmsSink(pool, keyring)
         self._messages = self._recorded_messages(pool, sms)
@@ -415,7 +430,8 @@ class Service:
                      "IIM_SWITCH_AUDIO_BASE_URL unset)")
         return PolicyParts(app_url=urls.app_url, pool=pool, directory_pool=directory_pool, cache=cache, router=router,
                            connectors=connectors, tts=tts, audio_urls=audio_urls, switch_audio=switch_audio,
-                           audit_heads=heads, database=database, smsc=smsc, presence=presence, keyring=keyring)
+                           audit_heads=heads, database=database, smsc=smsc, presence=presence, keyring=keyring,
+                           linking=linking)
 
     async def _keyring(self, pool: Pool) -> Keyring:
         """Tenants' data keys under the master key; the registry's secret references are checked here too (a
@@ -467,13 +483,39 @@ class Service:
         heads_file = Path(s.audit_heads_file) if s.audit_heads_file else Path(s.data_dir).parent / "audit-heads.jsonl"
         return AuditHeadPublisher(pool, key, heads_file=heads_file, interval=s.audit_head_interval_s)
 
-    async def _start_home(self, stack: AsyncExitStack, pool: Pool, keyring: Keyring
+    async def _start_linking(self, stack: AsyncExitStack, pool: Pool, directory_pool: Pool,
+                             keyring: Keyring) -> LinkingService | None:
+        """Account linking, when a key seals the tokens; its connectors are bound once they are loaded."""
+        s = self.settings
+        if s.link_token_key_ref is None:
+            log.info("account linking is off (IIM_LINK_TOKEN_KEY_REF unset)")
+            return None
+        try:
+            sealer = AesGcmSealer.from_secret(resolve_secret(s.link_token_key_ref))
+        except (LookupError, ValueError) as exc:
+            raise ConfigError(f"IIM_LINK_TOKEN_KEY_REF: {exc}") from None
+        holder: list[ConnectorRegistry] = []
+        self._link_connectors = holder
+
+        def connectors() -> ConnectorRegistry:
+            if not holder:
+                raise LookupError("connectors are not loaded yet")
+            return holder[0]
+
+        return await stack.enter_async_context(LinkingService(lambda: pool, lambda: directory_pool, sealer, connectors,
+                                                                    keyring))
+
+    async def _start_home(self, stack: AsyncExitStack, pool: Pool, keyring: Keyring,
+                          linking: LinkingService | None = None,
                           ) -> tuple[ConnectorRegistry, EspeakTts, AudioUrlSigner, SmsTransport | None]:
         """The telecom -> home side: connectors, speech, SMS (read aloud under consent, escalation texts)."""
         s = self.settings
         public = s.public_base_url or f"https://{s.bridge_host}:{s.bridge_port}"
-        connectors = await stack.enter_async_context(ConnectorRegistry(default_context(callback_base_url=public)))
+        connectors = await stack.enter_async_context(ConnectorRegistry(default_context(
+            callback_base_url=public, linked_tokens=linking)))
         await connectors.load(s.connectors)
+        if linking is not None:
+            self._link_connectors.append(connectors)
         tts = await stack.enter_async_context(EspeakTts(Path(s.data_dir).parent / "tts-cache",
                                                                 library=s.tts_library))
         secret = (resolve_secret(s.audio_url_secret_ref).encode() if s.audio_url_secret_ref

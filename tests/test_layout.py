@@ -24,7 +24,7 @@ FLOORS: dict[str, int] = {
     "policy_cache": 1,
     "fs_app": 2, "iot_bridge": 2, "iim.tts": 2, "iim.keys": 2,
     "iim.connectors": 3, "iim.sms": 3, "iim.supervision": 3,
-    "iim.scenarios": 4, "iim.home": 4, "iim.privacy": 4,
+    "iim.scenarios": 4, "iim.home": 4, "iim.privacy": 4, "iim.linking": 4,
     "iim.admin": 5,
     "iim": 6,
 }

@@ -12,6 +12,7 @@ Wire into the ``iim`` parser with ``register_subcommands(subparsers)``. Commands
     iim test       call|notify                       --tenant T   (exit 5: not confirmed / not delivered)
     iim connector  list                                           (connector status: capabilities and health)
     iim presence   show|set|clear --household H      --tenant T   (live presence; set: the app's geofence word)
+    iim link       start|status|revoke --household H --connector C --tenant T  (a household's vendor account link)
     iim scenario   simulate|templates list|show|install  (besides create|list|show|update|delete; simulate
                                                      and templates list|show need no API)
     iim token      new|hash                          (offline: make a token and its table entry)
@@ -476,6 +477,35 @@ def _register_presence(sub: Any) -> None:
     p.add_argument("--subject", required=True, help="who the word was about")
     p.set_defaults(func=_run(lambda a, c: _presence_page(c.request("DELETE", path(a),
                                                                    query={"subject": a.subject})), columns))
+
+
+def _register_link(sub: Any) -> None:
+    """``iim link start|status|revoke``: a household's vendor account link (OAuth2 authorization code + PKCE)."""
+    top = sub.add_parser("link", help="a household's vendor account link at a cloud connector (OAuth2 + PKCE)")
+    actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
+    common = _common(tenant_scoped=True)
+
+    def path(args: argparse.Namespace) -> str:
+        return f"{_tenant_path(args)}/households/{args.household}/connectors/{args.connector}/links"
+
+    def where(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--household", type=_id, required=True, help="the household")
+        p.add_argument("--connector", required=True, help="the connector's configured name")
+
+    columns = ("connector", "status", "scopes", "access_expires_at", "changed_at", "actor", "reason")
+    p = actions.add_parser("start", parents=[common], help="start linking: prints the URL to send the household to")
+    where(p)
+    p.add_argument("--scope", dest="scopes", action="append", required=True,
+                   choices=("read_events", "send_notifications", "voice_interaction"),
+                   help="what the household is asked to allow (repeat; nothing wider exists)")
+    p.set_defaults(func=_run(lambda a, c: c.request("POST", path(a), body={"scopes": a.scopes}),
+                             ("authorization_url", "expires_at", "scopes")))
+    p = actions.add_parser("status", parents=[common], help="the link: status, granted scopes, expiry (no tokens)")
+    where(p)
+    p.set_defaults(func=_run(lambda a, c: c.request("GET", path(a)), columns))
+    p = actions.add_parser("revoke", parents=[common], help="unlink: revoke at the vendor and forget the tokens")
+    where(p)
+    p.set_defaults(func=_run(lambda a, c: c.request("DELETE", path(a)), (*columns, "vendor_revoked")))
 
 
 def _presence_page(view: Any) -> Any:
@@ -1021,6 +1051,7 @@ def register_subcommands(subparsers: Any, *, include_db: bool = True) -> None:
     _register_test(subparsers)
     _register_connector(subparsers)
     _register_presence(subparsers)
+    _register_link(subparsers)
     _register_token(subparsers)
     if include_db:
         _register_db(subparsers)

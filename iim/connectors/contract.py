@@ -23,6 +23,7 @@ __all__ = [
     "Notification", "TtsDelivery", "UserActionRequest", "UserActionResult",
     "CALLBACK_PATH", "ActionCallbackReceiver", "CallbackRejected", "Clock", "ConnectorContext", "ConnectorFactory",
     "HasBreakerState", "PresenceReceiver", "PresenceReport", "PresenceUnavailable", "PRESENCE_PATH",
+    "LinkScope", "LinkedTokens", "NotLinked",
 ]
 
 
@@ -97,6 +98,33 @@ class ConnectorUnavailable(ConnectorError):
     """The cloud behind the connector is down or its circuit is open: use the fallback (phone/SMS)."""
 
 
+class NotLinked(ConnectorError):
+    """The household has no active account link at this connector, or the link does not grant the scope the
+    capability needs: use the fallback (phone/SMS), and ask the household to link (again)."""
+
+
+class LinkScope(StrEnum):
+    """What a household's account link may allow, and nothing wider (spec 4.1, 3.1)."""
+
+    READ_EVENTS = "read_events"
+    SEND_NOTIFICATIONS = "send_notifications"
+    VOICE_INTERACTION = "voice_interaction"
+
+
+class LinkedTokens(Protocol):
+    """The households' account links, as a connector uses them (``iim.linking.service.LinkingService``)."""
+
+    async def access_token(self, connector: str, target: str, scope: LinkScope) -> str:
+        """The access token of the household that has device ``target`` at ``connector``, checked to grant
+        ``scope``.
+
+        Raises:
+            NotLinked: no active link for that household, or its grant lacks ``scope``.
+            ConnectorUnavailable: the links cannot be read or renewed now.
+        """
+        ...
+
+
 @runtime_checkable
 class Connector(Protocol):
     manifest: ConnectorManifest
@@ -154,6 +182,8 @@ class ConnectorContext:
         callback_base_url: IIM's public URL under which ``/v1/connectors/{name}/actions/{id}`` is reachable
             by vendors; ``None`` when callbacks are not exposed (vendors must then answer synchronously).
         connector_name: this connector's configured name (set by the registry for each connector).
+        linked_tokens: the households' account links (OAuth2 authorization code + PKCE); ``None`` when
+            account linking is off.
     """
 
     resolve_secret: Callable[[str], str]
@@ -161,6 +191,7 @@ class ConnectorContext:
     clock: Clock
     callback_base_url: str | None = None
     connector_name: str = ""
+    linked_tokens: LinkedTokens | None = None
 
     def callback_url(self, request_id: str) -> str | None:
         """Where the vendor posts its answer to user-action request ``request_id`` (``None``: no callbacks)."""

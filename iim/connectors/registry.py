@@ -46,6 +46,7 @@ from iim.connectors.contract import (
     ConnectorManifest,
     ConnectorUnavailable,
     HasBreakerState,
+    LinkedTokens,
 )
 from iim.core.lifecycle import AsyncResource
 from iim.core.secrets import resolve_secret
@@ -110,10 +111,11 @@ def _new_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(headers={"User-Agent": "iim-connectors"}, raise_for_status=False)
 
 
-def default_context(*, callback_base_url: str | None = None) -> ConnectorContext:
+def default_context(*, callback_base_url: str | None = None,
+                    linked_tokens: LinkedTokens | None = None) -> ConnectorContext:
     """The production context: ``iim.settings.resolve_secret``, fresh aiohttp sessions, the system clock."""
     return ConnectorContext(resolve_secret=resolve_secret, http_session=_new_session, clock=SystemClock(),
-                            callback_base_url=callback_base_url)
+                            callback_base_url=callback_base_url, linked_tokens=linked_tokens)
 
 
 def discover_factories(group: str = ENTRY_POINT_GROUP) -> tuple[dict[str, ConnectorFactory], dict[str, str]]:

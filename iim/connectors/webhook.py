@@ -63,12 +63,15 @@ from iim.connectors.contract import (
     ConnectorHealth,
     ConnectorManifest,
     ConnectorUnavailable,
+    LinkScope,
     Notification,
+    NotLinked,
     PresenceReport,
     TtsDelivery,
     UserActionRequest,
     UserActionResult,
 )
+from iim.connectors.linking import AccountLinking
 from iim.core import strict_json
 from iim.core.retry import backoff_delay
 from iim.core.signing import SignatureError, decode_secret, sign_webhook, verify_webhook
@@ -84,6 +87,12 @@ _LOOPBACK_NAMES = frozenset({"localhost"})
 _PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
 _VENDOR_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _ERROR_CODE = re.compile(r"[a-z_]{1,64}")
+#: The scope a household's link must grant for each capability (checked on every use, not only at linking).
+_SCOPE_FOR: dict[Capability, LinkScope] = {
+    Capability.SEND_NOTIFICATION: LinkScope.SEND_NOTIFICATIONS,
+    Capability.REQUEST_USER_ACTION: LinkScope.SEND_NOTIFICATIONS,
+    Capability.DELIVER_TTS: LinkScope.VOICE_INTERACTION,
+}
 
 
 def _check_url(value: str, what: str) -> str:
@@ -199,6 +208,11 @@ class WebhookConfig(_Strict):
     #: Take the vendor's home/away reports (``POST /v1/connectors/{name}/presence``, signed like callbacks);
     #: off by default: a vendor speaks for presence only when the operator says so.
     accept_presence: bool = False
+    #: Households link their vendor accounts (OAuth2 authorization code + PKCE, ``iim link start``); each request
+    #: for a household then carries that household's access token (its grant checked for the capability's
+    #: scope), and a household without a link gets :class:`NotLinked` (the caller's fallback). ``auth`` still
+    #: authorises the probes.
+    account_linking: AccountLinking | None = None
 
     @field_validator("probe_path")
     @classmethod
@@ -521,6 +535,11 @@ class WebhookConnector:
     def breaker_state(self) -> str:
         return self._breaker.state.value
 
+    @property
+    def account_linking(self) -> AccountLinking | None:
+        """This vendor's authorization server, when its households link their accounts."""
+        return self.config.account_linking
+
     # --- the HTTP exchange ---------------------------------------------------------------------------------
 
     async def _call(self, capability: Capability, payload: dict[str, Any]) -> tuple[str, Any]:
@@ -543,7 +562,7 @@ class WebhookConnector:
                 raise ConnectorUnavailable(
                     f"{self.name}: circuit open, next probe in {self._breaker.retry_in():.0f} s")
             try:
-                token = await self._bearer_token(session)
+                token = await self._request_token(session, capability, payload.get("target"))
                 answer = await self._post(session, url, body, msg_id, token)
             except _TokenRefused as exc:
                 self._breaker.record_success()  # the cloud answered; our credentials are the problem
@@ -612,6 +631,18 @@ class WebhookConnector:
         limit = self.config.max_response_bytes
         data = await resp.content.read(limit + 1)
         return b"" if len(data) > limit else data  # an oversized answer is treated as an empty one
+
+    async def _request_token(self, session: aiohttp.ClientSession, capability: Capability,
+                             target: object) -> str | None:
+        """The household's linked access token (its grant checked for the capability) or the connector's own."""
+        if self.config.account_linking is None:
+            return await self._bearer_token(session)
+        linked = self.context.linked_tokens
+        if linked is None:
+            raise NotLinked(f"{self.name}: account linking is not running in this IIM")
+        if not isinstance(target, str) or not target:
+            raise NotLinked(f"{self.name}: a linked request needs a target")
+        return await linked.access_token(self.name, target, _SCOPE_FOR[capability])
 
     async def _bearer_token(self, session: aiohttp.ClientSession) -> str | None:
         if self._bearer is not None:

@@ -1,0 +1,398 @@
+"""Account linking end to end, over real HTTP and against a real PostgreSQL.
+
+IIM's HTTP site (the admin API and ``/oauth2/callback``) runs on a free port; the vendor is two peers: a small
+authorization server (``tests/oauth_peer.py``: authorize, token with PKCE verified, refresh rotation,
+invalid_grant, RFC 7009 revoke) and the vendor cloud (``tests/connector_peer.py``), which accepts only access
+tokens the authorization server issued. The household's browser is an ``aiohttp`` client following the
+authorize redirect back to IIM. The demo household's kitchen speaker is the connector target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import aiohttp
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from yarl import URL
+
+from iim.admin import cli
+from iim.admin.api import create_registry_app, mount_registry
+from iim.admin.auth import TokenTable, hash_token
+from iim.admin.links import link_routes
+from iim.admin.settings import AdminSettings
+from iim.connectors.contract import ConnectorContext, Notification, NotLinked, TtsDelivery
+from iim.connectors.registry import ConnectorRegistry, SystemClock
+from iim.connectors.webhook import WebhookConnector
+from iim.core.secrets import resolve_secret
+from iim.http import create_app
+from iim.keys.keyring import Keyring
+from iim.linking.http import callback_routes
+from iim.linking.sealing import AesGcmSealer
+from iim.linking.service import LinkingService
+from policy_cache.audit import flush_pending
+from policy_cache.bootstrap import load_demo
+from policy_cache.db import Connection, DbRole, Pool, connect_pool
+from tests.connector_peer import SIGNING_SECRET_TEXT, VendorPeer, serve
+from tests.oauth_peer import CLIENT_ID, CLIENT_SECRET, SCOPES, AuthorizationServer
+from tests.pg import TEST_MASTER_KEY, PgDatabase
+
+TARGET = "kitchen-speaker-1"  # the demo's cloud speaker, at the "webhook" connector
+KEY = "11" * 32
+
+
+@dataclass
+class Rig:
+    iim: str
+    tenant: UUID
+    household: UUID
+    auth: AuthorizationServer
+    vendor: VendorPeer
+    linking: LinkingService
+    connectors: ConnectorRegistry
+    session: aiohttp.ClientSession
+    admin_conn: Connection
+
+    def links(self, tenant: UUID | None = None, household: UUID | None = None, connector: str = "webhook") -> str:
+        return (f"{self.iim}/v1/tenants/{tenant or self.tenant}/households/{household or self.household}"
+                f"/connectors/{connector}/links")
+
+    async def api(self, method: str, url: str, *, token: str = "op", body: Any = None) -> tuple[int, Any]:
+        async with self.session.request(method, url, json=body,
+                                        headers={"Authorization": f"Bearer {token}"}) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    async def start(self, scopes: list[str] | None = None) -> str:
+        status, started = await self.api("POST", self.links(), body={"scopes": scopes or ["send_notifications",
+                                                                                         "voice_interaction"]})
+        assert status == 201, started
+        return str(started["authorization_url"])
+
+    async def consent(self, authorization_url: str) -> str:
+        """The household at the vendor: the authorize endpoint redirects the browser back; where to."""
+        async with self.session.get(authorization_url, allow_redirects=False) as resp:
+            assert resp.status == 302, await resp.text()
+            return resp.headers["Location"]
+
+    async def browse(self, url: str) -> tuple[int, str, dict[str, str]]:
+        async with self.session.get(url, allow_redirects=False) as resp:
+            return resp.status, await resp.text(), dict(resp.headers)
+
+    async def link(self, scopes: list[str] | None = None) -> None:
+        status, page, _ = await self.browse(await self.consent(await self.start(scopes)))
+        assert status == 200, page
+        assert "Account linked" in page
+
+    async def audit(self, action: str) -> list[dict[str, Any]]:
+        await flush_pending(self.linking_pool)
+        rows = await self.admin_conn.fetch("SELECT actor, detail FROM iim.audit_log WHERE tenant_id = $1 AND "
+                                           "action = $2 ORDER BY id", self.tenant, action)
+        return [{"actor": r["actor"], "detail": json.loads(r["detail"]) if isinstance(r["detail"], str)
+                 else r["detail"]} for r in rows]
+
+    linking_pool: Pool = None  # type: ignore[assignment]
+
+
+def _tokens(tenant: UUID) -> TokenTable:
+    entries = {"op": {"actor": "alice@operator", "role": "operator", "tenant": str(tenant)},
+               "other": {"actor": "mallory@elsewhere", "role": "operator", "tenant": "00000000-0000-4000-8000-"
+                                                                                     "000000000001"},
+               "viewer": {"actor": "vic@operator", "role": "viewer", "tenant": str(tenant)}}
+    return TokenTable.from_json(json.dumps({hash_token(k): v for k, v in entries.items()}))
+
+
+@pytest.fixture
+async def rig(pg_db: PgDatabase, app_pool: Pool, admin_conn: Connection,
+              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Rig]:
+    monkeypatch.setenv("IIM_TEST_VENDOR_SIGNING", SIGNING_SECRET_TEXT)
+    monkeypatch.setenv("IIM_TEST_LINK_CLIENT", CLIENT_SECRET)
+    async with app_pool.acquire() as conn:
+        demo = await load_demo(conn)
+    await admin_conn.execute("DELETE FROM iim.account_link; DELETE FROM iim.link_state; DELETE FROM iim.sms_outbox")
+    vendor = VendorPeer()
+    auth = AuthorizationServer(vendor)
+    vendor_runner, vendor.url = await serve(vendor.app())
+    auth_runner, auth.url = await serve(auth.app())
+    directory = await connect_pool(pg_db.cache_url, role=DbRole.CACHE, min_size=1, max_size=2)
+    holder: list[ConnectorRegistry] = []
+    linking = LinkingService(lambda: app_pool, lambda: directory, AesGcmSealer.from_secret(KEY), lambda: holder[0],
+                             Keyring(app_pool, TEST_MASTER_KEY))
+    await linking.__aenter__()
+    root = create_app([])
+    callback_routes(root, linking)
+    mount_registry(root, create_registry_app(lambda: app_pool, AdminSettings(), tokens=_tokens(demo.tenant_id),
+                                             extra_routes=link_routes(lambda: linking)))
+    iim_runner, iim_url = await serve(root)
+    auth.redirect_uri = f"{iim_url}/oauth2/callback"
+    context = ConnectorContext(resolve_secret=resolve_secret, http_session=aiohttp.ClientSession, clock=SystemClock(),
+                               linked_tokens=linking)
+    registry = ConnectorRegistry(context, factories={"webhook": WebhookConnector})
+    await registry.load([{"name": "webhook", "plugin": "webhook", "config": {
+        "base_url": vendor.url, "paths": {"send_notification": "/notify", "deliver_tts": "/tts"},
+        "signing_secret_ref": "env:IIM_TEST_VENDOR_SIGNING",
+        "retry": {"attempts": 1},
+        "account_linking": {
+            "authorize_url": f"{auth.url}/authorize", "token_url": f"{auth.url}/token",
+            "revocation_url": f"{auth.url}/revoke", "client_id": CLIENT_ID,
+            "client_secret_ref": "env:IIM_TEST_LINK_CLIENT", "redirect_uri": auth.redirect_uri,
+            "scope_names": SCOPES, "request_timeout_s": 5.0}}}])
+    holder.append(registry)
+    async with aiohttp.ClientSession() as session:
+        r = Rig(iim_url, demo.tenant_id, demo.household_id, auth, vendor, linking, registry, session, admin_conn)
+        r.linking_pool = app_pool
+        yield r
+    await registry.aclose()
+    await iim_runner.cleanup()
+    await linking.__aexit__(None, None, None)
+    await directory.close()
+    await auth_runner.cleanup()
+    await vendor_runner.cleanup()
+    await vendor.close()
+
+
+def _notification() -> Notification:
+    return Notification(target=TARGET, title="Door", text="Someone is at the door")
+
+
+# -- linking ------------------------------------------------------------------------------------------------
+
+async def test_a_household_links_and_the_connector_then_calls_the_vendor_with_its_token(rig: Rig) -> None:
+    url = await rig.start()
+    assert "code_challenge_method=S256" in url
+    assert "notify.send+voice.talk" in url.replace("%20", "+")
+    connector = rig.connectors.get("webhook")
+    with pytest.raises(NotLinked):  # nothing linked yet: the caller falls back to phone/SMS
+        await connector.send_notification(_notification())
+
+    status, page, headers = await rig.browse(await rig.consent(url))
+    assert status == 200
+    assert "Account linked" in page
+    assert headers["Cache-Control"] == "no-store"
+
+    await connector.send_notification(_notification())
+    await connector.deliver_tts(TtsDelivery(target=TARGET, audio_url="https://iim.example/a.wav", text="hi"))
+    bearer = {r.headers["Authorization"].removeprefix("Bearer ") for r in rig.vendor.received}
+    assert len(bearer) == 1
+    assert bearer <= rig.vendor.valid_tokens
+
+    status, link = await rig.api("GET", rig.links(), token="viewer")
+    assert status == 200, link
+    assert (link["status"], link["scopes"]) == ("active", ["send_notifications", "voice_interaction"])
+    assert "token" not in json.dumps({k: v for k, v in link.items() if k != "access_expires_at"})
+    started, linked = await rig.audit("account_link.started"), await rig.audit("account_link.linked")
+    assert [a["actor"] for a in started + linked] == ["alice@operator", "alice@operator"]
+    assert linked[0]["detail"]["scopes"] == ["send_notifications", "voice_interaction"]
+
+
+async def test_tokens_and_verifiers_are_stored_sealed_and_states_only_hashed(rig: Rig) -> None:
+    url = await rig.start()
+    state = URL(url).query["state"]
+    row = await rig.admin_conn.fetchrow("SELECT state_digest, verifier_sealed FROM iim.link_state")
+    assert row is not None
+    assert state.encode() not in row["state_digest"]
+    assert len(row["state_digest"]) == 32
+    await rig.browse(await rig.consent(url))
+    link = await rig.admin_conn.fetchrow("SELECT access_token_sealed, refresh_token_sealed FROM iim.account_link")
+    assert link is not None
+    issued = rig.vendor.valid_tokens | set(rig.auth.refresh_tokens)
+    assert not any(token in (link[0] + link[1]) for token in issued)
+
+
+async def test_the_same_callback_twice_links_once_and_the_second_page_says_nothing_about_why(rig: Rig) -> None:
+    back = await rig.consent(await rig.start())
+    assert (await rig.browse(back))[0] == 200
+    again = await rig.browse(back)
+    unknown = await rig.browse(back.replace(back.split("state=")[1].split("&")[0], "A" * 43))
+    assert again[0] == unknown[0] == 400
+    assert again[1] == unknown[1]  # used and unknown states look alike: no oracle
+
+
+async def test_an_expired_state_is_refused_like_an_unknown_one(rig: Rig) -> None:
+    back = await rig.consent(await rig.start())
+    await rig.admin_conn.execute("UPDATE iim.link_state SET created_at = now() - interval '2 hours', "
+                                 "expires_at = now() - interval '1 hour'")
+    status, page, _ = await rig.browse(back)
+    assert status == 400
+    assert "not valid" in page
+    assert await rig.admin_conn.fetchval("SELECT count(*) FROM iim.account_link") == 0
+    assert await rig.admin_conn.fetchval("SELECT count(*) FROM iim.link_state") == 0  # used up all the same
+
+
+async def test_a_code_presented_with_another_linkings_state_fails_the_pkce_check(rig: Rig) -> None:
+    """Code injection: an attacker's code, replayed into the household's own linking, has the wrong verifier."""
+    attacker = await rig.consent(await rig.start())
+    victim = await rig.consent(await rig.start())
+    code = attacker.split("code=")[1].split("&")[0]
+    injected = victim.replace(victim.split("code=")[1].split("&")[0], code)
+    status, page, _ = await rig.browse(injected)
+    assert status == 400
+    assert "did not complete" in page
+    assert await rig.admin_conn.fetchval("SELECT count(*) FROM iim.account_link") == 0
+    failed = await rig.audit("account_link.failed")
+    assert failed[-1]["detail"]["reason"] == "invalid_grant"
+
+
+async def test_a_household_that_declines_at_the_vendor_links_nothing_and_it_is_audited(rig: Rig) -> None:
+    rig.auth.deny = True
+    status, page, _ = await rig.browse(await rig.consent(await rig.start()))
+    assert status == 400
+    assert "cancelled" in page
+    declined = await rig.audit("account_link.declined")
+    assert declined[0]["detail"]["error"] == "access_denied"
+
+
+async def test_a_grant_wider_than_asked_is_refused_and_its_tokens_revoked(rig: Rig) -> None:
+    rig.auth.grant_scope = "notify.send voice.talk admin.everything"
+    status, page, _ = await rig.browse(await rig.consent(await rig.start()))
+    assert status == 400
+    assert "more access" in page
+    assert await rig.admin_conn.fetchval("SELECT count(*) FROM iim.account_link") == 0
+    assert {hint for _, hint in rig.auth.revoked} == {"access_token", "refresh_token"}
+    assert rig.vendor.valid_tokens == set()
+
+
+async def test_scopes_wider_than_iims_three_cannot_even_be_asked_for(rig: Rig) -> None:
+    status, problem = await rig.api("POST", rig.links(), body={"scopes": ["send_notifications", "admin"]})
+    assert status == 422
+    assert problem["error_id"] == "validation-failed"
+
+
+async def test_the_granted_scope_is_checked_on_use(rig: Rig) -> None:
+    await rig.link(["read_events", "voice_interaction"])
+    connector = rig.connectors.get("webhook")
+    with pytest.raises(NotLinked, match="send_notifications"):
+        await connector.send_notification(_notification())
+    await connector.deliver_tts(TtsDelivery(target=TARGET, audio_url="https://iim.example/a.wav", text="hi"))
+    assert [r.path for r in rig.vendor.received] == ["/tts"]
+
+
+async def test_a_vendor_that_fails_the_exchange_is_a_503_and_a_reload_then_links(rig: Rig) -> None:
+    back = await rig.consent(await rig.start())
+    rig.auth.fail_token = 1
+    status, _, headers = await rig.browse(back)
+    assert status == 503
+    assert headers["Retry-After"]
+    status, page, _ = await rig.browse(back)  # the state was not consumed
+    assert status == 200
+    assert "Account linked" in page
+
+
+async def test_other_tenants_and_unknown_connectors_are_404(rig: Rig) -> None:
+    status, _ = await rig.api("POST", rig.links(), token="other", body={"scopes": ["read_events"]})
+    assert status == 403
+    status, problem = await rig.api("POST", rig.links(connector="nope"), body={"scopes": ["read_events"]})
+    assert status == 404, problem
+    status, problem = await rig.api("GET", rig.links())
+    assert status == 404
+    assert problem["error_id"] == "not-found"
+
+
+# -- renewal, breakage, unlinking ---------------------------------------------------------------------------
+
+async def test_tokens_are_renewed_before_expiry_with_refresh_token_rotation(rig: Rig) -> None:
+    rig.auth.access_lifetime_s = 120  # inside the default 300 s renewal window: due at once
+    await rig.link()
+    first_refresh = set(rig.auth.refresh_tokens)
+    assert await rig.linking.refresh_due() == 1
+    assert await rig.linking.refresh_due() == 1  # the rotated refresh token works in turn
+    grants = [r for r in rig.auth.token_requests if r.get("grant_type") == "refresh_token"]
+    assert len(grants) == 2
+    assert grants[0]["refresh_token"] in first_refresh
+    assert grants[1]["refresh_token"] not in first_refresh
+    await rig.connectors.get("webhook").send_notification(_notification())
+    used = rig.vendor.received[-1].headers["Authorization"].removeprefix("Bearer ")
+    assert used.startswith("at-")
+    assert used in rig.vendor.valid_tokens
+    _status, link = await rig.api("GET", rig.links())
+    assert link["refreshed_at"] is not None
+    assert link["status"] == "active"
+
+
+async def test_invalid_grant_on_renewal_breaks_the_link_tells_the_owner_and_is_audited(rig: Rig) -> None:
+    rig.auth.access_lifetime_s = 120
+    await rig.link()
+    rig.auth.kill_grants()  # the household withdrew consent at the vendor
+    assert await rig.linking.refresh_due() == 1
+    status, link = await rig.api("GET", rig.links())
+    assert status == 200
+    assert (link["status"], link["reason"]) == ("broken", "the authorization server says invalid_grant")
+    broken = await rig.audit("account_link.broken")
+    assert broken[0]["actor"] == "iim:link-refresher"
+    assert broken[0]["detail"]["owner_notified"] is True
+    sms = await rig.admin_conn.fetch("SELECT msisdn FROM iim.sms_outbox WHERE key LIKE 'link-broken:%'")
+    assert [r["msisdn"] for r in sms] == ["+79001234567"]
+    assert any(hint == "refresh_token" for _, hint in rig.auth.revoked)
+    with pytest.raises(NotLinked):
+        await rig.connectors.get("webhook").send_notification(_notification())
+    await rig.link()  # linking again mends it
+    _status, link = await rig.api("GET", rig.links())
+    assert link["status"] == "active"
+
+
+async def test_unlinking_revokes_at_the_vendor_forgets_the_tokens_and_is_audited(rig: Rig) -> None:
+    await rig.link()
+    refresh = next(iter(rig.auth.refresh_tokens))
+    status, link = await rig.api("DELETE", rig.links())
+    assert status == 200, link
+    assert (link["status"], link["vendor_revoked"]) == ("revoked", True)
+    assert (refresh, "refresh_token") in rig.auth.revoked
+    assert rig.vendor.valid_tokens == set()
+    row = await rig.admin_conn.fetchrow("SELECT access_token_sealed, refresh_token_sealed FROM iim.account_link")
+    assert row is not None
+    assert tuple(row) == (None, None)
+    revoked = await rig.audit("account_link.revoked")
+    assert revoked[0]["actor"] == "alice@operator"
+    assert revoked[0]["detail"]["vendor_revoked"] is True
+    with pytest.raises(NotLinked):
+        await rig.connectors.get("webhook").send_notification(_notification())
+
+
+# -- the callback under fuzz ---------------------------------------------------------------------------------
+
+_PARAM = st.sampled_from(["state", "code", "error", "iss", "state", "code"])
+_VALUE = st.one_of(st.text(max_size=60), st.from_regex(r"\A[A-Za-z0-9_-]{43}\Z"), st.just("A" * 43))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(params=st.lists(st.tuples(_PARAM, _VALUE), max_size=5))
+async def test_the_callback_answers_any_query_with_a_page_never_a_server_error(
+        rig: Rig, params: list[tuple[str, str]]) -> None:
+    invalid = await rig.browse(f"{rig.iim}/oauth2/callback?state=x")
+    async with rig.session.get(f"{rig.iim}/oauth2/callback", params=params, allow_redirects=False) as resp:
+        body = await resp.text()
+        assert resp.status == 400, body
+        assert body == invalid[1]  # one page for every failure: nothing echoed, nothing to tell states apart
+
+
+# -- the CLI ------------------------------------------------------------------------------------------------
+
+async def test_iim_link_start_status_revoke_from_the_cli(rig: Rig, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IIM_OP_TOKEN", "op")
+
+    async def iim(*argv: str) -> tuple[int, Any]:
+        capsys.readouterr()
+        code = await asyncio.to_thread(cli.main, [*argv, "--tenant", str(rig.tenant), "--household",
+                                                  str(rig.household), "--connector", "webhook", "-o", "json",
+                                                  "--api", rig.iim, "--token-ref", "env:IIM_OP_TOKEN"])
+        out = capsys.readouterr()
+        return code, json.loads(out.out) if code == 0 else out.err
+
+    code, started = await iim("link", "start", "--scope", "send_notifications", "--scope", "read_events")
+    assert code == 0, started
+    assert started["scopes"] == ["read_events", "send_notifications"]
+    status, page, _ = await rig.browse(await rig.consent(started["authorization_url"]))
+    assert status == 200, page
+    code, shown = await iim("link", "status")
+    assert (code, shown["status"], shown["actor"]) == (0, "active", "alice@operator")
+    code, revoked = await iim("link", "revoke")
+    assert (code, revoked["status"], revoked["vendor_revoked"]) == (0, "revoked", True)
+    with pytest.raises(SystemExit) as refused:  # argparse: not one of IIM's three scopes
+        await iim("link", "start", "--scope", "read_events", "--scope", "admin")
+    assert refused.value.code == 2
