@@ -45,6 +45,9 @@ AnswerSink = Callable[[CallFacts, RoutingDecision, str | None], None]
 MissedCallNotifier = Callable[[RoutingSnapshot, CallFacts], Awaitable[None]]
 #: Takes a call whose home is only cloud speakers (``iim.home.cloud_call.cloud_call_step``).
 AnnouncementStep = Callable[[Call, RoutingDecision], Awaitable[str]]
+#: Sees every call routed to a known subscriber and not rejected (the scenario trigger intake). It must return at
+#: once: it only queues (``iim.scenarios.triggers.intake.TriggerIntake.offer``); whatever it raises is logged.
+InboundObserver = Callable[[RoutingSnapshot, CallFacts], object]
 
 
 def _no_sink(_facts: CallFacts, _decision: RoutingDecision | None, _outcome: str) -> None:
@@ -82,6 +85,7 @@ class PolicyRouter:
         missed_call: MissedCallNotifier | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         announce: AnnouncementStep | None = None,
+        on_inbound: InboundObserver | None = None,
     ) -> None:
         self._source = source
         self._passthrough = passthrough
@@ -91,6 +95,7 @@ class PolicyRouter:
         self._missed_call = missed_call
         self._clock = clock
         self._announce = announce
+        self._on_inbound = on_inbound
         self._routes = {name: metrics.CALLS_ROUTED.labels(name) for name in
                         ("policy", "reject", "fallback", "unknown_callee", "cache_not_ready", "decision_error")}
 
@@ -129,6 +134,7 @@ class PolicyRouter:
         if decision.action == "reject":
             await call.hangup(decision.reject_cause or "CALL_REJECTED")
             return
+        self._observe(snapshot, facts)
         if self._announce is not None and _cloud_only(decision):
             outcome = await self._announce(call, decision)
             log.debug("cloud announcement", extra={"call_id": call.uuid, "outcome": outcome})
@@ -170,6 +176,16 @@ class PolicyRouter:
         if not call.hung_up:
             # A caller who left a message was answered: end it normally, not with the failed leg's cause.
             await call.hangup(relay_cause(cause) if cause and not call.answered else "NORMAL_CLEARING")
+
+    def _observe(self, snapshot: RoutingSnapshot, facts: CallFacts) -> None:
+        """Tell the trigger intake (queue only, never awaited): it must not delay or break routing the call."""
+        if self._on_inbound is None:
+            return
+        try:
+            self._on_inbound(snapshot, facts)
+        except Exception:
+            metrics.ERRORS.labels("inbound_observer").inc()
+            log.exception("inbound call observer failed; routing goes on", extra={"call_id": facts.uuid})
 
     def _decide(self, facts: CallFacts
                 ) -> tuple[RoutingDecision | None, str, RoutingSnapshot | None, CallFacts]:

@@ -60,9 +60,10 @@ from iim.http import HealthProbe, HttpSite, create_app
 from iim.privacy.purger import RetentionPurger
 from iim.privacy.retention import RetentionDefaults
 from iim.scenarios.operator.desk import OperatorDesk
+from iim.scenarios.triggers.intake import TriggerIntake
 from iim.scenarios.worker import IncidentWorker, WorkerSettings
 from iim.settings import Settings
-from iim.sms.outbox import OutboxRow, SmsSender
+from iim.sms.outbox import InboundSms, MoHook, OutboxRow, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
 from iim.telemetry import Tracing
 from iim.tts.engine import EspeakTts
@@ -354,7 +355,9 @@ class Service:
         except TimeoutError:
             log.error("policy cache not loaded in %s s: routing by dialled number until it is", s.cache_load_timeout)
         audit = await stack.enter_async_context(CallDecisionAudit(pool))
-        connectors, tts, audio_urls, smsc = await self._start_home(stack, pool)
+        # Calls and SMS that start scenarios: queued off their paths, opened on the durable incident path.
+        triggers = await stack.enter_async_context(TriggerIntake(pool))
+        connectors, tts, audio_urls, smsc = await self._start_home(stack, pool, triggers=triggers)
         audio_base = s.switch_audio_base_url or f"http://{s.http_host}:{s.http_port}"
         dial = DialSettings(phone_endpoint=s.passthrough_endpoint.replace("{destination}", "{msisdn}"),
                             speaker_endpoint=s.speaker_endpoint,
@@ -363,7 +366,8 @@ class Service:
         sms = OutboxSmsSink(pool)
         announce = cloud_call_step(CloudAnnouncer(connectors), dial, sms)
         router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record,
-                              record_answer=audit.record_answer, announce=announce, missed_call=missed_call_sms(sms))
+                              record_answer=audit.record_answer, announce=announce, missed_call=missed_call_sms(sms),
+                              on_inbound=triggers.on_call)
         try:
             switch_secret = (resolve_secret(s.switch_audio_secret_ref).encode() if s.switch_audio_secret_ref
                              else secrets.token_bytes(32))
@@ -387,8 +391,8 @@ class Service:
         heads_file = Path(s.audit_heads_file) if s.audit_heads_file else Path(s.data_dir).parent / "audit-heads.jsonl"
         return AuditHeadPublisher(pool, key, heads_file=heads_file, interval=s.audit_head_interval_s)
 
-    async def _start_home(self, stack: AsyncExitStack, pool: Pool) -> tuple[ConnectorRegistry, EspeakTts,
-                                                                              AudioUrlSigner, SmppTransport | None]:
+    async def _start_home(self, stack: AsyncExitStack, pool: Pool, *, triggers: TriggerIntake | None = None
+                          ) -> tuple[ConnectorRegistry, EspeakTts, AudioUrlSigner, SmppTransport | None]:
         """The telecom -> home side: connectors, speech, SMS (read aloud under consent, escalation texts)."""
         s = self.settings
         public = s.public_base_url or f"https://{s.bridge_host}:{s.bridge_port}"
@@ -408,7 +412,8 @@ class Service:
                                                    source_addr=s.smpp_source_addr))
             # The sender owns its transport: it starts it and closes it after the last receipts are written.
             await stack.enter_async_context(
-                SmsSender(pool, transport, on_mo=readout.on_mo, on_undelivered=self._undelivered,
+                SmsSender(pool, transport, on_mo=_both(readout.on_mo, triggers.on_mo) if triggers else readout.on_mo,
+                          on_undelivered=self._undelivered,
                           mo_body_retention=s.sms_body_retention_s))
         else:
             log.warning("no SMSC configured (IIM_SMPP_HOST): SMS stay queued in the outbox")
@@ -458,6 +463,15 @@ class Service:
             self.mqtt = await stack.enter_async_context(MqttIngress(app[BRIDGE_KEY], _mqtt_config(s)))
             stack.callback(setattr, self, "mqtt", None)
         return site.port
+
+
+def _both(first: MoHook, second: MoHook) -> MoHook:
+    """One MO hook that runs two: the scenario trigger (which only queues) first, so a slow read-aloud never
+    holds it back."""
+    async def hook(tenant_id: UUID, sms: InboundSms) -> None:
+        await second(tenant_id, sms)
+        await first(tenant_id, sms)
+    return hook
 
 
 async def _watch_speech(tts: EspeakTts, interval: float = 60.0) -> None:

@@ -13,18 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from uuid import UUID
 
 from prometheus_client import Counter
 
+from fs_app.routing import CallFacts
 from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.lifecycle import AsyncResource, TaskSupervisor
 from iim.core.metrics import REGISTRY
 from iim.scenarios import store as incidents
+from iim.scenarios.model import TriggerKind
 from iim.scenarios.triggers import store
 from iim.scenarios.triggers.facts import EVENT_OF, TriggerOffer, choose, comms_facts, sender_e164
+from iim.sms.outbox import InboundSms
 from policy_cache.db import Pool, tenant_tx
+from policy_cache.snapshot import RoutingSnapshot
 
 __all__ = ["TRIGGERS", "TriggerIntake", "TriggerResult"]
 
@@ -54,8 +60,10 @@ class TriggerIntake(AsyncResource):
     offer's transaction; ``consumers`` offers are handled at once.
     """
 
-    def __init__(self, pool: Pool, *, capacity: int = 1000, timeout_s: float = 10.0, consumers: int = 2) -> None:
+    def __init__(self, pool: Pool, *, capacity: int = 1000, timeout_s: float = 10.0, consumers: int = 2,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.pool = pool
+        self.clock = clock
         self.timeout_s = timeout_s
         self._consumers = consumers
         self._queue: asyncio.Queue[TriggerOffer] = asyncio.Queue(maxsize=capacity)
@@ -84,6 +92,18 @@ class TriggerIntake(AsyncResource):
             log.warning("scenario trigger queue full: %s offer dropped", offer.kind.value, extra={"ref": offer.ref})
             return False
         return True
+
+    def on_call(self, snapshot: RoutingSnapshot, facts: CallFacts) -> None:
+        """The router's ``on_inbound``: a call to ``snapshot``'s subscriber from ``facts.caller`` (queued only)."""
+        if facts.caller:
+            self.offer(TriggerOffer(TriggerKind.CALL, UUID(snapshot.tenant_id), UUID(snapshot.subscriber_id),
+                                    facts.caller, f"call:{facts.uuid}", self.clock()))
+
+    async def on_mo(self, tenant_id: UUID, sms: InboundSms) -> None:
+        """The SMS outbox's MO hook (beside the read-aloud one): an SMS to one of our subscribers (queued only)."""
+        if sms.subscriber_id is not None:
+            self.offer(TriggerOffer(TriggerKind.SMS, tenant_id, sms.subscriber_id, sms.source, f"sms:{sms.id}",
+                                    sms.received_at, text=sms.body))
 
     async def _consume(self) -> None:
         while True:

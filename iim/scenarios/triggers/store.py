@@ -108,7 +108,7 @@ async def open_incident(conn: Connection, tenant_id: UUID, household_id: UUID, e
     due now, its audit line (``incident.triggered``, ``detail``) and the tick job that starts it."""
     reason = f"started by an {event.value.replace('_', ' ')} ({scenario.name})"
     incident_id: UUID | None = await conn.fetchval(
-        _OPEN, household_id, event.value, sender, ref, json.dumps(scenario.model_dump(mode="json")), reason)
+        _OPEN, household_id, event.value, sender, ref, scenario.model_dump(mode="json"), reason)
     if incident_id is None:
         joined: UUID | None = await conn.fetchval(_JOIN, household_id, event.value, sender, ref)
         if joined is None:
