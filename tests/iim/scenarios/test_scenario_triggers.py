@@ -23,6 +23,7 @@ from fs_app.passthrough import make_passthrough_handler
 from fs_app.router import PolicyRouter
 from fs_app.routing import CallFacts
 from fs_app.testing import CallSpec, FreeSwitchEmulator, TargetBehaviour
+from iim import cli as iim_cli
 from iim.scenarios import registry as scenario_registry
 from iim.scenarios import store
 from iim.scenarios.engine import Notify, SendSms, mismatches, select_scenario
@@ -324,3 +325,21 @@ async def test_an_observer_that_raises_never_breaks_routing(
         await server.aclose(drain_timeout=2)
     assert result.bridged_to is not None
     assert seen == [home.child]
+
+
+# -- iim scenario simulate -----------------------------------------------------------------------------------
+
+def test_cli_simulates_a_call_trigger_for_a_sender_and_says_why_a_stranger_would_not_start_it(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert iim_cli.main(["scenario", "simulate", "--template", "call_announce", "--presence", "away",
+                         "--sender", "89000000004", "--at", "2026-12-06T18:00:00+03:00", "-o", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["applies"] is True
+    assert report["facts"]["sender"] == "+79000000004"
+    assert report["timeline"][0]["actions"][0]["text"] == "Member is calling Test home (18:00)."
+    assert iim_cli.main(["scenario", "simulate", "--template", "sms_keyword", "--sender", "+79160000000",
+                         "--text", "sos", "-o", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mismatches"] == ["condition 0: sender +79160000000 is none of a owner, a member"]
+    assert iim_cli.main(["scenario", "simulate", "--template", "call_announce", "--sender", "12ab"]) == 2
+    assert "--sender '12ab'" in capsys.readouterr().err
