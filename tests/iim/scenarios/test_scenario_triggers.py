@@ -33,6 +33,9 @@ from iim.scenarios.templates import CALL_ANNOUNCE, SMOKE_CO, SMS_KEYWORD, TEMPLA
 from iim.scenarios.triggers.facts import TriggerOffer, choose, comms_facts
 from iim.scenarios.triggers.intake import TriggerIntake
 from iim.scenarios.worker import IncidentWorker, WorkerSettings
+from iim.sms.outbox import SmsSender
+from iim.sms.smpp import SmppSettings, SmppTransport
+from iim.sms.smsc_sim import SmscProcess
 from iot_bridge.events import DeviceEvent, body_fingerprint
 from iot_bridge.intake import KnownDevice, accept_event
 from policy_cache import audit, presence_store, registry
@@ -325,6 +328,38 @@ async def test_an_observer_that_raises_never_breaks_routing(
         await server.aclose(drain_timeout=2)
     assert result.bridged_to is not None
     assert seen == [home.child]
+
+
+# -- the SMS path --------------------------------------------------------------------------------------------
+
+async def test_an_sms_through_the_smpp_simulator_starts_sms_keyword(home: Home, app_pool: Pool,
+                                                                     tmp_path: Path) -> None:
+    smsc = SmscProcess(tmp_path / "smsc.jsonl")
+    await smsc.start()
+    transport = SmppTransport(SmppSettings("127.0.0.1", smsc.port, "iim", "secret", response_timeout=3.0,
+                                           reconnect_min=0.05, reconnect_max=0.4))
+    try:
+        async with TriggerIntake(app_pool) as intake:
+            sender = SmsSender(app_pool, transport, poll_interval=0.05, on_mo=intake.on_mo)
+            await sender.start()
+            try:
+                await transport.wait_bound()
+                assert await smsc.deliver(destination=home.rig.owner[1:], source=home.child[1:],
+                                          text="Mum, SOS: call me") == 0
+
+                async def opened() -> bool:
+                    return bool(await home.rows("SELECT id FROM iim.incident WHERE hazard = 'incoming_sms'"))
+                deadline = asyncio.get_running_loop().time() + 15
+                while not await opened():
+                    assert asyncio.get_running_loop().time() < deadline, "the SMS started no scenario"
+                    await asyncio.sleep(0.05)
+            finally:
+                await sender.aclose()
+    finally:
+        await smsc.aclose()
+    [row] = await home.rows("SELECT sender, scenario->>'name' AS name, starts_with(first_event_id, 'sms:') AS ref "
+                            "FROM iim.incident WHERE hazard = 'incoming_sms'")
+    assert row == {"sender": home.child, "name": "sms_keyword", "ref": True}
 
 
 # -- iim scenario simulate -----------------------------------------------------------------------------------
