@@ -48,6 +48,9 @@ MissedCallNotifier = Callable[[RoutingSnapshot, CallFacts], Awaitable[None]]
 MessageNotifier = Callable[[RoutingSnapshot, CallFacts, MessageTaken], Awaitable[bool]]
 #: Takes a call whose home has cloud speakers to announce on (``iim.home.cloud_call.cloud_call_step``).
 AnnouncementStep = Callable[[Call, RoutingDecision], Awaitable[str]]
+#: Sees every call routed to a known subscriber and not rejected (the scenario trigger intake). It must return at
+#: once: it only queues (``iim.scenarios.triggers.intake.TriggerIntake.offer``); whatever it raises is logged.
+InboundObserver = Callable[[RoutingSnapshot, CallFacts], object]
 
 
 def _no_sink(_facts: CallFacts, _decision: RoutingDecision | None, _outcome: str) -> None:
@@ -86,6 +89,7 @@ class PolicyRouter:
         message: MessageNotifier | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         announce: AnnouncementStep | None = None,
+        on_inbound: InboundObserver | None = None,
     ) -> None:
         self._source = source
         self._passthrough = passthrough
@@ -96,6 +100,7 @@ class PolicyRouter:
         self._message = message
         self._clock = clock
         self._announce = announce
+        self._on_inbound = on_inbound
         self._routes = {name: metrics.CALLS_ROUTED.labels(name) for name in
                         ("policy", "reject", "fallback", "unknown_callee", "cache_not_ready", "decision_error")}
 
@@ -134,6 +139,7 @@ class PolicyRouter:
         if decision.action == "reject":
             await call.hangup(decision.reject_cause or "CALL_REJECTED")
             return
+        self._observe(snapshot, facts)
         if self._announce is not None and _announces(decision):
             outcome = await self._announce(call, decision)
             log.debug("cloud announcement", extra={"call_id": call.uuid, "outcome": outcome})
@@ -178,6 +184,16 @@ class PolicyRouter:
         if not call.hung_up:
             # A caller who left a message was answered: end it normally, not with the failed leg's cause.
             await call.hangup(relay_cause(cause) if cause and not call.answered else "NORMAL_CLEARING")
+
+    def _observe(self, snapshot: RoutingSnapshot, facts: CallFacts) -> None:
+        """Tell the trigger intake (queue only, never awaited): it must not delay or break routing the call."""
+        if self._on_inbound is None:
+            return
+        try:
+            self._on_inbound(snapshot, facts)
+        except Exception:
+            metrics.ERRORS.labels("inbound_observer").inc()
+            log.exception("inbound call observer failed; routing goes on", extra={"call_id": facts.uuid})
 
     def _decide(self, facts: CallFacts
                 ) -> tuple[RoutingDecision | None, str, RoutingSnapshot | None, CallFacts]:

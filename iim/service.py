@@ -67,10 +67,11 @@ from iim.linking.service import LinkingService
 from iim.privacy.purger import RetentionPurger
 from iim.privacy.retention import RetentionDefaults
 from iim.scenarios.operator.desk import OperatorDesk
+from iim.scenarios.triggers.intake import TriggerIntake
 from iim.scenarios.worker import IncidentWorker, WorkerSettings
 from iim.settings import Settings, secret_references
 from iim.sms.http_smsc import HttpSmscSettings, HttpSmscTransport
-from iim.sms.outbox import OutboxRow, SmsSender
+from iim.sms.outbox import InboundSms, MoHook, OutboxRow, SmsSender
 from iim.sms.smpp import SmppSettings, SmppTransport
 from iim.sms.transport import SmsTransport
 from iim.supervision.watchdog import DeviceWatchdog, WatchdogSettings
@@ -405,7 +406,9 @@ class Service:
             log.error("policy cache not loaded in %s s: routing by dialled number until it is", s.cache_load_timeout)
         audit = await stack.enter_async_context(CallDecisionAudit(pool))
         linking = await self._start_linking(stack, pool, directory_pool, keyring)
-        connectors, tts, audio_urls, smsc = await self._start_home(stack, pool, keyring, linking)
+        # Calls and SMS that start scenarios: queued off their paths, opened on the durable incident path.
+        triggers = await stack.enter_async_context(TriggerIntake(pool))
+        connectors, tts, audio_urls, smsc = await self._start_home(stack, pool, keyring, linking, triggers=triggers)
         audio_base = s.switch_audio_base_url or f"http://{s.http_host}:{s.http_port}"
         sms = OutboxSmsSink(pool, keyring)
         self._messages = self._recorded_messages(pool, sms)
@@ -418,7 +421,7 @@ class Service:
         announce = cloud_call_step(CloudAnnouncer(connectors), dial, sms, on_answer=audit.record_answer)
         router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record,
                               record_answer=audit.record_answer, announce=announce, missed_call=missed_call_sms(sms),
-                              message=self._messages)
+                              message=self._messages, on_inbound=triggers.on_call)
         try:
             switch_secret = (resolve_secret(s.switch_audio_secret_ref).encode() if s.switch_audio_secret_ref
                              else secrets.token_bytes(32))
@@ -506,7 +509,7 @@ class Service:
                                                                     keyring))
 
     async def _start_home(self, stack: AsyncExitStack, pool: Pool, keyring: Keyring,
-                          linking: LinkingService | None = None,
+                          linking: LinkingService | None = None, *, triggers: TriggerIntake | None = None,
                           ) -> tuple[ConnectorRegistry, EspeakTts, AudioUrlSigner, SmsTransport | None]:
         """The telecom -> home side: connectors, speech, SMS (read aloud under consent, escalation texts)."""
         s = self.settings
@@ -528,7 +531,9 @@ class Service:
         if transport is not None:
             # The sender owns its transport: it starts it and closes it after the last receipts are written.
             await stack.enter_async_context(
-                SmsSender(pool, transport, keyring=keyring, on_mo=readout.on_mo, on_undelivered=self._undelivered,
+                SmsSender(pool, transport, keyring=keyring,
+                          on_mo=_both(readout.on_mo, triggers.on_mo) if triggers else readout.on_mo,
+                          on_undelivered=self._undelivered,
                           mo_body_retention=s.sms_body_retention_s))
         else:
             log.warning("no SMSC configured (IIM_SMPP_HOST or IIM_HTTP_SMSC_URL): SMS stay queued in the outbox")
@@ -605,6 +610,15 @@ class Service:
                 host=s.sia_host, port=s.sia_port, tcp=s.sia_tcp, udp=s.sia_udp, idle_timeout_s=s.sia_idle_timeout_s)))
             stack.callback(setattr, self, "sia", None)
         return site.port
+
+
+def _both(first: MoHook, second: MoHook) -> MoHook:
+    """One MO hook that runs two: the scenario trigger (which only queues) first, so a slow read-aloud never
+    holds it back."""
+    async def hook(tenant_id: UUID, sms: InboundSms) -> None:
+        await second(tenant_id, sms)
+        await first(tenant_id, sms)
+    return hook
 
 
 async def _watch_speech(tts: EspeakTts, interval: float = 60.0) -> None:

@@ -49,6 +49,7 @@ from iim.admin.auth import Role, TokenEntry, hash_token, new_token
 from iim.admin.client import ApiClient, ApiProblem, ClientError
 from iim.admin.resources import RESOURCES, ListQuery, Resource
 from iim.admin.service import AuditQuery
+from iim.core.numbering import NotANumber, to_e164
 from iim.core.secrets import resolve_secret
 from iim.scenarios.engine import ActionOutcome, Contact, mismatches
 from iim.scenarios.model import ContactRole, Scenario
@@ -938,8 +939,14 @@ def _scenario_simulate(args: argparse.Namespace) -> int:
     start = _start(args.at, zone)
     registered_device = "device_sip_uri" in found  # a registered device without a SIP URI keeps none
     sip_uri = found.pop("device_sip_uri", None)
+    sender = None
+    if args.sender:
+        try:
+            sender = to_e164(args.sender)
+        except NotANumber as exc:
+            raise CliError(f"--sender {args.sender!r}: {exc}", EXIT_USAGE) from None
     facts = synthetic_facts(scenario, event=EventType(args.event) if args.event else None, occurred_at=start,
-                            **found)
+                            sender=sender, text=args.text, **found)
     if registered_device:
         facts = dataclasses.replace(facts, device_sip_uri=sip_uri)
     script = _script(args.answer or ())
@@ -951,8 +958,9 @@ def _scenario_simulate(args: argparse.Namespace) -> int:
             "facts": facts.to_json(), "script": {k: v.value for k, v in script.items()},
             "timeline": timeline_json(timeline)}, indent=2, ensure_ascii=False) + "\n")
         return EXIT_OK
-    sys.stdout.write(f"scenario {scenario.name}: {facts.event_type} from {facts.device_type} "
-                     f"{facts.device_name!r} at {start.isoformat()} ({facts.time_zone}), presence {facts.presence}\n")
+    source = f"{facts.device_type} {facts.device_name!r}" if facts.sender is None else facts.sender
+    sys.stdout.write(f"scenario {scenario.name}: {facts.event_type} from {source} "
+                     f"at {start.isoformat()} ({facts.time_zone}), presence {facts.presence}\n")
     for reason in mismatched:
         sys.stdout.write(f"note: would not be selected: {reason}\n")
     sys.stdout.write(format_timeline(timeline))
@@ -960,7 +968,7 @@ def _scenario_simulate(args: argparse.Namespace) -> int:
 
 
 def _templates_list(args: argparse.Namespace) -> int:
-    rows = [{"name": s.name, "events": [e.value for e in s.trigger.event_types],
+    rows = [{"name": s.name, "events": [e.value for e in s.trigger.event_types] or [s.trigger.kind.value],
              "devices": [d.value for d in s.trigger.device_types] or ["any"], "steps": len(s.steps),
              "on_acknowledge": len(s.on_acknowledge)} for s in TEMPLATES.values()]
     if args.output == "json":
@@ -1015,6 +1023,9 @@ def _register_scenario_tools(actions: Any) -> None:
     p.add_argument("--answer", action="append", metavar="WHO=OUTCOME",
                    help="script an outcome: WHO is a role, home, a number, an action key or call/sms/notify/record; "
                         "e.g. owner=false_alarm, backup_contact=acknowledge, owner=busy (repeatable)")
+    p.add_argument("--sender", help="call and SMS scenarios: who calls or writes (default: a contact its sender "
+                                    "condition names)")
+    p.add_argument("--text", help="SMS scenarios: the SMS text (default: its first keyword)")
     p.set_defaults(func=_scenario_tool(_scenario_simulate))
 
     top = actions.add_parser("templates", help="the shipped scenario templates")

@@ -63,6 +63,7 @@ from zoneinfo import ZoneInfo
 
 from iim.scenarios.model import (
     CallStep,
+    CommsEvent,
     ContactRole,
     IvrCheck,
     IvrOutcome,
@@ -70,8 +71,10 @@ from iim.scenarios.model import (
     PresenceCondition,
     RecordStep,
     Scenario,
+    SenderCondition,
     SmsStep,
     TimeWindowCondition,
+    TriggerKind,
     WaitStep,
     render,
 )
@@ -84,6 +87,7 @@ __all__ = [
     "select_scenario", "mismatches", "begin", "advance", "settle", "current_actions", "ready_to_advance",
     "on_repeat_event", "on_cleared", "groups", "deadline_for", "PriorChain", "rearm", "REARM_COOL_DOWN",
     "DEFAULT_CALL_MESSAGE", "EVENT_LABELS", "CALL_SLACK_S", "ANSWER_S", "TTS_CHARS_PER_S", "reopen",
+    "event_of", "keyword_in",
 ]
 
 #: What a call without IVR or message says.
@@ -98,13 +102,30 @@ SMS_MAX_CHARS = 1600  # iim.sms_outbox.body
 #: After an exhausted chain, how long the same device and hazard alarming again is held instead of re-calling
 REARM_COOL_DOWN = timedelta(minutes=30)
 
-EVENT_LABELS: Mapping[EventType, str] = {
+EVENT_LABELS: Mapping[str, str] = {
     EventType.SMOKE: "smoke", EventType.CO: "carbon monoxide", EventType.DOORBELL: "doorbell",
     EventType.FALL: "fall", EventType.PULSE: "abnormal pulse", EventType.PANIC: "panic button",
     EventType.WATER_LEAK: "water leak", EventType.INTRUSION: "intrusion", EventType.TAMPER: "tampering",
     EventType.OFFLINE: "no signal", EventType.BATTERY_LOW: "low battery",
     EventType.SELF_TEST_FAILED: "self-test failure",
+    CommsEvent.INCOMING_CALL: "incoming call", CommsEvent.INCOMING_SMS: "incoming SMS",
 }
+_TRIGGER_OF: Mapping[CommsEvent, TriggerKind] = {CommsEvent.INCOMING_CALL: TriggerKind.CALL,
+                                                 CommsEvent.INCOMING_SMS: TriggerKind.SMS}
+
+
+def event_of(value: str) -> EventType | CommsEvent:
+    """An incident's ``hazard`` read back: a device's event type, or the call or SMS that started it."""
+    try:
+        return CommsEvent(value)
+    except ValueError:
+        return EventType(value)
+
+
+def keyword_in(keywords: Sequence[str], text: str) -> str | None:
+    """The first of ``keywords`` (lower case) that ``text`` holds as a word, or None."""
+    words = {w.strip(".,;:!?()[]\"'«»").casefold() for w in text.split()}
+    return next((k for k in keywords if k.casefold() in words), None)
 
 
 class IncidentState(StrEnum):
@@ -141,13 +162,17 @@ class IncidentFacts:
     device is never called. ``occurred_at``: the event's time for ``{time}`` (else ``now``).
     ``device_dtmf_open``: the device (a doorphone) opens on a DTMF key sent to its call, so a call bridged
     to it passes the answerer's keys through.
+
+    A call or an SMS (``event_type`` a :class:`CommsEvent`) has no device: ``device_type``, ``device_id`` and
+    ``device_status`` are None and ``device_name`` names the sender. ``sender``: the caller or SMS sender in
+    E.164 (None for a device event); ``text``: the SMS body, for keyword matching only (never stored).
     """
 
-    event_type: EventType
-    device_type: DeviceType
-    device_id: str
+    event_type: EventType | CommsEvent
+    device_type: DeviceType | None
+    device_id: str | None
     device_name: str
-    device_status: DeviceStatus
+    device_status: DeviceStatus | None
     device_sip_uri: str | None
     household_name: str
     presence: PresenceState
@@ -156,13 +181,24 @@ class IncidentFacts:
     home_targets: tuple[str, ...]
     occurred_at: datetime | None = None
     device_dtmf_open: bool = False
+    sender: str | None = None
+    text: str | None = None
+
+    @property
+    def trigger(self) -> TriggerKind:
+        """What kind of trigger these facts are."""
+        if isinstance(self.event_type, CommsEvent):
+            return _TRIGGER_OF[self.event_type]
+        return TriggerKind.DEVICE_EVENT
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-able dict (for the incident row); :meth:`from_json` reads it back."""
+        """A JSON-able dict (for the incident row); :meth:`from_json` reads it back. The SMS text stays out."""
         return {
-            "event_type": self.event_type.value, "device_type": self.device_type.value,
+            "event_type": self.event_type.value,
+            "device_type": None if self.device_type is None else self.device_type.value,
             "device_id": self.device_id, "device_name": self.device_name,
-            "device_status": self.device_status.value, "device_sip_uri": self.device_sip_uri,
+            "device_status": None if self.device_status is None else self.device_status.value,
+            "device_sip_uri": self.device_sip_uri, "sender": self.sender,
             "household_name": self.household_name, "presence": self.presence.value, "time_zone": self.time_zone,
             "contacts": [{"role": c.role.value, "msisdn": c.msisdn, "subscriber_id": c.subscriber_id,
                           "priority": c.priority, "name": c.name, "consents": sorted(c.consents),
@@ -175,10 +211,12 @@ class IncidentFacts:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> IncidentFacts:
         occurred = data.get("occurred_at")
+        device_type, device_id, status = data.get("device_type"), data.get("device_id"), data.get("device_status")
         return cls(
-            event_type=EventType(data["event_type"]), device_type=DeviceType(data["device_type"]),
-            device_id=str(data["device_id"]), device_name=str(data["device_name"]),
-            device_status=DeviceStatus(data["device_status"]), device_sip_uri=data.get("device_sip_uri"),
+            event_type=event_of(data["event_type"]), device_type=None if device_type is None else DeviceType(device_type),
+            device_id=None if device_id is None else str(device_id), device_name=str(data["device_name"]),
+            device_status=None if status is None else DeviceStatus(status), device_sip_uri=data.get("device_sip_uri"),
+            sender=data.get("sender"),
             household_name=str(data["household_name"]), presence=PresenceState(data["presence"]),
             time_zone=str(data["time_zone"]),
             contacts=tuple(Contact(ContactRole(c["role"]), str(c["msisdn"]), str(c["subscriber_id"]),
@@ -319,13 +357,7 @@ def mismatches(scenario: Scenario, facts: IncidentFacts, now: datetime) -> tuple
     found: list[str] = []
     if not scenario.enabled:
         found.append("the scenario is disabled")
-    trigger = scenario.trigger
-    if facts.event_type not in trigger.event_types:
-        found.append(f"trigger: event {facts.event_type} is not one of "
-                     f"{', '.join(e.value for e in trigger.event_types)}")
-    if trigger.device_types and facts.device_type not in trigger.device_types:
-        found.append(f"trigger: device type {facts.device_type} is not one of "
-                     f"{', '.join(d.value for d in trigger.device_types)}")
+    found.extend(_trigger_mismatches(scenario, facts))
     local = _local(now, facts.time_zone)
     for i, cond in enumerate(scenario.conditions):
         if isinstance(cond, TimeWindowCondition):
@@ -337,10 +369,45 @@ def mismatches(scenario: Scenario, facts: IncidentFacts, now: datetime) -> tuple
             if facts.presence not in cond.states:
                 found.append(f"condition {i}: presence {facts.presence} is not one of "
                              f"{', '.join(s.value for s in cond.states)}")
+        elif isinstance(cond, SenderCondition):
+            if (why := _sender_mismatch(cond, facts)) is not None:
+                found.append(f"condition {i}: {why}")
+        elif facts.device_status is None:
+            found.append(f"condition {i}: a {facts.trigger} has no device status")
         elif facts.device_status not in cond.statuses:
             found.append(f"condition {i}: device status {facts.device_status} is not one of "
                          f"{', '.join(s.value for s in cond.statuses)}")
     return tuple(found)
+
+
+def _trigger_mismatches(scenario: Scenario, facts: IncidentFacts) -> list[str]:
+    trigger = scenario.trigger
+    if trigger.kind is not facts.trigger:
+        return [f"trigger: a {facts.trigger} does not start a {trigger.kind} scenario"]
+    found: list[str] = []
+    if trigger.kind is TriggerKind.DEVICE_EVENT:
+        if facts.event_type not in trigger.event_types:
+            found.append(f"trigger: event {facts.event_type} is not one of "
+                         f"{', '.join(e.value for e in trigger.event_types)}")
+        if trigger.device_types and facts.device_type not in trigger.device_types:
+            found.append(f"trigger: device type {facts.device_type} is not one of "
+                         f"{', '.join(d.value for d in trigger.device_types)}")
+    elif trigger.keywords and keyword_in(trigger.keywords, facts.text or "") is None:
+        found.append(f"trigger: the SMS holds none of the keywords {', '.join(trigger.keywords)}")
+    return found
+
+
+def _sender_mismatch(cond: SenderCondition, facts: IncidentFacts) -> str | None:
+    """Why the sender condition does not hold (None: it holds)."""
+    if facts.sender is None:
+        return f"a {facts.trigger} has no sender"
+    roles = {c.role for c in facts.contacts if c.msisdn == facts.sender}
+    matched = facts.sender in cond.numbers or bool(roles & set(cond.roles))
+    if matched != cond.negate:
+        return None
+    wanted = ", ".join([*cond.numbers, *(f"a {r}" for r in cond.roles)])
+    return (f"sender {facts.sender} is {'one' if cond.negate else 'none'} of {wanted}"
+            + (" (negated)" if cond.negate else ""))
 
 
 def select_scenario(scenarios: Sequence[Scenario], facts: IncidentFacts, now: datetime) -> Scenario | None:
@@ -378,7 +445,15 @@ def _group_end(scenario: Scenario, first: int) -> int:
 def _placeholders(facts: IncidentFacts, now: datetime) -> dict[str, str]:
     when = _local(facts.occurred_at or now, facts.time_zone)
     return {"device": facts.device_name, "event": EVENT_LABELS.get(facts.event_type, facts.event_type.value),
-            "household": facts.household_name, "time": f"{when:%H:%M}"}
+            "household": facts.household_name, "sender": _sender_label(facts), "time": f"{when:%H:%M}"}
+
+
+def _sender_label(facts: IncidentFacts) -> str:
+    """Who called or wrote, by name when a contact of the household; a device event's device."""
+    if facts.sender is None:
+        return facts.device_name
+    named = next((c.name for c in facts.contacts if c.msisdn == facts.sender and c.name), None)
+    return named or facts.sender
 
 
 def _contacts(facts: IncidentFacts, role: ContactRole) -> list[Contact]:

@@ -1,12 +1,13 @@
 """The typed meaning of a scenario row (``iim.scenario``: trigger, conditions, steps, on_acknowledge).
 
-A scenario says which device events it answers (:class:`Trigger`), when it applies (conditions, all of
-which must hold) and what to do, in order (steps). Consecutive steps joined by ``with_next=True`` form a
+A scenario says what starts it (:class:`Trigger`: device events, an incoming call or an incoming SMS), when it
+applies (conditions, all of which must hold) and what to do, in order (steps). Consecutive steps joined by ``with_next=True`` form a
 *group* that runs at once (smoke: call the owner AND text the owner); the engine moves from group to group
 until a person acknowledges, declares a false alarm or says they are fine (see :mod:`iim.scenarios.engine`).
 
 Texts (SMS, notifications, IVR and call prompts) are templates that may use only ``{device}``,
-``{event}``, ``{household}`` and ``{time}``; anything else is refused when the scenario is validated, so
+``{event}``, ``{household}``, ``{sender}`` and ``{time}`` (``{sender}``: who called or wrote, by name when they
+are a contact of the household; for a device event, the device's name); anything else is refused when the scenario is validated, so
 a scenario that was accepted always renders.
 
 The models are frozen and refuse unknown fields. Numbers and booleans are strict (``"30"`` is not 30);
@@ -40,13 +41,14 @@ if TYPE_CHECKING:
 __all__ = [
     "PLACEHOLDERS", "MAX_STEPS",
     "ContactRole", "IvrOutcome", "TemplateText", "render",
-    "Trigger", "TimeWindowCondition", "PresenceCondition", "DeviceStatusCondition", "Condition",
+    "Trigger", "TriggerKind", "CommsEvent", "TimeWindowCondition", "PresenceCondition", "DeviceStatusCondition",
+    "SenderCondition", "Condition", "E164",
     "IvrCheck", "CallStep", "SmsStep", "NotifyStep", "RecordStep", "WaitStep", "Step", "AckStep",
     "Scenario", "check_steps", "check_acknowledge", "definition_of",
 ]
 
 #: The only placeholders a text template may use.
-PLACEHOLDERS = frozenset({"device", "event", "household", "time"})
+PLACEHOLDERS = frozenset({"device", "event", "household", "sender", "time"})
 MAX_STEPS = 20
 
 
@@ -105,11 +107,54 @@ class _Model(BaseModel):
 
 # -- trigger and conditions -------------------------------------------------------------------------------
 
-class Trigger(_Model):
-    """The events a scenario answers; ``device_types`` empty means any device type."""
+class TriggerKind(StrEnum):
+    """What starts a scenario (spec 9.1.2: a call, an SMS or an IoT event)."""
 
-    event_types: list[EventType] = Field(min_length=1)
+    DEVICE_EVENT = "device_event"
+    CALL = "call"
+    SMS = "sms"
+
+
+class CommsEvent(StrEnum):
+    """The "event" of an incident a call or an SMS started (its ``hazard``); never a device's event type."""
+
+    INCOMING_CALL = "incoming_call"
+    INCOMING_SMS = "incoming_sms"
+
+
+#: A number in E.164 (``+`` and 8 to 15 digits): what a sender is compared as, after the tenant's numbering plan.
+E164 = Annotated[str, StringConstraints(pattern=r"^\+[1-9][0-9]{7,14}$")]
+Keyword = Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True, min_length=1, max_length=40,
+                                           pattern=r"^[^\s]+$")]
+
+
+class Trigger(_Model):
+    """What starts the scenario.
+
+    ``device_event`` (the default, so rows stored before calls and SMS existed read unchanged): one of
+    ``event_types`` from a device of one of ``device_types`` (empty: any type). ``call``: an incoming call to a
+    member of the household. ``sms``: an incoming SMS to one, whose text holds one of ``keywords`` as a word
+    (case-insensitive; none: any SMS). Who called or wrote is a :class:`SenderCondition`.
+    """
+
+    kind: TriggerKind = TriggerKind.DEVICE_EVENT
+    event_types: list[EventType] = Field(default_factory=list)
     device_types: list[DeviceType] = Field(default_factory=list)
+    keywords: list[Keyword] = Field(default_factory=list, max_length=20)
+
+    @model_validator(mode="after")
+    def _fields_of_the_kind(self) -> Self:
+        if self.kind is TriggerKind.DEVICE_EVENT:
+            if not self.event_types:
+                raise ValueError("a device_event trigger needs at least one of event_types")
+            if self.keywords:
+                raise ValueError("keywords belong to an sms trigger")
+            return self
+        if self.event_types or self.device_types:
+            raise ValueError(f"a {self.kind} trigger takes no event_types or device_types (they are device events)")
+        if self.keywords and self.kind is not TriggerKind.SMS:
+            raise ValueError("keywords belong to an sms trigger")
+        return self
 
 
 class TimeWindowCondition(_Model):
@@ -149,7 +194,25 @@ class DeviceStatusCondition(_Model):
     statuses: list[DeviceStatus] = Field(min_length=1)
 
 
-Condition = Annotated[TimeWindowCondition | PresenceCondition | DeviceStatusCondition, Field(discriminator="kind")]
+class SenderCondition(_Model):
+    """Holds when the caller or SMS sender is one of ``numbers`` (E.164) or a contact of the household with one of
+    ``roles`` (the child is a ``member``); a device event has no sender, so it never holds there. The sender is
+    compared in E.164 under the tenant's numbering plan (``8916...`` is ``+7916...``). ``negate``: anyone else."""
+
+    kind: Literal["sender"]
+    numbers: list[E164] = Field(default_factory=list, max_length=50)
+    roles: list[ContactRole] = Field(default_factory=list)
+    negate: StrictBool = False
+
+    @model_validator(mode="after")
+    def _someone(self) -> Self:
+        if not self.numbers and not self.roles:
+            raise ValueError("a sender condition needs numbers or roles")
+        return self
+
+
+Condition = Annotated[TimeWindowCondition | PresenceCondition | DeviceStatusCondition | SenderCondition,
+                      Field(discriminator="kind")]
 
 
 # -- steps ------------------------------------------------------------------------------------------------
@@ -261,6 +324,19 @@ class Scenario(_Model):
                   ) -> list[CallStep | SmsStep | NotifyStep | RecordStep | WaitStep]:
         check_steps(steps)
         return steps
+
+    @model_validator(mode="after")
+    def _no_device_without_a_device(self) -> Self:
+        """A call or an SMS has no triggering device: what needs one is refused, not silently skipped."""
+        if self.trigger.kind is TriggerKind.DEVICE_EVENT:
+            return self
+        for i, step in enumerate(self.steps):
+            if isinstance(step, RecordStep) or (isinstance(step, CallStep) and step.bridge):
+                raise ValueError(f"step {i}: a {self.trigger.kind} trigger has no device to record at or bridge to")
+        statuses = [i for i, cond in enumerate(self.conditions) if isinstance(cond, DeviceStatusCondition)]
+        if statuses:
+            raise ValueError(f"condition {statuses[0]}: a {self.trigger.kind} trigger has no device status")
+        return self
 
     @field_validator("on_acknowledge")
     @classmethod

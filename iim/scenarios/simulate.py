@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from iim.scenarios.engine import (
@@ -33,7 +33,8 @@ from iim.scenarios.engine import (
     begin,
     ready_to_advance,
 )
-from iim.scenarios.model import ContactRole, Scenario
+from iim.scenarios.model import ContactRole, Scenario, SenderCondition, TriggerKind
+from iim.scenarios.triggers.facts import comms_facts
 from iot_bridge.event_types import EventType
 from policy_cache.models import DeviceStatus, DeviceType, PresenceState
 
@@ -52,7 +53,11 @@ SYNTHETIC_CONTACTS = (
     Contact(ContactRole.BACKUP_CONTACT, "+79000000002", "synthetic-backup", 10, "Backup contact"),
     Contact(ContactRole.SECURITY_SERVICE, "+79000000003", "synthetic-security", 20, "Security service"),
 )
+#: Added to the synthetic contacts of a call or SMS dry run: someone of the household who calls or writes.
+SYNTHETIC_MEMBER = Contact(ContactRole.MEMBER, "+79000000004", "synthetic-member", 5, "Member")
 SYNTHETIC_HOME = ("sip:speaker@home.invalid",)
+#: Who calls or writes in a dry run when the scenario names nobody (a number of nobody in the household).
+UNKNOWN_SENDER = "+79000000009"
 
 _CALL_FAILURES = frozenset({ActionOutcome.NO_ANSWER, ActionOutcome.BUSY, ActionOutcome.FAILED,
                             ActionOutcome.REFUSED, ActionOutcome.UNREACHABLE})
@@ -86,15 +91,36 @@ def synthetic_facts(scenario: Scenario, *, event: EventType | None = None, devic
                     presence: PresenceState = PresenceState.UNKNOWN, time_zone: str = "Europe/Moscow",
                     household_name: str = "Test home", contacts: Sequence[Contact] = SYNTHETIC_CONTACTS,
                     home_targets: Sequence[str] = SYNTHETIC_HOME, occurred_at: datetime | None = None,
-                    ) -> IncidentFacts:
+                    sender: str | None = None, text: str | None = None) -> IncidentFacts:
     """Facts for a dry run: by default the scenario's first trigger event from a device it accepts, and
-    the synthetic owner / backup contact / security service."""
+    the synthetic owner / backup contact / security service. A call or SMS scenario gets a call or SMS from
+    ``sender`` (default: the first contact of a role its sender condition names, else an unknown number), unless
+    a device ``event`` or ``device_type`` is asked for."""
+    if scenario.trigger.kind is not TriggerKind.DEVICE_EVENT and event is None and device_type is None:
+        if contacts is SYNTHETIC_CONTACTS:
+            contacts = (*SYNTHETIC_CONTACTS, SYNTHETIC_MEMBER)
+        who = sender or _default_sender(scenario, contacts)
+        return comms_facts(scenario.trigger.kind, sender=who, household_name=household_name, time_zone=time_zone,
+                           presence=presence, contacts=contacts, home_targets=home_targets,
+                           at=occurred_at or datetime.now(UTC),
+                           text=text if text is not None else " ".join(scenario.trigger.keywords[:1]) or "hello")
     kind = device_type or (scenario.trigger.device_types[0] if scenario.trigger.device_types else DeviceType.SENSOR)
     return IncidentFacts(
-        event_type=event or scenario.trigger.event_types[0], device_type=kind, device_id="synthetic-device",
+        event_type=event or (scenario.trigger.event_types or [EventType.SMOKE])[0], device_type=kind, device_id="synthetic-device",
         device_name=device_name or f"test {kind}", device_status=device_status,
         device_sip_uri=f"sip:{kind}@home.invalid", household_name=household_name, presence=presence,
         time_zone=time_zone, contacts=tuple(contacts), home_targets=tuple(home_targets), occurred_at=occurred_at)
+
+
+def _default_sender(scenario: Scenario, contacts: Sequence[Contact]) -> str:
+    for cond in scenario.conditions:
+        if isinstance(cond, SenderCondition) and not cond.negate:
+            if cond.numbers:
+                return cond.numbers[0]
+            named = next((c.msisdn for c in contacts if c.role in cond.roles), None)
+            if named is not None:
+                return named
+    return UNKNOWN_SENDER
 
 
 def _who(action: Action) -> list[str]:

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import asyncpg
@@ -40,16 +40,17 @@ from iim.scenarios.engine import (
     Progress,
     RecordMessage,
     SendSms,
+    event_of,
 )
 from iim.scenarios.model import ContactRole, IvrCheck, Scenario
 from iim.sms import store as sms_store
-from iot_bridge.event_types import EventType
 from iot_bridge.intake import IncidentJobs
 from policy_cache import audit as audit_log
 from policy_cache import errors as store_errors
 from policy_cache import jobs
 from policy_cache.db import Connection, Pool, tenant_tx
 from policy_cache.models import DeviceStatus, DeviceType, PresenceState
+from policy_cache.presence import PresenceClaim, resolve_presence
 
 __all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_incident",
            "load_scenarios", "persist_advance", "record_outcome", "write_outcomes", "OutcomeWrite", "CallClaim",
@@ -58,21 +59,23 @@ __all__ = ["ActionRow", "IncidentRow", "call_uuid_for", "load_action", "load_inc
            "prune_originate_windows", "audit", "audit_line", "action_spec", "decode_action", "clear_incident",
            "exhaust_incident", "mark_sms_undelivered", "queue_action_sms", "retry_call", "text_unreachable",
            "unreachable_retries", "LimitsRow", "call_waited_s", "queue_capped_call", "end_unbegun", "step_tried",
-           "reopen_incident"]
+           "reopen_incident", "live_presence"]
 
 #: Namespace for deterministic call UUIDs: the same action key always dials with the same origination_uuid.
 _CALL_NS = uuid.UUID("6f1c3f0e-2a4b-4a57-9d0e-1b5c9a7e0c11")
 
 _INCIDENT = """
 SELECT i.id, i.household_id, i.device_id, i.hazard, i.state::text AS state, i.scenario, i.step, i.attempt,
-       i.deadline, i.first_event_id, i.opened_at,
+       i.deadline, i.first_event_id, i.opened_at, i.sender,
        d.name AS device_name, d.type::text AS device_type, d.status::text AS device_status, d.sip_uri,
        d.external_id AS device_external_id, 'dtmf_open' = ANY (d.capabilities) AS device_dtmf_open,
        (SELECT e.occurred_at FROM iim.device_event e
          WHERE e.tenant_id = i.tenant_id AND e.event_id = i.first_event_id) AS occurred_at,
-       h.name AS household_name, h.presence::text AS presence, h.time_zone{extra}
+       h.name AS household_name, h.presence::text AS presence, h.time_zone,
+       ({claims}) AS presence_claims, extract(epoch FROM now())::float8 AS db_now{extra}
   FROM iim.incident i
-  JOIN iim.device d ON d.tenant_id = i.tenant_id AND d.id = i.device_id
+  -- no device: an incident an incoming call or SMS started (0027)
+  LEFT JOIN iim.device d ON d.tenant_id = i.tenant_id AND d.id = i.device_id
   JOIN iim.household h ON h.tenant_id = i.tenant_id AND h.id = i.household_id
  WHERE i.id = $1
    FOR UPDATE OF i"""
@@ -132,6 +135,11 @@ _ORIGINATE_FACTS = """SELECT l.max_concurrent, l.max_per_hour, l.country_codes,
                         FROM (SELECT 1) AS one LEFT JOIN iim.originate_limit l ON true"""
 _ORIGINATE_FACTS = _ORIGINATE_FACTS.format(bound=_BOUND.format(household="$1"), allowed=_ALLOWED.format(household="$1"),
                                            numbering=_NUMBERING)
+# The household's live presence claims (policy_cache.presence resolves them over the registry's column).
+_CLAIMS = """SELECT coalesce(json_agg(json_build_array(c.source, c.subject, c.state, extract(epoch FROM c.observed_at),
+                                                  extract(epoch FROM c.expires_at))), '[]')
+             FROM iim.presence_claim c WHERE c.household_id = {household} AND c.expires_at > now()"""
+_INCIDENT = _INCIDENT.replace("{claims}", _CLAIMS.format(household="i.household_id"))
 _INCIDENT_LIGHT = _INCIDENT.format(extra="")
 _LOCK_INCIDENT = "SELECT 1 FROM iim.incident WHERE id = $1 FOR UPDATE"
 _INCIDENT_FULL = _INCIDENT.format(extra=_FACTS.format(fallback=_FALLBACK_NUMBERS.format(household="i.household_id"),
@@ -162,7 +170,8 @@ class IncidentRow:
     deadline: datetime | None
     first_event_id: str
     household_id: UUID
-    device_id: UUID
+    #: None for an incident an incoming call or SMS started
+    device_id: UUID | None
     facts: IncidentFacts
     #: Loaded with the facts (``full``) only: what a notification step needs to be settled with its decision.
     notify_targets: tuple[NotificationTarget, ...] | None = None
@@ -231,13 +240,15 @@ async def load_incident(conn: Connection, incident_id: UUID, *, full: bool = Tru
                     device_bound=c["device_bound"])
             for c in row["contacts"])
         home = tuple(row["home"])
+    device = row["device_id"] is not None
     facts = IncidentFacts(
-        event_type=EventType(row["hazard"]), device_type=DeviceType(row["device_type"]),
-        device_id=row["device_external_id"], device_name=row["device_name"],
-        device_status=DeviceStatus(row["device_status"]), device_sip_uri=row["sip_uri"],
-        household_name=row["household_name"], presence=PresenceState(row["presence"]),
-        time_zone=row["time_zone"], contacts=contacts, home_targets=home, occurred_at=row["occurred_at"],
-        device_dtmf_open=bool(row["device_dtmf_open"]))
+        event_type=event_of(row["hazard"]), device_type=DeviceType(row["device_type"]) if device else None,
+        device_id=row["device_external_id"], device_name=row["device_name"] if device else row["sender"],
+        device_status=DeviceStatus(row["device_status"]) if device else None, device_sip_uri=row["sip_uri"],
+        household_name=row["household_name"],
+        presence=live_presence(row["presence"], row["presence_claims"], row["db_now"]),
+        time_zone=row["time_zone"], contacts=contacts, home_targets=home, sender=row["sender"],
+        occurred_at=row["occurred_at"], device_dtmf_open=bool(row["device_dtmf_open"]))
     scenario = Scenario.model_validate(row["scenario"]) if full and row["scenario"] else None
     state = IncidentState(row["state"])
     return IncidentRow(id=row["id"], state=state, progress=Progress(state, row["step"], row["attempt"]),
@@ -245,6 +256,16 @@ async def load_incident(conn: Connection, incident_id: UUID, *, full: bool = Tru
                        household_id=row["household_id"], device_id=row["device_id"], facts=facts,
                        notify_targets=targets, sms_fallback=fallback, group=group, originate_limits=limits,
                        bound=bound, numbering_plan=numbering)
+
+
+def live_presence(baseline: str, claims: list[list[Any]], now: float) -> PresenceState:
+    """The household's presence as routing resolves it (:func:`policy_cache.presence.resolve_presence`): the live
+    claims (rows of :data:`_CLAIMS`) over the registry's column, at the database's ``now`` (epoch seconds)."""
+    live = [PresenceClaim(source, subject, state, float(observed), float(expires))
+            for source, subject, state, observed, expires in claims]
+    base: Literal["home", "away", "unknown"] = "home" if baseline == "home" else "away" if baseline == "away" \
+        else "unknown"
+    return PresenceState(resolve_presence(base, live, now).state)
 
 
 def _numbering(row: list[Any] | None) -> NumberingPlan | None:

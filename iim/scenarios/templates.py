@@ -1,9 +1,10 @@
 """Ready-made scenarios for the three device incidents of the spec (§3.3): smoke/CO, doorphone, wearable; and
-device health (a silent sensor, a low battery, a failed self-test: iim.supervision).
+device health (a silent sensor, a low battery, a failed self-test: iim.supervision); and
+two started by an incoming call or SMS (§9.1.2): ``call_announce``, ``sms_keyword``.
 
 They are complete, validated :class:`~iim.scenarios.model.Scenario` objects: ``iim scenario templates
-install --household ID`` stores them as rows of a household, and a worker may fall back on them when a
-tenant has defined none. Calls to a security service are to a contracted service: placing calls to public
+install --household ID`` stores them as rows of a household, and a worker may fall back on the device ones when
+a tenant has defined none (never on the call and SMS ones: a household asks for those by installing them). Calls to a security service are to a contracted service: placing calls to public
 emergency numbers is left to people (regulation), never automated here.
 """
 
@@ -18,14 +19,17 @@ from iim.scenarios.model import (
     IvrCheck,
     IvrOutcome,
     NotifyStep,
+    PresenceCondition,
     RecordStep,
     Scenario,
+    SenderCondition,
     SmsStep,
     Trigger,
+    TriggerKind,
     WaitStep,
 )
 from iot_bridge.event_types import EventType
-from policy_cache.models import DeviceType
+from policy_cache.models import DeviceType, PresenceState
 
 __all__ = ["TEMPLATES", "template"]
 
@@ -112,8 +116,33 @@ DEVICE_HEALTH = Scenario(
     ],
 )
 
+# "My child calls while I am away": the household's speakers (or, without a connected one, the owners' and
+# members' phones by SMS) hear who is calling.
+CALL_ANNOUNCE = Scenario(
+    name="call_announce",
+    trigger=Trigger(kind=TriggerKind.CALL),
+    conditions=[SenderCondition(kind="sender", roles=[ContactRole.MEMBER]),
+                PresenceCondition(kind="presence", states=[PresenceState.AWAY])],
+    steps=[NotifyStep(action="notify", text="{sender} is calling {household} ({time}).")],
+)
+
+# An SMS with a word for help from someone of the household: the home is told and the backup contact called.
+SMS_KEYWORD = Scenario(
+    name="sms_keyword",
+    trigger=Trigger(kind=TriggerKind.SMS, keywords=["help", "sos", "помогите"]),
+    conditions=[SenderCondition(kind="sender", roles=[ContactRole.OWNER, ContactRole.MEMBER])],
+    steps=[
+        NotifyStep(action="notify", text="{sender} asked {household} for help by SMS at {time}.", with_next=True),
+        SmsStep(action="sms", to=ContactRole.BACKUP_CONTACT,
+                text="{sender} asked {household} for help by SMS at {time}. We are calling you."),
+        CallStep(action="call", to=ContactRole.BACKUP_CONTACT, ivr=IvrCheck(
+            prompt="{sender} asked {household} for help by SMS at {time}. Press 1 if you are taking care of it.",
+            digits={"1": IvrOutcome.ACKNOWLEDGE})),
+    ],
+)
+
 TEMPLATES: Mapping[str, Scenario] = MappingProxyType({s.name: s for s in (SMOKE_CO, DOORPHONE, WEARABLE_FALL,
-                                                                          DEVICE_HEALTH)})
+                                                                          DEVICE_HEALTH, CALL_ANNOUNCE, SMS_KEYWORD)})
 
 
 def template(name: str) -> Scenario:

@@ -68,8 +68,9 @@ class IncidentSummary(BaseModel):
 
     id: UUID
     household_id: UUID
-    device_id: UUID
-    device_name: str
+    device_id: UUID | None = Field(description="null: an incoming call or SMS started it (hazard incoming_call, "
+                                               "incoming_sms)")
+    device_name: str = Field(description="the device, or the caller or SMS sender (E.164) when no device")
     hazard: str
     state: IncidentState
     step: int = Field(description="the scenario step (group) it is at or ended at")

@@ -25,10 +25,10 @@ __all__ = ["READ_ACTION", "list_incidents", "incident_summary", "incident_scope"
            "notify_target", "TestClaim", "claim_test_originate", "settle_test_originate"]
 
 _SUMMARY = """
-SELECT i.id, i.household_id, i.device_id, d.name AS device_name, i.hazard, i.state::text AS state, i.step, i.attempt,
+SELECT i.id, i.household_id, i.device_id, coalesce(d.name, i.sender) AS device_name, i.hazard, i.state::text AS state, i.step, i.attempt,
        i.deadline, i.reason, i.scenario->>'name' AS scenario, i.first_event_id, i.event_count, i.opened_at,
        i.updated_at, i.closed_at
-  FROM iim.incident i JOIN iim.device d ON d.tenant_id = i.tenant_id AND d.id = i.device_id"""
+  FROM iim.incident i LEFT JOIN iim.device d ON d.tenant_id = i.tenant_id AND d.id = i.device_id"""
 
 #: The audit lines a timeline shows at most (an incident writes a few dozen).
 AUDIT_LIMIT = 1000

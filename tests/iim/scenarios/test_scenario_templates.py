@@ -51,7 +51,7 @@ def test_every_template_is_valid_and_survives_a_json_round_trip() -> None:
         assert sc.name == name
         assert sc.enabled
         assert Scenario.model_validate_json(sc.model_dump_json()) == sc
-    with pytest.raises(KeyError, match="known: device_health, doorphone, smoke_co, wearable_fall"):
+    with pytest.raises(KeyError, match="known: call_announce, device_health, doorphone, smoke_co, sms_keyword, wearable_fall"):
         template("fire")
 
 
@@ -190,7 +190,7 @@ def _scenario(**changes: Any) -> dict[str, Any]:
     ("changes", "loc", "message"),
     [
         ({"steps": [{"action": "sms", "to": "owner", "text": "at {address}"}]}, ("steps", 0, "sms", "text"),
-         "unknown placeholder {address}: only {device}, {event}, {household}, {time} may be used"),
+         "unknown placeholder {address}: only {device}, {event}, {household}, {sender}, {time} may be used"),
         ({"steps": [{"action": "notify", "text": "{device!r}"}]}, ("steps", 0, "notify", "text"),
          "takes no format spec or conversion"),
         ({"steps": [{"action": "notify", "text": "50% {"}]}, ("steps", 0, "notify", "text"), "bad template"),
@@ -214,7 +214,14 @@ def _scenario(**changes: Any) -> dict[str, Any]:
          "Input should be 'owner', 'member', 'backup_contact' or 'security_service'"),
         ({"steps": [{"action": "dance"}]}, ("steps", 0), "does not match any of the expected tags"),
         ({"steps": []}, ("steps",), "at least 1 item"),
-        ({"trigger": {"event_types": []}}, ("trigger", "event_types"), "at least 1 item"),
+        ({"trigger": {"event_types": []}}, ("trigger",), "a device_event trigger needs at least one of event_types"),
+        ({"trigger": {"kind": "call", "event_types": ["smoke"]}}, ("trigger",), "takes no event_types"),
+        ({"trigger": {"kind": "call", "keywords": ["help"]}}, ("trigger",), "keywords belong to an sms trigger"),
+        ({"conditions": [{"kind": "sender"}]}, ("conditions", 0, "sender"), "needs numbers or roles"),
+        ({"conditions": [{"kind": "sender", "numbers": ["89161234567"]}]}, ("conditions", 0, "sender", "numbers", 0),
+         "should match pattern"),
+        ({"trigger": {"kind": "call"}, "steps": [{"action": "record_message", "prompt": "x"}]}, (),
+         "has no device to record at or bridge to"),
         ({"trigger": {"event_types": ["smoke"], "rooms": ["kitchen"]}}, ("trigger", "rooms"), "Extra inputs"),
         ({"conditions": [{"kind": "time_window", "start": "07:00", "end": "07:00"}]},
          ("conditions", 0, "time_window"), "start != end"),
