@@ -22,7 +22,7 @@ from uuid import UUID
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["CipherError", "DataKey", "MasterKey", "field_aad", "new_data_key_bytes"]
+__all__ = ["CipherError", "DataKey", "MasterKey", "field_aad", "key_from_secret", "new_data_key_bytes"]
 
 _NONCE = 12
 _KEY = 32
@@ -63,6 +63,25 @@ def _open(aead: AESGCM, sealed: bytes, aad: bytes) -> bytes:
         raise CipherError("ciphertext does not open with this key in this place") from None
 
 
+def key_from_secret(secret: str, what: str = "a key") -> bytes:
+    """A 256-bit key from its secret text (64 hex digits, or base64 of 32 bytes); CipherError otherwise."""
+    text = secret.strip()
+    raw: bytes | None = None
+    if len(text) == 2 * _KEY:
+        try:
+            raw = bytes.fromhex(text)
+        except ValueError:
+            raw = None
+    if raw is None:
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raw = None
+    if raw is None or len(raw) != _KEY:
+        raise CipherError(f"{what} is 32 bytes, given as 64 hex digits or base64")
+    return raw
+
+
 @dataclass(frozen=True, slots=True)
 class MasterKey:
     """The key that wraps data keys; ``key_id`` is a fingerprint (stored with each wrapped key), not the key."""
@@ -73,21 +92,7 @@ class MasterKey:
     @classmethod
     def from_secret(cls, secret: str) -> MasterKey:
         """A master key from its secret text: 32 bytes as 64 hex digits or as base64."""
-        text = secret.strip()
-        raw: bytes | None = None
-        if len(text) == 2 * _KEY:
-            try:
-                raw = bytes.fromhex(text)
-            except ValueError:
-                raw = None
-        if raw is None:
-            try:
-                raw = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError):
-                raw = None
-        if raw is None or len(raw) != _KEY:
-            raise CipherError("a master key is 32 bytes, given as 64 hex digits or base64")
-        return cls.from_bytes(raw)
+        return cls.from_bytes(key_from_secret(secret, "a master key"))
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> MasterKey:

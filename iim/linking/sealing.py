@@ -17,6 +17,8 @@ from uuid import UUID
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from iim.core.envelope import CipherError, key_from_secret
+
 __all__ = ["AesGcmSealer", "SealError", "Sealer"]
 
 _NONCE = 12
@@ -55,19 +57,10 @@ class AesGcmSealer:
     @classmethod
     def from_secret(cls, text: str) -> AesGcmSealer:
         """A key given as 64 hex digits or as base64 of 32 bytes."""
-        text = text.strip()
-        raw: bytes | None = None
-        if len(text) == 2 * _KEY:
-            try:
-                raw = bytes.fromhex(text)
-            except ValueError:
-                raw = None
-        if raw is None:
-            try:
-                raw = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError):
-                raise SealError("the token key is neither 64 hex digits nor base64") from None
-        return cls(raw)
+        try:
+            return cls(key_from_secret(text, "the token key"))
+        except CipherError as exc:
+            raise SealError(str(exc)) from None
 
     def seal(self, tenant: UUID, row: UUID, column: str, plaintext: str) -> str:
         nonce = os.urandom(_NONCE)
