@@ -69,8 +69,10 @@ SELECT i.id, i.household_id, i.device_id, i.hazard, i.state::text AS state, i.sc
        i.deadline, i.first_event_id, i.opened_at, i.sender,
        d.name AS device_name, d.type::text AS device_type, d.status::text AS device_status, d.sip_uri,
        d.external_id AS device_external_id, 'dtmf_open' = ANY (d.capabilities) AS device_dtmf_open,
-       (SELECT e.occurred_at FROM iim.device_event e
-         WHERE e.tenant_id = i.tenant_id AND e.event_id = i.first_event_id) AS occurred_at,
+       -- ``time`` is when it happened, the same on every move (a reminder a day on, a restart): the event's time,
+       -- else (a call, an SMS, the watchdog's finding) when the incident was opened, never the worker's now
+       coalesce((SELECT e.occurred_at FROM iim.device_event e
+                  WHERE e.tenant_id = i.tenant_id AND e.event_id = i.first_event_id), i.opened_at) AS occurred_at,
        h.name AS household_name, h.presence::text AS presence, h.time_zone,
        ({claims}) AS presence_claims, extract(epoch FROM now())::float8 AS db_now{extra}
   FROM iim.incident i

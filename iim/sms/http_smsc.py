@@ -198,7 +198,8 @@ class HttpSmscTransport(AsyncResource):
             raise web.HTTPBadRequest(text='{"error":"from, to and text required"}', content_type="application/json")
         sms_id = data.get("id")
         mo = MoSms(self.name, to_e164(source, 0), to_e164(destination, 0), text, datetime.now(UTC),
-                   str(sms_id) if sms_id not in (None, "") else None)
+                   str(sms_id) if sms_id not in (None, "") else None,
+                   source_received=None if source.strip().startswith("+") else source)
         if self._on_mo is not None:
             try:
                 await self._on_mo(mo)

@@ -138,6 +138,8 @@ class InboundSms:
     subscriber_id: UUID | None
     body: str
     received_at: datetime
+    #: the source as received when the SMSC did not mark it international (see :class:`MoSms`)
+    source_received: str | None = None
 
 
 UndeliveredHook = Callable[[UUID, OutboxRow], Awaitable[None]]
@@ -586,7 +588,7 @@ class SmsSender(AsyncResource):
             return "duplicate"
         inbound = InboundSms(tenant_id=tenant_id, id=row["id"], sms_id=row["sms_id"], transport=mo.transport,
                              source=mo.source, destination=mo.destination, subscriber_id=row["subscriber_id"],
-                             body=mo.body, received_at=row["received_at"])
+                             body=mo.body, received_at=row["received_at"], source_received=mo.source_received)
         MO.labels("stored").inc()
         log.info("MO stored", extra={"sms_id": inbound.sms_id, "tenant_id": str(tenant_id), "inbound_id": str(inbound.id)})
         if traced.is_recording():

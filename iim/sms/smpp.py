@@ -722,7 +722,8 @@ class SmppTransport(AsyncResource):
             body = _text_of(f.data_coding, payload, udhi=udhi)
         sms_id = f.tlvs.get(_TLV_RECEIPTED_MESSAGE_ID, b"").rstrip(b"\x00").decode("latin-1") or None
         if self._on_mo is not None:
-            await self._on_mo(MoSms(self.name, source, destination, body, datetime.now(UTC), sms_id))
+            await self._on_mo(MoSms(self.name, source, destination, body, datetime.now(UTC), sms_id,
+                                    source_received=None if f.source_ton == 1 else f.source))
 
     def _reassemble(self, source: str, destination: str, concat: tuple[int, int, int], data_coding: int,
                     payload: bytes, udhi: bool) -> str | None:

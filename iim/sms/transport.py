@@ -130,7 +130,9 @@ class MoSms:
     """A mobile-originated SMS (reassembled when it came in parts).
 
     ``sms_id`` is the SMSC's id for it when the SMSC sends one; otherwise None and the outbox derives a
-    content hash for deduplication of redeliveries.
+    content hash for deduplication of redeliveries. ``source_received``: the source as the SMSC sent it when it
+    did not say the number is international (``source`` is then only a guess, :func:`to_e164`): the national form
+    ``89041234567`` must be read under the tenant's numbering plan, which the transport does not know.
     """
 
     transport: str
@@ -139,6 +141,7 @@ class MoSms:
     body: str
     received_at: datetime
     sms_id: str | None = None
+    source_received: str | None = None
 
 
 MoHandler = Callable[[MoSms], Awaitable[None]]

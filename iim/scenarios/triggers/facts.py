@@ -26,7 +26,9 @@ class TriggerOffer:
     """An incoming call or SMS to one of our subscribers, as the call or SMS path saw it.
 
     ``sender``: the caller id or SMS source as received (any form the tenant's numbering plan reads);
-    ``ref``: what makes it unique (``call:<uuid>``, ``sms:<id>``); ``text``: the SMS body (matched, never stored).
+    ``ref``: what makes it unique (``call:<uuid>``, ``sms:<id>``); ``text``: the SMS body (matched, never stored);
+    ``sender_guess``: the SMS transport's E.164 reading of ``sender``, taken only when the plan cannot read it (a
+    foreign number sent without its ``+``).
     """
 
     kind: TriggerKind
@@ -36,6 +38,7 @@ class TriggerOffer:
     ref: str
     at: datetime
     text: str | None = None
+    sender_guess: str | None = None
 
 
 def sender_e164(sender: str, plan: NumberingPlan | None) -> str | None:

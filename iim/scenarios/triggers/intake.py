@@ -102,8 +102,12 @@ class TriggerIntake(AsyncResource):
     async def on_mo(self, tenant_id: UUID, sms: InboundSms) -> None:
         """The SMS outbox's MO hook (beside the read-aloud one): an SMS to one of our subscribers (queued only)."""
         if sms.subscriber_id is not None:
-            self.offer(TriggerOffer(TriggerKind.SMS, tenant_id, sms.subscriber_id, sms.source, f"sms:{sms.id}",
-                                    sms.received_at, text=sms.body))
+            # The source as received where the SMSC did not say international: the tenant's plan reads it (a
+            # national ``8904...`` is +7904... in Russia, not +8904...); the transport's guess is the fallback.
+            received = sms.source_received
+            self.offer(TriggerOffer(TriggerKind.SMS, tenant_id, sms.subscriber_id, received or sms.source,
+                                    f"sms:{sms.id}", sms.received_at, text=sms.body,
+                                    sender_guess=sms.source if received else None))
 
     async def _consume(self) -> None:
         while True:
@@ -134,7 +138,8 @@ class TriggerIntake(AsyncResource):
                 return []
             results: list[TriggerResult] = []
             for household in households:
-                sender = sender_e164(offer.sender, household.numbering_plan)
+                sender = (sender_e164(offer.sender, household.numbering_plan)
+                          or sender_e164(offer.sender_guess or "", household.numbering_plan))
                 if sender is None:  # withheld or unreadable: nobody to match, nothing to store
                     TRIGGERS.labels(kind, "no_sender").inc()
                     results.append(TriggerResult(household.id, "no_sender"))

@@ -6,13 +6,19 @@ originates the switch received and what each answered call heard (the applicatio
 bridges the switch made (and the keys that crossed them), the SMS in the outbox, the notifications (settled by
 text here: the household has no connector). The simulated list comes from :func:`simulate` on the incident's
 own facts, with the world scripted as the emulator's callees behave. Both must be equal, action for action.
+
+Device events enter through the bridge's intake; ``device_health`` runs its first step, then the worker's clock is
+moved a day on for the reminder; calls and SMS enter through the trigger intake (a deviceless incident), and
+``simulate`` gets the same sender and text (``--sender``/``--text``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -22,14 +28,30 @@ import pytest_asyncio
 
 from fs_app.outreach.prompts import speakable
 from fs_app.testing import TargetBehaviour
+from iim.scenarios import registry as scenario_registry
 from iim.scenarios import store
 from iim.scenarios.engine import ActionOutcome, Notify, PlaceCall, RecordMessage, SendSms
+from iim.scenarios.model import TriggerKind
 from iim.scenarios.simulate import INCIDENT_ID, simulate
-from iim.scenarios.templates import TEMPLATES
+from iim.scenarios.templates import CALL_ANNOUNCE, SMS_KEYWORD, TEMPLATES
+from iim.scenarios.triggers.facts import TriggerOffer, choose
+from iim.scenarios.triggers.intake import TriggerIntake
+from iim.supervision.watchdog import DeviceWatchdog, WatchdogSettings
 from policy_cache import registry
 from policy_cache.db import Pool, tenant_tx
-from policy_cache.models import DeviceCapability, DeviceCreate, DeviceStatus, DeviceType, DeviceUpdate
+from policy_cache.models import (
+    BindingCreate,
+    BindingRole,
+    DeviceCapability,
+    DeviceCreate,
+    DeviceStatus,
+    DeviceType,
+    DeviceUpdate,
+    ScenarioCreate,
+    SubscriberCreate,
+)
 from tests.iim.scenarios.test_scenario_worker import GW, Alarms, alarms_rig
+from tests.iim.supervision.test_device_supervision import MovableClock
 from tests.pg import opened
 
 #: A call the simulated person picked up (heard its prompt).
@@ -40,15 +62,20 @@ _PICKED_UP = frozenset({ActionOutcome.ANSWERED, ActionOutcome.ACKNOWLEDGE, Actio
 @dataclass(frozen=True)
 class Case:
     """One run: a template, the event and device that trigger it, how the callees behave (emulator, by role:
-    ``owner``, ``backup``, ``security``, ``door``) and the same world as a simulate script."""
+    ``owner``, ``backup``, ``security``, ``door``) and the same world as a simulate script.
+
+    A call or SMS trigger (``event`` "call" or "sms") has no device: ``sender`` is how the household's member
+    appears on the call or SMS ("e164" or "national", ``8...``) and ``text`` what the SMS says."""
 
     template: str
     event: str
-    device: str  # "sensor", "door" or "band"
+    device: str  # "sensor", "door", "band", or "" for a call or SMS
     callees: Mapping[str, TargetBehaviour]
     script: Mapping[str, ActionOutcome]
     ends: str
     door_dtmf_open: bool = False
+    sender: str = "e164"
+    text: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -75,6 +102,20 @@ CASES = {
         {"owner": TargetBehaviour.answer(after_ms=100, dtmf="1"),
          "backup": TargetBehaviour.answer(after_ms=100, dtmf="1")},
         {"owner": ActionOutcome.ESCALATE, "backup_contact": ActionOutcome.ACKNOWLEDGE}, "acknowledged"),
+    # device_health waits a day between its first word and the reminder: the worker's clock is moved on.
+    "device_health-offline-and-a-reminder": Case("device_health", "offline", "sensor", {}, {}, "exhausted"),
+    "device_health-battery-low-and-a-reminder": Case("device_health", "battery_low", "sensor", {}, {}, "exhausted"),
+    "device_health-self-test-failed-and-a-reminder": Case("device_health", "self_test_failed", "sensor", {}, {},
+                                                          "exhausted"),
+    "call_announce-a-members-call-while-away": Case("call_announce", "call", "", {}, {}, "exhausted"),
+    "call_announce-a-members-call-in-national-form": Case("call_announce", "call", "", {}, {}, "exhausted",
+                                                          sender="national"),
+    "sms_keyword-backup-takes-it": Case("sms_keyword", "sms", "", {"backup": TargetBehaviour.answer(after_ms=100,
+                                                                                                     dtmf="1")},
+                                        {"backup_contact": ActionOutcome.ACKNOWLEDGE}, "acknowledged",
+                                        text="SOS, I fell"),
+    "sms_keyword-national-sender-nobody-answers": Case("sms_keyword", "sms", "", {}, {}, "exhausted",
+                                                       sender="national", text="help please"),
 }
 
 
@@ -182,6 +223,68 @@ async def _door_opens_by_key(alarms: Alarms) -> None:
             capabilities=frozenset({DeviceCapability.SIP, DeviceCapability.DTMF_OPEN})), actor="test")
 
 
+async def _member(alarms: Alarms) -> tuple[str, UUID]:
+    """A child bound to the rig's household as a member, and the call and SMS templates in that household (the
+    shipped ones are never a default for calls and SMS). Returns the child's number and the owner's id."""
+    rig = alarms.rig
+    child = rig.owner[:-3] + "004"
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+        sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn=child, display_name="Masha"),
+                                    actor="test")
+        await registry.create(conn, registry.BINDING, BindingCreate(
+            subscriber_id=sub.id, household_id=rig.household_id, role=BindingRole.MEMBER, priority=15), actor="test")
+        for template in (CALL_ANNOUNCE, SMS_KEYWORD):
+            await scenario_registry.create_scenario(conn, ScenarioCreate(
+                household_id=rig.household_id, **template.model_dump(mode="json")), actor="test")
+        owner_id = await conn.fetchval("SELECT id FROM iim.subscriber WHERE msisdn = $1", rig.owner)
+    return child, owner_id
+
+
+async def _triggered(alarms: Alarms, case: Case) -> UUID:
+    """The call or SMS of ``case`` to the owner, through the trigger intake as the call and SMS paths hand it."""
+    child, owner_id = await _member(alarms)
+    sender = child if case.sender == "e164" else "8" + child.removeprefix("+7")
+    kind = TriggerKind.CALL if case.event == "call" else TriggerKind.SMS
+    offer = TriggerOffer(kind, alarms.rig.tenant_id, owner_id, sender, f"{case.event}:parity", datetime.now(UTC),
+                         case.text)
+    [result] = await TriggerIntake(alarms.pool).handle(offer)
+    assert (result.result, result.scenario) == ("opened", case.template)
+    assert result.incident_id is not None
+    return result.incident_id
+
+
+async def _found_silent(alarms: Alarms, clock: MovableClock) -> UUID:
+    """The rig's sensor supervised (a minute's heartbeat), never heard: the watchdog, its clock moved past the
+    interval and the grace, opens the offline incident (its first step is due at the worker's moved now)."""
+    rig = alarms.rig
+    async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
+        await registry.update(conn, registry.DEVICE, rig.sensor_id, DeviceUpdate(heartbeat_interval_s=60),
+                              actor="operator:test")
+    watchdog = DeviceWatchdog(alarms.pool, WatchdogSettings(grace_s=30, clock=clock), opener=alarms.worker.begin_in)
+    clock.offset = timedelta(seconds=95)
+    found = await alarms.rows("SELECT id FROM iim.incident WHERE id = ANY($1::uuid[])", await watchdog.scan())
+    [incident] = [r["id"] for r in found]
+    await alarms.worker.tick(rig.tenant_id, incident, reason="deadline")
+    return incident
+
+
+async def _told_then_reminded(alarms: Alarms, clock: MovableClock, incident: UUID) -> str:
+    """device_health: the first step done (the incident waits a day), then the worker's clock a day on."""
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        [row] = await alarms.rows("SELECT state::text AS state, step FROM iim.incident WHERE id = $1", incident)
+        pending = await alarms.rows("SELECT key FROM iim.incident_action WHERE incident_id = $1 AND outcome IS NULL",
+                                    incident)
+        if row["state"] == "open" and row["step"] > 0 and not pending:
+            break
+        assert asyncio.get_running_loop().time() < deadline, f"the first step never ended: {row}, {pending}"
+        await asyncio.sleep(0.05)
+    clock.offset += timedelta(days=1, seconds=1)
+    await alarms.worker.tick(alarms.rig.tenant_id, incident, reason="deadline")  # the wait is over: the reminder
+    await alarms.worker.tick(alarms.rig.tenant_id, incident, reason="deadline")  # sent: nothing more to do
+    return await alarms.settled(incident)
+
+
 def test_every_shipped_template_has_a_parity_case() -> None:
     assert {case.template for case in CASES.values()} == set(TEMPLATES)
 
@@ -199,17 +302,33 @@ async def test_simulate_and_the_worker_do_the_same(alarms: Alarms, name: str) ->
         alarms.emu.targets[endpoints[role]()] = behaviour
     if case.door_dtmf_open:
         await _door_opens_by_key(alarms)
-    device = {"sensor": rig.sensor, "door": rig.doorphone}.get(case.device) or await _band(alarms)
+    clock = MovableClock()
+    alarms.worker.settings.clock = clock
 
-    incident = await alarms.raise_alarm(case.event, device=device)
-    assert await alarms.settled(incident) == case.ends
+    if case.event in ("call", "sms"):
+        incident = await _triggered(alarms, case)
+    elif case.event == "offline":  # IIM's own finding: no device posts it
+        incident = await _found_silent(alarms, clock)
+    else:
+        device = {"sensor": rig.sensor, "door": rig.doorphone}.get(case.device) or await _band(alarms)
+        incident = await alarms.raise_alarm(case.event, device=device)
+    if case.template == "device_health":
+        assert await _told_then_reminded(alarms, clock, incident) == case.ends
+    else:
+        assert await alarms.settled(incident) == case.ends
 
     async with tenant_tx(alarms.pool, rig.tenant_id) as conn:
         loaded = await store.load_incident(conn, incident)
     assert loaded is not None
+    facts = loaded.facts
+    if case.text is not None:  # the SMS text is never stored: simulate is given it as ``--text``
+        facts = replace(facts, text=case.text)
+    if facts.sender is not None:  # the sender as stored is E.164 under the tenant's plan, whatever its form
+        assert facts.sender == rig.owner[:-3] + "004"
+        assert choose([TEMPLATES[case.template]], facts, facts.occurred_at or datetime.now(UTC))[0] is not None
     pressed = {n: case.callees[role].dtmf for role, n in numbers.items() if role in case.callees}
     live = await _live(alarms, incident)
-    assert live == _simulated(alarms, loaded.facts, case, pressed)
+    assert live == _simulated(alarms, facts, case, pressed)
     assert live  # something was done
 
 

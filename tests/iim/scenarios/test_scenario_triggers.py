@@ -336,8 +336,16 @@ async def test_an_observer_that_raises_never_breaks_routing(
 
 # -- the SMS path --------------------------------------------------------------------------------------------
 
-async def test_an_sms_through_the_smpp_simulator_starts_sms_keyword(home: Home, app_pool: Pool,
-                                                                     tmp_path: Path) -> None:
+#: How an SMSC may present the child's number: E.164 digits marked international (TON 1), and the national form
+#: ``8904...`` marked national (TON 2) or of unknown type (TON 0), which the transport alone would take for +8904...
+_SMPP_SOURCES = {"international": (lambda n: n[1:], 1), "national-ton-national": (lambda n: "8" + n[2:], 2),
+                 "national-ton-unknown": (lambda n: "8" + n[2:], 0)}
+
+
+@pytest.mark.parametrize("form", sorted(_SMPP_SOURCES))
+async def test_an_sms_through_the_smpp_simulator_starts_sms_keyword(home: Home, app_pool: Pool, tmp_path: Path,
+                                                                     form: str) -> None:
+    written, ton = _SMPP_SOURCES[form]
     smsc = SmscProcess(tmp_path / "smsc.jsonl")
     await smsc.start()
     transport = SmppTransport(SmppSettings("127.0.0.1", smsc.port, "iim", "secret", response_timeout=3.0,
@@ -349,8 +357,8 @@ async def test_an_sms_through_the_smpp_simulator_starts_sms_keyword(home: Home, 
             await sender.start()
             try:
                 await transport.wait_bound()
-                assert await smsc.deliver(destination=home.rig.owner[1:], source=home.child[1:],
-                                          text="Mum, SOS: call me") == 0
+                assert await smsc.deliver(destination=home.rig.owner[1:], source=written(home.child),
+                                          source_ton=ton, text="Mum, SOS: call me") == 0
 
                 async def opened() -> bool:
                     return bool(await home.rows("SELECT id FROM iim.incident WHERE hazard = 'incoming_sms'"))
@@ -365,6 +373,19 @@ async def test_an_sms_through_the_smpp_simulator_starts_sms_keyword(home: Home, 
     [row] = await home.rows("SELECT sender, scenario->>'name' AS name, starts_with(first_event_id, 'sms:') AS ref "
                             "FROM iim.incident WHERE hazard = 'incoming_sms'")
     assert row == {"sender": home.child, "name": "sms_keyword", "ref": True}
+
+
+async def test_an_sms_sender_the_plan_cannot_read_falls_back_to_the_transports_reading(home: Home,
+                                                                                       app_pool: Pool) -> None:
+    """A foreign number without its ``+`` (unknown TON): not a Russian number, so the SMSC's E.164 reading holds."""
+    offer = TriggerOffer(TriggerKind.SMS, home.rig.tenant_id, home.owner_id, "447911123456", "sms:f", AT, "sos",
+                         sender_guess="+447911123456")
+    [result] = await TriggerIntake(app_pool).handle(offer)
+    assert result.result == "no_scenario"  # a stranger, but a sender: not "no_sender"
+    [national] = await TriggerIntake(app_pool).handle(TriggerOffer(
+        TriggerKind.SMS, home.rig.tenant_id, home.owner_id, "8" + home.child[2:], "sms:n", AT, "sos",
+        sender_guess="+8" + home.child[2:]))
+    assert (national.result, national.scenario) == ("opened", "sms_keyword")  # the plan's reading wins
 
 
 # -- iim scenario simulate -----------------------------------------------------------------------------------

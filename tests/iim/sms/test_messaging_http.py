@@ -173,6 +173,8 @@ async def test_callbacks_are_verified_before_they_reach_the_handlers(transport: 
     assert receipt == Receipt("http", "h-9", ReceiptState.UNDELIVERED, "27")
     assert isinstance(mo, MoSms)
     assert (mo.sms_id, mo.source, mo.destination, mo.body) == ("mo-1", "+79160000000", "+79001234567", "hi")
+    # Without its +, the source is also kept as sent: the tenant's plan reads it (a national 8916... is +7916...).
+    assert mo.source_received == "79160000000"
 
 
 async def test_outbox_over_http_sends_applies_receipts_and_stores_mo_once(
