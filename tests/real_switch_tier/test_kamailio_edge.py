@@ -4,6 +4,7 @@ of ``kamailio/kamailio.cfg`` one test each, a trunk call reaching IIM, and a flo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Iterator
@@ -139,6 +140,11 @@ async def _register_over_wss(port: int, user: str, password: str) -> list[sip_cl
     async with aiohttp.ClientSession() as session, session.ws_connect(
             f"wss://127.0.0.1:{port}/", protocols=("sip",), ssl=context, timeout=aiohttp.ClientWSTimeout(ws_close=5),
             ) as ws:
+        # The websocket's close releases its TLS connection, not the session's close: its TLS shutdown ends
+        # when Kamailio answers, after asyncio.run has returned under load, and uvloop refuses to close a loop
+        # with the transport still open (EBUSY). Wait for the connection itself to be lost.
+        connection = ws._response.connection
+        lost = connection.protocol.closed if connection is not None and connection.protocol is not None else None
         request = sip_client.register(user, DOMAIN, f"sip:{user}@df7jal23ls0d.invalid;transport=ws")
         for _ in range(2):
             await ws.send_str(request.encode("WSS", "df7jal23ls0d.invalid").decode())
@@ -148,6 +154,9 @@ async def _register_over_wss(port: int, user: str, password: str) -> list[sip_cl
             if answers[-1].code != 401:
                 break
             request = sip_client.authorize(request, answers[-1], user, password)
+    if lost is not None:
+        with contextlib.suppress(aiohttp.ClientConnectionError):  # lost uncleanly is lost all the same
+            await asyncio.wait_for(lost, 10)
     return answers
 
 
