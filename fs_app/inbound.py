@@ -442,7 +442,8 @@ class InboundClient(AsyncResource):
         loop = asyncio.get_running_loop()
         earliest = loop.time() + min(delay, self.settings.backoff_initial)
         try:
-            await asyncio.wait_for(self._wanted.wait(), delay)
+            async with asyncio.timeout(delay):  # not wait_for: 3.11's can lose a cancel racing its inner wait
+                await self._wanted.wait()
         except TimeoutError:
             return
         await asyncio.sleep(max(0.0, earliest - loop.time()))

@@ -109,7 +109,8 @@ class CallDecisionAudit(AsyncResource):
         attempt = 0
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+                async with asyncio.timeout(self._interval):  # not wait_for: 3.11's can lose a cancel racing its inner wait
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

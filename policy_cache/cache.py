@@ -227,7 +227,8 @@ class PolicyCache(AsyncResource):
                 attempt = 0
                 while True:
                     try:
-                        await asyncio.wait_for(feed.wait(), self._resync_interval)
+                        async with asyncio.timeout(self._resync_interval):  # not wait_for: 3.11's can lose a cancel racing its inner wait
+                            await feed.wait()
                     except TimeoutError:
                         pass  # belt and braces: catch up by sequence even without a notification
                     await self.sync()

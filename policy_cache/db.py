@@ -15,6 +15,7 @@ that would silently defeat isolation (a superuser or BYPASSRLS login used as the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -146,6 +147,14 @@ ACQUIRE_TIMEOUT_S = 10.0
 _DEADLINE_PASSED = (asyncio.CancelledError, TimeoutError)
 
 
+def _drop(conn: Any) -> None:
+    """Terminate ``conn`` on the way out of a deadline or a cancel, never raising: an InterfaceError here (a
+    proxy already released, a connection already closed) would replace the CancelledError, and a task told to
+    stop would take it for an outage and go on (a stop that hangs)."""
+    with contextlib.suppress(asyncpg.InterfaceError, OSError):
+        conn.terminate()
+
+
 class _AcquireContext(PoolAcquireContext):
     """``pool.acquire()`` whose connection is dropped, not returned, when a deadline ends the block.
 
@@ -159,7 +168,7 @@ class _AcquireContext(PoolAcquireContext):
 
     async def __aexit__(self, *exc: object) -> None:
         if isinstance(exc[1], _DEADLINE_PASSED) and self.connection is not None:
-            self.connection.terminate()
+            _drop(self.connection)
         await super().__aexit__(*exc)
 
 
@@ -284,7 +293,7 @@ async def _block(conn: Connection, begin: str, undo: str, done: str) -> AsyncIte
     except _DEADLINE_PASSED:
         # A deadline passed (or the task was cancelled) mid-block: the connection may still be waiting for a
         # stalled server, so it is dropped rather than rolled back; the server rolls back the transaction.
-        conn.terminate()
+        _drop(conn)
         raise
     except BaseException:
         if not conn.is_closed() and conn.is_in_transaction():

@@ -318,7 +318,8 @@ class SmsSender(AsyncResource):
             if len(rows) < min(self.batch, free):
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                    async with asyncio.timeout(self.poll_interval):  # not wait_for: 3.11's can lose a cancel racing its inner wait
+                        await self._wake.wait()
 
     async def _open_body(self, tenant_id: UUID, row: asyncpg.Record) -> str:
         """The claimed row's body in clear (a row from before sealing is clear already)."""

@@ -110,7 +110,12 @@ class TriggerIntake(AsyncResource):
                                     sender_guess=sms.source if received else None))
 
     async def _consume(self) -> None:
-        while True:
+        task = asyncio.current_task()
+        while self._open:
+            if task is not None and task.cancelling():
+                # A cancel the offer's transaction swallowed (it raced the transaction's own deadline): the
+                # intake is stopping, and waiting on the queue again would hang the stop.
+                raise asyncio.CancelledError
             offer = await self._queue.get()
             try:
                 await self.handle(offer)

@@ -116,3 +116,28 @@ async def test_a_supervised_task_ending_while_its_owner_stops_is_not_started_aga
     stopping = True
     await asyncio.wait_for(task, 1)  # ends quietly once the owner says it stops
     await supervisor.aclose()
+
+
+async def test_a_task_that_swallows_its_cancellation_does_not_hang_the_stop(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # Python 3.11's wait_for can lose a cancel that races its inner future; the loop then waits on again.
+    monkeypatch.setattr(TaskSupervisor, "CLOSE_DEADLINE_S", 0.2)
+    forever = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not forever.is_set():
+            try:
+                await forever.wait()
+            except asyncio.CancelledError:
+                continue
+
+    tasks = TaskSupervisor()
+    await tasks.start()
+    task = tasks.spawn(stubborn(), name="stubborn")
+    await asyncio.sleep(0)
+    started = asyncio.get_running_loop().time()
+    await tasks.aclose()
+    assert asyncio.get_running_loop().time() - started < 3.0
+    assert "stubborn did not stop when cancelled" in caplog.text
+    forever.set()  # let it end, so the test leaves nothing running
+    await asyncio.wait_for(task, 1.0)
