@@ -61,6 +61,7 @@ from iim.home.sms_readout import SmsReadoutService
 from iim.http import HealthProbe, HttpSite, create_app
 from iim.keys import store as key_store
 from iim.keys.keyring import Keyring, load_master_keys
+from iim.keys_api import KeyRotations, key_routes
 from iim.linking.http import callback_routes
 from iim.linking.sealing import AesGcmSealer
 from iim.linking.service import LinkingService
@@ -359,6 +360,11 @@ class Service:
                                 deadline_s=admin_settings.store_deadline_s)
             extra.extend(operator_routes(desk))
             extra.extend(link_routes(lambda: policy.linking))
+            # Data keys: status and rotation jobs (admin only); the jobs end with the HTTP site.
+            rotations = KeyRotations(lambda: policy.pool, lambda: policy.keyring)
+            root.on_cleanup.append(lambda _app: rotations.aclose())
+            extra.extend(key_routes(rotations, lambda: policy.pool, lambda: policy.directory_pool,
+                                    lambda: policy.keyring))
             registry_app = create_registry_app(lambda: policy.pool, admin_settings,
                                                directory_pool=lambda: policy.directory_pool,
                                                extra_routes=tuple(extra), recordings_dir=self._recordings_dir())
