@@ -121,8 +121,7 @@ async def test_a_recording_file_that_cannot_be_deleted_keeps_its_row_for_the_nex
     (tmp_path / name).mkdir()  # a directory where the file was: unlink() fails with an OSError
     purger = RetentionPurger(app_pool, RetentionDefaults(), recordings_dir=tmp_path)
 
-    with pytest.raises(OSError):
-        await purger.run_once()
+    assert tenant not in await purger.run_once()  # logged; the round's other kinds go on
     assert await _recordings_kept(app_pool, tenant) == [name]  # rolled back: tried again next round
 
     (tmp_path / name).rmdir()
