@@ -9,7 +9,9 @@ readable throughout. Each step is one short tenant transaction; every rotation i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from uuid import UUID
 
 from iim.core.envelope import CipherError
@@ -19,7 +21,8 @@ from iim.sms import store as sms_store
 from policy_cache import audit
 from policy_cache.db import Pool, tenant_tx
 
-__all__ = ["DataKeyRotation", "MasterRewrap", "SEALED_TABLES", "rewrap_master", "rotate_data_key"]
+__all__ = ["DataKeyRotation", "KeyInfo", "MasterRewrap", "SEALED_TABLES", "TenantKeys", "rewrap_master",
+           "rotate_data_key", "tenant_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,34 @@ class DataKeyRotation:
     unreadable: int
 
 
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    key_id: int
+    master_key_id: str
+    created_at: datetime
+    rows: int  # sealed fields (every sealed table) this key opens
+
+
+@dataclass(frozen=True, slots=True)
+class TenantKeys:
+    tenant_id: UUID
+    active_key_id: int | None
+    keys: list[KeyInfo]
+    clear_rows: int  # sensitive fields not sealed yet (from before sealing)
+
+
+async def tenant_keys(pool: Pool, tenant_id: UUID) -> TenantKeys:
+    """A tenant's data keys (ids and master fingerprints, never a key) and how many sealed rows each opens."""
+    async with tenant_tx(pool, tenant_id, readonly=True) as conn:
+        rows = await key_store.keys(conn)
+        counts: dict[int | None, int] = {}
+        for table in SEALED_TABLES:
+            for key_id, n in (await sms_store.sealed_counts(conn, table)).items():
+                counts[key_id] = counts.get(key_id, 0) + n
+    keys = [KeyInfo(r["key_id"], r["master_key_id"], r["created_at"], counts.get(r["key_id"], 0)) for r in rows]
+    return TenantKeys(tenant_id, keys[-1].key_id if keys else None, keys, counts.get(None, 0))
+
+
 async def rewrap_master(pool: Pool, keyring: Keyring, tenant_id: UUID, *, actor: str) -> MasterRewrap:
     """Re-wrap every data key of ``tenant_id`` not yet wrapped by the keyring's current master key."""
     current = keyring.master.key_id
@@ -61,12 +92,14 @@ async def rewrap_master(pool: Pool, keyring: Keyring, tenant_id: UUID, *, actor:
 
 
 async def rotate_data_key(pool: Pool, keyring: Keyring, tenant_id: UUID, *, actor: str, batch: int = 500,
-                          new_key: bool = True) -> DataKeyRotation:
+                          new_key: bool = True, started: Callable[[int], None] | None = None,
+                          progress: Callable[[str, int], None] | None = None) -> DataKeyRotation:
     """Give ``tenant_id`` a new data key (unless ``new_key`` is False: only finish re-sealing with the active
     one) and re-seal every row sealed with an older key, or still in clear, ``batch`` rows a transaction.
 
     New fields are sealed with the new key by every service within its keyring's active-key TTL; rows a
     service sealed with the old key meanwhile are caught by running this again with ``new_key=False``.
+    ``started(key_id)`` once the key exists; ``progress(table, rows)`` after each batch (the admin API's job).
     """
     async with tenant_tx(pool, tenant_id) as conn:
         active = await key_store.active_key(conn)
@@ -77,10 +110,12 @@ async def rotate_data_key(pool: Pool, keyring: Keyring, tenant_id: UUID, *, acto
                                entity="tenant_data_key", entity_id=str(key_id),
                                detail={"key_id": key_id, "previous_key_id": active["key_id"] if active else None})
     keyring.forget(tenant_id)
+    if started is not None:
+        started(key_id)
     resealed: dict[str, int] = {}
     unreadable = 0
     for table in SEALED_TABLES:
-        count, bad = await _reseal_table(pool, keyring, tenant_id, table, key_id, batch)
+        count, bad = await _reseal_table(pool, keyring, tenant_id, table, key_id, batch, progress)
         resealed[table] = count
         unreadable += bad
     async with tenant_tx(pool, tenant_id) as conn:
@@ -93,7 +128,7 @@ async def rotate_data_key(pool: Pool, keyring: Keyring, tenant_id: UUID, *, acto
 
 
 async def _reseal_table(pool: Pool, keyring: Keyring, tenant_id: UUID, table: str, key_id: int,
-                        batch: int) -> tuple[int, int]:
+                        batch: int, progress: Callable[[str, int], None] | None) -> tuple[int, int]:
     done = unreadable = 0
     after = UUID(int=0)
     while True:
@@ -116,3 +151,5 @@ async def _reseal_table(pool: Pool, keyring: Keyring, tenant_id: UUID, table: st
             await sms_store.reseal_bodies(conn, table, resealed)
             done += len(resealed)
             after = rows[-1]["id"]
+        if progress is not None:
+            progress(table, len(resealed))

@@ -61,6 +61,7 @@ from iim.home.sms_readout import SmsReadoutService
 from iim.http import HealthProbe, HttpSite, create_app
 from iim.keys import store as key_store
 from iim.keys.keyring import Keyring, load_master_keys
+from iim.keys_api import KeyRotations, key_routes
 from iim.linking.http import callback_routes
 from iim.linking.sealing import AesGcmSealer
 from iim.linking.service import LinkingService
@@ -359,9 +360,14 @@ class Service:
                                 deadline_s=admin_settings.store_deadline_s)
             extra.extend(operator_routes(desk))
             extra.extend(link_routes(lambda: policy.linking))
+            # Data keys: status and rotation jobs (admin only); the jobs end with the HTTP site.
+            rotations = KeyRotations(lambda: policy.pool, lambda: policy.keyring)
+            root.on_cleanup.append(lambda _app: rotations.aclose())
+            extra.extend(key_routes(rotations, lambda: policy.pool, lambda: policy.directory_pool,
+                                    lambda: policy.keyring))
             registry_app = create_registry_app(lambda: policy.pool, admin_settings,
                                                directory_pool=lambda: policy.directory_pool,
-                                               extra_routes=tuple(extra))
+                                               extra_routes=tuple(extra), recordings_dir=self._recordings_dir())
             mount_registry(root, registry_app)
             if self._smsc_callbacks is not None and not self.settings.bridge_enabled:
                 root.add_subapp(SMSC_CALLBACK_PREFIX, self._smsc_callbacks)
@@ -391,7 +397,8 @@ class Service:
         await stack.enter_async_context(AuditFlusher(pool))
         await stack.enter_async_context(RetentionPurger(pool, RetentionDefaults(
             sms_body_s=int(s.sms_body_retention_s), event_payload_s=s.retention_event_payload_s,
-            audit_detail_s=s.retention_audit_detail_s), interval_s=s.retention_purge_interval_s))
+            audit_detail_s=s.retention_audit_detail_s), interval_s=s.retention_purge_interval_s,
+            recordings_dir=self._recordings_dir()))
         # Read-only, all tenants: for admins listing tenants (RLS hides them from the app role).
         directory_pool = await stack.enter_async_context(
             await connect_pool(urls.cache_url, role=DbRole.CACHE, min_size=1, max_size=2,
@@ -458,6 +465,10 @@ class Service:
                 + f" but this instance has {', '.join(sorted(keyring.master_ids))}: give IIM_MASTER_KEY_REF (and "
                 "IIM_MASTER_KEY_PREVIOUS_REFS during a rotation) the master key the other instances use")
         return keyring
+
+    def _recordings_dir(self) -> Path | None:
+        """Where recorded messages are kept (``IIM_RECORDINGS_DIR``): the purge and erasure delete files there."""
+        return Path(self.settings.recordings_dir).resolve() if self.settings.recordings_dir else None
 
     def _recorded_messages(self, pool: Pool, sms: OutboxSmsSink) -> RecordedMessages | None:
         """Messages callers leave, kept and announced with a signed link (only with ``IIM_RECORDINGS_DIR``)."""

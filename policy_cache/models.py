@@ -711,12 +711,16 @@ class RetentionPolicyCreate(_Input):
     audit_detail_s: int | None = Field(default=None, ge=86_400, le=_TEN_YEARS_S,
                                        description="seconds an audit row's detail is kept, at least a day "
                                                    "(null: the default)")
+    recording_s: int | None = Field(default=None, ge=0, le=_TEN_YEARS_S,
+                                    description="seconds a message a caller left (row and file) is kept "
+                                                "(null: IIM_RECORDING_RETENTION_S when it was left)")
 
 
 class RetentionPolicyUpdate(_Input):
     sms_body_s: int | None = Field(default=None, ge=0, le=_TEN_YEARS_S)
     event_payload_s: int | None = Field(default=None, ge=0, le=_TEN_YEARS_S)
     audit_detail_s: int | None = Field(default=None, ge=86_400, le=_TEN_YEARS_S)
+    recording_s: int | None = Field(default=None, ge=0, le=_TEN_YEARS_S)
 
 
 class RetentionPolicy(_Row):
@@ -725,6 +729,7 @@ class RetentionPolicy(_Row):
     sms_body_s: int | None
     event_payload_s: int | None
     audit_detail_s: int | None
+    recording_s: int | None
     created_at: datetime
     updated_at: datetime
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 
 from aiohttp import web
 
@@ -136,6 +137,7 @@ def create_registry_app(
     tokens: TokenTable | None = None,
     extra_routes: Sequence[Route] = (),
     oidc: OidcSettings | None = None,
+    recordings_dir: Path | None = None,
 ) -> web.Application:
     """The registry admin API as an aiohttp sub-application (routes relative to ``settings.prefix``).
 
@@ -149,6 +151,7 @@ def create_registry_app(
         extra_routes: routes of other rooms served under the same prefix and tokens (``/connectors``).
         oidc: the OIDC issuer whose bearer JWTs are accepted too; by default ``OidcSettings()``
             (``IIM_OIDC_*``; no issuer: static tokens only).
+        recordings_dir: IIM's recordings directory, where erasure deletes the subscriber's recorded messages.
 
     Raises:
         iim.admin.auth.TokenConfigError: the token table reference does not resolve or is invalid.
@@ -165,7 +168,8 @@ def create_registry_app(
     routes = (*build_routes(), *extra_routes)
     # Outermost: a span per request (joined to the caller's W3C traceparent), with the status actually sent.
     app = web.Application(middlewares=[traced_requests(), problem_middleware])
-    app[SERVICE] = RegistryService(pool_provider, directory_pool, deadline_s=settings.store_deadline_s)
+    app[SERVICE] = RegistryService(pool_provider, directory_pool, deadline_s=settings.store_deadline_s,
+                                     recordings_dir=recordings_dir)
     app[SETTINGS] = settings
     app[AUTH] = auth
     app[ROUTES] = routes

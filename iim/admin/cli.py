@@ -394,7 +394,7 @@ def _register_erase(actions: Any, res: Resource) -> None:
     p.add_argument("id", type=_id)
     p.set_defaults(func=_run(lambda a, c: c.request("POST", f"{_tenant_path(a)}/{res.plural}/{a.id}/erase"),
                              ("subscriber_id", "sms_inbound_deleted", "event_payloads_erased",
-                              "audit_details_tombstoned")))
+                              "audit_details_tombstoned", "recordings_deleted")))
 
 
 def _deleted(client: ApiClient, path: str, label: str, row_id: str) -> dict[str, str]:

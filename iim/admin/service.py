@@ -21,6 +21,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any, cast
 from uuid import UUID, uuid4
 
@@ -159,8 +160,9 @@ class RegistryService:
     """
 
     def __init__(self, app_pool: PoolProvider, directory_pool: PoolProvider | None = None, *,
-                 deadline_s: float = 5.0) -> None:
+                 deadline_s: float = 5.0, recordings_dir: Path | None = None) -> None:
         self._app_pool = app_pool
+        self._recordings_dir = recordings_dir
         self._directory_pool = directory_pool
         self._deadline_s = deadline_s
 
@@ -299,7 +301,8 @@ class RegistryService:
         """Right to erasure (:mod:`iim.privacy.erasure`), in one transaction."""
         async with self._tx(tenant_id, write=True) as conn:
             await self._require_tenant(conn, tenant_id)
-            return await erase_subscriber(conn, tenant_id, subscriber_id, actor=actor, correlation=correlation)
+            return await erase_subscriber(conn, tenant_id, subscriber_id, actor=actor, correlation=correlation,
+                                          recordings_dir=self._recordings_dir)
 
     # -- audit --------------------------------------------------------------------------------------
 

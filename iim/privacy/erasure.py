@@ -1,6 +1,7 @@
 """Right to erasure: a subscriber's personal content removed in one tenant transaction, audited with the actor.
 
-Removed: their incoming SMS (rows and bodies), the payloads of their devices' events (the ledger rows stay for
+Removed: their incoming SMS (rows and bodies), the messages callers left them (rows, and the files in the
+recordings directory, deleted before the transaction commits), the payloads of their devices' events (the ledger rows stay for
 idempotency and the incident history), the details of audit rows about them (tombstones: the hash chain still
 verifies), and the subscriber row itself with its bindings, consents and policy. Kept: incident history
 (calls and texts placed to their number during an alarm) and outgoing SMS rows, which are the operator's
@@ -9,19 +10,25 @@ record of what was done.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from iim.privacy import store
+from iim.privacy.recordings import remove_recording_files
 from iim.sms import store as sms_store
 from policy_cache import audit, registry
 from policy_cache.db import Connection
 from policy_cache.errors import NotFound
 
 __all__ = ["ErasureReport", "erase_subscriber"]
+
+log = logging.getLogger(__name__)
 
 
 class ErasureReport(BaseModel):
@@ -34,17 +41,28 @@ class ErasureReport(BaseModel):
     event_payloads_erased: int = Field(ge=0)
     devices: int = Field(ge=0, description="devices whose events were theirs")
     audit_details_tombstoned: int = Field(ge=0)
+    recordings_deleted: int = Field(default=0, ge=0, description="recorded messages (rows) deleted")
+    recording_files_deleted: int = Field(default=0, ge=0, description="their files removed from the recordings "
+                                                                      "directory")
 
 
 async def erase_subscriber(conn: Connection, tenant_id: UUID, subscriber_id: UUID, *, actor: str,
-                           correlation: Mapping[str, Any] | None = None) -> ErasureReport:
-    """Erase inside ``tenant_tx(pool, tenant_id)``; :class:`NotFound` for an unknown subscriber."""
+                           correlation: Mapping[str, Any] | None = None,
+                           recordings_dir: Path | None = None) -> ErasureReport:
+    """Erase inside ``tenant_tx(pool, tenant_id)``; :class:`NotFound` for an unknown subscriber.
+    ``recordings_dir``: IIM's recordings directory (``IIM_RECORDINGS_DIR``), where the files of their
+    recorded messages are deleted; a file that cannot be deleted fails the erasure (nothing is committed)."""
     who = await store.subject(conn, subscriber_id)
     if who is None:
         raise NotFound(f"subscriber {subscriber_id} not found", entity="subscriber")
     devices = await store.subject_devices(conn, subscriber_id)
     sms = await sms_store.erase_inbound(conn, subscriber_id, who.msisdn)
     payloads = await store.erase_event_payloads(conn, devices)
+    recordings = await store.erase_recorded_messages(conn, subscriber_id)
+    if recordings and recordings_dir is None:
+        log.warning("erasure: %d recorded message rows deleted, but no recordings directory to delete their "
+                    "files from (IIM_RECORDINGS_DIR unset)", len(recordings))
+    files = await asyncio.to_thread(remove_recording_files, recordings_dir, recordings)
     await store.flush_staged_audit(conn)
     tombstoned = await audit.tombstone(conn, tenant_id, await store.audit_rows_about(conn, who, devices),
                                        reason="erasure")
@@ -53,7 +71,8 @@ async def erase_subscriber(conn: Connection, tenant_id: UUID, subscriber_id: UUI
     tombstoned += await audit.tombstone(conn, tenant_id, await store.audit_rows_about(conn, who, devices),
                                         reason="erasure")
     report = ErasureReport(subscriber_id=subscriber_id, sms_inbound_deleted=sms, event_payloads_erased=payloads,
-                           devices=len(devices), audit_details_tombstoned=tombstoned)
+                           devices=len(devices), audit_details_tombstoned=tombstoned,
+                           recordings_deleted=len(recordings), recording_files_deleted=files)
     await audit.append(conn, tenant_id, actor=actor, action="subscriber.erased", entity="subscriber",
                        entity_id=subscriber_id, detail=report.model_dump(mode="json", exclude={"subscriber_id"}),
                        correlation=correlation)

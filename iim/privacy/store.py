@@ -1,5 +1,6 @@
 """PostgreSQL side of retention and erasure: the cross-tenant purge round, and a subscriber's content found
-and removed inside one tenant transaction. Incoming SMS rows are the SMS store's (``iim.sms.store``); audit
+and removed inside one tenant transaction (recorded messages included: the rows are deleted here, the
+files by :mod:`iim.privacy.recordings`). Incoming SMS rows are the SMS store's (``iim.sms.store``); audit
 tombstones are the audit chain's (``policy_cache.audit``)."""
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from uuid import UUID
 from iim.privacy.retention import RetentionDefaults
 from policy_cache.db import Connection, Pool
 
-__all__ = ["PurgeCount", "Subject", "audit_rows_about", "erase_event_payloads", "flush_staged_audit", "purge_round",
-           "subject", "subject_devices"]
+__all__ = ["PurgeCount", "PurgedRecording", "Subject", "audit_rows_about", "erase_event_payloads",
+           "erase_recorded_messages", "flush_staged_audit", "purge_recordings", "purge_round", "subject", "subject_devices"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +20,12 @@ class PurgeCount:
     tenant_id: UUID
     kind: str  # sms_body | event_payload | audit_detail
     purged: int
+
+
+@dataclass(frozen=True, slots=True)
+class PurgedRecording:
+    tenant_id: UUID
+    file_name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +44,13 @@ async def purge_round(pool: Pool, defaults: RetentionDefaults, *, limit: int, ti
         "make_interval(secs => $3), $4)",
         defaults.sms_body_s, defaults.event_payload_s, defaults.audit_detail_s, limit, timeout=timeout_s)
     return [PurgeCount(r["tenant_id"], r["kind"], int(r["purged"])) for r in rows]
+
+
+async def purge_recordings(conn: Connection, *, limit: int) -> list[PurgedRecording]:
+    """Delete, every tenant, at most ``limit`` recorded messages that are due (``iim.recording_purge``: expired,
+    or older than the tenant's ``recording_s``); their files are the caller's to delete before it commits."""
+    rows = await conn.fetch("SELECT tenant_id, file_name FROM iim.recording_purge($1)", limit)
+    return [PurgedRecording(r["tenant_id"], r["file_name"]) for r in rows]
 
 
 async def subject(conn: Connection, subscriber_id: UUID) -> Subject | None:
@@ -69,6 +83,14 @@ async def erase_event_payloads(conn: Connection, device_ids: list[UUID]) -> int:
         "UPDATE iim.device_event SET payload = '{}'::jsonb, payload_purged_at = now() "
         "WHERE device_id = ANY($1::uuid[]) AND payload_purged_at IS NULL", device_ids)
     return int(result.split()[-1])
+
+
+async def erase_recorded_messages(conn: Connection, subscriber_id: UUID) -> list[str]:
+    """Delete the messages callers left the subscriber (``iim.recorded_message``); their file names, for the
+    caller to delete before the transaction commits."""
+    rows = await conn.fetch("DELETE FROM iim.recorded_message WHERE subscriber_id = $1 RETURNING file_name",
+                            subscriber_id)
+    return [r["file_name"] for r in rows]
 
 
 async def flush_staged_audit(conn: Connection) -> None:

@@ -24,7 +24,7 @@ from policy_cache.db import Connection, Pool
 __all__ = [
     "QueuedSms", "claim_due", "count_keyed", "enqueue_many", "enqueue_sms", "find_by_smsc_id", "forget_mo_body",
     "lock_for_receipts", "mark_mo_handled", "purge_mo_bodies", "queue_depth", "reseal_bodies", "seal_body",
-    "sealed_bodies", "store_mo", "subscriber_tenant", "write_outcomes", "write_receipts", "OUTBOX", "INBOUND",
+    "sealed_bodies", "sealed_counts", "store_mo", "subscriber_tenant", "write_outcomes", "write_receipts", "OUTBOX", "INBOUND",
 ]
 
 # Where a body lives, for its associated data (iim.core.envelope.field_aad): the row is the table's unique key
@@ -234,6 +234,10 @@ _SEALED = {
     INBOUND: """SELECT id, sms_id AS row_key, body, body_key FROM iim.sms_inbound
                 WHERE body IS NOT NULL AND body_key IS DISTINCT FROM $1 AND id > $2 ORDER BY id LIMIT $3""",
 }
+_SEALED_COUNTS = {
+    OUTBOX: "SELECT body_key, count(*) AS n FROM iim.sms_outbox WHERE body IS NOT NULL GROUP BY body_key",
+    INBOUND: "SELECT body_key, count(*) AS n FROM iim.sms_inbound WHERE body IS NOT NULL GROUP BY body_key",
+}
 _RESEAL = {
     OUTBOX: """UPDATE iim.sms_outbox SET body = $3, body_key = $4
                WHERE id = $1 AND body_key IS NOT DISTINCT FROM $2 AND body IS NOT NULL""",
@@ -249,6 +253,11 @@ async def sealed_bodies(conn: Connection, table: str, *, not_key: int, after: UU
     ``id, row_key, body, body_key``."""
     rows: list[asyncpg.Record] = await conn.fetch(_SEALED[table], not_key, after, limit)
     return rows
+
+
+async def sealed_counts(conn: Connection, table: str) -> dict[int | None, int]:
+    """How many bodies of ``table`` in the caller's tenant each data key seals (``None``: still in clear)."""
+    return {r["body_key"]: int(r["n"]) for r in await conn.fetch(_SEALED_COUNTS[table])}
 
 
 async def reseal_bodies(conn: Connection, table: str, rows: Sequence[tuple[UUID, int | None, str, int]]) -> None:

@@ -1,6 +1,6 @@
 """Right to erasure end to end: ``iim subscriber erase`` through the live admin API against PostgreSQL, then
-every table of the database scanned for the subscriber's SMS bodies and event payloads, and the audit chain
-verified (``iim audit verify``)."""
+every table of the database scanned for the subscriber's SMS bodies, event payloads and recorded messages (and
+the recordings directory for their files), and the audit chain verified (``iim audit verify``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -45,6 +46,7 @@ class Live:
     pool: Pool
     tenant: UUID
     admin_url: str
+    recordings: Path
 
 
 @dataclass
@@ -53,20 +55,23 @@ class Person:
     msisdn: str
     device: UUID
     secrets: tuple[str, ...]
+    recording: str
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def live(pg_db: PgDatabase) -> AsyncIterator[Live]:
+async def live(pg_db: PgDatabase, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Live]:
+    recordings = tmp_path_factory.mktemp("recordings")
     pool: Pool = await connect_pool(pg_db.app_url, role=DbRole.APP, min_size=1, max_size=4)
     tenant = await create_tenant(pool, "Erasure")
     table = {hash_token(tok): {"actor": actor, "role": role, "tenant": str(tenant) if role == "operator" else None}
              for tok, (actor, role) in TOKENS.items()}
     root = create_root_app([])
-    mount_registry(root, create_registry_app(lambda: pool, tokens=TokenTable.from_json(json.dumps(table))))
+    mount_registry(root, create_registry_app(lambda: pool, tokens=TokenTable.from_json(json.dumps(table)),
+                                             recordings_dir=recordings))
     server = TestServer(root, host="127.0.0.1", port=0)
     await server.start_server()
     try:
-        yield Live(str(server.make_url("")).rstrip("/"), pool, tenant, pg_db.admin_url)
+        yield Live(str(server.make_url("")).rstrip("/"), pool, tenant, pg_db.admin_url, recordings)
     finally:
         await server.close()
         await pool.close()
@@ -88,10 +93,13 @@ def iim(live: Live, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Monk
 
 async def _person(live: Live, name: str) -> Person:
     """A subscriber who owns a household with a wearable, has SMS read out, got an SMS and whose wearable
-    reported an event; the SMS body and the payload also reached audit details."""
+    reported an event, and to whom a caller left a recorded message (row and file); the SMS body and the
+    payload also reached audit details."""
     tag = uuid4().hex[:12]
     sms_body, payload_value = f"sms body {tag} my door code is 4711", f"pulse-note-{tag}"
     msisdn = "+7911" + str(uuid4().int)[:7]
+    call_uuid, recording = f"call-{tag}", f"iim-{tag}.wav"
+    (live.recordings / recording).write_bytes(b"RIFF" + tag.encode())
     async with tenant_tx(live.pool, live.tenant) as conn:
         home = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(name=f"{name}'s flat",
                                                                                time_zone="Europe/Moscow"), actor="t")
@@ -111,11 +119,14 @@ async def _person(live: Live, name: str) -> Person:
             "INSERT INTO iim.device_event (event_id, device_id, type, occurred_at, fingerprint, payload, channel, "
             "response) VALUES ($1, $2, 'pulse', now(), $3, $4, 'device', '{}')",
             f"ev-{tag}", watch.id, "1" * 64, {"note": payload_value, "bpm": 181})
+        await conn.execute(
+            "INSERT INTO iim.recorded_message (call_uuid, subscriber_id, caller, file_name, duration_ms, expires_at) "
+            "VALUES ($1, $2, '+79990000000', $3, 4000, now() + interval '30 days')", call_uuid, sub.id, recording)
         await audit.append(conn, live.tenant, actor="t", action="test.note", entity="subscriber", entity_id=sub.id,
                            detail={"said": sms_body})
         await audit.stage(conn, actor="t", action="test.event", entity="device", entity_id=watch.id,
                           detail={"payload": {"note": payload_value}})
-    return Person(sub.id, msisdn, watch.id, (sms_body, payload_value))
+    return Person(sub.id, msisdn, watch.id, (sms_body, payload_value, call_uuid, recording), recording)
 
 
 async def _tables_holding(admin_url: str, needles: tuple[str, ...]) -> list[str]:
@@ -150,9 +161,12 @@ async def test_after_erase_no_table_holds_the_subscribers_content_and_the_chain_
     assert report["sms_inbound_deleted"] == 1
     assert report["event_payloads_erased"] == 1
     assert report["audit_details_tombstoned"] >= 2
+    assert (report["recordings_deleted"], report["recording_files_deleted"]) == (1, 1)
 
     assert await _tables_holding(live.admin_url, gone.secrets) == []
-    assert len(await _tables_holding(live.admin_url, kept.secrets)) >= 2  # another subscriber's content stays
+    assert not (live.recordings / gone.recording).exists()
+    assert len(await _tables_holding(live.admin_url, kept.secrets)) >= 3  # another subscriber's content stays
+    assert (live.recordings / kept.recording).exists()
     code, out = await iim("audit", "verify")
     assert code == 0, out
     assert json.loads(out)["intact"] is True
@@ -168,6 +182,7 @@ async def test_erase_is_for_admins_only_and_an_unknown_subscriber_is_a_404(live:
     code, _ = await iim("subscriber", "erase", str(person.id), token_ref="env:IIM_OP_TOKEN")
     assert code != 0
     assert await _tables_holding(live.admin_url, person.secrets)  # nothing erased by the refused call
+    assert (live.recordings / person.recording).exists()
     code, _ = await iim("subscriber", "erase", str(uuid4()))
     assert code != 0
 

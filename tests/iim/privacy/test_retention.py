@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from uuid import UUID, uuid4
 
 import pytest
@@ -10,7 +11,13 @@ from iim.privacy.purger import ACTOR, RetentionPurger
 from iim.privacy.retention import DAY_S, RetentionDefaults, next_round_delay
 from policy_cache import audit, registry
 from policy_cache.db import Pool, tenant_tx
-from policy_cache.models import DeviceCreate, DeviceType, HouseholdCreate, RetentionPolicyCreate
+from policy_cache.models import (
+    DeviceCreate,
+    DeviceType,
+    HouseholdCreate,
+    RetentionPolicyCreate,
+    SubscriberCreate,
+)
 from tests.pg import create_tenant
 
 
@@ -58,6 +65,68 @@ async def test_a_tenants_retention_beats_the_default_and_its_purge_is_audited(ap
     assert (line.actor, line.action) == (ACTOR, "retention.purged")
     assert line.detail == {"sms_body": 1, "event_payload": 1}
     assert await purger.run_once() == {}  # nothing left to purge: no audit row either
+
+
+async def _recording(pool: Pool, tenant: UUID, directory: Path, *, expires_in_s: float) -> str:
+    """A message a caller left an hour ago (row and file), kept until now + ``expires_in_s``; its file name."""
+    name = f"iim-{uuid4()}.wav"
+    (directory / name).write_bytes(b"RIFF....WAVE")
+    async with tenant_tx(pool, tenant) as conn:
+        sub = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(
+            msisdn="+7912" + str(uuid4().int)[:7]), actor="t")
+        await conn.execute(
+            "INSERT INTO iim.recorded_message (call_uuid, subscriber_id, caller, file_name, created_at, expires_at) "
+            "VALUES ($1, $2, '+79990000000', $3, now() - interval '1 h', now() + make_interval(secs => $4))",
+            str(uuid4()), sub.id, name, expires_in_s)
+    return name
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+async def _recordings_kept(pool: Pool, tenant: UUID) -> list[str]:
+    async with tenant_tx(pool, tenant) as conn:
+        return [r["file_name"] for r in await conn.fetch("SELECT file_name FROM iim.recorded_message")]
+
+
+async def test_recordings_past_their_retention_go_row_and_file_and_the_purge_is_audited(
+        app_pool: Pool, tmp_path: Path) -> None:
+    short, default = await create_tenant(app_pool, "rec-short"), await create_tenant(app_pool, "rec-default")
+    async with tenant_tx(app_pool, short) as conn:
+        await registry.create(conn, registry.RETENTION_POLICY, RetentionPolicyCreate(recording_s=60), actor="t")
+    await _recording(app_pool, short, tmp_path, expires_in_s=30 * DAY_S)  # older than the tenant's 60 s
+    await _recording(app_pool, default, tmp_path, expires_in_s=-60)  # its own expiry passed
+    kept = await _recording(app_pool, default, tmp_path, expires_in_s=30 * DAY_S)
+    purger = RetentionPurger(app_pool, RetentionDefaults(), recordings_dir=tmp_path)
+
+    purged = await purger.run_once()
+
+    assert purged[short] == {"recording": 1}
+    assert purged[default] == {"recording": 1}
+    assert await _recordings_kept(app_pool, short) == []
+    assert await _recordings_kept(app_pool, default) == [kept]
+    assert _files(tmp_path) == [kept]  # the other two files are gone with their rows
+    async with tenant_tx(app_pool, short) as conn:
+        line = (await audit.entries(conn, entity="tenant", entity_id=short, limit=1))[0]
+        assert await audit.verify_chain(conn, short) is None
+    assert (line.actor, line.action, line.detail) == (ACTOR, "retention.purged", {"recording": 1})
+
+
+async def test_a_recording_file_that_cannot_be_deleted_keeps_its_row_for_the_next_round(
+        app_pool: Pool, tmp_path: Path) -> None:
+    tenant = await create_tenant(app_pool, "rec-stuck")
+    name = await _recording(app_pool, tenant, tmp_path, expires_in_s=-60)
+    (tmp_path / name).unlink()
+    (tmp_path / name).mkdir()  # a directory where the file was: unlink() fails with an OSError
+    purger = RetentionPurger(app_pool, RetentionDefaults(), recordings_dir=tmp_path)
+
+    assert tenant not in await purger.run_once()  # logged; the round's other kinds go on
+    assert await _recordings_kept(app_pool, tenant) == [name]  # rolled back: tried again next round
+
+    (tmp_path / name).rmdir()
+    assert (await purger.run_once())[tenant] == {"recording": 1}
+    assert await _recordings_kept(app_pool, tenant) == []
 
 
 def test_a_full_batch_means_another_round_at_once() -> None:
