@@ -103,7 +103,8 @@ def client_context(config: MqttConfig) -> ssl.SSLContext:
 
 class MqttIngress(AsyncResource):
     """Subscribes to ``{prefix}/+/+/events`` and feeds each message to ``bridge`` (shared with the HTTPS bridge:
-    the same keys, limits, refusal audit and intake)."""
+    the same keys, limits, refusal audit and intake); records the hubs' answers to commands from
+    ``{prefix}/+/+/cmd-ack`` in the bridge's database; publishes commands (:meth:`publish_command`)."""
 
     def __init__(self, bridge: Bridge, config: MqttConfig, *, context: ssl.SSLContext | None = None) -> None:
         hub.check_prefix(config.prefix)

@@ -16,14 +16,17 @@ from iot_bridge.mqtt.commands import (
     CommandConflict,
     HubCommandBody,
     HubCommandRecord,
+    HubDisabled,
     MqttUnavailable,
     UnknownHub,
     get_command,
     send_command,
 )
 from iot_bridge.mqtt.ingress import MqttIngress
+from policy_cache import registry
 from policy_cache.audit import flush_pending
 from policy_cache.db import Pool, tenant_tx
+from policy_cache.models import DeviceUpdate
 from tests.alarm_rig import AlarmRig
 from tests.conftest import eventually
 from tests.iot_bridge.test_mqtt_ingress import MqttRig, metric, mqtt, topic
@@ -150,6 +153,35 @@ async def test_unknown_hubs_and_another_tenants_hub_are_the_same_unknown(mqtt: M
             await send(app_pool, ingress, mqtt.a, command(), hub=hub)
     assert await mqtt.admin.fetchval("SELECT count(*) FROM iim.hub_command WHERE tenant_id = ANY($1::uuid[])",
                                      [mqtt.a.tenant_id, mqtt.b.tenant_id]) == 0
+    await ingress.aclose()
+
+
+async def test_two_requests_with_one_id_at_once_publish_one_command(mqtt: MqttRig, app_pool: Pool) -> None:
+    ingress = await mqtt.ingress()
+    hub = await listening_hub(mqtt, mqtt.a)
+    results = await asyncio.gather(*(send(app_pool, ingress, mqtt.a, command("c-race", name="test"))
+                                     for _ in range(4)))
+    assert sorted(replayed for _, replayed in results) == [False, True, True, True]
+    assert all(record == results[0][0] for record, _ in results)
+    assert (await hub.next_message()).json()["id"] == "c-race"
+    await asyncio.sleep(1.0)
+    assert hub.pending() == 0
+    await ingress.aclose()
+
+
+async def test_a_disabled_hub_gets_no_command_and_a_deleted_one_takes_its_commands_along(
+        mqtt: MqttRig, app_pool: Pool) -> None:
+    ingress = await mqtt.ingress()
+    await send(app_pool, ingress, mqtt.a, command("c-before"))
+    async with tenant_tx(app_pool, mqtt.a.tenant_id) as conn:
+        device = await conn.fetchval("SELECT id FROM iim.device WHERE external_id = $1", mqtt.a.hub)
+        await registry.update(conn, registry.DEVICE, device, DeviceUpdate(enabled=False), actor="test")
+    with pytest.raises(HubDisabled):
+        await send(app_pool, ingress, mqtt.a, command("c-after"))
+    async with tenant_tx(app_pool, mqtt.a.tenant_id) as conn:
+        await registry.delete(conn, registry.DEVICE, device, actor="test")
+    assert await mqtt.admin.fetchval("SELECT count(*) FROM iim.hub_command WHERE tenant_id = $1",
+                                     mqtt.a.tenant_id) == 0
     await ingress.aclose()
 
 
