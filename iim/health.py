@@ -40,7 +40,7 @@ from iim.tts.engine import EspeakTts
 from policy_cache.health import DatabaseProbe
 
 __all__ = ["BUILD_INFO", "HealthMonitor", "Source", "build_info", "connectors", "database", "freeswitch",
-           "smsc", "tts"]
+           "mqtt", "smsc", "tts"]
 
 log = logging.getLogger("iim.health")
 
@@ -92,6 +92,27 @@ def smsc(transport: _Bindable) -> Source:
     def read() -> Iterable[Observation]:
         yield Observation("smsc", "smsc", "ok" if transport.ready else "down",
                           None if transport.ready else "not bound", {"smsc": transport.name})
+
+    return read
+
+
+class _Broker(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def last_error(self) -> str | None: ...
+
+
+def mqtt(ingress: Callable[[], _Broker | None], broker: str) -> Source:
+    """The hubs' MQTT broker: ``ok`` while IIM is connected and subscribed, ``down`` otherwise (hubs' events
+    wait at the broker, commands are refused with 503). ``ingress()`` is None until the ingress has started."""
+
+    def read() -> Iterable[Observation]:
+        found = ingress()
+        up = found is not None and found.connected
+        why = None if up else (found.last_error if found is not None else None) or "not connected"
+        yield Observation("mqtt", "mqtt", "ok" if up else "down", why, {"broker": broker})
 
     return read
 

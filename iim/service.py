@@ -38,6 +38,7 @@ from fs_app.registrations import REGISTRATION_EVENTS, presence_listener, registr
 from fs_app.router import PolicyRouter
 from iim import health
 from iim.admin.api import create_registry_app, mount_registry
+from iim.admin.hubs import hub_command_routes
 from iim.admin.incidents import operator_routes
 from iim.admin.links import link_routes
 from iim.admin.routing import Access, Route
@@ -313,13 +314,15 @@ class Service:
 
     def _health_monitor(self, policy: PolicyParts | None) -> HealthMonitor:
         """Every dependency ``/health`` details (PostgreSQL, each FreeSWITCH node, the SMSC, each connector,
-        speech) and what ``/readyz`` requires."""
+        speech, the hubs' MQTT broker) and what ``/readyz`` requires."""
         sources: list[Source] = [health.freeswitch(self.inbound)]
         if policy is not None:
             sources[:0] = [health.database(policy.database)]
             if policy.smsc is not None:
                 sources.append(health.smsc(policy.smsc))
             sources += [health.connectors(policy.connectors), health.tts(policy.tts)]
+            if self.settings.mqtt_enabled:  # the ingress starts after this monitor: read when asked
+                sources.append(health.mqtt(lambda: self.mqtt, f"{self.settings.mqtt_host}:{self.settings.mqtt_port}"))
         alert_calls = policy is not None and self.settings.scenario_worker and bool(self.inbound)
 
         def ready() -> Readiness:
@@ -360,6 +363,7 @@ class Service:
                                 deadline_s=admin_settings.store_deadline_s)
             extra.extend(operator_routes(desk))
             extra.extend(link_routes(lambda: policy.linking))
+            extra.extend(hub_command_routes(lambda: self.mqtt))  # commands to hubs over MQTT (when it runs)
             # Data keys: status and rotation jobs (admin only); the jobs end with the HTTP site.
             rotations = KeyRotations(lambda: policy.pool, lambda: policy.keyring)
             root.on_cleanup.append(lambda _app: rotations.aclose())

@@ -23,15 +23,18 @@ from tests.real_switch import free_port, skip_or_fail
 
 __all__ = ["ACL", "Broker", "BrokerPki", "make_broker_pki", "require_mosquitto", "running_mosquitto"]
 
-#: The ACL the README documents: IIM reads every hub's events and writes their acks and commands; a hub
-#: (CN ``{tenant}/{hub}``) writes only its own events and reads only its own acks and commands.
+#: The ACL the README documents: IIM reads every hub's events and answers to commands and writes their acks and
+#: commands; a hub (CN ``{tenant}/{hub}``) writes only its own events and answers, reads only its own acks and
+#: commands.
 ACL = """\
 user iim
 topic read iim/+/+/events
+topic read iim/+/+/cmd-ack
 topic write iim/+/+/ack
 topic write iim/+/+/cmd
 
 pattern write iim/%u/events
+pattern write iim/%u/cmd-ack
 pattern read iim/%u/ack
 pattern read iim/%u/cmd
 """

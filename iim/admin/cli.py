@@ -13,6 +13,7 @@ Wire into the ``iim`` parser with ``register_subcommands(subparsers)``. Commands
     iim connector  list                                           (connector status: capabilities and health)
     iim presence   show|set|clear --household H      --tenant T   (live presence; set: the app's geofence word)
     iim link       start|status|revoke --household H --connector C --tenant T  (a household's vendor account link)
+    iim hub command send|show --hub H                --tenant T   (a command to a local hub over MQTT)
     iim scenario   simulate|templates list|show|install  (besides create|list|show|update|delete; simulate
                                                      and templates list|show need no API)
     iim token      new|hash                          (offline: make a token and its table entry)
@@ -40,7 +41,8 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TextIO
-from uuid import UUID
+from urllib.parse import quote
+from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ValidationError
@@ -507,6 +509,47 @@ def _register_link(sub: Any) -> None:
     p = actions.add_parser("revoke", parents=[common], help="unlink: revoke at the vendor and forget the tokens")
     where(p)
     p.set_defaults(func=_run(lambda a, c: c.request("DELETE", path(a)), (*columns, "vendor_revoked")))
+
+
+def _argument(text: str) -> tuple[str, str | int | bool]:
+    """``KEY=VALUE``: an integer or true/false as such, anything else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    if value in ("true", "false"):
+        return key, value == "true"
+    try:
+        return key, int(value)
+    except ValueError:
+        return key, value
+
+
+def _hub_command(args: argparse.Namespace, client: ApiClient) -> Any:
+    body = {"id": args.id or f"cli-{uuid4().hex}", "name": args.name, "arguments": dict(args.arg or ())}
+    return client.request("POST", f"{_tenant_path(args)}/hubs/{quote(args.hub, safe='')}/commands", body=body)
+
+
+def _register_hub(sub: Any) -> None:
+    """``iim hub command send|show``: commands to a local hub over MQTT, and the hub's answer."""
+    top = sub.add_parser("hub", help="local hubs over MQTT: send a command, see its answer")
+    kinds = top.add_subparsers(dest="kind", required=True, metavar="KIND")
+    actions = kinds.add_parser("command", help="commands to a hub (arm, disarm, silence, test, reboot)") \
+        .add_subparsers(dest="action", required=True, metavar="ACTION")
+    common = _common(tenant_scoped=True)
+    columns = ("id", "hub", "name", "state", "sent_at", "acked_at", "ack_detail")
+    p = actions.add_parser("send", parents=[common], help="publish a command to the hub (QoS 1); the same --id "
+                                                          "again returns the first result and sends nothing")
+    p.add_argument("--hub", required=True, help="the hub's device id (its external_id)")
+    p.add_argument("--name", required=True, choices=("arm", "disarm", "silence", "test", "reboot"))
+    p.add_argument("--arg", action="append", type=_argument, metavar="KEY=VALUE",
+                   help="an argument (repeat): arm mode=away|stay|night, silence duration_s=10..3600, test device=D")
+    p.add_argument("--id", help="your id for the command, to retry safely (default: a new one, printed)")
+    p.set_defaults(func=_run(_hub_command, columns))
+    p = actions.add_parser("show", parents=[common], help="a command sent to the hub, and the hub's answer")
+    p.add_argument("--hub", required=True, help="the hub's device id (its external_id)")
+    p.add_argument("id", help="the command's id")
+    p.set_defaults(func=_run(lambda a, c: c.request(
+        "GET", f"{_tenant_path(a)}/hubs/{quote(a.hub, safe='')}/commands/{quote(a.id, safe='')}"), columns))
 
 
 def _presence_page(view: Any) -> Any:
@@ -1063,6 +1106,7 @@ def register_subcommands(subparsers: Any, *, include_db: bool = True) -> None:
     _register_connector(subparsers)
     _register_presence(subparsers)
     _register_link(subparsers)
+    _register_hub(subparsers)
     _register_token(subparsers)
     if include_db:
         _register_db(subparsers)

@@ -18,6 +18,7 @@ Hierarchy (every class is an :class:`ApiError`; ``status`` is the HTTP status se
     +-- InvalidReference      422 invalid-reference   a referenced row does not exist in this tenant
     +-- StoreUnavailable      503 store-unavailable   PostgreSQL cannot be reached
     +-- ServiceUnavailable    503 service-unavailable what the request needs (scenario worker, switch) does not run
+    |   +-- BrokerUnavailable 503 broker-unavailable  the hubs' MQTT broker is not connected (a command was not sent)
     +-- IdentityUnavailable   503 identity-unavailable the OIDC issuer's keys cannot be fetched (JWTs only)
     +-- InternalError         500 internal-error
 
@@ -195,6 +196,13 @@ class ServiceUnavailable(ApiError):
 
     def __init__(self, detail: str, *, retry_after_s: int = 5) -> None:
         super().__init__(detail, headers={"Retry-After": str(retry_after_s)})
+
+
+class BrokerUnavailable(ServiceUnavailable):
+    """The hubs' MQTT broker is not connected, or did not take the command in time: nothing was sent."""
+
+    error_id = "broker-unavailable"
+    title = "Broker unavailable"
 
 
 class IdentityUnavailable(ApiError):

@@ -24,7 +24,7 @@ _RANK = {"ok": 0, "degraded": 1, "down": 2}
 @dataclass(frozen=True, slots=True)
 class Observation:
     """One dependency as seen now: ``name`` (``postgresql``, ``freeswitch/fs1``, ``connector/acme``...), its
-    ``kind`` (``postgresql``, ``freeswitch``, ``smsc``, ``connector``, ``tts``), status, why, and details."""
+    ``kind`` (``postgresql``, ``freeswitch``, ``smsc``, ``mqtt``, ``connector``, ``tts``), status, why, and details."""
 
     name: str
     kind: str

@@ -4,7 +4,8 @@ Topics, per tenant and hub (``{prefix}`` is ``iim`` by default)::
 
     {prefix}/{tenant}/{hub}/events   hub -> IIM   one signed device event per message, QoS 1
     {prefix}/{tenant}/{hub}/ack      IIM -> hub   the answer to each event: accepted (202) or refused (4xx)
-    {prefix}/{tenant}/{hub}/cmd      IIM -> hub   commands
+    {prefix}/{tenant}/{hub}/cmd      IIM -> hub   operator commands (arm, disarm, silence, test, reboot), QoS 1
+    {prefix}/{tenant}/{hub}/cmd-ack  hub -> IIM   the hub's answer to each command (iot_bridge.mqtt.commands)
 
 The broker, not IIM, proves who published: it knows each hub by its client certificate (the certificate's CN,
 ``{tenant}/{hub}``, is its user name) and its ACL lets a hub publish only under its own ``{tenant}/{hub}``. So
@@ -34,8 +35,11 @@ from iot_bridge.app import BridgeRefusal
 from iot_bridge.events import ID_PATTERN
 from iot_bridge.intake import IntakeOutcome
 
-__all__ = ["HEADER_NAMES", "BadTopic", "HubMessage", "Route", "ack", "events_filter", "nack", "read_payload",
-           "read_topic"]
+__all__ = ["CMD_ACK", "EVENTS", "HEADER_NAMES", "BadTopic", "HubMessage", "Route", "ack", "cmd_ack_filter",
+           "events_filter", "nack", "read_payload", "read_topic"]
+
+#: The leaves a hub publishes on: its signed events, its answers to commands.
+EVENTS, CMD_ACK = "events", "cmd-ack"
 
 #: The header lines a payload may carry; any other is refused (deny by default).
 HEADER_NAMES = frozenset({"webhook-id", "webhook-timestamp", "webhook-signature", "iim-device"})
@@ -56,6 +60,7 @@ class Route:
     prefix: str
     tenant: UUID
     hub: str
+    leaf: str = EVENTS  # where the message came (for a reply: unused)
 
     def topic(self, leaf: str) -> str:
         return f"{self.prefix}/{self.tenant}/{self.hub}/{leaf}"
@@ -69,24 +74,29 @@ def check_prefix(prefix: str) -> str:
 
 def events_filter(prefix: str) -> str:
     """The one subscription IIM makes: every hub's events."""
-    return f"{check_prefix(prefix)}/+/+/events"
+    return f"{check_prefix(prefix)}/+/+/{EVENTS}"
+
+
+def cmd_ack_filter(prefix: str) -> str:
+    """The second subscription: every hub's answers to commands."""
+    return f"{check_prefix(prefix)}/+/+/{CMD_ACK}"
 
 
 def read_topic(prefix: str, topic: str) -> Route:
-    """The route of ``{prefix}/{tenant}/{hub}/events``; anything else is :class:`BadTopic`."""
+    """The route of ``{prefix}/{tenant}/{hub}/events`` or ``.../cmd-ack``; anything else is :class:`BadTopic`."""
     head = f"{prefix}/"
     if not topic.startswith(head):
         raise BadTopic("not under the prefix")
     parts = topic[len(head):].split("/")
-    if len(parts) != 3 or parts[2] != "events":
-        raise BadTopic("not {tenant}/{hub}/events")
+    if len(parts) != 3 or parts[2] not in (EVENTS, CMD_ACK):
+        raise BadTopic("not {tenant}/{hub}/events or {tenant}/{hub}/cmd-ack")
     try:
         tenant = UUID(parts[0])
     except ValueError:
         raise BadTopic("the tenant level is not a UUID") from None
     if str(tenant) != parts[0] or not _ID.fullmatch(parts[1]):
         raise BadTopic("the tenant is not a canonical UUID or the hub is not an id")
-    return Route(prefix, tenant, parts[1])
+    return Route(prefix, tenant, parts[1], parts[2])
 
 
 @dataclass(frozen=True, slots=True)

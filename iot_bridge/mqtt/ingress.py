@@ -7,6 +7,11 @@ the next connection; the intake's ledger (unique per device and ``event_id``) ma
 that answers as the first and acts no more. PUBACKs leave in the order the messages came (MQTT 3.1.1, 4.6), so
 up to ``max_in_flight`` events are taken at once and each is acknowledged once it and every earlier one is done.
 
+Commands go the other way (:mod:`iot_bridge.mqtt.commands`): :meth:`MqttIngress.publish_command` returns once
+the broker acknowledged the PUBLISH (its PUBACK), within ``command_timeout_s``. The hubs' answers to commands
+(``{prefix}/+/+/cmd-ack``, a second subscription) are recorded as durably as events: PUBACK after the commit,
+held while PostgreSQL is away; an answer that is not one is dropped and counted.
+
 A refused event (bad signature, bad body, over the hub's rate) is answered on the hub's ``ack`` topic with the
 bridge's status and error id and acknowledged: the broker must not redeliver what can never pass. PostgreSQL
 away is not a refusal: the event is held (no PUBACK) and tried again with backoff until it is stored.
@@ -31,22 +36,26 @@ from uuid import UUID
 
 from prometheus_client import Counter, Gauge
 
+from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.lifecycle import AsyncResource, TaskSupervisor
 from iim.core.metrics import REGISTRY
 from iim.core.retry import backoff_delay
 from iot_bridge.app import Bridge, BridgeRefusal
 from iot_bridge.intake import IntakeOutcome, StoreDown
-from iot_bridge.mqtt import hub
+from iot_bridge.mqtt import commands, hub
+from iot_bridge.mqtt.commands import MqttUnavailable
 from iot_bridge.mqtt.protocol import (
     NEED_DATA,
     ConnAck,
     MqttClient,
     MqttProtocolError,
+    PubAck,
     Publish,
     SubAck,
 )
 from iot_bridge.ratelimit import TokenBucketLimiter
 from iot_bridge.tls import ClientIdentity
+from policy_cache.db import tenant_tx
 
 __all__ = ["MESSAGES", "MqttConfig", "MqttIngress", "MqttUnavailable", "client_context"]
 
@@ -59,10 +68,6 @@ MESSAGES = Counter("iim_mqtt_messages", "Hub messages by outcome (accepted, repl
 CONNECTED = Gauge("iim_mqtt_connected", "1 while IIM is subscribed to the hubs' broker", registry=REGISTRY)
 CONNECT_FAILURES = Counter("iim_mqtt_connection_failures", "MQTT connections that failed or were lost, by reason",
                            ["reason"], registry=REGISTRY)
-
-
-class MqttUnavailable(Exception):
-    """No connection to the broker right now (a command cannot be sent)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +84,7 @@ class MqttConfig:
     keepalive_s: int = 30
     connect_timeout_s: float = 10.0
     write_timeout_s: float = 10.0
+    command_timeout_s: float = 3.0  # a command's PUBLISH until the broker's PUBACK
     max_in_flight: int = 16
     hub_rate: float = 5.0
     hub_burst: int = 50
@@ -97,7 +103,8 @@ def client_context(config: MqttConfig) -> ssl.SSLContext:
 
 class MqttIngress(AsyncResource):
     """Subscribes to ``{prefix}/+/+/events`` and feeds each message to ``bridge`` (shared with the HTTPS bridge:
-    the same keys, limits, refusal audit and intake)."""
+    the same keys, limits, refusal audit and intake); records the hubs' answers to commands from
+    ``{prefix}/+/+/cmd-ack`` in the bridge's database; publishes commands (:meth:`publish_command`)."""
 
     def __init__(self, bridge: Bridge, config: MqttConfig, *, context: ssl.SSLContext | None = None) -> None:
         hub.check_prefix(config.prefix)
@@ -109,10 +116,16 @@ class MqttIngress(AsyncResource):
         self._closing = False
         self._link: _Link | None = None
         self._connected = asyncio.Event()
+        #: why the last connection failed or ended (for /health), None while subscribed
+        self.last_error: str | None = "not connected yet"
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def broker(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
 
     async def wait_connected(self, timeout: float) -> None:
         """Until subscribed (TimeoutError after ``timeout``)."""
@@ -133,16 +146,21 @@ class MqttIngress(AsyncResource):
         await self._tasks.aclose()
 
     async def publish_command(self, tenant: UUID, hub_id: str, payload: bytes) -> None:
-        """Send ``payload`` to the hub's ``cmd`` topic at QoS 1.
+        """Send ``payload`` to the hub's ``cmd`` topic at QoS 1; returns once the broker acknowledged it.
 
         Raises:
-            MqttUnavailable: not connected to the broker now.
+            MqttUnavailable: not connected to the broker now, the connection went, or no PUBACK in time.
         """
         route = hub.Route(self.config.prefix, tenant, hub_id)
         link = self._link
         if link is None or not self.connected:
             raise MqttUnavailable("not connected to the MQTT broker")
-        await link.publish(route.topic("cmd"), payload)
+        try:
+            async with asyncio.timeout(self.config.command_timeout_s):
+                await link.publish(route.topic("cmd"), payload, confirmed=True)
+        except (OSError, TimeoutError, MqttProtocolError) as exc:
+            raise MqttUnavailable(f"the MQTT broker did not take the command: {str(exc) or type(exc).__name__}") \
+                from exc
 
     # ------------------------------------------------------------------ one connection
     async def _connection(self) -> None:
@@ -154,6 +172,7 @@ class MqttIngress(AsyncResource):
         except (OSError, TimeoutError, MqttProtocolError, _Refused) as exc:
             reason = type(exc).__name__
             CONNECT_FAILURES.labels(reason).inc()
+            self.last_error = f"{reason}: {exc}" if str(exc) else reason
             if not self._closing:
                 log.warning("MQTT connection to %s:%s lost or refused: %s", self.config.host, self.config.port,
                             str(exc) or reason)
@@ -164,6 +183,7 @@ class MqttIngress(AsyncResource):
             await link.stop()
 
     def _subscribed(self) -> None:
+        self.last_error = None
         self._connected.set()
         CONNECTED.set(1)
         log.info("MQTT ingress subscribed", extra={"broker": f"{self.config.host}:{self.config.port}"})
@@ -177,6 +197,9 @@ class MqttIngress(AsyncResource):
         except hub.BadTopic as exc:
             MESSAGES.labels("dropped", "bad-topic").inc()
             log.warning("MQTT message on an unexpected topic dropped: %s", exc)
+            return None
+        if route.leaf == hub.CMD_ACK:
+            await self._command_answer(route, payload)
             return None
         source = f"mqtt:{route.tenant}/{route.hub}"
         msg_id: str | None = None
@@ -192,11 +215,40 @@ class MqttIngress(AsyncResource):
         MESSAGES.labels(outcome.kind, "").inc()
         return route.topic("ack"), hub.ack(outcome, msg_id)
 
+    async def _command_answer(self, route: hub.Route, payload: bytes) -> None:
+        """A hub's answer to a command: recorded (PUBACK after the commit; held while PostgreSQL is away), or
+        dropped when it is not an answer or the hub is over its rate (nobody to tell: counted and logged)."""
+        try:
+            self._rate_limit(route)
+        except BridgeRefusal:
+            MESSAGES.labels("dropped", "cmd-ack-rate-limited").inc()
+            return
+        answer = commands.read_ack(payload)
+        if answer is None:
+            MESSAGES.labels("dropped", "bad-cmd-ack").inc()
+            log.warning("MQTT command answer from hub %s/%s is not one; dropped", route.tenant, route.hub)
+            return
+        attempt = 0
+        while True:
+            try:
+                async with asyncio.timeout(self.bridge.config.store_deadline_s), \
+                        tenant_tx(self.bridge.pool, route.tenant) as conn:
+                    moved = await commands.record_ack(conn, route.hub, answer)
+                break
+            except STORE_UNAVAILABLE as exc:
+                attempt += 1
+                MESSAGES.labels("held", "store-unavailable").inc()
+                log.error("MQTT command answer held (no PUBACK) while the store is unavailable: %s", exc)
+                await asyncio.sleep(backoff_delay(attempt, 0.5, self.config.store_retry_ceiling_s))
+        MESSAGES.labels("cmd-ack" if moved else "dropped", answer.status if moved else "cmd-ack-unmatched").inc()
+
     def internal_error(self, topic: str) -> tuple[str, bytes] | None:
         """The answer to a message IIM failed on (a bug): 500, acknowledged, so it is not delivered forever."""
         try:
             route = hub.read_topic(self.config.prefix, topic)
         except hub.BadTopic:
+            return None
+        if route.leaf != hub.EVENTS:
             return None
         failed = BridgeRefusal(500, "internal-error", "internal error; the event was not accepted")
         return route.topic("ack"), hub.nack(failed, None)
@@ -241,6 +293,8 @@ class _Link:
         self.handlers: set[asyncio.Task[None]] = set()
         self.stopped = False
         self.early: list[Publish] = []
+        #: QoS 1 PUBLISHes of ours whose PUBACK someone awaits (commands), by packet id
+        self.confirmations: dict[int, asyncio.Future[None]] = {}
 
     async def run(self) -> None:
         c = self.config
@@ -252,11 +306,15 @@ class _Link:
             connack = await self._expect(reader, ConnAck)
             if connack.return_code:
                 raise _Refused(f"CONNACK return code {connack.return_code}")
-            packet_id, packet = self.protocol.subscribe([(hub.events_filter(c.prefix), 1)])
+            packet_id, packet = self.protocol.subscribe([(hub.events_filter(c.prefix), 1),
+                                                         (hub.cmd_ack_filter(c.prefix), 1)])
             await self.send(packet)
             suback = await self._expect(reader, SubAck)
-            if suback.packet_id != packet_id or 0x80 in suback.granted:
+            if suback.packet_id != packet_id or not suback.granted or suback.granted[0] == 0x80:
                 raise _Refused("the broker refused the subscription")
+            if 0x80 in suback.granted[1:]:  # an ACL from before commands: events still flow
+                log.warning("the MQTT broker refused IIM's subscription to %s: hubs' answers to commands are not "
+                            "recorded (see the README's ACL)", hub.cmd_ack_filter(c.prefix))
         self.ingress._subscribed()
         pinger = asyncio.create_task(self._ping(), name="mqtt-ping")
         try:
@@ -272,8 +330,16 @@ class _Link:
                 while (event := self.protocol.next_event()) is not NEED_DATA:
                     if isinstance(event, Publish):
                         await self._admit(event)
+                    elif isinstance(event, PubAck):
+                        waiter = self.confirmations.pop(event.packet_id, None)
+                        if waiter is not None and not waiter.done():
+                            waiter.set_result(None)
         finally:
             pinger.cancel()
+            for waiter in self.confirmations.values():
+                if not waiter.done():
+                    waiter.set_exception(ConnectionError("the connection to the broker ended"))
+            self.confirmations.clear()
 
     async def _expect(self, reader: asyncio.StreamReader, kind: type[_E]) -> _E:
         """The next ``kind`` packet. A persistent session's messages may come before the SUBACK (the broker
@@ -338,9 +404,20 @@ class _Link:
         if packets:
             await self.send(packets)
 
-    async def publish(self, topic: str, payload: bytes) -> None:
-        _, packet = self.protocol.publish(topic, payload, qos=1)
-        await self.send(packet)
+    async def publish(self, topic: str, payload: bytes, *, confirmed: bool = False) -> None:
+        """QoS 1; with ``confirmed``, until the broker's PUBACK (the caller's deadline bounds the wait)."""
+        packet_id, packet = self.protocol.publish(topic, payload, qos=1)
+        if not confirmed or packet_id is None:
+            await self.send(packet)
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.confirmations[packet_id] = waiter
+        try:
+            await self.send(packet)
+            await waiter
+        finally:
+            if self.confirmations.get(packet_id) is waiter:
+                del self.confirmations[packet_id]
 
     async def send(self, data: bytes) -> None:
         writer = self.writer

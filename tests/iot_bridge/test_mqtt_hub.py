@@ -24,8 +24,14 @@ def test_topic_names_tenant_and_hub() -> None:
     assert hub.events_filter("iim") == "iim/+/+/events"
 
 
+def test_a_hubs_answer_to_a_command_comes_on_its_cmd_ack_topic() -> None:
+    route = hub.read_topic("iim", f"iim/{TENANT}/hub-1/cmd-ack")
+    assert (route.tenant, route.hub, route.leaf) == (TENANT, "hub-1", "cmd-ack")
+    assert hub.cmd_ack_filter("iim") == "iim/+/+/cmd-ack"
+
+
 @pytest.mark.parametrize("topic", [
-    f"iim/{TENANT}/hub-1/ack", f"other/{TENANT}/hub-1/events", "iim/not-a-uuid/hub-1/events",
+    f"iim/{TENANT}/hub-1/ack", f"iim/{TENANT}/hub-1/cmd", f"other/{TENANT}/hub-1/events", "iim/not-a-uuid/hub-1/events",
     f"iim/{str(TENANT).upper()}/hub-1/events", f"iim/{TENANT}/hub 1/events", f"iim/{TENANT}/hub-1/events/x",
     f"iim/{TENANT}//events",
 ])
@@ -90,4 +96,4 @@ def test_any_topic_is_read_or_bad(topic: str) -> None:
         route = hub.read_topic("iim", topic)
     except hub.BadTopic:
         return
-    assert route.topic("events") == topic
+    assert route.topic(route.leaf) == topic
