@@ -418,7 +418,7 @@ class Service:
         connectors, tts, audio_urls, smsc = await self._start_home(stack, pool, keyring, linking, triggers=triggers)
         audio_base = s.switch_audio_base_url or f"http://{s.http_host}:{s.http_port}"
         sms = OutboxSmsSink(pool, keyring)
-        self._messages = self._recorded_messages(pool, sms)
+        self._messages = self._recorded_messages(pool, sms, connectors)
         dial = DialSettings(phone_endpoint=s.passthrough_endpoint.replace("{destination}", "{msisdn}"),
                             speaker_endpoint=s.speaker_endpoint,
                             confirm_prompt=prompt_url(audio_base, "confirm-call"),
@@ -470,7 +470,8 @@ class Service:
         """Where recorded messages are kept (``IIM_RECORDINGS_DIR``): the purge and erasure delete files there."""
         return Path(self.settings.recordings_dir).resolve() if self.settings.recordings_dir else None
 
-    def _recorded_messages(self, pool: Pool, sms: OutboxSmsSink) -> RecordedMessages | None:
+    def _recorded_messages(self, pool: Pool, sms: OutboxSmsSink,
+                           connectors: ConnectorRegistry | None = None) -> RecordedMessages | None:
         """Messages callers leave, kept and announced with a signed link (only with ``IIM_RECORDINGS_DIR``)."""
         s = self.settings
         if not s.recordings_dir:
@@ -485,7 +486,9 @@ class Service:
                                  ttl_s=s.message_link_ttl_s)
         except (LookupError, ValueError, OSError) as exc:
             raise ConfigError(f"recorded messages: {exc}") from None
-        return RecordedMessages(pool, directory, links, sms, retention=timedelta(seconds=s.recording_retention_s))
+        return RecordedMessages(pool, directory, links, sms, retention=timedelta(seconds=s.recording_retention_s),
+                                connectors=connectors, notify_timeout_s=s.message_notify_timeout_s,
+                                notify_attempts=s.message_notify_attempts)
 
     def _audit_heads(self, pool: Pool) -> AuditHeadPublisher:
         s = self.settings

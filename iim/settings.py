@@ -184,6 +184,10 @@ class Settings(BaseSettings):
     message_link_ttl_s: int = Field(default=7 * 86400, ge=60)
     message_link_base_url: str | None = None
     message_link_secret_ref: str | None = Field(default=None, description="unset: a random key per process")
+    # The same announcement goes to the household's cloud connectors (one notification per connector, same link):
+    # each send has this deadline, and a failed one is tried again by a later announcement up to this many times.
+    message_notify_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    message_notify_attempts: int = Field(default=3, ge=1, le=10)
     # HMAC key of the switch's audio URLs (unset: a random key per process; the URLs live minutes).
     switch_audio_secret_ref: str | None = Field(default=None, description="env:VAR or file:/path")
     audio_url_secret_ref: str | None = Field(default=None, description="unset: a random key per process")
