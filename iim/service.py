@@ -403,7 +403,9 @@ class Service:
         directory_pool = await stack.enter_async_context(
             await connect_pool(urls.cache_url, role=DbRole.CACHE, min_size=1, max_size=2,
                                command_timeout=s.db_command_timeout_s, acquire_timeout=s.db_acquire_timeout_s))
-        presence = await stack.enter_async_context(PresenceFeed(pool, directory_pool))
+        presence = await stack.enter_async_context(PresenceFeed(
+            pool, directory_pool, prune_interval_s=s.presence_prune_interval_s, prune_keep_s=s.presence_claim_keep_s,
+            prune_batch=s.presence_prune_batch))
         store = await stack.enter_async_context(PgPolicyStore(urls.cache_url))
         cache = PolicyCache(store)
         stack.push_async_callback(cache.aclose)
