@@ -407,7 +407,9 @@ class Service:
         directory_pool = await stack.enter_async_context(
             await connect_pool(urls.cache_url, role=DbRole.CACHE, min_size=1, max_size=2,
                                command_timeout=s.db_command_timeout_s, acquire_timeout=s.db_acquire_timeout_s))
-        presence = await stack.enter_async_context(PresenceFeed(pool, directory_pool))
+        presence = await stack.enter_async_context(PresenceFeed(
+            pool, directory_pool, prune_interval_s=s.presence_prune_interval_s, prune_keep_s=s.presence_claim_keep_s,
+            prune_batch=s.presence_prune_batch))
         store = await stack.enter_async_context(PgPolicyStore(urls.cache_url))
         cache = PolicyCache(store)
         stack.push_async_callback(cache.aclose)
@@ -422,7 +424,7 @@ class Service:
         connectors, tts, audio_urls, smsc = await self._start_home(stack, pool, keyring, linking, triggers=triggers)
         audio_base = s.switch_audio_base_url or f"http://{s.http_host}:{s.http_port}"
         sms = OutboxSmsSink(pool, keyring)
-        self._messages = self._recorded_messages(pool, sms)
+        self._messages = self._recorded_messages(pool, sms, connectors)
         dial = DialSettings(phone_endpoint=s.passthrough_endpoint.replace("{destination}", "{msisdn}"),
                             speaker_endpoint=s.speaker_endpoint,
                             confirm_prompt=prompt_url(audio_base, "confirm-call"),
@@ -474,7 +476,8 @@ class Service:
         """Where recorded messages are kept (``IIM_RECORDINGS_DIR``): the purge and erasure delete files there."""
         return Path(self.settings.recordings_dir).resolve() if self.settings.recordings_dir else None
 
-    def _recorded_messages(self, pool: Pool, sms: OutboxSmsSink) -> RecordedMessages | None:
+    def _recorded_messages(self, pool: Pool, sms: OutboxSmsSink,
+                           connectors: ConnectorRegistry | None = None) -> RecordedMessages | None:
         """Messages callers leave, kept and announced with a signed link (only with ``IIM_RECORDINGS_DIR``)."""
         s = self.settings
         if not s.recordings_dir:
@@ -489,7 +492,9 @@ class Service:
                                  ttl_s=s.message_link_ttl_s)
         except (LookupError, ValueError, OSError) as exc:
             raise ConfigError(f"recorded messages: {exc}") from None
-        return RecordedMessages(pool, directory, links, sms, retention=timedelta(seconds=s.recording_retention_s))
+        return RecordedMessages(pool, directory, links, sms, retention=timedelta(seconds=s.recording_retention_s),
+                                connectors=connectors, notify_timeout_s=s.message_notify_timeout_s,
+                                notify_attempts=s.message_notify_attempts)
 
     def _audit_heads(self, pool: Pool) -> AuditHeadPublisher:
         s = self.settings

@@ -156,6 +156,11 @@ class Settings(BaseSettings):
     retention_event_payload_s: int = Field(default=30 * 86400, ge=0)
     retention_audit_detail_s: int = Field(default=365 * 86400, ge=86400)
     retention_purge_interval_s: float = Field(default=3600.0, ge=1)
+    # Presence claims expired more than presence_claim_keep_s ago are deleted (their audit lines stay), at most
+    # presence_prune_batch per round, every presence_prune_interval_s (again at once while a round comes back full).
+    presence_prune_interval_s: float = Field(default=3600.0, ge=1)
+    presence_claim_keep_s: int = Field(default=86400, ge=0)
+    presence_prune_batch: int = Field(default=1000, ge=1, le=10000)
     # Smart-home connectors, JSON: [{"name": "acme", "plugin": "webhook", "config": {...}}] (secrets by ref).
     connectors: list[dict[str, object]] = Field(default_factory=list)
     # Each ready connector's probe() runs this often, each within the timeout ("up" means checked).
@@ -184,6 +189,10 @@ class Settings(BaseSettings):
     message_link_ttl_s: int = Field(default=7 * 86400, ge=60)
     message_link_base_url: str | None = None
     message_link_secret_ref: str | None = Field(default=None, description="unset: a random key per process")
+    # The same announcement goes to the household's cloud connectors (one notification per connector, same link):
+    # each send has this deadline, and a failed one is tried again by a later announcement up to this many times.
+    message_notify_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    message_notify_attempts: int = Field(default=3, ge=1, le=10)
     # HMAC key of the switch's audio URLs (unset: a random key per process; the URLs live minutes).
     switch_audio_secret_ref: str | None = Field(default=None, description="env:VAR or file:/path")
     audio_url_secret_ref: str | None = Field(default=None, description="unset: a random key per process")

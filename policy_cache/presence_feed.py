@@ -9,6 +9,11 @@ the vendor, so it is written at once, under the same deadline, and the outcome s
 Identity: a source serves every tenant (one switch, one vendor cloud), so the household is found on the cache role
 (``presence_store.households_by_*``) and the word is written only when exactly one tenant owns that identity; the
 write itself runs in that tenant's transaction on the app role (row-level security applies).
+
+Pruning: a claim past its expiry says nothing, but its row would stay for ever. A supervised task deletes, every
+``prune_interval_s``, at most ``prune_batch`` claims expired more than ``prune_keep_s`` ago (again at once while a
+batch comes back full), under a deadline (``iim.presence_prune``, the sweeper's definer). The audit lines of the
+claims stay; the routing answer does not change (only live claims count).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ log = logging.getLogger("iim.presence")
 
 PRESENCE_WORDS = Counter("iim_presence_words_total", "Live presence words by source and outcome",
                          ["source", "outcome"], registry=metrics.REGISTRY)
+PRESENCE_PRUNED = Counter("iim_presence_claims_pruned_total", "Expired presence claims deleted by the prune",
+                          registry=metrics.REGISTRY)
 
 #: A registration without an Expires header (or a silly one) counts this long.
 DEFAULT_REGISTRATION_TTL_S = 3600.0
@@ -68,7 +75,16 @@ class PresenceFeed(AsyncResource):
     an ``iim_cache`` pool (who owns an identity, across tenants)."""
 
     def __init__(self, app_pool: Pool, directory_pool: Pool, *, deadline_s: float = 2.0,
-                 max_pending: int = 10_000, retry_ceiling_s: float = 10.0) -> None:
+                 max_pending: int = 10_000, retry_ceiling_s: float = 10.0, prune_interval_s: float | None = 3600.0,
+                 prune_keep_s: int = 86_400, prune_batch: int = 1000, prune_deadline_s: float = 30.0) -> None:
+        if prune_interval_s is not None and prune_interval_s <= 0:
+            raise ValueError("prune_interval_s must be positive (None: no pruning)")
+        if prune_keep_s < 0 or not 1 <= prune_batch <= 10_000:
+            raise ValueError("prune_keep_s must be >= 0 and prune_batch in 1..10000")
+        self._prune_interval_s = prune_interval_s
+        self._prune_keep_s = prune_keep_s
+        self._prune_batch = prune_batch
+        self._prune_deadline_s = prune_deadline_s
         self._app = app_pool
         self._directory = directory_pool
         self._deadline_s = deadline_s
@@ -83,6 +99,8 @@ class PresenceFeed(AsyncResource):
     async def start(self) -> None:
         self._tasks = TaskSupervisor()
         self._tasks.supervise(self._write_registrations, name="presence-registrations")
+        if self._prune_interval_s is not None:
+            self._tasks.supervise(self._prune_forever, name="presence-prune", initial=1.0, ceiling=60.0)
 
     async def aclose(self) -> None:
         tasks, self._tasks = self._tasks, None
@@ -173,6 +191,28 @@ class PresenceFeed(AsyncResource):
                         correlation={"channel": "connector", "target": target})
         PRESENCE_WORDS.labels("connector", "applied").inc()
         return ReportOutcome.APPLIED
+
+    # -- pruning -------------------------------------------------------------------------------------------------
+
+    async def prune_once(self) -> int:
+        """One bounded batch: claims expired more than ``prune_keep_s`` ago, every tenant; how many went."""
+        async with asyncio.timeout(self._prune_deadline_s):
+            pruned = await presence_store.prune_expired(self._app, keep_s=self._prune_keep_s, limit=self._prune_batch)
+        if pruned:
+            PRESENCE_PRUNED.inc(pruned)
+            log.info("presence: %d expired claim(s) pruned", pruned)
+        return pruned
+
+    async def _prune_forever(self) -> None:
+        assert self._prune_interval_s is not None
+        while True:
+            delay = self._prune_interval_s
+            try:
+                if await self.prune_once() >= self._prune_batch:
+                    delay = 0.05  # more is due: the next batch soon, without holding the database
+            except STORE_UNAVAILABLE as exc:
+                log.warning("presence: prune not done (%s); retrying at the next interval", type(exc).__name__)
+            await asyncio.sleep(delay)
 
     # -- shared --------------------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""Live presence claims in PostgreSQL (``iim.presence_claim``, migration 0025): writes, reads, and the lookups that
-tell a live source which household it speaks for.
+"""Live presence claims in PostgreSQL (``iim.presence_claim``, migration 0026): writes, reads, the lookups that
+tell a live source which household it speaks for, and the prune of long-expired claims (migration 0036).
 
 Writes run in the caller's tenant transaction and audit themselves in it (``household.presence_claim``,
 ``household.presence_release``) with the actor: chained at once for the operator's API, staged for the
@@ -21,13 +21,13 @@ from uuid import UUID
 import asyncpg
 
 from policy_cache import audit
-from policy_cache.db import Connection
+from policy_cache.db import Connection, Pool
 from policy_cache.errors import NotFound
 from policy_cache.models import PresenceState
 from policy_cache.presence import ClaimState, PresenceClaim, PresenceSource
 
 __all__ = ["ClaimWrite", "StoredClaim", "households_by_aor", "households_by_connector", "list_claims",
-           "live_claims", "put_claim", "release_claim"]
+           "live_claims", "prune_expired", "put_claim", "release_claim"]
 
 #: A claim may not be promised for longer than a day: a source must keep speaking to keep counting.
 MAX_TTL_S = 86_400
@@ -193,3 +193,9 @@ async def households_by_connector(conn: Connection, connector: str, target: str)
     """``(tenant, household)`` pairs with an enabled device that ``connector`` knows as ``target``."""
     rows = await conn.fetch(_BY_CONNECTOR, connector, target)
     return [(r[0], r[1]) for r in rows]
+
+
+async def prune_expired(conn: Connection | Pool, *, keep_s: int, limit: int) -> int:
+    """Delete, every tenant, at most ``limit`` claims expired more than ``keep_s`` seconds ago
+    (``iim.presence_prune``, the sweeper's definer); how many went. Their audit lines stay."""
+    return int(await conn.fetchval("SELECT iim.presence_prune($1, $2)", keep_s, limit))

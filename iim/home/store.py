@@ -5,6 +5,7 @@ All run inside the caller's tenant transaction, so row-level security scopes eve
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -23,8 +24,9 @@ from iim.home.sms_policy import (
 )
 from policy_cache.db import Connection
 
-__all__ = ["audit_sms", "claim_sms", "consent_in_force", "find_recorded_message", "load_sms_facts",
-           "store_recorded_message"]
+__all__ = ["NotifyTarget", "audit_message", "audit_sms", "claim_message_notification", "claim_sms",
+           "consent_in_force", "find_recorded_message", "load_sms_facts", "message_audited", "message_notify_targets",
+           "settle_message_notification", "store_recorded_message"]
 
 # pg_advisory_xact_lock(ns, hashtext(tenant:sms_id)): "IIMS", apart from the migrations' "IIMM" namespace,
 # so it never meets the audit chain's locks in another order.
@@ -168,3 +170,76 @@ async def find_recorded_message(conn: Connection, message_id: UUID, now: datetim
     """The file name of a message still kept (unexpired, consent still in force); None otherwise."""
     name: str | None = await conn.fetchval(_FIND_MESSAGE_SQL, message_id, now)
     return name
+
+
+# -- a recorded message's notifications through the household's connectors ------------------------------------
+
+# One device per connector: the subscriber's own households (owner first), whole-household bindings or the bound
+# device, enabled, known to a connector.
+_NOTIFY_TARGETS_SQL = """
+SELECT DISTINCT ON (d.connector) d.connector, d.connector_ref, d.id
+FROM iim.binding b
+JOIN iim.device d ON d.tenant_id = b.tenant_id AND d.household_id = b.household_id
+                 AND (b.device_id IS NULL OR b.device_id = d.id)
+WHERE b.subscriber_id = $1 AND b.role IN ('owner', 'member') AND d.enabled
+  AND d.connector IS NOT NULL AND d.connector_ref IS NOT NULL
+ORDER BY d.connector, b.role <> 'owner', b.priority, d.id
+"""
+# New: claimed (attempt 1). Failed before and attempts left: claimed again. Sending or sent: nothing (NULL).
+_CLAIM_NOTIFY_SQL = """
+INSERT INTO iim.message_notification AS n (message_id, connector, device_id, state)
+VALUES ($1, $2, $3, 'sending')
+ON CONFLICT (tenant_id, message_id, connector) DO UPDATE
+    SET state = 'sending', attempts = n.attempts + 1, device_id = EXCLUDED.device_id, updated_at = now()
+    WHERE n.state = 'failed' AND n.attempts < $4
+RETURNING attempts
+"""
+_SETTLE_NOTIFY_SQL = """
+UPDATE iim.message_notification SET state = $3, result = $4, vendor_ref = $5, updated_at = now()
+WHERE message_id = $1 AND connector = $2 AND state = 'sending'
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyTarget:
+    """The device a connector is told about (its ``connector_ref`` names the household's account there)."""
+
+    connector: str
+    connector_ref: str
+    device_id: UUID
+
+
+async def message_notify_targets(conn: Connection, subscriber_id: UUID) -> list[NotifyTarget]:
+    """One device per connector among the subscriber's households' devices (in the caller's tenant transaction)."""
+    rows = await conn.fetch(_NOTIFY_TARGETS_SQL, subscriber_id)
+    return [NotifyTarget(r["connector"], r["connector_ref"], r["id"]) for r in rows]
+
+
+async def claim_message_notification(conn: Connection, message_id: UUID, target: NotifyTarget, *,
+                                     max_attempts: int) -> int | None:
+    """Claim the message's notification at ``target.connector``: the attempt number, or None when it was sent
+    (or is being sent) already, or its failed attempts are used up. The durable "once per call per connector"."""
+    attempt: int | None = await conn.fetchval(_CLAIM_NOTIFY_SQL, message_id, target.connector, target.device_id,
+                                              max_attempts)
+    return attempt
+
+
+async def settle_message_notification(conn: Connection, message_id: UUID, connector: str, *, sent: bool,
+                                      result: str, vendor_ref: str | None) -> None:
+    """Record a claimed notification's outcome; a failed one may be claimed again by a later announcement."""
+    await conn.execute(_SETTLE_NOTIFY_SQL, message_id, connector, "sent" if sent else "failed", result[:40],
+                       vendor_ref[:200] if vendor_ref else None)
+
+
+async def message_audited(conn: Connection, message_id: UUID, action: str) -> bool:
+    """Whether recorded message ``message_id`` has an audit row ``action`` already (a retry adds none)."""
+    return bool(await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM iim.audit_log WHERE entity = 'recorded_message' AND entity_id = $1 "
+        "AND action = $2)", str(message_id), action))
+
+
+async def audit_message(conn: Connection, tenant: UUID, actor: str, action: str, message_id: UUID, call_uuid: str,
+                        detail: dict[str, Any]) -> None:
+    """Append an audit row about recorded message ``message_id`` (correlated by its call)."""
+    await conn.execute("SELECT iim.audit_append($1, $2, $3, 'recorded_message', $4, $5, $6)",
+                       tenant, actor, action, str(message_id), detail, {"call_id": call_uuid})
