@@ -1,4 +1,4 @@
--- iim.presence_prune: its current definition, last set by migration 0036_presence_claim_prune.sql.
+-- iim.presence_prune: its current definition, last set by migration 0037_presence_claim_prune.sql.
 --
 -- Expired presence claims, across tenants (owned by iim_sweeper): deletes at most p_limit claims expired more than
 -- p_keep_s seconds ago and returns how many; each deletion reaches the change feed like any claim change.

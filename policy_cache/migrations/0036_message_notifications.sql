@@ -1,4 +1,4 @@
--- 0035: a recorded message is announced through the household's cloud connectors too, beside its SMS.
+-- 0036: a recorded message is announced through the household's cloud connectors too, beside its SMS.
 --
 -- One row per (message, connector): the first write claims the notification (state 'sending'), the send's outcome
 -- settles it ('sent' or 'failed'). A retried announcement finds the row and sends nothing again, as the SMS

@@ -1,4 +1,4 @@
--- 0036: expired presence claims are pruned.
+-- 0037: expired presence claims are pruned.
 --
 -- A claim past its expiry says nothing (policy_cache.presence drops it at call time, the cache loads live claims
 -- only), but its row stayed for ever. iim.presence_prune deletes, across tenants, at most p_limit claims expired
