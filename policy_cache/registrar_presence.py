@@ -161,6 +161,9 @@ class RegistrarPresence(AsyncResource):
             except _RETRY as exc:
                 self._full = self._full or full
                 self._marked |= marked
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():  # a stop that a deadline turned into a timeout
+                    raise asyncio.CancelledError from exc
                 attempt += 1
                 RECONCILES.labels("all" if full else "some", "retry").inc()
                 log.warning("presence: the edge's registrations not read (%s); retrying", type(exc).__name__)

@@ -211,6 +211,32 @@ async def test_changes_missed_while_the_listen_connection_was_down_are_caught_up
         await proxy.close()
 
 
+async def test_a_change_heard_while_the_table_cannot_be_read_is_applied_once_it_can(
+        pg_db: PgDatabase, app_pool: Pool, directory: Pool, feed: PresenceFeed,
+        registrar_conn: asyncpg.Connection) -> None:
+    user = "patient-" + uuid.uuid4().hex[:6]
+    tenant, home = await _home_with_speaker(app_pool, user)
+    proxy = TcpFaultProxy(pg_db.cache_url)
+    await proxy.start()
+    reads = await connect_pool(proxy.dsn(), role=DbRole.CACHE, min_size=1, max_size=1, timeout=2.0,
+                               command_timeout=2.0, acquire_timeout=2.0)
+    try:
+        registrar = RegistrarPresence(pg_db.cache_url, reads, partial(feed.registration, via="kamailio"),
+                                      deadline_s=2.0, check_interval_s=0.5)
+        async with registrar:
+            await eventually(registrar.reconciled.is_set, timeout=10)
+            proxy.cut()  # the reads' way to PostgreSQL is gone; the NOTIFY still arrives
+            await _usrloc_insert(registrar_conn, user, expires_in_s=600)
+            await asyncio.sleep(1.0)
+            assert await _claims(app_pool, tenant, home) == []
+            proxy.restore()
+            (claim,) = await _wait_claims(app_pool, tenant, home, 1, timeout=20)
+            assert claim.subject == f"{user}@{DOMAIN}"
+    finally:
+        await reads.close()
+        await proxy.close()
+
+
 async def test_a_claim_left_by_a_previous_run_is_withdrawn_when_its_registration_is_gone(
         pg_db: PgDatabase, app_pool: Pool, directory: Pool, feed: PresenceFeed) -> None:
     user = "gone-" + uuid.uuid4().hex[:6]
