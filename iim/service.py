@@ -94,6 +94,8 @@ from policy_cache.cache import PolicyCache
 from policy_cache.db import DbRole, Pool, connect_pool
 from policy_cache.health import DatabaseProbe
 from policy_cache.presence_feed import PresenceFeed, PresenceStoreDown, ReportOutcome
+from policy_cache.registrar_presence import VIA as REGISTRAR_VIA
+from policy_cache.registrar_presence import RegistrarPresence
 from policy_cache.store import PgPolicyStore
 
 log = logging.getLogger("iim.service")
@@ -410,6 +412,11 @@ class Service:
         presence = await stack.enter_async_context(PresenceFeed(
             pool, directory_pool, prune_interval_s=s.presence_prune_interval_s, prune_keep_s=s.presence_claim_keep_s,
             prune_batch=s.presence_prune_batch))
+        if s.registrar_presence:  # the Kamailio edge's registrations (kamailio.location), read as the cache role
+            await stack.enter_async_context(RegistrarPresence(
+                urls.cache_url, directory_pool, partial(presence.registration, via=REGISTRAR_VIA),
+                edge_time_zone=s.registrar_edge_time_zone,
+                reconcile_interval_s=s.registrar_reconcile_interval_s))
         store = await stack.enter_async_context(PgPolicyStore(urls.cache_url))
         cache = PolicyCache(store)
         stack.push_async_callback(cache.aclose)

@@ -7,6 +7,7 @@ references (``*_ref``) resolved from the environment at start.
 from __future__ import annotations
 
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,6 +54,12 @@ class Settings(BaseSettings):
     # How a speaker leg is dialled: the switch's directory (``user/{aor}``), or through the Kamailio edge where
     # speakers register (kamailio/README.md), e.g. "sofia/external/{aor};fs_path=sip:10.0.0.2:5060".
     speaker_endpoint: str = "user/{aor}"
+    # Presence from the Kamailio edge's registrations (kamailio.location, migration 0035): LISTEN + reconcile on the
+    # cache role. Harmless without an edge (the table stays empty). The edge writes expires in its local time:
+    # name its zone; the whole table is re-read this often (and on every reconnect).
+    registrar_presence: bool = True
+    registrar_edge_time_zone: str = "UTC"
+    registrar_reconcile_interval_s: float = Field(default=300.0, gt=0, le=3600)
     fs_nodes: list[FreeSwitchNode] = Field(default_factory=list)
     drain_timeout: float = 10.0
     # Policy routing: PostgreSQL at IIM_DATABASE_URL (a superuser/owner URL used for migrations), or an
@@ -225,6 +232,15 @@ class Settings(BaseSettings):
             raise ValueError("speaker_endpoint may only use {aor}, {user} and {domain}") from None
         if any(ch in ",|[]'\"\\" or ch.isspace() for ch in value):
             raise ValueError("speaker_endpoint must not hold spaces, quotes or dial string separators")
+        return value
+
+    @field_validator("registrar_edge_time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name, e.g. UTC or Europe/Moscow)") from None
         return value
 
     @field_validator("switch_audio_base_url")

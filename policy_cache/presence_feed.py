@@ -52,6 +52,9 @@ DEFAULT_REGISTRATION_TTL_S = 3600.0
 REGISTRATION_GRACE_S = 30.0
 
 
+#: How each registrar's word reached IIM (the audit's correlation).
+_CHANNELS = {"freeswitch": "esl", "kamailio": "location"}
+
 _Lookup = Callable[..., Awaitable[list[tuple[UUID, UUID]]]]
 
 
@@ -68,6 +71,7 @@ class ReportOutcome(enum.Enum):
 class _Registration:
     online: bool
     expires_s: float
+    via: str  # who saw it: "freeswitch" (ESL events) or "kamailio" (the edge's location table)
 
 
 class PresenceFeed(AsyncResource):
@@ -109,12 +113,14 @@ class PresenceFeed(AsyncResource):
 
     # -- registrations (the ESL listener's side: never waits) --------------------------------------------------
 
-    def registration(self, aor: str, online: bool, expires_s: float | None = None) -> None:
-        """A device registered (``online``) or went away; returns at once, the writer applies it."""
+    def registration(self, aor: str, online: bool, expires_s: float | None = None, *,
+                     via: str = "freeswitch") -> None:
+        """A device registered (``online``) or went away; returns at once, the writer applies it. ``via`` names the
+        registrar that saw it (the audit actor ``{via}:registration``)."""
         ttl = expires_s if expires_s is not None and 0 < expires_s <= presence_store.MAX_TTL_S - REGISTRATION_GRACE_S \
             else DEFAULT_REGISTRATION_TTL_S
         self._pending.pop(aor, None)
-        self._pending[aor] = _Registration(online, ttl)
+        self._pending[aor] = _Registration(online, ttl, via)
         while len(self._pending) > self._max_pending:
             dropped, _ = self._pending.popitem(last=False)
             PRESENCE_WORDS.labels("registration", "dropped").inc()
@@ -155,17 +161,18 @@ class PresenceFeed(AsyncResource):
                 PRESENCE_WORDS.labels("registration", "unknown").inc()
                 return
             tenant, ids = households
+            actor = f"{word.via}:registration"
+            correlation = {"channel": _CHANNELS.get(word.via, word.via)}
             async with tenant_tx(self._app, tenant) as conn:
                 for household in ids:
                     if word.online:
                         await presence_store.put_claim(
                             conn, household, source="registration", subject=aor, state="home",
-                            ttl_s=word.expires_s + REGISTRATION_GRACE_S, actor="freeswitch:registration",
-                            correlation={"channel": "esl"}, coalesce=True)
+                            ttl_s=word.expires_s + REGISTRATION_GRACE_S, actor=actor, correlation=correlation,
+                            coalesce=True)
                     else:
                         await presence_store.release_claim(conn, household, source="registration", subject=aor,
-                                                           actor="freeswitch:registration",
-                                                           correlation={"channel": "esl"})
+                                                           actor=actor, correlation=correlation)
         PRESENCE_WORDS.labels("registration", "applied").inc()
 
     # -- connectors (answered to the vendor) -----------------------------------------------------------------

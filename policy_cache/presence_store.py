@@ -27,7 +27,7 @@ from policy_cache.models import PresenceState
 from policy_cache.presence import ClaimState, PresenceClaim, PresenceSource
 
 __all__ = ["ClaimWrite", "StoredClaim", "households_by_aor", "households_by_connector", "list_claims",
-           "live_claims", "prune_expired", "put_claim", "release_claim"]
+           "live_claims", "live_subjects", "prune_expired", "put_claim", "release_claim"]
 
 #: A claim may not be promised for longer than a day: a source must keep speaking to keep counting.
 MAX_TTL_S = 86_400
@@ -96,6 +96,10 @@ SELECT DISTINCT tenant_id, household_id FROM (
     JOIN iim.binding b ON b.tenant_id = s.tenant_id AND b.subscriber_id = s.id AND b.role IN ('owner', 'member')
     WHERE s.sip_aor = ANY($1::text[])
 ) found
+"""
+_SUBJECTS = """
+SELECT DISTINCT subject FROM iim.presence_claim
+WHERE source = $1::iim.presence_source AND actor = $2 AND expires_at > now()
 """
 _BY_CONNECTOR = """
 SELECT DISTINCT d.tenant_id, d.household_id FROM iim.device d
@@ -199,3 +203,9 @@ async def prune_expired(conn: Connection | Pool, *, keep_s: int, limit: int) -> 
     """Delete, every tenant, at most ``limit`` claims expired more than ``keep_s`` seconds ago
     (``iim.presence_prune``, the sweeper's definer); how many went. Their audit lines stay."""
     return int(await conn.fetchval("SELECT iim.presence_prune($1, $2)", keep_s, limit))
+
+
+async def live_subjects(conn: Connection, source: PresenceSource, actor: str) -> set[str]:
+    """Subjects of every tenant's unexpired claims that ``actor`` wrote from ``source`` (on the cache role): what a
+    live source still has standing, so that its reconcile can withdraw what it no longer sees."""
+    return {r[0] for r in await conn.fetch(_SUBJECTS, source, actor)}

@@ -55,6 +55,15 @@ def require_kamailio() -> str:
     return binary
 
 
+def registrar_url(db_url: str) -> str:
+    """usrloc's URL (``UL_DB_URL``): the auth role's, as the registrations' writer ``iim_registrar`` (the tier gives
+    both login roles the run's one password)."""
+    scheme, rest = db_url.split("://", 1)
+    userinfo, _, where = rest.rpartition("@")
+    _, colon, password = userinfo.partition(":")
+    return f"{scheme}://iim_registrar{colon}{password}@{where}"
+
+
 def ha1(user: str, domain: str, password: str) -> str:
     return hashlib.md5(f"{user}:{domain}:{password}".encode()).hexdigest()
 
@@ -135,7 +144,8 @@ class KamailioEdge:
         self.sip_port, self.wss_port = free_port(), free_port()
         self.defines = {
             "SIP_IP": "127.0.0.1", "SIP_PORT": str(self.sip_port), "WSS_PORT": str(self.wss_port),
-            "SIP_DOMAIN": f'"{DOMAIN}"', "DB_URL": f'"{db_url}"', "DS_LIST": f'"{ds_list}"',
+            "SIP_DOMAIN": f'"{DOMAIN}"', "DB_URL": f'"{db_url}"', "UL_DB_URL": f'"{registrar_url(db_url)}"',
+            "DS_LIST": f'"{ds_list}"',
             "TRUNK_NET": '"127.0.0.1/32"', "TLS_CERT": f'"{cert}"', "TLS_KEY": f'"{key}"',
             "CTL_SOCKET": f'"{self.ctl}"', "DS_PING_INTERVAL": "1", "FS_FR_TIMER": "1500", "CHILDREN": "2",
             **overrides,

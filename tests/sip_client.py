@@ -194,10 +194,11 @@ class Udp:
 
     def register(self, target: tuple[str, int], user: str, password: str, domain: str, *,
                  to_user: str | None = None, user_agent: str = "iim-test", contact: str | None = None,
-                 timeout: float = 3.0) -> tuple[Response | None, Response | None]:
-        """REGISTER, then answer its challenge: (the challenge, the final answer to the authorised request)."""
+                 timeout: float = 3.0, expires: int = 300) -> tuple[Response | None, Response | None]:
+        """REGISTER, then answer its challenge: (the challenge, the final answer to the authorised request);
+        ``expires=0`` un-registers ``contact``."""
         first = register(user, domain, contact or f"sip:{user}@{self.host}:5060", to_user=to_user,
-                         user_agent=user_agent)
+                         user_agent=user_agent, expires=expires)
         challenge = self.request(first, target, timeout)
         if challenge is None or challenge.code not in (401, 407):
             return challenge, None

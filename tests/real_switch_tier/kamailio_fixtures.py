@@ -35,13 +35,15 @@ async def _grant_edge_login(cluster: PgCluster, db: PgDatabase) -> None:
 
     admin = await asyncpg.connect(db.admin_url)
     try:
-        await admin.execute(f"ALTER ROLE iim_kamailio PASSWORD '{scram_verifier(cluster.role_password)}'")
+        verifier = scram_verifier(cluster.role_password)
+        for role in ("iim_kamailio", "iim_registrar"):  # credentials (read-only) and registrations (usrloc)
+            await admin.execute(f"ALTER ROLE {role} PASSWORD '{verifier}'")
     finally:
         await admin.close()
 
 
 def grant_edge_login(cluster: PgCluster, db: PgDatabase) -> None:
-    """The edge's database role gets this run's password (an operator's ALTER ROLE ... PASSWORD)."""
+    """The edge's database roles get this run's password (an operator's ALTER ROLE ... PASSWORD)."""
     run_sync(_grant_edge_login(cluster, db))
 
 
