@@ -63,6 +63,7 @@ from iim.keys import store as key_store
 from iim.keys.keyring import Keyring, load_master_keys
 from iim.keys_api import KeyRotations, key_routes
 from iim.linking.http import callback_routes
+from iim.linking.resealing import convert_legacy
 from iim.linking.sealing import AesGcmSealer
 from iim.linking.service import LinkingService
 from iim.privacy.purger import RetentionPurger
@@ -131,7 +132,7 @@ class PolicyParts:
     smsc: SmsTransport | None = None
     #: live presence from registrations and connectors (the app's word comes through the admin API)
     presence: PresenceFeed | None = None
-    #: households' account links at cloud connectors (IIM_LINK_TOKEN_KEY_REF set)
+    #: households' account links at cloud connectors (tokens under each tenant's data key)
     linking: LinkingService | None = None
 
 
@@ -361,7 +362,8 @@ class Service:
             extra.extend(operator_routes(desk))
             extra.extend(link_routes(lambda: policy.linking))
             # Data keys: status and rotation jobs (admin only); the jobs end with the HTTP site.
-            rotations = KeyRotations(lambda: policy.pool, lambda: policy.keyring)
+            rotations = KeyRotations(lambda: policy.pool, lambda: policy.keyring,
+                                     lambda: None if policy.linking is None else policy.linking.legacy)
             root.on_cleanup.append(lambda _app: rotations.aclose())
             extra.extend(key_routes(rotations, lambda: policy.pool, lambda: policy.directory_pool,
                                     lambda: policy.keyring))
@@ -498,16 +500,18 @@ class Service:
         return AuditHeadPublisher(pool, key, heads_file=heads_file, interval=s.audit_head_interval_s)
 
     async def _start_linking(self, stack: AsyncExitStack, pool: Pool, directory_pool: Pool,
-                             keyring: Keyring) -> LinkingService | None:
-        """Account linking, when a key seals the tokens; its connectors are bound once they are loaded."""
+                             keyring: Keyring) -> LinkingService:
+        """Account linking (tokens sealed under each tenant's data key); its connectors are bound once they are
+        loaded. Link secrets still in the old format are re-sealed first, with the old key
+        (``IIM_LINK_TOKEN_KEY_REF``) if it is given; old-format tokens without it refuse the start."""
         s = self.settings
-        if s.link_token_key_ref is None:
-            log.info("account linking is off (IIM_LINK_TOKEN_KEY_REF unset)")
-            return None
-        try:
-            sealer = AesGcmSealer.from_secret(resolve_secret(s.link_token_key_ref))
-        except (LookupError, ValueError) as exc:
-            raise ConfigError(f"IIM_LINK_TOKEN_KEY_REF: {exc}") from None
+        legacy = None
+        if s.link_token_key_ref is not None:
+            try:
+                legacy = AesGcmSealer.from_secret(resolve_secret(s.link_token_key_ref))
+            except (LookupError, ValueError) as exc:
+                raise ConfigError(f"IIM_LINK_TOKEN_KEY_REF: {exc}") from None
+        await convert_legacy(pool, keyring, legacy)
         holder: list[ConnectorRegistry] = []
         self._link_connectors = holder
 
@@ -516,8 +520,8 @@ class Service:
                 raise LookupError("connectors are not loaded yet")
             return holder[0]
 
-        return await stack.enter_async_context(LinkingService(lambda: pool, lambda: directory_pool, sealer, connectors,
-                                                                    keyring))
+        return await stack.enter_async_context(LinkingService(lambda: pool, lambda: directory_pool, connectors, keyring,
+                                                              legacy=legacy))
 
     async def _start_home(self, stack: AsyncExitStack, pool: Pool, keyring: Keyring,
                           linking: LinkingService | None = None, *, triggers: TriggerIntake | None = None,
