@@ -369,7 +369,9 @@ class Service:
                                     lambda: policy.keyring))
             registry_app = create_registry_app(lambda: policy.pool, admin_settings,
                                                directory_pool=lambda: policy.directory_pool,
-                                               extra_routes=tuple(extra), recordings_dir=self._recordings_dir())
+                                               extra_routes=tuple(extra), recordings_dir=self._recordings_dir(),
+                                               unlink_on_erase=None if policy.linking is None
+                                               else policy.linking.unlink_for_erasure)
             mount_registry(root, registry_app)
             if self._smsc_callbacks is not None and not self.settings.bridge_enabled:
                 root.add_subapp(SMSC_CALLBACK_PREFIX, self._smsc_callbacks)

@@ -216,7 +216,7 @@ class LinkingService:
         return LinkView.of(row)
 
     async def revoke(self, tenant_id: UUID, household_id: UUID, connector: str, *, actor: str,
-                     correlation: Mapping[str, Any] | None = None) -> LinkView:
+                     correlation: Mapping[str, Any] | None = None, reason: str = "unlinked") -> LinkView:
         """Unlink: the tokens are revoked at the vendor (RFC 7009, refresh token first: that ends the grant) and
         dropped here; done here even when the vendor cannot be reached (``vendor_revoked`` says which)."""
         config = self.config(connector)
@@ -228,13 +228,35 @@ class LinkingService:
             if row.status != "active":
                 return LinkView.of(row)
             vendor_revoked = await self._revoke_at_vendor(conn, tenant_id, config, row)
-            marked = await store.mark_link(conn, row.id, status="revoked", reason="unlinked", actor=actor)
+            marked = await store.mark_link(conn, row.id, status="revoked", reason=reason, actor=actor)
             assert marked is not None
             await audit.append(conn, tenant_id, actor=actor, action="account_link.revoked", entity="household",
-                               entity_id=household_id, detail={"connector": connector,
+                               entity_id=household_id, detail={"connector": connector, "reason": reason,
                                                                "vendor_revoked": vendor_revoked},
                                correlation=correlation)
         return LinkView.of(marked, vendor_revoked)
+
+    async def unlink_for_erasure(self, tenant_id: UUID, subscriber_id: UUID, actor: str) -> int:
+        """Before a subscriber's erasure: each active link of their own homes (nobody else bound) revoked at its
+        vendor and here, as an unlink is. A link whose connector is not loaded, or a link store that is away, is
+        left to the erasure, which drops the tokens (the vendor's grant then expires). How many were revoked."""
+        try:
+            async with self._tx(tenant_id) as conn:
+                links = await store.own_home_links(conn, subscriber_id)
+        except LinkingUnavailable as exc:
+            log.warning("erasure of subscriber %s: account links not revoked at the vendors (%s)", subscriber_id, exc)
+            return 0
+        done = 0
+        for household_id, connector in links:
+            try:
+                view = await self.revoke(tenant_id, household_id, connector, actor=actor,
+                                         reason="erased with the subscriber")
+            except (NotLinkable, NoSuchLink, LinkingUnavailable) as exc:
+                log.warning("erasure of subscriber %s: the link of household %s at %s not revoked at the vendor "
+                            "(%s); its tokens are dropped", subscriber_id, household_id, connector, exc)
+                continue
+            done += view.vendor_revoked is not None
+        return done
 
     async def _revoke_at_vendor(self, conn: Connection, tenant_id: UUID, config: AccountLinking,
                                 row: store.LinkRow) -> bool:

@@ -22,7 +22,7 @@ from policy_cache.errors import NotFound
 
 __all__ = ["ACCOUNT_LINK", "LINK_STATE", "LegacySecrets", "LinkRow", "SEALED_COLUMNS", "Sealed", "TakenState", "delete_legacy_states",
            "due_links", "enter_tenant", "get_link", "households_of_target", "insert_state", "legacy_secrets",
-           "lock_link", "mark_link", "owner_msisdn", "reseal", "save_link", "sealed_counts", "sealed_rows",
+           "lock_link", "mark_link", "own_home_links", "owner_msisdn", "reseal", "save_link", "sealed_counts", "sealed_rows",
            "sweep_states", "take_state", "update_tokens"]
 
 #: The tables holding sealed link secrets (the ``table`` of their associated data, and of :func:`sealed_rows`).
@@ -131,6 +131,17 @@ SELECT s.msisdn FROM iim.binding b JOIN iim.subscriber s ON s.tenant_id = b.tena
 WHERE b.household_id = $1 AND b.role = 'owner' AND s.msisdn IS NOT NULL
 ORDER BY b.id LIMIT 1
 """
+# Active links of the households where this subscriber is an owner or member and nobody else is (their own homes).
+_OWN_HOME_LINKS = """
+SELECT l.household_id, l.connector FROM iim.account_link l
+WHERE l.status = 'active' AND l.household_id IN (
+      SELECT b.household_id FROM iim.binding b
+       WHERE b.subscriber_id = $1 AND b.role IN ('owner', 'member')
+         AND NOT EXISTS (SELECT 1 FROM iim.binding o
+                          WHERE o.household_id = b.household_id AND o.subscriber_id <> $1
+                            AND o.role IN ('owner', 'member')))
+ORDER BY l.household_id, l.connector
+"""
 _DUE = "SELECT tenant_id, id FROM iim.account_links_due(make_interval(secs => $1), $2)"
 # On the cache role (every tenant): whose device is ``target`` at this connector.
 _BY_TARGET = """
@@ -227,6 +238,11 @@ async def owner_msisdn(conn: Connection, household_id: UUID) -> str | None:
     """The household's owner's number (who is told that a link broke)."""
     found: str | None = await conn.fetchval(_OWNER, household_id)
     return found
+
+
+async def own_home_links(conn: Connection, subscriber_id: UUID) -> list[tuple[UUID, str]]:
+    """``(household, connector)`` of the active links of the subscriber's own homes (their erasure revokes them)."""
+    return [(r[0], r[1]) for r in await conn.fetch(_OWN_HOME_LINKS, subscriber_id)]
 
 
 async def due_links(conn: Connection, within_s: float, limit: int = 100) -> list[tuple[UUID, UUID]]:

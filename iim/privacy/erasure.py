@@ -4,7 +4,8 @@ Removed: their incoming SMS (rows and bodies), the messages callers left them (r
 recordings directory, deleted before the transaction commits), the payloads of their devices' events (the ledger
 rows stay for idempotency and the incident history), the details of audit rows about them (tombstones: the hash
 chain still verifies), the vendor-account tokens of their own homes (households nobody else is bound to: each
-account link revoked here, its tokens dropped; the grant at the vendor is left to expire), and the subscriber row
+account link revoked here, its tokens dropped; the running service revokes them at the vendor just before, see
+``iim.linking.service.LinkingService.unlink_for_erasure``), and the subscriber row
 itself with its bindings, consents and policy. Kept: incident history (calls and texts placed to their number
 during an alarm) and outgoing SMS rows, which are the operator's record of what was done.
 """

@@ -45,7 +45,7 @@ from policy_cache import registry
 from policy_cache.audit import flush_pending
 from policy_cache.bootstrap import load_demo
 from policy_cache.db import Connection, DbRole, Pool, connect_pool, tenant_tx
-from policy_cache.models import HouseholdCreate
+from policy_cache.models import BindingCreate, BindingRole, HouseholdCreate, SubscriberCreate
 from tests.connector_peer import SIGNING_SECRET_TEXT, VendorPeer, serve
 from tests.iim.linking.legacy_rows import OLD, legacy_link
 from tests.oauth_peer import CLIENT_ID, CLIENT_SECRET, SCOPES, AuthorizationServer
@@ -110,7 +110,8 @@ def _tokens(tenant: UUID) -> TokenTable:
     entries = {"op": {"actor": "alice@operator", "role": "operator", "tenant": str(tenant)},
                "other": {"actor": "mallory@elsewhere", "role": "operator", "tenant": "00000000-0000-4000-8000-"
                                                                                      "000000000001"},
-               "viewer": {"actor": "vic@operator", "role": "viewer", "tenant": str(tenant)}}
+               "viewer": {"actor": "vic@operator", "role": "viewer", "tenant": str(tenant)},
+               "adm": {"actor": "root@noc", "role": "admin"}}
     return TokenTable.from_json(json.dumps({hash_token(k): v for k, v in entries.items()}))
 
 
@@ -133,7 +134,8 @@ async def rig(pg_db: PgDatabase, app_pool: Pool, admin_conn: Connection,
     root = create_app([])
     callback_routes(root, linking)
     mount_registry(root, create_registry_app(lambda: app_pool, AdminSettings(), tokens=_tokens(demo.tenant_id),
-                                             extra_routes=link_routes(lambda: linking)))
+                                             extra_routes=link_routes(lambda: linking),
+                                             unlink_on_erase=linking.unlink_for_erasure))
     iim_runner, iim_url = await serve(root)
     auth.redirect_uri = f"{iim_url}/oauth2/callback"
     context = ConnectorContext(resolve_secret=resolve_secret, http_session=aiohttp.ClientSession, clock=SystemClock(),
@@ -506,6 +508,38 @@ async def test_tokens_in_the_old_format_are_resealed_by_a_rotation_given_the_old
     assert (await tenant_keys(app_pool, rig.tenant)).legacy_rows == 0
     await connector.send_notification(_notification())  # without the old key now
     assert rig.vendor.received[-1].headers["Authorization"] == f"Bearer {access}"
+
+
+# -- erasure ---------------------------------------------------------------------------------------------------
+
+async def test_erasing_the_only_owner_of_a_home_revokes_its_links_at_the_vendor_and_keeps_other_homes_links(
+        rig: Rig, app_pool: Pool) -> None:
+    async with tenant_tx(app_pool, rig.tenant) as conn:
+        home = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(name="Solo flat",
+                                                                               time_zone="Europe/Moscow"), actor="t")
+        owner = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79005550177"), actor="t")
+        await registry.create(conn, registry.BINDING, BindingCreate(subscriber_id=owner.id, household_id=home.id,
+                                                                    role=BindingRole.OWNER), actor="t")
+    status, started = await rig.api("POST", rig.links(household=home.id), body={"scopes": ["read_events"]})
+    assert status == 201, started
+    assert (await rig.browse(await rig.consent(started["authorization_url"])))[0] == 200
+    theirs = set(rig.auth.refresh_tokens)
+    await rig.link()  # the demo home, which the erased subscriber has nothing to do with
+
+    status, report = await rig.api("POST", f"{rig.iim}/v1/tenants/{rig.tenant}/subscribers/{owner.id}/erase",
+                                   token="adm")
+    assert status == 200, report
+    assert report["account_links_revoked"] == 1
+    assert {token for token, hint in rig.auth.revoked if hint == "refresh_token"} == theirs  # at the vendor
+    _status, link = await rig.api("GET", rig.links(household=home.id))
+    assert (link["status"], link["reason"], link["actor"]) == ("revoked", "erased with the subscriber", "root@noc")
+    row = await rig.admin_conn.fetchrow("SELECT access_token_sealed, refresh_token_sealed, access_token_key "
+                                        "FROM iim.account_link WHERE household_id = $1", home.id)
+    assert row is not None
+    assert tuple(row) == (None, None, None)
+    _status, kept = await rig.api("GET", rig.links())
+    assert kept["status"] == "active"
+    await rig.connectors.get("webhook").send_notification(_notification())  # the demo home's link still works
 
 
 # -- the callback under fuzz ---------------------------------------------------------------------------------
