@@ -1,5 +1,6 @@
 """Key rotation without downtime: re-wrap data keys under a new master key; give a tenant a new data key and
-re-seal its rows in batches.
+re-seal its rows in batches: SMS bodies (:data:`SEALED_TABLES`) and account-link secrets (tokens, code verifiers:
+:mod:`iim.linking.resealing`, which also converts those still in the old format when the old key is given).
 
 Both are safe while services run: a service unwraps with any master it is given (current and previous), and
 opens a field with the key id stored beside it, so rows sealed with the old and the new data key are both
@@ -17,6 +18,9 @@ from uuid import UUID
 from iim.core.envelope import CipherError
 from iim.keys import store as key_store
 from iim.keys.keyring import Keyring, KeyUnavailable
+from iim.linking import store as link_store
+from iim.linking.resealing import reseal_tenant
+from iim.linking.sealing import Sealer
 from iim.sms import store as sms_store
 from policy_cache import audit
 from policy_cache.db import Pool, tenant_tx
@@ -59,6 +63,7 @@ class TenantKeys:
     active_key_id: int | None
     keys: list[KeyInfo]
     clear_rows: int  # sensitive fields not sealed yet (from before sealing)
+    legacy_rows: int = 0  # link secrets still sealed with the old link token key (IIM_LINK_TOKEN_KEY_REF)
 
 
 async def tenant_keys(pool: Pool, tenant_id: UUID) -> TenantKeys:
@@ -69,8 +74,12 @@ async def tenant_keys(pool: Pool, tenant_id: UUID) -> TenantKeys:
         for table in SEALED_TABLES:
             for key_id, n in (await sms_store.sealed_counts(conn, table)).items():
                 counts[key_id] = counts.get(key_id, 0) + n
+        links = await link_store.sealed_counts(conn)
+    for key_id, n in links.items():
+        if key_id is not None:
+            counts[key_id] = counts.get(key_id, 0) + n
     keys = [KeyInfo(r["key_id"], r["master_key_id"], r["created_at"], counts.get(r["key_id"], 0)) for r in rows]
-    return TenantKeys(tenant_id, keys[-1].key_id if keys else None, keys, counts.get(None, 0))
+    return TenantKeys(tenant_id, keys[-1].key_id if keys else None, keys, counts.get(None, 0), links.get(None, 0))
 
 
 async def rewrap_master(pool: Pool, keyring: Keyring, tenant_id: UUID, *, actor: str) -> MasterRewrap:
@@ -93,9 +102,11 @@ async def rewrap_master(pool: Pool, keyring: Keyring, tenant_id: UUID, *, actor:
 
 async def rotate_data_key(pool: Pool, keyring: Keyring, tenant_id: UUID, *, actor: str, batch: int = 500,
                           new_key: bool = True, started: Callable[[int], None] | None = None,
-                          progress: Callable[[str, int], None] | None = None) -> DataKeyRotation:
+                          progress: Callable[[str, int], None] | None = None,
+                          legacy: Sealer | None = None) -> DataKeyRotation:
     """Give ``tenant_id`` a new data key (unless ``new_key`` is False: only finish re-sealing with the active
-    one) and re-seal every row sealed with an older key, or still in clear, ``batch`` rows a transaction.
+    one) and re-seal every row sealed with an older key, or still in clear, ``batch`` rows a transaction;
+    account-link secrets still in the old format too, with ``legacy`` (the old link token key) when given.
 
     New fields are sealed with the new key by every service within its keyring's active-key TTL; rows a
     service sealed with the old key meanwhile are caught by running this again with ``new_key=False``.
@@ -118,6 +129,10 @@ async def rotate_data_key(pool: Pool, keyring: Keyring, tenant_id: UUID, *, acto
         count, bad = await _reseal_table(pool, keyring, tenant_id, table, key_id, batch, progress)
         resealed[table] = count
         unreadable += bad
+    links, bad = await reseal_tenant(pool, keyring, tenant_id, key_id=key_id, legacy=legacy, batch=batch,
+                                     progress=progress)
+    resealed.update(links)
+    unreadable += bad
     async with tenant_tx(pool, tenant_id) as conn:
         await audit.append(conn, tenant_id, actor=actor, action="keys.rows_resealed", entity="tenant_data_key",
                            entity_id=str(key_id), detail={"key_id": key_id, "resealed": resealed,

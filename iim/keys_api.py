@@ -42,6 +42,7 @@ from iim.core.lifecycle import AsyncResource, TaskSupervisor
 from iim.key_rotation import TenantKeys, rotate_data_key, tenant_keys
 from iim.keys import store as key_store
 from iim.keys.keyring import Keyring
+from iim.linking.sealing import Sealer
 from policy_cache import audit
 from policy_cache.db import Pool
 
@@ -76,10 +77,13 @@ class TenantKeyStatus(BaseModel):
     active_key_id: int | None = Field(description="the key new fields are sealed with (null: none yet)")
     keys: list[KeyRow]
     clear_rows: int = Field(ge=0, description="sensitive fields still in clear (from before sealing)")
+    legacy_rows: int = Field(default=0, ge=0, description="account-link secrets still sealed with the old link "
+                                                          "token key (IIM_LINK_TOKEN_KEY_REF): re-sealed at start")
 
     @classmethod
     def of(cls, found: TenantKeys, master_key_id: str) -> TenantKeyStatus:
         return cls(tenant_id=found.tenant_id, active_key_id=found.active_key_id, clear_rows=found.clear_rows,
+                   legacy_rows=found.legacy_rows,
                    keys=[KeyRow(key_id=k.key_id, master_key_id=k.master_key_id,
                                 current_master=k.master_key_id == master_key_id, created_at=k.created_at,
                                 rows=k.rows) for k in found.keys])
@@ -119,9 +123,11 @@ class KeyRotations(AsyncResource):
     """The rotation jobs of this process: one per tenant at a time, owned (cancelled on close) by a
     :class:`TaskSupervisor`."""
 
-    def __init__(self, pool: Callable[[], Pool], keyring: Callable[[], Keyring]) -> None:
+    def __init__(self, pool: Callable[[], Pool], keyring: Callable[[], Keyring],
+                 legacy: Callable[[], Sealer | None] = lambda: None) -> None:
         self._pool = pool
         self._keyring = keyring
+        self._legacy = legacy  # the old link token key, while given: old-format link secrets converted too
         self._jobs: dict[UUID, RotationJob] = {}
         self._tasks = TaskSupervisor()
 
@@ -152,7 +158,7 @@ class KeyRotations(AsyncResource):
         try:
             done = await rotate_data_key(self._pool(), self._keyring(), job.tenant_id, actor=job.actor,
                                          batch=body.batch, new_key=not body.finish, started=started,
-                                         progress=progress)
+                                         progress=progress, legacy=self._legacy())
         except Exception as exc:  # the job's outcome, shown by GET; the operator runs it again with finish
             job.state, job.error = "failed", type(exc).__name__
             log.exception("key rotation of tenant %s failed", job.tenant_id)

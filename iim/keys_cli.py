@@ -5,6 +5,8 @@
                                              IIM_MASTER_KEY_PREVIOUS_REFS until this has run
     iim keys rotate --tenant T [--tenant U]  a new data key for each tenant, then its rows re-sealed in batches
     iim keys rotate --all-tenants [--finish] every tenant; --finish: no new key, re-seal what is left
+                                             (with IIM_LINK_TOKEN_KEY_REF given, account-link tokens still
+                                             in the old format are re-sealed under the data key too)
     iim keys status [--tenant T]             data keys per tenant (id, master, created), never a key
 
 Exit codes: 0 done; 1 some rows did not open (logged, left as they were); 2 configuration refused.
@@ -22,9 +24,11 @@ from uuid import UUID
 
 from iim import logs
 from iim.core.errors import ConfigError
+from iim.core.secrets import resolve_secret
 from iim.key_rotation import rewrap_master, rotate_data_key
 from iim.keys import store as key_store
 from iim.keys.keyring import Keyring, load_master_keys
+from iim.linking.sealing import AesGcmSealer
 from iim.settings import Settings
 from policy_cache.db import DbRole, connect_pool, tenant_tx
 
@@ -66,6 +70,7 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("say what to rotate: --master, --tenant T or --all-tenants")
     master, previous = load_master_keys(settings.master_key_ref, settings.master_key_previous_refs,
                                         generated_file=Path(settings.data_dir).parent / "master.key")
+    legacy = _legacy_link_key(settings)  # refused before the database is touched
     db = await bootstrap(database_url=args.database_url or settings.database_url, data_dir=settings.data_dir,
                          demo=settings.demo_data)
     async with (db, await connect_pool(db.app_url, role=DbRole.APP, min_size=1, max_size=2,
@@ -98,8 +103,19 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         for tenant in tenants:
             rotated = await rotate_data_key(pool, keyring, tenant, actor=actor, batch=args.batch,
-                                            new_key=not args.finish)
+                                            new_key=not args.finish, legacy=legacy)
             failed += rotated.unreadable
             print(json.dumps({"tenant_id": str(tenant), "key_id": rotated.key_id, "resealed": rotated.resealed,
                               "unreadable": rotated.unreadable}))
         return 1 if failed else 0
+
+
+def _legacy_link_key(settings: Settings) -> AesGcmSealer | None:
+    """The old link token key (``IIM_LINK_TOKEN_KEY_REF``), while it is given: account-link secrets still in the
+    old format are re-sealed under the tenant's data key with the rest."""
+    if settings.link_token_key_ref is None:
+        return None
+    try:
+        return AesGcmSealer.from_secret(resolve_secret(settings.link_token_key_ref))
+    except (LookupError, ValueError) as exc:
+        raise ConfigError(f"IIM_LINK_TOKEN_KEY_REF: {exc}") from None

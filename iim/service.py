@@ -64,6 +64,7 @@ from iim.keys import store as key_store
 from iim.keys.keyring import Keyring, load_master_keys
 from iim.keys_api import KeyRotations, key_routes
 from iim.linking.http import callback_routes
+from iim.linking.resealing import convert_legacy
 from iim.linking.sealing import AesGcmSealer
 from iim.linking.service import LinkingService
 from iim.privacy.purger import RetentionPurger
@@ -134,7 +135,7 @@ class PolicyParts:
     smsc: SmsTransport | None = None
     #: live presence from registrations and connectors (the app's word comes through the admin API)
     presence: PresenceFeed | None = None
-    #: households' account links at cloud connectors (IIM_LINK_TOKEN_KEY_REF set)
+    #: households' account links at cloud connectors (tokens under each tenant's data key)
     linking: LinkingService | None = None
 
 
@@ -367,13 +368,16 @@ class Service:
             extra.extend(link_routes(lambda: policy.linking))
             extra.extend(hub_command_routes(lambda: self.mqtt))  # commands to hubs over MQTT (when it runs)
             # Data keys: status and rotation jobs (admin only); the jobs end with the HTTP site.
-            rotations = KeyRotations(lambda: policy.pool, lambda: policy.keyring)
+            rotations = KeyRotations(lambda: policy.pool, lambda: policy.keyring,
+                                     lambda: None if policy.linking is None else policy.linking.legacy)
             root.on_cleanup.append(lambda _app: rotations.aclose())
             extra.extend(key_routes(rotations, lambda: policy.pool, lambda: policy.directory_pool,
                                     lambda: policy.keyring))
             registry_app = create_registry_app(lambda: policy.pool, admin_settings,
                                                directory_pool=lambda: policy.directory_pool,
-                                               extra_routes=tuple(extra), recordings_dir=self._recordings_dir())
+                                               extra_routes=tuple(extra), recordings_dir=self._recordings_dir(),
+                                               unlink_on_erase=None if policy.linking is None
+                                               else policy.linking.unlink_for_erasure)
             mount_registry(root, registry_app)
             if self._smsc_callbacks is not None and not self.settings.bridge_enabled:
                 root.add_subapp(SMSC_CALLBACK_PREFIX, self._smsc_callbacks)
@@ -514,16 +518,18 @@ class Service:
         return AuditHeadPublisher(pool, key, heads_file=heads_file, interval=s.audit_head_interval_s)
 
     async def _start_linking(self, stack: AsyncExitStack, pool: Pool, directory_pool: Pool,
-                             keyring: Keyring) -> LinkingService | None:
-        """Account linking, when a key seals the tokens; its connectors are bound once they are loaded."""
+                             keyring: Keyring) -> LinkingService:
+        """Account linking (tokens sealed under each tenant's data key); its connectors are bound once they are
+        loaded. Link secrets still in the old format are re-sealed first, with the old key
+        (``IIM_LINK_TOKEN_KEY_REF``) if it is given; old-format tokens without it refuse the start."""
         s = self.settings
-        if s.link_token_key_ref is None:
-            log.info("account linking is off (IIM_LINK_TOKEN_KEY_REF unset)")
-            return None
-        try:
-            sealer = AesGcmSealer.from_secret(resolve_secret(s.link_token_key_ref))
-        except (LookupError, ValueError) as exc:
-            raise ConfigError(f"IIM_LINK_TOKEN_KEY_REF: {exc}") from None
+        legacy = None
+        if s.link_token_key_ref is not None:
+            try:
+                legacy = AesGcmSealer.from_secret(resolve_secret(s.link_token_key_ref))
+            except (LookupError, ValueError) as exc:
+                raise ConfigError(f"IIM_LINK_TOKEN_KEY_REF: {exc}") from None
+        await convert_legacy(pool, keyring, legacy)
         holder: list[ConnectorRegistry] = []
         self._link_connectors = holder
 
@@ -532,8 +538,8 @@ class Service:
                 raise LookupError("connectors are not loaded yet")
             return holder[0]
 
-        return await stack.enter_async_context(LinkingService(lambda: pool, lambda: directory_pool, sealer, connectors,
-                                                                    keyring))
+        return await stack.enter_async_context(LinkingService(lambda: pool, lambda: directory_pool, connectors, keyring,
+                                                              legacy=legacy))
 
     async def _start_home(self, stack: AsyncExitStack, pool: Pool, keyring: Keyring,
                           linking: LinkingService | None = None, *, triggers: TriggerIntake | None = None,

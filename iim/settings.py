@@ -173,9 +173,11 @@ class Settings(BaseSettings):
     # Each ready connector's probe() runs this often, each within the timeout ("up" means checked).
     connector_probe_interval_s: float = Field(default=30.0, gt=0, le=3600)
     connector_probe_timeout_s: float = Field(default=5.0, gt=0, le=120)
-    # Account linking (OAuth2 code + PKCE, connectors with "account_linking"): the AES-256 key sealing households'
-    # tokens at rest, 32 bytes as hex or base64 by reference; unset: linking is off. Links due are renewed this often.
-    link_token_key_ref: str | None = Field(default=None, description="env:VAR or file:/path")
+    # Account linking (OAuth2 code + PKCE, connectors with "account_linking"): tokens are sealed under each tenant's
+    # data key. link_token_key_ref is the OLD process-wide key (32 bytes, hex or base64, by reference), needed only
+    # while links sealed with it remain: the start re-seals them under the envelope, then it may be removed (a start
+    # without it refuses while any remain). Links due are renewed every link_refresh_interval_s.
+    link_token_key_ref: str | None = Field(default=None, description="env:VAR or file:/path (old format only)")
     link_refresh_interval_s: float = Field(default=30.0, gt=0, le=3600)
     # /livez fails (503) once the event loop ran a timer this late within 10 s, or stopped measuring for this long.
     livez_max_loop_lag_s: float = Field(default=5.0, gt=0, le=600)

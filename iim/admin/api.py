@@ -35,7 +35,7 @@ from iim.admin.problems import (
 from iim.admin.routes import build_routes, openapi_route
 from iim.admin.routing import Access, Handler, Route
 from iim.admin.scopes import household_in_path
-from iim.admin.service import PoolProvider, RegistryService
+from iim.admin.service import PoolProvider, RegistryService, UnlinkOnErase
 from iim.admin.settings import AdminSettings, OidcSettings
 from iim.admin.token_source import TokenSource
 from iim.admin.views import OPENAPI, PRINCIPAL, REQUEST_ID, SERVICE, SETTINGS, path_uuid, request_id
@@ -138,6 +138,7 @@ def create_registry_app(
     extra_routes: Sequence[Route] = (),
     oidc: OidcSettings | None = None,
     recordings_dir: Path | None = None,
+    unlink_on_erase: UnlinkOnErase | None = None,
 ) -> web.Application:
     """The registry admin API as an aiohttp sub-application (routes relative to ``settings.prefix``).
 
@@ -152,6 +153,7 @@ def create_registry_app(
         oidc: the OIDC issuer whose bearer JWTs are accepted too; by default ``OidcSettings()``
             (``IIM_OIDC_*``; no issuer: static tokens only).
         recordings_dir: IIM's recordings directory, where erasure deletes the subscriber's recorded messages.
+        unlink_on_erase: revokes at the vendors the account links of an erased subscriber's own homes.
 
     Raises:
         iim.admin.auth.TokenConfigError: the token table reference does not resolve or is invalid.
@@ -169,7 +171,7 @@ def create_registry_app(
     # Outermost: a span per request (joined to the caller's W3C traceparent), with the status actually sent.
     app = web.Application(middlewares=[traced_requests(), problem_middleware])
     app[SERVICE] = RegistryService(pool_provider, directory_pool, deadline_s=settings.store_deadline_s,
-                                     recordings_dir=recordings_dir)
+                                     recordings_dir=recordings_dir, unlink_on_erase=unlink_on_erase)
     app[SETTINGS] = settings
     app[AUTH] = auth
     app[ROUTES] = routes

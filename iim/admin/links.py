@@ -102,12 +102,12 @@ async def _mapped() -> AsyncIterator[None]:
 
 
 def link_routes(linking: Callable[[], LinkingService | None]) -> list[Route]:
-    """The routes, served by ``linking()`` (``None``: linking is off in this process, a 503)."""
+    """The routes, served by ``linking()`` (``None``: linking is not running in this process yet, a 503)."""
 
     def service() -> LinkingService:
         found = linking()
         if found is None:
-            raise ServiceUnavailable("account linking is off (IIM_LINK_TOKEN_KEY_REF is not set)")
+            raise ServiceUnavailable("account linking is not running in this process")
         return found
 
     async def tenant_household(request: web.Request) -> tuple[UUID, UUID]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -40,6 +40,9 @@ from policy_cache.models import Tenant, TenantCreate, TenantUpdate
 log = logging.getLogger("iim.admin")
 
 PoolProvider = Callable[[], Pool]
+#: Revoke, at the vendors, the account links of the subscriber's own homes: ``(tenant, subscriber, actor)`` -> how
+#: many (the running service's account linking, which holds the vendors' configuration).
+UnlinkOnErase = Callable[[UUID, UUID, str], Awaitable[int]]
 
 
 class AuditQuery(BaseModel):
@@ -160,9 +163,11 @@ class RegistryService:
     """
 
     def __init__(self, app_pool: PoolProvider, directory_pool: PoolProvider | None = None, *,
-                 deadline_s: float = 5.0, recordings_dir: Path | None = None) -> None:
+                 deadline_s: float = 5.0, recordings_dir: Path | None = None,
+                 unlink_on_erase: UnlinkOnErase | None = None) -> None:
         self._app_pool = app_pool
         self._recordings_dir = recordings_dir
+        self._unlink_on_erase = unlink_on_erase
         self._directory_pool = directory_pool
         self._deadline_s = deadline_s
 
@@ -298,11 +303,17 @@ class RegistryService:
 
     async def erase_subscriber(self, tenant_id: UUID, subscriber_id: UUID, actor: str,
                                correlation: Correlation) -> ErasureReport:
-        """Right to erasure (:mod:`iim.privacy.erasure`), in one transaction."""
+        """Right to erasure (:mod:`iim.privacy.erasure`), in one transaction; before it, the vendor-account links
+        of the subscriber's own homes are revoked at the vendors (``unlink_on_erase``), which the transaction alone
+        cannot do (it only drops the tokens)."""
+        unlinked = 0
+        if self._unlink_on_erase is not None:
+            unlinked = await self._unlink_on_erase(tenant_id, subscriber_id, actor)
         async with self._tx(tenant_id, write=True) as conn:
             await self._require_tenant(conn, tenant_id)
-            return await erase_subscriber(conn, tenant_id, subscriber_id, actor=actor, correlation=correlation,
-                                          recordings_dir=self._recordings_dir)
+            report = await erase_subscriber(conn, tenant_id, subscriber_id, actor=actor, correlation=correlation,
+                                            recordings_dir=self._recordings_dir)
+        return report.model_copy(update={"account_links_revoked": report.account_links_revoked + unlinked})
 
     # -- audit --------------------------------------------------------------------------------------
 

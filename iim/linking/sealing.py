@@ -1,9 +1,9 @@
-"""Tokens at rest: sealed with AES-256-GCM, each bound to where it lives (tenant, row, column).
+"""Link secrets at rest (tokens, PKCE code verifiers): sealed under the tenant's data key, like every other
+secret IIM keeps (:mod:`iim.core.envelope`: AES-256-GCM, associated data = tenant, table, row, column; the data
+key wrapped by the master key). A sealed value copied into another row, column or tenant does not open.
 
-One key for the process, given by reference (``IIM_LINK_TOKEN_KEY_REF``: 32 bytes as 64 hex digits or base64).
-A stop-gap behind one small interface (:class:`Sealer`): the per-tenant envelope encryption of the ``crypto``
-work (data keys wrapped by a master key) replaces :class:`AesGcmSealer` without touching its callers. A sealed
-value copied into another row, column or tenant does not open (the tag covers the place).
+:class:`AesGcmSealer` is the *old* format (one process-wide key, ``IIM_LINK_TOKEN_KEY_REF``), kept only to open
+rows written before the envelope, so they can be re-sealed under it (:mod:`iim.linking.resealing`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from uuid import UUID
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from iim.core.envelope import CipherError, key_from_secret
+from iim.core.envelope import CipherError, DataKey, key_from_secret
+from iim.keys.keyring import Keyring, KeyUnavailable
+from iim.linking.store import Sealed
+from policy_cache.db import Connection
 
-__all__ = ["AesGcmSealer", "SealError", "Sealer"]
+__all__ = ["AesGcmSealer", "SealError", "Sealer", "open_secret", "seal_secret"]
 
 _NONCE = 12
 _KEY = 32
@@ -30,7 +33,7 @@ class SealError(ValueError):
 
 
 class Sealer(Protocol):
-    """Seal and open one secret field of one row."""
+    """Seal and open one secret field of one row (the old format's interface)."""
 
     def seal(self, tenant: UUID, row: UUID, column: str, plaintext: str) -> str: ...
 
@@ -42,7 +45,7 @@ def _aad(tenant: UUID, row: UUID, column: str) -> bytes:
 
 
 class AesGcmSealer:
-    """``base64(nonce(12) || ciphertext || tag(16))`` under one AES-256 key."""
+    """The old format: ``base64(nonce(12) || ciphertext || tag(16))`` under one AES-256 key."""
 
     __slots__ = ("_aead",)
 
@@ -78,3 +81,25 @@ class AesGcmSealer:
             return self._aead.decrypt(raw[:_NONCE], raw[_NONCE:], _aad(tenant, row, column)).decode()
         except (InvalidTag, UnicodeDecodeError):
             raise SealError("the sealed value does not open with this key in this place") from None
+
+
+def seal_secret(key: DataKey, table: str, row: UUID, column: str, plaintext: str) -> Sealed:
+    """``plaintext`` sealed for ``table.column`` of ``row`` under the tenant's data ``key``."""
+    return Sealed(key.seal(table, str(row), column, plaintext), key.key_id)
+
+
+async def open_secret(conn: Connection, keyring: Keyring, tenant: UUID, table: str, row: UUID, column: str,
+                      value: Sealed, legacy: Sealer | None = None) -> str:
+    """The plaintext of a sealed link secret, in ``tenant``'s transaction ``conn``: with the data key named
+    beside it, or, for a value in the old format, with ``legacy``. :class:`SealError` when it does not open
+    (wrong place, unknown key, no old key given)."""
+    if value.key_id is None:
+        if legacy is None:
+            raise SealError("sealed in the old format, and the old link token key (IIM_LINK_TOKEN_KEY_REF) "
+                            "is not given")
+        return legacy.open(tenant, row, column, value.text)
+    try:
+        key = await keyring.key(conn, tenant, value.key_id)
+        return key.open(table, str(row), column, value.text)
+    except (KeyUnavailable, CipherError) as exc:
+        raise SealError(str(exc)) from None

@@ -29,7 +29,8 @@ from iim.core.secrets import resolve_secret
 from iim.keys.keyring import Keyring
 from iim.linking import flow, store
 from iim.linking.oauth import OAuthClient
-from iim.linking.sealing import Sealer, SealError
+from iim.linking.sealing import Sealer, SealError, open_secret, seal_secret
+from iim.linking.store import ACCOUNT_LINK, LINK_STATE
 from iim.sms.store import enqueue_sms
 from policy_cache import audit
 from policy_cache.db import Connection, Pool, tenant_tx
@@ -113,22 +114,30 @@ class LinkingService:
     Args:
         app_pool: the ``iim_app`` pool (tenant-scoped).
         directory_pool: an ``iim_cache`` pool: which household a connector's target belongs to (any tenant).
-        sealer: seals tokens and code verifiers at rest.
         connectors: the connector registry (each linkable connector's ``account_linking``).
+        keyring: tenants' data keys: tokens and code verifiers are sealed with them at rest (and the owner's
+            "link again" SMS).
+        legacy: the old process-wide token key, if still given: opens values a start has not converted yet.
         deadline_s: the store's deadline per operation (a vendor's request timeout is added where it is called).
     """
 
-    def __init__(self, app_pool: PoolProvider, directory_pool: PoolProvider, sealer: Sealer,
-                 connectors: Callable[[], ConnectorRegistry], keyring: Keyring, *, oauth: OAuthClient | None = None,
-                 deadline_s: float = 5.0, secrets: Callable[[str], str] = resolve_secret) -> None:
+    def __init__(self, app_pool: PoolProvider, directory_pool: PoolProvider,
+                 connectors: Callable[[], ConnectorRegistry], keyring: Keyring, *, legacy: Sealer | None = None,
+                 oauth: OAuthClient | None = None, deadline_s: float = 5.0,
+                 secrets: Callable[[str], str] = resolve_secret) -> None:
         self._app_pool = app_pool
         self._directory_pool = directory_pool
-        self._sealer = sealer
-        self._keyring = keyring  # the owner's "link again" SMS is sealed with the tenant's data key
+        self._keyring = keyring
+        self._legacy = legacy
         self._connectors = connectors
         self._oauth = oauth or OAuthClient()
         self._deadline_s = deadline_s
         self._secrets = secrets
+
+    @property
+    def legacy(self) -> Sealer | None:
+        """The old process-wide token key, while it is given (key rotation converts what is left with it)."""
+        return self._legacy
 
     async def __aenter__(self) -> Self:
         await self._oauth.__aenter__()
@@ -158,6 +167,10 @@ class LinkingService:
         except (LookupError, ValueError) as exc:
             raise LinkingUnavailable(f"the client secret does not resolve: {exc}") from None
 
+    async def _open(self, conn: Connection, tenant_id: UUID, table: str, row: UUID, column: str,
+                    value: store.Sealed) -> str:
+        return await open_secret(conn, self._keyring, tenant_id, table, row, column, value, self._legacy)
+
     @asynccontextmanager
     async def _tx(self, tenant_id: UUID, *, extra_s: float = 0.0) -> AsyncIterator[Connection]:
         try:
@@ -178,13 +191,14 @@ class LinkingService:
             raise ValueError("at least one scope")
         state, verifier, state_id = flow.new_state(), flow.new_verifier(), uuid4()
         url = flow.authorization_url(config, state=state, challenge=flow.s256_challenge(verifier), scopes=wanted)
-        sealed = self._sealer.seal(tenant_id, state_id, "code_verifier", verifier)
         try:
             async with self._tx(tenant_id) as conn:
+                sealed = seal_secret(await self._keyring.active(conn, tenant_id), LINK_STATE, state_id,
+                                     "code_verifier", verifier)
                 await store.sweep_states(conn)
                 expires = await store.insert_state(conn, state_id=state_id, household_id=household_id,
                                                    connector=connector, digest=flow.state_digest(state),
-                                                   verifier_sealed=sealed, scopes=wanted, actor=actor,
+                                                   verifier=sealed, scopes=wanted, actor=actor,
                                                    ttl_s=config.state_ttl_s)
                 await audit.append(conn, tenant_id, actor=actor, action="account_link.started",
                                    entity="household", entity_id=household_id,
@@ -202,7 +216,7 @@ class LinkingService:
         return LinkView.of(row)
 
     async def revoke(self, tenant_id: UUID, household_id: UUID, connector: str, *, actor: str,
-                     correlation: Mapping[str, Any] | None = None) -> LinkView:
+                     correlation: Mapping[str, Any] | None = None, reason: str = "unlinked") -> LinkView:
         """Unlink: the tokens are revoked at the vendor (RFC 7009, refresh token first: that ends the grant) and
         dropped here; done here even when the vendor cannot be reached (``vendor_revoked`` says which)."""
         config = self.config(connector)
@@ -213,24 +227,47 @@ class LinkingService:
                 raise NoSuchLink(f"household {household_id} has no link at {connector!r}")
             if row.status != "active":
                 return LinkView.of(row)
-            vendor_revoked = await self._revoke_at_vendor(tenant_id, config, row)
-            marked = await store.mark_link(conn, row.id, status="revoked", reason="unlinked", actor=actor)
+            vendor_revoked = await self._revoke_at_vendor(conn, tenant_id, config, row)
+            marked = await store.mark_link(conn, row.id, status="revoked", reason=reason, actor=actor)
             assert marked is not None
             await audit.append(conn, tenant_id, actor=actor, action="account_link.revoked", entity="household",
-                               entity_id=household_id, detail={"connector": connector,
+                               entity_id=household_id, detail={"connector": connector, "reason": reason,
                                                                "vendor_revoked": vendor_revoked},
                                correlation=correlation)
         return LinkView.of(marked, vendor_revoked)
 
-    async def _revoke_at_vendor(self, tenant_id: UUID, config: AccountLinking, row: store.LinkRow) -> bool:
+    async def unlink_for_erasure(self, tenant_id: UUID, subscriber_id: UUID, actor: str) -> int:
+        """Before a subscriber's erasure: each active link of their own homes (nobody else bound) revoked at its
+        vendor and here, as an unlink is. A link whose connector is not loaded, or a link store that is away, is
+        left to the erasure, which drops the tokens (the vendor's grant then expires). How many were revoked."""
+        try:
+            async with self._tx(tenant_id) as conn:
+                links = await store.own_home_links(conn, subscriber_id)
+        except LinkingUnavailable as exc:
+            log.warning("erasure of subscriber %s: account links not revoked at the vendors (%s)", subscriber_id, exc)
+            return 0
+        done = 0
+        for household_id, connector in links:
+            try:
+                view = await self.revoke(tenant_id, household_id, connector, actor=actor,
+                                         reason="erased with the subscriber")
+            except (NotLinkable, NoSuchLink, LinkingUnavailable) as exc:
+                log.warning("erasure of subscriber %s: the link of household %s at %s not revoked at the vendor "
+                            "(%s); its tokens are dropped", subscriber_id, household_id, connector, exc)
+                continue
+            done += view.vendor_revoked is not None
+        return done
+
+    async def _revoke_at_vendor(self, conn: Connection, tenant_id: UUID, config: AccountLinking,
+                                row: store.LinkRow) -> bool:
         secret = self._client_secret(config)
         revoked = False
-        for column, sealed, hint in (("refresh_token", row.refresh_token_sealed, "refresh_token"),
-                                     ("access_token", row.access_token_sealed, "access_token")):
+        for column, sealed, hint in (("refresh_token", row.refresh_token, "refresh_token"),
+                                     ("access_token", row.access_token, "access_token")):
             if sealed is None:
                 continue
             try:
-                token = self._sealer.open(tenant_id, row.id, column, sealed)
+                token = await self._open(conn, tenant_id, ACCOUNT_LINK, row.id, column, sealed)
             except SealError:
                 log.error("account link %s: the stored %s does not open", row.id, column)
                 continue
@@ -277,7 +314,7 @@ class LinkingService:
             return CallbackRefused("declined", f"the vendor answered {answer.error}")
         try:
             config = self.config(taken.connector)
-            verifier = self._sealer.open(taken.tenant_id, taken.id, "code_verifier", taken.verifier_sealed)
+            verifier = await self._open(conn, taken.tenant_id, LINK_STATE, taken.id, "code_verifier", taken.verifier)
         except (NotLinkable, SealError) as exc:
             return CallbackRefused("refused", f"cannot complete: {exc}")
         secret = self._client_secret(config)
@@ -296,11 +333,12 @@ class LinkingService:
             return CallbackRefused(page, f"token exchange: {result.kind}: {result.detail}")
         existing = await store.get_link(conn, taken.household_id, taken.connector)
         link_id = existing.id if existing is not None else uuid4()
+        key = await self._keyring.active(conn, taken.tenant_id)
         row = await store.save_link(
             conn, link_id=link_id, household_id=taken.household_id, connector=taken.connector, scopes=result.scopes,
-            access_sealed=self._sealer.seal(taken.tenant_id, link_id, "access_token", result.access_token),
-            refresh_sealed=None if result.refresh_token is None else self._sealer.seal(
-                taken.tenant_id, link_id, "refresh_token", result.refresh_token),
+            access=seal_secret(key, ACCOUNT_LINK, link_id, "access_token", result.access_token),
+            refresh=None if result.refresh_token is None else seal_secret(
+                key, ACCOUNT_LINK, link_id, "refresh_token", result.refresh_token),
             expires_in=result.expires_in, actor=taken.actor)
         if row is None:
             raise LinkingUnavailable("the household's link changed meanwhile; retry")
@@ -325,26 +363,33 @@ class LinkingService:
             raise NotLinked(f"{connector}: the target belongs to {len(owners)} households")
         tenant_id, household_id = owners[0]
         try:
-            async with self._tx(tenant_id) as conn:
+            async with self._tx(tenant_id) as conn:  # one transaction on the hot path: read, check, open
                 row = await store.get_link(conn, household_id, connector)
+                if row is None or row.status != "active" or row.access_token is None:
+                    raise NotLinked(f"{connector}: the household has no active account link")
+                if scope not in row.scopes:
+                    raise NotLinked(f"{connector}: the household's link does not grant {scope}")
+                assert row.access_expires_at is not None
+                if row.access_expires_at > datetime.now(UTC):
+                    return await self._open_access(conn, tenant_id, row, connector)
         except LinkingUnavailable as exc:
             raise ConnectorUnavailable(f"{connector}: {exc}") from exc
-        if row is None or row.status != "active" or row.access_token_sealed is None:
-            raise NotLinked(f"{connector}: the household has no active account link")
-        if scope not in row.scopes:
-            raise NotLinked(f"{connector}: the household's link does not grant {scope}")
-        assert row.access_expires_at is not None
-        if row.access_expires_at <= datetime.now(UTC):
-            try:
-                renewed = await self.refresh(tenant_id, row.id)
-            except LinkingUnavailable as exc:
-                raise ConnectorUnavailable(f"{connector}: the expired token cannot be renewed now ({exc})") from exc
-            if renewed is None or renewed.access_token_sealed is None:
-                raise NotLinked(f"{connector}: the household's access token has expired and was not renewed")
-            row = renewed
-        assert row.access_token_sealed is not None
         try:
-            return self._sealer.open(tenant_id, row.id, "access_token", row.access_token_sealed)
+            renewed = await self.refresh(tenant_id, row.id)
+        except LinkingUnavailable as exc:
+            raise ConnectorUnavailable(f"{connector}: the expired token cannot be renewed now ({exc})") from exc
+        if renewed is None or renewed.access_token is None:
+            raise NotLinked(f"{connector}: the household's access token has expired and was not renewed")
+        try:
+            async with self._tx(tenant_id) as conn:
+                return await self._open_access(conn, tenant_id, renewed, connector)
+        except LinkingUnavailable as exc:
+            raise ConnectorUnavailable(f"{connector}: {exc}") from exc
+
+    async def _open_access(self, conn: Connection, tenant_id: UUID, row: store.LinkRow, connector: str) -> str:
+        assert row.access_token is not None
+        try:
+            return await self._open(conn, tenant_id, ACCOUNT_LINK, row.id, "access_token", row.access_token)
         except SealError as exc:
             raise NotLinked(f"{connector}: the stored token does not open ({exc})") from None
 
@@ -377,10 +422,10 @@ class LinkingService:
 
     async def _renew(self, conn: Connection, tenant_id: UUID, config: AccountLinking,
                      row: store.LinkRow) -> store.LinkRow | flow.TokenFailure:
-        if row.refresh_token_sealed is None:
+        if row.refresh_token is None:
             return flow.TokenFailure("invalid_grant", "the access token expired and the vendor gave no refresh token")
         try:
-            refresh_token = self._sealer.open(tenant_id, row.id, "refresh_token", row.refresh_token_sealed)
+            refresh_token = await self._open(conn, tenant_id, ACCOUNT_LINK, row.id, "refresh_token", row.refresh_token)
         except SealError:
             return flow.TokenFailure("invalid_grant", "the stored refresh token does not open")
         secret = self._client_secret(config)
@@ -394,10 +439,11 @@ class LinkingService:
             for token, hint in (*result.issued, (refresh_token, "refresh_token")):
                 await self._oauth.revoke(config, secret, token=token, hint=hint)
             return result
+        key = await self._keyring.active(conn, tenant_id)
         updated = await store.update_tokens(
-            conn, row.id, access_sealed=self._sealer.seal(tenant_id, row.id, "access_token", result.access_token),
-            refresh_sealed=None if result.refresh_token is None else self._sealer.seal(
-                tenant_id, row.id, "refresh_token", result.refresh_token),
+            conn, row.id, access=seal_secret(key, ACCOUNT_LINK, row.id, "access_token", result.access_token),
+            refresh=None if result.refresh_token is None else seal_secret(
+                key, ACCOUNT_LINK, row.id, "refresh_token", result.refresh_token),
             expires_in=result.expires_in, scopes=result.scopes)
         await audit.stage(conn, actor=REFRESHER, action="account_link.refreshed", entity="household",
                           entity_id=row.household_id, detail={"connector": row.connector,

@@ -1,11 +1,13 @@
 """Right to erasure: a subscriber's personal content removed in one tenant transaction, audited with the actor.
 
 Removed: their incoming SMS (rows and bodies), the messages callers left them (rows, and the files in the
-recordings directory, deleted before the transaction commits), the payloads of their devices' events (the ledger rows stay for
-idempotency and the incident history), the details of audit rows about them (tombstones: the hash chain still
-verifies), and the subscriber row itself with its bindings, consents and policy. Kept: incident history
-(calls and texts placed to their number during an alarm) and outgoing SMS rows, which are the operator's
-record of what was done.
+recordings directory, deleted before the transaction commits), the payloads of their devices' events (the ledger
+rows stay for idempotency and the incident history), the details of audit rows about them (tombstones: the hash
+chain still verifies), the vendor-account tokens of their own homes (households nobody else is bound to: each
+account link revoked here, its tokens dropped; the running service revokes them at the vendor just before, see
+``iim.linking.service.LinkingService.unlink_for_erasure``), and the subscriber row
+itself with its bindings, consents and policy. Kept: incident history (calls and texts placed to their number
+during an alarm) and outgoing SMS rows, which are the operator's record of what was done.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class ErasureReport(BaseModel):
     recordings_deleted: int = Field(default=0, ge=0, description="recorded messages (rows) deleted")
     recording_files_deleted: int = Field(default=0, ge=0, description="their files removed from the recordings "
                                                                       "directory")
+    account_links_revoked: int = Field(default=0, ge=0, description="account links of their own homes revoked, "
+                                                                    "tokens dropped")
 
 
 async def erase_subscriber(conn: Connection, tenant_id: UUID, subscriber_id: UUID, *, actor: str,
@@ -63,6 +67,7 @@ async def erase_subscriber(conn: Connection, tenant_id: UUID, subscriber_id: UUI
         log.warning("erasure: %d recorded message rows deleted, but no recordings directory to delete their "
                     "files from (IIM_RECORDINGS_DIR unset)", len(recordings))
     files = await asyncio.to_thread(remove_recording_files, recordings_dir, recordings)
+    links = await store.erase_account_links(conn, subscriber_id, actor)
     await store.flush_staged_audit(conn)
     tombstoned = await audit.tombstone(conn, tenant_id, await store.audit_rows_about(conn, who, devices),
                                        reason="erasure")
@@ -72,7 +77,8 @@ async def erase_subscriber(conn: Connection, tenant_id: UUID, subscriber_id: UUI
                                         reason="erasure")
     report = ErasureReport(subscriber_id=subscriber_id, sms_inbound_deleted=sms, event_payloads_erased=payloads,
                            devices=len(devices), audit_details_tombstoned=tombstoned,
-                           recordings_deleted=len(recordings), recording_files_deleted=files)
+                           recordings_deleted=len(recordings), recording_files_deleted=files,
+                           account_links_revoked=links)
     await audit.append(conn, tenant_id, actor=actor, action="subscriber.erased", entity="subscriber",
                        entity_id=subscriber_id, detail=report.model_dump(mode="json", exclude={"subscriber_id"}),
                        correlation=correlation)

@@ -12,7 +12,7 @@ from iim.privacy.retention import RetentionDefaults
 from policy_cache.db import Connection, Pool
 
 __all__ = ["PurgeCount", "PurgedRecording", "Subject", "audit_rows_about", "erase_event_payloads",
-           "erase_recorded_messages", "flush_staged_audit", "purge_recordings", "purge_round", "subject", "subject_devices"]
+           "erase_account_links", "erase_recorded_messages", "flush_staged_audit", "purge_recordings", "purge_round", "subject", "subject_devices"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +91,28 @@ async def erase_recorded_messages(conn: Connection, subscriber_id: UUID) -> list
     rows = await conn.fetch("DELETE FROM iim.recorded_message WHERE subscriber_id = $1 RETURNING file_name",
                             subscriber_id)
     return [r["file_name"] for r in rows]
+
+
+# The subscriber's own homes: households where they are an owner or member and nobody else is.
+_OWN_HOMES = """SELECT b.household_id FROM iim.binding b
+                 WHERE b.subscriber_id = $1 AND b.role IN ('owner', 'member')
+                   AND NOT EXISTS (SELECT 1 FROM iim.binding o
+                                    WHERE o.household_id = b.household_id AND o.subscriber_id <> $1
+                                      AND o.role IN ('owner', 'member'))"""
+
+
+async def erase_account_links(conn: Connection, subscriber_id: UUID, actor: str) -> int:
+    """Forget the vendor-account tokens of the subscriber's own homes: each active link revoked here (tokens and
+    their key ids dropped, the row kept as history), started linkings deleted. How many links were revoked."""
+    await conn.execute(f"DELETE FROM iim.link_state WHERE household_id IN ({_OWN_HOMES})",  # noqa: S608 -- constants
+                       subscriber_id)
+    status: str = await conn.execute(
+        f"""UPDATE iim.account_link SET status = 'revoked', access_token_sealed = NULL, access_token_key = NULL,
+                   refresh_token_sealed = NULL, refresh_token_key = NULL, reason = 'erased with the subscriber',
+                   actor = $2, changed_at = now()
+             WHERE status = 'active' AND household_id IN ({_OWN_HOMES})""",  # noqa: S608 -- constants
+        subscriber_id, actor[:200])
+    return int(status.split()[-1])
 
 
 async def flush_staged_audit(conn: Connection) -> None:

@@ -49,3 +49,12 @@ def test_keys_rotate_without_a_target_is_refused(tmp_path: Path) -> None:
     result = _iim(tmp_path, "rotate")
     assert result.returncode == 2
     assert "say what to rotate" in result.stderr
+
+
+def test_keys_rotate_with_a_malformed_old_link_token_key_is_refused_before_touching_the_database(
+        tmp_path: Path) -> None:
+    result = _iim(tmp_path, "rotate", "--all-tenants", IIM_TEST_OLD_LINK_KEY="not-a-key",
+                  IIM_LINK_TOKEN_KEY_REF="env:IIM_TEST_OLD_LINK_KEY")
+    assert result.returncode == 2
+    assert "IIM_LINK_TOKEN_KEY_REF" in result.stderr
+    assert not (tmp_path / "pg").exists()

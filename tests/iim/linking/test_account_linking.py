@@ -14,7 +14,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import aiohttp
 import pytest
@@ -27,24 +27,31 @@ from iim.admin.api import create_registry_app, mount_registry
 from iim.admin.auth import TokenTable, hash_token
 from iim.admin.links import link_routes
 from iim.admin.settings import AdminSettings
-from iim.connectors.contract import ConnectorContext, Notification, NotLinked, TtsDelivery
+from iim.connectors.contract import ConnectorContext, LinkScope, Notification, NotLinked, TtsDelivery
 from iim.connectors.registry import ConnectorRegistry, SystemClock
 from iim.connectors.webhook import WebhookConnector
+from iim.core.envelope import DataKey
 from iim.core.secrets import resolve_secret
 from iim.http import create_app
+from iim.key_rotation import rotate_data_key, tenant_keys
 from iim.keys.keyring import Keyring
+from iim.linking import store as link_store
+from iim.linking.flow import s256_challenge
 from iim.linking.http import callback_routes
-from iim.linking.sealing import AesGcmSealer
+from iim.linking.sealing import SealError, open_secret
 from iim.linking.service import LinkingService
+from iim.linking.store import ACCOUNT_LINK
+from policy_cache import registry
 from policy_cache.audit import flush_pending
 from policy_cache.bootstrap import load_demo
-from policy_cache.db import Connection, DbRole, Pool, connect_pool
+from policy_cache.db import Connection, DbRole, Pool, connect_pool, tenant_tx
+from policy_cache.models import BindingCreate, BindingRole, HouseholdCreate, SubscriberCreate
 from tests.connector_peer import SIGNING_SECRET_TEXT, VendorPeer, serve
+from tests.iim.linking.legacy_rows import OLD, legacy_link
 from tests.oauth_peer import CLIENT_ID, CLIENT_SECRET, SCOPES, AuthorizationServer
-from tests.pg import TEST_MASTER_KEY, PgDatabase
+from tests.pg import TEST_MASTER_KEY, PgDatabase, create_tenant, dump_data, every_row_as_text
 
 TARGET = "kitchen-speaker-1"  # the demo's cloud speaker, at the "webhook" connector
-KEY = "11" * 32
 
 
 @dataclass
@@ -103,7 +110,8 @@ def _tokens(tenant: UUID) -> TokenTable:
     entries = {"op": {"actor": "alice@operator", "role": "operator", "tenant": str(tenant)},
                "other": {"actor": "mallory@elsewhere", "role": "operator", "tenant": "00000000-0000-4000-8000-"
                                                                                      "000000000001"},
-               "viewer": {"actor": "vic@operator", "role": "viewer", "tenant": str(tenant)}}
+               "viewer": {"actor": "vic@operator", "role": "viewer", "tenant": str(tenant)},
+               "adm": {"actor": "root@noc", "role": "admin"}}
     return TokenTable.from_json(json.dumps({hash_token(k): v for k, v in entries.items()}))
 
 
@@ -121,13 +129,13 @@ async def rig(pg_db: PgDatabase, app_pool: Pool, admin_conn: Connection,
     auth_runner, auth.url = await serve(auth.app())
     directory = await connect_pool(pg_db.cache_url, role=DbRole.CACHE, min_size=1, max_size=2)
     holder: list[ConnectorRegistry] = []
-    linking = LinkingService(lambda: app_pool, lambda: directory, AesGcmSealer.from_secret(KEY), lambda: holder[0],
-                             Keyring(app_pool, TEST_MASTER_KEY))
+    linking = LinkingService(lambda: app_pool, lambda: directory, lambda: holder[0], Keyring(app_pool, TEST_MASTER_KEY))
     await linking.__aenter__()
     root = create_app([])
     callback_routes(root, linking)
     mount_registry(root, create_registry_app(lambda: app_pool, AdminSettings(), tokens=_tokens(demo.tenant_id),
-                                             extra_routes=link_routes(lambda: linking)))
+                                             extra_routes=link_routes(lambda: linking),
+                                             unlink_on_erase=linking.unlink_for_erasure))
     iim_runner, iim_url = await serve(root)
     auth.redirect_uri = f"{iim_url}/oauth2/callback"
     context = ConnectorContext(resolve_secret=resolve_secret, http_session=aiohttp.ClientSession, clock=SystemClock(),
@@ -351,6 +359,187 @@ async def test_unlinking_revokes_at_the_vendor_forgets_the_tokens_and_is_audited
     assert revoked[0]["detail"]["vendor_revoked"] is True
     with pytest.raises(NotLinked):
         await rig.connectors.get("webhook").send_notification(_notification())
+
+
+# -- tokens under the tenant's envelope ------------------------------------------------------------------------
+
+def _issued(rig: Rig) -> set[str]:
+    """Every token the authorization server ever issued (access and refresh, live or dead)."""
+    return (set(rig.auth.refresh_tokens) | rig.vendor.valid_tokens
+            | {a for grant in rig.auth.refresh_tokens.values() for a in grant.access})
+
+
+async def _data_key(conn: Connection, tenant: UUID, key_id: int) -> DataKey:
+    wrapped = await conn.fetchval("SELECT wrapped FROM iim.tenant_data_key WHERE tenant_id = $1 AND key_id = $2",
+                                  tenant, key_id)
+    return TEST_MASTER_KEY.unwrap(tenant, key_id, wrapped)
+
+
+async def test_a_linked_accounts_tokens_are_in_the_database_only_as_envelope_ciphertext(
+        rig: Rig, pg_db: PgDatabase) -> None:
+    rig.auth.access_lifetime_s = 120
+    await rig.link()
+    assert await rig.linking.refresh_due() == 1  # a renewed (rotated) pair at rest too
+    pending = URL(await rig.start())  # and a started linking's code verifier
+    issued = _issued(rig)
+    assert len(issued) >= 4
+    rows, dump = await every_row_as_text(rig.admin_conn), await dump_data(pg_db)
+    assert [t for t in issued if t in rows or t in dump] == []
+    link = await rig.admin_conn.fetchrow("SELECT * FROM iim.account_link")
+    assert link is not None
+    assert link["access_token_sealed"] in dump  # what the dump shows of the tokens is ciphertext
+    # ... the envelope's: the tenant's data key (under the master key) opens it, bound to this row and column.
+    access = (await _data_key(rig.admin_conn, rig.tenant, link["access_token_key"])).open(
+        "account_link", str(link["id"]), "access_token", link["access_token_sealed"])
+    refresh = (await _data_key(rig.admin_conn, rig.tenant, link["refresh_token_key"])).open(
+        "account_link", str(link["id"]), "refresh_token", link["refresh_token_sealed"])
+    assert access in rig.vendor.valid_tokens
+    assert rig.auth.refresh_tokens[refresh].alive
+    state = await rig.admin_conn.fetchrow("SELECT id, verifier_sealed, verifier_key FROM iim.link_state")
+    assert state is not None
+    verifier = (await _data_key(rig.admin_conn, rig.tenant, state["verifier_key"])).open(
+        "link_state", str(state["id"]), "code_verifier", state["verifier_sealed"])
+    assert s256_challenge(verifier) == pending.query["code_challenge"]
+    assert verifier not in dump
+
+
+async def test_a_sealed_token_copied_to_another_row_column_or_tenant_does_not_open(
+        rig: Rig, app_pool: Pool, keyring: Keyring) -> None:
+    await rig.link()
+    link = await rig.admin_conn.fetchrow("SELECT * FROM iim.account_link")
+    assert link is not None
+    # Another row of the same tenant (the same data key opens it, were it not for the place).
+    await rig.admin_conn.execute(
+        "INSERT INTO iim.account_link (tenant_id, id, household_id, connector, scopes, access_token_sealed, "
+        "access_token_key, refresh_token_sealed, refresh_token_key, access_expires_at, actor) "
+        "SELECT tenant_id, $1, household_id, 'copycat', scopes, access_token_sealed, access_token_key, "
+        "refresh_token_sealed, refresh_token_key, access_expires_at, actor FROM iim.account_link WHERE id = $2",
+        uuid4(), link["id"])
+    # Another tenant's household.
+    other = await create_tenant(app_pool, "Other")
+    async with tenant_tx(app_pool, other) as conn:
+        home = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(name="Elsewhere", time_zone="Europe/Moscow"), actor="t")
+        theirs = await keyring.active(conn, other)
+        await conn.execute(
+            "INSERT INTO iim.account_link (id, household_id, connector, scopes, access_token_sealed, "
+            "access_token_key, access_expires_at, actor) VALUES ($1, $2, 'webhook', '{send_notifications}', $3, $4, "
+            "now() + interval '1 hour', 't')", uuid4(), home.id, link["access_token_sealed"], theirs.key_id)
+
+    async def opens(tenant: UUID, household: UUID, connector: str, column: str = "access_token") -> str:
+        async with tenant_tx(app_pool, tenant) as conn:
+            row = await link_store.get_link(conn, household, connector)
+            assert row is not None
+            assert row.access_token is not None
+            return await open_secret(conn, keyring, tenant, ACCOUNT_LINK, row.id, column, row.access_token)
+
+    assert await opens(rig.tenant, rig.household, "webhook") in rig.vendor.valid_tokens  # where it was sealed
+    with pytest.raises(SealError):
+        await opens(rig.tenant, rig.household, "copycat")  # another row
+    with pytest.raises(SealError):
+        await opens(rig.tenant, rig.household, "webhook", "refresh_token")  # another column
+    with pytest.raises(SealError):
+        await opens(other, home.id, "webhook")  # another tenant
+    with pytest.raises(NotLinked, match="does not open"):  # what a connector sees of a copied token
+        await _token_of(rig, "copycat")
+
+
+async def _token_of(rig: Rig, connector: str) -> str:
+    """The connector path for a link at ``connector``: the household's kitchen speaker moved there for a moment."""
+    await rig.admin_conn.execute("UPDATE iim.device SET connector = $1 WHERE connector_ref = $2", connector, TARGET)
+    try:
+        return await rig.linking.access_token(connector, TARGET, LinkScope.SEND_NOTIFICATIONS)
+    finally:
+        await rig.admin_conn.execute("UPDATE iim.device SET connector = 'webhook' WHERE connector_ref = $1", TARGET)
+
+
+async def test_a_key_rotation_reseals_the_link_tokens_and_renewal_works_after(rig: Rig, app_pool: Pool) -> None:
+    rig.auth.access_lifetime_s = 120
+    await rig.link()
+    first_refresh = set(rig.auth.refresh_tokens)
+    pending = await rig.consent(await rig.start())  # a linking under way across the rotation
+    before = await rig.admin_conn.fetchrow("SELECT * FROM iim.account_link")
+    state_before = await rig.admin_conn.fetchrow("SELECT * FROM iim.link_state")
+    assert before is not None
+    assert state_before is not None
+
+    done = await rotate_data_key(app_pool, Keyring(app_pool, TEST_MASTER_KEY), rig.tenant, actor="cli:ops")
+    assert (done.resealed["account_link"], done.resealed["link_state"], done.unreadable) == (1, 1, 0)
+    after = await rig.admin_conn.fetchrow("SELECT * FROM iim.account_link")
+    state_after = await rig.admin_conn.fetchrow("SELECT * FROM iim.link_state")
+    assert after is not None
+    assert state_after is not None
+    assert before["access_token_key"] < done.key_id
+    assert (after["access_token_key"], after["refresh_token_key"], state_after["verifier_key"]) == (done.key_id,) * 3
+    assert after["access_token_sealed"] != before["access_token_sealed"]
+    assert after["refresh_token_sealed"] != before["refresh_token_sealed"]
+    assert state_after["verifier_sealed"] != state_before["verifier_sealed"]
+    status = await tenant_keys(app_pool, rig.tenant)
+    assert {k.key_id: k.rows for k in status.keys}[done.key_id] >= 3
+    assert status.legacy_rows == 0
+
+    assert await rig.linking.refresh_due() == 1  # the refresh token opens under the new key
+    grant = [r for r in rig.auth.token_requests if r.get("grant_type") == "refresh_token"][-1]
+    assert grant["refresh_token"] in first_refresh
+    _status, link = await rig.api("GET", rig.links())
+    assert (link["status"], link["refreshed_at"] is not None) == ("active", True)
+    await rig.connectors.get("webhook").send_notification(_notification())
+    assert rig.vendor.received[-1].headers["Authorization"].removeprefix("Bearer ") in rig.vendor.valid_tokens
+    status_code, page, _ = await rig.browse(pending)  # its code verifier opens under the new key
+    assert status_code == 200, page
+
+
+async def test_tokens_in_the_old_format_are_resealed_by_a_rotation_given_the_old_key(
+        rig: Rig, app_pool: Pool) -> None:
+    link_id, access, _refresh = await legacy_link(rig.admin_conn, rig.tenant, rig.household)
+    rig.vendor.valid_tokens.add(access)
+    connector = rig.connectors.get("webhook")
+    with pytest.raises(NotLinked, match="old format"):  # this service was given no old key
+        await connector.send_notification(_notification())
+    keyring = Keyring(app_pool, TEST_MASTER_KEY)
+    assert (await tenant_keys(app_pool, rig.tenant)).legacy_rows == 2
+
+    unopened = await rotate_data_key(app_pool, keyring, rig.tenant, actor="cli:ops", new_key=False)
+    assert (unopened.resealed["account_link"], unopened.unreadable) == (0, 1)  # left as it was
+    done = await rotate_data_key(app_pool, keyring, rig.tenant, actor="cli:ops", new_key=False, legacy=OLD)
+    assert (done.resealed["account_link"], done.unreadable) == (1, 0)
+    row = await rig.admin_conn.fetchrow("SELECT * FROM iim.account_link WHERE id = $1", link_id)
+    assert row is not None
+    assert (row["access_token_key"], row["refresh_token_key"]) == (done.key_id, done.key_id)
+    assert (await tenant_keys(app_pool, rig.tenant)).legacy_rows == 0
+    await connector.send_notification(_notification())  # without the old key now
+    assert rig.vendor.received[-1].headers["Authorization"] == f"Bearer {access}"
+
+
+# -- erasure ---------------------------------------------------------------------------------------------------
+
+async def test_erasing_the_only_owner_of_a_home_revokes_its_links_at_the_vendor_and_keeps_other_homes_links(
+        rig: Rig, app_pool: Pool) -> None:
+    async with tenant_tx(app_pool, rig.tenant) as conn:
+        home = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(name="Solo flat",
+                                                                               time_zone="Europe/Moscow"), actor="t")
+        owner = await registry.create(conn, registry.SUBSCRIBER, SubscriberCreate(msisdn="+79005550177"), actor="t")
+        await registry.create(conn, registry.BINDING, BindingCreate(subscriber_id=owner.id, household_id=home.id,
+                                                                    role=BindingRole.OWNER), actor="t")
+    status, started = await rig.api("POST", rig.links(household=home.id), body={"scopes": ["read_events"]})
+    assert status == 201, started
+    assert (await rig.browse(await rig.consent(started["authorization_url"])))[0] == 200
+    theirs = set(rig.auth.refresh_tokens)
+    await rig.link()  # the demo home, which the erased subscriber has nothing to do with
+
+    status, report = await rig.api("POST", f"{rig.iim}/v1/tenants/{rig.tenant}/subscribers/{owner.id}/erase",
+                                   token="adm")
+    assert status == 200, report
+    assert report["account_links_revoked"] == 1
+    assert {token for token, hint in rig.auth.revoked if hint == "refresh_token"} == theirs  # at the vendor
+    _status, link = await rig.api("GET", rig.links(household=home.id))
+    assert (link["status"], link["reason"], link["actor"]) == ("revoked", "erased with the subscriber", "root@noc")
+    row = await rig.admin_conn.fetchrow("SELECT access_token_sealed, refresh_token_sealed, access_token_key "
+                                        "FROM iim.account_link WHERE household_id = $1", home.id)
+    assert row is not None
+    assert tuple(row) == (None, None, None)
+    _status, kept = await rig.api("GET", rig.links())
+    assert kept["status"] == "active"
+    await rig.connectors.get("webhook").send_notification(_notification())  # the demo home's link still works
 
 
 # -- the callback under fuzz ---------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from iim.connectors.registry import ConnectorRegistry, default_context
 from iim.keys.keyring import Keyring
 from iim.linking.flow import new_state
 from iim.linking.http import callback_routes
-from iim.linking.sealing import AesGcmSealer
 from iim.linking.service import LinkingService, LinkingUnavailable
 from policy_cache.db import DbRole, connect_pool
 from tests.connector_peer import serve
@@ -33,8 +32,8 @@ async def test_with_postgresql_cut_off_linking_answers_try_again_within_its_dead
     directory = await connect_pool(cache_proxy.dsn(), role=DbRole.CACHE, min_size=1, max_size=2,
                                    command_timeout=2.0, acquire_timeout=2.0)
     registry = ConnectorRegistry(default_context(), factories={})
-    linking = LinkingService(lambda: pool, lambda: directory, AesGcmSealer.from_secret("33" * 32), lambda: registry,
-                             Keyring(pool, TEST_MASTER_KEY), deadline_s=2.0)
+    linking = LinkingService(lambda: pool, lambda: directory, lambda: registry, Keyring(pool, TEST_MASTER_KEY),
+                             deadline_s=2.0)
     app = web.Application()
     callback_routes(app, linking)
     runner, url = await serve(app)

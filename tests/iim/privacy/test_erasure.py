@@ -21,6 +21,9 @@ from iim.admin import cli
 from iim.admin.api import create_registry_app, mount_registry
 from iim.admin.auth import TokenTable, hash_token
 from iim.http import create_app as create_root_app
+from iim.keys.keyring import Keyring
+from iim.linking.sealing import seal_secret
+from iim.linking.store import ACCOUNT_LINK, LINK_STATE
 from policy_cache import audit, registry
 from policy_cache.db import DbRole, Pool, connect_pool, tenant_tx
 from policy_cache.models import (
@@ -33,7 +36,7 @@ from policy_cache.models import (
     HouseholdCreate,
     SubscriberCreate,
 )
-from tests.pg import PgDatabase, create_tenant
+from tests.pg import TEST_MASTER_KEY, PgDatabase, create_tenant
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -93,8 +96,9 @@ def iim(live: Live, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Monk
 
 async def _person(live: Live, name: str) -> Person:
     """A subscriber who owns a household with a wearable, has SMS read out, got an SMS and whose wearable
-    reported an event, and to whom a caller left a recorded message (row and file); the SMS body and the
-    payload also reached audit details."""
+    reported an event, and to whom a caller left a recorded message (row and file), whose home is linked to a
+    vendor account (tokens sealed under the tenant's data key) with another linking started; the SMS body and
+    the payload also reached audit details."""
     tag = uuid4().hex[:12]
     sms_body, payload_value = f"sms body {tag} my door code is 4711", f"pulse-note-{tag}"
     msisdn = "+7911" + str(uuid4().int)[:7]
@@ -126,7 +130,22 @@ async def _person(live: Live, name: str) -> Person:
                            detail={"said": sms_body})
         await audit.stage(conn, actor="t", action="test.event", entity="device", entity_id=watch.id,
                           detail={"payload": {"note": payload_value}})
-    return Person(sub.id, msisdn, watch.id, (sms_body, payload_value, call_uuid, recording), recording)
+        key = await Keyring(live.pool, TEST_MASTER_KEY).active(conn, live.tenant)
+        link_id, state_id = uuid4(), uuid4()
+        access = seal_secret(key, ACCOUNT_LINK, link_id, "access_token", f"at-{tag}")
+        refresh = seal_secret(key, ACCOUNT_LINK, link_id, "refresh_token", f"rt-{tag}")
+        verifier = seal_secret(key, LINK_STATE, state_id, "code_verifier", f"cv-{tag}")
+        await conn.execute(
+            "INSERT INTO iim.account_link (id, household_id, connector, scopes, access_token_sealed, access_token_key, "
+            "refresh_token_sealed, refresh_token_key, access_expires_at, actor) VALUES ($1, $2, 'webhook', "
+            "'{send_notifications}', $3, $4, $5, $6, now() + interval '1 hour', 't')",
+            link_id, home.id, access.text, access.key_id, refresh.text, refresh.key_id)
+        await conn.execute(
+            "INSERT INTO iim.link_state (id, household_id, connector, state_digest, verifier_sealed, verifier_key, "
+            "scopes, actor, expires_at) VALUES ($1, $2, 'webhook', $3, $4, $5, '{read_events}', 't', "
+            "now() + interval '10 minutes')", state_id, home.id, uuid4().bytes * 2, verifier.text, verifier.key_id)
+    return Person(sub.id, msisdn, watch.id, (sms_body, payload_value, call_uuid, recording, access.text,
+                                             refresh.text, verifier.text), recording)
 
 
 async def _tables_holding(admin_url: str, needles: tuple[str, ...]) -> list[str]:
@@ -162,6 +181,7 @@ async def test_after_erase_no_table_holds_the_subscribers_content_and_the_chain_
     assert report["event_payloads_erased"] == 1
     assert report["audit_details_tombstoned"] >= 2
     assert (report["recordings_deleted"], report["recording_files_deleted"]) == (1, 1)
+    assert report["account_links_revoked"] == 1
 
     assert await _tables_holding(live.admin_url, gone.secrets) == []
     assert not (live.recordings / gone.recording).exists()
@@ -172,6 +192,9 @@ async def test_after_erase_no_table_holds_the_subscribers_content_and_the_chain_
     assert json.loads(out)["intact"] is True
     async with tenant_tx(live.pool, live.tenant) as conn:
         assert await conn.fetchval("SELECT count(*) FROM iim.subscriber WHERE id = $1", gone.id) == 0
+        links = await conn.fetch("SELECT status::text, reason, actor, access_token_key FROM iim.account_link "
+                                 "WHERE access_token_sealed IS NULL")
+        assert [tuple(r) for r in links] == [("revoked", "erased with the subscriber", "root@noc", None)]
         rows = await audit.entries(conn, entity="subscriber", entity_id=gone.id, limit=1)
     assert rows[0].action == "subscriber.erased"
     assert rows[0].actor == "root@noc"
