@@ -6,7 +6,7 @@
   tenant, table, row and column); the old single-key format, only to convert it.
 * ``resealing`` -- link secrets re-sealed by key rotation, and converted out of the old format at start.
 * ``oauth``   -- the HTTP driver: token exchange, refresh and revocation (RFC 7009), each under a deadline.
-* ``store``   -- ``iim.link_state`` and ``iim.account_link`` (migrations 0032, 0035).
+* ``store``   -- ``iim.link_state`` and ``iim.account_link`` (migrations 0032, 0039).
 * ``service`` -- start, callback, status, revoke, tokens for connectors, the refresher.
 * ``http``    -- the callback page on IIM's HTTP site (``GET /oauth2/callback``).
 """

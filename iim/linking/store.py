@@ -1,4 +1,4 @@
-"""Account linking in PostgreSQL (migrations 0032, 0035): started linkings (``iim.link_state``) and links
+"""Account linking in PostgreSQL (migrations 0032, 0039): started linkings (``iim.link_state``) and links
 (``iim.account_link``). Every statement runs in the caller's tenant transaction, except the lookups that must
 cross tenants: the callback's :func:`take_state` (the state's digest is the only key), the refresher's
 :func:`due_links` and the start's :func:`legacy_secrets`, through security-definer functions, and

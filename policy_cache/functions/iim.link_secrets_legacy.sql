@@ -1,4 +1,4 @@
--- iim.link_secrets_legacy: its current definition, last set by migration 0035_link_tokens_envelope.sql.
+-- iim.link_secrets_legacy: its current definition, last set by migration 0039_link_tokens_envelope.sql.
 --
 -- Tenants whose link tokens (links) or started linkings (states) are still sealed in the old format, with
 -- IIM_LINK_TOKEN_KEY_REF rather than the tenant's data key (counts only): the service converts them at start,

@@ -1,4 +1,4 @@
--- iim.link_state_take: its current definition, last set by migration 0035_link_tokens_envelope.sql.
+-- iim.link_state_take: its current definition, last set by migration 0039_link_tokens_envelope.sql.
 --
 -- The started linking whose state has this SHA-256, taken (deleted: a state is used once) from any
 -- tenant: the OAuth2 callback knows no tenant. expired: it was past its expiry when taken. verifier_key: the

@@ -1,4 +1,4 @@
--- 0035: account-link tokens under the per-tenant envelope.
+-- 0039: account-link tokens under the per-tenant envelope.
 --
 -- The access and refresh tokens of iim.account_link and the PKCE code verifier of iim.link_state were sealed
 -- with one process-wide key (IIM_LINK_TOKEN_KEY_REF). They are now sealed like every other secret at rest: with
