@@ -184,6 +184,14 @@ class Settings(BaseSettings):
     message_link_ttl_s: int = Field(default=7 * 86400, ge=60)
     message_link_base_url: str | None = None
     message_link_secret_ref: str | None = Field(default=None, description="unset: a random key per process")
+    # A switch on another host (no shared directory): it records each message to a signed, one-call upload URL
+    # on IIM's HTTP site (http_cache://SWITCH_AUDIO_BASE/v1/recordings/...; mod_http_cache PUTs the WAV when
+    # the recording ends) and IIM stores it in recordings_dir. Needs recordings_dir. Each body must arrive
+    # within recording_upload_timeout_s; the URLs' HMAC key by reference (unset: a random key per process, so
+    # the PUT must reach the IIM that signed it -- set it when several IIMs share the recordings directory).
+    recordings_upload: bool = False
+    recording_upload_secret_ref: str | None = Field(default=None, description="env:VAR or file:/path")
+    recording_upload_timeout_s: float = Field(default=30.0, gt=0, le=600)
     # HMAC key of the switch's audio URLs (unset: a random key per process; the URLs live minutes).
     switch_audio_secret_ref: str | None = Field(default=None, description="env:VAR or file:/path")
     audio_url_secret_ref: str | None = Field(default=None, description="unset: a random key per process")
