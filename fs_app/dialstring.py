@@ -8,6 +8,7 @@ caller or a device is copied in unchecked: targets must be plain numbers or SIP 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fs_app.routing import Leg, RoutingDecision
@@ -38,6 +39,9 @@ class DialSettings:
     voicemail_endpoint: str | None = None
     # Where the switch writes recorded messages: its own recordings directory unless configured.
     recordings_dir: str = "${recordings_dir}"
+    # (tenant id, call uuid) -> where the switch records a message instead: IIM's signed, one-call upload URL
+    # (``http_cache://http://IIM/v1/recordings/...``), for a switch that shares no directory with IIM.
+    recording_url: Callable[[str, str], str] | None = None
 
 
 def _leg_target(leg: Leg, settings: DialSettings) -> str:

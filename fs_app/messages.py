@@ -4,6 +4,11 @@ FreeSWITCH's ``voicemail`` application is not used: mod_voicemail is not loaded 
 greetings are stock sound files that no package here ships (the real switch answers "Invalid Application"
 and the caller gets 502). Instead the operator's voicemail platform takes the call when one is configured
 (``DialSettings.voicemail_endpoint``), and otherwise the switch plays IIM's own greeting and records.
+
+Where it records: a directory (``DialSettings.recordings_dir``: the switch's own, or one IIM shares), or, when
+``DialSettings.recording_url`` is set, an ``http_cache://http://...`` URL: mod_http_cache records to a local file
+and PUTs it to that URL when the ``record`` application closes the file -- before ``record`` returns, so the
+upload is over (done or failed) by the time this module sees the application complete.
 """
 
 from __future__ import annotations
@@ -31,8 +36,14 @@ class MessageTaken:
         return self.where != "voicemail"
 
 
-async def take_message(call: Call, settings: DialSettings, msisdn: str, *, voicemail: bool) -> MessageTaken:
-    """Let the caller leave a message for ``msisdn``.
+def message_file_name(call_uuid: str) -> str:
+    """The message's file name, in the switch's directory and in IIM's alike (one message per call)."""
+    return f"iim-{call_uuid}.wav"
+
+
+async def take_message(call: Call, settings: DialSettings, msisdn: str, *, voicemail: bool,
+                       tenant: str = "") -> MessageTaken:
+    """Let the caller leave a message for ``msisdn`` (a subscriber of ``tenant``).
 
     ``voicemail``: the caller reaches the subscriber's voicemail (the operator's platform when configured);
     otherwise the message is recorded for the household. A caller hanging up ends the recording: that is how
@@ -41,7 +52,10 @@ async def take_message(call: Call, settings: DialSettings, msisdn: str, *, voice
     if voicemail and settings.voicemail_endpoint:
         await call.bridge(settings.voicemail_endpoint.format(msisdn=msisdn))
         return MessageTaken("voicemail")
-    path = f"{settings.recordings_dir}/iim-{call.uuid}.wav"
+    if settings.recording_url is not None and tenant:
+        path = settings.recording_url(tenant, call.uuid)  # uploaded to IIM when the file closes
+    else:
+        path = f"{settings.recordings_dir}/{message_file_name(call.uuid)}"
     await call.answer()
     await call.playback(settings.voicemail_prompt)
     recorded_ms: int | None = None

@@ -223,7 +223,8 @@ class PolicyRouter:
         """Nobody answered (or DND): voicemail, a recorded message, or a missed-call SMS."""
         taken: MessageTaken | None = None
         if decision.fallback in ("voicemail", "record_message") and not call.hung_up:
-            taken = await take_message(call, self._dial, snapshot.msisdn, voicemail=decision.fallback == "voicemail")
+            taken = await take_message(call, self._dial, snapshot.msisdn, voicemail=decision.fallback == "voicemail",
+                                       tenant=snapshot.tenant_id)
         announced = False
         if decision.fallback == "record_message" and taken is not None and taken.recorded and self._message:
             announced = await self._message(snapshot, facts, taken)

@@ -58,6 +58,7 @@ from iim.home.cloud_call import CloudAnnouncer, cloud_call_step
 from iim.home.missed_call import missed_call_sms
 from iim.home.outbox_sink import OutboxSmsSink
 from iim.home.recorded_message import MessageLinks, RecordedMessages, message_routes
+from iim.home.recording_upload import RecordingUploads, UploadLinks, upload_routes
 from iim.home.sms_readout import SmsReadoutService
 from iim.http import HealthProbe, HttpSite, create_app
 from iim.keys import store as key_store
@@ -188,6 +189,8 @@ class Service:
         self._smsc_callbacks: web.Application | None = None
         # Messages callers left, when IIM keeps them (IIM_RECORDINGS_DIR).
         self._messages: RecordedMessages | None = None
+        # Their uploads from a switch on another host (IIM_RECORDINGS_UPLOAD).
+        self._uploads: RecordingUploads | None = None
         #: the connector registry, once loaded, for account linking (which starts before it)
         self._link_connectors: list[ConnectorRegistry] = []
 
@@ -353,6 +356,8 @@ class Service:
             root.add_routes(switch_audio_routes(policy.switch_audio, policy.tts))  # alert calls' own prompts
             if self._messages is not None:
                 root.add_routes(message_routes(self._messages))  # messages callers left, by signed link
+            if self._uploads is not None:
+                root.add_routes(upload_routes(self._uploads))  # ... as a switch elsewhere uploads them
             connectors = Route("GET", "/connectors", connector_list_view(policy.connectors), "listConnectors",
                                "Configured connectors: capabilities and health", "connectors", Access.READ)
             extra = [connectors]
@@ -440,8 +445,10 @@ class Service:
                             speaker_endpoint=s.speaker_endpoint,
                             confirm_prompt=prompt_url(audio_base, "confirm-call"),
                             voicemail_prompt=prompt_url(audio_base, "leave-message"))
-        if self._messages is not None:  # the switch records where IIM keeps the messages
-            dial = replace(dial, recordings_dir=str(self._messages.recordings_dir))
+        if self._messages is not None:  # the switch records where IIM keeps the messages, or uploads them there
+            self._uploads = self._recording_uploads(self._messages.recordings_dir, audio_base)
+            dial = replace(dial, recordings_dir=str(self._messages.recordings_dir),
+                           recording_url=self._uploads.links.url if self._uploads is not None else None)
         announce = cloud_call_step(CloudAnnouncer(connectors), dial, sms, on_answer=audit.record_answer)
         router = PolicyRouter(cache, self._passthrough, dial=dial, record_decision=audit.record,
                               record_answer=audit.record_answer, announce=announce, missed_call=missed_call_sms(sms),
@@ -492,6 +499,8 @@ class Service:
         """Messages callers leave, kept and announced with a signed link (only with ``IIM_RECORDINGS_DIR``)."""
         s = self.settings
         if not s.recordings_dir:
+            if s.recordings_upload:
+                raise ConfigError("IIM_RECORDINGS_UPLOAD needs IIM_RECORDINGS_DIR (where IIM keeps the uploads)")
             log.info("recorded messages stay on the switch (IIM_RECORDINGS_DIR unset): missed-call SMS only")
             return None
         directory = Path(s.recordings_dir).resolve()
@@ -506,6 +515,20 @@ class Service:
         return RecordedMessages(pool, directory, links, sms, retention=timedelta(seconds=s.recording_retention_s),
                                 connectors=connectors, notify_timeout_s=s.message_notify_timeout_s,
                                 notify_attempts=s.message_notify_attempts)
+
+    def _recording_uploads(self, directory: Path, base_url: str) -> RecordingUploads | None:
+        """Where a switch on another host uploads the messages it records (only with ``IIM_RECORDINGS_UPLOAD``)."""
+        s = self.settings
+        if not s.recordings_upload:
+            return None
+        try:
+            secret = (resolve_secret(s.recording_upload_secret_ref).encode() if s.recording_upload_secret_ref
+                      else secrets.token_bytes(32))
+            links = UploadLinks(secret, base_url)
+        except (LookupError, ValueError) as exc:
+            raise ConfigError(f"recording uploads: {exc}") from None
+        log.info("the switch uploads recorded messages to %s/v1/recordings", links.base_url)
+        return RecordingUploads(directory, links, timeout_s=s.recording_upload_timeout_s)
 
     def _audit_heads(self, pool: Pool) -> AuditHeadPublisher:
         s = self.settings

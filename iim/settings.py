@@ -202,6 +202,14 @@ class Settings(BaseSettings):
     # each send has this deadline, and a failed one is tried again by a later announcement up to this many times.
     message_notify_timeout_s: float = Field(default=10.0, gt=0, le=60)
     message_notify_attempts: int = Field(default=3, ge=1, le=10)
+    # A switch on another host (no shared directory): it records each message to a signed, one-call upload URL
+    # on IIM's HTTP site (http_cache://SWITCH_AUDIO_BASE/v1/recordings/...; mod_http_cache PUTs the WAV when
+    # the recording ends) and IIM stores it in recordings_dir. Needs recordings_dir. Each body must arrive
+    # within recording_upload_timeout_s; the URLs' HMAC key by reference (unset: a random key per process, so
+    # the PUT must reach the IIM that signed it -- set it when several IIMs share the recordings directory).
+    recordings_upload: bool = False
+    recording_upload_secret_ref: str | None = Field(default=None, description="env:VAR or file:/path")
+    recording_upload_timeout_s: float = Field(default=30.0, gt=0, le=600)
     # HMAC key of the switch's audio URLs (unset: a random key per process; the URLs live minutes).
     switch_audio_secret_ref: str | None = Field(default=None, description="env:VAR or file:/path")
     audio_url_secret_ref: str | None = Field(default=None, description="unset: a random key per process")

@@ -8,14 +8,16 @@ order FreeSWITCH sets them so events carry the same variable sequence.
 
 from __future__ import annotations
 
+import io
 import math
 import re
+import wave
 from typing import Literal
 
 from fs_app.testing.channel import now_us
 from fs_app.testing.dialstring import DialString, DialStringError, parse_dialstring
 from fs_app.testing.http_cache import PREFIX as HTTP_CACHE
-from fs_app.testing.http_cache import MediaNotFound
+from fs_app.testing.http_cache import PUT_OK, MediaNotFound
 from fs_app.testing.media import lengths, played_ms
 from fs_app.testing.originate import (
     DEFAULT_ORIGINATE_TIMEOUT_S,
@@ -381,13 +383,25 @@ async def app_read(session: Session, arg: str) -> str | None:
     return None
 
 
+def silent_wav(samples: int) -> bytes:
+    """A WAV as mod_sndfile writes a recording (16-bit mono, 8 kHz) of ``samples`` samples of silence."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(8000)
+        wav.writeframes(bytes(2 * samples))
+    return out.getvalue()
+
+
 async def app_record(session: Session, arg: str) -> str | None:
     """``record <path> [<time_limit_secs> [<silence_thresh> [<silence_hits>]]]``.
 
     RECORD_START, then the callee "speaks" until the time limit or the hangup (silence
     detection is not modelled), then ``record_samples``/``record_seconds``/``record_ms``
     (and ``record_completion_cause`` on the time limit) and RECORD_STOP, as
-    ``switch_ivr_record_file_event`` does. No audio is written.
+    ``switch_ivr_record_file_event`` does. No audio is written, except to an ``http_cache://`` URL: the
+    recording's length of silence is uploaded there (:meth:`HttpCache.put`) before RECORD_STOP.
     """
     args = separate_args(arg)
     if not args:
@@ -410,6 +424,12 @@ async def app_record(session: Session, arg: str) -> str | None:
         if limit_s > 0:
             recorded_ms = min(recorded_ms, limit_s * 1000.0)
     samples = int(recorded_ms * 8)
+    uploaded = None
+    if path.startswith(HTTP_CACHE):  # mod_http_cache PUTs the file as record closes it, before RECORD_STOP
+        uploaded = await session.host.http_cache.put(path, silent_wav(samples))
+        if uploaded not in PUT_OK:
+            session.host.note_error(f"Received HTTP error {uploaded} trying to save a recording to "
+                                    f"{path.removeprefix(HTTP_CACHE)}")
     ch.set_var("record_samples", str(samples))
     ch.set_var("record_seconds", str(samples // 8000))
     ch.set_var("record_ms", str(samples // 8))
@@ -419,7 +439,7 @@ async def app_record(session: Session, arg: str) -> str | None:
         ch.set_var("record_completion_cause", cause)
         post.append(("Record-Completion-Cause", cause))
     ch.fire("RECORD_STOP", post=post)
-    session.host.note_recording(RecordingRecord(session.uuid, path, samples // 8, cause))
+    session.host.note_recording(RecordingRecord(session.uuid, path, samples // 8, cause, uploaded))
     return None
 
 

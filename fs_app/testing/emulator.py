@@ -179,7 +179,7 @@ class FreeSwitchEmulator:
     def note_recording(self, record: RecordingRecord) -> None:
         """A ``record`` application finished; optionally leave a WAV (header only, no audio) behind."""
         self.recordings.append(record)
-        if not self.write_recordings:
+        if not self.write_recordings or record.uploaded is not None:  # an upload leaves no file here
             return
         try:
             path = Path(record.path)

@@ -173,6 +173,8 @@ class RecordingRecord:
     path: str
     ms: int
     completion_cause: str | None
+    #: for an ``http_cache://`` path, the upload's HTTP status (0: no response); None otherwise
+    uploaded: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -236,7 +236,8 @@ async def _fallback(call: Call, decision: RoutingDecision, phone: Leg | None, di
     if what == "voicemail" and phone is not None and not call.hung_up:
         await take_message(call, dial_settings, phone.target, voicemail=True)
     elif what == "record_message" and not call.hung_up:
-        await take_message(call, dial_settings, phone.target if phone else "", voicemail=False)
+        await take_message(call, dial_settings, phone.target if phone else "", voicemail=False,
+                           tenant=decision.tenant_id or "")
     msisdn = decision.msisdn or (phone.target if phone is not None else None)
     if what != "none" and msisdn and sms_sink is not None and decision.tenant_id:
         try:

@@ -1,7 +1,8 @@
 """Messages callers leave for a household (the ``record_message`` fallback): kept, announced, fetched by link.
 
 The switch records into IIM's recordings directory (``IIM_RECORDINGS_DIR``: the switch's own when both run on
-one host, or a directory both mount). After the recording, :class:`RecordedMessages` (the router's ``message``
+one host, or a directory both mount), or uploads it there (``IIM_RECORDINGS_UPLOAD``: a switch on another host
+PUTs it to :mod:`iim.home.recording_upload` before its ``record`` returns). After the recording, :class:`RecordedMessages` (the router's ``message``
 notifier):
 
 1. keeps it: a row in ``iim.recorded_message`` (the home store), only under the subscriber's ``call_recording``
@@ -41,7 +42,7 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import Counter
 
-from fs_app.messages import MessageTaken
+from fs_app.messages import MessageTaken, message_file_name
 from fs_app.routing import CallFacts
 from iim.connectors.contract import (
     Capability,
@@ -149,9 +150,10 @@ class RecordedMessages:
     #: a failed notification is tried again by later announcements of the same call, this many times in all
     notify_attempts: int = 3
 
-    def file_of(self, taken: MessageTaken) -> Path | None:
-        """The recording in our directory (by name only: nothing outside it is ever opened)."""
-        name = Path(taken.where).name
+    def file_of(self, call_uuid: str) -> Path | None:
+        """The call's recording in our directory (by name only: nothing outside it is ever opened), whether the
+        switch wrote it there (a shared directory) or uploaded it (``PUT /v1/recordings``)."""
+        name = message_file_name(call_uuid)
         if not _FILE.fullmatch(name):
             return None
         path = self.recordings_dir / name
@@ -168,7 +170,7 @@ class RecordedMessages:
             return False
 
     async def _keep_and_announce(self, snapshot: RoutingSnapshot, facts: CallFacts, taken: MessageTaken) -> bool:
-        path = self.file_of(taken)
+        path = self.file_of(facts.uuid)
         if path is None:
             MESSAGES.labels("no_file").inc()
             log.warning("recorded message not found in the recordings directory", extra={"call_id": facts.uuid})

@@ -323,3 +323,81 @@ async def test_without_recording_consent_nothing_is_recorded_and_the_missed_call
     assert await served.outbox() == [missed(result, home)]
     async with tenant_tx(served.pool, served.tenant) as conn:
         assert await conn.fetchval("SELECT count(*) FROM iim.recorded_message") == 0
+
+
+# -- ... uploaded by a switch on another host (IIM_RECORDINGS_UPLOAD): mod_http_cache's PUT, emulated ----------
+
+@pytest.fixture
+async def uploading(pg_db: PgDatabase, app_pool: Pool, tmp_path: Path) -> AsyncIterator[Served]:
+    from tests.real_switch import free_port
+
+    tenant = await create_tenant(app_pool, "uploads")
+    emu = FreeSwitchEmulator(default_target=TargetBehaviour.no_answer(), time_scale=0.01)
+    port = free_port()  # the upload URL names IIM's real port: the emulated switch PUTs to it
+    config = settings(tmp_path, http_port=port, recordings_dir=str(tmp_path / "messages"), recordings_upload=True,
+                      switch_audio_base_url=f"http://127.0.0.1:{port}")
+    try:
+        async with Service(config, database=DatabaseUrls(pg_db.app_url, pg_db.cache_url)) as service:
+            yield Served(app_pool, tenant, service, emu)
+    finally:
+        await emu.close()
+
+
+async def test_a_message_uploaded_by_a_switch_elsewhere_is_kept_announced_and_served(uploading: Served,
+                                                                                    tmp_path: Path) -> None:
+    import re
+
+    import aiohttp
+
+    served = uploading
+    home = await _message_home(served, consent=True)
+    result = await served.call(home)
+    [recording] = served.emu.recordings
+    port = served.service.running.http_port
+    assert re.fullmatch(rf"http_cache://http://127\.0\.0\.1:{port}/v1/recordings/{served.tenant}/{result.uuid}"
+                        r"\.wav\?exp=\d+&sig=[0-9a-f]{64}", recording.path)  # not a path on the switch
+    assert recording.uploaded == 201  # before record returned: the router then found the file
+    kept = tmp_path / "messages" / f"iim-{result.uuid}.wav"
+    assert len(kept.read_bytes()) == 44 + 120 * 8000 * 2  # the 120 s the emulated caller spoke
+    [sms] = await served.outbox()
+    assert sms["key"] == f"message:{result.uuid}"
+    link = re.search(r"http://\S+", sms["body"])
+    assert link is not None
+    async with aiohttp.ClientSession() as http, http.get(_local(served, link.group(0))) as resp:
+        assert resp.status == 200
+        assert await resp.read() == kept.read_bytes()
+    async with tenant_tx(served.pool, served.tenant) as conn:
+        assert await conn.fetchval("SELECT file_name FROM iim.recorded_message WHERE call_uuid = $1",
+                                   result.uuid) == kept.name
+
+
+async def test_a_message_whose_upload_never_arrives_is_reported_by_the_missed_call_sms(
+        pg_db: PgDatabase, app_pool: Pool, tmp_path: Path) -> None:
+    """The switch cannot reach IIM's upload URL (here: nothing listens there): mod_http_cache logs the failure,
+    ``record`` completes all the same, nothing is kept, and the household still learns of the call."""
+    from tests.real_switch import free_port
+
+    tenant = await create_tenant(app_pool, "uploads-lost")
+    emu = FreeSwitchEmulator(default_target=TargetBehaviour.no_answer(), time_scale=0.01)
+    config = settings(tmp_path, recordings_dir=str(tmp_path / "messages"), recordings_upload=True,
+                      switch_audio_base_url=f"http://127.0.0.1:{free_port()}")
+    try:
+        async with Service(config, database=DatabaseUrls(pg_db.app_url, pg_db.cache_url)) as service:
+            served = Served(app_pool, tenant, service, emu)
+            home = await _message_home(served, consent=True)
+            result = await served.call(home)
+            [recording] = emu.recordings
+            assert recording.uploaded == 0  # no response
+            assert any("trying to save a recording" in e for e in emu.errors)
+            assert list((tmp_path / "messages").glob("iim-*.wav")) == []
+            assert await served.outbox() == [missed(result, home)]
+    finally:
+        await emu.close()
+
+
+def test_uploads_without_a_recordings_directory_refuse_the_start(tmp_path: Path) -> None:
+    from iim.core.errors import ConfigError
+
+    service = Service(settings(tmp_path, recordings_upload=True))
+    with pytest.raises(ConfigError, match="IIM_RECORDINGS_UPLOAD needs IIM_RECORDINGS_DIR"):
+        service._recorded_messages(None, None)  # type: ignore[arg-type]
