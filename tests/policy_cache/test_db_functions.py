@@ -1,7 +1,7 @@
 """``policy_cache/functions/``: one file per function the migrations create, equal to what they leave.
 
 Every schema but PostgreSQL's own and pgqueuer's (``iim_jobs``: the library installs its DDL) counts; today
-that is ``iim`` alone. The database itself is the judge: every file is executed (``CREATE OR REPLACE``) in a
+that is ``iim`` and ``kamailio`` (the edge's registrations trigger). The database itself is the judge: every file is executed (``CREATE OR REPLACE``) in a
 transaction on the migrated database that is rolled back, and each function's ``pg_get_functiondef``
 (signature, result, language, volatility, security, settings and body, byte for byte) must come out as it
 went in. A file that differs changes the definition, fails to replace it (another result type or parameter

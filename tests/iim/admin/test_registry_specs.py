@@ -25,7 +25,7 @@ from policy_cache.registry import TABLES, TENANT, TableSpec
 Spec = TableSpec[Any, Any, Any]
 #: Commands that are not registry entities.
 #: (incident and test: the operator desk, not registry rows; connector: the service's configuration; link: OAuth)
-NOT_ENTITIES = {"audit", "token", "db", "incident", "test", "presence", "connector", "link"}
+NOT_ENTITIES = {"audit", "token", "db", "incident", "test", "presence", "connector", "link", "hub"}
 #: Options every command of an entity has besides its fields (connection, paging, body input).
 COMMON_DESTS = {"help", "api", "token_ref", "timeout", "output", "tenant", "data", "unset", "all", "id",
                 "expected_version"}
