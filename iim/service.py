@@ -412,7 +412,8 @@ class Service:
         await stack.enter_async_context(AuditFlusher(pool))
         await stack.enter_async_context(RetentionPurger(pool, RetentionDefaults(
             sms_body_s=int(s.sms_body_retention_s), event_payload_s=s.retention_event_payload_s,
-            audit_detail_s=s.retention_audit_detail_s), interval_s=s.retention_purge_interval_s,
+            audit_detail_s=s.retention_audit_detail_s, hub_command_s=s.retention_hub_command_s),
+            interval_s=s.retention_purge_interval_s,
             recordings_dir=self._recordings_dir()))
         # Read-only, all tenants: for admins listing tenants (RLS hides them from the app role).
         directory_pool = await stack.enter_async_context(

@@ -162,6 +162,9 @@ class Settings(BaseSettings):
     # details; the purge runs every retention_purge_interval_s and audits what it purged.
     retention_event_payload_s: int = Field(default=30 * 86400, ge=0)
     retention_audit_detail_s: int = Field(default=365 * 86400, ge=86400)
+    # Commands sent to hubs (and their answers) are deleted this long after they were sent; at least a day, so a
+    # client retrying a command never finds its id free again.
+    retention_hub_command_s: int = Field(default=90 * 86400, ge=86400)
     retention_purge_interval_s: float = Field(default=3600.0, ge=1)
     # Presence claims expired more than presence_claim_keep_s ago are deleted (their audit lines stay), at most
     # presence_prune_batch per round, every presence_prune_interval_s (again at once while a round comes back full).

@@ -714,6 +714,9 @@ class RetentionPolicyCreate(_Input):
     recording_s: int | None = Field(default=None, ge=0, le=_TEN_YEARS_S,
                                     description="seconds a message a caller left (row and file) is kept "
                                                 "(null: IIM_RECORDING_RETENTION_S when it was left)")
+    hub_command_s: int | None = Field(default=None, ge=86_400, le=_TEN_YEARS_S,
+                                      description="seconds a command sent to a hub (and its answer) is kept, at "
+                                                  "least a day (null: IIM_RETENTION_HUB_COMMAND_S)")
 
 
 class RetentionPolicyUpdate(_Input):
@@ -721,6 +724,7 @@ class RetentionPolicyUpdate(_Input):
     event_payload_s: int | None = Field(default=None, ge=0, le=_TEN_YEARS_S)
     audit_detail_s: int | None = Field(default=None, ge=86_400, le=_TEN_YEARS_S)
     recording_s: int | None = Field(default=None, ge=0, le=_TEN_YEARS_S)
+    hub_command_s: int | None = Field(default=None, ge=86_400, le=_TEN_YEARS_S)
 
 
 class RetentionPolicy(_Row):
@@ -730,6 +734,7 @@ class RetentionPolicy(_Row):
     event_payload_s: int | None
     audit_detail_s: int | None
     recording_s: int | None
+    hub_command_s: int | None
     created_at: datetime
     updated_at: datetime
 

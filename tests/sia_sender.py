@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -71,8 +72,11 @@ class Panel:
     sequence: int = 0
 
     def frame(self, data: str, *, message_id: str = "SIA-DCS", at: datetime | None = None, timestamp: bool = True,
-              sequence: int | None = None, bad_crc: bool = False, key: bytes | None = None) -> bytes:
-        """``data`` is the part inside the brackets after ``#acct|`` (``Nri1/FA01``, ``1110 01 015``)."""
+              sequence: int | None = None, bad_crc: bool = False, key: bytes | None = None,
+              extended: Sequence[str] = ()) -> bytes:
+        """``data`` is the part inside the brackets after ``#acct|`` (``Nri1/FA01``, ``1110 01 015``);
+        ``extended`` the extended data, each block's text inside its brackets (``XE37.6176``, ``Vhttps://..``),
+        sent between the data block and the timestamp (DC-09 5.5.1.9), encrypted with the rest."""
         if sequence is None:
             self.sequence = self.sequence % 9999 + 1
             sequence = self.sequence
@@ -80,10 +84,11 @@ class Panel:
         at = at or datetime.now(UTC)
         when = stamp(at) if timestamp or key else ""
         route = f"{sequence:04d}" + (f"R{self.receiver}" if self.receiver else "") + f"L{self.line}#{self.account}"
+        xdata = "".join(f"[{block}]" for block in extended)
         if key is None:
-            body = f'"{message_id}"{route}[#{self.account}|{data}]{when}'
+            body = f'"{message_id}"{route}[#{self.account}|{data}]{xdata}{when}'
         else:
-            text = f"{data}]{when}"
+            text = f"{data}]{xdata}{when}"
             pad = "".join(secrets.choice("0123456789ABCDEFGHJKMNPQRSTVWXYZ") for _ in range(-(len(text) + 1) % 16))
             encryptor = _aes(key).encryptor()
             hexed = (encryptor.update(f"{pad}|{text}".encode()) + encryptor.finalize()).hex().upper()

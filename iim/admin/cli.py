@@ -13,7 +13,7 @@ Wire into the ``iim`` parser with ``register_subcommands(subparsers)``. Commands
     iim connector  list                                           (connector status: capabilities and health)
     iim presence   show|set|clear --household H      --tenant T   (live presence; set: the app's geofence word)
     iim link       start|status|revoke --household H --connector C --tenant T  (a household's vendor account link)
-    iim hub command send|show --hub H                --tenant T   (a command to a local hub over MQTT)
+    iim hub command send|show|list --hub H           --tenant T   (a command to a local hub over MQTT)
     iim scenario   simulate|templates list|show|install  (besides create|list|show|update|delete; simulate
                                                      and templates list|show need no API)
     iim token      new|hash                          (offline: make a token and its table entry)
@@ -59,6 +59,7 @@ from iim.scenarios.operator.models import IncidentQuery
 from iim.scenarios.simulate import format_timeline, simulate, synthetic_facts, timeline_json
 from iim.scenarios.templates import TEMPLATES
 from iot_bridge.event_types import EventType
+from iot_bridge.mqtt.commands import HubCommandQuery
 from policy_cache.models import DeviceStatus, DeviceType, PresenceState
 from policy_cache.registry import TENANT
 
@@ -530,7 +531,7 @@ def _hub_command(args: argparse.Namespace, client: ApiClient) -> Any:
 
 
 def _register_hub(sub: Any) -> None:
-    """``iim hub command send|show``: commands to a local hub over MQTT, and the hub's answer."""
+    """``iim hub command send|show|list``: commands to a local hub over MQTT, and the hub's answers."""
     top = sub.add_parser("hub", help="local hubs over MQTT: send a command, see its answer")
     kinds = top.add_subparsers(dest="kind", required=True, metavar="KIND")
     actions = kinds.add_parser("command", help="commands to a hub (arm, disarm, silence, test, reboot)") \
@@ -550,6 +551,11 @@ def _register_hub(sub: Any) -> None:
     p.add_argument("id", help="the command's id")
     p.set_defaults(func=_run(lambda a, c: c.request(
         "GET", f"{_tenant_path(a)}/hubs/{quote(a.hub, safe='')}/commands/{quote(a.id, safe='')}"), columns))
+    p = actions.add_parser("list", parents=[common], help="the commands sent to the hub, newest first")
+    p.add_argument("--hub", required=True, help="the hub's device id (its external_id)")
+    _add_list_options(p, HubCommandQuery)
+    p.set_defaults(func=_run(lambda a, c: _list_all(c, f"{_tenant_path(a)}/hubs/{quote(a.hub, safe='')}/commands",
+                                                    _query(a), a.all), columns))
 
 
 def _presence_page(view: Any) -> Any:

@@ -3,7 +3,8 @@
 ``POST /v1/tenants/{t}/hubs/{hub}/commands`` ``{"id": "c-1", "name": "arm", "arguments": {"mode": "away"}}``
 publishes the command (QoS 1, once the broker took it: 202) and audits it (``hub_command.send``, the caller as
 actor); the same ``id`` again answers the first command as it stands now (``Idempotent-Replayed: true``) and
-publishes nothing. ``GET .../commands/{id}`` shows it with the hub's answer (``state``). ``{hub}`` is the hub's
+publishes nothing. ``GET .../commands/{id}`` shows it with the hub's answer (``state``); ``GET .../commands``
+lists the hub's commands newest first (``?state=``, ``?limit=``, ``?after=`` the previous page's cursor). ``{hub}`` is the hub's
 device id (its ``external_id``, the one in its certificate and topics). An unknown hub, and another tenant's,
 is the same 404; the broker not connected is a 503 ``broker-unavailable`` with ``Retry-After``.
 """
@@ -34,12 +35,15 @@ from iot_bridge.mqtt.commands import (
     CommandConflict,
     CommandPublisher,
     HubCommandBody,
+    HubCommandPage,
+    HubCommandQuery,
     HubCommandRecord,
     HubDisabled,
     MqttUnavailable,
     UnknownCommand,
     UnknownHub,
     get_command,
+    list_commands,
     send_command,
 )
 
@@ -84,6 +88,14 @@ def hub_command_routes(publisher: Callable[[], CommandPublisher | None]) -> list
             record = await get_command(conn, hub, request.match_info["command_id"])
         return json_response(record)
 
+    async def list_(request: web.Request) -> web.Response:
+        query = parse_query(request, HubCommandQuery)
+        limit = min(query.limit, request.config_dict[SETTINGS].max_page_size)
+        tenant_id, hub = path_uuid(request, "tenant_id"), request.match_info["hub"]
+        async with _mapped(), request.config_dict[SERVICE].in_tenant(tenant_id, write=False) as conn:
+            page = await list_commands(conn, hub, query, limit)
+        return json_response(page)
+
     tenant = PathParam("tenant_id", "the tenant's id")
     hub = PathParam("hub", "the hub's device id (its external_id)", format="device-id")
     command = PathParam("command_id", "the client's id for the command", format="command-id")
@@ -97,6 +109,10 @@ def hub_command_routes(publisher: Callable[[], CommandPublisher | None]) -> list
               errors=(NotFound, Conflict, BrokerUnavailable, StoreUnavailable, MalformedRequest, PayloadTooLarge,
                       UnsupportedMediaType, ValidationFailed, InvalidParameter),
               foreign_tenant_not_found=True),
+        Route("GET", base, list_, "listHubCommands",
+              "The commands sent to a hub, newest first, with the hub's answers (paginated; by state)", "hubs",
+              Access.READ, path_params=(tenant, hub), query_model=HubCommandQuery, response_model=HubCommandPage,
+              errors=(NotFound, StoreUnavailable, InvalidParameter), foreign_tenant_not_found=True),
         Route("GET", base + "/{command_id}", show, "getHubCommand",
               "A command sent to a hub and the hub's answer", "hubs", Access.READ, path_params=(tenant, hub, command),
               query_model=NoQuery, response_model=HubCommandRecord,

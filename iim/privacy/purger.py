@@ -1,6 +1,7 @@
 """The retention purge: a supervised task that purges what each tenant's retention says is due, and audits
 every round that purged something (one row per tenant: how many rows of what). Recorded messages go row and
-file together (:mod:`iim.privacy.recordings`)."""
+file together (:mod:`iim.privacy.recordings`); commands sent to hubs are deleted by the hub commands' store
+(:func:`iot_bridge.mqtt.store.purge_commands`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from iim.core.metrics import REGISTRY
 from iim.privacy import store
 from iim.privacy.recordings import remove_recording_files
 from iim.privacy.retention import RetentionDefaults, next_round_delay
+from iot_bridge.mqtt import store as hub_commands
 from policy_cache import audit
 from policy_cache.db import Connection, Pool, tenant_tx
 
@@ -73,6 +75,10 @@ class RetentionPurger(AsyncResource):
         for row in rows:
             by_tenant[row.tenant_id][row.kind] = row.purged
             PURGED.labels(row.kind).inc(row.purged)
+        for tenant_id, n in await hub_commands.purge_commands(self._pool, keep_s=self._defaults.hub_command_s,
+                                                              limit=self._batch, timeout_s=self._timeout_s):
+            by_tenant[tenant_id]["hub_command"] = n
+            PURGED.labels("hub_command").inc(n)
         try:
             recordings = await self._purge_recordings()
         except OSError as exc:  # the other kinds are purged already: audited below all the same

@@ -16,12 +16,16 @@ class RetentionDefaults:
     sms_body_s: int = DAY_S
     event_payload_s: int = 30 * DAY_S
     audit_detail_s: int = 365 * DAY_S
+    #: Commands sent to hubs: at least a day, the row being what makes a retried command idempotent.
+    hub_command_s: int = 90 * DAY_S
 
     def __post_init__(self) -> None:
         if min(self.sms_body_s, self.event_payload_s) < 0:
             raise ValueError("retention cannot be negative")
         if self.audit_detail_s < DAY_S:
             raise ValueError("audit details are kept at least a day")
+        if self.hub_command_s < DAY_S:
+            raise ValueError("hub commands are kept at least a day")
 
 
 def next_round_delay(purged: dict[str, int], batch: int, interval_s: float) -> float:

@@ -12,10 +12,15 @@ The hub answers on ``{prefix}/{tenant}/{hub}/cmd-ack`` (the broker's ACL lets it
 ``{"id": ..., "status": "accepted" | "done" | "failed" | "rejected", "detail": ...}``. The topic is the hub's
 identity (its client certificate, as for its events); an answer moves the command from ``sent`` to
 ``accepted`` and then to one final state, never back, and is audited with the hub as actor.
+
+A hub's commands are listed newest first (:func:`list_commands`), a page at a time with an opaque cursor, and
+kept as long as the tenant's retention says (``hub_command_s``; the purge is :mod:`iim.privacy.purger`'s).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from collections.abc import Mapping
@@ -40,8 +45,9 @@ from policy_cache import audit
 from policy_cache.db import Connection
 
 __all__ = ["ACK_STATES", "COMMANDS", "CommandConflict", "CommandPublisher", "HubAck", "HubCommandBody",
-           "HubCommandRecord", "HubDisabled", "MqttUnavailable", "UnknownCommand", "UnknownHub", "command_payload",
-           "get_command", "read_ack", "record_ack", "send_command"]
+           "HubCommandPage", "HubCommandQuery", "HubCommandRecord", "HubDisabled", "MqttUnavailable",
+           "UnknownCommand", "UnknownHub", "command_payload", "decode_cursor", "encode_cursor", "get_command",
+           "list_commands", "read_ack", "record_ack", "send_command"]
 
 _ID = re.compile(ID_PATTERN)
 #: The biggest answer a hub may send (an id, a status and a short detail fit many times over).
@@ -159,6 +165,49 @@ class HubCommandRecord(BaseModel):
                    ack_detail=row["ack_detail"])
 
 
+def encode_cursor(sent_at: datetime, command_id: str) -> str:
+    """The page cursor after a command: opaque to clients (its time and id, newest first)."""
+    return base64.urlsafe_b64encode(f"{sent_at.isoformat()}|{command_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """Raises ValueError for anything :func:`encode_cursor` did not make."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        when, sep, command_id = text.partition("|")
+        at = datetime.fromisoformat(when) if sep else None
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        at = None
+    if at is None or at.tzinfo is None or not _ID.fullmatch(command_id):
+        raise ValueError("not a cursor this API gave")
+    return at, command_id
+
+
+class HubCommandQuery(BaseModel):
+    """Filters of ``GET .../hubs/{hub}/commands``, newest first."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    state: CommandState | None = Field(default=None, description="only commands in this state")
+    limit: int = Field(default=50, ge=1, le=500, description="page size")
+    after: str | None = Field(default=None, max_length=400, pattern=r"^[A-Za-z0-9_-]+$",
+                              description="the next_after of the previous page")
+
+    @field_validator("after")
+    @classmethod
+    def _cursor(cls, value: str | None) -> str | None:
+        if value is not None:
+            decode_cursor(value)
+        return value
+
+
+class HubCommandPage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[HubCommandRecord] = Field(description="newest first")
+    next_after: str | None = Field(description="pass as ?after= for the next page; null on the last one")
+
+
 class HubAck(BaseModel):
     """A hub's answer to a command, on its ``cmd-ack`` topic."""
 
@@ -235,6 +284,20 @@ async def get_command(conn: Connection, hub: str, command_id: str) -> HubCommand
     if row is None:
         raise UnknownCommand(command_id)
     return HubCommandRecord.of(hub, row)
+
+
+async def list_commands(conn: Connection, hub: str, query: HubCommandQuery, limit: int) -> HubCommandPage:
+    """A page of the commands sent to ``hub``, newest first (at most ``limit``).
+
+    Raises:
+        UnknownHub
+    """
+    device = await _hub(conn, hub)
+    after = decode_cursor(query.after) if query.after is not None else None
+    rows = await store.list_commands(conn, device["id"], state=query.state, after=after, limit=limit)
+    items = [HubCommandRecord.of(hub, row) for row in rows]
+    last = items[-1] if len(items) >= limit else None
+    return HubCommandPage(items=items, next_after=encode_cursor(last.sent_at, last.id) if last is not None else None)
 
 
 def read_ack(payload: bytes) -> HubAck | None:

@@ -1,18 +1,21 @@
-"""Every statement of hub commands (migration 0035): the hub they go to, the command row, the hub's answer.
+"""Every statement of hub commands (migrations 0035, 0040): the hub they go to, the command row, the hub's answer,
+a hub's commands page by page, and the retention purge.
 
-All in the caller's tenant transaction (row-level security scopes each statement to the tenant).
+All in the caller's tenant transaction (row-level security scopes each statement to the tenant), but the purge,
+which runs across tenants (``iim.hub_command_purge``, owned by iim_sweeper).
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 
-from policy_cache.db import Connection
+from policy_cache.db import Connection, Pool
 
-__all__ = ["find_command", "find_hub", "insert_command", "record_ack"]
+__all__ = ["find_command", "find_hub", "insert_command", "list_commands", "purge_commands", "record_ack"]
 
 _HUB = "SELECT id, enabled FROM iim.device WHERE external_id = $1 AND type = 'hub'"
 _FIND = """SELECT command_id, name, arguments, state, actor, sent_at, acked_at, ack_detail
@@ -22,6 +25,12 @@ _FIND = """SELECT command_id, name, arguments, state, actor, sent_at, acked_at, 
 _INSERT = """INSERT INTO iim.hub_command (device_id, command_id, name, arguments, actor) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT DO NOTHING
              RETURNING command_id, name, arguments, state, actor, sent_at, acked_at, ack_detail"""
+# Newest first, keyset paging on (sent_at, command_id): the index hub_command_newest (migration 0040).
+_LIST = """SELECT command_id, name, arguments, state, actor, sent_at, acked_at, ack_detail FROM iim.hub_command
+            WHERE device_id = $1 AND ($2::text IS NULL OR state = $2)
+              AND ($3::timestamptz IS NULL OR (sent_at, command_id) < ($3, $4::text))
+            ORDER BY sent_at DESC, command_id DESC LIMIT $5"""
+_PURGE = "SELECT tenant_id, purged FROM iim.hub_command_purge($1, $2)"
 # 'accepted' may follow 'sent' only; a final state follows 'sent' or 'accepted' and is never replaced.
 _ACK = """UPDATE iim.hub_command c SET state = $3, acked_at = now(), ack_detail = $4
             FROM iim.device d
@@ -54,3 +63,18 @@ async def record_ack(conn: Connection, hub: str, command_id: str, state: str,
     a repeat, a late ``accepted`` after the final answer)."""
     row: asyncpg.Record | None = await conn.fetchrow(_ACK, hub, command_id, state, detail)
     return row
+
+
+async def list_commands(conn: Connection, device_id: UUID, *, state: str | None, after: tuple[datetime, str] | None,
+                        limit: int) -> list[asyncpg.Record]:
+    """A page of the hub's commands, newest first, after the cursor ``(sent_at, command_id)`` when given."""
+    after_at, after_id = after if after is not None else (None, None)
+    rows: list[asyncpg.Record] = await conn.fetch(_LIST, device_id, state, after_at, after_id, limit)
+    return rows
+
+
+async def purge_commands(pool: Pool, *, keep_s: int, limit: int, timeout_s: float) -> list[tuple[UUID, int]]:
+    """Delete, every tenant, at most ``limit`` commands past their retention (the tenant's ``hub_command_s``, else
+    ``keep_s``); how many per tenant."""
+    rows = await pool.fetch(_PURGE, keep_s, limit, timeout=timeout_s)
+    return [(r["tenant_id"], int(r["purged"])) for r in rows]

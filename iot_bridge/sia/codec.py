@@ -14,7 +14,9 @@ What a frame that cannot be taken is answered with (the standard's replies):
 
 - ``NAK`` (with the receiver's time, so the panel can set its clock): a CRC or length error, a frame that does
   not decrypt with the account's key, a timestamp that cannot be read or is outside the window
-  (:data:`AHEAD_S` ahead, :data:`BEHIND_S` behind the receiver's clock);
+  (:data:`AHEAD_S` ahead, :data:`BEHIND_S` behind the receiver's clock); never an extended data block: one
+  that cannot be read is skipped and counted (:attr:`Content.malformed`), its meaning is
+  :mod:`iot_bridge.sia.xdata`'s;
 - ``DUH`` ("not understood"): a well-formed frame whose id, account, data or encryption the receiver does not
   take (unknown account, an encrypted message for a plain account or the reverse, data that is not SIA-DCS /
   ADM-CID).
@@ -52,7 +54,9 @@ _HEADER = re.compile(
     r'"(?P<star>\*?)(?P<id>[A-Z0-9-]{1,16})"(?P<seq>[0-9]{4})(?:R(?P<rcvr>[0-9A-Fa-f]{1,6}))?'
     r"L(?P<line>[0-9A-Fa-f]{1,6})(?:#(?P<acct>[0-9A-Fa-f]{3,16}))?\[")
 _TIMESTAMP = re.compile(r"_(\d{2}):(\d{2}):(\d{2}),(\d{2})-(\d{2})-(\d{4})")
-_XDATA = re.compile(r"\[([\x20-\x5a\x5c\x5e-\x7e]{1,128})\]")  # printable ASCII but [ and ]
+#: An extended data block's content: its identifier letter and up to 256 printable ASCII characters but [ and ]
+#: (DC-09's longest blocks, alarm text and verification, hold 256).
+_XBLOCK = re.compile(r"[\x20-\x5a\x5c\x5e-\x7e]{1,257}")
 _PAD_ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -103,11 +107,14 @@ class Frame:
 
 @dataclass(frozen=True, slots=True)
 class Content:
-    """A frame's data (without the ``#acct|`` prefix), its extended data blocks and its timestamp."""
+    """A frame's data (without the ``#acct|`` prefix), its extended data blocks (each without its brackets) and
+    its timestamp; ``malformed``: how many pieces between the data and the timestamp were not a readable block
+    (dropped: bad extended data never costs the alarm its ACK)."""
 
     data: str
     extended: tuple[str, ...]
     timestamp: datetime | None
+    malformed: int = 0
 
 
 def crc16(data: bytes) -> int:
@@ -265,13 +272,12 @@ def open_content(frame: Frame, key: bytes | None) -> Content:
         account, bar, data = data[1:].partition("|")
         if not bar or account.upper() != frame.account:
             raise FrameError(Reply.DUH, "the data names another account", frame)
-    extended: list[str] = []
-    while (block := _XDATA.match(rest)) is not None:
-        extended.append(block[1])
-        rest = rest[block.end():]
+    # The timestamp is what follows the last "]"; between the data and it, the extended data blocks.
+    blocks, last, stamp_text = rest.rpartition("]")
+    extended, malformed = _blocks(blocks + last)
     timestamp = None
-    if rest:
-        stamp = _TIMESTAMP.fullmatch(rest)
+    if stamp_text:
+        stamp = _TIMESTAMP.fullmatch(stamp_text)
         if stamp is None:
             raise FrameError(Reply.NAK, "timestamp not readable", frame)
         hh, mi, ss, mo, dd, yyyy = (int(part) for part in stamp.groups())
@@ -281,7 +287,20 @@ def open_content(frame: Frame, key: bytes | None) -> Content:
             raise FrameError(Reply.NAK, "timestamp not a time", frame) from None
     if frame.encrypted and timestamp is None:
         raise FrameError(Reply.NAK, "an encrypted message carries no timestamp", frame)
-    return Content(data, tuple(extended), timestamp)
+    return Content(data, extended, timestamp, malformed)
+
+
+def _blocks(text: str) -> tuple[tuple[str, ...], int]:
+    """``[..][..]`` read as blocks; a piece that is not one (too long, a stray ``[``, text outside brackets) is
+    counted and skipped, the blocks after it still read."""
+    blocks: list[str] = []
+    malformed = 0
+    for piece in text.split("]")[:-1]:
+        if piece.startswith("[") and _XBLOCK.fullmatch(piece[1:]):
+            blocks.append(piece[1:])
+        else:
+            malformed += 1
+    return tuple(blocks), malformed
 
 
 def within_window(timestamp: datetime | None, now: datetime) -> bool:

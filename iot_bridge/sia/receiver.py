@@ -14,6 +14,14 @@ first decision as an event posted to ``POST /v1/events``. The ACK is sent only a
   never acknowledged before it is stored;
 - every other refusal is a NAK or DUH as :mod:`iot_bridge.sia.codec` describes, counted and logged with its
   reason (the reply itself says nothing more).
+
+Extended data (:mod:`iot_bridge.sia.xdata`) rides along in each event's payload: the location, the
+verification URL (https only; kept for the operator, never put in a message to the household nor said on a
+call: whoever can send a plain frame under an account number could otherwise send a link from IIM's name),
+the panel's MAC and alarm text. The panel's time of occurrence is the event's ``occurred_at`` when it is
+within the same window as the message timestamp (else the message's time, or the receiver's, is). A block
+that does not read, or a time outside the window, is dropped and counted (``iim_sia_extended_dropped``); it
+never costs the alarm its ACK.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from prometheus_client import Counter
@@ -36,13 +44,16 @@ from iot_bridge.intake import IntakeOutcome, KnownDevice, StoreDown
 from iot_bridge.sia import codec
 from iot_bridge.sia.accounts import AccountUnusable, SiaAccount, find_account
 from iot_bridge.sia.codes import Report, read_reports
+from iot_bridge.sia.xdata import Extended, read_extended
 
-__all__ = ["FRAMES", "SiaReceiver"]
+__all__ = ["EXTENDED_DROPPED", "FRAMES", "SiaReceiver"]
 
 log = logging.getLogger(__name__)
 
 FRAMES = Counter("iim_sia_frames", "SIA DC-09 frames by reply (ack, nak, duh, none) and reason",
                  ["reply", "reason"], registry=REGISTRY)
+EXTENDED_DROPPED = Counter("iim_sia_extended_dropped", "SIA extended data blocks dropped (the alarm was taken), "
+                           "by block and reason", ["block", "reason"], registry=REGISTRY)
 #: Without a timestamp, a sequence number names one message within this many seconds of its arrival.
 UNSTAMPED_WINDOW_S = 600
 
@@ -75,9 +86,10 @@ class SiaReceiver:
                 if not codec.within_window(content.timestamp, now):
                     raise codec.FrameError(codec.Reply.NAK, "timestamp outside the window", item)
                 reports = read_reports(item.message_id, content.data)
+                extended = self._extended(content, item, now)
                 for index, report in enumerate(reports):
                     if report.event_type is not None:
-                        await self._take(account, item, content, report, index, now, source)
+                        await self._take(account, item, content, extended, report, index, now, source)
         except AccountUnusable as exc:
             return self._refuse(codec.FrameError(codec.Reply.DUH, exc.reason, item), now, source,
                                 label="unknown-account")
@@ -105,8 +117,22 @@ class SiaReceiver:
                     extra={"account": account})
         return codec.nak(now) if error.reply is codec.Reply.NAK else codec.duh(error.frame)
 
-    async def _take(self, account: SiaAccount, frame: codec.Frame, content: codec.Content, report: Report,
-                    index: int, now: datetime, source: str) -> IntakeOutcome:
+    @staticmethod
+    def _extended(content: codec.Content, frame: codec.Frame, now: datetime) -> Extended:
+        """The frame's extended data as kept; each dropped block counted and logged (the alarm goes on)."""
+        extended = read_extended(content.extended, content.malformed)
+        if extended.occurred_at is not None and not codec.within_window(extended.occurred_at, now):
+            extended = replace(extended, occurred_at=None,
+                               dropped=(*extended.dropped, ("H", "time-outside-window")))
+        for block, reason in extended.dropped:
+            EXTENDED_DROPPED.labels(block, reason).inc()
+        if extended.dropped:
+            log.info("SIA frame from account %s: extended data dropped: %s", frame.account,
+                     ", ".join(f"{block} {reason}" for block, reason in extended.dropped))
+        return extended
+
+    async def _take(self, account: SiaAccount, frame: codec.Frame, content: codec.Content, extended: Extended,
+                    report: Report, index: int, now: datetime, source: str) -> IntakeOutcome:
         assert report.event_type is not None
         device = account.device
         if not device.external_id:  # the registry's external id is optional; the event names the device anyway
@@ -117,8 +143,9 @@ class SiaReceiver:
             "event_id": f"sia-{frame.account}-{frame.sequence}-{stamp}-{index}",
             "device_id": device.external_id,
             "type": report.event_type.value,
-            "occurred_at": content.timestamp or now,
-            "payload": {**report.payload(), "account": account.account, "sequence": frame.sequence,
+            "occurred_at": extended.occurred_at or content.timestamp or now,
+            "payload": {**report.payload(), **extended.payload(), "account": account.account,
+                        "sequence": frame.sequence,
                         "receiver": frame.receiver or "", "line": frame.line, "protocol": frame.message_id.value},
             "severity": None,
         })

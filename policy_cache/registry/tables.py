@@ -176,9 +176,10 @@ NUMBERING_PLAN: TableSpec[m.NumberingPlanRow, m.NumberingPlanCreate, m.Numbering
 
 RETENTION_POLICY: TableSpec[m.RetentionPolicy, m.RetentionPolicyCreate, m.RetentionPolicyUpdate] = TableSpec(
     "retention_policy", "retention-policies", m.RetentionPolicy, m.RetentionPolicyCreate, m.RetentionPolicyUpdate,
-    columns=("id", "sms_body_s", "event_payload_s", "audit_detail_s", "recording_s", "updated_at"),
-    description="How long the tenant keeps incoming SMS bodies, device-event payloads, audit details and "
-                "recorded messages (one "
+    columns=("id", "sms_body_s", "event_payload_s", "audit_detail_s", "recording_s", "hub_command_s",
+             "updated_at"),
+    description="How long the tenant keeps incoming SMS bodies, device-event payloads, audit details, "
+                "recorded messages and commands sent to hubs (one "
                 "row; null or none: the service's defaults); enforced by the retention purge.",
 )
 

@@ -1,5 +1,5 @@
-"""Commands to hubs and the hubs' answers, against a real Mosquitto (TLS, client certificates, the README's ACL)
-and real PostgreSQL; each hub is a paho-mqtt client with its own certificate."""
+"""Commands to hubs, the hubs' answers and the hub's list of them, against a real Mosquitto (TLS, client
+certificates, the README's ACL) and real PostgreSQL; each hub is a paho-mqtt client with its own certificate."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from pydantic import ValidationError
 from iot_bridge.mqtt.commands import (
     CommandConflict,
     HubCommandBody,
+    HubCommandQuery,
     HubCommandRecord,
     HubDisabled,
     MqttUnavailable,
     UnknownHub,
     get_command,
+    list_commands,
     send_command,
 )
 from iot_bridge.mqtt.ingress import MqttIngress
@@ -259,4 +261,28 @@ async def test_an_answer_is_held_while_the_store_is_unavailable_and_recorded_onc
         # Past the store's deadline the answer is held (no PUBACK) and tried again.
         await eventually(lambda: metric("held", "store-unavailable") > held, timeout=20)
     await until(lambda: _is(app_pool, mqtt.a, "c-held", "done"))
+    await ingress.aclose()
+
+
+async def test_commands_sent_over_the_broker_are_listed_newest_first_with_the_hubs_answers(
+        mqtt: MqttRig, app_pool: Pool) -> None:
+    ingress = await mqtt.ingress()
+    hub = await listening_hub(mqtt, mqtt.a)
+    for command_id, name in (("l-1", "arm"), ("l-2", "silence"), ("l-3", "test")):
+        await send(app_pool, ingress, mqtt.a, command(command_id, name=name))
+        await hub.next_message()
+    await send(app_pool, ingress, mqtt.b, command("l-b"))  # another tenant's hub: never in A's list
+    await hub.publish(topic(mqtt.a, "cmd-ack"), b'{"id": "l-2", "status": "done", "detail": "silenced"}')
+    await until(lambda: _is(app_pool, mqtt.a, "l-2", "done"))
+    async with tenant_tx(app_pool, mqtt.a.tenant_id, readonly=True) as conn:
+        everything = await list_commands(conn, mqtt.a.hub, HubCommandQuery(), 50)
+        first = await list_commands(conn, mqtt.a.hub, HubCommandQuery(limit=2), 2)
+        rest = await list_commands(conn, mqtt.a.hub, HubCommandQuery(after=first.next_after), 2)
+        done = await list_commands(conn, mqtt.a.hub, HubCommandQuery(state="done"), 50)
+        with pytest.raises(UnknownHub):
+            await list_commands(conn, mqtt.b.hub, HubCommandQuery(), 50)
+    assert [(c.id, c.state) for c in everything.items] == [("l-3", "sent"), ("l-2", "done"), ("l-1", "sent")]
+    assert everything.next_after is None
+    assert [c.id for c in first.items + rest.items] == ["l-3", "l-2", "l-1"]
+    assert [(c.id, c.ack_detail) for c in done.items] == [("l-2", "silenced")]
     await ingress.aclose()

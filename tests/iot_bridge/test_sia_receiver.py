@@ -1,6 +1,7 @@
 """The SIA DC-09 receiver over real TCP and UDP sockets against real PostgreSQL, with a panel written from the
 standard (tests/sia_sender.py): plain and encrypted accounts, bad CRC, stale timestamps, unknown accounts,
-repeated frames, Contact ID, and no ACK while the store is away."""
+repeated frames, Contact ID, no ACK while the store is away, and extended data carried into the event (or
+dropped and counted, the alarm acked all the same)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from uuid import UUID
 import pytest
 import pytest_asyncio
 
+from iim.core.metrics import REGISTRY
 from iot_bridge.app import Bridge, BridgeConfig
 from iot_bridge.sia.receiver import SiaReceiver
 from iot_bridge.sia.server import SiaServer, SiaServerConfig
@@ -225,3 +227,57 @@ async def test_a_restore_is_a_cleared_event_for_the_same_device(sia: SiaRig) -> 
     assert [e["type"] for e in await sia.events()] == ["smoke", "cleared"]
     ticks = await sia.rows("SELECT count(*) AS n FROM iim_jobs.pgqueuer WHERE dedupe_key LIKE 'clear:sia-%'")
     assert ticks[0]["n"] == 1  # the live fire incident is queued to be resolved
+
+
+# -- extended data ------------------------------------------------------------------------------------------
+
+def dropped(block: str, reason: str) -> float:
+    return REGISTRY.get_sample_value("iim_sia_extended_dropped_total", {"block": block, "reason": reason}) or 0.0
+
+
+async def occurred(sia: SiaRig) -> list[datetime]:
+    return [r["occurred_at"] for r in await sia.rows("SELECT occurred_at FROM iim.device_event ORDER BY received_at")]
+
+
+async def test_extended_data_rides_in_the_event_location_link_and_the_panels_time(sia: SiaRig) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    happened = now - timedelta(seconds=25)
+    url = "https://verify.example.net/clip/" + "c" * 150
+    blocks = ["XE37.6176", "YN55.7558", f"V{url}", happened.strftime("H_%H:%M:%S,%m-%d-%Y"), "MA0B1C2D3E4F5",
+              "IFire zone 1 kitchen", "KFFFFFFFFFFFFFFFF", "P0102"]
+    [over_tcp] = await sia.tcp(sia.secure.frame("NFA01", at=now, extended=blocks), panel=sia.secure)
+    over_udp = await sia.udp(sia.plain.frame("NMA02", at=now, extended=blocks))
+    assert (over_tcp.kind, over_udp.kind) == ("*ACK", "ACK")
+    events = await sia.events()
+    for event in events:
+        payload = event["payload"]
+        assert payload["location"] == {"lat": 55.7558, "lon": 37.6176}
+        assert payload["verification_url"] == url
+        assert (payload["panel_mac"], payload["alarm_text"]) == ("A0B1C2D3E4F5", "Fire zone 1 kitchen")
+        assert "FFFFFFFFFFFFFFFF" not in str(payload)  # a key exchange block is never kept
+    assert await occurred(sia) == [happened, happened]  # the panel's time of occurrence, not the message's
+
+
+async def test_bad_extended_data_is_dropped_and_counted_and_the_alarm_still_acked(sia: SiaRig) -> None:
+    before = {key: dropped(*key) for key in [("X", "location-out-of-range"), ("V", "verification-not-https"),
+                                             ("?", "malformed"), ("H", "time-outside-window"),
+                                             ("Y", "location-incomplete")]}
+    now = datetime.now(UTC).replace(microsecond=0)
+    stale = now - timedelta(hours=2)
+    blocks = ["XE237.6", "YN55.7", "Vhttp://verify.example.net/clip", "I" + "x" * 300,
+              stale.strftime("H_%H:%M:%S,%m-%d-%Y")]
+    [reply] = await sia.tcp(sia.plain.frame("NFA01", at=now, extended=blocks))
+    encrypted = await sia.udp(sia.secure.frame("NGA02", at=now, extended=["[nested]", "V javascript:x"]),
+                              panel=sia.secure)
+    assert (reply.kind, encrypted.kind) == ("ACK", "*ACK")
+    events = await sia.events()
+    assert [e["type"] for e in events] == ["smoke", "co"]
+    for event in events:
+        assert not {"location", "verification_url", "alarm_text"} & set(event["payload"])
+        assert event["payload"]["sia_code"] in ("FA", "GA")
+    assert await occurred(sia) == [now, now]  # a time of occurrence outside the window: the message's time
+    assert dropped("X", "location-out-of-range") == before[("X", "location-out-of-range")] + 1
+    assert dropped("Y", "location-incomplete") == before[("Y", "location-incomplete")] + 1
+    assert dropped("V", "verification-not-https") == before[("V", "verification-not-https")] + 2
+    assert dropped("?", "malformed") >= before[("?", "malformed")] + 2  # the overlong block, the nested one
+    assert dropped("H", "time-outside-window") == before[("H", "time-outside-window")] + 1

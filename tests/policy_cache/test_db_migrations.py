@@ -213,7 +213,7 @@ async def test_a_failing_migration_rolls_back_entirely(pg_empty_db: PgDatabase) 
 #: the no-login iim_sweeper role whose only rights are the policies and grants those questions need.
 SWEEPER_FUNCTIONS = {"due_incidents", "audit_flush", "prune_originate_windows", "audit_heads", "sms_purge_bodies",
                      "unsent_calls", "privacy_purge", "audit_tombstone", "silent_devices", "recording_purge",
-                     "presence_prune"}
+                     "presence_prune", "hub_command_purge"}
 
 
 async def test_cross_tenant_functions_are_narrow_definers_owned_by_iim_sweeper(admin_conn: Connection) -> None:

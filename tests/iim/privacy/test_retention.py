@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from uuid import UUID, uuid4
 
+import asyncpg
 import pytest
+from pydantic import ValidationError
 
 from iim.privacy.purger import ACTOR, RetentionPurger
 from iim.privacy.retention import DAY_S, RetentionDefaults, next_round_delay
@@ -137,3 +139,57 @@ def test_a_full_batch_means_another_round_at_once() -> None:
 def test_audit_details_are_kept_at_least_a_day() -> None:
     with pytest.raises(ValueError, match="at least a day"):
         RetentionDefaults(audit_detail_s=60)
+
+
+async def _hub_commands(pool: Pool, tenant: UUID, ages_h: list[int]) -> None:
+    """A hub and one command sent ``age`` hours ago for each age."""
+    async with tenant_tx(pool, tenant) as conn:
+        home = await registry.create(conn, registry.HOUSEHOLD, HouseholdCreate(name="h", time_zone="UTC"), actor="t")
+        hub = await registry.create(conn, registry.DEVICE, DeviceCreate(
+            household_id=home.id, name="hub", type=DeviceType.HUB, external_id=f"hub-{uuid4().hex[:8]}"), actor="t")
+        for age in ages_h:
+            await conn.execute(
+                "INSERT INTO iim.hub_command (device_id, command_id, name, actor, sent_at) "
+                "VALUES ($1, $2, 'reboot', 'op', now() - make_interval(hours => $3))", hub.id, f"c-{age}h", age)
+
+
+async def _commands_kept(pool: Pool, tenant: UUID) -> list[str]:
+    async with tenant_tx(pool, tenant) as conn:
+        return [r["command_id"] for r in await conn.fetch("SELECT command_id FROM iim.hub_command ORDER BY sent_at")]
+
+
+async def test_hub_commands_past_the_tenants_retention_or_the_default_are_purged_and_audited(
+        app_pool: Pool) -> None:
+    short, default = await create_tenant(app_pool, "cmd-short"), await create_tenant(app_pool, "cmd-default")
+    async with tenant_tx(app_pool, short) as conn:
+        await registry.create(conn, registry.RETENTION_POLICY, RetentionPolicyCreate(hub_command_s=DAY_S),
+                              actor="t")
+    await _hub_commands(app_pool, short, [1, 30, 72])
+    await _hub_commands(app_pool, default, [1, 72, 24 * 12])
+    purger = RetentionPurger(app_pool, RetentionDefaults(hub_command_s=10 * DAY_S))
+
+    purged = await purger.run_once()
+
+    assert purged[short] == {"hub_command": 2}
+    assert purged[default] == {"hub_command": 1}
+    assert await _commands_kept(app_pool, short) == ["c-1h"]
+    assert await _commands_kept(app_pool, default) == ["c-72h", "c-1h"]
+    async with tenant_tx(app_pool, short) as conn:
+        line = (await audit.entries(conn, entity="tenant", entity_id=short, limit=1))[0]
+        assert await audit.verify_chain(conn, short) is None
+    assert (line.actor, line.action, line.detail) == (ACTOR, "retention.purged", {"hub_command": 2})
+    assert await purger.run_once() == {}
+
+
+async def test_hub_commands_are_kept_at_least_a_day(app_pool: Pool) -> None:
+    """The row is what makes a retried command idempotent: no retention may free its id within a day."""
+    with pytest.raises(ValueError, match="at least a day"):
+        RetentionDefaults(hub_command_s=3600)
+    with pytest.raises(ValidationError):
+        RetentionPolicyCreate(hub_command_s=3600)
+    tenant = await create_tenant(app_pool, "cmd-floor")
+    async with tenant_tx(app_pool, tenant) as conn:
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("INSERT INTO iim.retention_policy (hub_command_s) VALUES (3600)")
+    with pytest.raises(asyncpg.InvalidParameterValueError):
+        await app_pool.fetch("SELECT * FROM iim.hub_command_purge(3600, 10)")
