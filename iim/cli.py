@@ -151,7 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    if args.command == "serve":
+        return int(args.func(args))
+    from iim.admin.cli import traced_command
+
+    with traced_command(args):  # the API's spans of this command join one trace (iim.admin.cli)
+        return int(args.func(args))
 
 
 if __name__ == "__main__":

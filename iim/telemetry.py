@@ -12,9 +12,12 @@ Spans leave in batches from the SDK's own thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Literal
 
 from opentelemetry import trace
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
-__all__ = ["Exporter", "Tracing", "chosen_exporter"]
+__all__ = ["Exporter", "Tracing", "chosen_exporter", "resource_defaults", "stop_within"]
 
 log = logging.getLogger("iim.telemetry")
 
@@ -50,6 +53,61 @@ def chosen_exporter(setting: Exporter | None, env: Mapping[str, str]) -> Exporte
     if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         return "otlp"
     return "none"
+
+
+def _given_resource_keys(env: Mapping[str, str]) -> set[str]:
+    """The resource attributes the standard environment sets (``OTEL_RESOURCE_ATTRIBUTES``: ``k=v,k=v``)."""
+    keys = {part.partition("=")[0].strip() for part in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
+            if "=" in part}
+    if env.get("OTEL_SERVICE_NAME", "").strip():
+        keys.add("service.name")
+    return keys
+
+
+def resource_defaults(env: Mapping[str, str]) -> dict[str, str]:
+    """IIM's own resource attributes, each only where the standard environment does not set it (pure).
+
+    Why not simply pass them: the SDK lets explicit attributes override ``OTEL_RESOURCE_ATTRIBUTES``, so an
+    operator's ``service.name=iim-eu1`` would silently become ``iim``.
+    """
+    try:
+        iim_version = version("iim")
+    except PackageNotFoundError:
+        iim_version = "unknown"
+    given = _given_resource_keys(env)
+    return {k: v for k, v in {"service.name": "iim", "service.version": iim_version}.items() if k not in given}
+
+
+async def stop_within(stop: Callable[[], object], timeout_s: float, *, what: str) -> bool:
+    """Run the blocking ``stop`` (the SDK's flush and shutdown: HTTP to the receiver) on a daemon thread and
+    wait for it at most ``timeout_s``; False when it did not finish in time (it is left to end on its own).
+
+    Why not ``asyncio.to_thread``: the loop's executor threads are joined at interpreter exit, so a receiver
+    that hangs would hold ``iim serve``'s exit for as long as the SDK keeps trying.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def finished() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def run() -> None:
+        try:
+            stop()
+        except Exception:
+            log.exception("tracing: %s failed", what)
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(finished)
+
+    threading.Thread(target=run, name=f"iim-tracing-{what}", daemon=True).start()
+    try:
+        async with asyncio.timeout(timeout_s):
+            await done
+    except TimeoutError:
+        return False
+    return True
 
 
 class Tracing(AsyncResource):
@@ -91,7 +149,7 @@ class Tracing(AsyncResource):
         exporter = self._exporter()
         if exporter is None:
             return
-        resource = Resource.create({} if self._env.get("OTEL_SERVICE_NAME") else {"service.name": "iim"})
+        resource = Resource.create(resource_defaults(self._env))
         provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
@@ -120,7 +178,14 @@ class Tracing(AsyncResource):
         self._borrowed = False
         if provider is None:
             return
-        # The SDK blocks while it flushes (its exporter does HTTP): off the loop, and bounded.
+        # The SDK blocks while it flushes (its exporter does HTTP, retried while the receiver is away): off the
+        # loop, and bounded, so a stop never waits on a receiver for longer than the flush timeout.
         timeout_ms = int(self._flush_timeout_s * 1000)
-        await asyncio.to_thread(provider.force_flush, timeout_ms)
-        await asyncio.to_thread(provider.shutdown)
+
+        def flush_and_shut_down() -> None:
+            provider.force_flush(timeout_ms)
+            provider.shutdown()
+
+        if not await stop_within(flush_and_shut_down, self._flush_timeout_s, what="flush"):
+            log.warning("tracing: spans not delivered within %.1f s at stop (is the receiver away?); the rest "
+                        "are dropped", self._flush_timeout_s)
