@@ -154,8 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return int(args.func(args))
     from iim.admin.cli import traced_command
+    from iim.telemetry import command_tracing
 
-    with traced_command(args):  # the API's spans of this command join one trace (iim.admin.cli)
+    # The command is a span, exported when the environment configures OTLP as for `iim serve`; the API's spans
+    # of the command are its children (each request carries its traceparent: iim.admin.cli).
+    with command_tracing(), traced_command(args):
         return int(args.func(args))
 
 

@@ -16,7 +16,8 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Literal
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
-__all__ = ["Exporter", "Tracing", "chosen_exporter", "resource_defaults", "stop_within"]
+__all__ = ["Exporter", "Tracing", "chosen_exporter", "command_tracing", "resource_defaults", "stop_within"]
 
 log = logging.getLogger("iim.telemetry")
 
@@ -64,7 +65,7 @@ def _given_resource_keys(env: Mapping[str, str]) -> set[str]:
     return keys
 
 
-def resource_defaults(env: Mapping[str, str]) -> dict[str, str]:
+def resource_defaults(env: Mapping[str, str], *, service: str = "iim") -> dict[str, str]:
     """IIM's own resource attributes, each only where the standard environment does not set it (pure).
 
     Why not simply pass them: the SDK lets explicit attributes override ``OTEL_RESOURCE_ATTRIBUTES``, so an
@@ -75,7 +76,7 @@ def resource_defaults(env: Mapping[str, str]) -> dict[str, str]:
     except PackageNotFoundError:
         iim_version = "unknown"
     given = _given_resource_keys(env)
-    return {k: v for k, v in {"service.name": "iim", "service.version": iim_version}.items() if k not in given}
+    return {k: v for k, v in {"service.name": service, "service.version": iim_version}.items() if k not in given}
 
 
 async def stop_within(stop: Callable[[], object], timeout_s: float, *, what: str) -> bool:
@@ -108,6 +109,50 @@ async def stop_within(stop: Callable[[], object], timeout_s: float, *, what: str
     except TimeoutError:
         return False
     return True
+
+
+@contextmanager
+def command_tracing(env: Mapping[str, str] | None = None, *, flush_timeout_s: float = 2.0) -> Iterator[None]:
+    """Spans of one ``iim`` CLI command exported over OTLP, when the environment asks for it as for ``iim serve``
+    (``IIM_TRACES_EXPORTER``, ``IIM_OTLP_TRACES_ENDPOINT``, the standard ``OTEL_*``); else nothing is installed
+    and the command only sends a ``traceparent`` (:mod:`iim.admin.cli`). Resource ``service.name=iim-cli``.
+
+    Only OTLP: the console exporter would write into the command's output. At the end the spans are flushed on a
+    daemon thread for at most ``flush_timeout_s``: a receiver that is away never holds the operator's prompt.
+    """
+    env = os.environ if env is None else env
+    setting = env.get("IIM_TRACES_EXPORTER", "").strip().lower() or None
+    chosen = chosen_exporter(setting if setting in _EXPORTERS else None, env)
+    if chosen != "otlp" or not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        yield
+        return
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        yield
+        return
+    endpoint = env.get("IIM_OTLP_TRACES_ENDPOINT") or None
+    exporter = OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()
+    provider = TracerProvider(resource=Resource.create(resource_defaults(env, service="iim-cli")),
+                              shutdown_on_exit=False)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    tracing.enable()
+    try:
+        yield
+    finally:
+        tracing.enable(False)
+
+        def flush_and_shut_down() -> None:
+            provider.force_flush(int(flush_timeout_s * 1000))
+            provider.shutdown()
+
+        stopper = threading.Thread(target=flush_and_shut_down, name="iim-tracing-flush", daemon=True)
+        stopper.start()
+        stopper.join(flush_timeout_s)
 
 
 class Tracing(AsyncResource):

@@ -118,12 +118,12 @@ def _otlp_env(receiver_url: str) -> dict[str, str]:
 
 async def test_iim_serve_delivers_the_alarms_span_tree_over_otlp_with_its_resource(
         app_pool: Pool, pg_db: Any, tmp_path: Path) -> None:
-    rig = await build_rig(app_pool, tmp_path, owner="+79004450001", backup="+79004450002",
-                          security="+79004450003")
-    emu = FreeSwitchEmulator(default_target=TargetBehaviour.no_answer())
-    emu.targets[GW.format(rig.owner)] = TargetBehaviour.answer(after_ms=200, dtmf="2")
-    inbound = await emu.start_inbound(password=ESL_PASSWORD)
     async with otlp_receiver() as receiver:
+        rig = await build_rig(app_pool, tmp_path, owner="+79004450001", backup="+79004450002",
+                              security="+79004450003")
+        emu = FreeSwitchEmulator(default_target=TargetBehaviour.no_answer())
+        emu.targets[GW.format(rig.owner)] = TargetBehaviour.answer(after_ms=200, dtmf="2")
+        inbound = await emu.start_inbound(password=ESL_PASSWORD)
         serve = Serve(pg_db, tmp_path, _otlp_env(receiver.url) | {
             "IIM_FS_NODES": json.dumps([{"host": "127.0.0.1", "port": inbound.port}]),
             "IIM_FS_PASSWORD": ESL_PASSWORD})

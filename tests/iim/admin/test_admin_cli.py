@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from iim.admin.api import create_registry_app, mount_registry
 from iim.admin.auth import TokenTable, hash_token
 from iim.http import create_app as create_root_app
 from policy_cache.db import DbRole, Pool, connect, connect_pool
+from tests.otlp_receiver import otlp_receiver
 from tests.pg import PgCluster, PgDatabase, create_tenant
 from tests.tracing_rig import Spans, is_child
 
@@ -455,3 +457,32 @@ async def test_a_traceparent_handed_down_by_a_calling_tool_is_the_parent_of_the_
     served = spans.one("GET /v1/tenants/{tenant_id}")
     assert served.parent is not None
     assert (f"{served.context.trace_id:032x}", f"{served.parent.span_id:016x}") == (outer[3:35], outer[36:52])
+
+
+async def test_with_otlp_configured_the_command_exports_its_span_and_the_apis_spans_are_its_children(
+        live: Live, spans: Spans) -> None:
+    """The operator's environment configures OTLP as for `iim serve`: the command's span reaches the receiver
+    (service iim-cli) and the API's span of its request is its child."""
+    async with otlp_receiver() as receiver:
+        code, _, err = await _cli_process(live, "tenant", "show", str(live.tenant_a), env={
+            "IIM_TRACES_EXPORTER": "otlp", "IIM_OTLP_TRACES_ENDPOINT": receiver.url})
+        assert (code, err) == (0, "")
+    command = receiver.one("iim tenant show")
+    assert command.kind == 3  # CLIENT
+    assert command.resource["service.name"] == "iim-cli"
+    served = spans.one("GET /v1/tenants/{tenant_id}")
+    assert served.parent is not None
+    assert (f"{served.context.trace_id:032x}", f"{served.parent.span_id:016x}") == (command.trace_id,
+                                                                                     command.span_id)
+
+
+async def test_a_receiver_that_hangs_holds_a_command_at_most_its_flush_timeout(live: Live) -> None:
+    async with otlp_receiver(mode="hang") as receiver:
+        began = time.monotonic()
+        code, out, err = await _cli_process(live, "tenant", "show", str(live.tenant_a), "-o", "json", env={
+            "IIM_TRACES_EXPORTER": "otlp", "IIM_OTLP_TRACES_ENDPOINT": receiver.url})
+        took = time.monotonic() - began
+    assert code == 0, err
+    assert json.loads(out)["id"] == str(live.tenant_a)
+    assert receiver.requests == 1  # the span was sent ...
+    assert took < 10  # ... and the command did not wait for the exporter's 10 s timeout and retries
