@@ -13,7 +13,7 @@ batches. Truncating the tail is only visible against a chain head published else
 (:func:`chain_head`), since a superuser can rewrite anything inside the database.
 
 Privileged events of the service itself, which belong to no tenant (the admin token table reloaded, or a reload
-refused), go to one more chain, :data:`SYSTEM_CHAIN` (the nil UUID, which no tenant may take: migration 0040),
+refused), go to one more chain, :data:`SYSTEM_CHAIN` (the nil UUID, which no tenant may take: migration 0041),
 through :func:`append_system`. Why a chain of its own rather than a line in every tenant's chain: such an event
 concerns no tenant in particular (an admin token reaches every tenant, a refused file names none), a copy per
 tenant would grow with the tenants and say nothing to each of them, and a tenant created later would lack it. One

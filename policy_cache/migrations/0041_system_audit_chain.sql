@@ -1,4 +1,4 @@
--- 0040: the service's own audit chain, under the nil tenant id.
+-- 0041: the service's own audit chain, under the nil tenant id.
 --
 -- Privileged events that belong to no tenant (the admin token table reloaded or refused) are audited in one
 -- more hash chain of iim.audit_log, written through iim.audit_append like every other, under the tenant id
