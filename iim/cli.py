@@ -151,7 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    if args.command == "serve":
+        return int(args.func(args))
+    from iim.admin.cli import traced_command
+    from iim.telemetry import command_tracing
+
+    # The command is a span, exported when the environment configures OTLP as for `iim serve`; the API's spans
+    # of the command are its children (each request carries its traceparent: iim.admin.cli).
+    with command_tracing(), traced_command(args):
+        return int(args.func(args))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,14 @@ whose link or hash does not match: an edited row breaks at itself, a deleted or 
 successor. Hot paths :func:`stage` lines instead (no lock) and :class:`AuditFlusher` chains them in
 batches. Truncating the tail is only visible against a chain head published elsewhere
 (:func:`chain_head`), since a superuser can rewrite anything inside the database.
+
+Privileged events of the service itself, which belong to no tenant (the admin token table reloaded, or a reload
+refused), go to one more chain, :data:`SYSTEM_CHAIN` (the nil UUID, which no tenant may take: migration 0041),
+through :func:`append_system`. Why a chain of its own rather than a line in every tenant's chain: such an event
+concerns no tenant in particular (an admin token reaches every tenant, a refused file names none), a copy per
+tenant would grow with the tenants and say nothing to each of them, and a tenant created later would lack it. One
+chain, written by the same ``iim.audit_append``, is verified, head-signed and listed like any other (by admins
+and unscoped viewers: ``iim audit verify --tenant 00000000-0000-0000-0000-000000000000``).
 """
 
 from __future__ import annotations
@@ -22,21 +30,23 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 from uuid import UUID
 
 import asyncpg
 
 from iim.core.lifecycle import AsyncResource
-from policy_cache.db import Connection, Pool
+from policy_cache.db import Connection, Pool, tenant_tx
 from policy_cache.models import AuditEntry
 
-__all__ = ["GENESIS_HASH", "AuditFlusher", "append", "append_many", "canonical_json", "canonical_json_v2",
+__all__ = ["GENESIS_HASH", "SYSTEM_CHAIN", "AuditFlusher", "append", "append_many", "append_system", "canonical_json", "canonical_json_v2",
            "chain_head", "entries", "flush_pending", "is_tombstone", "stage", "tombstone", "verify_chain"]
 
 log = logging.getLogger(__name__)
 
 GENESIS_HASH = bytes(32)
+#: The chain of the service's own privileged events (no tenant's): the nil UUID, refused as a tenant id.
+SYSTEM_CHAIN: Final = UUID(int=0)
 
 
 async def append(
@@ -60,6 +70,22 @@ async def append(
         dict(detail or {}), dict(correlation or {}),
     )
     return int(row_id)
+
+
+async def append_system(
+    pool: Pool,
+    *,
+    actor: str,
+    action: str,
+    entity: str,
+    entity_id: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+    correlation: Mapping[str, Any] | None = None,
+) -> int:
+    """Append one row to :data:`SYSTEM_CHAIN` in a transaction of its own; the row id."""
+    async with tenant_tx(pool, SYSTEM_CHAIN) as conn:
+        return await append(conn, SYSTEM_CHAIN, actor=actor, action=action, entity=entity, entity_id=entity_id,
+                            detail=detail, correlation=correlation)
 
 
 async def append_many(

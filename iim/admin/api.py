@@ -37,7 +37,7 @@ from iim.admin.routing import Access, Handler, Route
 from iim.admin.scopes import household_in_path
 from iim.admin.service import PoolProvider, RegistryService, UnlinkOnErase
 from iim.admin.settings import AdminSettings, OidcSettings
-from iim.admin.token_source import TokenSource
+from iim.admin.token_source import ReloadAuditor, TokenSource
 from iim.admin.views import OPENAPI, PRINCIPAL, REQUEST_ID, SERVICE, SETTINGS, path_uuid, request_id
 from iim.core.traced_http import traced_requests
 from policy_cache.db import DbRole, Pool, connect_pool
@@ -148,7 +148,8 @@ def create_registry_app(
         settings: ``AdminSettings()`` (``IIM_ADMIN_*``) by default.
         directory_pool: returns an ``iim_cache`` pool, used only to list every tenant for admin and
             unscoped viewer tokens.
-        tokens: a fixed token table; by default ``settings.tokens_ref``, read again when its file changes.
+        tokens: a fixed token table; by default ``settings.tokens_ref``, read again when its file changes (each
+            reload, applied or refused, audited in the service's chain through ``pool_provider``).
         extra_routes: routes of other rooms served under the same prefix and tokens (``/connectors``).
         oidc: the OIDC issuer whose bearer JWTs are accepted too; by default ``OidcSettings()``
             (``IIM_OIDC_*``; no issuer: static tokens only).
@@ -166,7 +167,9 @@ def create_registry_app(
     if len(source.current()) == 0 and verifier is None:
         log.warning("admin API: no tokens configured (IIM_ADMIN_TOKENS_REF, IIM_OIDC_ISSUER); every request "
                     "will be refused")
-    auth = Authenticator(source, verifier)
+    # Reloads of the token file (applied or refused) are audited in the service's own chain.
+    auth = Authenticator(source, verifier, auditor=ReloadAuditor(source, pool_provider,
+                                                                 deadline_s=settings.store_deadline_s))
     routes = (*build_routes(), *extra_routes)
     # Outermost: a span per request (joined to the caller's W3C traceparent), with the status actually sent.
     app = web.Application(middlewares=[traced_requests(), problem_middleware])

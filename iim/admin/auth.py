@@ -166,6 +166,10 @@ class TokenTable:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def entries(self) -> dict[str, TokenEntry]:
+        """Hash (hex) -> entry: what a reload compares (never the tokens, which the table does not hold)."""
+        return {digest.hex(): entry for digest, entry in self._entries}
+
     @classmethod
     def from_json(cls, text: str) -> TokenTable:
         try:

@@ -10,24 +10,31 @@ from __future__ import annotations
 from iim.admin.auth import BAD_TOKEN, Principal, bearer_token
 from iim.admin.oidc import OidcVerifier
 from iim.admin.problems import Unauthenticated
-from iim.admin.token_source import TokenSource
+from iim.admin.token_source import ReloadAuditor, TokenSource
 from iim.core.lifecycle import AsyncResource
 
 __all__ = ["Authenticator"]
 
 
 class Authenticator(AsyncResource):
-    """Static token table (reloadable) + optional OIDC verifier; owns the verifier's lifetime."""
+    """Static token table (reloadable) + optional OIDC verifier; owns the verifier's lifetime, and the auditor of
+    the table's reloads when one is given."""
 
-    def __init__(self, tokens: TokenSource, oidc: OidcVerifier | None = None) -> None:
+    def __init__(self, tokens: TokenSource, oidc: OidcVerifier | None = None, *,
+                 auditor: ReloadAuditor | None = None) -> None:
         self.tokens = tokens
         self.oidc = oidc
+        self.auditor = auditor
 
     async def start(self) -> None:
         if self.oidc is not None:
             await self.oidc.start()
+        if self.auditor is not None:
+            await self.auditor.start()
 
     async def aclose(self) -> None:
+        if self.auditor is not None:
+            await self.auditor.aclose()
         if self.oidc is not None:
             await self.oidc.aclose()
 

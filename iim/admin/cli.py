@@ -26,6 +26,11 @@ list fields are given as several words (``--capabilities sip tts``), object fiel
 ``--data JSON`` (or ``@file``, or ``-`` for stdin) supplies a whole body; ``update --unset FIELD``
 sends ``null``. Output is a readable table (default) or ``--output json``.
 
+Every command sends a W3C ``traceparent`` on each of its requests, so the API's spans of one command share one
+trace: the command's own span when a tracer provider records in this process, else ``$TRACEPARENT`` (the
+OpenTelemetry convention for a context handed down by a calling tool), else a fresh trace id per command.
+Nothing new is printed unless ``--show-trace`` asks for the trace id (on stderr).
+
 Exit codes: 0 success; 1 the API answered an error (problem details printed, ``error_id`` first);
 2 usage error; 3 the API cannot be reached, or a token/reference does not resolve.
 """
@@ -39,6 +44,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, TextIO
 from urllib.parse import quote
@@ -51,6 +57,7 @@ from iim.admin.auth import Role, TokenEntry, hash_token, new_token
 from iim.admin.client import ApiClient, ApiProblem, ClientError
 from iim.admin.resources import RESOURCES, ListQuery, Resource
 from iim.admin.service import AuditQuery
+from iim.core import tracing
 from iim.core.numbering import NotANumber, to_e164
 from iim.core.secrets import resolve_secret
 from iim.scenarios.engine import ActionOutcome, Contact, mismatches
@@ -63,13 +70,15 @@ from iot_bridge.mqtt.commands import HubCommandQuery
 from policy_cache.models import DeviceStatus, DeviceType, PresenceState
 from policy_cache.registry import TENANT
 
-__all__ = ["register_subcommands", "main"]
+__all__ = ["register_subcommands", "main", "traced_command"]
 
 DEFAULT_API = "http://127.0.0.1:8088"
 DEFAULT_TOKEN_REF = "env:IIM_ADMIN_TOKEN"  # noqa: S105 - where the token is, not a token
 EXIT_OK, EXIT_API_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 #: ``iim audit verify`` found the tenant's hash chain broken (scripts and monitoring test for this code).
 EXIT_CHAIN_BROKEN = 4
+#: Where a calling tool hands down its trace context (OpenTelemetry's environment-variable carrier).
+TRACEPARENT_ENV = "TRACEPARENT"
 
 Command = Callable[[argparse.Namespace], int]
 _FIELD = "field_"
@@ -247,13 +256,35 @@ def _print_problem(args: argparse.Namespace, exc: ApiProblem, err: TextIO) -> No
 
 # -- talking to the API ------------------------------------------------------------------------------------
 
+def traced_command(args: argparse.Namespace) -> AbstractContextManager[tracing.Span]:
+    """The command's own span (``iim <command> <action>``, a client span, a child of ``$TRACEPARENT``); a no-op
+    unless a tracer provider records in this process (then the API's spans are its children)."""
+    words = ["iim", *(w for w in (getattr(args, name, None) for name in (
+        "command", "kind", "action", "templates_action", "keys_command")) if isinstance(w, str))]
+    return tracing.span(" ".join(words), parent=os.environ.get(TRACEPARENT_ENV), kind=tracing.SpanKind.CLIENT)
+
+
+def _traceparent(args: argparse.Namespace) -> str:
+    """The one ``traceparent`` of this command (kept on ``args``: every client of the command sends the same)."""
+    known = getattr(args, "_traceparent", None)
+    if isinstance(known, str):
+        return known
+    outer = os.environ.get(TRACEPARENT_ENV)
+    chosen = (tracing.current_traceparent() or (outer if tracing.context_from(outer) is not None else None)
+              or tracing.new_traceparent())
+    args._traceparent = chosen
+    if getattr(args, "show_trace", False):
+        sys.stderr.write(f"trace_id {chosen[3:35]}\n")
+    return chosen
+
+
 def _client(args: argparse.Namespace) -> ApiClient:
     try:
         token = resolve_secret(args.token_ref)
     except (LookupError, ValueError) as exc:
         raise CliError(f"admin token: {exc} (set IIM_ADMIN_TOKEN or pass --token-ref)") from exc
     try:
-        return ApiClient(args.api, token, timeout=args.timeout)
+        return ApiClient(args.api, token, timeout=args.timeout, traceparent=_traceparent(args))
     except ClientError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
 
@@ -327,6 +358,8 @@ def _common(tenant_scoped: bool) -> argparse.ArgumentParser:
                    help=f"where the bearer token is: env:VAR or file:/path (default {DEFAULT_TOKEN_REF})")
     g.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
     g.add_argument("--output", "-o", choices=("table", "json"), default="table", help="output format")
+    g.add_argument("--show-trace", action="store_true",
+                   help="print the trace id the API's spans of this command share (stderr)")
     if tenant_scoped:
         g.add_argument("--tenant", "-t", help="tenant id (default $IIM_TENANT)")
     return p
@@ -1128,7 +1161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry (``python -m iim.admin.cli``); ``iim`` itself calls :func:`register_subcommands`."""
     args = build_parser().parse_args(argv)
     func: Command = args.func
-    return func(args)
+    with traced_command(args):
+        return func(args)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,10 @@ class ApiProblem(Exception):
 
 
 class ApiClient:
-    def __init__(self, base_url: str, token: str | None, *, timeout: float = 10.0) -> None:
+    """``traceparent``: sent on every request (W3C Trace Context), so the API's spans join the caller's trace."""
+
+    def __init__(self, base_url: str, token: str | None, *, timeout: float = 10.0,
+                 traceparent: str | None = None) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ClientError(f"--api must be an http:// or https:// URL (got {base_url!r})")
@@ -47,6 +50,7 @@ class ApiClient:
         self._base_path = parts.path.rstrip("/")
         self._token = token
         self._timeout = timeout
+        self._traceparent = traceparent
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._scheme == "https":
@@ -68,6 +72,8 @@ class ApiClient:
         headers = {"Accept": "application/json, application/problem+json"}
         if self._token is not None:
             headers["Authorization"] = f"Bearer {self._token}"
+        if self._traceparent is not None:
+            headers["traceparent"] = self._traceparent
         payload: bytes | None = None
         if body is not None:
             payload = json.dumps(body).encode()

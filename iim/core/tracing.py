@@ -17,6 +17,7 @@ phone number, a name or a message text.
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Final
@@ -28,7 +29,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AttributeValue
 
 __all__ = ["AttributeValue", "CHANNEL_VARIABLE", "HEADER", "Span", "SpanKind", "attrs", "context_from",
-           "current_traceparent", "enable", "recording", "span", "start", "traceparent_of"]
+           "current_traceparent", "enable", "new_traceparent", "recording", "span", "start", "traceparent_of"]
 
 #: The instrumentation scope of every IIM span.
 SCOPE: Final = "iim"
@@ -76,6 +77,14 @@ def traceparent_of(target: Span) -> str | None:
 def current_traceparent() -> str | None:
     """The current span's ``traceparent``, or None when no span records here."""
     return traceparent_of(trace.get_current_span())
+
+
+def new_traceparent() -> str:
+    """A fresh, sampled ``traceparent`` (new trace id, new parent id): what a caller that records no span of its
+    own (the ``iim`` CLI without the SDK) sends, so the service's spans still share one trace per command."""
+    trace_id = secrets.randbits(128) or 1  # all zeros is invalid
+    span_id = secrets.randbits(64) or 1
+    return f"00-{trace_id:032x}-{span_id:016x}-01"
 
 
 def attrs(**values: AttributeValue | None) -> dict[str, AttributeValue]:

@@ -257,3 +257,22 @@ async def test_the_flusher_chains_a_line_staged_after_a_quiet_spell(app_pool: Po
                 break
             await asyncio.sleep(0.02)
         assert await chained()
+
+
+async def test_the_services_own_events_chain_under_the_nil_id_and_verify_like_a_tenants(app_pool: Pool) -> None:
+    async with tenant_tx(app_pool, audit.SYSTEM_CHAIN) as conn:
+        before = await audit.chain_head(conn, audit.SYSTEM_CHAIN)
+    first = await audit.append_system(app_pool, actor="svc", action="system.test", entity="test", detail={"n": 1})
+    second = await audit.append_system(app_pool, actor="svc", action="system.test", entity="test", detail={"n": 2})
+    async with tenant_tx(app_pool, audit.SYSTEM_CHAIN) as conn:
+        assert await audit.verify_chain(conn, audit.SYSTEM_CHAIN) is None
+        rows = await conn.fetch("SELECT id, tenant_id, prev_hash, row_hash FROM iim.audit_log "
+                                "WHERE id = ANY($1::bigint[]) ORDER BY id", [first, second])
+    assert [r["tenant_id"] for r in rows] == [audit.SYSTEM_CHAIN] * 2
+    assert bytes(rows[0]["prev_hash"]) == (audit.GENESIS_HASH if before is None else before[1])
+    assert bytes(rows[1]["prev_hash"]) == bytes(rows[0]["row_hash"])
+
+
+async def test_no_tenant_may_take_the_system_chains_id(app_pool: Pool) -> None:
+    with pytest.raises(Exception, match="tenant_id_not_the_system_chain"):
+        await create_tenant(app_pool, "impostor", tenant_id=audit.SYSTEM_CHAIN)

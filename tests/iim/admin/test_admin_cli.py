@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,13 +18,16 @@ from uuid import UUID, uuid4
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestServer
+from opentelemetry.trace import SpanKind
 
 from iim.admin import cli
 from iim.admin.api import create_registry_app, mount_registry
 from iim.admin.auth import TokenTable, hash_token
 from iim.http import create_app as create_root_app
 from policy_cache.db import DbRole, Pool, connect, connect_pool
+from tests.otlp_receiver import otlp_receiver
 from tests.pg import PgCluster, PgDatabase, create_tenant
+from tests.tracing_rig import Spans, is_child
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -398,3 +402,87 @@ async def test_presence_the_operator_app_sets_and_clears_a_geofence_word_audited
     audit = await iim("audit", "list", "--tenant", tenant, "--entity-id", household, "-o", "json")
     lines = [(a["action"], a["actor"]) for a in audit.json()["items"]]
     assert lines[:2] == [("household.presence_release", "root@noc"), ("household.presence_claim", "alice@tenant-a")]
+
+
+# -- trace context: the API's spans of a command join the operator's command --------------------------------
+
+async def test_the_apis_spans_of_a_command_are_children_of_the_commands_own_span(
+        iim: Any, live: Live, spans: Spans) -> None:
+    """With a tracer provider recording in the CLI's process, the command is a span and each request a child."""
+    done = await iim("tenant", "list", "--all", "--limit", "1", "-o", "json")
+    assert done.code == 0, done.err
+    assert done.err == ""  # nothing new printed
+    command = spans.one("iim tenant list")
+    assert command.kind is SpanKind.CLIENT
+    served = spans.named("GET /v1/tenants")
+    assert len(served) >= 2  # one request per page, every one under the command
+    assert all(is_child(s, command) for s in served)
+
+
+async def _cli_process(live: Live, *argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    base = {"IIM_ADMIN_TOKEN": "adm-secret", "IIM_ADMIN_API": live.url, "PATH": "/usr/bin:/bin"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "iim", *argv, env=base | (env or {}),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_a_command_without_the_sdk_still_sends_one_trace_id_which_the_apis_spans_carry(
+        live: Live, spans: Spans) -> None:
+    """A real `iim` process (tracing off in it) generates a traceparent; the API's span carries its trace id,
+    printed only with --show-trace."""
+    code, out, err = await _cli_process(live, "tenant", "show", str(live.tenant_a), "-o", "json", "--show-trace")
+    assert code == 0, err
+    assert json.loads(out)["id"] == str(live.tenant_a)
+    (line,) = err.splitlines()
+    trace_id = line.removeprefix("trace_id ")
+    served = spans.one("GET /v1/tenants/{tenant_id}")
+    assert f"{served.context.trace_id:032x}" == trace_id
+    assert served.parent is not None
+    assert served.parent.is_remote
+
+    spans.exporter.clear()
+    code, out, err = await _cli_process(live, "tenant", "show", str(live.tenant_a), "-o", "json")
+    assert (code, err) == (0, "")  # by default nothing new is printed
+    assert f"{spans.one('GET /v1/tenants/{tenant_id}').context.trace_id:032x}" != trace_id  # a trace per command
+
+
+async def test_a_traceparent_handed_down_by_a_calling_tool_is_the_parent_of_the_apis_span(
+        live: Live, spans: Spans) -> None:
+    outer = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    code, _, err = await _cli_process(live, "tenant", "show", str(live.tenant_a), env={"TRACEPARENT": outer})
+    assert code == 0, err
+    served = spans.one("GET /v1/tenants/{tenant_id}")
+    assert served.parent is not None
+    assert (f"{served.context.trace_id:032x}", f"{served.parent.span_id:016x}") == (outer[3:35], outer[36:52])
+
+
+async def test_with_otlp_configured_the_command_exports_its_span_and_the_apis_spans_are_its_children(
+        live: Live, spans: Spans) -> None:
+    """The operator's environment configures OTLP as for `iim serve`: the command's span reaches the receiver
+    (service iim-cli) and the API's span of its request is its child."""
+    async with otlp_receiver() as receiver:
+        code, _, err = await _cli_process(live, "tenant", "show", str(live.tenant_a), env={
+            "IIM_TRACES_EXPORTER": "otlp", "IIM_OTLP_TRACES_ENDPOINT": receiver.url})
+        assert (code, err) == (0, "")
+    command = receiver.one("iim tenant show")
+    assert command.kind == 3  # CLIENT
+    assert command.resource["service.name"] == "iim-cli"
+    served = spans.one("GET /v1/tenants/{tenant_id}")
+    assert served.parent is not None
+    assert (f"{served.context.trace_id:032x}", f"{served.parent.span_id:016x}") == (command.trace_id,
+                                                                                     command.span_id)
+
+
+async def test_a_receiver_that_hangs_holds_a_command_at_most_its_flush_timeout(live: Live) -> None:
+    async with otlp_receiver(mode="hang") as receiver:
+        began = time.monotonic()
+        code, out, err = await _cli_process(live, "tenant", "show", str(live.tenant_a), "-o", "json", env={
+            "IIM_TRACES_EXPORTER": "otlp", "IIM_OTLP_TRACES_ENDPOINT": receiver.url})
+        took = time.monotonic() - began
+    assert code == 0, err
+    assert json.loads(out)["id"] == str(live.tenant_a)
+    assert receiver.requests == 1  # the span was sent ...
+    assert took < 10  # ... and the command did not wait for the exporter's 10 s timeout and retries

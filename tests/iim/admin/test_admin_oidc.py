@@ -21,6 +21,7 @@ from iim.admin.api import create_registry_app, mount_registry
 from iim.admin.auth import BAD_TOKEN, hash_token
 from iim.admin.settings import AdminSettings, OidcSettings
 from iim.http import create_app as create_root_app
+from policy_cache.audit import SYSTEM_CHAIN
 from policy_cache.db import DbRole, Pool, connect_pool
 from tests.oidc_issuer import AUDIENCE, Issuer, running_issuer
 from tests.pg import PgDatabase, create_tenant
@@ -189,6 +190,58 @@ async def test_static_token_file_is_reloaded_without_restart_and_a_bad_one_is_re
     rig.write_tokens({"boot": {"actor": "root@noc", "role": "admin"}})
     status, _, _ = await rig.call("GET", path, "later")
     assert status == 401  # revoked
+
+
+async def _system_rows(rig: Rig, source: str) -> list[dict[str, Any]]:
+    """The service chain's rows about this token file, oldest first (read through the API, as an auditor does)."""
+    status, page, _ = await rig.call("GET", f"/v1/tenants/{SYSTEM_CHAIN}/audit?entity_id={source}&limit=100", "boot")
+    assert status == 200, page
+    return list(reversed(page["items"]))
+
+
+async def test_token_file_reloads_applied_and_refused_are_audited_in_the_services_chain_without_secrets(
+        rig: Rig) -> None:
+    source = f"file:{rig.tokens_file}"
+    path = f"/v1/tenants/{rig.tenant_a}/households"
+    vera = {"actor": "vera@noc", "role": "viewer", "tenant": str(rig.tenant_a)}
+    rig.write_tokens({"boot": {"actor": "root@noc", "role": "admin"}, "vera-secret-token": vera})
+    status, _, _ = await rig.call("GET", path, "vera-secret-token")
+    assert status == 200
+    rig.tokens_file.write_text('{"plain-token": {"actor": "x", "role": "admin"}}')
+    status, _, _ = await rig.call("GET", path, "boot")
+    assert status == 200  # refused: the old table stays
+    # No request after this change: the auditor's own look at the file applies and audits it.
+    rig.write_tokens({"boot": {"actor": "root@noc", "role": "admin"}})
+
+    key_id = hash_token("vera-secret-token")[:8]
+    described = {"key_id": key_id, "actor": "vera@noc", "role": "viewer", "tenant": str(rig.tenant_a)}
+
+    async def audited() -> list[dict[str, Any]]:
+        deadline = time.monotonic() + 10
+        while not (rows := await _system_rows(rig, source)) or rows[-1]["detail"].get("removed") != [described]:
+            assert time.monotonic() < deadline, rows
+            await asyncio.sleep(0.1)
+        return rows[-3:]
+
+    added, refused, removed = await audited()
+    assert added["action"] == "admin_tokens.reloaded"
+    assert added["actor"] == "admin-token-reload"
+    assert added["entity"] == "admin_token_table"
+    assert added["detail"] == {"tokens": 2, "previous": 1, "added": [described], "removed": [], "changed": []}
+    assert refused["action"] == "admin_tokens.reload_refused"
+    assert refused["detail"] == {"error": "admin token table keys must be SHA-256 hex digests of the tokens",
+                                 "tokens_in_force": 2}
+    assert removed["action"] == "admin_tokens.reloaded"
+    assert removed["detail"] == {"tokens": 1, "previous": 2, "added": [], "removed": [described], "changed": []}
+    assert "process" in added["correlation"]
+    text = json.dumps([added, refused, removed])
+    for secret in ("vera-secret-token", hash_token("vera-secret-token"), "plain-token", hash_token("boot")):
+        assert secret not in text
+    status, chain, _ = await rig.call("GET", f"/v1/tenants/{SYSTEM_CHAIN}/audit/verify", "boot")
+    assert (status, chain["intact"]) == (200, True)
+    # The service's chain is for admins and unscoped viewers: a tenant's operator does not see it.
+    status, _, _ = await rig.call("GET", f"/v1/tenants/{SYSTEM_CHAIN}/audit", rig.operator(rig.tenant_a))
+    assert status == 403
 
 
 async def test_brand_scoped_grants_list_what_their_filters_confine_to_their_brand(rig: Rig) -> None:

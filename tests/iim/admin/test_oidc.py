@@ -22,7 +22,9 @@ from iim.admin.jwks import JwksClient, KeyCache, Lookup, usable_keys
 from iim.admin.oidc import OidcVerifier, grants_from_claim
 from iim.admin.problems import IdentityUnavailable, Unauthenticated
 from iim.admin.settings import OidcSettings
-from iim.admin.token_source import TOKEN_RELOADS, TokenSource
+from iim.admin.token_source import TOKEN_RELOADS, ReloadAuditor, TokenSource, table_changes
+from policy_cache import audit
+from policy_cache.db import tenant_tx
 from tests.oidc_issuer import (
     AUDIENCE,
     Issuer,
@@ -312,3 +314,50 @@ def test_reload_on_demand_rereads_an_env_table(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("IIM_TEST_TOKENS", "[]")
     assert not source.reload()
     assert source.current().authenticate("b") is not None
+
+
+def test_a_reload_says_which_tokens_were_added_removed_or_changed_by_key_id_never_the_token() -> None:
+    def table(tokens: dict[str, dict[str, str]]) -> TokenTable:
+        return TokenTable.from_json(json.dumps({hash_token(k): v for k, v in tokens.items()}))
+
+    old = table({"t-keep": {"actor": "keep@noc", "role": "admin"}, "t-gone": {"actor": "gone@noc", "role": "admin"},
+                 "t-moved": {"actor": "mo@noc", "role": "viewer"}})
+    new = table({"t-keep": {"actor": "keep@noc", "role": "admin"}, "t-new": {"actor": "new@noc", "role": "admin"},
+                 "t-moved": {"actor": "mo@noc", "role": "admin"}})
+    changes = table_changes(old, new)
+    assert [e["actor"] for e in changes["added"]] == ["new@noc"]
+    assert [e["actor"] for e in changes["removed"]] == ["gone@noc"]
+    assert [(c["before"]["role"], c["after"]["role"]) for c in changes["changed"]] == [("viewer", "admin")]
+    assert changes["added"][0]["key_id"] == hash_token("t-new")[:8]
+    text = json.dumps(changes)
+    assert not any(t in text or hash_token(t) in text for t in ("t-keep", "t-new", "t-gone", "t-moved"))
+
+
+async def test_reloads_wait_for_the_database_and_are_audited_in_order_once_it_is_back(
+        app_pool: Any, tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    _write(path, {"one": {"actor": "one@noc", "role": "admin"}})
+    source = TokenSource(f"file:{path}", check_interval_s=0.05)
+    database_up = False
+
+    def pool() -> Any:
+        if not database_up:
+            raise LookupError("pool not started")
+        return app_pool
+
+    async with ReloadAuditor(source, pool, deadline_s=2.0):
+        path.write_text("{not json")
+        await asyncio.sleep(0.3)
+        _write(path, {"two": {"actor": "two@noc", "role": "admin"}})
+        await asyncio.sleep(0.3)
+        assert [r.action for r in source.reloads] == ["admin_tokens.reload_refused", "admin_tokens.reloaded"]
+        database_up = True
+        deadline = time.monotonic() + 10
+        while source.reloads:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    async with tenant_tx(app_pool, audit.SYSTEM_CHAIN) as conn:
+        rows = await conn.fetch("SELECT action, detail FROM iim.audit_log WHERE entity_id = $1 ORDER BY id",
+                                f"file:{path}")
+    assert [r["action"] for r in rows] == ["admin_tokens.reload_refused", "admin_tokens.reloaded"]
+    assert rows[1]["detail"]["removed"][0]["actor"] == "one@noc"

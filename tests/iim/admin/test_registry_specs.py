@@ -27,7 +27,7 @@ Spec = TableSpec[Any, Any, Any]
 #: (incident and test: the operator desk, not registry rows; connector: the service's configuration; link: OAuth)
 NOT_ENTITIES = {"audit", "token", "db", "incident", "test", "presence", "connector", "link", "hub"}
 #: Options every command of an entity has besides its fields (connection, paging, body input).
-COMMON_DESTS = {"help", "api", "token_ref", "timeout", "output", "tenant", "data", "unset", "all", "id",
+COMMON_DESTS = {"help", "api", "token_ref", "timeout", "output", "show_trace", "tenant", "data", "unset", "all", "id",
                 "expected_version"}
 
 

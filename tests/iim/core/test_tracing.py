@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from opentelemetry import trace
 
 from iim.core import tracing
-from iim.telemetry import Tracing, chosen_exporter
+from iim.telemetry import Tracing, chosen_exporter, resource_defaults
 from tests.tracing_rig import Spans, is_child
 
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -93,3 +93,24 @@ async def test_a_provider_installed_before_is_used_as_it_is_and_released_on_clos
             pass
     assert not tracing.recording()
     assert spans.named("while-on")
+
+
+@pytest.mark.parametrize(("env", "kept"), [
+    ({}, {"service.name", "service.version"}),
+    ({"OTEL_SERVICE_NAME": "iim-eu1"}, {"service.version"}),
+    ({"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=prod, service.name=iim-eu1"}, {"service.version"}),
+    ({"OTEL_RESOURCE_ATTRIBUTES": "service.version=7,service.namespace=telecom"}, {"service.name"}),
+])
+def test_iims_resource_attributes_never_override_the_ones_the_standard_environment_sets(
+        env: dict[str, str], kept: set[str]) -> None:
+    """The SDK lets explicit attributes win over OTEL_RESOURCE_ATTRIBUTES: IIM passes only what is not set."""
+    defaults = resource_defaults(env)
+    assert set(defaults) == kept
+    assert defaults.get("service.name", "iim") == "iim"
+
+
+def test_a_fresh_traceparent_is_valid_and_new_each_time() -> None:
+    first, second = tracing.new_traceparent(), tracing.new_traceparent()
+    assert tracing.context_from(first) is not None
+    assert first[3:35] != second[3:35]
+    assert first.endswith("-01")  # sampled: an operator's command is always worth keeping
