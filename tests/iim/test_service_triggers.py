@@ -172,8 +172,9 @@ async def live_service(urls: DatabaseUrls, pool: Pool, tmp_path: Path, *, smsc: 
         async with Service(Settings(**values), database=urls) as service, aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=60)) as http:
             live = Live(service, rig, child, pool, emu, http, smsc)
-            # The kitchen speaker is registered on the switch and answers its announcement.
-            emu.register_user(f"speaker-{rig.tenant_id.hex[:6]}", "iim.local")
+            # The kitchen speaker answers its announcement. Scripted as a target, not registered on the emulator:
+            # a registration of a household's device is live presence "home" (policy_cache/presence_feed.py),
+            # which would make this away household home and call_announce ("while I am away") never apply.
             emu.targets[live.speaker] = TargetBehaviour.answer(after_ms=100)
 
             async def ready() -> bool:
