@@ -437,7 +437,9 @@ class Service:
         audit = await stack.enter_async_context(CallDecisionAudit(pool))
         linking = await self._start_linking(stack, pool, directory_pool, keyring)
         # Calls and SMS that start scenarios: queued off their paths, opened on the durable incident path.
-        triggers = await stack.enter_async_context(TriggerIntake(pool))
+        triggers = await stack.enter_async_context(TriggerIntake(
+            pool, capacity=s.trigger_queue_capacity, max_age_s=s.trigger_max_age_s,
+            retry_max_s=s.trigger_retry_max_s))
         connectors, tts, audio_urls, smsc = await self._start_home(stack, pool, keyring, linking, triggers=triggers)
         audio_base = s.switch_audio_base_url or f"http://{s.http_host}:{s.http_port}"
         sms = OutboxSmsSink(pool, keyring)

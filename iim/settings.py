@@ -129,6 +129,13 @@ class Settings(BaseSettings):
     alert_caller_id: str = "+70000000000"
     alert_gateway_endpoint: str = "sofia/gateway/ims/{destination}"
     job_heartbeat_timeout_s: float = Field(default=30.0, gt=0)
+    # Call and SMS triggers (iim/scenarios/triggers): offers wait on a bounded in-memory queue, never in the call
+    # or SMS path; one the store did not take (PostgreSQL away or stalled) is tried again with backoff, doubling
+    # up to trigger_retry_max_s, until it is trigger_max_age_s old, then dropped (a call long over announced
+    # now helps nobody). Lost with the process: it lives in memory only.
+    trigger_queue_capacity: int = Field(default=1000, ge=1, le=100_000)
+    trigger_max_age_s: float = Field(default=300.0, gt=0, le=86_400)
+    trigger_retry_max_s: float = Field(default=10.0, ge=0.5, le=600)
     # Device supervision (with the scenario worker): a device with a heartbeat interval heard nothing from for
     # that long plus the grace is marked offline and opens its device_health incident; scanned this often.
     supervision_enabled: bool = True

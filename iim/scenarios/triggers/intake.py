@@ -7,12 +7,18 @@ under a deadline: the callee's households, the sender in E.164 under the tenant'
 scenario (:func:`iim.scenarios.triggers.facts.choose`), and, when one applies, the incident with its audit line
 and tick job (:func:`iim.scenarios.triggers.store.open_incident`). From there the scenario worker runs it like
 any incident: the same engine, executors, consent and toll-fraud guards, and audit.
+
+PostgreSQL away or stalled does not lose an offer while the process lives: its consumer tries it again with
+backoff (the rest wait on the bounded queue, the call path never does) until the offer is older than
+``max_age_s`` -- a call long over announced now helps nobody -- and only then drops it (counted ``expired``,
+logged). A retry after a commit whose answer was lost is a replay (the offer's reference is unique): exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,9 +43,9 @@ __all__ = ["TRIGGERS", "TriggerIntake", "TriggerResult"]
 log = logging.getLogger("iim.scenarios.triggers")
 
 TRIGGERS = Counter("iim_scenario_triggers", "Incoming calls and SMS offered to scenarios, by kind and result "
-                   "(opened, joined, replayed, no_scenario, no_sender, no_household, dropped, failed)", ["kind", "result"],
-                   registry=REGISTRY)
-#: The store away or too slow: the offer is lost (counted), the call or SMS itself went on regardless.
+                   "(opened, joined, replayed, no_scenario, no_sender, no_household, retried, dropped, expired, failed)",
+                   ["kind", "result"], registry=REGISTRY)
+#: The store away or too slow: the offer is tried again (the call or SMS itself went on regardless).
 _NOT_TAKEN: tuple[type[BaseException], ...] = (TimeoutError, *STORE_UNAVAILABLE)
 
 
@@ -57,14 +63,21 @@ class TriggerIntake(AsyncResource):
     """Takes call and SMS offers off the call and SMS paths and opens the incidents their scenarios ask for.
 
     ``capacity`` bounds the queue (a burst beyond it is dropped, not waited for); ``timeout_s`` bounds each
-    offer's transaction; ``consumers`` offers are handled at once.
+    offer's transaction; ``consumers`` offers are handled at once. An offer the store did not take is tried again
+    after ``retry_initial_s``, doubling up to ``retry_max_s``, until it is ``max_age_s`` old (then dropped).
     """
 
     def __init__(self, pool: Pool, *, capacity: int = 1000, timeout_s: float = 10.0, consumers: int = 2,
+                 max_age_s: float = 300.0, retry_initial_s: float = 0.5, retry_max_s: float = 10.0,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        if max_age_s <= 0 or retry_initial_s <= 0 or retry_max_s < retry_initial_s:
+            raise ValueError("max_age_s and retry_initial_s must be > 0 and retry_max_s >= retry_initial_s")
         self.pool = pool
         self.clock = clock
         self.timeout_s = timeout_s
+        self.max_age_s = max_age_s
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
         self._consumers = consumers
         self._queue: asyncio.Queue[TriggerOffer] = asyncio.Queue(maxsize=capacity)
         self._tasks = TaskSupervisor()
@@ -79,6 +92,11 @@ class TriggerIntake(AsyncResource):
     async def aclose(self) -> None:
         self._open = False
         await self._tasks.aclose()
+        if not self._queue.empty():  # the queue lives in memory only: what is left is lost with the process
+            log.warning("stopping with %d scenario trigger(s) queued: dropped", self._queue.qsize())
+            while not self._queue.empty():
+                TRIGGERS.labels(self._queue.get_nowait().kind.value, "dropped").inc()
+                self._queue.task_done()
 
     def offer(self, offer: TriggerOffer) -> bool:
         """Queue ``offer`` without waiting; False (and counted) when the intake is closed or full."""
@@ -110,23 +128,55 @@ class TriggerIntake(AsyncResource):
                                     sender_guess=sms.source if received else None))
 
     async def _consume(self) -> None:
-        task = asyncio.current_task()
         while self._open:
-            if task is not None and task.cancelling():
-                # A cancel the offer's transaction swallowed (it raced the transaction's own deadline): the
-                # intake is stopping, and waiting on the queue again would hang the stop.
-                raise asyncio.CancelledError
+            self._check_cancelled()
             offer = await self._queue.get()
+            try:
+                await self._take(offer)
+            except asyncio.CancelledError:
+                TRIGGERS.labels(offer.kind.value, "dropped").inc()
+                log.warning("stopping: a %s scenario trigger not taken yet is dropped", offer.kind.value,
+                            extra={"ref": offer.ref})
+                raise
+            finally:
+                self._queue.task_done()
+
+    @staticmethod
+    def _check_cancelled() -> None:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # A cancel the offer's transaction swallowed (it raced the transaction's own deadline): the intake
+            # is stopping, and waiting on the queue (or a backoff) again would hang the stop.
+            raise asyncio.CancelledError
+
+    async def _take(self, offer: TriggerOffer) -> None:
+        """Handle ``offer``, trying again with backoff while the store does not take it, until it is too old."""
+        kind = offer.kind.value
+        delay = self.retry_initial_s
+        while True:
+            age = (self.clock() - offer.at).total_seconds()
+            if age > self.max_age_s:
+                TRIGGERS.labels(kind, "expired").inc()
+                log.warning("scenario trigger dropped: %.0f s old, past its maximum age of %.0f s",
+                            age, self.max_age_s, extra={"ref": offer.ref})
+                return
             try:
                 await self.handle(offer)
             except _NOT_TAKEN as exc:
-                TRIGGERS.labels(offer.kind.value, "failed").inc()
-                log.warning("scenario trigger not taken (%s: %s)", type(exc).__name__, exc, extra={"ref": offer.ref})
+                TRIGGERS.labels(kind, "retried").inc()
+                # Jittered, so instances and consumers do not come back to a recovering server at once.
+                wait = delay * random.uniform(0.8, 1.2)
+                log.warning("scenario trigger not taken (%s: %s); trying again in %.1f s", type(exc).__name__, exc,
+                            wait, extra={"ref": offer.ref})
             except Exception:
-                TRIGGERS.labels(offer.kind.value, "failed").inc()
+                TRIGGERS.labels(kind, "failed").inc()
                 log.exception("scenario trigger failed", extra={"ref": offer.ref})
-            finally:
-                self._queue.task_done()
+                return
+            else:
+                return
+            self._check_cancelled()
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, self.retry_max_s)
 
     async def drain(self) -> None:
         """Wait until every queued offer was handled (tests, shutdown hooks)."""

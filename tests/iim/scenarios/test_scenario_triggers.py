@@ -24,6 +24,7 @@ from fs_app.router import PolicyRouter
 from fs_app.routing import CallFacts
 from fs_app.testing import CallSpec, FreeSwitchEmulator, TargetBehaviour
 from iim import cli as iim_cli
+from iim.core.metrics import REGISTRY
 from iim.keys.keyring import Keyring
 from iim.scenarios import registry as scenario_registry
 from iim.scenarios import store
@@ -41,7 +42,7 @@ from iot_bridge.events import DeviceEvent, body_fingerprint
 from iot_bridge.intake import KnownDevice, accept_event
 from policy_cache import audit, presence_store, registry
 from policy_cache.cache import PolicyCache
-from policy_cache.db import Pool, tenant_tx
+from policy_cache.db import DbRole, Pool, connect_pool, tenant_tx
 from policy_cache.models import (
     BindingCreate,
     BindingRole,
@@ -54,6 +55,7 @@ from policy_cache.store import PgPolicyStore
 from tests.alarm_rig import AlarmRig, build_rig
 from tests.conftest import eventually
 from tests.pg import TEST_MASTER_KEY, opened
+from tests.tcp_proxy import TcpFaultProxy
 
 AT = datetime(2026, 12, 6, 15, 0, tzinfo=UTC)
 _numbers = itertools.count(300)
@@ -271,6 +273,82 @@ async def test_a_full_queue_drops_the_offer_at_once_instead_of_waiting(app_pool:
         results = [intake.offer(offer) for _ in range(50)]
     assert results[0] is True
     assert False in results
+
+
+# -- PostgreSQL away: the offer is kept and tried again, until it is too old -----------------------------------
+
+def _counted(result: str, kind: str = "call") -> float:
+    return REGISTRY.get_sample_value("iim_scenario_triggers_total", {"kind": kind, "result": result}) or 0.0
+
+
+@pytest.fixture
+async def cut_off(pg_db: Any) -> AsyncIterator[tuple[TcpFaultProxy, Pool]]:
+    """A pool whose path to PostgreSQL the test cuts and restores."""
+    proxy = TcpFaultProxy(pg_db.app_url)
+    await proxy.start()
+    pool = await connect_pool(proxy.dsn(), role=DbRole.APP, min_size=1, max_size=2, command_timeout=2.0,
+                              acquire_timeout=2.0)
+    try:
+        yield proxy, pool
+    finally:
+        await pool.close()
+        await proxy.close()
+
+
+async def test_an_offer_the_store_did_not_take_is_tried_again_and_opens_one_incident_once_it_is_back(
+        home: Home, cut_off: tuple[TcpFaultProxy, Pool]) -> None:
+    proxy, pool = cut_off
+    retried = _counted("retried")
+    proxy.cut()
+    async with TriggerIntake(pool, timeout_s=1.0, retry_initial_s=0.1, retry_max_s=0.3) as intake:
+        assert intake.offer(TriggerOffer(TriggerKind.CALL, home.rig.tenant_id, home.owner_id, home.child,
+                                         "call:kept", datetime.now(UTC)))
+        await eventually(lambda: _counted("retried") >= retried + 3, timeout=10)
+        proxy.restore()
+        await asyncio.wait_for(intake.drain(), 15)
+    [row] = await home.rows("SELECT first_event_id, sender FROM iim.incident WHERE device_id IS NULL")
+    assert row == {"first_event_id": "call:kept", "sender": home.child}
+
+
+async def test_an_offer_past_its_maximum_age_is_dropped_counted_and_logged(
+        home: Home, cut_off: tuple[TcpFaultProxy, Pool], caplog: pytest.LogCaptureFixture) -> None:
+    proxy, pool = cut_off
+    expired = _counted("expired")
+    proxy.cut()
+    async with TriggerIntake(pool, timeout_s=1.0, max_age_s=1.0, retry_initial_s=0.2, retry_max_s=0.2) as intake:
+        intake.offer(TriggerOffer(TriggerKind.CALL, home.rig.tenant_id, home.owner_id, home.child, "call:late",
+                                  datetime.now(UTC)))
+        await asyncio.wait_for(intake.drain(), 10)  # given up on, not held forever
+        proxy.restore()
+        # An offer already that old when its turn comes (a call long over) never reaches the store.
+        intake.offer(TriggerOffer(TriggerKind.CALL, home.rig.tenant_id, home.owner_id, home.child, "call:stale",
+                                  datetime.now(UTC) - timedelta(hours=1)))
+        await asyncio.wait_for(intake.drain(), 10)
+    assert _counted("expired") == expired + 2
+    assert "past its maximum age of 1 s" in caplog.text
+    assert await home.rows("SELECT id FROM iim.incident WHERE device_id IS NULL") == []
+
+
+async def test_stopping_while_an_offer_waits_to_be_tried_again_does_not_hang_and_counts_it_dropped(
+        home: Home, cut_off: tuple[TcpFaultProxy, Pool]) -> None:
+    proxy, pool = cut_off
+    dropped, retried = _counted("dropped"), _counted("retried")
+    proxy.cut()
+    intake = TriggerIntake(pool, timeout_s=1.0, consumers=1, retry_initial_s=30.0, retry_max_s=30.0)
+    await intake.start()
+    for ref in ("call:held", "call:queued"):
+        intake.offer(TriggerOffer(TriggerKind.CALL, home.rig.tenant_id, home.owner_id, home.child, ref,
+                                  datetime.now(UTC)))
+    await eventually(lambda: _counted("retried") > retried, timeout=10)
+    await asyncio.wait_for(intake.aclose(), 5)
+    assert _counted("dropped") == dropped + 2  # the one waiting for its retry and the one behind it
+
+
+def test_the_intake_refuses_a_retry_schedule_that_cannot_work(app_pool: Pool) -> None:
+    with pytest.raises(ValueError, match="retry_max_s"):
+        TriggerIntake(app_pool, retry_initial_s=5.0, retry_max_s=1.0)
+    with pytest.raises(ValueError, match="max_age_s"):
+        TriggerIntake(app_pool, max_age_s=0)
 
 
 # -- the call path -------------------------------------------------------------------------------------------
