@@ -62,7 +62,7 @@ RAW_BODY = web.RequestKey("admin_raw_body", bytes)
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The raw body, refusing more than ``limit`` bytes before reading them when the length is declared."""
-    kept = request.get(RAW_BODY)
+    kept: bytes | None = request.get(RAW_BODY)
     if kept is not None:
         return kept
     declared = request.content_length
