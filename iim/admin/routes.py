@@ -26,6 +26,7 @@ from iim.admin.scopes import (
     body_rows,
     brand_region_in_body,
     brand_region_in_query,
+    household_change,
     household_in_path,
     household_in_query,
     row_in_path,
@@ -100,7 +101,7 @@ def _household_rows(spec: AnySpec, listing: ScopeResolver | None) -> _Scopes:
 #: Collections of household-bound rows (iim.admin.scopes); the others (subscribers, consents, brands, plans,
 #: credentials...) are tenant-wide: a scoped grant is refused there.
 _SCOPES: dict[str, _Scopes] = {
-    HOUSEHOLD.name: _Scopes(brand_region_in_query, brand_region_in_body, household_in_path, household_in_path),
+    HOUSEHOLD.name: _Scopes(brand_region_in_query, brand_region_in_body, household_in_path, household_change),
     DEVICE.name: _household_rows(DEVICE, household_in_query),
     POLICY.name: _household_rows(POLICY, None),
     BINDING.name: _Scopes(household_in_query, body_rows({**_IN_HOUSEHOLD, **_ON_DEVICE}, optional=frozenset({

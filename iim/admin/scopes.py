@@ -23,7 +23,7 @@ from iim.admin.routing import Scope, ScopeResolver
 from iim.admin.views import SERVICE, SETTINGS
 from policy_cache import registry
 
-__all__ = ["body_rows", "brand_region_in_body", "brand_region_in_query", "household_in_path", "household_in_query", "row_in_path",
+__all__ = ["body_rows", "brand_region_in_body", "brand_region_in_query", "household_change", "household_in_path", "household_in_query", "row_in_path",
            "rows_in_query", "uuid_in_path"]
 
 
@@ -155,6 +155,26 @@ async def brand_region_in_body(request: web.Request, tenant_id: UUID) -> list[Sc
             return None
     brand, region = found
     return None if brand is None and region is None else [(brand, region)]
+
+
+async def household_change(request: web.Request, tenant_id: UUID) -> list[Scope] | None:
+    """``PATCH /households/{id}``: the household's brand/region now and, when the body changes them, after."""
+    now = await household_in_path(request, tenant_id)
+    payload = await _body(request)
+    if now is None or payload is None:
+        return None
+    after: list[UUID | None] = list(now[0])
+    for i, field in enumerate(("brand_id", "region_id")):
+        if field not in payload:
+            continue
+        value = payload[field]
+        if value is not None and not isinstance(value, str):
+            return None
+        try:
+            after[i] = None if value is None else UUID(value)
+        except ValueError:
+            return None
+    return [now[0], (after[0], after[1])]
 
 
 def row_in_path(spec: AnySpec, moves: dict[str, AnySpec] | None = None) -> ScopeResolver:

@@ -274,7 +274,9 @@ async def test_brand_scoped_grant_reaches_its_brand_and_is_refused_the_same_else
 
 
 async def test_scoped_grant_cannot_move_rows_out_of_its_brand_nor_make_them_tenant_wide(rig: Rig) -> None:
-    for path, body in ((f"/scenarios/{rig.a.scen}", {"household_id": rig.b.hh}),
+    for path, body in ((f"/households/{rig.a.hh}", {"brand_id": rig.b.brand}),
+                       (f"/households/{rig.a.hh}", {"brand_id": None}),
+                       (f"/scenarios/{rig.a.scen}", {"household_id": rig.b.hh}),
                        (f"/scenarios/{rig.a.scen}", {"household_id": None}),
                        (f"/sia-accounts/{rig.a.sia}", {"device_id": rig.b.dev}),
                        ("/scenarios", {"name": "everyone", **SCENARIO}),
@@ -284,3 +286,5 @@ async def test_scoped_grant_cannot_move_rows_out_of_its_brand_nor_make_them_tena
         assert (status, answer["error_id"]) == (403, "forbidden"), (path, body, answer)
     status, answer = await rig.call("PATCH", f"/scenarios/{rig.a.scen}", rig.scoped, {"household_id": rig.a.fresh})
     assert status == 200, answer  # within its brand: allowed
+    status, answer = await rig.call("PATCH", f"/households/{rig.a.hh}", rig.scoped, {"brand_id": rig.a.brand})
+    assert status == 200, answer
