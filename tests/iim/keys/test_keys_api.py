@@ -163,17 +163,19 @@ async def test_the_key_routes_are_in_the_openapi_document(api: Api) -> None:
 
 
 async def test_a_start_while_a_rotation_runs_answers_the_running_job(api: Api) -> None:
-    async with api.pool.acquire() as holder:  # another service holds the job: it stays running meanwhile
-        first, created = await api.rotations.begin(api.tenant, RotateBody(finish=True), actor="root@noc")
+    async with api.pool.acquire() as holder:
+        async with tenant_tx(api.pool, api.tenant) as conn:
+            first, created = await api.rotations.open(conn, api.tenant, RotateBody(finish=True), actor="root@noc")
         assert created
-        assert await key_store.job_lock(holder, first.id)
+        assert await key_store.job_lock(holder, first.id)  # another service runs it: it stays running meanwhile
         async with api.session.post(f"{api.url}/v1/tenants/{api.tenant}/keys/rotate", json={"batch": 7},
                                     headers={"Authorization": f"Bearer {ADMIN}"}) as resp:
             again = await resp.json()
             assert (resp.status, resp.headers.get("Idempotent-Replayed")) == (202, "true"), again
         assert (again["id"], again["state"], again["finish"], again["batch"]) == (str(first.id), "running", True, 500)
         await key_store.job_unlock(holder, first.id)
-    await eventually(lambda: not api.rotations.running(first.id), timeout=30.0)  # taken up after the backoff
+    # The start launched it here too: taken up once the other service let it go (after the backoff).
+    await eventually(lambda: not api.rotations.running(first.id), timeout=30.0)
     _, last = await api.call("GET", f"/v1/tenants/{api.tenant}/keys/rotation")
     assert (last["id"], last["state"]) == (str(first.id), "done")
     async with tenant_tx(api.pool, api.tenant, readonly=True) as conn:
