@@ -1,5 +1,5 @@
 """Every statement on ``iim.tenant_data_key`` (a tenant's data keys, each stored wrapped by a master key) and on
-``iim.key_rotation_job`` (a tenant's data-key rotation, kept so that it survives a restart: migration 0040)."""
+``iim.key_rotation_job`` (a tenant's data-key rotation, kept so that it survives a restart: migration 0042)."""
 
 from __future__ import annotations
 

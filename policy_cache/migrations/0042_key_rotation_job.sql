@@ -1,4 +1,4 @@
--- 0040: a tenant's data-key rotation job, kept in the database so that it survives a restart of the service
+-- 0042: a tenant's data-key rotation job, kept in the database so that it survives a restart of the service
 -- running it: the service resumes every job still 'running' at start (iim.keys_api.KeyRotations), and its state
 -- and progress are readable by any instance (GET /v1/keys, iim keys status).
 --
