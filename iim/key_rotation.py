@@ -9,8 +9,9 @@ readable throughout. Each step is one short tenant transaction; every rotation i
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 #: Tables whose sensitive column is sealed (column ``body``, key id in ``body_key``).
 SEALED_TABLES = (sms_store.OUTBOX, sms_store.INBOUND)
+
+#: ``progress(table, rows)`` after each batch; a coroutine is awaited (the admin API's job writes it down).
+Progress = Callable[[str, int], Awaitable[None] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +105,8 @@ async def rewrap_master(pool: Pool, keyring: Keyring, tenant_id: UUID, *, actor:
 
 
 async def rotate_data_key(pool: Pool, keyring: Keyring, tenant_id: UUID, *, actor: str, batch: int = 500,
-                          new_key: bool = True, started: Callable[[int], None] | None = None,
-                          progress: Callable[[str, int], None] | None = None,
+                          new_key: bool = True, started: Callable[[int], Awaitable[None] | None] | None = None,
+                          progress: Progress | None = None,
                           legacy: Sealer | None = None) -> DataKeyRotation:
     """Give ``tenant_id`` a new data key (unless ``new_key`` is False: only finish re-sealing with the active
     one) and re-seal every row sealed with an older key, or still in clear, ``batch`` rows a transaction;
@@ -110,7 +114,8 @@ async def rotate_data_key(pool: Pool, keyring: Keyring, tenant_id: UUID, *, acto
 
     New fields are sealed with the new key by every service within its keyring's active-key TTL; rows a
     service sealed with the old key meanwhile are caught by running this again with ``new_key=False``.
-    ``started(key_id)`` once the key exists; ``progress(table, rows)`` after each batch (the admin API's job).
+    ``started(key_id)`` once the key exists; ``progress(table, rows)`` after each batch (the admin API's job;
+    either may be a coroutine function).
     """
     async with tenant_tx(pool, tenant_id) as conn:
         active = await key_store.active_key(conn)
@@ -122,7 +127,7 @@ async def rotate_data_key(pool: Pool, keyring: Keyring, tenant_id: UUID, *, acto
                                detail={"key_id": key_id, "previous_key_id": active["key_id"] if active else None})
     keyring.forget(tenant_id)
     if started is not None:
-        started(key_id)
+        await _called(started(key_id))
     resealed: dict[str, int] = {}
     unreadable = 0
     for table in SEALED_TABLES:
@@ -143,7 +148,7 @@ async def rotate_data_key(pool: Pool, keyring: Keyring, tenant_id: UUID, *, acto
 
 
 async def _reseal_table(pool: Pool, keyring: Keyring, tenant_id: UUID, table: str, key_id: int,
-                        batch: int, progress: Callable[[str, int], None] | None) -> tuple[int, int]:
+                        batch: int, progress: Progress | None) -> tuple[int, int]:
     done = unreadable = 0
     after = UUID(int=0)
     while True:
@@ -167,4 +172,9 @@ async def _reseal_table(pool: Pool, keyring: Keyring, tenant_id: UUID, table: st
             done += len(resealed)
             after = rows[-1]["id"]
         if progress is not None:
-            progress(table, len(resealed))
+            await _called(progress(table, len(resealed)))
+
+
+async def _called(result: Awaitable[None] | None) -> None:
+    if inspect.isawaitable(result):
+        await result

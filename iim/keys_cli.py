@@ -7,7 +7,8 @@
     iim keys rotate --all-tenants [--finish] every tenant; --finish: no new key, re-seal what is left
                                              (with IIM_LINK_TOKEN_KEY_REF given, account-link tokens still
                                              in the old format are re-sealed under the data key too)
-    iim keys status [--tenant T]             data keys per tenant (id, master, created), never a key
+    iim keys status [--tenant T]             data keys per tenant (id, master, created), never a key, and the
+                                             tenant's rotation job (running, else the last; survives restarts)
 
 Exit codes: 0 done; 1 some rows did not open (logged, left as they were); 2 configuration refused.
 """
@@ -28,6 +29,7 @@ from iim.core.secrets import resolve_secret
 from iim.key_rotation import rewrap_master, rotate_data_key
 from iim.keys import store as key_store
 from iim.keys.keyring import Keyring, load_master_keys
+from iim.keys_api import RotationJob
 from iim.linking.sealing import AesGcmSealer
 from iim.settings import Settings
 from policy_cache.db import DbRole, connect_pool, tenant_tx
@@ -89,10 +91,12 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
             for tenant in tenants:
                 async with tenant_tx(pool, tenant, readonly=True) as conn:
                     rows = await key_store.keys(conn)
+                    job = await key_store.last_job(conn)
                 print(json.dumps({"tenant_id": str(tenant), "keys": [
                     {"key_id": r["key_id"], "master_key_id": r["master_key_id"],
                      "current_master": r["master_key_id"] == master.key_id,
-                     "created_at": r["created_at"].isoformat()} for r in rows]}))
+                     "created_at": r["created_at"].isoformat()} for r in rows],
+                    "rotation": None if job is None else RotationJob.of(job).model_dump(mode="json")}))
             return 0
         actor = args.actor or f"cli:{getpass.getuser()}"
         failed = 0

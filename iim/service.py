@@ -373,8 +373,12 @@ class Service:
             extra.extend(link_routes(lambda: policy.linking))
             extra.extend(hub_command_routes(lambda: self.mqtt))  # commands to hubs over MQTT (when it runs)
             # Data keys: status and rotation jobs (admin only); the jobs end with the HTTP site.
+            # Jobs are kept in the database: those a previous run left are resumed once the site starts.
             rotations = KeyRotations(lambda: policy.pool, lambda: policy.keyring,
-                                     lambda: None if policy.linking is None else policy.linking.legacy)
+                                     lambda: None if policy.linking is None else policy.linking.legacy,
+                                     directory=lambda: policy.directory_pool,
+                                     deadline_s=admin_settings.store_deadline_s)
+            root.on_startup.append(lambda _app: rotations.start())
             root.on_cleanup.append(lambda _app: rotations.aclose())
             extra.extend(key_routes(rotations, lambda: policy.pool, lambda: policy.directory_pool,
                                     lambda: policy.keyring))

@@ -78,12 +78,12 @@ def _guard(route: Route) -> Handler:
                 # A brand/region-scoped grant: allowed when the request's household is in its scope (a household
                 # that does not exist, or a request naming none, is in no scope: the same answer, no oracle).
                 assert resolver is not None
-                found = await resolver(request, tenant_id)
-                brand, region = found if found is not None else (None, None)
-                if route.foreign_tenant_not_found and (
-                        found is None or not principal.can_household(tenant_id, brand, region, write=False)):
+                scopes = await resolver(request, tenant_id) or [(None, None)]
+                if route.foreign_tenant_not_found and not all(
+                        principal.can_household(tenant_id, brand, region, write=False) for brand, region in scopes):
                     raise NotFound("no such row")
-                principal.require_household(tenant_id, brand, region, write=write)
+                for brand, region in scopes:  # a move: the row's household and the one it goes to
+                    principal.require_household(tenant_id, brand, region, write=write)
             elif write:
                 principal.require_write(tenant_id)
             else:

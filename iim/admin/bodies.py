@@ -56,8 +56,15 @@ def loads_strict(data: bytes) -> Any:
         raise MalformedRequest("request body nests too deeply") from exc
 
 
+#: The body as read already (by a brand/region scope check before the handler: ``iim.admin.scopes``).
+RAW_BODY = web.RequestKey("admin_raw_body", bytes)
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The raw body, refusing more than ``limit`` bytes before reading them when the length is declared."""
+    kept: bytes | None = request.get(RAW_BODY)
+    if kept is not None:
+        return kept
     declared = request.content_length
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
@@ -66,7 +73,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         buf += chunk
         if len(buf) > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-    return bytes(buf)
+    request[RAW_BODY] = bytes(buf)
+    return request[RAW_BODY]
 
 
 async def read_json_object(request: web.Request, limit: int) -> tuple[bytes, dict[str, Any]]:

@@ -6,13 +6,14 @@ actor); the same ``id`` again answers the first command as it stands now (``Idem
 publishes nothing. ``GET .../commands/{id}`` shows it with the hub's answer (``state``); ``GET .../commands``
 lists the hub's commands newest first (``?state=``, ``?limit=``, ``?after=`` the previous page's cursor). ``{hub}`` is the hub's
 device id (its ``external_id``, the one in its certificate and topics). An unknown hub, and another tenant's,
-is the same 404; the broker not connected is a 503 ``broker-unavailable`` with ``Retry-After``.
+is the same 404 (for a grant scoped to a brand or region, so is a hub of a household outside its scope); the broker not connected is a 503 ``broker-unavailable`` with ``Retry-After``.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from uuid import UUID
 
 from aiohttp import web
 
@@ -29,7 +30,7 @@ from iim.admin.problems import (
     ValidationFailed,
 )
 from iim.admin.resources import NoQuery
-from iim.admin.routing import Access, PathParam, Route
+from iim.admin.routing import Access, PathParam, Route, Scope
 from iim.admin.views import PRINCIPAL, REQUEST_ID, SERVICE, SETTINGS, json_response, path_uuid
 from iot_bridge.mqtt.commands import (
     CommandConflict,
@@ -46,6 +47,7 @@ from iot_bridge.mqtt.commands import (
     list_commands,
     send_command,
 )
+from iot_bridge.mqtt.store import find_hub
 
 __all__ = ["hub_command_routes"]
 
@@ -66,6 +68,17 @@ async def _mapped() -> AsyncIterator[None]:
     except MqttUnavailable as exc:
         raise BrokerUnavailable(f"{exc}; nothing was sent, retry with the same id",
                                 retry_after_s=RETRY_AFTER_S) from exc
+
+
+async def hub_in_path(request: web.Request, tenant_id: UUID) -> list[Scope] | None:
+    """The household of the hub ``{hub}`` (a device of type hub), for grants scoped to a brand or region."""
+    service = request.config_dict[SERVICE]
+    async with service.in_tenant(tenant_id, write=False) as conn:
+        device = await find_hub(conn, request.match_info["hub"])
+    if device is None:
+        return None
+    found = await service.household_scope(tenant_id, device["household_id"])
+    return None if found is None else [found]
 
 
 def hub_command_routes(publisher: Callable[[], CommandPublisher | None]) -> list[Route]:
@@ -108,13 +121,14 @@ def hub_command_routes(publisher: Callable[[], CommandPublisher | None]) -> list
               response_description="Published (the broker took it), or the first command of this id",
               errors=(NotFound, Conflict, BrokerUnavailable, StoreUnavailable, MalformedRequest, PayloadTooLarge,
                       UnsupportedMediaType, ValidationFailed, InvalidParameter),
-              foreign_tenant_not_found=True),
+              foreign_tenant_not_found=True, scope=hub_in_path),
         Route("GET", base, list_, "listHubCommands",
               "The commands sent to a hub, newest first, with the hub's answers (paginated; by state)", "hubs",
               Access.READ, path_params=(tenant, hub), query_model=HubCommandQuery, response_model=HubCommandPage,
-              errors=(NotFound, StoreUnavailable, InvalidParameter), foreign_tenant_not_found=True),
+              errors=(NotFound, StoreUnavailable, InvalidParameter), foreign_tenant_not_found=True,
+              scope=hub_in_path),
         Route("GET", base + "/{command_id}", show, "getHubCommand",
               "A command sent to a hub and the hub's answer", "hubs", Access.READ, path_params=(tenant, hub, command),
               query_model=NoQuery, response_model=HubCommandRecord,
-              errors=(NotFound, StoreUnavailable, InvalidParameter), foreign_tenant_not_found=True),
+              errors=(NotFound, StoreUnavailable, InvalidParameter), foreign_tenant_not_found=True, scope=hub_in_path),
     ]

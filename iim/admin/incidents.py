@@ -10,7 +10,8 @@
     POST /tenants/{tenant_id}/test-notifications           notify a device through its connector
 
 A grant scoped to a brand or region reaches the incidents of its households (the list filtered by
-``household_id``). A token that may not read the tenant gets 404 for an incident, as for an id of another tenant under its own
+``household_id``) and tests them (a test call names its household; a test notification its device, whose
+household counts). A token that may not read the tenant gets 404 for an incident, as for an id of another tenant under its own
 (row-level security); every write, and every read of incidents (``incident.read``: a timeline names the
 household's contacts and their numbers), is audited with the token's actor.
 """
@@ -39,8 +40,8 @@ from iim.admin.problems import (
     ValidationFailed,
 )
 from iim.admin.resources import NoQuery
-from iim.admin.routing import Access, Handler, PathParam, Route
-from iim.admin.scopes import household_in_query
+from iim.admin.routing import Access, Handler, PathParam, Route, Scope
+from iim.admin.scopes import body_rows, household_in_query, uuid_in_path
 from iim.admin.service import map_store_errors
 from iim.admin.views import PRINCIPAL, REQUEST_ID, SETTINGS, json_response, path_uuid
 from iim.scenarios.model import IvrOutcome
@@ -59,6 +60,7 @@ from iim.scenarios.operator.models import (
     TestNotifyResult,
     encode_cursor,
 )
+from policy_cache.registry import DEVICE, HOUSEHOLD
 
 __all__ = ["operator_routes"]
 
@@ -139,9 +141,13 @@ def operator_routes(desk: OperatorDesk) -> tuple[Route, ...]:
         return json_response(await desk.test_notify(path_uuid(request, "tenant_id"), body,
                                                     actor=request[PRINCIPAL].actor, correlation=_correlation(request)))
 
-    async def incident_in_path(request: web.Request, tenant_id: UUID) -> tuple[UUID | None, UUID | None] | None:
+    async def incident_in_path(request: web.Request, tenant_id: UUID) -> list[Scope] | None:
+        incident = uuid_in_path(request, "id")
+        if incident is None:
+            return None
         with _mapped():
-            return await desk.incident_scope(tenant_id, path_uuid(request, "id"))
+            found = await desk.incident_scope(tenant_id, incident)
+        return None if found is None else [found]
 
     base = "/tenants/{tenant_id}/incidents"
     one = base + "/{id}"
@@ -170,9 +176,11 @@ def operator_routes(desk: OperatorDesk) -> tuple[Route, ...]:
         Route("POST", "/tenants/{tenant_id}/test-calls", test(TestCallBody, test_call), "placeTestCall",
               "Ring a household's contact through the alert call's guard, originate and IVR (no incident; waits "
               "for the outcome)", "tests", Access.WRITE, path_params=(_TENANT,), request_model=TestCallBody,
-              response_model=TestCallResult, errors=(InvalidReference, Forbidden, ServiceUnavailable, *_BODY)),
+              response_model=TestCallResult, errors=(InvalidReference, Forbidden, ServiceUnavailable, *_BODY),
+              scope=body_rows({"household_id": HOUSEHOLD})),
         Route("POST", "/tenants/{tenant_id}/test-notifications", test(TestNotifyBody, test_notify),
               "sendTestNotification", "Send a test notification to a device through its connector; the vendor's "
               "answer", "tests", Access.WRITE, path_params=(_TENANT,), request_model=TestNotifyBody,
-              response_model=TestNotifyResult, errors=(InvalidReference, Forbidden, *_BODY)),
+              response_model=TestNotifyResult, errors=(InvalidReference, Forbidden, *_BODY),
+              scope=body_rows({"device_id": DEVICE})),
     )

@@ -3,6 +3,8 @@ table specs)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from iim.admin import views
 from iim.admin.presence import presence_routes
 from iim.admin.problems import (
@@ -18,12 +20,21 @@ from iim.admin.problems import (
     ValidationFailed,
     VersionConflict,
 )
-from iim.admin.resources import RESOURCES, ListQuery, NoQuery, Resource, page_model
-from iim.admin.routing import Access, PathParam, Route
-from iim.admin.scopes import brand_region_in_query, household_in_query
+from iim.admin.resources import RESOURCES, AnySpec, ListQuery, NoQuery, Resource, page_model
+from iim.admin.routing import Access, PathParam, Route, ScopeResolver
+from iim.admin.scopes import (
+    body_rows,
+    brand_region_in_body,
+    brand_region_in_query,
+    household_change,
+    household_in_path,
+    household_in_query,
+    row_in_path,
+    rows_in_query,
+)
 from iim.admin.service import AuditPage, AuditQuery, ChainStatus, HeadsToVerify
 from iim.privacy.erasure import ErasureReport
-from policy_cache.registry import HOUSEHOLD, TENANT
+from policy_cache.registry import BINDING, DEVICE, HOUSEHOLD, POLICY, SCENARIO, SIA_ACCOUNT, TENANT
 
 TENANT_ID = PathParam("tenant_id", "the tenant's id")
 
@@ -68,25 +79,57 @@ def _tenant_routes() -> list[Route]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class _Scopes:
+    """How a brand/region-scoped grant's request on a collection finds its household (None: it never does)."""
+
+    listing: ScopeResolver | None = None
+    create: ScopeResolver | None = None
+    one: ScopeResolver | None = None
+    update: ScopeResolver | None = None
+
+
+_IN_HOUSEHOLD = {"household_id": HOUSEHOLD}
+_ON_DEVICE = {"device_id": DEVICE}
+
+
+def _household_rows(spec: AnySpec, listing: ScopeResolver | None) -> _Scopes:
+    """A collection of rows that each belong to one household (``household_id``), not moved by a change."""
+    return _Scopes(listing, body_rows(_IN_HOUSEHOLD), row_in_path(spec), row_in_path(spec))
+
+
+#: Collections of household-bound rows (iim.admin.scopes); the others (subscribers, consents, brands, plans,
+#: credentials...) are tenant-wide: a scoped grant is refused there.
+_SCOPES: dict[str, _Scopes] = {
+    HOUSEHOLD.name: _Scopes(brand_region_in_query, brand_region_in_body, household_in_path, household_change),
+    DEVICE.name: _household_rows(DEVICE, household_in_query),
+    POLICY.name: _household_rows(POLICY, None),
+    BINDING.name: _Scopes(household_in_query, body_rows({**_IN_HOUSEHOLD, **_ON_DEVICE}, optional=frozenset({
+        "device_id"})), row_in_path(BINDING), row_in_path(BINDING)),
+    SCENARIO.name: _Scopes(household_in_query, body_rows(_IN_HOUSEHOLD), row_in_path(SCENARIO),
+                           row_in_path(SCENARIO, _IN_HOUSEHOLD)),
+    SIA_ACCOUNT.name: _Scopes(rows_in_query("device_id", DEVICE), body_rows(_ON_DEVICE), row_in_path(SIA_ACCOUNT),
+                              row_in_path(SIA_ACCOUNT, _ON_DEVICE)),
+}
+
+
 def _resource_routes(res: Resource) -> list[Route]:
     one = PathParam("id", f"the {res.table.label}'s id")
     base = f"/tenants/{{tenant_id}}/{res.plural}"
     label = res.table.label
-    scoped = res.table is HOUSEHOLD
-    # A brand/region-scoped grant may list what its filters confine to its scope (iim.admin.scopes).
-    list_scope = brand_region_in_query if scoped else household_in_query if any(
-        f.column == "household_id" for f in res.table.filters) else None
+    scopes = _SCOPES.get(res.name, _Scopes())
     routes = [
         Route("GET", base, views.list_view(res), _camel("list", res.plural), f"List {res.plural}", res.plural,
               Access.READ, path_params=(TENANT_ID,), query_model=res.list_query, response_model=res.page_model,
-              errors=(NotFound, InvalidParameter), scope=list_scope),
+              errors=(NotFound, InvalidParameter), scope=scopes.listing),
         Route("POST", base, views.create_view(res), _camel(res.create_verb, res.name),
               f"{res.create_verb.title()} a {label}", res.plural, Access.WRITE, path_params=(TENANT_ID,),
               request_model=res.create_model, response_model=res.read_model, response_status=201,
-              response_description="Created", errors=(NotFound, Conflict, InvalidReference, *_BODY_ERRORS)),
+              response_description="Created", errors=(NotFound, Conflict, InvalidReference, *_BODY_ERRORS),
+              scope=scopes.create),
         Route("GET", base + "/{id}", views.get_view(res), _camel("get", res.name), f"Show a {label}",
               res.plural, Access.READ, path_params=(TENANT_ID, one), query_model=NoQuery,
-              response_model=res.read_model, errors=(NotFound, InvalidParameter), household_scoped=scoped),
+              response_model=res.read_model, errors=(NotFound, InvalidParameter), scope=scopes.one),
     ]
     if res.update_model is not None:
         errors: tuple[type[ApiError], ...] = (NotFound, Conflict, InvalidReference, *_BODY_ERRORS)
@@ -96,14 +139,14 @@ def _resource_routes(res: Resource) -> list[Route]:
             "PATCH", base + "/{id}", views.update_view(res), _camel("update", res.name),
             f"Change a {label} (only the fields sent; null clears a nullable field)", res.plural, Access.WRITE,
             path_params=(TENANT_ID, one), query_model=res.update_query, request_model=res.update_model,
-            response_model=res.read_model, errors=errors, household_scoped=scoped,
+            response_model=res.read_model, errors=errors, scope=scopes.update,
         ))
     if res.deletable:
         routes.append(Route(
             "DELETE", base + "/{id}", views.delete_view(res), _camel("delete", res.name), f"Delete a {label}",
             res.plural, Access.WRITE, path_params=(TENANT_ID, one), query_model=NoQuery, response_status=204,
             response_description="Deleted", errors=(NotFound, StillReferenced, InvalidParameter),
-            household_scoped=scoped,
+            scope=scopes.one,
         ))
     if res.revocable:
         routes.append(Route(

@@ -18,9 +18,12 @@ from pydantic import BaseModel
 from iim.admin.problems import ApiError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-#: Where the household a request is about lies, ``(brand, region)``, for a grant scoped to a brand or region
-#: (``iim.admin.scopes``); ``None``: the request names no single household (no scoped grant may make it).
-ScopeResolver = Callable[[web.Request, UUID], Awaitable[tuple[UUID | None, UUID | None] | None]]
+#: Where a household lies: its ``(brand, region)``.
+Scope = tuple[UUID | None, UUID | None]
+#: Where the household(s) a request is about lie, for a grant scoped to a brand or region (``iim.admin.scopes``;
+#: a change moving a row to another household names both); ``None`` or empty: the request names no household it
+#: may be judged by (unknown, none, malformed): no scoped grant may make it.
+ScopeResolver = Callable[[web.Request, UUID], Awaitable[list[Scope] | None]]
 
 
 class Access(enum.Enum):

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from iim.admin import problems
 from iim.admin.problems import FieldError
-from iim.admin.resources import Correlation, ListQuery, Resource
+from iim.admin.resources import AnySpec, Correlation, ListQuery, Resource
 from iim.core.errors import STORE_UNAVAILABLE
 from iim.privacy.erasure import ErasureReport, erase_subscriber
 from policy_cache import audit, audit_heads, registry
@@ -153,6 +153,28 @@ async def _audit_read(conn: Connection, actor: str, entity: str, row_id: UUID | 
                       detail=detail, correlation=correlation)
 
 
+async def _household_scope(conn: Connection, household_id: UUID) -> tuple[UUID | None, UUID | None] | None:
+    try:
+        row = await registry.get(conn, registry.HOUSEHOLD, household_id)
+    except store.NotFound:
+        return None
+    return row.brand_id, row.region_id
+
+
+async def _row_household(conn: Connection, spec: AnySpec, row_id: UUID) -> UUID | None:
+    """The household ``row_id`` of ``spec`` belongs to (None: no such row, or none)."""
+    if spec is registry.HOUSEHOLD:
+        return row_id
+    try:
+        row = await registry.get(conn, spec, row_id)
+    except store.NotFound:
+        return None
+    if spec is registry.SIA_ACCOUNT:
+        return await _row_household(conn, registry.DEVICE, getattr(row, "device_id"))  # noqa: B009
+    household = getattr(row, "household_id", None)
+    return household if isinstance(household, UUID) else None
+
+
 class RegistryService:
     """Registry operations for the API, each in one tenant-scoped transaction.
 
@@ -227,14 +249,28 @@ class RegistryService:
             await self._require_tenant(conn, tenant_id)
             await registry.delete(conn, registry.TENANT, tenant_id, actor=actor, correlation=correlation)
 
-    async def household_scope(self, tenant_id: UUID, household_id: UUID) -> tuple[UUID | None, UUID | None]:
-        """The household's brand and region, for a grant scoped to one; ``(None, None)`` when there is none."""
+    async def household_scope(self, tenant_id: UUID, household_id: UUID) -> tuple[UUID | None, UUID | None] | None:
+        """The household's brand and region, for a grant scoped to one; ``None`` when there is no such household."""
         async with self._tx(tenant_id, write=False) as conn:
-            try:
-                row = await registry.get(conn, registry.HOUSEHOLD, household_id)
-            except store.NotFound:
-                return None, None
-        return row.brand_id, row.region_id
+            return await _household_scope(conn, household_id)
+
+    async def rows_scope(self, tenant_id: UUID, rows: Sequence[tuple[AnySpec, UUID]],
+                         ) -> list[tuple[UUID | None, UUID | None]] | None:
+        """The brand and region of the household each row belongs to (a household is its own; a device, binding,
+        policy or scenario names one; a SIA account through its device), for grants scoped to a brand or region.
+
+        ``None`` when any row does not exist or belongs to no household (a tenant-wide scenario): such a request
+        is in no scope, and a scoped grant gets the same refusal as for another brand's row.
+        """
+        found: list[tuple[UUID | None, UUID | None]] = []
+        async with self._tx(tenant_id, write=False) as conn:
+            for spec, row_id in rows:
+                household = await _row_household(conn, spec, row_id)
+                scope = None if household is None else await _household_scope(conn, household)
+                if scope is None:
+                    return None
+                found.append(scope)
+        return found
 
     @asynccontextmanager
     async def in_tenant(self, tenant_id: UUID, *, write: bool) -> AsyncIterator[Connection]:

@@ -13,8 +13,9 @@ Each batch is one short tenant transaction; a value a renewal replaced meanwhile
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from uuid import UUID
 
 from iim.core.errors import ConfigError
@@ -34,7 +35,8 @@ class LegacyTokensWithoutKey(ConfigError):
 
 async def reseal_tenant(pool: Pool, keyring: Keyring, tenant_id: UUID, *, key_id: int | None,
                         legacy: Sealer | None, batch: int = 500,
-                        progress: Callable[[str, int], None] | None = None) -> tuple[dict[str, int], int]:
+                        progress: Callable[[str, int], Awaitable[None] | None] | None = None,
+                        ) -> tuple[dict[str, int], int]:
     """Re-seal ``tenant_id``'s link secrets not sealed by data key ``key_id`` with it (``None``: only those in
     the old format, with the tenant's active key). ``(rows re-sealed by table, values that did not open)``:
     those are left as they are, logged, never guessed."""
@@ -67,7 +69,9 @@ async def reseal_tenant(pool: Pool, keyring: Keyring, tenant_id: UUID, *, key_id
                 after = rows[-1][0]
             done += written
             if progress is not None:
-                progress(table, written)
+                reported = progress(table, written)
+                if inspect.isawaitable(reported):  # the admin API's rotation job writes its progress down
+                    await reported
         resealed[table] = done
     return resealed, unreadable
 

@@ -17,7 +17,7 @@ from policy_cache.db import Connection, Pool
 
 __all__ = ["find_command", "find_hub", "insert_command", "list_commands", "purge_commands", "record_ack"]
 
-_HUB = "SELECT id, enabled FROM iim.device WHERE external_id = $1 AND type = 'hub'"
+_HUB = "SELECT id, enabled, household_id FROM iim.device WHERE external_id = $1 AND type = 'hub'"
 _FIND = """SELECT command_id, name, arguments, state, actor, sent_at, acked_at, ack_detail
              FROM iim.hub_command WHERE device_id = $1 AND command_id = $2"""
 # ON CONFLICT DO NOTHING: a concurrent request with the same id waits for the first one's transaction, then
@@ -40,7 +40,7 @@ _ACK = """UPDATE iim.hub_command c SET state = $3, acked_at = now(), ack_detail 
 
 
 async def find_hub(conn: Connection, hub: str) -> asyncpg.Record | None:
-    """(id, enabled) of the tenant's hub whose external id is ``hub``."""
+    """(id, enabled, household_id) of the tenant's hub whose external id is ``hub``."""
     row: asyncpg.Record | None = await conn.fetchrow(_HUB, hub)
     return row
 

@@ -15,7 +15,7 @@ from policy_cache.errors import MigrationChecksumError, MigrationError, SchemaTo
 from tests.pg import PgDatabase
 
 TENANT_TABLES = ["tenant", "brand", "region", "household", "subscriber", "credential_ref", "device", "binding",
-                 "consent", "policy", "scenario", "audit_log", "change_log", "hub_command"]
+                 "consent", "policy", "scenario", "audit_log", "change_log", "hub_command", "key_rotation_job"]
 
 
 def test_migration_files_are_numbered_without_gaps() -> None:
