@@ -215,6 +215,19 @@ class KeyRotations(AsyncResource):
             self.launch(tenant_id, job_id)
         self._resumed = True
 
+    async def run_once(self, tenant_id: UUID, job_id: UUID) -> None:
+        """Run a committed job here and now, to its end (``iim keys rotate``: the command line's rotation is a job
+        like the API's, so a service and the command line never rotate one tenant at once).
+
+        Raises:
+            JobElsewhere: a service holds the job's lock.
+        """
+        self._running.add(job_id)
+        try:
+            await self._run(tenant_id, job_id)
+        finally:
+            self._running.discard(job_id)
+
     async def _run(self, tenant_id: UUID, job_id: UUID) -> None:
         """One run of a job, under its advisory lock (one service at a time runs it: another one waits, polling
         with the backoff, and takes it up if the first dies)."""

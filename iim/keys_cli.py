@@ -10,7 +10,12 @@
     iim keys status [--tenant T]             data keys per tenant (id, master, created), never a key, and the
                                              tenant's rotation job (running, else the last; survives restarts)
 
-Exit codes: 0 done; 1 some rows did not open (logged, left as they were); 2 configuration refused.
+A data-key rotation from here is a rotation job like the API's (``iim.key_rotation_job``, audited the same way):
+when the tenant already has one running (a service's, or a command line's cut short), nothing new starts -- a
+service resumes a cut job at its start, and ``--finish`` here takes it up too.
+
+Exit codes: 0 done; 1 some rows did not open (logged, left as they were), or the job failed; 2 configuration
+refused; 3 a rotation job of that tenant runs elsewhere (``iim keys status`` follows it).
 """
 
 from __future__ import annotations
@@ -23,16 +28,18 @@ import sys
 from pathlib import Path
 from uuid import UUID
 
+from pydantic import ValidationError
+
 from iim import logs
 from iim.core.errors import ConfigError
 from iim.core.secrets import resolve_secret
-from iim.key_rotation import rewrap_master, rotate_data_key
+from iim.key_rotation import rewrap_master
 from iim.keys import store as key_store
 from iim.keys.keyring import Keyring, load_master_keys
-from iim.keys_api import RotationJob
+from iim.keys_api import JobElsewhere, KeyRotations, RotateBody, RotationJob
 from iim.linking.sealing import AesGcmSealer
 from iim.settings import Settings
-from policy_cache.db import DbRole, connect_pool, tenant_tx
+from policy_cache.db import DbRole, Pool, connect_pool, tenant_tx
 
 __all__ = ["register_subcommands"]
 
@@ -105,13 +112,42 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
                 done = await rewrap_master(pool, keyring, tenant, actor=actor)
                 print(json.dumps({"tenant_id": str(tenant), "rewrapped": done.rewrapped, "unchanged": done.unchanged}))
             return 0
+        try:
+            body = RotateBody(finish=args.finish, batch=args.batch)
+        except ValidationError as exc:
+            raise ConfigError(f"--batch: {exc.errors()[0]['msg']}") from exc
+        rotations = KeyRotations(lambda: pool, lambda: keyring, lambda: legacy)
+        busy = 0
         for tenant in tenants:
-            rotated = await rotate_data_key(pool, keyring, tenant, actor=actor, batch=args.batch,
-                                            new_key=not args.finish, legacy=legacy)
-            failed += rotated.unreadable
-            print(json.dumps({"tenant_id": str(tenant), "key_id": rotated.key_id, "resealed": rotated.resealed,
-                              "unreadable": rotated.unreadable}))
-        return 1 if failed else 0
+            ended = await _rotate(rotations, pool, tenant, body, actor=actor)
+            if ended.state == "running":  # not ours to run: a service (or a cut command) holds it
+                busy += 1
+                print(json.dumps({"tenant_id": str(tenant), "job_id": str(ended.id), "state": "running",
+                                  "running_since": ended.started_at.isoformat(), "started_by": ended.actor}))
+                continue
+            failed += ended.unreadable + (ended.state == "failed")
+            print(json.dumps({"tenant_id": str(tenant), "job_id": str(ended.id), "state": ended.state,
+                              "key_id": ended.key_id, "resealed": ended.resealed, "unreadable": ended.unreadable,
+                              **({"error": ended.error} if ended.error else {})}))
+        await rotations.aclose()
+        return 1 if failed else 3 if busy else 0
+
+
+async def _rotate(rotations: KeyRotations, pool: Pool, tenant: UUID, body: RotateBody, *,
+                  actor: str) -> RotationJob:
+    """Open the tenant's rotation job and run it here; a job already running is taken up only with ``--finish``
+    (it re-seals, never makes a second key) and only when no service holds it. Returns the job as it ended, or
+    as it runs elsewhere."""
+    async with tenant_tx(pool, tenant) as conn:
+        job, created = await rotations.open(conn, tenant, body, actor=actor)
+    if created or body.finish:
+        try:
+            await rotations.run_once(tenant, job.id)
+        except JobElsewhere:
+            pass
+    async with tenant_tx(pool, tenant, readonly=True) as conn:
+        row = await key_store.last_job(conn)
+    return job if row is None else RotationJob.of(row)
 
 
 def _legacy_link_key(settings: Settings) -> AesGcmSealer | None:
