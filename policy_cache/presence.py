@@ -1,8 +1,8 @@
 """Who is home, from live sources with expiry: a pure function of the claims and the time.
 
 Live sources each leave a *claim* about one subject (a person of the operator's app, a vendor's home, a
-registered phone or speaker): home or away, observed at, valid until. The registry's household presence (set by
-an admin PATCH) is the baseline when no live claim speaks. The rules, in order:
+person's registered phone or wearable): home or away, observed at, valid until. The registry's household presence
+(set by an admin PATCH) is the baseline when no live claim speaks. The rules, in order:
 
 1. A claim past its expiry says nothing (so a source that goes silent lets the answer fall back by itself).
 2. About one subject, the most explicit source wins: the operator's app (geofence) over a connector (the

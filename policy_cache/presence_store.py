@@ -102,9 +102,9 @@ SELECT tenant_id::text, household_id::text, source::text, subject, state::text,
 FROM iim.presence_claim
 WHERE expires_at > now() AND ($1::uuid[] IS NULL OR household_id = ANY($1::uuid[]))
 """
-# Whose phone or speaker is this AoR: enabled devices with that sip_uri (a person's when the registry's hint says so,
-# else when it is a wearable), and owners/members whose own SIP AoR it is (always a person's); with each household's
-# home networks and whether it holds a registration claim about the AoR ($2, the claim's subject).
+# Whose phone, speaker or wearable is this AoR: enabled devices with that sip_uri (a person's when the registry's
+# hint says so, else when it is a wearable), and owners/members whose own SIP AoR it is (always a person's); with
+# each household's home networks and whether it holds a registration claim about the AoR ($2, the claim's subject).
 _BY_AOR = """
 SELECT h.tenant_id, h.id AS household_id, bool_or(found.personal) AS personal, h.home_networks,
        EXISTS (SELECT 1 FROM iim.presence_claim c
