@@ -3,7 +3,8 @@
 An inbound ESL listener: it turns the three CUSTOM events into "AoR online/offline"
 calls on whatever keeps device status (the policy cache). ``sofia::register`` and
 ``sofia::unregister`` name the AoR in ``from-user``/``from-host``; ``sofia::expire``
-uses ``user``/``host`` and a smaller header set.
+uses ``user``/``host`` and a smaller header set. A registration's ``network-ip`` is the address the REGISTER
+came from (where the phone is; what the household's home networks are compared with).
 """
 
 from __future__ import annotations
@@ -19,17 +20,19 @@ log = logging.getLogger("iim.esl.registrations")
 REGISTRATION_EVENTS = ("CUSTOM", "sofia::register", "sofia::unregister", "sofia::expire")
 
 DeviceStatusSink = Callable[[str, bool], object]
-#: ``(aor, online, expires_s)``
-PresenceSink = Callable[[str, bool, float | None], object]
+#: ``(aor, online, expires_s, sources)``
+PresenceSink = Callable[[str, bool, float | None, tuple[str, ...]], object]
 
 
 @dataclass(frozen=True, slots=True)
 class RegistrationChange:
-    """One registration event: the AoR, whether it is registered now, and for how long (seconds; None: not said)."""
+    """One registration event: the AoR, whether it is registered now, for how long (seconds; None: not said) and
+    from where (``network-ip``; None: not said)."""
 
     aor: str
     online: bool
     expires_s: float | None
+    source: str | None = None
 
 
 def registration_change(event: Event) -> RegistrationChange | None:
@@ -57,7 +60,7 @@ def registration_change(event: Event) -> RegistrationChange | None:
         expires = float(raw) if raw.isdigit() else None
         if expires == 0:
             online, expires = False, None
-    return RegistrationChange(f"{user}@{host}", online, expires)
+    return RegistrationChange(f"{user}@{host}", online, expires, event.get("network-ip") or None)
 
 
 def registration_aor(event: Event) -> tuple[str, bool] | None:
@@ -81,11 +84,11 @@ def registration_listener(sink: DeviceStatusSink) -> Callable[[Event], None]:
 
 def presence_listener(sink: PresenceSink) -> Callable[[Event], None]:
     """An inbound-client listener that hands every registration change, with its lifetime, to ``sink`` (live
-    presence: a phone or speaker registered at home says someone is home until its registration runs out)."""
+    presence: a person's phone registered from the home network says they are home until it runs out)."""
 
     def on_event(event: Event) -> None:
         found = registration_change(event)
         if found is not None:
-            sink(found.aor, found.online, found.expires_s)
+            sink(found.aor, found.online, found.expires_s, () if found.source is None else (found.source,))
 
     return on_event

@@ -57,7 +57,8 @@ def explain(snapshot: RoutingSnapshot, to: str, caller: str | None, at_text: str
             "claims": [{"source": c.source, "subject": c.subject, "state": c.state,
                         "observed_at": datetime.fromtimestamp(c.observed_at, UTC).isoformat(),
                         "expires_at": datetime.fromtimestamp(c.expires_at, UTC).isoformat(),
-                        "live": c.expires_at > at.timestamp()} for c in snapshot.presence_claims],
+                        "live": c.expires_at > at.timestamp(), "basis": c.basis}
+                       for c in snapshot.presence_claims],
         },
     }
     if decision.action == "ring":

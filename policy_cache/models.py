@@ -8,6 +8,7 @@ ISO strings as usual) and forbid unknown fields.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import datetime, time
 from enum import StrEnum
@@ -19,6 +20,7 @@ from zoneinfo import available_timezones
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
@@ -152,6 +154,26 @@ CountryCode = Annotated[str, StringConstraints(pattern=r"^\+[1-9][0-9]{0,5}$")]
 DialPrefix = Annotated[str, StringConstraints(pattern=r"^\+[0-9]{1,15}$")]
 SipUri = Annotated[str, StringConstraints(pattern=SIP_URI_PATTERN, max_length=300)]
 IanaZone = Annotated[str, AfterValidator(_check_zone)]
+
+
+def _check_network(value: str) -> str:
+    try:
+        net = ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a network in CIDR form (e.g. '192.0.2.0/24'): {exc}") from None
+    if net.prefixlen == 0:
+        raise ValueError(f"{value!r} is every address: a home network is the household's own")
+    return str(net)
+
+
+def _networks_text(value: Any) -> Any:
+    """PostgreSQL's cidr[] comes back as ``ipaddress`` networks; the row shows them as CIDR text."""
+    return [str(v) for v in value] if isinstance(value, list | tuple) else value
+
+
+#: A household's own network (its router's public address or prefix, its LAN behind the edge): ``192.0.2.0/24``.
+HomeNetwork = Annotated[str, StringConstraints(max_length=43), AfterValidator(_check_network)]
+HomeNetworks = Annotated[list[HomeNetwork], Field(max_length=32)]
 #: md5(user:domain:password) in lower-case hex, user and domain from the device's sip_uri: what the SIP edge
 #: (kamailio/) checks digests against; the clear password never reaches IIM
 SipHa1 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
@@ -229,6 +251,8 @@ class HouseholdCreate(_Input):
     region_id: UUID | None = None
     presence: PresenceState = PresenceState.UNKNOWN
     external_id: Ident | None = None
+    #: where a personal registration counts as home (inside) or away (outside); empty: registrations say nothing
+    home_networks: HomeNetworks = Field(default_factory=list)
 
 
 class HouseholdUpdate(_Input):
@@ -238,6 +262,7 @@ class HouseholdUpdate(_Input):
     region_id: UUID | None = None
     presence: PresenceState | None = None
     external_id: Ident | None = None
+    home_networks: HomeNetworks | None = None
 
 
 class Household(_Row):
@@ -250,6 +275,7 @@ class Household(_Row):
     presence: PresenceState
     presence_changed_at: datetime
     external_id: str | None
+    home_networks: Annotated[list[str], BeforeValidator(_networks_text)] = Field(default_factory=list)
     created_at: datetime
     updated_at: datetime
 
@@ -314,6 +340,9 @@ class DeviceCreate(_DeviceEndpoint):
     status: DeviceStatus = DeviceStatus.UNKNOWN
     enabled: bool = True
     heartbeat_interval_s: HeartbeatInterval | None = None
+    #: does its registration say where a person is? None: by type (wearables do; speakers, hubs, sensors and
+    #: doorphones are fixed and do not); true/false: this device does / does not
+    presence_hint: bool | None = None
 
 
 class DeviceUpdate(_DeviceEndpoint):
@@ -330,6 +359,7 @@ class DeviceUpdate(_DeviceEndpoint):
     status: DeviceStatus | None = None
     enabled: bool | None = None
     heartbeat_interval_s: HeartbeatInterval | None = None
+    presence_hint: bool | None = None
 
 
 class Device(_Row):
@@ -352,6 +382,7 @@ class Device(_Row):
     status_changed_at: datetime
     enabled: bool
     heartbeat_interval_s: int | None = None
+    presence_hint: bool | None = None
     created_at: datetime
     updated_at: datetime
 

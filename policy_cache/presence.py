@@ -1,8 +1,8 @@
 """Who is home, from live sources with expiry: a pure function of the claims and the time.
 
 Live sources each leave a *claim* about one subject (a person of the operator's app, a vendor's home, a
-registered phone or speaker): home or away, observed at, valid until. The registry's household presence (set by
-an admin PATCH) is the baseline when no live claim speaks. The rules, in order:
+person's registered phone or wearable): home or away, observed at, valid until. The registry's household presence
+(set by an admin PATCH) is the baseline when no live claim speaks. The rules, in order:
 
 1. A claim past its expiry says nothing (so a source that goes silent lets the answer fall back by itself).
 2. About one subject, the most explicit source wins: the operator's app (geofence) over a connector (the
@@ -10,18 +10,25 @@ an admin PATCH) is the baseline when no live claim speaks. The rules, in order:
 3. About the household: someone is home when any subject is home; away when every subject that speaks says
    away; with no live claim, the registry's presence.
 
+A registration speaks only for a person (:func:`registration_word`): an owner's or member's own AoR, a wearable,
+or a device the registry says does (``presence_hint``); and only where the household listed its home networks:
+from inside one it says home, from outside away. A kitchen speaker is registered whether anyone is in or not,
+and a phone is registered from a café too: reachability is not location.
+
 Nothing here reads a clock or the database: the cache keeps the claims in each snapshot and ``decide()``
 resolves them at the call's time, so a claim that expires between two changes is already ignored by the next call.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-__all__ = ["SOURCE_RANK", "ClaimState", "PresenceClaim", "PresenceSource", "PresenceView", "resolve_presence"]
+__all__ = ["SOURCE_RANK", "ClaimState", "PresenceClaim", "PresenceSource", "PresenceView", "registration_word",
+           "resolve_presence"]
 
 PresenceSource = Literal["registration", "connector", "app"]
 ClaimState = Literal["home", "away"]
@@ -41,6 +48,8 @@ class PresenceClaim:
     state: ClaimState
     observed_at: float
     expires_at: float
+    #: why it says so, in words ("from home network 192.0.2.0/24"); None: the source's word is its own reason
+    basis: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,13 +65,15 @@ class PresenceView:
     subject: str | None
     until: float | None
     live_claims: int
+    basis: str | None = None
 
     def describe(self) -> str:
         """One line for rules and ``explain-call``."""
         if self.source == "registry":
             return f"presence {self.state} (registry; no live source)"
         until = datetime.fromtimestamp(self.until, UTC).isoformat(timespec="seconds") if self.until else "-"
-        return (f"presence {self.state} ({_SOURCE_TEXT[self.source]} {self.subject}; "
+        why = f" {self.basis}" if self.basis else ""
+        return (f"presence {self.state} ({_SOURCE_TEXT[self.source]} {self.subject}{why}; "
                 f"{self.live_claims} live claim(s), next expiry {until})")
 
 
@@ -85,4 +96,41 @@ def resolve_presence(baseline: Presence, claims: Iterable[PresenceClaim], now: f
     home = [c for c in winners if c.state == "home"]
     deciding = max(home or winners, key=lambda c: (*_key(c), c.subject))
     return PresenceView("home" if home else "away", deciding.source, deciding.subject,
-                        min(c.expires_at for c in live), len(live))
+                        min(c.expires_at for c in live), len(live), deciding.basis)
+
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _address(text: str) -> _Address | None:
+    """A registration's source as an address (``[v6]`` brackets and v4-mapped v6 undone); None if it is none."""
+    try:
+        found = ipaddress.ip_address(text.strip().removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return None
+    if isinstance(found, ipaddress.IPv6Address) and found.ipv4_mapped is not None:
+        return found.ipv4_mapped
+    return found
+
+
+def registration_word(personal: bool, sources: Iterable[str], home_networks: Iterable[str | _Network]
+                      ) -> tuple[ClaimState, str] | None:
+    """What a live registration says about its household, and why; None: nothing (no claim).
+
+    ``personal``: the identity speaks for a person (see the module). ``sources``: the addresses it registered
+    from (several contacts: any inside a home network is enough for home). A fixed device, a household without
+    home networks, or no usable source address: None.
+    """
+    networks = [ipaddress.ip_network(n, strict=False) if isinstance(n, str) else n for n in home_networks]
+    if not personal or not networks:
+        return None
+    addresses = sorted({a for a in map(_address, sources) if a is not None}, key=lambda a: (a.version, a))
+    if not addresses:
+        return None
+    for address in addresses:
+        inside = [n for n in networks if n.version == address.version and address in n]
+        if inside:
+            best = max(inside, key=lambda n: n.prefixlen)
+            return "home", f"from home network {best}"
+    return "away", f"from {addresses[0]}, outside the home networks"

@@ -6,6 +6,11 @@ replaces one not yet written, so a flapping phone costs one write) and a supervi
 a deadline; with PostgreSQL away the words wait and are retried with backoff. A connector's report is answered to
 the vendor, so it is written at once, under the same deadline, and the outcome says what to answer.
 
+What a registration says (:func:`policy_cache.presence.registration_word`): only a person's identity speaks (an
+owner's or member's AoR, a wearable, a device whose ``presence_hint`` says so), and only where the household listed
+its home networks: from inside one, ``home``; from outside, ``away``; otherwise nothing, and a claim it still holds
+about that AoR is withdrawn (a speaker's word from before, a hint or the networks changed since).
+
 Identity: a source serves every tenant (one switch, one vendor cloud), so the household is found on the cache role
 (``presence_store.households_by_*``) and the word is written only when exactly one tenant owns that identity; the
 write itself runs in that tenant's transaction on the app role (row-level security applies).
@@ -25,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import cast
 from uuid import UUID
 
 from prometheus_client import Counter
@@ -34,8 +40,8 @@ from iim.core.errors import STORE_UNAVAILABLE
 from iim.core.lifecycle import AsyncResource, TaskSupervisor
 from iim.core.retry import backoff_delay
 from policy_cache import presence_store
-from policy_cache.db import Pool, tenant_tx
-from policy_cache.presence import ClaimState
+from policy_cache.db import Connection, Pool, tenant_tx
+from policy_cache.presence import ClaimState, registration_word
 
 __all__ = ["PresenceFeed", "PresenceStoreDown", "ReportOutcome"]
 
@@ -72,6 +78,7 @@ class _Registration:
     online: bool
     expires_s: float
     via: str  # who saw it: "freeswitch" (ESL events) or "kamailio" (the edge's location table)
+    sources: tuple[str, ...]  # the addresses it registered from (where it is)
 
 
 class PresenceFeed(AsyncResource):
@@ -113,14 +120,14 @@ class PresenceFeed(AsyncResource):
 
     # -- registrations (the ESL listener's side: never waits) --------------------------------------------------
 
-    def registration(self, aor: str, online: bool, expires_s: float | None = None, *,
-                     via: str = "freeswitch") -> None:
-        """A device registered (``online``) or went away; returns at once, the writer applies it. ``via`` names the
-        registrar that saw it (the audit actor ``{via}:registration``)."""
+    def registration(self, aor: str, online: bool, expires_s: float | None = None,
+                     sources: tuple[str, ...] | list[str] = (), *, via: str = "freeswitch") -> None:
+        """A device registered (``online``, from ``sources``: its source addresses) or went away; returns at once,
+        the writer applies it. ``via`` names the registrar that saw it (the audit actor ``{via}:registration``)."""
         ttl = expires_s if expires_s is not None and 0 < expires_s <= presence_store.MAX_TTL_S - REGISTRATION_GRACE_S \
             else DEFAULT_REGISTRATION_TTL_S
         self._pending.pop(aor, None)
-        self._pending[aor] = _Registration(online, ttl, via)
+        self._pending[aor] = _Registration(online, ttl, via, tuple(sources))
         while len(self._pending) > self._max_pending:
             dropped, _ = self._pending.popitem(last=False)
             PRESENCE_WORDS.labels("registration", "dropped").inc()
@@ -156,23 +163,38 @@ class PresenceFeed(AsyncResource):
 
     async def _apply_registration(self, aor: str, word: _Registration) -> None:
         async with self._deadline():
-            households = await self._owners(presence_store.households_by_aor, aor)
-            if households is None:
+            async with self._directory.acquire() as conn:
+                targets = await presence_store.registration_targets(cast(Connection, conn), aor)
+            tenants = {t.tenant_id for t in targets}
+            if len(tenants) != 1:
+                if len(tenants) > 1:
+                    log.warning("presence: an identity owned by %d tenants is ignored", len(tenants),
+                                extra={"identity": aor})
                 PRESENCE_WORDS.labels("registration", "unknown").inc()
                 return
-            tenant, ids = households
+            puts: list[tuple[UUID, ClaimState, str]] = []
+            releases: list[UUID] = []
+            for target in targets:
+                said = registration_word(target.personal, word.sources, target.home_networks) if word.online \
+                    else None
+                if said is not None:
+                    puts.append((target.household_id, *said))
+                elif target.held or not word.online:
+                    releases.append(target.household_id)
+            if not puts and not releases:  # a fixed device, or no home networks: nothing to say, nothing held
+                PRESENCE_WORDS.labels("registration", "silent").inc()
+                return
             actor = f"{word.via}:registration"
             correlation = {"channel": _CHANNELS.get(word.via, word.via)}
-            async with tenant_tx(self._app, tenant) as conn:
-                for household in ids:
-                    if word.online:
-                        await presence_store.put_claim(
-                            conn, household, source="registration", subject=aor, state="home",
-                            ttl_s=word.expires_s + REGISTRATION_GRACE_S, actor=actor, correlation=correlation,
-                            coalesce=True)
-                    else:
-                        await presence_store.release_claim(conn, household, source="registration", subject=aor,
-                                                           actor=actor, correlation=correlation)
+            async with tenant_tx(self._app, tenants.pop()) as conn:
+                for household, state, basis in puts:
+                    await presence_store.put_claim(
+                        conn, household, source="registration", subject=aor, state=state,
+                        ttl_s=word.expires_s + REGISTRATION_GRACE_S, actor=actor, correlation=correlation,
+                        coalesce=True, basis=basis)
+                for household in releases:
+                    await presence_store.release_claim(conn, household, source="registration", subject=aor,
+                                                       actor=actor, correlation=correlation)
         PRESENCE_WORDS.labels("registration", "applied").inc()
 
     # -- connectors (answered to the vendor) -----------------------------------------------------------------

@@ -11,7 +11,10 @@ Kamailio writes ``expires`` as its own local time into a ``timestamp without tim
 ``localtime``): ``edge_time_zone`` is the edge's zone (``UTC`` by default). A contact whose ``expires`` is the epoch
 is permanent (usrloc's ``expires 0``): online with the feed's default lifetime, renewed by the periodic reconcile.
 
-Reads run on the cache role (all tenants: username, domain and expires only); the words go to the
+Each word carries where the AoR registered from (the view ``kamailio.location_source``, migration 0043: the address
+usrloc received it from behind a NAT, else its Contact's host): the feed turns a person's registration into home or
+away by the household's home networks. Reads run on the cache role (all tenants: that view only: username, domain,
+expires, source address); the words go to the
 :class:`~policy_cache.presence_feed.PresenceFeed`, which finds the household and writes in its tenant.
 """
 
@@ -45,8 +48,8 @@ CHANNEL = "iim_registrar"
 VIA = "kamailio"
 ACTOR = f"{VIA}:registration"
 
-#: ``(aor, online, expires_s)``: :meth:`PresenceFeed.registration` with ``via="kamailio"``.
-RegistrationSink = Callable[[str, bool, float | None], None]
+#: ``(aor, online, expires_s, sources)``: :meth:`PresenceFeed.registration` with ``via="kamailio"``.
+RegistrationSink = Callable[[str, bool, float | None, tuple[str, ...]], None]
 
 RECONCILES = Counter("iim_registrar_presence_reconciles_total",
                      "Reconciles of presence with the edge's location table by kind and outcome",
@@ -60,15 +63,17 @@ _RETRY: tuple[type[BaseException], ...] = (*STORE_UNAVAILABLE, asyncpg.PostgresE
 # usrloc's permanent contact: expires 0, written as the epoch in the edge's local time.
 _LIVE_ALL = """
 SELECT username, coalesce(domain, '') AS domain, bool_or(expires < '1970-01-02') AS permanent,
-       date_part('epoch', max(expires AT TIME ZONE $1) - now()) AS remaining_s
-FROM kamailio.location
+       date_part('epoch', max(expires AT TIME ZONE $1) - now()) AS remaining_s,
+       array_remove(array_agg(DISTINCT source_ip), NULL) AS sources
+FROM kamailio.location_source
 WHERE expires < '1970-01-02' OR expires AT TIME ZONE $1 > now()
 GROUP BY username, coalesce(domain, '')
 """
 _LIVE_SOME = """
 SELECT l.username, coalesce(l.domain, '') AS domain, bool_or(l.expires < '1970-01-02') AS permanent,
-       date_part('epoch', max(l.expires AT TIME ZONE $1) - now()) AS remaining_s
-FROM kamailio.location l
+       date_part('epoch', max(l.expires AT TIME ZONE $1) - now()) AS remaining_s,
+       array_remove(array_agg(DISTINCT l.source_ip), NULL) AS sources
+FROM kamailio.location_source l
 JOIN unnest($2::text[], $3::text[]) AS a(username, domain)
   ON l.username = a.username AND l.domain IS NOT DISTINCT FROM nullif(a.domain, '')
 WHERE l.expires < '1970-01-02' OR l.expires AT TIME ZONE $1 > now()
@@ -80,6 +85,13 @@ GROUP BY l.username, coalesce(l.domain, '')
 class _Live:
     aor: str
     remaining_s: float | None  # None: permanent
+    sources: tuple[str, ...]  # the live contacts' source addresses, sorted
+
+
+@dataclass(frozen=True, slots=True)
+class _Said:
+    until: float | None  # wall clock; None: permanent
+    sources: tuple[str, ...]
 
 
 def _split(aor: str) -> tuple[str, str]:
@@ -104,8 +116,8 @@ class RegistrarPresence(AsyncResource):
                                          check_interval=check_interval_s)
         self._marked: set[str] = set()
         self._full = False
-        # AoRs said online by this process (claims perhaps not written yet) -> until when (wall clock; None: permanent)
-        self._online: dict[str, float | None] = {}
+        # AoRs said online by this process (claims perhaps not written yet) -> until when, from where
+        self._online: dict[str, _Said] = {}
         self._wake = asyncio.Event()
         self._tasks: TaskSupervisor | None = None
         #: Set after each reconcile of the whole table (tests wait for the first one).
@@ -184,9 +196,11 @@ class RegistrarPresence(AsyncResource):
         seen = {found.aor for found in live}
         now = time.time()
         for found in live:
-            # Said already, with the same lifetime: the feed has it (a reconcile of 100k phones is not 100k writes).
-            said = self._online.get(found.aor, -1.0)
-            if said is None or found.remaining_s is None or abs(said - (now + found.remaining_s)) > _SAME_S:
+            # Said already, from the same addresses with the same lifetime: the feed has it (a reconcile of 100k
+            # phones is not 100k writes). Permanent contacts are said again: that renews their claims.
+            said = self._online.get(found.aor)
+            if said is None or said.sources != found.sources or said.until is None or found.remaining_s is None \
+                    or abs(said.until - (now + found.remaining_s)) > _SAME_S:
                 self._say_online(found)
         for aor in sorted((held | self._online.keys()) - seen):
             self._say_offline(aor)
@@ -208,12 +222,13 @@ class RegistrarPresence(AsyncResource):
     @staticmethod
     def _live(row: asyncpg.Record) -> _Live:
         remaining = None if row["permanent"] else max(1.0, float(row["remaining_s"]))
-        return _Live(f"{row['username']}@{row['domain']}", remaining)
+        return _Live(f"{row['username']}@{row['domain']}", remaining, tuple(sorted(row["sources"] or ())))
 
     def _say_online(self, found: _Live) -> None:
-        self._online[found.aor] = None if found.remaining_s is None else time.time() + found.remaining_s
-        self._sink(found.aor, True, found.remaining_s)
+        until = None if found.remaining_s is None else time.time() + found.remaining_s
+        self._online[found.aor] = _Said(until, found.sources)
+        self._sink(found.aor, True, found.remaining_s, found.sources)
 
     def _say_offline(self, aor: str) -> None:
         self._online.pop(aor, None)
-        self._sink(aor, False, None)
+        self._sink(aor, False, None, ())

@@ -227,7 +227,7 @@ LEFT JOIN iim.consent cr ON cr.tenant_id = s.tenant_id AND cr.subscriber_id = s.
 """
 _FULL_CLAIMS = """
 SELECT tenant_id::text, household_id::text, source::text, subject, state::text,
-       date_part('epoch', observed_at), date_part('epoch', expires_at)
+       date_part('epoch', observed_at), date_part('epoch', expires_at), basis
 FROM iim.presence_claim WHERE expires_at > now()
 """
 _BATCH = 20_000
@@ -307,7 +307,8 @@ class PgPolicyStore(AsyncResource):
             if kind == "claims":
                 for r in batch:
                     key = (r[0], r[1])
-                    claims[key] = (*claims.get(key, ()), PresenceClaim(r[2], r[3], r[4], float(r[5]), float(r[6])))
+                    claim = PresenceClaim(r[2], r[3], r[4], float(r[5]), float(r[6]), r[7])
+                    claims[key] = (*claims.get(key, ()), claim)
                 continue
             if kind == "devices":
                 for r in batch:

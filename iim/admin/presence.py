@@ -66,6 +66,7 @@ class PresenceClaimRecord(BaseModel):
     expires_at: datetime
     actor: str
     live: bool
+    basis: str | None = Field(default=None, description="why the source says so (a registration: from which network)")
 
 
 class HouseholdPresence(BaseModel):
@@ -92,7 +93,8 @@ async def _view(conn: Connection, household_id: UUID) -> HouseholdPresence:
         subject=resolved.subject, until=None if resolved.until is None else datetime.fromtimestamp(resolved.until, UTC),
         baseline=baseline, explanation=resolved.describe(),
         claims=[PresenceClaimRecord(source=c.source, subject=c.subject, state=c.state, observed_at=c.observed_at,
-                                    expires_at=c.expires_at, actor=c.actor, live=c.expires_at.timestamp() > now)
+                                    expires_at=c.expires_at, actor=c.actor, live=c.expires_at.timestamp() > now,
+                                    basis=c.basis)
                 for c in stored])
 
 

@@ -1,15 +1,17 @@
 """Live presence end to end, against a real PostgreSQL: each source writes its claim, the claim reaches the policy
 cache by the change feed (LISTEN/NOTIFY), and the next call's decision and ``explain-call`` see it.
 
-Sources: the operator's app (through the store, as the admin API does), device registrations (the FreeSWITCH
-emulator's ``sofia::register`` / ``unregister`` events, read by the inbound ESL client), a connector's home/away
-(the vendor peer posting a signed report to the connector callback app).
+Sources: the operator's app (through the store, as the admin API does), registrations (the FreeSWITCH emulator's
+``sofia::register`` / ``unregister`` events, read by the inbound ESL client: a person's phone from the household's
+home network is home, from elsewhere away; the living-room speaker says nothing unless its presence_hint says so),
+a connector's home/away (the vendor peer posting a signed report to the connector callback app).
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,7 +35,7 @@ from policy_cache.audit import flush_pending
 from policy_cache.bootstrap import Demo, load_demo
 from policy_cache.cache import PolicyCache
 from policy_cache.db import Connection, DbRole, Pool, connect_pool, tenant_tx
-from policy_cache.models import HouseholdUpdate, PolicyUpdate, PresenceState
+from policy_cache.models import DeviceUpdate, HouseholdUpdate, PolicyUpdate, PresenceState
 from policy_cache.presence_feed import PresenceFeed, ReportOutcome
 from policy_cache.snapshot import RoutingSnapshot
 from policy_cache.store import PgPolicyStore
@@ -43,17 +45,21 @@ from tests.pg import PgDatabase
 
 OWNER = "+79001234567"
 SPEAKER = "speaker-1@iim.local"
+OWNER_AOR = f"{OWNER}@iim.local"  # the demo owner's own sip_aor: their phone
 
 
 @pytest.fixture
 async def demo(app_pool: Pool, admin_conn: Connection) -> Demo:
-    """The demo home, nobody home by the registry, home devices ring only when someone is home; no claims."""
+    """The demo home, nobody home by the registry, home devices ring only when someone is home; no claims, no home
+    networks, the speaker's presence_hint by type."""
     async with app_pool.acquire() as conn:
         demo = await load_demo(conn)
     await admin_conn.execute("DELETE FROM iim.presence_claim")
     async with tenant_tx(app_pool, demo.tenant_id) as tx:
         await registry.update(tx, registry.HOUSEHOLD, demo.household_id,
-                              HouseholdUpdate(presence=PresenceState.AWAY), actor="test")
+                              HouseholdUpdate(presence=PresenceState.AWAY, home_networks=[]), actor="test")
+        await registry.update(tx, registry.DEVICE, demo.sip_speaker_id, DeviceUpdate(presence_hint=None),
+                              actor="test")
         await registry.update(tx, registry.POLICY, demo.policy_id, PolicyUpdate(home_only_when_present=True),
                               actor="test")
     return demo
@@ -125,36 +131,102 @@ async def test_an_app_claim_reaches_the_next_call_and_its_expiry_returns_the_reg
         ("app@operator", "household.presence_claim", "home", None)]
 
 
-async def test_a_registration_at_home_says_someone_is_home_until_it_goes(
-        cache: PolicyCache, feed: PresenceFeed, demo: Demo, admin_conn: Connection, app_pool: Pool) -> None:
+@dataclass
+class Registrations:
+    emu: FreeSwitchEmulator
+    heard: list[str]  # the AoRs handed to the feed so far
+
+    async def settled(self, feed: PresenceFeed, count: int) -> None:
+        """Until ``count`` registration words reached the feed and it wrote them (a word of no claim included)."""
+        await eventually(lambda: len(self.heard) >= count, timeout=5)
+        await feed.wait_idle()
+
+
+@pytest.fixture
+async def emulated_registrations(feed: PresenceFeed) -> AsyncIterator[Registrations]:
+    """The emulator's registrations, read by the inbound ESL client into the feed (as ``iim serve`` wires it)."""
     emu = FreeSwitchEmulator(time_scale=0.01, write_recordings=False)
     server = await emu.start_inbound()
     client = InboundClient(InboundSettings(host="127.0.0.1", port=server.port, command_timeout=2.0,
                                            events=REGISTRATION_EVENTS))
-    client.add_listener(presence_listener(feed.registration))
+    heard: list[str] = []
+
+    def sink(aor: str, online: bool, expires_s: float | None, sources: tuple[str, ...]) -> None:
+        feed.registration(aor, online, expires_s, sources)
+        heard.append(aor)
+
+    client.add_listener(presence_listener(sink))
     try:
         await client.start()
         await client.wait_connected(2)
-        emu.register_user("speaker-1", "iim.local", expires=120)
-        await eventually(lambda: bool(_snapshot(cache).presence_claims), timeout=5)
-        (claim,) = _snapshot(cache).presence_claims
-        assert (claim.source, claim.subject, claim.state) == ("registration", SPEAKER, "home")
-        assert 120 <= claim.expires_at - claim.observed_at <= 160  # its Expires and a little grace
-        assert _rings_home(_snapshot(cache))
-        emu.register_user("speaker-1", "iim.local", expires=120)  # a refresh: no new write, no audit line
-        emu.unregister_user("speaker-1", "iim.local")
-        await eventually(lambda: not _snapshot(cache).presence_claims, timeout=5)
-        assert not _rings_home(_snapshot(cache))
-        emu.register_user("stranger", "elsewhere.example", expires=120)  # nobody's device: ignored
-        await feed.wait_idle()
+        yield Registrations(emu, heard)
     finally:
         await client.aclose()
         await server.close()
         await emu.close()
+
+
+async def _home_networks(app_pool: Pool, demo: Demo, networks: list[str]) -> None:
+    async with tenant_tx(app_pool, demo.tenant_id) as tx:
+        await registry.update(tx, registry.HOUSEHOLD, demo.household_id, HouseholdUpdate(home_networks=networks),
+                              actor="test")
+
+
+async def test_the_owners_phone_registered_from_the_home_network_says_home_and_from_elsewhere_away(
+        cache: PolicyCache, feed: PresenceFeed, demo: Demo, admin_conn: Connection, app_pool: Pool,
+        emulated_registrations: Registrations) -> None:
+    emu = emulated_registrations.emu
+    await _home_networks(app_pool, demo, ["192.0.2.0/24"])
+    emu.register_user(OWNER, "iim.local", expires=120, network_ip="192.0.2.14")  # the home Wi-Fi
+    await eventually(lambda: bool(_snapshot(cache).presence_claims), timeout=5)
+    (claim,) = _snapshot(cache).presence_claims
+    assert (claim.source, claim.subject, claim.state) == ("registration", OWNER_AOR, "home")
+    assert 120 <= claim.expires_at - claim.observed_at <= 160  # its Expires and a little grace
+    assert _rings_home(_snapshot(cache))
+    _, report = explain(_snapshot(cache), OWNER, None, None, DialSettings())
+    assert report["presence"]["explanation"].startswith(  # type: ignore[index]
+        f"presence home (device registration {OWNER_AOR} from home network 192.0.2.0/24;")
+    emu.register_user(OWNER, "iim.local", expires=120, network_ip="192.0.2.14")  # a refresh: no new write, no audit
+    emu.register_user(OWNER, "iim.local", expires=120, network_ip="198.51.100.7")  # out, on the mobile network
+    await eventually(lambda: _snapshot(cache).presence_claims[0].state == "away", timeout=5)
+    assert not _rings_home(_snapshot(cache))
+    _, report = explain(_snapshot(cache), OWNER, None, None, DialSettings())
+    assert f"device registration {OWNER_AOR} from 198.51.100.7, outside the home networks" in render(
+        report, as_json=False)
+    emu.unregister_user(OWNER, "iim.local")
+    await eventually(lambda: not _snapshot(cache).presence_claims, timeout=5)
+    emu.register_user("stranger", "elsewhere.example", expires=120)  # nobody's device: ignored
+    await emulated_registrations.settled(feed, 5)
     audit = await _audit(admin_conn, app_pool, demo, "freeswitch:registration")
-    assert [(actor, action) for actor, action, _ in audit] == [
-        ("freeswitch:registration", "household.presence_claim"),
-        ("freeswitch:registration", "household.presence_release")]
+    assert [(action, detail["state"], detail.get("basis")) for _, action, detail in audit] == [
+        ("household.presence_claim", "home", "from home network 192.0.2.0/24"),
+        ("household.presence_claim", "away", "from 198.51.100.7, outside the home networks"),
+        ("household.presence_release", "away", None)]
+
+
+async def test_the_living_room_speaker_says_nothing_unless_its_presence_hint_says_so(
+        cache: PolicyCache, feed: PresenceFeed, demo: Demo, admin_conn: Connection, app_pool: Pool,
+        emulated_registrations: Registrations) -> None:
+    emu = emulated_registrations.emu
+    await _home_networks(app_pool, demo, ["127.0.0.0/8"])
+    emu.register_user("speaker-1", "iim.local", expires=120)  # from 127.0.0.1: inside, but a fixed device
+    await emulated_registrations.settled(feed, 1)
+    assert await admin_conn.fetchval("SELECT count(*) FROM iim.presence_claim") == 0
+    assert not _rings_home(_snapshot(cache))  # the registry's away stands
+    async with tenant_tx(app_pool, demo.tenant_id) as tx:
+        await registry.update(tx, registry.DEVICE, demo.sip_speaker_id, DeviceUpdate(presence_hint=True),
+                              actor="test")
+    emu.register_user("speaker-1", "iim.local", expires=120)
+    await eventually(lambda: bool(_snapshot(cache).presence_claims), timeout=5)
+    assert _snapshot(cache).presence_claims[0].subject == SPEAKER
+    assert _rings_home(_snapshot(cache))
+
+
+async def test_without_home_networks_the_owners_phone_says_nothing(
+        feed: PresenceFeed, demo: Demo, admin_conn: Connection, emulated_registrations: Registrations) -> None:
+    emulated_registrations.emu.register_user(OWNER, "iim.local", expires=120, network_ip="192.0.2.14")
+    await emulated_registrations.settled(feed, 1)
+    assert await admin_conn.fetchval("SELECT count(*) FROM iim.presence_claim") == 0  # reachable is not located
 
 
 @pytest.fixture

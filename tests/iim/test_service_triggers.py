@@ -32,7 +32,7 @@ from iim.settings import Settings
 from iim.sms.smsc_sim import SmscProcess
 from policy_cache import audit, registry
 from policy_cache.db import DbRole, Pool, connect_pool, tenant_tx
-from policy_cache.models import BindingCreate, BindingRole, SubscriberCreate
+from policy_cache.models import BindingCreate, BindingRole, HouseholdUpdate, SubscriberCreate
 from tests.alarm_rig import AlarmRig, build_rig
 from tests.pg import TEST_MASTER_KEY_ENV, PgDatabase, opened, private_pg
 
@@ -84,6 +84,14 @@ class Live:
     def speaker(self) -> str:
         """The kitchen speaker's dial string (``IIM_SPEAKER_ENDPOINT`` ``user/{aor}``)."""
         return f"user/speaker-{self.rig.tenant_id.hex[:6]}@iim.local"
+
+    async def presence_words(self, outcome: str) -> float:
+        """``iim_presence_words_total{outcome,source="registration"}`` as ``/metrics`` shows it."""
+        async with self.http.get(self.api + "/metrics") as resp:
+            text = await resp.text()
+        pattern = rf'^iim_presence_words_total\{{outcome="{outcome}",source="registration"\}} (\S+)$'
+        match = re.search(pattern, text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
 
     async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         async with self.http.request(method, self.api + path, json=body,
@@ -139,8 +147,8 @@ async def until(what: str, check: Any, timeout: float = 20.0) -> None:
 
 
 async def household(pool: Pool, tmp_path: Path) -> tuple[AlarmRig, str]:
-    """The alarm rig's household (away; owner, backup, security; a SIP kitchen speaker) and a child, Masha,
-    bound to it as a member."""
+    """The alarm rig's household (away; owner, backup, security; a SIP kitchen speaker; home network 127.0.0.0/8,
+    where the emulator's registrations come from) and a child, Masha, bound to it as a member."""
     n = next(_numbers)
     rig = await build_rig(pool, tmp_path, name=f"triggers-{n}", owner=f"+7906{n:04d}001", backup=f"+7906{n:04d}002",
                           security=f"+7906{n:04d}003")
@@ -150,6 +158,8 @@ async def household(pool: Pool, tmp_path: Path) -> tuple[AlarmRig, str]:
                                     actor="test")
         await registry.create(conn, registry.BINDING, BindingCreate(
             subscriber_id=sub.id, household_id=rig.household_id, role=BindingRole.MEMBER, priority=15), actor="test")
+        await registry.update(conn, registry.HOUSEHOLD, rig.household_id,
+                              HouseholdUpdate(home_networks=["127.0.0.0/8"]), actor="test")
     return rig, child
 
 
@@ -172,16 +182,22 @@ async def live_service(urls: DatabaseUrls, pool: Pool, tmp_path: Path, *, smsc: 
         async with Service(Settings(**values), database=urls) as service, aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=60)) as http:
             live = Live(service, rig, child, pool, emu, http, smsc)
-            # The kitchen speaker answers its announcement. Scripted as a target, not registered on the emulator:
-            # a registration of a household's device is live presence "home" (policy_cache/presence_feed.py),
-            # which would make this away household home and call_announce ("while I am away") never apply.
-            emu.targets[live.speaker] = TargetBehaviour.answer(after_ms=100)
 
             async def ready() -> bool:
                 policy = service.running.policy
                 return (all(c.connected for c in service.inbound) and policy is not None
                         and policy.cache.lookup(rig.owner) is not None)
             await until("the switch connected and the owner routable", ready)
+            # The kitchen speaker registers as it does all day, from the home network, and answers its
+            # announcements (the emulator's default for a registered user). A fixed device says nothing about who
+            # is home: this away household stays away, so call_announce ("while I am away") still applies.
+            silent = await live.presence_words("silent")
+
+            async def judged() -> bool:  # (re-)REGISTER until heard: the event subscription may still be on its way
+                emu.register_user(f"speaker-{rig.tenant_id.hex[:6]}", "iim.local", network_ip="127.0.0.1")
+                await asyncio.sleep(0.2)
+                return await live.presence_words("silent") > silent
+            await until("the speaker's registration judged (no claim)", judged)
             yield live
     finally:
         await emu.close()
@@ -196,6 +212,8 @@ def urls_of(db: PgDatabase) -> DatabaseUrls:
 async def test_a_childs_call_through_the_service_announces_on_the_kitchen_speaker_and_a_strangers_does_not(
         pg_db: PgDatabase, app_pool: Pool, tmp_path: Path) -> None:
     async with live_service(urls_of(pg_db), app_pool, tmp_path) as live:
+        assert live.emu.is_registered(live.speaker.removeprefix("user/").partition("@")[0], "iim.local")
+        assert await live.rows("SELECT subject FROM iim.presence_claim") == []  # its registration claimed nothing
         await live.install(SPEAKER_ANNOUNCE)
         no_scenario = await live.trigger_count("call", "no_scenario")
         stranger = await live.call("+79169990000")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fs_app.routing import CallFacts, decide
-from policy_cache.presence import SOURCE_RANK, PresenceClaim, resolve_presence
+from policy_cache.presence import SOURCE_RANK, PresenceClaim, registration_word, resolve_presence
 from policy_cache.snapshot import RoutingSnapshot, SpeakerDevice
 
 T0 = 1_800_000_000.0
@@ -112,3 +113,31 @@ def test_decide_rings_the_home_only_while_a_live_claim_says_someone_is_home() ->
     expired = decide(snap, CallFacts("+79001234567", None), datetime.fromtimestamp(T0 + 600, UTC))
     assert [leg.kind for leg in expired.legs] == ["phone"]
     assert "presence away (registry; no live source): home devices ring only when someone is home" in expired.rules
+
+
+# -- what a registration says (policy_cache.presence.registration_word) ---------------------------------------
+
+HOME_NETS = ["192.0.2.0/24", "192.0.2.128/25", "2001:db8:1::/48"]
+
+
+@pytest.mark.parametrize(("personal", "sources", "networks", "word"), [
+    (True, ["192.0.2.200"], HOME_NETS, ("home", "from home network 192.0.2.128/25")),  # the narrowest one
+    (True, ["2001:db8:1::42"], HOME_NETS, ("home", "from home network 2001:db8:1::/48")),
+    (True, ["[2001:db8:1::42]"], HOME_NETS, ("home", "from home network 2001:db8:1::/48")),
+    (True, ["::ffff:192.0.2.7"], HOME_NETS, ("home", "from home network 192.0.2.0/24")),  # v4 on a v6 socket
+    (True, ["198.51.100.7"], HOME_NETS, ("away", "from 198.51.100.7, outside the home networks")),
+    (True, ["198.51.100.7", "192.0.2.9"], HOME_NETS, ("home", "from home network 192.0.2.0/24")),  # any contact
+    (True, ["192.0.2.9"], [], None),  # no home networks: reachable is not located
+    (False, ["192.0.2.9"], HOME_NETS, None),  # a fixed device: registered whether anyone is in or not
+    (True, ["phone.example", ""], HOME_NETS, None),  # no address to place it by
+    (True, [], HOME_NETS, None),
+])
+def test_a_registration_speaks_for_a_person_by_where_it_came_from(
+        personal: bool, sources: list[str], networks: list[str], word: tuple[str, str] | None) -> None:
+    assert registration_word(personal, sources, networks) == word
+
+
+def test_the_explanation_says_why_a_registration_decided() -> None:
+    claim = PresenceClaim("registration", "anna@iim.example", "home", T0, T0 + 600, "from home network 192.0.2.0/24")
+    assert resolve_presence("away", [claim], T0).describe().startswith(
+        "presence home (device registration anna@iim.example from home network 192.0.2.0/24; 1 live claim(s)")

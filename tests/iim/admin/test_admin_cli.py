@@ -404,6 +404,33 @@ async def test_presence_the_operator_app_sets_and_clears_a_geofence_word_audited
     assert lines[:2] == [("household.presence_release", "root@noc"), ("household.presence_claim", "alice@tenant-a")]
 
 
+async def test_operators_list_a_households_home_networks_and_a_devices_presence_hint_from_the_cli(
+        iim: Any, live: Live) -> None:
+    t = ("--tenant", str(live.tenant_a))
+    made = await iim("household", "create", *t, "--name", "Networked", "--time-zone", "Europe/Moscow",
+                     "--home-networks", "192.0.2.0/24", "2001:db8:1::/48", "-o", "json")
+    assert made.code == 0, made.err
+    household = made.json()
+    assert household["home_networks"] == ["192.0.2.0/24", "2001:db8:1::/48"]
+    host_bits = await iim("household", "update", *t, household["id"], "--home-networks", "192.0.2.1/24", "-o", "json")
+    assert host_bits.code == cli.EXIT_API_ERROR
+    assert json.loads(host_bits.err)["errors"][0]["loc"] == ["body", "home_networks", 0]
+    everything = await iim("household", "update", *t, household["id"], "--home-networks", "0.0.0.0/0")
+    assert everything.code == cli.EXIT_API_ERROR
+    moved = await iim("household", "update", *t, household["id"], "--home-networks", "198.51.100.0/24", "-o", "json")
+    assert (moved.code, moved.json()["home_networks"]) == (0, ["198.51.100.0/24"]), moved.err
+    speaker = await iim("device", "create", *t, "--household-id", household["id"], "--name", "Kitchen",
+                        "--type", "speaker", "-o", "json")
+    assert (speaker.code, speaker.json()["presence_hint"]) == (0, None), speaker.err
+    hinted = await iim("device", "update", *t, speaker.json()["id"], "--presence-hint", "-o", "json")
+    assert (hinted.code, hinted.json()["presence_hint"]) == (0, True), hinted.err
+    by_type = await iim("device", "update", *t, speaker.json()["id"], "--unset", "presence_hint", "-o", "json")
+    assert (by_type.code, by_type.json()["presence_hint"]) == (0, None), by_type.err
+    audit = (await iim("audit", "list", *t, "--entity-id", household["id"], "-o", "json")).json()
+    [change] = [a["detail"]["changed"] for a in audit["items"] if a["action"] == "household.update"]
+    assert change["home_networks"] == {"from": ["192.0.2.0/24", "2001:db8:1::/48"], "to": ["198.51.100.0/24"]}
+
+
 # -- trace context: the API's spans of a command join the operator's command --------------------------------
 
 async def test_the_apis_spans_of_a_command_are_children_of_the_commands_own_span(
