@@ -37,6 +37,25 @@ def freeswitch_home() -> Path | None:
     return home if (home / "bin" / "freeswitch").is_file() else None
 
 
+def free_media_port() -> int:
+    """An even loopback port with the three above it free for UDP too: SIPp's ``-mp`` binds four (audio RTP and
+    RTCP, video RTP and RTCP), and one of them taken kills the run ("Unable to bind video RTP socket")."""
+    while True:
+        port = free_port() & ~1
+        socks: list[socket.socket] = []
+        try:
+            for offset in range(4):
+                udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(udp)
+                udp.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        finally:
+            for udp in socks:
+                udp.close()
+        return port
+
+
 def free_port() -> int:
     """A loopback port free for both TCP and UDP (SIP listens on both)."""
     while True:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks._bench_db import machine
-from benchmarks._realfs import ROOT, RealSwitch, free_port, freeswitch_home
+from benchmarks._realfs import ROOT, RealSwitch, free_media_port, free_port, freeswitch_home
 
 SCENARIO = ROOT / "sip-tests" / "scenarios" / "caller.xml"
 FIRST_NUMBER = 79101000000  # in the subscriber plan, no policy in the demo data; one number per call
@@ -150,7 +150,7 @@ def _run_calls(work: Path, switch: RealSwitch, prefix: str, rate: float, calls: 
     numbers = run_dir / "numbers.csv"
     numbers.write_text("SEQUENTIAL\n" + "".join(f"{prefix}{FIRST_NUMBER + n};\n" for n in range(calls)))
     argv = ["sipp", "-sf", str(_scenario(work)), "-inf", str(numbers), "-i", "127.0.0.1", "-p", str(free_port()),
-            "-mi", "127.0.0.1", "-mp", str(free_port()), "-m", str(calls), "-r", str(rate), "-l",
+            "-mi", "127.0.0.1", "-mp", str(free_media_port()), "-m", str(calls), "-r", str(rate), "-l",
             str(int(rate * 10)), "-d", "300", "-key", "caller", "79160000000", "-key", "extra", "X-Bench: 1",
             "-trace_rtt", "-rtt_freq", "1", "-trace_logs", "-log_file", str(run_dir / "final.log"), "-nostdin",
             "-timeout", f"{int(calls / rate) + 60}s", f"127.0.0.1:{switch.external_sip_port}"]
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                    "IIM_FS_SESSIONS_PER_SECOND": "1000"})
     (switch.base / "conf" / "dialplan" / "public" / "40_bench_static.xml").write_text(STATIC_EXTENSION)
     core = subprocess.Popen(["sipp", "-sn", "uas", "-aa", "-i", "127.0.0.1", "-p", str(core_port), "-mi",
-                             "127.0.0.1", "-mp", str(free_port()), "-nostdin"], cwd=work,
+                             "127.0.0.1", "-mp", str(free_media_port()), "-nostdin"], cwd=work,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     iim_env = os.environ | {
         "IIM_ESL_PORT": str(app_port), "IIM_HTTP_PORT": "0", "IIM_BRIDGE_ENABLED": "false",

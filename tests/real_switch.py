@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks._realfs import RealSwitch, free_port, freeswitch_home
+from benchmarks._realfs import RealSwitch, free_media_port, free_port, freeswitch_home
 
-__all__ = ["RealSwitch", "free_port", "require_freeswitch", "require_sipp", "running_switch", "skip_or_fail"]
+__all__ = ["RealSwitch", "free_media_port", "free_port", "require_freeswitch", "require_sipp", "running_switch", "skip_or_fail"]
 
 REQUIRE_ENV = "IIM_REQUIRE_REAL_SWITCH"
 

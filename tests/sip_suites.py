@@ -40,7 +40,7 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
-from benchmarks._realfs import RealSwitch, free_port, freeswitch_home
+from benchmarks._realfs import RealSwitch, free_media_port, free_port, freeswitch_home
 from policy_cache import registry
 from policy_cache.db import DbRole, Pool, connect_pool, tenant_tx
 from policy_cache.models import (
@@ -545,7 +545,7 @@ def load(rig: Rig, out: Outcome) -> None:
     run_dir.mkdir()
     with sipp.core(work, rig.ports.core, "core_answer.xml", answer_ms=0):
         argv = [sipp.require_sipp(), "-sf", str(sipp.SCENARIOS / "caller_load.xml"), "-inf", str(numbers),
-                "-i", "127.0.0.1", "-p", str(free_port()), "-mi", "127.0.0.1", "-mp", str(free_port()),
+                "-i", "127.0.0.1", "-p", str(free_port()), "-mi", "127.0.0.1", "-mp", str(free_media_port()),
                 "-m", str(calls), "-r", str(rate), "-l", str(max(10, int(rate * 10))), "-d", "300",
                 "-key", "caller", CALLER, "-key", "extra", "X-Test: load", "-trace_rtt", "-rtt_freq", "1",
                 "-trace_logs", "-log_file", str(run_dir / "final.log"), "-trace_err", "-error_file",

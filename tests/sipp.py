@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.real_switch import free_port, require_sipp
+from tests.real_switch import free_media_port, free_port, require_sipp
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "sip-tests" / "scenarios"
 _FINAL = re.compile(r"FINAL (\d{3}) (\S+)")
@@ -51,7 +51,7 @@ def call(workdir: Path, target_port: int, number: str, *, caller: str = "7916000
     keys = {"caller": caller, "extra": extra} | ({"domain": domain} if domain else {})
     credentials = ["-au", auth[0], "-ap", auth[1]] if auth else []
     argv = [sipp, "-sf", str(SCENARIOS / scenario), "-i", source, "-p", str(free_port()),
-            "-mi", source, "-mp", str(free_port()), "-s", number, "-m", str(calls), "-r", str(rate),
+            "-mi", source, "-mp", str(free_media_port()), "-s", number, "-m", str(calls), "-r", str(rate),
             "-timeout", f"{timeout_s}s", "-timeout_error", "-trace_logs", "-log_file", str(log), "-nostdin",
             "-d", str(hold_ms), *_keys(keys), *credentials, *(["-rtp_echo"] if rtp_echo else []),
             f"127.0.0.1:{target_port}"]
@@ -82,7 +82,7 @@ def core(workdir: Path, port: int, scenario: str = "core_answer.xml", *, answer_
     sipp = require_sipp()
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [sipp, "-sf", str(SCENARIOS / scenario), "-i", "127.0.0.1", "-p", str(port), "-mi", "127.0.0.1",
-            "-mp", str(free_port()), "-aa", "-nostdin", "-trace_err", "-error_file", str(workdir / "core-errors.log"),
+            "-mp", str(free_media_port()), "-aa", "-nostdin", "-trace_err", "-error_file", str(workdir / "core-errors.log"),
             "-d", str(answer_ms)]
     with (workdir / f"core-{port}.out").open("wb") as out:
         process = subprocess.Popen(argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out,

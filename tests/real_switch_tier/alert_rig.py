@@ -78,17 +78,32 @@ async def settled(pool: Pool, rig: AlarmRig, incident: UUID, timeout: float = 60
         if state not in ("open", "notifying") or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.1)
-    await audit.flush_pending(pool)
+    lines = await _chained_lines(pool, rig, incident)
     async with tenant_tx(pool, rig.tenant_id) as conn:
         actions = [dict(r) for r in await conn.fetch(
             "SELECT key, kind, destination, outcome, detail FROM iim.incident_action WHERE incident_id = $1 "
             "ORDER BY key", incident)]
-        lines = [dict(r) for r in await conn.fetch(
-            "SELECT action, detail FROM iim.audit_log WHERE entity = 'incident' AND entity_id = $1 ORDER BY id",
-            str(incident))]
         sms = [r["msisdn"] for r in await conn.fetch(
             "SELECT msisdn FROM iim.sms_outbox WHERE incident_id = $1 ORDER BY created_at", incident)]
     return Incident(state, actions, lines, sms)
+
+
+async def _chained_lines(pool: Pool, rig: AlarmRig, incident: UUID, quiet_s: float = 0.5,
+                         timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The incident's audit lines once chained. Lines the service's own flusher holds (``audit_flush`` skips rows
+    another round has locked) land a moment after our flush: read until the list stays the same for ``quiet_s``."""
+    deadline = time.monotonic() + timeout
+    seen: list[dict[str, Any]] | None = None
+    while True:
+        await audit.flush_pending(pool)
+        async with tenant_tx(pool, rig.tenant_id) as conn:
+            lines = [dict(r) for r in await conn.fetch(
+                "SELECT action, detail FROM iim.audit_log WHERE entity = 'incident' AND entity_id = $1 ORDER BY id",
+                str(incident))]
+        if lines == seen or time.monotonic() > deadline:
+            return lines
+        seen = lines
+        await asyncio.sleep(quiet_s)
 
 
 def served_to_switch(http_port: int) -> float:
