@@ -201,6 +201,18 @@ def test_a_members_phone_through_the_edge_is_home_from_the_home_network_and_away
     assert _presence(home)["claims"] == []
 
 
+def test_a_phone_behind_a_nat_is_placed_by_the_address_it_registered_from_not_its_private_contact(
+        edge: KamailioEdge, iim: Iim, home: Home, pg_db: PgDatabase) -> None:
+    _home_networks(home, ["127.0.0.0/8"])
+    contact = f"sip:{ANNA.user}@10.20.30.40:5060"  # her phone's own (private) address; it comes from 127.0.0.4
+    assert _register(edge, contact, who=ANNA) == 200, edge.log_text()[-3000:]
+    assert wait_until(lambda: _anna_is(home, "home"), 15), (_presence(home), iim.log_text()[-3000:])
+    assert _presence(home)["claims"][0]["basis"] == "from home network 127.0.0.0/8"
+    assert "127.0.0.4" in edge.rpc("ul.dump")  # the edge reaches her there too (location's received)
+    assert _register(edge, contact, expires=0, who=ANNA) == 200
+    assert wait_until(lambda: _presence(home)["source"] == "registry", 15), _presence(home)
+
+
 def test_a_restarted_edge_reloads_its_registrations_and_still_reaches_the_speaker(
         edge: KamailioEdge, iim: Iim, home: Home, pg_db: PgDatabase, real_switch: RealSwitch,
         tmp_path: Path) -> None:
