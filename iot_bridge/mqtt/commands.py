@@ -19,8 +19,6 @@ kept as long as the tenant's retention says (``hub_command_s``; the purge is :mo
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 from collections.abc import Mapping
@@ -39,6 +37,7 @@ from pydantic import (
     field_validator,
 )
 
+from iim.core import cursor
 from iot_bridge.events import ID_PATTERN
 from iot_bridge.mqtt import store
 from policy_cache import audit
@@ -166,19 +165,14 @@ class HubCommandRecord(BaseModel):
 
 
 def encode_cursor(sent_at: datetime, command_id: str) -> str:
-    """The page cursor after a command: opaque to clients (its time and id, newest first)."""
-    return base64.urlsafe_b64encode(f"{sent_at.isoformat()}|{command_id}".encode()).decode().rstrip("=")
+    """The page cursor after a command (its time and id, newest first)."""
+    return cursor.encode_cursor(sent_at, command_id)
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
+def decode_cursor(text: str) -> tuple[datetime, str]:
     """Raises ValueError for anything :func:`encode_cursor` did not make."""
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        when, sep, command_id = text.partition("|")
-        at = datetime.fromisoformat(when) if sep else None
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        at = None
-    if at is None or at.tzinfo is None or not _ID.fullmatch(command_id):
+    at, command_id = cursor.decode_cursor(text)
+    if not _ID.fullmatch(command_id):
         raise ValueError("not a cursor this API gave")
     return at, command_id
 

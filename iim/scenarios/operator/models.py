@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
+from iim.core import cursor
 from iim.scenarios.engine import IncidentState
 
 __all__ = [
@@ -23,20 +22,13 @@ _OUT = ConfigDict(extra="forbid")
 
 
 def encode_cursor(opened_at: datetime, incident_id: UUID) -> str:
-    """The page cursor after an incident: opaque to clients (its opening time and id, newest first)."""
-    return base64.urlsafe_b64encode(f"{opened_at.isoformat()}|{incident_id}".encode()).decode().rstrip("=")
+    """The page cursor after an incident (its opening time and id, newest first)."""
+    return cursor.encode_cursor(opened_at, str(incident_id))
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+def decode_cursor(text: str) -> tuple[datetime, UUID]:
     """Raises ValueError for anything :func:`encode_cursor` did not make."""
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError) as exc:
-        raise ValueError("not a cursor this API gave") from exc
-    when, sep, ident = text.partition("|")
-    at = datetime.fromisoformat(when) if sep else None
-    if at is None or at.tzinfo is None:
-        raise ValueError("not a cursor this API gave")
+    at, ident = cursor.decode_cursor(text)
     return at, UUID(ident)
 
 
