@@ -113,6 +113,12 @@ async def seed(admin_url: str, households: int, secret_file: Path) -> ChaosTenan
                     INSERT INTO iim.binding (tenant_id, subscriber_id, household_id, role, priority)
                     SELECT $1, md5($2 || $4 || i)::uuid, md5($2 || 'h' || i)::uuid, $4::iim.binding_role, $5
                       FROM generate_series(1, $3) i""", tenant, t, households, role, prio)
+            # The owners consent to escalation (iim.scenarios.consent): without it the backup and the security
+            # service are never called and the run would not exercise the escalation path at all.
+            await conn.execute("""
+                INSERT INTO iim.consent (tenant_id, subscriber_id, purpose)
+                SELECT $1, md5($2 || 'owner' || i)::uuid, 'emergency_escalation'
+                  FROM generate_series(1, $3) i""", tenant, t, households)
             await conn.execute("""
                 INSERT INTO iim.device (tenant_id, id, household_id, name, type, external_id, credential_ref_id,
                                         status)

@@ -29,6 +29,9 @@ async def test_alarms_survive_every_kind_of_fault_without_loss_duplicates_stuck_
     summary = result.summary()
     assert set(result.fault_mix) == set(KINDS), summary  # every kind was injected
     assert summary["acked"] > 0, summary
+    # Some owners do not confirm (benchmarks._chaos.rig.callee_plan): their alarms escalate, so more calls are
+    # placed than incidents opened -- unless escalation is refused (the rig's owners consent to it).
+    assert summary["originates"] > summary["incidents"], summary
     evidence = "\n".join(f"{v.kind}: alarm {v.alarm} incident {v.incident}: {v.detail}\n    "
                          + "\n    ".join(v.timeline) for v in result.verdict.violations[:10])
     assert (summary["lost"], summary["duplicate_calls"], summary["stuck"], summary["hung_requests"],
