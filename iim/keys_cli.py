@@ -116,20 +116,19 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
             body = RotateBody(finish=args.finish, batch=args.batch)
         except ValidationError as exc:
             raise ConfigError(f"--batch: {exc.errors()[0]['msg']}") from exc
-        rotations = KeyRotations(lambda: pool, lambda: keyring, lambda: legacy)
         busy = 0
-        for tenant in tenants:
-            ended = await _rotate(rotations, pool, tenant, body, actor=actor)
-            if ended.state == "running":  # not ours to run: a service (or a cut command) holds it
-                busy += 1
-                print(json.dumps({"tenant_id": str(tenant), "job_id": str(ended.id), "state": "running",
-                                  "running_since": ended.started_at.isoformat(), "started_by": ended.actor}))
-                continue
-            failed += ended.unreadable + (ended.state == "failed")
-            print(json.dumps({"tenant_id": str(tenant), "job_id": str(ended.id), "state": ended.state,
-                              "key_id": ended.key_id, "resealed": ended.resealed, "unreadable": ended.unreadable,
-                              **({"error": ended.error} if ended.error else {})}))
-        await rotations.aclose()
+        async with KeyRotations(lambda: pool, lambda: keyring, lambda: legacy) as rotations:
+            for tenant in tenants:
+                ended = await _rotate(rotations, pool, tenant, body, actor=actor)
+                if ended.state == "running":  # not ours to run: a service (or a cut command) holds it
+                    busy += 1
+                    print(json.dumps({"tenant_id": str(tenant), "job_id": str(ended.id), "state": "running",
+                                      "running_since": ended.started_at.isoformat(), "started_by": ended.actor}))
+                    continue
+                failed += ended.unreadable + (ended.state == "failed")
+                print(json.dumps({"tenant_id": str(tenant), "job_id": str(ended.id), "state": ended.state,
+                                  "key_id": ended.key_id, "resealed": ended.resealed, "unreadable": ended.unreadable,
+                                  **({"error": ended.error} if ended.error else {})}))
         return 1 if failed else 3 if busy else 0
 
 
